@@ -1,0 +1,358 @@
+"""Flax NNX decoder for the Llama family (Llama 3.x, SmolLM2, Qwen2/2.5, Qwen3).
+
+Layer weights are stacked on a leading `layers` axis and the forward pass scans over them
+(fast compiles for deep models, one remat policy for all layers). Every parameter carries its
+logical axis names in the `axes` metadata field; `cas.sharding` maps them onto a mesh.
+
+Attention takes two optional extras:
+  * a *prefix* (the cartridge): per-layer keys/values stored after RoPE, with a visibility mask;
+  * a *KV cache* for incremental decoding; the cache stores segment ids so that padded prompt
+    slots are masked.
+Packed sequences are expressed with `segment_ids` (0 = padding): a token attends to earlier
+tokens of the same segment only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cas.model.config import ModelConfig
+
+Array = jax.Array
+NEG_INF = -1e30
+
+
+class Prefix(NamedTuple):
+  """Per-layer prefix KV (a cartridge or several assembled ones).
+
+  k, v: [L, B, P, Hkv, D], keys already rotated (post-RoPE).
+  mask: [B, P] or [B, T, P] bool, True where the query may attend to that prefix slot.
+  """
+  k: Array
+  v: Array
+  mask: Array
+
+
+class KVCache(NamedTuple):
+  """Decode cache. k, v: [L, B, S, Hkv, D]; segment_ids: [B, S] int32 (0 = empty slot);
+  index: [] int32, number of slots written so far (same for every row)."""
+  k: Array
+  v: Array
+  segment_ids: Array
+  index: Array
+
+  @classmethod
+  def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype=jnp.bfloat16) -> "KVCache":
+    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.zeros((batch, size), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """[D/2] float32 inverse frequencies, with Llama 3 scaling when configured."""
+  d = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+  sc = cfg.rope_scaling_dict
+  if sc and sc.get("rope_type") == "llama3":
+    factor = sc["factor"]
+    lo, hi = sc["low_freq_factor"], sc["high_freq_factor"]
+    old = sc["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / lo, old / hi
+    wavelen = 2 * math.pi / inv
+    inv_l = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv = np.where(is_medium, smoothed, inv_l)
+  return inv.astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+  """x: [B, T, H, D]; positions: [B, T] int. Half-split rotation (HF layout)."""
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  xf = x.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  rot = jnp.concatenate([-x2, x1], axis=-1)
+  return (xf * cos + rot * sin).astype(x.dtype)
+
+
+def rms_norm(x: Array, w: Array, eps: float) -> Array:
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return w.astype(x.dtype) * xf.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Grouped-query attention.
+
+  q: [B, T, H, D]; k, v: [B, S, Hkv, D]; mask: [B, T, S] bool. Returns [B, T, H, D].
+  Softmax in float32; rows with no visible key give zeros-weighted garbage, never NaN.
+  """
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  g = h // hkv
+  qg = q.reshape(b, t, hkv, g, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / math.sqrt(d))
+  scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- modules
+
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal", std=0.02):
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, axes=axes)
+
+
+class Layers(nnx.Module):
+  """All decoder layers, weights stacked on a leading [L] axis."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype):
+    L, E, M = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    p = lambda shape, axes, init="normal": _param(rngs, shape, axes, param_dtype, init)
+    self.attn_norm = p((L, E), ("layers", "embed"), "ones")
+    self.wq = p((L, E, H, D), ("layers", "embed", "heads", "head_dim"))
+    self.wk = p((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
+    self.wv = p((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
+    self.wo = p((L, H, D, E), ("layers", "heads", "head_dim", "embed"))
+    if cfg.attention_bias:
+      self.bq = p((L, H, D), ("layers", "heads", "head_dim"), "zeros")
+      self.bk = p((L, K, D), ("layers", "kv_heads", "head_dim"), "zeros")
+      self.bv = p((L, K, D), ("layers", "kv_heads", "head_dim"), "zeros")
+    if cfg.qk_norm:
+      self.q_norm = p((L, D), ("layers", "head_dim"), "ones")
+      self.k_norm = p((L, D), ("layers", "head_dim"), "ones")
+    self.mlp_norm = p((L, E), ("layers", "embed"), "ones")
+    self.w_gate = p((L, E, M), ("layers", "embed", "mlp"))
+    self.w_up = p((L, E, M), ("layers", "embed", "mlp"))
+    self.w_down = p((L, M, E), ("layers", "mlp", "embed"))
+
+  def arrays(self) -> dict[str, Array]:
+    return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+class Transformer(nnx.Module):
+  """Decoder-only transformer. Frozen in cas: only cartridges are trained."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+               dtype=jnp.float32, remat: str = "none"):
+    cfg.validate()
+    self.cfg = cfg
+    self.dtype = dtype
+    self.remat = remat
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
+    self.layers = Layers(cfg, rngs, param_dtype)
+    self.final_norm = _param(rngs, (cfg.hidden_size,), ("embed",), param_dtype, "ones")
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
+    self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(cfg)))
+
+  # -- pieces -----------------------------------------------------------------
+  def embed_tokens(self, tokens: Array) -> Array:
+    """tokens [B, T] int -> [B, T, E] in compute dtype."""
+    return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+
+  def logits_from_hidden(self, h: Array) -> Array:
+    """h [B, T, E] (already final-normed) -> logits [B, T, V] float32."""
+    w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+    return jnp.einsum("bte,ev->btv", h, w.astype(self.dtype), preferred_element_type=jnp.float32)
+
+  def layer_kv(self, tokens: Array, positions: Array) -> tuple[Array, Array]:
+    """Rotated keys and values of every layer for a plain causal pass over `tokens`.
+
+    tokens, positions: [B, T]. Returns k, v: [L, B, T, Hkv, D] in compute dtype. Used to
+    initialise a cartridge from the first p tokens of a document.
+    """
+    _, cache = self(tokens, positions, cache=KVCache.empty(self.cfg, tokens.shape[0], tokens.shape[1], self.dtype))
+    return cache.k, cache.v
+
+  # -- forward ----------------------------------------------------------------
+  def __call__(self, tokens: Array, positions: Array, segment_ids: Array | None = None,
+               prefix: Prefix | None = None, cache: KVCache | None = None,
+               return_hidden: bool = False):
+    """tokens, positions, segment_ids: [B, T] int32.
+
+    Returns (logits [B, T, V] float32, or final-normed hidden [B, T, E] if return_hidden;
+    the updated cache or None).
+    """
+    cfg = self.cfg
+    b, t = tokens.shape
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+    x = self.embed_tokens(tokens)
+    inv_freq = self.inv_freq[...]
+    dt = self.dtype
+
+    # Masks: key slot j visible from query i if j <= i (slot order), same non-zero segment.
+    if cache is None:
+      k_seg = segment_ids
+      q_idx = jnp.arange(t)
+      k_idx = jnp.arange(t)
+    else:
+      k_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
+      q_idx = cache.index + jnp.arange(t)
+      k_idx = jnp.arange(cache.k.shape[2])
+    self_mask = ((k_idx[None, :] <= q_idx[:, None])[None]
+                 & (k_seg[:, None, :] == segment_ids[:, :, None])
+                 & (k_seg[:, None, :] != 0))  # [B, T, S]
+    if prefix is not None:
+      pm = prefix.mask
+      if pm.ndim == 2:
+        pm = jnp.broadcast_to(pm[:, None, :], (b, t, pm.shape[-1]))
+      mask = jnp.concatenate([pm, self_mask], axis=-1)
+    else:
+      mask = self_mask
+
+    def layer(x, xs):
+      w, ck, cv, pk, pv = xs
+      h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+      q = jnp.einsum("bte,ehd->bthd", h, w["wq"].astype(dt))
+      k = jnp.einsum("bte,ehd->bthd", h, w["wk"].astype(dt))
+      v = jnp.einsum("bte,ehd->bthd", h, w["wv"].astype(dt))
+      if cfg.attention_bias:
+        q = q + w["bq"].astype(dt)
+        k = k + w["bk"].astype(dt)
+        v = v + w["bv"].astype(dt)
+      if cfg.qk_norm:
+        q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+      q = apply_rope(q, positions, inv_freq)
+      k = apply_rope(k, positions, inv_freq)
+      if ck is not None:
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache.index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache.index, 0, 0))
+        keys, vals = ck.astype(dt), cv.astype(dt)
+      else:
+        keys, vals = k, v
+      if pk is not None:
+        keys = jnp.concatenate([pk.astype(dt), keys], axis=1)
+        vals = jnp.concatenate([pv.astype(dt), vals], axis=1)
+      a = attention(q, keys, vals, mask)
+      x = x + jnp.einsum("bthd,hde->bte", a, w["wo"].astype(dt))
+      h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+      gate = jnp.einsum("bte,em->btm", h, w["w_gate"].astype(dt))
+      up = jnp.einsum("bte,em->btm", h, w["w_up"].astype(dt))
+      x = x + jnp.einsum("btm,me->bte", jax.nn.silu(gate) * up, w["w_down"].astype(dt))
+      return x, (ck, cv)
+
+    if self.remat == "full":
+      layer = jax.checkpoint(layer)
+    elif self.remat == "dots":
+      layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+    xs = (self.layers.arrays(),
+          None if cache is None else cache.k, None if cache is None else cache.v,
+          None if prefix is None else prefix.k, None if prefix is None else prefix.v)
+    x, (new_k, new_v) = jax.lax.scan(layer, x, xs)
+    h = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(new_k, new_v, k_seg, cache.index + t)
+    out = h if return_hidden else self.logits_from_hidden(h)
+    return out, new_cache
+
+
+# ----------------------------------------------------------------------------- weights
+
+def params_from_hf(cfg: ModelConfig, sd: Mapping[str, Any], source: str = "checkpoint") -> dict:
+  """Hugging Face tensor names ([out, in] linear weights) -> cas parameter arrays (numpy).
+
+  Returns a nested dict matching `nnx.state(model, nnx.Param)`: embed, final_norm, lm_head?,
+  layers/{attn_norm, wq, ...} stacked on [L].
+  """
+  L, E = cfg.num_layers, cfg.hidden_size
+  H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+  def get(name):
+    if name not in sd:
+      raise KeyError(f"{source}: missing tensor {name!r}")
+    return np.asarray(sd[name], dtype=np.float32)
+
+  def stack(fn):
+    return np.stack([fn(i) for i in range(L)])
+
+  pre = "model.layers.{}."
+  layers = {
+      "attn_norm": stack(lambda i: get(pre.format(i) + "input_layernorm.weight")),
+      "wq": stack(lambda i: get(pre.format(i) + "self_attn.q_proj.weight").T.reshape(E, H, D)),
+      "wk": stack(lambda i: get(pre.format(i) + "self_attn.k_proj.weight").T.reshape(E, K, D)),
+      "wv": stack(lambda i: get(pre.format(i) + "self_attn.v_proj.weight").T.reshape(E, K, D)),
+      "wo": stack(lambda i: get(pre.format(i) + "self_attn.o_proj.weight").T.reshape(H, D, E)),
+      "mlp_norm": stack(lambda i: get(pre.format(i) + "post_attention_layernorm.weight")),
+      "w_gate": stack(lambda i: get(pre.format(i) + "mlp.gate_proj.weight").T),
+      "w_up": stack(lambda i: get(pre.format(i) + "mlp.up_proj.weight").T),
+      "w_down": stack(lambda i: get(pre.format(i) + "mlp.down_proj.weight").T),
+  }
+  if cfg.attention_bias:
+    layers["bq"] = stack(lambda i: get(pre.format(i) + "self_attn.q_proj.bias").reshape(H, D))
+    layers["bk"] = stack(lambda i: get(pre.format(i) + "self_attn.k_proj.bias").reshape(K, D))
+    layers["bv"] = stack(lambda i: get(pre.format(i) + "self_attn.v_proj.bias").reshape(K, D))
+  if cfg.qk_norm:
+    layers["q_norm"] = stack(lambda i: get(pre.format(i) + "self_attn.q_norm.weight"))
+    layers["k_norm"] = stack(lambda i: get(pre.format(i) + "self_attn.k_norm.weight"))
+  out = {"embed": get("model.embed_tokens.weight"), "final_norm": get("model.norm.weight"),
+         "layers": layers}
+  if not cfg.tie_word_embeddings:
+    name = "lm_head.weight"
+    out["lm_head"] = (get(name) if name in sd else get("model.embed_tokens.weight")).T
+  got = tuple(out["embed"].shape)
+  if got != (cfg.vocab_size, E):
+    raise ValueError(f"{source}: embed_tokens has shape {got}, config says {(cfg.vocab_size, E)}")
+  return out
+
+
+def build_model(cfg: ModelConfig, params: Mapping | None = None, *, param_dtype=jnp.float32,
+                dtype=jnp.float32, remat: str = "none", seed: int = 0,
+                shardings=None) -> Transformer:
+  """Create a Transformer. With `params` (from `params_from_hf`), weights are set from them
+  without materialising a random init first. `shardings`: optional callable(logical_axes)
+  -> jax.sharding.Sharding used to place each parameter."""
+  if params is None:
+    model = Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype, remat=remat)
+    if shardings is not None:
+      for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+          var.value = jax.device_put(var.value, shardings(var.get_metadata()["axes"]))
+    return model
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype,
+                                             dtype=dtype, remat=remat))
+  model.inv_freq.value = jnp.asarray(rope_inv_freq(cfg))
+
+  def assign(var: nnx.Param, arr, name):
+    arr = np.asarray(arr)
+    if tuple(arr.shape) != tuple(var.value.shape):
+      raise ValueError(f"parameter {name}: shape {arr.shape} does not match model {var.value.shape}")
+    arr = arr.astype(param_dtype) if param_dtype != jnp.bfloat16 else jnp.asarray(arr, jnp.bfloat16)
+    if shardings is not None:
+      var.value = jax.device_put(arr, shardings(var.get_metadata()["axes"]))
+    else:
+      var.value = jnp.asarray(arr, param_dtype)
+
+  assign(model.embed, params["embed"], "embed")
+  assign(model.final_norm, params["final_norm"], "final_norm")
+  if not cfg.tie_word_embeddings:
+    assign(model.lm_head, params["lm_head"], "lm_head")
+  for name, var in vars(model.layers).items():
+    if isinstance(var, nnx.Param):
+      assign(var, params["layers"][name], f"layers/{name}")
+  return model

@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cas",
+    version="0.1.0",
+    description="Cartridges and Cartridges at Scale: trained KV caches for document collections, in JAX",
+    packages=find_packages(include=["cas", "cas.*", "configs", "launch"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.11",
+        "optax",
+        "orbax-checkpoint",
+        "transformers>=4.50",
+        "tensorflow-datasets",
+        "ml-collections",
+        "absl-py",
+        "tokenizers",
+        "safetensors",
+        "gguf>=0.10",
+        "sentencepiece",
+        "jinja2",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "torch==2.13.0", "hypothesis"],
+        "gpu": ["jax[cuda12]"],
+    },
+)
