@@ -22,6 +22,8 @@ setup(
         "jinja2",
         "numpy",
         "tqdm",
+        "tensorboardX",
+        "array-record",
     ],
     extras_require={
         "test": ["pytest", "torch==2.13.0", "hypothesis"],

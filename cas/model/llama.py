@@ -332,21 +332,21 @@ def build_model(cfg: ModelConfig, params: Mapping | None = None, *, param_dtype=
     if shardings is not None:
       for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
-          var.value = jax.device_put(var.value, shardings(var.get_metadata()["axes"]))
+          var.set_value(jax.device_put(var.get_value(), shardings(var.get_metadata()["axes"]))
     return model
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype,
                                              dtype=dtype, remat=remat))
-  model.inv_freq.value = jnp.asarray(rope_inv_freq(cfg))
+  model.inv_freq.set_value(jnp.asarray(rope_inv_freq(cfg)))
 
   def assign(var: nnx.Param, arr, name):
     arr = np.asarray(arr)
-    if tuple(arr.shape) != tuple(var.value.shape):
-      raise ValueError(f"parameter {name}: shape {arr.shape} does not match model {var.value.shape}")
+    if tuple(arr.shape) != tuple(var.shape):
+      raise ValueError(f"parameter {name}: shape {arr.shape} does not match model {var.shape}")
     arr = arr.astype(param_dtype) if param_dtype != jnp.bfloat16 else jnp.asarray(arr, jnp.bfloat16)
     if shardings is not None:
-      var.value = jax.device_put(arr, shardings(var.get_metadata()["axes"]))
+      var.set_value(jax.device_put(arr, shardings(var.get_metadata()["axes"])))
     else:
-      var.value = jnp.asarray(arr, param_dtype)
+      var.set_value(jnp.asarray(arr, param_dtype))
 
   assign(model.embed, params["embed"], "embed")
   assign(model.final_norm, params["final_norm"], "final_norm")

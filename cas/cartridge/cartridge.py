@@ -1,0 +1,150 @@
+"""The Cartridge: a trained KV cache of p tokens per layer for one document (or collection).
+
+Layout (DESIGN §3): keys and values `[L, P, Hkv, D]`, keys stored after RoPE at positions
+0..P-1. The first `num_frozen` tokens (the attention sink, usually BOS) are never trained: they
+live in plain `nnx.Variable`s, while the trainable rest is a `CartridgeKV` variable, so that
+`nnx.DiffState(0, CartridgeKV)` / `nnx.state(cart, CartridgeKV)` take gradients and optimizer
+state for cartridge tokens only.
+
+Master copies are float32 (DESIGN §4); `prefix()` casts to the compute dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cas.model.config import ModelConfig
+from cas.model.llama import Prefix, Transformer
+
+
+class CartridgeError(ValueError):
+  """A cartridge that cannot be built or used as asked."""
+
+
+class CartridgeKV(nnx.Variable):
+  """Trainable cartridge keys/values. Only variables of this type get gradients."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CartridgeSpec:
+  """Shape of a cartridge; stored next to every saved cartridge and checked on load."""
+  num_layers: int
+  num_tokens: int  # p, sink included
+  num_kv_heads: int
+  head_dim: int
+  num_frozen: int = 1
+
+  @classmethod
+  def for_model(cls, cfg: ModelConfig, num_tokens: int, num_frozen: int = 1) -> "CartridgeSpec":
+    if num_tokens <= num_frozen:
+      raise CartridgeError(f"cartridge num_tokens p={num_tokens} must exceed num_frozen={num_frozen}")
+    return cls(cfg.num_layers, num_tokens, cfg.num_kv_heads, cfg.head_dim, num_frozen)
+
+  @property
+  def trainable_shape(self) -> tuple[int, int, int, int]:
+    return (self.num_layers, self.num_tokens - self.num_frozen, self.num_kv_heads, self.head_dim)
+
+  @property
+  def frozen_shape(self) -> tuple[int, int, int, int]:
+    return (self.num_layers, self.num_frozen, self.num_kv_heads, self.head_dim)
+
+  def nbytes(self, bytes_per_el: int = 2) -> int:
+    """KV bytes when served (keys + values, all layers)."""
+    return 2 * self.num_layers * self.num_tokens * self.num_kv_heads * self.head_dim * bytes_per_el
+
+
+class Cartridge(nnx.Module):
+  """One cartridge. frozen_k/v: [L, F, Hkv, D] f32; k/v: [L, P-F, Hkv, D] f32 (trainable)."""
+
+  def __init__(self, frozen_k, frozen_v, k, v):
+    shapes = {np.shape(frozen_k)[0], np.shape(k)[0]}
+    if len(shapes) != 1 or np.shape(frozen_k) != np.shape(frozen_v) or np.shape(k) != np.shape(v):
+      raise CartridgeError(f"inconsistent cartridge shapes: frozen {np.shape(frozen_k)}, trainable {np.shape(k)}")
+    self.frozen_k = nnx.Variable(jnp.asarray(frozen_k, jnp.float32))
+    self.frozen_v = nnx.Variable(jnp.asarray(frozen_v, jnp.float32))
+    self.k = CartridgeKV(jnp.asarray(k, jnp.float32))
+    self.v = CartridgeKV(jnp.asarray(v, jnp.float32))
+
+  @property
+  def spec(self) -> CartridgeSpec:
+    L, f, h, d = self.frozen_k.shape
+    return CartridgeSpec(L, f + self.k.shape[1], h, d, f)
+
+  def full_kv(self) -> tuple[jax.Array, jax.Array]:
+    """Keys, values [L, P, Hkv, D] f32 (sink first)."""
+    k = jnp.concatenate([self.frozen_k[...], self.k[...]], axis=1)
+    v = jnp.concatenate([self.frozen_v[...], self.v[...]], axis=1)
+    return k, v
+
+  def prefix(self, batch: int, dtype=jnp.float32) -> Prefix:
+    """The cartridge as a model prefix for a batch: k, v [L, B, P, Hkv, D]; mask [B, P]."""
+    k, v = self.full_kv()
+    return cartridge_prefix(k, v, batch, dtype)
+
+
+def cartridge_prefix(k: jax.Array, v: jax.Array, batch: int, dtype=jnp.float32) -> Prefix:
+  """k, v [L, P, Hkv, D] -> Prefix with k, v [L, B, P, Hkv, D] in `dtype`, mask [B, P] all True."""
+  L, P, H, D = k.shape
+  kb = jnp.broadcast_to(k.astype(dtype)[:, None], (L, batch, P, H, D))
+  vb = jnp.broadcast_to(v.astype(dtype)[:, None], (L, batch, P, H, D))
+  return Prefix(kb, vb, jnp.ones((batch, P), bool))
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+INIT_STRATEGIES = ("first_tokens", "random_chunk", "random_vectors")
+
+
+def init_cartridge(model: Transformer, doc_ids: Sequence[int], num_tokens: int, *,
+                   strategy: str = "first_tokens", num_frozen: int = 1, sink_ids: Sequence[int] = (),
+                   seed: int = 0) -> Cartridge:
+  """Build a cartridge of p = `num_tokens` tokens for a document given as token ids.
+
+  The sink is `sink_ids` (e.g. [BOS]; must have length `num_frozen`) or, when empty, the
+  document's first `num_frozen` tokens. Strategies:
+    first_tokens: KV of the document's first p tokens (the Cartridges paper's best init);
+    random_chunk: KV of a random contiguous chunk (after the sink);
+    random_vectors: sink from the model, the rest N(0, std of real keys/values).
+  """
+  if strategy not in INIT_STRATEGIES:
+    raise CartridgeError(f"unknown cartridge init strategy {strategy!r}; choose from {INIT_STRATEGIES}")
+  doc_ids = list(doc_ids)
+  if not doc_ids:
+    raise CartridgeError("cannot initialise a cartridge from an empty document")
+  sink = list(sink_ids) if sink_ids else doc_ids[:num_frozen]
+  if len(sink) != num_frozen:
+    raise CartridgeError(f"sink has {len(sink)} tokens, num_frozen={num_frozen}")
+  body = doc_ids[num_frozen:] if not sink_ids else doc_ids
+  need = num_tokens - num_frozen
+  if strategy != "random_vectors" and len(body) < need:
+    raise CartridgeError(
+        f"document has {len(body)} tokens after the sink but the cartridge needs p-num_frozen={need}; "
+        f"use a smaller p (cartridge.num_tokens) or init strategy 'random_vectors'")
+  rng = np.random.default_rng(seed)
+  if strategy == "random_chunk":
+    start = int(rng.integers(0, len(body) - need + 1))
+    body = body[start:start + need]
+  else:
+    body = body[:need]
+  if strategy == "random_vectors":
+    toks = sink + body[:max(0, min(len(body), need))]
+  else:
+    toks = sink + body
+  tokens = jnp.asarray([toks], jnp.int32)
+  positions = jnp.arange(len(toks), dtype=jnp.int32)[None]
+  k, v = jax.jit(lambda m, t, p: m.layer_kv(t, p))(model, tokens, positions)  # [L, 1, T, Hkv, D]
+  k, v = np.asarray(k[:, 0], np.float32), np.asarray(v[:, 0], np.float32)
+  fk, fv = k[:, :num_frozen], v[:, :num_frozen]
+  if strategy == "random_vectors":
+    L, _, H, D = k.shape
+    ks, vs = float(k[:, num_frozen:].std() or 1.0), float(v[:, num_frozen:].std() or 1.0)
+    tk = rng.standard_normal((L, need, H, D)).astype(np.float32) * ks
+    tv = rng.standard_normal((L, need, H, D)).astype(np.float32) * vs
+  else:
+    tk, tv = k[:, num_frozen:], v[:, num_frozen:]
+  return Cartridge(fk, fv, tk, tv)

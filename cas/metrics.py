@@ -1,0 +1,51 @@
+"""One metrics writer: TensorBoard event files (tensorboardX), stdout (absl.logging) and a JSONL log."""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import logging
+
+
+class MetricWriter:
+  """write(step, {name: scalar}) -> TensorBoard + metrics.jsonl + log line."""
+
+  def __init__(self, logdir: str, *, truncate_after: int | None = None, log_every: int = 1):
+    os.makedirs(logdir, exist_ok=True)
+    self.path = os.path.join(logdir, "metrics.jsonl")
+    self.log_every = max(1, log_every)
+    if truncate_after is not None and os.path.exists(self.path):
+      # On resume, drop records past the restored step so the log equals an uninterrupted run's.
+      with open(self.path) as f:
+        keep = [l for l in f if l.strip() and json.loads(l)["step"] <= truncate_after]
+      with open(self.path, "w") as f:
+        f.writelines(keep)
+    self._f = open(self.path, "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(logdir)
+    except ImportError:  # pragma: no cover - tensorboardX is a dependency
+      self._tb = None
+
+  def write(self, step: int, scalars: dict) -> None:
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self._f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    self._f.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, step)
+    if step % self.log_every == 0:
+      logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+
+  def close(self) -> None:
+    self._f.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(logdir: str) -> list[dict]:
+  path = os.path.join(logdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]

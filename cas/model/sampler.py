@@ -1,0 +1,359 @@
+"""Batched generation with a KV cache under `jax.jit`.
+
+`Sampler.generate` right-pads the prompts to a *prompt bucket* (pad segment id 0), pads the
+batch to a *batch bucket* and rounds `max_new_tokens` up to a *new-token bucket*; one jitted
+program per bucket combination runs the prefill and then a `jax.lax.while_loop` decode that
+stops as soon as every row is done. Requests whose lengths fall into the same buckets reuse
+the compiled program (`Sampler.num_compilations` counts traces).
+
+Per generated position the sampler returns the sampled token, its log-probability and the
+top-k log-probabilities of the *model's* distribution (log_softmax of the raw logits, i.e.
+temperature 1, no top-p), which is what self-study distillation stores.
+
+Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, optionally
+restricted to the smallest set of tokens whose probability mass reaches `top_p`, then a
+categorical draw keyed by (seed, row, step), so a row's sample does not depend on the batch
+bucket it was padded into.
+
+An optional prefix (a cartridge: rotated per-layer keys/values) is attended by every prompt
+and generated token; prompt positions then usually start at `position_offset = P`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from cas.model.llama import KVCache, Prefix, Transformer
+
+Array = jax.Array
+
+DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DEFAULT_NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """What was generated for one prompt (n = number of generated tokens, k = top-k)."""
+  tokens: np.ndarray  # [n] int32; the stop token is included, nothing after it
+  token_logprobs: np.ndarray  # [n] float32; log p(token) under the model at temperature 1
+  top_ids: np.ndarray  # [n, k] int32; ids of the k most likely tokens, most likely first
+  top_logprobs: np.ndarray  # [n, k] float32; their log-probs (log_softmax of raw logits)
+  finish_reason: str  # "stop" (a stop id was generated) or "length" (max_new_tokens reached)
+  num_prompt_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+  """One `Generation` per prompt, in prompt order. Indexable and iterable."""
+  generations: tuple[Generation, ...]
+
+  def __len__(self) -> int:
+    return len(self.generations)
+
+  def __getitem__(self, i: int) -> Generation:
+    return self.generations[i]
+
+  def __iter__(self) -> Iterator[Generation]:
+    return iter(self.generations)
+
+  @property
+  def tokens(self) -> list[list[int]]:
+    return [g.tokens.tolist() for g in self.generations]
+
+  @property
+  def finish_reasons(self) -> list[str]:
+    return [g.finish_reason for g in self.generations]
+
+
+def bucket_size(n: int, buckets: Sequence[int]) -> int:
+  """Smallest bucket >= n; beyond the largest bucket, the next multiple of the largest."""
+  for b in buckets:
+    if n <= b:
+      return int(b)
+  top = int(buckets[-1])
+  return -(-n // top) * top
+
+
+def top_p_filter(logits: Array, top_p: Array | float) -> Array:
+  """Keep the smallest set of most likely tokens whose probability mass is >= top_p.
+
+  logits: [B, V] float32 (already divided by the temperature); top_p scalar in (0, 1].
+  Returns [B, V] float32 with the dropped tokens set to -inf. The most likely token is always
+  kept; tokens tied with the last kept logit are kept too.
+  """
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, V] mass of strictly more likely tokens
+  keep = mass_before < top_p
+  keep = keep.at[:, 0].set(True)
+  threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
+  return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+class Sampler:
+  """Batched, jitted prefill + decode for a `Transformer`.
+
+  Args:
+    model: the decoder; its parameters are passed to the compiled program as arguments
+      (never baked in as constants), so updating the model's weights needs no recompile.
+    pad_id: token used for padding prompts and batch rows.
+    prompt_buckets / batch_buckets / new_token_buckets: padded sizes that bound the number of
+      compiled programs. Batches larger than the largest batch bucket are split into chunks.
+    cache_dtype: KV-cache dtype; None = the model's compute dtype.
+  """
+
+  def __init__(self, model: Transformer, *, pad_id: int,
+               prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
+               batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
+               new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS,
+               cache_dtype: Any = None):
+    for name, b in (("prompt_buckets", prompt_buckets), ("batch_buckets", batch_buckets),
+                    ("new_token_buckets", new_token_buckets)):
+      if not b or list(b) != sorted(b) or b[0] < 1:
+        raise ValueError(f"Sampler: {name} must be a non-empty increasing sequence of positive "
+                         f"ints, got {b!r}")
+    self.cfg = model.cfg
+    if not 0 <= pad_id < self.cfg.vocab_size:
+      raise ValueError(f"Sampler: pad_id={pad_id} outside the vocabulary [0, {self.cfg.vocab_size})")
+    self.pad_id = int(pad_id)
+    self.prompt_buckets = tuple(int(b) for b in prompt_buckets)
+    self.batch_buckets = tuple(int(b) for b in batch_buckets)
+    self.new_token_buckets = tuple(int(b) for b in new_token_buckets)
+    self.cache_dtype = cache_dtype if cache_dtype is not None else model.dtype
+    self._graphdef, self._state = nnx.split(model)
+    self._model = model
+    self._programs: dict[tuple, Any] = {}
+    self.num_compilations = 0  # number of traced (hence compiled) generate programs
+
+  def update_model(self, model: Transformer) -> None:
+    """Use new weights of the same architecture (no recompilation if shapes/dtypes match)."""
+    graphdef, state = nnx.split(model)
+    if graphdef != self._graphdef:
+      raise ValueError("Sampler.update_model: the new model has a different structure")
+    self._state, self._model = state, model
+
+  # ----------------------------------------------------------------------------- public API
+  def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+               temperature: float = 0.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+               prefix: Prefix | None = None, position_offset: int | Sequence[int] = 0,
+               top_k_logprobs: int = 0, seed: int = 0) -> GenerationResult:
+    """Generate up to `max_new_tokens` tokens after each prompt.
+
+    prompts: token id lists (each non-empty). prefix: optional `Prefix` with k, v
+    [L, Bp, P, Hkv, D] (rotated keys) and mask [Bp, P] bool, Bp == 1 (shared by every prompt)
+    or Bp == len(prompts). position_offset: position of each prompt's first token (an int for
+    all, or one per prompt). top_k_logprobs: k of the returned top-k log-probs (0 = none).
+    """
+    n = len(prompts)
+    prompts = [list(map(int, p)) for p in prompts]
+    self._validate(prompts, max_new_tokens, temperature, top_p, top_k_logprobs)
+    offsets = np.broadcast_to(np.asarray(position_offset, np.int32), (n,)) \
+        if np.ndim(position_offset) == 0 else np.asarray(position_offset, np.int32)
+    if offsets.shape != (n,):
+      raise ValueError(f"Sampler.generate: position_offset has {offsets.shape[0]} entries for "
+                       f"{n} prompts")
+    if prefix is not None:
+      self._validate_prefix(prefix, n)
+    if max_new_tokens == 0 or n == 0:
+      k = top_k_logprobs
+      return GenerationResult(tuple(
+          Generation(np.zeros((0,), np.int32), np.zeros((0,), np.float32),
+                     np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), "length", len(p))
+          for p in prompts))
+    stop = sorted(set(int(s) for s in stop_ids))
+    chunk = self.batch_buckets[-1]
+    out: list[Generation] = []
+    for start in range(0, n, chunk):
+      end = min(n, start + chunk)
+      sub_prefix = None
+      if prefix is not None:
+        sub_prefix = prefix if prefix.k.shape[1] == 1 else Prefix(
+            prefix.k[:, start:end], prefix.v[:, start:end], prefix.mask[start:end])
+      out.extend(self._generate_batch(
+          prompts[start:end], offsets[start:end], sub_prefix, max_new_tokens=max_new_tokens,
+          temperature=float(temperature), top_p=float(top_p), stop=stop,
+          top_k=int(top_k_logprobs), seed=int(seed), row_start=start))
+    return GenerationResult(tuple(out))
+
+  # ----------------------------------------------------------------------------- internals
+  def _validate(self, prompts, max_new_tokens, temperature, top_p, top_k) -> None:
+    v = self.cfg.vocab_size
+    for i, p in enumerate(prompts):
+      if not p:
+        raise ValueError(f"Sampler.generate: prompt {i} is empty (need at least one token)")
+      lo, hi = min(p), max(p)
+      if lo < 0 or hi >= v:
+        raise ValueError(f"Sampler.generate: prompt {i} has token id {lo if lo < 0 else hi} "
+                         f"outside the vocabulary [0, {v})")
+    if max_new_tokens < 0:
+      raise ValueError(f"Sampler.generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+      raise ValueError(f"Sampler.generate: temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+      raise ValueError(f"Sampler.generate: top_p must be in (0, 1], got {top_p}")
+    if not 0 <= top_k <= v:
+      raise ValueError(f"Sampler.generate: top_k_logprobs must be in [0, {v}], got {top_k}")
+
+  def _validate_prefix(self, prefix: Prefix, n: int) -> None:
+    cfg = self.cfg
+    k, v, m = prefix.k, prefix.v, prefix.mask
+    if k.ndim != 5 or k.shape != v.shape:
+      raise ValueError(f"Sampler.generate: prefix k/v must both be [L, Bp, P, Hkv, D], got "
+                       f"{k.shape} and {v.shape}")
+    L, bp, p, hkv, d = k.shape
+    if (L, hkv, d) != (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim):
+      raise ValueError(f"Sampler.generate: prefix k {k.shape} does not match the model "
+                       f"(L={cfg.num_layers}, Hkv={cfg.num_kv_heads}, D={cfg.head_dim})")
+    if bp not in (1, n):
+      raise ValueError(f"Sampler.generate: prefix batch {bp} must be 1 or len(prompts)={n}")
+    if tuple(m.shape) != (bp, p):
+      raise ValueError(f"Sampler.generate: prefix mask shape {tuple(m.shape)} must be {(bp, p)}")
+
+  def _generate_batch(self, prompts, offsets, prefix, *, max_new_tokens, temperature, top_p,
+                      stop, top_k, seed, row_start) -> list[Generation]:
+    n = len(prompts)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    b = bucket_size(n, self.batch_buckets)
+    tp = bucket_size(int(lengths.max()), self.prompt_buckets)
+    tn = bucket_size(max_new_tokens, self.new_token_buckets)
+    if tp + tn + int(offsets.max()) > self.cfg.max_position_embeddings:
+      logging.warning("Sampler: positions up to %d exceed max_position_embeddings=%d",
+                      tp + tn + int(offsets.max()), self.cfg.max_position_embeddings)
+    tokens = np.full((b, tp), self.pad_id, np.int32)  # [B, Tp]
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+    lengths_b = np.ones((b,), np.int32)
+    lengths_b[:n] = lengths
+    offsets_b = np.zeros((b,), np.int32)
+    offsets_b[:n] = offsets
+    live = np.zeros((b,), bool)
+    live[:n] = True
+    nstop = bucket_size(max(1, len(stop)), (8, 32, 128))
+    stop_arr = np.full((nstop,), -1, np.int32)
+    stop_arr[:len(stop)] = stop
+
+    prefix_sig = None
+    pk = pv = pm = None
+    if prefix is not None:
+      pk, pv, pm = prefix.k, prefix.v, jnp.asarray(prefix.mask, bool)
+      bp = pk.shape[1]
+      if bp != 1 and bp != b:  # pad the batch axis to the bucket (padded rows see no prefix)
+        pk = jnp.pad(pk, ((0, 0), (0, b - bp), (0, 0), (0, 0), (0, 0)))
+        pv = jnp.pad(pv, ((0, 0), (0, b - bp), (0, 0), (0, 0), (0, 0)))
+        pm = jnp.pad(pm, ((0, b - bp), (0, 0)))
+      prefix_sig = (pk.shape[1] == 1, pk.shape[2], str(pk.dtype))
+
+    greedy = temperature == 0.0
+    use_top_p = (not greedy) and top_p < 1.0
+    key = (b, tp, tn, top_k, greedy, use_top_p, nstop, prefix_sig)
+    program = self._programs.get(key)
+    if program is None:
+      program = self._programs[key] = self._build_program(b, tp, tn, top_k, greedy, use_top_p)
+    res = program(self._state, tokens, lengths_b, offsets_b, live, pk, pv, pm, stop_arr,
+                   np.int32(max_new_tokens), np.float32(max(temperature, 1e-6)),
+                   np.float32(top_p), np.int32(seed), np.int32(row_start))
+    toks, tok_lp, top_ids, top_lp, n_gen, stopped = jax.device_get(res)
+    out = []
+    for i in range(n):
+      m = int(n_gen[i])
+      out.append(Generation(
+          tokens=np.asarray(toks[i, :m], np.int32),
+          token_logprobs=np.asarray(tok_lp[i, :m], np.float32),
+          top_ids=np.asarray(top_ids[i, :m], np.int32),
+          top_logprobs=np.asarray(top_lp[i, :m], np.float32),
+          finish_reason="stop" if stopped[i] else "length",
+          num_prompt_tokens=int(lengths[i])))
+    return out
+
+  def _build_program(self, b: int, tp: int, tn: int, top_k: int, greedy: bool, use_top_p: bool):
+    """The jitted prefill + decode program for one bucket combination."""
+    graphdef, cfg, cache_dtype = self._graphdef, self.cfg, self.cache_dtype
+
+    def run(state, tokens, lengths, offsets, live, pk, pv, pm, stop_ids, max_new, temperature,
+            top_p, seed, row_start):
+      # tokens [B, Tp] int32; lengths, offsets [B] int32; live [B] bool; pk, pv [L, Bp, P, Hkv, D]
+      # or None; pm [Bp, P] bool or None; stop_ids [S] int32 (-1 = unused); scalars otherwise.
+      self.num_compilations += 1  # runs at trace time only
+      logging.info("Sampler: compiling batch=%d prompt=%d new=%d top_k=%d greedy=%s top_p=%s "
+                   "prefix=%s", b, tp, tn, top_k, greedy, use_top_p,
+                   None if pk is None else pk.shape)
+      model = nnx.merge(graphdef, state)
+      prefix = None
+      if pk is not None:
+        shape = (pk.shape[0], b) + pk.shape[2:]
+        prefix = Prefix(jnp.broadcast_to(pk, shape), jnp.broadcast_to(pv, shape),
+                        jnp.broadcast_to(pm, (b, pm.shape[1])))
+      base_key = jax.random.key(seed)
+      row_keys = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(row_start + jnp.arange(b))
+
+      def choose(logits: Array, step: Array):
+        """logits [B, V] f32 -> token [B] i32, its logprob [B] f32, top ids [B, k], top lp [B, k]."""
+        lp = jax.nn.log_softmax(logits, axis=-1)  # [B, V] f32
+        if greedy:
+          tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+          scaled = logits / temperature
+          if use_top_p:
+            scaled = top_p_filter(scaled, top_p)
+          keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+          tok = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        tok_lp = jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+        if top_k:
+          top_lp, top_ids = jax.lax.top_k(lp, top_k)
+        else:
+          top_lp, top_ids = jnp.zeros((b, 0), jnp.float32), jnp.zeros((b, 0), jnp.int32)
+        return tok, tok_lp, top_ids.astype(jnp.int32), top_lp
+
+      def record(carry, step, logits):
+        """Sample position `step` for rows still running; update done flags and buffers."""
+        done, stopped, n_gen, bufs = carry
+        tok, tok_lp, top_ids, top_lp = choose(logits, step)
+        active = ~done
+        tok = jnp.where(active, tok, self.pad_id)
+        bufs = tuple(jax.lax.dynamic_update_slice_in_dim(buf, val[:, None], step, axis=1)
+                     for buf, val in zip(bufs, (tok, tok_lp, top_ids, top_lp)))
+        n_gen = n_gen + active.astype(jnp.int32)
+        hit = active & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        stopped = stopped | hit
+        done = done | hit | (n_gen >= max_new)
+        return tok, (done, stopped, n_gen, bufs)
+
+      # Prefill: right-padded prompts, pad slots get segment 0 (never attended).
+      seg = (jnp.arange(tp)[None, :] < lengths[:, None]).astype(jnp.int32)  # [B, Tp]
+      positions = offsets[:, None] + jnp.arange(tp, dtype=jnp.int32)[None, :]  # [B, Tp]
+      cache = KVCache.empty(cfg, b, tp + tn, cache_dtype)
+      h, cache = model(tokens, positions, seg, prefix=prefix, cache=cache, return_hidden=True)
+      last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
+      logits = model.logits_from_hidden(last)[:, 0]  # [B, V] f32
+
+      bufs = (jnp.full((b, tn), self.pad_id, jnp.int32), jnp.zeros((b, tn), jnp.float32),
+              jnp.zeros((b, tn, top_k), jnp.int32), jnp.zeros((b, tn, top_k), jnp.float32))
+      carry = (~live, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), bufs)
+      tok, carry = record(carry, jnp.int32(0), logits)
+      ones = jnp.ones((b, 1), jnp.int32)
+
+      def cond(state):
+        step, _, _, (done, _, _, _) = state
+        return (step < max_new) & ~jnp.all(done)
+
+      def body(state):
+        step, cache, tok, carry = state
+        # Feed the token sampled at step-1 (position offset + length + step - 1).
+        pos = (offsets + lengths + step - 1)[:, None]  # [B, 1]
+        logits, cache = model(tok[:, None], pos, ones, prefix=prefix, cache=cache)
+        tok, carry = record(carry, step, logits[:, 0])
+        return step + 1, cache, tok, carry
+
+      _, _, _, (_, stopped, n_gen, bufs) = jax.lax.while_loop(
+          cond, body, (jnp.int32(1), cache, tok, carry))
+      toks, tok_lp, top_ids, top_lp = bufs
+      return toks, tok_lp, top_ids, top_lp, n_gen, stopped
+
+    return jax.jit(run)

@@ -1,0 +1,283 @@
+"""Tokenizer and chat template, built from the model's own files.
+
+    tok = Tokenizer.from_path("model.gguf")        # or a Hugging Face model directory
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    text = tok.decode(ids)
+
+Nothing is hard-coded: BOS/EOS/PAD ids and the chat template come from the files.
+`eos_ids` holds every id that ends a generation: the tokenizer's EOS, the ids listed in
+`generation_config.json` (HF directories) or `tokenizer.ggml.eot_token_id`/`eom_token_id`
+(GGUF), and the chat template's end-of-turn token when it is a special token (ChatML's
+`<|im_end|>`, Llama 3's `<|eot_id|>`).
+
+GGUF byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`: SmolLM2, Llama 3, Qwen2/3)
+are rebuilt here with the `tokenizers` library, splitting text the way llama.cpp does for the
+file's `tokenizer.ggml.pre`. (transformers' own GGUF tokenizer path needs torch, and splits
+`smollm` vocabularies differently from llama.cpp.) Other GGUF vocabularies go through
+`transformers.AutoTokenizer(..., gguf_file=...)`, which needs torch installed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+
+from cas.model.errors import ModelLoadError
+
+# llama.cpp `tokenizer.ggml.pre` -> the regex splits it applies, in order, before byte-level BPE
+# (llama.cpp applies each regex to the pieces the previous one produced).
+_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"""
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
+    "default": (_GPT2_SPLIT,),
+    "gpt2": (_GPT2_SPLIT,),
+    # llama.cpp: every number code point alone, then the GPT-2 regex.
+    "smollm": (r"\p{N}", _GPT2_SPLIT),
+    "starcoder": (r"\p{N}", _GPT2_SPLIT),
+    "llama-bpe": (_LLAMA3_SPLIT,),
+    "llama3": (_LLAMA3_SPLIT,),
+    "llama-v3": (_LLAMA3_SPLIT,),
+    "smaug-bpe": (_LLAMA3_SPLIT,),
+    "dbrx": (_LLAMA3_SPLIT,),
+    "falcon3": (_LLAMA3_SPLIT,),
+    "qwen2": (_QWEN2_SPLIT,),
+    "deepseek-r1-qwen": (_QWEN2_SPLIT,),
+}
+# Pre-tokenizers whose vocabularies take a whole piece that is in the vocabulary as one token
+# before trying merges (llama.cpp `tokenizer_ignore_merges`, HF `ignore_merges`).
+_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
+_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED = 3, 4
+_REPLY_SENTINEL = "cas-reply-sentinel-7f3a"
+
+
+def _offline() -> None:
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+def _gguf_fields(reader, keys: Sequence[str]) -> dict[str, Any]:
+  out = {}
+  for k in keys:
+    f = reader.fields.get(k)
+    if f is not None:
+      out[k] = f.contents()
+  return out
+
+
+def _byte_level_from_gguf(meta: Mapping[str, Any], path: str):
+  """A transformers fast tokenizer from GGUF byte-level BPE metadata (no torch needed)."""
+  from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+  from tokenizers import Tokenizer as RawTokenizer
+  from transformers import PreTrainedTokenizerFast
+
+  tokens = list(meta["tokenizer.ggml.tokens"])
+  merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+  if any(len(m) != 2 for m in merges):
+    raise ModelLoadError(f"{path}: malformed entry in 'tokenizer.ggml.merges'")
+  vocab = {t: i for i, t in enumerate(tokens)}
+  if len(vocab) != len(tokens):
+    raise ModelLoadError(f"{path}: 'tokenizer.ggml.tokens' has duplicate tokens")
+  pre = meta.get("tokenizer.ggml.pre", "default")
+  raw = RawTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                ignore_merges=pre in _IGNORE_MERGES))
+  splits = PRE_TOKENIZER_SPLITS.get(pre)
+  if splits is None:
+    logging.warning("%s: unknown tokenizer.ggml.pre %r; splitting text like GPT-2, which may "
+                    "differ from llama.cpp", path, pre)
+    splits = PRE_TOKENIZER_SPLITS["default"]
+  raw.pre_tokenizer = pre_tokenizers.Sequence(
+      [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
+      + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  raw.decoder = decoders.ByteLevel()
+  types = list(meta.get("tokenizer.ggml.token_type", []))
+  special = [AddedToken(t, special=True, normalized=False)
+             for t, ty in zip(tokens, types) if ty == _TOKEN_TYPE_CONTROL]
+  user = [AddedToken(t, special=False, normalized=False)
+          for t, ty in zip(tokens, types) if ty == _TOKEN_TYPE_USER_DEFINED]
+  raw.add_special_tokens(special)
+  raw.add_tokens(user)
+
+  def tok(key):
+    i = meta.get(f"tokenizer.ggml.{key}")
+    if i is None:
+      return None
+    if not 0 <= int(i) < len(tokens):
+      raise ModelLoadError(f"{path}: 'tokenizer.ggml.{key}' = {i} is outside the vocabulary")
+    return tokens[int(i)]
+
+  bos, eos = tok("bos_token_id"), tok("eos_token_id")
+  single, specials = "$A", []
+  if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+    single = f"{bos} {single}"
+    specials.append((bos, vocab[bos]))
+  if meta.get("tokenizer.ggml.add_eos_token") and eos is not None:
+    single = f"{single} {eos}"
+    specials.append((eos, vocab[eos]))
+  if specials:
+    raw.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
+  kwargs = {k: v for k, v in (("bos_token", bos), ("eos_token", eos),
+                              ("pad_token", tok("padding_token_id")),
+                              ("unk_token", tok("unknown_token_id"))) if v is not None}
+  return PreTrainedTokenizerFast(tokenizer_object=raw,
+                                 chat_template=meta.get("tokenizer.chat_template"), **kwargs)
+
+
+_GGUF_TOKENIZER_KEYS = (
+    "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_eos_token", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id",
+    "tokenizer.chat_template")
+
+
+# ----------------------------------------------------------------------------- wrapper
+
+class Tokenizer:
+  """A transformers fast tokenizer plus the ids cas needs (bos, pad, every end-of-generation id)."""
+
+  def __init__(self, hf, *, source: str = "tokenizer", extra_eos_ids: Sequence[int] = ()):
+    self.hf = hf
+    self.source = source
+    eos = []
+    for i in [hf.eos_token_id, *extra_eos_ids, self._turn_end_id()]:
+      if i is not None and int(i) not in eos:
+        eos.append(int(i))
+    if not eos:
+      raise ModelLoadError(f"{source}: the tokenizer defines no end-of-sequence token")
+    self._eos_ids = tuple(eos)
+
+  # -- construction -------------------------------------------------------------------------
+  @classmethod
+  def from_path(cls, path: str | os.PathLike, *, gguf_reader=None) -> "Tokenizer":
+    """From a `.gguf` file or a Hugging Face model directory."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      return cls.from_hf_dir(path)
+    if path.endswith(".gguf"):
+      return cls.from_gguf(path, reader=gguf_reader)
+    raise ModelLoadError(f"{path}: neither a .gguf file nor a model directory")
+
+  @classmethod
+  def from_hf_dir(cls, model_dir: str) -> "Tokenizer":
+    _offline()
+    from transformers import AutoTokenizer
+    try:
+      hf = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:
+      raise ModelLoadError(f"{model_dir}: cannot build a tokenizer from this directory: {e}") from e
+    extra = []
+    gen = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(gen):
+      try:
+        with open(gen, encoding="utf-8") as f:
+          e = json.load(f).get("eos_token_id")
+      except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{gen}: not valid JSON: {err}") from err
+      extra = [e] if isinstance(e, int) else list(e or [])
+    return cls(hf, source=model_dir, extra_eos_ids=extra)
+
+  @classmethod
+  def from_gguf(cls, path: str, reader=None) -> "Tokenizer":
+    """From GGUF metadata. `reader`: an open `gguf.GGUFReader` of `path`, to avoid re-parsing."""
+    if reader is None:
+      from cas.model.gguf_loader import open_gguf
+      reader = open_gguf(path)
+    meta = _gguf_fields(reader, _GGUF_TOKENIZER_KEYS)
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None or "tokenizer.ggml.tokens" not in meta:
+      raise ModelLoadError(f"{path}: GGUF has no tokenizer metadata (tokenizer.ggml.model/tokens)")
+    if kind == "gpt2":
+      hf = _byte_level_from_gguf(meta, path)
+    else:
+      _offline()
+      from transformers import AutoTokenizer
+      try:
+        hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                           gguf_file=os.path.basename(path), local_files_only=True)
+      except Exception as e:
+        raise ModelLoadError(f"{path}: cannot build the {kind!r} tokenizer with transformers "
+                             f"(needs torch installed): {e}") from e
+    extra = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+             if k in meta]
+    return cls(hf, source=path, extra_eos_ids=extra)
+
+  # -- ids ---------------------------------------------------------------------------------
+  def _special_ids(self) -> set[int]:
+    ids = set(self.hf.all_special_ids)
+    ids.update(i for i, t in self.hf.added_tokens_decoder.items() if t.special)
+    return ids
+
+  def _turn_end_id(self) -> int | None:
+    """The special token the chat template writes right after an assistant reply, if any."""
+    if not self.hf.chat_template:
+      return None
+    try:
+      text = self.hf.apply_chat_template(
+          [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _REPLY_SENTINEL}],
+          tokenize=False)
+    except Exception as e:  # a template that rejects this conversation
+      logging.warning("%s: could not render the chat template to find its end-of-turn token: %s",
+                      self.source, e)
+      return None
+    at = text.rfind(_REPLY_SENTINEL)
+    if at < 0:
+      return None
+    rest = text[at + len(_REPLY_SENTINEL):].lstrip(" \n")
+    ids = self.hf.encode(rest, add_special_tokens=False) if rest else []
+    return ids[0] if ids and ids[0] in self._special_ids() else None
+
+  @property
+  def bos_id(self) -> int | None:
+    return self.hf.bos_token_id
+
+  @property
+  def pad_id(self) -> int:
+    """The pad id, or the first EOS id when the files define no pad token."""
+    return self.hf.pad_token_id if self.hf.pad_token_id is not None else self._eos_ids[0]
+
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    return self._eos_ids
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of ids the tokenizer can produce (base vocabulary + added tokens)."""
+    return len(self.hf)
+
+  @property
+  def chat_template(self) -> str | None:
+    return self.hf.chat_template
+
+  # -- text <-> ids ------------------------------------------------------------------------
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                          **template_kwargs) -> list[int]:
+    """Token ids of `messages` ([{"role": ..., "content": ...}]) rendered by the chat template.
+
+    The template writes BOS itself when the model wants it, so no special tokens are added.
+    """
+    if not self.hf.chat_template:
+      raise ModelLoadError(
+          f"{self.source}: the tokenizer has no chat template (HF: tokenizer_config.json "
+          "'chat_template' or chat_template.jinja; GGUF: 'tokenizer.chat_template')")
+    text = self.hf.apply_chat_template(messages, tokenize=False,
+                                       add_generation_prompt=add_generation_prompt,
+                                       **template_kwargs)
+    return self.encode(text, add_special_tokens=False)
+
+  def __repr__(self) -> str:
+    return (f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+            f"pad_id={self.pad_id}, eos_ids={self.eos_ids})")

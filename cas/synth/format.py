@@ -1,0 +1,166 @@
+"""On-disk format of self-study data: sharded ArrayRecord files plus a JSON manifest.
+
+A dataset directory holds
+  manifest.json                 model fingerprint, tokenizer, chunking, seed, top_k, shard list
+  shard-00000.array_record ...  one record per conversation (msgpack), written atomically
+
+One record (a `Conversation`):
+  doc_id         str
+  prompt_ids     int32 [Tp]     student context before the answer: chat-formatted user turn and the
+                                assistant header, *without* the document (the student sees the cartridge)
+  answer_ids     int32 [Ta]     assistant tokens as generated (end-of-turn token included)
+  topk_ids       int32 [Ta, K]  teacher's top-k token ids at each answer position
+  topk_logprobs  f32   [Ta, K]  teacher's log-probs for those ids (document chunk in context)
+  seed_family    str            which seed-prompt family produced the user turn
+  chunk          int32 [2]      token range [start, end) of the chunk the teacher saw
+
+Shards are written to a temporary name and renamed, so a shard either exists whole or not at
+all; a killed job resumes by regenerating only the missing shards (each shard's content is a
+pure function of the dataset seed and the shard index).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Iterator, Sequence
+
+import numpy as np
+from flax import serialization
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class SynthDataError(ValueError):
+  """Self-study data that is missing, corrupt or made for another model."""
+
+
+@dataclasses.dataclass
+class Conversation:
+  doc_id: str
+  prompt_ids: np.ndarray  # [Tp] int32
+  answer_ids: np.ndarray  # [Ta] int32
+  topk_ids: np.ndarray  # [Ta, K] int32
+  topk_logprobs: np.ndarray  # [Ta, K] float32
+  seed_family: str = ""
+  chunk: tuple[int, int] = (0, 0)
+
+  def to_bytes(self) -> bytes:
+    return serialization.msgpack_serialize({
+        "doc_id": self.doc_id,
+        "prompt_ids": np.asarray(self.prompt_ids, np.int32),
+        "answer_ids": np.asarray(self.answer_ids, np.int32),
+        "topk_ids": np.asarray(self.topk_ids, np.int32),
+        "topk_logprobs": np.asarray(self.topk_logprobs, np.float32),
+        "seed_family": self.seed_family,
+        "chunk": np.asarray(self.chunk, np.int32),
+    })
+
+  @classmethod
+  def from_bytes(cls, b: bytes) -> "Conversation":
+    d = serialization.msgpack_restore(b)
+    return cls(d["doc_id"], np.asarray(d["prompt_ids"]), np.asarray(d["answer_ids"]),
+               np.asarray(d["topk_ids"]), np.asarray(d["topk_logprobs"]), d["seed_family"],
+               tuple(int(x) for x in d["chunk"]))
+
+  @property
+  def num_tokens(self) -> int:
+    return int(len(self.prompt_ids) + len(self.answer_ids))
+
+
+def shard_name(index: int) -> str:
+  return f"shard-{index:05d}.array_record"
+
+
+def atomic_write_json(path: str, obj) -> None:
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+  with os.fdopen(fd, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def write_shard(directory: str, index: int, conversations: Sequence[Conversation]) -> str:
+  """Write one shard atomically; returns its path."""
+  from array_record.python import array_record_module as ar
+  path = os.path.join(directory, shard_name(index))
+  tmp = os.path.join(directory, f".tmp-{shard_name(index)}-{os.getpid()}")
+  w = ar.ArrayRecordWriter(tmp, "group_size:1")
+  for c in conversations:
+    w.write(c.to_bytes())
+  w.close()
+  with open(tmp, "rb") as f:
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return path
+
+
+def read_shard(path: str) -> list[Conversation]:
+  from array_record.python import array_record_module as ar
+  if not os.path.exists(path):
+    raise SynthDataError(f"{path}: shard file is missing")
+  try:
+    r = ar.ArrayRecordReader(path)
+    n = r.num_records()
+    recs = r.read_all() if n else []
+    r.close()
+  except Exception as e:  # array_record raises RuntimeError / status errors on corrupt files
+    raise SynthDataError(f"{path}: cannot read shard ({e})") from e
+  return [Conversation.from_bytes(b) for b in recs]
+
+
+def read_manifest(directory: str) -> dict:
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    raise SynthDataError(f"{directory}: no {MANIFEST}; is this a self-study dataset directory? "
+                         f"Run `python -m launch.synthesize` first")
+  try:
+    with open(path) as f:
+      m = json.load(f)
+  except json.JSONDecodeError as e:
+    raise SynthDataError(f"{path}: corrupt manifest ({e})") from e
+  if m.get("format_version") != FORMAT_VERSION:
+    raise SynthDataError(f"{path}: format_version {m.get('format_version')} != {FORMAT_VERSION}")
+  return m
+
+
+def check_compatible(manifest: dict, *, model_fingerprint: str, source: str) -> None:
+  """Refuse data synthesised with another model/tokenizer than the one about to train on it."""
+  got = manifest.get("model_fingerprint")
+  if got != model_fingerprint:
+    raise SynthDataError(
+        f"{source}: self-study data was made with model {manifest.get('model_source')!r} "
+        f"(fingerprint {got}), but training uses fingerprint {model_fingerprint}; token ids and "
+        f"teacher distributions would not match. Re-run synthesis with this model.")
+
+
+class SynthDataset:
+  """Read access to a finished (or partially finished) self-study dataset directory."""
+
+  def __init__(self, directory: str, require_complete: bool = True):
+    self.directory = directory
+    self.manifest = read_manifest(directory)
+    shards = self.manifest.get("shards", [])
+    missing = [s["name"] for s in shards if not os.path.exists(os.path.join(directory, s["name"]))]
+    if require_complete and (missing or not self.manifest.get("complete", False)):
+      raise SynthDataError(f"{directory}: dataset is incomplete ({len(missing)} of {len(shards)} shards "
+                           f"missing); resume `python -m launch.synthesize` with the same workdir")
+    self.shards = [s for s in shards if s["name"] not in missing]
+
+  def __len__(self) -> int:
+    return sum(int(s["count"]) for s in self.shards)
+
+  def iter_shards(self) -> Iterator[list[Conversation]]:
+    for s in self.shards:
+      convs = read_shard(os.path.join(self.directory, s["name"]))
+      if len(convs) != int(s["count"]):
+        raise SynthDataError(f"{s['name']}: {len(convs)} records, manifest says {s['count']}")
+      yield convs
+
+  def load_all(self) -> list[Conversation]:
+    return [c for shard in self.iter_shards() for c in shard]

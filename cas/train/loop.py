@@ -1,0 +1,110 @@
+"""The single-cartridge training loop (Cartridges): resumable, checkpointed, logged.
+
+Reads top to bottom: data -> initial state (or restore) -> jitted step -> loop with metrics and
+checkpoints -> final cartridge exported to `<workdir>/cartridge` for evaluation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from cas.cartridge.cartridge import Cartridge, CartridgeSpec
+from cas.cartridge.io import save_cartridge
+from cas.metrics import MetricWriter
+from cas.synth.format import SynthDataset, check_compatible
+from cas.train import checkpoint as ckpt
+from cas.train.data import LoaderState, PackedLoader
+from cas.train.step import make_optimizer, make_train_step
+
+
+class NumericsError(FloatingPointError):
+  """NaN/inf in the loss or gradients: training stops before anything is saved."""
+
+
+def config_fingerprint(train_cfg: dict, spec: CartridgeSpec) -> str:
+  blob = json.dumps({"train": train_cfg, "spec": dataclasses.asdict(spec)}, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def train_cartridge(*, model, model_fingerprint: str, dataset_dir: str, workdir: str,
+                    init_fn: Callable[[], Cartridge], train_cfg: dict, dtype=jnp.float32,
+                    stop_after: int | None = None) -> dict:
+  """Train one cartridge on a self-study dataset.
+
+  train_cfg keys: steps, batch_size, seq_len, lr, warmup_steps, clip_norm, loss, seed,
+  log_every, ckpt_every, keep_checkpoints, top_k.
+  `stop_after`: return after this many steps in this call (tests simulate interruption).
+  Returns {"steps", "final_loss", "cartridge_path"}.
+  """
+  c = dict(train_cfg)
+  ds = SynthDataset(dataset_dir)
+  check_compatible(ds.manifest, model_fingerprint=model_fingerprint, source=dataset_dir)
+  convs = ds.load_all()
+  logging.info("training on %d conversations from %s", len(convs), dataset_dir)
+
+  cart0 = init_fn()
+  spec = cart0.spec
+  fp = config_fingerprint({k: c[k] for k in ("batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed", "top_k")}, spec)
+  optimizer = make_optimizer(c["lr"], c["warmup_steps"], c["clip_norm"])
+  trainable = {"k": cart0.k[...], "v": cart0.v[...]}
+  frozen = {"k": cart0.frozen_k[...], "v": cart0.frozen_v[...]}
+  state = {"trainable": trainable, "frozen": frozen, "opt_state": optimizer.init(trainable),
+           "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(c["seed"]))}
+
+  manager = ckpt.make_manager(workdir, max_to_keep=c["keep_checkpoints"])
+  expect = {"config_fingerprint": fp, "model_fingerprint": model_fingerprint,
+            "spec": dataclasses.asdict(spec)}
+  restored = ckpt.restore_latest(manager, jax.eval_shape(lambda: state), expect_meta=expect)
+  loader_state = LoaderState()
+  start = 0
+  if restored is not None:
+    start, state, meta = restored
+    loader_state = LoaderState(**meta["loader"])
+    logging.info("resumed from step %d (%s)", start, manager.directory)
+
+  loader = PackedLoader(convs, batch_size=c["batch_size"], seq_len=c["seq_len"],
+                        position_offset=spec.num_tokens, top_k=c["top_k"], seed=c["seed"],
+                        state=loader_state)
+  if loader.num_truncated:
+    logging.warning("%d conversations are longer than seq_len=%d and will be truncated",
+                    loader.num_truncated, c["seq_len"])
+  step_fn = make_train_step(optimizer, loss=c["loss"], dtype=dtype)
+  writer = MetricWriter(os.path.join(workdir, "logs"), truncate_after=start, log_every=c["log_every"])
+
+  trainable, opt_state, frozen = state["trainable"], state["opt_state"], state["frozen"]
+  total = c["steps"]
+  end = total if stop_after is None else min(total, start + stop_after)
+  last_loss = float("nan")
+  with tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar:
+    for step in range(start + 1, end + 1):
+      batch = {k: jnp.asarray(v) for k, v in loader.next_batch().items() if k != "conv_index"}
+      trainable, opt_state, m = step_fn(trainable, opt_state, frozen, model, batch)
+      if not bool(m["finite"]):
+        raise NumericsError(f"step {step}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} "
+                            f"is not finite; stopping before the checkpoint at step {start} is overwritten")
+      last_loss = float(m["loss"])
+      writer.write(step, {"loss": last_loss, "grad_norm": float(m["grad_norm"]), "tokens": float(m["tokens"])})
+      bar.update(1)
+      bar.set_postfix(loss=f"{last_loss:.4f}")
+      if step % c["ckpt_every"] == 0 or step == total:
+        ckpt.save(manager, step, {"trainable": trainable, "frozen": frozen, "opt_state": opt_state,
+                                  "step": jnp.asarray(step, jnp.int32), "rng": state["rng"]},
+                  {**expect, "loader": dataclasses.asdict(loader.state)})
+  writer.close()
+  out = {"steps": end, "final_loss": last_loss, "cartridge_path": None}
+  if end == total:
+    cart = Cartridge(frozen["k"], frozen["v"], trainable["k"], trainable["v"])
+    out["cartridge_path"] = save_cartridge(
+        os.path.join(workdir, "cartridge"), cart, model_fingerprint=model_fingerprint,
+        info={"steps": total, "final_loss": last_loss, "dataset": os.path.abspath(dataset_dir)})
+  manager.close()
+  return out

@@ -1,0 +1,145 @@
+"""Training: the distillation objective, that only the cartridge changes, checkpoint pruning, and
+exact resume after SIGKILL."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cas.cartridge.cartridge import init_cartridge
+from cas.metrics import read_metrics
+from cas.synth.format import SynthDataError
+from cas.testing import teacher_conversations, tiny_model, write_dataset
+from cas.train.checkpoint import CheckpointError
+from cas.train.data import PackedLoader
+from cas.train.loop import train_cartridge
+from cas.train.step import cartridge_loss
+
+CFG = dict(steps=40, batch_size=2, seq_len=64, lr=5e-2, warmup_steps=0, clip_norm=1.0, loss="distill",
+           seed=0, log_every=10, ckpt_every=10, keep_checkpoints=2, top_k=8)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  m = tiny_model()
+  doc = np.random.default_rng(1).integers(2, 128, 24).astype(np.int32)
+  convs = teacher_conversations(m, doc, num=12, prompt_len=6, answer_len=10, top_k=8, seed=0)
+  d = str(tmp_path_factory.mktemp("data"))
+  write_dataset(d, convs, model_fingerprint="tiny")
+  return m, doc, convs, d
+
+
+def _batch(convs, p):
+  loader = PackedLoader(convs, batch_size=2, seq_len=64, position_offset=p, top_k=8, seed=0)
+  return {k: jnp.asarray(v) for k, v in loader.next_batch().items() if k != "conv_index"}
+
+
+def test_cartridge_of_whole_document_reproduces_teacher(setup):
+  """With p = len(doc) and first-tokens init, the student sees exactly the teacher's context, so
+  the loss equals the teacher's own cross-entropy on its top-k (the optimum)."""
+  m, doc, convs, _ = setup
+  cart = init_cartridge(m, list(doc), len(doc))
+  batch = _batch(convs, len(doc))
+  loss, _ = cartridge_loss({"k": cart.k[...], "v": cart.v[...]},
+                           {"k": cart.frozen_k[...], "v": cart.frozen_v[...]}, m, batch)
+  lp, mask = np.asarray(batch["topk_logprobs"]), np.asarray(batch["loss_mask"])
+  teacher_ce = (-(np.exp(lp) * lp).sum(-1) * mask).sum() / mask.sum()
+  np.testing.assert_allclose(float(loss), teacher_ce, rtol=1e-4)
+  # and a random cartridge is clearly worse
+  rand = init_cartridge(m, list(doc), len(doc), strategy="random_vectors")
+  loss_r, _ = cartridge_loss({"k": rand.k[...], "v": rand.v[...]},
+                             {"k": rand.frozen_k[...], "v": rand.frozen_v[...]}, m, batch)
+  assert float(loss_r) > teacher_ce + 0.05
+
+
+def test_training_lowers_loss_and_changes_only_the_cartridge(setup, tmp_path):
+  m, doc, _, d = setup
+  before = jax.tree.map(np.array, nnx.state(m, nnx.Param))
+  init = lambda: init_cartridge(m, list(doc), 8, strategy="random_vectors")
+  c0 = init()
+  out = train_cartridge(model=m, model_fingerprint="tiny", dataset_dir=d, workdir=str(tmp_path),
+                        init_fn=init, train_cfg=CFG)
+  after = jax.tree.map(np.array, nnx.state(m, nnx.Param))
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    assert a.tobytes() == b.tobytes()  # model weights bit-identical
+  losses = [r["loss"] for r in read_metrics(str(tmp_path / "logs"))]
+  assert len(losses) == CFG["steps"]
+  assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.02
+  from cas.cartridge.io import load_cartridge
+  cart, meta = load_cartridge(out["cartridge_path"], model_fingerprint="tiny")
+  assert meta["steps"] == CFG["steps"]
+  assert not np.allclose(cart.k[...], c0.k[...])  # trained tokens moved
+  np.testing.assert_array_equal(cart.frozen_k[...], c0.frozen_k[...])  # the sink never trains
+  steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  assert steps == [30, 40]  # keep-last-2 really prunes
+
+
+def test_refuses_data_from_another_model_and_checkpoint_from_another_config(setup, tmp_path):
+  m, doc, _, d = setup
+  init = lambda: init_cartridge(m, list(doc), 8)
+  with pytest.raises(SynthDataError, match="fingerprint"):
+    train_cartridge(model=m, model_fingerprint="other-model", dataset_dir=d, workdir=str(tmp_path),
+                    init_fn=init, train_cfg=CFG)
+  train_cartridge(model=m, model_fingerprint="tiny", dataset_dir=d, workdir=str(tmp_path),
+                  init_fn=init, train_cfg={**CFG, "steps": 10})
+  with pytest.raises(CheckpointError, match="config_fingerprint"):
+    train_cartridge(model=m, model_fingerprint="tiny", dataset_dir=d, workdir=str(tmp_path),
+                    init_fn=init, train_cfg={**CFG, "steps": 10, "lr": 1e-3})
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, time, numpy as np
+    from cas.cartridge.cartridge import init_cartridge
+    from cas.testing import tiny_model
+    from cas.train.loop import train_cartridge
+    import cas.train.loop as loop
+    cfg = {cfg}
+    m = tiny_model()
+    doc = np.random.default_rng(1).integers(2, 128, 24).astype(np.int32)
+    slow = sys.argv[3] == "slow"
+    if slow:  # give the parent time to kill us mid-run
+      orig = loop.MetricWriter.write
+      def write(self, step, s):
+        orig(self, step, s); time.sleep(0.15)
+      loop.MetricWriter.write = write
+    train_cartridge(model=m, model_fingerprint="tiny", dataset_dir=sys.argv[1], workdir=sys.argv[2],
+                    init_fn=lambda: init_cartridge(m, list(doc), 8, strategy="random_vectors"), train_cfg=cfg)
+""")
+
+
+def _run(args, **kw):
+  env = {**os.environ, "PYTHONPATH": os.getcwd()}
+  return subprocess.Popen([sys.executable, "-c", SCRIPT.format(cfg=repr({**CFG, "ckpt_every": 5}))] + args,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+
+
+def test_sigkill_then_resume_reproduces_losses(setup, tmp_path):
+  _, _, _, d = setup
+  ref, run = str(tmp_path / "ref"), str(tmp_path / "killed")
+  p = _run([d, ref, "fast"])
+  assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+  p = _run([d, run, "slow"])
+  deadline = time.time() + 240
+  while time.time() < deadline:  # kill once a checkpoint exists and training went past it
+    recs = read_metrics(os.path.join(run, "logs"))
+    if len(recs) >= 17:
+      break
+    time.sleep(0.05)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  killed_at = len(read_metrics(os.path.join(run, "logs")))
+  assert 10 <= killed_at < CFG["steps"]
+  p = _run([d, run, "fast"])
+  assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+  a = [r["loss"] for r in read_metrics(os.path.join(ref, "logs"))]
+  b = [r["loss"] for r in read_metrics(os.path.join(run, "logs"))]
+  assert len(a) == len(b) == CFG["steps"]
+  assert a == b  # bit-exact losses after resume
