@@ -332,7 +332,7 @@ def build_model(cfg: ModelConfig, params: Mapping | None = None, *, param_dtype=
     if shardings is not None:
       for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
-          var.set_value(jax.device_put(var.get_value(), shardings(var.get_metadata()["axes"]))
+          var.set_value(jax.device_put(var.get_value(), shardings(var.get_metadata()["axes"])))
     return model
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype,
                                              dtype=dtype, remat=remat))
