@@ -44,7 +44,7 @@ Typical use::
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
