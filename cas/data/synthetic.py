@@ -44,7 +44,8 @@ class FieldSpec:
   """One fact type: how to ask about it, how to sample a fresh value, its aliases."""
   key: str
   question: str  # Template with {subject}.
-  sample: Callable[[random.Random], str]  # A fresh value from the shared pool (fallback distractor).
+  # A fresh value from the shared pool (fallback distractor when other documents run out).
+  sample: Callable[[random.Random], str]
   aliases: Callable[[str], list[str]] = lambda v: []
 
 
@@ -164,7 +165,7 @@ _DIAGNOSES = [
     ("upper gastrointestinal bleeding", ["upper GI bleed"], ["upper endoscopy"],
      ["gastroenterology clinic"]),
     ("pyelonephritis", [], ["renal ultrasound", "percutaneous nephrostomy"],
-     ["urology clinic", "nephrology clinic"]),
+     ["urologic surgery clinic", "nephrology clinic"]),
     ("exacerbation of COPD", ["COPD exacerbation"], ["arterial blood gas sampling",
                                                      "pulmonary function testing"],
      ["pulmonology clinic"]),
@@ -180,7 +181,7 @@ _DIAGNOSES = [
                                           "exploratory laparotomy"],
      ["general surgery clinic"]),
     ("sepsis from a urinary source", ["urosepsis"], ["renal ultrasound", "cystoscopy"],
-     ["urology clinic", "infectious disease clinic"]),
+     ["urologic surgery clinic", "infectious disease clinic"]),
     ("hypertensive emergency", [], ["transthoracic echocardiography", "MRI of the brain"],
      ["cardiology clinic", "nephrology clinic"]),
     ("acute appendicitis", ["appendicitis"], ["laparoscopic appendectomy"],
@@ -228,9 +229,9 @@ _NEW_MEDS = [
     ("hydrochlorothiazide", ["12.5 mg", "25 mg"]), ("gabapentin", ["300 mg", "600 mg"]),
 ]
 _HOME_MEDS = [
-    "levothyroxine 75 mcg daily", "omeprazole 20 mg daily", "tamsulosin 0.4 mg at bedtime",
+    "levothyroxine 75 mcg daily", "omeprazole 20 mg daily", "docusate 100 mg twice daily",
     "vitamin D3 1000 units daily", "montelukast 10 mg daily", "latanoprost eye drops nightly",
-    "cetirizine 10 mg daily", "folic acid 1 mg daily", "finasteride 5 mg daily",
+    "cetirizine 10 mg daily", "folic acid 1 mg daily", "sumatriptan 50 mg as needed",
     "calcium carbonate 500 mg twice daily", "loratadine 10 mg daily", "melatonin 3 mg at night",
     "ferrous sulfate 325 mg daily", "fluticasone nasal spray daily",
 ]
@@ -275,8 +276,13 @@ _PMH = [
 ]
 _WARDS = ["internal medicine", "cardiology", "general surgery", "hospitalist", "step-down",
           "geriatrics"]
-_RELATIVES = ["daughter", "son", "husband", "wife", "sister", "brother", "partner", "niece"]
-_FAMILY_CONDITIONS = ["coronary artery disease", "breast cancer", "type 2 diabetes", "stroke",
+_SMOKING = ["has never smoked", "quit smoking ten years ago", "smokes a few cigarettes a day"]
+_ALCOHOL = ["drinks alcohol rarely", "drinks socially", "drinks only on weekends",
+            "does not drink alcohol"]
+_HOBBIES = ["gardening", "crossword puzzles", "walking a dog", "choir singing", "fishing",
+            "cooking"]
+_RELATIVES = ["daughter", "son", "sister", "brother", "niece", "nephew", "cousin"]
+_FAMILY_CONDITIONS = ["coronary artery disease", "breast cancer", "type 2 diabetes", "a stroke",
                       "colon cancer", "rheumatoid arthritis", "Parkinson disease", "glaucoma",
                       "hypertension", "dementia"]
 
@@ -301,7 +307,7 @@ def _sample_admission(rng: random.Random) -> str:
 
 
 def _sample_bp(rng: random.Random) -> str:
-  return f"{rng.randint(96, 198)}/{rng.randint(52, 112)} mmHg"
+  return f"{rng.randint(100, 198)}/{rng.randint(52, 112)} mmHg"
 
 
 _DIAG_ALIASES = {d[0]: d[1] for d in _DIAGNOSES}
@@ -376,7 +382,9 @@ def _patient_facts(seed: int, index: int, name: str, sex: str) -> Facts:
       "follow_up_clinic": r.choice(clinics),
       "follow_up_weeks": r.choice([1, 2, 3, 4, 6, 8]),
       "occupation": r.choice(_OCCUPATIONS), "hospital": r.choice(_HOSPITALS),
-      "home_medications": r.sample(_HOME_MEDS, 2), "pmh": r.sample(_PMH, 3),
+      "home_medications": r.sample(_HOME_MEDS, 2),
+      "pmh": r.sample([c for c in _PMH if not (sex == "F" and "prostat" in c)], 3),
+      "relative": r.choice(_RELATIVES), "living": r.choice(_LIVING),
   }
 
 
@@ -386,52 +394,65 @@ def _pron(sex: str) -> dict:
           {"he": "he", "his": "his", "him": "him", "He": "He", "His": "His", "man": "man"})
 
 
-def _patient_filler(r: random.Random, f: Facts, p: dict, day: int) -> str:
-  """One hospital-course paragraph with incidental details (never a questioned field)."""
-  first = f["name"].split()[0]
-  t = r.choice([
-      "On hospital day {day}, {first} remained afebrile with a maximum temperature of {temp} °C. "
-      "Nursing notes describe {his} appetite as {appetite}, and {he} walked about {meters} meters "
-      "in the corridor with {aid}. Physical therapy recommended {pt}. {His} oxygen saturation "
-      "stayed between {spo2a}% and {spo2b}% on {o2}.",
-      "Overnight into hospital day {day}, {first} reported {symptom}, which settled after "
-      "{prn}. The on-call resident examined {him} and found no new focal findings. By the "
-      "morning round {he} felt {better}, and the plan was left unchanged. Fluid balance for the "
-      "day was {balance} milliliters.",
-      "The {consult} team reviewed {first} on hospital day {day}. They agreed with the current "
-      "management, suggested {suggestion}, and asked to be called again if {trigger}. The "
-      "family was updated by telephone, and {his} {relative} visited in the afternoon.",
-      "On hospital day {day}, {first}'s heart rate ranged from {hra} to {hrb} beats per minute "
-      "and the respiratory rate was {rr} breaths per minute. Telemetry showed {telemetry}. "
-      "{He} slept {sleep} and asked several questions about going home, which were answered "
-      "at the bedside.",
-      "Occupational therapy saw {first} on hospital day {day} and assessed {his} ability to "
-      "manage stairs, dressing and meal preparation. {He} needed {assist} with {task}. The "
-      "therapist left written exercises and recommended {equipment} for the home.",
-      "On hospital day {day} the pharmacist completed a medication reconciliation with {first} "
-      "and {his} {relative}. Pill organizers were discussed, and {he} was able to repeat back "
-      "the purpose of each tablet. A dietitian added {diet} to the meal plan.",
-      "Wound and skin checks on hospital day {day} were unremarkable apart from {skin}. "
-      "{first} was repositioned every {turns} hours overnight, and the pressure-injury risk "
-      "score was {braden}. Compression stockings were {stockings}.",
-      "Case management met {first} on hospital day {day} to plan the discharge. {He} lives "
-      "{living}, and {his} {relative} agreed to help with {help}. Transport home was arranged "
-      "for the afternoon of discharge.",
-  ])
-  return t.format(
-      day=day, first=first, temp=f"{r.randint(365, 378) / 10:.1f}",
+_LIVING = ["alone in a ground-floor apartment", "with family in a two-story house",
+           "in an assisted-living residence", "with a roommate in a rented flat",
+           "with a partner in a bungalow"]
+
+# Daily notes: each carries a (day, clock time) stamp, so many of them never contradict each
+# other. One-off notes (assessments done once per stay) appear at most once per document.
+_DAILY_NOTES = [
+    "At {time} on hospital day {day}, {first} was afebrile with a temperature of {temp} °C. "
+    "Nursing notes describe {his} appetite as {appetite}, and {he} walked about {meters} meters "
+    "in the corridor with {aid}. {His} oxygen saturation was {spo2}% on {o2}.",
+    "At {time} on hospital day {day}, {first} reported {symptom}, which settled after {prn}. "
+    "The covering resident examined {him} and found no new focal findings, and the plan was "
+    "left unchanged. Fluid balance at that point was {balance} milliliters for the day.",
+    "At {time} on hospital day {day}, the {consult} team reviewed {first}. They agreed with the "
+    "current management, suggested {suggestion}, and asked to be called again if {trigger}.",
+    "At {time} on hospital day {day}, {first}'s heart rate was {hr} beats per minute and the "
+    "respiratory rate {rr} breaths per minute. Telemetry showed {telemetry}. {He} was {mood} "
+    "and asked questions about going home, which were answered at the bedside.",
+    "At {time} on hospital day {day}, a skin check was unremarkable apart from {skin}. {first} "
+    "was repositioned, the pressure-injury risk score was {braden}, and compression stockings "
+    "were {stockings}.",
+]
+_ONE_OFF_NOTES = [
+    "Occupational therapy assessed {first} during the stay, looking at stairs, dressing and "
+    "meal preparation. {He} needed {assist} with {task}. The therapist left written exercises "
+    "and recommended {equipment} for the home.",
+    "The ward pharmacist completed a medication reconciliation with {first} and {his} "
+    "{relative}. Pill organizers were discussed, and {he} was able to repeat back the purpose "
+    "of each tablet. A dietitian added {diet} to the meal plan.",
+    "Case management met {first} to plan the discharge. {He} lives {living}, and {his} "
+    "{relative} agreed to help with {help}. Transport home was arranged for the afternoon of "
+    "discharge.",
+    "Physical therapy saw {first} and recommended {pt}. A falls-risk screen was completed and "
+    "the results were shared with {his} {relative}.",
+]
+
+
+def _clock(slot: int) -> str:
+  """Distinct clock times for slots 0..1439 (coprime stride), starting at 06:00."""
+  minutes = (360 + 97 * slot) % 1440
+  return f"{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def _patient_note(r: random.Random, template: str, f: Facts, p: dict, day: int = 0,
+                  time: str = "") -> str:
+  """Fills one filler note with incidental details (never a questioned field)."""
+  return template.format(
+      day=day, time=time, first=f["name"].split()[0], temp=f"{r.randint(362, 378) / 10:.1f}",
       appetite=r.choice(["fair", "improving", "good", "poor but improving"]),
       meters=r.choice([20, 40, 60, 80, 100, 150]),
       aid=r.choice(["a rolling walker", "a cane", "standby assistance", "no walking aid"]),
       pt=r.choice(["daily gait training", "home exercises", "outpatient physical therapy",
                    "no further therapy"]),
-      spo2a=r.randint(91, 94), spo2b=r.randint(95, 99),
+      spo2=r.randint(91, 99),
       o2=r.choice(["room air", "2 liters of nasal oxygen", "1 liter of nasal oxygen"]),
-      symptom=r.choice(["mild headache", "difficulty sleeping", "loose stools", "a dry cough",
+      symptom=r.choice(["a mild headache", "difficulty sleeping", "loose stools", "a dry cough",
                         "back discomfort", "mild nausea"]),
       prn=r.choice(["acetaminophen", "ondansetron", "a warm blanket and reassurance",
                     "simethicone", "a lidocaine patch"]),
-      better=r.choice(["much better", "somewhat better", "back to baseline"]),
       balance=r.choice(["+350", "-420", "-780", "+120", "-1,150"]),
       consult=r.choice(["physical medicine", "palliative care", "nutrition", "social work",
                         "wound care", "psychiatry"]),
@@ -439,25 +460,45 @@ def _patient_filler(r: random.Random, f: Facts, p: dict, day: int) -> str:
                            "a follow-up phone call after discharge"]),
       trigger=r.choice(["symptoms worsened", "the family had questions",
                         "discharge was delayed"]),
-      relative=r.choice(_RELATIVES), hra=r.randint(58, 72), hrb=r.randint(80, 104),
-      rr=r.randint(14, 22),
-      telemetry=r.choice(["sinus rhythm throughout", "occasional premature beats",
-                          "no arrhythmia"]),
-      sleep=r.choice(["well", "poorly", "in short stretches"]),
+      relative=f["relative"], living=f["living"], hr=r.randint(58, 104), rr=r.randint(14, 22),
+      telemetry=r.choice(["sinus rhythm", "occasional premature beats", "no arrhythmia"]),
+      mood=r.choice(["calm", "cheerful", "tired but comfortable", "anxious about the results"]),
       assist=r.choice(["minimal assistance", "supervision", "no assistance"]),
       task=r.choice(["putting on socks", "getting out of a low chair", "carrying a tray"]),
-      equipment=r.choice(["a shower chair", "grab bars", "a raised toilet seat",
-                          "a reacher"]),
+      equipment=r.choice(["a shower chair", "grab bars", "a raised toilet seat", "a reacher"]),
       diet=r.choice(["a low-sodium option", "an oral nutrition supplement",
                      "a carbohydrate-consistent menu", "extra fiber"]),
       skin=r.choice(["mild dryness of the heels", "a small bruise on the forearm",
                      "redness at an old IV site"]),
-      turns=r.choice([2, 3, 4]), braden=r.randint(14, 21),
-      stockings=r.choice(["continued", "stopped", "fitted"]),
-      living=r.choice(["alone in a ground-floor apartment", "with family in a two-story house",
-                       "in an assisted-living residence", "with a roommate"]),
+      braden=r.randint(14, 21), stockings=r.choice(["continued", "removed", "refitted"]),
       help=r.choice(["groceries", "medication reminders", "transport to appointments"]),
       **p)
+
+
+def _patient_fillers(r: random.Random, f: Facts, p: dict, num: int | None,
+                     words: int | None) -> list[str]:
+  """`num` filler notes (or as many as needed to reach `words`), in chronological order.
+
+  The one-off notes come first (shuffled), then daily notes stamped with distinct
+  (hospital day, time) pairs, sorted by day and time.
+  """
+  one_offs = r.sample(_ONE_OFF_NOTES, len(_ONE_OFF_NOTES))
+  out, total, k = [], 0, 0
+  daily: list[tuple[int, int, str]] = []
+  los = f["length_of_stay"]
+  while (num is not None and k < num) or (num is None and total < (words or 0)):
+    if k % 2 == 1 and one_offs:
+      text = _patient_note(r, one_offs.pop(), f, p)
+      out.append(text)
+    else:
+      j = len(daily)
+      day, slot = j % los + 1, j // los
+      minutes = (360 + 97 * slot) % 1440
+      text = _patient_note(r, r.choice(_DAILY_NOTES), f, p, day, _clock(slot))
+      daily.append((day, minutes, text))
+    total += _words(text)
+    k += 1
+  return out + [t for _, _, t in sorted(daily, key=lambda x: x[:2])]
 
 
 def _render_patient(f: Facts, r: random.Random, words_per_doc: int | None) -> tuple[str, str]:
@@ -482,10 +523,10 @@ def _render_patient(f: Facts, r: random.Random, words_per_doc: int | None) -> tu
       f"{f['hospital']} on {f['admission_date']} with {complaint}. "
       + r.choice([
           f"{p['He']} had felt unwell for about {r.randint(2, 9)} days before deciding to seek "
-          f"care, and {p['his']} {r.choice(_RELATIVES)} drove {p['him']} in. ",
-          f"The symptoms began gradually over the preceding week and were worse at night. ",
+          f"care, and {p['his']} {f['relative']} drove {p['him']} in. ",
+          "The symptoms began gradually over the preceding week and were worse at night. ",
           f"{p['He']} first called {p['his']} primary care office, where the nurse advised "
-          f"an emergency assessment. "])
+          "an emergency assessment. "])
       + f"On arrival {p['his']} blood pressure was {f['blood_pressure']}, the heart rate was "
       f"{r.randint(62, 124)} beats per minute, and the temperature was "
       f"{r.randint(362, 391) / 10:.1f} °C. After initial assessment and imaging, {title_name} was "
@@ -514,16 +555,14 @@ def _render_patient(f: Facts, r: random.Random, words_per_doc: int | None) -> tu
       f"current guidelines. On hospital day {r.randint(1, max(1, f['length_of_stay'] - 1))} "
       f"{p['he']} underwent {f['procedure']}, which {p['he']} tolerated without complications. "
       f"{p['His']} condition improved steadily over a stay of {f['length_of_stay']} days.")
+  job = f["occupation"]
   social = (
       "## Social History\n\n"
-      f"{first} works as {_an(f['occupation'])}"
-      if not f["occupation"].startswith("retired") else
-      "## Social History\n\n" f"{first} is {_an(f['occupation'])}")
-  social += (
-      f" and lives {r.choice(['with family', 'alone', 'with a partner', 'with a roommate'])}. "
-      f"{p['He']} {r.choice(['has never smoked', 'quit smoking ten years ago', 'smokes a few cigarettes a day'])} "
-      f"and drinks alcohol {r.choice(['rarely', 'socially', 'on weekends only', 'never'])}. "
-      f"{p['He']} enjoys {r.choice(['gardening', 'crossword puzzles', 'walking a dog', 'choir singing', 'fishing', 'cooking'])}.")
+      + (f"{first} is {_an(job)}" if job.startswith("retired") else
+         f"{first} works as {_an(job)}")
+      + f" and lives {f['living']}. "
+      f"{p['He']} {r.choice(_SMOKING)} and {r.choice(_ALCOHOL)}. "
+      f"{p['He']} enjoys {r.choice(_HOBBIES)}.")
   family = (
       "## Family History\n\n"
       f"{p['His']} {r.choice(['mother', 'father'])} had "
@@ -541,18 +580,12 @@ def _render_patient(f: Facts, r: random.Random, words_per_doc: int | None) -> tu
       "return to the emergency department for any worsening symptoms.")
 
   fixed = [header, hpi, history, labs, course_head, social, family, discharge]
-  base_words = sum(_words(s) for s in fixed)
   if words_per_doc is None:
-    n_fill = r.randint(2, 4)
-    fillers = [_patient_filler(r, f, p, d % f["length_of_stay"] + 1) for d in range(n_fill)]
+    fillers = _patient_fillers(r, f, p, num=r.randint(2, 4), words=None)
   else:
-    fillers, total, d = [], base_words, 1
-    while total < words_per_doc:
-      para = _patient_filler(r, f, p, (d - 1) % f["length_of_stay"] + 1)
-      fillers.append(para)
-      total += _words(para)
-      d += 1
-  course = course_head + ("\n\n" + "\n\n".join(fillers) if fillers else "")
+    fillers = _patient_fillers(r, f, p, num=None,
+                               words=words_per_doc - sum(_words(x) for x in fixed))
+  course = "\n\n".join([course_head] + fillers)
   text = "\n\n".join([header, hpi, history, labs, course, social, family, discharge]) + "\n"
   return title, text
 
@@ -599,7 +632,7 @@ _PRODUCT_FIELDS = [
     FieldSpec("weight", "How much does the {subject} weigh?",
               lambda r: f"{r.randint(2, 49) / 10:.1f} kg", _number_aliases),
     FieldSpec("battery_life", "What battery life is specified for the {subject}?",
-              lambda r: f"{r.randint(3, 48)} hours", lambda v: [v.replace(" hours", " h"),
+              lambda r: f"{r.randint(10, 48)} hours", lambda v: [v.replace(" hours", " h"),
                                                                   v.split(" ")[0]]),
     FieldSpec("warranty", "How long is the warranty on the {subject}?",
               lambda r: f"{r.randint(2, 7)} years" if r.random() < .7 else
@@ -611,7 +644,7 @@ _PRODUCT_FIELDS = [
     FieldSpec("housing_material", "What is the housing of the {subject} made of?",
               lambda r: r.choice(_MATERIALS), lambda v: []),
     FieldSpec("power_rating", "What is the rated power of the {subject}?",
-              lambda r: f"{r.randint(3, 120)} W", lambda v: [v.replace(" ", ""),
+              lambda r: f"{r.randint(12, 99)} W", lambda v: [v.replace(" ", ""),
                                                               v.replace(" W", " watts")]),
     FieldSpec("certification", "Which certification does the {subject} carry?",
               lambda r: r.choice(_CERTS), lambda v: []),
@@ -650,25 +683,34 @@ def _product_facts(seed: int, index: int, model: str, ptype: str) -> Facts:
   return facts
 
 
-def _product_filler(r: random.Random, f: Facts, k: int) -> str:
-  t = r.choice([
-      "Field note {k}: during a {weeks}-week pilot with {customers} customers, reviewers praised "
-      "the {praise} of the {name} and asked for {ask}. Firmware update {fw} addressed {issue} and "
-      "was rolled out over the air.",
-      "Packaging and logistics: the retail box measures {bx} by {by} by {bz} centimeters and "
-      "ships {per} units to a carton. Cartons are stacked {layers} layers high on a standard "
-      "pallet. The box is printed with soy-based inks on {paper} cardboard.",
-      "Care and maintenance: wipe the exterior with a {cloth} and avoid {avoid}. Store the "
-      "unit in a dry place and check the {part} every {months} months. Replacement {part}s are "
-      "sold separately through authorized dealers.",
-      "Accessibility and controls: the {name} offers {controls}, {contrast}-contrast display "
-      "mode and audible confirmation tones that can be set to {tones} volume levels. The quick "
-      "start guide is available in {langs} languages.",
-      "Test report {k}: in a {hours}-hour endurance test at {temp} °C ambient, the unit "
-      "completed {cycles} duty cycles without faults. Surface temperature peaked {rise} degrees "
-      "above ambient, and acoustic noise stayed below {db} dB(A) at one meter.",
-  ])
-  return t.format(
+_PRODUCT_ONE_OFF = [
+    "Packaging and logistics: the retail box measures {bx} by {by} by {bz} centimeters and "
+    "ships {per} units to a carton. Cartons are stacked {layers} layers high on a standard "
+    "pallet. The box is printed with soy-based inks on {paper} cardboard.",
+    "Care and maintenance: wipe the exterior with a {cloth} and avoid {avoid}. Store the "
+    "unit in a dry place and check the {part} every {months} months. Replacement {part}s are "
+    "sold separately through authorized dealers.",
+    "Accessibility and controls: the {name} offers {controls}, {contrast}-contrast display "
+    "mode and audible confirmation tones that can be set to {tones} volume levels. The quick "
+    "start guide is available in {langs} languages.",
+]
+# Numbered notes ({k} is unique within a document), so repeating them never contradicts.
+_PRODUCT_NUMBERED = [
+    "Field note {k}: during a pilot of {weeks} weeks with {customers} customers, reviewers praised "
+    "the {praise} of the {name} and asked for {ask}. Firmware update {fw} addressed {issue} and "
+    "was rolled out over the air.",
+    "Test report {k}: in a {hours}-hour endurance test at {temp} °C ambient, the unit "
+    "completed {cycles} duty cycles without faults. Surface temperature peaked {rise} degrees "
+    "above ambient, and acoustic noise stayed below {db} dB(A) at one meter.",
+    "Customer review {k}: a buyer from {city} gave the {name} {stars} out of 5 stars, noting "
+    "the {praise} but wishing for {ask}. The support team replied within {reply} hours.",
+]
+_CITIES = ["Lisbon", "Osaka", "Denver", "Gdansk", "Nairobi", "Montreal", "Perth", "Tallinn",
+           "Valparaiso", "Leeds"]
+
+
+def _product_note(r: random.Random, template: str, f: Facts, k: int = 0) -> str:
+  return template.format(
       k=k, name=f["name"], weeks=r.randint(2, 12), customers=r.randint(20, 400),
       praise=r.choice(["build quality", "quiet operation", "simple setup", "compact size"]),
       ask=r.choice(["a longer cable", "more color options", "a carrying case",
@@ -684,7 +726,21 @@ def _product_filler(r: random.Random, f: Facts, k: int) -> str:
       controls=r.choice(["tactile buttons", "a rotary dial", "capacitive touch keys"]),
       contrast=r.choice(["a high", "an enhanced"]), tones=r.randint(2, 5), langs=r.randint(6, 24),
       hours=r.choice([100, 250, 500, 1000]), temp=r.randint(20, 35),
-      cycles=r.randint(500, 20000), rise=r.randint(4, 22), db=r.randint(28, 62))
+      cycles=r.randint(500, 20000), rise=r.randint(4, 22), db=r.randint(28, 62),
+      city=r.choice(_CITIES), stars=r.randint(2, 5), reply=r.randint(2, 72))
+
+
+def _product_fillers(r: random.Random, f: Facts, num: int | None, words: int | None) -> list[str]:
+  one_offs = r.sample(_PRODUCT_ONE_OFF, len(_PRODUCT_ONE_OFF))
+  out, total, k = [], 0, 0
+  while (num is not None and len(out) < num) or (num is None and total < (words or 0)):
+    if one_offs and r.random() < 0.5:
+      out.append(_product_note(r, one_offs.pop(), f))
+    else:
+      k += 1
+      out.append(_product_note(r, r.choice(_PRODUCT_NUMBERED), f, k))
+    total += _words(out[-1])
+  return out
 
 
 def _render_product(f: Facts, r: random.Random, words_per_doc: int | None) -> tuple[str, str]:
@@ -708,16 +764,11 @@ def _render_product(f: Facts, r: random.Random, words_per_doc: int | None) -> tu
       f"Repairs are handled by the service center on {f['support_street']}, and customers "
       "should keep the original receipt.")
   fixed = [intro, specs, warranty]
-  base = sum(_words(s) for s in fixed)
-  fillers = []
   if words_per_doc is None:
-    fillers = [_product_filler(r, f, k + 1) for k in range(r.randint(3, 5))]
+    fillers = _product_fillers(r, f, num=r.randint(3, 5), words=None)
   else:
-    total, k = base, 1
-    while total < words_per_doc:
-      fillers.append(_product_filler(r, f, k))
-      total += _words(fillers[-1])
-      k += 1
+    fillers = _product_fillers(r, f, num=None,
+                               words=words_per_doc - sum(_words(x) for x in fixed))
   notes = ("## Notes\n\n" + "\n\n".join(fillers)) if fillers else ""
   text = "\n\n".join([intro, specs] + ([notes] if notes else []) + [warranty]) + "\n"
   return title, text

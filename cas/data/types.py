@@ -62,7 +62,8 @@ class Document:
     if not isinstance(self.doc_id, str) or not self.doc_id:
       raise CollectionError(f"Document has an empty or non-string doc_id: {self.doc_id!r}")
     if not isinstance(self.text, str):
-      raise CollectionError(f"Document {self.doc_id!r}: text is {type(self.text).__name__}, not str")
+      raise CollectionError(f"Document {self.doc_id!r}: text is {type(self.text).__name__}, "
+                            "not str")
     if not self.text.strip():
       raise CollectionError(f"Document {self.doc_id!r} is empty (its text has no characters "
                             "other than whitespace)")
@@ -211,14 +212,16 @@ class _Validator:
 
   def add_document(self, d: Document) -> None:
     if not isinstance(d, Document):
-      raise CollectionError(f"Collection {self.name!r}: expected a Document, got {type(d).__name__}")
+      raise CollectionError(f"Collection {self.name!r}: expected a Document, got "
+                            f"{type(d).__name__}")
     if d.doc_id in self.doc_ids:
       raise CollectionError(f"Collection {self.name!r}: duplicate doc_id {d.doc_id!r}")
     self.doc_ids.add(d.doc_id)
 
   def add_question(self, q: Question) -> None:
     if not isinstance(q, Question):
-      raise CollectionError(f"Collection {self.name!r}: expected a Question, got {type(q).__name__}")
+      raise CollectionError(f"Collection {self.name!r}: expected a Question, got "
+                            f"{type(q).__name__}")
     if q.qid in self.qids:
       raise CollectionError(f"Collection {self.name!r}: duplicate qid {q.qid!r}")
     if q.doc_id not in self.doc_ids:
