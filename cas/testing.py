@@ -57,3 +57,20 @@ def write_dataset(directory: str, convs, *, model_fingerprint: str, shard_size: 
   atomic_write_json(os.path.join(directory, MANIFEST), {
       "format_version": FORMAT_VERSION, "model_fingerprint": model_fingerprint, "model_source": "tiny",
       "top_k": top_k, "shards": shards, "complete": True})
+
+
+def real_tokenizer():
+  """The default model's real tokenizer (SmolLM2, from the fetched GGUF; cached per process)."""
+  global _TOK
+  if _TOK is None:
+    from cas.model.loader import resolve_model_path
+    from cas.model.tokenizer import Tokenizer
+    _TOK = Tokenizer.from_path(resolve_model_path(None))
+  return _TOK
+
+
+_TOK = None
+
+TINY_SMOL_VOCAB = ModelConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
+                              num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=100000.0,
+                              tie_word_embeddings=True)

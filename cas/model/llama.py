@@ -325,14 +325,14 @@ def build_model(cfg: ModelConfig, params: Mapping | None = None, *, param_dtype=
                 dtype=jnp.float32, remat: str = "none", seed: int = 0,
                 shardings=None) -> Transformer:
   """Create a Transformer. With `params` (from `params_from_hf`), weights are set from them
-  without materialising a random init first. `shardings`: optional callable(logical_axes)
-  -> jax.sharding.Sharding used to place each parameter."""
+  without materialising a random init first. `shardings`: optional callable(logical_axes, shape)
+  -> jax.sharding.Sharding used to place each parameter (e.g. `cas.sharding.model_shardings(mesh)`)."""
   if params is None:
     model = Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype, remat=remat)
     if shardings is not None:
       for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
-          var.set_value(jax.device_put(var.get_value(), shardings(var.get_metadata()["axes"])))
+          var.set_value(jax.device_put(var.get_value(), shardings(var.get_metadata()["axes"], var.shape)))
     return model
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype,
                                              dtype=dtype, remat=remat))
@@ -344,7 +344,7 @@ def build_model(cfg: ModelConfig, params: Mapping | None = None, *, param_dtype=
       raise ValueError(f"parameter {name}: shape {arr.shape} does not match model {var.shape}")
     arr = arr.astype(param_dtype) if param_dtype != jnp.bfloat16 else jnp.asarray(arr, jnp.bfloat16)
     if shardings is not None:
-      var.set_value(jax.device_put(arr, shardings(var.get_metadata()["axes"])))
+      var.set_value(jax.device_put(arr, shardings(var.get_metadata()["axes"], tuple(arr.shape))))
     else:
       var.set_value(jnp.asarray(arr, param_dtype))
 

@@ -1,0 +1,145 @@
+"""Evaluation methods (DESIGN §6): no_context, icl, cartridge.
+
+Each method turns (documents, question) into a *context* = prefix KV plus prompt tokens, then
+  multiple choice: picks the option with the highest mean per-token log-likelihood as the
+                   assistant's reply (options are also listed in the question);
+  short answer:    generates greedily and counts it correct when any accepted answer appears
+                   (case/punctuation-insensitive).
+Reported per question: correctness, prompt tokens (what the model reads as text), KV-cache bytes
+of the context (text KV or cartridge KV, bf16 serving).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from cas.data.types import Document, Question
+from cas.eval.scoring import context_kv, score_continuations
+
+ICL_SYSTEM = ("You are a helpful assistant. Answer the user's question using the following "
+              "document.\n\n{documents}")
+
+
+def normalize(s: str) -> str:
+  s = s.lower()
+  s = re.sub(r"[^\w%.]+", " ", s)
+  return " ".join(s.replace(" .", ".").split()).strip(". ")
+
+
+def is_correct_short(output: str, answers: Sequence[str]) -> bool:
+  out = normalize(output)
+  return any(normalize(a) and normalize(a) in out for a in answers)
+
+
+def question_text(q: Question) -> str:
+  if q.kind == "mc":
+    opts = "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(q.options))
+    return f"{q.question}\nOptions:\n{opts}\nAnswer with the correct option."
+  return f"{q.question}\nAnswer briefly."
+
+
+@dataclasses.dataclass
+class Context:
+  """What a method puts in front of the question."""
+  prefix_kv: tuple | None  # (k, v) [L, P, Hkv, D] or None
+  prefix_tokens: int  # text tokens inside prefix_kv (0 for cartridges)
+  cartridge_tokens: int  # cartridge tokens inside prefix_kv (0 for text)
+  system: str | None  # system message text when the prompt carries one (icl)
+
+
+@dataclasses.dataclass
+class QuestionResult:
+  qid: str
+  doc_id: str
+  kind: str
+  correct: bool
+  prediction: str
+  prompt_tokens: int
+  kv_bytes: int
+
+
+class Evaluator:
+  """Runs methods over questions with one model + tokenizer (+ sampler for short answers)."""
+
+  def __init__(self, model, tokenizer, sampler=None, *, max_new_tokens: int = 32, kv_bytes_per_el: int = 2):
+    self.model, self.tok, self.sampler = model, tokenizer, sampler
+    self.max_new_tokens = max_new_tokens
+    self.kv_tok_bytes = model.cfg.kv_bytes_per_token(kv_bytes_per_el)
+
+  # -- contexts ---------------------------------------------------------------
+  def no_context(self) -> Context:
+    return Context(None, 0, 0, None)
+
+  def icl(self, docs: Sequence[Document]) -> Context:
+    body = "\n\n".join(f"# {d.title}\n{d.text}" if d.title else d.text for d in docs)
+    system = ICL_SYSTEM.format(documents=body)
+    sys_ids = self.tok.apply_chat_template([{"role": "system", "content": system}], add_generation_prompt=False)
+    return Context(context_kv(self.model, sys_ids), len(sys_ids), 0, system)
+
+  def cartridge(self, k, v) -> Context:
+    """k, v: [L, P, Hkv, D] (one cartridge, or several concatenated on P)."""
+    return Context((k, v), 0, int(k.shape[1]), None)
+
+  # -- prompts ----------------------------------------------------------------
+  def _prompt_ids(self, ctx: Context, q: Question) -> list[int]:
+    msgs = [{"role": "user", "content": question_text(q)}]
+    if ctx.system is None:
+      return self.tok.apply_chat_template(msgs, add_generation_prompt=True)
+    full = self.tok.apply_chat_template([{"role": "system", "content": ctx.system}] + msgs, add_generation_prompt=True)
+    return full[ctx.prefix_tokens:]
+
+  def answer(self, ctx: Context, q: Question) -> QuestionResult:
+    prompt = self._prompt_ids(ctx, q)
+    text_tokens = ctx.prefix_tokens + len(prompt)
+    kv = (text_tokens + ctx.cartridge_tokens) * self.kv_tok_bytes
+    if q.kind == "mc":
+      conts = [self.tok.encode(o) for o in q.options]
+      s, n = score_continuations(self.model, ctx.prefix_kv, prompt, conts)
+      pick = int(np.argmax(s / np.maximum(n, 1)))
+      return QuestionResult(q.qid, q.doc_id, "mc", pick == q.answer_index, q.options[pick], text_tokens, kv)
+    if self.sampler is None:
+      raise ValueError("short-answer questions need a sampler")
+    from cas.model.llama import Prefix
+    import jax.numpy as jnp
+    prefix, off = None, 0
+    if ctx.prefix_kv is not None:
+      k, v = ctx.prefix_kv
+      prefix = Prefix(k[:, None], v[:, None], jnp.ones((1, k.shape[1]), bool))
+      off = int(k.shape[1])
+    res = self.sampler.generate([prompt], max_new_tokens=self.max_new_tokens, prefix=prefix,
+                                position_offset=off, stop_ids=self.tok.eos_ids)
+    out = self.tok.decode(list(res.generations[0].tokens))
+    return QuestionResult(q.qid, q.doc_id, "short", is_correct_short(out, q.correct_answers), out, text_tokens, kv)
+
+
+def run_method(name: str, questions: Sequence[Question], context_for: Callable[[Question], Context],
+               evaluator: Evaluator, *, progress: bool = True) -> dict:
+  """Evaluate one method. `context_for(q)` builds (and may cache) the context of a question."""
+  t0 = time.time()
+  results = []
+  for q in tqdm(questions, desc=name, disable=not progress, dynamic_ncols=True):
+    results.append(evaluator.answer(context_for(q), q))
+  def acc(kind=None):
+    rs = [r for r in results if kind is None or r.kind == kind]
+    return float(np.mean([r.correct for r in rs])) if rs else float("nan")
+  return {
+      "method": name, "accuracy": acc(), "accuracy_mc": acc("mc"), "accuracy_short": acc("short"),
+      "num_questions": len(results),
+      "prompt_tokens": float(np.mean([r.prompt_tokens for r in results])) if results else 0.0,
+      "kv_bytes": float(np.mean([r.kv_bytes for r in results])) if results else 0.0,
+      "seconds": time.time() - t0,
+      "questions": [dataclasses.asdict(r) for r in results],
+  }
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+  head = "| method | accuracy | MC acc | short acc | questions | prompt tokens | KV bytes |\n|---|---|---|---|---|---|---|\n"
+  f = lambda x: "n/a" if x != x else f"{100 * x:.1f}"
+  return head + "".join(
+      f"| {r['method']} | {f(r['accuracy'])} | {f(r['accuracy_mc'])} | {f(r['accuracy_short'])} | "
+      f"{r['num_questions']} | {r['prompt_tokens']:.0f} | {r['kv_bytes'] / 2**20:.2f} MiB |\n" for r in rows)

@@ -1,0 +1,101 @@
+"""Scoring continuations under a (possibly empty) prefix KV: the shared engine of every method.
+
+Every evaluation method reduces to "context as prefix KV" + "prompt tokens" + "continuations":
+  no_context  prefix = nothing
+  icl         prefix = KV of the chat-formatted system message holding the document(s)
+  cartridge   prefix = the trained cartridge(s)
+so the same jitted code scores multiple-choice options for all of them.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cas.model.llama import KVCache, Prefix, Transformer
+
+LENGTH_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def bucket(n: int, buckets: Sequence[int] = LENGTH_BUCKETS) -> int:
+  for b in buckets:
+    if n <= b:
+      return b
+  return int(2 ** np.ceil(np.log2(n)))
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _prefix_kv(model: Transformer, tokens, chunk: int):
+  """tokens [1, T] -> k, v [L, T, Hkv, D] (positions 0..T-1), computed in chunks of `chunk`."""
+  t = tokens.shape[1]
+  cache = KVCache.empty(model.cfg, 1, t, model.dtype)
+  seg = (tokens >= 0).astype(jnp.int32)
+  for s in range(0, t, chunk):
+    e = min(t, s + chunk)
+    _, cache = model(jnp.maximum(tokens[:, s:e], 0), jnp.arange(s, e)[None], seg[:, s:e], cache=cache)
+  return cache.k[:, 0], cache.v[:, 0]
+
+
+def context_kv(model: Transformer, ids: Sequence[int], chunk: int = 512):
+  """KV [L, T, Hkv, D] of a context (e.g. the document's system message), padded to a bucket
+  internally; returns exactly len(ids) slots."""
+  n = len(ids)
+  if n == 0:
+    return None
+  nb = bucket(n)
+  toks = np.full((1, nb), -1, np.int32)
+  toks[0, :n] = ids
+  k, v = _prefix_kv(model, jnp.asarray(toks), chunk=min(chunk, nb))
+  return k[:, :n], v[:, :n]
+
+
+@jax.jit
+def _score(model: Transformer, pk, pv, pmask, tokens, positions, segs, tmask):
+  """Sum of log p(target tokens) per row. tokens [B, T]; tmask [B, T] marks tokens to score."""
+  prefix = None
+  if pk is not None:
+    b = tokens.shape[0]
+    prefix = Prefix(jnp.broadcast_to(pk[:, None], (pk.shape[0], b) + pk.shape[1:]).astype(model.dtype),
+                    jnp.broadcast_to(pv[:, None], (pv.shape[0], b) + pv.shape[1:]).astype(model.dtype),
+                    jnp.broadcast_to(pmask[None], (b, pmask.shape[0])))
+  logits, _ = model(tokens, positions, segs, prefix=prefix)
+  lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  tgt = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+  return (tgt * tmask[:, 1:]).sum(-1), tmask[:, 1:].sum(-1)
+
+
+def score_continuations(model: Transformer, prefix_kv, prompt_ids: Sequence[int],
+                        continuations: Sequence[Sequence[int]], *, position_offset: int | None = None):
+  """Log-likelihood of each continuation after [prefix KV] + prompt.
+
+  prefix_kv: None or (k, v) [L, P, Hkv, D]. Positions start at P (or `position_offset`).
+  Returns (sum_logprob [N] f32, num_tokens [N]).
+  """
+  p = 0 if prefix_kv is None else int(prefix_kv[0].shape[1])
+  off = p if position_offset is None else position_offset
+  n = len(continuations)
+  seqs = [list(prompt_ids) + list(c) for c in continuations]
+  T = bucket(max(len(s) for s in seqs))
+  B = bucket(n, (1, 2, 4, 8, 16, 32, 64))
+  tokens = np.zeros((B, T), np.int32)
+  segs = np.zeros((B, T), np.int32)
+  tmask = np.zeros((B, T), np.float32)
+  for i, s in enumerate(seqs):
+    tokens[i, :len(s)] = s
+    segs[i, :len(s)] = 1
+    tmask[i, len(prompt_ids):len(s)] = 1.0
+  positions = np.broadcast_to(off + np.arange(T, dtype=np.int32), (B, T))
+  if prefix_kv is None:
+    pk = pv = pm = None
+  else:  # pad the prefix to a bucket (masked) so documents of any length share compilations
+    pk, pv = prefix_kv
+    pb = bucket(p)
+    pad = [(0, 0), (0, pb - p), (0, 0), (0, 0)]
+    pk, pv = jnp.pad(pk, pad), jnp.pad(pv, pad)
+    pm = jnp.arange(pb) < p
+  s, c = _score(model, pk, pv, pm, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segs),
+                jnp.asarray(tmask))
+  return np.asarray(s)[:n], np.asarray(c)[:n]

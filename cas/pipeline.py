@@ -1,0 +1,126 @@
+"""The Cartridges pipeline on one document: collection -> self-study -> training -> evaluation.
+
+Every stage writes into its own folder of the workdir and is skipped (or resumed) when it is
+already done, so re-running the same command after a kill continues where it stopped:
+  <workdir>/collection/   the built-in (or given) collection
+  <workdir>/synth/        self-study conversations + teacher top-k (sharded, manifest)
+  <workdir>/train/        Orbax checkpoints, TensorBoard logs, the final cartridge
+  <workdir>/eval/         results.json, results.md
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax.numpy as jnp
+from absl import logging
+
+from cas.cartridge.cartridge import init_cartridge
+from cas.cartridge.io import load_cartridge
+from cas.data import synthetic
+from cas.data.types import load_collection, read_manifest as read_collection_manifest
+from cas.eval.methods import Evaluator, markdown_table, run_method
+from cas.synth.format import atomic_write_json
+from cas.synth.selfstudy import SynthConfig, synthesize
+from cas.train.loop import train_cartridge
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _collection(config, workdir):
+  path = os.path.join(workdir, "collection")
+  if config.data.get("path"):
+    return load_collection(config.data.path)
+  try:
+    read_collection_manifest(path)
+  except Exception:
+    synthetic.write_synthetic_collection(path, config.data.num_docs, config.data.seed, kind=config.data.kind,
+                                         words_per_doc=config.data.get("words_per_doc"))
+  return load_collection(path)
+
+
+class Stages:
+  """Shared set-up of the stages (model, tokenizer, sampler, collection, the document)."""
+
+  def __init__(self, config, workdir: str):
+    from cas.model.loader import load_model
+    from cas.model.sampler import Sampler
+    os.makedirs(workdir, exist_ok=True)
+    self.config, self.workdir = config, workdir
+    self.timings: dict[str, float] = {}
+    t = time.time()
+    self.lm = load_model(config.model_path, param_dtype=DTYPES[config.dtype], dtype=DTYPES[config.dtype])
+    self.tok, self.model = self.lm.tokenizer, self.lm.model
+    self.sampler = Sampler(self.model, pad_id=self.tok.pad_id)
+    coll = _collection(config, workdir)
+    if not 0 <= config.data.doc_index < len(coll.documents):
+      raise ValueError(f"data.doc_index={config.data.doc_index} but the collection has {len(coll.documents)} documents")
+    self.doc = coll.documents[config.data.doc_index]
+    self.questions = [q for q in coll.questions if q.doc_id == self.doc.doc_id]
+    if config.eval.max_questions:
+      self.questions = self.questions[:config.eval.max_questions]
+    self.synth_dir = os.path.join(workdir, "synth")
+    self.train_dir = os.path.join(workdir, "train")
+    self.eval_dir = os.path.join(workdir, "eval")
+    self.timings["load"] = time.time() - t
+
+  def synth(self) -> dict:
+    t = time.time()
+    sc = self.config.synth
+    scfg = SynthConfig(conversations_per_doc=sc.conversations, shard_size=sc.shard_size, batch_size=sc.batch_size,
+                       min_chunk=sc.min_chunk, max_chunk=sc.max_chunk, max_user_tokens=sc.max_user_tokens,
+                       max_answer_tokens=sc.max_answer_tokens, temperature_a=sc.temperature_a,
+                       temperature_b=sc.temperature_b, top_k=sc.top_k, seed=sc.seed)
+    m = synthesize(self.synth_dir, documents=[self.doc], tokenizer=self.tok, sampler=self.sampler, cfg=scfg,
+                   model_fingerprint=self.lm.fingerprint, model_source=self.lm.source)
+    self.timings["synth"] = time.time() - t
+    return m
+
+  def train(self) -> dict:
+    t = time.time()
+    config, tok = self.config, self.tok
+    doc_ids = tok.encode(self.doc.text)
+    sink = [tok.bos_id] if tok.bos_id is not None else []
+    cc = config.cartridge
+    init = lambda: init_cartridge(self.model, doc_ids, cc.num_tokens, strategy=cc.init, num_frozen=cc.num_frozen,
+                                  sink_ids=sink if len(sink) == cc.num_frozen else (), seed=config.train.seed)
+    tc = dict(config.train)
+    tc["top_k"] = config.synth.top_k
+    out = train_cartridge(model=self.model, model_fingerprint=self.lm.fingerprint, dataset_dir=self.synth_dir,
+                          workdir=self.train_dir, init_fn=init, train_cfg=tc, dtype=DTYPES[config.dtype])
+    self.timings["train"] = time.time() - t
+    return out
+
+  def evaluate(self) -> dict:
+    """Reloads the cartridge that training wrote and runs the configured methods."""
+    t = time.time()
+    cart, _ = load_cartridge(os.path.join(self.train_dir, "cartridge"), model_fingerprint=self.lm.fingerprint)
+    ev = Evaluator(self.model, self.tok, self.sampler, max_new_tokens=self.config.eval.max_new_tokens)
+    k, v = cart.full_kv()
+    builders = {"no_context": ev.no_context, "icl": lambda: ev.icl([self.doc]), "cartridge": lambda: ev.cartridge(k, v)}
+    rows = []
+    for name in self.config.eval.methods:
+      if name not in builders:
+        raise ValueError(f"eval.methods: unknown method {name!r}; choose from {sorted(builders)}")
+      ctx = builders[name]()
+      rows.append(run_method(name, self.questions, lambda q, c=ctx: c, ev))
+    self.timings["eval"] = time.time() - t
+    table = markdown_table(rows)
+    os.makedirs(self.eval_dir, exist_ok=True)
+    result = {"doc_id": self.doc.doc_id, "model": self.lm.source, "timings_s": self.timings, "methods": rows,
+              "cartridge_tokens": cart.spec.num_tokens, "document_tokens": len(self.tok.encode(self.doc.text))}
+    atomic_write_json(os.path.join(self.eval_dir, "results.json"), result)
+    with open(os.path.join(self.eval_dir, "results.md"), "w") as f:
+      f.write(table)
+    print(table)
+    print("stage seconds:", {k: round(v, 1) for k, v in self.timings.items()})
+    return result
+
+
+def run_cartridge_pipeline(config, workdir: str) -> dict:
+  """All stages for one document; each skips or resumes what is already on disk."""
+  st = Stages(config, workdir)
+  st.synth()
+  st.train()
+  return st.evaluate()

@@ -1,0 +1,208 @@
+"""Self-study (Cartridges §4): two bots talk about a chunk of a document; the teacher's top-k
+next-token distribution over the answer is stored for context distillation.
+
+Per conversation:
+  1. pick a chunk of the document (a token range between min and max size),
+  2. pick a seed-prompt family (structuring, summarization, question, use_case, creative),
+  3. bot A (the chunk in its system prompt) writes the user message from the seed prompt,
+  4. bot B (the chunk in its system prompt) answers; its top-k log-probs are the teacher's,
+  5. store the student's view (user message + answer, no chunk) with the teacher's top-k.
+
+Conversations are generated in shards of `shard_size`; shard i's content is a pure function of
+(seed, i), so a killed job resumes by generating only the shards that are missing. Documents
+are handled one at a time (conversation g belongs to document g // conversations_per_doc).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from cas.data.chunking import sample_chunk
+from cas.synth.format import (FORMAT_VERSION, MANIFEST, Conversation, SynthDataError, atomic_write_json,
+                              read_manifest, shard_name, write_shard)
+
+# Seed prompts follow the five families of the Cartridges reference (paraphrased).
+SEED_PROMPTS = {
+    "structuring": [
+        "Please generate a single chat message instructing an LLM to structure the information in "
+        "{fmt} about a specific part of the document above. Output only the chat message itself. Make "
+        "it clear which section and which details (names, dates, numbers) you are asking about.",
+    ],
+    "summarization": [
+        "Please generate a single chat message instructing an LLM to summarize a specific part of the "
+        "document above. Be explicit about which part; include names, dates or numbers that identify it. "
+        "Output only the chat message itself.",
+    ],
+    "question": [
+        "Generate one question that tests knowledge of the information in the document above. Include "
+        "details (names, ids, dates, values) that make clear what you are asking about. Output only the "
+        "question, nothing else.",
+    ],
+    "use_case": [
+        "Think about a practical, real-world task someone could do with the information in the document "
+        "above. Then write one question or request that such a user would send to an assistant. Output "
+        "only that message.",
+    ],
+    "creative": [
+        "You are having a creative conversation inspired by the information in the document above. Write "
+        "a question for your conversation partner to start the discussion. Output only the question.",
+    ],
+}
+STRUCT_FORMATS = ("JSON", "YAML", "a table", "a bulleted list", "plain text with one fact per line")
+SEED_FAMILIES = tuple(SEED_PROMPTS)
+
+BOT_A_SYSTEM = ("You are helping to train a language model on the information in the following "
+                "document excerpt.\n\n<document>\n{chunk}\n</document>")
+BOT_B_SYSTEM = ("Please use the information in the following document excerpt to answer the user's "
+                "message accurately and precisely.\n\n<document>\n{chunk}\n</document>")
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+  conversations_per_doc: int = 64
+  shard_size: int = 32
+  batch_size: int = 32
+  min_chunk: int = 256
+  max_chunk: int = 512
+  max_user_tokens: int = 96
+  max_answer_tokens: int = 192
+  temperature_a: float = 0.7
+  temperature_b: float = 0.0
+  top_k: int = 20
+  seed: int = 0
+  families: tuple = SEED_FAMILIES
+
+  def manifest_fields(self) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+class DocTokens:
+  """Lazily tokenised documents: only the current one is kept."""
+
+  def __init__(self, docs: Sequence, tokenizer):
+    self.docs, self.tok = docs, tokenizer
+    self._cache: tuple[int, list[int]] | None = None
+
+  def __len__(self):
+    return len(self.docs)
+
+  def ids(self, i: int) -> list[int]:
+    if self._cache is None or self._cache[0] != i:
+      ids = self.tok.encode(self.docs[i].text)
+      if not ids:
+        raise SynthDataError(f"document {self.docs[i].doc_id!r} tokenizes to nothing")
+      self._cache = (i, ids)
+    return self._cache[1]
+
+
+def _plan(cfg: SynthConfig, g: int, doc_len: int):
+  """Deterministic choices for global conversation index g: chunk range, family, seed text."""
+  rng = np.random.default_rng([cfg.seed, g])
+  start, end = sample_chunk(list(range(doc_len)), cfg.min_chunk, cfg.max_chunk, rng)
+  fam = cfg.families[int(rng.integers(len(cfg.families)))]
+  text = SEED_PROMPTS[fam][int(rng.integers(len(SEED_PROMPTS[fam])))]
+  if fam == "structuring":
+    text = text.format(fmt=STRUCT_FORMATS[int(rng.integers(len(STRUCT_FORMATS)))])
+  return (start, end), fam, text, int(rng.integers(2**31))
+
+
+def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], tokenizer, sampler,
+                   cfg: SynthConfig, on_tokens: Callable[[int], None] | None = None) -> list[Conversation]:
+  total = len(docs) * cfg.conversations_per_doc
+  gs = range(shard * cfg.shard_size, min(total, (shard + 1) * cfg.shard_size))
+  convs: list[Conversation] = []
+  for b0 in range(0, len(gs), cfg.batch_size):
+    batch = list(gs[b0:b0 + cfg.batch_size])
+    plans, chunks = [], []
+    for g in batch:
+      d = g // cfg.conversations_per_doc
+      ids = docs.ids(d)
+      (s, e), fam, seed_text, sseed = _plan(cfg, g, len(ids))
+      plans.append((d, (s, e), fam, seed_text, sseed))
+      chunks.append(tokenizer.decode(ids[s:e]))
+    a_prompts = [tokenizer.apply_chat_template(
+        [{"role": "system", "content": BOT_A_SYSTEM.format(chunk=c)}, {"role": "user", "content": p[3]}],
+        add_generation_prompt=True) for c, p in zip(chunks, plans)]
+    seed = plans[0][4]
+    ra = sampler.generate(a_prompts, max_new_tokens=cfg.max_user_tokens, temperature=cfg.temperature_a,
+                          stop_ids=tokenizer.eos_ids, seed=seed)
+    user_msgs = []
+    for gen in ra:
+      toks = [t for t in gen.tokens.tolist() if t not in tokenizer.eos_ids]
+      msg = tokenizer.decode(toks).strip()
+      user_msgs.append(msg or "Tell me about this part of the document.")
+    b_prompts = [tokenizer.apply_chat_template(
+        [{"role": "system", "content": BOT_B_SYSTEM.format(chunk=c)}, {"role": "user", "content": u}],
+        add_generation_prompt=True) for c, u in zip(chunks, user_msgs)]
+    rb = sampler.generate(b_prompts, max_new_tokens=cfg.max_answer_tokens, temperature=cfg.temperature_b,
+                          stop_ids=tokenizer.eos_ids, top_k_logprobs=cfg.top_k, seed=seed + 1)
+    for p, u, gen in zip(plans, user_msgs, rb):
+      student_prompt = tokenizer.apply_chat_template([{"role": "user", "content": u}], add_generation_prompt=True)
+      convs.append(Conversation(doc_ids[p[0]], np.asarray(student_prompt, np.int32), gen.tokens.astype(np.int32),
+                                gen.top_ids.astype(np.int32), gen.top_logprobs.astype(np.float32), p[2], p[1]))
+    if on_tokens:
+      on_tokens(sum(len(g.tokens) for g in ra) + sum(len(g.tokens) for g in rb))
+  return convs
+
+
+def synthesize(out_dir: str, *, documents: Sequence, tokenizer, sampler, cfg: SynthConfig,
+               model_fingerprint: str, model_source: str, stop_after_shards: int | None = None) -> dict:
+  """Generate (or finish) a self-study dataset in `out_dir`. Returns the manifest."""
+  if not documents:
+    raise SynthDataError("no documents to synthesise from")
+  seen = set()
+  for d in documents:
+    if d.doc_id in seen:
+      raise SynthDataError(f"duplicate document id {d.doc_id!r}")
+    seen.add(d.doc_id)
+  os.makedirs(out_dir, exist_ok=True)
+  doc_ids = [d.doc_id for d in documents]
+  header = {"format_version": FORMAT_VERSION, "model_fingerprint": model_fingerprint,
+            "model_source": model_source, "config": cfg.manifest_fields(), "doc_ids": doc_ids,
+            "top_k": cfg.top_k, "eos_ids": list(tokenizer.eos_ids)}
+  if os.path.exists(os.path.join(out_dir, MANIFEST)):
+    old = read_manifest(out_dir)
+    for k in ("model_fingerprint", "config", "doc_ids"):
+      if old.get(k) != header[k]:
+        raise SynthDataError(f"{out_dir}: existing dataset has a different {k} "
+                             f"({old.get(k)!r:.200} vs {header[k]!r:.200}); use another directory")
+  total = len(documents) * cfg.conversations_per_doc
+  num_shards = -(-total // cfg.shard_size)
+  counts = [min(cfg.shard_size, total - i * cfg.shard_size) for i in range(num_shards)]
+  done = {i for i in range(num_shards) if os.path.exists(os.path.join(out_dir, shard_name(i)))}
+
+  def write_manifest():
+    atomic_write_json(os.path.join(out_dir, MANIFEST), {
+        **header, "shards": [{"name": shard_name(i), "count": counts[i]} for i in sorted(done)],
+        "num_shards": num_shards, "complete": len(done) == num_shards})
+
+  write_manifest()
+  if done:
+    logging.info("resuming self-study: %d of %d shards already written", len(done), num_shards)
+  docs = DocTokens(documents, tokenizer)
+  t0, ntok = time.time(), [0]
+  written = 0
+  with tqdm(total=total, initial=sum(counts[i] for i in done), desc="self-study", unit="conv",
+            dynamic_ncols=True) as bar:
+    def on_tokens(n):
+      ntok[0] += n
+      bar.set_postfix(tok_s=f"{ntok[0] / max(1e-9, time.time() - t0):.0f}")
+    for i in range(num_shards):
+      if i in done:
+        continue
+      convs = generate_shard(i, docs=docs, doc_ids=doc_ids, tokenizer=tokenizer, sampler=sampler,
+                             cfg=cfg, on_tokens=on_tokens)
+      write_shard(out_dir, i, convs)
+      done.add(i)
+      write_manifest()
+      bar.update(len(convs))
+      written += 1
+      if stop_after_shards is not None and written >= stop_after_shards:
+        break
+  return read_manifest(out_dir)

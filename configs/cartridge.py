@@ -1,0 +1,102 @@
+"""Cartridges on one document of the built-in collection: self-study -> distillation -> eval.
+
+The README's first command runs the `quickstart` preset on CPU with the default model
+(SmolLM2-135M-Instruct, fetched by `python -m launch.fetch_model`):
+
+  python -m launch.pipeline --config=configs/cartridge.py:quickstart --workdir=runs/quickstart
+
+Stages one at a time (each resumes if killed; same --workdir):
+
+  python -m launch.synthesize --config=configs/cartridge.py:quickstart --workdir=runs/quickstart
+  python -m launch.train      --config=configs/cartridge.py:quickstart --workdir=runs/quickstart
+  python -m launch.evaluate   --config=configs/cartridge.py:quickstart --workdir=runs/quickstart
+
+Paper scale on one GPU (p in {128, 512, 2048}; thousands of conversations):
+
+  python -m launch.pipeline --config=configs/cartridge.py:paper --config.cartridge.num_tokens=512 \
+      --workdir=runs/paper_p512
+
+Presets (`arg`): quickstart (default), paper, tiny (seconds; for smoke tests).
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = arg or "quickstart"
+  c = ml_collections.ConfigDict()
+  c.model_path = ml_collections.FieldReference(None, field_type=str)  # None = default cached model
+  c.dtype = "float32"  # float32 | bfloat16 (compute and frozen weights; cartridges are fp32 masters)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ml_collections.FieldReference(None, field_type=str)  # a saved collection dir; None = built-in
+  c.data.kind = "patients"
+  c.data.num_docs = 1
+  c.data.seed = 0
+  c.data.doc_index = 0
+  c.data.words_per_doc = ml_collections.FieldReference(None, field_type=int)
+
+  c.synth = ml_collections.ConfigDict()
+  c.synth.conversations = 96  # per document
+  c.synth.shard_size = 32
+  c.synth.batch_size = 32
+  c.synth.min_chunk = 128
+  c.synth.max_chunk = 384
+  c.synth.max_user_tokens = 64
+  c.synth.max_answer_tokens = 128
+  c.synth.temperature_a = 0.7
+  c.synth.temperature_b = 0.0
+  c.synth.top_k = 20
+  c.synth.seed = 0
+
+  c.cartridge = ml_collections.ConfigDict()
+  c.cartridge.num_tokens = 128  # p, sink included
+  c.cartridge.num_frozen = 1
+  c.cartridge.init = "first_tokens"  # first_tokens | random_chunk | random_vectors
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 96
+  c.train.batch_size = 4
+  c.train.seq_len = 256
+  c.train.lr = 2e-2  # the reference's learning rate
+  c.train.warmup_steps = 4
+  c.train.clip_norm = 1.0
+  c.train.loss = "distill"  # distill | next_token (ablation)
+  c.train.seed = 0
+  c.train.log_every = 8
+  c.train.ckpt_every = 16
+  c.train.keep_checkpoints = 2
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.methods = ("no_context", "icl", "cartridge")
+  c.eval.max_questions = 0  # 0 = all questions of the document
+  c.eval.max_new_tokens = 24
+
+  if arg == "quickstart":
+    pass
+  elif arg == "paper":
+    c.dtype = "bfloat16"
+    c.data.words_per_doc = 6000
+    c.synth.conversations = 4096
+    c.synth.shard_size = 256
+    c.synth.batch_size = 256
+    c.synth.min_chunk, c.synth.max_chunk = 512, 2048
+    c.synth.max_user_tokens, c.synth.max_answer_tokens = 128, 512
+    c.cartridge.num_tokens = 512
+    c.train.steps = 2000
+    c.train.batch_size = 8
+    c.train.seq_len = 2048
+    c.train.log_every = 50
+    c.train.ckpt_every = 250
+  elif arg == "tiny":
+    c.synth.conversations = 4
+    c.synth.shard_size = 2
+    c.synth.batch_size = 2
+    c.synth.max_user_tokens, c.synth.max_answer_tokens = 8, 16
+    c.cartridge.num_tokens = 16
+    c.train.steps = 4
+    c.train.batch_size = 1
+    c.train.ckpt_every = 2
+    c.eval.max_questions = 3
+  else:
+    raise ValueError(f"configs/cartridge.py: unknown preset {arg!r} (known: quickstart, paper, tiny)")
+  return c

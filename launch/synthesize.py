@@ -1,0 +1,17 @@
+"""Self-study: writes <workdir>/synth (sharded, resumable).
+
+  python -m launch.synthesize --config=configs/cartridge.py:quickstart --workdir=runs/quickstart
+"""
+from absl import app
+
+from launch.common import CONFIG, WORKDIR
+
+
+def main(argv):
+  del argv
+  from cas.pipeline import Stages, run_cartridge_pipeline  # noqa: F401  (import after flag parsing)
+  Stages(CONFIG.value, WORKDIR.value).synth()
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,76 @@
+"""The Cartridge: trainable-variable split, inits, Orbax save/load and its errors."""
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cas.cartridge.cartridge import CartridgeError, CartridgeKV, CartridgeSpec, init_cartridge
+from cas.cartridge.io import load_cartridge, save_cartridge
+from cas.testing import TINY, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+  return tiny_model()
+
+
+DOC = list(np.random.default_rng(0).integers(2, 128, 40))
+
+
+def test_first_tokens_init_is_the_documents_kv(model):
+  cart = init_cartridge(model, DOC, 12)
+  k, v = model.layer_kv(jnp.asarray([DOC[:12]]), jnp.arange(12)[None])
+  fk, fv = cart.full_kv()
+  np.testing.assert_allclose(fk, k[:, 0], atol=1e-6)
+  np.testing.assert_allclose(fv, v[:, 0], atol=1e-6)
+  assert cart.spec == CartridgeSpec(TINY.num_layers, 12, TINY.num_kv_heads, TINY.head_dim, 1)
+  assert cart.spec.nbytes(2) == 2 * TINY.num_layers * 12 * TINY.num_kv_heads * TINY.head_dim * 2
+
+
+def test_only_cartridge_tokens_are_trainable(model):
+  cart = init_cartridge(model, DOC, 12, num_frozen=2)
+  trainable = nnx.state(cart, CartridgeKV)
+  leaves = {"/".join(map(str, p)): np.shape(v) for p, v in nnx.to_flat_state(trainable)}
+  assert leaves == {"k": (2, 10, 2, 16), "v": (2, 10, 2, 16)}
+  prefix = cart.prefix(batch=3)
+  assert prefix.k.shape == (2, 3, 12, 2, 16) and prefix.mask.shape == (3, 12)
+
+
+def test_other_inits_and_bad_input(model):
+  a = init_cartridge(model, DOC, 12, strategy="random_chunk", seed=1)
+  b = init_cartridge(model, DOC, 12, strategy="random_vectors", seed=1)
+  f = init_cartridge(model, DOC, 12)
+  np.testing.assert_array_equal(a.frozen_k[...], f.frozen_k[...])  # same sink
+  assert not np.allclose(a.k[...], f.k[...]) and not np.allclose(b.k[...], f.k[...])
+  with pytest.raises(CartridgeError, match="needs p-num_frozen=49"):
+    init_cartridge(model, DOC, 50)
+  with pytest.raises(CartridgeError, match="empty document"):
+    init_cartridge(model, [], 8)
+  with pytest.raises(CartridgeError, match="unknown cartridge init"):
+    init_cartridge(model, DOC, 8, strategy="zeros")
+  short = init_cartridge(model, DOC[:5], 12, strategy="random_vectors")  # allowed: no text needed
+  assert short.spec.num_tokens == 12
+
+
+def test_save_load_roundtrip_and_errors(model, tmp_path):
+  cart = init_cartridge(model, DOC, 12)
+  path = save_cartridge(str(tmp_path / "c"), cart, model_fingerprint="fp1", info={"doc_id": "d0"})
+  back, meta = load_cartridge(path, model_fingerprint="fp1", expect_spec=cart.spec)
+  for name in ("frozen_k", "frozen_v", "k", "v"):
+    assert np.asarray(getattr(back, name)[...]).tobytes() == np.asarray(getattr(cart, name)[...]).tobytes()
+  assert meta["doc_id"] == "d0"
+  # overwrite is atomic: the old one is replaced, no temp dirs remain
+  save_cartridge(path, init_cartridge(model, DOC, 12, strategy="random_chunk"), model_fingerprint="fp1")
+  assert sorted(os.listdir(tmp_path)) == ["c"]
+  with pytest.raises(CartridgeError, match="fingerprint"):
+    load_cartridge(path, model_fingerprint="other")
+  with pytest.raises(CartridgeError, match="spec"):
+    load_cartridge(path, expect_spec=CartridgeSpec(2, 16, 2, 16, 1))
+  with pytest.raises(CartridgeError, match="not a saved cartridge"):
+    load_cartridge(str(tmp_path))
+  import shutil
+  shutil.rmtree(os.path.join(path, "arrays"))
+  with pytest.raises(CartridgeError, match="cannot read cartridge arrays"):
+    load_cartridge(path)

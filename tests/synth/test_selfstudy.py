@@ -1,0 +1,84 @@
+"""Self-study on a tiny random model with the real SmolLM2 tokenizer: records, teacher top-k,
+sharded resume, refusal of a mismatched existing dataset."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cas.data.types import Document
+from cas.model.llama import build_model
+from cas.model.sampler import Sampler
+from cas.synth.format import SynthDataError, SynthDataset, read_shard
+from cas.synth.selfstudy import BOT_B_SYSTEM, SynthConfig, synthesize
+from cas.testing import TINY_SMOL_VOCAB, real_tokenizer
+
+TEXT = ("Patient Ana Ruiz, born March 3, 1961, was admitted on May 2, 2023 with pneumonia. "
+        "Her attending physician was Dr. Omar Haddad. She takes metformin 500 mg twice daily. ") * 6
+CFG = SynthConfig(conversations_per_doc=4, shard_size=2, batch_size=2, min_chunk=24, max_chunk=48,
+                  max_user_tokens=6, max_answer_tokens=8, top_k=5, seed=3)
+
+
+@pytest.fixture(scope="module")
+def env():
+  tok = real_tokenizer()
+  model = build_model(TINY_SMOL_VOCAB, seed=0)
+  return tok, model, Sampler(model, pad_id=tok.pad_id)
+
+
+def _run(env, d, **kw):
+  tok, model, sampler = env
+  return synthesize(d, documents=[Document("d0", "t", TEXT)], tokenizer=tok, sampler=sampler, cfg=kw.pop("cfg", CFG),
+                    model_fingerprint="tiny", model_source="tiny", **kw)
+
+
+def test_records_hold_the_teachers_distribution(env, tmp_path):
+  tok, model, _ = env
+  m = _run(env, str(tmp_path))
+  assert m["complete"] and len(m["shards"]) == 2
+  convs = SynthDataset(str(tmp_path)).load_all()
+  assert len(convs) == 4 and {c.seed_family for c in convs} <= set(CFG.families)
+  c = convs[0]
+  assert c.topk_ids.shape == (len(c.answer_ids), 5)
+  user = tok.decode(list(c.prompt_ids), skip_special_tokens=False)
+  assert "<document>" not in user  # the student never sees the chunk
+  # recompute the teacher: bot B's prompt (chunk in the system prompt) + the answer
+  doc_ids = tok.encode(TEXT)
+  chunk = tok.decode(doc_ids[c.chunk[0]:c.chunk[1]])
+  msg = user.rsplit("<|im_start|>user\n", 1)[1].split("<|im_end|>")[0] if "<|im_start|>user\n" in user else None
+  assert msg is not None
+  b_prompt = tok.apply_chat_template([{"role": "system", "content": BOT_B_SYSTEM.format(chunk=chunk)},
+                                      {"role": "user", "content": msg.strip()}], add_generation_prompt=True)
+  seq = np.asarray(b_prompt + list(c.answer_ids), np.int32)
+  logits, _ = model(jnp.asarray(seq[None]), jnp.arange(len(seq))[None])
+  lp = jax.nn.log_softmax(logits[0, len(b_prompt) - 1:len(seq) - 1], axis=-1)
+  np.testing.assert_allclose(np.take_along_axis(np.asarray(lp), c.topk_ids, -1), c.topk_logprobs, atol=2e-4)
+  assert (np.argmax(np.asarray(lp), -1) == c.answer_ids).all()  # bot B decodes greedily
+
+
+def test_resume_generates_only_missing_shards(env, tmp_path):
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  _run(env, a)
+  m = _run(env, b, stop_after_shards=1)
+  assert not m["complete"] and len(m["shards"]) == 1
+  with pytest.raises(SynthDataError, match="incomplete"):
+    SynthDataset(b)
+  mtime = os.path.getmtime(os.path.join(b, "shard-00000.array_record"))
+  m = _run(env, b)
+  assert m["complete"]
+  assert os.path.getmtime(os.path.join(b, "shard-00000.array_record")) == mtime  # not regenerated
+  for name in ("shard-00000.array_record", "shard-00001.array_record"):
+    ra, rb = read_shard(os.path.join(a, name)), read_shard(os.path.join(b, name))
+    assert [x.to_bytes() for x in ra] == [x.to_bytes() for x in rb]
+  assert not [f for f in os.listdir(b) if f.startswith(".tmp")]
+
+
+def test_refuses_a_dataset_made_with_other_settings(env, tmp_path):
+  _run(env, str(tmp_path), stop_after_shards=1)
+  with pytest.raises(SynthDataError, match="different config"):
+    _run(env, str(tmp_path), cfg=SynthConfig(**{**CFG.__dict__, "top_k": 7}))
+  with pytest.raises(SynthDataError, match="duplicate document id"):
+    tok, model, sampler = env
+    synthesize(str(tmp_path / "x"), documents=[Document("d", "t", TEXT), Document("d", "t", TEXT)],
+               tokenizer=tok, sampler=sampler, cfg=CFG, model_fingerprint="tiny", model_source="tiny")
