@@ -1,0 +1,60 @@
+"""Evaluation engine: the prefix path equals putting the context in the prompt; answer checking."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cas.data.types import Document, Question
+from cas.eval.methods import Evaluator, is_correct_short, markdown_table, normalize, run_method
+from cas.eval.scoring import score_continuations
+from cas.model.llama import build_model
+from cas.model.sampler import Sampler
+from cas.testing import TINY_SMOL_VOCAB, real_tokenizer
+
+DOC = Document("d0", "Record", "Patient Ana Ruiz was born on March 3, 1961. Her physician is Dr. Omar Haddad.")
+MC = Question("q1", "d0", "mc", "Who is Ana Ruiz's physician?", ["Dr. Omar Haddad", "Dr. Lee Chan", "Dr. Eva Berg"], answer_index=0)
+SHORT = Question("q2", "d0", "short", "When was Ana Ruiz born?", answer="March 3, 1961", aliases=["1961-03-03"])
+
+
+@pytest.fixture(scope="module")
+def ev():
+  tok = real_tokenizer()
+  model = build_model(TINY_SMOL_VOCAB, seed=1)
+  return Evaluator(model, tok, Sampler(model, pad_id=tok.pad_id), max_new_tokens=4)
+
+
+def test_icl_prefix_scores_equal_full_prompt_scores(ev):
+  """ICL puts the document's system message in a prefix KV; scoring options after that prefix must
+  equal scoring them with the whole chat (system + question) as plain prompt tokens."""
+  ctx = ev.icl([DOC])
+  prompt = ev._prompt_ids(ctx, MC)
+  full = ev.tok.apply_chat_template([{"role": "system", "content": ctx.system},
+                                     {"role": "user", "content": "x"}], add_generation_prompt=True)
+  conts = [ev.tok.encode(o) for o in MC.options]
+  s_prefix, n1 = score_continuations(ev.model, ctx.prefix_kv, prompt, conts)
+  sys_ids = full[:ctx.prefix_tokens]
+  s_plain, n2 = score_continuations(ev.model, None, sys_ids + prompt, conts)
+  np.testing.assert_allclose(s_prefix, s_plain, atol=2e-4)
+  np.testing.assert_array_equal(n1, n2)
+  assert ctx.prefix_tokens > 20 and ctx.cartridge_tokens == 0
+
+
+def test_methods_report_tokens_bytes_and_table(ev):
+  rows = []
+  for name, ctx in [("no_context", ev.no_context()), ("icl", ev.icl([DOC]))]:
+    rows.append(run_method(name, [MC, SHORT], lambda q, c=ctx: c, ev, progress=False))
+  assert rows[1]["prompt_tokens"] > rows[0]["prompt_tokens"]  # the document is in the prompt
+  assert rows[1]["kv_bytes"] > rows[0]["kv_bytes"]
+  assert all(r["num_questions"] == 2 and 0 <= r["accuracy"] <= 1 for r in rows)
+  k = jnp.zeros((TINY_SMOL_VOCAB.num_layers, 8, 2, 16))
+  cart = run_method("cartridge", [MC], lambda q: ev.cartridge(k, k), ev, progress=False)
+  per_tok = TINY_SMOL_VOCAB.kv_bytes_per_token(2)
+  assert cart["kv_bytes"] == (cart["prompt_tokens"] + 8) * per_tok
+  table = markdown_table(rows + [cart])
+  assert table.count("\n") == 5 and "| icl |" in table
+
+
+def test_short_answer_matching():
+  assert is_correct_short("She was born on 3 March... no: March 3, 1961.", ["March 3, 1961"])
+  assert is_correct_short("DOB 1961-03-03", ["March 3, 1961", "1961-03-03"])
+  assert not is_correct_short("March 3, 1962", ["March 3, 1961"])
+  assert normalize("HbA1c 7.9%.") == "hba1c 7.9%"
