@@ -107,13 +107,15 @@ class Sampler:
     prompt_buckets / batch_buckets / new_token_buckets: padded sizes that bound the number of
       compiled programs. Batches larger than the largest batch bucket are split into chunks.
     cache_dtype: KV-cache dtype; None = the model's compute dtype.
+    prefix_multiple: prefix lengths are padded (masked slots) up to a multiple of this, so
+      prefixes of varying length share programs.
   """
 
   def __init__(self, model: Transformer, *, pad_id: int,
                prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
                new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS,
-               cache_dtype: Any = None):
+               cache_dtype: Any = None, prefix_multiple: int = 64):
     for name, b in (("prompt_buckets", prompt_buckets), ("batch_buckets", batch_buckets),
                     ("new_token_buckets", new_token_buckets)):
       if not b or list(b) != sorted(b) or b[0] < 1:
@@ -127,6 +129,9 @@ class Sampler:
     self.batch_buckets = tuple(int(b) for b in batch_buckets)
     self.new_token_buckets = tuple(int(b) for b in new_token_buckets)
     self.cache_dtype = cache_dtype if cache_dtype is not None else model.dtype
+    if prefix_multiple < 1:
+      raise ValueError(f"Sampler: prefix_multiple must be >= 1, got {prefix_multiple}")
+    self.prefix_multiple = int(prefix_multiple)
     self._graphdef, self._state = nnx.split(model)
     self._model = model
     self._programs: dict[tuple, Any] = {}
@@ -243,11 +248,15 @@ class Sampler:
     pk = pv = pm = None
     if prefix is not None:
       pk, pv, pm = prefix.k, prefix.v, jnp.asarray(prefix.mask, bool)
-      bp = pk.shape[1]
-      if bp != 1 and bp != b:  # pad the batch axis to the bucket (padded rows see no prefix)
-        pk = jnp.pad(pk, ((0, 0), (0, b - bp), (0, 0), (0, 0), (0, 0)))
-        pv = jnp.pad(pv, ((0, 0), (0, b - bp), (0, 0), (0, 0), (0, 0)))
-        pm = jnp.pad(pm, ((0, b - bp), (0, 0)))
+      bp, p = pk.shape[1], pk.shape[2]
+      # Pad the batch axis to the bucket (padded rows see no prefix) and the prefix length to
+      # a multiple of prefix_multiple (padded slots are masked out).
+      pad_b = 0 if bp == 1 else b - bp
+      pad_p = -(-p // self.prefix_multiple) * self.prefix_multiple - p
+      if pad_b or pad_p:
+        widths = ((0, 0), (0, pad_b), (0, pad_p), (0, 0), (0, 0))
+        pk, pv = jnp.pad(pk, widths), jnp.pad(pv, widths)
+        pm = jnp.pad(pm, ((0, pad_b), (0, pad_p)))
       prefix_sig = (pk.shape[1] == 1, pk.shape[2], str(pk.dtype))
 
     greedy = temperature == 0.0
@@ -258,7 +267,7 @@ class Sampler:
       program = self._programs[key] = self._build_program(b, tp, tn, top_k, greedy, use_top_p)
     res = program(self._state, tokens, lengths_b, offsets_b, live, pk, pv, pm, stop_arr,
                    np.int32(max_new_tokens), np.float32(max(temperature, 1e-6)),
-                   np.float32(top_p), np.int32(seed), np.int32(row_start))
+                   np.float32(top_p), np.uint32(seed % 2**32), np.int32(row_start))
     toks, tok_lp, top_ids, top_lp, n_gen, stopped = jax.device_get(res)
     out = []
     for i in range(n):
