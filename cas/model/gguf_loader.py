@@ -205,7 +205,7 @@ def gguf_config(reader: GGUFReader, path: str) -> dict:
       "num_key_value_heads": int(kv_heads),
       "head_dim": head_dim,
       "rope_theta": theta,
-      "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+      "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
       "tie_word_embeddings": "output.weight" not in tensors,
       "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 8192)),
       "attention_bias": "blk.0.attn_q.bias" in tensors,

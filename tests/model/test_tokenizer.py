@@ -1,0 +1,93 @@
+"""Tokenizer: built from HF directories and GGUF metadata; ids, special ids, chat template."""
+import json
+import os
+
+import pytest
+from gguf import GGMLQuantizationType as QType
+from tokenizers import AddedToken
+from transformers import PreTrainedTokenizerFast
+
+from cas.model.errors import ModelLoadError
+from cas.model.tokenizer import Tokenizer
+from tests.model import _tiny
+
+MESSAGES = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 12 + 30?"}]
+
+
+@pytest.fixture(scope="module")
+def hf_tok():
+  return _tiny.tiny_tokenizer()
+
+
+def test_hf_dir(tmp_path, hf_tok):
+  hf_tok.save_pretrained(tmp_path)
+  json.dump({"eos_token_id": [2, 0], "bos_token_id": 1}, open(tmp_path / "generation_config.json", "w"))
+  tok = Tokenizer.from_path(str(tmp_path))
+  im_end, eot = hf_tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+  assert tok.eos_ids == (im_end, eot)
+  assert tok.bos_id == hf_tok.convert_tokens_to_ids("<|im_start|>")
+  assert tok.pad_id == im_end and tok.vocab_size == len(hf_tok) == 300
+  for text in _tiny.TEXTS:
+    ids = tok.encode(text)
+    assert ids == hf_tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids, skip_special_tokens=False) == text
+  ids = tok.apply_chat_template(MESSAGES)
+  text = hf_tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+  assert text.endswith("<|im_start|>assistant\n")
+  assert ids == hf_tok.encode(text, add_special_tokens=False)
+  assert ids.count(tok.bos_id) == 3 and ids.count(im_end) == 2
+  assert tok.decode(ids) == tok.decode(ids, skip_special_tokens=False).replace(
+      "<|im_start|>", "").replace("<|im_end|>", "")
+  no_prompt = tok.apply_chat_template(MESSAGES, add_generation_prompt=False)
+  assert ids[:len(no_prompt)] == no_prompt and len(no_prompt) < len(ids)
+
+
+def test_gguf_vocab_matches_hf_tokenizer(tmp_path, hf_tok):
+  """A GGUF written from the tiny tokenizer (vocab padded to the model's 320 rows, like
+  llama.cpp's converter) tokenizes like the original tokenizer."""
+  path = _tiny.write_gguf(str(tmp_path / "m.gguf"), _tiny.tiny_model("llama"), QType.F32, hf_tok)
+  tok = Tokenizer.from_path(path)
+  assert tok.vocab_size == 320
+  vocab = hf_tok.get_vocab()
+  assert all(tok.hf.convert_tokens_to_ids(t) == i for t, i in vocab.items())
+  assert tok.hf.convert_ids_to_tokens(310) == "[PAD310]"
+  for text in _tiny.TEXTS + ["  leading spaces 1 2  3", "tabs\t\t9\n\n\n"]:
+    assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False), text
+  assert tok.encode("a  1") == hf_tok.encode("a  1", add_special_tokens=False)
+  assert tok.bos_id == hf_tok.bos_token_id and tok.pad_id == hf_tok.pad_token_id
+  assert tok.eos_ids == (hf_tok.eos_token_id,)
+  assert tok.apply_chat_template(MESSAGES) == hf_tok.encode(
+      hf_tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True),
+      add_special_tokens=False)
+
+
+def test_turn_end_token_and_pad_fallback(tmp_path, hf_tok):
+  """eos_ids gets the chat template's end-of-turn special token; pad falls back to EOS."""
+  raw = hf_tok.backend_tokenizer
+  raw.add_special_tokens([AddedToken("<|eot|>", special=True, normalized=False)])
+  template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|eot|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+  hf = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", chat_template=template)
+  tok = Tokenizer(hf, source="test")
+  eot = hf.convert_tokens_to_ids("<|eot|>")
+  assert tok.eos_ids == (hf.convert_tokens_to_ids("<|endoftext|>"), eot)
+  assert tok.pad_id == tok.eos_ids[0] and tok.bos_id is None
+
+
+def test_no_chat_template_is_a_clear_error(tmp_path, hf_tok):
+  hf = PreTrainedTokenizerFast(tokenizer_object=hf_tok.backend_tokenizer, eos_token="<|im_end|>")
+  hf.save_pretrained(tmp_path)
+  tok = Tokenizer.from_path(str(tmp_path))
+  assert tok.eos_ids == (hf.eos_token_id,)
+  with pytest.raises(ModelLoadError, match="no chat template") as e:
+    tok.apply_chat_template(MESSAGES)
+  assert str(tmp_path) in str(e.value)
+
+
+def test_bad_paths(tmp_path):
+  with pytest.raises(ModelLoadError, match="neither a .gguf file nor a model directory"):
+    Tokenizer.from_path(str(tmp_path / "x.bin"))
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(ModelLoadError, match="cannot build a tokenizer"):
+    Tokenizer.from_path(str(tmp_path / "empty"))
