@@ -24,9 +24,10 @@ setup(
         "tqdm",
         "tensorboardX",
         "array-record",
+        "importlib_resources",  # tfds 4.9 imports it on Python 3.11 without declaring it
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0", "hypothesis"],
+        "test": ["pytest", "torch==2.13.0", "hypothesis", "accelerate"],
         "gpu": ["jax[cuda12]"],
     },
 )

@@ -50,9 +50,11 @@ class Stages:
     self.config, self.workdir = config, workdir
     self.timings: dict[str, float] = {}
     t = time.time()
-    self.lm = load_model(config.model_path, param_dtype=DTYPES[config.dtype], dtype=DTYPES[config.dtype])
+    self.lm = load_model(config.model_path, param_dtype=DTYPES[config.dtype], dtype=DTYPES[config.dtype],
+                         remat=config.get("remat", "none"))
     self.tok, self.model = self.lm.tokenizer, self.lm.model
-    self.sampler = Sampler(self.model, pad_id=self.tok.pad_id)
+    self.sampler = Sampler(self.model, pad_id=self.tok.pad_id,
+                           prompt_buckets=(64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 6144, 8192))
     coll = _collection(config, workdir)
     if not 0 <= config.data.doc_index < len(coll.documents):
       raise ValueError(f"data.doc_index={config.data.doc_index} but the collection has {len(coll.documents)} documents")

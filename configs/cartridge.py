@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model_path = ml_collections.FieldReference(None, field_type=str)  # None = default cached model
   c.dtype = "float32"  # float32 | bfloat16 (compute and frozen weights; cartridges are fp32 masters)
+  c.remat = "none"  # none | full | dots: recompute layer activations in the backward pass
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ml_collections.FieldReference(None, field_type=str)  # a saved collection dir; None = built-in
@@ -75,10 +76,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     pass
   elif arg == "paper":
     c.dtype = "bfloat16"
-    c.data.words_per_doc = 6000
-    c.synth.conversations = 4096
+    c.remat = "full"
+    c.data.words_per_doc = 4000  # ~5.5k tokens: ICL still fits SmolLM2's 8k context
+    c.synth.conversations = 2048
     c.synth.shard_size = 256
-    c.synth.batch_size = 256
+    c.synth.batch_size = 64  # attention scores are materialised (no flash kernel yet): bounds memory
     c.synth.min_chunk, c.synth.max_chunk = 512, 2048
     c.synth.max_user_tokens, c.synth.max_answer_tokens = 128, 512
     c.cartridge.num_tokens = 512

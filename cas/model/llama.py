@@ -223,8 +223,11 @@ class Transformer(nnx.Module):
     else:
       mask = self_mask
 
-    def layer(x, xs):
-      w, ck, cv, pk, pv = xs
+    def layer(carry, xs):
+      # The cache rides in the carry and is updated in place per layer (passing it through the
+      # scan as xs/ys copied the whole cache every decode step).
+      x, ck_all, cv_all, li = carry
+      w, pk, pv = xs
       h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
       q = jnp.einsum("bte,ehd->bthd", h, w["wq"].astype(dt))
       k = jnp.einsum("bte,ehd->bthd", h, w["wk"].astype(dt))
@@ -238,10 +241,11 @@ class Transformer(nnx.Module):
         k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
       q = apply_rope(q, positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
-      if ck is not None:
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache.index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache.index, 0, 0))
-        keys, vals = ck.astype(dt), cv.astype(dt)
+      if ck_all is not None:
+        ck_all = jax.lax.dynamic_update_slice(ck_all, k.astype(ck_all.dtype)[None], (li, 0, cache.index, 0, 0))
+        cv_all = jax.lax.dynamic_update_slice(cv_all, v.astype(cv_all.dtype)[None], (li, 0, cache.index, 0, 0))
+        keys = jax.lax.dynamic_index_in_dim(ck_all, li, 0, keepdims=False).astype(dt)
+        vals = jax.lax.dynamic_index_in_dim(cv_all, li, 0, keepdims=False).astype(dt)
       else:
         keys, vals = k, v
       if pk is not None:
@@ -253,7 +257,7 @@ class Transformer(nnx.Module):
       gate = jnp.einsum("bte,em->btm", h, w["w_gate"].astype(dt))
       up = jnp.einsum("bte,em->btm", h, w["w_up"].astype(dt))
       x = x + jnp.einsum("btm,me->bte", jax.nn.silu(gate) * up, w["w_down"].astype(dt))
-      return x, (ck, cv)
+      return (x, ck_all, cv_all, li + 1), None
 
     if self.remat == "full":
       layer = jax.checkpoint(layer)
@@ -261,9 +265,9 @@ class Transformer(nnx.Module):
       layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
     xs = (self.layers.arrays(),
-          None if cache is None else cache.k, None if cache is None else cache.v,
           None if prefix is None else prefix.k, None if prefix is None else prefix.v)
-    x, (new_k, new_v) = jax.lax.scan(layer, x, xs)
+    carry = (x, None if cache is None else cache.k, None if cache is None else cache.v, jnp.int32(0))
+    (x, new_k, new_v, _), _ = jax.lax.scan(layer, carry, xs)
     h = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     new_cache = None
     if cache is not None:

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Device-machine set-up shared by GPU benchmarks: install carried wheels, put the default model
+# (carried in two halves, see BENCHMARKS.md) into $CAS_HOME. Source it: `. benchmarks/gpu_setup.sh`.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1 || echo "wheel install failed"
+export PYTHONPATH=/tmp/site:$PWD
+export CAS_HOME=/root/cache/cas
+export PYTHONUNBUFFERED=1
+mkdir -p $CAS_HOME/models
+M=$CAS_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ -f .model_a/part00 ] && [ ! -f /root/cache/part00 ]; then cp .model_a/part00 /root/cache/part00; fi
+if [ -f .model_b/part01 ] && [ -f /root/cache/part00 ] && [ ! -f $M ]; then
+  cat /root/cache/part00 .model_b/part01 > $M
+fi
+if [ -f $M ]; then echo "$(sha256sum $M | cut -c1-64)" | grep -q b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 && echo "model ok" || echo "model sha256 MISMATCH"; fi
