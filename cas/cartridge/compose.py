@@ -1,0 +1,52 @@
+"""Composing several cartridges into one prefix at inference (DESIGN §3, "Assembly"/"Positions").
+
+The shared sink (the first `num_frozen` tokens) appears once, then every cartridge's trained
+tokens in the given order. Two position modes:
+  shared      every cartridge keeps its stored keys (positions F..P-1); the question starts at P,
+              whatever the number of cartridges: loading order does not matter.
+  sequential  the j-th cartridge is moved to positions F + j*(P-F) ... by re-rotating its
+              (post-RoPE) keys by j*(P-F) positions (RoPE rotations compose); the question
+              starts at F + n*(P-F), as if the cartridges had been read one after another.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+
+from cas.cartridge.cartridge import Cartridge, CartridgeError
+from cas.model.llama import apply_rope
+
+POSITION_MODES = ("shared", "sequential")
+
+
+def rerotate(k, delta: int, inv_freq):
+  """Move post-RoPE keys [L, T, Hkv, D] by `delta` positions."""
+  if delta == 0:
+    return k
+  pos = jnp.full(k.shape[:2], delta, jnp.int32)  # [L, T]: L plays the batch axis
+  return apply_rope(k, pos, inv_freq)
+
+
+def compose(cartridges: Sequence[Cartridge], *, mode: str = "shared", inv_freq=None):
+  """Returns (k, v [L, F + n*(P-F), Hkv, D] f32, question position offset)."""
+  if mode not in POSITION_MODES:
+    raise CartridgeError(f"position mode {mode!r}; choose from {POSITION_MODES}")
+  if not cartridges:
+    raise CartridgeError("compose() needs at least one cartridge")
+  spec = cartridges[0].spec
+  for c in cartridges[1:]:
+    if c.spec != spec:
+      raise CartridgeError(f"cannot compose cartridges of different specs: {spec} vs {c.spec}")
+  if mode == "sequential" and inv_freq is None:
+    raise CartridgeError("sequential positions need the model's inv_freq to re-rotate keys")
+  f, n, body = spec.num_frozen, len(cartridges), spec.num_tokens - spec.num_frozen
+  ks, vs = [cartridges[0].frozen_k[...]], [cartridges[0].frozen_v[...]]
+  for j, c in enumerate(cartridges):
+    k = c.k[...]
+    if mode == "sequential":
+      k = rerotate(k, j * body, inv_freq)
+    ks.append(k)
+    vs.append(c.v[...])
+  offset = spec.num_tokens if mode == "shared" else f + n * body
+  return jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1), offset
