@@ -1,0 +1,382 @@
+"""The slot manager of Cartridges at Scale: which document sits in which of the B device slots,
+and the swaps between the device slot state and the on-disk `CartridgeStore` (DESIGN §3-4).
+
+Device slot state (a plain dict pytree, the layout the CAS train step takes)::
+
+  state = {"k", "v":                 [B, L, P-F, Hkv, D] f32   trainable cartridge tokens
+           "mu_k", "mu_v", "nu_k", "nu_v": [B, L, P-F, Hkv, D] f32   Adam moments
+           "count":                  [B] int32   train steps of the slot's cartridge}
+
+The slot axis is sharded over the mesh's ("data", "fsdp") axes (logical axes `SLOTS`); a
+rotation keeps every leaf's sharding. The frozen sink [L, F, Hkv, D] is shared and not here.
+
+A rotation (`rotate`) reads the evicted slots back from the device (one jitted gather, then a
+host copy), hands them to the store (on a background writer thread by default: "write-behind";
+until written they are served from memory, so a document evicted and re-admitted soon after
+sees its newest arrays) and scatters the incoming documents' arrays into the freed slots (one
+jitted `.at[slots].set` with the state donated). Incoming documents are loaded by `prefetch`
+on background threads while the device trains; `rotate` waits only for loads not yet done.
+
+Typical loop (see `rotate_with_policy`)::
+
+  store.register(doc_ids)
+  mgr = SlotManager(store, B, init_fn, mesh=mesh)
+  state = mgr.init_state()
+  state, _ = mgr.rotate_with_policy(state, policy)    # fills the empty slots, prefetches next
+  for step in range(1, steps + 1):
+    state = train_step(state, batch_for(mgr.resident()))
+    if policy.due(step):
+      state, plan = mgr.rotate_with_policy(state, policy)
+    if checkpoint_due(step):
+      mgr.flush(state, tag=step)       # store snapshot `step` pairs with checkpoint `step`
+      save_checkpoint(step, state, meta={"slots": mgr.table_to_json(), ...})
+  On resume: state from the checkpoint, mgr.load_table_json(meta["slots"]), store.rollback(step).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cas.rotation.policy import RotationPlan, RotationPolicy
+from cas.rotation.store import ARRAY_NAMES, CartridgeStore, StoreError
+from cas.sharding import SLOTS, named_sharding
+
+STATE_KEYS = ARRAY_NAMES + ("count",)
+MOMENT_NAMES = ("mu_k", "mu_v", "nu_k", "nu_v")
+
+InitFn = Callable[[str], Mapping[str, Any]]
+
+
+class SlotError(ValueError):
+  """A rotation that cannot be carried out (bad slots, resident documents, wrong state)."""
+
+
+def resident_bytes(state: Mapping[str, jax.Array], per_device: bool = False) -> int:
+  """Bytes of the device slot state: all leaves' global bytes, or (per_device) the bytes held
+  by the first device of the first leaf's sharding (its share when the slot axis is sharded)."""
+  leaves = jax.tree.leaves(state)
+  if not per_device:
+    return int(sum(x.nbytes for x in leaves))
+  dev = leaves[0].addressable_shards[0].device
+  return int(sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == dev))
+
+
+def slot_shardings(mesh: Mesh, num_slots: int, trainable_shape: Sequence[int]) -> dict[str, NamedSharding]:
+  """NamedShardings of the slot state on `mesh` from the logical axes `SLOTS` (slot axis on
+  ("data", "fsdp") where B divides; replicated otherwise)."""
+  shape = (num_slots, *trainable_shape)
+  arr = named_sharding(mesh, SLOTS, shape)
+  cnt = NamedSharding(mesh, PartitionSpec(arr.spec[0] if len(arr.spec) else None))
+  return {**{n: arr for n in ARRAY_NAMES}, "count": cnt}
+
+
+class SlotManager:
+  """Host-side slot table (slot -> doc_id or None) and the swaps with the store.
+
+  store: the CartridgeStore (its spec gives the slot shapes).
+  num_slots: B.
+  init_fn(doc_id) -> {"k", "v"} [L, P-F, Hkv, D] (moments optional, zeros when absent) for a
+    document never written to the store; it starts with count 0. Runs on a prefetch thread.
+  mesh / sharding: where `init_state` puts the state: `sharding` is the NamedSharding of the
+    [B, L, P-F, Hkv, D] arrays; with only `mesh` it comes from the logical axes SLOTS.
+    `rotate` keeps whatever sharding its input state has.
+  write_behind: write evicted slots on a background thread (True) or inside `rotate` (False).
+  """
+
+  def __init__(self, store: CartridgeStore, num_slots: int, init_fn: InitFn, mesh: Mesh | None = None,
+               sharding: NamedSharding | None = None, *, write_behind: bool = True,
+               prefetch_workers: int = 2):
+    if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+      raise SlotError(f"num_slots must be a positive int, got {num_slots!r}")
+    self.store = store
+    self.num_slots = num_slots
+    self.init_fn = init_fn
+    self.trainable_shape = tuple(store.spec.trainable_shape)  # (L, P-F, Hkv, D)
+    if sharding is not None:
+      cnt = NamedSharding(sharding.mesh, PartitionSpec(sharding.spec[0] if len(sharding.spec) else None))
+      self.shardings = {**{n: sharding for n in ARRAY_NAMES}, "count": cnt}
+    elif mesh is not None:
+      self.shardings = slot_shardings(mesh, num_slots, self.trainable_shape)
+    else:
+      self.shardings = None
+    self.table: list[str | None] = [None] * num_slots
+    self.write_behind = write_behind
+    self._loader = cf.ThreadPoolExecutor(max_workers=max(1, prefetch_workers),
+                                         thread_name_prefix="cas-prefetch")
+    self._writer = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cas-store-writer")
+    self._prefetched: dict[str, cf.Future] = {}
+    self._pending: dict[str, tuple[dict[str, np.ndarray], int, object]] = {}  # doc -> (arrays, count, token)
+    self._pending_lock = threading.Lock()
+    self._writes: list[cf.Future] = []
+    self._scatter_cache: dict = {}
+    self._gather_cache: dict = {}
+
+  # -- state
+
+  def abstract_state(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes/dtypes (and shardings) of the slot state, e.g. as an Orbax restore target."""
+    shape = (self.num_slots, *self.trainable_shape)
+    sh = self.shardings or {}
+    out = {n: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh.get(n)) for n in ARRAY_NAMES}
+    out["count"] = jax.ShapeDtypeStruct((self.num_slots,), jnp.int32, sharding=sh.get("count"))
+    return out
+
+  def init_state(self) -> dict[str, jax.Array]:
+    """All-zero slot state (every slot empty), created directly with its sharding.
+    k, v, moments [B, L, P-F, Hkv, D] f32; count [B] int32."""
+    abstract = self.abstract_state()
+
+    def zeros():
+      return {n: jnp.zeros(a.shape, a.dtype) for n, a in abstract.items()}
+
+    return jax.jit(zeros, out_shardings=self.shardings)()
+
+  # -- table
+
+  def resident(self) -> dict[str, int]:
+    """doc_id -> slot of every resident document."""
+    return {d: s for s, d in enumerate(self.table) if d is not None}
+
+  def table_to_json(self) -> dict:
+    """The slot table for a checkpoint's JSON metadata."""
+    return {"num_slots": self.num_slots, "slots": list(self.table)}
+
+  def load_table_json(self, obj: Mapping[str, Any]) -> None:
+    """Restore the slot table saved by `table_to_json` (drops any prefetched loads)."""
+    if not isinstance(obj, Mapping) or "slots" not in obj:
+      raise SlotError(f"slot table JSON must be {{'num_slots': B, 'slots': [...]}}, got {obj!r}")
+    slots = list(obj["slots"])
+    if obj.get("num_slots") != self.num_slots or len(slots) != self.num_slots:
+      raise SlotError(f"checkpointed slot table has {len(slots)} slots (num_slots="
+                      f"{obj.get('num_slots')}), this run has num_slots B={self.num_slots}")
+    docs = [d for d in slots if d is not None]
+    if len(set(docs)) != len(docs) or not all(isinstance(d, str) for d in docs):
+      raise SlotError(f"checkpointed slot table is invalid (duplicate or non-string doc ids): {slots}")
+    self.cancel_prefetch()
+    self.table = slots
+
+  # -- loading
+
+  def _complete(self, doc_id: str, arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    out = {}
+    for n in ARRAY_NAMES:
+      if n not in arrays:
+        if n in MOMENT_NAMES:
+          out[n] = np.zeros(self.trainable_shape, np.float32)
+          continue
+        raise SlotError(f"init_fn({doc_id!r}) returned no {n!r} (keys: {sorted(arrays)})")
+      a = np.asarray(jax.device_get(arrays[n]), np.float32)
+      if a.shape != self.trainable_shape:
+        raise SlotError(f"init_fn({doc_id!r}) returned {n} of shape {a.shape}, expected "
+                        f"{self.trainable_shape} [L, P-F, Hkv, D]")
+      out[n] = a
+    return out
+
+  def _load(self, doc_id: str) -> tuple[dict[str, np.ndarray], int]:
+    """Newest arrays of a non-resident document: pending write, store, or init_fn (count 0)."""
+    with self._pending_lock:
+      p = self._pending.get(doc_id)
+    if p is not None:
+      return {n: a.copy() for n, a in p[0].items()}, p[1]
+    if self.store.has(doc_id):
+      return self.store.get(doc_id)
+    return self._complete(doc_id, self.init_fn(doc_id)), 0
+
+  def prefetch(self, admit_docs: Sequence[str]) -> None:
+    """Start loading documents (non-resident) on background threads for a coming `rotate`."""
+    resident = self.resident()
+    for d in admit_docs:
+      if d in resident:
+        raise SlotError(f"prefetch: document {d!r} is already resident in slot {resident[d]}")
+      if d not in self._prefetched:
+        self._prefetched[d] = self._loader.submit(self._load, d)
+
+  def cancel_prefetch(self) -> None:
+    for f in self._prefetched.values():
+      f.cancel()
+    self._prefetched.clear()
+
+  # -- writing
+
+  def _raise_write_errors(self) -> None:
+    done = [f for f in self._writes if f.done()]
+    self._writes = [f for f in self._writes if not f.done()]
+    for f in done:
+      f.result()  # re-raises a failed background write
+
+  def _write(self, items: list[tuple[str, dict[str, np.ndarray], int]]) -> None:
+    if not items:
+      return
+    if not self.write_behind:
+      self.store.put_many(items)
+      return
+    token = object()
+    with self._pending_lock:
+      for d, arrays, count in items:
+        self._pending[d] = (arrays, count, token)
+
+    def task():
+      self.store.put_many(items)
+      with self._pending_lock:
+        for d, _, _ in items:
+          if d in self._pending and self._pending[d][2] is token:
+            del self._pending[d]
+
+    self._writes.append(self._writer.submit(task))
+
+  def wait(self) -> None:
+    """Block until every background write is in the store; re-raise a failed one."""
+    for f in list(self._writes):
+      f.result()
+    self._writes = []
+
+  # -- device gather / scatter
+
+  def _gather(self, state: Mapping[str, jax.Array], slots: Sequence[int]) -> dict[str, np.ndarray]:
+    """Host copies of `slots`: arrays [n, L, P-F, Hkv, D] f32, count [n] int32."""
+    first = state["k"]
+    out_sh = None
+    if isinstance(first.sharding, NamedSharding):
+      out_sh = NamedSharding(first.sharding.mesh, PartitionSpec())  # replicated: readable on any host
+    key = out_sh
+    if key not in self._gather_cache:
+      self._gather_cache[key] = jax.jit(lambda s, i: {n: s[n][i] for n in STATE_KEYS}, out_shardings=out_sh)
+    got = self._gather_cache[key](dict(state), jnp.asarray(slots, jnp.int32))
+    return {n: np.asarray(x.addressable_data(0)) for n, x in got.items()}
+
+  def _scatter(self, state: dict[str, jax.Array], slots: Sequence[int],
+               updates: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """state with `updates[n][i]` written into slot `slots[i]` (state donated; shardings kept)."""
+    shardings = {n: state[n].sharding for n in STATE_KEYS}
+    key = tuple(shardings[n] for n in STATE_KEYS)
+    if key not in self._scatter_cache:
+      def fn(s, idx, upd):
+        return {n: s[n].at[idx].set(upd[n].astype(s[n].dtype)) for n in STATE_KEYS}
+      self._scatter_cache[key] = jax.jit(fn, donate_argnums=0, out_shardings=shardings)
+    return self._scatter_cache[key](state, jnp.asarray(slots, jnp.int32), updates)
+
+  # -- rotation
+
+  def _check_state(self, state: Mapping[str, Any]) -> None:
+    keys = set(state)
+    if keys != set(STATE_KEYS):
+      raise SlotError(f"slot state must have keys {STATE_KEYS}, got {sorted(keys)}")
+    want = (self.num_slots, *self.trainable_shape)
+    for n in ARRAY_NAMES:
+      if tuple(state[n].shape) != want:
+        raise SlotError(f"slot state {n} has shape {tuple(state[n].shape)}, expected {want}")
+    if tuple(state["count"].shape) != (self.num_slots,):
+      raise SlotError(f"slot state count has shape {tuple(state['count'].shape)}, expected ({self.num_slots},)")
+
+  def rotate(self, state: dict[str, jax.Array], evict_slots: Sequence[int],
+             admit_docs: Sequence[str | None]) -> dict[str, jax.Array]:
+    """Send the documents in `evict_slots` to the store and put `admit_docs[i]` into
+    `evict_slots[i]` (None empties the slot). `state` is donated: use the returned state."""
+    self._raise_write_errors()
+    self._check_state(state)
+    slots = [int(s) for s in evict_slots]
+    admit = list(admit_docs)
+    if len(slots) != len(admit):
+      raise SlotError(f"rotate: {len(slots)} slots but {len(admit)} documents to admit")
+    if len(set(slots)) != len(slots) or any(not 0 <= s < self.num_slots for s in slots):
+      raise SlotError(f"rotate: slots {slots} must be distinct and in [0, {self.num_slots})")
+    resident = self.resident()
+    named = [d for d in admit if d is not None]
+    if len(set(named)) != len(named):
+      raise SlotError(f"rotate: documents to admit contain duplicates: {named}")
+    bad = [d for d in named if d in resident]
+    if bad:
+      raise SlotError(f"rotate: documents {bad} are already resident (slots {[resident[d] for d in bad]})")
+    if not slots:
+      return state
+
+    # Start loads that were not prefetched, so that they overlap with the device read below.
+    futures = {d: self._prefetched.pop(d, None) or self._loader.submit(self._load, d) for d in named}
+
+    out_slots = [s for s in slots if self.table[s] is not None]
+    if out_slots:
+      host = self._gather(state, out_slots)
+      items = [(self.table[s], {n: host[n][i] for n in ARRAY_NAMES}, int(host["count"][i]))
+               for i, s in enumerate(out_slots)]
+      self._write(items)
+
+    shape = (len(slots), *self.trainable_shape)
+    updates = {n: np.zeros(shape, np.float32) for n in ARRAY_NAMES}  # [n, L, P-F, Hkv, D] f32
+    updates["count"] = np.zeros((len(slots),), np.int32)
+    for i, d in enumerate(admit):
+      if d is None:
+        continue
+      try:
+        arrays, count = futures[d].result()
+      except StoreError:
+        raise
+      except Exception as e:
+        raise SlotError(f"rotate: loading document {d!r} failed ({type(e).__name__}: {e})") from e
+      for n in ARRAY_NAMES:
+        updates[n][i] = arrays[n]
+      updates["count"][i] = count
+    new_state = self._scatter(state, slots, updates)
+    for s, d in zip(slots, admit):
+      self.table[s] = d
+    logging.debug("rotation: slots %s, out %s, in %s", slots, [self.table[s] for s in out_slots], admit)
+    return new_state
+
+  def counts(self, state: Mapping[str, jax.Array] | None = None) -> dict[str, int]:
+    """Training counts of all documents: the store's, newer pending writes, and (with `state`)
+    the on-device counts of resident documents."""
+    out = self.store.counts()
+    with self._pending_lock:
+      for d, (_, c, _) in self._pending.items():
+        out[d] = c
+    if state is not None:
+      dev = np.asarray(jax.device_get(state["count"]))
+      for s, d in enumerate(self.table):
+        if d is not None:
+          out[d] = int(dev[s])
+    return out
+
+  def rotate_with_policy(self, state: dict[str, jax.Array], policy: RotationPolicy
+                         ) -> tuple[dict[str, jax.Array], RotationPlan]:
+    """One rotation chosen by `policy` (fills empty slots; otherwise evicts the most-trained
+    residents for the least-trained others), then prefetch the next rotation's admissions
+    (non-resident counts do not change until then). `state` is donated."""
+    if policy.num_slots != self.num_slots:
+      raise SlotError(f"policy has num_slots {policy.num_slots}, manager has {self.num_slots}")
+    counts = self.counts(state)
+    plan = policy.plan(self.table, counts)
+    state = self.rotate(state, plan.slots, plan.admit)
+    nxt = policy.choose_admit(self.table, counts, policy.num_admit(self.table, len(counts)))
+    stale = [d for d in self._prefetched if d not in nxt]
+    for d in stale:
+      self._prefetched.pop(d).cancel()
+    self.prefetch(nxt)
+    return state, plan
+
+  def flush(self, state: Mapping[str, jax.Array], tag: int | None = None) -> None:
+    """Write every resident slot to the store (synchronously, after pending writes), so the
+    store holds every document's newest cartridge; with `tag`, also `store.snapshot(tag)`."""
+    self.wait()
+    self._check_state(state)
+    occ = [s for s, d in enumerate(self.table) if d is not None]
+    if occ:
+      host = self._gather(state, occ)
+      self.store.put_many([(self.table[s], {n: host[n][i] for n in ARRAY_NAMES}, int(host["count"][i]))
+                           for i, s in enumerate(occ)])
+    if tag is not None:
+      self.store.snapshot(tag)
+
+  def close(self) -> None:
+    """Finish background writes and stop the worker threads."""
+    try:
+      self.wait()
+    finally:
+      self.cancel_prefetch()
+      self._loader.shutdown(wait=True)
+      self._writer.shutdown(wait=True)
