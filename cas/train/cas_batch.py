@@ -1,0 +1,228 @@
+"""Host-side CAS batches: one conversation per row, each row naming the slots it sees.
+
+A CAS row holds ONE self-study conversation (never several documents' conversations packed into
+one row: every row has its own assembled prefix) and `slots [k_max]`, the device slots whose
+cartridges the row's prefix is built from (DESIGN §3-4). Entry -1 = empty; used entries come
+first, empty entries are at the end.
+
+Distractor mixing (DESIGN §4)
+-----------------------------
+With probability `p_isolated` a row sees its own cartridge only. Otherwise it sees its own plus
+k ~ U{1, ..., k_max-1} distinct distractors drawn uniformly from the *other* resident slots
+(fewer when fewer are resident), in a random order (the own cartridge at a random position
+among the used entries). With k_max = 1 every row is isolated.
+
+Positions (the frozen sink is F = num_frozen tokens, P = p tokens per cartridge sink included,
+so each cartridge contributes P-F trainable tokens; n = number of cartridges a row loads)
+-----------------------------------------------------------------------------------------------
+* "shared": the sink sits at positions 0..F-1, *every* loaded cartridge's trainable tokens at
+  F..P-1 (where they were initialised), and the question starts at P whatever n is. Loading
+  order does not matter.
+* "sequential": the sink sits at 0..F-1 once; the j-th loaded cartridge (j = 0..n-1, in entry
+  order) occupies F + j*(P-F) .. F + (j+1)*(P-F) - 1 (its stored keys are re-rotated by
+  j*(P-F) positions in the step); the question starts at F + n*(P-F). With n = 1 both modes
+  coincide (question at P).
+
+`ResidentSampler` chooses which conversations to train on: only those of resident documents,
+balanced over the resident documents, deterministic and resumable from a JSON-able state.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from cas.synth.format import Conversation
+from cas.train.data import pack_rows
+
+POSITION_MODES = ("shared", "sequential")
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "topk_ids",
+              "topk_logprobs", "slots", "own_slot", "n_loaded")
+
+
+def check_position_mode(position_mode: str) -> None:
+  if position_mode not in POSITION_MODES:
+    raise ValueError(f"position_mode={position_mode!r}; choose from {POSITION_MODES}")
+
+
+def question_offset(n_loaded: int, *, p: int, num_frozen: int, position_mode: str) -> int:
+  """Position of a row's first question token after `n_loaded` cartridges (see module doc)."""
+  check_position_mode(position_mode)
+  if position_mode == "shared":
+    return p
+  return num_frozen + n_loaded * (p - num_frozen)
+
+
+def draw_slots(own_slot: int, resident_slots: Sequence[int], *, k_max: int, p_isolated: float,
+               rng: np.random.Generator) -> np.ndarray:
+  """The slots one row sees: [k_max] int32, own slot included, used entries first, -1 after.
+
+  Always consumes rng the same way for a given (own_slot, resident set, k_max) so that a batch
+  is a pure function of the rng state. Distractors are drawn from the sorted set of resident
+  slots other than `own_slot` (so the result does not depend on the order of `resident_slots`).
+  """
+  own_slot = int(own_slot)
+  others = np.asarray(sorted(set(int(s) for s in resident_slots) - {own_slot}), np.int32)
+  out = np.full(k_max, -1, np.int32)
+  u = rng.random()
+  if k_max == 1 or u < p_isolated or len(others) == 0:
+    out[0] = own_slot
+    return out
+  k = min(int(rng.integers(1, k_max)), len(others))  # U{1..k_max-1}, capped by what is resident
+  used = np.concatenate([[own_slot], rng.choice(others, size=k, replace=False)]).astype(np.int32)
+  out[:k + 1] = used[rng.permutation(k + 1)]
+  return out
+
+
+def build_cas_batch(samples: Sequence[tuple[Conversation, int]], resident_slots: Sequence[int], *,
+                    k_max: int, p_isolated: float, rng: np.random.Generator, seq_len: int,
+                    top_k: int, p: int, num_frozen: int = 1, position_mode: str = "shared",
+                    batch_size: int | None = None) -> dict[str, np.ndarray]:
+  """One CAS batch: row r = conversation samples[r][0] (truncated to seq_len), own slot samples[r][1].
+
+  p: cartridge length P (sink included); num_frozen: F. batch_size: pad to this many rows (padding
+  rows: segment 0, loss_mask 0, slots all -1, own_slot -1); default len(samples).
+  Returns numpy arrays (Bt = batch size, T = seq_len, K = top_k):
+    tokens, positions, segment_ids (1 on tokens, 0 on padding), targets: [Bt, T] int32;
+    loss_mask [Bt, T] f32; topk_ids [Bt, T, K] int32; topk_logprobs [Bt, T, K] f32 (-1e9 absent);
+    slots [Bt, k_max] int32 (-1 = empty, used entries first); own_slot [Bt] int32;
+    n_loaded [Bt] int32 (number of used entries).
+  Deterministic given the rng state; rows draw their slots in order.
+  """
+  check_position_mode(position_mode)
+  if k_max < 1:
+    raise ValueError(f"k_max={k_max} must be >= 1")
+  if not 0.0 <= p_isolated <= 1.0:
+    raise ValueError(f"p_isolated={p_isolated} must be in [0, 1]")
+  if not 0 <= num_frozen < p:
+    raise ValueError(f"num_frozen={num_frozen} must be in [0, p={p})")
+  bt = len(samples) if batch_size is None else int(batch_size)
+  if len(samples) > bt:
+    raise ValueError(f"{len(samples)} samples do not fit batch_size={bt}")
+  resident = set(int(s) for s in resident_slots)
+  rows = []
+  slots = np.full((bt, k_max), -1, np.int32)
+  own = np.full(bt, -1, np.int32)
+  for r, (conv, own_slot) in enumerate(samples):
+    if int(own_slot) not in resident:
+      raise ValueError(f"build_cas_batch: sample {r} (doc {conv.doc_id!r}) names slot {own_slot}, "
+                       f"which is not among the resident slots {sorted(resident)}")
+    slots[r] = draw_slots(own_slot, resident_slots, k_max=k_max, p_isolated=p_isolated, rng=rng)
+    own[r] = int(own_slot)
+    n = int((slots[r] >= 0).sum())
+    off = question_offset(n, p=p, num_frozen=num_frozen, position_mode=position_mode)
+    row = pack_rows([conv], seq_len, off, top_k)
+    row.pop("conv_index")
+    rows.append(row)
+  for _ in range(bt - len(samples)):
+    row = pack_rows([], seq_len, 0, top_k)
+    row.pop("conv_index")
+    rows.append(row)
+  out = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  out["slots"] = slots
+  out["own_slot"] = own
+  out["n_loaded"] = (slots >= 0).sum(axis=1).astype(np.int32)
+  return out
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _doc_key(doc_id: str) -> int:
+  """A stable 64-bit integer for a doc id (Python's hash() is salted per process)."""
+  return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "little")
+
+
+class ResidentSampler:
+  """Draws training conversations of resident documents only; deterministic and resumable.
+
+  conversations: doc_id -> sequence of items (conversation indices, `Conversation`s, ...), or a
+  callable doc_id -> that sequence (called on every draw of that document; cache it yourself
+  if it is expensive). Only its length and the chosen item are used.
+
+  Which documents: draws go in *passes*: a pass is a random permutation (seeded by (seed, pass))
+  of the documents resident when it starts; each draw takes the next pending document of the
+  pass that is still resident; documents admitted mid-pass join at the next pass. So every
+  resident document gets one row per pass (balanced training), and evicted documents are never
+  drawn.
+  Which conversation of a document: each document walks its own epochs; epoch e visits its items
+  in the order of a permutation seeded by (seed, sha256(doc_id), e).
+  Distractor mixing in `next_batch` uses an rng seeded by (seed, batch counter).
+  The whole state is `state_dict()` (JSON-serialisable); `load_state_dict` resumes exactly.
+  """
+
+  def __init__(self, conversations: Mapping[str, Sequence[Any]] | Callable[[str], Sequence[Any]], *,
+               seed: int, state: dict | None = None):
+    self._get = conversations if callable(conversations) else conversations.__getitem__
+    self.seed = int(seed)
+    self._state = {"pass": 0, "pending": [], "docs": {}, "batches": 0}
+    if state is not None:
+      self.load_state_dict(state)
+
+  # -- state -----------------------------------------------------------------
+  def state_dict(self) -> dict:
+    """{"pass": int, "pending": [doc_id], "docs": {doc_id: [epoch, cursor]}, "batches": int}."""
+    return copy.deepcopy(self._state)
+
+  def load_state_dict(self, state: Mapping) -> None:
+    missing = {"pass", "pending", "docs", "batches"} - set(state)
+    if missing:
+      raise ValueError(f"ResidentSampler state lacks {sorted(missing)}")
+    self._state = {"pass": int(state["pass"]), "pending": [str(d) for d in state["pending"]],
+                   "docs": {str(k): [int(v[0]), int(v[1])] for k, v in state["docs"].items()},
+                   "batches": int(state["batches"])}
+
+  # -- drawing ---------------------------------------------------------------
+  def _items(self, doc_id: str) -> Sequence[Any]:
+    try:
+      items = self._get(doc_id)
+    except KeyError:
+      raise KeyError(f"ResidentSampler: no conversations known for resident document {doc_id!r}") from None
+    if len(items) == 0:
+      raise ValueError(f"ResidentSampler: resident document {doc_id!r} has no conversations")
+    return items
+
+  def _next_doc(self, resident: Mapping[str, int]) -> str:
+    st = self._state
+    while True:
+      while st["pending"]:
+        d = st["pending"].pop(0)
+        if d in resident:
+          return d
+      order = np.random.default_rng([self.seed, 0, st["pass"]]).permutation(len(resident))
+      docs = sorted(resident)
+      st["pending"] = [docs[i] for i in order]
+      st["pass"] += 1
+
+  def _next_item(self, doc_id: str) -> Any:
+    items = self._items(doc_id)
+    epoch, cursor = self._state["docs"].get(doc_id, [0, 0])
+    if cursor >= len(items):
+      epoch, cursor = epoch + 1, 0
+    perm = np.random.default_rng([self.seed, 1, _doc_key(doc_id), epoch]).permutation(len(items))
+    self._state["docs"][doc_id] = [epoch, cursor + 1]
+    return items[int(perm[cursor])]
+
+  def sample(self, resident: Mapping[str, int], n: int) -> list[tuple[str, Any, int]]:
+    """n draws among the resident documents: [(doc_id, item, slot)]. resident: doc_id -> slot."""
+    if not resident:
+      raise ValueError("ResidentSampler.sample: no resident documents")
+    out = []
+    for _ in range(n):
+      d = self._next_doc(resident)
+      out.append((d, self._next_item(d), int(resident[d])))
+    return out
+
+  def next_batch(self, resident: Mapping[str, int], batch_size: int, *,
+                 to_conversation: Callable[[Any], Conversation] | None = None,
+                 **build_kwargs) -> dict[str, np.ndarray]:
+    """Draw `batch_size` rows and build them with `build_cas_batch` (its keyword arguments other
+    than rng and resident_slots go in build_kwargs). to_conversation maps an item to a
+    Conversation (default: items are Conversations)."""
+    draws = self.sample(resident, batch_size)
+    conv = to_conversation or (lambda x: x)
+    rng = np.random.default_rng([self.seed, 2, self._state["batches"]])
+    self._state["batches"] += 1
+    samples = [(conv(item), slot) for _, item, slot in draws]
+    return build_cas_batch(samples, sorted(resident.values()), rng=rng, **build_kwargs)

@@ -1,0 +1,141 @@
+"""CAS batches: distractor mixing statistics, row layout and positions, and the resident sampler
+(only resident documents, balanced, resumable from its JSON state)."""
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from cas.synth.format import Conversation
+from cas.train.cas_batch import (ResidentSampler, build_cas_batch, draw_slots, question_offset)
+
+
+def _conv(doc_id: str, tp: int, ta: int, k: int = 4, seed: int = 0) -> Conversation:
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, 50, (ta, k)).astype(np.int32)
+  lp = np.log(np.full((ta, k), 1.0 / k, np.float32))
+  return Conversation(doc_id, rng.integers(2, 50, tp).astype(np.int32),
+                      rng.integers(2, 50, ta).astype(np.int32), ids, lp)
+
+
+def test_distractor_mixing_statistics():
+  rng = np.random.default_rng(0)
+  resident = list(range(3, 13))  # 10 resident slots
+  k_max, p_iso, n = 4, 0.3, 6000
+  iso, ks, own_pos = 0, collections.Counter(), collections.Counter()
+  for i in range(n):
+    own = resident[i % len(resident)]
+    s = draw_slots(own, resident, k_max=k_max, p_isolated=p_iso, rng=rng)
+    assert s.shape == (k_max,) and s.dtype == np.int32
+    used = s[s >= 0]
+    assert (s[len(used):] == -1).all()  # empty entries only at the end
+    assert own in used  # own cartridge always present
+    assert len(set(used.tolist())) == len(used)  # no duplicates
+    assert set(used.tolist()) <= set(resident)  # only resident slots
+    if len(used) == 1:
+      iso += 1
+    else:
+      ks[len(used) - 1] += 1
+      own_pos[int(np.flatnonzero(used == own)[0])] += 1
+  # isolated fraction ~ p_isolated (std ~0.006)
+  assert abs(iso / n - p_iso) < 0.03
+  # k ~ U{1, .., k_max-1} among mixed rows
+  mixed = n - iso
+  assert set(ks) == {1, 2, 3}
+  for k in (1, 2, 3):
+    assert abs(ks[k] / mixed - 1 / 3) < 0.03
+  # own cartridge position shuffled: it is not always first
+  assert own_pos[0] < 0.7 * mixed and own_pos[1] > 0.15 * mixed
+
+
+def test_mixing_edge_cases():
+  rng = np.random.default_rng(1)
+  # k_max = 1: always isolated
+  for _ in range(50):
+    assert draw_slots(5, [5, 6, 7], k_max=1, p_isolated=0.0, rng=rng).tolist() == [5]
+  # few resident: at most the others
+  for _ in range(100):
+    s = draw_slots(2, [2, 9], k_max=4, p_isolated=0.0, rng=rng)
+    assert sorted(s[s >= 0].tolist()) == [2, 9] and (s[2:] == -1).all()
+  # alone: isolated whatever p_isolated says
+  assert draw_slots(4, [4], k_max=3, p_isolated=0.0, rng=rng).tolist() == [4, -1, -1]
+  # p_isolated = 1: never distractors
+  for _ in range(50):
+    assert (draw_slots(1, range(8), k_max=4, p_isolated=1.0, rng=rng)[1:] == -1).all()
+
+
+def test_batch_layout_positions_and_determinism():
+  P, F, T, K = 8, 1, 20, 4
+  convs = [_conv("a", 5, 6, seed=1), _conv("b", 4, 30, seed=2)]  # second one is truncated
+  kw = dict(k_max=3, p_isolated=0.0, seq_len=T, top_k=K, p=P, num_frozen=F)
+  b1 = build_cas_batch([(convs[0], 0), (convs[1], 1)], [0, 1, 2], rng=np.random.default_rng(7),
+                       position_mode="sequential", batch_size=3, **kw)
+  b2 = build_cas_batch([(convs[0], 0), (convs[1], 1)], [2, 1, 0], rng=np.random.default_rng(7),
+                       position_mode="sequential", batch_size=3, **kw)
+  for k in b1:
+    np.testing.assert_array_equal(b1[k], b2[k])  # deterministic, resident order irrelevant
+  assert b1["tokens"].shape == (3, T) and b1["topk_ids"].shape == (3, T, K)
+  assert b1["slots"].shape == (3, 3) and b1["slots"].dtype == np.int32
+  assert b1["own_slot"].tolist() == [0, 1, -1]
+  # row 0: one conversation, positions after F + n*(P-F) in sequential mode
+  n0 = int(b1["n_loaded"][0])
+  assert n0 >= 2  # p_isolated = 0 and 3 resident: at least one distractor
+  seq0 = np.concatenate([convs[0].prompt_ids, convs[0].answer_ids])
+  np.testing.assert_array_equal(b1["tokens"][0, :len(seq0)], seq0)
+  np.testing.assert_array_equal(b1["positions"][0, :len(seq0)], F + n0 * (P - F) + np.arange(len(seq0)))
+  assert (b1["segment_ids"][0, :len(seq0)] == 1).all() and (b1["segment_ids"][0, len(seq0):] == 0).all()
+  assert b1["loss_mask"][0].sum() == 6 and b1["loss_mask"][0, 4] == 1  # first answer predicted at Tp-1
+  # row 1: truncated to T, loss only on the answer tokens that fit
+  assert (b1["segment_ids"][1] == 1).all() and b1["loss_mask"][1].sum() == T - 4
+  # padding row: nothing visible, nothing trained
+  assert (b1["slots"][2] == -1).all() and b1["loss_mask"][2].sum() == 0 and (b1["segment_ids"][2] == 0).all()
+  # shared mode: question at P whatever is loaded
+  bs = build_cas_batch([(convs[0], 0)], [0, 1, 2], rng=np.random.default_rng(7), position_mode="shared", **kw)
+  assert bs["positions"][0, 0] == P
+  assert question_offset(3, p=P, num_frozen=F, position_mode="sequential") == 1 + 3 * 7
+  assert question_offset(1, p=P, num_frozen=F, position_mode="sequential") == P
+  with pytest.raises(ValueError, match="not among the resident"):
+    build_cas_batch([(convs[0], 5)], [0, 1], rng=np.random.default_rng(0), **kw)
+  with pytest.raises(ValueError, match="position_mode"):
+    build_cas_batch([(convs[0], 0)], [0], rng=np.random.default_rng(0), position_mode="bogus", **kw)
+
+
+def test_resident_sampler_only_resident_balanced_and_resumable():
+  index = {f"d{i}": list(range(100 * i, 100 * i + 3 + i)) for i in range(6)}
+  resident = {"d0": 0, "d2": 1, "d3": 2, "d5": 3}
+  s = ResidentSampler(index, seed=3)
+  draws = s.sample(resident, 40)
+  docs = collections.Counter(d for d, _, _ in draws)
+  assert set(docs) == set(resident)  # only resident documents
+  assert set(docs.values()) == {10}  # balanced: one row per document per pass
+  for d, item, slot in draws:
+    assert item in index[d] and slot == resident[d]
+  # each document cycles through all of its conversations before repeating
+  d3 = [item for d, item, _ in draws if d == "d3"]
+  assert sorted(d3[:6]) == index["d3"]
+
+  # resume: a sampler restored from the JSON state continues identically
+  a = ResidentSampler(index, seed=3)
+  a.sample(resident, 7)
+  st = json.loads(json.dumps(a.state_dict()))
+  b = ResidentSampler(lambda d: index[d], seed=3, state=st)
+  new_res = {"d1": 0, "d2": 1, "d4": 2, "d5": 3}  # rotation: d0, d3 evicted; d1, d4 admitted
+  ra, rb = a.sample(new_res, 25), b.sample(new_res, 25)
+  assert ra == rb
+  assert {d for d, _, _ in ra} == set(new_res)  # evicted documents never drawn again
+
+  # next_batch: deterministic end to end, rows of resident documents only
+  convs = {f"d{i}": [_conv(f"d{i}", 3, 4, seed=10 * i + j) for j in range(3)] for i in range(6)}
+  kw = dict(k_max=3, p_isolated=0.5, seq_len=12, top_k=4, p=6, num_frozen=1)
+  x = ResidentSampler(convs, seed=0)
+  y = ResidentSampler(convs, seed=0)
+  bx0, by0 = x.next_batch(resident, 4, **kw), y.next_batch(resident, 4, **kw)
+  y2 = ResidentSampler(convs, seed=0, state=json.loads(json.dumps(y.state_dict())))
+  bx1, by1 = x.next_batch(resident, 4, **kw), y2.next_batch(resident, 4, **kw)
+  for k in bx0:
+    np.testing.assert_array_equal(bx0[k], by0[k])
+    np.testing.assert_array_equal(bx1[k], by1[k])
+  assert set(bx0["own_slot"].tolist()) == set(resident.values())
+  assert set(bx1["slots"][bx1["slots"] >= 0].tolist()) <= set(resident.values())
+  with pytest.raises(KeyError, match="no conversations known"):
+    ResidentSampler(index, seed=0).sample({"zz": 0}, 1)
