@@ -48,7 +48,9 @@ def teacher_conversations(model, doc_ids, *, num: int, prompt_len: int, answer_l
   return out
 
 
-def write_dataset(directory: str, convs, *, model_fingerprint: str, shard_size: int = 8, top_k: int = 8) -> None:
+def write_dataset(directory: str, convs, *, model_fingerprint: str, shard_size: int = 8, top_k: int = 8,
+                  doc_ids=None, per_doc: int | None = None) -> None:
+  """Write conversations as a self-study dataset (doc-major order, like cas.synth writes it)."""
   os.makedirs(directory, exist_ok=True)
   shards = []
   for i in range(0, len(convs), shard_size):
@@ -56,7 +58,9 @@ def write_dataset(directory: str, convs, *, model_fingerprint: str, shard_size: 
     shards.append({"name": f"shard-{i // shard_size:05d}.array_record", "count": len(convs[i:i + shard_size])})
   atomic_write_json(os.path.join(directory, MANIFEST), {
       "format_version": FORMAT_VERSION, "model_fingerprint": model_fingerprint, "model_source": "tiny",
-      "top_k": top_k, "shards": shards, "complete": True})
+      "top_k": top_k, "shards": shards, "complete": True,
+      "doc_ids": list(doc_ids) if doc_ids else sorted({c.doc_id for c in convs}),
+      "config": {"conversations_per_doc": per_doc or len(convs), "shard_size": shard_size}})
 
 
 def real_tokenizer():

@@ -164,3 +164,49 @@ class SynthDataset:
 
   def load_all(self) -> list[Conversation]:
     return [c for shard in self.iter_shards() for c in shard]
+
+
+class DocConversations:
+  """Per-document access to a self-study dataset without loading all of it.
+
+  Conversation g of the dataset belongs to document g // conversations_per_doc and lives in
+  shard g // shard_size (see cas.synth.selfstudy), so a document's conversations are found in
+  a known, small set of shards. A small LRU cache keeps the shards of recently used documents.
+  """
+
+  def __init__(self, dataset: SynthDataset, cache_shards: int = 8):
+    m = dataset.manifest
+    cfg = m.get("config") or {}
+    self.dataset = dataset
+    self.doc_ids: list[str] = list(m.get("doc_ids") or [])
+    if not self.doc_ids or "conversations_per_doc" not in cfg:
+      raise SynthDataError(f"{dataset.directory}: manifest lacks doc_ids/config (not written by cas.synth)")
+    self.per_doc = int(cfg["conversations_per_doc"])
+    self.shard_size = int(cfg["shard_size"])
+    self._index = {d: i for i, d in enumerate(self.doc_ids)}
+    self._cache: dict[int, list[Conversation]] = {}
+    self._order: list[int] = []
+    self._max = cache_shards
+
+  def _shard(self, i: int) -> list[Conversation]:
+    if i in self._cache:
+      self._order.remove(i)
+      self._order.append(i)
+      return self._cache[i]
+    convs = read_shard(os.path.join(self.dataset.directory, shard_name(i)))
+    self._cache[i] = convs
+    self._order.append(i)
+    while len(self._order) > self._max:
+      self._cache.pop(self._order.pop(0))
+    return convs
+
+  def get(self, doc_id: str) -> list[Conversation]:
+    if doc_id not in self._index:
+      raise SynthDataError(f"{self.dataset.directory}: no self-study data for document {doc_id!r}")
+    d = self._index[doc_id]
+    g0, g1 = d * self.per_doc, (d + 1) * self.per_doc
+    out = []
+    for s in range(g0 // self.shard_size, (g1 - 1) // self.shard_size + 1):
+      base = s * self.shard_size
+      out.extend(c for j, c in enumerate(self._shard(s)) if g0 <= base + j < g1)
+    return out

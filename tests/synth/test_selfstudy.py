@@ -82,3 +82,19 @@ def test_refuses_a_dataset_made_with_other_settings(env, tmp_path):
     tok, model, sampler = env
     synthesize(str(tmp_path / "x"), documents=[Document("d", "t", TEXT), Document("d", "t", TEXT)],
                tokenizer=tok, sampler=sampler, cfg=CFG, model_fingerprint="tiny", model_source="tiny")
+
+
+def test_per_document_access_across_shard_boundaries(env, tmp_path):
+  from cas.synth.format import DocConversations
+  tok, model, sampler = env
+  cfg = SynthConfig(**{**CFG.__dict__, "conversations_per_doc": 3, "shard_size": 2})
+  docs = [Document("a/1", "t", TEXT), Document("b/2", "t", TEXT.replace("Ana", "Eva"))]
+  synthesize(str(tmp_path), documents=docs, tokenizer=tok, sampler=sampler, cfg=cfg,
+             model_fingerprint="tiny", model_source="tiny")
+  dc = DocConversations(SynthDataset(str(tmp_path)), cache_shards=1)
+  a, b = dc.get("a/1"), dc.get("b/2")
+  assert [c.doc_id for c in a] == ["a/1"] * 3 and [c.doc_id for c in b] == ["b/2"] * 3
+  allc = SynthDataset(str(tmp_path)).load_all()
+  assert [c.to_bytes() for c in a + b] == [c.to_bytes() for c in allc]
+  with pytest.raises(SynthDataError, match="no self-study data"):
+    dc.get("c")

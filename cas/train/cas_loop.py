@@ -1,0 +1,134 @@
+"""The Cartridges-at-Scale training loop: one cartridge per document, trained jointly with
+distractor mixing, B device slots rotated through the Orbax cartridge store (DESIGN §4).
+
+Reads top to bottom:
+  data (per-document self-study access) -> store (every document's cartridge + moments + count)
+  -> slot manager (B resident) -> restore or fill -> jitted CAS step -> loop:
+     batch of resident documents -> step -> every R steps rotate -> every C steps checkpoint
+  -> final flush: the store holds every document's trained cartridge.
+
+Checkpoint = Orbax CheckpointManager in <workdir>/checkpoints (slot state: params, moments,
+counts) + meta (slot table, sampler state) + a store snapshot with the same tag, so that a
+killed run resumes exactly (the store is rolled back to the checkpoint's snapshot).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from cas.cartridge.cartridge import CartridgeSpec
+from cas.metrics import MetricWriter
+from cas.rotation.manager import SlotManager, resident_bytes
+from cas.rotation.policy import RotationPolicy, validate
+from cas.rotation.store import CartridgeStore
+from cas.synth.format import DocConversations, SynthDataset, check_compatible
+from cas.train import checkpoint as ckpt
+from cas.train.cas_step import make_cas_train_step
+from cas.train.loop import NumericsError
+
+CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
+            "num_slots", "k_max", "p_isolated", "rotate_every", "evict_fraction", "position_mode",
+            "top_k", "log_every", "ckpt_every", "keep_checkpoints")
+
+
+def _fingerprint(c: dict, spec: CartridgeSpec, doc_ids: Sequence[str]) -> str:
+  keep = {k: c[k] for k in CAS_KEYS if k not in ("steps", "log_every", "ckpt_every", "keep_checkpoints")}
+  blob = json.dumps({"cfg": keep, "spec": dataclasses.asdict(spec),
+                     "docs": hashlib.sha256("\n".join(doc_ids).encode()).hexdigest()}, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, doc_ids: Sequence[str],
+              spec: CartridgeSpec, frozen: tuple, init_fn: Callable[[str], dict], cfg: dict,
+              dtype=jnp.float32, mesh=None, stop_after: int | None = None) -> dict:
+  """Train all documents' cartridges jointly. Returns {"steps", "final_loss", "store", ...}.
+
+  frozen: the shared sink (k, v) [L, F, Hkv, D]; init_fn(doc_id) -> {"k", "v"} [L, P-F, Hkv, D]
+  for a document that has never been trained (e.g. its first p tokens' KV).
+  """
+  c = dict(cfg)
+  missing = [k for k in CAS_KEYS if k not in c]
+  if missing:
+    raise ValueError(f"CAS train config lacks {missing}")
+  doc_ids = list(doc_ids)
+  validate(len(doc_ids), c["num_slots"], c["k_max"], c["evict_fraction"], c["rotate_every"])
+  ds = SynthDataset(dataset_dir)
+  check_compatible(ds.manifest, model_fingerprint=model_fingerprint, source=dataset_dir)
+  convs = DocConversations(ds, cache_shards=max(8, 2 * c["num_slots"]))
+  unknown = sorted(set(doc_ids) - set(convs.doc_ids))
+  if unknown:
+    raise ValueError(f"{dataset_dir}: no self-study data for {len(unknown)} documents, e.g. {unknown[:3]}")
+
+  store = CartridgeStore(os.path.join(workdir, "store"), spec=spec, model_fingerprint=model_fingerprint,
+                         keep_snapshots=c["keep_checkpoints"] + 1)
+  store.register(doc_ids)
+  try:
+    store.frozen()
+  except Exception:
+    store.put_frozen(*frozen)
+  fk, fv = store.frozen()
+  frozen_dev = {"k": jnp.asarray(fk), "v": jnp.asarray(fv)}
+  mgr = SlotManager(store, c["num_slots"], init_fn, mesh=mesh)
+  policy = RotationPolicy(c["num_slots"], c["evict_fraction"], c["rotate_every"], seed=c["seed"])
+  from cas.train.cas_batch import ResidentSampler
+  sampler = ResidentSampler(convs.get, seed=c["seed"])
+
+  manager = ckpt.make_manager(workdir, max_to_keep=c["keep_checkpoints"])
+  expect = {"config_fingerprint": _fingerprint(c, spec, doc_ids), "model_fingerprint": model_fingerprint}
+  restored = ckpt.restore_latest(manager, mgr.abstract_state(), expect_meta=expect)
+  start = 0
+  if restored is not None:
+    start, state, meta = restored
+    store.rollback(start)
+    mgr.load_table_json(meta["slots"])
+    sampler.load_state_dict(meta["sampler"])
+    logging.info("resumed CAS training from step %d", start)
+  else:
+    state, _ = mgr.rotate_with_policy(mgr.init_state(), policy)
+
+  step_fn = make_cas_train_step(lr=c["lr"], warmup_steps=c["warmup_steps"], clip_norm=c["clip_norm"],
+                                loss=c["loss"], dtype=dtype, position_mode=c["position_mode"], mesh=mesh)
+  writer = MetricWriter(os.path.join(workdir, "logs"), truncate_after=start, log_every=c["log_every"])
+  total = c["steps"]
+  end = total if stop_after is None else min(total, start + stop_after)
+  last = float("nan")
+  device_bytes = resident_bytes(state)
+  with tqdm(total=total, initial=start, desc="cas-train", unit="step", dynamic_ncols=True) as bar:
+    for step in range(start + 1, end + 1):
+      batch = sampler.next_batch(mgr.resident(), c["batch_size"], k_max=c["k_max"], p_isolated=c["p_isolated"],
+                                 seq_len=c["seq_len"], top_k=c["top_k"], p=spec.num_tokens,
+                                 num_frozen=spec.num_frozen, position_mode=c["position_mode"])
+      batch = {k: jnp.asarray(v) for k, v in batch.items() if k not in ("n_loaded",)}
+      state, m = step_fn(state, frozen_dev, model, batch)
+      if not bool(m["finite"]):
+        raise NumericsError(f"CAS step {step}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} "
+                            f"is not finite; the store and last checkpoint (step {start}) are untouched")
+      last = float(m["loss"])
+      writer.write(step, {"loss": last, "grad_norm": float(m["grad_norm"]), "tokens": float(m["tokens"]),
+                          "slots_updated": float(m["slots_updated"])})
+      bar.update(1)
+      bar.set_postfix(loss=f"{last:.4f}")
+      if policy.due(step) and step != total:
+        state, plan = mgr.rotate_with_policy(state, policy)
+      if step % c["ckpt_every"] == 0 or step == total:
+        mgr.flush(state, tag=step)
+        ckpt.save(manager, step, state, {**expect, "slots": mgr.table_to_json(),
+                                         "sampler": sampler.state_dict()})
+  writer.close()
+  if end == total:
+    mgr.flush(state)
+  mgr.wait()
+  counts = mgr.counts(state)
+  mgr.close()
+  manager.close()
+  return {"steps": end, "final_loss": last, "store": store.root if hasattr(store, "root") else os.path.join(workdir, "store"),
+          "device_slot_bytes": device_bytes, "counts": counts}
