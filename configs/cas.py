@@ -1,0 +1,96 @@
+"""Cartridges at Scale on the built-in collection: per-document cartridges trained jointly with
+distractor mixing and a rotating budget of device slots, plus the baselines.
+
+  python -m launch.cas --config=configs/cas.py:quick --workdir=runs/cas_quick      # CPU, minutes
+  python -m launch.cas --config=configs/cas.py:paper --workdir=runs/cas_paper      # one GPU
+
+Presets (`arg`): quick (default; 4 documents, B=2 slots, for a CPU), paper (20 documents, B=8).
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = arg or "quick"
+  c = ml_collections.ConfigDict()
+  c.model_path = ml_collections.FieldReference(None, field_type=str)
+  c.dtype = "float32"
+  c.remat = "none"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ml_collections.FieldReference(None, field_type=str)
+  c.data.kind = "patients"
+  c.data.num_docs = 4
+  c.data.seed = 0
+  c.data.words_per_doc = ml_collections.FieldReference(None, field_type=int)
+
+  c.synth = ml_collections.ConfigDict()
+  c.synth.conversations = 16  # per document
+  c.synth.shard_size = 16
+  c.synth.batch_size = 16
+  c.synth.min_chunk = 128
+  c.synth.max_chunk = 384
+  c.synth.max_user_tokens = 48
+  c.synth.max_answer_tokens = 96
+  c.synth.temperature_a = 0.7
+  c.synth.temperature_b = 0.0
+  c.synth.top_k = 20
+  c.synth.seed = 0
+
+  c.cartridge = ml_collections.ConfigDict()
+  c.cartridge.num_tokens = 64
+  c.cartridge.num_frozen = 1
+  c.cartridge.init = "first_tokens"
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 16
+  c.train.batch_size = 4
+  c.train.seq_len = 192
+  c.train.lr = 2e-2
+  c.train.warmup_steps = 4  # per cartridge (per-slot step counter)
+  c.train.clip_norm = 1.0
+  c.train.loss = "distill"
+  c.train.seed = 0
+  c.train.num_slots = 2  # B: cartridges resident on the device
+  c.train.k_max = 2  # own + up to k_max-1 distractors per sample
+  c.train.p_isolated = 0.3
+  c.train.rotate_every = 4  # R
+  c.train.evict_fraction = 0.5  # phi
+  c.train.position_mode = "shared"  # shared | sequential
+  c.train.log_every = 4
+  c.train.ckpt_every = 8
+  c.train.keep_checkpoints = 2
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.methods = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "monolithic")
+  c.eval.num_loaded = (1, 2)
+  c.eval.position_modes = ("shared",)
+  c.eval.max_questions_per_doc = 6
+  c.eval.max_new_tokens = 24
+  c.eval.seed = 0
+
+  if arg == "quick":
+    pass
+  elif arg == "paper":
+    c.dtype = "bfloat16"
+    c.remat = "full"
+    c.data.num_docs = 20
+    c.synth.conversations = 64
+    c.synth.shard_size = 64
+    c.synth.batch_size = 64
+    c.synth.max_user_tokens, c.synth.max_answer_tokens = 96, 256
+    c.cartridge.num_tokens = 128
+    c.train.steps = 600
+    c.train.batch_size = 16
+    c.train.seq_len = 512
+    c.train.num_slots = 10
+    c.train.k_max = 10
+    c.train.rotate_every = 25
+    c.train.evict_fraction = 0.2
+    c.train.log_every = 50
+    c.train.ckpt_every = 200
+    c.eval.num_loaded = (1, 5, 10, 20)
+    c.eval.position_modes = ("shared", "sequential")
+    c.eval.max_questions_per_doc = 28
+  else:
+    raise ValueError(f"configs/cas.py: unknown preset {arg!r} (known: quick, paper)")
+  return c
