@@ -46,7 +46,8 @@ class CasStages:
     coll = _collection(config, workdir)
     self.docs = coll.documents[:config.data.num_docs]
     ids = {d.doc_id for d in self.docs}
-    self.questions = [q for q in coll.questions if q.doc_id in ids]
+    kinds = tuple(config.eval.get("kinds", ("mc", "short")))
+    self.questions = [q for q in coll.questions if q.doc_id in ids and q.kind in kinds]
     if config.eval.max_questions_per_doc:
       per = {}
       self.questions = [q for q in self.questions

@@ -24,13 +24,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.words_per_doc = ml_collections.FieldReference(None, field_type=int)
 
   c.synth = ml_collections.ConfigDict()
-  c.synth.conversations = 16  # per document
-  c.synth.shard_size = 16
+  c.synth.conversations = 8  # per document
+  c.synth.shard_size = 8
   c.synth.batch_size = 16
   c.synth.min_chunk = 128
   c.synth.max_chunk = 384
-  c.synth.max_user_tokens = 48
-  c.synth.max_answer_tokens = 96
+  c.synth.max_user_tokens = 32
+  c.synth.max_answer_tokens = 64
   c.synth.temperature_a = 0.7
   c.synth.temperature_b = 0.0
   c.synth.top_k = 20
@@ -64,7 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.methods = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "monolithic")
   c.eval.num_loaded = (1, 2)
   c.eval.position_modes = ("shared",)
-  c.eval.max_questions_per_doc = 6
+  c.eval.max_questions_per_doc = 4
+  c.eval.kinds = ("mc", "short")
   c.eval.max_new_tokens = 24
   c.eval.seed = 0
 
@@ -90,7 +91,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.ckpt_every = 200
     c.eval.num_loaded = (1, 5, 10, 20)
     c.eval.position_modes = ("shared", "sequential")
-    c.eval.max_questions_per_doc = 28
+    c.eval.max_questions_per_doc = 6
+    c.eval.kinds = ("mc",)  # option scoring only: 20+ methods x 120 questions stay in minutes
   else:
     raise ValueError(f"configs/cas.py: unknown preset {arg!r} (known: quick, paper)")
   return c
