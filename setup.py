@@ -24,7 +24,8 @@ setup(
         "tqdm",
         "tensorboardX",
         "array-record",
-        "importlib_resources",  # tfds 4.9 imports it on Python 3.11 without declaring it
+        "importlib_resources",
+        "bm25s>=0.3.16",  # tfds 4.9 imports it on Python 3.11 without declaring it
     ],
     extras_require={
         "test": ["pytest", "torch==2.13.0", "hypothesis", "accelerate"],

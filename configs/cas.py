@@ -4,7 +4,7 @@ distractor mixing and a rotating budget of device slots, plus the baselines.
   python -m launch.cas --config=configs/cas.py:quick --workdir=runs/cas_quick      # CPU, minutes
   python -m launch.cas --config=configs/cas.py:paper --workdir=runs/cas_paper      # one GPU
 
-Presets (`arg`): quick (default; 4 documents, B=2 slots, for a CPU), paper (20 documents, B=8).
+Presets (`arg`): quick (default; 4 documents, B=2 slots, for a CPU), paper (20 documents, B=10 slots, k_max=10).
 """
 import ml_collections
 
@@ -75,12 +75,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dtype = "bfloat16"
     c.remat = "full"
     c.data.num_docs = 20
-    c.synth.conversations = 64
+    c.synth.conversations = 32
     c.synth.shard_size = 64
     c.synth.batch_size = 64
     c.synth.max_user_tokens, c.synth.max_answer_tokens = 96, 256
     c.cartridge.num_tokens = 128
-    c.train.steps = 600
+    c.train.steps = 400
     c.train.batch_size = 16
     c.train.seq_len = 512
     c.train.num_slots = 10
