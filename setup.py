@@ -26,6 +26,7 @@ setup(
         "array-record",
         "importlib_resources",
         "bm25s>=0.3.16",  # tfds 4.9 imports it on Python 3.11 without declaring it
+        "matplotlib",  # evaluation plots (Agg canvas)
     ],
     extras_require={
         "test": ["pytest", "torch==2.13.0", "hypothesis", "accelerate"],

@@ -6,16 +6,26 @@ rotation, the baselines the paper compares against, and one evaluation.
   <workdir>/cas/             CAS training: checkpoints, logs, store/ (every document's cartridge)
   <workdir>/isolated/        the same documents trained alone (k_max = 1): isolated_composed
   <workdir>/monolithic/      one cartridge of N*p tokens for the whole collection
-  <workdir>/eval/            results.json, results.md
+  <workdir>/cas/retrieval/   retrieval indexes next to the store: <kind>-document,
+                             <kind>-chunk<words>o<overlap> (rebuilt when the collection changes)
+  <workdir>/eval/            results.json, results.md, *.png plots, partial/<method>.json (one
+                             finished method each: a killed evaluation resumes after them)
 
 Methods: no_context, icl (own document in the prompt), cartridge_oracle (own CAS cartridge),
 cas_composed@n (own + n-1 other CAS cartridges loaded together), isolated_composed@n (the same
-with cartridges trained alone), monolithic (one cartridge, same total tokens N*p).
+with cartridges trained alone), monolithic (one cartridge, same total tokens N*p),
+cartridge_retrieved@k (the CAS cartridges of the top-k documents of the document index for the
+question, loaded together, shared positions, best first), rag_text@k (the top-k passages of the
+chunk index in the system message, like icl).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import time
+import zlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,21 +35,50 @@ from cas.cartridge.cartridge import CartridgeSpec, init_cartridge
 from cas.cartridge.io import load_cartridge
 from cas.data.types import Document
 from cas.eval.methods import Evaluator, markdown_table, run_method
+from cas.eval.report import recall_markdown, write_plots
 from cas.pipeline import DTYPES, _collection
 from cas.synth.format import atomic_write_json
 from cas.synth.selfstudy import SynthConfig, synthesize
 
 
+RETRIEVAL_METHODS = ("cartridge_retrieved", "rag_text")
+
+
+def _stable_seed(s: str) -> int:
+  """A process-independent 32-bit seed for a string (Python's hash() is salted per process)."""
+  return zlib.crc32(s.encode("utf-8"))
+
+
+def _partial_name(method: str) -> str:
+  """File name of a method's finished result: 'cas_composed@2/shared' -> 'cas_composed@2-shared.json'."""
+  return re.sub(r"[^\w@.+=-]", "-", method) + ".json"
+
+
+def _file_digest(*paths: str) -> str:
+  """sha256 over the bytes of those `paths` that exist (the state of a store or cartridge)."""
+  h = hashlib.sha256()
+  for p in paths:
+    if os.path.isfile(p):
+      h.update(p.encode())
+      with open(p, "rb") as f:
+        h.update(f.read())
+  return h.hexdigest()
+
+
 class CasStages:
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, lm=None):
+    """lm: an already loaded model (cas.model.loader.LoadedModel: model, tokenizer, fingerprint,
+    source); None loads config.model_path."""
     from cas.model.loader import load_model
     from cas.model.sampler import Sampler
     os.makedirs(workdir, exist_ok=True)
     self.config, self.workdir = config, workdir
     self.timings: dict[str, float] = {}
     t = time.time()
-    self.lm = load_model(config.model_path, param_dtype=DTYPES[config.dtype], dtype=DTYPES[config.dtype],
-                         remat=config.get("remat", "none"))
+    if lm is None:
+      lm = load_model(config.model_path, param_dtype=DTYPES[config.dtype], dtype=DTYPES[config.dtype],
+                      remat=config.get("remat", "none"))
+    self.lm = lm
     self.tok, self.model = self.lm.tokenizer, self.lm.model
     self.sampler = Sampler(self.model, pad_id=self.tok.pad_id,
                            prompt_buckets=(64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192))
@@ -55,6 +94,8 @@ class CasStages:
     cc = config.cartridge
     self.spec = CartridgeSpec.for_model(self.model.cfg, cc.num_tokens, cc.num_frozen)
     self._doc_ids_cache: dict[str, list[int]] = {}
+    self.indexes: dict[tuple[str, str], object] | None = None  # (kind, unit) -> Retriever
+    self.retrieval: dict | None = None  # build_indexes' summary (recall@k), written to results.json
     self.timings["load"] = time.time() - t
 
   # -- helpers ------------------------------------------------------------------
@@ -131,75 +172,292 @@ class CasStages:
     self.timings["train_monolithic"] = time.time() - t
     return out
 
+  # -- retrieval ----------------------------------------------------------------
+  def _retrieval_cfg(self) -> dict:
+    """config.retrieval with its defaults (older configs have none), checked; errors name the field."""
+    from cas.retrieval import RETRIEVERS
+    rc = self.config.get("retrieval") or {}
+    kinds = tuple(rc.get("kinds", ("bm25",)))
+    if not kinds or any(k not in RETRIEVERS for k in kinds):
+      raise ValueError(f"config.retrieval.kinds={kinds!r}: each must be one of {sorted(RETRIEVERS)}")
+    method_kind = rc.get("method_kind", None) or kinds[0]
+    if method_kind not in kinds:
+      raise ValueError(f"config.retrieval.method_kind={method_kind!r} is not one of config.retrieval.kinds="
+                       f"{kinds!r} (the methods use an index that is built)")
+    ks = tuple(int(k) for k in rc.get("ks", (1, 3, 5)))
+    if not ks or min(ks) < 1:
+      raise ValueError(f"config.retrieval.ks={ks!r}: need at least one k >= 1")
+    cw, ov = int(rc.get("chunk_words", 128)), int(rc.get("overlap_words", 32))
+    if not (cw >= 1 and 0 <= ov < cw):
+      raise ValueError(f"config.retrieval.chunk_words={cw}, overlap_words={ov}: need chunk_words >= 1 and "
+                       "0 <= overlap_words < chunk_words")
+    return {"kinds": list(kinds), "method_kind": method_kind, "ks": list(ks), "chunk_words": cw, "overlap_words": ov}
+
+  def _load_or_build_index(self, kind: str, unit: str, rc: dict, fp: str):
+    """The `kind` index over `unit`s ('document' | 'chunk') of self.docs: loaded from
+    <workdir>/cas/retrieval/<name> when it was built for this collection (fingerprint) with the
+    same units, else built and saved there. Returns (name, path, retriever, 'loaded' | 'built')."""
+    from cas.retrieval import RetrievalError, build_retriever, chunk_units, default_index_dir, load_retriever
+    cw, ov = rc["chunk_words"], rc["overlap_words"]
+    name = f"{kind}-document" if unit == "document" else f"{kind}-chunk{cw}o{ov}"
+    path = default_index_dir(os.path.join(self.workdir, "cas", "store"), name)
+    if unit == "document":
+      want = [(d.doc_id, 0, len(d.text)) for d in self.docs]
+    else:
+      want = [(u.unit_id, u.start, u.end) for u in chunk_units(self.docs, cw, ov)]
+    if os.path.isdir(path):
+      try:
+        r = load_retriever(path, expect_collection_fingerprint=fp)
+        if r.kind != kind:
+          raise RetrievalError(f"{path}: holds a {r.kind!r} index, expected {kind!r}")
+        if [(u.unit_id, u.start, u.end) for u in r.units] != want:
+          raise RetrievalError(f"{path}: its units differ from this collection's {unit} units")
+        logging.info("loaded %s retrieval index %s (%d units)", kind, path, r.num_units)
+        return name, path, r, "loaded"
+      except RetrievalError as e:
+        logging.warning("rebuilding the retrieval index %s: %s", path, e)
+    r = build_retriever(kind, self.docs, unit=unit, chunk_words=cw, overlap_words=ov)
+    r.save(path, overwrite=True)
+    return name, path, r, "built"
+
+  def build_indexes(self) -> dict:
+    """A document index and a chunk index for every kind in config.retrieval.kinds (default
+    bm25), next to the CAS store (built, or loaded when present for this collection), and the
+    document recall@k (config.retrieval.ks, each k capped at the index size) of the evaluated
+    questions: document indexes rank distinct documents (how cartridges are chosen), chunk
+    indexes count the documents of the top-k passages (what rag_text reads).
+
+    Returns (and keeps in self.retrieval) the summary that `evaluate` writes to results.json:
+    {"collection_fingerprint", "kinds", "method_kind", "ks", "chunk_words", "overlap_words",
+     "indexes": {name: {kind, unit, path, status, num_units, num_docs, seconds}},
+     "recall": {name: {"recall@k": float, ..., "num_questions", "level", "kind"}}}.
+    """
+    from cas.retrieval import collection_fingerprint, recall_at_k
+    t = time.time()
+    rc = self._retrieval_cfg()
+    fp = collection_fingerprint(self.docs)
+    summary = {"collection_fingerprint": fp, **rc, "indexes": {}, "recall": {}}
+    self.indexes = {}
+    for kind in rc["kinds"]:
+      for unit in ("document", "chunk"):
+        t1 = time.time()
+        name, path, r, status = self._load_or_build_index(kind, unit, rc, fp)
+        self.indexes[(kind, unit)] = r
+        summary["indexes"][name] = {"kind": kind, "unit": unit, "path": path, "status": status,
+                                    "num_units": r.num_units, "num_docs": len(r.doc_ids),
+                                    "seconds": time.time() - t1}
+        size = len(r.doc_ids) if unit == "document" else r.num_units
+        ks = [k for k in rc["ks"] if k <= size]
+        if len(ks) < len(rc["ks"]):
+          logging.info("recall@k of %s: k > %d (the index size) left out", name, size)
+        if ks and self.questions:
+          summary["recall"][name] = recall_at_k(r, self.questions, ks, level="doc" if unit == "document" else "unit")
+    self.retrieval = summary
+    self.timings["indexes"] = time.time() - t
+    logging.info("retrieval recall: %s", summary["recall"])
+    return summary
+
+  # -- evaluation -----------------------------------------------------------------
+  @staticmethod
+  def _read_partial(path: str, signature: str, method: str) -> dict | None:
+    """The finished result of `method` in `path` when it was computed from the same inputs."""
+    if not os.path.exists(path):
+      return None
+    try:
+      with open(path) as f:
+        d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      logging.warning("evaluate: ignoring unreadable %s (%s)", path, e)
+      return None
+    if not isinstance(d, dict) or d.get("method") != method or not isinstance(d.get("row"), dict):
+      logging.warning("evaluate: ignoring %s (not a result of %s)", path, method)
+      return None
+    if d.get("signature") != signature:
+      logging.info("evaluate: %s was computed from other inputs (model, questions, store, index or "
+                   "config); recomputing %s", path, method)
+      return None
+    return d["row"]
+
   def evaluate(self) -> dict:
-    from cas.rotation.store import CartridgeStore
+    """Runs config.eval.methods over the questions; each finished method is written to
+    <workdir>/eval/partial/<method>.json and skipped when evaluate runs again with the same
+    inputs (model, questions, store state, retrieval index, eval config). Writes results.json,
+    results.md and the plots (*.png) to <workdir>/eval; returns the results dict."""
+    from cas.cartridge.io import META as CARTRIDGE_META
+    from cas.rotation.store import INDEX as STORE_INDEX, CartridgeStore
     t = time.time()
     ev = Evaluator(self.model, self.tok, self.sampler, max_new_tokens=self.config.eval.max_new_tokens)
     ec = self.config.eval
-    rng = np.random.default_rng(ec.seed)
+    out_dir = os.path.join(self.workdir, "eval")
+    partial_dir = os.path.join(out_dir, "partial")
+    if self.retrieval is None:
+      self.build_indexes()
     doc_ids = [d.doc_id for d in self.docs]
-    stores, carts = {}, {}
+    by_id = {d.doc_id: d for d in self.docs}
+    stores, store_state, carts = {}, {}, {}
     for name in ("cas", "isolated"):
       root = os.path.join(self.workdir, name, "store")
       if os.path.exists(root):
         stores[name] = CartridgeStore(root, spec=self.spec, model_fingerprint=self.lm.fingerprint, read_only=True)
+        store_state[name] = _file_digest(os.path.join(root, STORE_INDEX))
+
     def cart(store_name, doc_id):
       key = (store_name, doc_id)
       if key not in carts:
         carts[key] = stores[store_name].export_cartridge(doc_id)
       return carts[key]
-    # fixed distractor draws per (question, n) so every method sees the same sets
-    others = {(q.qid, n): list(rng.choice([d for d in doc_ids if d != q.doc_id], size=min(n - 1, len(doc_ids) - 1), replace=False))
-              for q in self.questions for n in ec.num_loaded}
-    rows = []
-    by_id = {d.doc_id: d for d in self.docs}
-    icl_cache = {}
+
+    def have_store(store_name, method):
+      if store_name not in stores:
+        logging.warning("skipping %s: no %s store", method, store_name)
+      return store_name in stores
+
+    def others(q, n):
+      """n-1 distractor documents of question q, fixed per (seed, question, n)."""
+      pool = [d for d in doc_ids if d != q.doc_id]
+      rng = np.random.default_rng([ec.seed, n, _stable_seed(q.qid)])
+      return [str(d) for d in rng.choice(pool, size=min(n - 1, len(pool)), replace=False)]
+
+    base_sig = {"model": self.lm.fingerprint, "spec": repr(self.spec), "docs": self.retrieval["collection_fingerprint"],
+                "questions": hashlib.sha256("\n".join(q.qid for q in self.questions).encode()).hexdigest(),
+                "eval": {k: ec.get(k) for k in ("max_new_tokens", "seed", "kinds", "max_questions_per_doc")}}
+    jobs = []
+
+    def add(name, context_for, deps=(), extra=None, notes=None):
+      jobs.append({"name": name, "context_for": context_for, "deps": list(deps), "extra": extra or {}, "notes": notes})
+
+    retrieval_k = [int(k) for k in ec.get("retrieval_k", (1, 2, 4))]
+    mk = self.retrieval["method_kind"]
+    queries = [q.question for q in self.questions]
     for method in ec.methods:
       if method == "no_context":
-        ctx = ev.no_context()
-        rows.append(run_method(method, self.questions, lambda q: ctx, ev))
+        ctx0 = ev.no_context()
+        add(method, lambda q: ctx0)
       elif method == "icl":
-        def icl_ctx(q):
+        icl_cache = {}
+
+        def icl_ctx(q, icl_cache=icl_cache):
           if q.doc_id not in icl_cache:
             icl_cache.clear()
             icl_cache[q.doc_id] = ev.icl([by_id[q.doc_id]])
           return icl_cache[q.doc_id]
-        rows.append(run_method(method, self.questions, icl_ctx, ev))
+        add(method, icl_ctx)
       elif method == "cartridge_oracle":
-        rows.append(run_method(method, self.questions, lambda q: ev.cartridges([cart("cas", q.doc_id)]), ev))
+        if have_store("cas", method):
+          add(method, lambda q: ev.cartridges([cart("cas", q.doc_id)]), ["cas", store_state["cas"]])
       elif method in ("cas_composed", "isolated_composed"):
         store_name = "cas" if method == "cas_composed" else "isolated"
-        if store_name not in stores:
-          logging.warning("skipping %s: no %s store", method, store_name)
+        if not have_store(store_name, method):
           continue
         for n in ec.num_loaded:
           for mode in ec.position_modes:
             def ctx_for(q, n=n, mode=mode, s=store_name):
-              ids = others[(q.qid, n)] + [q.doc_id]
-              order = list(np.random.default_rng([ec.seed, n, hash(q.qid) % 2**31]).permutation(len(ids)))
+              ids = others(q, n) + [q.doc_id]
+              order = np.random.default_rng([ec.seed, n, _stable_seed(q.qid), 1]).permutation(len(ids))
               return ev.cartridges([cart(s, ids[i]) for i in order], mode=mode)
-            r = run_method(f"{method}@{n}/{mode}", self.questions, ctx_for, ev)
-            r.update({"num_loaded": n, "position_mode": mode, "base_method": method})
-            rows.append(r)
+            add(f"{method}@{n}/{mode}", ctx_for, [store_name, store_state[store_name]],
+                {"num_loaded": n, "position_mode": mode, "base_method": method})
       elif method == "monolithic":
         path = os.path.join(self.workdir, "monolithic", "cartridge")
         if not os.path.exists(path):
           logging.warning("skipping monolithic: %s missing", path)
           continue
-        mono, _ = load_cartridge(path, model_fingerprint=self.lm.fingerprint)
-        rows.append(run_method(method, self.questions, lambda q: ev.cartridges([mono]), ev))
+        mono = {}
+
+        def mono_ctx(q, path=path, mono=mono):
+          if not mono:
+            c, _ = load_cartridge(path, model_fingerprint=self.lm.fingerprint)
+            mono["ctx"] = ev.cartridges([c])
+          return mono["ctx"]
+        add(method, mono_ctx, [_file_digest(os.path.join(path, CARTRIDGE_META)), os.stat(path).st_mtime_ns])
+      elif method == "cartridge_retrieved":
+        if not have_store("cas", method):
+          continue
+        index = self.indexes[(mk, "document")]
+        ks = [k for k in retrieval_k if k <= len(index.doc_ids)]
+        if len(ks) < len(retrieval_k):
+          logging.warning("cartridge_retrieved: k > %d (documents in the index) skipped", len(index.doc_ids))
+        if not ks:
+          continue
+        hits = dict(zip([q.qid for q in self.questions], index.search_docs_batch(queries, max(ks))))
+        for k in ks:
+          notes = {}
+
+          def ctx_for(q, k=k, notes=notes, hits=hits):
+            top = hits[q.qid][:k]  # [(doc_id, score)], best first
+            ids = [d for d, _ in top]
+            notes[q.qid] = {"retrieved": ids, "retrieval_scores": [float(s) for _, s in top],
+                            "retrieval_hit": q.doc_id in ids}
+            return ev.cartridges([cart("cas", d) for d in ids], mode="shared")
+          add(f"cartridge_retrieved@{k}", ctx_for, ["cas", store_state["cas"], index.manifest()],
+              {"base_method": method, "k": k, "num_loaded": k, "position_mode": "shared",
+               "retrieval_index": f"{mk}-document"}, notes)
+      elif method == "rag_text":
+        index = self.indexes[(mk, "chunk")]
+        ks = [k for k in retrieval_k if k <= index.num_units]
+        if len(ks) < len(retrieval_k):
+          logging.warning("rag_text: k > %d (chunks in the index) skipped", index.num_units)
+        if not ks:
+          continue
+        hits = dict(zip([q.qid for q in self.questions], index.search_batch(queries, max(ks))))
+        rag_cache = {}
+        for k in ks:
+          notes = {}
+
+          def ctx_for(q, k=k, notes=notes, index=index, hits=hits, rag_cache=rag_cache):
+            top = hits[q.qid][:k]  # [(unit_id, score)], best first
+            ids = [u for u, _ in top]
+            docs = [index.unit(u).doc_id for u in ids]
+            notes[q.qid] = {"retrieved": ids, "retrieved_docs": docs, "retrieval_scores": [float(s) for _, s in top],
+                            "retrieval_hit": q.doc_id in docs}
+            key = tuple(ids)
+            if key not in rag_cache:
+              if len(rag_cache) >= 8:
+                rag_cache.clear()
+              rag_cache[key] = ev.rag_text([index.unit(u).text for u in ids])
+            return rag_cache[key]
+          add(f"rag_text@{k}", ctx_for, [index.manifest()],
+              {"base_method": method, "k": k, "retrieval_index": f"{mk}-chunk{self.retrieval['chunk_words']}"
+               f"o{self.retrieval['overlap_words']}"}, notes)
       else:
-        raise ValueError(f"eval.methods: unknown method {method!r}")
+        raise ValueError(f"config.eval.methods: unknown method {method!r} (known: no_context, icl, "
+                         "cartridge_oracle, cas_composed, isolated_composed, monolithic, "
+                         f"{', '.join(RETRIEVAL_METHODS)})")
+
+    rows = []
+    for job in jobs:
+      name = job["name"]
+      path = os.path.join(partial_dir, _partial_name(name))
+      sig = hashlib.sha256(json.dumps({**base_sig, "method": name, "deps": job["deps"]}, sort_keys=True,
+                                      default=str).encode()).hexdigest()
+      row = self._read_partial(path, sig, name)
+      if row is not None:
+        logging.info("evaluate: %s already done (%s), skipped", name, path)
+        row["resumed"] = True
+        rows.append(row)
+        continue
+      row = run_method(name, self.questions, job["context_for"], ev)
+      notes = job["notes"]
+      if notes:
+        for qr in row["questions"]:
+          qr.update(notes.get(qr["qid"], {}))
+        row["retrieval_hit_rate"] = float(np.mean([n["retrieval_hit"] for n in notes.values()]))
+      row.update(job["extra"])
+      atomic_write_json(path, {"method": name, "signature": sig, "row": row})  # <- this method is done
+      rows.append(row)
     self.timings["eval"] = time.time() - t
     table = markdown_table(rows)
-    out = os.path.join(self.workdir, "eval")
-    os.makedirs(out, exist_ok=True)
     result = {"num_docs": len(self.docs), "p": self.spec.num_tokens, "model": self.lm.source,
-              "timings_s": self.timings, "methods": rows}
-    atomic_write_json(os.path.join(out, "results.json"), result)
-    with open(os.path.join(out, "results.md"), "w") as f:
-      f.write(table)
-    print(table)
+              "timings_s": self.timings, "retrieval": self.retrieval, "methods": rows}
+    result["plots"] = [os.path.basename(p) for p in write_plots(result, out_dir)]
+    atomic_write_json(os.path.join(out_dir, "results.json"), result)
+    recall = recall_markdown(self.retrieval)
+    md = table + (f"\nRetrieval (document recall@k, {len(self.questions)} questions)\n\n{recall}" if recall else "")
+    tmp = os.path.join(out_dir, f".results.md.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+      f.write(md)
+    os.replace(tmp, os.path.join(out_dir, "results.md"))
+    print(md)
     print("stage seconds:", {k: round(v, 1) for k, v in self.timings.items()})
     return result
 
@@ -212,4 +470,5 @@ def run_cas_pipeline(config, workdir: str) -> dict:
     st.train_isolated()
   if "monolithic" in config.eval.methods:
     st.train_monolithic()
+  st.build_indexes()
   return st.evaluate()

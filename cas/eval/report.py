@@ -1,0 +1,161 @@
+"""Evaluation reports beyond the method table (DESIGN §6): retrieval recall as markdown, and the
+plots of a CAS evaluation, drawn with matplotlib's Agg canvas (no display, no pyplot state):
+
+  accuracy_vs_prompt_tokens.png  one point per method: accuracy against the mean prompt tokens
+                                 (left) and the mean KV-cache MiB of the context (right)
+  accuracy_vs_num_loaded.png     composed / retrieved cartridge methods: accuracy against the
+                                 number of cartridges loaded, one line per (method, position
+                                 mode); oracle, no_context, icl, monolithic as horizontal lines
+  recall_at_k.png                document recall@k of every retrieval index
+
+`write_plots(result, out_dir)` takes the results dict that `CasStages.evaluate` writes to
+results.json ({"methods": [row, ...], "retrieval": {"recall": {index: {"recall@k": ...}}}}).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+from absl import logging
+
+# Methods drawn as horizontal reference lines in the num-loaded plot: (name, line style).
+REFERENCE_LINES = (("cartridge_oracle", "-"), ("no_context", ":"), ("icl", "--"), ("monolithic", "-."))
+# Methods drawn as lines over num_loaded in the num-loaded plot.
+LOADED_METHODS = ("cas_composed", "isolated_composed", "cartridge_retrieved")
+
+
+def recall_markdown(retrieval: dict | None) -> str:
+  """A markdown table of retrieval recall@k: one row per index ("" when there is none)."""
+  recall = (retrieval or {}).get("recall") or {}
+  if not recall:
+    return ""
+  ks = sorted({int(k.split("@")[1]) for r in recall.values() for k in r if k.startswith("recall@")})
+  head = ("| index | level | questions | " + " | ".join(f"recall@{k}" for k in ks) + " |\n"
+          + "|---" * (3 + len(ks)) + "|\n")
+  f = lambda r, k: f"{100 * r[f'recall@{k}']:.1f}" if f"recall@{k}" in r else "n/a"
+  return head + "".join(f"| {name} | {r.get('level', '')} | {r.get('num_questions', '')} | "
+                        + " | ".join(f(r, k) for k in ks) + " |\n" for name, r in recall.items())
+
+
+def _new_figure(width: float, height: float, ncols: int = 1):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+  from matplotlib.figure import Figure  # noqa: PLC0415
+  fig = Figure(figsize=(width, height), dpi=120)
+  FigureCanvasAgg(fig)
+  axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+  return fig, axes
+
+
+def _save(fig, path: str) -> str:
+  """Writes the figure as PNG atomically (temporary file + rename); returns `path`."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  fig.tight_layout()
+  fig.savefig(tmp, format="png")
+  os.replace(tmp, path)
+  return path
+
+
+def _finite(x) -> bool:
+  return x is not None and x == x
+
+
+def plot_accuracy_vs_prompt_tokens(rows: Sequence[dict], path: str) -> str | None:
+  rows = [r for r in rows if _finite(r.get("accuracy")) and r.get("num_questions")]
+  if not rows:
+    return None
+  fig, (ax_tok, ax_kv) = _new_figure(13, 5.5, ncols=2)
+  families = sorted({r.get("base_method", r["method"]) for r in rows})
+  markers = "osD^v<>pP*Xh"
+  for ax, key, scale, label in ((ax_tok, "prompt_tokens", 1.0, "mean prompt tokens (text read by the model)"),
+                                (ax_kv, "kv_bytes", 2.0 ** -20, "mean KV cache of the context (MiB)")):
+    labels: dict[tuple[float, float], list[str]] = {}  # methods at (nearly) the same point share one label
+    for fi, fam in enumerate(families):
+      sel = [r for r in rows if r.get("base_method", r["method"]) == fam]
+      xs = [max(r[key] * scale, 1e-3) for r in sel]
+      ys = [100 * r["accuracy"] for r in sel]
+      ax.scatter(xs, ys, marker=markers[fi % len(markers)], s=40, label=fam)
+      for r, x, y in zip(sel, xs, ys):
+        labels.setdefault((round(math.log10(x), 2), round(y, 1)), []).append(r["method"])
+    for (lx, y), names in labels.items():
+      ax.annotate("\n".join(names), (10 ** lx, y), textcoords="offset points", xytext=(4, 3), fontsize=6,
+                  va="bottom")
+    ax.set_xscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-3, 103)
+    ax.grid(True, alpha=0.3)
+  ax_tok.set_title("accuracy vs prompt tokens")
+  ax_kv.set_title("accuracy vs context KV size")
+  ax_kv.legend(fontsize=7, loc="best")
+  return _save(fig, path)
+
+
+def plot_accuracy_vs_num_loaded(rows: Sequence[dict], path: str) -> str | None:
+  lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
+  for r in rows:
+    if r.get("base_method") in LOADED_METHODS and "num_loaded" in r and _finite(r.get("accuracy")):
+      lines.setdefault((r["base_method"], r.get("position_mode", "shared")), []).append(
+          (int(r["num_loaded"]), 100 * r["accuracy"]))
+  if not lines:
+    return None
+  fig, (ax,) = _new_figure(7.5, 5)
+  ns = sorted({n for pts in lines.values() for n, _ in pts})
+  for i, ((method, mode), pts) in enumerate(sorted(lines.items())):
+    pts.sort()  # equal lines stay visible: each has its own marker and dash
+    ax.plot([n for n, _ in pts], [a for _, a in pts], marker="os^vD"[i % 5], linestyle=("-", "--", "-.", ":")[i % 4],
+            markersize=7 - i % 3, label=f"{method} ({mode})")
+  by_name = {r["method"]: r for r in rows}
+  for name, style in REFERENCE_LINES:
+    r = by_name.get(name)
+    if r is not None and _finite(r.get("accuracy")):
+      ax.axhline(100 * r["accuracy"], linestyle=style, color="gray" if name != "cartridge_oracle" else "black",
+                 linewidth=1.2, label=f"{name} ({100 * r['accuracy']:.0f}%)")
+  if len(ns) > 1 and ns[-1] / max(ns[0], 1) >= 8:
+    ax.set_xscale("log", base=2)
+  ax.set_xticks(ns)
+  ax.set_xticklabels([str(n) for n in ns])
+  ax.set_xlabel("cartridges loaded together")
+  ax.set_ylabel("accuracy (%)")
+  ax.set_ylim(-3, 103)
+  ax.set_title("accuracy vs number of loaded cartridges")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7, loc="best")
+  return _save(fig, path)
+
+
+def plot_recall_at_k(retrieval: dict | None, path: str) -> str | None:
+  recall = (retrieval or {}).get("recall") or {}
+  if not recall:
+    return None
+  fig, (ax,) = _new_figure(6.5, 4.5)
+  all_ks = set()
+  for name, r in recall.items():
+    ks = sorted(int(k.split("@")[1]) for k in r if k.startswith("recall@"))
+    all_ks.update(ks)
+    ax.plot(ks, [100 * r[f"recall@{k}"] for k in ks], marker="o", label=f"{name} ({r.get('level', '')})")
+  ax.set_xticks(sorted(all_ks))
+  ax.set_xlabel("k")
+  ax.set_ylabel("recall@k (%)")
+  ax.set_ylim(-3, 103)
+  ax.set_title("retrieval: question's document in the top k")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
+  return _save(fig, path)
+
+
+def write_plots(result: dict, out_dir: str) -> list[str]:
+  """Writes the PNG plots of an evaluation result into `out_dir`; returns the paths written
+  (a plot without data, e.g. no composed methods, is skipped)."""
+  os.makedirs(out_dir, exist_ok=True)
+  rows = result.get("methods", [])
+  written = []
+  for fn, arg, name in ((plot_accuracy_vs_prompt_tokens, rows, "accuracy_vs_prompt_tokens.png"),
+                        (plot_accuracy_vs_num_loaded, rows, "accuracy_vs_num_loaded.png"),
+                        (plot_recall_at_k, result.get("retrieval"), "recall_at_k.png")):
+    p = fn(arg, os.path.join(out_dir, name))
+    if p is None:
+      logging.info("plot %s skipped: nothing to draw", name)
+    else:
+      written.append(p)
+  return written

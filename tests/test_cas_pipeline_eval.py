@@ -1,0 +1,163 @@
+"""CAS evaluation with retrieval (cas/cas_pipeline.py: build_indexes, cartridge_retrieved@k,
+rag_text@k, plots, resume), on a tiny random model with the real SmolLM2 tokenizer, the built-in
+4-document collection and a store filled with init cartridges (no training: only what the
+evaluation loads is checked, not how good it is)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cas.cas_pipeline import CasStages
+from cas.model.loader import LoadedModel
+from cas.rotation.store import ARRAY_NAMES, CartridgeStore
+from cas.testing import TINY_SMOL_VOCAB, real_tokenizer, tiny_model
+from configs.cas import get_config
+
+METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "cartridge_retrieved", "rag_text")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _config():
+  c = get_config("quick")
+  c.data.num_docs = 4
+  c.cartridge.num_tokens = 16
+  c.eval.methods = METHODS
+  c.eval.kinds = ("mc",)  # option scoring only (no generation): fast, and scores are comparable
+  c.eval.max_questions_per_doc = 1
+  c.eval.num_loaded = (1, 2)
+  c.eval.retrieval_k = (1, 2)
+  c.retrieval.ks = (1, 3, 5)
+  return c
+
+
+def _stages(workdir):
+  model = tiny_model(seed=3, cfg=TINY_SMOL_VOCAB, scale=3.0)
+  lm = LoadedModel(model=model, tokenizer=real_tokenizer(), config=TINY_SMOL_VOCAB, source="tiny-random",
+                   fingerprint="tiny-random-smol-vocab-3", hf_config={})
+  return CasStages(_config(), workdir, lm=lm)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """Evaluates once into a fresh workdir whose CAS store holds every document's init cartridge."""
+  workdir = str(tmp_path_factory.mktemp("cas_eval"))
+  st = _stages(workdir)
+  init = st._init_fn()
+  with CartridgeStore(os.path.join(workdir, "cas", "store"), spec=st.spec,
+                      model_fingerprint=st.lm.fingerprint) as store:
+    items = []
+    for d in st.docs:
+      a = init(d.doc_id)
+      items.append((d.doc_id, {**a, **{n: np.zeros_like(a["k"]) for n in ARRAY_NAMES if n not in a}}, 0))
+    store.put_many(items)
+    store.put_frozen(*st._sink())
+  retrieval = st.build_indexes()
+  result = st.evaluate()
+  return st, workdir, retrieval, result
+
+
+def _rows(result):
+  return {r["method"]: r for r in result["methods"]}
+
+
+def test_indexes_and_recall(run):
+  st, workdir, retrieval, result = run
+  assert set(retrieval["indexes"]) == {"bm25-document", "bm25-chunk128o32"}
+  for name, info in retrieval["indexes"].items():
+    assert info["status"] == "built"
+    assert os.path.isfile(os.path.join(workdir, "cas", "retrieval", name, "retriever.json"))
+  doc = retrieval["recall"]["bm25-document"]
+  # 4 documents: k=5 is left out; the built-in questions name their patient, so BM25 is perfect.
+  assert doc["recall@1"] == 1.0 and doc["recall@3"] == 1.0 and "recall@5" not in doc
+  assert doc["num_questions"] == len(st.questions) == 4 and doc["level"] == "doc"
+  assert retrieval["recall"]["bm25-chunk128o32"]["recall@5"] == 1.0
+  assert result["retrieval"]["recall"] == retrieval["recall"]
+  # A second build loads the saved indexes (same collection fingerprint) instead of rebuilding.
+  again = st.build_indexes()
+  assert {i["status"] for i in again["indexes"].values()} == {"loaded"}
+  assert again["recall"] == retrieval["recall"]
+
+
+def test_cartridge_retrieved_loads_the_retrieved_cartridges(run):
+  st, _, _, result = run
+  rows = _rows(result)
+  oracle, r1, r2 = rows["cartridge_oracle"], rows["cartridge_retrieved@1"], rows["cartridge_retrieved@2"]
+  assert r1["retrieval_hit_rate"] == 1.0 and r1["num_loaded"] == 1 and r1["position_mode"] == "shared"
+  for qo, q1, q2 in zip(oracle["questions"], r1["questions"], r2["questions"]):
+    assert q1["retrieved"] == [q1["doc_id"]]  # perfect retrieval: exactly the question's document
+    np.testing.assert_allclose(q1["option_scores"], qo["option_scores"], rtol=0, atol=1e-6)
+    assert len(q2["retrieved"]) == 2 and q2["retrieved"][0] == q2["doc_id"]
+    assert q2["retrieval_scores"][0] >= q2["retrieval_scores"][1]
+    # A second cartridge in the prefix changes the scores (so the equality above is not vacuous).
+    assert np.max(np.abs(np.subtract(q2["option_scores"], qo["option_scores"]))) > 1e-4
+  # Cartridge methods read only the question as text; their KV holds the loaded cartridges.
+  per_tok = TINY_SMOL_VOCAB.kv_bytes_per_token(2)
+  p, f = st.spec.num_tokens, st.spec.num_frozen
+  assert r1["prompt_tokens"] == oracle["prompt_tokens"] == rows["no_context"]["prompt_tokens"]
+  assert r1["kv_bytes"] == (r1["prompt_tokens"] + p) * per_tok
+  assert r2["kv_bytes"] == (r2["prompt_tokens"] + f + 2 * (p - f)) * per_tok
+
+
+def test_rag_text_reads_fewer_tokens_than_icl(run):
+  _, _, _, result = run
+  rows = _rows(result)
+  icl, rag1, rag2, none = rows["icl"], rows["rag_text@1"], rows["rag_text@2"], rows["no_context"]
+  assert none["prompt_tokens"] < rag1["prompt_tokens"] < rag2["prompt_tokens"] < icl["prompt_tokens"]
+  assert rag1["kv_bytes"] < icl["kv_bytes"]
+  per_tok = TINY_SMOL_VOCAB.kv_bytes_per_token(2)
+  assert rag1["kv_bytes"] == rag1["prompt_tokens"] * per_tok
+  for q in rag2["questions"]:
+    assert len(q["retrieved"]) == 2 and q["retrieved_docs"][0] == q["doc_id"]
+    assert all(u.startswith(d + "#") for u, d in zip(q["retrieved"], q["retrieved_docs"]))
+  assert rag1["retrieval_hit_rate"] == 1.0
+
+
+def test_report_files_and_plots(run):
+  _, workdir, _, result = run
+  out = os.path.join(workdir, "eval")
+  names = {"accuracy_vs_prompt_tokens.png", "accuracy_vs_num_loaded.png", "recall_at_k.png"}
+  assert set(result["plots"]) == names
+  for n in names:
+    with open(os.path.join(out, n), "rb") as fh:
+      data = fh.read()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000, n
+  with open(os.path.join(out, "results.json")) as fh:
+    saved = json.load(fh)
+  assert [r["method"] for r in saved["methods"]] == [
+      "no_context", "icl", "cartridge_oracle", "cas_composed@1/shared", "cas_composed@2/shared",
+      "cartridge_retrieved@1", "cartridge_retrieved@2", "rag_text@1", "rag_text@2"]
+  md = open(os.path.join(out, "results.md")).read()
+  assert "| rag_text@2 |" in md and "| bm25-document | doc | 4 |" in md
+
+
+def test_rerun_skips_finished_methods(run):
+  """A rerun loads each finished method from eval/partial/ instead of evaluating it again; a
+  method whose file is missing (killed before it finished) is evaluated."""
+  st, workdir, _, result = run
+  part = os.path.join(workdir, "eval", "partial")
+  files = sorted(os.listdir(part))
+  assert "cas_composed@2-shared.json" in files and len(files) == len(result["methods"])
+  # Plant a marker in one finished result: only a skipped method keeps it.
+  path = os.path.join(part, "rag_text@1.json")
+  with open(path) as fh:
+    d = json.load(fh)
+  d["row"]["accuracy"] = 0.123
+  with open(path, "w") as fh:
+    json.dump(d, fh)
+  os.remove(os.path.join(part, "icl.json"))
+  again = st.evaluate()
+  rows, before = _rows(again), _rows(result)
+  assert rows["rag_text@1"]["accuracy"] == 0.123 and rows["rag_text@1"]["resumed"]
+  assert rows["cartridge_retrieved@1"]["resumed"]
+  assert rows["cartridge_retrieved@1"]["seconds"] == before["cartridge_retrieved@1"]["seconds"]
+  assert "resumed" not in rows["icl"] and os.path.exists(os.path.join(part, "icl.json"))
+  assert rows["icl"]["questions"] == before["icl"]["questions"]  # recomputed: the same answers
+  # A changed store (retrained cartridge) invalidates the cartridge methods but not the text ones.
+  with CartridgeStore(os.path.join(workdir, "cas", "store"), spec=st.spec,
+                      model_fingerprint=st.lm.fingerprint) as store:
+    arrays, count = store.get(st.docs[0].doc_id)
+    store.put(st.docs[0].doc_id, {n: a + 0.01 for n, a in arrays.items()}, count + 1)
+  third = _rows(st.evaluate())
+  assert "resumed" not in third["cartridge_oracle"] and "resumed" not in third["cartridge_retrieved@1"]
+  assert third["rag_text@1"]["accuracy"] == 0.123 and third["no_context"]["resumed"]
