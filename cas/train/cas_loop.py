@@ -10,6 +10,12 @@ Reads top to bottom:
 Checkpoint = Orbax CheckpointManager in <workdir>/checkpoints (slot state: params, moments,
 counts) + meta (slot table, sampler state) + a store snapshot with the same tag, so that a
 killed run resumes exactly (the store is rolled back to the checkpoint's snapshot).
+
+On a mesh (`mesh=cas.sharding.make_mesh(...)`), the same code runs sharded: the frozen model's
+weights are placed by `cas.sharding.shard_model` (FSDP on `fsdp`, tensor parallel on `tensor`),
+the frozen sink is replicated, the slot state (params, moments, counts) is split over its slot
+axis on (data, fsdp) by the SlotManager, and each batch is split over its rows on (data, fsdp)
+(rows that do not divide are replicated). num_slots must be divisible by data * fsdp.
 """
 from __future__ import annotations
 
@@ -23,16 +29,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from cas.cartridge.cartridge import CartridgeSpec
+from cas.distributed import host_to_global, tree_to_global
 from cas.metrics import MetricWriter
 from cas.rotation.manager import SlotManager, resident_bytes
 from cas.rotation.policy import RotationPolicy, validate
 from cas.rotation.store import CartridgeStore
+from cas.sharding import shard_model
 from cas.synth.format import DocConversations, SynthDataset, check_compatible
 from cas.train import checkpoint as ckpt
-from cas.train.cas_step import make_cas_train_step
+from cas.train.cas_step import cas_batch_shardings, make_cas_train_step
 from cas.train.loop import NumericsError
 
 CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
@@ -47,18 +56,44 @@ def _fingerprint(c: dict, spec: CartridgeSpec, doc_ids: Sequence[str]) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def check_mesh(mesh: Mesh, num_slots: int) -> None:
+  """Refuse a slot count the mesh cannot split evenly, and multi-process runs (see below).
+
+  The slot axis is sharded over data * fsdp devices; a num_slots that does not divide would be
+  silently replicated on every device (B times the memory), so it is an error.
+  """
+  data, fsdp = int(mesh.shape.get("data", 1)), int(mesh.shape.get("fsdp", 1))
+  if num_slots % (data * fsdp):
+    raise ValueError(
+        f"train.num_slots={num_slots} is not divisible by the mesh's data * fsdp = {data} * {fsdp} = "
+        f"{data * fsdp} (mesh.data, mesh.fsdp over {mesh.size} devices): the slot axis is split over "
+        f"data * fsdp. Set train.num_slots to a multiple of {data * fsdp} or change mesh.data / mesh.fsdp.")
+  if jax.process_count() > 1:
+    # The step, shardings, batches and Orbax checkpoints are multi-process ready; the cartridge
+    # store and the slot manager's write-behind are not (every process would write the store).
+    raise NotImplementedError(
+        f"train_cas: {jax.process_count()} processes: the cartridge store (cas.rotation) is written by "
+        f"one process only today; run CAS training as a single process over its local devices")
+
+
 def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, doc_ids: Sequence[str],
               spec: CartridgeSpec, frozen: tuple, init_fn: Callable[[str], dict], cfg: dict,
               dtype=jnp.float32, mesh=None, stop_after: int | None = None) -> dict:
-  """Train all documents' cartridges jointly. Returns {"steps", "final_loss", "store", ...}.
+  """Train all documents' cartridges jointly. Returns {"steps", "final_loss", "store",
+  "device_slot_bytes", "counts" (doc_id -> steps), "state_shardings" (slot state leaf -> the
+  Sharding it ended with)}.
 
   frozen: the shared sink (k, v) [L, F, Hkv, D]; init_fn(doc_id) -> {"k", "v"} [L, P-F, Hkv, D]
   for a document that has never been trained (e.g. its first p tokens' KV).
+  mesh: None (one device) or a ("data", "fsdp", "tensor") Mesh; with a mesh, `model`'s weights
+  are moved onto it in place (cas.sharding.shard_model) and stay there after the call.
   """
   c = dict(cfg)
   missing = [k for k in CAS_KEYS if k not in c]
   if missing:
     raise ValueError(f"CAS train config lacks {missing}")
+  if mesh is not None:
+    check_mesh(mesh, c["num_slots"])
   doc_ids = list(doc_ids)
   validate(len(doc_ids), c["num_slots"], c["k_max"], c["evict_fraction"], c["rotate_every"])
   ds = SynthDataset(dataset_dir)
@@ -76,7 +111,12 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
   except Exception:
     store.put_frozen(*frozen)
   fk, fv = store.frozen()
-  frozen_dev = {"k": jnp.asarray(fk), "v": jnp.asarray(fv)}
+  if mesh is None:
+    frozen_dev = {"k": jnp.asarray(fk), "v": jnp.asarray(fv)}  # [L, F, Hkv, D] f32
+  else:
+    shard_model(model, mesh)  # frozen weights: FSDP on fsdp, tensor parallel on tensor
+    rep = NamedSharding(mesh, PartitionSpec())
+    frozen_dev = {"k": host_to_global(fk, rep), "v": host_to_global(fv, rep)}  # replicated sink
   mgr = SlotManager(store, c["num_slots"], init_fn, mesh=mesh)
   policy = RotationPolicy(c["num_slots"], c["evict_fraction"], c["rotate_every"], seed=c["seed"])
   from cas.train.cas_batch import ResidentSampler
@@ -107,7 +147,11 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
       batch = sampler.next_batch(mgr.resident(), c["batch_size"], k_max=c["k_max"], p_isolated=c["p_isolated"],
                                  seq_len=c["seq_len"], top_k=c["top_k"], p=spec.num_tokens,
                                  num_frozen=spec.num_frozen, position_mode=c["position_mode"])
-      batch = {k: jnp.asarray(v) for k, v in batch.items() if k not in ("n_loaded",)}
+      batch = {k: v for k, v in batch.items() if k not in ("n_loaded",)}
+      if mesh is None:
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+      else:  # rows split over (data, fsdp); every process built the same host batch
+        batch = tree_to_global(batch, cas_batch_shardings(mesh, batch))
       state, m = step_fn(state, frozen_dev, model, batch)
       if not bool(m["finite"]):
         raise NumericsError(f"CAS step {step}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} "
@@ -131,4 +175,5 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
   mgr.close()
   manager.close()
   return {"steps": end, "final_loss": last, "store": store.root if hasattr(store, "root") else os.path.join(workdir, "store"),
-          "device_slot_bytes": device_bytes, "counts": counts}
+          "device_slot_bytes": device_bytes, "counts": counts,
+          "state_shardings": {n: x.sharding for n, x in state.items()}}
