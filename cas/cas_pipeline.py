@@ -124,10 +124,7 @@ class CasStages:
   def synth(self):
     t = time.time()
     sc = self.config.synth
-    scfg = SynthConfig(conversations_per_doc=sc.conversations, shard_size=sc.shard_size, batch_size=sc.batch_size,
-                       min_chunk=sc.min_chunk, max_chunk=sc.max_chunk, max_user_tokens=sc.max_user_tokens,
-                       max_answer_tokens=sc.max_answer_tokens, temperature_a=sc.temperature_a,
-                       temperature_b=sc.temperature_b, top_k=sc.top_k, seed=sc.seed)
+    scfg = SynthConfig.from_config(sc)
     m = synthesize(os.path.join(self.workdir, "synth"), documents=self.docs, tokenizer=self.tok, sampler=self.sampler,
                    cfg=scfg, model_fingerprint=self.lm.fingerprint, model_source=self.lm.source)
     self.timings["synth"] = time.time() - t

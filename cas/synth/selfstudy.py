@@ -78,6 +78,14 @@ class SynthConfig:
   seed: int = 0
   families: tuple = SEED_FAMILIES
 
+  @classmethod
+  def from_config(cls, sc) -> "SynthConfig":
+    """From the `synth` section of an ml_collections config (configs/cartridge.py, configs/cas.py)."""
+    return cls(conversations_per_doc=sc.conversations, shard_size=sc.shard_size, batch_size=sc.batch_size,
+               min_chunk=sc.min_chunk, max_chunk=sc.max_chunk, max_user_tokens=sc.max_user_tokens,
+               max_answer_tokens=sc.max_answer_tokens, temperature_a=sc.temperature_a,
+               temperature_b=sc.temperature_b, top_k=sc.top_k, seed=sc.seed)
+
   def manifest_fields(self) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
