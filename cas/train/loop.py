@@ -26,6 +26,17 @@ from cas.train.data import LoaderState, PackedLoader
 from cas.train.step import make_optimizer, make_train_step
 
 
+def model_mesh(model):
+  """The Mesh the model's weights live on (cas.sharding.shard_model), or None on one device."""
+  from flax import nnx
+  from jax.sharding import NamedSharding
+  for x in jax.tree.leaves(nnx.state(model, nnx.Param)):
+    s = getattr(x, "sharding", None)
+    if isinstance(s, NamedSharding) and s.mesh.size > 1:
+      return s.mesh
+  return None
+
+
 class NumericsError(FloatingPointError):
   """NaN/inf in the loss or gradients: training stops before anything is saved."""
 
@@ -60,10 +71,23 @@ def train_cartridge(*, model, model_fingerprint: str, dataset_dir: str, workdir:
   state = {"trainable": trainable, "frozen": frozen, "opt_state": optimizer.init(trainable),
            "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(c["seed"]))}
 
+  mesh = model_mesh(model)
+  batch_sharding = None
+  if mesh is not None:
+    # The model sits on a mesh (e.g. after CAS training sharded it): the cartridge state is
+    # replicated on the same mesh and batches split over (data, fsdp), so one jit sees one
+    # device set, fresh or restored (restoring without target shardings put arrays on device 0).
+    from jax.sharding import NamedSharding, PartitionSpec
+    from cas.distributed import host_to_global
+    from cas.sharding import named_sharding
+    rep = NamedSharding(mesh, PartitionSpec())
+    state = jax.tree.map(lambda x: host_to_global(x, rep), state)
+    batch_sharding = lambda x: named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   manager = ckpt.make_manager(workdir, max_to_keep=c["keep_checkpoints"])
   expect = {"config_fingerprint": fp, "model_fingerprint": model_fingerprint,
             "spec": dataclasses.asdict(spec)}
-  restored = ckpt.restore_latest(manager, jax.eval_shape(lambda: state), expect_meta=expect)
+  restored = ckpt.restore_latest(manager, abstract, expect_meta=expect)
   loader_state = LoaderState()
   start = 0
   if restored is not None:
@@ -86,7 +110,11 @@ def train_cartridge(*, model, model_fingerprint: str, dataset_dir: str, workdir:
   last_loss = float("nan")
   with tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar:
     for step in range(start + 1, end + 1):
-      batch = {k: jnp.asarray(v) for k, v in loader.next_batch().items() if k != "conv_index"}
+      batch = {k: v for k, v in loader.next_batch().items() if k != "conv_index"}
+      if batch_sharding is None:
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+      else:
+        batch = {k: host_to_global(v, batch_sharding(v)) for k, v in batch.items()}
       trainable, opt_state, m = step_fn(trainable, opt_state, frozen, model, batch)
       if not bool(m["finite"]):
         raise NumericsError(f"step {step}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} "
