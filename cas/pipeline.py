@@ -18,8 +18,6 @@ from absl import logging
 
 from cas.cartridge.cartridge import init_cartridge
 from cas.cartridge.io import load_cartridge
-from cas.data import synthetic
-from cas.data.types import load_collection, read_manifest as read_collection_manifest
 from cas.eval.methods import Evaluator, markdown_table, run_method
 from cas.synth.format import atomic_write_json
 from cas.synth.selfstudy import SynthConfig, synthesize
@@ -29,15 +27,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _collection(config, workdir):
-  path = os.path.join(workdir, "collection")
-  if config.data.get("path"):
-    return load_collection(config.data.path)
-  try:
-    read_collection_manifest(path)
-  except Exception:
-    synthetic.write_synthetic_collection(path, config.data.num_docs, config.data.seed, kind=config.data.kind,
-                                         words_per_doc=config.data.get("words_per_doc"))
-  return load_collection(path)
+  """config.data's collection: data.path, the built-in generator, a benchmark (longhealth, quality,
+  qasper from data.manual_dir) or a folder, written once to <workdir>/collection (cas/data/sources.py)."""
+  from cas.data.sources import collection_for_config
+  return collection_for_config(config.data, os.path.join(workdir, "collection"))
 
 
 class Stages:

@@ -4,6 +4,14 @@ distractor mixing and a rotating budget of device slots, plus the baselines.
   python -m launch.cas --config=configs/cas.py:quick --workdir=runs/cas_quick      # CPU, minutes
   python -m launch.cas --config=configs/cas.py:paper --workdir=runs/cas_paper      # one GPU
 
+Evaluation alone (never trains; resumes per method): python -m launch.evaluate with the same flags.
+
+Data (cas/data/sources.py): `data.kind` patients | products (built-in generator), longhealth |
+quality | qasper (source files in `data.manual_dir`, through the tfds builders; `data.split`), or
+folder (.txt/.md files under `data.manual_dir`); `data.path` a saved collection directory.
+  python -m launch.cas --config=configs/cas.py:quick --config.data.kind=longhealth \
+      --config.data.manual_dir=/data/longhealth --config.data.num_docs=20 --workdir=runs/cas_lh
+
 Presets (`arg`): quick (default; 4 documents, B=2 slots, for a CPU), paper (20 documents, B=10 slots, k_max=10).
 
 Retrieval (cas_pipeline.CasStages.build_indexes): a document index and a chunk index per
@@ -24,13 +32,16 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = arg or "quick"
   c = ml_collections.ConfigDict()
+  c.pipeline = "cas"  # launch.evaluate dispatches on it (cas.eval.workdir.pipeline_kind)
   c.model_path = ml_collections.FieldReference(None, field_type=str)
   c.dtype = "float32"
   c.remat = "none"
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ml_collections.FieldReference(None, field_type=str)
-  c.data.kind = "patients"
+  c.data.kind = "patients"  # patients | products (built-in) | longhealth | quality | qasper | folder
+  c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)  # benchmark / folder files
+  c.data.split = ml_collections.FieldReference(None, field_type=str)  # benchmark split; None = the only one
   c.data.num_docs = 4
   c.data.seed = 0
   c.data.words_per_doc = ml_collections.FieldReference(None, field_type=int)

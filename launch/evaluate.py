@@ -1,7 +1,33 @@
-"""Reloads the trained cartridge and evaluates the configured methods.
+"""Evaluates a finished pipeline run: every configured method, one report (never trains).
+
+CAS configs (configs/cas.py; config.pipeline = "cas") run every method of config.eval.methods
+(no_context, icl, cartridge_oracle, cas_composed@n, isolated_composed@n, monolithic,
+cartridge_retrieved@k, rag_text@k) and write <workdir>/eval/results.json, results.md (method table
++ retrieval recall@k) and PNG plots (accuracy vs prompt tokens / KV bytes, accuracy vs number of
+loaded cartridges, recall@k), with a progress bar per method. Killed, the same command resumes:
+finished methods are read back from <workdir>/eval/partial/.
+
+  python -m launch.cas      --config=configs/cas.py:quick --workdir=runs/cas_quick   # train (+ eval)
+  python -m launch.evaluate --config=configs/cas.py:quick --workdir=runs/cas_quick   # eval again
+
+A benchmark instead of the built-in collection (source files in a local folder, read through the
+tfds builders; see cas/data/sources.py), e.g. QuALITY's dev split or LongHealth:
+
+  python -m launch.cas      --config=configs/cas.py:quick --config.data.kind=quality \
+      --config.data.manual_dir=/data/quality --config.data.split=dev --workdir=runs/quality
+  python -m launch.evaluate --config=configs/cas.py:quick --config.data.kind=quality \
+      --config.data.manual_dir=/data/quality --config.data.split=dev --workdir=runs/quality
+
+Single-cartridge configs (configs/cartridge.py) evaluate the trained cartridge of one document:
 
   python -m launch.evaluate --config=configs/cartridge.py:quickstart --workdir=runs/quickstart
+
+A stage the methods need that has not finished (e.g. no CAS store yet) is an error naming it and
+the pipeline command to run (cas.eval.workdir.MissingStageError).
 """
+import shlex
+import sys
+
 from absl import app
 
 from launch.common import CONFIG, WORKDIR
@@ -9,8 +35,13 @@ from launch.common import CONFIG, WORKDIR
 
 def main(argv):
   del argv
-  from cas.pipeline import Stages, run_cartridge_pipeline  # noqa: F401  (import after flag parsing)
-  Stages(CONFIG.value, WORKDIR.value).evaluate()
+  from cas.eval.workdir import MissingStageError, evaluate_workdir, pipeline_kind  # after flag parsing
+  pipeline = "launch.cas" if pipeline_kind(CONFIG.value) == "cas" else "launch.pipeline"
+  command = " ".join(["python", "-m", pipeline] + [shlex.quote(a) for a in sys.argv[1:]])
+  try:
+    evaluate_workdir(CONFIG.value, WORKDIR.value, command=command)
+  except MissingStageError as e:  # a usage problem, not a bug: the message, no traceback
+    sys.exit(f"launch.evaluate: MissingStageError: {e}")
 
 
 if __name__ == "__main__":

@@ -45,11 +45,16 @@ def recall_at_k(retriever: Retriever, questions: Iterable[Question],
   Returns:
     {"recall@k": float for each k, "num_questions": int, "level": level, "kind": retriever.kind}.
   Raises:
-    ValueError if a k exceeds the index (units, or documents for level="doc") or no question is
-    given; RetrievalError if a question's document is not in the index (another collection).
+    ValueError if a k is not a positive int or exceeds the index (units, or documents for
+    level="doc"), or no question is given; RetrievalError if a question's document is not in
+    the index (another collection).
   """
   if level not in ("unit", "doc"):
     raise ValueError(f"level must be 'unit' or 'doc', got {level!r}")
+  ks = list(ks)
+  bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1]
+  if bad:
+    raise ValueError(f"recall_at_k: every k must be a positive int, got ks={ks!r}")
   ks = sorted(set(int(k) for k in ks))
   if not ks:
     raise ValueError("ks is empty")

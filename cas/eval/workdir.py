@@ -1,0 +1,130 @@
+"""Evaluate what a pipeline run left in its workdir (what `python -m launch.evaluate` calls).
+
+`evaluate_workdir(config, workdir)` dispatches on the config's pipeline:
+
+  "cas"        (configs/cas.py)       CasStages(config, workdir).evaluate(): every method of
+               config.eval.methods, per-method resume from <workdir>/eval/partial/, results.json,
+               results.md and the PNG plots; retrieval indexes are loaded, or built when missing
+               (cheap, no training)
+  "cartridge"  (configs/cartridge.py) Stages(config, workdir).evaluate() on the one document
+
+Evaluation never trains. Before loading the model it checks that every stage the configured
+methods read has finished (the CAS / isolated stores hold every document's cartridge and their
+training reached config.train.steps; the monolithic or single cartridge was exported) and
+otherwise raises `MissingStageError` naming the stage, the missing path and the command that
+runs it (the pipeline launchers skip finished stages and resume unfinished ones).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+# Methods (config.eval.methods of a CAS config) -> the training stage (workdir subfolder) they read.
+CAS_STAGE_OF_METHOD = {"cartridge_oracle": "cas", "cas_composed": "cas", "cartridge_retrieved": "cas",
+                       "isolated_composed": "isolated", "monolithic": "monolithic"}
+STAGE_NAMES = {"cas": "CAS training (joint, with rotation)", "isolated": "isolated training (baseline)",
+               "monolithic": "monolithic training (baseline)", "train": "cartridge training"}
+
+
+class MissingStageError(RuntimeError):
+  """Evaluation needs a stage that has not run (or not finished); the message names the stage,
+  what is missing and the command to run."""
+
+
+def pipeline_kind(config) -> str:
+  """'cas' or 'cartridge': config.pipeline when set, else 'cas' for a config with the CAS-only
+  sections (retrieval, train.num_slots), else 'cartridge'."""
+  kind = config.get("pipeline")
+  if kind is None:
+    train = config.get("train") or {}
+    kind = "cas" if config.get("retrieval") is not None or "num_slots" in train else "cartridge"
+  if kind not in ("cas", "cartridge"):
+    raise ValueError(f"config.pipeline={kind!r}: must be 'cas' (configs/cas.py) or 'cartridge' "
+                     "(configs/cartridge.py)")
+  return kind
+
+
+def _latest_step(ckpt_dir: str) -> int | None:
+  """The newest finished Orbax checkpoint step in `ckpt_dir` (finished ones are renamed to their
+  integer step; temporary ones carry a suffix), None when there is none."""
+  if not os.path.isdir(ckpt_dir):
+    return None
+  steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n))]
+  return max(steps) if steps else None
+
+
+def _store_problem(stage_dir: str, doc_ids: list[str], steps: int) -> str | None:
+  """Why the store of a CAS-style training stage in `stage_dir` cannot be evaluated (None: it can)."""
+  from cas.rotation.store import INDEX, STORE_META
+  root = os.path.join(stage_dir, "store")
+  if not os.path.exists(os.path.join(root, STORE_META)):
+    return f"{root}: no cartridge store (the stage has not run)"
+  with open(os.path.join(root, INDEX)) as f:
+    docs = json.load(f).get("docs", {})
+  missing = [d for d in doc_ids if (docs.get(d) or {}).get("gen") is None]
+  if missing:
+    return (f"{root}: no cartridge for {len(missing)} of {len(doc_ids)} documents (e.g. {missing[:3]}); "
+            "the stage has not finished")
+  step = _latest_step(os.path.join(stage_dir, "checkpoints"))
+  if step is None or step < steps:
+    return (f"{os.path.join(stage_dir, 'checkpoints')}: training stopped at step {step or 0} of "
+            f"config.train.steps={steps}")
+  return None
+
+
+def _raise(stages: dict[str, tuple[list[str], str]], command: str) -> None:
+  lines = [f"  {STAGE_NAMES[s]} ({s}/), needed by {', '.join(methods)}: {why}"
+           for s, (methods, why) in stages.items()]
+  raise MissingStageError("cannot evaluate: the configured methods read stages that have not finished:\n"
+                          + "\n".join(lines) + f"\nRun the pipeline first (it skips finished stages and "
+                          f"resumes interrupted ones), then evaluate again:\n  {command}")
+
+
+def check_cas_workdir(config, workdir: str, doc_ids: list[str], command: str | None = None) -> None:
+  """Raises MissingStageError when a stage that config.eval.methods read is missing or unfinished."""
+  from cas.cartridge.io import META as CARTRIDGE_META
+  command = command or "python -m launch.cas --config=<this config> --workdir=" + workdir
+  need: dict[str, list[str]] = {}
+  for m in config.eval.methods:
+    if m in CAS_STAGE_OF_METHOD:
+      need.setdefault(CAS_STAGE_OF_METHOD[m], []).append(m)
+  bad = {}
+  for stage, methods in need.items():
+    stage_dir = os.path.join(workdir, stage)
+    if stage == "monolithic":
+      path = os.path.join(stage_dir, "cartridge")
+      why = None if os.path.exists(os.path.join(path, CARTRIDGE_META)) else f"{path}: not exported yet"
+    else:
+      why = _store_problem(stage_dir, doc_ids, int(config.train.steps))
+    if why:
+      bad[stage] = (methods, why)
+  if bad:
+    _raise(bad, command)
+
+
+def check_cartridge_workdir(config, workdir: str, command: str | None = None) -> None:
+  from cas.cartridge.io import META as CARTRIDGE_META
+  path = os.path.join(workdir, "train", "cartridge")
+  if "cartridge" in config.eval.methods and not os.path.exists(os.path.join(path, CARTRIDGE_META)):
+    command = command or "python -m launch.pipeline --config=<this config> --workdir=" + workdir
+    _raise({"train": (["cartridge"], f"{path}: not exported yet")}, command)
+
+
+def evaluate_workdir(config, workdir: str, *, lm=None, command: str | None = None) -> dict:
+  """Evaluates the run in `workdir` (see the module doc); returns the results dict.
+
+  lm: an already loaded model (cas.model.loader.LoadedModel; CAS configs only), None loads
+  config.model_path. command: the command shown in a MissingStageError (the launcher passes the
+  pipeline command with the user's own flags).
+  """
+  if pipeline_kind(config) == "cas":
+    from cas.cas_pipeline import CasStages
+    from cas.pipeline import _collection
+    docs = _collection(config, workdir).documents[:config.data.num_docs]
+    check_cas_workdir(config, workdir, [d.doc_id for d in docs], command)
+    return CasStages(config, workdir, lm=lm).evaluate()
+  if lm is not None:
+    raise ValueError("evaluate_workdir(lm=...) is only supported for CAS configs (configs/cas.py)")
+  from cas.pipeline import Stages
+  check_cartridge_workdir(config, workdir, command)
+  return Stages(config, workdir).evaluate()
