@@ -29,7 +29,9 @@ setup(
         "matplotlib",  # evaluation plots (Agg canvas)
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0", "hypothesis", "accelerate"],
+        "test": ["pytest", "torch==2.13.0", "hypothesis", "accelerate",
+                 "fastapi", "uvicorn", "openai", "peft>=0.19"],  # serve tests; PEFT CARTRIDGE interop tests
+        "serve": ["fastapi", "uvicorn"],  # python -m launch.serve (cas/serve/api.py)
         "gpu": ["jax[cuda12]"],
     },
 )

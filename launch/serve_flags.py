@@ -1,0 +1,54 @@
+"""Flags shared by launch/serve.py and launch/chat.py, and the engine they build."""
+from absl import flags, logging
+
+WORKDIR = flags.DEFINE_string("workdir", None, "A CAS run directory; its store (<workdir>/cas/store or "
+                              "<workdir>/store) and retrieval index are served as a collection.")
+STORES = flags.DEFINE_multi_string("store", [], "A cartridge store to serve, 'name=path' or 'path' (repeatable).")
+MODEL_PATH = flags.DEFINE_string("model_path", None, "A .gguf file or HF model directory (default: the "
+                                 "default SmolLM2 GGUF in $CAS_HOME).")
+MODEL_NAME = flags.DEFINE_string("model_name", None, "The model id clients use (default: the model file or "
+                                 "directory name).")
+DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
+CACHE_SIZE = flags.DEFINE_integer("cache_size", 64, "Cartridges kept on the device (LRU).")
+MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Requests decoded together.")
+MAX_CONTEXT = flags.DEFINE_integer("max_context", None, "Longest context (cartridge positions + prompt + "
+                                   "reply); default the model's max_position_embeddings.")
+MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Reply length when a request names none.")
+TOP_K = flags.DEFINE_integer("top_k", 2, "Cartridges retrieved when a request names a collection but no top_k.")
+RETRIEVER = flags.DEFINE_enum("retriever", "auto", ["auto", "none"], "Use the document index saved next "
+                              "to each store (auto) or none.")
+
+
+def build_engine():
+  """Load the model and collections named by the flags; returns a started cas.serve.Engine."""
+  import os
+
+  import jax.numpy as jnp
+
+  from cas.model.loader import load_model
+  from cas.serve import Engine, open_collections
+
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[DTYPE.value]
+  lm = load_model(MODEL_PATH.value, param_dtype=dtype, dtype=dtype)
+  colls = open_collections(model_fingerprint=lm.fingerprint, workdir=WORKDIR.value, stores=STORES.value,
+                           retriever=None if RETRIEVER.value == "none" else "auto")
+  if not colls:
+    logging.warning("no --workdir or --store: serving the model without cartridges")
+  name = MODEL_NAME.value or os.path.basename(os.path.normpath(lm.source)).removesuffix(".gguf")
+  engine = Engine(lm.model, lm.tokenizer, colls, model_name=name, cache_size=CACHE_SIZE.value,
+                  max_batch=MAX_BATCH.value, max_context=MAX_CONTEXT.value,
+                  default_max_tokens=MAX_TOKENS.value, default_top_k=TOP_K.value)
+  return engine.start()
+
+
+def quiet_orbax() -> None:
+  """Orbax logs every file operation at INFO (each cartridge load); keep our own lines readable."""
+  import logging as pylogging
+
+  class _DropOrbax(pylogging.Filter):
+    def filter(self, record):
+      return "/orbax/" not in record.pathname
+
+  for h in pylogging.getLogger().handlers + pylogging.getLogger("absl").handlers:
+    h.addFilter(_DropOrbax())
+  pylogging.getLogger("absl").addFilter(_DropOrbax())

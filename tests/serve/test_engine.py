@@ -1,0 +1,150 @@
+"""The serving engine on a real store: greedy output equals the cas Sampler's with the same
+cartridge prefix, batching does not change results, LRU cache, streaming text, errors."""
+from __future__ import annotations
+
+import queue
+import threading
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cas.cartridge.compose import compose
+from cas.model.llama import Prefix
+from cas.model.sampler import Sampler
+from cas.serve import ChatRequest, ServeError
+from cas.serve.engine import Pending, Prepared
+
+Q = [{"role": "user", "content": "Who kept the lighthouse of Varnholm?"}]
+
+
+def reference(world, engine, messages, doc_ids, max_new, mode="shared"):
+  """Greedy text from cas.model.sampler.Sampler with the same cartridges (independent decoder)."""
+  lm = world.lm
+  prompt = lm.tokenizer.apply_chat_template(messages)
+  prefix, off = None, 0
+  if doc_ids:
+    coll = engine.default_collection
+    k, v, off = compose([coll.load(d) for d in doc_ids], mode=mode, inv_freq=lm.model.inv_freq[...])
+    prefix = Prefix(k[:, None], v[:, None], jnp.ones((1, k.shape[1]), bool))
+  gen = Sampler(lm.model, pad_id=lm.tokenizer.pad_id).generate(
+      [prompt], max_new_tokens=max_new, prefix=prefix, position_offset=off, stop_ids=lm.tokenizer.eos_ids)[0]
+  toks = [t for t in gen.tokens.tolist() if t not in lm.tokenizer.eos_ids]
+  return lm.tokenizer.decode(toks), gen
+
+
+@pytest.mark.parametrize("doc_ids,mode", [(["doc_lighthouse"], "shared"),
+                                          (["doc_comet", "doc_lighthouse"], "sequential")])
+def test_greedy_matches_sampler(world, engine, doc_ids, mode):
+  out = engine.complete(ChatRequest(messages=Q, cartridges=doc_ids, position_mode=mode, temperature=0.0,
+                                    max_tokens=12))
+  ref, gen = reference(world, engine, Q, doc_ids, 12, mode)
+  assert out["text"] == ref and len(ref) > 0
+  assert out["usage"]["completion_tokens"] == len(gen.tokens)
+  assert out["finish_reason"] == gen.finish_reason
+  assert [c["doc_id"] for c in out["cartridges"]] == doc_ids
+  # The cartridge changes the answer (so the prefix really reaches the model).
+  plain = engine.complete(ChatRequest(messages=Q, temperature=0.0, max_tokens=12))
+  assert plain["text"] == reference(world, engine, Q, [], 12)[0] and plain["text"] != out["text"]
+
+
+def _collect(engine, prepared) -> queue.Queue:
+  q = queue.Queue()
+  engine.submit(prepared, q.put)
+  return q
+
+
+def _drain(q) -> tuple[str, str]:
+  text = []
+  while True:
+    ev = q.get(timeout=120)
+    if ev.kind == "delta":
+      text.append(ev.text)
+    elif ev.kind == "error":
+      raise ev.error
+    else:
+      return "".join(text), ev.finish_reason
+
+
+def test_batching_does_not_change_answers(engine):
+  reqs = [ChatRequest(messages=Q, cartridges=["doc_lighthouse"], temperature=0.0, max_tokens=10),
+          ChatRequest(messages=[{"role": "user", "content": "Tell me about the comet, its tail and who measured "
+                                 "it first, in one sentence."}], collection="tinyrun", top_k=2,
+                      temperature=0.0, max_tokens=6),
+          ChatRequest(messages=[{"role": "user", "content": "Hi"}], temperature=0.0, max_tokens=8),
+          ChatRequest(messages=Q, cartridges=["doc_orchard"], temperature=0.9, seed=3, max_tokens=8)]
+  solo = [engine.complete(r)["text"] for r in reqs]
+  before = engine.num_batches
+  with engine.hold():
+    prepared = [engine.prepare(r) for r in reqs]
+    queues = [_collect(engine, p) for p in prepared]
+    assert engine.queued() == 4
+  together = [_drain(q)[0] for q in queues]
+  assert engine.num_batches == before + 1
+  assert engine.batch_log[-1] == [p.request_id for p in prepared]
+  assert together == solo  # greedy rows and the seeded sampled row alike
+  assert prepared[1].doc_ids[0] == "doc_comet" and len(prepared[1].doc_ids) == 2
+
+
+def test_lru_cache_evicts_least_recently_used(engine):
+  for d in ["doc_lighthouse", "doc_orchard", "doc_comet", "doc_orchard"]:
+    engine.complete(ChatRequest(messages=Q, cartridges=[d], temperature=0.0, max_tokens=1))
+  s = engine.cache.stats()
+  assert s["resident"] == 2 == s["capacity"] and s["evictions"] >= 1
+  assert engine.cache.keys() == [("tinyrun", "doc_comet"), ("tinyrun", "doc_orchard")]
+  hits = s["hits"]
+  engine.complete(ChatRequest(messages=Q, cartridges=["doc_comet"], temperature=0.0, max_tokens=1))
+  assert engine.cache.stats()["hits"] == hits + 1
+
+
+def test_sampling_is_seeded(engine):
+  r = lambda seed: ChatRequest(messages=Q, cartridges=["doc_orchard"], temperature=1.0, seed=seed, max_tokens=10)
+  a, b, c = (engine.complete(r(s))["text"] for s in (5, 5, 6))
+  assert a == b and a != c
+
+
+def _pending(world, stop=()):
+  tok = world.lm.tokenizer
+  events = []
+  prep = Prepared("r", [1], None, [], None, "shared", 0, 100, 0.0, 1.0, 0, tuple(stop))
+  return Pending(prep, events.append, tok, tok.eos_ids), events
+
+
+def test_incremental_text_stop_strings_and_utf8(world):
+  tok = world.lm.tokenizer
+  p, events = _pending(world, stop=("world peace",))
+  for t in tok.encode("Hello world order, then world peace and more"):
+    if not p.finished:
+      p.add(t)
+  deltas = [e.text for e in events if e.kind == "delta"]
+  assert "".join(deltas) == "Hello world order, then "
+  assert events[-1].kind == "done" and events[-1].finish_reason == "stop"
+  # Multi-byte characters split over byte-level tokens are never emitted half-way.
+  p, events = _pending(world)
+  text = "café ☕ 東京"
+  for t in tok.encode(text):
+    p.add(t)
+  deltas = [e.text for e in events if e.kind == "delta"]
+  assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
+  p.add(tok.eos_ids[0])
+  assert events[-1].finish_reason == "stop" and events[-1].usage["completion_tokens"] == len(tok.encode(text)) + 1
+
+
+def test_errors(engine):
+  def err(**kw) -> ServeError:
+    with pytest.raises(ServeError) as e:
+      engine.prepare(ChatRequest(**{"messages": Q, **kw}))
+    return e.value
+  e = err(cartridges=["doc_lighthouse", "doc_nope"])
+  assert (e.status, e.code) == (404, "cartridge_not_found") and "doc_nope" in e.message
+  assert err(cartridges=["doc_untrained"]).status == 404
+  assert err(collection="nope", top_k=1).code == "collection_not_found"
+  assert err(model="gpt-4o").code == "model_not_found"
+  long = [{"role": "user", "content": "lighthouse " * 300}]
+  e = err(messages=long)
+  assert (e.status, e.code) == (400, "context_length_exceeded")
+  assert err(max_tokens=250, cartridges=["doc_comet"]).code == "context_length_exceeded"
+  assert err(messages=[{"role": "tool", "content": "x"}]).status == 400
+  assert err(position_mode="diagonal").param == "position_mode"
+  # top_k beyond the collection is capped at its size.
+  assert len(engine.prepare(ChatRequest(messages=Q, collection="tinyrun", top_k=10)).doc_ids) == 3
