@@ -10,12 +10,14 @@ Device slot state (a plain dict pytree, the layout the CAS train step takes)::
 The slot axis is sharded over the mesh's ("data", "fsdp") axes (logical axes `SLOTS`); a
 rotation keeps every leaf's sharding. The frozen sink [L, F, Hkv, D] is shared and not here.
 
-A rotation (`rotate`) reads the evicted slots back from the device (one jitted gather, then a
-host copy), hands them to the store (on a background writer thread by default: "write-behind";
-until written they are served from memory, so a document evicted and re-admitted soon after
-sees its newest arrays) and scatters the incoming documents' arrays into the freed slots (one
-jitted `.at[slots].set` with the state donated). Incoming documents are loaded by `prefetch`
-on background threads while the device trains; `rotate` waits only for loads not yet done.
+A rotation (`rotate`) gathers the evicted slots on the device (one jitted gather, dispatched
+asynchronously), hands them to the store (on a background writer thread by default:
+"write-behind"; that thread makes the host copy, so the training thread never waits for the
+device-to-host transfer; until written they are served from memory, so a document evicted and
+re-admitted soon after sees its newest arrays) and scatters the incoming documents' arrays into
+the freed slots (one jitted `.at[slots].set` with the state donated). Incoming documents are
+loaded by `prefetch` on background threads while the device trains, and put on the device there
+too; `rotate` waits only for loads not yet done and never copies slot arrays on the host.
 
 Typical loop (see `rotate_with_policy`)::
 
@@ -52,6 +54,29 @@ STATE_KEYS = ARRAY_NAMES + ("count",)
 MOMENT_NAMES = ("mu_k", "mu_v", "nu_k", "nu_v")
 
 InitFn = Callable[[str], Mapping[str, Any]]
+
+
+class _Gathered:
+  """Rows of one jitted gather, still on the device: {name: [n, ...]} (replicated). The host
+  copy is made once, on first use, by whichever thread needs it (normally the store writer)."""
+
+  def __init__(self, dev: Mapping[str, jax.Array]):
+    self.dev = dict(dev)
+    self._host: dict[str, np.ndarray] | None = None
+    self._lock = threading.Lock()
+
+  def host(self) -> dict[str, np.ndarray]:
+    with self._lock:
+      if self._host is None:
+        self._host = {n: np.asarray(x) for n, x in self.dev.items()}
+        self.dev = {}
+      return self._host
+
+  def count(self, i: int) -> int:
+    with self._lock:
+      if self._host is not None:
+        return int(self._host["count"][i])
+      return int(np.asarray(self.dev["count"])[i])
 
 
 class SlotError(ValueError):
@@ -112,11 +137,16 @@ class SlotManager:
                                          thread_name_prefix="cas-prefetch")
     self._writer = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cas-store-writer")
     self._prefetched: dict[str, cf.Future] = {}
-    self._pending: dict[str, tuple[dict[str, np.ndarray], int, object]] = {}  # doc -> (arrays, count, token)
+    self._pending: dict[str, tuple[_Gathered, int, object]] = {}  # doc -> (gathered rows, row, token)
     self._pending_lock = threading.Lock()
     self._writes: list[cf.Future] = []
     self._scatter_cache: dict = {}
     self._gather_cache: dict = {}
+    first = (self.shardings or {}).get("k")
+    # One admitted slot on the device before the scatter: replicated over the mesh (or the
+    # default device), placed by the loader thread.
+    self._row_sharding = NamedSharding(first.mesh, PartitionSpec()) if first is not None else None
+    self._empty_row: dict[str, jax.Array] | None = None
 
   # -- state
 
@@ -184,10 +214,22 @@ class SlotManager:
     with self._pending_lock:
       p = self._pending.get(doc_id)
     if p is not None:
-      return {n: a.copy() for n, a in p[0].items()}, p[1]
+      host, i = p[0].host(), p[1]
+      return {n: host[n][i].copy() for n in ARRAY_NAMES}, int(host["count"][i])
     if self.store.has(doc_id):
       return self.store.get(doc_id)
     return self._complete(doc_id, self.init_fn(doc_id)), 0
+
+  def _put_row(self, arrays: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """One slot's arrays [L, P-F, Hkv, D] f32 -> device arrays laid out for the scatter."""
+    if self._row_sharding is None:
+      return {n: jax.device_put(arrays[n]) for n in ARRAY_NAMES}
+    return {n: jax.device_put(arrays[n], self._row_sharding) for n in ARRAY_NAMES}
+
+  def _load_device(self, doc_id: str) -> tuple[dict[str, jax.Array], int]:
+    """`_load`, then the arrays put on the device (runs on a loader thread)."""
+    arrays, count = self._load(doc_id)
+    return self._put_row(arrays), count
 
   def prefetch(self, admit_docs: Sequence[str]) -> None:
     """Start loading documents (non-resident) on background threads for a coming `rotate`."""
@@ -196,7 +238,7 @@ class SlotManager:
       if d in resident:
         raise SlotError(f"prefetch: document {d!r} is already resident in slot {resident[d]}")
       if d not in self._prefetched:
-        self._prefetched[d] = self._loader.submit(self._load, d)
+        self._prefetched[d] = self._loader.submit(self._load_device, d)
 
   def cancel_prefetch(self) -> None:
     for f in self._prefetched.values():
@@ -211,21 +253,26 @@ class SlotManager:
     for f in done:
       f.result()  # re-raises a failed background write
 
-  def _write(self, items: list[tuple[str, dict[str, np.ndarray], int]]) -> None:
-    if not items:
+  @staticmethod
+  def _items(docs: Sequence[str], host: Mapping[str, np.ndarray]) -> list[tuple[str, dict[str, np.ndarray], int]]:
+    return [(d, {n: host[n][i] for n in ARRAY_NAMES}, int(host["count"][i])) for i, d in enumerate(docs)]
+
+  def _write(self, docs: Sequence[str], gathered: _Gathered) -> None:
+    """Store row i of `gathered` as document docs[i] (in the background with write-behind)."""
+    if not docs:
       return
     if not self.write_behind:
-      self.store.put_many(items)
+      self.store.put_many(self._items(docs, gathered.host()))
       return
     token = object()
     with self._pending_lock:
-      for d, arrays, count in items:
-        self._pending[d] = (arrays, count, token)
+      for i, d in enumerate(docs):
+        self._pending[d] = (gathered, i, token)
 
     def task():
-      self.store.put_many(items)
+      self.store.put_many(self._items(docs, gathered.host()))  # the host copy happens here
       with self._pending_lock:
-        for d, _, _ in items:
+        for d in docs:
           if d in self._pending and self._pending[d][2] is token:
             del self._pending[d]
 
@@ -241,6 +288,10 @@ class SlotManager:
 
   def _gather(self, state: Mapping[str, jax.Array], slots: Sequence[int]) -> dict[str, np.ndarray]:
     """Host copies of `slots`: arrays [n, L, P-F, Hkv, D] f32, count [n] int32."""
+    return self._gather_device(state, slots).host()
+
+  def _gather_device(self, state: Mapping[str, jax.Array], slots: Sequence[int]) -> _Gathered:
+    """`slots` gathered into new replicated device arrays (dispatched, not waited for)."""
     first = state["k"]
     out_sh = None
     if isinstance(first.sharding, NamedSharding):
@@ -248,19 +299,22 @@ class SlotManager:
     key = out_sh
     if key not in self._gather_cache:
       self._gather_cache[key] = jax.jit(lambda s, i: {n: s[n][i] for n in STATE_KEYS}, out_shardings=out_sh)
-    got = self._gather_cache[key](dict(state), jnp.asarray(slots, jnp.int32))
-    return {n: np.asarray(x.addressable_data(0)) for n, x in got.items()}
+    return _Gathered(self._gather_cache[key](dict(state), jnp.asarray(slots, jnp.int32)))
 
   def _scatter(self, state: dict[str, jax.Array], slots: Sequence[int],
-               updates: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """state with `updates[n][i]` written into slot `slots[i]` (state donated; shardings kept)."""
+               rows: Sequence[Mapping[str, jax.Array]], counts: Sequence[int]) -> dict[str, jax.Array]:
+    """state with rows[i] (device arrays [L, P-F, Hkv, D]) and counts[i] written into slot
+    `slots[i]` (state donated; shardings kept). Stacking happens inside the jitted scatter."""
     shardings = {n: state[n].sharding for n in STATE_KEYS}
     key = tuple(shardings[n] for n in STATE_KEYS)
     if key not in self._scatter_cache:
-      def fn(s, idx, upd):
-        return {n: s[n].at[idx].set(upd[n].astype(s[n].dtype)) for n in STATE_KEYS}
+      def fn(s, idx, rows, cnt):
+        out = {n: s[n].at[idx].set(jnp.stack([r[n] for r in rows]).astype(s[n].dtype)) for n in ARRAY_NAMES}
+        out["count"] = s["count"].at[idx].set(cnt.astype(s["count"].dtype))
+        return out
       self._scatter_cache[key] = jax.jit(fn, donate_argnums=0, out_shardings=shardings)
-    return self._scatter_cache[key](state, jnp.asarray(slots, jnp.int32), updates)
+    return self._scatter_cache[key](state, jnp.asarray(slots, jnp.int32), tuple(dict(r) for r in rows),
+                                    jnp.asarray(np.asarray(counts, np.int32)))
 
   # -- rotation
 
@@ -297,32 +351,30 @@ class SlotManager:
     if not slots:
       return state
 
-    # Start loads that were not prefetched, so that they overlap with the device read below.
-    futures = {d: self._prefetched.pop(d, None) or self._loader.submit(self._load, d) for d in named}
+    # Start loads that were not prefetched, so that they overlap with the device gather below.
+    futures = {d: self._prefetched.pop(d, None) or self._loader.submit(self._load_device, d) for d in named}
 
     out_slots = [s for s in slots if self.table[s] is not None]
-    if out_slots:
-      host = self._gather(state, out_slots)
-      items = [(self.table[s], {n: host[n][i] for n in ARRAY_NAMES}, int(host["count"][i]))
-               for i, s in enumerate(out_slots)]
-      self._write(items)
+    if out_slots:  # dispatched only: the writer thread waits for the device and copies
+      self._write([self.table[s] for s in out_slots], self._gather_device(state, out_slots))
 
-    shape = (len(slots), *self.trainable_shape)
-    updates = {n: np.zeros(shape, np.float32) for n in ARRAY_NAMES}  # [n, L, P-F, Hkv, D] f32
-    updates["count"] = np.zeros((len(slots),), np.int32)
-    for i, d in enumerate(admit):
+    rows, counts = [], []
+    for d in admit:
       if d is None:
+        if self._empty_row is None:
+          self._empty_row = self._put_row({n: np.zeros(self.trainable_shape, np.float32) for n in ARRAY_NAMES})
+        rows.append(self._empty_row)
+        counts.append(0)
         continue
       try:
-        arrays, count = futures[d].result()
+        row, count = futures[d].result()
       except StoreError:
         raise
       except Exception as e:
         raise SlotError(f"rotate: loading document {d!r} failed ({type(e).__name__}: {e})") from e
-      for n in ARRAY_NAMES:
-        updates[n][i] = arrays[n]
-      updates["count"][i] = count
-    new_state = self._scatter(state, slots, updates)
+      rows.append(row)
+      counts.append(count)
+    new_state = self._scatter(state, slots, rows, counts)
     for s, d in zip(slots, admit):
       self.table[s] = d
     logging.debug("rotation: slots %s, out %s, in %s", slots, [self.table[s] for s in out_slots], admit)
@@ -333,8 +385,9 @@ class SlotManager:
     the on-device counts of resident documents."""
     out = self.store.counts()
     with self._pending_lock:
-      for d, (_, c, _) in self._pending.items():
-        out[d] = c
+      pending = [(d, g, i) for d, (g, i, _) in self._pending.items()]
+    for d, g, i in pending:
+      out[d] = g.count(i)
     if state is not None:
       dev = np.asarray(jax.device_get(state["count"]))
       for s, d in enumerate(self.table):
@@ -366,9 +419,7 @@ class SlotManager:
     self._check_state(state)
     occ = [s for s, d in enumerate(self.table) if d is not None]
     if occ:
-      host = self._gather(state, occ)
-      self.store.put_many([(self.table[s], {n: host[n][i] for n in ARRAY_NAMES}, int(host["count"][i]))
-                           for i, s in enumerate(occ)])
+      self.store.put_many(self._items([self.table[s] for s in occ], self._gather(state, occ)))
     if tag is not None:
       self.store.snapshot(tag)
 
