@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from absl import logging
 
@@ -23,7 +24,12 @@ class MetricWriter:
     self._f = open(self.path, "a")
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(logdir)
+      # purge_step: on resume TensorBoard drops the older event file's points after the restored
+      # step (else both runs' points show); flush_secs: curves show up while training runs;
+      # filename_suffix: a writer started in the same second no longer overwrites the last one's
+      # file (names still sort in creation order, which is the order TensorBoard reads them).
+      self._tb = SummaryWriter(logdir, purge_step=truncate_after + 1 if truncate_after else None,
+                               flush_secs=10, filename_suffix=f".{time.time_ns():020d}")
     except ImportError:  # pragma: no cover - tensorboardX is a dependency
       self._tb = None
 

@@ -69,18 +69,23 @@ def plot_accuracy_vs_prompt_tokens(rows: Sequence[dict], path: str) -> str | Non
   markers = "osD^v<>pP*Xh"
   for ax, key, scale, label in ((ax_tok, "prompt_tokens", 1.0, "mean prompt tokens (text read by the model)"),
                                 (ax_kv, "kv_bytes", 2.0 ** -20, "mean KV cache of the context (MiB)")):
-    labels: dict[tuple[float, float], list[str]] = {}  # methods at (nearly) the same point share one label
+    # Methods close on screen (0.1 decade of x, 3 points of accuracy) share one single-line label,
+    # so the many cartridge methods at the same prompt length stay readable.
+    labels: dict[tuple[int, int], list[tuple[float, float, str]]] = {}
     for fi, fam in enumerate(families):
       sel = [r for r in rows if r.get("base_method", r["method"]) == fam]
       xs = [max(r[key] * scale, 1e-3) for r in sel]
       ys = [100 * r["accuracy"] for r in sel]
       ax.scatter(xs, ys, marker=markers[fi % len(markers)], s=40, label=fam)
       for r, x, y in zip(sel, xs, ys):
-        labels.setdefault((round(math.log10(x), 2), round(y, 1)), []).append(r["method"])
-    for (lx, y), names in labels.items():
-      ax.annotate("\n".join(names), (10 ** lx, y), textcoords="offset points", xytext=(4, 3), fontsize=6,
-                  va="bottom")
+        labels.setdefault((round(math.log10(x) / 0.1), round(y / 3)), []).append((x, y, r["method"]))
+    for pts in labels.values():
+      x, y = max(p[0] for p in pts), max(p[1] for p in pts)
+      ax.annotate(", ".join(p[2] for p in sorted(pts, key=lambda p: -p[1])), (x, y), textcoords="offset points",
+                  xytext=(5, 0), fontsize=6, va="center", clip_on=True, in_layout=False)
     ax.set_xscale("log")
+    allx = [max(r[key] * scale, 1e-3) for r in rows]
+    ax.set_xlim(min(allx) / 1.6, max(allx) * 6)  # room on the right for the labels
     ax.set_xlabel(label)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-3, 103)
