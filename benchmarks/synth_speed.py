@@ -1,0 +1,120 @@
+"""Issue 7.2: self-study synthesis speed, cas `Sampler` vs transformers `generate`, same run.
+
+Same random-weight model shape (default Llama-3.2-1B, bf16), same prompts (random ids from the
+same numpy generator, all of `--prompt_len` tokens: a self-study prompt is a system chunk of the
+document plus the seed message), same batch, temperature-1 sampling, `--new_tokens` generated
+per row (EOS never stops a row: cas gets no stop ids, transformers eos_token_id=None), top-20
+log-probs of every generated position returned to the host.
+
+  * cas: `Sampler.generate(prompts, max_new_tokens, temperature=1, top_k_logprobs=20)`: one jitted
+    prefill + `while_loop` decode; compile excluded by a first call with the same buckets.
+  * torch (subprocess started first, `benchmarks/torch_baselines.py generate`):
+    `model.generate(do_sample=True, output_scores=True, return_dict_in_generate=True)` then the
+    top-20 of log_softmax(scores) ("scores"), and a LogitsProcessor recording the top-20 per step
+    ("processor"); SDPA attention, a warm-up call first.
+Reported: generated tokens/s (batch * new_tokens / wall time of the call, prefill included on
+both sides) and cas / torch for each torch mode (target >= 3x).
+
+  python -m benchmarks.synth_speed --model=llama-3.2-1b --batch=64 --prompt_len=1024 --new_tokens=256
+  python -m benchmarks.synth_speed --smoke
+"""
+from __future__ import annotations
+
+import time
+
+from benchmarks import _common as C  # first: sets up cas.model imports and the memory fraction
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from cas.model import attention as attn_lib
+from cas.model.sampler import Sampler
+
+F = flags.FLAGS
+flags.DEFINE_string("model", "llama-3.2-1b", "PRESETS name or tiny")
+flags.DEFINE_integer("batch", 64, "prompts per call")
+flags.DEFINE_integer("prompt_len", 1024, "prompt tokens (a bucket size of the Sampler keeps padding at 0)")
+flags.DEFINE_integer("new_tokens", 256, "generated tokens per prompt")
+flags.DEFINE_integer("top_k", 20, "top-k log-probs per generated position")
+flags.DEFINE_list("attn", ["reference"], f"cas attention implementations: {attn_lib.NAMES[:3]}")
+flags.DEFINE_bool("torch", True, "also run transformers generate (subprocess, first)")
+flags.DEFINE_string("torch_modes", "scores,processor", "torch top-k modes")
+flags.DEFINE_integer("torch_timeout", 300, "seconds before the torch subprocess is killed")
+flags.DEFINE_bool("smoke", False, "tiny model on CPU")
+flags.DEFINE_string("out", None, "append JSON lines here")
+flags.DEFINE_integer("seed", 0, "prompt seed")
+
+
+def main(argv):
+  del argv
+  if F.smoke:
+    F.model, F.batch, F.prompt_len, F.new_tokens, F.top_k = "tiny", 4, 32, 16, 5
+    if F["attn"].present == 0:
+      F.attn = ["reference", "cudnn"]
+  cfg = C.model_config(F.model)
+  emit = C.Emitter(F.out, "synth_speed", {"model": F.model, "batch": F.batch, "prompt_len": F.prompt_len,
+                                          "new_tokens": F.new_tokens})
+  torch_recs = []
+  if F.torch:
+    recs, rc, err = C.run_child(
+        ["-m", "benchmarks.torch_baselines", "generate", f"--model={F.model}", f"--batch={F.batch}",
+         f"--prompt_len={F.prompt_len}", f"--new_tokens={F.new_tokens}", f"--top_k={F.top_k}",
+         f"--modes={F.torch_modes}", f"--seed={F.seed}"], timeout=F.torch_timeout)
+    for r in recs:
+      torch_recs.append(emit.emit({k: v for k, v in r.items() if k not in ("bench", "time", "host")}))
+    if rc != 0 or not recs:
+      emit.emit({"impl": "torch", "status": "error", "rc": rc, "stderr_tail": err[-1500:]})
+
+  info = C.jax_device_info()
+  emit.base.update({"device": info["device"], "jax": info["jax"]})
+  t0 = time.perf_counter()
+  model = C.init_random_model(cfg, dtype=jnp.bfloat16, seed=F.seed)
+  jax.block_until_ready(model.embed[...])
+  emit.emit({"impl": "cas", "event": "model_init", "init_s": time.perf_counter() - t0})
+  rng = np.random.default_rng(F.seed)
+  prompts = rng.integers(3, cfg.vocab_size, (F.batch, F.prompt_len)).tolist()  # same draw as the torch side
+
+  cas_recs = []
+  for name in F.attn:
+    rec = {"impl": "cas", "variant": f"sampler/{name}", "attn": name}
+    prev = attn_lib.install(name)
+    try:
+      sampler = Sampler(model, pad_id=0, cache_dtype=jnp.bfloat16)
+      gen = lambda seed: sampler.generate(prompts, max_new_tokens=F.new_tokens, temperature=1.0,
+                                          top_k_logprobs=F.top_k, seed=seed)
+      t0 = time.perf_counter()
+      gen(0)  # compile + first run
+      rec["first_call_s"] = time.perf_counter() - t0
+      t0 = time.perf_counter()
+      res = gen(1)
+      dt = time.perf_counter() - t0
+      n_gen = sum(len(g.tokens) for g in res)
+      shapes = {g.top_logprobs.shape for g in res}
+      if shapes != {(F.new_tokens, F.top_k)} or n_gen != F.batch * F.new_tokens:
+        raise AssertionError(f"unexpected output: {n_gen} tokens, top-k shapes {shapes}")
+      rec.update({"status": "ok", "time_s": dt, "generated_tokens": n_gen, "tokens_per_s": n_gen / dt,
+                  "compilations": sampler.num_compilations, "memory": C.jax_memory()})
+    except Exception as e:
+      rec.update({"status": "oom" if C.is_oom(e) else "error", "error": C.short_error(e)})
+      logging.exception("cas sampler with %s attention failed", name)
+    finally:
+      attn_lib.restore(prev)
+    cas_recs.append(emit.emit(rec))
+
+  for r in cas_recs:
+    if r.get("status") != "ok":
+      continue
+    for t in torch_recs:
+      if t.get("status") == "ok":
+        emit.emit({"comparison": "cas_vs_torch", "cas_variant": r["variant"], "torch_variant": t["variant"],
+                   "cas_tokens_per_s": r["tokens_per_s"], "torch_tokens_per_s": t["tokens_per_s"],
+                   "speedup": r["tokens_per_s"] / t["tokens_per_s"], "target_speedup": 3.0})
+  if F.smoke and ([r for r in cas_recs if r.get("status") != "ok"]
+                  or (F.torch and not [t for t in torch_recs if t.get("status") == "ok"])):
+    raise SystemExit("smoke: a variant failed")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,133 @@
+"""Every attention implementation in cas.model.attention equals the model's attention.
+
+Masks are built the way `cas.model.llama.Transformer.__call__` builds them: a prefix mask
+([B, P] or [B, T, P]) concatenated with the segment-causal self mask of packed sequences.
+Rows with no visible key (padding) are unspecified and excluded from the comparison.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cas.model import attention as attn
+from cas.model import llama
+
+B, H, HKV, D = 2, 4, 2, 16
+
+
+def _inputs(t: int, p: int, prefix_mask_kind: str, dtype, seed: int = 0):
+  """q [B, T, H, D], full k/v [B, P+T, Hkv, D], full mask [B, T, P+T], prefix mask as given."""
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.standard_normal((B, t, H, D)), dtype)
+  k = jnp.asarray(rng.standard_normal((B, p + t, HKV, D)), dtype)
+  v = jnp.asarray(rng.standard_normal((B, p + t, HKV, D)), dtype)
+  # Packed segments: row 0 = [1]*3 + [2]*(t-5) + [0]*2 (padding), row 1 = [1]*(t-1) + [3].
+  seg = np.zeros((B, t), np.int32)
+  seg[0, :3], seg[0, 3:t - 2] = 1, 2
+  seg[1, :t - 1], seg[1, t - 1] = 1, 3
+  seg = jnp.asarray(seg)
+  idx = jnp.arange(t)
+  self_mask = ((idx[None, :] <= idx[:, None])[None] & (seg[:, None, :] == seg[:, :, None])
+               & (seg[:, None, :] != 0))  # [B, T, T]
+  if prefix_mask_kind == "2d":
+    pm = jnp.asarray(rng.random((B, p)) < 0.7).at[:, 0].set(True)  # [B, P], sink always visible
+    pm_full = jnp.broadcast_to(pm[:, None, :], (B, t, p))
+  else:
+    pm = jnp.asarray(rng.random((B, t, p)) < 0.6)  # [B, T, P]; some rows see no prefix at all
+    pm_full = pm
+  mask = jnp.concatenate([pm_full, self_mask], axis=-1)  # [B, T, P+T]
+  return q, k, v, mask, pm, self_mask
+
+
+def _check(out, ref, mask, tol):
+  out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+  assert out.shape == ref.shape
+  assert np.all(np.isfinite(out))
+  rows = np.asarray(mask.any(-1))  # [B, T]
+  assert rows.sum() >= B * 4  # the comparison covers most rows
+  np.testing.assert_allclose(out[rows], ref[rows], atol=tol, rtol=tol)
+
+
+TOLS = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kind", ["2d", "3d"])
+@pytest.mark.parametrize("name", ["reference", "xla", "split"])
+def test_forward_matches_model_attention(name, kind, dtype):
+  t, p = 8, 5
+  q, k, v, mask, _, _ = _inputs(t, p, kind, dtype)
+  ref = llama.attention(q, k, v, mask)
+  fn = attn.get(name, num_prefix=p)
+  _check(jax.jit(fn)(q, k, v, mask), ref, mask, TOLS[dtype])
+
+
+@pytest.mark.parametrize("kind", ["2d", "3d"])
+def test_split_parts_form_and_shared_prefix(kind):
+  """The 7-argument form, with a per-row prefix and with one prefix shared by every row."""
+  t, p = 8, 5
+  q, k, v, mask, pm, self_mask = _inputs(t, p, kind, jnp.float32)
+  ref = llama.attention(q, k, v, mask)
+  out = attn.split_attention(q, k[:, :p], v[:, :p], pm, k[:, p:], v[:, p:], self_mask)
+  _check(out, ref, mask, 1e-5)
+  shared_k, shared_v = k[:1, :p], v[:1, :p]  # [1, P, Hkv, D]
+  k2 = jnp.concatenate([jnp.broadcast_to(shared_k, (B, p, HKV, D)), k[:, p:]], axis=1)
+  v2 = jnp.concatenate([jnp.broadcast_to(shared_v, (B, p, HKV, D)), v[:, p:]], axis=1)
+  out2 = attn.split_attention(q, shared_k, shared_v, pm, k[:, p:], v[:, p:], self_mask)
+  _check(out2, llama.attention(q, k2, v2, mask), mask, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["xla", "split"])
+def test_gradients_match_model_attention(name):
+  """Gradients w.r.t. q, k, v (the prefix keys are what a cartridge trains) match, fp32."""
+  t, p = 8, 5
+  q, k, v, mask, _, _ = _inputs(t, p, "2d", jnp.float32, seed=1)
+  rows = mask.any(-1)[:, :, None, None]  # only rows with visible keys carry loss
+  w = jnp.asarray(np.random.default_rng(2).standard_normal((B, t, H, D)), jnp.float32)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(jnp.where(rows, fn(q, k, v, mask), 0.0) * w)
+
+  g_ref = jax.grad(loss(llama.attention), argnums=(0, 1, 2))(q, k, v)
+  g = jax.jit(jax.grad(loss(attn.get(name, num_prefix=p)), argnums=(0, 1, 2)))(q, k, v)
+  for a, b in zip(g, g_ref):
+    assert float(jnp.abs(b).max()) > 1e-3  # gradients are not trivially zero
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("t,p", [(7, 5), (8, 4), (5, 2)])
+def test_cudnn_padding_is_exact(t, p):
+  """`pad_for_cudnn` (even T and S) followed by the same fused-attention API (XLA on CPU) and
+  slicing gives the unpadded result: odd T, odd S and both even."""
+  q, k, v, mask, _, _ = _inputs(t, p, "3d", jnp.float32)
+  qp, kp, vp, mp, t0 = attn.pad_for_cudnn(q, k, v, mask)
+  assert qp.shape[1] % 2 == 0 and kp.shape[1] % 2 == 0 and t0 == t
+  out = attn.xla_attention(qp, kp, vp, mp)[:, :t0]
+  _check(out, llama.attention(q, k, v, mask), mask, 1e-5)
+
+
+def test_cudnn_falls_back_off_gpu_and_for_float32():
+  q, k, v, mask, _, _ = _inputs(8, 5, "2d", jnp.float32)
+  _check(attn.cudnn_attention(q, k, v, mask), llama.attention(q, k, v, mask), mask, 1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a CUDA GPU")
+@pytest.mark.parametrize("t,p", [(64, 33), (128, 64)])
+def test_cudnn_matches_model_attention_on_gpu(t, p):
+  q, k, v, mask, _, _ = _inputs(t, p, "2d", jnp.bfloat16)
+  _check(jax.jit(attn.cudnn_attention)(q, k, v, mask), llama.attention(q, k, v, mask), mask, 2e-2)
+
+
+def test_install_switches_the_model_and_restores():
+  prev = attn.install("split", num_prefix=3)
+  try:
+    assert llama.attention is not prev
+  finally:
+    attn.restore(prev)
+  assert llama.attention is prev
+  with pytest.raises(ValueError, match="num_prefix"):
+    attn.get("split")
+  with pytest.raises(ValueError, match="unknown attention"):
+    attn.get("flash9")
