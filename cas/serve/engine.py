@@ -129,9 +129,16 @@ class Pending:
     """Stop generating for this request (e.g. the client went away); no more events."""
     self.cancelled = True
 
+  def _send(self, ev: Event) -> None:
+    try:
+      self.emit(ev)
+    except Exception as e:  # e.g. the HTTP server's event loop is gone: stop this request only
+      logging.warning("request %s: cannot deliver events (%s); cancelled", self.request_id, e)
+      self.cancelled = True
+
   def _emit_upto(self, text: str, end: int) -> None:
     if end > len(self.sent):
-      self.emit(Event("delta", text=text[len(self.sent):end]))
+      self._send(Event("delta", text=text[len(self.sent):end]))
       self.sent = text[:end]
 
   def add(self, token: int) -> None:
@@ -156,16 +163,17 @@ class Pending:
     if self.finished:
       return
     if reason == "length":  # flush text held back for a stop string that never came
-      self._emit_upto(self.tok.decode(self.ids), len(self.tok.decode(self.ids)))
+      text = self.tok.decode(self.ids)
+      self._emit_upto(text, len(text))
     self.finished = True
     n = len(self.prepared.prompt)
-    self.emit(Event("done", finish_reason=reason, usage={
+    self._send(Event("done", finish_reason=reason, usage={
         "prompt_tokens": n, "completion_tokens": self.num_sampled, "total_tokens": n + self.num_sampled}))
 
   def fail(self, err: ServeError) -> None:
     if not self.finished:
       self.finished = True
-      self.emit(Event("error", error=err))
+      self._send(Event("error", error=err))
 
 
 def _buckets(top: int, start: int) -> tuple[int, ...]:
