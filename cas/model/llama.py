@@ -93,6 +93,9 @@ def rms_norm(x: Array, w: Array, eps: float) -> Array:
 
 # ----------------------------------------------------------------------------- attention
 
+ATTENTION_OVERRIDE = None  # set by cas.model.attention.install (benchmarks only)
+
+
 def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   """Grouped-query attention.
 
@@ -155,11 +158,15 @@ class Transformer(nnx.Module):
   """Decoder-only transformer. Frozen in cas: only cartridges are trained."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               dtype=jnp.float32, remat: str = "none"):
+               dtype=jnp.float32, remat: str = "none", attn_impl: str = "auto"):
     cfg.validate()
+    from cas.model import attention as attn_lib
+    if attn_impl not in attn_lib.NAMES or attn_impl == "split":
+      raise ValueError(f"attn_impl={attn_impl!r}; choose from {[n for n in attn_lib.NAMES if n != 'split']}")
     self.cfg = cfg
     self.dtype = dtype
     self.remat = remat
+    self.attn_impl = attn_impl
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
     self.layers = Layers(cfg, rngs, param_dtype)
     self.final_norm = _param(rngs, (cfg.hidden_size,), ("embed",), param_dtype, "ones")
@@ -223,6 +230,10 @@ class Transformer(nnx.Module):
     else:
       mask = self_mask
 
+    from cas.model import attention as attn_lib
+    # Benchmarks may force one implementation for every model (cas.model.attention.install).
+    attn_fn = ATTENTION_OVERRIDE or attn_lib.get(self.attn_impl)
+
     def layer(carry, xs):
       # The cache rides in the carry and is updated in place per layer (passing it through the
       # scan as xs/ys copied the whole cache every decode step).
@@ -251,7 +262,7 @@ class Transformer(nnx.Module):
       if pk is not None:
         keys = jnp.concatenate([pk.astype(dt), keys], axis=1)
         vals = jnp.concatenate([pv.astype(dt), vals], axis=1)
-      a = attention(q, keys, vals, mask)
+      a = attn_fn(q, keys, vals, mask)
       x = x + jnp.einsum("bthd,hde->bte", a, w["wo"].astype(dt))
       h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
       gate = jnp.einsum("bte,em->btm", h, w["w_gate"].astype(dt))
@@ -327,19 +338,20 @@ def params_from_hf(cfg: ModelConfig, sd: Mapping[str, Any], source: str = "check
 
 def build_model(cfg: ModelConfig, params: Mapping | None = None, *, param_dtype=jnp.float32,
                 dtype=jnp.float32, remat: str = "none", seed: int = 0,
-                shardings=None) -> Transformer:
+                shardings=None, attn_impl: str = "auto") -> Transformer:
   """Create a Transformer. With `params` (from `params_from_hf`), weights are set from them
   without materialising a random init first. `shardings`: optional callable(logical_axes, shape)
   -> jax.sharding.Sharding used to place each parameter (e.g. `cas.sharding.model_shardings(mesh)`)."""
   if params is None:
-    model = Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype, remat=remat)
+    model = Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype, remat=remat,
+                        attn_impl=attn_impl)
     if shardings is not None:
       for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
           var.set_value(jax.device_put(var.get_value(), shardings(var.get_metadata()["axes"], var.shape)))
     return model
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype,
-                                             dtype=dtype, remat=remat))
+                                             dtype=dtype, remat=remat, attn_impl=attn_impl))
   model.inv_freq.set_value(jnp.asarray(rope_inv_freq(cfg)))
 
   def assign(var: nnx.Param, arr, name):

@@ -121,13 +121,46 @@ def test_cudnn_matches_model_attention_on_gpu(t, p):
 
 
 def test_install_switches_the_model_and_restores():
+  """install() overrides every model's attention at trace time; restore() undoes it."""
+  from cas.testing import tiny_model
+  m = tiny_model()
+  tok = jnp.asarray(np.arange(1, 9, dtype=np.int32)[None])
+  pos = jnp.arange(8, dtype=jnp.int32)[None]
+  trace = lambda: str(jax.make_jaxpr(lambda t, p: m(t, p)[0])(tok, pos))
+  before = trace()
   prev = attn.install("split", num_prefix=3)
   try:
-    assert llama.attention is not prev
+    assert llama.ATTENTION_OVERRIDE is not None
+    assert trace() != before  # the split implementation was traced instead
   finally:
     attn.restore(prev)
-  assert llama.attention is prev
+  assert llama.ATTENTION_OVERRIDE is prev and trace() == before
   with pytest.raises(ValueError, match="num_prefix"):
     attn.get("split")
   with pytest.raises(ValueError, match="unknown attention"):
     attn.get("flash9")
+
+
+def test_model_attn_impl_choices_agree():
+  """build_model(attn_impl=...) picks the implementation; on CPU "auto" is the reference, and
+  "xla" gives the same logits (prefix + packed segments) within 1e-5 (fp32)."""
+  from cas.model.llama import Prefix, build_model
+  from cas.testing import TINY
+  rng = np.random.default_rng(0)
+  tok = jnp.asarray(rng.integers(1, 100, (2, 10)).astype(np.int32))
+  pos = jnp.asarray(np.broadcast_to(np.arange(4, 14, dtype=np.int32), (2, 10)))
+  seg = jnp.asarray(np.array([[1] * 6 + [2] * 4, [1] * 8 + [0] * 2], np.int32))
+  shape = (TINY.num_layers, 2, 4, TINY.num_kv_heads, TINY.head_dim)
+  prefix = Prefix(jnp.asarray(rng.normal(size=shape).astype(np.float32)),
+                  jnp.asarray(rng.normal(size=shape).astype(np.float32)),
+                  jnp.asarray(np.array([[1, 1, 1, 0], [1, 1, 1, 1]], bool)))
+  out = {}
+  for impl in ("reference", "xla", "auto"):
+    m = build_model(TINY, attn_impl=impl)
+    assert m.attn_impl == impl
+    out[impl] = np.asarray(m(tok, pos, seg, prefix=prefix)[0])
+  valid = np.asarray(seg) > 0
+  np.testing.assert_allclose(out["xla"][valid], out["reference"][valid], atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(out["auto"], out["reference"])
+  with pytest.raises(ValueError, match="attn_impl"):
+    build_model(TINY, attn_impl="flash9")
