@@ -9,11 +9,21 @@ Layout of a store directory::
                              the next generation number and the frozen sink's generation
   snapshots/<tag>.json       copies of index.json taken at checkpoints (see `snapshot`/`rollback`)
   docs/<slug>-<hash>/g<gen>/ one immutable version of one document:
-      meta.json              {doc_id, gen, count}
+      meta.json              {doc_id, gen, count, files: {path under arrays/: [bytes, sha256]}}
       arrays/                Orbax PyTree checkpoint of {k, v, mu_k, mu_v, nu_k, nu_v}
                              each [L, P-F, Hkv, D] float32
   frozen/g<gen>/arrays/      optional shared sink {frozen_k, frozen_v} [L, F, Hkv, D] float32
-  .lock                      flock held by the (single) writing process
+  frozen/g<gen>/files.json   its checksums {files: {path under arrays/: [bytes, sha256]}}
+  corrupt.json               versions found damaged on read (doc_id -> [gen]); snapshots that
+                             refer to them are refused by `verify_snapshot`
+  .lock                      flock held by the (single) writing process (cas.locking: records
+                             pid, host, start time)
+
+Integrity: every version carries sha256 checksums of its files, verified before each read, so
+a truncated, zeroed or missing file raises `StoreCorruptError` naming the file (Orbax alone
+reads some damaged files without noticing). With check_finite=True (as CAS training opens it)
+non-finite arrays are refused by `put`, so a NaN never reaches the store. A missing or corrupt index.json of a store that has snapshots is
+rebuilt from the newest snapshot (with a warning) when the store is opened for writing.
 
 Atomicity: a new version is written (with Orbax; `put_many` writes several documents on a
 few threads) into `docs/<dir>/.tmp-*`, renamed to `g<gen>` and only
@@ -31,7 +41,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -46,6 +55,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from cas.cartridge.cartridge import Cartridge, CartridgeSpec
+from cas.locking import DirLock, LockError
 
 FORMAT = "cas-cartridge-store"
 VERSION = 1
@@ -54,10 +64,54 @@ STORE_META = "store.json"
 INDEX = "index.json"
 DOC_META = "meta.json"
 LOCK = ".lock"
+FROZEN_FILES = "files.json"
+CORRUPT = "corrupt.json"
+FULL_VERIFY_BYTES = 1 << 30  # verify_snapshot hashes every file up to this many bytes in total
 
 
 class StoreError(ValueError):
   """A cartridge store that is missing, corrupt, locked, or belongs to another model/spec."""
+
+
+class StoreCorruptError(StoreError):
+  """Files of the store that are missing, truncated or altered (checksum mismatch)."""
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _checksums(root: str) -> dict[str, list]:
+  """{path relative to root: [bytes, sha256]} of every file under root."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    for fn in sorted(filenames):
+      p = os.path.join(dirpath, fn)
+      out[os.path.relpath(p, root).replace(os.sep, "/")] = [os.path.getsize(p), _sha256(p)]
+  return out
+
+
+def _verify_files(root: str, files: Mapping[str, Any], what: str, full: bool = True) -> int:
+  """Raise StoreCorruptError naming the first file under root that is missing, has another size
+  or (full) another sha256 than recorded. Returns the number of bytes checked."""
+  total = 0
+  for rel, (size, digest) in sorted(files.items()):
+    p = os.path.join(root, *rel.split("/"))
+    if not os.path.isfile(p):
+      raise StoreCorruptError(f"{p}: {what}: file is missing")
+    got = os.path.getsize(p)
+    if got != size:
+      raise StoreCorruptError(f"{p}: {what}: file has {got} bytes, {size} were written (truncated)")
+    if full and _sha256(p) != digest:
+      raise StoreCorruptError(f"{p}: {what}: file changed since it was written (sha256 mismatch: "
+                              f"zeroed or corrupted)")
+    total += size
+  return total
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -116,7 +170,11 @@ class CartridgeStore:
   """
 
   def __init__(self, root: str, *, spec: CartridgeSpec, model_fingerprint: str, create: bool = True,
-               read_only: bool = False, keep_snapshots: int = 3, write_workers: int = 4):
+               read_only: bool = False, keep_snapshots: int = 3, write_workers: int = 4,
+               check_finite: bool = False):
+    """check_finite: refuse to `put` arrays with NaN/inf (training opens its store with True:
+    a NaN never reaches it; the default False keeps the store a bit-exact container, e.g. for
+    round-trip tests with special values)."""
     if not isinstance(model_fingerprint, str) or not model_fingerprint:
       raise StoreError(f"model_fingerprint must be a non-empty string, got {model_fingerprint!r}")
     if keep_snapshots < 1:
@@ -127,8 +185,9 @@ class CartridgeStore:
     self.read_only = read_only
     self.keep_snapshots = keep_snapshots
     self.write_workers = max(1, int(write_workers))
+    self.check_finite = check_finite
     self._lock = threading.RLock()
-    self._lock_fd: int | None = None
+    self._dir_lock: DirLock | None = None
     meta_path = os.path.join(self.root, STORE_META)
     want = {"format": FORMAT, "version": VERSION, "spec": dataclasses.asdict(spec),
             "model_fingerprint": model_fingerprint, "arrays": list(ARRAY_NAMES), "dtype": "float32"}
@@ -136,18 +195,21 @@ class CartridgeStore:
       if not create or read_only:
         raise StoreError(f"{self.root}: no cartridge store here ({STORE_META} missing); "
                          f"create it with create=True")
-      if os.path.isdir(self.root) and os.listdir(self.root):
+      if os.path.isdir(self.root) and not self._only_creation_leftovers():
         raise StoreError(f"{self.root}: directory exists, is not empty and is not a cartridge store "
                          f"(no {STORE_META}); refusing to write into it")
-      os.makedirs(os.path.join(self.root, "docs"), exist_ok=True)
       self._acquire_lock()
+      if os.path.exists(meta_path):  # another process created it between our check and the lock
+        raise StoreError(f"{self.root}: store was created concurrently by another process")
+      os.makedirs(os.path.join(self.root, "docs"), exist_ok=True)
       _write_json_atomic(os.path.join(self.root, INDEX), {"next_gen": 0, "frozen": None, "docs": {}})
       _write_json_atomic(meta_path, want)  # written last: its presence means "a valid store"
       logging.info("created cartridge store %s (spec %s)", self.root, spec)
     else:
       have = _read_json(meta_path, "cartridge store metadata")
-      if have.get("format") != FORMAT:
-        raise StoreError(f"{meta_path}: not a cartridge store (format {have.get('format')!r})")
+      if not isinstance(have, dict) or have.get("format") != FORMAT:
+        raise StoreError(f"{meta_path}: not a cartridge store (format "
+                         f"{have.get('format') if isinstance(have, dict) else have!r})")
       if have.get("version") != VERSION:
         raise StoreError(f"{meta_path}: store format version {have.get('version')} is not supported "
                          f"(this code reads version {VERSION})")
@@ -162,30 +224,75 @@ class CartridgeStore:
                          + "; use another store directory for a different model or cartridge size")
       if not read_only:
         self._acquire_lock()
-    self._index = self._load_index()
+    try:
+      self._index = self._load_index()
+    except StoreError as e:
+      if read_only or not self.snapshots():
+        raise
+      self._index = self._recover_index(e)
     self._snap_refs = self._load_snapshot_refs()
     if not read_only:
       self._gc_all()
 
   # -- lifecycle
 
+  def _only_creation_leftovers(self) -> bool:
+    """True when the directory holds nothing but what an interrupted creation writes (the lock
+    file, an empty docs/, index.json and its temp files): creation is then simply redone."""
+    for name in os.listdir(self.root):
+      p = os.path.join(self.root, name)
+      if name == LOCK or name == INDEX or name.startswith(f"{INDEX}.tmp-") or name.startswith(f"{STORE_META}.tmp-"):
+        continue
+      if name == "docs" and os.path.isdir(p) and not os.listdir(p):
+        continue
+      return False
+    return True
+
+  def _recover_index(self, err: StoreError) -> dict:
+    """index.json is missing/corrupt: rebuild it from the newest readable snapshot."""
+    for tag in reversed(self.snapshots()):
+      try:
+        idx = _read_json(os.path.join(self._snap_dir(), f"{tag}.json"), f"store snapshot {tag}")
+      except StoreError:
+        continue
+      if not isinstance(idx, dict) or not isinstance(idx.get("docs"), dict) or "next_gen" not in idx:
+        continue
+      idx["next_gen"] = max(idx["next_gen"], self._max_gen_on_disk() + 1)  # never reuse a generation
+      logging.warning("%s (%s); rebuilt the index from snapshot %d: writes after that snapshot are "
+                      "discarded", err, type(err).__name__, tag)
+      self._index = idx
+      self._commit_index()
+      return idx
+    raise err
+
+  def _max_gen_on_disk(self) -> int:
+    best = -1
+    for sub in ("docs", "frozen"):
+      base = os.path.join(self.root, sub)
+      dirs = [base] if sub == "frozen" else [os.path.join(base, d) for d in (os.listdir(base) if os.path.isdir(base) else ())]
+      for d in dirs:
+        if not os.path.isdir(d):
+          continue
+        for e in os.listdir(d):
+          m = re.fullmatch(r"(?:\.tmp-)?g(\d+).*", e)
+          if m:
+            best = max(best, int(m.group(1)))
+    return best
+
   def _acquire_lock(self) -> None:
-    os.makedirs(self.root, exist_ok=True)
-    fd = os.open(os.path.join(self.root, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    lock = DirLock(self.root, what="cartridge store", filename=LOCK)
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as e:
-      os.close(fd)
+      lock.acquire()
+    except LockError as e:
       raise StoreError(f"{self.root}: cartridge store is open for writing by another process or "
-                       f"store object ({LOCK} is locked); open it with read_only=True to read") from e
-    self._lock_fd = fd
+                       f"store object ({e}); open it with read_only=True to read") from e
+    self._dir_lock = lock
 
   def close(self) -> None:
     """Release the writer lock (the store object must not be used afterwards)."""
-    if self._lock_fd is not None:
-      fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-      os.close(self._lock_fd)
-      self._lock_fd = None
+    if self._dir_lock is not None:
+      self._dir_lock.release()
+      self._dir_lock = None
 
   def __enter__(self) -> "CartridgeStore":
     return self
@@ -200,7 +307,7 @@ class CartridgeStore:
   def _check_writable(self) -> None:
     if self.read_only:
       raise StoreError(f"{self.root}: store was opened read_only; cannot write")
-    if self._lock_fd is None:
+    if self._dir_lock is None:
       raise StoreError(f"{self.root}: store was closed; reopen it to write")
 
   # -- index
@@ -301,6 +408,10 @@ class CartridgeStore:
       if not np.issubdtype(a.dtype, np.floating):
         raise StoreError(f"put({doc_id!r}): {n} has dtype {a.dtype}, expected float32")
       out[n] = np.ascontiguousarray(a, dtype=np.float32)  # [L, P-F, Hkv, D] f32
+      if self.check_finite and not np.isfinite(out[n]).all():
+        bad = int(np.size(out[n]) - np.isfinite(out[n]).sum())
+        raise StoreError(f"put({doc_id!r}): {n} holds {bad} NaN/inf values; refusing to store a "
+                         f"non-finite cartridge (the previous version is kept)")
     return out
 
   def put(self, doc_id: str, arrays: Mapping[str, Any], count: int) -> None:
@@ -373,8 +484,9 @@ class CartridgeStore:
     tmp = os.path.join(ddir, f".tmp-g{gen}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     _orbax_save(os.path.join(tmp, "arrays"), arrays)
+    files = _checksums(os.path.join(tmp, "arrays"))
     with open(os.path.join(tmp, DOC_META), "w") as f:
-      json.dump({"doc_id": doc_id, "gen": gen, "count": count}, f)
+      json.dump({"doc_id": doc_id, "gen": gen, "count": count, "files": files}, f)
     os.rename(tmp, os.path.join(ddir, f"g{gen}"))
     return doc_id, name, gen, count
 
@@ -391,34 +503,45 @@ class CartridgeStore:
       path = os.path.join(self.root, "docs", e["dir"], f"g{e['gen']}")
       try:
         return self._read_version(doc_id, path, e["gen"], e["count"])
-      except StoreError:
+      except StoreError as err:
         # A concurrent writer (another thread, or the training process when read_only) may have
         # replaced and deleted this generation: retry with the current index.
         with self._lock:
           if self.read_only:
             self._index = self._load_index()
           now = self._index["docs"].get(doc_id, {}).get("gen")
-        if now == e["gen"] or attempt == 2:
+        if now == e["gen"]:
+          if isinstance(err, StoreCorruptError):
+            self._mark_corrupt(doc_id, e["gen"])
+          raise
+        if attempt == 2:
           raise
     raise AssertionError("unreachable")
 
   def _read_version(self, doc_id: str, path: str, gen: int, count: int):
     if not os.path.isdir(path):
       raise StoreError(f"{path}: files of document {doc_id!r} (generation {gen}) are missing")
-    meta = _read_json(os.path.join(path, DOC_META), f"metadata of document {doc_id!r}")
-    if meta.get("doc_id") != doc_id or meta.get("gen") != gen or meta.get("count") != count:
-      raise StoreError(f"{path}: metadata {meta} does not match the index entry for document "
-                       f"{doc_id!r} (gen {gen}, count {count})")
+    try:
+      meta = _read_json(os.path.join(path, DOC_META), f"metadata of document {doc_id!r}")
+    except StoreError as e:
+      raise StoreCorruptError(str(e)) from e
+    if not isinstance(meta, dict) or meta.get("doc_id") != doc_id or meta.get("gen") != gen \
+        or meta.get("count") != count:
+      raise StoreCorruptError(f"{path}: metadata {meta} does not match the index entry for document "
+                              f"{doc_id!r} (gen {gen}, count {count})")
+    if isinstance(meta.get("files"), dict):  # versions written before checksums have none
+      _verify_files(os.path.join(path, "arrays"), meta["files"],
+                    f"cannot read the arrays of document {doc_id!r} (generation {gen})")
     try:
       tree = _orbax_restore(os.path.join(path, "arrays"))
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
-      raise StoreError(f"{path}: cannot read the arrays of document {doc_id!r} ({type(e).__name__}: "
-                       f"{e})") from e
+      raise StoreCorruptError(f"{path}: cannot read the arrays of document {doc_id!r} "
+                              f"({type(e).__name__}: {e})") from e
     out = {}
     for n in ARRAY_NAMES:
       a = tree.get(n) if isinstance(tree, dict) else None
       if a is None or np.shape(a) != self.spec.trainable_shape:
-        raise StoreError(f"{path}: array {n!r} of document {doc_id!r} is missing or has shape "
+        raise StoreCorruptError(f"{path}: array {n!r} of document {doc_id!r} is missing or has shape "
                          f"{None if a is None else np.shape(a)}, expected {self.spec.trainable_shape}")
       out[n] = np.asarray(a, np.float32)
     return out, count
@@ -440,6 +563,8 @@ class CartridgeStore:
     tmp = os.path.join(fdir, f".tmp-g{gen}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     _orbax_save(os.path.join(tmp, "arrays"), {"frozen_k": fk, "frozen_v": fv})
+    with open(os.path.join(tmp, FROZEN_FILES), "w") as f:
+      json.dump({"files": _checksums(os.path.join(tmp, "arrays"))}, f)
     os.rename(tmp, os.path.join(fdir, f"g{gen}"))
     with self._lock:
       old = self._index.get("frozen")
@@ -448,6 +573,11 @@ class CartridgeStore:
       if old is not None and old not in self._snap_refs.get(None, ()):
         shutil.rmtree(os.path.join(fdir, f"g{old}"), ignore_errors=True)
 
+  def has_frozen(self) -> bool:
+    """True when a shared sink has been stored (`put_frozen`)."""
+    with self._lock:
+      return self._index.get("frozen") is not None
+
   def frozen(self) -> tuple[np.ndarray, np.ndarray]:
     """The shared sink (frozen_k, frozen_v) [L, F, Hkv, D] f32; StoreError when never stored."""
     with self._lock:
@@ -455,10 +585,11 @@ class CartridgeStore:
     if gen is None:
       raise StoreError(f"{self.root}: no frozen sink stored (call put_frozen, or pass frozen_k/v)")
     path = os.path.join(self.root, "frozen", f"g{gen}", "arrays")
+    self._verify_frozen(gen)
     try:
       tree = _orbax_restore(path)
     except Exception as e:
-      raise StoreError(f"{path}: cannot read the frozen sink ({type(e).__name__}: {e})") from e
+      raise StoreCorruptError(f"{path}: cannot read the frozen sink ({type(e).__name__}: {e})") from e
     return np.asarray(tree["frozen_k"], np.float32), np.asarray(tree["frozen_v"], np.float32)
 
   def export_cartridge(self, doc_id: str, frozen_k: Any = None, frozen_v: Any = None) -> Cartridge:
@@ -539,6 +670,88 @@ class CartridgeStore:
       self._gc_all()
     logging.info("cartridge store %s rolled back to snapshot %d", self.root, tag)
 
+  # -- integrity
+
+  def _verify_frozen(self, gen: int, full: bool = True) -> int:
+    gdir = os.path.join(self.root, "frozen", f"g{gen}")
+    if not os.path.isdir(gdir):
+      raise StoreCorruptError(f"{gdir}: files of the frozen sink (generation {gen}) are missing")
+    fpath = os.path.join(gdir, FROZEN_FILES)
+    if not os.path.exists(fpath):
+      return 0  # written before checksums existed
+    try:
+      files = _read_json(fpath, "frozen sink checksums")["files"]
+    except (StoreError, KeyError, TypeError) as e:
+      raise StoreCorruptError(f"{fpath}: corrupt checksums of the frozen sink ({e})") from e
+    return _verify_files(os.path.join(gdir, "arrays"), files, "frozen sink", full=full)
+
+  def _load_corrupt(self) -> dict[str, list[int]]:
+    path = os.path.join(self.root, CORRUPT)
+    if not os.path.exists(path):
+      return {}
+    try:
+      obj = _read_json(path, "list of corrupt versions")
+    except StoreError:
+      return {}
+    return obj if isinstance(obj, dict) else {}
+
+  def _mark_corrupt(self, doc_id: str, gen: int) -> None:
+    """Remember a damaged version so that snapshots referring to it are refused later (only the
+    writing process records it)."""
+    if self.read_only or self._dir_lock is None:
+      return
+    with self._lock:
+      bad = self._load_corrupt()
+      if gen not in bad.get(doc_id, []):
+        bad.setdefault(doc_id, []).append(gen)
+        _write_json_atomic(os.path.join(self.root, CORRUPT), bad)
+
+  def _check_version(self, doc_id: str, entry: Mapping[str, Any], full: bool, corrupt: Mapping) -> int:
+    gen = entry["gen"]
+    path = os.path.join(self.root, "docs", entry["dir"], f"g{gen}")
+    what = f"document {doc_id!r} (generation {gen})"
+    if gen in corrupt.get(doc_id, ()):
+      raise StoreCorruptError(f"{path}: {what} was found damaged earlier (see {CORRUPT})")
+    if not os.path.isdir(path):
+      raise StoreCorruptError(f"{path}: files of {what} are missing")
+    try:
+      meta = _read_json(os.path.join(path, DOC_META), f"metadata of {what}")
+    except StoreError as e:
+      raise StoreCorruptError(str(e)) from e
+    if not isinstance(meta, dict) or meta.get("gen") != gen or meta.get("doc_id") != doc_id \
+        or meta.get("count") != entry["count"]:
+      raise StoreCorruptError(f"{path}: metadata {meta} does not match {what}, count {entry['count']}")
+    if not isinstance(meta.get("files"), dict):
+      return 0
+    return _verify_files(os.path.join(path, "arrays"), meta["files"], f"arrays of {what}", full=full)
+
+  def verify_snapshot(self, tag: int, full: bool | None = None) -> dict:
+    """Check that snapshot `tag` and every version it refers to are intact (files present, sizes
+    and, with full=True, sha256 as written; full=None hashes when the snapshot's files total at
+    most FULL_VERIFY_BYTES, else checks sizes here and leaves hashing to each read). Raises
+    StoreCorruptError naming the first damaged file; returns {"docs", "bytes", "hashed"}."""
+    path = os.path.join(self._snap_dir(), f"{int(tag)}.json")
+    if not os.path.exists(path):
+      raise StoreCorruptError(f"{path}: store snapshot {tag} is missing (have {self.snapshots()})")
+    try:
+      snap = _read_json(path, f"store snapshot {tag}")
+    except StoreError as e:
+      raise StoreCorruptError(str(e)) from e
+    if not isinstance(snap, dict) or not isinstance(snap.get("docs"), dict):
+      raise StoreCorruptError(f"{path}: corrupt store snapshot {tag} (no 'docs')")
+    corrupt = self._load_corrupt()
+    entries = [(d, e) for d, e in snap["docs"].items() if isinstance(e, dict) and e.get("gen") is not None]
+    total = sum(self._check_version(d, e, False, corrupt) for d, e in entries)
+    if snap.get("frozen") is not None:
+      total += self._verify_frozen(snap["frozen"], full=False)
+    hashed = full if full is not None else total <= FULL_VERIFY_BYTES
+    if hashed:
+      for d, e in entries:
+        self._check_version(d, e, True, corrupt)
+      if snap.get("frozen") is not None:
+        self._verify_frozen(snap["frozen"], full=True)
+    return {"docs": len(entries), "bytes": total, "hashed": hashed}
+
   # -- garbage collection
 
   def _gc_all(self) -> None:
@@ -568,8 +781,12 @@ class CartridgeStore:
       if os.path.isdir(fdir):
         removed += self._gc_dir(fdir, frozen_keep)
       for f in os.listdir(self.root):
-        if f.startswith(f"{INDEX}.tmp-"):
+        if f.startswith((f"{INDEX}.tmp-", f"{CORRUPT}.tmp-")):
           os.remove(os.path.join(self.root, f))
+      sdir = self._snap_dir()
+      for f in os.listdir(sdir) if os.path.isdir(sdir) else ():
+        if ".tmp-" in f:  # a snapshot write that was killed
+          os.remove(os.path.join(sdir, f))
       if removed:
         logging.info("cartridge store %s: removed %d stale versions/temp dirs", self.root, removed)
 
