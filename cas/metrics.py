@@ -17,10 +17,15 @@ class MetricWriter:
     self.log_every = max(1, log_every)
     if truncate_after is not None and os.path.exists(self.path):
       # On resume, drop records past the restored step so the log equals an uninterrupted run's.
-      with open(self.path) as f:
-        keep = [l for l in f if l.strip() and json.loads(l)["step"] <= truncate_after]
-      with open(self.path, "w") as f:
+      # Rewritten atomically (temp file + rename): a run killed here keeps the old log. A torn
+      # last line (killed mid-write) is dropped.
+      keep = [json.dumps(r) + "\n" for r in read_metrics(logdir) if r["step"] <= truncate_after]
+      tmp = f"{self.path}.tmp-{os.getpid()}"
+      with open(tmp, "w") as f:
         f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self.path)
     self._f = open(self.path, "a")
     try:
       from tensorboardX import SummaryWriter
@@ -53,5 +58,17 @@ def read_metrics(logdir: str) -> list[dict]:
   path = os.path.join(logdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
+  out = []
   with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]
+    lines = f.readlines()
+  for i, l in enumerate(lines):
+    if not l.strip():
+      continue
+    try:
+      out.append(json.loads(l))
+    except json.JSONDecodeError:
+      if i == len(lines) - 1 and not l.endswith("\n"):  # torn last line of a killed writer
+        logging.warning("%s: dropping a partially written last line", path)
+        continue
+      raise ValueError(f"{path}:{i + 1}: corrupt metrics line {l[:80]!r}") from None
+  return out

@@ -19,6 +19,7 @@ axis on (data, fsdp) by the SlotManager, and each batch is split over its rows o
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -34,15 +35,19 @@ from tqdm import tqdm
 
 from cas.cartridge.cartridge import CartridgeSpec
 from cas.distributed import host_to_global, tree_to_global
+from cas.locking import DirLock
 from cas.metrics import MetricWriter
 from cas.rotation.manager import SlotManager, resident_bytes
 from cas.rotation.policy import RotationPolicy, validate
-from cas.rotation.store import CartridgeStore
+from cas.rotation.store import ARRAY_NAMES, CartridgeStore, StoreError
 from cas.sharding import shard_model
 from cas.synth.format import DocConversations, SynthDataset, check_compatible
 from cas.train import checkpoint as ckpt
+from cas.train import preflight
 from cas.train.cas_step import cas_batch_shardings, make_cas_train_step
-from cas.train.loop import NumericsError
+from cas.train.loop import _logged_loss
+from cas.train.numerics import NumericsError, raise_numerics, slot_finite  # noqa: F401 (NumericsError re-exported)
+from cas.train.validate import check_train_config
 
 CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
             "num_slots", "k_max", "p_isolated", "rotate_every", "evict_fraction", "position_mode",
@@ -87,15 +92,39 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
   for a document that has never been trained (e.g. its first p tokens' KV).
   mesh: None (one device) or a ("data", "fsdp", "tensor") Mesh; with a mesh, `model`'s weights
   are moved onto it in place (cas.sharding.shard_model) and stay there after the call.
+
+  Hardening: cfg keys must be exactly CAS_KEYS (unknown ones are refused); the workdir and the
+  store are locked (a second run refuses to start); a config whose slots + model cannot fit the
+  device is refused before allocating (cas.train.preflight); resume takes the newest checkpoint
+  whose files *and* paired store snapshot are intact (corrupt ones are skipped with a warning);
+  NaN/inf in the loss, gradients or any slot's arrays stop training with NumericsError naming
+  the step, slots and documents, before the store or a checkpoint is written.
   """
-  c = dict(cfg)
-  missing = [k for k in CAS_KEYS if k not in c]
-  if missing:
-    raise ValueError(f"CAS train config lacks {missing}")
+  c = check_train_config(cfg, CAS_KEYS, where="train_cas")
   if mesh is not None:
     check_mesh(mesh, c["num_slots"])
   doc_ids = list(doc_ids)
+  dup = sorted(d for d, n in collections.Counter(doc_ids).items() if n > 1)
+  if dup:
+    raise ValueError(f"train_cas: duplicate doc ids {dup[:5]}; every document needs a unique doc_id")
   validate(len(doc_ids), c["num_slots"], c["k_max"], c["evict_fraction"], c["rotate_every"])
+  preflight.check_fits(
+      preflight.estimate_cas_bytes(model, spec, num_slots=c["num_slots"], batch_size=c["batch_size"],
+                                   seq_len=c["seq_len"], k_max=c["k_max"], mesh=mesh,
+                                   dtype_bytes=jnp.dtype(dtype).itemsize),
+      what=f"CAS training with num_slots={c['num_slots']} (p={spec.num_tokens}, k_max={c['k_max']}, "
+           f"batch_size={c['batch_size']}, seq_len={c['seq_len']})",
+      hints="Lower train.num_slots (B), train.batch_size, train.seq_len or train.k_max, or spread the "
+            "slots over more devices (mesh.data / mesh.fsdp).")
+  os.makedirs(workdir, exist_ok=True)
+  with DirLock(workdir, what="CAS training workdir"):
+    return _train_cas(model=model, model_fingerprint=model_fingerprint, dataset_dir=dataset_dir,
+                      workdir=workdir, doc_ids=doc_ids, spec=spec, frozen=frozen, init_fn=init_fn, c=c,
+                      dtype=dtype, mesh=mesh, stop_after=stop_after)
+
+
+def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec, frozen, init_fn, c,
+               dtype, mesh, stop_after) -> dict:
   ds = SynthDataset(dataset_dir)
   check_compatible(ds.manifest, model_fingerprint=model_fingerprint, source=dataset_dir)
   convs = DocConversations(ds, cache_shards=max(8, 2 * c["num_slots"]))
@@ -104,76 +133,114 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
     raise ValueError(f"{dataset_dir}: no self-study data for {len(unknown)} documents, e.g. {unknown[:3]}")
 
   store = CartridgeStore(os.path.join(workdir, "store"), spec=spec, model_fingerprint=model_fingerprint,
-                         keep_snapshots=c["keep_checkpoints"] + 1)
-  store.register(doc_ids)
+                         keep_snapshots=c["keep_checkpoints"] + 1, check_finite=True)
+  mgr = manager = None
   try:
-    store.frozen()
-  except Exception:
-    store.put_frozen(*frozen)
-  fk, fv = store.frozen()
-  if mesh is None:
-    frozen_dev = {"k": jnp.asarray(fk), "v": jnp.asarray(fv)}  # [L, F, Hkv, D] f32
-  else:
-    shard_model(model, mesh)  # frozen weights: FSDP on fsdp, tensor parallel on tensor
-    rep = NamedSharding(mesh, PartitionSpec())
-    frozen_dev = {"k": host_to_global(fk, rep), "v": host_to_global(fv, rep)}  # replicated sink
-  mgr = SlotManager(store, c["num_slots"], init_fn, mesh=mesh)
-  policy = RotationPolicy(c["num_slots"], c["evict_fraction"], c["rotate_every"], seed=c["seed"])
-  from cas.train.cas_batch import ResidentSampler
-  sampler = ResidentSampler(convs.get, seed=c["seed"])
+    store.register(doc_ids)
+    if not store.has_frozen():
+      store.put_frozen(*frozen)
+    fk, fv = store.frozen()  # a damaged sink raises StoreCorruptError naming the file
+    if mesh is None:
+      frozen_dev = {"k": jnp.asarray(fk), "v": jnp.asarray(fv)}  # [L, F, Hkv, D] f32
+    else:
+      shard_model(model, mesh)  # frozen weights: FSDP on fsdp, tensor parallel on tensor
+      rep = NamedSharding(mesh, PartitionSpec())
+      frozen_dev = {"k": host_to_global(fk, rep), "v": host_to_global(fv, rep)}  # replicated sink
+    mgr = SlotManager(store, c["num_slots"], init_fn, mesh=mesh)
+    policy = RotationPolicy(c["num_slots"], c["evict_fraction"], c["rotate_every"], seed=c["seed"])
+    from cas.train.cas_batch import ResidentSampler
+    sampler = ResidentSampler(convs.get, seed=c["seed"])
 
-  manager = ckpt.make_manager(workdir, max_to_keep=c["keep_checkpoints"])
-  expect = {"config_fingerprint": _fingerprint(c, spec, doc_ids), "model_fingerprint": model_fingerprint}
-  restored = ckpt.restore_latest(manager, mgr.abstract_state(), expect_meta=expect)
-  start = 0
-  if restored is not None:
-    start, state, meta = restored
-    store.rollback(start)
-    mgr.load_table_json(meta["slots"])
-    sampler.load_state_dict(meta["sampler"])
-    logging.info("resumed CAS training from step %d", start)
-  else:
-    state, _ = mgr.rotate_with_policy(mgr.init_state(), policy)
+    manager = ckpt.make_manager(workdir, max_to_keep=c["keep_checkpoints"])
+    expect = {"config_fingerprint": _fingerprint(c, spec, doc_ids), "model_fingerprint": model_fingerprint}
 
-  step_fn = make_cas_train_step(lr=c["lr"], warmup_steps=c["warmup_steps"], clip_norm=c["clip_norm"],
-                                loss=c["loss"], dtype=dtype, position_mode=c["position_mode"], mesh=mesh)
-  writer = MetricWriter(os.path.join(workdir, "logs"), truncate_after=start, log_every=c["log_every"])
-  total = c["steps"]
-  end = total if stop_after is None else min(total, start + stop_after)
-  last = float("nan")
-  device_bytes = resident_bytes(state)
-  with tqdm(total=total, initial=start, desc="cas-train", unit="step", dynamic_ncols=True) as bar:
-    for step in range(start + 1, end + 1):
-      batch = sampler.next_batch(mgr.resident(), c["batch_size"], k_max=c["k_max"], p_isolated=c["p_isolated"],
-                                 seq_len=c["seq_len"], top_k=c["top_k"], p=spec.num_tokens,
-                                 num_frozen=spec.num_frozen, position_mode=c["position_mode"])
-      batch = {k: v for k, v in batch.items() if k not in ("n_loaded",)}
-      if mesh is None:
-        batch = {k: jnp.asarray(v) for k, v in batch.items()}
-      else:  # rows split over (data, fsdp); every process built the same host batch
-        batch = tree_to_global(batch, cas_batch_shardings(mesh, batch))
-      state, m = step_fn(state, frozen_dev, model, batch)
-      if not bool(m["finite"]):
-        raise NumericsError(f"CAS step {step}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} "
-                            f"is not finite; the store and last checkpoint (step {start}) are untouched")
-      last = float(m["loss"])
-      writer.write(step, {"loss": last, "grad_norm": float(m["grad_norm"]), "tokens": float(m["tokens"]),
-                          "slots_updated": float(m["slots_updated"])})
-      bar.update(1)
-      bar.set_postfix(loss=f"{last:.4f}")
-      if policy.due(step) and step != total:
-        state, plan = mgr.rotate_with_policy(state, policy)
-      if step % c["ckpt_every"] == 0 or step == total:
-        mgr.flush(state, tag=step)
-        ckpt.save(manager, step, state, {**expect, "slots": mgr.table_to_json(),
-                                         "sampler": sampler.state_dict()})
-  writer.close()
-  if end == total:
-    mgr.flush(state)
-  mgr.wait()
-  counts = mgr.counts(state)
-  mgr.close()
-  manager.close()
-  return {"steps": end, "final_loss": last, "store": store.root if hasattr(store, "root") else os.path.join(workdir, "store"),
+    def snapshot_ok(step: int) -> None:
+      """A checkpoint is usable only together with an intact store snapshot of the same step."""
+      try:
+        info = store.verify_snapshot(step)
+      except StoreError as e:
+        raise ckpt.CheckpointCorruptError(f"store snapshot paired with checkpoint {step}: {e}") from e
+      logging.info("store snapshot %d verified (%d documents, %d bytes%s)", step, info["docs"], info["bytes"],
+                   ", sha256" if info["hashed"] else ", sizes only")
+
+    restored = ckpt.restore_latest(manager, mgr.abstract_state(), expect_meta=expect, accept=snapshot_ok)
+    start = 0
+    if restored is not None:
+      start, state, meta = restored
+      store.rollback(start)
+      mgr.load_table_json(meta["slots"])
+      sampler.load_state_dict(meta["sampler"])
+      logging.info("resumed CAS training from step %d", start)
+    else:
+      state, _ = mgr.rotate_with_policy(mgr.init_state(), policy)
+
+    step_fn = make_cas_train_step(lr=c["lr"], warmup_steps=c["warmup_steps"], clip_norm=c["clip_norm"],
+                                  loss=c["loss"], dtype=dtype, position_mode=c["position_mode"], mesh=mesh)
+    writer = MetricWriter(os.path.join(workdir, "logs"), truncate_after=start, log_every=c["log_every"])
+    total = c["steps"]
+    end = total if stop_after is None else min(total, start + stop_after)
+    last = _logged_loss(workdir, start)
+    last_ckpt = start if restored is not None else None
+    device_bytes = resident_bytes(state)
+    with tqdm(total=total, initial=start, desc="cas-train", unit="step", dynamic_ncols=True) as bar:
+      for step in range(start + 1, end + 1):
+        table = list(mgr.table)  # the documents this step trains (before any rotation)
+        batch = sampler.next_batch(mgr.resident(), c["batch_size"], k_max=c["k_max"], p_isolated=c["p_isolated"],
+                                   seq_len=c["seq_len"], top_k=c["top_k"], p=spec.num_tokens,
+                                   num_frozen=spec.num_frozen, position_mode=c["position_mode"])
+        batch = {k: v for k, v in batch.items() if k not in ("n_loaded",)}
+        if mesh is None:
+          batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        else:  # rows split over (data, fsdp); every process built the same host batch
+          batch = tree_to_global(batch, cas_batch_shardings(mesh, batch))
+        state, m = step_fn(state, frozen_dev, model, batch)
+        params_ok = slot_finite(state, ARRAY_NAMES)  # [B] bool
+        if not bool(m["finite"]) or not params_ok.all():
+          writer.close()
+          gnorm = np.asarray(jax.device_get(m["slot_grad_norm"]))
+          bad_grad = {int(s): table[s] for s in np.flatnonzero(~np.isfinite(gnorm))}
+          bad_params = {int(s): table[s] for s in np.flatnonzero(~params_ok)}
+          raise_numerics(step=step, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]),
+                         last_checkpoint=last_ckpt, workdir=workdir, what="CAS", bad_grad=bad_grad,
+                         bad_params=bad_params,
+                         extra="Lower train.lr, or check these documents' self-study data for NaN/inf.",
+                         has_store=True)
+        last = float(m["loss"])
+        writer.write(step, {"loss": last, "grad_norm": float(m["grad_norm"]), "tokens": float(m["tokens"]),
+                            "slots_updated": float(m["slots_updated"])})
+        bar.update(1)
+        bar.set_postfix(loss=f"{last:.4f}")
+        if policy.due(step) and step != total:
+          state, plan = mgr.rotate_with_policy(state, policy)
+          admitted_ok = slot_finite(state, ARRAY_NAMES)  # init_fn may hand in NaN for a new document
+          if not admitted_ok.all():
+            writer.close()
+            raise_numerics(step=step, loss=last, grad_norm=float(m["grad_norm"]), last_checkpoint=last_ckpt,
+                           workdir=workdir, what="CAS rotation after",
+                           bad_params={int(s): mgr.table[s] for s in np.flatnonzero(~admitted_ok)},
+                           extra="The admitted cartridges came from init_fn (documents never trained) "
+                                 "with NaN/inf: check the initialisation.", has_store=True)
+        if step % c["ckpt_every"] == 0 or step == total:
+          mgr.flush(state, tag=step)
+          ckpt.save(manager, step, state, {**expect, "slots": mgr.table_to_json(),
+                                           "sampler": sampler.state_dict()})
+          last_ckpt = step
+    writer.close()
+    if end == total:
+      mgr.flush(state)
+    mgr.wait()
+    counts = mgr.counts(state)
+  finally:
+    # On an error the background writes still finish (they hold finite arrays evicted before
+    # the failing step) so that the store's index stays consistent; then the locks are released.
+    for close in (mgr.close if mgr is not None else None, manager.close if manager is not None else None,
+                  store.close):
+      if close is None:
+        continue
+      try:
+        close()
+      except Exception as e:  # never hide the original error
+        logging.error("train_cas: closing %s failed: %s", close, e)
+  return {"steps": end, "final_loss": last, "store": store.root,
           "device_slot_bytes": device_bytes, "counts": counts,
           "state_shardings": {n: x.sharding for n, x in state.items()}}

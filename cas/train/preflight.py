@@ -1,0 +1,111 @@
+"""Pre-flight memory check: refuse, with numbers, a training config that cannot fit on the device
+before anything is allocated (instead of an out-of-memory error minutes into the run).
+
+The estimate counts per device:
+  model      the frozen model's parameters (their real bytes; divided by the model-parallel
+             ways when sharded)
+  slots      B cartridges' trainable tokens + Adam moments + counters (CAS: the slot arrays,
+             divided by data * fsdp), or the one cartridge + moments (single-cartridge training)
+  gradients  one f32 gradient buffer per trainable k/v array
+  step       a rough lower bound of one step's transient buffers: the assembled prefix K/V,
+             the logits and their gradient, and per-layer activations of the batch
+The device's limit is `memory_stats()["bytes_limit"]` (GPU/TPU); CPUs report none, so the check
+is skipped there unless the environment variable CAS_DEVICE_MEMORY_BYTES sets a limit (also
+useful to keep headroom on a shared GPU). CAS_SKIP_MEMORY_CHECK=1 disables the check.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+ENV_LIMIT = "CAS_DEVICE_MEMORY_BYTES"
+ENV_SKIP = "CAS_SKIP_MEMORY_CHECK"
+
+
+class MemoryPreflightError(ValueError):
+  """The configuration's estimated device memory exceeds the device's memory."""
+
+
+def device_memory_limit(device=None) -> tuple[int | None, str]:
+  """(bytes, where the number comes from) of one device; (None, reason) when unknown."""
+  env = os.environ.get(ENV_LIMIT)
+  if env:
+    try:
+      return int(float(env)), f"${ENV_LIMIT}"
+    except ValueError:
+      raise MemoryPreflightError(f"${ENV_LIMIT}={env!r} is not a number of bytes") from None
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # some backends raise instead of returning None
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"{device.device_kind} memory_stats()['bytes_limit']"
+  return None, f"{device.platform} reports no memory limit"
+
+
+def _param_bytes(model) -> int:
+  from flax import nnx
+  return int(sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def _fmt(n: float) -> str:
+  for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= div:
+      return f"{n / div:.2f} {unit}"
+  return f"{int(n)} B"
+
+
+def _step_bytes(cfg, *, batch_rows: int, seq_len: int, prefix_len: int, dtype_bytes: int) -> int:
+  """Rough lower bound of one step's transient device buffers (see module docstring)."""
+  L, H, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+  kv = 2 * L * batch_rows * prefix_len * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+  logits = 2 * batch_rows * seq_len * V * 4
+  acts = L * batch_rows * seq_len * (4 * H + 2 * cfg.intermediate_size) * dtype_bytes
+  return int(kv + logits + acts)
+
+
+def estimate_cas_bytes(model, spec, *, num_slots: int, batch_size: int, seq_len: int, k_max: int,
+                       mesh=None, dtype_bytes: int = 4) -> dict[str, int]:
+  """Per-device byte estimate of CAS training (keys: model, slots, gradients, step, total)."""
+  per_slot = int(np.prod(spec.trainable_shape)) * 4  # [L, P-F, Hkv, D] f32
+  slot_ways = model_ways = rows_ways = 1
+  if mesh is not None:
+    data, fsdp, tensor = (int(mesh.shape.get(a, 1)) for a in ("data", "fsdp", "tensor"))
+    slot_ways, model_ways, rows_ways = data * fsdp, fsdp * tensor, data * fsdp
+  est = {
+      "model": _param_bytes(model) // model_ways,
+      "slots": (num_slots * (6 * per_slot + 4)) // slot_ways,
+      "gradients": (num_slots * 2 * per_slot) // slot_ways,
+      "step": _step_bytes(model.cfg, batch_rows=max(1, batch_size // rows_ways), seq_len=seq_len,
+                          prefix_len=spec.num_frozen + k_max * (spec.num_tokens - spec.num_frozen),
+                          dtype_bytes=dtype_bytes),
+  }
+  est["total"] = sum(est.values())
+  return est
+
+
+def estimate_cartridge_bytes(model, spec, *, batch_size: int, seq_len: int, dtype_bytes: int = 4) -> dict[str, int]:
+  """Per-device byte estimate of single-cartridge training (same keys)."""
+  per = int(np.prod(spec.trainable_shape)) * 4
+  est = {"model": _param_bytes(model), "slots": 3 * per + int(np.prod(spec.frozen_shape)) * 4 * 2,
+         "gradients": 2 * per,
+         "step": _step_bytes(model.cfg, batch_rows=batch_size, seq_len=seq_len, prefix_len=spec.num_tokens,
+                             dtype_bytes=dtype_bytes)}
+  est["total"] = sum(est.values())
+  return est
+
+
+def check_fits(estimate: dict[str, int], *, what: str, hints: str, device=None) -> None:
+  """Raise MemoryPreflightError when estimate["total"] exceeds the device's memory limit."""
+  if os.environ.get(ENV_SKIP, "") not in ("", "0"):
+    return
+  limit, source = device_memory_limit(device)
+  if limit is None or estimate["total"] <= limit:
+    return
+  parts = ", ".join(f"{k} {_fmt(v)}" for k, v in estimate.items() if k != "total")
+  raise MemoryPreflightError(
+      f"{what} does not fit in device memory: estimated {_fmt(estimate['total'])} per device "
+      f"({parts}) > limit {_fmt(limit)} ({source}). {hints} (Set {ENV_SKIP}=1 to skip this check.)")
