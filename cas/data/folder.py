@@ -25,16 +25,48 @@ def _title(text: str, fallback: str) -> str:
   return fallback
 
 
-def read_text_file(path: str, errors: Literal["strict", "replace"] = "strict") -> str:
+DEFAULT_MAX_BYTES = 32 << 20  # 32 MiB of text (~8M tokens): far beyond any one cartridge's document
+_UTF16_32_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32-LE"), (b"\x00\x00\xfe\xff", "UTF-32-BE"),
+                  (b"\xff\xfe", "UTF-16-LE"), (b"\xfe\xff", "UTF-16-BE"))
+_TEXT_CONTROLS = set(b"\t\n\r\f\v\x1b")
+
+
+def _binary_reason(data: bytes) -> str | None:
+  """Why `data` is not text (NUL bytes, or mostly control bytes), or None."""
+  nul = data.find(b"\x00")
+  if nul >= 0:
+    return f"it contains NUL bytes (first at byte offset {nul})"
+  head = data[:65536]
+  ctrl = sum(1 for b in head if b < 32 and b not in _TEXT_CONTROLS)
+  if head and ctrl > 0.05 * len(head):
+    return f"{ctrl} of its first {len(head)} bytes are control characters"
+  return None
+
+
+def read_text_file(path: str, errors: Literal["strict", "replace"] = "strict",
+                   max_bytes: int | None = DEFAULT_MAX_BYTES) -> str:
   """Reads a UTF-8 text file (a leading BOM is dropped).
 
-  errors="strict" raises `CollectionError` naming the file and the byte offset of the first
-  invalid byte; "replace" substitutes U+FFFD for invalid bytes.
+  Raises `CollectionError` naming the file when it is larger than `max_bytes` (None: no limit),
+  starts with a UTF-16/UTF-32 byte-order mark (another encoding), looks binary (NUL bytes or
+  mostly control characters: e.g. an image or PDF saved as .txt), or is not valid UTF-8:
+  errors="strict" names the byte offset of the first invalid byte; "replace" substitutes U+FFFD.
   """
   if errors not in ("strict", "replace"):
     raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
+  size = os.path.getsize(path)
+  if max_bytes is not None and size > max_bytes:
+    raise CollectionError(f"{path}: {size} bytes, more than the limit of {max_bytes} bytes for one "
+                          f"document; split it into several documents or raise max_bytes")
   with open(path, "rb") as f:
     data = f.read()
+  for bom, enc in _UTF16_32_BOMS:
+    if data.startswith(bom):
+      raise CollectionError(f"{path}: the file is {enc} encoded (byte-order mark {bom.hex()}), not "
+                            f"UTF-8; convert it, e.g. `iconv -f {enc} -t UTF-8`")
+  why = _binary_reason(data)
+  if why:
+    raise CollectionError(f"{path}: looks like a binary file, not text: {why}")
   try:
     text = data.decode("utf-8", errors=errors)
   except UnicodeDecodeError as e:
@@ -46,12 +78,14 @@ def read_text_file(path: str, errors: Literal["strict", "replace"] = "strict") -
 
 def load_folder(path: str | os.PathLike, name: str | None = None,
                 extensions: Sequence[str] = DEFAULT_EXTENSIONS,
-                errors: Literal["strict", "replace"] = "strict") -> Collection:
+                errors: Literal["strict", "replace"] = "strict",
+                max_bytes: int | None = DEFAULT_MAX_BYTES) -> Collection:
   """Reads every file under `path` whose name ends in one of `extensions` as one Document.
 
-  Raises CollectionError when the folder does not exist, has no matching files, or a file is
-  empty (or whitespace only) or not valid UTF-8 (unless errors="replace"); the message names the
-  file (and for bad UTF-8 the byte offset).
+  Files with other extensions (images, PDFs, ...) are skipped. Raises CollectionError when the
+  folder does not exist, has no matching files, or a matching file is empty (or whitespace
+  only), larger than `max_bytes`, UTF-16/32 encoded, binary, or not valid UTF-8 (unless
+  errors="replace"); the message names the file (and for bad UTF-8 the byte offset).
   """
   root = os.fspath(path)
   if not os.path.isdir(root):
@@ -69,7 +103,7 @@ def load_folder(path: str | os.PathLike, name: str | None = None,
   docs = []
   for fpath in files:
     rel = os.path.relpath(fpath, root).replace(os.sep, "/")
-    text = read_text_file(fpath, errors=errors)
+    text = read_text_file(fpath, errors=errors, max_bytes=max_bytes)
     if not text.strip():
       raise CollectionError(f"{fpath}: empty file (no text besides whitespace)")
     stem = os.path.splitext(os.path.basename(fpath))[0]

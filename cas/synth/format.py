@@ -16,11 +16,15 @@ One record (a `Conversation`):
 
 Shards are written to a temporary name and renamed, so a shard either exists whole or not at
 all; a killed job resumes by regenerating only the missing shards (each shard's content is a
-pure function of the dataset seed and the shard index).
+pure function of the dataset seed and the shard index). The manifest records each shard's
+sha256: readers verify it (a truncated or zeroed shard raises SynthDataError naming the file)
+and a resumed synthesis regenerates a damaged shard. Every record read is checked for
+consistent shapes and finite teacher log-probs (`Conversation.check`).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -65,6 +69,27 @@ class Conversation:
                np.asarray(d["topk_ids"]), np.asarray(d["topk_logprobs"]), d["seed_family"],
                tuple(int(x) for x in d["chunk"]))
 
+  def check(self, where: str) -> "Conversation":
+    """Raise SynthDataError (naming `where`) unless shapes agree and the teacher's log-probs are
+    log-probabilities (no NaN, no +inf, <= 0 up to rounding; -inf / -1e9 mark absent entries)."""
+    def bad(msg):
+      raise SynthDataError(f"{where} (doc {self.doc_id!r}): {msg}")
+    if not isinstance(self.doc_id, str) or not self.doc_id:
+      bad("empty or non-string doc_id")
+    p, a = np.asarray(self.prompt_ids), np.asarray(self.answer_ids)
+    ti, tl = np.asarray(self.topk_ids), np.asarray(self.topk_logprobs)
+    if p.ndim != 1 or a.ndim != 1 or not len(a):
+      bad(f"prompt_ids {p.shape} / answer_ids {a.shape} must be non-empty 1-D id arrays")
+    if ti.ndim != 2 or ti.shape != tl.shape or ti.shape[0] != len(a):
+      bad(f"topk_ids {ti.shape} and topk_logprobs {tl.shape} must both be [len(answer_ids)={len(a)}, K]")
+    if min(p.min(initial=0), a.min(initial=0), ti.min(initial=0)) < 0:
+      bad("negative token ids")
+    if np.isnan(tl).any() or np.isposinf(tl).any() or (tl > 1e-3).any():
+      n = int(np.isnan(tl).sum() + (tl > 1e-3).sum())
+      bad(f"topk_logprobs has {n} NaN/+inf/positive entries (not log-probabilities); the data is "
+          f"corrupt or the teacher's numerics failed")
+    return self
+
   @property
   def num_tokens(self) -> int:
     return int(len(self.prompt_ids) + len(self.answer_ids))
@@ -100,10 +125,23 @@ def write_shard(directory: str, index: int, conversations: Sequence[Conversation
   return path
 
 
-def read_shard(path: str) -> list[Conversation]:
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def read_shard(path: str, sha256: str | None = None) -> list[Conversation]:
+  """The conversations of one shard; with `sha256` (from the manifest) the file is verified
+  first. Every record is checked (`Conversation.check`); errors name the file and record."""
   from array_record.python import array_record_module as ar
   if not os.path.exists(path):
     raise SynthDataError(f"{path}: shard file is missing")
+  if sha256 is not None and sha256_file(path) != sha256:
+    raise SynthDataError(f"{path}: shard changed since it was written (sha256 mismatch: truncated, "
+                         f"zeroed or overwritten); re-run synthesis with the same workdir to regenerate it")
   try:
     r = ar.ArrayRecordReader(path)
     n = r.num_records()
@@ -111,7 +149,14 @@ def read_shard(path: str) -> list[Conversation]:
     r.close()
   except Exception as e:  # array_record raises RuntimeError / status errors on corrupt files
     raise SynthDataError(f"{path}: cannot read shard ({e})") from e
-  return [Conversation.from_bytes(b) for b in recs]
+  out = []
+  for i, b in enumerate(recs):
+    try:
+      c = Conversation.from_bytes(b)
+    except Exception as e:  # msgpack/field errors of a damaged record
+      raise SynthDataError(f"{path}: record {i} cannot be decoded ({type(e).__name__}: {e})") from e
+    out.append(c.check(f"{path}: record {i}"))
+  return out
 
 
 def read_manifest(directory: str) -> dict:
@@ -157,7 +202,7 @@ class SynthDataset:
 
   def iter_shards(self) -> Iterator[list[Conversation]]:
     for s in self.shards:
-      convs = read_shard(os.path.join(self.directory, s["name"]))
+      convs = read_shard(os.path.join(self.directory, s["name"]), s.get("sha256"))
       if len(convs) != int(s["count"]):
         raise SynthDataError(f"{s['name']}: {len(convs)} records, manifest says {s['count']}")
       yield convs
@@ -193,7 +238,8 @@ class DocConversations:
       self._order.remove(i)
       self._order.append(i)
       return self._cache[i]
-    convs = read_shard(os.path.join(self.dataset.directory, shard_name(i)))
+    sha = {s["name"]: s.get("sha256") for s in self.dataset.shards}.get(shard_name(i))
+    convs = read_shard(os.path.join(self.dataset.directory, shard_name(i)), sha)
     self._cache[i] = convs
     self._order.append(i)
     while len(self._order) > self._max:

@@ -24,8 +24,9 @@ from absl import logging
 from tqdm import tqdm
 
 from cas.data.chunking import sample_chunk
+from cas.locking import DirLock
 from cas.synth.format import (FORMAT_VERSION, MANIFEST, Conversation, SynthDataError, atomic_write_json,
-                              read_manifest, shard_name, write_shard)
+                              read_manifest, sha256_file, shard_name, write_shard)
 
 # Seed prompts follow the five families of the Cartridges reference (paraphrased).
 SEED_PROMPTS = {
@@ -102,11 +103,34 @@ class DocTokens:
 
   def ids(self, i: int) -> list[int]:
     if self._cache is None or self._cache[0] != i:
-      ids = self.tok.encode(self.docs[i].text)
+      doc = self.docs[i]
+      ids = self.tok.encode(doc.text)
       if not ids:
-        raise SynthDataError(f"document {self.docs[i].doc_id!r} tokenizes to nothing")
+        raise SynthDataError(f"document {doc.doc_id!r} tokenizes to nothing (empty, or only characters "
+                             f"the tokenizer cannot represent)")
+      _check_tokenization(self.tok, doc.doc_id, doc.text, ids)
       self._cache = (i, ids)
     return self._cache[1]
+
+
+def _check_tokenization(tok, doc_id: str, text: str, ids: Sequence[int]) -> None:
+  """Warn when the tokenizer cannot spell the document exactly (e.g. SmolLM2's vocabulary lacks
+  the bytes of U+0004, U+0006, U+0013, U+0014, U+0016, U+001D and of U+40000-U+BFFFF: they are
+  dropped) or when the text contains special-token strings (e.g. a literal "<|im_end|>"), which
+  become control tokens inside the prompts."""
+  back = tok.decode(ids, skip_special_tokens=False)
+  if back != text:
+    at = next((j for j, (a, b) in enumerate(zip(text, back)) if a != b), min(len(text), len(back)))
+    logging.warning("document %r: the tokenizer cannot represent all of its text (first difference at "
+                    "character %d: %r); those characters are dropped or replaced in self-study",
+                    doc_id, at, text[at:at + 8])
+  hf = getattr(tok, "hf", None)
+  special = set(getattr(hf, "all_special_ids", ()) or ()) | set(tok.eos_ids)
+  found = sorted(set(ids) & special)
+  if found:
+    logging.warning("document %r contains special-token text (ids %s, e.g. %r) that the tokenizer turns "
+                    "into control tokens inside the self-study prompts", doc_id, found[:5],
+                    tok.decode(found[:1], skip_special_tokens=False))
 
 
 def _plan(cfg: SynthConfig, g: int, doc_len: int):
@@ -161,7 +185,11 @@ def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], token
 
 def synthesize(out_dir: str, *, documents: Sequence, tokenizer, sampler, cfg: SynthConfig,
                model_fingerprint: str, model_source: str, stop_after_shards: int | None = None) -> dict:
-  """Generate (or finish) a self-study dataset in `out_dir`. Returns the manifest."""
+  """Generate (or finish) a self-study dataset in `out_dir`. Returns the manifest.
+
+  `out_dir` is locked while this runs (cas.locking: a second synthesis into it refuses to
+  start); temp files of a killed shard or manifest write are removed before resuming.
+  """
   if not documents:
     raise SynthDataError("no documents to synthesise from")
   seen = set()
@@ -169,25 +197,68 @@ def synthesize(out_dir: str, *, documents: Sequence, tokenizer, sampler, cfg: Sy
     if d.doc_id in seen:
       raise SynthDataError(f"duplicate document id {d.doc_id!r}")
     seen.add(d.doc_id)
+    if not isinstance(getattr(d, "text", None), str) or not d.text.strip():
+      raise SynthDataError(f"document {d.doc_id!r} has no text (empty or whitespace only)")
+  if not 1 <= cfg.min_chunk <= cfg.max_chunk:
+    raise SynthDataError(f"synth.min_chunk={cfg.min_chunk}, synth.max_chunk={cfg.max_chunk}: need "
+                         f"1 <= min_chunk <= max_chunk")
+  for name in ("conversations_per_doc", "shard_size", "batch_size", "top_k", "max_user_tokens",
+               "max_answer_tokens"):
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise SynthDataError(f"synth config {name}={v!r} must be a positive integer")
   os.makedirs(out_dir, exist_ok=True)
+  with DirLock(out_dir, what="self-study dataset"):
+    _remove_temp_files(out_dir)
+    return _synthesize(out_dir, documents=documents, tokenizer=tokenizer, sampler=sampler, cfg=cfg,
+                       model_fingerprint=model_fingerprint, model_source=model_source,
+                       stop_after_shards=stop_after_shards)
+
+
+def _remove_temp_files(out_dir: str) -> None:
+  """Half-written shards/manifests of a killed run (only called while holding the lock)."""
+  for f in os.listdir(out_dir):
+    if f.startswith(".tmp-"):
+      logging.info("removing %s left by an interrupted write", f)
+      os.remove(os.path.join(out_dir, f))
+
+
+def _synthesize(out_dir: str, *, documents, tokenizer, sampler, cfg: SynthConfig, model_fingerprint: str,
+                model_source: str, stop_after_shards: int | None) -> dict:
   doc_ids = [d.doc_id for d in documents]
   header = {"format_version": FORMAT_VERSION, "model_fingerprint": model_fingerprint,
             "model_source": model_source, "config": cfg.manifest_fields(), "doc_ids": doc_ids,
             "top_k": cfg.top_k, "eos_ids": list(tokenizer.eos_ids)}
+  recorded: dict[str, str] = {}  # shard name -> sha256 in the existing manifest
   if os.path.exists(os.path.join(out_dir, MANIFEST)):
     old = read_manifest(out_dir)
     for k in ("model_fingerprint", "config", "doc_ids"):
       if old.get(k) != header[k]:
         raise SynthDataError(f"{out_dir}: existing dataset has a different {k} "
                              f"({old.get(k)!r:.200} vs {header[k]!r:.200}); use another directory")
+    recorded = {e["name"]: e["sha256"] for e in old.get("shards", []) if isinstance(e, dict) and e.get("sha256")}
   total = len(documents) * cfg.conversations_per_doc
   num_shards = -(-total // cfg.shard_size)
   counts = [min(cfg.shard_size, total - i * cfg.shard_size) for i in range(num_shards)]
-  done = {i for i in range(num_shards) if os.path.exists(os.path.join(out_dir, shard_name(i)))}
+  sha: dict[int, str] = {}
+  for i in range(num_shards):
+    path = os.path.join(out_dir, shard_name(i))
+    if not os.path.exists(path):
+      continue
+    digest = sha256_file(path)
+    if shard_name(i) in recorded and recorded[shard_name(i)] != digest:
+      # Shards are written atomically, so this is damage after the fact: regenerate it (its
+      # content is a pure function of the seed and the shard index).
+      logging.warning("%s: shard changed since it was written (sha256 mismatch: truncated, zeroed or "
+                      "overwritten); regenerating it", path)
+      os.remove(path)
+      continue
+    sha[i] = digest  # a shard written just before a kill, not yet in the manifest, is complete
+  done = set(sha)
 
   def write_manifest():
     atomic_write_json(os.path.join(out_dir, MANIFEST), {
-        **header, "shards": [{"name": shard_name(i), "count": counts[i]} for i in sorted(done)],
+        **header, "shards": [{"name": shard_name(i), "count": counts[i], "sha256": sha[i]} for i in sorted(done)],
         "num_shards": num_shards, "complete": len(done) == num_shards})
 
   write_manifest()
@@ -206,7 +277,7 @@ def synthesize(out_dir: str, *, documents: Sequence, tokenizer, sampler, cfg: Sy
         continue
       convs = generate_shard(i, docs=docs, doc_ids=doc_ids, tokenizer=tokenizer, sampler=sampler,
                              cfg=cfg, on_tokens=on_tokens)
-      write_shard(out_dir, i, convs)
+      sha[i] = sha256_file(write_shard(out_dir, i, convs))
       done.add(i)
       write_manifest()
       bar.update(len(convs))
