@@ -19,6 +19,7 @@ corruption: that raises `CheckpointError` at once.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -99,6 +100,9 @@ def verify_step_dir(step_dir: str) -> bool:
   no manifest (written by an older version, or killed between the save and the manifest); raises
   CheckpointCorruptError naming the bad file otherwise."""
   path = os.path.join(step_dir, CHECKSUMS)
+  for tmp in glob.glob(os.path.join(glob.escape(step_dir), f".{CHECKSUMS}.tmp-*")):
+    if jax.process_index() == 0:  # a manifest write that was killed: the step has no manifest
+      os.remove(tmp)
   if not os.path.exists(path):
     return False
   try:
@@ -150,9 +154,9 @@ def _quarantine(manager: ocp.CheckpointManager, step: int) -> str:
   """Move a corrupt step directory out of the manager's directory; returns its new path."""
   src = os.path.join(str(manager.directory), str(step))
   dst_dir = os.path.join(os.path.dirname(str(manager.directory)), CORRUPT_DIR)
-  os.makedirs(dst_dir, exist_ok=True)
   dst = os.path.join(dst_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-  if os.path.exists(src):
+  if jax.process_index() == 0 and os.path.exists(src):  # one process moves it (shared filesystem)
+    os.makedirs(dst_dir, exist_ok=True)
     shutil.move(src, dst)
   manager.reload()
   return dst
