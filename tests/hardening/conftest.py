@@ -1,0 +1,50 @@
+"""Tiny real fixtures of the hardening tests: a single-cartridge dataset and a 6-document CAS
+dataset, both labelled by a tiny random model (cas.testing)."""
+import numpy as np
+import pytest
+
+from cas.cartridge.cartridge import CartridgeSpec, init_cartridge
+from cas.testing import TINY, teacher_conversations, tiny_model, write_dataset
+
+CAS_N, CAS_PER_DOC, CAS_P = 6, 4, 6
+
+
+@pytest.fixture(scope="package")
+def single_data(tmp_path_factory):
+  """(model, dataset dir, init_fn) for train_cartridge on one 24-token document."""
+  m = tiny_model()
+  doc = np.random.default_rng(1).integers(2, 128, 24).astype(np.int32)
+  convs = teacher_conversations(m, doc, num=12, prompt_len=6, answer_len=10, top_k=8, seed=0)
+  d = str(tmp_path_factory.mktemp("single_data"))
+  write_dataset(d, convs, model_fingerprint="tiny")
+  return m, d, lambda: init_cartridge(m, list(doc), 8, strategy="random_vectors")
+
+
+@pytest.fixture(scope="package")
+def cas_data(tmp_path_factory):
+  """dict(model, docs, path, spec, frozen, init_fn) for train_cas on 6 documents."""
+  m = tiny_model()
+  rng = np.random.default_rng(0)
+  docs = {f"doc{i}": rng.integers(2, 128, 16).astype(np.int32) for i in range(CAS_N)}
+  convs = []
+  for i, (d, ids) in enumerate(docs.items()):
+    convs += teacher_conversations(m, ids, num=CAS_PER_DOC, prompt_len=4, answer_len=6, top_k=8, seed=i, doc_id=d)
+  path = str(tmp_path_factory.mktemp("cas_data"))
+  write_dataset(path, convs, model_fingerprint="tiny", shard_size=4, doc_ids=list(docs), per_doc=CAS_PER_DOC)
+  sink = init_cartridge(m, [1] + list(docs["doc0"]), CAS_P)
+
+  def init_fn(doc_id):
+    c = init_cartridge(m, list(docs[doc_id]), CAS_P, sink_ids=[1])
+    return {"k": np.asarray(c.k[...]), "v": np.asarray(c.v[...])}
+
+  return dict(model=m, docs=docs, path=path, spec=CartridgeSpec.for_model(TINY, CAS_P, 1),
+              frozen=(sink.frozen_k[...], sink.frozen_v[...]), init_fn=init_fn)
+
+
+def run_cas(data: dict, workdir: str, cfg: dict, **kw):
+  from cas.train.cas_loop import train_cas
+  kw.setdefault("init_fn", data["init_fn"])
+  return train_cas(model=data["model"], model_fingerprint=kw.pop("model_fingerprint", "tiny"),
+                   dataset_dir=kw.pop("dataset_dir", data["path"]), workdir=workdir,
+                   doc_ids=kw.pop("doc_ids", list(data["docs"])), spec=kw.pop("spec", data["spec"]),
+                   frozen=kw.pop("frozen", data["frozen"]), cfg=cfg, **kw)
