@@ -9,7 +9,7 @@ that train variants).
 """
 from absl import app, flags
 
-from launch.common import CONFIG, WORKDIR
+from launch.common import CONFIG, WORKDIR, run
 
 STAGES = ("synth", "train", "train_isolated", "train_monolithic", "indexes", "evaluate")
 _STAGES = flags.DEFINE_list("stages", ["all"], f"'all' or a subset of {','.join(STAGES)} (isolated/"
@@ -27,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

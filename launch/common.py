@@ -1,6 +1,9 @@
-"""Flags shared by the pipeline launchers."""
+"""Flags shared by the pipeline launchers, and `run(main)`: absl's app.run with config-override
+errors explained (an unknown `--config.a.b` names the field and lists the known ones)."""
 from absl import app, flags
 from ml_collections import config_flags
+
+from launch.flagparse import parse_flags
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file, e.g. configs/cartridge.py:quickstart",
                                          lock_config=True)
@@ -36,3 +39,8 @@ def _quiet_orbax() -> None:
 
 
 _quiet_orbax()
+
+
+def run(main):
+  """`app.run(main)` with `parse_flags`."""
+  app.run(main, flags_parser=parse_flags)

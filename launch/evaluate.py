@@ -30,7 +30,7 @@ import sys
 
 from absl import app
 
-from launch.common import CONFIG, WORKDIR
+from launch.common import CONFIG, WORKDIR, run
 
 
 def main(argv):
@@ -45,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from absl import app, logging
 from ml_collections import config_flags
 
+from launch.flagparse import parse_flags
 from cas.model.loader import load_model
 from cas.model.sampler import Sampler
 
@@ -53,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -4,7 +4,7 @@
 """
 from absl import app
 
-from launch.common import CONFIG, WORKDIR
+from launch.common import CONFIG, WORKDIR, run
 
 
 def main(argv):
@@ -14,4 +14,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -1,0 +1,46 @@
+"""absl flag parsing that explains config-override errors (no flags defined here, so any launcher
+can use it): an unknown `--config.a.b=...` names the missing field and lists the known ones,
+instead of a bare AttributeError traceback."""
+import sys
+
+from absl import flags
+
+
+def _explain_override_error(argv, err: Exception) -> str:
+  """A message naming the first `--config.<path>` override that does not exist in the config."""
+  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+  if spec is None or not overrides:
+    return f"bad flags: {err}"
+  try:
+    import importlib.util
+    path, _, arg = spec.partition(":")
+    mod_spec = importlib.util.spec_from_file_location("_cas_config", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    cfg = mod.get_config(arg or None)
+  except Exception:  # noqa: BLE001 - the original error is still reported below
+    return f"config override failed ({err!r}); `--helpfull` lists the config's fields"
+  for o in overrides:
+    node, parts = cfg, o.split(".")
+    for i, key in enumerate(parts):
+      if not hasattr(node, "keys") or key not in node:
+        where = ".".join(["config", *parts[:i]])
+        known = sorted(node.keys()) if hasattr(node, "keys") else []
+        return (f"--config.{o}: {where} has no field {key!r}" + (f"; its fields: {', '.join(known)}" if known
+                                                                  else f" ({where} is not a section)"))
+      node = node[key]
+  return f"config override failed: {err!r} (check the value's type; `--helpfull` lists the fields)"
+
+
+def parse_flags(argv):
+  """absl flag parsing; a config override that cannot be applied exits with a clear message."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    sys.stderr.write(f"FATAL {_explain_override_error(argv, e)}\n")
+    sys.exit(1)
+

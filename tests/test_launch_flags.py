@@ -1,0 +1,24 @@
+"""Launcher flag errors are explained: an unknown config field names the field and the known ones."""
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "launch.cas", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=120)
+
+
+def test_unknown_config_field_is_named(tmp_path):
+  r = _run("--config=configs/cas.py:quick", "--config.train.lr_warmup=3", f"--workdir={tmp_path}")
+  assert r.returncode == 1
+  assert "config.train has no field 'lr_warmup'" in r.stderr and "warmup_steps" in r.stderr
+  assert "Traceback" not in r.stderr
+  r = _run("--config=configs/cas.py:quick", "--config.nosection.x=3", f"--workdir={tmp_path}")
+  assert r.returncode == 1 and "config has no field 'nosection'" in r.stderr
+  r = _run("--config=configs/cas.py:quick", "--stages=bogus", f"--workdir={tmp_path}")
+  assert r.returncode != 0 and "unknown ['bogus']" in r.stderr
+  assert not os.listdir(tmp_path)  # nothing was written
