@@ -475,17 +475,20 @@ class CasStages:
 def run_cas_pipeline(config, workdir: str, stages: tuple[str, ...] | None = None) -> dict | None:
   """Run the pipeline (or only `stages`, in pipeline order: synth, train, train_isolated,
   train_monolithic, indexes, evaluate). Returns evaluate()'s results when it ran."""
+  from cas.locking import DirLock
+  from cas.pipeline import PIPELINE_LOCK
   want = lambda s: stages is None or s in stages
-  st = CasStages(config, workdir)
-  st.mesh()  # refuse a mesh / num_slots mismatch before the long stages
-  if want("synth"):
-    st.synth()
-  if want("train"):
-    st.train()
-  if want("train_isolated") and "isolated_composed" in config.eval.methods:
-    st.train_isolated()
-  if want("train_monolithic") and "monolithic" in config.eval.methods:
-    st.train_monolithic()
-  if want("indexes"):
-    st.build_indexes()
-  return st.evaluate() if want("evaluate") else None
+  with DirLock(workdir, what="pipeline workdir", filename=PIPELINE_LOCK):  # refuse a second run at once
+    st = CasStages(config, workdir)
+    st.mesh()  # refuse a mesh / num_slots mismatch before the long stages
+    if want("synth"):
+      st.synth()
+    if want("train"):
+      st.train()
+    if want("train_isolated") and "isolated_composed" in config.eval.methods:
+      st.train_isolated()
+    if want("train_monolithic") and "monolithic" in config.eval.methods:
+      st.train_monolithic()
+    if want("indexes"):
+      st.build_indexes()
+    return st.evaluate() if want("evaluate") else None

@@ -110,9 +110,15 @@ class Stages:
     return result
 
 
+PIPELINE_LOCK = ".pipeline.lock"  # the stages lock their own sub-directories too
+
+
 def run_cartridge_pipeline(config, workdir: str) -> dict:
-  """All stages for one document; each skips or resumes what is already on disk."""
-  st = Stages(config, workdir)
-  st.synth()
-  st.train()
-  return st.evaluate()
+  """All stages for one document; each skips or resumes what is already on disk. A second
+  pipeline on the same workdir is refused at once (before loading the model)."""
+  from cas.locking import DirLock
+  with DirLock(workdir, what="pipeline workdir", filename=PIPELINE_LOCK):
+    st = Stages(config, workdir)
+    st.synth()
+    st.train()
+    return st.evaluate()

@@ -22,3 +22,15 @@ def test_unknown_config_field_is_named(tmp_path):
   r = _run("--config=configs/cas.py:quick", "--stages=bogus", f"--workdir={tmp_path}")
   assert r.returncode != 0 and "unknown ['bogus']" in r.stderr
   assert not os.listdir(tmp_path)  # nothing was written
+
+
+def test_second_pipeline_on_a_busy_workdir_is_refused(tmp_path):
+  """While a pipeline holds <workdir>/.pipeline.lock, `launch.cas` on the same workdir stops at
+  once with a message naming the holder (here: this test process) and the lock file."""
+  from cas.locking import DirLock
+  from cas.pipeline import PIPELINE_LOCK
+  with DirLock(str(tmp_path), what="pipeline workdir", filename=PIPELINE_LOCK):
+    r = _run("--config=configs/cas.py:quick", f"--workdir={tmp_path}")
+  assert r.returncode != 0
+  assert "in use by" in r.stderr and str(os.getpid()) in r.stderr and PIPELINE_LOCK in r.stderr
+  assert sorted(os.listdir(tmp_path)) == [PIPELINE_LOCK]  # nothing else was written
