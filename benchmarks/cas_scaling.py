@@ -18,7 +18,6 @@ self part, x3 for forward + backward), over peak dense bf16 (989 TFLOP/s per H10
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax

@@ -27,7 +27,6 @@ import re
 import time
 import zlib
 
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 

@@ -9,12 +9,10 @@ already done, so re-running the same command after a kill continues where it sto
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import jax.numpy as jnp
-from absl import logging
 
 from cas.cartridge.cartridge import init_cartridge
 from cas.cartridge.io import load_cartridge

@@ -28,7 +28,6 @@ the pipeline command to run (cas.eval.workdir.MissingStageError).
 import shlex
 import sys
 
-from absl import app
 
 from launch.common import CONFIG, WORKDIR, run
 

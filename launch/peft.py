@@ -34,7 +34,7 @@ OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace --out if it exists")
 def _export():
   from cas.cartridge.peft_io import export_peft
   if CARTRIDGE.value:
-    from cas.cartridge.io import load_cartridge, read_cartridge_meta
+    from cas.cartridge.io import load_cartridge
     cart, meta = load_cartridge(CARTRIDGE.value)
     return export_peft(OUT.value, cart, model_fingerprint=meta.get("model_fingerprint"), dtype=DTYPE.value,
                        base_model_name_or_path=BASE.value, overwrite=OVERWRITE.value)

@@ -2,7 +2,6 @@
 
   python -m launch.train --config=configs/cartridge.py:quickstart --workdir=runs/quickstart
 """
-from absl import app
 
 from launch.common import CONFIG, WORKDIR, run
 

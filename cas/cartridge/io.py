@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cas.cartridge.cartridge import Cartridge, CartridgeError, CartridgeSpec
+from cas.fileio import replace_dir
 
 META = "cartridge.json"
 
@@ -33,14 +34,7 @@ def save_cartridge(path: str, cart: Cartridge, *, model_fingerprint: str, info: 
   meta = {"spec": dataclasses.asdict(cart.spec), "model_fingerprint": model_fingerprint, **(info or {})}
   with open(os.path.join(tmp, META), "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
-  if os.path.exists(path):
-    old = f"{path}.old-{os.getpid()}"
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old)
-  else:
-    os.replace(tmp, path)
-  return path
+  return replace_dir(tmp, path)
 
 
 def read_cartridge_meta(path: str) -> dict:

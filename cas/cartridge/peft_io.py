@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from cas.cartridge.cartridge import Cartridge, CartridgeError, CartridgeSpec
+from cas.fileio import replace_dir
 from cas.model.config import ModelConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -155,14 +156,7 @@ def export_peft(path: str, cartridge: Cartridge | tuple[Any, Any], *, num_frozen
           "model_fingerprint": model_fingerprint, "dtype": dtype, **(info or {})}
   with open(os.path.join(tmp, CAS_META), "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
-  if os.path.exists(path):
-    old = f"{path}.old-{os.getpid()}"
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old)
-  else:
-    os.replace(tmp, path)
-  return path
+  return replace_dir(tmp, path)
 
 
 def read_peft_config(path: str) -> dict:

@@ -21,7 +21,6 @@ checked and the saved collection is used).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -29,6 +28,7 @@ import tempfile
 from absl import logging
 
 from cas.data import synthetic
+from cas.fileio import sha256_file
 from cas.data.types import Collection, CollectionError, load_collection, read_manifest
 
 BENCHMARK_KINDS = ("longhealth", "quality", "qasper")
@@ -37,14 +37,6 @@ FOLDER_KIND = "folder"
 
 def known_kinds() -> list[str]:
   return sorted(synthetic.KINDS) + list(BENCHMARK_KINDS) + [FOLDER_KIND]
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def _manual_dir(data, kind: str) -> str:
@@ -91,11 +83,11 @@ def describe_source(data, split: str | None = None) -> dict:
       for fn in sorted(filenames):
         if not fn.startswith(".") and fn.lower().endswith(DEFAULT_EXTENSIONS):
           p = os.path.join(dirpath, fn)
-          files[os.path.relpath(p, manual_dir).replace(os.sep, "/")] = _sha256(p)
+          files[os.path.relpath(p, manual_dir).replace(os.sep, "/")] = sha256_file(p)
     return {"kind": kind, "manual_dir": manual_dir, "split": None, "files": files}
   (split, path), = _source_files(kind, manual_dir, split or data.get("split")).items()
   return {"kind": kind, "manual_dir": manual_dir, "split": split,
-          "files": {os.path.basename(path): _sha256(path)}}
+          "files": {os.path.basename(path): sha256_file(path)}}
 
 
 def build_source_collection(data, scratch_dir: str, source: dict | None = None) -> Collection:

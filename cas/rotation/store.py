@@ -55,6 +55,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from cas.cartridge.cartridge import Cartridge, CartridgeSpec
+from cas.fileio import file_checksums, verify_files
 from cas.locking import DirLock, LockError
 
 FORMAT = "cas-cartridge-store"
@@ -77,41 +78,10 @@ class StoreCorruptError(StoreError):
   """Files of the store that are missing, truncated or altered (checksum mismatch)."""
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def _checksums(root: str) -> dict[str, list]:
-  """{path relative to root: [bytes, sha256]} of every file under root."""
-  out = {}
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames.sort()
-    for fn in sorted(filenames):
-      p = os.path.join(dirpath, fn)
-      out[os.path.relpath(p, root).replace(os.sep, "/")] = [os.path.getsize(p), _sha256(p)]
-  return out
-
-
 def _verify_files(root: str, files: Mapping[str, Any], what: str, full: bool = True) -> int:
   """Raise StoreCorruptError naming the first file under root that is missing, has another size
   or (full) another sha256 than recorded. Returns the number of bytes checked."""
-  total = 0
-  for rel, (size, digest) in sorted(files.items()):
-    p = os.path.join(root, *rel.split("/"))
-    if not os.path.isfile(p):
-      raise StoreCorruptError(f"{p}: {what}: file is missing")
-    got = os.path.getsize(p)
-    if got != size:
-      raise StoreCorruptError(f"{p}: {what}: file has {got} bytes, {size} were written (truncated)")
-    if full and _sha256(p) != digest:
-      raise StoreCorruptError(f"{p}: {what}: file changed since it was written (sha256 mismatch: "
-                              f"zeroed or corrupted)")
-    total += size
-  return total
+  return verify_files(root, files, what=what, error=StoreCorruptError, full=full)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -484,7 +454,7 @@ class CartridgeStore:
     tmp = os.path.join(ddir, f".tmp-g{gen}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     _orbax_save(os.path.join(tmp, "arrays"), arrays)
-    files = _checksums(os.path.join(tmp, "arrays"))
+    files = file_checksums(os.path.join(tmp, "arrays"))
     with open(os.path.join(tmp, DOC_META), "w") as f:
       json.dump({"doc_id": doc_id, "gen": gen, "count": count, "files": files}, f)
     os.rename(tmp, os.path.join(ddir, f"g{gen}"))
@@ -564,7 +534,7 @@ class CartridgeStore:
     os.makedirs(tmp)
     _orbax_save(os.path.join(tmp, "arrays"), {"frozen_k": fk, "frozen_v": fv})
     with open(os.path.join(tmp, FROZEN_FILES), "w") as f:
-      json.dump({"files": _checksums(os.path.join(tmp, "arrays"))}, f)
+      json.dump({"files": file_checksums(os.path.join(tmp, "arrays"))}, f)
     os.rename(tmp, os.path.join(fdir, f"g{gen}"))
     with self._lock:
       old = self._index.get("frozen")

@@ -24,7 +24,6 @@ consistent shapes and finite teacher log-probs (`Conversation.check`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import tempfile
@@ -32,6 +31,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 from flax import serialization
+
+from cas.fileio import sha256_file  # noqa: F401 (re-exported: cas.synth.selfstudy)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -123,14 +124,6 @@ def write_shard(directory: str, index: int, conversations: Sequence[Conversation
     os.fsync(f.fileno())
   os.replace(tmp, path)
   return path
-
-
-def sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def read_shard(path: str, sha256: str | None = None) -> list[Conversation]:

@@ -20,7 +20,6 @@ corruption: that raises `CheckpointError` at once.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
+
+from cas.fileio import file_checksums, verify_files
 
 CHECKSUMS = "cas_checksums.json"
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -46,42 +47,10 @@ class CheckpointCorruptError(CheckpointError):
 
 # ----------------------------------------------------------------------------- checksums
 
-def sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def file_checksums(root: str, skip: tuple[str, ...] = ()) -> dict[str, list]:
-  """{path relative to root ('/' separators): [size in bytes, sha256 hex]} of every file."""
-  out = {}
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames.sort()
-    for fn in sorted(filenames):
-      p = os.path.join(dirpath, fn)
-      rel = os.path.relpath(p, root).replace(os.sep, "/")
-      if rel in skip:
-        continue
-      out[rel] = [os.path.getsize(p), sha256_file(p)]
-  return out
-
-
 def verify_checksums(root: str, files: dict[str, list], *, what: str, full: bool = True) -> None:
   """Raise CheckpointCorruptError naming the first file of `files` that is missing, has another
   size or (full=True) another sha256. Files not listed are ignored."""
-  for rel, (size, digest) in sorted(files.items()):
-    p = os.path.join(root, *rel.split("/"))
-    if not os.path.isfile(p):
-      raise CheckpointCorruptError(f"{p}: file of {what} is missing")
-    got = os.path.getsize(p)
-    if got != size:
-      raise CheckpointCorruptError(f"{p}: file of {what} has {got} bytes, {size} were written "
-                                   f"(truncated or overwritten)")
-    if full and sha256_file(p) != digest:
-      raise CheckpointCorruptError(f"{p}: file of {what} has changed since it was written "
-                                   f"(sha256 mismatch: zeroed or corrupted)")
+  verify_files(root, files, what=what, error=CheckpointCorruptError, full=full)
 
 
 def write_checksums(step_dir: str) -> None:

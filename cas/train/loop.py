@@ -15,7 +15,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from tqdm import tqdm
 

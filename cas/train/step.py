@@ -5,15 +5,12 @@ and Adam moments exist for the cartridge's trainable tokens only.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
 
 from cas.cartridge.cartridge import cartridge_prefix
-from cas.model.llama import Prefix, Transformer
+from cas.model.llama import Transformer
 
 LOSSES = ("distill", "next_token")
 
