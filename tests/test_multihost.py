@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from tests import multihost_cas_worker as cas_worker
 from tests import multihost_worker as worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +26,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(tmp_path, num_processes: int, devices_per_process: int):
+def _start(tmp_path, num_processes: int, devices_per_process: int, script: str = "multihost_worker.py",
+           args: tuple = ()):
   """Start the worker processes (they run while the caller computes its reference)."""
   port = _free_port()
   procs = []
@@ -35,7 +37,7 @@ def _start(tmp_path, num_processes: int, devices_per_process: int):
            "CAS_COORDINATOR": f"localhost:{port}", "CAS_NUM_PROCESSES": str(num_processes),
            "CAS_PROCESS_ID": str(pid)}
     log = open(tmp_path / f"log{pid}.txt", "w")
-    procs.append((subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"),
+    procs.append((subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", script), *args,
                                     str(tmp_path / "work"), str(tmp_path / f"out{pid}.json")],
                                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
   return procs, time.monotonic() + TIMEOUT_S  # one bound for the whole group
@@ -93,3 +95,30 @@ def test_two_processes_train_checkpoint_restore_like_one(tmp_path):
   assert len(outs[0]["local_slots"]) == worker.B // 2
   # the single-process reference replays exactly too
   assert ref["replayed"] == ref["losses"][worker.CKPT_STEP:] and ref["replayed_k_equal"]
+
+
+def test_two_processes_run_the_cas_loop_with_rotation_and_resume_like_one(tmp_path):
+  """The full train_cas loop (store, rotation every 2 steps, checkpoints + store snapshots,
+  interrupted after 5 steps and resumed with a store rollback) on a mesh spanning 2 processes:
+  process 0 writes the store; losses, training counts and stored cartridges equal a
+  single-process, single-device run's."""
+  data = str(tmp_path / "data")
+  cas_worker.make_data(data)
+  procs, deadline = _start(tmp_path, num_processes=2, devices_per_process=2, script="multihost_cas_worker.py",
+                           args=(data,))
+  try:
+    ref = cas_worker.run(None, data, str(tmp_path / "ref"))  # this process, one device, no mesh
+  finally:
+    outs = _collect(tmp_path, procs, deadline)
+  for pid, o in enumerate(outs):
+    assert o["process_index"] == pid and o["process_count"] == 2
+    assert o["first_steps"] == cas_worker.STOP and o["steps"] == cas_worker.STEPS
+    assert o["counts"] == ref["counts"]  # every process sees the same training counts
+  o = outs[0]
+  assert len(o["losses"]) == cas_worker.STEPS
+  np.testing.assert_allclose(o["losses"], ref["losses"], rtol=LOSS_RTOL, atol=1e-6)
+  assert o["store_counts"] == ref["store_counts"] and sum(o["store_counts"].values()) > 0
+  for d in cas_worker.DOCS:
+    np.testing.assert_allclose(o["store_k"][d], ref["store_k"][d], rtol=1e-4)
+  assert not os.path.exists(tmp_path / "work" / "store" / ".lock") or \
+      not (tmp_path / "work" / "store" / ".lock").read_text().strip()  # released

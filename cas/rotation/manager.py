@@ -67,8 +67,8 @@ class _Gathered:
 
   def host(self) -> dict[str, np.ndarray]:
     with self._lock:
-      if self._host is None:
-        self._host = {n: np.asarray(x) for n, x in self.dev.items()}
+      if self._host is None:  # replicated: this process's first shard is the whole array
+        self._host = {n: np.asarray(x.addressable_data(0)) for n, x in self.dev.items()}
         self.dev = {}
       return self._host
 
@@ -76,7 +76,7 @@ class _Gathered:
     with self._lock:
       if self._host is not None:
         return int(self._host["count"][i])
-      return int(np.asarray(self.dev["count"])[i])
+      return int(np.asarray(self.dev["count"].addressable_data(0))[i])
 
 
 class SlotError(ValueError):
@@ -117,7 +117,7 @@ class SlotManager:
 
   def __init__(self, store: CartridgeStore, num_slots: int, init_fn: InitFn, mesh: Mesh | None = None,
                sharding: NamedSharding | None = None, *, write_behind: bool = True,
-               prefetch_workers: int = 2):
+               prefetch_workers: int = 2, writer: bool | None = None):
     if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
       raise SlotError(f"num_slots must be a positive int, got {num_slots!r}")
     self.store = store
@@ -133,6 +133,13 @@ class SlotManager:
       self.shardings = None
     self.table: list[str | None] = [None] * num_slots
     self.write_behind = write_behind
+    # Multi-process (jax.process_count() > 1): every process runs the same manager on the same
+    # global arrays; only the writer (process 0) writes the store. The others keep evicted slots
+    # in memory until the next `sync` (a barrier after the writer's writes), then re-read the
+    # store's index. Loads run synchronously on the main thread there, in the same order on every
+    # process, because init_fn may run the sharded model (a collective computation).
+    self.multiprocess = jax.process_count() > 1
+    self.writer = (jax.process_index() == 0) if writer is None else bool(writer)
     self._loader = cf.ThreadPoolExecutor(max_workers=max(1, prefetch_workers),
                                          thread_name_prefix="cas-prefetch")
     self._writer = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cas-store-writer")
@@ -224,7 +231,19 @@ class SlotManager:
     """One slot's arrays [L, P-F, Hkv, D] f32 -> device arrays laid out for the scatter."""
     if self._row_sharding is None:
       return {n: jax.device_put(arrays[n]) for n in ARRAY_NAMES}
-    return {n: jax.device_put(arrays[n], self._row_sharding) for n in ARRAY_NAMES}
+    from cas.distributed import host_to_global  # every process holds the same host arrays
+    return {n: host_to_global(arrays[n], self._row_sharding) for n in ARRAY_NAMES}
+
+  def _submit_load(self, doc_id: str) -> cf.Future:
+    """A future of `_load_device(doc_id)`: on a loader thread, or (multi-process) done now."""
+    if not self.multiprocess:
+      return self._loader.submit(self._load_device, doc_id)
+    f: cf.Future = cf.Future()
+    try:
+      f.set_result(self._load_device(doc_id))
+    except Exception as e:  # noqa: BLE001 - re-raised by rotate, as a loader thread's would be
+      f.set_exception(e)
+    return f
 
   def _load_device(self, doc_id: str) -> tuple[dict[str, jax.Array], int]:
     """`_load`, then the arrays put on the device (runs on a loader thread)."""
@@ -238,7 +257,7 @@ class SlotManager:
       if d in resident:
         raise SlotError(f"prefetch: document {d!r} is already resident in slot {resident[d]}")
       if d not in self._prefetched:
-        self._prefetched[d] = self._loader.submit(self._load_device, d)
+        self._prefetched[d] = self._submit_load(d)
 
   def cancel_prefetch(self) -> None:
     for f in self._prefetched.values():
@@ -261,6 +280,11 @@ class SlotManager:
     """Store row i of `gathered` as document docs[i] (in the background with write-behind)."""
     if not docs:
       return
+    if not self.writer:  # another process writes the store; serve these from memory until `sync`
+      with self._pending_lock:
+        for i, d in enumerate(docs):
+          self._pending[d] = (gathered, i, None)
+      return
     if not self.write_behind:
       self.store.put_many(self._items(docs, gathered.host()))
       return
@@ -277,6 +301,21 @@ class SlotManager:
             del self._pending[d]
 
     self._writes.append(self._writer.submit(task))
+
+  def sync(self, name: str = "cas-store") -> None:
+    """Multi-process only (a no-op otherwise): the writer finishes its store writes, every
+    process meets at a barrier, then the other processes drop their in-memory copies and re-read
+    the store's index, so that all processes see the same store."""
+    if not self.multiprocess:
+      return
+    from jax.experimental import multihost_utils
+    if self.writer:
+      self.wait()
+    multihost_utils.sync_global_devices(name)
+    if not self.writer:
+      with self._pending_lock:
+        self._pending.clear()
+      self.store.refresh()
 
   def wait(self) -> None:
     """Block until every background write is in the store; re-raise a failed one."""
@@ -352,7 +391,7 @@ class SlotManager:
       return state
 
     # Start loads that were not prefetched, so that they overlap with the device gather below.
-    futures = {d: self._prefetched.pop(d, None) or self._loader.submit(self._load_device, d) for d in named}
+    futures = {d: self._prefetched.pop(d, None) or self._submit_load(d) for d in named}
 
     out_slots = [s for s in slots if self.table[s] is not None]
     if out_slots:  # dispatched only: the writer thread waits for the device and copies
@@ -389,7 +428,8 @@ class SlotManager:
     for d, g, i in pending:
       out[d] = g.count(i)
     if state is not None:
-      dev = np.asarray(jax.device_get(state["count"]))
+      from cas.distributed import fetch  # all-gathers a count array split over processes
+      dev = fetch(state["count"])
       for s, d in enumerate(self.table):
         if d is not None:
           out[d] = int(dev[s])
@@ -402,6 +442,7 @@ class SlotManager:
     (non-resident counts do not change until then). `state` is donated."""
     if policy.num_slots != self.num_slots:
       raise SlotError(f"policy has num_slots {policy.num_slots}, manager has {self.num_slots}")
+    self.sync("cas-rotate")  # multi-process: every process plans from the same store
     counts = self.counts(state)
     plan = policy.plan(self.table, counts)
     state = self.rotate(state, plan.slots, plan.admit)
@@ -419,9 +460,12 @@ class SlotManager:
     self._check_state(state)
     occ = [s for s, d in enumerate(self.table) if d is not None]
     if occ:
-      self.store.put_many(self._items([self.table[s] for s in occ], self._gather(state, occ)))
-    if tag is not None:
+      gathered = self._gather_device(state, occ)  # a collective: every process runs it
+      if self.writer:
+        self.store.put_many(self._items([self.table[s] for s in occ], gathered.host()))
+    if tag is not None and self.writer:
       self.store.snapshot(tag)
+    self.sync("cas-flush")  # multi-process: the snapshot exists before any process goes on
 
   def close(self) -> None:
     """Finish background writes and stop the worker threads."""

@@ -119,13 +119,23 @@ def _read_json(path: str, what: str) -> Any:
     raise StoreError(f"{path}: corrupt {what} ({e})") from e
 
 
+def _local_checkpointer() -> ocp.Checkpointer:
+  """An Orbax checkpointer of host arrays that involves this process only: the store is written
+  by one process (process 0 in multi-process training) and read by any, so Orbax's default
+  cross-process barriers (every process must call save/restore) must not apply."""
+  import jax
+  me = jax.process_index()
+  mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp), multiprocessing_options=mp)
+
+
 def _orbax_save(path: str, tree: dict[str, np.ndarray]) -> None:
-  with ocp.PyTreeCheckpointer() as ckptr:
-    ckptr.save(path, tree)
+  with _local_checkpointer() as ckptr:
+    ckptr.save(path, args=ocp.args.PyTreeSave(tree))
 
 
 def _orbax_restore(path: str) -> dict[str, np.ndarray]:
-  with ocp.PyTreeCheckpointer() as ckptr:
+  with _local_checkpointer() as ckptr:
     return ckptr.restore(path)
 
 
@@ -542,6 +552,12 @@ class CartridgeStore:
       self._commit_index()
       if old is not None and old not in self._snap_refs.get(None, ()):
         shutil.rmtree(os.path.join(fdir, f"g{old}"), ignore_errors=True)
+
+  def refresh(self) -> None:
+    """Re-read index.json (a read-only store opened by another process than the writer sees the
+    writer's commits only after this; multi-process CAS training calls it after each barrier)."""
+    with self._lock:
+      self._index = self._load_index()
 
   def has_frozen(self) -> bool:
     """True when a shared sink has been stored (`put_frozen`)."""

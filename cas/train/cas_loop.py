@@ -16,10 +16,18 @@ weights are placed by `cas.sharding.shard_model` (FSDP on `fsdp`, tensor paralle
 the frozen sink is replicated, the slot state (params, moments, counts) is split over its slot
 axis on (data, fsdp) by the SlotManager, and each batch is split over its rows on (data, fsdp)
 (rows that do not divide are replicated). num_slots must be divisible by data * fsdp.
+
+Several processes (hosts; `cas.distributed.maybe_initialize`) run the same loop on a global
+mesh: every process builds the same batches and runs the same steps, rotations and loads;
+process 0 alone holds the workdir lock and writes the store, the metrics and the checkpoints'
+manifests (Orbax checkpoints are written by all), and the others re-read the store after a
+barrier at each rotation and checkpoint (`SlotManager.sync`). Tested with two CPU processes in
+tests/test_multihost.py (losses, counts and stored cartridges equal a single-process run's).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from cas.cartridge.cartridge import CartridgeSpec
-from cas.distributed import host_to_global, tree_to_global
+from cas.distributed import fetch, host_to_global, tree_to_global
 from cas.locking import DirLock
 from cas.metrics import MetricWriter
 from cas.rotation.manager import SlotManager, resident_bytes
@@ -62,7 +70,7 @@ def _fingerprint(c: dict, spec: CartridgeSpec, doc_ids: Sequence[str]) -> str:
 
 
 def check_mesh(mesh: Mesh, num_slots: int) -> None:
-  """Refuse a slot count the mesh cannot split evenly, and multi-process runs (see below).
+  """Refuse a slot count the mesh cannot split evenly.
 
   The slot axis is sharded over data * fsdp devices; a num_slots that does not divide would be
   silently replicated on every device (B times the memory), so it is an error.
@@ -73,12 +81,6 @@ def check_mesh(mesh: Mesh, num_slots: int) -> None:
         f"train.num_slots={num_slots} is not divisible by the mesh's data * fsdp = {data} * {fsdp} = "
         f"{data * fsdp} (mesh.data, mesh.fsdp over {mesh.size} devices): the slot axis is split over "
         f"data * fsdp. Set train.num_slots to a multiple of {data * fsdp} or change mesh.data / mesh.fsdp.")
-  if jax.process_count() > 1:
-    # The step, shardings, batches and Orbax checkpoints are multi-process ready; the cartridge
-    # store and the slot manager's write-behind are not (every process would write the store).
-    raise NotImplementedError(
-        f"train_cas: {jax.process_count()} processes: the cartridge store (cas.rotation) is written by "
-        f"one process only today; run CAS training as a single process over its local devices")
 
 
 def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, doc_ids: Sequence[str],
@@ -117,10 +119,23 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
       hints="Lower train.num_slots (B), train.batch_size, train.seq_len or train.k_max, or spread the "
             "slots over more devices (mesh.data / mesh.fsdp).")
   os.makedirs(workdir, exist_ok=True)
-  with DirLock(workdir, what="CAS training workdir"):
+  # Multi-process: process 0 holds the workdir lock and writes the store, checkpoints' manifests
+  # and metrics; every process runs the same steps, rotations and loads (cas.rotation.manager).
+  lock = DirLock(workdir, what="CAS training workdir") if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
     return _train_cas(model=model, model_fingerprint=model_fingerprint, dataset_dir=dataset_dir,
                       workdir=workdir, doc_ids=doc_ids, spec=spec, frozen=frozen, init_fn=init_fn, c=c,
                       dtype=dtype, mesh=mesh, stop_after=stop_after)
+
+
+class _NoMetrics:
+  """The metrics writer of processes other than 0 (process 0 writes the logs)."""
+
+  def write(self, step, scalars) -> None:
+    del step, scalars
+
+  def close(self) -> None:
+    pass
 
 
 def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec, frozen, init_fn, c,
@@ -132,13 +147,24 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
   if unknown:
     raise ValueError(f"{dataset_dir}: no self-study data for {len(unknown)} documents, e.g. {unknown[:3]}")
 
-  store = CartridgeStore(os.path.join(workdir, "store"), spec=spec, model_fingerprint=model_fingerprint,
-                         keep_snapshots=c["keep_checkpoints"] + 1, check_finite=True)
+  is_writer = jax.process_index() == 0  # writes the store (multi-process: process 0 only)
+  store_dir = os.path.join(workdir, "store")
+  store = None
+  if is_writer:
+    store = CartridgeStore(store_dir, spec=spec, model_fingerprint=model_fingerprint,
+                           keep_snapshots=c["keep_checkpoints"] + 1, check_finite=True)
   mgr = manager = None
   try:
-    store.register(doc_ids)
-    if not store.has_frozen():
-      store.put_frozen(*frozen)
+    if is_writer:
+      store.register(doc_ids)
+      if not store.has_frozen():
+        store.put_frozen(*frozen)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("cas-store-created")
+      if not is_writer:
+        store = CartridgeStore(store_dir, spec=spec, model_fingerprint=model_fingerprint, create=False,
+                               read_only=True, keep_snapshots=c["keep_checkpoints"] + 1)
     fk, fv = store.frozen()  # a damaged sink raises StoreCorruptError naming the file
     if mesh is None:
       frozen_dev = {"k": jnp.asarray(fk), "v": jnp.asarray(fv)}  # [L, F, Hkv, D] f32
@@ -167,7 +193,9 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
     start = 0
     if restored is not None:
       start, state, meta = restored
-      store.rollback(start)
+      if is_writer:
+        store.rollback(start)
+      mgr.sync("cas-rollback")  # multi-process: the others re-read the rolled-back index
       mgr.load_table_json(meta["slots"])
       sampler.load_state_dict(meta["sampler"])
       logging.info("resumed CAS training from step %d", start)
@@ -176,13 +204,15 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
 
     step_fn = make_cas_train_step(lr=c["lr"], warmup_steps=c["warmup_steps"], clip_norm=c["clip_norm"],
                                   loss=c["loss"], dtype=dtype, position_mode=c["position_mode"], mesh=mesh)
-    writer = MetricWriter(os.path.join(workdir, "logs"), truncate_after=start, log_every=c["log_every"])
+    writer = (MetricWriter(os.path.join(workdir, "logs"), truncate_after=start, log_every=c["log_every"])
+              if jax.process_index() == 0 else _NoMetrics())
     total = c["steps"]
     end = total if stop_after is None else min(total, start + stop_after)
     last = _logged_loss(workdir, start)
     last_ckpt = start if restored is not None else None
     device_bytes = resident_bytes(state)
-    with tqdm(total=total, initial=start, desc="cas-train", unit="step", dynamic_ncols=True) as bar:
+    with tqdm(total=total, initial=start, desc="cas-train", unit="step", dynamic_ncols=True,
+              disable=jax.process_index() != 0) as bar:
       for step in range(start + 1, end + 1):
         table = list(mgr.table)  # the documents this step trains (before any rotation)
         batch = sampler.next_batch(mgr.resident(), c["batch_size"], k_max=c["k_max"], p_isolated=c["p_isolated"],
@@ -197,7 +227,7 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
         params_ok = slot_finite(state, ARRAY_NAMES)  # [B] bool
         if not bool(m["finite"]) or not params_ok.all():
           writer.close()
-          gnorm = np.asarray(jax.device_get(m["slot_grad_norm"]))
+          gnorm = np.asarray(fetch(m["slot_grad_norm"]))
           bad_grad = {int(s): table[s] for s in np.flatnonzero(~np.isfinite(gnorm))}
           bad_params = {int(s): table[s] for s in np.flatnonzero(~params_ok)}
           raise_numerics(step=step, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]),
@@ -234,13 +264,13 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
     # On an error the background writes still finish (they hold finite arrays evicted before
     # the failing step) so that the store's index stays consistent; then the locks are released.
     for close in (mgr.close if mgr is not None else None, manager.close if manager is not None else None,
-                  store.close):
+                  store.close if store is not None else None):
       if close is None:
         continue
       try:
         close()
       except Exception as e:  # never hide the original error
         logging.error("train_cas: closing %s failed: %s", close, e)
-  return {"steps": end, "final_loss": last, "store": store.root,
+  return {"steps": end, "final_loss": last, "store": store_dir,
           "device_slot_bytes": device_bytes, "counts": counts,
           "state_shardings": {n: x.sharding for n, x in state.items()}}

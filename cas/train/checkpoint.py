@@ -100,7 +100,8 @@ def nonfinite_leaves(tree: Any) -> list[str]:
             if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
   if not floats:
     return []
-  ok = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in floats])
+  from cas.distributed import fetch  # multi-process: arrays may span processes
+  ok = [fetch(r) for r in [jnp.all(jnp.isfinite(x)) for _, x in floats]]
   return [name for (name, _), good in zip(floats, ok) if not bool(good)]
 
 

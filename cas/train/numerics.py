@@ -36,11 +36,13 @@ def _all_finite(arrays: dict) -> jax.Array:
 
 def slot_finite(state: Mapping[str, jax.Array], names: Sequence[str]) -> np.ndarray:
   """[B] bool (host): slots whose `names` arrays ([B, L, Pt, Hkv, D] f32) are all finite."""
-  return np.asarray(jax.device_get(_per_slot_finite({n: state[n] for n in names})))
+  from cas.distributed import fetch  # the [B] result may be split over processes
+  return np.asarray(fetch(_per_slot_finite({n: state[n] for n in names})))
 
 
 def all_finite(arrays: Mapping[str, jax.Array]) -> bool:
-  return bool(jax.device_get(_all_finite(dict(arrays))))
+  from cas.distributed import fetch
+  return bool(fetch(_all_finite(dict(arrays))))
 
 
 def _write_report(workdir: str | None, report: dict) -> str | None:
