@@ -62,3 +62,14 @@ def replace_dir(tmp: str, path: str) -> str:
   else:
     os.replace(tmp, path)
   return path
+
+
+def local_checkpointer():
+  """An Orbax checkpointer of host (numpy) arrays that involves this process only. Files that one
+  process writes and any reads (the cartridge store, exported cartridges) must not use Orbax's
+  default cross-process barriers, which expect every process to call save/restore."""
+  import jax
+  import orbax.checkpoint as ocp
+  me = jax.process_index()
+  mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp), multiprocessing_options=mp)

@@ -72,3 +72,13 @@ def read_metrics(logdir: str) -> list[dict]:
         continue
       raise ValueError(f"{path}:{i + 1}: corrupt metrics line {l[:80]!r}") from None
   return out
+
+
+class NullMetricWriter:
+  """The metrics writer of processes other than 0 in multi-process training (process 0 logs)."""
+
+  def write(self, step, scalars) -> None:
+    del step, scalars
+
+  def close(self) -> None:
+    pass

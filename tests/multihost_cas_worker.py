@@ -69,8 +69,25 @@ def run(mesh, data: str, workdir: str) -> dict:
   out = train_cas(model=tiny_model(scale=2.0), **kw)  # a "restarted" run: restore + store rollback
   res = {"first_steps": first["steps"], "steps": out["steps"], "counts": out["counts"],
          "process_index": jax.process_index(), "process_count": jax.process_count()}
+  # the single-cartridge loop (the monolithic baseline) on the same data and mesh
+  from cas.cartridge.cartridge import Cartridge
+  from cas.cartridge.io import load_cartridge
+  from cas.train.loop import train_cartridge
+  mono_cfg = {k: CFG[k] for k in ("batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
+                                  "log_every", "keep_checkpoints", "top_k")}
+  mono_cfg.update(steps=4, ckpt_every=2)
+  model = tiny_model(scale=2.0)
+  if mesh is not None:
+    from cas.sharding import shard_model
+    shard_model(model, mesh)
+  init = lambda: Cartridge(frozen[0], frozen[1], inits[DOCS[0]]["k"], inits[DOCS[0]]["v"])
+  mono = train_cartridge(model=model, model_fingerprint="tiny", dataset_dir=data,
+                         workdir=os.path.join(workdir, "mono"), init_fn=init, train_cfg=mono_cfg)
+  cart, _ = load_cartridge(mono["cartridge_path"], model_fingerprint="tiny")  # every process reads it
+  res["mono_k_sum"] = float(np.abs(np.asarray(cart.k[...])).sum())
   if jax.process_index() == 0:
     res["losses"] = [r["loss"] for r in read_metrics(os.path.join(workdir, "logs"))]
+    res["mono_losses"] = [r["loss"] for r in read_metrics(os.path.join(workdir, "mono", "logs"))]
     with CartridgeStore(os.path.join(workdir, "store"), spec=spec, model_fingerprint="tiny", read_only=True) as st:
       res["store_counts"] = st.counts()
       res["store_k"] = {d: float(np.abs(st.get(d)[0]["k"]).sum()) for d in DOCS}

@@ -101,7 +101,8 @@ def test_two_processes_run_the_cas_loop_with_rotation_and_resume_like_one(tmp_pa
   """The full train_cas loop (store, rotation every 2 steps, checkpoints + store snapshots,
   interrupted after 5 steps and resumed with a store rollback) on a mesh spanning 2 processes:
   process 0 writes the store; losses, training counts and stored cartridges equal a
-  single-process, single-device run's."""
+  single-process, single-device run's. Then the single-cartridge loop on the same mesh: one
+  exported cartridge that both processes read, losses equal the single-process run's."""
   data = str(tmp_path / "data")
   cas_worker.make_data(data)
   procs, deadline = _start(tmp_path, num_processes=2, devices_per_process=2, script="multihost_cas_worker.py",
@@ -120,5 +121,9 @@ def test_two_processes_run_the_cas_loop_with_rotation_and_resume_like_one(tmp_pa
   assert o["store_counts"] == ref["store_counts"] and sum(o["store_counts"].values()) > 0
   for d in cas_worker.DOCS:
     np.testing.assert_allclose(o["store_k"][d], ref["store_k"][d], rtol=1e-4)
+  # the single-cartridge loop: process 0 logs and exports, both read the same cartridge
+  np.testing.assert_allclose(o["mono_losses"], ref["mono_losses"], rtol=LOSS_RTOL, atol=1e-6)
+  assert outs[0]["mono_k_sum"] == outs[1]["mono_k_sum"]
+  np.testing.assert_allclose(o["mono_k_sum"], ref["mono_k_sum"], rtol=1e-4)
   assert not os.path.exists(tmp_path / "work" / "store" / ".lock") or \
       not (tmp_path / "work" / "store" / ".lock").read_text().strip()  # released

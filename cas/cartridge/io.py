@@ -12,11 +12,10 @@ import json
 import os
 import shutil
 
-import numpy as np
 import orbax.checkpoint as ocp
 
 from cas.cartridge.cartridge import Cartridge, CartridgeError, CartridgeSpec
-from cas.fileio import replace_dir
+from cas.fileio import local_checkpointer, replace_dir
 
 META = "cartridge.json"
 
@@ -27,10 +26,11 @@ def save_cartridge(path: str, cart: Cartridge, *, model_fingerprint: str, info: 
   if os.path.exists(tmp):
     shutil.rmtree(tmp)
   os.makedirs(tmp)
-  arrays = {"frozen_k": np.asarray(cart.frozen_k[...]), "frozen_v": np.asarray(cart.frozen_v[...]),
-            "k": np.asarray(cart.k[...]), "v": np.asarray(cart.v[...])}
-  with ocp.PyTreeCheckpointer() as ckptr:
-    ckptr.save(os.path.join(tmp, "arrays"), arrays)
+  from cas.distributed import fetch  # arrays may live on a mesh spanning processes
+  arrays = {"frozen_k": fetch(cart.frozen_k[...]), "frozen_v": fetch(cart.frozen_v[...]),
+            "k": fetch(cart.k[...]), "v": fetch(cart.v[...])}
+  with local_checkpointer() as ckptr:  # one process writes (see cas.train.loop)
+    ckptr.save(os.path.join(tmp, "arrays"), args=ocp.args.PyTreeSave(arrays))
   meta = {"spec": dataclasses.asdict(cart.spec), "model_fingerprint": model_fingerprint, **(info or {})}
   with open(os.path.join(tmp, META), "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
@@ -59,7 +59,7 @@ def load_cartridge(path: str, *, model_fingerprint: str | None = None,
   if expect_spec is not None and spec != expect_spec:
     raise CartridgeError(f"{path}: cartridge spec {spec} does not match expected {expect_spec}")
   try:
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with local_checkpointer() as ckptr:
       arrays = ckptr.restore(os.path.join(path, "arrays"))
   except Exception as e:
     raise CartridgeError(f"{path}: cannot read cartridge arrays ({e})") from e

@@ -55,7 +55,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from cas.cartridge.cartridge import Cartridge, CartridgeSpec
-from cas.fileio import file_checksums, verify_files
+from cas.fileio import file_checksums, local_checkpointer, verify_files
 from cas.locking import DirLock, LockError
 
 FORMAT = "cas-cartridge-store"
@@ -119,23 +119,13 @@ def _read_json(path: str, what: str) -> Any:
     raise StoreError(f"{path}: corrupt {what} ({e})") from e
 
 
-def _local_checkpointer() -> ocp.Checkpointer:
-  """An Orbax checkpointer of host arrays that involves this process only: the store is written
-  by one process (process 0 in multi-process training) and read by any, so Orbax's default
-  cross-process barriers (every process must call save/restore) must not apply."""
-  import jax
-  me = jax.process_index()
-  mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp), multiprocessing_options=mp)
-
-
 def _orbax_save(path: str, tree: dict[str, np.ndarray]) -> None:
-  with _local_checkpointer() as ckptr:
+  with local_checkpointer() as ckptr:
     ckptr.save(path, args=ocp.args.PyTreeSave(tree))
 
 
 def _orbax_restore(path: str) -> dict[str, np.ndarray]:
-  with _local_checkpointer() as ckptr:
+  with local_checkpointer() as ckptr:
     return ckptr.restore(path)
 
 

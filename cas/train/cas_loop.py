@@ -44,7 +44,7 @@ from tqdm import tqdm
 from cas.cartridge.cartridge import CartridgeSpec
 from cas.distributed import fetch, host_to_global, tree_to_global
 from cas.locking import DirLock
-from cas.metrics import MetricWriter
+from cas.metrics import MetricWriter, NullMetricWriter
 from cas.rotation.manager import SlotManager, resident_bytes
 from cas.rotation.policy import RotationPolicy, validate
 from cas.rotation.store import ARRAY_NAMES, CartridgeStore, StoreError
@@ -128,16 +128,6 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
                       dtype=dtype, mesh=mesh, stop_after=stop_after)
 
 
-class _NoMetrics:
-  """The metrics writer of processes other than 0 (process 0 writes the logs)."""
-
-  def write(self, step, scalars) -> None:
-    del step, scalars
-
-  def close(self) -> None:
-    pass
-
-
 def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec, frozen, init_fn, c,
                dtype, mesh, stop_after) -> dict:
   ds = SynthDataset(dataset_dir)
@@ -205,7 +195,7 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
     step_fn = make_cas_train_step(lr=c["lr"], warmup_steps=c["warmup_steps"], clip_norm=c["clip_norm"],
                                   loss=c["loss"], dtype=dtype, position_mode=c["position_mode"], mesh=mesh)
     writer = (MetricWriter(os.path.join(workdir, "logs"), truncate_after=start, log_every=c["log_every"])
-              if jax.process_index() == 0 else _NoMetrics())
+              if jax.process_index() == 0 else NullMetricWriter())
     total = c["steps"]
     end = total if stop_after is None else min(total, start + stop_after)
     last = _logged_loss(workdir, start)

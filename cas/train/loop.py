@@ -5,6 +5,7 @@ checkpoints -> final cartridge exported to `<workdir>/cartridge` for evaluation.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -15,13 +16,14 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from tqdm import tqdm
 
 from cas.cartridge.cartridge import Cartridge, CartridgeSpec
 from cas.cartridge.io import save_cartridge
 from cas.locking import DirLock
-from cas.metrics import MetricWriter
+from cas.metrics import MetricWriter, NullMetricWriter
 from cas.synth.format import SynthDataset, check_compatible
 from cas.train import checkpoint as ckpt
 from cas.train import preflight
@@ -84,7 +86,9 @@ def train_cartridge(*, model, model_fingerprint: str, dataset_dir: str, workdir:
   """
   c = check_train_config(train_cfg, TRAIN_KEYS, where="train_cartridge")
   os.makedirs(workdir, exist_ok=True)
-  with DirLock(workdir, what="training workdir"):
+  # Multi-process: process 0 holds the lock and writes metrics and the exported cartridge.
+  lock = DirLock(workdir, what="training workdir") if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
     return _train_cartridge(model=model, model_fingerprint=model_fingerprint, dataset_dir=dataset_dir,
                             workdir=workdir, init_fn=init_fn, c=c, dtype=dtype, stop_after=stop_after)
 
@@ -112,6 +116,7 @@ def _train_cartridge(*, model, model_fingerprint, dataset_dir, workdir, init_fn,
 
   mesh = model_mesh(model)
   batch_sharding = None
+  step_array = lambda i: jnp.asarray(i, jnp.int32)
   if mesh is not None:
     # The model sits on a mesh (e.g. after CAS training sharded it): the cartridge state is
     # replicated on the same mesh and batches split over (data, fsdp), so one jit sees one
@@ -120,6 +125,7 @@ def _train_cartridge(*, model, model_fingerprint, dataset_dir, workdir, init_fn,
     from cas.distributed import host_to_global
     from cas.sharding import named_sharding
     rep = NamedSharding(mesh, PartitionSpec())
+    step_array = lambda i: host_to_global(np.asarray(i, np.int32), rep)  # global: multi-process saves
     state = jax.tree.map(lambda x: host_to_global(x, rep), state)
     batch_sharding = lambda x: named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -142,14 +148,16 @@ def _train_cartridge(*, model, model_fingerprint, dataset_dir, workdir, init_fn,
       logging.warning("%d conversations are longer than seq_len=%d and will be truncated",
                       loader.num_truncated, c["seq_len"])
     step_fn = make_train_step(optimizer, loss=c["loss"], dtype=dtype)
-    writer = MetricWriter(os.path.join(workdir, "logs"), truncate_after=start, log_every=c["log_every"])
+    writer = (MetricWriter(os.path.join(workdir, "logs"), truncate_after=start, log_every=c["log_every"])
+              if jax.process_index() == 0 else NullMetricWriter())
 
     trainable, opt_state, frozen = state["trainable"], state["opt_state"], state["frozen"]
     total = c["steps"]
     end = total if stop_after is None else min(total, start + stop_after)
     last_loss = _logged_loss(workdir, start)  # a resumed run reports the same final loss
     last_ckpt = start if restored is not None else None
-    with tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar:
+    with tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+              disable=jax.process_index() != 0) as bar:
       for step in range(start + 1, end + 1):
         batch = {k: v for k, v in loader.next_batch().items() if k != "conv_index"}
         if batch_sharding is None:
@@ -171,18 +179,22 @@ def _train_cartridge(*, model, model_fingerprint, dataset_dir, workdir, init_fn,
         bar.set_postfix(loss=f"{last_loss:.4f}")
         if step % c["ckpt_every"] == 0 or step == total:
           ckpt.save(manager, step, {"trainable": trainable, "frozen": frozen, "opt_state": opt_state,
-                                    "step": jnp.asarray(step, jnp.int32), "rng": state["rng"]},
+                                    "step": step_array(step), "rng": state["rng"]},
                     {**expect, "loader": dataclasses.asdict(loader.state)})
           last_ckpt = step
     writer.close()
     out = {"steps": end, "final_loss": last_loss, "cartridge_path": None}
     if end == total:
       path = os.path.join(workdir, "cartridge")
-      _remove_stale_exports(path)
-      cart = Cartridge(frozen["k"], frozen["v"], trainable["k"], trainable["v"])
-      out["cartridge_path"] = save_cartridge(
-          path, cart, model_fingerprint=model_fingerprint,
-          info={"steps": total, "final_loss": last_loss, "dataset": os.path.abspath(dataset_dir)})
+      if jax.process_index() == 0:
+        _remove_stale_exports(path)
+        cart = Cartridge(frozen["k"], frozen["v"], trainable["k"], trainable["v"])
+        save_cartridge(path, cart, model_fingerprint=model_fingerprint,
+                       info={"steps": total, "final_loss": last_loss, "dataset": os.path.abspath(dataset_dir)})
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("cas-cartridge-export")  # written before anyone reads it
+      out["cartridge_path"] = os.path.abspath(path)
   finally:
     manager.close()
   return out
