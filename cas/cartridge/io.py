@@ -60,7 +60,7 @@ def load_cartridge(path: str, *, model_fingerprint: str | None = None,
     raise CartridgeError(f"{path}: cartridge spec {spec} does not match expected {expect_spec}")
   try:
     with local_checkpointer() as ckptr:
-      arrays = ckptr.restore(os.path.join(path, "arrays"))
+      arrays = ckptr.restore(os.path.abspath(os.path.join(path, "arrays")))  # Orbax needs absolute
   except Exception as e:
     raise CartridgeError(f"{path}: cannot read cartridge arrays ({e})") from e
   cart = Cartridge(arrays["frozen_k"], arrays["frozen_v"], arrays["k"], arrays["v"])

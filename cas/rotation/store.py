@@ -121,12 +121,12 @@ def _read_json(path: str, what: str) -> Any:
 
 def _orbax_save(path: str, tree: dict[str, np.ndarray]) -> None:
   with local_checkpointer() as ckptr:
-    ckptr.save(path, args=ocp.args.PyTreeSave(tree))
+    ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(tree))  # Orbax needs absolute paths
 
 
 def _orbax_restore(path: str) -> dict[str, np.ndarray]:
   with local_checkpointer() as ckptr:
-    return ckptr.restore(path)
+    return ckptr.restore(os.path.abspath(path))
 
 
 # ----------------------------------------------------------------------------- the store

@@ -74,3 +74,21 @@ def test_save_load_roundtrip_and_errors(model, tmp_path):
   shutil.rmtree(os.path.join(path, "arrays"))
   with pytest.raises(CartridgeError, match="cannot read cartridge arrays"):
     load_cartridge(path)
+
+
+def test_relative_paths_save_load_and_store(model, tmp_path, monkeypatch):
+  """Relative paths (as `--workdir=runs/x` gives) work for cartridges and the store: Orbax's
+  checkpointer itself requires absolute ones (this broke the quickstart's evaluation once)."""
+  from cas.rotation.store import CartridgeStore
+  monkeypatch.chdir(tmp_path)
+  cart = init_cartridge(model, list(range(2, 12)), 6)
+  save_cartridge(os.path.join("runs", "c"), cart, model_fingerprint="fp")
+  back, _ = load_cartridge(os.path.join("runs", "c"), model_fingerprint="fp")
+  np.testing.assert_array_equal(np.asarray(back.k[...]), np.asarray(cart.k[...]))
+  k = np.asarray(cart.k[...])
+  with CartridgeStore(os.path.join("runs", "store"), spec=cart.spec, model_fingerprint="fp") as st:
+    st.put_frozen(cart.frozen_k[...], cart.frozen_v[...])
+    st.put("d", {n: k for n in ("k", "v", "mu_k", "mu_v", "nu_k", "nu_v")}, 1)
+    got, c = st.get("d")
+  assert c == 1
+  np.testing.assert_array_equal(got["k"], k)
