@@ -53,16 +53,11 @@ def _export():
     import numpy as np
     from cas.cartridge.compose import compose
     from cas.model.llama import rope_inv_freq
-    k, v, offset = compose(carts, mode="sequential", inv_freq=np.asarray(rope_inv_freq(_model_cfg())))
+    from cas.model.loader import load_config
+    k, v, offset = compose(carts, mode="sequential", inv_freq=np.asarray(rope_inv_freq(load_config(MODEL.value))))
     cart, extra = (k, v), {"num_frozen": carts[0].spec.num_frozen, "position_offset": offset}
   return export_peft(OUT.value, cart, **extra, model_fingerprint=fp, dtype=DTYPE.value, base_model_name_or_path=BASE.value,
                      info={"store": os.path.abspath(store_dir), "doc_ids": DOC_IDS.value}, overwrite=OVERWRITE.value)
-
-
-def _model_cfg():
-  """The ModelConfig of --model_path (default model) without loading its weights."""
-  from cas.model.loader import load_config
-  return load_config(MODEL.value)
 
 
 def _import():

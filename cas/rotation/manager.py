@@ -325,10 +325,6 @@ class SlotManager:
 
   # -- device gather / scatter
 
-  def _gather(self, state: Mapping[str, jax.Array], slots: Sequence[int]) -> dict[str, np.ndarray]:
-    """Host copies of `slots`: arrays [n, L, P-F, Hkv, D] f32, count [n] int32."""
-    return self._gather_device(state, slots).host()
-
   def _gather_device(self, state: Mapping[str, jax.Array], slots: Sequence[int]) -> _Gathered:
     """`slots` gathered into new replicated device arrays (dispatched, not waited for)."""
     first = state["k"]
