@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Device-machine set-up shared by GPU benchmarks: install carried wheels, put the default model
 # (carried in two halves, see BENCHMARKS.md) into $CAS_HOME. Source it: `. benchmarks/gpu_setup.sh`.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1 || echo "wheel install failed"
+# --find-links + names: pip picks the wheel matching this python (.whl may hold several builds)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  --find-links .whl array_record bm25s gguf importlib_resources ml_collections tensorboardx >/dev/null 2>&1 \
+  || echo "wheel install failed"
 export PYTHONPATH=/tmp/site:$PWD
 export CAS_HOME=/root/cache/cas
 export PYTHONUNBUFFERED=1

@@ -57,6 +57,17 @@ def report(recs: list[dict]) -> str:
                    f"{r['speedup']:.2f}x | {_pct(r.get('cas_mfu_4n'))} |")
     out.append("")
 
+  prof = [r for r in tr if isinstance(r.get("ops"), dict) and r["ops"].get("by_kind")]
+  if prof:
+    out.append("### Where the step's device time goes (3 traced steps)\n")
+    out.append("| model | variant | device ms / step | by kind | top ops |\n|---|---|---|---|---|")
+    for r in prof:
+      o = r["ops"]
+      kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in o["by_kind"].items())
+      top = "; ".join(f"{n[:40]} {100 * sh:.0f}%" for n, _, sh in o.get("top", [])[:5])
+      out.append(f"| {r.get('model')} | {r.get('variant')} | {o['total_us'] / 3e3:,.1f} | {kinds} | {top} |")
+    out.append("")
+
   sy = [r for r in recs if r.get("bench") == "synth_speed" and r.get("variant")]
   if sy:
     out.append("### Synthesis (generated tokens/s with top-k log-probs)\n")

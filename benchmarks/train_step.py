@@ -51,7 +51,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from cas.model import attention as attn_lib
-from cas.train.step import cartridge_loss, make_optimizer, make_train_step
+from cas.train.step import LOSS_CHUNK_TOKENS, cartridge_loss, make_optimizer, make_train_step
 
 F = flags.FLAGS
 flags.DEFINE_string("model", "llama-3.2-1b", "PRESETS name (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b) or tiny")
@@ -64,6 +64,9 @@ flags.DEFINE_integer("steps", 8, "timed steps")
 flags.DEFINE_integer("warmup", 2, "untimed steps (the first includes nothing of compilation: AOT)")
 flags.DEFINE_list("remat", ["full"], "remat policies to time: none, full, dots")
 flags.DEFINE_list("attn", ["reference"], f"attention implementations: {attn_lib.NAMES}")
+flags.DEFINE_list("loss_chunk", [str(LOSS_CHUNK_TOKENS)], "LM head + loss: tokens per fused chunk "
+                  "(0 = full [B, T, V] float32 logits, the form before the fused loss); a list times each")
+flags.DEFINE_string("profile_dir", None, "trace 3 steps of every variant here and emit device time by op")
 flags.DEFINE_bool("first_ok", False, "stop after the first attention implementation that runs "
                   "(e.g. --attn=cudnn,reference: the reference only if cudnn fails)")
 flags.DEFINE_bool("torch", True, "also run the PyTorch baseline (subprocess, first)")
@@ -110,9 +113,12 @@ def cartridge_state(cfg, p: int, seed: int):
   return trainable, frozen
 
 
-def cas_variant(cfg, model, nb: dict, attn: str, remat: str, emit: C.Emitter, peak: float | None) -> dict:
-  """Compile and time the cas step for one (attention, remat) setting; emit and return the record."""
-  rec = {"impl": "cas", "variant": f"{attn}/{remat}", "attn": attn, "remat": remat,
+def cas_variant(cfg, model, nb: dict, attn: str, remat: str, emit: C.Emitter, peak: float | None,
+                loss_chunk: int = LOSS_CHUNK_TOKENS) -> dict:
+  """Compile and time the cas step for one (attention, remat, loss_chunk) setting; emit and return
+  the record (with a device-time profile when --profile_dir)."""
+  rec = {"impl": "cas", "variant": f"{attn}/{remat}/lc{loss_chunk}", "attn": attn, "remat": remat,
+         "loss_chunk": loss_chunk,
          "batch": int(nb["tokens"].shape[0]), "seq": int(nb["tokens"].shape[1]), "p": F.p}
   prev = attn_lib.install(attn, num_prefix=F.p)
   model.remat = remat
@@ -120,7 +126,7 @@ def cas_variant(cfg, model, nb: dict, attn: str, remat: str, emit: C.Emitter, pe
     trainable, frozen = cartridge_state(cfg, F.p, F.seed)
     opt = make_optimizer(2e-2, warmup_steps=0, clip_norm=1.0)
     opt_state = opt.init(trainable)
-    step = make_train_step(opt, loss="distill", dtype=jnp.bfloat16, donate=True)
+    step = make_train_step(opt, loss="distill", dtype=jnp.bfloat16, donate=True, loss_chunk=loss_chunk)
     batch = {k: jnp.asarray(nb[k]) for k in BATCH_KEYS}
     t0 = time.perf_counter()
     compiled = step.lower(trainable, opt_state, frozen, model, batch).compile()
@@ -148,6 +154,17 @@ def cas_variant(cfg, model, nb: dict, attn: str, remat: str, emit: C.Emitter, pe
                 "mfu_6n": fl["flops_6n"] / dt / peak if peak else None,
                 "tflops_4n": fl["flops_4n"] / dt / 1e12, "flops_4n": fl["flops_4n"],
                 "flops_6n": fl["flops_6n"], "memory": C.jax_memory()})
+    if F.profile_dir:
+      d = os.path.join(F.profile_dir, rec["variant"].replace("/", "_"))
+      os.makedirs(d, exist_ok=True)
+      try:
+        with jax.profiler.trace(d):
+          for _ in range(3):
+            m = run()
+          jax.block_until_ready(m)
+        rec["ops"] = C.summarize_trace(d, top=15)
+      except Exception as e:  # a failed trace must not lose the timing
+        rec["ops"] = {"error": C.short_error(e)}
   except Exception as e:
     rec.update({"status": "oom" if C.is_oom(e) else "error", "error": C.short_error(e)})
     logging.exception("cas variant %s/%s failed", attn, remat)
@@ -211,7 +228,7 @@ def main(argv):
 
   cas_recs = []
   for a in F.attn:
-    recs = [cas_variant(cfg, model, nb, a, r, emit, peak) for r in F.remat]
+    recs = [cas_variant(cfg, model, nb, a, r, emit, peak, int(lc)) for r in F.remat for lc in F.loss_chunk]
     cas_recs += recs
     if F.first_ok and any(r.get("status") == "ok" for r in recs):
       break

@@ -179,10 +179,14 @@ class Transformer(nnx.Module):
     """tokens [B, T] int -> [B, T, E] in compute dtype."""
     return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
 
+  def output_weight(self) -> Array:
+    """The LM head as [V, E] in the compute dtype (the embedding when tied)."""
+    w = self.embed[...] if self.cfg.tie_word_embeddings else self.lm_head[...].T
+    return w.astype(self.dtype)
+
   def logits_from_hidden(self, h: Array) -> Array:
     """h [B, T, E] (already final-normed) -> logits [B, T, V] float32."""
-    w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-    return jnp.einsum("bte,ev->btv", h, w.astype(self.dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("bte,ve->btv", h, self.output_weight(), preferred_element_type=jnp.float32)
 
   def layer_kv(self, tokens: Array, positions: Array) -> tuple[Array, Array]:
     """Rotated keys and values of every layer for a plain causal pass over `tokens`.

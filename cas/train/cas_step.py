@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cas.model.llama import Prefix, Transformer, apply_rope
 from cas.sharding import SLOTS, named_sharding
 from cas.train.cas_batch import check_position_mode
-from cas.train.step import LOSSES, distill_loss, next_token_loss
+from cas.train.step import LOSS_CHUNK_TOKENS, LOSSES, head_loss
 
 STATE_KEYS = ("k", "v", "mu_k", "mu_v", "nu_k", "nu_v", "count")
 SLOT_ARRAYS = ("k", "v", "mu_k", "mu_v", "nu_k", "nu_v")
@@ -107,25 +107,26 @@ def assemble_prefix(slot_k: jax.Array, slot_v: jax.Array, frozen_k: jax.Array, f
 
 def cas_logits(params: dict, frozen: dict, model: Transformer, batch: dict, *,
                position_mode: str = "shared", dtype=jnp.float32,
-               train_distractors: bool = True) -> jax.Array:
+               train_distractors: bool = True, return_hidden: bool = False) -> jax.Array:
   """params {"k","v"} [B, L, Pt, Hkv, D]; batch with tokens/positions/segment_ids [Bt, T],
-  slots [Bt, k_max] (own_slot [Bt] when train_distractors=False). Returns logits [Bt, T, V] f32."""
+  slots [Bt, k_max] (own_slot [Bt] when train_distractors=False). Returns logits [Bt, T, V] f32
+  (or the final-normed hidden [Bt, T, E] with return_hidden)."""
   prefix = assemble_prefix(params["k"], params["v"], frozen["k"], frozen["v"], batch["slots"],
                            model.inv_freq[...], position_mode=position_mode, dtype=dtype,
                            own_slot=batch.get("own_slot"), train_distractors=train_distractors)
-  logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], prefix=prefix)
-  return logits
+  out, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], prefix=prefix,
+                 return_hidden=return_hidden)
+  return out
 
 
 def cas_loss(params: dict, frozen: dict, model: Transformer, batch: dict, *, loss: str = "distill",
              position_mode: str = "shared", dtype=jnp.float32,
-             train_distractors: bool = True) -> tuple[jax.Array, jax.Array]:
-  """(mean loss over masked tokens [] f32, number of masked tokens [] f32)."""
-  logits = cas_logits(params, frozen, model, batch, position_mode=position_mode, dtype=dtype,
-                      train_distractors=train_distractors)
-  if loss == "distill":
-    return distill_loss(logits, batch["topk_ids"], batch["topk_logprobs"], batch["loss_mask"])
-  return next_token_loss(logits, batch["targets"], batch["loss_mask"])
+             train_distractors: bool = True, loss_chunk: int = LOSS_CHUNK_TOKENS
+             ) -> tuple[jax.Array, jax.Array]:
+  """(mean loss over masked tokens [] f32, number of masked tokens [] f32); `head_loss`."""
+  h = cas_logits(params, frozen, model, batch, position_mode=position_mode, dtype=dtype,
+                 train_distractors=train_distractors, return_hidden=True)
+  return head_loss(model, h, batch, loss=loss, chunk=loss_chunk)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -197,8 +198,10 @@ def cas_batch_shardings(mesh: Mesh, batch: dict) -> dict[str, NamedSharding]:
 def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: float = 0.9,
                         b2: float = 0.999, eps: float = 1e-8, loss: str = "distill",
                         dtype=jnp.float32, position_mode: str = "shared", mesh: Mesh | None = None,
-                        train_distractors: bool = True, donate: bool = True) -> Callable:
+                        train_distractors: bool = True, donate: bool = True,
+                        loss_chunk: int = LOSS_CHUNK_TOKENS) -> Callable:
   """Returns step(state, frozen, model, batch) -> (state, metrics); `state` is donated.
+  loss_chunk: tokens per chunk of the fused LM head + loss (0 = full logits; `head_loss`).
 
   batch: cas_batch arrays (numpy or jax): tokens, positions, segment_ids, targets, loss_mask
   [Bt, T]; topk_ids, topk_logprobs [Bt, T, K]; slots [Bt, k_max]; own_slot [Bt].
@@ -228,7 +231,7 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
     params = {"k": state["k"], "v": state["v"]}
     (val, n), grads = jax.value_and_grad(cas_loss, has_aux=True)(
         params, frozen, model, batch, loss=loss, position_mode=position_mode, dtype=dtype,
-        train_distractors=train_distractors)
+        train_distractors=train_distractors, loss_chunk=loss_chunk)
     num_slots = state["k"].shape[0]
     if train_distractors:
       touched = touched_slots(batch["slots"], num_slots)

@@ -5,6 +5,8 @@ and Adam moments exist for the cartridge's trainable tokens only.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -39,6 +41,101 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array)
   return ((lse - tgt) * loss_mask).sum() / n, n
 
 
+LOSS_CHUNK_TOKENS = 4096  # tokens per chunk of the fused head + loss (batch rows x chunk columns)
+
+
+def _head_loss_chunk(hc, w, ids, lp, mask, with_grad: bool):
+  """One chunk: hc [B, C, E]; w [V, E]; ids, lp [B, C, K]; mask [B, C] f32.
+  Returns (sum of mask * per-token loss, d(sum)/d hc in hc.dtype or None)."""
+  logits = jnp.einsum("bce,ve->bcv", hc, w, preferred_element_type=jnp.float32)  # [B, C, V]
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
+  teacher = jnp.exp(lp)  # [B, C, K]
+  student = jnp.take_along_axis(logits, ids, axis=-1) - lse[..., None]
+  total = jnp.sum(-jnp.sum(teacher * student, axis=-1) * mask)
+  if not with_grad:
+    return total, None
+  # d/dlogits of -sum_k t_k (logit_{id_k} - lse) = (sum_k t_k) softmax - sum_k t_k onehot(id_k)
+  tw = teacher * mask[..., None]
+  dlog = jnp.exp(logits - lse[..., None]) * jnp.sum(tw, axis=-1)[..., None]
+  b, c, k = ids.shape
+  dlog = dlog.at[jnp.arange(b)[:, None, None], jnp.arange(c)[None, :, None], ids].add(-tw)
+  dh = jnp.einsum("bcv,ve->bce", dlog.astype(w.dtype), w, preferred_element_type=jnp.float32)
+  return total, dh.astype(hc.dtype)
+
+
+def _head_loss_scan(h, w, ids, lp, mask, chunk: int, with_grad: bool):
+  b, t, e = h.shape
+  c = max(1, min(t, chunk // max(1, b)))
+  nc = -(-t // c)
+  pad = nc * c - t
+
+  def split(x):  # [B, T, ...] -> [nc, B, c, ...], padded positions masked
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+    return jnp.moveaxis(x.reshape((b, nc, c) + x.shape[2:]), 1, 0)
+
+  xs = (split(h), split(ids), split(lp), split(mask))
+
+  def body(acc, x):
+    tot, dh = _head_loss_chunk(*x[:1], w, *x[1:], with_grad=with_grad)
+    return acc + tot, dh
+
+  total, dhs = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+  if not with_grad:
+    return total, None
+  dh = jnp.moveaxis(dhs, 0, 1).reshape(b, nc * c, e)[:, :t]
+  return total, dh
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def fused_head_loss(h, w, ids, lp, mask, chunk: int = LOSS_CHUNK_TOKENS):
+  """sum over tokens of mask * -sum_k exp(lp_k) log softmax(h @ w.T)[ids_k], without [B, T, V].
+
+  h [B, T, E] final-normed hidden (compute dtype); w [V, E] the LM head (compute dtype, frozen:
+  no gradient is computed for it); ids [B, T, K] int32; lp [B, T, K] f32 log-probs (-1e9 =
+  absent); mask [B, T] f32. Returns [] f32 (a *sum*; divide by the number of masked tokens).
+
+  The vocabulary logits exist one chunk at a time (about `chunk` tokens: batch rows x a slice of
+  the sequence, so a batch sharded over devices stays sharded), and under differentiation the
+  gradient for h is computed in the same pass (the loss is linear in its cotangent), so the
+  backward pass neither stores nor recomputes logits. Gradient flows to h only.
+  """
+  return _head_loss_scan(h, w, ids, lp, mask, chunk, with_grad=False)[0]
+
+
+def _fused_fwd(h, w, ids, lp, mask, chunk):
+  total, dh = _head_loss_scan(h, w, ids, lp, mask, chunk, with_grad=True)
+  return total, dh
+
+
+def _fused_bwd(chunk, dh, g):
+  return (g.astype(dh.dtype) * dh, None, None, None, None)
+
+
+fused_head_loss.defvjp(_fused_fwd, _fused_bwd)
+
+
+def head_loss(model: Transformer, h: jax.Array, batch: dict, *, loss: str = "distill",
+              chunk: int = LOSS_CHUNK_TOKENS) -> tuple[jax.Array, jax.Array]:
+  """Mean training loss over masked tokens from final-normed hidden h [B, T, E] (the model's
+  output with return_hidden=True). chunk > 0: `fused_head_loss`; chunk = 0: full [B, T, V]
+  float32 logits and `distill_loss` / `next_token_loss` (the reference form). Returns (loss, n)."""
+  if loss not in LOSSES:
+    raise ValueError(f"loss={loss!r}; choose from {LOSSES}")
+  if chunk <= 0:
+    logits = model.logits_from_hidden(h)
+    if loss == "distill":
+      return distill_loss(logits, batch["topk_ids"], batch["topk_logprobs"], batch["loss_mask"])
+    return next_token_loss(logits, batch["targets"], batch["loss_mask"])
+  mask = batch["loss_mask"].astype(jnp.float32)
+  if loss == "distill":
+    ids, lp = batch["topk_ids"], batch["topk_logprobs"].astype(jnp.float32)
+  else:  # next-token CE = distillation against a one-hot teacher
+    ids = batch["targets"][..., None].astype(jnp.int32)
+    lp = jnp.zeros(ids.shape, jnp.float32)
+  n = jnp.maximum(mask.sum(), 1.0)
+  return fused_head_loss(h, model.output_weight(), ids.astype(jnp.int32), lp, mask, chunk) / n, n
+
+
 def make_optimizer(lr: float, warmup_steps: int, clip_norm: float, total_steps: int | None = None,
                    b1: float = 0.9, b2: float = 0.999, weight_decay: float = 0.0):
   """Adam with linear warmup to `lr`, then constant (the reference's schedule), and clipping."""
@@ -52,28 +149,27 @@ def make_optimizer(lr: float, warmup_steps: int, clip_norm: float, total_steps: 
 
 
 def cartridge_loss(trainable: dict, frozen: dict, model: Transformer, batch: dict, *,
-                   loss: str = "distill", dtype=jnp.float32):
+                   loss: str = "distill", dtype=jnp.float32, loss_chunk: int = LOSS_CHUNK_TOKENS):
   """trainable/frozen: {'k','v'} [L, P-F, Hkv, D] / [L, F, Hkv, D] f32. batch: packed arrays."""
   k = jnp.concatenate([frozen["k"], trainable["k"]], axis=1)
   v = jnp.concatenate([frozen["v"], trainable["v"]], axis=1)
   b = batch["tokens"].shape[0]
   prefix = cartridge_prefix(k, v, b, dtype)
-  logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], prefix=prefix)
-  if loss == "distill":
-    val, n = distill_loss(logits, batch["topk_ids"], batch["topk_logprobs"], batch["loss_mask"])
-  else:
-    val, n = next_token_loss(logits, batch["targets"], batch["loss_mask"])
-  return val, n
+  h, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], prefix=prefix,
+               return_hidden=True)
+  return head_loss(model, h, batch, loss=loss, chunk=loss_chunk)
 
 
-def make_train_step(optimizer, *, loss: str = "distill", dtype=jnp.float32, donate: bool = True):
-  """Returns jitted step(trainable, opt_state, frozen, model, batch) -> (trainable, opt_state, metrics)."""
+def make_train_step(optimizer, *, loss: str = "distill", dtype=jnp.float32, donate: bool = True,
+                    loss_chunk: int = LOSS_CHUNK_TOKENS):
+  """Returns jitted step(trainable, opt_state, frozen, model, batch) -> (trainable, opt_state, metrics).
+  loss_chunk: tokens per chunk of the fused LM head + loss (0 = full logits; `head_loss`)."""
   if loss not in LOSSES:
     raise ValueError(f"train.loss={loss!r}; choose from {LOSSES}")
 
   def step(trainable, opt_state, frozen, model, batch):
     (val, n), grads = jax.value_and_grad(cartridge_loss, has_aux=True)(
-        trainable, frozen, model, batch, loss=loss, dtype=dtype)
+        trainable, frozen, model, batch, loss=loss, dtype=dtype, loss_chunk=loss_chunk)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     metrics = {"loss": val, "tokens": n, "grad_norm": optax.tree.norm(grads),
