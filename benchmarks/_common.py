@@ -325,7 +325,7 @@ def summarize_trace(trace_dir: str, top: int = 25) -> dict[str, Any]:
     n = name.lower()
     if any(x in n for x in ("cudnn", "fmha", "flash", "attention", "sdpa")):
       return "attention_kernel"
-    if any(x in n for x in ("gemm", "cublas", "matmul", "dot", "sm90_xmma", "cutlass", "triton_gemm")):
+    if any(x in n for x in ("gemm", "cublas", "matmul", "dot", "sm90_xmma", "cutlass", "triton_gemm", "nvjet")):
       return "matmul"
     return "other (fusions, softmax, copies)"
 

@@ -8,7 +8,7 @@
 # Sections, in the order they run (a section that would start with < 30 s of BUDGET left is
 # skipped and named at the end, so a second call can run it):
 #   check    cas.model.attention implementations vs the model's attention, bf16, on this GPU
-#   train1b  distillation step, Llama-3.2-1B shapes: torch vs cas (cudnn attention; remat full,
+#   train1b  distillation step, Llama-3.2-1B shapes: torch vs cas (cuDNN attention; remat full,
 #            dots, none; LM head + loss as full logits (loss_chunk 0) or fused), device-time profile
 #   train8b  Llama-3.1-8B shapes, batch 4: torch vs cas (remat full / none x loss_chunk 0 / 4096)
 #   train3b  Llama-3.2-3B shapes, batch 8: same
