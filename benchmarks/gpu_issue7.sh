@@ -43,6 +43,8 @@ run() {  # name, time limit (s), python module and flags...
   echo "=== $name (limit ${limit}s, started at ${SECONDS}s)"
   local extra=()
   [ "${SMOKE:-0}" = 1 ] && extra=(--smoke)
+  # EXTRA_FLAGS (e.g. "--remat=none --loss_chunk=4096") override the section's flags (absl: last wins)
+  [ -n "${EXTRA_FLAGS:-}" ] && read -r -a more <<< "$EXTRA_FLAGS" && extra+=("${more[@]}")
   timeout -k 10 "$limit" "$PY" -m "$@" "${extra[@]}" --out="$J" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "--- $name rc=$rc at ${SECONDS}s"
@@ -57,12 +59,12 @@ for s in "${sections[@]}"; do
   case $s in
     check) run check 90 benchmarks.check_attention ;;
     train1b) run train1b 420 benchmarks.train_step --model=llama-3.2-1b --batch=8 --p=2048 --seq=2048 \
-        --attn=cudnn --remat=full,dots,none --loss_chunk=0,4096 --steps=5 --warmup=2 --torch_timeout=120 \
+        --attn=cudnn --remat=full,dots,none --loss_chunk=0,4096 --steps=5 --warmup=2 --torch_timeout=200 \
         --profile_dir="$PROFILE_DIR/train1b" ;;
     train8b) run train8b 540 benchmarks.train_step --model=llama-3.1-8b --batch=4 --p=2048 --seq=2048 \
-        --attn=cudnn --remat=full,none --loss_chunk=0,4096 --steps=4 --warmup=2 --torch_timeout=170 ;;
+        --attn=cudnn --remat=full,none --loss_chunk=0,4096 --steps=4 --warmup=2 --torch_timeout=300 ;;
     train3b) run train3b 480 benchmarks.train_step --model=llama-3.2-3b --batch=8 --p=2048 --seq=2048 \
-        --attn=cudnn --remat=full,none --loss_chunk=0,4096 --steps=4 --warmup=2 --torch_timeout=130 ;;
+        --attn=cudnn --remat=full,none --loss_chunk=0,4096 --steps=4 --warmup=2 --torch_timeout=240 ;;
     synth) run synth 200 benchmarks.synth_speed --model=llama-3.2-1b --batch=64 --prompt_len=1024 \
         --new_tokens=256 --torch_timeout=110 ;;
     serving) run serving 240 benchmarks.serving --model=llama-3.1-8b --doc_lens=32768,131072 --p=2048 \

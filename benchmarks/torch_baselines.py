@@ -199,6 +199,28 @@ def distill_loss(logits, topk_ids, topk_lp, loss_mask):
   return (per_tok * loss_mask).sum() / n
 
 
+def _chunk_loss(hc, w, ids, lp, m):
+  logits = (hc @ w.t()).float()  # [B, C, V]
+  lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+  student = torch.gather(logits, -1, ids) - lse
+  return ((-(torch.exp(lp) * student).sum(-1)) * m).sum()
+
+
+def chunked_distill_loss(h, w, topk_ids, topk_lp, loss_mask, chunk_tokens: int = 4096):
+  """`distill_loss` from final hidden states h [B, T, E] and the LM head w [V, E], over chunks of
+  about `chunk_tokens` tokens, each under activation checkpointing: no [B, T, V] logits are kept
+  (the backward recomputes one chunk's logits at a time). The usual PyTorch memory fix."""
+  from torch.utils.checkpoint import checkpoint
+  b, t = loss_mask.shape
+  c = max(1, chunk_tokens // b)
+  total = h.new_zeros((), dtype=torch.float32)
+  for t0 in range(0, t, c):
+    sl = slice(t0, t0 + c)
+    total = total + checkpoint(_chunk_loss, h[:, sl], w, topk_ids[:, sl], topk_lp[:, sl], loss_mask[:, sl],
+                               use_reentrant=False)
+  return total / loss_mask.sum().clamp_min(1.0)
+
+
 # ----------------------------------------------------------------------------- train
 
 class PrefixKV(torch.nn.Module):
@@ -222,8 +244,10 @@ class PrefixKV(torch.nn.Module):
             [v[i].expand(batch, -1, -1, -1) for i in range(v.shape[0])])
 
 
-def train_variant(cfg, args, device, mode: str, remat: str, compile_: bool, emit: Emitter, base: dict):
-  """Build the model, time the step for one (prefix mode, remat, compile) setting, emit a record."""
+def train_variant(cfg, args, device, mode: str, remat: str, compile_: bool, emit: Emitter, base: dict,
+                  loss_form: str = "full"):
+  """Build the model, time the step for one (prefix mode, remat, compile, loss form) setting, emit
+  a record. loss_form: full ([B, T, V] logits from the model) or chunked (`chunked_distill_loss`)."""
   dtype = getattr(torch, args.dtype)
   attn = _HOOK_NAME if mode == "hook" else "sdpa"
   if mode == "hook":
@@ -274,6 +298,11 @@ def train_variant(cfg, args, device, mode: str, remat: str, compile_: bool, emit
       else:
         kw["cas_prefix_k"], kw["cas_prefix_v"] = pk, pv
         kw["use_cache"] = False
+      if loss_form == "chunked":
+        base_model = runner.model if hasattr(runner, "model") else runner._orig_mod.model
+        hid = base_model(input_ids=tb["tokens"], position_ids=tb["positions"], attention_mask=mask, **kw)
+        return chunked_distill_loss(hid.last_hidden_state, model.lm_head.weight, tb["topk_ids"],
+                                    tb["topk_logprobs"], tb["loss_mask"])
       out = runner(input_ids=tb["tokens"], position_ids=tb["positions"], attention_mask=mask, **kw)
     return distill_loss(out.logits, tb["topk_ids"], tb["topk_logprobs"], tb["loss_mask"])
 
@@ -301,7 +330,8 @@ def train_variant(cfg, args, device, mode: str, remat: str, compile_: bool, emit
   loss = float(step().detach())
   fl = train_flops(cfg, nb["segment_ids"], args.p)
   peak = base.get("peak_bf16_flops")
-  rec = {"impl": "torch", "variant": f"{mode}{'+compile' if compile_ else ''}", "prefix_mode": mode,
+  rec = {"impl": "torch", "variant": f"{mode}{'+compile' if compile_ else ''}{'+chunked' if loss_form == 'chunked' else ''}",
+         "prefix_mode": mode, "loss_form": loss_form,
          "dtype": args.dtype,
          "attn": "sdpa", "remat": remat, "compile": compile_, "batch": b, "seq": t, "p": args.p,
          "status": "ok", "build_s": round(build_s, 2), "first_step_s": tm["first_call_s"],
@@ -335,23 +365,27 @@ def cmd_train(args) -> int:
     remats = ["none", "full"] if args.remat == "auto" else [args.remat]
     if mode == "peft":
       remats = ["none"]  # PEFT feeds a cache, which gradient checkpointing would drop
-    for remat in remats:
-      m = "hook" if (remat == "full" and mode == "cache") else mode
-      oom = False
-      try:
-        train_variant(cfg, args, device, m, remat, args.compile and m == "hook", emit, base)
-        break
-      except Exception as e:  # OOM: try the next remat setting; anything else: report, go on
-        oom = is_oom(e)
-        emit.emit({"impl": "torch", "variant": m, "remat": remat, "batch": args.batch,
-                   "status": "oom" if oom else "error", "error": short_error(e)})
-        log(f"{m}/{remat}: {short_error(e, 2000)}")
-      # Outside the except block: the exception (and the frames holding the model) is gone.
-      gc.collect()
-      if device == "cuda":
-        torch.cuda.empty_cache()
-      if not oom:
-        break
+    for loss_form in [x for x in args.loss.split(",") if x]:
+      if mode == "peft" and loss_form != "full":
+        continue  # PEFT runs the whole wrapped model
+      for remat in remats:
+        m = "hook" if (remat == "full" and mode == "cache") else mode
+        oom = False
+        try:
+          train_variant(cfg, args, device, m, remat, args.compile and m == "hook", emit, base, loss_form)
+          break
+        except Exception as e:  # OOM: try the next remat setting; anything else: report, go on
+          oom = is_oom(e)
+          emit.emit({"impl": "torch", "variant": m + ("+chunked" if loss_form == "chunked" else ""),
+                     "remat": remat, "batch": args.batch, "loss_form": loss_form,
+                     "status": "oom" if oom else "error", "error": short_error(e)})
+          log(f"{m}/{remat}/{loss_form}: {short_error(e, 2000)}")
+        # Outside the except block: the exception (and the frames holding the model) is gone.
+        gc.collect()
+        if device == "cuda":
+          torch.cuda.empty_cache()
+        if not oom:
+          break
   return 0
 
 
@@ -447,6 +481,8 @@ def main(argv=None) -> int:
   tr.add_argument("--prefix", default="cache", help="comma list of cache, hook, peft")
   tr.add_argument("--remat", default="auto", choices=["auto", "none", "full"])
   tr.add_argument("--compile", action="store_true", help="torch.compile the model (hook prefix only)")
+  tr.add_argument("--loss", default="full", help="comma list of full (logits from the model) and chunked "
+                  "(hidden states + chunked, checkpointed LM head and loss: no [B, T, V] logits kept)")
   tr.add_argument("--seed", type=int, default=0)
   tr.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   tr.add_argument("--init_std", type=float, default=0.02, help="weight init std (parity checks use a large one)")

@@ -73,6 +73,8 @@ flags.DEFINE_bool("torch", True, "also run the PyTorch baseline (subprocess, fir
 flags.DEFINE_string("torch_prefix", "cache", "torch prefix modes, comma list of cache, hook, peft")
 flags.DEFINE_string("torch_remat", "auto", "torch gradient checkpointing: auto (none, on OOM full), none, full")
 flags.DEFINE_bool("torch_compile", False, "torch.compile variant (hook prefix)")
+flags.DEFINE_string("torch_loss", "full,chunked", "torch loss forms (full logits; chunked + checkpointed "
+                    "LM head, which lets bigger models run without gradient checkpointing)")
 flags.DEFINE_integer("torch_timeout", 420, "seconds before the torch subprocess is killed")
 flags.DEFINE_bool("smoke", False, "tiny model on CPU: 2 steps, parity check of the torch baseline")
 flags.DEFINE_string("out", None, "append JSON lines here")
@@ -95,7 +97,7 @@ def torch_args(parity_out: str | None) -> list[str]:
   a = ["-m", "benchmarks.torch_baselines", "train", f"--model={F.model}", f"--batch={F.batch}",
        f"--p={F.p}", f"--seq={F.seq}", f"--segments={F.segments}", f"--top_k={F.top_k}",
        f"--steps={F.steps}", f"--warmup={F.warmup}", f"--prefix={F.torch_prefix}",
-       f"--remat={F.torch_remat}", f"--seed={F.seed}"]
+       f"--remat={F.torch_remat}", f"--seed={F.seed}", f"--loss={F.torch_loss}"]
   if F.torch_compile:
     a.append("--compile")
   if parity_out:
