@@ -54,12 +54,12 @@ def _head_loss_chunk(hc, w, ids, lp, mask, with_grad: bool):
   total = jnp.sum(-jnp.sum(teacher * student, axis=-1) * mask)
   if not with_grad:
     return total, None
-  # d/dlogits of -sum_k t_k (logit_{id_k} - lse) = (sum_k t_k) softmax - sum_k t_k onehot(id_k)
-  tw = teacher * mask[..., None]
-  dlog = jnp.exp(logits - lse[..., None]) * jnp.sum(tw, axis=-1)[..., None]
-  b, c, k = ids.shape
-  dlog = dlog.at[jnp.arange(b)[:, None, None], jnp.arange(c)[None, :, None], ids].add(-tw)
-  dh = jnp.einsum("bcv,ve->bce", dlog.astype(w.dtype), w, preferred_element_type=jnp.float32)
+  # d/dlogits of -sum_k t_k (logit_{id_k} - lse) = (sum_k t_k) softmax - sum_k t_k onehot(id_k),
+  # so dh = ((sum_k t_k) softmax) @ w - sum_k t_k w[id_k] (a gather of K rows, no scatter).
+  tw = teacher * mask[..., None]  # [B, C, K]
+  dsoft = jnp.exp(logits - lse[..., None]) * jnp.sum(tw, axis=-1)[..., None]  # [B, C, V]
+  dh = jnp.einsum("bcv,ve->bce", dsoft.astype(w.dtype), w, preferred_element_type=jnp.float32)
+  dh = dh - jnp.einsum("bck,bcke->bce", tw, jnp.take(w, ids, axis=0).astype(jnp.float32))
   return total, dh.astype(hc.dtype)
 
 
@@ -117,12 +117,13 @@ fused_head_loss.defvjp(_fused_fwd, _fused_bwd)
 def head_loss(model: Transformer, h: jax.Array, batch: dict, *, loss: str = "distill",
               chunk: int = LOSS_CHUNK_TOKENS) -> tuple[jax.Array, jax.Array]:
   """Mean training loss over masked tokens from final-normed hidden h [B, T, E] (the model's
-  output with return_hidden=True). chunk > 0: `fused_head_loss`; chunk = 0: full [B, T, V]
-  float32 logits and `distill_loss` / `next_token_loss` (the reference form). Returns (loss, n)."""
+  output with return_hidden=True). With more than `chunk` tokens: `fused_head_loss`; otherwise
+  (or chunk = 0) full [B, T, V] float32 logits and `distill_loss` / `next_token_loss` (the
+  reference form). Returns (loss, n)."""
   if loss not in LOSSES:
     raise ValueError(f"loss={loss!r}; choose from {LOSSES}")
-  if chunk <= 0:
-    logits = model.logits_from_hidden(h)
+  if chunk <= 0 or h.shape[0] * h.shape[1] <= chunk:  # one chunk: nothing to save, and XLA's
+    logits = model.logits_from_hidden(h)              # own backward is a little faster on CPU
     if loss == "distill":
       return distill_loss(logits, batch["topk_ids"], batch["topk_logprobs"], batch["loss_mask"])
     return next_token_loss(logits, batch["targets"], batch["loss_mask"])
