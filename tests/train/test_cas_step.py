@@ -264,16 +264,23 @@ def test_step_updates_only_touched_slots(setup):
   assert np.asarray(state["k"][1]).tobytes() == slot_k[1].tobytes()
 
 
-def test_sharded_step_matches_unsharded(setup):
-  """State [8 slots] sharded over an 8-device (data 2, fsdp 2, tensor 2) mesh: same loss/state."""
+@pytest.mark.parametrize("loss_chunk", [0, 16])
+def test_sharded_step_matches_unsharded(setup, loss_chunk):
+  """State [8 slots] sharded over an 8-device (data 2, fsdp 2, tensor 2) mesh: same loss/state.
+  loss_chunk 16 runs the fused LM head + loss (2 tokens per row per chunk, vocab sharded on
+  `tensor`); 0 the full-logits form."""
   m, docs, convs, frozen, slot_k, slot_v = setup
   sk = np.concatenate([slot_k, slot_k[::-1] * 0.9])  # 8 slots
   sv = np.concatenate([slot_v, slot_v[::-1] * 1.1])
   samples = [(convs[i % 4], (3 * i) % 8) for i in range(8)]
   b = build_cas_batch(samples, list(range(8)), k_max=3, p_isolated=0.25,
                       rng=np.random.default_rng(3), seq_len=T, top_k=K, p=P, num_frozen=F)
-  kw = dict(lr=1e-2, warmup_steps=2, clip_norm=1.0, position_mode="sequential")
+  kw = dict(lr=1e-2, warmup_steps=2, clip_norm=1.0, position_mode="sequential", loss_chunk=loss_chunk)
   s0, m0 = make_cas_train_step(**kw)(_state(sk, sv), frozen, m, _jnp(b))
+  if loss_chunk:  # the fused form agrees with the full-logits form on one device
+    _, md = make_cas_train_step(**{**kw, "loss_chunk": 0})(_state(sk, sv), frozen, m, _jnp(b))
+    np.testing.assert_allclose(float(m0["loss"]), float(md["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(m0["slot_grad_norm"]), np.asarray(md["slot_grad_norm"]), rtol=1e-4)
 
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   ms = shard_model(tiny_model(), mesh)
