@@ -6,9 +6,9 @@ import sys
 from absl import flags
 
 
-def _explain_override_error(argv, err: Exception) -> str:
+def _explain_override_error(argv, err: Exception, default_spec: str | None = None) -> str:
   """A message naming the first `--config.<path>` override that does not exist in the config."""
-  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), default_spec)
   overrides = [a[len("--config."):].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
   if spec is None or not overrides:
     return f"bad flags: {err}"
@@ -44,3 +44,15 @@ def parse_flags(argv):
     sys.stderr.write(f"FATAL {_explain_override_error(argv, e)}\n")
     sys.exit(1)
 
+
+
+def define_config_file(name: str, default: str, help_string: str):
+  """`config_flags.DEFINE_config_file` with a default file. ml_collections applies the command
+  line's `--config.x=...` overrides to the default while *defining* the flag (at import), so an
+  unknown field would be a traceback there; this exits with `parse_flags`' message instead."""
+  from ml_collections import config_flags
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    sys.stderr.write(f"FATAL {_explain_override_error(sys.argv, e, default_spec=default)}\n")
+    sys.exit(1)

@@ -8,14 +8,13 @@ import time
 
 import jax.numpy as jnp
 from absl import app, logging
-from ml_collections import config_flags
 
-from launch.flagparse import parse_flags
+from launch.flagparse import define_config_file, parse_flags
 from cas.model.loader import load_model
 from cas.model.sampler import Sampler
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/generate.py", "Generation config.")
+_CONFIG = define_config_file("config", "configs/generate.py", "Generation config.")
 
 
 def validate(c) -> None:

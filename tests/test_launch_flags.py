@@ -24,6 +24,17 @@ def test_unknown_config_field_is_named(tmp_path):
   assert not os.listdir(tmp_path)  # nothing was written
 
 
+def test_unknown_field_of_a_default_config_file_is_named():
+  """launch.generate's --config has a default file (overrides are applied while the flag is
+  defined, at import): an unknown field is still a one-line message, not a traceback."""
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, "-m", "launch.generate", "--config.tempreature=0.5"], cwd=REPO,
+                     env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1
+  assert "config has no field 'tempreature'" in r.stderr and "temperature" in r.stderr
+  assert "Traceback" not in r.stderr
+
+
 def test_second_pipeline_on_a_busy_workdir_is_refused(tmp_path):
   """While a pipeline holds <workdir>/.pipeline.lock, `launch.cas` on the same workdir stops at
   once with a message naming the holder (here: this test process) and the lock file."""
