@@ -2,25 +2,29 @@
 # CAS quality variants on one GPU (issue 5, findings b and d): one shared self-study set, then
 # training variants in parallel processes (the 135M model leaves the GPU mostly idle), each
 # evaluated on oracle / cas_composed@{1,5,10,20}. Usage (device machine, after gpu_setup.sh):
-#   bash benchmarks/cas_quality_sweep.sh start /root/sweep   # synth, then trainings in background
-#   bash benchmarks/cas_quality_sweep.sh wait  /root/sweep   # wait (<= 9 min), print the tables
+#   [VARIANTS="long own own_seq"] bash benchmarks/cas_quality_sweep.sh start /root/sweep   # synth, then trainings in background
+#   [VARIANTS=...] bash benchmarks/cas_quality_sweep.sh wait  /root/sweep   # wait (<= 9 min), print the tables
 set -u
 MODE=${1:-start}; W=${2:-/root/sweep}
 COMMON=(--config=configs/cas.py:paper --config.synth.conversations=128
         "--config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed')"
         "--config.eval.num_loaded=(1,5,10,20)")
-NAMES=(long long_seq long_k20)
+# VARIANTS="long own own_seq" picks others (each must be in V); the first one runs the self-study
+read -r -a NAMES <<< "${VARIANTS:-long long_seq long_k20}"
 declare -A V=(
   [long]="--config.train.steps=1000"
   [long_seq]="--config.train.steps=1000 --config.train.position_mode=sequential --config.eval.position_modes=('sequential',)"
   [long_k20]="--config.train.steps=1000 --config.train.num_slots=20 --config.train.k_max=20 --config.train.p_isolated=0.1"
+  [own]="--config.train.steps=1000 --config.train.train_distractors=False"
+  [own_seq]="--config.train.steps=1000 --config.train.train_distractors=False --config.train.position_mode=sequential --config.eval.position_modes=('sequential',)"
 )
 if [ "$MODE" = start ]; then
-  mkdir -p $W/long
-  python3 -m launch.cas "${COMMON[@]}" --workdir=$W/long --stages=synth > $W/synth.log 2>&1
+  F=${NAMES[0]}
+  mkdir -p $W/$F
+  python3 -m launch.cas "${COMMON[@]}" --workdir=$W/$F --stages=synth > $W/synth.log 2>&1
   grep -a "stage\|conversations" $W/synth.log | tr '\r' '\n' | tail -2
   for n in "${NAMES[@]}"; do
-    [ $n != long ] && mkdir -p $W/$n && cp -r $W/long/synth $W/long/collection $W/$n/
+    [ $n != $F ] && mkdir -p $W/$n && cp -r $W/$F/synth $W/$F/collection $W/$n/
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.28 setsid nohup python3 -m launch.cas "${COMMON[@]}" ${V[$n]} \
       --workdir=$W/$n > $W/$n.log 2>&1 < /dev/null &
   done

@@ -79,6 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.rotate_every = 4  # R
   c.train.evict_fraction = 0.5  # phi
   c.train.position_mode = "shared"  # shared | sequential
+  # False: a cartridge learns only from its own samples; as a distractor it is read, not updated
+  c.train.train_distractors = True
   c.train.log_every = 4
   c.train.ckpt_every = 8
   c.train.keep_checkpoints = 2

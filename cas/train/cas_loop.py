@@ -59,11 +59,13 @@ from cas.train.validate import check_train_config
 
 CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
             "num_slots", "k_max", "p_isolated", "rotate_every", "evict_fraction", "position_mode",
-            "top_k", "log_every", "ckpt_every", "keep_checkpoints")
+            "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors")
+DEFAULTS = {"train_distractors": True}  # optional fields of the train config
 
 
 def _fingerprint(c: dict, spec: CartridgeSpec, doc_ids: Sequence[str]) -> str:
-  keep = {k: c[k] for k in CAS_KEYS if k not in ("steps", "log_every", "ckpt_every", "keep_checkpoints")}
+  keep = {k: c[k] for k in CAS_KEYS if k not in ("steps", "log_every", "ckpt_every", "keep_checkpoints")
+          and not (k in DEFAULTS and c[k] == DEFAULTS[k])}  # defaults left out: older runs keep their id
   blob = json.dumps({"cfg": keep, "spec": dataclasses.asdict(spec),
                      "docs": hashlib.sha256("\n".join(doc_ids).encode()).hexdigest()}, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -95,14 +97,15 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
   mesh: None (one device) or a ("data", "fsdp", "tensor") Mesh; with a mesh, `model`'s weights
   are moved onto it in place (cas.sharding.shard_model) and stay there after the call.
 
-  Hardening: cfg keys must be exactly CAS_KEYS (unknown ones are refused); the workdir and the
+  Hardening: cfg keys must be exactly CAS_KEYS (unknown ones are refused; those in DEFAULTS may be
+  left out); the workdir and the
   store are locked (a second run refuses to start); a config whose slots + model cannot fit the
   device is refused before allocating (cas.train.preflight); resume takes the newest checkpoint
   whose files *and* paired store snapshot are intact (corrupt ones are skipped with a warning);
   NaN/inf in the loss, gradients or any slot's arrays stop training with NumericsError naming
   the step, slots and documents, before the store or a checkpoint is written.
   """
-  c = check_train_config(cfg, CAS_KEYS, where="train_cas")
+  c = check_train_config({**DEFAULTS, **cfg}, CAS_KEYS, where="train_cas")
   if mesh is not None:
     check_mesh(mesh, c["num_slots"])
   doc_ids = list(doc_ids)
@@ -193,7 +196,8 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
       state, _ = mgr.rotate_with_policy(mgr.init_state(), policy)
 
     step_fn = make_cas_train_step(lr=c["lr"], warmup_steps=c["warmup_steps"], clip_norm=c["clip_norm"],
-                                  loss=c["loss"], dtype=dtype, position_mode=c["position_mode"], mesh=mesh)
+                                  loss=c["loss"], dtype=dtype, position_mode=c["position_mode"], mesh=mesh,
+                                  train_distractors=c["train_distractors"])
     writer = (MetricWriter(os.path.join(workdir, "logs"), truncate_after=start, log_every=c["log_every"])
               if jax.process_index() == 0 else NullMetricWriter())
     total = c["steps"]

@@ -17,7 +17,7 @@ _RULES: dict[str, tuple] = {
     "ckpt_every": ("int", 1, None), "keep_checkpoints": ("int", 1, None), "top_k": ("int", 1, None),
     "num_slots": ("int", 1, None), "k_max": ("int", 1, None), "p_isolated": ("float", 0.0, 1.0),
     "rotate_every": ("int", 1, None), "evict_fraction": ("float", 0.0, 1.0),
-    "position_mode": ("str", None, None),
+    "position_mode": ("str", None, None), "train_distractors": ("bool", None, None),
 }
 
 
@@ -49,6 +49,10 @@ def check_train_config(cfg: Mapping, keys: Iterable[str], *, where: str) -> dict
     elif kind == "str":
       if not isinstance(v, str):
         raise TrainConfigError(f"{name} must be a string")
+      continue
+    elif kind == "bool":
+      if not isinstance(v, bool):
+        raise TrainConfigError(f"{name} must be True or False")
       continue
     else:
       continue

@@ -71,3 +71,16 @@ def test_bad_configs(setup, tmp_path):
     _train(setup, str(tmp_path), cfg={"num_slots": N + 1})
   with pytest.raises(RotationError):
     _train(setup, str(tmp_path), cfg={"k_max": 4})
+
+
+def test_train_distractors_false_updates_only_own_cartridges(setup, tmp_path):
+  """train.train_distractors=False reaches the step: with every sample carrying a distractor
+  (p_isolated=0), a cartridge's update count only grows when it is a row's own cartridge, so the
+  run counts fewer updates than the default run on the same samples; bad values are refused."""
+  cfg = {"p_isolated": 0.0, "steps": 6, "batch_size": 1}  # one own cartridge + one distractor per step
+  both = _train(setup, str(tmp_path / "both"), cfg=cfg)["counts"]
+  own = _train(setup, str(tmp_path / "own"), cfg={**cfg, "train_distractors": False})["counts"]
+  assert set(own) == set(both) and all(own[d] <= both[d] for d in both)
+  assert sum(own.values()) < sum(both.values())
+  with pytest.raises(ValueError, match="train_distractors"):
+    _train(setup, str(tmp_path / "bad"), cfg={"train_distractors": "no"})
