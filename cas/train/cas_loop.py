@@ -98,10 +98,10 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
   are moved onto it in place (cas.sharding.shard_model) and stay there after the call.
 
   Hardening: cfg keys must be exactly CAS_KEYS (unknown ones are refused; those in DEFAULTS may be
-  left out); the workdir and the
-  store are locked (a second run refuses to start); a config whose slots + model cannot fit the
-  device is refused before allocating (cas.train.preflight); resume takes the newest checkpoint
-  whose files *and* paired store snapshot are intact (corrupt ones are skipped with a warning);
+  left out); the workdir and the store are locked (a second run refuses to start); a config whose
+  slots + model cannot fit the device is refused before allocating (cas.train.preflight); resume
+  takes the newest checkpoint whose files *and* paired store snapshot are intact (corrupt ones are
+  skipped with a warning);
   NaN/inf in the loss, gradients or any slot's arrays stop training with NumericsError naming
   the step, slots and documents, before the store or a checkpoint is written.
   """
