@@ -78,11 +78,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     pass
   elif arg == "paper":
     c.dtype = "bfloat16"
-    c.remat = "full"
+    c.remat = "none"  # fits on one 80 GB GPU with the fused LM head + loss; 10% faster than full
     c.data.words_per_doc = 4000  # ~5.5k tokens: ICL still fits SmolLM2's 8k context
     c.synth.conversations = 2048
     c.synth.shard_size = 256
-    c.synth.batch_size = 64  # attention scores are materialised (no flash kernel yet): bounds memory
+    c.synth.batch_size = 256  # cuDNN prefill; decode-bound (batch 64: 194 s, 256: 158 s on an H100)
     c.synth.min_chunk, c.synth.max_chunk = 512, 2048
     c.synth.max_user_tokens, c.synth.max_answer_tokens = 128, 512
     c.cartridge.num_tokens = 512
