@@ -174,7 +174,7 @@ class CasStages:
     tc = self.config.train
     cfg = dict(steps=tc.steps, batch_size=tc.batch_size, seq_len=tc.seq_len, lr=tc.lr, warmup_steps=tc.warmup_steps,
                clip_norm=tc.clip_norm, loss=tc.loss, seed=tc.seed, log_every=tc.log_every, ckpt_every=tc.ckpt_every,
-               keep_checkpoints=tc.keep_checkpoints, top_k=self.config.synth.top_k)
+               keep_checkpoints=tc.keep_checkpoints, top_k=self.config.synth.top_k, loss_chunk=tc.loss_chunk)
     out = train_cartridge(model=self.model, model_fingerprint=self.lm.fingerprint,
                           dataset_dir=os.path.join(self.workdir, "synth"), workdir=os.path.join(self.workdir, "monolithic"),
                           init_fn=init, train_cfg=cfg, dtype=DTYPES[self.config.dtype])

@@ -64,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.warmup_steps = 4
   c.train.clip_norm = 1.0
   c.train.loss = "distill"  # distill | next_token (ablation)
+  c.train.loss_chunk = 4096  # tokens per chunk of the fused LM head + loss; 0 = full [B, T, V] logits
   c.train.seed = 0
   c.train.log_every = 8
   c.train.ckpt_every = 16

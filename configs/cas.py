@@ -72,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.warmup_steps = 4  # per cartridge (per-slot step counter)
   c.train.clip_norm = 1.0
   c.train.loss = "distill"
+  c.train.loss_chunk = 4096  # tokens per chunk of the fused LM head + loss; 0 = full [B, T, V] logits
   c.train.seed = 0
   c.train.num_slots = 2  # B: cartridges resident on the device
   c.train.k_max = 2  # own + up to k_max-1 distractors per sample

@@ -55,16 +55,18 @@ from cas.train import preflight
 from cas.train.cas_step import cas_batch_shardings, make_cas_train_step
 from cas.train.loop import _logged_loss
 from cas.train.numerics import NumericsError, raise_numerics, slot_finite  # noqa: F401 (NumericsError re-exported)
+from cas.train.step import LOSS_CHUNK_TOKENS
 from cas.train.validate import check_train_config
 
 CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
             "num_slots", "k_max", "p_isolated", "rotate_every", "evict_fraction", "position_mode",
-            "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors")
-DEFAULTS = {"train_distractors": True}  # optional fields of the train config
+            "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors", "loss_chunk")
+DEFAULTS = {"train_distractors": True, "loss_chunk": LOSS_CHUNK_TOKENS}  # optional fields of the train config
 
 
 def _fingerprint(c: dict, spec: CartridgeSpec, doc_ids: Sequence[str]) -> str:
-  keep = {k: c[k] for k in CAS_KEYS if k not in ("steps", "log_every", "ckpt_every", "keep_checkpoints")
+  keep = {k: c[k] for k in CAS_KEYS if k not in ("steps", "log_every", "ckpt_every", "keep_checkpoints",
+                                                  "loss_chunk")
           and not (k in DEFAULTS and c[k] == DEFAULTS[k])}  # defaults left out: older runs keep their id
   blob = json.dumps({"cfg": keep, "spec": dataclasses.asdict(spec),
                      "docs": hashlib.sha256("\n".join(doc_ids).encode()).hexdigest()}, sort_keys=True)
@@ -197,7 +199,7 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
 
     step_fn = make_cas_train_step(lr=c["lr"], warmup_steps=c["warmup_steps"], clip_norm=c["clip_norm"],
                                   loss=c["loss"], dtype=dtype, position_mode=c["position_mode"], mesh=mesh,
-                                  train_distractors=c["train_distractors"])
+                                  train_distractors=c["train_distractors"], loss_chunk=c["loss_chunk"])
     writer = (MetricWriter(os.path.join(workdir, "logs"), truncate_after=start, log_every=c["log_every"])
               if jax.process_index() == 0 else NullMetricWriter())
     total = c["steps"]

@@ -29,11 +29,12 @@ from cas.train import checkpoint as ckpt
 from cas.train import preflight
 from cas.train.data import LoaderState, PackedLoader
 from cas.train.numerics import NumericsError, all_finite, raise_numerics  # noqa: F401 (NumericsError re-exported)
-from cas.train.step import make_optimizer, make_train_step
+from cas.train.step import LOSS_CHUNK_TOKENS, make_optimizer, make_train_step
 from cas.train.validate import check_train_config
 
 TRAIN_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
-              "log_every", "ckpt_every", "keep_checkpoints", "top_k")
+              "log_every", "ckpt_every", "keep_checkpoints", "top_k", "loss_chunk")
+DEFAULTS = {"loss_chunk": LOSS_CHUNK_TOKENS}  # optional fields of the train config
 
 
 def model_mesh(model):
@@ -84,7 +85,7 @@ def train_cartridge(*, model, model_fingerprint: str, dataset_dir: str, workdir:
   cas.train.checkpoint). NaN/inf in the loss, gradients or the updated cartridge stop training
   with NumericsError before anything is saved.
   """
-  c = check_train_config(train_cfg, TRAIN_KEYS, where="train_cartridge")
+  c = check_train_config({**DEFAULTS, **train_cfg}, TRAIN_KEYS, where="train_cartridge")
   os.makedirs(workdir, exist_ok=True)
   # Multi-process: process 0 holds the lock and writes metrics and the exported cartridge.
   lock = DirLock(workdir, what="training workdir") if jax.process_index() == 0 else contextlib.nullcontext()
@@ -147,7 +148,7 @@ def _train_cartridge(*, model, model_fingerprint, dataset_dir, workdir, init_fn,
     if loader.num_truncated:
       logging.warning("%d conversations are longer than seq_len=%d and will be truncated",
                       loader.num_truncated, c["seq_len"])
-    step_fn = make_train_step(optimizer, loss=c["loss"], dtype=dtype)
+    step_fn = make_train_step(optimizer, loss=c["loss"], dtype=dtype, loss_chunk=c["loss_chunk"])
     writer = (MetricWriter(os.path.join(workdir, "logs"), truncate_after=start, log_every=c["log_every"])
               if jax.process_index() == 0 else NullMetricWriter())
 

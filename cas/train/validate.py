@@ -18,6 +18,7 @@ _RULES: dict[str, tuple] = {
     "num_slots": ("int", 1, None), "k_max": ("int", 1, None), "p_isolated": ("float", 0.0, 1.0),
     "rotate_every": ("int", 1, None), "evict_fraction": ("float", 0.0, 1.0),
     "position_mode": ("str", None, None), "train_distractors": ("bool", None, None),
+    "loss_chunk": ("int", 0, None),
 }
 
 

@@ -171,3 +171,19 @@ def test_model_on_a_mesh_trains_and_resumes_like_one_device(setup, tmp_path):
   assert out["steps"] == 12 and out["cartridge_path"]
   got = [r["loss"] for r in read_metrics(os.path.join(w, "logs"))]
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_chunk_setting_reaches_the_step(setup, tmp_path):
+  """train.loss_chunk = 16 (fused head + loss over 16-token chunks of a 2 x 64 batch) trains like
+  loss_chunk = 0 (full logits): the same losses up to float rounding, the same cartridge."""
+  m, doc, _, d = setup
+  init = lambda: init_cartridge(m, list(doc), 8, strategy="random_vectors")
+  cfg = {**CFG, "steps": 4, "log_every": 1, "ckpt_every": 4}
+  runs = {}
+  for lc in (0, 16):
+    w = tmp_path / f"lc{lc}"
+    train_cartridge(model=m, model_fingerprint="tiny", dataset_dir=d, workdir=str(w), init_fn=init,
+                    train_cfg={**cfg, "loss_chunk": lc})
+    runs[lc] = [r["loss"] for r in read_metrics(str(w / "logs"))]
+  assert len(runs[0]) == len(runs[16]) == 4
+  np.testing.assert_allclose(runs[16], runs[0], rtol=1e-4)
