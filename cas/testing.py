@@ -63,6 +63,28 @@ def write_dataset(directory: str, convs, *, model_fingerprint: str, shard_size: 
       "config": {"conversations_per_doc": per_doc or len(convs), "shard_size": shard_size}})
 
 
+def single_doc_dataset(directory: str, model) -> tuple[np.ndarray, list[Conversation]]:
+  """The single-cartridge test dataset: a 24-token document (seed 1) and 12 teacher-labelled
+  conversations about it (prompt 6, answer 10, top-8), written to `directory`."""
+  doc = np.random.default_rng(1).integers(2, 128, 24).astype(np.int32)
+  convs = teacher_conversations(model, doc, num=12, prompt_len=6, answer_len=10, top_k=8, seed=0)
+  write_dataset(directory, convs, model_fingerprint="tiny")
+  return doc, convs
+
+
+def cas_dataset(directory: str, model, *, num_docs: int = 6, per_doc: int = 4) -> dict[str, np.ndarray]:
+  """The CAS test dataset: `num_docs` 16-token documents doc0.. (seed 0), `per_doc`
+  teacher-labelled conversations each (prompt 4, answer 6, top-8), written to `directory` in
+  shards of 4. Returns {doc_id: token ids}."""
+  rng = np.random.default_rng(0)
+  docs = {f"doc{i}": rng.integers(2, 128, 16).astype(np.int32) for i in range(num_docs)}
+  convs = []
+  for i, (d, ids) in enumerate(docs.items()):
+    convs += teacher_conversations(model, ids, num=per_doc, prompt_len=4, answer_len=6, top_k=8, seed=i, doc_id=d)
+  write_dataset(directory, convs, model_fingerprint="tiny", shard_size=4, doc_ids=list(docs), per_doc=per_doc)
+  return docs
+
+
 def real_tokenizer():
   """The default model's real tokenizer (SmolLM2, from the fetched GGUF; cached per process)."""
   global _TOK

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cas.cartridge.cartridge import CartridgeSpec, init_cartridge
-from cas.testing import TINY, teacher_conversations, tiny_model, write_dataset
+from cas.testing import TINY, cas_dataset, single_doc_dataset, tiny_model
 
 CAS_N, CAS_PER_DOC, CAS_P = 6, 4, 6
 
@@ -13,10 +13,8 @@ CAS_N, CAS_PER_DOC, CAS_P = 6, 4, 6
 def single_data(tmp_path_factory):
   """(model, dataset dir, init_fn) for train_cartridge on one 24-token document."""
   m = tiny_model()
-  doc = np.random.default_rng(1).integers(2, 128, 24).astype(np.int32)
-  convs = teacher_conversations(m, doc, num=12, prompt_len=6, answer_len=10, top_k=8, seed=0)
   d = str(tmp_path_factory.mktemp("single_data"))
-  write_dataset(d, convs, model_fingerprint="tiny")
+  doc, _ = single_doc_dataset(d, m)
   return m, d, lambda: init_cartridge(m, list(doc), 8, strategy="random_vectors")
 
 
@@ -24,13 +22,8 @@ def single_data(tmp_path_factory):
 def cas_data(tmp_path_factory):
   """dict(model, docs, path, spec, frozen, init_fn) for train_cas on 6 documents."""
   m = tiny_model()
-  rng = np.random.default_rng(0)
-  docs = {f"doc{i}": rng.integers(2, 128, 16).astype(np.int32) for i in range(CAS_N)}
-  convs = []
-  for i, (d, ids) in enumerate(docs.items()):
-    convs += teacher_conversations(m, ids, num=CAS_PER_DOC, prompt_len=4, answer_len=6, top_k=8, seed=i, doc_id=d)
   path = str(tmp_path_factory.mktemp("cas_data"))
-  write_dataset(path, convs, model_fingerprint="tiny", shard_size=4, doc_ids=list(docs), per_doc=CAS_PER_DOC)
+  docs = cas_dataset(path, m, num_docs=CAS_N, per_doc=CAS_PER_DOC)
   sink = init_cartridge(m, [1] + list(docs["doc0"]), CAS_P)
 
   def init_fn(doc_id):

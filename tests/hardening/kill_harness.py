@@ -108,18 +108,10 @@ def _synth_documents():
 def _child_prepare(inputs: str) -> None:
   """Teacher-labelled datasets for the train and cas jobs (run once, before any reference)."""
   import numpy as np
-  from cas.testing import teacher_conversations, tiny_model, write_dataset
+  from cas.testing import cas_dataset, single_doc_dataset, tiny_model
   m = tiny_model()
-  doc = np.random.default_rng(1).integers(2, 128, 24).astype(np.int32)
-  convs = teacher_conversations(m, doc, num=12, prompt_len=6, answer_len=10, top_k=8, seed=0)
-  write_dataset(os.path.join(inputs, "train_data"), convs, model_fingerprint="tiny")
-  rng = np.random.default_rng(0)
-  docs = {f"doc{i}": rng.integers(2, 128, 16).astype(np.int32) for i in range(CAS_N)}
-  convs = []
-  for i, (d, ids) in enumerate(docs.items()):
-    convs += teacher_conversations(m, ids, num=CAS_PER_DOC, prompt_len=4, answer_len=6, top_k=8, seed=i, doc_id=d)
-  write_dataset(os.path.join(inputs, "cas_data"), convs, model_fingerprint="tiny", shard_size=4,
-                doc_ids=list(docs), per_doc=CAS_PER_DOC)
+  single_doc_dataset(os.path.join(inputs, "train_data"), m)
+  docs = cas_dataset(os.path.join(inputs, "cas_data"), m, num_docs=CAS_N, per_doc=CAS_PER_DOC)
   np.savez(os.path.join(inputs, "cas_docs.npz"), **docs)
 
 

@@ -6,7 +6,7 @@ import pytest
 from cas.cartridge.cartridge import CartridgeSpec, init_cartridge
 from cas.metrics import read_metrics
 from cas.rotation.policy import RotationError
-from cas.testing import TINY, teacher_conversations, tiny_model, write_dataset
+from cas.testing import TINY, cas_dataset, tiny_model
 from cas.train.cas_loop import train_cas
 
 N, PER_DOC, P = 6, 4, 6
@@ -18,13 +18,8 @@ CFG = dict(steps=12, batch_size=3, seq_len=32, lr=5e-2, warmup_steps=2, clip_nor
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   m = tiny_model()
-  rng = np.random.default_rng(0)
-  docs = {f"doc{i}": rng.integers(2, 128, 16).astype(np.int32) for i in range(N)}
-  convs = []
-  for i, (d, ids) in enumerate(docs.items()):
-    convs += teacher_conversations(m, ids, num=PER_DOC, prompt_len=4, answer_len=6, top_k=8, seed=i, doc_id=d)
   path = str(tmp_path_factory.mktemp("cas_data"))
-  write_dataset(path, convs, model_fingerprint="tiny", shard_size=4, doc_ids=list(docs), per_doc=PER_DOC)
+  docs = cas_dataset(path, m, num_docs=N, per_doc=PER_DOC)
   sink = init_cartridge(m, [1] + list(docs["doc0"]), P)
   frozen = (sink.frozen_k[...], sink.frozen_v[...])
 

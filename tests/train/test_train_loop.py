@@ -17,7 +17,7 @@ from flax import nnx
 from cas.cartridge.cartridge import init_cartridge
 from cas.metrics import read_metrics
 from cas.synth.format import SynthDataError
-from cas.testing import teacher_conversations, tiny_model, write_dataset
+from cas.testing import single_doc_dataset, tiny_model
 from cas.train.checkpoint import CheckpointError
 from cas.train.data import PackedLoader
 from cas.train.loop import train_cartridge
@@ -30,10 +30,8 @@ CFG = dict(steps=40, batch_size=2, seq_len=64, lr=5e-2, warmup_steps=0, clip_nor
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   m = tiny_model()
-  doc = np.random.default_rng(1).integers(2, 128, 24).astype(np.int32)
-  convs = teacher_conversations(m, doc, num=12, prompt_len=6, answer_len=10, top_k=8, seed=0)
   d = str(tmp_path_factory.mktemp("data"))
-  write_dataset(d, convs, model_fingerprint="tiny")
+  doc, convs = single_doc_dataset(d, m)
   return m, doc, convs, d
 
 
