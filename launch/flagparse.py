@@ -45,7 +45,6 @@ def parse_flags(argv):
     sys.exit(1)
 
 
-
 def define_config_file(name: str, default: str, help_string: str):
   """`config_flags.DEFINE_config_file` with a default file. ml_collections applies the command
   line's `--config.x=...` overrides to the default while *defining* the flag (at import), so an

@@ -76,7 +76,8 @@ def _head_loss_scan(h, w, ids, lp, mask, chunk: int, with_grad: bool):
   xs = (split(h), split(ids), split(lp), split(mask))
 
   def body(acc, x):
-    tot, dh = _head_loss_chunk(*x[:1], w, *x[1:], with_grad=with_grad)
+    hc, ids_c, lp_c, mask_c = x
+    tot, dh = _head_loss_chunk(hc, w, ids_c, lp_c, mask_c, with_grad=with_grad)
     return acc + tot, dh
 
   total, dhs = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
@@ -103,8 +104,7 @@ def fused_head_loss(h, w, ids, lp, mask, chunk: int = LOSS_CHUNK_TOKENS):
 
 
 def _fused_fwd(h, w, ids, lp, mask, chunk):
-  total, dh = _head_loss_scan(h, w, ids, lp, mask, chunk, with_grad=True)
-  return total, dh
+  return _head_loss_scan(h, w, ids, lp, mask, chunk, with_grad=True)  # (loss sum, residual dh)
 
 
 def _fused_bwd(chunk, dh, g):
