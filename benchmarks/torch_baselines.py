@@ -189,21 +189,22 @@ def segment_mask(segment_ids: torch.Tensor, p: int, dtype) -> torch.Tensor:
   return mask.masked_fill_(~vis[:, None], torch.finfo(dtype).min)
 
 
-def distill_loss(logits, topk_ids, topk_lp, loss_mask):
-  """As cas.train.step.distill_loss: logits [B, T, V] (any float), topk [B, T, K], mask [B, T]."""
+def _distill_sum(logits, topk_ids, topk_lp, loss_mask):
+  """Sum over masked tokens of the cross-entropy against the teacher's top-k (float32)."""
   logits = logits.float()
   lse = torch.logsumexp(logits, dim=-1, keepdim=True)
   student = torch.gather(logits, -1, topk_ids) - lse
   per_tok = -(torch.exp(topk_lp) * student).sum(-1)
-  n = loss_mask.sum().clamp_min(1.0)
-  return (per_tok * loss_mask).sum() / n
+  return (per_tok * loss_mask).sum()
+
+
+def distill_loss(logits, topk_ids, topk_lp, loss_mask):
+  """As cas.train.step.distill_loss: logits [B, T, V] (any float), topk [B, T, K], mask [B, T]."""
+  return _distill_sum(logits, topk_ids, topk_lp, loss_mask) / loss_mask.sum().clamp_min(1.0)
 
 
 def _chunk_loss(hc, w, ids, lp, m):
-  logits = (hc @ w.t()).float()  # [B, C, V]
-  lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-  student = torch.gather(logits, -1, ids) - lse
-  return ((-(torch.exp(lp) * student).sum(-1)) * m).sum()
+  return _distill_sum(hc @ w.t(), ids, lp, m)  # logits [B, C, V] of this chunk only
 
 
 def chunked_distill_loss(h, w, topk_ids, topk_lp, loss_mask, chunk_tokens: int = 4096):
