@@ -313,12 +313,16 @@ def summarize_trace(trace_dir: str, top: int = 25) -> dict[str, Any]:
             if e.get("ph") == "M" and e.get("name") == "process_name"}
   dev = {pid for pid, n in pnames.items() if "gpu" in n.lower() or "device:" in n.lower()}
   totals: collections.Counter = collections.Counter()
+  by_hlo: collections.Counter = collections.Counter()  # (kernel, XLA op that launched it)
   for e in events:
     if e.get("ph") != "X" or str(e.get("name", "")).startswith("$"):
       continue
     if dev and e.get("pid") not in dev:
       continue
     totals[e["name"]] += float(e.get("dur", 0.0))
+    op = (e.get("args") or {}).get("hlo_op")
+    if op:
+      by_hlo[f"{str(e['name'])[:40]} <- {op}"] += float(e.get("dur", 0.0))
   total = sum(totals.values()) or 1.0
 
   def kind(name: str) -> str:
@@ -334,6 +338,7 @@ def summarize_trace(trace_dir: str, top: int = 25) -> dict[str, Any]:
     by_kind[kind(n)] += us
   return {"source": os.path.relpath(files[-1], trace_dir), "device_processes": sorted(pnames[p] for p in dev),
           "total_us": total, "top": [[n, us, us / total] for n, us in totals.most_common(top)],
+          "top_hlo_ops": [[n, us, us / total] for n, us in by_hlo.most_common(top)],
           "by_kind": {k: v / total for k, v in by_kind.most_common()}}
 
 

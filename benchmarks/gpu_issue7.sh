@@ -8,10 +8,11 @@
 # Sections, in the order they run (a section that would start with < 30 s of BUDGET left is
 # skipped and named at the end, so a second call can run it):
 #   check    cas.model.attention implementations vs the model's attention, bf16, on this GPU
-#   train1b  distillation step, Llama-3.2-1B shapes: torch vs cas (cuDNN attention; remat full,
-#            dots, none; LM head + loss as full logits (loss_chunk 0) or fused), device-time profile
-#   train8b  Llama-3.1-8B shapes, batch 4: torch vs cas (remat full / none x loss_chunk 0 / 4096)
-#   train3b  Llama-3.2-3B shapes, batch 8: same
+#   train1b  distillation step, Llama-3.2-1B shapes: torch vs cas (remat none, fused LM head + loss;
+#            attention: one cuDNN call with a [prefix ; self] bias (cudnn) or prefix and causal self
+#            blocks merged by log-sum-exp (cudnn_split); layers scanned or unrolled), profile
+#   train8b  Llama-3.1-8B shapes, batch 4: same variants
+#   train3b  Llama-3.2-3B shapes, batch 8: same variants
 #   synth    self-study synthesis, 1B, batch 64, prompt 1024, 256 new tokens, top-20
 #   serving  8B, cartridge p=2048 vs ICL 32k / 128k documents, largest batch
 #   cas      CAS step (B=8 slots, k_max=4, p=512, 1B) vs single-cartridge step, breakdown, profile
@@ -58,13 +59,15 @@ $PY -c "import jax, torch, transformers; print('jax', jax.__version__, jax.devic
 for s in "${sections[@]}"; do
   case $s in
     check) run check 90 benchmarks.check_attention ;;
-    train1b) run train1b 420 benchmarks.train_step --model=llama-3.2-1b --batch=8 --p=2048 --seq=2048 \
-        --attn=cudnn --remat=full,dots,none --loss_chunk=0,4096 --steps=5 --warmup=2 --torch_timeout=200 \
-        --profile_dir="$PROFILE_DIR/train1b" ;;
-    train8b) run train8b 540 benchmarks.train_step --model=llama-3.1-8b --batch=4 --p=2048 --seq=2048 \
-        --attn=cudnn --remat=full,none --loss_chunk=0,4096 --steps=4 --warmup=2 --torch_timeout=300 ;;
-    train3b) run train3b 480 benchmarks.train_step --model=llama-3.2-3b --batch=8 --p=2048 --seq=2048 \
-        --attn=cudnn --remat=full,none --loss_chunk=0,4096 --steps=4 --warmup=2 --torch_timeout=240 ;;
+    train1b) run train1b 540 benchmarks.train_step --model=llama-3.2-1b --batch=8 --p=2048 --seq=2048 \
+        --attn=cudnn,cudnn_split --remat=none --loss_chunk=4096 --layers=scan,unrolled --steps=5 --warmup=2 \
+        --torch_timeout=200 --profile_dir="$PROFILE_DIR/train1b" ;;
+    train8b) run train8b 570 benchmarks.train_step --model=llama-3.1-8b --batch=4 --p=2048 --seq=2048 \
+        --attn=cudnn,cudnn_split --remat=none --loss_chunk=4096 --layers=scan,unrolled --steps=4 --warmup=2 \
+        --torch_timeout=300 ;;
+    train3b) run train3b 570 benchmarks.train_step --model=llama-3.2-3b --batch=8 --p=2048 --seq=2048 \
+        --attn=cudnn,cudnn_split --remat=none --loss_chunk=4096 --layers=scan,unrolled --steps=4 --warmup=2 \
+        --torch_timeout=240 ;;
     synth) run synth 200 benchmarks.synth_speed --model=llama-3.2-1b --batch=64 --prompt_len=1024 \
         --new_tokens=256 --torch_timeout=110 ;;
     serving) run serving 240 benchmarks.serving --model=llama-3.1-8b --doc_lens=32768,131072 --p=2048 \

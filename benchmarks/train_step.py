@@ -63,10 +63,13 @@ flags.DEFINE_integer("top_k", 20, "teacher top-k")
 flags.DEFINE_integer("steps", 8, "timed steps")
 flags.DEFINE_integer("warmup", 2, "untimed steps (the first includes nothing of compilation: AOT)")
 flags.DEFINE_list("remat", ["full"], "remat policies to time: none, full, dots")
+flags.DEFINE_list("layers", ["scan"], "layer loop forms to time: scan (jax.lax.scan), unrolled")
 flags.DEFINE_list("attn", ["reference"], f"attention implementations: {attn_lib.NAMES}")
 flags.DEFINE_list("loss_chunk", [str(LOSS_CHUNK_TOKENS)], "LM head + loss: tokens per fused chunk "
                   "(0 = full [B, T, V] float32 logits, the form before the fused loss); a list times each")
 flags.DEFINE_string("profile_dir", None, "trace 3 steps of every variant here and emit device time by op")
+flags.DEFINE_string("hlo_dir", None, "write each variant's compiled HLO text here (to name the ops "
+                    "in a profile's top_hlo_ops)")
 flags.DEFINE_bool("first_ok", False, "stop after the first attention implementation that runs "
                   "(e.g. --attn=cudnn,reference: the reference only if cudnn fails)")
 flags.DEFINE_bool("torch", True, "also run the PyTorch baseline (subprocess, first)")
@@ -116,14 +119,18 @@ def cartridge_state(cfg, p: int, seed: int):
 
 
 def cas_variant(cfg, model, nb: dict, attn: str, remat: str, emit: C.Emitter, peak: float | None,
-                loss_chunk: int = LOSS_CHUNK_TOKENS) -> dict:
-  """Compile and time the cas step for one (attention, remat, loss_chunk) setting; emit and return
-  the record (with a device-time profile when --profile_dir)."""
-  rec = {"impl": "cas", "variant": f"{attn}/{remat}/lc{loss_chunk}", "attn": attn, "remat": remat,
-         "loss_chunk": loss_chunk,
+                loss_chunk: int = LOSS_CHUNK_TOKENS, layers: str = "scan") -> dict:
+  """Compile and time the cas step for one (attention, remat, loss_chunk, layers) setting; emit and
+  return the record (with a device-time profile when --profile_dir)."""
+  suffix = "" if layers == "scan" else f"/{layers}"
+  rec = {"impl": "cas", "variant": f"{attn}/{remat}/lc{loss_chunk}{suffix}", "attn": attn, "remat": remat,
+         "loss_chunk": loss_chunk, "layers": layers,
          "batch": int(nb["tokens"].shape[0]), "seq": int(nb["tokens"].shape[1]), "p": F.p}
   prev = attn_lib.install(attn, num_prefix=F.p)
   model.remat = remat
+  if layers not in ("scan", "unrolled"):
+    raise ValueError(f"--layers: {layers!r} is not scan or unrolled")
+  model.layer_loop = layers
   try:
     trainable, frozen = cartridge_state(cfg, F.p, F.seed)
     opt = make_optimizer(2e-2, warmup_steps=0, clip_norm=1.0)
@@ -133,6 +140,10 @@ def cas_variant(cfg, model, nb: dict, attn: str, remat: str, emit: C.Emitter, pe
     t0 = time.perf_counter()
     compiled = step.lower(trainable, opt_state, frozen, model, batch).compile()
     rec["compile_s"] = time.perf_counter() - t0
+    if F.hlo_dir:
+      os.makedirs(F.hlo_dir, exist_ok=True)
+      with open(os.path.join(F.hlo_dir, rec["variant"].replace("/", "_") + ".hlo.txt"), "w") as f:
+        f.write(compiled.as_text())
     try:
       ma = compiled.memory_analysis()
       rec["temp_bytes"] = int(ma.temp_size_in_bytes)
@@ -230,7 +241,8 @@ def main(argv):
 
   cas_recs = []
   for a in F.attn:
-    recs = [cas_variant(cfg, model, nb, a, r, emit, peak, int(lc)) for r in F.remat for lc in F.loss_chunk]
+    recs = [cas_variant(cfg, model, nb, a, r, emit, peak, int(lc), lay)
+            for r in F.remat for lc in F.loss_chunk for lay in F.layers]
     cas_recs += recs
     if F.first_ok and any(r.get("status") == "ok" for r in recs):
       break

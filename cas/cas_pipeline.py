@@ -76,7 +76,8 @@ class CasStages:
     t = time.time()
     if lm is None:
       lm = load_model(config.model_path, param_dtype=DTYPES[config.dtype], dtype=DTYPES[config.dtype],
-                      remat=config.get("remat", "none"))
+                      remat=config.get("remat", "none"),
+                      layer_loop=config.get("layer_loop", "auto"))
     self.lm = lm
     self.tok, self.model = self.lm.tokenizer, self.lm.model
     self.sampler = Sampler(self.model, pad_id=self.tok.pad_id,

@@ -27,6 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model_path = ml_collections.FieldReference(None, field_type=str)  # None = default cached model
   c.dtype = "float32"  # float32 | bfloat16 (compute and frozen weights; cartridges are fp32 masters)
   c.remat = "none"  # none | full | dots: recompute layer activations in the backward pass
+  c.layer_loop = "auto"  # auto | scan | unrolled: auto unrolls training forwards on a GPU (faster)
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ml_collections.FieldReference(None, field_type=str)  # a saved collection dir; None = built-in

@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model_path = ml_collections.FieldReference(None, field_type=str)
   c.dtype = "float32"
   c.remat = "none"
+  c.layer_loop = "auto"  # auto | scan | unrolled: auto unrolls training forwards on a GPU (faster)
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ml_collections.FieldReference(None, field_type=str)

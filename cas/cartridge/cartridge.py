@@ -87,9 +87,14 @@ class Cartridge(nnx.Module):
     return cartridge_prefix(k, v, batch, dtype)
 
 
-def cartridge_prefix(k: jax.Array, v: jax.Array, batch: int, dtype=jnp.float32) -> Prefix:
-  """k, v [L, P, Hkv, D] -> Prefix with k, v [L, B, P, Hkv, D] in `dtype`, mask [B, P] all True."""
+def cartridge_prefix(k: jax.Array, v: jax.Array, batch: int, dtype=jnp.float32, *,
+                     with_mask: bool = True) -> Prefix:
+  """k, v [L, P, Hkv, D] -> Prefix with k, v [L, B, P, Hkv, D] in `dtype`, mask [B, P] all True.
+  `with_mask=False`: k, v [L, 1, P, Hkv, D] (not broadcast) and mask None (all visible), which lets
+  the model's training forward run attention that needs no mask and no per-row copy of the prefix."""
   L, P, H, D = k.shape
+  if not with_mask:
+    return Prefix(k.astype(dtype)[:, None], v.astype(dtype)[:, None], None)
   kb = jnp.broadcast_to(k.astype(dtype)[:, None], (L, batch, P, H, D))
   vb = jnp.broadcast_to(v.astype(dtype)[:, None], (L, batch, P, H, D))
   return Prefix(kb, vb, jnp.ones((batch, P), bool))

@@ -191,13 +191,221 @@ def auto_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   return reference_attention(q, k, v, mask)
 
 
+# ----------------------------------------------------------------------------- prefix + packed rows
+
+def segment_bias(segment_ids: Array, dtype=jnp.bfloat16) -> Array:
+  """Additive bias [B, 1, T, T] for the self block of packed rows: 0 where key and query share a
+  segment, a large negative number elsewhere. Causality comes from the kernel's causal mask.
+  Padding tokens (segment 0) see each other (so no query row is fully masked); real tokens never see
+  them, and their outputs are unused (the loss masks them)."""
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, T]
+  neg = jnp.asarray(-2 << 40, dtype)  # JAX's masking constant for cuDNN (not -max: a cuDNN bug)
+  return jnp.where(same, jnp.zeros((), dtype), neg)[:, None]
+
+
+def prefix_packed_reference(q: Array, pk: Array, pv: Array, k: Array, v: Array,
+                            segment_ids: Array) -> Array:
+  """Pure-JAX form of `prefix_packed_attention` (any backend, any dtype): exactly the model's
+  4-argument path, `reference_attention` over the concatenated [prefix ; self] keys with the
+  model's packed causal mask (so CPU / float32 results do not change with the form).
+
+  q [B, T, H, D]; pk, pv [B or 1, P, Hkv, D] (every prefix slot visible to every query; 1 = the
+  same prefix for every row); k, v [B, T, Hkv, D] (the row's own keys); segment_ids [B, T] int32
+  (0 = padding).
+  """
+  b, t = q.shape[:2]
+  idx = jnp.arange(t)
+  self_mask = ((idx[None, :] <= idx[:, None])[None]
+               & (segment_ids[:, None, :] == segment_ids[:, :, None])
+               & (segment_ids[:, None, :] != 0))
+  mask = jnp.concatenate([jnp.ones((b, t, pk.shape[1]), bool), self_mask], axis=-1)
+  pk, pv = (jnp.broadcast_to(a, (b,) + a.shape[1:]) for a in (pk, pv))
+  keys = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+  vals = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
+  return reference_attention(q, keys, vals, mask)
+
+
+def _fused_attention_module():
+  from jax._src.cudnn import fused_attention_stablehlo as fa  # private: see _cudnn_block_args
+  return fa
+
+
+class _Captured(Exception):
+  def __init__(self, args):
+    super().__init__("captured")
+    self.args = args
+
+
+def _cudnn_block_args(q: Array, k: Array, v: Array, bias: Array | None, causal: bool, scale: float):
+  """The argument tuple JAX's public cuDNN attention passes to its internal custom-VJP function.
+
+  `cas` needs the cuDNN forward's log-sum-exp and a backward against a *merged* output and
+  log-sum-exp (see `cudnn_prefix_packed_attention`); JAX exposes the first (`return_residual`) but
+  not the second. Rather than restating JAX's argument preparation (bias/mask folding, placeholder
+  operands, layout codes), which changes between versions, this calls the public
+  `dot_product_attention` with the internal function swapped for one that records its arguments and
+  stops. The `.fwd` / `.bwd` of that custom-VJP function then run on exactly those arguments.
+  """
+  fa = _fused_attention_module()
+  inner = fa._dot_product_attention
+
+  def capture(*args):
+    raise _Captured(args)
+
+  fa._dot_product_attention = capture
+  try:
+    fa.dot_product_attention(q, k, v, bias=bias, scale=scale, qkv_layout="BTNH", return_residual=True,
+                             mask_type=fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK)
+  except _Captured as c:
+    return inner, _without_dbias(inner, c.args)
+  finally:
+    fa._dot_product_attention = inner
+  raise RuntimeError("cuDNN attention: JAX's dot_product_attention did not call its internal "
+                     "_dot_product_attention; this JAX version is not supported by cudnn_split")
+
+
+def _without_dbias(fn, args):
+  """The bias here is a constant mask: turn off the bias gradient, which JAX always requests
+  (`variadic_args = (has_bias, has_dbias)`; cuDNN's dbias kernel was 4.6% of a 1B step)."""
+  import inspect
+  try:
+    i = list(inspect.signature(fn.fun).parameters).index("variadic_args")
+  except (AttributeError, ValueError):
+    return args
+  has_bias, _ = args[i]
+  return args[:i] + ((has_bias, False),) + args[i + 1:]
+
+
+def _nondiff(fn, args):
+  return [args[i] for i in fn.nondiff_argnums]
+
+
+def _block_fwd(q, k, v, bias, causal, scale):
+  fn, args = _cudnn_block_args(q, k, v, bias, causal, scale)
+  (out, lse), res = fn.fwd(*args)
+  return out, lse, res
+
+
+def _block_bwd(q, k, v, bias, causal, scale, res, lse, out, g):
+  """cuDNN backward of one key block against the merged softmax: with the global log-sum-exp and
+  output in place of the block's own, the block's dQ/dK/dV are exactly its share of the gradient
+  of the merged attention (as in ring attention)."""
+  fn, args = _cudnn_block_args(q, k, v, bias, causal, scale)
+  res = tuple(res[:-2]) + (lse, out)  # JAX's residual ends with (softmax stats, forward output)
+  grads = fn.bwd(*_nondiff(fn, args), res, (g, jnp.zeros_like(lse)))
+  return grads[0], grads[1], grads[2]
+
+
+def _merge(o1, l1, o2, l2, dtype):
+  """Merge two normalised block outputs [B, T, H, D] by their log-sum-exps [B, H, T] (or [B, T, H])."""
+  l = jnp.logaddexp(l1, l2)
+  w1, w2 = jnp.exp(l1 - l), jnp.exp(l2 - l)
+  if l.shape[1] != o1.shape[1]:  # [B, H, T] -> [B, T, H]
+    w1, w2 = w1.transpose(0, 2, 1), w2.transpose(0, 2, 1)
+  out = o1.astype(jnp.float32) * w1[..., None] + o2.astype(jnp.float32) * w2[..., None]
+  return out.astype(dtype), l
+
+
+@jax.custom_vjp
+def _cudnn_prefix_self(q, pk, pv, k, v, bias):
+  out, _ = _cudnn_prefix_self_fwd(q, pk, pv, k, v, bias)
+  return out
+
+
+def _fold_rows(x: Array, b: int) -> Array:
+  """[B, T, ...] -> [1, B*T, ...]: every row's queries against one shared prefix in one call."""
+  return x.reshape((1, b * x.shape[1]) + x.shape[2:]) if b else x
+
+
+def _fold_lse(l: Array, b: int, h: int) -> Array:
+  """Log-sum-exp [B, H, T] (or [B, T, H]) -> the folded call's [1, H, B*T] (or [1, B*T, H])."""
+  if not b:
+    return l
+  if l.shape[1] == h:
+    return l.transpose(1, 0, 2).reshape(1, h, -1)
+  return l.reshape(1, -1, h)
+
+
+def _unfold_lse(l: Array, b: int, h: int) -> Array:
+  if not b:
+    return l
+  if l.shape[1] == h:
+    return l.reshape(h, b, -1).transpose(1, 0, 2)
+  return l.reshape(b, -1, h)
+
+
+def _cudnn_prefix_self_fwd(q, pk, pv, k, v, bias):
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  b, h = q.shape[0], q.shape[2]
+  fold = b if (pk.shape[0] == 1 and b > 1) else 0  # a prefix shared by all rows: one call, B*T queries
+  o1, l1, r1 = _block_fwd(_fold_rows(q, fold), pk, pv, None, False, scale)
+  o1, l1 = o1.reshape(q.shape), _unfold_lse(l1, fold, h)
+  o2, l2, r2 = _block_fwd(q, k, v, bias, True, scale)
+  out, lse = _merge(o1, l1, o2, l2, q.dtype)
+  return out, (q, pk, pv, k, v, bias, r1, r2, lse, out)
+
+
+def _cudnn_prefix_self_bwd(res, g):
+  q, pk, pv, k, v, bias, r1, r2, lse, out = res
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  b, h = q.shape[0], q.shape[2]
+  fold = b if (pk.shape[0] == 1 and b > 1) else 0
+  g = g.astype(out.dtype)
+  dq1, dpk, dpv = _block_bwd(_fold_rows(q, fold), pk, pv, None, False, scale, r1, _fold_lse(lse, fold, h),
+                             _fold_rows(out, fold), _fold_rows(g, fold))
+  dq2, dk, dv = _block_bwd(q, k, v, bias, True, scale, r2, lse, out, g)
+  dq = dq1.reshape(q.shape).astype(jnp.float32) + dq2.astype(jnp.float32)
+  return dq.astype(q.dtype), dpk, dpv, dk, dv, jnp.zeros_like(bias)
+
+
+_cudnn_prefix_self.defvjp(_cudnn_prefix_self_fwd, _cudnn_prefix_self_bwd)
+
+
+def cudnn_prefix_packed_attention(q: Array, pk: Array, pv: Array, k: Array, v: Array,
+                                  segment_ids: Array) -> Array:
+  """`prefix_packed_reference` with two cuDNN flash-attention calls, merged by log-sum-exp.
+
+  Block 1: queries x prefix keys, no mask. Block 2: queries x the row's own keys with cuDNN's
+  causal mask (which skips the blocks above the diagonal) plus a [B, 1, T, T] segment bias. The
+  single-call form (`cudnn_attention`) computes every query x [prefix ; self] pair under a bias
+  and cannot skip any; at p = T = 2048 this does 25% fewer pairs and reads no [T, P] bias.
+  Backward: each block's cuDNN backward run against the merged output and log-sum-exp.
+  A prefix with batch 1 (pk, pv [1, P, Hkv, D]: one cartridge for every row) is never broadcast:
+  block 1 runs as one sequence of B*T queries, and cuDNN sums dK/dV over the rows itself.
+  Needs CUDA and bf16/fp16 (else `prefix_packed_reference`); T padded to even (cuDNN's bias rule).
+  """
+  if not _on_cuda() or q.dtype not in (jnp.bfloat16, jnp.float16):
+    return prefix_packed_reference(q, pk, pv, k, v, segment_ids)
+  t, pl = q.shape[1], pk.shape[1]
+  if pl % 2 or pl == 0:  # cuDNN wants even lengths; an odd prefix goes the reference way
+    return prefix_packed_reference(q, pk, pv, k, v, segment_ids)
+  if t % 2:
+    q = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    k = jnp.pad(k, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, 1)))
+  bias = segment_bias(segment_ids, q.dtype)
+  out = _cudnn_prefix_self(q, pk.astype(q.dtype), pv.astype(q.dtype), k, v, bias)
+  return out[:, :t]
+
+
 IMPLEMENTATIONS: dict[str, AttentionFn] = {
     "auto": auto_attention,
     "reference": reference_attention,
     "xla": xla_attention,
     "cudnn": cudnn_attention,
+    "cudnn_split": cudnn_attention,
 }
 NAMES = tuple(IMPLEMENTATIONS) + ("split",)
+
+# Implementations with a form for a fully visible prefix + packed rows (the distillation step):
+# fn(q [B, T, H, D], pk, pv [B or 1, P, Hkv, D], k, v [B, T, Hkv, D], segment_ids [B, T]) -> [B, T, H, D].
+# The model uses it when there is no cache and the prefix has no mask (`Prefix.mask is None`).
+PrefixPackedFn = Callable[[Array, Array, Array, Array, Array, Array], Array]
+PREFIX_PACKED: dict[str, PrefixPackedFn] = {
+    "auto": cudnn_prefix_packed_attention,
+    "cudnn_split": cudnn_prefix_packed_attention,
+}
 
 
 def get(name: str, *, num_prefix: int | None = None) -> AttentionFn:
@@ -211,14 +419,21 @@ def get(name: str, *, num_prefix: int | None = None) -> AttentionFn:
   return IMPLEMENTATIONS[name]
 
 
+def get_prefix_packed(name: str) -> PrefixPackedFn | None:
+  """The prefix + packed-rows form of implementation `name`, or None (the model then builds the
+  [B, T, P + T] mask and calls the 4-argument form)."""
+  return PREFIX_PACKED.get(name)
+
+
 def install(name: str, *, num_prefix: int | None = None):
   """Benchmarks only: make every `cas.model.llama` model use attention `name` from the next trace
-  on, whatever its `attn_impl`. Returns the previous override (pass it to `restore`). Jitted
-  functions already traced keep the attention they were traced with.
+  on, whatever its `attn_impl` (both forms: `get` and `get_prefix_packed`). Returns the previous
+  override (pass it to `restore`). Jitted functions already traced keep the attention they were
+  traced with.
   """
   from cas.model import llama
   prev = llama.ATTENTION_OVERRIDE
-  llama.ATTENTION_OVERRIDE = get(name, num_prefix=num_prefix)
+  llama.ATTENTION_OVERRIDE = (get(name, num_prefix=num_prefix), get_prefix_packed(name))
   return prev
 
 

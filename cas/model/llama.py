@@ -30,8 +30,10 @@ NEG_INF = -1e30
 class Prefix(NamedTuple):
   """Per-layer prefix KV (a cartridge or several assembled ones).
 
-  k, v: [L, B, P, Hkv, D], keys already rotated (post-RoPE).
-  mask: [B, P] or [B, T, P] bool, True where the query may attend to that prefix slot.
+  k, v: [L, B, P, Hkv, D], keys already rotated (post-RoPE); B may be 1 (the same prefix for
+    every row) where mask is None.
+  mask: [B, P] or [B, T, P] bool, True where the query may attend to that prefix slot; or None:
+    every slot visible to every query (lets attention skip the mask: `cas.model.attention`).
   """
   k: Array
   v: Array
@@ -93,7 +95,7 @@ def rms_norm(x: Array, w: Array, eps: float) -> Array:
 
 # ----------------------------------------------------------------------------- attention
 
-ATTENTION_OVERRIDE = None  # set by cas.model.attention.install (benchmarks only)
+ATTENTION_OVERRIDE = None  # (attention fn, prefix-packed fn or None); cas.model.attention.install
 
 
 def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -154,18 +156,31 @@ class Layers(nnx.Module):
     return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
+# How the forward runs its layers. "scan": one jax.lax.scan over the stacked weights (one traced
+# layer: fast compiles). "unrolled": a Python loop, every layer traced; autodiff then keeps each
+# layer's residuals as they are instead of copying them into stacked [L, ...] buffers (on an H100
+# the distillation step ran 10-13% faster with half the temporary memory, compiles 5-7x longer:
+# BENCHMARKS.md). "auto": unrolled for cache-free forwards (training, scoring) on a GPU, scan
+# elsewhere (CPU; decoding, which compiles one step per prompt bucket).
+LAYER_LOOPS = ("auto", "scan", "unrolled")
+
+
 class Transformer(nnx.Module):
   """Decoder-only transformer. Frozen in cas: only cartridges are trained."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               dtype=jnp.float32, remat: str = "none", attn_impl: str = "auto"):
+               dtype=jnp.float32, remat: str = "none", attn_impl: str = "auto",
+               layer_loop: str = "auto"):
     cfg.validate()
     from cas.model import attention as attn_lib
     if attn_impl not in attn_lib.NAMES or attn_impl == "split":
       raise ValueError(f"attn_impl={attn_impl!r}; choose from {[n for n in attn_lib.NAMES if n != 'split']}")
+    if layer_loop not in LAYER_LOOPS:
+      raise ValueError(f"layer_loop={layer_loop!r}; choose from {LAYER_LOOPS}")
     self.cfg = cfg
     self.dtype = dtype
     self.remat = remat
+    self.layer_loop = layer_loop
     self.attn_impl = attn_impl
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
     self.layers = Layers(cfg, rngs, param_dtype)
@@ -228,6 +243,8 @@ class Transformer(nnx.Module):
                  & (k_seg[:, None, :] != 0))  # [B, T, S]
     if prefix is not None:
       pm = prefix.mask
+      if pm is None:
+        pm = jnp.ones((b, prefix.k.shape[2]), bool)
       if pm.ndim == 2:
         pm = jnp.broadcast_to(pm[:, None, :], (b, t, pm.shape[-1]))
       mask = jnp.concatenate([pm, self_mask], axis=-1)
@@ -236,7 +253,14 @@ class Transformer(nnx.Module):
 
     from cas.model import attention as attn_lib
     # Benchmarks may force one implementation for every model (cas.model.attention.install).
-    attn_fn = ATTENTION_OVERRIDE or attn_lib.get(self.attn_impl)
+    if ATTENTION_OVERRIDE is not None:
+      attn_fn, packed_fn = ATTENTION_OVERRIDE
+    else:
+      attn_fn, packed_fn = attn_lib.get(self.attn_impl), attn_lib.get_prefix_packed(self.attn_impl)
+    # A fully visible prefix over packed rows (training): the prefix + packed form, which needs no
+    # [B, T, P + T] mask (cuDNN: causal self block, no prefix mask).
+    if not (cache is None and prefix is not None and prefix.mask is None):
+      packed_fn = None
 
     def layer(carry, xs):
       # The cache rides in the carry and is updated in place per layer (passing it through the
@@ -263,10 +287,15 @@ class Transformer(nnx.Module):
         vals = jax.lax.dynamic_index_in_dim(cv_all, li, 0, keepdims=False).astype(dt)
       else:
         keys, vals = k, v
-      if pk is not None:
-        keys = jnp.concatenate([pk.astype(dt), keys], axis=1)
-        vals = jnp.concatenate([pv.astype(dt), vals], axis=1)
-      a = attn_fn(q, keys, vals, mask)
+      if packed_fn is not None:
+        a = packed_fn(q, pk.astype(dt), pv.astype(dt), keys, vals, segment_ids)
+      else:
+        if pk is not None:
+          if pk.shape[0] != b:  # a prefix shared by every row ([1, P, Hkv, D])
+            pk, pv = (jnp.broadcast_to(a, (b,) + a.shape[1:]) for a in (pk, pv))
+          keys = jnp.concatenate([pk.astype(dt), keys], axis=1)
+          vals = jnp.concatenate([pv.astype(dt), vals], axis=1)
+        a = attn_fn(q, keys, vals, mask)
       x = x + jnp.einsum("bthd,hde->bte", a, w["wo"].astype(dt))
       h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
       gate = jnp.einsum("bte,em->btm", h, w["w_gate"].astype(dt))
@@ -282,7 +311,14 @@ class Transformer(nnx.Module):
     xs = (self.layers.arrays(),
           None if prefix is None else prefix.k, None if prefix is None else prefix.v)
     carry = (x, None if cache is None else cache.k, None if cache is None else cache.v, jnp.int32(0))
-    (x, new_k, new_v, _), _ = jax.lax.scan(layer, carry, xs)
+    unroll = self.layer_loop == "unrolled" or (
+        self.layer_loop == "auto" and cache is None and jax.default_backend() == "gpu")
+    if not unroll:
+      (x, new_k, new_v, _), _ = jax.lax.scan(layer, carry, xs)
+    else:  # one traced copy per layer: longer compiles, no stacked [L, ...] residual buffers
+      for i in range(cfg.num_layers):
+        carry, _ = layer(carry, jax.tree.map(lambda a: a[i], xs))
+      x, new_k, new_v, _ = carry
     h = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     new_cache = None
     if cache is not None:
@@ -342,20 +378,21 @@ def params_from_hf(cfg: ModelConfig, sd: Mapping[str, Any], source: str = "check
 
 def build_model(cfg: ModelConfig, params: Mapping | None = None, *, param_dtype=jnp.float32,
                 dtype=jnp.float32, remat: str = "none", seed: int = 0,
-                shardings=None, attn_impl: str = "auto") -> Transformer:
+                shardings=None, attn_impl: str = "auto", layer_loop: str = "auto") -> Transformer:
   """Create a Transformer. With `params` (from `params_from_hf`), weights are set from them
   without materialising a random init first. `shardings`: optional callable(logical_axes, shape)
   -> jax.sharding.Sharding used to place each parameter (e.g. `cas.sharding.model_shardings(mesh)`)."""
   if params is None:
     model = Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype, remat=remat,
-                        attn_impl=attn_impl)
+                        attn_impl=attn_impl, layer_loop=layer_loop)
     if shardings is not None:
       for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
           var.set_value(jax.device_put(var.get_value(), shardings(var.get_metadata()["axes"], var.shape)))
     return model
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype,
-                                             dtype=dtype, remat=remat, attn_impl=attn_impl))
+                                             dtype=dtype, remat=remat, attn_impl=attn_impl,
+                                             layer_loop=layer_loop))
   model.inv_freq.set_value(jnp.asarray(rope_inv_freq(cfg)))
 
   def assign(var: nnx.Param, arr, name):

@@ -100,9 +100,11 @@ def model_fingerprint(path: str | os.PathLike | None = None) -> str:
 
 def load_model(path: str | os.PathLike | None = None, *, param_dtype=jnp.float32,
                dtype=jnp.float32, remat: str = "none",
-               shardings: Callable | None = None, attn_impl: str = "auto") -> LoadedModel:
+               shardings: Callable | None = None, attn_impl: str = "auto",
+               layer_loop: str = "auto") -> LoadedModel:
   """Load weights, config and tokenizer from a .gguf file or a HF directory (None: the default
-  GGUF in $CAS_HOME). `param_dtype`/`dtype`/`remat`/`shardings`/`attn_impl` go to `build_model`."""
+  GGUF in $CAS_HOME). `param_dtype`/`dtype`/`remat`/`shardings`/`attn_impl`/`layer_loop` go to
+  `build_model`."""
   path = resolve_model_path(path)
   t0 = time.time()
   if os.path.isdir(path):
@@ -123,7 +125,7 @@ def load_model(path: str | os.PathLike | None = None, *, param_dtype=jnp.float32
   params = params_from_hf(cfg, sd, source=source)
   del sd
   model = build_model(cfg, params, param_dtype=param_dtype, dtype=dtype, remat=remat,
-                      shardings=shardings, attn_impl=attn_impl)
+                      shardings=shardings, attn_impl=attn_impl, layer_loop=layer_loop)
   fingerprint = model_fingerprint(path)
   logging.info("Loaded %s (%s, %d layers, %.0fM params, fingerprint %s) in %.1fs", path,
                cfg.family, cfg.num_layers, cfg.num_params() / 1e6, fingerprint, time.time() - t0)

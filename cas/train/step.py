@@ -155,7 +155,7 @@ def cartridge_loss(trainable: dict, frozen: dict, model: Transformer, batch: dic
   k = jnp.concatenate([frozen["k"], trainable["k"]], axis=1)
   v = jnp.concatenate([frozen["v"], trainable["v"]], axis=1)
   b = batch["tokens"].shape[0]
-  prefix = cartridge_prefix(k, v, b, dtype)
+  prefix = cartridge_prefix(k, v, b, dtype, with_mask=False)
   h, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], prefix=prefix,
                return_hidden=True)
   return head_loss(model, h, batch, loss=loss, chunk=loss_chunk)

@@ -164,3 +164,113 @@ def test_model_attn_impl_choices_agree():
   np.testing.assert_array_equal(out["auto"], out["reference"])
   with pytest.raises(ValueError, match="attn_impl"):
     build_model(TINY, attn_impl="flash9")
+
+
+# ----------------------------------------------------------------------------- prefix + packed rows
+
+def _packed_inputs(t: int, p: int, dtype, seed: int = 0):
+  """q, pk, pv, k, v, segment_ids for `prefix_packed_*`, plus the same as the 4-argument form's
+  concatenated k/v and mask (fully visible prefix)."""
+  q, k, v, mask, _, self_mask = _inputs(t, p, "2d", dtype, seed)
+  full_mask = jnp.concatenate([jnp.ones((B, t, p), bool), self_mask], axis=-1)
+  seg = np.zeros((B, t), np.int32)
+  seg[0, :3], seg[0, 3:t - 2] = 1, 2
+  seg[1, :t - 1], seg[1, t - 1] = 1, 3
+  return (q, k[:, :p], v[:, :p], k[:, p:], v[:, p:], jnp.asarray(seg)), (q, k, v, full_mask)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_prefix_packed_reference_matches_model_attention(dtype):
+  """Values and gradients of the prefix + packed form equal the model's attention over the
+  concatenated keys with the model's mask (real rows; padding rows are unspecified)."""
+  (q, pk, pv, k, v, seg), (_, kc, vc, mask) = _packed_inputs(12, 6, dtype)
+  p = pk.shape[1]
+  _check(attn.prefix_packed_reference(q, pk, pv, k, v, seg), llama.attention(q, kc, vc, mask), mask,
+         TOLS[dtype])
+  real = (np.asarray(seg) > 0)[..., None, None]
+  w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape) * real, jnp.float32)
+
+  def f_packed(q, pk, pv, k, v):
+    return jnp.sum(attn.prefix_packed_reference(q, pk, pv, k, v, seg).astype(jnp.float32) * w)
+
+  def f_model(q, kc, vc):
+    return jnp.sum(llama.attention(q, kc, vc, mask).astype(jnp.float32) * w)
+
+  gq, gpk, gpv, gk, gv = jax.grad(f_packed, argnums=(0, 1, 2, 3, 4))(q, pk, pv, k, v)
+  rq, rk, rv = jax.grad(f_model, argnums=(0, 1, 2))(q, kc, vc)
+  tol = 1e-4 if dtype == jnp.float32 else 5e-2
+  for a, b in ((gq, rq), (jnp.concatenate([gpk, gk], 1), rk), (jnp.concatenate([gpv, gv], 1), rv)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol, rtol=tol)
+
+
+def test_segment_bias():
+  seg = jnp.asarray([[1, 1, 2, 0]], jnp.int32)
+  bias = np.asarray(attn.segment_bias(seg, jnp.bfloat16), np.float32)
+  assert bias.shape == (1, 1, 4, 4)
+  visible = bias[0, 0] == 0
+  np.testing.assert_array_equal(visible, np.asarray(seg[0][:, None] == seg[0][None, :]))
+  assert np.all(bias[0, 0][~visible] < -1e9) and np.all(np.isfinite(bias))
+
+
+def test_model_unmasked_prefix_takes_the_packed_form():
+  """A prefix with mask None (what the training step passes) gives the same logits as an explicit
+  all-True mask, also when that prefix is passed once for all rows ([L, 1, P, Hkv, D]); "auto"
+  has the prefix + packed form (on CPU it computes what the 4-argument path computes)."""
+  from cas.model.llama import Prefix, build_model
+  from cas.testing import TINY
+  rng = np.random.default_rng(0)
+  tok = jnp.asarray(rng.integers(1, 100, (2, 10)).astype(np.int32))
+  pos = jnp.asarray(np.broadcast_to(np.arange(4, 14, dtype=np.int32), (2, 10)))
+  seg = jnp.asarray(np.array([[1] * 6 + [2] * 4, [1] * 8 + [0] * 2], np.int32))
+  shape = (TINY.num_layers, 2, 4, TINY.num_kv_heads, TINY.head_dim)
+  pk = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  pv = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  pk = pk.at[:, 1].set(pk[:, 0])  # both rows the same prefix, so it can also be passed once
+  pv = pv.at[:, 1].set(pv[:, 0])
+  explicit, implicit = Prefix(pk, pv, jnp.ones((2, 4), bool)), Prefix(pk, pv, None)
+  shared = Prefix(pk[:, :1], pv[:, :1], None)  # [L, 1, P, Hkv, D]: one prefix for every row
+  valid = np.asarray(seg) > 0
+  for impl in ("auto", "reference"):
+    m = build_model(TINY, attn_impl=impl)
+    a = np.asarray(m(tok, pos, seg, prefix=explicit)[0])
+    for pre in (implicit, shared):
+      b = np.asarray(m(tok, pos, seg, prefix=pre)[0])
+      np.testing.assert_allclose(a[valid], b[valid], atol=1e-5, rtol=1e-5)
+  prev = attn.install("cudnn")
+  try:
+    from cas.model import llama as L
+    assert L.ATTENTION_OVERRIDE[1] is None  # "cudnn" has no packed form: the concatenated path
+  finally:
+    attn.restore(prev)
+  assert attn.get_prefix_packed("cudnn_split") is attn.cudnn_prefix_packed_attention
+  assert attn.get_prefix_packed("auto") is attn.cudnn_prefix_packed_attention
+  assert attn.get_prefix_packed("reference") is None
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a CUDA GPU")
+@pytest.mark.parametrize("t,p,shared", [(64, 32, False), (127, 64, False), (64, 32, True), (127, 64, True)])
+def test_cudnn_prefix_packed_matches_reference_on_gpu(t, p, shared):
+  """Two cuDNN calls merged by log-sum-exp, and their backward against the merged softmax, equal
+  the pure-JAX form in values and gradients (bf16 tolerances); also with one prefix for all rows
+  ([1, P, Hkv, D], run as one sequence of B*T queries)."""
+  (q, pk, pv, k, v, seg), _ = _packed_inputs(t, p, jnp.bfloat16)
+  if shared:
+    pk, pv = pk[:1], pv[:1]
+  real = (np.asarray(seg) > 0)[..., None, None]
+  w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape) * real, jnp.float32)
+
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(
+        lambda *a: jnp.sum(fn(*a, seg).astype(jnp.float32) * w), argnums=(0, 1, 2, 3, 4)))
+
+  out = jax.jit(attn.cudnn_prefix_packed_attention)(q, pk, pv, k, v, seg)
+  ref = attn.prefix_packed_reference(q, pk, pv, k, v, seg)
+  np.testing.assert_allclose(np.asarray(out, np.float32)[real[..., 0, 0]],
+                             np.asarray(ref, np.float32)[real[..., 0, 0]], atol=2e-2, rtol=2e-2)
+  (lc, gc), (lr, gr) = loss(attn.cudnn_prefix_packed_attention)(q, pk, pv, k, v), \
+      loss(attn.prefix_packed_reference)(q, pk, pv, k, v)
+  np.testing.assert_allclose(float(lc), float(lr), rtol=2e-2, atol=2e-1)
+  for a, b in zip(gc, gr):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.all(np.isfinite(a))
+    np.testing.assert_allclose(a, b, atol=5e-2 * max(1.0, np.abs(b).max()), rtol=5e-2)
