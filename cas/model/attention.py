@@ -1,4 +1,4 @@
-"""Attention implementations selectable by name (issue 7 prototype; the model still calls its own).
+"""Attention implementations selectable by name.
 
 `cas.model.llama.attention(q, k, v, mask)` materialises float32 scores [B, Hkv, G, T, S] for the
 whole concatenated key axis (cartridge prefix + packed self keys). On a GPU that is the bulk of a
@@ -26,6 +26,14 @@ Implementations (`IMPLEMENTATIONS`; the model picks one with `attn_impl`, defaul
     XLA folds slice-of-concat away). `split_attention` is the 7-argument form for a call site
     that has the parts separately (the model's layer has them before it concatenates).
 
+  * "cudnn_split" (and "auto" on CUDA) for a fully visible prefix over packed rows (the
+    distillation step; the model passes `Prefix.mask=None`): `cudnn_prefix_packed_attention`,
+    two cuDNN calls, queries x prefix (no mask) and queries x own keys as cuDNN packed segments
+    (each conversation its own causal sequence), merged by log-sum-exp with a custom backward.
+    "cudnn_split_bias": the same with the self block as one causal call plus a segment bias.
+    Their 4-argument form (decoding, masked prefixes) is "cudnn". Uses JAX internals
+    (`_cudnn_block_args` says which and why); GPU tests check values and gradients.
+
 Fully masked query rows (padding tokens with no visible key) give unspecified finite values in
 every implementation (never NaN); callers must not use them (the loss masks them out).
 
@@ -36,8 +44,9 @@ of the step).
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -236,15 +245,16 @@ class _Captured(Exception):
     self.args = args
 
 
-def _cudnn_block_args(q: Array, k: Array, v: Array, bias: Array | None, causal: bool, scale: float):
+def _cudnn_block_args(q: Array, k: Array, v: Array, scale: float, **kw):
   """The argument tuple JAX's public cuDNN attention passes to its internal custom-VJP function.
 
   `cas` needs the cuDNN forward's log-sum-exp and a backward against a *merged* output and
   log-sum-exp (see `cudnn_prefix_packed_attention`); JAX exposes the first (`return_residual`) but
   not the second. Rather than restating JAX's argument preparation (bias/mask folding, placeholder
-  operands, layout codes), which changes between versions, this calls the public
-  `dot_product_attention` with the internal function swapped for one that records its arguments and
-  stops. The `.fwd` / `.bwd` of that custom-VJP function then run on exactly those arguments.
+  operands, packed-segment offsets, layout codes), which changes between versions, this calls the
+  public `dot_product_attention` (with `kw`: bias, mask_type, seqlens, offsets) with the internal
+  function swapped for one that records its arguments and stops. The `.fwd` / `.bwd` of that
+  custom-VJP function then run on exactly those arguments.
   """
   fa = _fused_attention_module()
   inner = fa._dot_product_attention
@@ -254,8 +264,7 @@ def _cudnn_block_args(q: Array, k: Array, v: Array, bias: Array | None, causal: 
 
   fa._dot_product_attention = capture
   try:
-    fa.dot_product_attention(q, k, v, bias=bias, scale=scale, qkv_layout="BTNH", return_residual=True,
-                             mask_type=fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK)
+    fa.dot_product_attention(q, k, v, scale=scale, qkv_layout="BTNH", return_residual=True, **kw)
   except _Captured as c:
     return inner, _without_dbias(inner, c.args)
   finally:
@@ -280,19 +289,20 @@ def _nondiff(fn, args):
   return [args[i] for i in fn.nondiff_argnums]
 
 
-def _block_fwd(q, k, v, bias, causal, scale):
-  fn, args = _cudnn_block_args(q, k, v, bias, causal, scale)
+def _block_fwd(q, k, v, scale, **kw):
+  """Forward of one key block: (out [B, T, H, D], softmax stats, JAX's residual without its last
+  two entries (stats and output), which the backward replaces by the merged ones)."""
+  fn, args = _cudnn_block_args(q, k, v, scale, **kw)
   (out, lse), res = fn.fwd(*args)
-  return out, lse, res
+  return out, lse, tuple(res[:-2])
 
 
-def _block_bwd(q, k, v, bias, causal, scale, res, lse, out, g):
+def _block_bwd(q, k, v, scale, res, lse, out, g, **kw):
   """cuDNN backward of one key block against the merged softmax: with the global log-sum-exp and
   output in place of the block's own, the block's dQ/dK/dV are exactly its share of the gradient
   of the merged attention (as in ring attention)."""
-  fn, args = _cudnn_block_args(q, k, v, bias, causal, scale)
-  res = tuple(res[:-2]) + (lse, out)  # JAX's residual ends with (softmax stats, forward output)
-  grads = fn.bwd(*_nondiff(fn, args), res, (g, jnp.zeros_like(lse)))
+  fn, args = _cudnn_block_args(q, k, v, scale, **kw)
+  grads = fn.bwd(*_nondiff(fn, args), tuple(res) + (lse, out), (g, jnp.zeros_like(lse)))
   return grads[0], grads[1], grads[2]
 
 
@@ -304,12 +314,6 @@ def _merge(o1, l1, o2, l2, dtype):
     w1, w2 = w1.transpose(0, 2, 1), w2.transpose(0, 2, 1)
   out = o1.astype(jnp.float32) * w1[..., None] + o2.astype(jnp.float32) * w2[..., None]
   return out.astype(dtype), l
-
-
-@jax.custom_vjp
-def _cudnn_prefix_self(q, pk, pv, k, v, bias):
-  out, _ = _cudnn_prefix_self_fwd(q, pk, pv, k, v, bias)
-  return out
 
 
 def _fold_rows(x: Array, b: int) -> Array:
@@ -334,46 +338,149 @@ def _unfold_lse(l: Array, b: int, h: int) -> Array:
   return l.reshape(b, -1, h)
 
 
-def _cudnn_prefix_self_fwd(q, pk, pv, k, v, bias):
+# -- the self block as packed segments (cuDNN's ragged layout) --------------------------------------
+
+MAX_SEGMENTS = 16  # segments per row the ragged self block handles; rows with more take the bias form
+
+
+class Segments(NamedTuple):
+  """Packed segments of each row in cuDNN's ragged form, from segment ids (contiguous runs).
+
+  seqlen [B, M], offsets [B, M + 1] int32: every row has exactly M segments, those past its last
+  one empty (length 0, offset T), so cuDNN's sequence i is row i // M's segment i % M (JAX packs
+  the non-negative entries of all rows to the left; the last offsets column is -1, as JAX wants).
+  With the same index for every row, a batch-sharded call stays consistent per shard.
+  index [B, T] int32: where token (b, t)'s softmax statistic sits in the flattened [B*M*T]
+  statistics (B*M*T for tokens in no segment). count [B] int32: segments per row. valid [B, T]
+  bool: tokens inside one of the first M segments.
+  """
+  seqlen: Array
+  offsets: Array
+  index: Array
+  count: Array
+  valid: Array
+
+
+def packed_segments(segment_ids: Array, max_segments: int = MAX_SEGMENTS) -> Segments:
+  """`Segments` of rows whose segments are contiguous runs of equal non-zero ids (0 = padding).
+  Segments past `max_segments` in a row are left out (check `count`)."""
+  b, t = segment_ids.shape
+  m = max_segments
+  seg = segment_ids.astype(jnp.int32)
+  prev = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), seg[:, :-1]], axis=1)
+  valid = seg != 0
+  start = valid & (seg != prev)
+  ordinal = jnp.cumsum(start, axis=1) - 1  # [B, T]: which segment of its row (for valid tokens)
+  count = jnp.sum(start, axis=1).astype(jnp.int32)
+  pos = jnp.arange(t, dtype=jnp.int32)
+  onehot = (ordinal[:, :, None] == jnp.arange(m)[None, None, :]) & valid[:, :, None]  # [B, T, M]
+  seqlen = jnp.sum(onehot, axis=1).astype(jnp.int32)
+  first = jnp.min(jnp.where(onehot, pos[None, :, None], t), axis=1).astype(jnp.int32)  # t if empty
+  j = jnp.clip(ordinal, 0, m - 1)
+  off = jnp.take_along_axis(first, j, axis=1)
+  inside = valid & (ordinal < m)
+  seq_index = jnp.arange(b, dtype=jnp.int32)[:, None] * m + j
+  index = jnp.where(inside, seq_index * t + (pos[None, :] - off), b * m * t).astype(jnp.int32)
+  offsets = jnp.concatenate([first, jnp.full((b, 1), -1, jnp.int32)], axis=1)
+  return Segments(seqlen, offsets, index, count, inside)
+
+
+def _ragged_kw(s: Segments) -> dict:
+  fa = _fused_attention_module()
+  return dict(q_seqlen=s.seqlen, kv_seqlen=s.seqlen, q_offsets=s.offsets, kv_offsets=s.offsets,
+              mask_type=fa.MaskType.PADDING_CAUSAL)
+
+
+def _stats_to_tokens(stats: Array, s: Segments, h: int) -> Array:
+  """Ragged statistics [B*M, H, T] -> per-token [B, H, T] (-inf for tokens in no segment)."""
+  b, t = s.index.shape
+  flat = stats.transpose(1, 0, 2).reshape(h, -1)  # [H, B*M*T]
+  out = jnp.take(flat, s.index.reshape(-1), axis=1, mode="fill", fill_value=-jnp.inf)
+  return out.reshape(h, b, t).transpose(1, 0, 2)
+
+
+def _tokens_to_stats(lse: Array, s: Segments, m: int) -> Array:
+  """Per-token [B, H, T] -> ragged [B*M, H, T] (0 where no token)."""
+  b, h, t = lse.shape
+  flat = jnp.zeros((h, b * m * t), lse.dtype)
+  flat = flat.at[:, s.index.reshape(-1)].set(lse.transpose(1, 0, 2).reshape(h, -1), mode="drop")
+  return flat.reshape(h, b * m, t).transpose(1, 0, 2)
+
+
+# -- prefix block + self block, merged ---------------------------------------------------------------
+
+def _self_kw(mode: str, aux):
+  fa = _fused_attention_module()
+  if mode == "ragged":
+    return _ragged_kw(Segments(*aux))
+  return dict(bias=aux, mask_type=fa.MaskType.CAUSAL)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _cudnn_prefix_self(q, pk, pv, k, v, aux, mode):
+  out, _ = _cudnn_prefix_self_fwd(q, pk, pv, k, v, aux, mode)
+  return out
+
+
+def _cudnn_prefix_self_fwd(q, pk, pv, k, v, aux, mode):
   scale = 1.0 / math.sqrt(q.shape[-1])
   b, h = q.shape[0], q.shape[2]
   fold = b if (pk.shape[0] == 1 and b > 1) else 0  # a prefix shared by all rows: one call, B*T queries
-  o1, l1, r1 = _block_fwd(_fold_rows(q, fold), pk, pv, None, False, scale)
+  o1, l1, r1 = _block_fwd(_fold_rows(q, fold), pk, pv, scale)
   o1, l1 = o1.reshape(q.shape), _unfold_lse(l1, fold, h)
-  o2, l2, r2 = _block_fwd(q, k, v, bias, True, scale)
+  o2, l2, r2 = _block_fwd(q, k, v, scale, **_self_kw(mode, aux))
+  if mode == "ragged":  # tokens in no segment: no self keys (cuDNN leaves their output unwritten)
+    s = Segments(*aux)
+    assert l2.shape == (b * s.seqlen.shape[1], h, q.shape[1]), l2.shape  # [B*M, H, T] statistics
+    l2 = _stats_to_tokens(l2, s, h)
+    o2 = jnp.where(s.valid[:, :, None, None], o2, 0)
   out, lse = _merge(o1, l1, o2, l2, q.dtype)
-  return out, (q, pk, pv, k, v, bias, r1, r2, lse, out)
+  return out, (q, pk, pv, k, v, aux, r1, r2, lse, out)
 
 
-def _cudnn_prefix_self_bwd(res, g):
-  q, pk, pv, k, v, bias, r1, r2, lse, out = res
+def _cudnn_prefix_self_bwd(mode, res, g):
+  q, pk, pv, k, v, aux, r1, r2, lse, out = res
   scale = 1.0 / math.sqrt(q.shape[-1])
   b, h = q.shape[0], q.shape[2]
   fold = b if (pk.shape[0] == 1 and b > 1) else 0
   g = g.astype(out.dtype)
-  dq1, dpk, dpv = _block_bwd(_fold_rows(q, fold), pk, pv, None, False, scale, r1, _fold_lse(lse, fold, h),
+  dq1, dpk, dpv = _block_bwd(_fold_rows(q, fold), pk, pv, scale, r1, _fold_lse(lse, fold, h),
                              _fold_rows(out, fold), _fold_rows(g, fold))
-  dq2, dk, dv = _block_bwd(q, k, v, bias, True, scale, r2, lse, out, g)
+  if mode == "ragged":
+    s = Segments(*aux)
+    l2 = _tokens_to_stats(lse, s, s.seqlen.shape[1])
+    dq2, dk, dv = _block_bwd(q, k, v, scale, r2, l2, out, g, **_self_kw(mode, aux))
+    keep = s.valid[:, :, None, None]  # rows outside every segment: unwritten by cuDNN
+    dq2, dk, dv = (jnp.where(keep, x, 0) for x in (dq2, dk, dv))
+    daux = tuple(None for _ in aux)
+  else:
+    dq2, dk, dv = _block_bwd(q, k, v, scale, r2, lse, out, g, **_self_kw(mode, aux))
+    daux = jnp.zeros_like(aux)
   dq = dq1.reshape(q.shape).astype(jnp.float32) + dq2.astype(jnp.float32)
-  return dq.astype(q.dtype), dpk, dpv, dk, dv, jnp.zeros_like(bias)
+  return dq.astype(q.dtype), dpk, dpv, dk, dv, daux
 
 
 _cudnn_prefix_self.defvjp(_cudnn_prefix_self_fwd, _cudnn_prefix_self_bwd)
 
 
 def cudnn_prefix_packed_attention(q: Array, pk: Array, pv: Array, k: Array, v: Array,
-                                  segment_ids: Array) -> Array:
+                                  segment_ids: Array, *, self_block: str = "ragged",
+                                  max_segments: int = MAX_SEGMENTS) -> Array:
   """`prefix_packed_reference` with two cuDNN flash-attention calls, merged by log-sum-exp.
 
-  Block 1: queries x prefix keys, no mask. Block 2: queries x the row's own keys with cuDNN's
-  causal mask (which skips the blocks above the diagonal) plus a [B, 1, T, T] segment bias. The
-  single-call form (`cudnn_attention`) computes every query x [prefix ; self] pair under a bias
-  and cannot skip any; at p = T = 2048 this does 25% fewer pairs and reads no [T, P] bias.
+  Block 1: queries x prefix keys, no mask. Block 2: queries x the row's own keys, either as
+  cuDNN packed segments (`self_block="ragged"`: each conversation its own causal sequence, so no
+  pair across conversations is computed) or with cuDNN's causal mask plus a [B, 1, T, T] segment
+  bias ("bias": skips only the blocks above the diagonal). The single-call form
+  (`cudnn_attention`) computes every query x [prefix ; self] pair under a bias and skips none.
+  A batch with a row of more than `max_segments` segments takes the bias form (`lax.cond`).
   Backward: each block's cuDNN backward run against the merged output and log-sum-exp.
   A prefix with batch 1 (pk, pv [1, P, Hkv, D]: one cartridge for every row) is never broadcast:
   block 1 runs as one sequence of B*T queries, and cuDNN sums dK/dV over the rows itself.
   Needs CUDA and bf16/fp16 (else `prefix_packed_reference`); T padded to even (cuDNN's bias rule).
   """
+  if self_block not in ("ragged", "bias"):
+    raise ValueError(f"self_block={self_block!r}; choose ragged or bias")
   if not _on_cuda() or q.dtype not in (jnp.bfloat16, jnp.float16):
     return prefix_packed_reference(q, pk, pv, k, v, segment_ids)
   t, pl = q.shape[1], pk.shape[1]
@@ -384,8 +491,17 @@ def cudnn_prefix_packed_attention(q: Array, pk: Array, pv: Array, k: Array, v: A
     k = jnp.pad(k, ((0, 0), (0, 1), (0, 0), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, 1), (0, 0), (0, 0)))
     segment_ids = jnp.pad(segment_ids, ((0, 0), (0, 1)))
-  bias = segment_bias(segment_ids, q.dtype)
-  out = _cudnn_prefix_self(q, pk.astype(q.dtype), pv.astype(q.dtype), k, v, bias)
+  pk, pv = pk.astype(q.dtype), pv.astype(q.dtype)
+
+  def with_bias(_):
+    return _cudnn_prefix_self(q, pk, pv, k, v, segment_bias(segment_ids, q.dtype), "bias")
+
+  if self_block == "bias":
+    out = with_bias(None)
+  else:
+    s = packed_segments(segment_ids, max_segments)
+    out = jax.lax.cond(jnp.max(s.count) <= max_segments,
+                       lambda _: _cudnn_prefix_self(q, pk, pv, k, v, tuple(s), "ragged"), with_bias, None)
   return out[:, :t]
 
 
@@ -395,6 +511,7 @@ IMPLEMENTATIONS: dict[str, AttentionFn] = {
     "xla": xla_attention,
     "cudnn": cudnn_attention,
     "cudnn_split": cudnn_attention,
+    "cudnn_split_bias": cudnn_attention,
 }
 NAMES = tuple(IMPLEMENTATIONS) + ("split",)
 
@@ -405,6 +522,7 @@ PrefixPackedFn = Callable[[Array, Array, Array, Array, Array, Array], Array]
 PREFIX_PACKED: dict[str, PrefixPackedFn] = {
     "auto": cudnn_prefix_packed_attention,
     "cudnn_split": cudnn_prefix_packed_attention,
+    "cudnn_split_bias": functools.partial(cudnn_prefix_packed_attention, self_block="bias"),
 }
 
 

@@ -248,14 +248,21 @@ def test_model_unmasked_prefix_takes_the_packed_form():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a CUDA GPU")
-@pytest.mark.parametrize("t,p,shared", [(64, 32, False), (127, 64, False), (64, 32, True), (127, 64, True)])
-def test_cudnn_prefix_packed_matches_reference_on_gpu(t, p, shared):
+@pytest.mark.parametrize("t,p,shared,self_block,max_segments", [
+    (64, 32, False, "bias", 16), (127, 64, False, "bias", 16), (64, 32, True, "bias", 16),
+    (127, 64, True, "ragged", 16), (64, 32, False, "ragged", 16), (64, 32, True, "ragged", 2),
+    (64, 32, True, "ragged", 1)])  # max_segments 1 < 2 segments per row: the bias form via cond
+def test_cudnn_prefix_packed_matches_reference_on_gpu(t, p, shared, self_block, max_segments):
   """Two cuDNN calls merged by log-sum-exp, and their backward against the merged softmax, equal
   the pure-JAX form in values and gradients (bf16 tolerances); also with one prefix for all rows
-  ([1, P, Hkv, D], run as one sequence of B*T queries)."""
+  ([1, P, Hkv, D], run as one sequence of B*T queries) and with the self block as cuDNN packed
+  segments (rows with padding and fewer segments than max_segments)."""
+  import functools
   (q, pk, pv, k, v, seg), _ = _packed_inputs(t, p, jnp.bfloat16)
   if shared:
     pk, pv = pk[:1], pv[:1]
+  fn = functools.partial(attn.cudnn_prefix_packed_attention, self_block=self_block,
+                         max_segments=max_segments)
   real = (np.asarray(seg) > 0)[..., None, None]
   w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape) * real, jnp.float32)
 
@@ -263,14 +270,40 @@ def test_cudnn_prefix_packed_matches_reference_on_gpu(t, p, shared):
     return jax.jit(jax.value_and_grad(
         lambda *a: jnp.sum(fn(*a, seg).astype(jnp.float32) * w), argnums=(0, 1, 2, 3, 4)))
 
-  out = jax.jit(attn.cudnn_prefix_packed_attention)(q, pk, pv, k, v, seg)
+  out = jax.jit(fn)(q, pk, pv, k, v, seg)
   ref = attn.prefix_packed_reference(q, pk, pv, k, v, seg)
   np.testing.assert_allclose(np.asarray(out, np.float32)[real[..., 0, 0]],
                              np.asarray(ref, np.float32)[real[..., 0, 0]], atol=2e-2, rtol=2e-2)
-  (lc, gc), (lr, gr) = loss(attn.cudnn_prefix_packed_attention)(q, pk, pv, k, v), \
+  (lc, gc), (lr, gr) = loss(fn)(q, pk, pv, k, v), \
       loss(attn.prefix_packed_reference)(q, pk, pv, k, v)
   np.testing.assert_allclose(float(lc), float(lr), rtol=2e-2, atol=2e-1)
   for a, b in zip(gc, gr):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     assert np.all(np.isfinite(a))
     np.testing.assert_allclose(a, b, atol=5e-2 * max(1.0, np.abs(b).max()), rtol=5e-2)
+
+
+def test_packed_segments_ragged_layout():
+  """Segment ids -> cuDNN's ragged form: every row M segments (empty ones length 0 at the row
+  end), sequence i = row i // M's segment i % M, and each token's statistic index."""
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 0], [5, 7, 7, 7, 9, 9], [3, 3, 3, 3, 3, 3]], jnp.int32)
+  s = attn.packed_segments(seg, max_segments=2)
+  T, M = 6, 2
+  np.testing.assert_array_equal(s.count, [2, 3, 1])
+  np.testing.assert_array_equal(s.seqlen, [[3, 2], [1, 3], [6, 0]])
+  np.testing.assert_array_equal(s.offsets, [[0, 3, -1], [0, 1, -1], [0, 6, -1]])
+  valid = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool)  # row 1: 3rd segment > M
+  np.testing.assert_array_equal(s.valid, valid)
+  want = np.full((3, T), 3 * M * T)
+  want[0, :3] = [0, 1, 2]  # row 0 segment 0 = sequence 0
+  want[0, 3:5] = [1 * T + 0, 1 * T + 1]  # segment 1 = sequence 1
+  want[1, 0] = 2 * T  # row 1 segment 0 = sequence 2
+  want[1, 1:4] = [3 * T + 0, 3 * T + 1, 3 * T + 2]
+  want[2, :] = 4 * T + np.arange(6)
+  np.testing.assert_array_equal(s.index, want)
+  # statistics round trip through the ragged layout
+  lse = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4, T)), jnp.float32)
+  back = attn._stats_to_tokens(attn._tokens_to_stats(lse, s, M), s, 4)
+  np.testing.assert_array_equal(np.asarray(back)[np.broadcast_to(valid[:, None], back.shape)],
+                                np.asarray(lse)[np.broadcast_to(valid[:, None], back.shape)])
+  assert np.all(np.isneginf(np.asarray(back)[np.broadcast_to(~valid[:, None], back.shape)]))
