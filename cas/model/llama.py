@@ -159,9 +159,9 @@ class Layers(nnx.Module):
 # How the forward runs its layers. "scan": one jax.lax.scan over the stacked weights (one traced
 # layer: fast compiles). "unrolled": a Python loop, every layer traced; autodiff then keeps each
 # layer's residuals as they are instead of copying them into stacked [L, ...] buffers (on an H100
-# the distillation step ran 10-13% faster with half the temporary memory, compiles 5-7x longer:
-# BENCHMARKS.md). "auto": unrolled for cache-free forwards (training, scoring) on a GPU, scan
-# elsewhere (CPU; decoding, which compiles one step per prompt bucket).
+# the distillation step ran 10-13% faster with half the temporary memory; compiles take minutes
+# instead of seconds: BENCHMARKS.md). "auto": unrolled for training steps (`training=True`) on a
+# GPU, scan elsewhere (CPU; scoring and decoding, which compile one program per shape).
 LAYER_LOOPS = ("auto", "scan", "unrolled")
 
 
@@ -215,8 +215,9 @@ class Transformer(nnx.Module):
   # -- forward ----------------------------------------------------------------
   def __call__(self, tokens: Array, positions: Array, segment_ids: Array | None = None,
                prefix: Prefix | None = None, cache: KVCache | None = None,
-               return_hidden: bool = False):
-    """tokens, positions, segment_ids: [B, T] int32.
+               return_hidden: bool = False, training: bool = False):
+    """tokens, positions, segment_ids: [B, T] int32. `training`: the call is a training step's
+    forward (differentiated): with layer_loop "auto" it runs the layers unrolled on a GPU.
 
     Returns (logits [B, T, V] float32, or final-normed hidden [B, T, E] if return_hidden;
     the updated cache or None).
@@ -312,7 +313,7 @@ class Transformer(nnx.Module):
           None if prefix is None else prefix.k, None if prefix is None else prefix.v)
     carry = (x, None if cache is None else cache.k, None if cache is None else cache.v, jnp.int32(0))
     unroll = self.layer_loop == "unrolled" or (
-        self.layer_loop == "auto" and cache is None and jax.default_backend() == "gpu")
+        self.layer_loop == "auto" and training and cache is None and jax.default_backend() == "gpu")
     if not unroll:
       (x, new_k, new_v, _), _ = jax.lax.scan(layer, carry, xs)
     else:  # one traced copy per layer: longer compiles, no stacked [L, ...] residual buffers

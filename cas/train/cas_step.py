@@ -115,7 +115,7 @@ def cas_logits(params: dict, frozen: dict, model: Transformer, batch: dict, *,
                            model.inv_freq[...], position_mode=position_mode, dtype=dtype,
                            own_slot=batch.get("own_slot"), train_distractors=train_distractors)
   out, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], prefix=prefix,
-                 return_hidden=return_hidden)
+                 return_hidden=return_hidden, training=True)
   return out
 
 

@@ -157,7 +157,7 @@ def cartridge_loss(trainable: dict, frozen: dict, model: Transformer, batch: dic
   b = batch["tokens"].shape[0]
   prefix = cartridge_prefix(k, v, b, dtype, with_mask=False)
   h, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], prefix=prefix,
-               return_hidden=True)
+               return_hidden=True, training=True)
   return head_loss(model, h, batch, loss=loss, chunk=loss_chunk)
 
 
