@@ -213,14 +213,14 @@ def segment_bias(segment_ids: Array, dtype=jnp.bfloat16) -> Array:
 
 
 def prefix_packed_reference(q: Array, pk: Array, pv: Array, k: Array, v: Array,
-                            segment_ids: Array) -> Array:
+                            segment_ids: Array, attention: AttentionFn | None = None) -> Array:
   """Pure-JAX form of `prefix_packed_attention` (any backend, any dtype): exactly the model's
   4-argument path, `reference_attention` over the concatenated [prefix ; self] keys with the
   model's packed causal mask (so CPU / float32 results do not change with the form).
 
   q [B, T, H, D]; pk, pv [B or 1, P, Hkv, D] (every prefix slot visible to every query; 1 = the
   same prefix for every row); k, v [B, T, Hkv, D] (the row's own keys); segment_ids [B, T] int32
-  (0 = padding).
+  (0 = padding). `attention`: the 4-argument attention to run (default `reference_attention`).
   """
   b, t = q.shape[:2]
   idx = jnp.arange(t)
@@ -231,7 +231,7 @@ def prefix_packed_reference(q: Array, pk: Array, pv: Array, k: Array, v: Array,
   pk, pv = (jnp.broadcast_to(a, (b,) + a.shape[1:]) for a in (pk, pv))
   keys = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
   vals = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
-  return reference_attention(q, keys, vals, mask)
+  return (attention or reference_attention)(q, keys, vals, mask)
 
 
 def _fused_attention_module():
@@ -483,6 +483,11 @@ def cudnn_prefix_packed_attention(q: Array, pk: Array, pv: Array, k: Array, v: A
     raise ValueError(f"self_block={self_block!r}; choose ragged or bias")
   if not _on_cuda() or q.dtype not in (jnp.bfloat16, jnp.float16):
     return prefix_packed_reference(q, pk, pv, k, v, segment_ids)
+  if jax.device_count() > 1:
+    # JAX's cuDNN partitioner rejects these calls in a sharded step ("Query, key and value should
+    # have same sharding", 2x H100, also with the prefix broadcast per row): until that is solved,
+    # several devices take the single cuDNN call over the concatenated keys, as before.
+    return prefix_packed_reference(q, pk, pv, k, v, segment_ids, attention=cudnn_attention)
   t, pl = q.shape[1], pk.shape[1]
   if pl % 2 or pl == 0:  # cuDNN wants even lengths; an odd prefix goes the reference way
     return prefix_packed_reference(q, pk, pv, k, v, segment_ids)
