@@ -26,6 +26,20 @@ def tiny_model(seed: int = 0, cfg: ModelConfig = TINY, scale: float = 10.0):
   return m
 
 
+def tiny_packed_inputs(seed: int = 0, cfg: ModelConfig = TINY):
+  """Two packed rows for `cfg` (row 0: segments of 6 and 4 tokens; row 1: 8 tokens and 2 of
+  padding), positions from 4, and a random 4-token prefix shared by the rows.
+  Returns tokens, positions, segment_ids [2, 10] int32 and prefix k, v [L, 1, 4, Hkv, D] f32."""
+  rng = np.random.default_rng(seed)
+  tok = jnp.asarray(rng.integers(1, 100, (2, 10)).astype(np.int32))
+  pos = jnp.asarray(np.broadcast_to(np.arange(4, 14, dtype=np.int32), (2, 10)))
+  seg = jnp.asarray(np.array([[1] * 6 + [2] * 4, [1] * 8 + [0] * 2], np.int32))
+  shape = (cfg.num_layers, 1, 4, cfg.num_kv_heads, cfg.head_dim)
+  pk = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  pv = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  return tok, pos, seg, pk, pv
+
+
 def teacher_conversations(model, doc_ids, *, num: int, prompt_len: int, answer_len: int,
                           top_k: int, seed: int, doc_id: str = "doc0") -> list[Conversation]:
   """Conversations with random prompt/answer tokens whose teacher top-k comes from the model

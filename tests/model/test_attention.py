@@ -184,7 +184,6 @@ def test_prefix_packed_reference_matches_model_attention(dtype):
   """Values and gradients of the prefix + packed form equal the model's attention over the
   concatenated keys with the model's mask (real rows; padding rows are unspecified)."""
   (q, pk, pv, k, v, seg), (_, kc, vc, mask) = _packed_inputs(12, 6, dtype)
-  p = pk.shape[1]
   _check(attn.prefix_packed_reference(q, pk, pv, k, v, seg), llama.attention(q, kc, vc, mask), mask,
          TOLS[dtype])
   real = (np.asarray(seg) > 0)[..., None, None]
@@ -217,18 +216,11 @@ def test_model_unmasked_prefix_takes_the_packed_form():
   all-True mask, also when that prefix is passed once for all rows ([L, 1, P, Hkv, D]); "auto"
   has the prefix + packed form (on CPU it computes what the 4-argument path computes)."""
   from cas.model.llama import Prefix, build_model
-  from cas.testing import TINY
-  rng = np.random.default_rng(0)
-  tok = jnp.asarray(rng.integers(1, 100, (2, 10)).astype(np.int32))
-  pos = jnp.asarray(np.broadcast_to(np.arange(4, 14, dtype=np.int32), (2, 10)))
-  seg = jnp.asarray(np.array([[1] * 6 + [2] * 4, [1] * 8 + [0] * 2], np.int32))
-  shape = (TINY.num_layers, 2, 4, TINY.num_kv_heads, TINY.head_dim)
-  pk = jnp.asarray(rng.normal(size=shape).astype(np.float32))
-  pv = jnp.asarray(rng.normal(size=shape).astype(np.float32))
-  pk = pk.at[:, 1].set(pk[:, 0])  # both rows the same prefix, so it can also be passed once
-  pv = pv.at[:, 1].set(pv[:, 0])
+  from cas.testing import TINY, tiny_packed_inputs
+  tok, pos, seg, pk1, pv1 = tiny_packed_inputs()
+  pk, pv = (jnp.broadcast_to(a, (a.shape[0], 2) + a.shape[2:]) for a in (pk1, pv1))  # per row
   explicit, implicit = Prefix(pk, pv, jnp.ones((2, 4), bool)), Prefix(pk, pv, None)
-  shared = Prefix(pk[:, :1], pv[:, :1], None)  # [L, 1, P, Hkv, D]: one prefix for every row
+  shared = Prefix(pk1, pv1, None)  # [L, 1, P, Hkv, D]: one prefix for every row
   valid = np.asarray(seg) > 0
   for impl in ("auto", "reference"):
     m = build_model(TINY, attn_impl=impl)

@@ -7,24 +7,13 @@ import numpy as np
 import pytest
 
 from cas.model.llama import KVCache, Prefix, build_model
-from cas.testing import TINY
-
-
-def _batch():
-  rng = np.random.default_rng(0)
-  tok = jnp.asarray(rng.integers(1, 100, (2, 10)).astype(np.int32))
-  pos = jnp.asarray(np.broadcast_to(np.arange(4, 14, dtype=np.int32), (2, 10)))
-  seg = jnp.asarray(np.array([[1] * 6 + [2] * 4, [1] * 8 + [0] * 2], np.int32))
-  shape = (TINY.num_layers, 1, 4, TINY.num_kv_heads, TINY.head_dim)
-  pk = jnp.asarray(rng.normal(size=shape).astype(np.float32))
-  pv = jnp.asarray(rng.normal(size=shape).astype(np.float32))
-  return tok, pos, seg, pk, pv
+from cas.testing import TINY, tiny_packed_inputs
 
 
 def test_unrolled_layers_equal_scan_in_values_and_prefix_gradients():
   """Logits and the cartridge gradient (the training step's quantities) agree between the
   layer forms; the unrolled trace has no scan; a decode with a cache agrees too."""
-  tok, pos, seg, pk, pv = _batch()
+  tok, pos, seg, pk, pv = tiny_packed_inputs()
   valid = np.asarray(seg) > 0
   out = {}
   for loop in ("scan", "unrolled"):
@@ -51,7 +40,7 @@ def test_unrolled_layers_equal_scan_in_values_and_prefix_gradients():
 
 
 def test_auto_scans_except_training_steps_on_gpu_and_bad_value_is_named():
-  tok, pos, seg, _, _ = _batch()
+  tok, pos, seg, _, _ = tiny_packed_inputs()
   m = build_model(TINY, seed=3)
   assert m.layer_loop == "auto"
   assert "scan" in str(jax.make_jaxpr(lambda t: m(t, pos, seg)[0])(tok))  # not a training step
