@@ -1,6 +1,5 @@
 """Training: the distillation objective, that only the cartridge changes, checkpoint pruning, and
 exact resume after SIGKILL."""
-import json
 import os
 import signal
 import subprocess
