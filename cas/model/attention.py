@@ -463,6 +463,12 @@ def _cudnn_prefix_self_bwd(mode, res, g):
 _cudnn_prefix_self.defvjp(_cudnn_prefix_self_fwd, _cudnn_prefix_self_bwd)
 
 
+def prefix_packed_active(dtype) -> bool:
+  """Whether `cudnn_prefix_packed_attention` runs its cuDNN form for inputs of `dtype` here (one
+  CUDA device, bf16/fp16); elsewhere the model skips it and runs its 4-argument path itself."""
+  return _on_cuda() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and jax.device_count() == 1
+
+
 def cudnn_prefix_packed_attention(q: Array, pk: Array, pv: Array, k: Array, v: Array,
                                   segment_ids: Array, *, self_block: str = "ragged",
                                   max_segments: int = MAX_SEGMENTS) -> Array:

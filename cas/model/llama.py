@@ -260,8 +260,14 @@ class Transformer(nnx.Module):
       attn_fn, packed_fn = attn_lib.get(self.attn_impl), attn_lib.get_prefix_packed(self.attn_impl)
     # A fully visible prefix over packed rows (training): the prefix + packed form, which needs no
     # [B, T, P + T] mask (cuDNN: causal self block, no prefix mask).
-    if not (cache is None and prefix is not None and prefix.mask is None):
-      packed_fn = None
+    if not (cache is None and prefix is not None and prefix.mask is None
+            and attn_lib.prefix_packed_active(self.dtype)):
+      packed_fn = None  # (off CUDA its fallback is this 4-argument path: the same graph as before)
+    if prefix is not None and packed_fn is None and prefix.k.shape[1] != b:
+      # a prefix shared by every row ([L, 1, P, Hkv, D]) meets the 4-argument path per row
+      prefix = Prefix(jnp.broadcast_to(prefix.k, prefix.k.shape[:1] + (b,) + prefix.k.shape[2:]),
+                      jnp.broadcast_to(prefix.v, prefix.v.shape[:1] + (b,) + prefix.v.shape[2:]),
+                      prefix.mask)
 
     def layer(carry, xs):
       # The cache rides in the carry and is updated in place per layer (passing it through the
@@ -292,8 +298,6 @@ class Transformer(nnx.Module):
         a = packed_fn(q, pk.astype(dt), pv.astype(dt), keys, vals, segment_ids)
       else:
         if pk is not None:
-          if pk.shape[0] != b:  # a prefix shared by every row ([1, P, Hkv, D])
-            pk, pv = (jnp.broadcast_to(a, (b,) + a.shape[1:]) for a in (pk, pv))
           keys = jnp.concatenate([pk.astype(dt), keys], axis=1)
           vals = jnp.concatenate([pv.astype(dt), vals], axis=1)
         a = attn_fn(q, keys, vals, mask)
