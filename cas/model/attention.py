@@ -222,11 +222,10 @@ def prefix_packed_reference(q: Array, pk: Array, pv: Array, k: Array, v: Array,
   same prefix for every row); k, v [B, T, Hkv, D] (the row's own keys); segment_ids [B, T] int32
   (0 = padding). `attention`: the 4-argument attention to run (default `reference_attention`).
   """
+  from cas.model.llama import segment_causal_mask
   b, t = q.shape[:2]
   idx = jnp.arange(t)
-  self_mask = ((idx[None, :] <= idx[:, None])[None]
-               & (segment_ids[:, None, :] == segment_ids[:, :, None])
-               & (segment_ids[:, None, :] != 0))
+  self_mask = segment_causal_mask(idx, idx, segment_ids, segment_ids)
   mask = jnp.concatenate([jnp.ones((b, t, pk.shape[1]), bool), self_mask], axis=-1)
   pk, pv = (jnp.broadcast_to(a, (b,) + a.shape[1:]) for a in (pk, pv))
   keys = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
@@ -422,10 +421,16 @@ def _cudnn_prefix_self(q, pk, pv, k, v, aux, mode):
   return out
 
 
+def _fold_count(q: Array, pk: Array) -> int:
+  """B when the prefix is shared by all B > 1 rows (block 1 runs as one call of B*T queries), else 0."""
+  b = q.shape[0]
+  return b if (pk.shape[0] == 1 and b > 1) else 0
+
+
 def _cudnn_prefix_self_fwd(q, pk, pv, k, v, aux, mode):
   scale = 1.0 / math.sqrt(q.shape[-1])
   b, h = q.shape[0], q.shape[2]
-  fold = b if (pk.shape[0] == 1 and b > 1) else 0  # a prefix shared by all rows: one call, B*T queries
+  fold = _fold_count(q, pk)
   o1, l1, r1 = _block_fwd(_fold_rows(q, fold), pk, pv, scale)
   o1, l1 = o1.reshape(q.shape), _unfold_lse(l1, fold, h)
   o2, l2, r2 = _block_fwd(q, k, v, scale, **_self_kw(mode, aux))
@@ -441,8 +446,8 @@ def _cudnn_prefix_self_fwd(q, pk, pv, k, v, aux, mode):
 def _cudnn_prefix_self_bwd(mode, res, g):
   q, pk, pv, k, v, aux, r1, r2, lse, out = res
   scale = 1.0 / math.sqrt(q.shape[-1])
-  b, h = q.shape[0], q.shape[2]
-  fold = b if (pk.shape[0] == 1 and b > 1) else 0
+  h = q.shape[2]
+  fold = _fold_count(q, pk)
   g = g.astype(out.dtype)
   dq1, dpk, dpv = _block_bwd(_fold_rows(q, fold), pk, pv, scale, r1, _fold_lse(lse, fold, h),
                              _fold_rows(out, fold), _fold_rows(g, fold))
@@ -487,13 +492,11 @@ def cudnn_prefix_packed_attention(q: Array, pk: Array, pv: Array, k: Array, v: A
   """
   if self_block not in ("ragged", "bias"):
     raise ValueError(f"self_block={self_block!r}; choose ragged or bias")
-  if not _on_cuda() or q.dtype not in (jnp.bfloat16, jnp.float16):
-    return prefix_packed_reference(q, pk, pv, k, v, segment_ids)
-  if jax.device_count() > 1:
-    # JAX's cuDNN partitioner rejects these calls in a sharded step ("Query, key and value should
-    # have same sharding", 2x H100, also with the prefix broadcast per row): until that is solved,
-    # several devices take the single cuDNN call over the concatenated keys, as before.
-    return prefix_packed_reference(q, pk, pv, k, v, segment_ids, attention=cudnn_attention)
+  if not prefix_packed_active(q.dtype):
+    # Off CUDA, float32: the reference. Several devices: JAX's cuDNN partitioner rejects these
+    # calls in a sharded step ("Query, key and value should have same sharding", 2x H100, also with
+    # the prefix broadcast per row), so they take the single cuDNN call over the concatenated keys.
+    return prefix_packed_reference(q, pk, pv, k, v, segment_ids, attention=auto_attention)
   t, pl = q.shape[1], pk.shape[1]
   if pl % 2 or pl == 0:  # cuDNN wants even lengths; an odd prefix goes the reference way
     return prefix_packed_reference(q, pk, pv, k, v, segment_ids)

@@ -95,6 +95,14 @@ def rms_norm(x: Array, w: Array, eps: float) -> Array:
 
 # ----------------------------------------------------------------------------- attention
 
+def segment_causal_mask(q_idx: Array, k_idx: Array, q_seg: Array, k_seg: Array) -> Array:
+  """Packed-sequence mask [B, T, S]: key slot j visible from query i if j <= i (slot order) and
+  both are in the same non-zero segment. q_idx [T], k_idx [S]; q_seg [B, T], k_seg [B, S]."""
+  return ((k_idx[None, :] <= q_idx[:, None])[None]
+          & (k_seg[:, None, :] == q_seg[:, :, None])
+          & (k_seg[:, None, :] != 0))
+
+
 ATTENTION_OVERRIDE = None  # (attention fn, prefix-packed fn or None); cas.model.attention.install
 
 
@@ -239,9 +247,7 @@ class Transformer(nnx.Module):
       k_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
       q_idx = cache.index + jnp.arange(t)
       k_idx = jnp.arange(cache.k.shape[2])
-    self_mask = ((k_idx[None, :] <= q_idx[:, None])[None]
-                 & (k_seg[:, None, :] == segment_ids[:, :, None])
-                 & (k_seg[:, None, :] != 0))  # [B, T, S]
+    self_mask = segment_causal_mask(q_idx, k_idx, segment_ids, k_seg)  # [B, T, S]
     if prefix is not None:
       pm = prefix.mask
       if pm is None:
