@@ -59,6 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.synth.temperature_b = 0.0
   c.synth.top_k = 20
   c.synth.seed = 0
+  # seed-prompt families; a name may repeat to weight it. The paper's five, plus "quote"
+  # (templated: a passage of the chunk in the user message; cas.synth.selfstudy)
+  c.synth.families = ("structuring", "summarization", "question", "use_case", "creative")
 
   c.cartridge = ml_collections.ConfigDict()
   c.cartridge.num_tokens = 64

@@ -8,6 +8,15 @@ Per conversation:
   4. bot B (the chunk in its system prompt) answers; its top-k log-probs are the teacher's,
   5. store the student's view (user message + answer, no chunk) with the teacher's top-k.
 
+Besides the paper's five families there is one *templated* family, `quote` (not in the paper;
+off unless `families` names it): the user message is written from a template around a
+passage of the chunk ("What does the document say about this: "<first words of a sentence>
+..."? Give the exact details.") instead of by bot A. Small models (SmolLM2-135M) write poor,
+ungrounded user messages from the paper's seed prompts (their answers then hold few of the
+document's facts); a grounded request makes bot B restate the passage with its details, and
+skips bot A's generation. `families` may repeat a name to weight it (each conversation draws
+one entry uniformly).
+
 Conversations are generated in shards of `shard_size`; shard i's content is a pure function of
 (seed, i), so a killed job resumes by generating only the shards that are missing. Documents
 are handled one at a time (conversation g belongs to document g // conversations_per_doc).
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from typing import Callable, Sequence
 
@@ -56,7 +66,21 @@ SEED_PROMPTS = {
     ],
 }
 STRUCT_FORMATS = ("JSON", "YAML", "a table", "a bulleted list", "plain text with one fact per line")
-SEED_FAMILIES = tuple(SEED_PROMPTS)
+SEED_FAMILIES = tuple(SEED_PROMPTS)  # the paper's five (the default)
+# Templated families: the user message is filled in from the chunk, bot A is not asked.
+# {passage}: the first words of a sentence of the chunk; {heading}: a markdown heading in it.
+TEMPLATE_PROMPTS = {
+    "quote": [
+        'What does the document say about this: "{passage} ..."? Give the exact details.',
+        'Find the part of the document that starts with "{passage}" and tell me everything it says, '
+        'with all names, dates and numbers.',
+        'Please repeat what the document says in the passage beginning "{passage}", then explain it.',
+    ],
+}
+TEMPLATE_HEADING_PROMPTS = {
+    "quote": ['What does the section "{heading}" of the document say? Give every detail.'],
+}
+ALL_FAMILIES = SEED_FAMILIES + tuple(TEMPLATE_PROMPTS)
 
 BOT_A_SYSTEM = ("You are helping to train a language model on the information in the following "
                 "document excerpt.\n\n<document>\n{chunk}\n</document>")
@@ -85,7 +109,16 @@ class SynthConfig:
     return cls(conversations_per_doc=sc.conversations, shard_size=sc.shard_size, batch_size=sc.batch_size,
                min_chunk=sc.min_chunk, max_chunk=sc.max_chunk, max_user_tokens=sc.max_user_tokens,
                max_answer_tokens=sc.max_answer_tokens, temperature_a=sc.temperature_a,
-               temperature_b=sc.temperature_b, top_k=sc.top_k, seed=sc.seed)
+               temperature_b=sc.temperature_b, top_k=sc.top_k, seed=sc.seed,
+               families=tuple(sc.get("families", SEED_FAMILIES)))
+
+  def __post_init__(self):
+    fams = tuple(self.families)
+    object.__setattr__(self, "families", fams)
+    unknown = sorted(set(fams) - set(ALL_FAMILIES))
+    if not fams or unknown:
+      raise SynthDataError(f"synth.families={fams!r}: unknown or empty (unknown: {unknown}); known "
+                           f"families: {', '.join(ALL_FAMILIES)}")
 
   def manifest_fields(self) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -134,14 +167,43 @@ def _check_tokenization(tok, doc_id: str, text: str, ids: Sequence[int]) -> None
 
 
 def _plan(cfg: SynthConfig, g: int, doc_len: int):
-  """Deterministic choices for global conversation index g: chunk range, family, seed text."""
+  """Deterministic choices for global conversation index g: chunk range, family, seed text
+  (for a templated family: its template, filled in later from the chunk by `template_message`),
+  and a seed."""
   rng = np.random.default_rng([cfg.seed, g])
   start, end = sample_chunk(list(range(doc_len)), cfg.min_chunk, cfg.max_chunk, rng)
   fam = cfg.families[int(rng.integers(len(cfg.families)))]
-  text = SEED_PROMPTS[fam][int(rng.integers(len(SEED_PROMPTS[fam])))]
+  prompts = SEED_PROMPTS.get(fam) or TEMPLATE_PROMPTS[fam]
+  text = prompts[int(rng.integers(len(prompts)))]
   if fam == "structuring":
     text = text.format(fmt=STRUCT_FORMATS[int(rng.integers(len(STRUCT_FORMATS)))])
   return (start, end), fam, text, int(rng.integers(2**31))
+
+
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?;:])\s+|\n+")
+_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(\S.*?)\s*#*\s*$", re.M)
+
+
+def template_message(family: str, template: str, chunk: str, seed: int) -> str:
+  """The user message of a templated family for one chunk (deterministic in `seed`).
+
+  `{passage}`: the first 4-8 words of a sentence of the chunk (not its first piece, which may
+  start mid-sentence, unless it is the only one); with probability 1/4, when the chunk holds a
+  markdown heading, a heading template instead. A chunk without words gets a generic request.
+  """
+  rng = np.random.default_rng(seed)
+  headings = _HEADING.findall(chunk)
+  if headings and rng.random() < 0.25:
+    hp = TEMPLATE_HEADING_PROMPTS[family]
+    return hp[int(rng.integers(len(hp)))].format(heading=headings[int(rng.integers(len(headings)))])
+  pieces = [p.split() for p in _SENTENCE_SPLIT.split(chunk)]
+  pieces = [p for p in pieces if p and not p[0].startswith("#")]
+  good = [p for p in pieces[1:] if len(p) >= 4] or [p for p in pieces if len(p) >= 2]
+  if not good:
+    return "Tell me everything this part of the document says, with all names, dates and numbers."
+  words = good[int(rng.integers(len(good)))]
+  n = min(len(words), int(rng.integers(4, 9)))
+  return template.format(passage=" ".join(words[:n]))
 
 
 def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], tokenizer, sampler,
@@ -158,17 +220,21 @@ def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], token
       (s, e), fam, seed_text, sseed = _plan(cfg, g, len(ids))
       plans.append((d, (s, e), fam, seed_text, sseed))
       chunks.append(tokenizer.decode(ids[s:e]))
-    a_prompts = [tokenizer.apply_chat_template(
-        [{"role": "system", "content": BOT_A_SYSTEM.format(chunk=c)}, {"role": "user", "content": p[3]}],
-        add_generation_prompt=True) for c, p in zip(chunks, plans)]
     seed = plans[0][4]
-    ra = sampler.generate(a_prompts, max_new_tokens=cfg.max_user_tokens, temperature=cfg.temperature_a,
-                          stop_ids=tokenizer.eos_ids, seed=seed)
-    user_msgs = []
-    for gen in ra:
-      toks = [t for t in gen.tokens.tolist() if t not in tokenizer.eos_ids]
-      msg = tokenizer.decode(toks).strip()
-      user_msgs.append(msg or "Tell me about this part of the document.")
+    # Bot A writes the user message of the seed-prompt families; templated ones are filled in.
+    user_msgs: list[str] = [template_message(p[2], p[3], c, p[4]) if p[2] in TEMPLATE_PROMPTS else ""
+                            for c, p in zip(chunks, plans)]
+    ask = [j for j, p in enumerate(plans) if p[2] not in TEMPLATE_PROMPTS]
+    ra = []
+    if ask:
+      a_prompts = [tokenizer.apply_chat_template(
+          [{"role": "system", "content": BOT_A_SYSTEM.format(chunk=chunks[j])},
+           {"role": "user", "content": plans[j][3]}], add_generation_prompt=True) for j in ask]
+      ra = sampler.generate(a_prompts, max_new_tokens=cfg.max_user_tokens, temperature=cfg.temperature_a,
+                            stop_ids=tokenizer.eos_ids, seed=seed)
+      for j, gen in zip(ask, ra):
+        toks = [t for t in gen.tokens.tolist() if t not in tokenizer.eos_ids]
+        user_msgs[j] = tokenizer.decode(toks).strip() or "Tell me about this part of the document."
     b_prompts = [tokenizer.apply_chat_template(
         [{"role": "system", "content": BOT_B_SYSTEM.format(chunk=c)}, {"role": "user", "content": u}],
         add_generation_prompt=True) for c, u in zip(chunks, user_msgs)]
