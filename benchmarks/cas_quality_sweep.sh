@@ -3,18 +3,25 @@
 # training variants in parallel processes (the 135M model leaves the GPU mostly idle), each
 # evaluated on oracle / cas_composed@{1,5,10,20}. Usage (device machine, after gpu_setup.sh):
 #   [VARIANTS="long own own_seq"] bash benchmarks/cas_quality_sweep.sh start /root/sweep   # synth, then trainings in background
-#   [VARIANTS=...] bash benchmarks/cas_quality_sweep.sh wait  /root/sweep   # wait (<= 9 min), print the tables
+#   [SYNTH=quote] [VARIANTS=...] bash benchmarks/cas_quality_sweep.sh wait  /root/sweep   # wait (<= 9 min), print the tables
 set -u
 MODE=${1:-start}; W=${2:-/root/sweep}
-COMMON=(--config=configs/cas.py:paper --config.synth.conversations=128
+COMMON=(--config=configs/cas.py:paper --config.synth.conversations=128 --config.layer_loop=scan
         "--config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed')"
         "--config.eval.num_loaded=(1,5,10,20)")
+# SYNTH="..." adds self-study flags shared by every variant (e.g. QUOTE below)
+QUOTE="--config.synth.families=('quote',) --config.synth.min_chunk=1024 --config.synth.max_chunk=2048"
+[ "${SYNTH:-}" = quote ] && SYNTH=$QUOTE
+read -r -a SYN <<< "${SYNTH:-}"
+COMMON+=("${SYN[@]}")
 # VARIANTS="long own own_seq" picks others (each must be in V); the first one runs the self-study
 read -r -a NAMES <<< "${VARIANTS:-long long_seq long_k20}"
 declare -A V=(
   [long]="--config.train.steps=1000"
   [long_seq]="--config.train.steps=1000 --config.train.position_mode=sequential --config.eval.position_modes=('sequential',)"
   [long_k20]="--config.train.steps=1000 --config.train.num_slots=20 --config.train.k_max=20 --config.train.p_isolated=0.1"
+  [p256]="--config.train.steps=1000 --config.cartridge.num_tokens=256"
+  [seq]="--config.train.steps=1000 --config.train.position_mode=sequential --config.eval.position_modes=('sequential',)"
   [own]="--config.train.steps=1000 --config.train.train_distractors=False"
   [own_seq]="--config.train.steps=1000 --config.train.train_distractors=False --config.train.position_mode=sequential --config.eval.position_modes=('sequential',)"
 )

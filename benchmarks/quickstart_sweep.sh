@@ -25,6 +25,13 @@ declare -A V=(
   [qw512_s1]="--config.synth.families=('quote',) $WHOLE --config.cartridge.num_tokens=512 --config.synth.seed=1 --config.train.seed=1"
   [qw512_192]="--config.synth.families=('quote',) $WHOLE --config.cartridge.num_tokens=512 --config.synth.conversations=192 --config.train.steps=192"
   [qw512_lr1]="--config.synth.families=('quote',) $WHOLE --config.cartridge.num_tokens=512 --config.train.lr=0.01"
+  [c64s64]="--config.synth.conversations=64 --config.train.steps=64"
+  [c64s64_s1]="--config.synth.conversations=64 --config.train.steps=64 --config.synth.seed=1 --config.train.seed=1"
+  [c64s96]="--config.synth.conversations=64 --config.train.steps=96"
+  [c96s64]="--config.train.steps=64"
+  [c96s64_s1]="--config.train.steps=64 --config.synth.seed=1 --config.train.seed=1"
+  [c96s64_s2]="--config.train.steps=64 --config.synth.seed=2 --config.train.seed=2"
+  [base_s1]="--config.synth.seed=1 --config.train.seed=1"
   [quote_long]="--config.synth.families=('quote',) --config.synth.conversations=384 --config.train.steps=384"
 )
 read -r -a NAMES <<< "${VARIANTS:-base mix6 quote3 quote quote_whole mix6_whole}"

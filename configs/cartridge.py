@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.cartridge.init = "first_tokens"  # first_tokens | random_chunk | random_vectors
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 96
+  c.train.steps = 64  # 96 gave no better cartridge here (67.9 / 64.3 vs 67.9 / 67.9 / 75.0 over seeds)
   c.train.batch_size = 4
   c.train.seq_len = 256
   c.train.lr = 2e-2  # the reference's learning rate

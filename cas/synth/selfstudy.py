@@ -71,14 +71,14 @@ SEED_FAMILIES = tuple(SEED_PROMPTS)  # the paper's five (the default)
 # {passage}: the first words of a sentence of the chunk; {heading}: a markdown heading in it.
 TEMPLATE_PROMPTS = {
     "quote": [
-        'What does the document say about this: "{passage} ..."? Give the exact details.',
-        'Find the part of the document that starts with "{passage}" and tell me everything it says, '
+        'What does {doc} say about this: "{passage} ..."? Give the exact details.',
+        'Find the part of {doc} that starts with "{passage}" and tell me everything it says, '
         'with all names, dates and numbers.',
-        'Please repeat what the document says in the passage beginning "{passage}", then explain it.',
+        'Please repeat what {doc} says in the passage beginning "{passage}", then explain it.',
     ],
 }
 TEMPLATE_HEADING_PROMPTS = {
-    "quote": ['What does the section "{heading}" of the document say? Give every detail.'],
+    "quote": ['What does the section "{heading}" of {doc} say? Give every detail.'],
 }
 ALL_FAMILIES = SEED_FAMILIES + tuple(TEMPLATE_PROMPTS)
 
@@ -184,26 +184,31 @@ _SENTENCE_SPLIT = re.compile(r"(?<=[.!?;:])\s+|\n+")
 _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(\S.*?)\s*#*\s*$", re.M)
 
 
-def template_message(family: str, template: str, chunk: str, seed: int) -> str:
+def template_message(family: str, template: str, chunk: str, seed: int, title: str = "") -> str:
   """The user message of a templated family for one chunk (deterministic in `seed`).
 
   `{passage}`: the first 4-8 words of a sentence of the chunk (not its first piece, which may
   start mid-sentence, unless it is the only one); with probability 1/4, when the chunk holds a
   markdown heading, a heading template instead. A chunk without words gets a generic request.
+  `{doc}`: 'the document "<title>"' when the document has a title, else "the document": the
+  message names its document, so a cartridge loaded among others (CAS) learns to answer a
+  question about its own document, not about whichever cartridge is loaded.
   """
   rng = np.random.default_rng(seed)
+  title = " ".join(title.split())
+  doc = f'the document "{title}"' if title else "the document"
   headings = _HEADING.findall(chunk)
   if headings and rng.random() < 0.25:
     hp = TEMPLATE_HEADING_PROMPTS[family]
-    return hp[int(rng.integers(len(hp)))].format(heading=headings[int(rng.integers(len(headings)))])
+    return hp[int(rng.integers(len(hp)))].format(heading=headings[int(rng.integers(len(headings)))], doc=doc)
   pieces = [p.split() for p in _SENTENCE_SPLIT.split(chunk)]
   pieces = [p for p in pieces if p and not p[0].startswith("#")]
   good = [p for p in pieces[1:] if len(p) >= 4] or [p for p in pieces if len(p) >= 2]
   if not good:
-    return "Tell me everything this part of the document says, with all names, dates and numbers."
+    return f"Tell me everything this part of {doc} says, with all names, dates and numbers."
   words = good[int(rng.integers(len(good)))]
   n = min(len(words), int(rng.integers(4, 9)))
-  return template.format(passage=" ".join(words[:n]))
+  return template.format(passage=" ".join(words[:n]), doc=doc)
 
 
 def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], tokenizer, sampler,
@@ -222,8 +227,8 @@ def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], token
       chunks.append(tokenizer.decode(ids[s:e]))
     seed = plans[0][4]
     # Bot A writes the user message of the seed-prompt families; templated ones are filled in.
-    user_msgs: list[str] = [template_message(p[2], p[3], c, p[4]) if p[2] in TEMPLATE_PROMPTS else ""
-                            for c, p in zip(chunks, plans)]
+    user_msgs: list[str] = [template_message(p[2], p[3], c, p[4], title=docs.docs[p[0]].title)
+                            if p[2] in TEMPLATE_PROMPTS else "" for c, p in zip(chunks, plans)]
     ask = [j for j, p in enumerate(plans) if p[2] not in TEMPLATE_PROMPTS]
     ra = []
     if ask:
