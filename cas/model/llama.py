@@ -217,7 +217,8 @@ class Transformer(nnx.Module):
     tokens, positions: [B, T]. Returns k, v: [L, B, T, Hkv, D] in compute dtype. Used to
     initialise a cartridge from the first p tokens of a document.
     """
-    _, cache = self(tokens, positions, cache=KVCache.empty(self.cfg, tokens.shape[0], tokens.shape[1], self.dtype))
+    _, cache = self(tokens, positions, cache=KVCache.empty(self.cfg, tokens.shape[0], tokens.shape[1], self.dtype),
+                    return_hidden=True)  # no [B, T, V] logits: only the cache is wanted
     return cache.k, cache.v
 
   # -- forward ----------------------------------------------------------------

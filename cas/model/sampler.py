@@ -17,10 +17,16 @@ bucket it was padded into.
 
 An optional prefix (a cartridge: rotated per-layer keys/values) is attended by every prompt
 and generated token; prompt positions then usually start at `position_offset = P`.
+
+`Sampler.generate_shared` is `generate` for prompts that begin with the same long run of
+tokens (self-study's teacher prompts when every conversation sees the same document): the
+common tokens are prefilled once, as a shared prefix, and only each prompt's own tail is
+prefilled per row (the same computation, in a different summation order).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -32,6 +38,12 @@ from flax import nnx
 from cas.model.llama import KVCache, Prefix, Transformer
 
 Array = jax.Array
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prefix_kv(graphdef, state, tokens: Array, positions: Array) -> tuple[Array, Array]:
+  """tokens, positions [1, c] int32 -> rotated k, v [L, 1, c, Hkv, D] of a causal pass."""
+  return nnx.merge(graphdef, state).layer_kv(tokens, positions)
+
 
 DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -186,6 +198,37 @@ class Sampler:
           temperature=float(temperature), top_p=float(top_p), stop=stop,
           top_k=int(top_k_logprobs), seed=int(seed), row_start=start))
     return GenerationResult(tuple(out))
+
+  def generate_shared(self, prompts: Sequence[Sequence[int]], *, min_shared: int = 64,
+                      **kwargs) -> GenerationResult:
+    """`generate(prompts, **kwargs)` with the token prefix common to every prompt prefilled once.
+
+    The longest common prefix, rounded down to a multiple of `prefix_multiple` (so its shapes
+    repeat) and leaving each prompt at least one token, becomes a shared `Prefix` (its keys and
+    values from one causal pass) and the prompts' tails are generated after it at positions
+    continuing from it. Below `min_shared` common tokens, or with a `prefix` already given, this
+    is plain `generate`. Results equal `generate`'s up to floating-point summation order.
+    """
+    prompts = [list(map(int, p)) for p in prompts]
+    if kwargs.get("prefix") is not None or len(prompts) < 2 or not all(prompts):
+      return self.generate(prompts, **kwargs)
+    if np.ndim(kwargs.get("position_offset", 0)) or kwargs.get("position_offset", 0):
+      return self.generate(prompts, **kwargs)
+    c = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+      c = min(c, next((i for i, (a, b) in enumerate(zip(first, p)) if a != b), c))
+    c = c // self.prefix_multiple * self.prefix_multiple
+    if c < max(1, min_shared):
+      return self.generate(prompts, **kwargs)
+    self._validate(prompts, kwargs.get("max_new_tokens", 0), kwargs.get("temperature", 0.0),
+                   kwargs.get("top_p", 1.0), kwargs.get("top_k_logprobs", 0))
+    tokens = jnp.asarray([first[:c]], jnp.int32)  # [1, c]
+    k, v = _prefix_kv(self._graphdef, self._state, tokens, jnp.arange(c, dtype=jnp.int32)[None])
+    prefix = Prefix(k.astype(self.cache_dtype), v.astype(self.cache_dtype), jnp.ones((1, c), bool))
+    res = self.generate([p[c:] for p in prompts], prefix=prefix, position_offset=c, **kwargs)
+    return GenerationResult(tuple(dataclasses.replace(g, num_prompt_tokens=g.num_prompt_tokens + c)
+                                  for g in res))
 
   # ----------------------------------------------------------------------------- internals
   def _validate(self, prompts, max_new_tokens, temperature, top_p, top_k) -> None:

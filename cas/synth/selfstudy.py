@@ -211,6 +211,23 @@ def template_message(family: str, template: str, chunk: str, seed: int, title: s
   return template.format(passage=" ".join(words[:n]), doc=doc)
 
 
+def _generate_grouped(sampler, prompts: list[list[int]], keys: list, **kwargs) -> list:
+  """Generations for `prompts` (in order); prompts with the same key (the same document chunk,
+  hence the same system prompt) are generated together with their common tokens prefilled once
+  (`Sampler.generate_shared`). Rows whose key is unique go through one plain `generate` call."""
+  groups: dict = {}
+  for i, k in enumerate(keys):
+    groups.setdefault(k, []).append(i)
+  out: list = [None] * len(prompts)
+  singles = [i for idx in groups.values() if len(idx) == 1 for i in idx]
+  todo = ([(singles, sampler.generate)] if singles else []) + \
+      [(idx, sampler.generate_shared) for idx in groups.values() if len(idx) > 1]
+  for idx, fn in todo:
+    for i, g in zip(idx, fn([prompts[i] for i in idx], **kwargs)):
+      out[i] = g
+  return out
+
+
 def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], tokenizer, sampler,
                    cfg: SynthConfig, on_tokens: Callable[[int], None] | None = None) -> list[Conversation]:
   total = len(docs) * cfg.conversations_per_doc
@@ -235,16 +252,17 @@ def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], token
       a_prompts = [tokenizer.apply_chat_template(
           [{"role": "system", "content": BOT_A_SYSTEM.format(chunk=chunks[j])},
            {"role": "user", "content": plans[j][3]}], add_generation_prompt=True) for j in ask]
-      ra = sampler.generate(a_prompts, max_new_tokens=cfg.max_user_tokens, temperature=cfg.temperature_a,
-                            stop_ids=tokenizer.eos_ids, seed=seed)
+      ra = _generate_grouped(sampler, a_prompts, [plans[j][:2] for j in ask], max_new_tokens=cfg.max_user_tokens,
+                             temperature=cfg.temperature_a, stop_ids=tokenizer.eos_ids, seed=seed)
       for j, gen in zip(ask, ra):
         toks = [t for t in gen.tokens.tolist() if t not in tokenizer.eos_ids]
         user_msgs[j] = tokenizer.decode(toks).strip() or "Tell me about this part of the document."
     b_prompts = [tokenizer.apply_chat_template(
         [{"role": "system", "content": BOT_B_SYSTEM.format(chunk=c)}, {"role": "user", "content": u}],
         add_generation_prompt=True) for c, u in zip(chunks, user_msgs)]
-    rb = sampler.generate(b_prompts, max_new_tokens=cfg.max_answer_tokens, temperature=cfg.temperature_b,
-                          stop_ids=tokenizer.eos_ids, top_k_logprobs=cfg.top_k, seed=seed + 1)
+    rb = _generate_grouped(sampler, b_prompts, [p[:2] for p in plans], max_new_tokens=cfg.max_answer_tokens,
+                           temperature=cfg.temperature_b, stop_ids=tokenizer.eos_ids, top_k_logprobs=cfg.top_k,
+                           seed=seed + 1)
     for p, u, gen in zip(plans, user_msgs, rb):
       student_prompt = tokenizer.apply_chat_template([{"role": "user", "content": u}], add_generation_prompt=True)
       convs.append(Conversation(doc_ids[p[0]], np.asarray(student_prompt, np.int32), gen.tokens.astype(np.int32),

@@ -237,3 +237,27 @@ def test_offsets_chunking_and_edge_cases(model, sampler):
   with pytest.raises(ValueError, match="prefix batch"):
     k = jnp.zeros((2, 2, 4, 2, 16))
     sampler.generate([[1]] * 3, max_new_tokens=2, prefix=Prefix(k, k, jnp.ones((2, 4), bool)))
+
+
+def test_generate_shared_prefills_the_common_tokens_once(sampler):
+  """Prompts with a long common start: the same tokens and log-probs as `generate` (greedy and
+  sampled), full prompt lengths reported, and the compiled program attends a shared prefix."""
+  rng = np.random.default_rng(5)
+  common = rng.integers(1, V, 150).tolist()
+  prompts = [common + rng.integers(1, V, int(rng.integers(1, 12))).tolist() for _ in range(5)]
+  for kw in (dict(top_k_logprobs=4), dict(temperature=0.8, seed=3)):
+    a = sampler.generate(prompts, max_new_tokens=10, **kw)
+    before = set(sampler._programs)
+    b = sampler.generate_shared(prompts, max_new_tokens=10, **kw)
+    new = set(sampler._programs) - before
+    for x, y, p in zip(a, b, prompts):
+      np.testing.assert_array_equal(x.tokens, y.tokens)
+      np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=1e-4)
+      np.testing.assert_allclose(x.top_logprobs, y.top_logprobs, atol=1e-4)
+      assert y.num_prompt_tokens == len(p)
+    assert not new or all(k[-1] is not None for k in new)  # any new program has a prefix
+  assert any(k[-1] is not None for k in sampler._programs)
+  # below min_shared (or a single prompt) it is plain generate
+  short = [p[140:] for p in prompts]
+  np.testing.assert_array_equal(sampler.generate_shared(short, max_new_tokens=4)[0].tokens,
+                                sampler.generate(short, max_new_tokens=4)[0].tokens)

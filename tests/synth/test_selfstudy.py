@@ -98,3 +98,82 @@ def test_per_document_access_across_shard_boundaries(env, tmp_path):
   assert [c.to_bytes() for c in a + b] == [c.to_bytes() for c in allc]
   with pytest.raises(SynthDataError, match="no self-study data"):
     dc.get("c")
+
+
+# ---------------------------------------------------------------- the templated "quote" family
+def _user_message(tok, prompt_ids) -> str:
+  user = tok.decode(list(prompt_ids), skip_special_tokens=False)
+  return user.rsplit("<|im_start|>user\n", 1)[1].split("<|im_end|>")[0].strip()
+
+
+def test_template_message_names_the_document_and_quotes_the_chunk():
+  from cas.synth.selfstudy import TEMPLATE_PROMPTS, template_message
+  chunk = "# Discharge\nmid-sentence start. Her hemoglobin was 11.6 g/dL on admission. She walked 150 meters."
+  msgs = [template_message("quote", t, chunk, seed, title="Summary: Ana Ruiz")
+          for seed in range(40) for t in TEMPLATE_PROMPTS["quote"]]
+  assert all('the document "Summary: Ana Ruiz"' in m for m in msgs)
+  quoted = {m.split('"')[3] for m in msgs if "section" not in m}
+  sentences = ("Her hemoglobin was 11.6 g/dL on admission.", "She walked 150 meters.")
+  # every passage is the first >= 4 words of a whole sentence (never the possibly cut first piece)
+  assert quoted and all(any(s.startswith(q.rstrip(" .")) and len(q.split()) >= 4 for s in sentences)
+                        for q in quoted)
+  assert any('section "Discharge"' in m for m in msgs)  # the heading template is used too
+  assert template_message("quote", TEMPLATE_PROMPTS["quote"][0], chunk, 3) == \
+      template_message("quote", TEMPLATE_PROMPTS["quote"][0], chunk, 3)  # deterministic in the seed
+  assert "the document " in template_message("quote", TEMPLATE_PROMPTS["quote"][0], chunk, 3)  # no title
+  assert "all names" in template_message("quote", TEMPLATE_PROMPTS["quote"][0], "  \n ", 0)  # no words
+
+
+def test_quote_family_records_and_teacher(env, tmp_path):
+  """A templated conversation: the student's user turn is the template filled from the chunk
+  (bot A is not asked), and the stored top-k are bot B's with that message and the chunk."""
+  from cas.synth.selfstudy import TEMPLATE_PROMPTS, _plan, template_message
+  tok, model, _ = env
+  cfg = SynthConfig(**{**CFG.__dict__, "families": ("quote", "question")})
+  m = _run(env, str(tmp_path), cfg=cfg)
+  assert m["config"]["families"] == ["quote", "question"]
+  convs = SynthDataset(str(tmp_path)).load_all()
+  assert {c.seed_family for c in convs} == {"quote", "question"}
+  doc_ids = tok.encode(TEXT)
+  for g, c in enumerate(convs):
+    if c.seed_family != "quote":
+      continue
+    (s, e), fam, template, sseed = _plan(cfg, g, len(doc_ids))
+    assert (s, e) == c.chunk and fam == "quote" and template in TEMPLATE_PROMPTS["quote"]
+    chunk = tok.decode(doc_ids[s:e])
+    msg = _user_message(tok, c.prompt_ids)
+    assert msg == template_message("quote", template, chunk, sseed, title="t")
+    b_prompt = tok.apply_chat_template([{"role": "system", "content": BOT_B_SYSTEM.format(chunk=chunk)},
+                                        {"role": "user", "content": msg}], add_generation_prompt=True)
+    seq = np.asarray(b_prompt + list(c.answer_ids), np.int32)
+    logits, _ = model(jnp.asarray(seq[None]), jnp.arange(len(seq))[None])
+    lp = jax.nn.log_softmax(logits[0, len(b_prompt) - 1:len(seq) - 1], axis=-1)
+    np.testing.assert_allclose(np.take_along_axis(np.asarray(lp), c.topk_ids, -1), c.topk_logprobs, atol=2e-4)
+
+
+def test_unknown_family_is_refused():
+  with pytest.raises(SynthDataError, match="unknown.*quotes"):
+    SynthConfig(families=("quotes",))
+  with pytest.raises(SynthDataError, match="families"):
+    SynthConfig(families=())
+
+
+def test_whole_document_chunks_share_one_prefill(env, tmp_path):
+  """Chunks covering the whole document: every conversation's teacher prompt starts with the
+  same system prompt + document, which is prefilled once (Sampler.generate_shared); the stored
+  top-k still equal a plain recompute of bot B's full prompt, and bot A's path works too."""
+  tok, model, _ = env
+  cfg = SynthConfig(**{**CFG.__dict__, "min_chunk": 4096, "max_chunk": 4096, "families": ("quote", "question")})
+  _run(env, str(tmp_path), cfg=cfg)
+  convs = SynthDataset(str(tmp_path)).load_all()
+  doc_ids = tok.encode(TEXT)
+  assert {c.chunk for c in convs} == {(0, len(doc_ids))} and {c.seed_family for c in convs} == {"quote", "question"}
+  for c in convs:
+    b_prompt = tok.apply_chat_template([{"role": "system", "content": BOT_B_SYSTEM.format(chunk=tok.decode(doc_ids))},
+                                        {"role": "user", "content": _user_message(tok, c.prompt_ids)}],
+                                       add_generation_prompt=True)
+    seq = np.asarray(b_prompt + list(c.answer_ids), np.int32)
+    logits, _ = model(jnp.asarray(seq[None]), jnp.arange(len(seq))[None])
+    lp = np.asarray(jax.nn.log_softmax(logits[0, len(b_prompt) - 1:len(seq) - 1], axis=-1))
+    np.testing.assert_allclose(np.take_along_axis(lp, c.topk_ids, -1), c.topk_logprobs, atol=2e-4)
+  assert any(k[-1] is not None for k in env[2]._programs)  # a shared-prefix program ran
