@@ -21,6 +21,7 @@ declare -A V=(
   [long_seq]="--config.train.steps=1000 --config.train.position_mode=sequential --config.eval.position_modes=('sequential',)"
   [long_k20]="--config.train.steps=1000 --config.train.num_slots=20 --config.train.k_max=20 --config.train.p_isolated=0.1"
   [p256]="--config.train.steps=1000 --config.cartridge.num_tokens=256"
+  [long_iso]="--config.train.steps=1000 --config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed','isolated_composed')"
   [long2k]="--config.train.steps=2000"
   [iso01]="--config.train.steps=1000 --config.train.p_isolated=0.1"
   [p256_iso01]="--config.train.steps=1000 --config.cartridge.num_tokens=256 --config.train.p_isolated=0.1"
