@@ -214,7 +214,9 @@ def template_message(family: str, template: str, chunk: str, seed: int, title: s
 def _generate_grouped(sampler, prompts: list[list[int]], keys: list, **kwargs) -> list:
   """Generations for `prompts` (in order); prompts with the same key (the same document chunk,
   hence the same system prompt) are generated together with their common tokens prefilled once
-  (`Sampler.generate_shared`). Rows whose key is unique go through one plain `generate` call."""
+  (`Sampler.generate_shared`). Rows whose key is unique go through one plain `generate` call
+  (with `seed` as given: all-unique keys give exactly `generate(prompts)`); each group gets its
+  own seed, since sampling is keyed by (seed, row index within the call)."""
   groups: dict = {}
   for i, k in enumerate(keys):
     groups.setdefault(k, []).append(i)
@@ -222,8 +224,9 @@ def _generate_grouped(sampler, prompts: list[list[int]], keys: list, **kwargs) -
   singles = [i for idx in groups.values() if len(idx) == 1 for i in idx]
   todo = ([(singles, sampler.generate)] if singles else []) + \
       [(idx, sampler.generate_shared) for idx in groups.values() if len(idx) > 1]
-  for idx, fn in todo:
-    for i, g in zip(idx, fn([prompts[i] for i in idx], **kwargs)):
+  seed = int(kwargs.pop("seed", 0))
+  for n, (idx, fn) in enumerate(todo):
+    for i, g in zip(idx, fn([prompts[i] for i in idx], seed=(seed + 7919 * n) % 2**31, **kwargs)):
       out[i] = g
   return out
 
