@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from cas.model.config import ModelConfig
-from cas.model.llama import Prefix, Transformer
+from cas.model.llama import Prefix, Transformer, jit_layer_kv
 
 
 class CartridgeError(ValueError):
@@ -104,11 +104,6 @@ def cartridge_prefix(k: jax.Array, v: jax.Array, batch: int, dtype=jnp.float32, 
 
 INIT_STRATEGIES = ("first_tokens", "random_chunk", "random_vectors")
 
-# One jitted function for every init: a new jax.jit per call would retrace and recompile for each
-# document (CAS initialises every admitted document's cartridge with the same shapes).
-_layer_kv = jax.jit(lambda m, t, p: m.layer_kv(t, p))
-
-
 def init_cartridge(model: Transformer, doc_ids: Sequence[int], num_tokens: int, *,
                    strategy: str = "first_tokens", num_frozen: int = 1, sink_ids: Sequence[int] = (),
                    seed: int = 0) -> Cartridge:
@@ -146,7 +141,7 @@ def init_cartridge(model: Transformer, doc_ids: Sequence[int], num_tokens: int, 
     toks = sink + body
   tokens = jnp.asarray([toks], jnp.int32)
   positions = jnp.arange(len(toks), dtype=jnp.int32)[None]
-  k, v = _layer_kv(model, tokens, positions)  # [L, 1, T, Hkv, D]
+  k, v = jit_layer_kv(model, tokens, positions)  # [L, 1, T, Hkv, D]
   k, v = np.asarray(k[:, 0], np.float32), np.asarray(v[:, 0], np.float32)
   fk, fv = k[:, :num_frozen], v[:, :num_frozen]
   if strategy == "random_vectors":

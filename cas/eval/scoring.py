@@ -35,7 +35,8 @@ def _prefix_kv(model: Transformer, tokens, chunk: int):
   seg = (tokens >= 0).astype(jnp.int32)
   for s in range(0, t, chunk):
     e = min(t, s + chunk)
-    _, cache = model(jnp.maximum(tokens[:, s:e], 0), jnp.arange(s, e)[None], seg[:, s:e], cache=cache)
+    _, cache = model(jnp.maximum(tokens[:, s:e], 0), jnp.arange(s, e)[None], seg[:, s:e], cache=cache,
+                     return_hidden=True)  # only the cache is wanted: no [1, chunk, V] logits
   return cache.k[:, 0], cache.v[:, 0]
 
 

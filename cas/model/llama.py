@@ -425,3 +425,8 @@ def build_model(cfg: ModelConfig, params: Mapping | None = None, *, param_dtype=
     if isinstance(var, nnx.Param):
       assign(var, params["layers"][name], f"layers/{name}")
   return model
+
+
+# One jitted `Transformer.layer_kv` for every caller (cartridge init, the sampler's shared
+# prefill): a new jax.jit per call would retrace and recompile for each document.
+jit_layer_kv = jax.jit(lambda model, tokens, positions: model.layer_kv(tokens, positions))

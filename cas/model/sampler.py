@@ -26,7 +26,6 @@ prefilled per row (the same computation, in a different summation order).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -35,15 +34,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from cas.model.llama import KVCache, Prefix, Transformer
+from cas.model.llama import KVCache, Prefix, Transformer, jit_layer_kv
 
 Array = jax.Array
-
-@functools.partial(jax.jit, static_argnums=0)
-def _prefix_kv(graphdef, state, tokens: Array, positions: Array) -> tuple[Array, Array]:
-  """tokens, positions [1, c] int32 -> rotated k, v [L, 1, c, Hkv, D] of a causal pass."""
-  return nnx.merge(graphdef, state).layer_kv(tokens, positions)
-
 
 DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -224,7 +217,7 @@ class Sampler:
     self._validate(prompts, kwargs.get("max_new_tokens", 0), kwargs.get("temperature", 0.0),
                    kwargs.get("top_p", 1.0), kwargs.get("top_k_logprobs", 0))
     tokens = jnp.asarray([first[:c]], jnp.int32)  # [1, c]
-    k, v = _prefix_kv(self._graphdef, self._state, tokens, jnp.arange(c, dtype=jnp.int32)[None])
+    k, v = jit_layer_kv(self._model, tokens, jnp.arange(c, dtype=jnp.int32)[None])  # [L, 1, c, Hkv, D]
     prefix = Prefix(k.astype(self.cache_dtype), v.astype(self.cache_dtype), jnp.ones((1, c), bool))
     res = self.generate([p[c:] for p in prompts], prefix=prefix, position_offset=c, **kwargs)
     return GenerationResult(tuple(dataclasses.replace(g, num_prompt_tokens=g.num_prompt_tokens + c)

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from cas.cartridge.cartridge import cartridge_prefix, init_cartridge
-from cas.model.llama import KVCache, Prefix
+from cas.model.llama import KVCache, Prefix, jit_layer_kv
 from cas.sharding import make_mesh, shard_model
 from cas.testing import TINY, teacher_conversations, tiny_model
 from cas.train.cas_batch import build_cas_batch, question_offset
@@ -26,7 +26,6 @@ _logits = jax.jit(cas_logits, static_argnames=("position_mode", "dtype", "train_
 _fwd = jax.jit(lambda m, t, p, pre: m(t, p, prefix=pre)[0])
 
 
-_layer_kv = jax.jit(lambda m, t, p: m.layer_kv(t, p))
 
 
 def _first_tokens(m, seqs, f):
@@ -34,7 +33,7 @@ def _first_tokens(m, seqs, f):
   seqs [N, P] int32 (sink included) -> frozen {"k","v"} [L, f, Hkv, D] of the first snippet and
   trainable k, v [N, L, P-f, Hkv, D] f32 numpy."""
   seqs = np.asarray(seqs, np.int32)
-  k, v = _layer_kv(m, jnp.asarray(seqs), jnp.broadcast_to(jnp.arange(seqs.shape[1]), seqs.shape))
+  k, v = jit_layer_kv(m, jnp.asarray(seqs), jnp.broadcast_to(jnp.arange(seqs.shape[1]), seqs.shape))
   k, v = np.asarray(k).transpose(1, 0, 2, 3, 4), np.asarray(v).transpose(1, 0, 2, 3, 4)
   return {"k": jnp.asarray(k[0, :, :f]), "v": jnp.asarray(v[0, :, :f])}, k[:, :, f:], v[:, :, f:]
 
