@@ -3,10 +3,10 @@
 # training variants in parallel processes (the 135M model leaves the GPU mostly idle), each
 # evaluated on oracle / cas_composed@{1,5,10,20}. Usage (device machine, after gpu_setup.sh):
 #   [VARIANTS="long own own_seq"] bash benchmarks/cas_quality_sweep.sh start /root/sweep   # synth, then trainings in background
-#   [SYNTH=quote] [VARIANTS=...] bash benchmarks/cas_quality_sweep.sh wait  /root/sweep   # wait (<= 9 min), print the tables
+#   [SYNTH=quote] [CONV=128] [VARIANTS=...] bash benchmarks/cas_quality_sweep.sh wait  /root/sweep   # wait (<= 9 min), print the tables
 set -u
 MODE=${1:-start}; W=${2:-/root/sweep}
-COMMON=(--config=configs/cas.py:paper --config.synth.conversations=128 --config.layer_loop=scan
+COMMON=(--config=configs/cas.py:paper --config.synth.conversations=${CONV:-128} --config.layer_loop=scan
         "--config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed')"
         "--config.eval.num_loaded=(1,5,10,20)")
 # SYNTH="..." adds self-study flags shared by every variant (e.g. QUOTE below)
@@ -21,6 +21,9 @@ declare -A V=(
   [long_seq]="--config.train.steps=1000 --config.train.position_mode=sequential --config.eval.position_modes=('sequential',)"
   [long_k20]="--config.train.steps=1000 --config.train.num_slots=20 --config.train.k_max=20 --config.train.p_isolated=0.1"
   [p256]="--config.train.steps=1000 --config.cartridge.num_tokens=256"
+  [p256_icl]="--config.train.steps=1000 --config.cartridge.num_tokens=256 --config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed','icl_composed')"
+  [p512]="--config.train.steps=1000 --config.cartridge.num_tokens=512"
+  [p256_k20]="--config.train.steps=1000 --config.cartridge.num_tokens=256 --config.train.num_slots=20 --config.train.k_max=20"
   [long_iso]="--config.train.steps=1000 --config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed','isolated_composed')"
   [long2k]="--config.train.steps=2000"
   [iso01]="--config.train.steps=1000 --config.train.p_isolated=0.1"

@@ -13,7 +13,8 @@ rotation, the baselines the paper compares against, and one evaluation.
 
 Methods: no_context, icl (own document in the prompt), cartridge_oracle (own CAS cartridge),
 cas_composed@n (own + n-1 other CAS cartridges loaded together), isolated_composed@n (the same
-with cartridges trained alone), monolithic (one cartridge, same total tokens N*p),
+with cartridges trained alone), icl_composed@n (the same n documents as text in the prompt: the
+model's own ceiling for reading n documents at once), monolithic (one cartridge, same total tokens N*p),
 cartridge_retrieved@k (the CAS cartridges of the top-k documents of the document index for the
 question, loaded together, shared positions, best first), rag_text@k (the top-k passages of the
 chunk index in the system message, like icl).
@@ -322,11 +323,14 @@ class CasStages:
         logging.warning("skipping %s: no %s store", method, store_name)
       return store_name in stores
 
-    def others(q, n):
-      """n-1 distractor documents of question q, fixed per (seed, question, n)."""
+    def loaded(q, n):
+      """The n documents loaded for question q: its own + n-1 others, shuffled; fixed per (seed,
+      question, n), so cas_composed@n, isolated_composed@n and icl_composed@n load the same set."""
       pool = [d for d in doc_ids if d != q.doc_id]
       rng = np.random.default_rng([ec.seed, n, _stable_seed(q.qid)])
-      return [str(d) for d in rng.choice(pool, size=min(n - 1, len(pool)), replace=False)]
+      ids = [str(d) for d in rng.choice(pool, size=min(n - 1, len(pool)), replace=False)] + [q.doc_id]
+      order = np.random.default_rng([ec.seed, n, _stable_seed(q.qid), 1]).permutation(len(ids))
+      return [ids[i] for i in order]
 
     base_sig = {"model": self.lm.fingerprint, "spec": repr(self.spec), "docs": self.retrieval["collection_fingerprint"],
                 "questions": hashlib.sha256("\n".join(q.qid for q in self.questions).encode()).hexdigest(),
@@ -361,12 +365,28 @@ class CasStages:
           continue
         for n in ec.num_loaded:
           for mode in ec.position_modes:
-            def ctx_for(q, n=n, mode=mode, s=store_name):
-              ids = others(q, n) + [q.doc_id]
-              order = np.random.default_rng([ec.seed, n, _stable_seed(q.qid), 1]).permutation(len(ids))
-              return ev.cartridges([cart(s, ids[i]) for i in order], mode=mode)
+            notes = {}
+
+            def ctx_for(q, n=n, mode=mode, s=store_name, notes=notes):
+              ids = loaded(q, n)
+              notes[q.qid] = {"loaded": ids}
+              return ev.cartridges([cart(s, d) for d in ids], mode=mode)
             add(f"{method}@{n}/{mode}", ctx_for, [store_name, store_state[store_name]],
-                {"num_loaded": n, "position_mode": mode, "base_method": method})
+                {"num_loaded": n, "position_mode": mode, "base_method": method}, notes)
+      elif method == "icl_composed":
+        # The model's own ceiling for composition: the same n documents as cas_composed@n, as text
+        # in the system message (own + n-1 others, same order). Prompts past the model's
+        # max_position_embeddings are evaluated anyway and counted in the row ("over_context").
+        max_pos = int(self.model.cfg.max_position_embeddings)
+        for n in ec.num_loaded:
+          notes = {}
+
+          def ctx_for(q, n=n, notes=notes):
+            ids = loaded(q, n)
+            ctx = ev.icl([by_id[d] for d in ids])
+            notes[q.qid] = {"loaded": ids, "over_context": ctx.prefix_tokens > max_pos}
+            return ctx
+          add(f"icl_composed@{n}", ctx_for, [], {"num_loaded": n, "base_method": method}, notes)
       elif method == "monolithic":
         path = os.path.join(self.workdir, "monolithic", "cartridge")
         if not os.path.exists(path):
@@ -431,7 +451,7 @@ class CasStages:
                f"o{self.retrieval['overlap_words']}"}, notes)
       else:
         raise ValueError(f"config.eval.methods: unknown method {method!r} (known: no_context, icl, "
-                         "cartridge_oracle, cas_composed, isolated_composed, monolithic, "
+                         "cartridge_oracle, cas_composed, isolated_composed, icl_composed, monolithic, "
                          f"{', '.join(RETRIEVAL_METHODS)})")
 
     rows = []
@@ -451,7 +471,13 @@ class CasStages:
       if notes:
         for qr in row["questions"]:
           qr.update(notes.get(qr["qid"], {}))
-        row["retrieval_hit_rate"] = float(np.mean([n["retrieval_hit"] for n in notes.values()]))
+        if any("retrieval_hit" in n for n in notes.values()):
+          row["retrieval_hit_rate"] = float(np.mean([n["retrieval_hit"] for n in notes.values()]))
+        if any("over_context" in n for n in notes.values()):
+          row["over_context"] = int(sum(n["over_context"] for n in notes.values()))
+          if row["over_context"]:
+            logging.warning("%s: %d of %d prompts longer than the model's max_position_embeddings (%d)",
+                            name, row["over_context"], len(notes), self.model.cfg.max_position_embeddings)
       row.update(job["extra"])
       atomic_write_json(path, {"method": name, "signature": sig, "row": row})  # <- this method is done
       rows.append(row)

@@ -94,8 +94,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.methods = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "monolithic",
-                    "cartridge_retrieved", "rag_text")
+  # icl_composed@n: the documents of cas_composed@n as text in the prompt (the model's own ceiling)
+  c.eval.methods = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "icl_composed",
+                    "monolithic", "cartridge_retrieved", "rag_text")
   c.eval.num_loaded = (1, 2)
   c.eval.position_modes = ("shared",)
   c.eval.max_questions_per_doc = 4

@@ -14,7 +14,7 @@ from cas.rotation.store import ARRAY_NAMES, CartridgeStore
 from cas.testing import TINY_SMOL_VOCAB, real_tokenizer, tiny_model
 from configs.cas import get_config
 
-METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "cartridge_retrieved", "rag_text")
+METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "icl_composed", "cartridge_retrieved", "rag_text")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -99,6 +99,22 @@ def test_cartridge_retrieved_loads_the_retrieved_cartridges(run):
   assert r2["kv_bytes"] == (r2["prompt_tokens"] + f + 2 * (p - f)) * per_tok
 
 
+def test_icl_composed_reads_the_documents_cas_composed_loads(run):
+  """icl_composed@n puts the same n documents (same order) as text that cas_composed@n loads as
+  cartridges; @1 is exactly icl (own document only)."""
+  st, _, _, result = run
+  rows = _rows(result)
+  icl, i1, i2, c2 = rows["icl"], rows["icl_composed@1"], rows["icl_composed@2"], rows["cas_composed@2/shared"]
+  assert i2["base_method"] == "icl_composed" and i2["num_loaded"] == 2 and i2["over_context"] == 0
+  for qi, q1, q2, qc in zip(icl["questions"], i1["questions"], i2["questions"], c2["questions"]):
+    assert q1["loaded"] == [q1["doc_id"]]
+    np.testing.assert_allclose(q1["option_scores"], qi["option_scores"], rtol=0, atol=1e-6)
+    assert q1["prompt_tokens"] == qi["prompt_tokens"]
+    assert q2["loaded"] == qc["loaded"] and len(set(q2["loaded"])) == 2 and q2["doc_id"] in q2["loaded"]
+    assert q2["prompt_tokens"] > q1["prompt_tokens"] + 100  # a second whole document is read
+    assert np.max(np.abs(np.subtract(q2["option_scores"], q1["option_scores"]))) > 1e-4
+
+
 def test_rag_text_reads_fewer_tokens_than_icl(run):
   _, _, _, result = run
   rows = _rows(result)
@@ -126,6 +142,7 @@ def test_report_files_and_plots(run):
     saved = json.load(fh)
   assert [r["method"] for r in saved["methods"]] == [
       "no_context", "icl", "cartridge_oracle", "cas_composed@1/shared", "cas_composed@2/shared",
+      "icl_composed@1", "icl_composed@2",
       "cartridge_retrieved@1", "cartridge_retrieved@2", "rag_text@1", "rag_text@2"]
   md = open(os.path.join(out, "results.md")).read()
   assert "| rag_text@2 |" in md and "| bm25-document | doc | 4 |" in md

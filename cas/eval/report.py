@@ -22,7 +22,7 @@ from absl import logging
 # Methods drawn as horizontal reference lines in the num-loaded plot: (name, line style).
 REFERENCE_LINES = (("cartridge_oracle", "-"), ("no_context", ":"), ("icl", "--"), ("monolithic", "-."))
 # Methods drawn as lines over num_loaded in the num-loaded plot.
-LOADED_METHODS = ("cas_composed", "isolated_composed", "cartridge_retrieved")
+LOADED_METHODS = ("cas_composed", "isolated_composed", "icl_composed", "cartridge_retrieved")
 
 
 def recall_markdown(retrieval: dict | None) -> str:
@@ -100,7 +100,7 @@ def plot_accuracy_vs_num_loaded(rows: Sequence[dict], path: str) -> str | None:
   lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
   for r in rows:
     if r.get("base_method") in LOADED_METHODS and "num_loaded" in r and _finite(r.get("accuracy")):
-      lines.setdefault((r["base_method"], r.get("position_mode", "shared")), []).append(
+      lines.setdefault((r["base_method"], r.get("position_mode", "text")), []).append(
           (int(r["num_loaded"]), 100 * r["accuracy"]))
   if not lines:
     return None
