@@ -23,6 +23,7 @@ declare -A V=(
   [p256]="--config.train.steps=1000 --config.cartridge.num_tokens=256"
   [p256_icl]="--config.train.steps=1000 --config.cartridge.num_tokens=256 --config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed','icl_composed')"
   [p512]="--config.train.steps=1000 --config.cartridge.num_tokens=512"
+  [p512_k20]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.num_slots=20 --config.train.k_max=20"
   [p256_k20]="--config.train.steps=1000 --config.cartridge.num_tokens=256 --config.train.num_slots=20 --config.train.k_max=20"
   [long_iso]="--config.train.steps=1000 --config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed','isolated_composed')"
   [long2k]="--config.train.steps=2000"

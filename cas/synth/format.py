@@ -23,6 +23,7 @@ consistent shapes and finite teacher log-probs (`Conversation.check`).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -209,10 +210,14 @@ class DocConversations:
 
   Conversation g of the dataset belongs to document g // conversations_per_doc and lives in
   shard g // shard_size (see cas.synth.selfstudy), so a document's conversations are found in
-  a known, small set of shards. A small LRU cache keeps the shards of recently used documents.
+  a known, small set of shards. Two small LRU caches: the conversation lists of the
+  `cache_docs` most recently used documents (what a training step reads again and again: the
+  resident documents; size it to at least the number resident), and the `cache_shards` most
+  recently read shards (neighbouring documents that share a shard read it once). A shard is read
+  (and its sha256 checked) only on a miss of both.
   """
 
-  def __init__(self, dataset: SynthDataset, cache_shards: int = 8):
+  def __init__(self, dataset: SynthDataset, cache_shards: int = 8, cache_docs: int = 8):
     m = dataset.manifest
     cfg = m.get("config") or {}
     self.dataset = dataset
@@ -222,24 +227,28 @@ class DocConversations:
     self.per_doc = int(cfg["conversations_per_doc"])
     self.shard_size = int(cfg["shard_size"])
     self._index = {d: i for i, d in enumerate(self.doc_ids)}
-    self._cache: dict[int, list[Conversation]] = {}
-    self._order: list[int] = []
-    self._max = cache_shards
+    self._sha = {sh["name"]: sh.get("sha256") for sh in dataset.shards}
+    self._shards: collections.OrderedDict[int, list[Conversation]] = collections.OrderedDict()
+    self._docs: collections.OrderedDict[str, list[Conversation]] = collections.OrderedDict()
+    self._max_shards, self._max_docs = max(1, int(cache_shards)), max(1, int(cache_docs))
+    self.shard_reads = 0  # shards read from disk so far (a cache miss each)
 
   def _shard(self, i: int) -> list[Conversation]:
-    if i in self._cache:
-      self._order.remove(i)
-      self._order.append(i)
-      return self._cache[i]
-    sha = {s["name"]: s.get("sha256") for s in self.dataset.shards}.get(shard_name(i))
-    convs = read_shard(os.path.join(self.dataset.directory, shard_name(i)), sha)
-    self._cache[i] = convs
-    self._order.append(i)
-    while len(self._order) > self._max:
-      self._cache.pop(self._order.pop(0))
+    if i in self._shards:
+      self._shards.move_to_end(i)
+      return self._shards[i]
+    convs = read_shard(os.path.join(self.dataset.directory, shard_name(i)), self._sha.get(shard_name(i)))
+    self.shard_reads += 1
+    self._shards[i] = convs
+    while len(self._shards) > self._max_shards:
+      self._shards.popitem(last=False)
     return convs
 
   def get(self, doc_id: str) -> list[Conversation]:
+    """The document's conversations in dataset order (the cached list: do not modify it)."""
+    if doc_id in self._docs:
+      self._docs.move_to_end(doc_id)
+      return self._docs[doc_id]
     if doc_id not in self._index:
       raise SynthDataError(f"{self.dataset.directory}: no self-study data for document {doc_id!r}")
     d = self._index[doc_id]
@@ -248,4 +257,7 @@ class DocConversations:
     for s in range(g0 // self.shard_size, (g1 - 1) // self.shard_size + 1):
       base = s * self.shard_size
       out.extend(c for j, c in enumerate(self._shard(s)) if g0 <= base + j < g1)
+    self._docs[doc_id] = out
+    while len(self._docs) > self._max_docs:
+      self._docs.popitem(last=False)
     return out

@@ -137,7 +137,8 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
                dtype, mesh, stop_after) -> dict:
   ds = SynthDataset(dataset_dir)
   check_compatible(ds.manifest, model_fingerprint=model_fingerprint, source=dataset_dir)
-  convs = DocConversations(ds, cache_shards=max(8, 2 * c["num_slots"]))
+  # Resident documents are drawn every step: keep theirs (and the next admitted ones) decoded.
+  convs = DocConversations(ds, cache_shards=8, cache_docs=2 * c["num_slots"])
   unknown = sorted(set(doc_ids) - set(convs.doc_ids))
   if unknown:
     raise ValueError(f"{dataset_dir}: no self-study data for {len(unknown)} documents, e.g. {unknown[:3]}")

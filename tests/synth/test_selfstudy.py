@@ -100,6 +100,28 @@ def test_per_document_access_across_shard_boundaries(env, tmp_path):
     dc.get("c")
 
 
+def test_per_document_cache_reads_each_shard_once_while_resident(env, tmp_path):
+  """Drawing the same resident documents again and again reads their shards from disk once
+  (the training loader's pattern), even when their shards outnumber the shard cache; a document
+  pushed out of the document cache is read again and returns the same conversations."""
+  from cas.synth.format import DocConversations
+  tok, model, sampler = env
+  cfg = SynthConfig(**{**CFG.__dict__, "conversations_per_doc": 4, "shard_size": 2})
+  docs = [Document(f"d{i}", "t", TEXT.replace("Ana", n)) for i, n in enumerate(("Eva", "Ida", "Ola"))]
+  synthesize(str(tmp_path), documents=docs, tokenizer=tok, sampler=sampler, cfg=cfg,
+             model_fingerprint="tiny", model_source="tiny")
+  dc = DocConversations(SynthDataset(str(tmp_path)), cache_shards=1, cache_docs=2)
+  first = {d: [c.to_bytes() for c in dc.get(d)] for d in ("d0", "d1")}
+  assert dc.shard_reads == 4  # two shards per document
+  for _ in range(5):
+    for d in ("d0", "d1"):
+      assert [c.to_bytes() for c in dc.get(d)] == first[d]
+  assert dc.shard_reads == 4
+  dc.get("d2")  # evicts d0 (least recently used)
+  assert dc.shard_reads == 6
+  assert [c.to_bytes() for c in dc.get("d0")] == first["d0"] and dc.shard_reads == 8
+
+
 # ---------------------------------------------------------------- the templated "quote" family
 def _user_message(tok, prompt_ids) -> str:
   user = tok.decode(list(prompt_ids), skip_special_tokens=False)
