@@ -6,12 +6,18 @@
 #   [SYNTH=quote] [CONV=128] [VARIANTS=...] bash benchmarks/cas_quality_sweep.sh wait  /root/sweep   # wait (<= 9 min), print the tables
 set -u
 MODE=${1:-start}; W=${2:-/root/sweep}
+# The sweep's base is the paper preset as it was when these sweeps began (the paper's five
+# families on 128-384-token chunks, p = 128), pinned here so that the recorded commands keep
+# their meaning; the preset itself now is SYNTH=quote CONV=512 with variant p512.
 COMMON=(--config=configs/cas.py:paper --config.synth.conversations=${CONV:-128} --config.layer_loop=scan
+        --config.cartridge.num_tokens=128
         "--config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed')"
         "--config.eval.num_loaded=(1,5,10,20)")
 # SYNTH="..." adds self-study flags shared by every variant (e.g. QUOTE below)
+# (a tuple flag given twice is concatenated by ml_collections: families is passed exactly once)
+FIVE="--config.synth.families=('structuring','summarization','question','use_case','creative') --config.synth.min_chunk=128 --config.synth.max_chunk=384"
 QUOTE="--config.synth.families=('quote',) --config.synth.min_chunk=1024 --config.synth.max_chunk=2048"
-[ "${SYNTH:-}" = quote ] && SYNTH=$QUOTE
+if [ "${SYNTH:-}" = quote ]; then SYNTH=$QUOTE; else SYNTH="$FIVE ${SYNTH:-}"; fi
 read -r -a SYN <<< "${SYNTH:-}"
 COMMON+=("${SYN[@]}")
 # VARIANTS="long own own_seq" picks others (each must be in V); the first one runs the self-study

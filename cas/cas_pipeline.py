@@ -343,7 +343,17 @@ class CasStages:
     retrieval_k = [int(k) for k in ec.get("retrieval_k", (1, 2, 4))]
     mk = self.retrieval["method_kind"]
     queries = [q.question for q in self.questions]
-    for method in ec.methods:
+    def unique(field):
+      """config.eval.<field> without repeats (a tuple flag given twice on the command line is
+      concatenated by ml_collections, e.g. two --config.eval.methods=...)."""
+      vals = list(ec.get(field) or ())
+      out = list(dict.fromkeys(vals))
+      if len(out) < len(vals):
+        logging.warning("config.eval.%s=%s lists some entries twice; each is evaluated once", field, tuple(vals))
+      return out
+
+    num_loaded, position_modes = unique("num_loaded"), unique("position_modes")
+    for method in unique("methods"):
       if method == "no_context":
         ctx0 = ev.no_context()
         add(method, lambda q: ctx0)
@@ -363,8 +373,8 @@ class CasStages:
         store_name = "cas" if method == "cas_composed" else "isolated"
         if not have_store(store_name, method):
           continue
-        for n in ec.num_loaded:
-          for mode in ec.position_modes:
+        for n in num_loaded:
+          for mode in position_modes:
             notes = {}
 
             def ctx_for(q, n=n, mode=mode, s=store_name, notes=notes):
@@ -378,7 +388,7 @@ class CasStages:
         # in the system message (own + n-1 others, same order). Prompts past the model's
         # max_position_embeddings are evaluated anyway and counted in the row ("over_context").
         max_pos = int(self.model.cfg.max_position_embeddings)
-        for n in ec.num_loaded:
+        for n in num_loaded:
           notes = {}
 
           def ctx_for(q, n=n, notes=notes):

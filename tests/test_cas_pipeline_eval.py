@@ -22,10 +22,10 @@ def _config():
   c = get_config("quick")
   c.data.num_docs = 4
   c.cartridge.num_tokens = 16
-  c.eval.methods = METHODS
+  c.eval.methods = METHODS + ("icl",)  # repeats (two tuple flags concatenate) are evaluated once
   c.eval.kinds = ("mc",)  # option scoring only (no generation): fast, and scores are comparable
   c.eval.max_questions_per_doc = 1
-  c.eval.num_loaded = (1, 2)
+  c.eval.num_loaded = (1, 2, 2)
   c.eval.retrieval_k = (1, 2)
   c.retrieval.ks = (1, 3, 5)
   return c
