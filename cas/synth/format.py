@@ -31,6 +31,7 @@ import tempfile
 from typing import Iterator, Sequence
 
 import numpy as np
+from absl import logging
 from flax import serialization
 
 from cas.fileio import sha256_file  # noqa: F401 (re-exported: cas.synth.selfstudy)
@@ -214,10 +215,13 @@ class DocConversations:
   `cache_docs` most recently used documents (what a training step reads again and again: the
   resident documents; size it to at least the number resident), and the `cache_shards` most
   recently read shards (neighbouring documents that share a shard read it once). A shard is read
-  (and its sha256 checked) only on a miss of both.
+  (and its sha256 checked) only on a miss of both. The document cache also stops at
+  `cache_bytes` of decoded arrays (host memory stays bounded when B is large; past it, documents
+  are re-read, slower, and a warning says so once).
   """
 
-  def __init__(self, dataset: SynthDataset, cache_shards: int = 8, cache_docs: int = 8):
+  def __init__(self, dataset: SynthDataset, cache_shards: int = 8, cache_docs: int = 8,
+               cache_bytes: int = 4 << 30):
     m = dataset.manifest
     cfg = m.get("config") or {}
     self.dataset = dataset
@@ -231,6 +235,8 @@ class DocConversations:
     self._shards: collections.OrderedDict[int, list[Conversation]] = collections.OrderedDict()
     self._docs: collections.OrderedDict[str, list[Conversation]] = collections.OrderedDict()
     self._max_shards, self._max_docs = max(1, int(cache_shards)), max(1, int(cache_docs))
+    self._max_bytes, self._bytes, self._doc_bytes = int(cache_bytes), 0, {}
+    self._warned = False
     self.shard_reads = 0  # shards read from disk so far (a cache miss each)
 
   def _shard(self, i: int) -> list[Conversation]:
@@ -258,6 +264,15 @@ class DocConversations:
       base = s * self.shard_size
       out.extend(c for j, c in enumerate(self._shard(s)) if g0 <= base + j < g1)
     self._docs[doc_id] = out
-    while len(self._docs) > self._max_docs:
-      self._docs.popitem(last=False)
+    self._doc_bytes[doc_id] = sum(c.prompt_ids.nbytes + c.answer_ids.nbytes + c.topk_ids.nbytes
+                                  + c.topk_logprobs.nbytes for c in out)
+    self._bytes += self._doc_bytes[doc_id]
+    while len(self._docs) > 1 and (len(self._docs) > self._max_docs or self._bytes > self._max_bytes):
+      old, _ = self._docs.popitem(last=False)
+      self._bytes -= self._doc_bytes.pop(old)
+      if len(self._docs) < self._max_docs and not self._warned:
+        self._warned = True
+        logging.warning("%s: the self-study data of %d documents exceeds the %.1f GiB document cache; "
+                        "documents are re-read from disk (slower training)", self.dataset.directory,
+                        self._max_docs, self._max_bytes / 2**30)
     return out

@@ -120,6 +120,11 @@ def test_per_document_cache_reads_each_shard_once_while_resident(env, tmp_path):
   dc.get("d2")  # evicts d0 (least recently used)
   assert dc.shard_reads == 6
   assert [c.to_bytes() for c in dc.get("d0")] == first["d0"] and dc.shard_reads == 8
+  # A byte budget below one document's data keeps only the last document (host memory bounded).
+  small = DocConversations(SynthDataset(str(tmp_path)), cache_shards=1, cache_docs=3, cache_bytes=1)
+  for d in ("d0", "d1", "d0"):
+    assert [c.to_bytes() for c in small.get(d)] == first[d]
+  assert small.shard_reads == 6 and list(small._docs) == ["d0"]
 
 
 # ---------------------------------------------------------------- the templated "quote" family
