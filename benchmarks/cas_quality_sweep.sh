@@ -3,7 +3,7 @@
 # training variants in parallel processes (the 135M model leaves the GPU mostly idle), each
 # evaluated on oracle / cas_composed@{1,5,10,20}. Usage (device machine, after gpu_setup.sh):
 #   [VARIANTS="long own own_seq"] bash benchmarks/cas_quality_sweep.sh start /root/sweep   # synth, then trainings in background
-#   [SYNTH=quote] [CONV=128] [VARIANTS=...] bash benchmarks/cas_quality_sweep.sh wait  /root/sweep   # wait (<= 9 min), print the tables
+#   [SYNTH=quote] [CONV=128] [MEM=0.28 per process] [VARIANTS=...] bash benchmarks/cas_quality_sweep.sh wait  /root/sweep   # wait (<= 9 min), print the tables (logs to $OUT/sweep when OUT is set)
 set -u
 MODE=${1:-start}; W=${2:-/root/sweep}
 # The sweep's base is the paper preset as it was when these sweeps began (the paper's five
@@ -31,6 +31,13 @@ declare -A V=(
   [p512]="--config.train.steps=1000 --config.cartridge.num_tokens=512"
   [p512_k20]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.num_slots=20 --config.train.k_max=20"
   [p256_k20]="--config.train.steps=1000 --config.cartridge.num_tokens=256 --config.train.num_slots=20 --config.train.k_max=20"
+  [p512_mono]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed','monolithic')"
+  [p512_lr5e3]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.lr=5e-3"
+  [p512_lr5e2]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.lr=5e-2"
+  [p512_lr2e3]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.lr=2e-3"
+  [p512_lr1e2]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.lr=1e-2"
+  [p512_lr5e3_k20]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.lr=5e-3 --config.train.num_slots=20 --config.train.k_max=20"
+  [p512_2k]="--config.train.steps=2000 --config.cartridge.num_tokens=512"
   [long_iso]="--config.train.steps=1000 --config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed','isolated_composed')"
   [long2k]="--config.train.steps=2000"
   [iso01]="--config.train.steps=1000 --config.train.p_isolated=0.1"
@@ -46,7 +53,7 @@ if [ "$MODE" = start ]; then
   grep -a "stage\|conversations" $W/synth.log | tr '\r' '\n' | tail -2
   for n in "${NAMES[@]}"; do
     [ $n != $F ] && mkdir -p $W/$n && cp -r $W/$F/synth $W/$F/collection $W/$n/
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.28 setsid nohup python3 -m launch.cas "${COMMON[@]}" ${V[$n]} \
+    XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM:-0.28} setsid nohup python3 -m launch.cas "${COMMON[@]}" ${V[$n]} \
       --workdir=$W/$n > $W/$n.log 2>&1 < /dev/null &
   done
   sleep 20; ls $W
@@ -55,6 +62,7 @@ else
     pgrep -f "launch.cas" > /dev/null || break
     sleep 5
   done
+  [ -n "${OUT:-}" ] && mkdir -p $OUT/sweep && cp $W/*.log $OUT/sweep/
   for n in "${NAMES[@]}"; do
     echo "### $n: ${V[$n]}"
     grep -a -E "^\| |stage seconds|Error" $W/$n.log | tr '\r' '\n' | grep -v "^|---" | tail -14
