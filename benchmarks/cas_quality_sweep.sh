@@ -7,10 +7,11 @@
 set -u
 MODE=${1:-start}; W=${2:-/root/sweep}
 # The sweep's base is the paper preset as it was when these sweeps began (the paper's five
-# families on 128-384-token chunks, p = 128), pinned here so that the recorded commands keep
-# their meaning; the preset itself now is SYNTH=quote CONV=512 with variant p512.
+# families on 128-384-token chunks, p = 128, lr 2e-2), pinned here so that the recorded commands
+# keep their meaning (a variant's scalar flag overrides the pin: the last one wins); the preset
+# itself now is SYNTH=quote CONV=512 with variant p512_lr1e2.
 COMMON=(--config=configs/cas.py:paper --config.synth.conversations=${CONV:-128} --config.layer_loop=scan
-        --config.cartridge.num_tokens=128
+        --config.cartridge.num_tokens=128 --config.train.lr=2e-2
         "--config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed')"
         "--config.eval.num_loaded=(1,5,10,20)")
 # SYNTH="..." adds self-study flags shared by every variant (e.g. QUOTE below)

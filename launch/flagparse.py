@@ -33,10 +33,42 @@ def _explain_override_error(argv, err: Exception, default_spec: str | None = Non
   return f"config override failed: {err!r} (check the value's type; `--helpfull` lists the fields)"
 
 
+def _repeated_overrides(argv) -> dict[str, int]:
+  """`--config.<path>` overrides given more than once: path -> count."""
+  counts: dict[str, int] = {}
+  for a in argv[1:]:
+    if a.startswith("--config."):
+      key = a[len("--config."):].split("=", 1)[0]
+      counts[key] = counts.get(key, 0) + 1
+  return {k: n for k, n in counts.items() if n > 1}
+
+
+def _warn_concatenated(argv) -> None:
+  """ml_collections *concatenates* a tuple override given twice (`--config.synth.families=('a',)
+  --config.synth.families=('b',)` is ('a', 'b')), where a scalar's last value wins: say so."""
+  repeated = _repeated_overrides(argv)
+  if not repeated or "config" not in flags.FLAGS:
+    return
+  cfg = flags.FLAGS["config"].value
+  for key, n in repeated.items():
+    node = cfg
+    try:
+      for part in key.split("."):
+        node = node[part]
+    except (KeyError, TypeError):
+      continue
+    if isinstance(node, (tuple, list)):
+      sys.stderr.write(f"WARNING --config.{key} is given {n} times: ml_collections concatenates tuple "
+                       f"overrides, so its value is {tuple(node)!r} (give it once with every entry)\n")
+
+
 def parse_flags(argv):
-  """absl flag parsing; a config override that cannot be applied exits with a clear message."""
+  """absl flag parsing; a config override that cannot be applied exits with a clear message; a
+  tuple override given more than once (concatenated by ml_collections) is warned about."""
   try:
-    return flags.FLAGS(argv)
+    out = flags.FLAGS(argv)
+    _warn_concatenated(argv)
+    return out
   except flags.Error as e:
     sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.\n")
     sys.exit(1)

@@ -45,3 +45,17 @@ def test_second_pipeline_on_a_busy_workdir_is_refused(tmp_path):
   assert r.returncode != 0
   assert "in use by" in r.stderr and str(os.getpid()) in r.stderr and PIPELINE_LOCK in r.stderr
   assert sorted(os.listdir(tmp_path)) == [PIPELINE_LOCK]  # nothing else was written
+
+
+def test_tuple_override_given_twice_is_warned(tmp_path):
+  """Two `--config.<tuple>=...` flags are concatenated by ml_collections (a scalar's last value
+  wins); the launcher says so, with the resulting value, before anything runs."""
+  r = _run("--config=configs/cas.py:quick", "--config.synth.families=('quote',)",
+           "--config.synth.families=('question',)", "--config.train.lr=1e-3", "--config.train.lr=2e-3",
+           "--stages=bogus", f"--workdir={tmp_path}")
+  assert "--config.synth.families is given 2 times" in r.stderr
+  assert "('quote', 'question')" in r.stderr
+  assert "config.train.lr is given" not in r.stderr  # scalars: the last one wins, no warning
+  r = _run("--config=configs/cas.py:quick", "--config.synth.families=('quote',)", "--stages=bogus",
+           f"--workdir={tmp_path}")
+  assert "is given" not in r.stderr
