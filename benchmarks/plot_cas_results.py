@@ -5,7 +5,9 @@ exactly the recorded numbers.
   python -m benchmarks.plot_cas_results --out=benchmarks/results/plots
 
 Writes cas_composition.png (accuracy vs number of cartridges / documents loaded: CAS, isolated,
-the same documents as text; findings a, b, e) and cas_oracle_vs_icl.png (finding d).
+the same documents as text; findings a, b, e), cas_oracle_vs_icl.png (finding d) and cas_lr.png
+(oracle and composed@10 vs the learning rate at p = 512; the first lr call's tables are read from
+lr/first_call_transcribed.md, its logs having been lost with the machine).
 """
 from __future__ import annotations
 
@@ -37,6 +39,21 @@ def read_table(path: str) -> dict[str, float]:
   return out
 
 
+def read_sections(path: str) -> dict[str, dict[str, float]]:
+  """`## <variant> ...` sections of results rows (a transcribed call) -> variant -> method -> accuracy."""
+  out: dict[str, dict[str, float]] = {}
+  name = None
+  with open(path) as f:
+    for line in f:
+      if line.startswith("## "):
+        name = line[3:].split()[0]
+        out[name] = {}
+      m = ROW.match(line)
+      if name and m and m.group(2) != "n/a":
+        out[name][m.group(1)] = float(m.group(2))
+  return out
+
+
 def curve(table: dict[str, float], base: str, mode: str | None) -> list[tuple[int, float]]:
   pts = []
   for name, acc in table.items():
@@ -50,14 +67,16 @@ def main(argv):
   del argv
   os.makedirs(F.out, exist_ok=True)
   L = lambda p: read_table(os.path.join(F.logs, p))
-  best, icl_run, iso_run = L("conv512/p512.log"), L("icl_ceiling/p256_icl.log"), L("titled3/long_iso.log")
-  k20 = L("conv512/p512_k20.log")
+  best, icl_run, iso_run = L("lr/p512_lr1e2.log"), L("icl_ceiling/p256_icl.log"), L("titled3/long_iso.log")
+  old, k20 = L("conv512/p512.log"), L("conv512/p512_k20.log")
+  first = read_sections(os.path.join(F.logs, "lr/first_call_transcribed.md"))
 
   fig, (ax,) = _new_figure(8, 5.2)
   lines = [
-      ("CAS p=512, 512 conv/doc (shared)", curve(best, "cas_composed", "shared"), "-", "o"),
-      ("CAS p=512, 512 conv/doc (sequential)", curve(best, "cas_composed", "sequential"), "--", "o"),
-      ("CAS p=512, B=k_max=20 (shared)", curve(k20, "cas_composed", "shared"), "-", "D"),
+      ("CAS p=512, lr 1e-2 (paper preset, shared)", curve(best, "cas_composed", "shared"), "-", "o"),
+      ("CAS p=512, lr 1e-2 (sequential)", curve(best, "cas_composed", "sequential"), "--", "o"),
+      ("CAS p=512, lr 2e-2 (shared)", curve(old, "cas_composed", "shared"), "-", "P"),
+      ("CAS p=512, lr 2e-2, B=k_max=20 (shared)", curve(k20, "cas_composed", "shared"), "-", "D"),
       ("CAS p=128, 128 conv/doc (shared)", curve(iso_run, "cas_composed", "shared"), "-", "s"),
       ("isolated p=128, same data (shared)", curve(iso_run, "isolated_composed", "shared"), "-.", "v"),
       ("the same documents as text (icl_composed)", curve(icl_run, "icl_composed", None), ":", "^"),
@@ -79,9 +98,9 @@ def main(argv):
 
   fig, (ax,) = _new_figure(7, 4.2)
   bars = [("ICL", best["icl"]), ("oracle p=128\n128 conv", iso_run["cartridge_oracle"]),
-          ("oracle p=256\n128 conv", icl_run["cartridge_oracle"]), ("oracle p=512\n512 conv", best["cartridge_oracle"]),
-          ("no context", best["no_context"])]
-  ax.bar(range(len(bars)), [b for _, b in bars], color=["0.5", "C0", "C0", "C0", "0.8"])
+          ("oracle p=256\n128 conv", icl_run["cartridge_oracle"]), ("oracle p=512\n512 conv", old["cartridge_oracle"]),
+          ("p=512, 512 conv\nlr 1e-2", best["cartridge_oracle"]), ("no context", best["no_context"])]
+  ax.bar(range(len(bars)), [b for _, b in bars], color=["0.5", "C0", "C0", "C0", "C1", "0.8"])
   for i, (_, b) in enumerate(bars):
     ax.text(i, b - 6, f"{b:.1f}", ha="center", fontsize=9, color="white")
   ax.axhline(best["icl"] - 6, linestyle="--", color="red", linewidth=1, label="target: ICL - 6")
@@ -92,6 +111,27 @@ def main(argv):
   ax.set_title("Own CAS cartridge vs the document in context (finding d)")
   ax.legend(fontsize=8)
   print(_save(fig, os.path.join(F.out, "cas_oracle_vs_icl.png")))
+
+  # finding d vs the learning rate (p = 512, 512 conv/doc, 1,000 steps, B = 10, k_max = 10)
+  runs = [(2e-3, L("lr/p512_lr2e3.log")), (5e-3, L("lr/p512_lr5e3.log")), (5e-3, first["p512_lr5e3"]),
+          (1e-2, best), (2e-2, old), (5e-2, first["p512_lr5e2"])]
+  fig, (ax,) = _new_figure(7, 4.2)
+  for key, label, mk in (("cartridge_oracle", "oracle (own cartridge)", "o"),
+                         ("cas_composed@10/shared", "cas_composed@10 (shared)", "s")):
+    pts = sorted((lr, t[key]) for lr, t in runs)
+    ax.plot([lr for lr, _ in pts], [a for _, a in pts], linestyle="none", marker=mk, label=label)
+  ax.axhline(best["icl"], linestyle="--", color="gray", linewidth=1.2, label=f"icl ({best['icl']:.1f})")
+  ax.axhline(best["icl"] - 6, linestyle="--", color="red", linewidth=1, label="target: ICL - 6")
+  ax.set_xscale("log")
+  ticks = sorted({lr for lr, _ in runs})
+  ax.set_xticks(ticks, [f"{t:g}" for t in ticks], minor=False)
+  ax.set_xticks([], minor=True)
+  ax.set_xlabel("learning rate (Adam, per-cartridge warmup)")
+  ax.set_ylabel("accuracy, 120 MC questions (%)")
+  ax.set_ylim(20, 90)
+  ax.set_title("CAS, p = 512, N = 20: accuracy vs learning rate")
+  ax.legend(fontsize=8)
+  print(_save(fig, os.path.join(F.out, "cas_lr.png")))
 
 
 if __name__ == "__main__":
