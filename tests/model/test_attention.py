@@ -243,7 +243,8 @@ def test_model_unmasked_prefix_takes_the_packed_form():
 @pytest.mark.parametrize("t,p,shared,self_block,max_segments", [
     (64, 32, False, "bias", 16), (127, 64, False, "bias", 16), (64, 32, True, "bias", 16),
     (127, 64, True, "ragged", 16), (64, 32, False, "ragged", 16), (64, 32, True, "ragged", 2),
-    (64, 32, True, "ragged", 1)])  # max_segments 1 < 2 segments per row: the bias form via cond
+    (64, 32, True, "ragged", 1),  # max_segments 1 < 2 segments per row: the bias form via cond
+    (64, 33, True, "ragged", 16), (127, 33, False, "bias", 16)])  # odd prefix: one cuDNN call, bias
 def test_cudnn_prefix_packed_matches_reference_on_gpu(t, p, shared, self_block, max_segments):
   """Two cuDNN calls merged by log-sum-exp, and their backward against the merged softmax, equal
   the pure-JAX form in values and gradients (bf16 tolerances); also with one prefix for all rows
