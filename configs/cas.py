@@ -134,7 +134,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.cartridge.num_tokens = 512
     c.train.steps = 1000
     # lr 1e-2 (not the Cartridges paper's 2e-2): the oracle at p = 512 was 73.3-75.8 at lr 2e-3 to
-    # 1e-2, 70.0 at 2e-2 and 60.0 at 5e-2 (RESULTS.md, "Learning rate"); the composed rows held
+    # 1e-2, 70.0 at 2e-2 and 60.0 at 5e-2 (RESULTS.md, "Learning rate"); composed@10 moved by 1 point
     c.train.lr = 1e-2
     c.train.batch_size = 16
     c.train.seq_len = 512

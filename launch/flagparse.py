@@ -50,6 +50,8 @@ def _warn_concatenated(argv) -> None:
   if not repeated or "config" not in flags.FLAGS:
     return
   cfg = flags.FLAGS["config"].value
+  if cfg is None:
+    return
   for key, n in repeated.items():
     node = cfg
     try:
@@ -67,14 +69,14 @@ def parse_flags(argv):
   tuple override given more than once (concatenated by ml_collections) is warned about."""
   try:
     out = flags.FLAGS(argv)
-    _warn_concatenated(argv)
-    return out
   except flags.Error as e:
     sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.\n")
     sys.exit(1)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     sys.stderr.write(f"FATAL {_explain_override_error(argv, e)}\n")
     sys.exit(1)
+  _warn_concatenated(argv)
+  return out
 
 
 def define_config_file(name: str, default: str, help_string: str):
