@@ -1,0 +1,66 @@
+"""Intervals of the evaluation tables: Wilson for one accuracy, paired bootstrap for a difference."""
+import numpy as np
+import pytest
+
+from cas.eval.methods import markdown_table
+from cas.eval.stats import paired_by_qid, paired_difference, wilson_interval
+
+
+def test_wilson_interval_known_values_and_edges():
+  lo, hi = wilson_interval(8, 10)  # textbook: 0.490 to 0.943
+  assert abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3
+  lo, hi = wilson_interval(0, 10)
+  assert lo == 0.0 and abs(hi - 0.2775) < 1e-3
+  lo2, hi2 = wilson_interval(10, 10)
+  assert abs(hi2 - 1.0) < 1e-12 and abs(lo2 - (1 - 0.2775)) < 1e-3  # symmetric in k <-> n - k
+  lo, hi = wilson_interval(91, 120)  # 75.8%: about +-7.5 points with 120 questions
+  assert lo < 91 / 120 < hi and 0.06 < (hi - lo) / 2 < 0.09
+  assert all(np.isnan(wilson_interval(0, 0)))
+  with pytest.raises(ValueError, match="k=11"):
+    wilson_interval(11, 10)
+
+
+def test_paired_difference():
+  a = np.array([1, 0, 1, 1, 0, 1] * 20, float)
+  assert paired_difference(a, a) == (0.0, 0.0, 0.0)
+  assert paired_difference(np.ones(50), np.zeros(50)) == (1.0, 1.0, 1.0)
+  rng = np.random.default_rng(3)
+  x, y = (rng.random(120) < 0.75).astype(float), (rng.random(120) < 0.8).astype(float)
+  d, lo, hi = paired_difference(x, y)
+  assert d == pytest.approx(x.mean() - y.mean()) and lo < d < hi
+  assert paired_difference(x, y) == (d, lo, hi)  # fixed seed: reproducible
+  # pairing matters: the same marginals, perfectly correlated -> a much narrower interval
+  z = x.copy()
+  z[np.flatnonzero(z == 1)[:6]] = 0
+  _, lo2, hi2 = paired_difference(z, x)
+  assert hi2 - lo2 < (hi - lo) / 2
+  with pytest.raises(ValueError, match="same length"):
+    paired_difference([1, 0], [1])
+
+
+def test_paired_by_qid_matches_questions():
+  a = [{"qid": "q1", "correct": True}, {"qid": "q2", "correct": False}, {"qid": "q3", "correct": True}]
+  b = [{"qid": "q3", "correct": False}, {"qid": "q1", "correct": True}]
+  assert paired_by_qid(a, b) == ([1.0, 1.0], [1.0, 0.0])
+
+
+def _row(name, correct):
+  qs = [{"qid": f"q{i}", "correct": bool(c)} for i, c in enumerate(correct)]
+  acc = float(np.mean(correct))
+  return {"method": name, "accuracy": acc, "accuracy_mc": acc, "accuracy_short": float("nan"),
+          "num_questions": len(qs), "prompt_tokens": 40.0, "kv_bytes": 2.0 ** 20, "questions": qs}
+
+
+def test_table_has_interval_and_paired_difference_columns():
+  icl = _row("icl", [1] * 8 + [0] * 2)
+  cart = _row("cartridge", [1] * 6 + [0] * 4)
+  old = {k: v for k, v in cart.items() if k != "questions"}  # results written before: no questions
+  old["method"] = "old"
+  lines = markdown_table([icl, cart, old]).splitlines()
+  assert lines[0].endswith("| 95% CI | vs icl (95% CI) |")
+  assert lines[2].startswith("| icl | 80.0 |") and lines[2].endswith("| 49.0-94.3 | n/a |")
+  cells = [c.strip() for c in lines[3].split("|")]
+  assert cells[1:3] == ["cartridge", "60.0"] and cells[9].startswith("-20.0 (")
+  lo, hi = (float(x) for x in cells[9][len("-20.0 ("):-1].split(" to "))
+  assert lo <= -20.0 <= hi <= 0.0  # the cartridge lost exactly two questions the icl row had
+  assert lines[4].endswith("| n/a | n/a |")
