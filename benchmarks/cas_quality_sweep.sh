@@ -63,7 +63,10 @@ else
     pgrep -f "launch.cas" > /dev/null || break
     sleep 5
   done
-  [ -n "${OUT:-}" ] && mkdir -p $OUT/sweep && cp $W/*.log $OUT/sweep/
+  if [ -n "${OUT:-}" ]; then  # logs, and each variant's per-question results (paired intervals later)
+    mkdir -p $OUT/sweep && cp $W/*.log $OUT/sweep/
+    for n in "${NAMES[@]}"; do [ -f $W/$n/eval/results.json ] && gzip -c $W/$n/eval/results.json > $OUT/sweep/$n.results.json.gz; done
+  fi
   for n in "${NAMES[@]}"; do
     echo "### $n: ${V[$n]}"
     grep -a -E "^\| |stage seconds|Error" $W/$n.log | tr '\r' '\n' | grep -v "^|---" | tail -14
