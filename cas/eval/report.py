@@ -19,6 +19,8 @@ from typing import Sequence
 
 from absl import logging
 
+from cas.eval.stats import row_interval
+
 # Methods drawn as horizontal reference lines in the num-loaded plot: (name, line style).
 REFERENCE_LINES = (("cartridge_oracle", "-"), ("no_context", ":"), ("icl", "--"), ("monolithic", "-."))
 # Methods drawn as lines over num_loaded in the num-loaded plot.
@@ -96,20 +98,33 @@ def plot_accuracy_vs_prompt_tokens(rows: Sequence[dict], path: str) -> str | Non
   return _save(fig, path)
 
 
-def plot_accuracy_vs_num_loaded(rows: Sequence[dict], path: str) -> str | None:
-  lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
+def loaded_points(rows: Sequence[dict]) -> dict[tuple[str, str], list[tuple[int, float, float, float]]]:
+  """(base method, position mode) -> [(num_loaded, accuracy %, minus, plus)] for the num-loaded
+  plot; minus/plus are the Wilson 95% interval's distances below/above (0 for rows without
+  per-question results)."""
+  lines: dict[tuple[str, str], list[tuple[int, float, float, float]]] = {}
   for r in rows:
     if r.get("base_method") in LOADED_METHODS and "num_loaded" in r and _finite(r.get("accuracy")):
+      a = 100 * r["accuracy"]
+      lo, hi = (100 * x for x in (row_interval(r) or (r["accuracy"], r["accuracy"])))
       lines.setdefault((r["base_method"], r.get("position_mode", "text")), []).append(
-          (int(r["num_loaded"]), 100 * r["accuracy"]))
+          (int(r["num_loaded"]), a, a - lo, hi - a))
+  return lines
+
+
+def plot_accuracy_vs_num_loaded(rows: Sequence[dict], path: str) -> str | None:
+  lines = loaded_points(rows)
   if not lines:
     return None
   fig, (ax,) = _new_figure(7.5, 5)
-  ns = sorted({n for pts in lines.values() for n, _ in pts})
+  ns = sorted({p[0] for pts in lines.values() for p in pts})
   for i, ((method, mode), pts) in enumerate(sorted(lines.items())):
     pts.sort()  # equal lines stay visible: each has its own marker and dash
-    ax.plot([n for n, _ in pts], [a for _, a in pts], marker="os^vD"[i % 5], linestyle=("-", "--", "-.", ":")[i % 4],
-            markersize=7 - i % 3, label=f"{method} ({mode})")
+    # error bars: the Wilson 95% interval; each line's points shifted a little so the bars do not overlap
+    shift = 1.0 + 0.015 * (i - (len(lines) - 1) / 2)
+    ax.errorbar([p[0] * shift for p in pts], [p[1] for p in pts], yerr=[[p[2] for p in pts], [p[3] for p in pts]],
+                marker="os^vD"[i % 5], linestyle=("-", "--", "-.", ":")[i % 4], markersize=7 - i % 3,
+                capsize=2, elinewidth=0.8, label=f"{method} ({mode})")
   by_name = {r["method"]: r for r in rows}
   for name, style in REFERENCE_LINES:
     r = by_name.get(name)
@@ -123,7 +138,7 @@ def plot_accuracy_vs_num_loaded(rows: Sequence[dict], path: str) -> str | None:
   ax.set_xlabel("cartridges loaded together")
   ax.set_ylabel("accuracy (%)")
   ax.set_ylim(-3, 103)
-  ax.set_title("accuracy vs number of loaded cartridges")
+  ax.set_title("accuracy vs number of loaded cartridges (bars: 95% interval)")
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=7, loc="best")
   return _save(fig, path)

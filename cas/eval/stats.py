@@ -45,6 +45,15 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, num_resamples: 
   return float(d.mean()), float(lo), float(hi)
 
 
+def row_interval(row: dict) -> tuple[float, float] | None:
+  """Wilson 95% interval (fractions) of a results row's accuracy from its per-question `questions`
+  list; None for a row without them (results written before they were kept)."""
+  qs = row.get("questions") or []
+  if not qs:
+    return None
+  return wilson_interval(sum(bool(q["correct"]) for q in qs), len(qs))
+
+
 def paired_by_qid(rows_a: Sequence[dict], rows_b: Sequence[dict]) -> tuple[list[float], list[float]]:
   """Per-question correctness of two methods' `questions` lists, matched by `qid` (questions
   only one of them answered are left out), in `rows_a`'s order."""

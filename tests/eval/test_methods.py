@@ -45,6 +45,7 @@ def test_methods_report_tokens_bytes_and_table(ev):
   assert rows[1]["prompt_tokens"] > rows[0]["prompt_tokens"]  # the document is in the prompt
   assert rows[1]["kv_bytes"] > rows[0]["kv_bytes"]
   assert all(r["num_questions"] == 2 and 0 <= r["accuracy"] <= 1 for r in rows)
+  assert all(r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1] for r in rows)
   k = jnp.zeros((TINY_SMOL_VOCAB.num_layers, 8, 2, 16))
   cart = run_method("cartridge", [MC], lambda q: ev.cartridge(k, k), ev, progress=False)
   per_tok = TINY_SMOL_VOCAB.kv_bytes_per_token(2)

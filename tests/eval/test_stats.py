@@ -1,4 +1,6 @@
 """Intervals of the evaluation tables: Wilson for one accuracy, paired bootstrap for a difference."""
+import os
+
 import numpy as np
 import pytest
 
@@ -64,3 +66,25 @@ def test_table_has_interval_and_paired_difference_columns():
   lo, hi = (float(x) for x in cells[9][len("-20.0 ("):-1].split(" to "))
   assert lo <= -20.0 <= hi <= 0.0  # the cartridge lost exactly two questions the icl row had
   assert lines[4].endswith("| n/a | n/a |")
+
+
+def test_rows_carry_intervals_and_the_num_loaded_plot_draws_them(tmp_path):
+  from cas.eval.report import loaded_points, plot_accuracy_vs_num_loaded
+  from cas.eval.stats import row_interval
+  rows = []
+  for n, correct in ((1, [1] * 9 + [0]), (2, [1] * 5 + [0] * 5)):
+    r = _row(f"cas_composed@{n}/shared", correct)
+    r.update(base_method="cas_composed", num_loaded=n, position_mode="shared")
+    rows.append(r)
+  old = {k: v for k, v in rows[1].items() if k != "questions"}
+  old.update(method="isolated_composed@2/shared", base_method="isolated_composed")
+  pts = loaded_points(rows + [old])
+  (n1, a1, m1, p1), (n2, a2, m2, p2) = pts[("cas_composed", "shared")]
+  lo, hi = row_interval(rows[0])
+  assert (n1, n2) == (1, 2) and a1 == pytest.approx(90.0) and a2 == pytest.approx(50.0)
+  assert m1 == pytest.approx(90.0 - 100 * lo) and p1 == pytest.approx(100 * hi - 90.0)
+  assert m2 == pytest.approx(p2) and m2 > 15  # 5/10: symmetric and wide
+  assert pts[("isolated_composed", "shared")] == [(2, 50.0, 0.0, 0.0)]  # no per-question data: no bar
+  path = plot_accuracy_vs_num_loaded(rows + [old], str(tmp_path / "loaded.png"))
+  assert path and os.path.getsize(path) > 1000
+  assert row_interval(old) is None
