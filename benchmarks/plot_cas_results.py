@@ -25,15 +25,21 @@ flags.DEFINE_string("logs", "benchmarks/results/cas_quality_sweep_h100_2026-11-2
 ROW = re.compile(r"^\| ([\w@./-]+) \| ([0-9.]+|n/a) \|")
 
 
-def read_table(path: str) -> dict[str, float]:
-  """method -> accuracy (percent) of the last results table in a sweep log."""
+def parse_rows(lines) -> dict[str, float]:
+  """method -> accuracy (percent) of the results rows among `lines` (a later row of the same
+  method wins: the last table)."""
   out: dict[str, float] = {}
-  with open(path, "rb") as f:
-    text = f.read().decode("utf-8", "replace").replace("\r", "\n")
-  for line in text.splitlines():
+  for line in lines:
     m = ROW.match(line)
     if m and m.group(2) != "n/a":
       out[m.group(1)] = float(m.group(2))
+  return out
+
+
+def read_table(path: str) -> dict[str, float]:
+  """method -> accuracy (percent) of the last results table in a sweep log."""
+  with open(path, "rb") as f:
+    out = parse_rows(f.read().decode("utf-8", "replace").replace("\r", "\n").splitlines())
   if not out:
     raise ValueError(f"{path}: no results table")
   return out
@@ -41,17 +47,9 @@ def read_table(path: str) -> dict[str, float]:
 
 def read_sections(path: str) -> dict[str, dict[str, float]]:
   """`## <variant> ...` sections of results rows (a transcribed call) -> variant -> method -> accuracy."""
-  out: dict[str, dict[str, float]] = {}
-  name = None
   with open(path) as f:
-    for line in f:
-      if line.startswith("## "):
-        name = line[3:].split()[0]
-        out[name] = {}
-      m = ROW.match(line)
-      if name and m and m.group(2) != "n/a":
-        out[name][m.group(1)] = float(m.group(2))
-  return out
+    parts = f.read().split("\n## ")[1:]
+  return {part.split(None, 1)[0]: parse_rows(part.splitlines()) for part in parts}
 
 
 def curve(table: dict[str, float], base: str, mode: str | None) -> list[tuple[int, float]]:

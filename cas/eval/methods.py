@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from cas.data.types import Document, Question
 from cas.eval.scoring import context_kv, score_continuations
+from cas.eval.stats import paired_by_qid, paired_difference, row_interval
 
 ICL_SYSTEM = ("You are a helpful assistant. Answer the user's question using the following "
               "document.\n\n{documents}")
@@ -151,22 +152,21 @@ def run_method(name: str, questions: Sequence[Question], context_for: Callable[[
   def acc(kind=None):
     rs = [r for r in results if kind is None or r.kind == kind]
     return float(np.mean([r.correct for r in rs])) if rs else float("nan")
-  from cas.eval.stats import wilson_interval
-  return {
+  row = {
       "method": name, "accuracy": acc(), "accuracy_mc": acc("mc"), "accuracy_short": acc("short"),
-      "accuracy_ci95": list(wilson_interval(sum(bool(r.correct) for r in results), len(results))),
       "num_questions": len(results),
       "prompt_tokens": float(np.mean([r.prompt_tokens for r in results])) if results else 0.0,
       "kv_bytes": float(np.mean([r.kv_bytes for r in results])) if results else 0.0,
       "seconds": time.time() - t0,
       "questions": [dataclasses.asdict(r) for r in results],
   }
+  row["accuracy_ci95"] = list(row_interval(row) or (float("nan"), float("nan")))
+  return row
 
 
 def _intervals(row: dict, ref: dict | None) -> tuple[str, str]:
   """The accuracy's Wilson 95% interval and the paired difference to `ref` (bootstrap 95%), as
   table cells in points; "n/a" where the row has no per-question results (or is `ref`)."""
-  from cas.eval.stats import paired_by_qid, paired_difference, row_interval
   qs = row.get("questions") or []
   if not qs:
     return "n/a", "n/a"

@@ -31,7 +31,7 @@ def test_paired_difference():
   d, lo, hi = paired_difference(x, y)
   assert d == pytest.approx(x.mean() - y.mean()) and lo < d < hi
   assert paired_difference(x, y) == (d, lo, hi)  # fixed seed: reproducible
-  # pairing matters: the same marginals, perfectly correlated -> a much narrower interval
+  # pairing matters: z differs from x in 6 questions only -> a much narrower interval
   z = x.copy()
   z[np.flatnonzero(z == 1)[:6]] = 0
   _, lo2, hi2 = paired_difference(z, x)
