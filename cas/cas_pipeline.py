@@ -31,7 +31,7 @@ import zlib
 import numpy as np
 from absl import logging
 
-from cas.cartridge.cartridge import CartridgeSpec, init_cartridge
+from cas.cartridge.cartridge import CartridgeSpec, init_cartridge, short_documents
 from cas.cartridge.io import load_cartridge
 from cas.data.types import Document
 from cas.eval.methods import Evaluator, markdown_table, run_method
@@ -65,6 +65,28 @@ def _file_digest(*paths: str) -> str:
   return h.hexdigest()
 
 
+def run_dir_for(workdir: str, num_tokens: int, num_frozen: int) -> str:
+  """Where a run with p = `num_tokens` keeps its training, baselines, indexes and evaluation: the
+  workdir itself, or <workdir>/p<p>-f<num_frozen> when the workdir's CAS store holds cartridges of
+  another size. A run with another p so reuses the collection and the self-study (<workdir>/synth,
+  which do not depend on p) instead of being refused by the store."""
+  from cas.rotation.store import STORE_META
+  meta = os.path.join(workdir, "cas", "store", STORE_META)
+  try:
+    with open(meta) as f:
+      have = json.load(f)["spec"]
+    have_p, have_f = int(have["num_tokens"]), int(have["num_frozen"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return workdir  # no store yet (or not readable: the store itself reports that)
+  if (have_p, have_f) == (int(num_tokens), int(num_frozen)):
+    return workdir
+  sub = os.path.join(workdir, f"p{num_tokens}-f{num_frozen}")
+  logging.info("%s holds cartridges of p=%d, num_frozen=%d; this run (p=%d, num_frozen=%d) trains and evaluates "
+               "in %s and reuses the self-study in %s", os.path.dirname(meta), have_p, have_f, num_tokens,
+               num_frozen, sub, os.path.join(workdir, "synth"))
+  return sub
+
+
 class CasStages:
   def __init__(self, config, workdir: str, lm=None):
     """lm: an already loaded model (cas.model.loader.LoadedModel: model, tokenizer, fingerprint,
@@ -95,6 +117,9 @@ class CasStages:
     cc = config.cartridge
     self.spec = CartridgeSpec.for_model(self.model.cfg, cc.num_tokens, cc.num_frozen)
     self._doc_ids_cache: dict[str, list[int]] = {}
+    self.short_rule = (cc.get("short_documents", "pad"), cc.get("short_fill", "repeat"))
+    self.short_docs = self._check_documents()
+    self.run_dir = run_dir_for(workdir, cc.num_tokens, cc.num_frozen)
     self.indexes: dict[tuple[str, str], object] | None = None  # (kind, unit) -> Retriever
     self.retrieval: dict | None = None  # build_indexes' summary (recall@k), written to results.json
     self.timings["load"] = time.time() - t
@@ -105,19 +130,38 @@ class CasStages:
       self._doc_ids_cache = {doc.doc_id: self.tok.encode(doc.text)}
     return self._doc_ids_cache[doc.doc_id]
 
+  def _check_documents(self) -> list[str]:
+    """Every document against the cartridge spec, before any stage runs (all problems in one
+    error). Returns the ids of documents shorter than the cartridge: their cartridges start from
+    all of their tokens, then config.cartridge.short_fill (or are refused with
+    short_documents='error')."""
+    lengths = {d.doc_id: len(self.tok.encode(d.text)) for d in self.docs}
+    rule, fill = self.short_rule
+    short = short_documents(lengths, self.spec.num_tokens, self.spec.num_frozen,
+                            strategy=self.config.cartridge.init, rule=rule, fill=fill)
+    if short and self.config.cartridge.init != "random_vectors":
+      logging.info("%d of %d documents are shorter than p - num_frozen = %d tokens (shortest %s: %d tokens); "
+                   "their cartridges start from all of their tokens, then %r (cartridge.short_fill)", len(short),
+                   len(self.docs), self.spec.num_tokens - self.spec.num_frozen, min(short, key=lengths.get),
+                   min(lengths[d] for d in short), fill)
+    return short
+
   def _sink(self):
-    bos = self.tok.bos_id
-    c = init_cartridge(self.model, [bos] + self._ids(self.docs[0]), self.spec.num_tokens,
-                       num_frozen=self.spec.num_frozen, sink_ids=[bos] * self.spec.num_frozen)
+    """The frozen sink's keys/values [L, F, Hkv, D]: BOS x num_frozen at positions 0..F-1 (a causal
+    pass, so nothing after the sink changes them)."""
+    bos, f = self.tok.bos_id, self.spec.num_frozen
+    c = init_cartridge(self.model, [bos] * (f + 1), f + 1, num_frozen=f, sink_ids=[bos] * f)
     return c.frozen_k[...], c.frozen_v[...]
 
   def _init_fn(self):
     by_id = {d.doc_id: d for d in self.docs}
     bos = self.tok.bos_id
+    rule, fill = self.short_rule
 
     def init(doc_id):
       c = init_cartridge(self.model, self._ids(by_id[doc_id]), self.spec.num_tokens, strategy=self.config.cartridge.init,
-                         num_frozen=self.spec.num_frozen, sink_ids=[bos] * self.spec.num_frozen)
+                         num_frozen=self.spec.num_frozen, sink_ids=[bos] * self.spec.num_frozen,
+                         short_documents=rule, short_fill=fill)
       return {"k": np.asarray(c.k[...]), "v": np.asarray(c.v[...])}
     return init
 
@@ -149,7 +193,7 @@ class CasStages:
     t = time.time()
     cfg = {**dict(self.config.train), "top_k": self.config.synth.top_k, **over}
     out = train_cas(model=self.model, model_fingerprint=self.lm.fingerprint,
-                    dataset_dir=os.path.join(self.workdir, "synth"), workdir=os.path.join(self.workdir, name),
+                    dataset_dir=os.path.join(self.workdir, "synth"), workdir=os.path.join(self.run_dir, name),
                     doc_ids=[d.doc_id for d in self.docs], spec=self.spec, frozen=self._sink(),
                     init_fn=self._init_fn(), cfg=cfg, dtype=DTYPES[self.config.dtype], mesh=self.mesh())
     self.timings[f"train_{name}"] = time.time() - t
@@ -170,15 +214,16 @@ class CasStages:
     p_total = self.spec.num_frozen + n * (self.spec.num_tokens - self.spec.num_frozen)
     bos = self.tok.bos_id
     ids = [t_ for d in self.docs for t_ in self._ids(d)]
-    strategy = self.config.cartridge.init if len(ids) >= p_total else "random_vectors"
-    init = lambda: init_cartridge(self.model, ids, p_total, strategy=strategy, num_frozen=self.spec.num_frozen,
-                                  sink_ids=[bos] * self.spec.num_frozen, seed=0)
+    rule, fill = self.short_rule
+    init = lambda: init_cartridge(self.model, ids, p_total, strategy=self.config.cartridge.init,
+                                  num_frozen=self.spec.num_frozen, sink_ids=[bos] * self.spec.num_frozen, seed=0,
+                                  short_documents="pad", short_fill=fill)
     tc = self.config.train
     cfg = dict(steps=tc.steps, batch_size=tc.batch_size, seq_len=tc.seq_len, lr=tc.lr, warmup_steps=tc.warmup_steps,
                clip_norm=tc.clip_norm, loss=tc.loss, seed=tc.seed, log_every=tc.log_every, ckpt_every=tc.ckpt_every,
                keep_checkpoints=tc.keep_checkpoints, top_k=self.config.synth.top_k, loss_chunk=tc.loss_chunk)
     out = train_cartridge(model=self.model, model_fingerprint=self.lm.fingerprint,
-                          dataset_dir=os.path.join(self.workdir, "synth"), workdir=os.path.join(self.workdir, "monolithic"),
+                          dataset_dir=os.path.join(self.workdir, "synth"), workdir=os.path.join(self.run_dir, "monolithic"),
                           init_fn=init, train_cfg=cfg, dtype=DTYPES[self.config.dtype])
     self.timings["train_monolithic"] = time.time() - t
     return out
@@ -211,7 +256,7 @@ class CasStages:
     from cas.retrieval import RetrievalError, build_retriever, chunk_units, default_index_dir, load_retriever
     cw, ov = rc["chunk_words"], rc["overlap_words"]
     name = f"{kind}-document" if unit == "document" else f"{kind}-chunk{cw}o{ov}"
-    path = default_index_dir(os.path.join(self.workdir, "cas", "store"), name)
+    path = default_index_dir(os.path.join(self.run_dir, "cas", "store"), name)
     if unit == "document":
       want = [(d.doc_id, 0, len(d.text)) for d in self.docs]
     else:
@@ -299,7 +344,7 @@ class CasStages:
     t = time.time()
     ev = Evaluator(self.model, self.tok, self.sampler, max_new_tokens=self.config.eval.max_new_tokens)
     ec = self.config.eval
-    out_dir = os.path.join(self.workdir, "eval")
+    out_dir = os.path.join(self.run_dir, "eval")
     partial_dir = os.path.join(out_dir, "partial")
     if self.retrieval is None:
       self.build_indexes()
@@ -307,7 +352,7 @@ class CasStages:
     by_id = {d.doc_id: d for d in self.docs}
     stores, store_state, carts = {}, {}, {}
     for name in ("cas", "isolated"):
-      root = os.path.join(self.workdir, name, "store")
+      root = os.path.join(self.run_dir, name, "store")
       if os.path.exists(root):
         stores[name] = CartridgeStore(root, spec=self.spec, model_fingerprint=self.lm.fingerprint, read_only=True)
         store_state[name] = _file_digest(os.path.join(root, STORE_INDEX))
@@ -398,7 +443,7 @@ class CasStages:
             return ctx
           add(f"icl_composed@{n}", ctx_for, [], {"num_loaded": n, "base_method": method}, notes)
       elif method == "monolithic":
-        path = os.path.join(self.workdir, "monolithic", "cartridge")
+        path = os.path.join(self.run_dir, "monolithic", "cartridge")
         if not os.path.exists(path):
           logging.warning("skipping monolithic: %s missing", path)
           continue

@@ -14,7 +14,7 @@ import time
 
 import jax.numpy as jnp
 
-from cas.cartridge.cartridge import init_cartridge
+from cas.cartridge.cartridge import init_cartridge, short_documents
 from cas.cartridge.io import load_cartridge
 from cas.eval.methods import Evaluator, markdown_table, run_method
 from cas.synth.format import atomic_write_json
@@ -51,6 +51,12 @@ class Stages:
     if not 0 <= config.data.doc_index < len(coll.documents):
       raise ValueError(f"data.doc_index={config.data.doc_index} but the collection has {len(coll.documents)} documents")
     self.doc = coll.documents[config.data.doc_index]
+    cc = config.cartridge
+    self.short_rule = (cc.get("short_documents", "pad"), cc.get("short_fill", "repeat"))
+    n_sink = 1 if self.tok.bos_id is not None and cc.num_frozen == 1 else 0
+    # the document against the cartridge before any stage runs (empty, or short with short_documents='error')
+    short_documents({self.doc.doc_id: len(self.tok.encode(self.doc.text)) + n_sink}, cc.num_tokens, cc.num_frozen,
+                    strategy=cc.init, rule=self.short_rule[0], fill=self.short_rule[1], sink_from_document=True)
     self.questions = [q for q in coll.questions if q.doc_id == self.doc.doc_id]
     if config.eval.max_questions:
       self.questions = self.questions[:config.eval.max_questions]
@@ -75,7 +81,8 @@ class Stages:
     sink = [tok.bos_id] if tok.bos_id is not None else []
     cc = config.cartridge
     init = lambda: init_cartridge(self.model, doc_ids, cc.num_tokens, strategy=cc.init, num_frozen=cc.num_frozen,
-                                  sink_ids=sink if len(sink) == cc.num_frozen else (), seed=config.train.seed)
+                                  sink_ids=sink if len(sink) == cc.num_frozen else (), seed=config.train.seed,
+                                  short_documents=self.short_rule[0], short_fill=self.short_rule[1])
     tc = dict(config.train)
     tc["top_k"] = config.synth.top_k
     out = train_cartridge(model=self.model, model_fingerprint=self.lm.fingerprint, dataset_dir=self.synth_dir,

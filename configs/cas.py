@@ -69,6 +69,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.cartridge.num_tokens = 64
   c.cartridge.num_frozen = 1
   c.cartridge.init = "first_tokens"
+  # a document shorter than p: "pad" (its tokens, then short_fill: "repeat" the document | "random_vectors")
+  # or "error" (refused before any work starts)
+  c.cartridge.short_documents = "pad"
+  c.cartridge.short_fill = "repeat"
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 16

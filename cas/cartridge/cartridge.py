@@ -103,10 +103,54 @@ def cartridge_prefix(k: jax.Array, v: jax.Array, batch: int, dtype=jnp.float32, 
 # ----------------------------------------------------------------------------- initialisation
 
 INIT_STRATEGIES = ("first_tokens", "random_chunk", "random_vectors")
+# What a document shorter than the cartridge gets (cartridge.short_documents):
+#   pad:   its own tokens first, then `short_fill` for the rest (below)
+#   error: refused, as before (CartridgeError naming the document and the fix)
+SHORT_DOCUMENT_RULES = ("pad", "error")
+# How the rest of a short document's cartridge is filled (cartridge.short_fill):
+#   repeat:         the document again (and again) after itself: a causal pass over
+#                   sink + doc + doc + ... cut at p tokens, so every slot holds real keys/values
+#   random_vectors: N(0, std of the document's own keys/values) after its tokens
+SHORT_FILLS = ("repeat", "random_vectors")
+
+
+def check_short_rule(short_documents: str, short_fill: str) -> None:
+  if short_documents not in SHORT_DOCUMENT_RULES:
+    raise CartridgeError(f"cartridge.short_documents={short_documents!r}: choose from {SHORT_DOCUMENT_RULES}")
+  if short_fill not in SHORT_FILLS:
+    raise CartridgeError(f"cartridge.short_fill={short_fill!r}: choose from {SHORT_FILLS}")
+
+
+def short_documents(lengths: dict[str, int], num_tokens: int, num_frozen: int = 1, *,
+                    strategy: str = "first_tokens", rule: str = "pad", fill: str = "repeat",
+                    sink_from_document: bool = False) -> list[str]:
+  """Checks every document's token count against a p = `num_tokens` cartridge before any work.
+
+  lengths: doc_id -> number of tokens of the document (without a BOS the caller adds).
+  Returns the ids of the documents shorter than the cartridge (their cartridges are padded by
+  `fill`). Raises CartridgeError naming *every* offending document when one is empty, or when
+  `rule` is "error" and some are shorter than p - num_frozen (or p with `sink_from_document`,
+  whose first num_frozen tokens become the sink).
+  """
+  check_short_rule(rule, fill)
+  need = num_tokens - num_frozen + (num_frozen if sink_from_document else 0)
+  empty = sorted(d for d, n in lengths.items() if n <= (num_frozen if sink_from_document else 0))
+  if empty:
+    raise CartridgeError(f"{len(empty)} document(s) have no tokens to build a cartridge from: "
+                         f"{', '.join(map(repr, empty[:20]))}{' ...' if len(empty) > 20 else ''}")
+  short = [d for d, n in lengths.items() if n < need]
+  if short and strategy != "random_vectors" and rule == "error":
+    listing = ", ".join(f"{d!r} ({lengths[d]} tokens)" for d in short[:20]) + (" ..." if len(short) > 20 else "")
+    raise CartridgeError(
+        f"{len(short)} document(s) are shorter than the cartridge's p-num_frozen={need} tokens and "
+        f"cartridge.short_documents='error': {listing}. Use a smaller p (cartridge.num_tokens), "
+        f"cartridge.short_documents='pad' (the document, then cartridge.short_fill), or cartridge.init='random_vectors'")
+  return short
+
 
 def init_cartridge(model: Transformer, doc_ids: Sequence[int], num_tokens: int, *,
                    strategy: str = "first_tokens", num_frozen: int = 1, sink_ids: Sequence[int] = (),
-                   seed: int = 0) -> Cartridge:
+                   seed: int = 0, short_documents: str = "pad", short_fill: str = "repeat") -> Cartridge:
   """Build a cartridge of p = `num_tokens` tokens for a document given as token ids.
 
   The sink is `sink_ids` (e.g. [BOS]; must have length `num_frozen`) or, when empty, the
@@ -114,9 +158,14 @@ def init_cartridge(model: Transformer, doc_ids: Sequence[int], num_tokens: int, 
     first_tokens: KV of the document's first p tokens (the Cartridges paper's best init);
     random_chunk: KV of a random contiguous chunk (after the sink);
     random_vectors: sink from the model, the rest N(0, std of real keys/values).
+  A document shorter than the cartridge (first_tokens, random_chunk): `short_documents="pad"`
+  takes all of its tokens and fills the rest by `short_fill` ("repeat": the document again after
+  itself; "random_vectors": random vectors of the document's own key/value scale);
+  `short_documents="error"` refuses it.
   """
   if strategy not in INIT_STRATEGIES:
     raise CartridgeError(f"unknown cartridge init strategy {strategy!r}; choose from {INIT_STRATEGIES}")
+  check_short_rule(short_documents, short_fill)
   doc_ids = list(doc_ids)
   if not doc_ids:
     raise CartridgeError("cannot initialise a cartridge from an empty document")
@@ -125,30 +174,40 @@ def init_cartridge(model: Transformer, doc_ids: Sequence[int], num_tokens: int, 
     raise CartridgeError(f"sink has {len(sink)} tokens, num_frozen={num_frozen}")
   body = doc_ids[num_frozen:] if not sink_ids else doc_ids
   need = num_tokens - num_frozen
-  if strategy != "random_vectors" and len(body) < need:
-    raise CartridgeError(
-        f"document has {len(body)} tokens after the sink but the cartridge needs p-num_frozen={need}; "
-        f"use a smaller p (cartridge.num_tokens) or init strategy 'random_vectors'")
   rng = np.random.default_rng(seed)
-  if strategy == "random_chunk":
+  n_real = need  # trainable slots initialised from real keys/values; the rest random
+  if strategy != "random_vectors" and len(body) < need:
+    if short_documents == "error":
+      raise CartridgeError(
+          f"document has {len(body)} tokens after the sink but the cartridge needs p-num_frozen={need}; "
+          f"use a smaller p (cartridge.num_tokens), cartridge.short_documents='pad' or init strategy "
+          f"'random_vectors'")
+    if not body:
+      raise CartridgeError("the document has no tokens after the sink to build a cartridge from")
+    if short_fill == "repeat":
+      body = (body * (-(-need // len(body))))[:need]
+    else:
+      n_real = len(body)
+  elif strategy == "random_chunk":
     start = int(rng.integers(0, len(body) - need + 1))
     body = body[start:start + need]
   else:
     body = body[:need]
   if strategy == "random_vectors":
-    toks = sink + body[:max(0, min(len(body), need))]
-  else:
-    toks = sink + body
+    n_real = 0
+  toks = sink + body[:need]
   tokens = jnp.asarray([toks], jnp.int32)
   positions = jnp.arange(len(toks), dtype=jnp.int32)[None]
   k, v = jit_layer_kv(model, tokens, positions)  # [L, 1, T, Hkv, D]
   k, v = np.asarray(k[:, 0], np.float32), np.asarray(v[:, 0], np.float32)
   fk, fv = k[:, :num_frozen], v[:, :num_frozen]
-  if strategy == "random_vectors":
+  tk, tv = k[:, num_frozen:num_frozen + n_real], v[:, num_frozen:num_frozen + n_real]
+  if n_real < need:
     L, _, H, D = k.shape
-    ks, vs = float(k[:, num_frozen:].std() or 1.0), float(v[:, num_frozen:].std() or 1.0)
-    tk = rng.standard_normal((L, need, H, D)).astype(np.float32) * ks
-    tv = rng.standard_normal((L, need, H, D)).astype(np.float32) * vs
-  else:
-    tk, tv = k[:, num_frozen:], v[:, num_frozen:]
+    real_k, real_v = k[:, num_frozen:], v[:, num_frozen:]
+    ks = float(real_k.std()) if real_k.size and real_k.std() > 0 else 1.0
+    vs = float(real_v.std()) if real_v.size and real_v.std() > 0 else 1.0
+    rk = rng.standard_normal((L, need - n_real, H, D)).astype(np.float32) * ks
+    rv = rng.standard_normal((L, need - n_real, H, D)).astype(np.float32) * vs
+    tk, tv = np.concatenate([tk, rk], axis=1), np.concatenate([tv, rv], axis=1)
   return Cartridge(fk, fv, tk, tv)

@@ -118,10 +118,12 @@ def evaluate_workdir(config, workdir: str, *, lm=None, command: str | None = Non
   pipeline command with the user's own flags).
   """
   if pipeline_kind(config) == "cas":
-    from cas.cas_pipeline import CasStages
+    from cas.cas_pipeline import CasStages, run_dir_for
     from cas.pipeline import _collection
     docs = _collection(config, workdir).documents[:config.data.num_docs]
-    check_cas_workdir(config, workdir, [d.doc_id for d in docs], command)
+    run_dir = run_dir_for(workdir, config.cartridge.num_tokens, config.cartridge.num_frozen)
+    check_cas_workdir(config, run_dir, [d.doc_id for d in docs],
+                      command or "python -m launch.cas --config=<this config> --workdir=" + workdir)
     return CasStages(config, workdir, lm=lm).evaluate()
   if lm is not None:
     raise ValueError("evaluate_workdir(lm=...) is only supported for CAS configs (configs/cas.py)")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cas.cartridge.cartridge import CartridgeError, CartridgeKV, CartridgeSpec, init_cartridge
+from cas.cartridge.cartridge import (CartridgeError, CartridgeKV, CartridgeSpec, init_cartridge,
+                                     short_documents)
 from cas.cartridge.io import load_cartridge, save_cartridge
 from cas.testing import TINY, tiny_model
 
@@ -45,13 +46,55 @@ def test_other_inits_and_bad_input(model):
   np.testing.assert_array_equal(a.frozen_k[...], f.frozen_k[...])  # same sink
   assert not np.allclose(a.k[...], f.k[...]) and not np.allclose(b.k[...], f.k[...])
   with pytest.raises(CartridgeError, match="needs p-num_frozen=49"):
-    init_cartridge(model, DOC, 50)
+    init_cartridge(model, DOC, 50, short_documents="error")
   with pytest.raises(CartridgeError, match="empty document"):
     init_cartridge(model, [], 8)
   with pytest.raises(CartridgeError, match="unknown cartridge init"):
     init_cartridge(model, DOC, 8, strategy="zeros")
   short = init_cartridge(model, DOC[:5], 12, strategy="random_vectors")  # allowed: no text needed
   assert short.spec.num_tokens == 12
+
+
+def test_short_document_repeat_fill_is_the_repeated_documents_kv(model):
+  """A 5-token document in a p = 12 cartridge (sink [1]): the document, then itself again, as one
+  causal pass over sink + doc + doc + doc[:1], so every slot holds real keys/values."""
+  doc = DOC[:5]
+  cart = init_cartridge(model, doc, 12, sink_ids=[1])  # pad + repeat are the defaults
+  toks = [1] + (doc * 3)[:11]
+  k, v = model.layer_kv(jnp.asarray([toks]), jnp.arange(12)[None])
+  fk, fv = cart.full_kv()
+  np.testing.assert_allclose(fk, k[:, 0], atol=1e-6)
+  np.testing.assert_allclose(fv, v[:, 0], atol=1e-6)
+  # the first len(doc) slots equal those of a long document that starts the same way
+  long = init_cartridge(model, doc + DOC[5:], 12, sink_ids=[1])
+  np.testing.assert_allclose(cart.k[...][:, :5], long.k[...][:, :5], atol=1e-6)
+
+
+def test_short_document_random_fill_keeps_its_tokens(model):
+  doc = DOC[:5]
+  cart = init_cartridge(model, doc, 12, sink_ids=[1], short_fill="random_vectors", seed=3)
+  k, _ = model.layer_kv(jnp.asarray([[1] + doc]), jnp.arange(6)[None])
+  np.testing.assert_allclose(cart.k[...][:, :5], k[:, 0, 1:], atol=1e-6)  # its own 5 tokens
+  rest = np.asarray(cart.k[...][:, 5:])
+  assert rest.shape == (TINY.num_layers, 6, TINY.num_kv_heads, TINY.head_dim)
+  assert not np.allclose(rest, init_cartridge(model, doc, 12, sink_ids=[1]).k[...][:, 5:])
+  assert 0.2 < rest.std() / float(np.asarray(k[:, 0, 1:]).std()) < 5  # the document's own scale
+  one = init_cartridge(model, [7], 12, sink_ids=[1])  # one token: repeated to fill p
+  assert np.isfinite(np.asarray(one.k[...])).all()
+  with pytest.raises(CartridgeError, match="short_fill"):
+    init_cartridge(model, doc, 12, short_fill="zeros")
+
+
+def test_short_documents_check_names_every_document():
+  lengths = {"a": 30, "b": 4, "c": 10, "d": 11}
+  assert short_documents(lengths, 12, 1) == ["b", "c"]  # p - num_frozen = 11 tokens needed
+  with pytest.raises(CartridgeError, match=r"2 document\(s\) are shorter.*'b' \(4 tokens\).*'c'"):
+    short_documents(lengths, 12, 1, rule="error")
+  assert short_documents(lengths, 12, 1, strategy="random_vectors", rule="error") == ["b", "c"]
+  with pytest.raises(CartridgeError, match="no tokens.*'e'"):
+    short_documents({**lengths, "e": 0}, 12, 1)
+  with pytest.raises(CartridgeError, match="short_documents='drop'"):
+    short_documents(lengths, 12, 1, rule="drop")
 
 
 def test_save_load_roundtrip_and_errors(model, tmp_path):

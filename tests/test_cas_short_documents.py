@@ -1,0 +1,114 @@
+"""Documents of any length through the CAS pipeline (issue 26, item 1), on a tiny random model
+with the real SmolLM2 tokenizer: a collection whose documents have ~20, ~200, ~2,000 and ~20,000
+tokens runs self-study, CAS training and evaluation with p = 32 (the short ones get the default
+`pad` + `repeat` init); `cartridge.short_documents='error'` refuses before any self-study file
+is written, naming every short document; a second run with another p on the same workdir
+reuses the self-study and trains into <workdir>/p<p>-f1."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cas.cartridge.cartridge import CartridgeError
+from cas.cas_pipeline import CasStages, run_cas_pipeline, run_dir_for
+from cas.data.types import Collection, Document, Question
+from cas.eval.workdir import evaluate_workdir
+from cas.model.loader import LoadedModel
+from cas.testing import TINY_SMOL_VOCAB, real_tokenizer, tiny_model
+from configs.cas import get_config
+
+WORDS = ("river stone lamp garden copper window harbor maple signal orchard violet anchor "
+         "meadow lantern quarry thimble").split()
+
+
+def _text(num_words: int, seed: int) -> str:
+  rng = np.random.default_rng(seed)
+  words = [WORDS[i] for i in rng.integers(0, len(WORDS), num_words)]
+  return " ".join(w + ("." if (j + 1) % 12 == 0 else "") for j, w in enumerate(words))
+
+
+@pytest.fixture(scope="module")
+def lm():
+  model = tiny_model(seed=7, cfg=TINY_SMOL_VOCAB, scale=3.0)
+  return LoadedModel(model=model, tokenizer=real_tokenizer(), config=TINY_SMOL_VOCAB, source="tiny-random",
+                     fingerprint="tiny-random-smol-vocab-7", hf_config={})
+
+
+@pytest.fixture(scope="module")
+def collection_dir(tmp_path_factory, lm):
+  sizes = {"d-tiny": 16, "d-short": 150, "d-mid": 1500, "d-long": 15000}  # words
+  docs = [Document(doc_id=d, title=d, text=_text(n, i)) for i, (d, n) in enumerate(sizes.items())]
+  qs = [Question(qid=f"{d.doc_id}/q", doc_id=d.doc_id, kind="mc", question=f"What is in {d.doc_id}?",
+                 options=["river", "lamp"], answer_index=0) for d in docs]
+  path = str(tmp_path_factory.mktemp("coll") / "collection")
+  Collection(name="lengths", documents=docs, questions=qs).save(path)
+  lengths = [len(lm.tokenizer.encode(d.text)) for d in docs]
+  assert lengths[0] <= 40 and lengths[-1] >= 15000, lengths  # ~20 to ~20k tokens
+  return path
+
+
+def _config(collection_dir, p=32, **cartridge):
+  c = get_config("quick")
+  c.data.path = collection_dir
+  c.data.num_docs = 4
+  c.mesh = None
+  c.synth.conversations = 2
+  c.synth.shard_size = 4
+  c.synth.batch_size = 4
+  c.synth.min_chunk, c.synth.max_chunk = 16, 48
+  c.synth.max_user_tokens, c.synth.max_answer_tokens = 6, 6
+  c.synth.top_k = 4
+  c.cartridge.num_tokens = p
+  for k, v in cartridge.items():
+    c.cartridge[k] = v
+  c.train.steps = 8  # rotations at 2, 4, 6: every document gets trained
+  c.train.batch_size = 2
+  c.train.seq_len = 64
+  c.train.num_slots, c.train.k_max = 2, 2
+  c.train.rotate_every = 2
+  c.train.log_every = c.train.ckpt_every = 2
+  c.eval.methods = ("cartridge_oracle", "cas_composed")  # no ICL: a 20k-token prompt is slow on a CPU
+  c.eval.num_loaded = (2,)
+  c.eval.kinds = ("mc",)
+  return c
+
+
+def test_any_length_end_to_end_and_another_p_reuses_self_study(tmp_path, collection_dir, lm):
+  workdir = str(tmp_path / "w")
+  st = CasStages(_config(collection_dir), workdir, lm=lm)
+  assert st.short_docs == ["d-tiny"] and st.run_dir == workdir
+  st.synth()
+  st.train()
+  result = st.evaluate()
+  rows = {r["method"]: r for r in result["methods"]}
+  assert rows["cartridge_oracle"]["num_questions"] == 4 and "cas_composed@2/shared" in rows
+  store = json.load(open(os.path.join(workdir, "cas", "store", "index.json")))
+  assert set(store["docs"]) == {"d-tiny", "d-short", "d-mid", "d-long"}
+
+  synth = os.path.join(workdir, "synth")
+  shards = lambda: {f: os.stat(os.path.join(synth, f)).st_mtime_ns for f in os.listdir(synth) if "shard" in f}
+  before = shards()
+  assert before
+  st2 = CasStages(_config(collection_dir, p=48), workdir, lm=lm)
+  assert st2.run_dir == os.path.join(workdir, "p48-f1") == run_dir_for(workdir, 48, 1)
+  assert run_dir_for(workdir, 32, 1) == workdir
+  st2.synth()  # complete already: nothing regenerated
+  assert shards() == before
+  st2.train()
+  assert os.path.isfile(os.path.join(workdir, "p48-f1", "cas", "store", "store.json"))
+  again = evaluate_workdir(_config(collection_dir, p=48), workdir, lm=lm)  # what launch.evaluate does
+  assert again["p"] == 48 and os.path.isfile(os.path.join(workdir, "p48-f1", "eval", "results.json"))
+  assert json.load(open(os.path.join(workdir, "eval", "results.json")))["p"] == 32  # the first run's, kept
+
+
+def test_short_documents_error_is_refused_before_any_work(tmp_path, collection_dir, lm):
+  workdir = str(tmp_path / "w")
+  with pytest.raises(CartridgeError, match=r"1 document\(s\) are shorter.*'d-tiny' \(\d+ tokens\)"):
+    CasStages(_config(collection_dir, short_documents="error"), workdir, lm=lm)
+  assert not os.path.exists(os.path.join(workdir, "synth"))
+  with pytest.raises(CartridgeError, match=r"2 document\(s\) are shorter.*'d-tiny'.*'d-short'"):
+    CasStages(_config(collection_dir, p=512, short_documents="error"), workdir, lm=lm)
+  with pytest.raises(CartridgeError, match="short_fill='zeros'"):
+    CasStages(_config(collection_dir, short_fill="zeros"), workdir, lm=lm)
+  assert not os.path.exists(os.path.join(workdir, "synth"))
