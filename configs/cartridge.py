@@ -58,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # default model writes poor user messages from the paper's five (cartridge 46.4 at p = 256
   # vs 57.1 with "quote" alone: README), so the quickstart uses "quote"; the paper preset the five.
   c.synth.families = ("quote",)
+  # "random" chunks/passages, or "walk": every sentence of a document in turn (cas.synth.selfstudy)
+  c.synth.coverage = "random"
 
   c.cartridge = ml_collections.ConfigDict()
   c.cartridge.num_tokens = 512  # p, sink included (p = 256 gave 53.6 vs 67.9 here: README)

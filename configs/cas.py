@@ -64,6 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # seed-prompt families; a name may repeat to weight it. The paper's five, plus "quote"
   # (templated: a passage of the chunk in the user message; cas.synth.selfstudy)
   c.synth.families = ("structuring", "summarization", "question", "use_case", "creative")
+  # "random" chunks/passages, or "walk": every sentence of a document in turn (cas.synth.selfstudy)
+  c.synth.coverage = "random"
 
   c.cartridge = ml_collections.ConfigDict()
   c.cartridge.num_tokens = 64
@@ -92,6 +94,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.position_mode = "shared"  # shared | sequential
   # False: a cartridge learns only from its own samples; as a distractor it is read, not updated
   c.train.train_distractors = True
+  # train on each document's first n self-study conversations (0 = all): a curve from one self-study
+  c.train.max_conversations = 0
   c.train.log_every = 4
   c.train.ckpt_every = 8
   c.train.keep_checkpoints = 2

@@ -81,6 +81,7 @@ TEMPLATE_HEADING_PROMPTS = {
     "quote": ['What does the section "{heading}" of {doc} say? Give every detail.'],
 }
 ALL_FAMILIES = SEED_FAMILIES + tuple(TEMPLATE_PROMPTS)
+COVERAGES = ("random", "walk")
 
 BOT_A_SYSTEM = ("You are helping to train a language model on the information in the following "
                 "document excerpt.\n\n<document>\n{chunk}\n</document>")
@@ -102,6 +103,11 @@ class SynthConfig:
   top_k: int = 20
   seed: int = 0
   families: tuple = SEED_FAMILIES
+  # "random": each conversation draws its chunk (and a templated family its passage) at random;
+  # "walk": conversation j of a document is about sentence order[j] of a per-pass random
+  # permutation of the document's sentences, and its chunk contains that sentence, so every
+  # sentence is covered once per pass (n conversations >= n sentences quote each at least once)
+  coverage: str = "random"
 
   @classmethod
   def from_config(cls, sc) -> "SynthConfig":
@@ -110,7 +116,7 @@ class SynthConfig:
                min_chunk=sc.min_chunk, max_chunk=sc.max_chunk, max_user_tokens=sc.max_user_tokens,
                max_answer_tokens=sc.max_answer_tokens, temperature_a=sc.temperature_a,
                temperature_b=sc.temperature_b, top_k=sc.top_k, seed=sc.seed,
-               families=tuple(sc.get("families", SEED_FAMILIES)))
+               families=tuple(sc.get("families", SEED_FAMILIES)), coverage=sc.get("coverage", "random"))
 
   def __post_init__(self):
     fams = tuple(self.families)
@@ -119,9 +125,14 @@ class SynthConfig:
     if not fams or unknown:
       raise SynthDataError(f"synth.families={fams!r}: unknown or empty (unknown: {unknown}); known "
                            f"families: {', '.join(ALL_FAMILIES)}")
+    if self.coverage not in COVERAGES:
+      raise SynthDataError(f"synth.coverage={self.coverage!r}: choose from {COVERAGES}")
 
   def manifest_fields(self) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+    d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+    if d["coverage"] == "random":
+      del d["coverage"]  # datasets written before the field existed keep resuming
+    return d
 
 
 class DocTokens:
@@ -130,6 +141,7 @@ class DocTokens:
   def __init__(self, docs: Sequence, tokenizer):
     self.docs, self.tok = docs, tokenizer
     self._cache: tuple[int, list[int]] | None = None
+    self._sents: list[tuple[int, int, str]] | None = None
 
   def __len__(self):
     return len(self.docs)
@@ -143,7 +155,28 @@ class DocTokens:
                              f"the tokenizer cannot represent)")
       _check_tokenization(self.tok, doc.doc_id, doc.text, ids)
       self._cache = (i, ids)
+      self._sents = None
     return self._cache[1]
+
+  def sentences(self, i: int) -> list[tuple[int, int, str]]:
+    """The document's sentences (pieces between sentence marks or line breaks, at least two
+    words, not headings) as (token start, token end, text), token positions approximate (each
+    piece tokenized alone, counts summed; a BPE merge across a boundary shifts them by a token)."""
+    ids = self.ids(i)
+    if self._sents is None:
+      text = self.docs[i].text
+      out, tok_pos, char_pos = [], 0, 0
+      for m in list(_SENTENCE_SPLIT.finditer(text)) + [None]:
+        end = m.start() if m else len(text)
+        piece = text[char_pos:end]
+        n = len(self.tok.encode(piece if char_pos == 0 else " " + piece)) if piece.strip() else 0
+        words = piece.split()
+        if len(words) >= 2 and not words[0].startswith("#"):
+          out.append((min(tok_pos, len(ids) - 1), min(tok_pos + max(n, 1), len(ids)), piece.strip()))
+        tok_pos += n
+        char_pos = m.end() if m else len(text)
+      self._sents = out
+    return self._sents
 
 
 def _check_tokenization(tok, doc_id: str, text: str, ids: Sequence[int]) -> None:
@@ -166,30 +199,49 @@ def _check_tokenization(tok, doc_id: str, text: str, ids: Sequence[int]) -> None
                     tok.decode(found[:1], skip_special_tokens=False))
 
 
-def _plan(cfg: SynthConfig, g: int, doc_len: int):
+def _plan(cfg: SynthConfig, g: int, doc_len: int, sentences: Sequence[tuple[int, int, str]] | None = None):
   """Deterministic choices for global conversation index g: chunk range, family, seed text
   (for a templated family: its template, filled in later from the chunk by `template_message`),
-  and a seed."""
+  a seed, and the sentence the conversation is about (coverage "walk" with `sentences`, else
+  None).
+
+  Walk: conversation j of its document takes sentence order[j % n] of the pass j // n (order: a
+  permutation of the n sentences drawn per pass), and a chunk of a random allowed size that holds
+  it (a few tokens of margin each side)."""
   rng = np.random.default_rng([cfg.seed, g])
-  start, end = sample_chunk(list(range(doc_len)), cfg.min_chunk, cfg.max_chunk, rng)
+  focus = None
+  if cfg.coverage == "walk" and sentences:
+    d, j = divmod(g, cfg.conversations_per_doc)
+    n = len(sentences)
+    order = np.random.default_rng([cfg.seed, d, j // n, 7]).permutation(n)
+    a, b, focus = sentences[int(order[j % n])]
+    size = int(rng.integers(min(cfg.min_chunk, doc_len), min(cfg.max_chunk, doc_len) + 1))
+    lo = max(0, min(b + 4, doc_len) - size)
+    hi = max(lo, min(max(0, a - 4), doc_len - size))
+    start = int(rng.integers(lo, hi + 1))
+    end = start + size
+  else:
+    start, end = sample_chunk(list(range(doc_len)), cfg.min_chunk, cfg.max_chunk, rng)
   fam = cfg.families[int(rng.integers(len(cfg.families)))]
   prompts = SEED_PROMPTS.get(fam) or TEMPLATE_PROMPTS[fam]
   text = prompts[int(rng.integers(len(prompts)))]
   if fam == "structuring":
     text = text.format(fmt=STRUCT_FORMATS[int(rng.integers(len(STRUCT_FORMATS)))])
-  return (start, end), fam, text, int(rng.integers(2**31))
+  return (start, end), fam, text, int(rng.integers(2**31)), focus
 
 
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?;:])\s+|\n+")
 _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(\S.*?)\s*#*\s*$", re.M)
 
 
-def template_message(family: str, template: str, chunk: str, seed: int, title: str = "") -> str:
+def template_message(family: str, template: str, chunk: str, seed: int, title: str = "",
+                     sentence: str | None = None) -> str:
   """The user message of a templated family for one chunk (deterministic in `seed`).
 
   `{passage}`: the first 4-8 words of a sentence of the chunk (not its first piece, which may
   start mid-sentence, unless it is the only one); with probability 1/4, when the chunk holds a
   markdown heading, a heading template instead. A chunk without words gets a generic request.
+  `sentence` (coverage "walk"): the passage is the first 4-8 words of this sentence instead.
   `{doc}`: 'the document "<title>"' when the document has a title, else "the document": the
   message names its document, so a cartridge loaded among others (CAS) learns to answer a
   question about its own document, not about whichever cartridge is loaded.
@@ -197,6 +249,9 @@ def template_message(family: str, template: str, chunk: str, seed: int, title: s
   rng = np.random.default_rng(seed)
   title = " ".join(title.split())
   doc = f'the document "{title}"' if title else "the document"
+  if sentence is not None and sentence.split():  # coverage "walk": the passage is this sentence's start
+    words = sentence.split()
+    return template.format(passage=" ".join(words[:min(len(words), int(rng.integers(4, 9)))]), doc=doc)
   headings = _HEADING.findall(chunk)
   if headings and rng.random() < 0.25:
     hp = TEMPLATE_HEADING_PROMPTS[family]
@@ -242,12 +297,13 @@ def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], token
     for g in batch:
       d = g // cfg.conversations_per_doc
       ids = docs.ids(d)
-      (s, e), fam, seed_text, sseed = _plan(cfg, g, len(ids))
-      plans.append((d, (s, e), fam, seed_text, sseed))
+      (s, e), fam, seed_text, sseed, focus = _plan(cfg, g, len(ids),
+                                                   docs.sentences(d) if cfg.coverage == "walk" else None)
+      plans.append((d, (s, e), fam, seed_text, sseed, focus))
       chunks.append(tokenizer.decode(ids[s:e]))
     seed = plans[0][4]
     # Bot A writes the user message of the seed-prompt families; templated ones are filled in.
-    user_msgs: list[str] = [template_message(p[2], p[3], c, p[4], title=docs.docs[p[0]].title)
+    user_msgs: list[str] = [template_message(p[2], p[3], c, p[4], title=docs.docs[p[0]].title, sentence=p[5])
                             if p[2] in TEMPLATE_PROMPTS else "" for c, p in zip(chunks, plans)]
     ask = [j for j, p in enumerate(plans) if p[2] not in TEMPLATE_PROMPTS]
     ra = []

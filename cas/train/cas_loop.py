@@ -60,8 +60,11 @@ from cas.train.validate import check_train_config
 
 CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
             "num_slots", "k_max", "p_isolated", "rotate_every", "evict_fraction", "position_mode",
-            "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors", "loss_chunk")
-DEFAULTS = {"train_distractors": True, "loss_chunk": LOSS_CHUNK_TOKENS}  # optional fields of the train config
+            "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors", "loss_chunk",
+            "max_conversations")
+# max_conversations: train on each document's first n self-study conversations only (0 = all; a
+# curve of quality against self-study size from one synthesis)
+DEFAULTS = {"train_distractors": True, "loss_chunk": LOSS_CHUNK_TOKENS, "max_conversations": 0}  # optional fields of the train config
 
 
 def _fingerprint(c: dict, spec: CartridgeSpec, doc_ids: Sequence[str]) -> str:
@@ -115,6 +118,9 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
   if dup:
     raise ValueError(f"train_cas: duplicate doc ids {dup[:5]}; every document needs a unique doc_id")
   validate(len(doc_ids), c["num_slots"], c["k_max"], c["evict_fraction"], c["rotate_every"])
+  if isinstance(c["max_conversations"], bool) or not isinstance(c["max_conversations"], int) or c["max_conversations"] < 0:
+    raise ValueError(f"train.max_conversations={c['max_conversations']!r}: must be an integer >= 0 (0 = every "
+                     "conversation of each document)")
   preflight.check_fits(
       preflight.estimate_cas_bytes(model, spec, num_slots=c["num_slots"], batch_size=c["batch_size"],
                                    seq_len=c["seq_len"], k_max=c["k_max"], mesh=mesh,
@@ -171,7 +177,8 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
     mgr = SlotManager(store, c["num_slots"], init_fn, mesh=mesh)
     policy = RotationPolicy(c["num_slots"], c["evict_fraction"], c["rotate_every"], seed=c["seed"])
     from cas.train.cas_batch import ResidentSampler
-    sampler = ResidentSampler(convs.get, seed=c["seed"])
+    cap = int(c["max_conversations"])
+    sampler = ResidentSampler((lambda d: convs.get(d)[:cap]) if cap else convs.get, seed=c["seed"])
 
     manager = ckpt.make_manager(workdir, max_to_keep=c["keep_checkpoints"])
     expect = {"config_fingerprint": _fingerprint(c, spec, doc_ids), "model_fingerprint": model_fingerprint}

@@ -11,7 +11,7 @@ from cas.data.types import Document
 from cas.model.llama import build_model
 from cas.model.sampler import Sampler
 from cas.synth.format import SynthDataError, SynthDataset, read_shard
-from cas.synth.selfstudy import BOT_B_SYSTEM, SynthConfig, synthesize
+from cas.synth.selfstudy import BOT_B_SYSTEM, TEMPLATE_PROMPTS, SynthConfig, synthesize, template_message
 from cas.testing import TINY_SMOL_VOCAB, real_tokenizer
 
 TEXT = ("Patient Ana Ruiz, born March 3, 1961, was admitted on May 2, 2023 with pneumonia. "
@@ -165,7 +165,7 @@ def test_quote_family_records_and_teacher(env, tmp_path):
   for g, c in enumerate(convs):
     if c.seed_family != "quote":
       continue
-    (s, e), fam, template, sseed = _plan(cfg, g, len(doc_ids))
+    (s, e), fam, template, sseed, _ = _plan(cfg, g, len(doc_ids))
     assert (s, e) == c.chunk and fam == "quote" and template in TEMPLATE_PROMPTS["quote"]
     chunk = tok.decode(doc_ids[s:e])
     msg = _user_message(tok, c.prompt_ids)
@@ -204,3 +204,38 @@ def test_whole_document_chunks_share_one_prefill(env, tmp_path):
     lp = np.asarray(jax.nn.log_softmax(logits[0, len(b_prompt) - 1:len(seq) - 1], axis=-1))
     np.testing.assert_allclose(np.take_along_axis(lp, c.topk_ids, -1), c.topk_logprobs, atol=2e-4)
   assert any(k[-1] is not None for k in env[2]._programs)  # a shared-prefix program ran
+
+
+def test_walk_coverage_quotes_every_sentence_once_per_pass(env, tmp_path):
+  """coverage="walk": with as many conversations as sentences, every sentence of the document is
+  quoted exactly once (a permutation), each conversation's chunk holds its sentence, and a
+  second pass quotes each again; "random" leaves sentences out at the same budget."""
+  from cas.synth.selfstudy import DocTokens, _plan
+  tok, _, _ = env
+  sentences = [f"Fact {w} of the ledger is number {i * 7 + 3}." for i, w in enumerate(
+      "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike".split())]
+  text = " ".join(sentences)
+  docs = DocTokens([Document("d0", "t", text)], tok)
+  sents = docs.sentences(0)
+  assert [t for _, _, t in sents] == sentences
+  ids = docs.ids(0)
+  n = len(sents)
+  for coverage, passes in (("walk", 2), ("random", 1)):
+    cfg = SynthConfig(**{**CFG.__dict__, "conversations_per_doc": passes * n, "min_chunk": 20, "max_chunk": 30,
+                         "families": ("quote",), "coverage": coverage})
+    quoted = []
+    for g in range(passes * n):
+      (s, e), _, template, sseed, focus = _plan(cfg, g, len(ids), sents if coverage == "walk" else None)
+      chunk = tok.decode(ids[s:e])
+      msg = template_message("quote", template, chunk, sseed, sentence=focus)
+      quoted.append(next(i for i, t in enumerate(sentences) if f"Fact {t.split()[1]} " in msg))
+      if coverage == "walk":
+        assert focus in chunk, (focus, chunk)  # the chunk holds the sentence it is about
+    if coverage == "walk":
+      assert sorted(quoted[:n]) == list(range(n)) and sorted(quoted[n:]) == list(range(n))
+      assert quoted[:n] != quoted[n:]  # a new order each pass
+    else:
+      assert len(set(quoted)) < n  # random passages miss some sentences at the same budget
+  with pytest.raises(SynthDataError, match="coverage"):
+    SynthConfig(coverage="sweep")
+  assert "coverage" not in CFG.manifest_fields()  # old datasets keep resuming
