@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Real prose (issue 26): fact recall of the oracle cartridge on the built-in `prose` collection
+# (real public-domain text with planted facts, cas/data/prose.py) against self-study coverage
+# (random chunks/passages vs "walk": every sentence in turn) and conversations per document, from
+# two self-study sets (one per coverage), trainings in parallel processes sharing one GPU.
+# Usage (device machine, after benchmarks/gpu_setup.sh):
+#   [VARIANTS="walk256 rand256 walk64 rand64"] [CONV=256] bash benchmarks/prose_sweep.sh start /root/prose
+#   [VARIANTS=...] bash benchmarks/prose_sweep.sh wait /root/prose   # waits <= 9 min, prints the tables
+#   (logs and each variant's eval/results.json go to $OUT/prose_sweep.tgz when OUT is set)
+set -u
+MODE=${1:-start}; W=${2:-/root/prose}
+CONV=${CONV:-256}
+COMMON=(--config=configs/cas.py:paper --config.data.kind=prose --config.data.num_docs=20
+        --config.synth.conversations=$CONV --config.layer_loop=scan
+        "--config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed')"
+        "--config.eval.num_loaded=(1,5)" "--config.eval.position_modes=('shared',)")
+read -r -a NAMES <<< "${VARIANTS:-walk256 rand256 walk64 rand64}"
+# <coverage><conversations per document used in training>[_suffix]; the self-study set is per coverage
+declare -A V=(
+  [walk256]="--config.synth.coverage=walk"
+  [rand256]="--config.synth.coverage=random"
+  [walk128]="--config.synth.coverage=walk --config.train.max_conversations=128"
+  [walk64]="--config.synth.coverage=walk --config.train.max_conversations=64"
+  [rand64]="--config.synth.coverage=random --config.train.max_conversations=64"
+  [walk32]="--config.synth.coverage=walk --config.train.max_conversations=32"
+  [walk256_rv]="--config.synth.coverage=walk --config.cartridge.short_fill=random_vectors"
+  [walk256_iso]="--config.synth.coverage=walk --config.train.k_max=1 --config.train.p_isolated=1.0"
+)
+cov() { case $1 in walk*) echo walk;; *) echo random;; esac; }
+if [ "$MODE" = start ]; then
+  for c in walk random; do  # the two self-study sets, in parallel
+    mkdir -p $W/synth_$c
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 python3 -m launch.cas "${COMMON[@]}" --config.synth.coverage=$c \
+      --workdir=$W/synth_$c --stages=synth > $W/synth_$c.log 2>&1 &
+  done
+  wait
+  grep -a "conversations\|Error" $W/synth_*.log | tr '\r' '\n' | tail -4
+  for n in "${NAMES[@]}"; do
+    c=$(cov $n); mkdir -p $W/$n && cp -r $W/synth_$c/synth $W/synth_$c/collection $W/$n/
+    XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM:-0.15} setsid nohup python3 -m launch.cas "${COMMON[@]}" ${V[$n]} \
+      --workdir=$W/$n > $W/$n.log 2>&1 < /dev/null &
+  done
+  sleep 15; ls $W
+else
+  for i in $(seq 1 108); do
+    pgrep -f "launch.cas" > /dev/null || break
+    sleep 5
+  done
+  if [ -n "${OUT:-}" ]; then  # one archive (the tool returns at most 8 files): logs + results.json
+    (cd $W && tar czf $OUT/prose_sweep.tgz *.log */eval/results.json 2>/dev/null)
+  fi
+  for n in "${NAMES[@]}"; do
+    echo "### $n: ${V[$n]}"
+    grep -a -E "^\| |stage seconds|Error" $W/$n.log | tr '\r' '\n' | grep -v "^|---" | tail -14
+  done
+fi
