@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Cartridges and Cartridges at Scale: trained KV caches for document collections, in JAX",
     packages=find_packages(include=["cas", "cas.*", "configs", "launch"]),
+    package_data={"cas.data": ["texts/prose.jsonl.gz", "texts/README.md"]},  # data.kind="prose"
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",

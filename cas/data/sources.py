@@ -3,6 +3,10 @@
   config.data.path         a saved collection directory (cas.data.types); read in place
   config.data.kind         "patients" | "products"   built-in synthetic collection
                                                       (data.num_docs, data.seed, data.words_per_doc)
+                           "prose"                    built-in real prose (Britannica 1911 on
+                                                      Shakespeare, Areopagitica, sonnets) with
+                                                      planted facts (cas.data.prose; data.num_docs
+                                                      <= 24, data.seed; words_per_doc must be None)
                            "longhealth" | "quality" | "qasper"   a benchmark, from its source files
                                                       in data.manual_dir, through the tfds builders
                                                       (cas.data.tfds_builders; no TensorFlow);
@@ -27,16 +31,17 @@ import tempfile
 
 from absl import logging
 
-from cas.data import synthetic
+from cas.data import prose, synthetic
 from cas.fileio import sha256_file
 from cas.data.types import Collection, CollectionError, load_collection, read_manifest
 
 BENCHMARK_KINDS = ("longhealth", "quality", "qasper")
 FOLDER_KIND = "folder"
+PROSE_KIND = "prose"
 
 
 def known_kinds() -> list[str]:
-  return sorted(synthetic.KINDS) + list(BENCHMARK_KINDS) + [FOLDER_KIND]
+  return sorted(synthetic.KINDS) + [PROSE_KIND] + list(BENCHMARK_KINDS) + [FOLDER_KIND]
 
 
 def _manual_dir(data, kind: str) -> str:
@@ -149,6 +154,15 @@ def collection_for_config(data, path: str) -> Collection:
     except Exception:
       synthetic.write_synthetic_collection(path, data.num_docs, data.seed, kind=kind,
                                            words_per_doc=data.get("words_per_doc"))
+    return load_collection(path)
+  if kind == PROSE_KIND:
+    if data.get("words_per_doc") is not None:
+      raise CollectionError(f"config.data.kind='prose' has real documents of fixed lengths; "
+                            f"config.data.words_per_doc must be None, got {data.words_per_doc!r}")
+    try:
+      read_manifest(path)
+    except Exception:
+      prose.write_prose_collection(path, data.num_docs, data.seed)
     return load_collection(path)
   if kind not in BENCHMARK_KINDS and kind != FOLDER_KIND:
     raise CollectionError(f"config.data.kind={kind!r} is unknown; choose one of {known_kinds()} "
