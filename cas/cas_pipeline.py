@@ -119,6 +119,11 @@ class CasStages:
     self._doc_ids_cache: dict[str, list[int]] = {}
     self.short_rule = (cc.get("short_documents", "pad"), cc.get("short_fill", "repeat"))
     self.short_docs = self._check_documents()
+    # the rotation against the collection before any stage runs (not minutes later, at training)
+    from cas.rotation.policy import check_every_document_trained, validate
+    tc = config.train
+    validate(len(self.docs), tc.num_slots, tc.k_max, tc.evict_fraction, tc.rotate_every)
+    check_every_document_trained(len(self.docs), tc.num_slots, tc.evict_fraction, tc.rotate_every, tc.steps)
     self.run_dir = run_dir_for(workdir, cc.num_tokens, cc.num_frozen)
     self.indexes: dict[tuple[str, str], object] | None = None  # (kind, unit) -> Retriever
     self.retrieval: dict | None = None  # build_indexes' summary (recall@k), written to results.json

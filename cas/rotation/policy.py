@@ -46,6 +46,24 @@ def validate(num_docs: int, num_slots: int, k_max: int, evict_fraction: float | 
     raise RotationError(f"rotation every R={every!r} steps must be a positive int")
 
 
+def check_every_document_trained(num_docs: int, num_slots: int, evict_fraction: float, every: int,
+                                 steps: int) -> None:
+  """Raise RotationError when `steps` are too few for the rotation to bring every document onto
+  the device at least once (its cartridge would never be trained, and evaluation would find none):
+  B slots start with B documents; each rotation (every R steps) admits ceil(phi*B) new ones, so the
+  last of N documents comes in after R * ceil((N - B) / ceil(phi*B)) steps and needs one more."""
+  if num_docs <= num_slots:
+    return
+  per = max(1, math.ceil(float(evict_fraction) * num_slots - 1e-9))
+  need = every * math.ceil((num_docs - num_slots) / per) + 1
+  if steps < need:
+    raise RotationError(
+        f"train.steps={steps} is too few to train every document: with num_slots B={num_slots} of N={num_docs} "
+        f"documents and {per} admitted every rotate_every R={every} steps, the last documents come onto the device "
+        f"after step {need - 1}; use train.steps >= {need}, or more slots, a larger evict_fraction or a smaller "
+        f"rotate_every")
+
+
 def tiebreak_key(doc_id: str, seed: int) -> int:
   """Deterministic pseudo-random rank of a document (64-bit hash of seed and doc id)."""
   h = hashlib.blake2b(f"{seed}\x00{doc_id}".encode("utf-8"), digest_size=8)

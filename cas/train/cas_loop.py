@@ -46,7 +46,7 @@ from cas.distributed import fetch, host_to_global, tree_to_global
 from cas.locking import DirLock
 from cas.metrics import MetricWriter, NullMetricWriter
 from cas.rotation.manager import SlotManager, resident_bytes
-from cas.rotation.policy import RotationPolicy, validate
+from cas.rotation.policy import RotationPolicy, check_every_document_trained, validate
 from cas.rotation.store import ARRAY_NAMES, CartridgeStore, StoreError
 from cas.sharding import shard_model
 from cas.synth.format import DocConversations, SynthDataset, check_compatible
@@ -118,6 +118,7 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
   if dup:
     raise ValueError(f"train_cas: duplicate doc ids {dup[:5]}; every document needs a unique doc_id")
   validate(len(doc_ids), c["num_slots"], c["k_max"], c["evict_fraction"], c["rotate_every"])
+  check_every_document_trained(len(doc_ids), c["num_slots"], c["evict_fraction"], c["rotate_every"], c["steps"])
   if isinstance(c["max_conversations"], bool) or not isinstance(c["max_conversations"], int) or c["max_conversations"] < 0:
     raise ValueError(f"train.max_conversations={c['max_conversations']!r}: must be an integer >= 0 (0 = every "
                      "conversation of each document)")

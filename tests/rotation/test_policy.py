@@ -3,7 +3,8 @@ import hypothesis.strategies as hs
 import pytest
 from hypothesis import given, settings
 
-from cas.rotation.policy import RotationError, RotationPolicy, tiebreak_key, validate
+from cas.rotation.policy import (RotationError, RotationPolicy, check_every_document_trained, tiebreak_key,
+                                 validate)
 
 
 def test_validate_errors():
@@ -103,3 +104,32 @@ def test_plan_properties(counts, slots, phi, seed):
     assert all(docs[e] >= docs[k] for k in kept)
   for a in plan.admit:
     assert a not in table and all(docs[a] <= docs[o] for o in others)
+
+
+def test_steps_too_few_to_train_every_document():
+  """N=4, B=2, 1 admitted every R=4 steps: the last document arrives after step 8, needs step 9.
+  Simulated with the policy itself: the bound is exactly where every document gets a step."""
+  with pytest.raises(RotationError, match=r"train.steps=8 is too few.*after step 8; use train.steps >= 9"):
+    check_every_document_trained(4, 2, 0.5, 4, 8)
+  check_every_document_trained(4, 2, 0.5, 4, 9)
+  check_every_document_trained(4, 4, 0.5, 4, 1)  # all resident: no rotation needed
+  for n, b, phi, r in ((4, 2, 0.5, 4), (20, 10, 0.2, 25), (7, 3, 0.34, 2)):
+    pol = RotationPolicy(b, phi, r, seed=0)
+    docs = [f"d{i}" for i in range(n)]
+    counts = {d: 0 for d in docs}
+    table = docs[:b]
+    step, first = 0, None
+    while first is None:
+      for d in table:
+        counts[d] += 1  # one training step for the resident documents
+      step += 1
+      if all(counts.values()):
+        first = step
+      elif pol.due(step):
+        plan = pol.plan(table, counts)
+        table = list(table)
+        for slot, d in zip(plan.slots, plan.admit):
+          table[slot] = d
+    check_every_document_trained(n, b, phi, r, first)
+    with pytest.raises(RotationError):
+      check_every_document_trained(n, b, phi, r, first - 1)

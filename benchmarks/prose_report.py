@@ -1,0 +1,73 @@
+"""Table of a prose sweep (benchmarks/prose_sweep.sh): per variant and method, accuracy on all
+questions and split by how the question refers to its document ("title": names it, "content":
+only the planted fact), each with its Wilson 95% interval, and the paired difference to ICL on
+the same questions (bootstrap 95% interval, cas.eval.stats).
+
+  python -m benchmarks.prose_report --archive=benchmarks/results/prose_sweep_h200_2026-12-04/prose_sweep.tgz
+
+The question kinds come from each question's qid (`.../title/...` or `.../content/...`) or, when
+the qid does not say, from the prose collection regenerated with --num_docs/--seed.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+from absl import app, flags
+
+from cas.eval.stats import paired_by_qid, paired_difference, wilson_interval
+
+_ARCHIVE = flags.DEFINE_string("archive", None, "prose_sweep.tgz from benchmarks/prose_sweep.sh", required=True)
+_NUM_DOCS = flags.DEFINE_integer("num_docs", 20, "data.num_docs of the sweep")
+_SEED = flags.DEFINE_integer("seed", 0, "data.seed of the sweep")
+
+
+def refers_of(num_docs: int, seed: int) -> dict[str, str]:
+  """qid -> "title" | "content" for the prose collection."""
+  from cas.data.prose import generate_prose_collection
+  return {q.qid: q.meta.get("refers", "?") for q in generate_prose_collection(num_docs, seed).questions}
+
+
+def _cell(qs: list[dict]) -> str:
+  if not qs:
+    return "n/a"
+  k, n = sum(bool(q["correct"]) for q in qs), len(qs)
+  lo, hi = wilson_interval(k, n)
+  return f"{100 * k / n:.1f} ({100 * lo:.0f}-{100 * hi:.0f}, n={n})"
+
+
+def table(results: dict[str, dict], refers: dict[str, str]) -> str:
+  lines = ["| variant | method | all | names its document | by content only | vs icl (95% CI) |",
+           "|---|---|---|---|---|---|"]
+  for variant, res in sorted(results.items()):
+    rows = {r["method"]: r for r in res["methods"]}
+    icl = rows.get("icl")
+    for name, r in rows.items():
+      qs = r.get("questions") or []
+      by = {k: [q for q in qs if refers.get(q["qid"]) == k] for k in ("title", "content")}
+      diff = "n/a"
+      if icl is not None and name != "icl" and qs:
+        a, b = paired_by_qid(qs, icl["questions"])
+        m, lo, hi = paired_difference(a, b)
+        diff = f"{100 * m:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
+      lines.append(f"| {variant} | {name} | {_cell(qs)} | {_cell(by['title'])} | {_cell(by['content'])} | {diff} |")
+  return "\n".join(lines)
+
+
+def load_archive(path: str) -> dict[str, dict]:
+  out = {}
+  with tarfile.open(path) as tar:
+    for m in tar.getmembers():
+      if m.name.endswith("eval/results.json"):
+        out[m.name.split("/")[0]] = json.load(io.TextIOWrapper(tar.extractfile(m), "utf-8"))
+  return out
+
+
+def main(argv):
+  del argv
+  print(table(load_archive(_ARCHIVE.value), refers_of(_NUM_DOCS.value, _SEED.value)))
+
+
+if __name__ == "__main__":
+  app.run(main)
