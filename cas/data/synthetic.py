@@ -18,19 +18,26 @@ Scale: `iter_collection` yields (document, questions) one at a time and `write_s
 streams them to disk; 2,000 documents x ~600 words (> 1M tokens) take a few seconds. Only the
 small per-document fact dictionaries are held for the whole collection.
 
-Kinds: "patients" (hospital discharge summaries) and "products" (product specification sheets).
+Kinds: "patients" (hospital discharge summaries), "products" (product specification sheets) and
+"minutes" (minutes of one meeting of a named body per document: longer, 1,000-4,000 tokens, in
+sections Attendance / Agenda / Discussion / Decisions / Action items / Next meeting). For
+"minutes" every field also gets a question pair that names the meeting by one of its other unique
+facts instead of the body (date, venue, budget or supplier; meta "refers": "content", the others
+"title"); patients and products questions carry no "refers" and are unchanged.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import os
 import random
 from typing import Callable, Iterator
 
 from absl import logging
 
-from cas.data.types import Collection, CollectionWriter, Document, Question
+from cas.data.types import (Collection, CollectionWriter, Document, Question,
+                            approx_num_tokens)
 
 GENERATOR_NAME = "cas.data.synthetic"
 GENERATOR_VERSION = "1"
@@ -774,6 +781,608 @@ def _render_product(f: Facts, r: random.Random, words_per_doc: int | None) -> tu
   return title, text
 
 
+# =============================================================================== minutes
+#
+# Minutes of one meeting of a distinct named body per document: a title and the sections
+# Attendance, Agenda, Discussion (several items), Decisions, Action items and Next meeting;
+# 1,000-4,000 approx tokens (a per-document target drawn from the seed). The body's name, the
+# meeting date, the venue, the budget approved and the supplier chosen are unique in the
+# collection by construction (seeded permutations, like the patient names), so each of the last
+# four identifies the document without naming the body: every field gets, besides the questions
+# naming the body (meta.refers "title"), a pair that refers to the meeting by one of them
+# (meta.refers "content", meta.ref_field the fact used).
+
+_MIN_PLACES = [
+    "Eastfield", "Westmoor", "Kingsbridge", "Ravensford", "Oakhurst", "Brackenfield",
+    "Thornbury", "Fallowmere", "Greystone", "Hollinwood", "Larkhill", "Marshgate", "Netherby",
+    "Pennington", "Rookwood", "Saltcote", "Tidewell", "Upton Marsh", "Wickham", "Yarrowdale",
+    "Alderley", "Beckford", "Coldharbour", "Dunmore", "Elmstead", "Foxley", "Glenholme",
+    "Hatherley", "Ivybridge", "Lowther", "Merrow", "Norbury", "Ormsby", "Pendle", "Redbank",
+    "Stanwick", "Thistleton", "Underhill", "Westerleigh", "Amberley", "Birchfield", "Crowmarsh",
+    "Dovercourt", "Eddington", "Fernhurst", "Gorsey Bank", "Heathcote", "Inglewood", "Kirkby Lane",
+    "Lindenholt", "Moorside", "Newlyn Quay", "Orchard Vale", "Priory Green", "Southmead",
+    "Ashcombe", "Burnside", "Chalkwell", "Deepdale", "Evenlode",
+]
+_MIN_FOCUS = [
+    "Allotment Society", "Lighting Committee", "Bridge Trust", "Burial Board",
+    "Carnival Committee", "Choral Society", "Civic Society", "Community Orchard Group",
+    "Cricket Club Committee", "Cycle Path Group", "Drainage Board", "Film Society",
+    "Flood Action Group", "Footpaths Committee", "Gardening Club", "Harbour Commission",
+    "Heritage Trust", "History Society", "Lifeboat Guild", "Market Committee",
+    "Model Railway Club", "Neighbourhood Watch Committee", "Playground Committee",
+    "Pond Restoration Group", "Recreation Ground Trust", "Rowing Club Committee",
+    "Sailing Club Committee", "Swimming Pool Trust", "Tennis Club Committee", "Theatre Guild",
+    "Tree Wardens' Group", "Twinning Association", "Village Hall Committee",
+    "Walking Festival Committee", "Wildlife Group", "Youth Club Committee", "Bowls Club Committee",
+    "Beekeepers' Association", "Chess Club Committee", "Road Safety Committee",
+]
+_MIN_VENUE_NAMES = [
+    "Copperbeech", "Lantern", "Wheatsheaf", "Kingfisher", "Mayfield", "Bellwether", "Blackthorn",
+    "Bramble", "Candlewick", "Cloverleaf", "Cobblestone", "Dovecote", "Elderflower", "Fieldfare",
+    "Foxglove", "Goldcrest", "Hawthorn", "Heronsgate", "Hollyhock", "Kestrel", "Lavender",
+    "Lindenbrook", "Marigold", "Meadowsweet", "Nightingale", "Oakapple", "Pelican", "Primrose",
+    "Quayside", "Rosemary", "Saffron", "Skylark", "Sorrel", "Starling", "Sycamore", "Teasel",
+    "Thistledown", "Wagtail", "Whitebeam", "Willowherb", "Woodbine", "Yellowhammer", "Bluebell",
+    "Chestnut", "Damson", "Greenfinch", "Harebell", "Mulberry", "Nuthatch", "Swallowtail",
+]
+_MIN_VENUE_TYPES = [
+    "Pavilion", "Reading Room", "Church Hall", "Scout Hut", "Institute", "Community Centre",
+    "Memorial Hall", "Coach House", "Boathouse", "Library", "Chapel", "Tithe Barn", "Guildhall",
+    "Corn Exchange", "Assembly Rooms", "Lodge", "Clubhouse", "Orangery", "Mission Room",
+    "Drill Hall", "Sports Centre", "Youth Centre", "Arts Centre", "Meeting House", "Old School",
+    "Gatehouse", "Court Room", "Mechanics' Institute", "Boat Shed", "Town Hall Annexe",
+    "Council Chamber", "Museum", "Tea Rooms", "Heritage Centre", "Fire Station Hall",
+    "Railway Rooms", "Market Hall", "Parish Rooms", "Village Hall", "Studio", "Function Room",
+    "Conservatory", "Long Gallery", "Tower Room", "Cloister Room", "Malthouse", "Granary",
+    "Signal Box",
+]
+# Supplier trade -> projects it can carry out (the main motion's project matches the supplier).
+_MIN_TRADES = {
+    "Glazing": ["replacement windows for the main room", "secondary glazing for the side room"],
+    "Roofing": ["repairs to the storage shed roof", "new guttering along the north wall"],
+    "Electrical": ["rewiring of the kitchen", "new emergency lighting"],
+    "Lighting": ["LED lamps along the promenade", "floodlights for the car park"],
+    "Joinery": ["six new oak benches", "a replacement front door"],
+    "Fencing": ["a boundary fence along the lane", "new gates for the south entrance"],
+    "Paving": ["resurfacing of the car park", "a new accessible path"],
+    "Signs": ["new interpretation boards", "replacement direction signs"],
+    "Landscapes": ["replanting of the memorial garden", "a wildflower meadow by the pond"],
+    "Plumbing": ["replacement toilets", "a new boiler"],
+    "Printing": ["the annual programme booklet", "posters and leaflets for the summer fair"],
+    "Ironworks": ["restoration of the Victorian railings", "a wrought-iron archway"],
+    "Stonemasons": ["repointing of the war memorial", "repairs to the boundary wall"],
+    "Tree Surgery": ["felling of the diseased ash trees", "crown reduction of the lime trees"],
+    "Decorators": ["redecoration of the entrance hall", "repainting of the window frames"],
+    "Audio Visual": ["a hearing loop and sound system", "a projector and screen"],
+    "Web Design": ["a new website with online booking", "a members' newsletter platform"],
+    "Marquees": ["marquee hire for the summer fair", "a covered stage for the open day"],
+    "Builders": ["an extension to the equipment store", "a ramp at the side entrance"],
+    "Security": ["CCTV cameras at the entrance", "an intruder alarm for the store"],
+}
+_MIN_TRADE_NAMES = sorted(_MIN_TRADES)
+_MIN_ACTIONS = [
+    "write to the county council about the blocked drainage ditch",
+    "obtain a quotation for the insurance renewal", "update the membership register",
+    "draft a letter of thanks to the volunteers", "arrange a site visit with the contractor",
+    "prepare a risk assessment for the open day", "check the fire extinguishers",
+    "circulate the revised constitution", "book the hall for the annual general meeting",
+    "contact the local newspaper about the appeal", "order new keys for the store room",
+    "apply for a community grant from the district council",
+    "survey members about meeting times", "audit the inventory of equipment",
+    "update the safeguarding policy", "organise a litter pick along the river path",
+    "set up a shared calendar for bookings", "collect the outstanding subscriptions",
+    "prepare the annual accounts for independent examination",
+    "photograph the site before work starts", "invite the police liaison officer to a meeting",
+    "draft a press release about the project", "prepare a volunteer rota for the summer",
+    "negotiate a discount on the hall hire", "renew the domain name of the website",
+    "arrange the first aid course for volunteers", "compile a list of local sponsors",
+    "measure the noticeboard for a new cover", "ask the landowner about access on open days",
+    "review the lost property box",
+]
+_MIN_ROLES = ["treasurer", "secretary", "membership secretary", "vice-chair"]
+_MIN_AFFILIATIONS = [
+    "from the county archaeology service", "of the regional wildlife trust",
+    "from the district council's planning team", "of the county records office",
+    "from the local fire and rescue service", "of the rivers authority",
+    "from the community energy cooperative", "of the county museum",
+    "from the rural transport partnership", "of the national footpaths society",
+]
+_MIN_TALKS = [
+    "the history of the old market charter", "managing hedgerows for nesting birds",
+    "how to apply for heritage lottery funding", "flood resilience for small buildings",
+    "the restoration of a nearby windmill", "recruiting younger volunteers",
+    "solar panels on community buildings", "recording oral histories",
+    "safe access for wheelchair users", "the decline of local bee populations",
+]
+
+
+_MIN_QUOTE_DIFFS = (
+    ["the length of the guarantee", "the start date offered", "the materials proposed",
+     "the payment terms"],
+    ["the amount of site clearance included", "whether VAT was included",
+     "the need for a site survey", "the disposal of waste"])
+_MIN_QUOTE_ASKS = ["whether the work could be done in stages",
+                   "how the work would affect bookings", "whether references had been taken up",
+                   "who would supervise the contractor"]
+_MIN_TALK_COVERED = ["recent examples from the region", "common mistakes and how to avoid them",
+                     "sources of free advice", "what small groups can do on a tight budget"]
+_MIN_TALK_LEFT = ["a set of leaflets", "a reading list", "contact details for further help",
+                  "a short guide"]
+_MIN_MATTERS_ARISING = ["the hall booking had been renewed", "the new padlock had been fitted",
+                        "the grant report had been sent", "the bank mandate had been updated"]
+
+
+def _min_perm(tag: str, seed: int, size: int, index: int) -> int:
+  """Element `index` of a seeded permutation of range(size): unique per index, for any num_docs."""
+  return _min_perm_table(tag, seed, size)[index]
+
+
+@functools.lru_cache(maxsize=32)
+def _min_perm_table(tag: str, seed: int, size: int) -> tuple[int, ...]:
+  order = list(range(size))
+  _rng("minutes", seed, tag).shuffle(order)
+  return tuple(order)
+
+
+_MIN_FIRST_DAY = datetime.date(2014, 1, 1)
+_MIN_NUM_DAYS = (datetime.date(2024, 12, 31) - _MIN_FIRST_DAY).days + 1
+_MIN_BUDGET_STEP, _MIN_BUDGET_MIN, _MIN_NUM_BUDGETS = 25, 1025, 2960  # £1,025 ... £75,000
+_MINUTES_CAPACITY = min(len(_MIN_PLACES) * len(_MIN_FOCUS),
+                        len(_MIN_VENUE_NAMES) * len(_MIN_VENUE_TYPES),
+                        len(_LAST) * len(_MIN_TRADE_NAMES), _MIN_NUM_DAYS, _MIN_NUM_BUDGETS)
+
+
+def _fmt_pounds(amount: int) -> str:
+  return f"£{amount:,}"
+
+
+def _sample_budget(r: random.Random) -> str:
+  return _fmt_pounds(_MIN_BUDGET_MIN + _MIN_BUDGET_STEP * r.randrange(_MIN_NUM_BUDGETS))
+
+
+def _budget_aliases(v: str) -> list[str]:
+  num = v.removeprefix("£")
+  return [num, num.replace(",", ""), "£" + num.replace(",", ""), f"{num} pounds", f"{v}.00"]
+
+
+def _sample_min_date(r: random.Random) -> str:
+  return _fmt_date(_random_date(r, _MIN_FIRST_DAY, datetime.date(2025, 3, 31)))
+
+
+def _sample_vote(r: random.Random) -> str:
+  yes = r.randint(4, 9)
+  return f"{yes} to {r.randint(0, yes - 1)}"
+
+
+_NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def _vote_aliases(v: str) -> list[str]:
+  yes, no = (int(x) for x in v.split(" to "))
+  return [f"{yes}-{no}", f"{yes}–{no}", f"{yes} votes to {no}",
+          f"{_NUMBER_WORDS[yes]} to {_NUMBER_WORDS[no]}"]
+
+
+def _sample_person(r: random.Random) -> str:
+  return r.choice(_FEMALE_FIRST + _MALE_FIRST) + " " + r.choice(_LAST)
+
+
+def _person_aliases(v: str) -> list[str]:
+  return [v.split(" ")[-1]]
+
+
+def _sample_supplier(r: random.Random) -> str:
+  return f"{r.choice(_LAST)} {r.choice(_MIN_TRADE_NAMES)} Ltd"
+
+
+_MINUTES_FIELDS = [
+    FieldSpec("meeting_date", "On what date did {subject} take place?", _sample_min_date,
+              _date_aliases),
+    FieldSpec("chair", "Who chaired {subject}?", _sample_person, _person_aliases),
+    FieldSpec("venue", "At which venue was {subject} held?",
+              lambda r: f"{r.choice(_MIN_VENUE_NAMES)} {r.choice(_MIN_VENUE_TYPES)}",
+              lambda v: [f"the {v}"]),
+    FieldSpec("budget", "How much money was approved for the main project at {subject}?",
+              _sample_budget, _budget_aliases),
+    FieldSpec("vote", "What was the vote on the main motion at {subject}?", _sample_vote,
+              _vote_aliases),
+    FieldSpec("supplier", "Which supplier was chosen for the main project at {subject}?",
+              _sample_supplier, lambda v: [v.removesuffix(" Ltd")]),
+    FieldSpec("action_owner", "At {subject}, who took on the action to {action}?",
+              _sample_person, _person_aliases),
+    FieldSpec("action_deadline", "At {subject}, by what date was the action to {action} "
+              "due?", _sample_min_date, _date_aliases),
+    FieldSpec("next_meeting_date", "For what date was the next meeting after {subject} "
+              "scheduled?", _sample_min_date, _date_aliases),
+    FieldSpec("guest_speaker", "Who was the guest speaker at {subject}?", _sample_person,
+              _person_aliases),
+    FieldSpec("minute_taker", "Who took the minutes of {subject}?", _sample_person,
+              _person_aliases),
+]
+
+
+def _minutes_names(seed: int, num_docs: int) -> list[tuple[str, str]]:
+  """Unique (body name, focus) per document index: a seeded permutation of place x focus."""
+  if num_docs > _MINUTES_CAPACITY:
+    raise ValueError(f"kind 'minutes' supports at most {_MINUTES_CAPACITY} documents (unique "
+                     f"bodies, dates, venues, budgets and suppliers), asked for {num_docs}")
+  size = len(_MIN_PLACES) * len(_MIN_FOCUS)
+  out = []
+  for i in range(num_docs):
+    k = _min_perm("names", seed, size, i)
+    place, focus = _MIN_PLACES[k // len(_MIN_FOCUS)], _MIN_FOCUS[k % len(_MIN_FOCUS)]
+    out.append((f"{place} {focus}", focus))
+  return out
+
+
+def _distinct_people(r: random.Random, n: int) -> list[str]:
+  """`n` full names with pairwise different surnames (so "Ms Okafor" is never ambiguous)."""
+  return [f"{r.choice(_FEMALE_FIRST + _MALE_FIRST)} {last}" for last in r.sample(_LAST, n)]
+
+
+def _minutes_facts(seed: int, index: int, body: str, focus: str) -> Facts:
+  r = _rng("minutes", seed, "facts", index)
+  k = _min_perm("venue", seed, len(_MIN_VENUE_NAMES) * len(_MIN_VENUE_TYPES), index)
+  venue = (f"{_MIN_VENUE_NAMES[k // len(_MIN_VENUE_TYPES)]} "
+           f"{_MIN_VENUE_TYPES[k % len(_MIN_VENUE_TYPES)]}")
+  k = _min_perm("supplier", seed, len(_LAST) * len(_MIN_TRADE_NAMES), index)
+  trade = _MIN_TRADE_NAMES[k % len(_MIN_TRADE_NAMES)]
+  supplier = f"{_LAST[k // len(_MIN_TRADE_NAMES)]} {trade} Ltd"
+  day = _MIN_FIRST_DAY + datetime.timedelta(days=_min_perm("date", seed, _MIN_NUM_DAYS, index))
+  budget = _MIN_BUDGET_MIN + _MIN_BUDGET_STEP * _min_perm("budget", seed, _MIN_NUM_BUDGETS, index)
+
+  num_present = r.randint(6, 12)
+  num_apologies = r.randint(0, 3)
+  people = _distinct_people(r, num_present + num_apologies + 2)
+  present, apologies = people[:num_present], people[num_present:num_present + num_apologies]
+  minute_taker, guest = people[-2:]
+  roles = r.sample(_MIN_ROLES, 2)  # officers among present[1:3]; present[0] chairs.
+  yes = r.randint(4, min(9, num_present))
+  no = r.randint(0, min(yes - 1, num_present - yes))
+  abstain = r.randint(0, min(2, num_present - yes - no))
+  actions = r.sample(_MIN_ACTIONS, r.randint(4, 6))
+  offsets = r.sample([o for o in range(7, 91) if o % 7], len(actions))  # never a meeting day
+  next_offset = 7 * r.randint(3, 9)
+  owners = [r.choice(present[1:]) for _ in actions]
+  key = r.randrange(len(actions))  # the questioned action item
+  return {
+      "body": body, "focus": focus, "noun": focus.split()[-1].lower(),
+      "number": r.randint(12, 240), "weekday": f"{day:%A}", "meeting_date": _fmt_date(day),
+      "start": r.choice([18 * 60 + 30, 19 * 60, 19 * 60 + 15, 19 * 60 + 30, 10 * 60, 14 * 60]),
+      "length_minutes": r.randint(55, 150), "venue": venue, "budget": _fmt_pounds(budget),
+      "trade": trade, "project": r.choice(_MIN_TRADES[trade]), "supplier": supplier,
+      "num_quotes": r.randint(2, 5), "vote": f"{yes} to {no}", "abstain": abstain,
+      "proposer": present[1 + r.randrange(num_present - 1)],
+      "chair": present[0], "present": present, "apologies": apologies,
+      "roles": {present[1]: roles[0], present[2]: roles[1]},
+      "minute_taker": minute_taker, "guest_speaker": guest,
+      "guest_affiliation": r.choice(_MIN_AFFILIATIONS), "guest_talk": r.choice(_MIN_TALKS),
+      "actions": [(a, o, _fmt_date(day + datetime.timedelta(days=d)))
+                  for a, o, d in zip(actions, owners, offsets)],
+      "action": actions[key], "action_owner": owners[key],
+      "action_deadline": _fmt_date(day + datetime.timedelta(days=offsets[key])),
+      "next_weekday": f"{day + datetime.timedelta(days=next_offset):%A}",
+      "next_meeting_date": _fmt_date(day + datetime.timedelta(days=next_offset)),
+  }
+
+
+def _minutes_content_refs(f: Facts) -> dict[str, str]:
+  """Noun phrases naming the meeting by one unique fact each (paraphrases, never the body)."""
+  return {
+      "meeting_date": f"the meeting of {f['meeting_date']}",
+      "venue": f"the meeting that took place at the {f['venue']}",
+      "budget": f"the meeting that approved spending of {f['budget']}",
+      "supplier": f"the meeting that chose {f['supplier']} as contractor",
+  }
+
+
+# Filler discussion topics: (agenda title, sentences). Slots are filled with incidental values
+# that never equal a questioned fact: no full dates, no "N to M", amounts of money that are not
+# multiples of 25 (every budget is), only names of members other than the chair.
+_MIN_TOPICS = [
+    ("Treasurer's report", [
+        "The treasurer reported a current account balance of {money} and a reserve of {money2}.",
+        "Income since the last meeting came mainly from subscriptions and a raffle, which raised "
+        "{money_small}.",
+        "{m1} asked whether the bank charges could be reduced, and the treasurer agreed to look "
+        "into an account for community groups.",
+        "Spending on {consumable} had been higher than expected because of {reason}.",
+        "The accounts will be examined independently before the annual general meeting, and "
+        "{m2} offered to help with the receipts.",
+        "Members noted that {n_small} invoices were still outstanding and asked for reminders to "
+        "be sent.",
+        "The treasurer explained that the insurance premium had risen by about {pct} per cent "
+        "this year.",
+        "A donation of {money_small} from {donor} was gratefully acknowledged.",
+    ]),
+    ("Membership", [
+        "The membership secretary reported that the {noun} now has {n_mid} paid-up members.",
+        "In all, {n_small} new members had joined since the last meeting, most of them after the "
+        "{season} open day.",
+        "{m1} suggested a reduced subscription for students, which will be considered at the "
+        "annual general meeting.",
+        "Several members had asked for the newsletter to be sent by email rather than on paper.",
+        "The welcome pack for new members is out of date and {m2} agreed to revise it.",
+        "It was noted with regret that {n_small} long-standing members had not renewed this year.",
+        "Members discussed whether to hold a social evening in {month} to welcome newcomers.",
+    ]),
+    ("Correspondence", [
+        "The secretary had received a letter from {org} about {letter_topic}.",
+        "An email from {org} asked whether the {noun} would take part in the {season} festival.",
+        "A resident had written to complain about {complaint}; the secretary will reply "
+        "politely.",
+        "A catalogue of {catalogue} had arrived and was passed round the table.",
+        "{m1} reported a telephone call from {org}, who hope to visit in {month}.",
+        "There was a thank-you card from the family of a former member, which was read out.",
+        "The secretary noted {n_small} items of routine correspondence that needed no action.",
+    ]),
+    ("Maintenance", [
+        "{m1} reported that {fault} and that a temporary repair had been made.",
+        "The annual safety inspection found {n_small} minor issues, all of which are now resolved.",
+        "A volunteer work party in {month} cleared {work}, and {n_mid} bags of rubbish were "
+        "removed.",
+        "The key holder list was checked and {m2} will return a spare key.",
+        "Members agreed that the condition of the {asset} should be reviewed in the {season}.",
+        "{m3} offered to repaint the {paintable} if materials can be found for less than "
+        "{money_small}.",
+        "The lock on the {door} is sticking again and will be oiled before the next meeting.",
+    ]),
+    ("Events", [
+        "Plans for the {season} fair are progressing, with {n_mid} stalls already booked.",
+        "{m1} proposed a quiz night in {month}, with tickets at {money_tiny} each.",
+        "Last year's open day attracted about {n_big} visitors despite {weather}.",
+        "Volunteers are still needed for {event_job}, and {m2} will put a sign-up sheet out.",
+        "A talk on {talk} has been pencilled in for the {season}.",
+        "Members agreed that refreshments should be kept simple and that {m3} would coordinate.",
+        "The raffle prizes from local shops were listed, and {n_small} more are expected.",
+    ]),
+    ("Health and safety", [
+        "The first aid box was checked by {m1} and {n_small} items were replaced.",
+        "The accident book records {n_small} minor incidents since the last review, none serious.",
+        "Members were reminded that the fire exit must be kept clear at all times.",
+        "{m2} suggested a refresher on the evacuation procedure for new volunteers.",
+        "The risk assessment for lone working was read through and no changes were needed.",
+        "A trip hazard near the {asset} has been marked with tape until it can be fixed.",
+        "The defibrillator pads expire in {month} and replacements will be ordered.",
+    ]),
+    ("Website and communications", [
+        "The website had about {n_big} visits last month, mostly to the events page.",
+        "{m1} has updated the photographs on the home page.",
+        "The social media page now has {n_big} followers, and {m2} asked for more posts about "
+        "volunteering.",
+        "The newsletter will move to a {frequency} schedule from the {season}.",
+        "A member had found an old email address on the website, which will be corrected.",
+        "Members agreed that minutes should be posted online once approved.",
+        "{m3} offered to write a short piece on the history of the {noun} for the newsletter.",
+    ]),
+    ("Grants and fundraising", [
+        "An application to {org} for {money2} is being prepared by {m1}.",
+        "The bid to the lottery fund was unsuccessful this round, but feedback has been requested.",
+        "The sponsored walk raised {money2}, which will go towards {cause}.",
+        "{m2} reported that the supermarket token scheme could bring in {money_small} this year.",
+        "Members discussed a crowdfunding page but agreed to wait until the {season}.",
+        "A local business has offered to match donations up to {money_small}.",
+        "The grants calendar was circulated and deadlines were noted by the secretary.",
+    ]),
+    ("Volunteers", [
+        "No fewer than {n_small} volunteers helped at the last work party, and their effort "
+        "was warmly noted.",
+        "{m1} is compiling a list of volunteers' skills so that tasks can be shared more fairly.",
+        "Members agreed that a thank-you event should be held in {month}.",
+        "Two volunteers have completed the food hygiene course, paid for by the {noun}.",
+        "{m2} reminded members that volunteers must sign in and out on work days.",
+        "The volunteer handbook needs updating, and {m3} agreed to take a first look.",
+        "Younger volunteers from the local school are welcome on {weekday_plural}.",
+    ]),
+    ("Neighbouring groups", [
+        "{m1} attended a meeting of {org} and reported on plans for {plan}.",
+        "The {noun} has been invited to share a stall with {org} at the {season} show.",
+        "Members agreed to lend folding tables to {org} for their {event}.",
+        "A joint litter pick with {org} is planned for a Saturday in {month}.",
+        "{m2} suggested a shared newsletter with {org}, which will be explored.",
+        "The chair thanked {org} for the loan of their gazebo last year.",
+    ]),
+    ("Equipment and storage", [
+        "The inventory lists {n_mid} folding chairs, of which {n_small} are broken.",
+        "{m1} reported that the store room is full and that old display boards could be recycled.",
+        "Members agreed to buy {n_small} new storage boxes at a cost of about {money_small}.",
+        "The urn has been serviced and passed its electrical test.",
+        "{m2} asked that borrowed equipment be recorded in the book by the door.",
+        "A second-hand {item} was offered by a member and gratefully accepted.",
+    ]),
+    ("Planning and local matters", [
+        "The secretary reported on a planning application near the {asset}, which members "
+        "noted.",
+        "{m1} raised concerns about {local_issue}, and it was agreed to raise them with {org}.",
+        "The consultation on the local plan closes in {month}, and members were encouraged to "
+        "respond.",
+        "Members discussed {local_issue} at some length without reaching a view.",
+        "{m2} will attend the public meeting on {plan} and report back.",
+        "It was noted that the bus service is to be reduced on {weekday_plural}.",
+    ]),
+]
+_MIN_FILL = {
+    "consumable": ["postage", "printer ink", "cleaning materials", "refreshments", "plants"],
+    "reason": ["the extra events this year", "rising prices", "a delayed refund",
+               "a one-off order for the open day"],
+    "donor": ["a former member", "a local bakery", "an anonymous well-wisher",
+              "the parish church"],
+    "org": ["the parish council", "the district council", "the county federation",
+            "a neighbouring village group", "the local primary school", "the rotary club",
+            "the women's institute", "the residents' association"],
+    "letter_topic": ["changes to the recycling collection", "a new speed limit",
+                     "the closure of a footpath", "a survey of community buildings"],
+    "complaint": ["noise on a Friday evening", "parking near the entrance",
+                  "an overgrown hedge", "litter after an event"],
+    "catalogue": ["garden supplies", "stationery", "outdoor furniture", "display materials"],
+    "fault": ["a window catch had broken", "a gutter was leaking", "a light fitting had failed",
+              "the back gate had dropped on its hinges", "a tap was dripping"],
+    "work": ["the overgrown corner by the shed", "brambles along the fence",
+             "leaves from the drains", "the old compost bays"],
+    "asset": ["notice board", "bench by the gate", "store room door", "side path", "bike rack",
+              "flower beds", "boundary hedge"],
+    "paintable": ["notice board", "bench by the gate", "store room door", "bike rack",
+                  "garden shed"],
+    "door": ["store room door", "side gate", "garden shed", "kitchen cupboard"],
+    "weather": ["heavy rain", "a cold wind", "a clash with a football match", "roadworks"],
+    "event_job": ["the tea tent", "car parking", "the tombola", "setting up and clearing away"],
+    "talk": ["local wildflowers", "old maps of the area", "the canal in wartime", "bats"],
+    "frequency": ["monthly", "quarterly", "bimonthly"],
+    "cause": ["new equipment", "the repair fund", "the youth bursary", "the centenary book"],
+    "plan": ["a new cycle route", "the market square", "a community library",
+             "the river clean-up"],
+    "event": ["jumble sale", "harvest supper", "plant sale", "annual show"],
+    "item": ["gazebo", "filing cabinet", "laptop", "pressure washer", "ladder"],
+    "local_issue": ["speeding on the main road", "flooding on the lower lane",
+                    "the future of the post office", "dog fouling on the green"],
+    "weekday_plural": ["Mondays", "Tuesdays", "Wednesdays", "Saturdays", "Sundays"],
+    "season": ["spring", "summer", "autumn", "winter"],
+    "month": ["January", "February", "March", "April", "May", "June", "July", "August",
+              "September", "October", "November", "December"],
+}
+
+
+def _odd_pounds(r: random.Random, lo: int, hi: int) -> str:
+  """An amount in [lo, hi] that is not a multiple of 25 (so never any budget)."""
+  v = r.randint(lo, hi)
+  return _fmt_pounds(v if v % 25 else v + 1)
+
+
+def _minutes_sentence(r: random.Random, template: str, f: Facts, members: list[str]) -> str:
+  """Fills one filler sentence with incidental values (never a questioned fact)."""
+  m = r.sample(members, 3)
+  values = {k: r.choice(v) for k, v in _MIN_FILL.items()}
+  return template.format(
+      m1=m[0], m2=m[1], m3=m[2], noun=f["noun"], n_small=r.randint(2, 9),
+      n_mid=r.randint(11, 95), n_big=r.randint(120, 950), pct=r.randint(3, 19),
+      money=_odd_pounds(r, 1001, 19999), money2=_odd_pounds(r, 501, 9999),
+      money_small=_odd_pounds(r, 51, 999), money_tiny=_odd_pounds(r, 2, 9), **values)
+
+
+def _minutes_item(r: random.Random, title: str, pool: list[str], f: Facts,
+                  members: list[str]) -> tuple[str, list[str]]:
+  """(agenda title, 2-3 paragraphs of 2-4 sentences) from one topic's sentence pool."""
+  order = r.sample(pool, len(pool))
+  paras = []
+  for _ in range(r.randint(2, 3)):
+    if len(order) < 2:
+      break
+    n = r.randint(2, min(4, len(order)))
+    paras.append(" ".join(_minutes_sentence(r, s, f, members) for s in order[:n]))
+    order = order[n:]
+  return title, paras
+
+
+def _clock12(minutes: int) -> str:
+  """Minutes after midnight -> "7:30 pm"."""
+  h, m = divmod(minutes % 1440, 60)
+  return f"{h % 12 or 12}:{m:02d} {'am' if h < 12 else 'pm'}"
+
+
+def _render_minutes(f: Facts, r: random.Random, words_per_doc: int | None) -> tuple[str, str]:
+  body, noun = f["body"], f["noun"]
+  members = f["present"][1:]  # never the chair: the chair's name is stated once
+  title = f"Minutes of the {body}"
+  role_of = f["roles"]
+  present = ", ".join([f"{f['chair']} (chair)"] +
+                      [f"{p} ({role_of[p]})" if p in role_of else p for p in members])
+  header = (
+      f"# {title}\n\n"
+      f"Meeting no. {f['number']} of the {body}, held on {f['weekday']}, {f['meeting_date']}, "
+      f"at the {f['venue']}. The meeting opened at {_clock12(f['start'])} with "
+      f"{len(f['present'])} members present, which is quorate.")
+  attendance = (
+      "## Attendance\n\n"
+      f"Present: {present}.\n\n"
+      + (f"Apologies: {', '.join(f['apologies'])}." if f["apologies"] else
+         "Apologies: none received.")
+      + "\n\nIn attendance: the minute secretary and "
+      + r.choice(["one member of the public.", "two members of the public.",
+                  "no members of the public.", "a guest speaker (see below)."]))
+  others = [p for p in members if p != f["proposer"]]
+  seconder = r.choice(others)
+  main_title = f"Quotations for {f['project']}"
+  differ1, differ2 = r.choice(_MIN_QUOTE_DIFFS[0]), r.choice(_MIN_QUOTE_DIFFS[1])
+  asked = r.choice(_MIN_QUOTE_ASKS)
+  main = [
+      f"{f['proposer']} reported that {f['num_quotes']} firms had quoted for {f['project']} "
+      f"after the invitation agreed earlier in the year. The quotations differed mainly in "
+      f"{differ1} and in {differ2}.",
+      f"Members asked {asked}. {seconder} pointed out that the reserve fund could cover the cost "
+      "without a grant, although it would leave little for emergencies. The chair asked for a "
+      "formal motion, and the outcome is recorded under Decisions.",
+  ]
+  guest_title = "Guest speaker"
+  covered, num_asked, left = r.choice(_MIN_TALK_COVERED), r.randint(3, 9), r.choice(_MIN_TALK_LEFT)
+  guest = [
+      f"The chair welcomed {f['guest_speaker']}, {f['guest_affiliation']}, who spoke about "
+      f"{f['guest_talk']}. The talk covered {covered}, and members asked {num_asked} questions "
+      "afterwards.",
+      f"The speaker left {left} for members, and the chair thanked the speaker on behalf of the "
+      f"{noun}.",
+  ]
+  who, done = r.choice(members), r.choice(_MIN_MATTERS_ARISING)
+  prev = ("Minutes of the previous meeting and matters arising",
+          ["The minutes of the previous meeting were agreed as a correct record and signed by "
+           f"the chair. Under matters arising, {who} confirmed that {done}."])
+
+  topics = r.sample(_MIN_TOPICS, len(_MIN_TOPICS))
+  decided = [
+      f"Resolved that {f['budget']} be spent from the reserve fund on {f['project']}. Proposed by "
+      f"{f['proposer']} and seconded by {seconder}; carried by {f['vote']}"
+      + (f", with {f['abstain']} abstention{'s' if f['abstain'] > 1 else ''}."
+         if f["abstain"] else ", with no abstentions."),
+      f"Agreed that the contract for the work be placed with {f['supplier']}, subject to "
+      "written confirmation of the start date.",
+  ] + r.sample([
+      "Agreed without a vote to renew the affiliation to the county federation.",
+      "Agreed by consensus that the annual general meeting be held in the spring.",
+      f"Agreed that the {noun} send a card of thanks to the retiring caretaker.",
+      "Agreed that the petty cash float be reviewed by the treasurer.",
+      "Agreed by consensus to adopt the updated data protection notice.",
+      "Agreed that members' expenses be claimed within three months.",
+  ], r.randint(1, 3))
+  decisions = "## Decisions\n\n" + "\n".join(f"{i + 1}. {d}" for i, d in enumerate(decided))
+  actions = "## Action items\n\n" + "\n".join(
+      f"- {a[0].upper()}{a[1:]}: {o}, by {d}." for a, o, d in f["actions"])
+  next_meeting = (
+      "## Next meeting\n\n"
+      f"The next meeting will be on {f['next_weekday']}, {f['next_meeting_date']}, at "
+      f"{_clock12(f['start'])}, at the same venue. There being no further business, the chair "
+      f"closed the meeting at {_clock12(f['start'] + f['length_minutes'])}.\n\n"
+      f"Minutes taken by {f['minute_taker']}.")
+
+  def assemble(fillers: list[tuple[str, list[str]]]) -> str:
+    items = [prev, (main_title, main), *fillers[:len(fillers) // 2], (guest_title, guest),
+             *fillers[len(fillers) // 2:]]
+    agenda = "## Agenda\n\n" + "\n".join(
+        [f"{i + 1}. {t}" for i, (t, _) in enumerate(items)]
+        + [f"{len(items) + 1}. Decisions and action items", f"{len(items) + 2}. Date of next "
+           "meeting"])
+    discussion = "## Discussion\n\n" + "\n\n".join(
+        f"### {i + 1}. {t}\n\n" + "\n\n".join(paras) for i, (t, paras) in enumerate(items))
+    return "\n\n".join([header, attendance, agenda, discussion, decisions, actions,
+                        next_meeting]) + "\n"
+
+  # Natural length: a target of 1,150-3,500 approx tokens per document; each filler item adds
+  # at most ~300, so every document stays within 1,000-4,000. words_per_doc: as many filler
+  # items as reach that many words (at least one).
+  target = r.randint(1150, 3500)
+  fillers: list[tuple[str, list[str]]] = []
+  text = assemble(fillers)
+  rounds = 0
+  while (approx_num_tokens(text) < target if words_per_doc is None
+         else (not fillers or _words(text) < words_per_doc)):
+    if not topics:
+      rounds += 1
+      topics = r.sample(_MIN_TOPICS, len(_MIN_TOPICS))
+    t, pool = topics.pop()
+    fillers.append(_minutes_item(r, t if not rounds else f"{t} (continued, part {rounds + 1})",
+                                 pool, f, members))
+    text = assemble(fillers)
+  return title, text
+
+
 # =============================================================================== engine
 
 
@@ -785,6 +1394,12 @@ class _Kind:
   render: Callable[[Facts, random.Random, int | None], tuple[str, str]]
   subject: Callable[[Facts], str]
   doc_prefix: str
+  # How questions name the document (default: `subject`), e.g. "the meeting of the X Society".
+  question_subject: Callable[[Facts], str] | None = None
+  # Content references: ref field -> noun phrase naming the document by that fact. When set,
+  # every field gets a second MC+short pair using one of them (another field's), and every
+  # question carries meta "refers" ("title" | "content"). None (patients, products): unchanged.
+  content_refs: Callable[[Facts], dict[str, str]] | None = None
 
 
 KINDS = {
@@ -792,6 +1407,10 @@ KINDS = {
                       lambda f: f["name"], "patient"),
     "products": _Kind(_PRODUCT_FIELDS, _product_names, _product_facts, _render_product,
                       lambda f: f["name"], "product"),
+    "minutes": _Kind(_MINUTES_FIELDS, _minutes_names, _minutes_facts, _render_minutes,
+                     lambda f: f["body"], "minutes",
+                     question_subject=lambda f: f"the meeting of the {f['body']}",
+                     content_refs=_minutes_content_refs),
 }
 
 
@@ -841,25 +1460,43 @@ def _distractors(r: random.Random, facts: list[Facts], i: int, spec: FieldSpec,
   return out, source
 
 
+def _ask(spec: FieldSpec, f: Facts, subject: str) -> str:
+  """The question text: the template with {subject} and any other fact of the document."""
+  return spec.question.format(**{**f, "subject": subject})
+
+
 def _questions(kind: _Kind, facts: list[Facts], i: int, doc_id: str, seed: int,
                kind_name: str) -> list[Question]:
   f = facts[i]
   r = _rng(kind_name, seed, "questions", i)
-  subject = kind.subject(f)
+  subject = (kind.question_subject or kind.subject)(f)
+  refs = kind.content_refs(f) if kind.content_refs is not None else None
+  ref_r = _rng(kind_name, seed, "content-refs", i)
   out = []
   for spec in kind.fields:
     answer = f[spec.key]
-    text = spec.question.format(subject=subject)
+    text = _ask(spec, f, subject)
     distractors, source = _distractors(r, facts, i, spec, NUM_OPTIONS - 1)
     idx = r.randrange(NUM_OPTIONS)
     options = distractors[:idx] + [answer] + distractors[idx:]
-    meta = {"field": spec.key}
+    meta = {"field": spec.key} if refs is None else {"field": spec.key, "refers": "title"}
     out.append(Question(qid=f"{doc_id}/{spec.key}/mc", doc_id=doc_id, kind="mc", question=text,
                         options=options, answer_index=idx,
                         meta={**meta, "distractor_source": source}))
     aliases = [a for a in dict.fromkeys(spec.aliases(answer)) if a and a != answer]
     out.append(Question(qid=f"{doc_id}/{spec.key}/short", doc_id=doc_id, kind="short",
                         question=text, answer=answer, aliases=aliases, meta=meta))
+    if refs is None:
+      continue
+    # The same question, naming the document by another of its unique facts (same options).
+    ref = ref_r.choice(sorted(k for k in refs if k != spec.key))
+    ctext = _ask(spec, f, refs[ref])
+    cmeta = {"field": spec.key, "refers": "content", "ref_field": ref}
+    out.append(Question(qid=f"{doc_id}/{spec.key}/content/mc", doc_id=doc_id, kind="mc",
+                        question=ctext, options=options, answer_index=idx,
+                        meta={**cmeta, "distractor_source": source}))
+    out.append(Question(qid=f"{doc_id}/{spec.key}/content/short", doc_id=doc_id, kind="short",
+                        question=ctext, answer=answer, aliases=aliases, meta=cmeta))
   return out
 
 
@@ -868,9 +1505,10 @@ def iter_collection(num_docs: int, seed: int, kind: str = "patients",
   """Yields (document, its questions) for documents 0..num_docs-1, one at a time.
 
   words_per_doc: None gives each document its natural length (patients ~550-750 words,
-  products ~350-500); an int adds filler paragraphs until the document has at least that many
-  whitespace-separated words (the fact sections are always present, so very small targets give
-  the minimum length, ~450 words for patients, ~150 for products).
+  products ~350-500, minutes 1,000-4,000 approx tokens, a per-document target drawn from the
+  seed); an int adds filler paragraphs (minutes: discussion items) until the document has at
+  least that many whitespace-separated words (the fact sections are always present, so very small
+  targets give the minimum length, ~450 words for patients, ~150 for products, ~550 for minutes).
   """
   k = _get_kind(kind)
   if words_per_doc is not None and words_per_doc < 0:
