@@ -9,12 +9,14 @@
   # a PEFT adapter -> a cas cartridge directory (Orbax), usable by the evaluator and server
   python -m launch.peft import --adapter=adapters/q --out=runs/imported/cartridge
 
-Format and RoPE mapping: cas/cartridge/peft_io.py.
+Format and RoPE mapping: cas/cartridge/peft_io.py. Both commands warn when the installed
+transformers + peft make `PeftModel.generate` ignore a CARTRIDGE adapter (transformers >= 5.24 with
+peft <= 0.21.2; docs/PEFT_GENERATE.md: use cas.cartridge.peft_io.generate_with_cartridge there).
 """
 import json
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 
 WORKDIR = flags.DEFINE_string("workdir", None, "export: a CAS workdir (its cartridge store)")
 STORE = flags.DEFINE_string("store", None, "export: a cartridge store directory (instead of --workdir)")
@@ -82,6 +84,9 @@ def main(argv):
     raise app.UsageError("--out is required")
   path = _export() if argv[1] == "export" else _import()
   print(path)
+  from cas.cartridge.peft_io import peft_generate_is_broken
+  if (warning := peft_generate_is_broken()) is not None:
+    logging.warning(warning)
 
 
 if __name__ == "__main__":

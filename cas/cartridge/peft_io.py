@@ -3,8 +3,11 @@
     export_peft("out/doc_3-peft", cartridge, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
     # transformers + peft:  PeftModel.from_pretrained(hf_model, "out/doc_3-peft")
     cart, meta = import_peft("out/doc_3-peft", model_cfg=lm.config)
+    # generation in transformers: not PeftModel.generate (ignores the adapter on transformers >= 5.24
+    # with peft <= 0.21.2, docs/PEFT_GENERATE.md) but
+    out = generate_with_cartridge(peft_model, input_ids, attention_mask, max_new_tokens=64, do_sample=False)
 
-peft is not imported here (only its tests use it); the format below was read from peft 0.21.2
+peft is imported only by the generation helpers at the end; the format below was read from peft 0.21.2
 (`peft/tuners/cartridge/{config,model,utils}.py`, `PeftModel.get_prompt`), where CARTRIDGE
 exists since 0.19.0.
 
@@ -249,3 +252,206 @@ def _load_tensor(path: str, name: str) -> np.ndarray:
       return np.asarray(f.get_tensor(name), np.float32)
   except SafetensorError as e:
     raise CartridgeError(f"{path}: cannot read safetensors file ({e})") from e
+
+
+# ----------------------------------------------------------------------------- generation in transformers
+
+# transformers renamed the KV-cache argument of the model forward and of
+# `GenerationMixin.prepare_inputs_for_generation` from `past_key_values` to `cache` in 5.24.0.
+# peft (every release with CARTRIDGE, 0.19.0 .. 0.21.2) still injects the adapter into
+# `model_kwargs["past_key_values"]` during `generate`, next to the `cache` that transformers passes;
+# the forward keeps `cache` (its own, empty) and drops `past_key_values`, so `PeftModel.generate`
+# decodes as if there were no adapter. `PeftModel.forward` is unaffected. docs/PEFT_GENERATE.md.
+GENERATE_BROKEN_FROM_TRANSFORMERS = "5.24.0"  # first transformers release with the `cache` rename
+GENERATE_CHECKED_PEFT = "0.21.2"  # newest peft release checked (affected); later ones are probed
+
+
+def known_peft_generate_broken(transformers_version: str, peft_version: str) -> bool | None:
+  """Whether `PeftModel.generate` ignores a CARTRIDGE adapter with these versions, as measured
+  (docs/PEFT_GENERATE.md): True for transformers >= 5.24.0 with peft 0.19.0 .. 0.21.2; False before
+  transformers 5.24.0 or for a peft without CARTRIDGE (< 0.19); None (not known) for a peft newer
+  than the last one checked on a transformers with the rename."""
+  from packaging.version import Version
+  tv, pv = Version(transformers_version), Version(peft_version)
+  if pv < Version("0.19.0") or tv < Version(GENERATE_BROKEN_FROM_TRANSFORMERS):
+    return False
+  if pv > Version(GENERATE_CHECKED_PEFT):
+    return None
+  return True
+
+
+def peft_generate_is_broken(probe_unknown: bool = True) -> str | None:
+  """A warning if the installed transformers + peft ignore a CARTRIDGE adapter in `generate`, else None.
+
+  Decided from the installed versions (importlib.metadata; nothing is imported) where they are
+  known (`known_peft_generate_broken`); for a peft newer than the last checked release on
+  transformers >= 5.24 by `probe_peft_generate` (a tiny random model; a few seconds with the
+  imports) when `probe_unknown`, else None. None also when transformers, peft or torch is missing.
+  """
+  from importlib import metadata
+  try:
+    tv, pv = metadata.version("transformers"), metadata.version("peft")
+    metadata.version("torch")
+  except metadata.PackageNotFoundError:
+    return None
+  broken = known_peft_generate_broken(tv, pv)
+  if broken is None:
+    try:
+      broken = probe_unknown and probe_peft_generate()
+    except Exception as e:  # an untested combination may not even run the probe
+      return (f"transformers {tv} + peft {pv}: could not check whether PeftModel.generate() uses a CARTRIDGE "
+              f"adapter (probe failed: {type(e).__name__}: {e}); cas.cartridge.peft_io.generate_with_cartridge "
+              "is the checked way to generate (docs/PEFT_GENERATE.md).")
+    why = "a probe on a tiny random model generated the base model's tokens"
+  else:
+    why = (f"transformers >= {GENERATE_BROKEN_FROM_TRANSFORMERS} passes the KV cache as `cache`, peft "
+           f"<= {GENERATE_CHECKED_PEFT} injects the adapter as `past_key_values`, which the model drops")
+  if not broken:
+    return None
+  return (f"transformers {tv} + peft {pv}: PeftModel.generate() ignores a CARTRIDGE adapter and returns "
+          f"the base model's text ({why}); PeftModel.forward() is unaffected. Generate with "
+          "cas.cartridge.peft_io.generate_with_cartridge(peft_model, input_ids, ...) instead "
+          "(docs/PEFT_GENERATE.md).")
+
+
+def probe_peft_generate(num_new_tokens: int = 6) -> bool:
+  """True if the installed `PeftModel.generate` ignores a CARTRIDGE adapter.
+
+  Builds a tiny random Llama (fp32, 2 layers) with a random CARTRIDGE adapter and compares greedy
+  `PeftModel.generate` with greedy decoding by full forward passes of the PeftModel (which uses the
+  adapter): different tokens mean generate is broken. Needs torch, transformers and peft.
+  """
+  import torch
+  import transformers
+  import peft
+  cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+  state = torch.random.get_rng_state()
+  try:
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    pm = peft.get_peft_model(base, peft.CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=6,
+                                                        num_frozen_tokens=1)).eval()
+    with torch.no_grad():
+      pm.prompt_encoder[pm.active_adapter].trainable_embedding.mul_(3.0)  # a cartridge that matters
+      ids = torch.tensor([[1, 5, 9, 13, 17]])
+      x = ids
+      for _ in range(num_new_tokens):  # greedy by forward passes over the whole sequence
+        nxt = pm(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, -1].argmax(-1, keepdim=True)
+        x = torch.cat([x, nxt], 1)
+      gen = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=num_new_tokens,
+                        do_sample=False, pad_token_id=0)
+  finally:
+    torch.random.set_rng_state(state)
+  return gen[0, ids.shape[1]:].tolist() != x[0, ids.shape[1]:].tolist()
+
+
+def cache_argument_name(model: Any) -> str:
+  """The name under which `model.forward` / `model.generate` take a KV cache: "cache" on
+  transformers >= 5.24, "past_key_values" before."""
+  import inspect
+  return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def peft_cartridge_kv(peft_model: Any) -> tuple[Any, Any]:
+  """The active CARTRIDGE adapter of a peft `PeftModel` as torch k, v [L, P, Hkv, D] (keys after
+  RoPE at positions 0..P-1), in the layout `PeftModel.get_prompt` reads (module docstring)."""
+  cfg = peft_model.active_peft_config
+  ptype = str(getattr(cfg.peft_type, "value", cfg.peft_type))
+  if ptype != PEFT_TYPE or getattr(cfg, "num_transformer_submodules", 1) != 1:
+    raise CartridgeError(f"generate_with_cartridge: the active adapter {peft_model.active_adapter!r} is a "
+                         f"{ptype} adapter; expected a decoder-only {PEFT_TYPE} adapter")
+  emb = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight  # [P, L*2*Hkv*D] (sink first)
+  P, L, H = cfg.num_virtual_tokens, cfg.num_layers, cfg.num_attention_heads
+  kv = emb.reshape(P, L, 2, H, cfg.token_dim // H)  # slot 2l = keys of layer l, 2l+1 = values
+  return kv[:, :, 0].transpose(0, 1), kv[:, :, 1].transpose(0, 1)  # [L, P, Hkv, D] each
+
+
+def _cartridge_cache(k: Any, v: Any, batch: int, config: Any) -> Any:
+  """torch k, v [L, P, Hkv, D] -> a transformers `DynamicCache` holding them for `batch` rows:
+  per layer keys / values [B, Hkv, P, D] (as a transformers model caches them: keys after RoPE)."""
+  from transformers import DynamicCache
+  try:
+    cache = DynamicCache(config=config)
+  except TypeError:  # transformers < 4.56
+    cache = DynamicCache()
+  for layer in range(k.shape[0]):
+    kl = k[layer].permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1).contiguous()  # [B, Hkv, P, D]
+    vl = v[layer].permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1).contiguous()  # [B, Hkv, P, D]
+    cache.update(kl, vl, layer)
+  return cache
+
+
+def _takes_new_tokens_only() -> bool:
+  """Whether transformers' `generate` accepts only the uncached tokens as `input_ids` (with an
+  attention mask over cache + input): its `prepare_inputs_for_generation` has `next_sequence_length`."""
+  import inspect
+  from transformers.generation.utils import GenerationMixin
+  return "next_sequence_length" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+
+
+def generate_with_cartridge(model: Any, input_ids: Any, attention_mask: Any = None, *,
+                            cartridge: Cartridge | tuple[Any, Any] | str | None = None,
+                            new_tokens_only: bool | None = None, **generate_kwargs: Any) -> Any:
+  """`generate` of a transformers causal LM with a cartridge, as cas decodes it.
+
+  model: a peft `PeftModel` whose active adapter is CARTRIDGE (its keys/values are used, pass no
+    `cartridge`), or a plain transformers causal LM plus `cartridge`: a cas `Cartridge`, (k, v)
+    [L, P, Hkv, D] arrays (rotated keys, prompt at position P), or a PEFT adapter directory.
+  input_ids: [B, T] int64 torch, the prompt only; attention_mask: [B, T] (0 = left padding) or None.
+  new_tokens_only: how the cached cartridge is given to `generate`; None picks what the installed
+    transformers supports. True: `input_ids` is the prompt alone and the attention mask covers
+    cartridge + prompt (transformers 5.x with `next_sequence_length`). False: P placeholder tokens
+    stand for the cartridge in `input_ids` (generate slices the cached part off, they are never
+    embedded) and are cut off the result; logits processors that read the input ids (e.g.
+    repetition_penalty) see them, and `max_length` is shifted by P. Both give the same tokens.
+  generate_kwargs: passed to `generate` (max_new_tokens, do_sample, eos_token_id, ...).
+  Returns what `generate` returns for `input_ids` (sequences [B, T + new], prompt first).
+
+  The base model generates from a KV cache pre-filled with the cartridge (P slots, keys after RoPE
+  at positions 0..P-1) and an attention mask over cartridge + prompt, so the prompt sits at
+  positions P, P+1, ... (per row, after left padding): cas' convention and PeftModel.forward's.
+  Works on transformers before and after the 5.24 `past_key_values` -> `cache` rename.
+  """
+  import torch
+  if hasattr(model, "active_peft_config"):
+    if cartridge is not None:
+      raise CartridgeError("generate_with_cartridge: pass a PeftModel or a cartridge, not both")
+    k, v = peft_cartridge_kv(model)
+    base = model.get_base_model()
+  else:
+    if cartridge is None:
+      raise CartridgeError("generate_with_cartridge: a plain model needs `cartridge`")
+    if isinstance(cartridge, str):
+      cartridge, _ = import_peft(cartridge)
+    ka, va = cartridge.full_kv() if isinstance(cartridge, Cartridge) else cartridge
+    k, v = torch.tensor(np.asarray(ka, np.float32)), torch.tensor(np.asarray(va, np.float32))  # copies
+    base = model
+  dev = input_ids.device
+  dtype = next(base.parameters()).dtype
+  k, v = k.detach().to(device=dev, dtype=dtype), v.detach().to(device=dev, dtype=dtype)
+  cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+  n_layers = getattr(cfg, "num_hidden_layers", k.shape[0])
+  if k.ndim != 4 or k.shape != v.shape or k.shape[0] != n_layers:
+    raise CartridgeError(f"generate_with_cartridge: cartridge k, v {tuple(k.shape)} / {tuple(v.shape)} do not "
+                         f"fit a model of {n_layers} layers ([L, P, Hkv, D] expected)")
+  B, T = input_ids.shape
+  P = k.shape[1]
+  if attention_mask is None:
+    attention_mask = torch.ones_like(input_ids)
+  full_mask = torch.cat([torch.ones((B, P), dtype=attention_mask.dtype, device=dev), attention_mask], 1)
+  kwargs = dict(generate_kwargs)
+  kwargs[cache_argument_name(base)] = _cartridge_cache(k, v, B, cfg)
+  if new_tokens_only is None:
+    new_tokens_only = _takes_new_tokens_only()
+  if new_tokens_only:
+    return base.generate(input_ids=input_ids, attention_mask=full_mask, **kwargs)
+  # transformers 4.x slices the cached part off input_ids: placeholders stand there for the cartridge.
+  if kwargs.get("max_length") is not None:
+    kwargs["max_length"] += P
+  padded = torch.cat([input_ids[:, :1].expand(B, P), input_ids], 1)
+  out = base.generate(input_ids=padded, attention_mask=full_mask, **kwargs)
+  if isinstance(out, torch.Tensor):
+    return out[:, P:]
+  out.sequences = out.sequences[:, P:]
+  return out
