@@ -140,7 +140,7 @@ class CasStages:
     error). Returns the ids of documents shorter than the cartridge: their cartridges start from
     all of their tokens, then config.cartridge.short_fill (or are refused with
     short_documents='error')."""
-    lengths = {d.doc_id: len(self.tok.encode(d.text)) for d in self.docs}
+    lengths = self.doc_lengths = {d.doc_id: len(self.tok.encode(d.text)) for d in self.docs}
     rule, fill = self.short_rule
     short = short_documents(lengths, self.spec.num_tokens, self.spec.num_frozen,
                             strategy=self.config.cartridge.init, rule=rule, fill=fill)
@@ -200,7 +200,8 @@ class CasStages:
     out = train_cas(model=self.model, model_fingerprint=self.lm.fingerprint,
                     dataset_dir=os.path.join(self.workdir, "synth"), workdir=os.path.join(self.run_dir, name),
                     doc_ids=[d.doc_id for d in self.docs], spec=self.spec, frozen=self._sink(),
-                    init_fn=self._init_fn(), cfg=cfg, dtype=DTYPES[self.config.dtype], mesh=self.mesh())
+                    init_fn=self._init_fn(), cfg=cfg, dtype=DTYPES[self.config.dtype], mesh=self.mesh(),
+                    doc_lengths=self.doc_lengths)
     self.timings[f"train_{name}"] = time.time() - t
     return out
 

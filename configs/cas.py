@@ -97,6 +97,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.train_distractors = True
   # train on each document's first n self-study conversations (0 = all): a curve from one self-study
   c.train.max_conversations = 0
+  # True: a resident document gets training rows in proportion to its length (round(tokens / median),
+  # at most 8 per pass) instead of one per pass (cas.train.cas_loop.length_weights)
+  c.train.length_weighting = False
   c.train.log_every = 4
   c.train.ckpt_every = 8
   c.train.keep_checkpoints = 2

@@ -90,7 +90,9 @@ def test_any_length_end_to_end_and_another_p_reuses_self_study(tmp_path, collect
   shards = lambda: {f: os.stat(os.path.join(synth, f)).st_mtime_ns for f in os.listdir(synth) if "shard" in f}
   before = shards()
   assert before
-  st2 = CasStages(_config(collection_dir, p=48), workdir, lm=lm)
+  c2 = _config(collection_dir, p=48)
+  c2.train.length_weighting = True  # rows by length: the 15k-word document gets 8 per pass (logged)
+  st2 = CasStages(c2, workdir, lm=lm)
   assert st2.run_dir == os.path.join(workdir, "p48-f1") == run_dir_for(workdir, 48, 1)
   assert run_dir_for(workdir, 32, 1) == workdir
   st2.synth()  # complete already: nothing regenerated

@@ -144,8 +144,8 @@ class ResidentSampler:
   Which documents: draws go in *passes*: a pass is a random permutation (seeded by (seed, pass))
   of the documents resident when it starts; each draw takes the next pending document of the
   pass that is still resident; documents admitted mid-pass join at the next pass. So every
-  resident document gets one row per pass (balanced training), and evicted documents are never
-  drawn.
+  resident document gets one row per pass (balanced training; `weights[d]` rows with weights),
+  and evicted documents are never drawn.
   Which conversation of a document: each document walks its own epochs; epoch e visits its items
   in the order of a permutation seeded by (seed, sha256(doc_id), e).
   Distractor mixing in `next_batch` uses an rng seeded by (seed, batch counter).
@@ -153,9 +153,15 @@ class ResidentSampler:
   """
 
   def __init__(self, conversations: Mapping[str, Sequence[Any]] | Callable[[str], Sequence[Any]], *,
-               seed: int, state: dict | None = None):
+               seed: int, state: dict | None = None, weights: Mapping[str, int] | None = None):
+    """weights: doc_id -> rows per pass (default 1 each): e.g. by document length, so a long
+    document's cartridge gets more training rows while resident (cas.train.cas_loop.length_weights)."""
     self._get = conversations if callable(conversations) else conversations.__getitem__
     self.seed = int(seed)
+    self.weights = {str(k): int(v) for k, v in (weights or {}).items()}
+    bad = {k: v for k, v in self.weights.items() if v < 1}
+    if bad:
+      raise ValueError(f"ResidentSampler: weights must be >= 1, got {bad}")
     self._state = {"pass": 0, "pending": [], "docs": {}, "batches": 0}
     if state is not None:
       self.load_state_dict(state)
@@ -190,8 +196,8 @@ class ResidentSampler:
         d = st["pending"].pop(0)
         if d in resident:
           return d
-      order = np.random.default_rng([self.seed, 0, st["pass"]]).permutation(len(resident))
-      docs = sorted(resident)
+      docs = [d for d in sorted(resident) for _ in range(self.weights.get(d, 1))]
+      order = np.random.default_rng([self.seed, 0, st["pass"]]).permutation(len(docs))
       st["pending"] = [docs[i] for i in order]
       st["pass"] += 1
 

@@ -32,7 +32,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,10 +61,22 @@ from cas.train.validate import check_train_config
 CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
             "num_slots", "k_max", "p_isolated", "rotate_every", "evict_fraction", "position_mode",
             "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors", "loss_chunk",
-            "max_conversations")
+            "max_conversations", "length_weighting")
 # max_conversations: train on each document's first n self-study conversations only (0 = all; a
 # curve of quality against self-study size from one synthesis)
-DEFAULTS = {"train_distractors": True, "loss_chunk": LOSS_CHUNK_TOKENS, "max_conversations": 0}  # optional fields of the train config
+# length_weighting: a resident document gets rows in proportion to its length (length_weights), not one
+# each per pass: a long document holds more facts for its one cartridge to learn
+DEFAULTS = {"train_distractors": True, "loss_chunk": LOSS_CHUNK_TOKENS, "max_conversations": 0,
+            "length_weighting": False}
+MAX_LENGTH_WEIGHT = 8
+
+
+def length_weights(lengths: Mapping[str, int], max_weight: int = MAX_LENGTH_WEIGHT) -> dict[str, int]:
+  """doc_id -> rows per sampler pass: round(length / median length), clipped to [1, max_weight]."""
+  if not lengths:
+    return {}
+  med = float(np.median([max(1, int(n)) for n in lengths.values()]))
+  return {d: int(min(max_weight, max(1, round(max(1, int(n)) / med)))) for d, n in lengths.items()}  # optional fields of the train config
 
 
 def _fingerprint(c: dict, spec: CartridgeSpec, doc_ids: Sequence[str]) -> str:
@@ -92,13 +104,16 @@ def check_mesh(mesh: Mesh, num_slots: int) -> None:
 
 def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, doc_ids: Sequence[str],
               spec: CartridgeSpec, frozen: tuple, init_fn: Callable[[str], dict], cfg: dict,
-              dtype=jnp.float32, mesh=None, stop_after: int | None = None) -> dict:
+              dtype=jnp.float32, mesh=None, stop_after: int | None = None,
+              doc_lengths: Mapping[str, int] | None = None) -> dict:
   """Train all documents' cartridges jointly. Returns {"steps", "final_loss", "store",
   "device_slot_bytes", "counts" (doc_id -> steps), "state_shardings" (slot state leaf -> the
   Sharding it ended with)}.
 
   frozen: the shared sink (k, v) [L, F, Hkv, D]; init_fn(doc_id) -> {"k", "v"} [L, P-F, Hkv, D]
   for a document that has never been trained (e.g. its first p tokens' KV).
+  doc_lengths: doc_id -> tokens, needed with cfg["length_weighting"] (rows per document in
+  proportion to its length, `length_weights`).
   mesh: None (one device) or a ("data", "fsdp", "tensor") Mesh; with a mesh, `model`'s weights
   are moved onto it in place (cas.sharding.shard_model) and stay there after the call.
 
@@ -119,6 +134,8 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
     raise ValueError(f"train_cas: duplicate doc ids {dup[:5]}; every document needs a unique doc_id")
   validate(len(doc_ids), c["num_slots"], c["k_max"], c["evict_fraction"], c["rotate_every"])
   check_every_document_trained(len(doc_ids), c["num_slots"], c["evict_fraction"], c["rotate_every"], c["steps"])
+  if c["length_weighting"] and (doc_lengths is None or set(doc_ids) - set(doc_lengths)):
+    raise ValueError("train.length_weighting=True needs the length of every document (train_cas(doc_lengths=...))")
   if isinstance(c["max_conversations"], bool) or not isinstance(c["max_conversations"], int) or c["max_conversations"] < 0:
     raise ValueError(f"train.max_conversations={c['max_conversations']!r}: must be an integer >= 0 (0 = every "
                      "conversation of each document)")
@@ -135,13 +152,14 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
   # and metrics; every process runs the same steps, rotations and loads (cas.rotation.manager).
   lock = DirLock(workdir, what="CAS training workdir") if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
+    weights = length_weights({d: doc_lengths[d] for d in doc_ids}) if c["length_weighting"] else None
     return _train_cas(model=model, model_fingerprint=model_fingerprint, dataset_dir=dataset_dir,
                       workdir=workdir, doc_ids=doc_ids, spec=spec, frozen=frozen, init_fn=init_fn, c=c,
-                      dtype=dtype, mesh=mesh, stop_after=stop_after)
+                      dtype=dtype, mesh=mesh, stop_after=stop_after, weights=weights)
 
 
 def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec, frozen, init_fn, c,
-               dtype, mesh, stop_after) -> dict:
+               dtype, mesh, stop_after, weights=None) -> dict:
   ds = SynthDataset(dataset_dir)
   check_compatible(ds.manifest, model_fingerprint=model_fingerprint, source=dataset_dir)
   # Resident documents are drawn every step: keep theirs (and the next admitted ones) decoded.
@@ -179,7 +197,9 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
     policy = RotationPolicy(c["num_slots"], c["evict_fraction"], c["rotate_every"], seed=c["seed"])
     from cas.train.cas_batch import ResidentSampler
     cap = int(c["max_conversations"])
-    sampler = ResidentSampler((lambda d: convs.get(d)[:cap]) if cap else convs.get, seed=c["seed"])
+    sampler = ResidentSampler((lambda d: convs.get(d)[:cap]) if cap else convs.get, seed=c["seed"], weights=weights)
+    if weights:
+      logging.info("length weighting: rows per pass %s", dict(sorted(weights.items())))
 
     manager = ckpt.make_manager(workdir, max_to_keep=c["keep_checkpoints"])
     expect = {"config_fingerprint": _fingerprint(c, spec, doc_ids), "model_fingerprint": model_fingerprint}

@@ -139,3 +139,24 @@ def test_resident_sampler_only_resident_balanced_and_resumable():
   assert set(bx1["slots"][bx1["slots"] >= 0].tolist()) <= set(resident.values())
   with pytest.raises(KeyError, match="no conversations known"):
     ResidentSampler(index, seed=0).sample({"zz": 0}, 1)
+
+
+def test_resident_sampler_length_weights():
+  """weights: a document gets weights[d] rows per pass (e.g. by length); unweighted draws are the
+  same as before weights existed (same permutation of the same list); state resumes exactly."""
+  from cas.train.cas_loop import length_weights
+  index = {f"d{i}": list(range(10 * i, 10 * i + 5)) for i in range(4)}
+  resident = {"d0": 0, "d1": 1, "d2": 2, "d3": 3}
+  w = length_weights({"d0": 100, "d1": 300, "d2": 90, "d3": 5000})
+  assert w == {"d0": 1, "d1": 2, "d2": 1, "d3": 8}  # round(len / median 200), clipped to [1, 8]
+  s = ResidentSampler(index, seed=1, weights=w)
+  draws = s.sample(resident, 12 * 5)
+  assert collections.Counter(d for d, _, _ in draws) == {"d0": 5, "d1": 10, "d2": 5, "d3": 40}
+  plain, ones = ResidentSampler(index, seed=1), ResidentSampler(index, seed=1, weights={d: 1 for d in index})
+  assert plain.sample(resident, 9) == ones.sample(resident, 9)
+  a = ResidentSampler(index, seed=1, weights=w)
+  a.sample(resident, 5)
+  b = ResidentSampler(index, seed=1, weights=w, state=json.loads(json.dumps(a.state_dict())))
+  assert a.sample(resident, 17) == b.sample(resident, 17)
+  with pytest.raises(ValueError, match="weights must be >= 1"):
+    ResidentSampler(index, seed=1, weights={"d0": 0})
