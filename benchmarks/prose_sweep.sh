@@ -25,10 +25,13 @@ declare -A V=(
   [walk32]="--config.synth.coverage=walk --config.train.max_conversations=32"
   [walk256_rv]="--config.synth.coverage=walk --config.cartridge.short_fill=random_vectors"
   [walk256_iso]="--config.synth.coverage=walk --config.train.k_max=1 --config.train.p_isolated=1.0"
+  [walk64_len]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.train.length_weighting=True"
+  [walk64_p1024]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.num_tokens=1024"
+  [walk64_len2k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.train.length_weighting=True --config.train.steps=2000"
 )
 cov() { case $1 in walk*) echo walk;; *) echo random;; esac; }
 if [ "$MODE" = start ]; then
-  for c in walk random; do  # the two self-study sets, in parallel
+  for c in $(for n in "${NAMES[@]}"; do cov $n; done | sort -u); do  # the self-study sets needed, in parallel
     mkdir -p $W/synth_$c
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 python3 -m launch.cas "${COMMON[@]}" --config.synth.coverage=$c \
       --workdir=$W/synth_$c --stages=synth > $W/synth_$c.log 2>&1 &
