@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ml_collections.FieldReference(None, field_type=str)  # a saved collection dir; None = built-in
-  c.data.kind = "patients"  # patients | products (built-in) | longhealth | quality | qasper | folder
+  c.data.kind = "patients"  # patients | products | minutes | prose (built-in) | longhealth | quality | qasper | folder
   c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)  # benchmark / folder files
   c.data.split = ml_collections.FieldReference(None, field_type=str)  # benchmark split; None = the only one
   c.data.num_docs = 1

@@ -6,7 +6,8 @@ distractor mixing and a rotating budget of device slots, plus the baselines.
 
 Evaluation alone (never trains; resumes per method): python -m launch.evaluate with the same flags.
 
-Data (cas/data/sources.py): `data.kind` patients | products (built-in generator), prose (built-in
+Data (cas/data/sources.py): `data.kind` patients | products | minutes (built-in generator; minutes:
+meeting minutes of 1-4k tokens, questions also by content), prose (built-in
 real prose with planted facts, cas.data.prose; num_docs <= 24), longhealth | quality | qasper
 (source files in `data.manual_dir`, through the tfds builders; `data.split`), or folder (.txt/.md
 files under `data.manual_dir`); `data.path` a saved collection directory.
@@ -43,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ml_collections.FieldReference(None, field_type=str)
-  c.data.kind = "patients"  # patients | products | prose (built-in) | longhealth | quality | qasper | folder
+  c.data.kind = "patients"  # patients | products | minutes | prose (built-in) | longhealth | quality | qasper | folder
   c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)  # benchmark / folder files
   c.data.split = ml_collections.FieldReference(None, field_type=str)  # benchmark split; None = the only one
   c.data.num_docs = 4

@@ -1,7 +1,7 @@
 """Where a pipeline's collection comes from (`config.data`), written once into the workdir.
 
   config.data.path         a saved collection directory (cas.data.types); read in place
-  config.data.kind         "patients" | "products"   built-in synthetic collection
+  config.data.kind         "patients" | "products" | "minutes"   built-in synthetic collection
                                                       (data.num_docs, data.seed, data.words_per_doc)
                            "prose"                    built-in real prose (Britannica 1911 on
                                                       Shakespeare, Areopagitica, sonnets) with
