@@ -10,7 +10,11 @@ MODE=${1:-start}; W=${2:-/root/sweep}
 # families on 128-384-token chunks, p = 128, lr 2e-2), pinned here so that the recorded commands
 # keep their meaning (a variant's scalar flag overrides the pin: the last one wins); the preset
 # itself now is SYNTH=quote CONV=512 with variant p512_lr1e2.
+# DATA=minutes|products|prose picks another built-in collection (default patients); SEED sets data,
+# self-study and training seeds (two seeds per claim)
 COMMON=(--config=configs/cas.py:paper --config.synth.conversations=${CONV:-128} --config.layer_loop=scan
+        --config.data.kind=${DATA:-patients} --config.data.seed=${SEED:-0} --config.synth.seed=${SEED:-0}
+        --config.train.seed=${SEED:-0}
         --config.cartridge.num_tokens=128 --config.train.lr=2e-2
         "--config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed')"
         "--config.eval.num_loaded=(1,5,10,20)")
@@ -46,6 +50,12 @@ declare -A V=(
   [seq]="--config.train.steps=1000 --config.train.position_mode=sequential --config.eval.position_modes=('sequential',)"
   [own]="--config.train.steps=1000 --config.train.train_distractors=False"
   [own_seq]="--config.train.steps=1000 --config.train.train_distractors=False --config.train.position_mode=sequential --config.eval.position_modes=('sequential',)"
+  # issue 20 levers at the preset's p = 512, lr 1e-2 (SYNTH=quote CONV=512): hard negatives (BM25), a curriculum on k
+  [p512_base]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.lr=1e-2"
+  [p512_hard]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.lr=1e-2 --config.train.p_hard=0.5"
+  [p512_hard1]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.lr=1e-2 --config.train.p_hard=1.0"
+  [p512_curr]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.lr=1e-2 --config.train.k_curriculum_steps=500"
+  [p512_hard_curr]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.lr=1e-2 --config.train.p_hard=0.5 --config.train.k_curriculum_steps=500"
 )
 if [ "$MODE" = start ]; then
   F=${NAMES[0]}

@@ -193,15 +193,27 @@ class CasStages:
         check_mesh(self._mesh, self.config.train.num_slots)
     return self._mesh
 
+  def neighbors(self, max_neighbors: int = 64) -> dict[str, list[str]]:
+    """doc_id -> the other documents most similar to it, best first (at most `max_neighbors`): a
+    BM25 document index queried with each document's title and first 300 words (hard negatives,
+    config.train.p_hard)."""
+    from cas.retrieval import build_retriever
+    index = build_retriever("bm25", self.docs, unit="document")
+    queries = [f"{d.title} " + " ".join(d.text.split()[:300]) for d in self.docs]
+    k = min(len(self.docs), max_neighbors + 1)
+    hits = index.search_docs_batch(queries, k)
+    return {d.doc_id: [h for h, _ in row if h != d.doc_id][:max_neighbors] for d, row in zip(self.docs, hits)}
+
   def _train(self, name: str, **over):
     from cas.train.cas_loop import train_cas
     t = time.time()
     cfg = {**dict(self.config.train), "top_k": self.config.synth.top_k, **over}
+    neighbors = self.neighbors() if cfg.get("p_hard", 0.0) > 0 else None
     out = train_cas(model=self.model, model_fingerprint=self.lm.fingerprint,
                     dataset_dir=os.path.join(self.workdir, "synth"), workdir=os.path.join(self.run_dir, name),
                     doc_ids=[d.doc_id for d in self.docs], spec=self.spec, frozen=self._sink(),
                     init_fn=self._init_fn(), cfg=cfg, dtype=DTYPES[self.config.dtype], mesh=self.mesh(),
-                    doc_lengths=self.doc_lengths)
+                    doc_lengths=self.doc_lengths, neighbors=neighbors)
     self.timings[f"train_{name}"] = time.time() - t
     return out
 
@@ -210,7 +222,7 @@ class CasStages:
 
   def train_isolated(self):
     """Baseline: each cartridge trained alone (no distractors), same budget otherwise."""
-    return self._train("isolated", k_max=1, p_isolated=1.0)
+    return self._train("isolated", k_max=1, p_isolated=1.0, p_hard=0.0, k_curriculum_steps=0)
 
   def train_monolithic(self):
     """Baseline: one cartridge of N*p tokens trained on every document's self-study data."""

@@ -101,6 +101,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # True: a resident document gets training rows in proportion to its length (round(tokens / median),
   # at most 8 per pass) instead of one per pass (cas.train.cas_loop.length_weights)
   c.train.length_weighting = False
+  # hard negatives: the fraction of mixed rows whose distractors are the resident documents most
+  # similar to their own (BM25 over the documents); 0 = uniform distractors (the paper's mixing)
+  c.train.p_hard = 0.0
+  # curriculum on k: rows load at most 2 .. k_max cartridges, growing over this many steps (0 = off)
+  c.train.k_curriculum_steps = 0
   c.train.log_every = 4
   c.train.ckpt_every = 8
   c.train.keep_checkpoints = 2

@@ -10,7 +10,9 @@ Distractor mixing (DESIGN §4)
 With probability `p_isolated` a row sees its own cartridge only. Otherwise it sees its own plus
 k ~ U{1, ..., k_max-1} distinct distractors drawn uniformly from the *other* resident slots
 (fewer when fewer are resident), in a random order (the own cartridge at a random position
-among the used entries). With k_max = 1 every row is isolated.
+among the used entries). With k_max = 1 every row is isolated. Two options (off by default):
+a curriculum on k (`k_limit` < k_max early in training) and hard negatives (with probability
+`p_hard` the distractors are the resident documents most similar to the row's own).
 
 Positions (the frozen sink is F = num_frozen tokens, P = p tokens per cartridge sink included,
 so each cartridge contributes P-F trainable tokens; n = number of cartridges a row loads)
@@ -56,22 +58,37 @@ def question_offset(n_loaded: int, *, p: int, num_frozen: int, position_mode: st
 
 
 def draw_slots(own_slot: int, resident_slots: Sequence[int], *, k_max: int, p_isolated: float,
-               rng: np.random.Generator) -> np.ndarray:
+               rng: np.random.Generator, k_limit: int | None = None, hard_slots: Sequence[int] = (),
+               p_hard: float = 0.0) -> np.ndarray:
   """The slots one row sees: [k_max] int32, own slot included, used entries first, -1 after.
 
   Always consumes rng the same way for a given (own_slot, resident set, k_max) so that a batch
   is a pure function of the rng state. Distractors are drawn from the sorted set of resident
   slots other than `own_slot` (so the result does not depend on the order of `resident_slots`).
+  k_limit (curriculum on k): loads at most k_limit cartridges (k ~ U{1..k_limit-1} distractors);
+    default k_max.
+  hard_slots, p_hard (hard negatives): with probability p_hard a mixed row's distractors are the
+    first k of `hard_slots` (resident slots of the documents most similar to its own, most similar
+    first; uniform draws fill up when fewer are resident). p_hard = 0 draws exactly as before.
   """
   own_slot = int(own_slot)
   others = np.asarray(sorted(set(int(s) for s in resident_slots) - {own_slot}), np.int32)
   out = np.full(k_max, -1, np.int32)
+  limit = k_max if k_limit is None else max(1, min(int(k_limit), k_max))
   u = rng.random()
-  if k_max == 1 or u < p_isolated or len(others) == 0:
+  if limit == 1 or u < p_isolated or len(others) == 0:
     out[0] = own_slot
     return out
-  k = min(int(rng.integers(1, k_max)), len(others))  # U{1..k_max-1}, capped by what is resident
-  used = np.concatenate([[own_slot], rng.choice(others, size=k, replace=False)]).astype(np.int32)
+  k = min(int(rng.integers(1, limit)), len(others))  # U{1..k_limit-1}, capped by what is resident
+  if p_hard > 0 and rng.random() < p_hard:
+    pool = set(others.tolist())
+    hard = [int(s) for s in dict.fromkeys(hard_slots) if int(s) in pool][:k]
+    rest = np.asarray([s for s in others.tolist() if s not in hard], np.int32)
+    fill = rng.choice(rest, size=k - len(hard), replace=False) if k > len(hard) else np.zeros(0, np.int32)
+    picked = np.concatenate([np.asarray(hard, np.int32), fill.astype(np.int32)])
+  else:
+    picked = rng.choice(others, size=k, replace=False)
+  used = np.concatenate([[own_slot], picked]).astype(np.int32)
   out[:k + 1] = used[rng.permutation(k + 1)]
   return out
 
@@ -79,11 +96,13 @@ def draw_slots(own_slot: int, resident_slots: Sequence[int], *, k_max: int, p_is
 def build_cas_batch(samples: Sequence[tuple[Conversation, int]], resident_slots: Sequence[int], *,
                     k_max: int, p_isolated: float, rng: np.random.Generator, seq_len: int,
                     top_k: int, p: int, num_frozen: int = 1, position_mode: str = "shared",
-                    batch_size: int | None = None) -> dict[str, np.ndarray]:
+                    batch_size: int | None = None, k_limit: int | None = None,
+                    hard_slots: Sequence[Sequence[int]] | None = None, p_hard: float = 0.0) -> dict[str, np.ndarray]:
   """One CAS batch: row r = conversation samples[r][0] (truncated to seq_len), own slot samples[r][1].
 
   p: cartridge length P (sink included); num_frozen: F. batch_size: pad to this many rows (padding
   rows: segment 0, loss_mask 0, slots all -1, own_slot -1); default len(samples).
+  k_limit, p_hard, hard_slots[r] (row r's most similar resident slots): see `draw_slots`.
   Returns numpy arrays (Bt = batch size, T = seq_len, K = top_k):
     tokens, positions, segment_ids (1 on tokens, 0 on padding), targets: [Bt, T] int32;
     loss_mask [Bt, T] f32; topk_ids [Bt, T, K] int32; topk_logprobs [Bt, T, K] f32 (-1e9 absent);
@@ -109,7 +128,8 @@ def build_cas_batch(samples: Sequence[tuple[Conversation, int]], resident_slots:
     if int(own_slot) not in resident:
       raise ValueError(f"build_cas_batch: sample {r} (doc {conv.doc_id!r}) names slot {own_slot}, "
                        f"which is not among the resident slots {sorted(resident)}")
-    slots[r] = draw_slots(own_slot, resident_slots, k_max=k_max, p_isolated=p_isolated, rng=rng)
+    slots[r] = draw_slots(own_slot, resident_slots, k_max=k_max, p_isolated=p_isolated, rng=rng, k_limit=k_limit,
+                          hard_slots=hard_slots[r] if hard_slots is not None else (), p_hard=p_hard)
     own[r] = int(own_slot)
     n = int((slots[r] >= 0).sum())
     off = question_offset(n, p=p, num_frozen=num_frozen, position_mode=position_mode)
@@ -153,9 +173,13 @@ class ResidentSampler:
   """
 
   def __init__(self, conversations: Mapping[str, Sequence[Any]] | Callable[[str], Sequence[Any]], *,
-               seed: int, state: dict | None = None, weights: Mapping[str, int] | None = None):
+               seed: int, state: dict | None = None, weights: Mapping[str, int] | None = None,
+               neighbors: Mapping[str, Sequence[str]] | None = None):
     """weights: doc_id -> rows per pass (default 1 each): e.g. by document length, so a long
-    document's cartridge gets more training rows while resident (cas.train.cas_loop.length_weights)."""
+    document's cartridge gets more training rows while resident (cas.train.cas_loop.length_weights).
+    neighbors: doc_id -> the other documents, most similar first (hard negatives: `next_batch`
+    with p_hard > 0 loads the resident ones as a row's distractors)."""
+    self.neighbors = {str(k): [str(d) for d in v] for k, v in (neighbors or {}).items()}
     self._get = conversations if callable(conversations) else conversations.__getitem__
     self.seed = int(seed)
     self.weights = {str(k): int(v) for k, v in (weights or {}).items()}
@@ -231,4 +255,7 @@ class ResidentSampler:
     rng = np.random.default_rng([self.seed, 2, self._state["batches"]])
     self._state["batches"] += 1
     samples = [(conv(item), slot) for _, item, slot in draws]
+    if build_kwargs.get("p_hard", 0.0) > 0:
+      build_kwargs["hard_slots"] = [[int(resident[n]) for n in self.neighbors.get(d, ()) if n in resident]
+                                    for d, _, _ in draws]
     return build_cas_batch(samples, sorted(resident.values()), rng=rng, **build_kwargs)

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from typing import Callable, Mapping, Sequence
 
@@ -61,13 +62,24 @@ from cas.train.validate import check_train_config
 CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
             "num_slots", "k_max", "p_isolated", "rotate_every", "evict_fraction", "position_mode",
             "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors", "loss_chunk",
-            "max_conversations", "length_weighting")
+            "max_conversations", "length_weighting", "p_hard", "k_curriculum_steps")
 # max_conversations: train on each document's first n self-study conversations only (0 = all; a
 # curve of quality against self-study size from one synthesis)
 # length_weighting: a resident document gets rows in proportion to its length (length_weights), not one
 # each per pass: a long document holds more facts for its one cartridge to learn
+# p_hard: the fraction of mixed rows whose distractors are the resident documents most similar to
+# their own (train_cas(neighbors=...), e.g. by BM25); k_curriculum_steps: rows load at most
+# k_limit(step) cartridges, growing from 2 to k_max over that many steps (0 = k_max from the start)
 DEFAULTS = {"train_distractors": True, "loss_chunk": LOSS_CHUNK_TOKENS, "max_conversations": 0,
-            "length_weighting": False}
+            "length_weighting": False, "p_hard": 0.0, "k_curriculum_steps": 0}
+
+
+def k_limit(step: int, k_max: int, curriculum_steps: int) -> int:
+  """Most cartridges a row of training step `step` (1-based) loads: k_max, or with a curriculum
+  1 + ceil((k_max - 1) * step / curriculum_steps) until curriculum_steps."""
+  if curriculum_steps <= 0 or k_max <= 1:
+    return k_max
+  return min(k_max, 1 + math.ceil((k_max - 1) * min(1.0, step / curriculum_steps)))
 MAX_LENGTH_WEIGHT = 8
 
 
@@ -105,7 +117,8 @@ def check_mesh(mesh: Mesh, num_slots: int) -> None:
 def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, doc_ids: Sequence[str],
               spec: CartridgeSpec, frozen: tuple, init_fn: Callable[[str], dict], cfg: dict,
               dtype=jnp.float32, mesh=None, stop_after: int | None = None,
-              doc_lengths: Mapping[str, int] | None = None) -> dict:
+              doc_lengths: Mapping[str, int] | None = None,
+              neighbors: Mapping[str, Sequence[str]] | None = None) -> dict:
   """Train all documents' cartridges jointly. Returns {"steps", "final_loss", "store",
   "device_slot_bytes", "counts" (doc_id -> steps), "state_shardings" (slot state leaf -> the
   Sharding it ended with)}.
@@ -114,6 +127,8 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
   for a document that has never been trained (e.g. its first p tokens' KV).
   doc_lengths: doc_id -> tokens, needed with cfg["length_weighting"] (rows per document in
   proportion to its length, `length_weights`).
+  neighbors: doc_id -> other documents, most similar first, needed with cfg["p_hard"] > 0 (hard
+  negatives, cas.train.cas_batch.draw_slots).
   mesh: None (one device) or a ("data", "fsdp", "tensor") Mesh; with a mesh, `model`'s weights
   are moved onto it in place (cas.sharding.shard_model) and stay there after the call.
 
@@ -134,6 +149,13 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
     raise ValueError(f"train_cas: duplicate doc ids {dup[:5]}; every document needs a unique doc_id")
   validate(len(doc_ids), c["num_slots"], c["k_max"], c["evict_fraction"], c["rotate_every"])
   check_every_document_trained(len(doc_ids), c["num_slots"], c["evict_fraction"], c["rotate_every"], c["steps"])
+  if not (isinstance(c["p_hard"], (int, float)) and 0.0 <= float(c["p_hard"]) <= 1.0):
+    raise ValueError(f"train.p_hard={c['p_hard']!r}: must be in [0, 1]")
+  if c["p_hard"] > 0 and (neighbors is None or set(doc_ids) - set(neighbors)):
+    raise ValueError(f"train.p_hard={c['p_hard']} (hard negatives) needs every document's most similar documents "
+                     "(train_cas(neighbors=...); the CAS pipeline computes them with a BM25 document index)")
+  if isinstance(c["k_curriculum_steps"], bool) or not isinstance(c["k_curriculum_steps"], int) or c["k_curriculum_steps"] < 0:
+    raise ValueError(f"train.k_curriculum_steps={c['k_curriculum_steps']!r}: must be an integer >= 0")
   if c["length_weighting"] and (doc_lengths is None or set(doc_ids) - set(doc_lengths)):
     raise ValueError("train.length_weighting=True needs the length of every document (train_cas(doc_lengths=...))")
   if isinstance(c["max_conversations"], bool) or not isinstance(c["max_conversations"], int) or c["max_conversations"] < 0:
@@ -155,11 +177,12 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
     weights = length_weights({d: doc_lengths[d] for d in doc_ids}) if c["length_weighting"] else None
     return _train_cas(model=model, model_fingerprint=model_fingerprint, dataset_dir=dataset_dir,
                       workdir=workdir, doc_ids=doc_ids, spec=spec, frozen=frozen, init_fn=init_fn, c=c,
-                      dtype=dtype, mesh=mesh, stop_after=stop_after, weights=weights)
+                      dtype=dtype, mesh=mesh, stop_after=stop_after, weights=weights,
+                      neighbors=neighbors if c["p_hard"] > 0 else None)
 
 
 def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec, frozen, init_fn, c,
-               dtype, mesh, stop_after, weights=None) -> dict:
+               dtype, mesh, stop_after, weights=None, neighbors=None) -> dict:
   ds = SynthDataset(dataset_dir)
   check_compatible(ds.manifest, model_fingerprint=model_fingerprint, source=dataset_dir)
   # Resident documents are drawn every step: keep theirs (and the next admitted ones) decoded.
@@ -197,7 +220,8 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
     policy = RotationPolicy(c["num_slots"], c["evict_fraction"], c["rotate_every"], seed=c["seed"])
     from cas.train.cas_batch import ResidentSampler
     cap = int(c["max_conversations"])
-    sampler = ResidentSampler((lambda d: convs.get(d)[:cap]) if cap else convs.get, seed=c["seed"], weights=weights)
+    sampler = ResidentSampler((lambda d: convs.get(d)[:cap]) if cap else convs.get, seed=c["seed"], weights=weights,
+                              neighbors=neighbors)
     if weights:
       logging.info("length weighting: rows per pass %s", dict(sorted(weights.items())))
 
@@ -242,7 +266,9 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
         table = list(mgr.table)  # the documents this step trains (before any rotation)
         batch = sampler.next_batch(mgr.resident(), c["batch_size"], k_max=c["k_max"], p_isolated=c["p_isolated"],
                                    seq_len=c["seq_len"], top_k=c["top_k"], p=spec.num_tokens,
-                                   num_frozen=spec.num_frozen, position_mode=c["position_mode"])
+                                   num_frozen=spec.num_frozen, position_mode=c["position_mode"],
+                                   k_limit=k_limit(step, c["k_max"], c["k_curriculum_steps"]),
+                                   p_hard=float(c["p_hard"]))
         batch = {k: v for k, v in batch.items() if k not in ("n_loaded",)}
         if mesh is None:
           batch = {k: jnp.asarray(v) for k, v in batch.items()}

@@ -160,3 +160,45 @@ def test_resident_sampler_length_weights():
   assert a.sample(resident, 17) == b.sample(resident, 17)
   with pytest.raises(ValueError, match="weights must be >= 1"):
     ResidentSampler(index, seed=1, weights={"d0": 0})
+
+
+def test_hard_negatives_and_k_curriculum():
+  """p_hard = 1: a mixed row's distractors are the first k of its hard list (the most similar
+  resident documents); p_hard = 0 and k_limit = k_max draw exactly as without them; k_limit
+  caps the cartridges a row loads; the curriculum grows from 2 to k_max."""
+  from cas.train.cas_loop import k_limit
+  resident = [0, 1, 2, 3, 4, 5, 6, 7]
+  for seed in range(30):
+    a = draw_slots(3, resident, k_max=5, p_isolated=0.2, rng=np.random.default_rng(seed))
+    b = draw_slots(3, resident, k_max=5, p_isolated=0.2, rng=np.random.default_rng(seed), k_limit=5,
+                   hard_slots=[7, 6], p_hard=0.0)
+    np.testing.assert_array_equal(a, b)
+    h = draw_slots(3, resident, k_max=5, p_isolated=0.0, rng=np.random.default_rng(seed), hard_slots=[7, 6, 5, 9],
+                   p_hard=1.0)
+    used = [int(x) for x in h if x >= 0]
+    k = len(used) - 1
+    assert 3 in used and 1 <= k <= 4
+    want = {7, 6, 5}
+    if k <= 3:
+      assert set(used) - {3} == set([7, 6, 5][:k])  # the most similar first (9 is not resident)
+    else:
+      assert want < set(used)  # all hard ones, one uniform filler
+    c = draw_slots(3, resident, k_max=5, p_isolated=0.0, rng=np.random.default_rng(seed), k_limit=2)
+    assert (c >= 0).sum() == 2 and c.shape == (5,)
+  assert [k_limit(s, 10, 100) for s in (1, 12, 50, 100, 500)] == [2, 3, 6, 10, 10]
+  assert k_limit(1, 10, 0) == 10 and k_limit(5, 1, 100) == 1
+
+  # through the sampler: neighbors by doc id, mapped to the resident slots of this step
+  index = {f"d{i}": [i] for i in range(6)}
+  convs = {d: [_conv(d, 3, 4, seed=i)] for i, d in enumerate(index)}
+  s = ResidentSampler(convs, seed=0, neighbors={d: [f"d{(int(d[1:]) + j) % 6}" for j in (1, 2, 3)] for d in index})
+  res = {"d0": 0, "d1": 1, "d2": 2, "d4": 3}
+  kw = dict(k_max=3, p_isolated=0.0, seq_len=12, top_k=4, p=6, num_frozen=1, p_hard=1.0)
+  b = s.next_batch(res, 8, **kw)
+  slot_doc = {v: k for k, v in res.items()}
+  for row, own in zip(b["slots"], b["own_slot"]):
+    d = slot_doc[int(own)]
+    hard = [n for n in s.neighbors[d] if n in res]
+    got = [slot_doc[int(x)] for x in row if x >= 0 and int(x) != int(own)]
+    assert got and set(got) <= set(hard[:len(got)]) | set(res), (d, got)
+    assert set(got) == set(hard[:len(got)]) if len(got) <= len(hard) else True
