@@ -114,3 +114,30 @@ _TOK = None
 TINY_SMOL_VOCAB = ModelConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
                               num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=100000.0,
                               tie_word_embeddings=True)
+
+
+def tiny_smol_lm(seed: int):
+  """The tiny random model with the real SmolLM2 tokenizer (TINY_SMOL_VOCAB, weights x3) as a
+  cas.model.loader.LoadedModel, for pipeline tests that pass `lm=` instead of loading a model."""
+  from cas.model.loader import LoadedModel
+  return LoadedModel(model=tiny_model(seed=seed, cfg=TINY_SMOL_VOCAB, scale=3.0), tokenizer=real_tokenizer(),
+                     config=TINY_SMOL_VOCAB, source="tiny-random", fingerprint=f"tiny-random-smol-vocab-{seed}",
+                     hf_config={})
+
+
+def tiny_cas_config(num_docs: int = 2):
+  """configs/cas.py:quick shrunk for a tiny model on a CPU: one device (no mesh), 2 self-study
+  conversations of 6 + 6 tokens per document (top-4), p = 8, 2 rows of 64 tokens, logs and
+  checkpoints every 2 steps. Tests set what they exercise on top (steps, slots, methods, data)."""
+  from configs.cas import get_config
+  c = get_config("quick")
+  c.data.num_docs = num_docs
+  c.mesh = None  # one device (the 8 fake CPU devices of conftest would need num_slots % 8 == 0)
+  c.synth.conversations, c.synth.shard_size, c.synth.batch_size = 2, 4, 4
+  c.synth.min_chunk, c.synth.max_chunk = 32, 64
+  c.synth.max_user_tokens, c.synth.max_answer_tokens = 6, 6
+  c.synth.top_k = 4
+  c.cartridge.num_tokens = 8
+  c.train.batch_size, c.train.seq_len = 2, 64
+  c.train.log_every = c.train.ckpt_every = 2
+  return c

@@ -7,33 +7,18 @@ import os
 import pytest
 
 from cas.cas_pipeline import CasStages
-from cas.model.loader import LoadedModel
-from cas.testing import TINY_SMOL_VOCAB, real_tokenizer, tiny_model
+from cas.testing import tiny_cas_config, tiny_smol_lm
 from cas.train.cas_loop import _fingerprint, train_cas
-from configs.cas import get_config
 
 
 @pytest.fixture(scope="module")
 def lm():
-  model = tiny_model(seed=11, cfg=TINY_SMOL_VOCAB, scale=3.0)
-  return LoadedModel(model=model, tokenizer=real_tokenizer(), config=TINY_SMOL_VOCAB, source="tiny-random",
-                     fingerprint="tiny-random-smol-vocab-11", hf_config={})
+  return tiny_smol_lm(11)
 
 
 def _config(**train):
-  c = get_config("quick")
-  c.data.num_docs = 4
-  c.mesh = None
-  c.synth.conversations = 2
-  c.synth.shard_size = 4
-  c.synth.batch_size = 4
-  c.synth.min_chunk, c.synth.max_chunk = 32, 64
-  c.synth.max_user_tokens, c.synth.max_answer_tokens = 6, 6
-  c.synth.top_k = 4
-  c.cartridge.num_tokens = 8
+  c = tiny_cas_config(num_docs=4)
   c.train.steps = 10
-  c.train.batch_size = 2
-  c.train.seq_len = 64
   c.train.num_slots, c.train.k_max = 4, 3
   c.train.rotate_every = 4
   c.train.log_every = c.train.ckpt_every = 5

@@ -14,9 +14,7 @@ from cas.cartridge.cartridge import CartridgeError
 from cas.cas_pipeline import CasStages, run_cas_pipeline, run_dir_for
 from cas.data.types import Collection, Document, Question
 from cas.eval.workdir import evaluate_workdir
-from cas.model.loader import LoadedModel
-from cas.testing import TINY_SMOL_VOCAB, real_tokenizer, tiny_model
-from configs.cas import get_config
+from cas.testing import tiny_cas_config, tiny_smol_lm
 
 WORDS = ("river stone lamp garden copper window harbor maple signal orchard violet anchor "
          "meadow lantern quarry thimble").split()
@@ -30,9 +28,7 @@ def _text(num_words: int, seed: int) -> str:
 
 @pytest.fixture(scope="module")
 def lm():
-  model = tiny_model(seed=7, cfg=TINY_SMOL_VOCAB, scale=3.0)
-  return LoadedModel(model=model, tokenizer=real_tokenizer(), config=TINY_SMOL_VOCAB, source="tiny-random",
-                     fingerprint="tiny-random-smol-vocab-7", hf_config={})
+  return tiny_smol_lm(7)
 
 
 @pytest.fixture(scope="module")
@@ -49,25 +45,15 @@ def collection_dir(tmp_path_factory, lm):
 
 
 def _config(collection_dir, p=32, **cartridge):
-  c = get_config("quick")
+  c = tiny_cas_config(num_docs=4)
   c.data.path = collection_dir
-  c.data.num_docs = 4
-  c.mesh = None
-  c.synth.conversations = 2
-  c.synth.shard_size = 4
-  c.synth.batch_size = 4
   c.synth.min_chunk, c.synth.max_chunk = 16, 48
-  c.synth.max_user_tokens, c.synth.max_answer_tokens = 6, 6
-  c.synth.top_k = 4
   c.cartridge.num_tokens = p
   for k, v in cartridge.items():
     c.cartridge[k] = v
   c.train.steps = 8  # rotations at 2, 4, 6: every document gets trained
-  c.train.batch_size = 2
-  c.train.seq_len = 64
   c.train.num_slots, c.train.k_max = 2, 2
   c.train.rotate_every = 2
-  c.train.log_every = c.train.ckpt_every = 2
   c.eval.methods = ("cartridge_oracle", "cas_composed")  # no ICL: a 20k-token prompt is slow on a CPU
   c.eval.num_loaded = (2,)
   c.eval.kinds = ("mc",)

@@ -19,9 +19,7 @@ import pytest
 from cas.cas_pipeline import CasStages
 from cas.data.types import CollectionError, load_collection, read_manifest
 from cas.eval.workdir import MissingStageError, evaluate_workdir, pipeline_kind
-from cas.model.loader import LoadedModel
-from cas.testing import TINY_SMOL_VOCAB, real_tokenizer, tiny_model
-from configs.cas import get_config
+from cas.testing import tiny_cas_config, tiny_smol_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "data", "fixtures")
@@ -33,24 +31,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _config():
-  c = get_config("quick")
+  c = tiny_cas_config(num_docs=2)
   c.data.kind = "quality"
   c.data.manual_dir = FIXTURES
-  c.data.num_docs = 2
-  c.mesh = None  # one device (the 8 fake CPU devices of conftest would need num_slots % 8 == 0)
-  c.synth.conversations = 2
-  c.synth.shard_size = 4
-  c.synth.batch_size = 4
-  c.synth.min_chunk, c.synth.max_chunk = 32, 64
-  c.synth.max_user_tokens, c.synth.max_answer_tokens = 6, 6
-  c.synth.top_k = 4
-  c.cartridge.num_tokens = 8
   c.train.steps = 4
-  c.train.batch_size = 2
-  c.train.seq_len = 64
   c.train.num_slots, c.train.k_max = 2, 2
   c.train.rotate_every = 2
-  c.train.log_every = c.train.ckpt_every = 2
   c.eval.methods = METHODS
   c.eval.num_loaded = (2,)
   c.eval.kinds = ("mc",)
@@ -63,9 +49,7 @@ def _config():
 
 @pytest.fixture(scope="module")
 def lm():
-  model = tiny_model(seed=5, cfg=TINY_SMOL_VOCAB, scale=3.0)
-  return LoadedModel(model=model, tokenizer=real_tokenizer(), config=TINY_SMOL_VOCAB, source="tiny-random",
-                     fingerprint="tiny-random-smol-vocab-5", hf_config={})
+  return tiny_smol_lm(5)
 
 
 @pytest.fixture(scope="module")
