@@ -622,18 +622,9 @@ def _plant(rec: dict, facts: list[dict], r: random.Random) -> tuple[str, list[di
 def _distractors(r: random.Random, pool: list[str], answer: str, t: _Template,
                  n: int) -> tuple[list[str], str]:
   """`n` distinct wrong values: other documents' values of the template first, then samples."""
+  from cas.data.synthetic import fill_distractors
   others = [v for v in dict.fromkeys(pool) if v != answer]
-  out = r.sample(others, min(n, len(others)))
-  from_docs = len(out)
-  tries = 0
-  while len(out) < n:
-    v = t.sample(r)
-    if v != answer and v not in out:
-      out.append(v)
-    tries += 1
-    if tries > 10000:
-      raise CollectionError(f"prose: cannot find {n} distinct distractors for {t.key!r}")
-  return out, "documents" if from_docs == n else ("pool" if from_docs == 0 else "mixed")
+  return fill_distractors(r, r.sample(others, min(n, len(others))), n, answer, t.sample, f"prose {t.key}")
 
 
 def _questions(doc: Document, facts: list[dict], values_by_field: dict[str, list[str]],

@@ -1447,17 +1447,23 @@ def _distractors(r: random.Random, facts: list[Facts], i: int, spec: FieldSpec,
     if v != answer and v not in out:
       out.append(v)
     tries += 1
+  return fill_distractors(r, out, n, answer, spec.sample, spec.key)
+
+
+def fill_distractors(r: random.Random, out: list[str], n: int, answer: str, sample: Callable[[random.Random], str],
+                     what: str) -> tuple[list[str], str]:
+  """Tops `out` (wrong values taken from other documents) up to `n` distinct values with
+  `sample(r)`; returns (out, source): "documents", "pool" or "mixed" by where they came from."""
   from_docs = len(out)
   tries = 0
   while len(out) < n:
-    v = spec.sample(r)
+    v = sample(r)
     if v != answer and v not in out:
       out.append(v)
     tries += 1
     if tries > 10000:
-      raise RuntimeError(f"cannot find {n} distinct distractors for field {spec.key!r}")
-  source = "documents" if from_docs == n else ("pool" if from_docs == 0 else "mixed")
-  return out, source
+      raise RuntimeError(f"cannot find {n} distinct distractors for field {what!r}")
+  return out, "documents" if from_docs == n else ("pool" if from_docs == 0 else "mixed")
 
 
 def _ask(spec: FieldSpec, f: Facts, subject: str) -> str:
