@@ -55,6 +55,7 @@ declare -A V=(
   [p512_hard]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.lr=1e-2 --config.train.p_hard=0.5"
   [p512_hard1]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.lr=1e-2 --config.train.p_hard=1.0"
   [p512_curr]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.lr=1e-2 --config.train.k_curriculum_steps=500"
+  [p512_mixw2]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.lr=1e-2 --config.train.mixed_weight=2.0"
   [p512_hard_curr]="--config.train.steps=1000 --config.cartridge.num_tokens=512 --config.train.lr=1e-2 --config.train.p_hard=0.5 --config.train.k_curriculum_steps=500"
 )
 if [ "$MODE" = start ]; then

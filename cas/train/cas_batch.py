@@ -97,12 +97,15 @@ def build_cas_batch(samples: Sequence[tuple[Conversation, int]], resident_slots:
                     k_max: int, p_isolated: float, rng: np.random.Generator, seq_len: int,
                     top_k: int, p: int, num_frozen: int = 1, position_mode: str = "shared",
                     batch_size: int | None = None, k_limit: int | None = None,
-                    hard_slots: Sequence[Sequence[int]] | None = None, p_hard: float = 0.0) -> dict[str, np.ndarray]:
+                    hard_slots: Sequence[Sequence[int]] | None = None, p_hard: float = 0.0,
+                    mixed_weight: float = 1.0) -> dict[str, np.ndarray]:
   """One CAS batch: row r = conversation samples[r][0] (truncated to seq_len), own slot samples[r][1].
 
   p: cartridge length P (sink included); num_frozen: F. batch_size: pad to this many rows (padding
   rows: segment 0, loss_mask 0, slots all -1, own_slot -1); default len(samples).
   k_limit, p_hard, hard_slots[r] (row r's most similar resident slots): see `draw_slots`.
+  mixed_weight: the loss_mask of rows that load distractors is scaled by it (the loss is a
+    mask-weighted mean, so this weights mixed against isolated rows); 1.0 leaves it as is.
   Returns numpy arrays (Bt = batch size, T = seq_len, K = top_k):
     tokens, positions, segment_ids (1 on tokens, 0 on padding), targets: [Bt, T] int32;
     loss_mask [Bt, T] f32; topk_ids [Bt, T, K] int32; topk_logprobs [Bt, T, K] f32 (-1e9 absent);
@@ -144,6 +147,9 @@ def build_cas_batch(samples: Sequence[tuple[Conversation, int]], resident_slots:
   out["slots"] = slots
   out["own_slot"] = own
   out["n_loaded"] = (slots >= 0).sum(axis=1).astype(np.int32)
+  if mixed_weight != 1.0:
+    out["loss_mask"] = (out["loss_mask"] * np.where(out["n_loaded"] > 1, np.float32(mixed_weight),
+                                                    np.float32(1.0))[:, None]).astype(np.float32)
   return out
 
 

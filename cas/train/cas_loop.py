@@ -62,16 +62,17 @@ from cas.train.validate import check_train_config
 CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
             "num_slots", "k_max", "p_isolated", "rotate_every", "evict_fraction", "position_mode",
             "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors", "loss_chunk",
-            "max_conversations", "length_weighting", "p_hard", "k_curriculum_steps")
+            "max_conversations", "length_weighting", "p_hard", "k_curriculum_steps", "mixed_weight")
 # max_conversations: train on each document's first n self-study conversations only (0 = all; a
 # curve of quality against self-study size from one synthesis)
 # length_weighting: a resident document gets rows in proportion to its length (length_weights), not one
 # each per pass: a long document holds more facts for its one cartridge to learn
 # p_hard: the fraction of mixed rows whose distractors are the resident documents most similar to
 # their own (train_cas(neighbors=...), e.g. by BM25); k_curriculum_steps: rows load at most
-# k_limit(step) cartridges, growing from 2 to k_max over that many steps (0 = k_max from the start)
+# k_limit(step) cartridges, growing from 2 to k_max over that many steps (0 = k_max from the start);
+# mixed_weight: loss weight of rows with distractors against isolated rows (1.0 = equal)
 DEFAULTS = {"train_distractors": True, "loss_chunk": LOSS_CHUNK_TOKENS, "max_conversations": 0,
-            "length_weighting": False, "p_hard": 0.0, "k_curriculum_steps": 0}
+            "length_weighting": False, "p_hard": 0.0, "k_curriculum_steps": 0, "mixed_weight": 1.0}
 
 
 def k_limit(step: int, k_max: int, curriculum_steps: int) -> int:
@@ -154,6 +155,9 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
   if c["p_hard"] > 0 and (neighbors is None or set(doc_ids) - set(neighbors)):
     raise ValueError(f"train.p_hard={c['p_hard']} (hard negatives) needs every document's most similar documents "
                      "(train_cas(neighbors=...); the CAS pipeline computes them with a BM25 document index)")
+  if not (isinstance(c["mixed_weight"], (int, float)) and not isinstance(c["mixed_weight"], bool)
+          and c["mixed_weight"] > 0):
+    raise ValueError(f"train.mixed_weight={c['mixed_weight']!r}: must be a number > 0")
   if isinstance(c["k_curriculum_steps"], bool) or not isinstance(c["k_curriculum_steps"], int) or c["k_curriculum_steps"] < 0:
     raise ValueError(f"train.k_curriculum_steps={c['k_curriculum_steps']!r}: must be an integer >= 0")
   if c["length_weighting"] and (doc_lengths is None or set(doc_ids) - set(doc_lengths)):
@@ -268,7 +272,7 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
                                    seq_len=c["seq_len"], top_k=c["top_k"], p=spec.num_tokens,
                                    num_frozen=spec.num_frozen, position_mode=c["position_mode"],
                                    k_limit=k_limit(step, c["k_max"], c["k_curriculum_steps"]),
-                                   p_hard=float(c["p_hard"]))
+                                   p_hard=float(c["p_hard"]), mixed_weight=float(c["mixed_weight"]))
         batch = {k: v for k, v in batch.items() if k not in ("n_loaded",)}
         if mesh is None:
           batch = {k: jnp.asarray(v) for k, v in batch.items()}

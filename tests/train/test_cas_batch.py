@@ -202,3 +202,15 @@ def test_hard_negatives_and_k_curriculum():
     got = [slot_doc[int(x)] for x in row if x >= 0 and int(x) != int(own)]
     assert got and set(got) <= set(hard[:len(got)]) | set(res), (d, got)
     assert set(got) == set(hard[:len(got)]) if len(got) <= len(hard) else True
+
+
+def test_mixed_weight_scales_the_loss_mask_of_mixed_rows():
+  convs = [(_conv(f"d{i}", 3, 4, seed=i), i) for i in range(6)]
+  kw = dict(k_max=3, p_isolated=0.5, seq_len=12, top_k=4, p=6, num_frozen=1)
+  a = build_cas_batch(convs, list(range(6)), rng=np.random.default_rng(4), **kw)
+  b = build_cas_batch(convs, list(range(6)), rng=np.random.default_rng(4), mixed_weight=0.25, **kw)
+  mixed = a["n_loaded"] > 1
+  assert mixed.any() and (~mixed).any()
+  np.testing.assert_array_equal(b["slots"], a["slots"])
+  np.testing.assert_allclose(b["loss_mask"][mixed], 0.25 * a["loss_mask"][mixed])
+  np.testing.assert_array_equal(b["loss_mask"][~mixed], a["loss_mask"][~mixed])
