@@ -16,7 +16,12 @@ What llama.cpp's `convert_hf_to_gguf.py` changes and this module undoes:
   * Llama 3 RoPE frequency scaling is stored as a `rope_freqs.weight` tensor of per-frequency
     divisors instead of `rope_scaling` parameters: the parameters are recovered from it and
     checked to reproduce it exactly.
-Weights are dequantized with `gguf.quants.dequantize` (F32, F16, BF16, Q8_0, Q4_0, Q4_1).
+Weights are dequantized with the `gguf` package's own numpy code (`gguf.quants.dequantize`,
+vectorised over blocks): F32, F16, BF16, the legacy block types Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+and the K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-value super-blocks; a `*-Q4_K_M.gguf` file
+mixes Q4_K and Q6_K, with Q5_0/Q8_0 for tensors whose rows are not a multiple of 256).
+Any other type (the IQ*/TQ* families, ...) is refused with a message naming the tensor, its
+type and the supported list.
 """
 from __future__ import annotations
 
@@ -36,7 +41,9 @@ from cas.model.errors import ModelLoadError
 from cas.model.hf_loader import expected_hf_shapes
 from cas.model.llama import rope_inv_freq
 
-SUPPORTED_TYPES = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1)
+SUPPORTED_TYPES = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1,
+                   QType.Q5_0, QType.Q5_1, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K,
+                   QType.Q6_K)
 
 # GGUF `general.architecture` -> (HF architectures entry, HF model_type).
 ARCHITECTURES = {
@@ -236,7 +243,12 @@ def read_gguf_config(path: str | os.PathLike) -> dict:
 
 def _dequantize(t, path: str) -> np.ndarray:
   """One GGUF tensor -> float32 numpy array in numpy order (reversed GGUF shape)."""
-  qtype = QType(t.tensor_type)
+  try:
+    qtype = QType(t.tensor_type)
+  except ValueError:
+    raise ModelLoadError(
+        f"{path}: tensor {t.name!r} has GGML type id {int(t.tensor_type)}, which this gguf package "
+        f"does not know (supported: {', '.join(q.name for q in SUPPORTED_TYPES)})") from None
   if qtype not in SUPPORTED_TYPES:
     raise ModelLoadError(
         f"{path}: tensor {t.name!r} has type {qtype.name}, which cas cannot read "

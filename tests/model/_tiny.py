@@ -100,7 +100,21 @@ def quantize_roundtrip(w: np.ndarray, qtype: QType) -> np.ndarray:
     return w.astype(np.float32)
   if qtype == QType.F16:
     return w.astype(np.float16).astype(np.float32)
-  return gguf.quants.dequantize(gguf.quants.quantize(w.astype(np.float32), qtype), qtype)
+  return gguf.quants.dequantize(quantize(w.astype(np.float32), qtype), qtype)
+
+
+def quantize(w: np.ndarray, qtype: QType) -> np.ndarray:
+  """GGUF tensor bytes of `w` [..., C] stored as `qtype`: `gguf.quants.quantize` where it can,
+  the hand-built K-quant encoders (tests/model/_kquant.py) for Q2_K..Q6_K, and random bytes
+  for types nothing here can write (IQ*, for the unsupported-type errors)."""
+  from tests.model import _kquant
+  if qtype in _kquant.K_TYPES:
+    return _kquant.quantize_k(w, qtype)[0]
+  try:
+    return gguf.quants.quantize(w.astype(np.float32), qtype)
+  except NotImplementedError:
+    shape = gguf.quants.quant_shape_to_byte_shape(w.shape, qtype)
+    return np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
 
 
 def llama3_rope_factors(hf: dict) -> np.ndarray:
@@ -175,7 +189,7 @@ def write_gguf(path: str, model, qtype: QType = QType.F32, tokenizer=None, pre: 
     elif q == QType.F16:
       w.add_tensor(new, data.astype(np.float16))
     else:
-      w.add_tensor(new, gguf.quants.quantize(data, q), raw_dtype=q)
+      w.add_tensor(new, quantize(data, q), raw_dtype=q)
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()

@@ -161,11 +161,12 @@ def test_not_a_gguf_and_missing_file(tmp_path):
 
 
 def test_unsupported_quant_type(tmp_path, tokenizer):
-  path = _write(tmp_path, tokenizer, override_types={"blk.1.ffn_up.weight": QType.Q5_0})
+  path = _write(tmp_path, tokenizer, override_types={"blk.1.ffn_up.weight": QType.IQ4_NL})
   with pytest.raises(ModelLoadError) as e:
     load_model(path)
   msg = str(e.value)
-  assert path in msg and "blk.1.ffn_up.weight" in msg and "Q5_0" in msg
+  assert path in msg and "blk.1.ffn_up.weight" in msg and "IQ4_NL" in msg
+  assert "supported: " in msg and "Q4_K" in msg and "Q6_K" in msg  # lists what is supported
 
 
 def test_unknown_architecture(tmp_path, tokenizer):
