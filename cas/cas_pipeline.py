@@ -88,15 +88,48 @@ def run_dir_for(workdir: str, num_tokens: int, num_frozen: int) -> str:
 
 
 class CasStages:
-  def __init__(self, config, workdir: str, lm=None):
+  def __init__(self, config, workdir: str, lm=None, *, stages: tuple[str, ...] | None = None,
+               collection=None):
     """lm: an already loaded model (cas.model.loader.LoadedModel: model, tokenizer, fingerprint,
-    source); None loads config.model_path."""
+    source); None loads config.model_path. stages: the stages this run executes (the checks of
+    cas.config_check depend on them); None = any stage may run, and the checks that depend on the
+    machine (the mesh against the devices, the memory estimate) are left to the training loop.
+    collection: the collection of config.data when the caller has it already.
+
+    Checks before anything runs, in this order (cas.config_check): the config (before the
+    workdir is created), the collection against it, then, once the model is loaded, every
+    document's tokens against the cartridge and the memory estimate of the training stages."""
+    from cas import config_check
     from cas.model.loader import load_model
     from cas.model.sampler import Sampler
+    machine = stages is not None
+    self.stages = config_check.normalize_stages("cas", stages)
+    config_check.raise_problems(config_check.check_config(config, "cas", stages=self.stages, workdir=workdir,
+                                                          check_model=lm is None, environment=machine))
     os.makedirs(workdir, exist_ok=True)
     self.config, self.workdir = config, workdir
     self.timings: dict[str, float] = {}
     t = time.time()
+    coll = collection if collection is not None else _collection(config, workdir)
+    config_check.raise_problems(config_check.check_collection(config, "cas", coll.documents, stages=self.stages,
+                                                              workdir=workdir),
+                                base=config_check.CollectionProblems, what="the collection")
+    self.docs = coll.documents[:config.data.num_docs]
+    cc = config.cartridge
+    self.run_dir = run_dir_for(workdir, cc.num_tokens, cc.num_frozen)
+    if "evaluate" in self.stages:  # methods that read a training stage this run does not execute
+      from cas.eval.workdir import CAS_STAGE_OF_METHOD, STAGE_RUN_BY, check_cas_workdir
+      skipped = [m for m in config.eval.methods
+                 if m in CAS_STAGE_OF_METHOD and STAGE_RUN_BY[CAS_STAGE_OF_METHOD[m]] not in self.stages]
+      if skipped:
+        check_cas_workdir(config, self.run_dir, [d.doc_id for d in self.docs], methods=skipped)
+    ids = {d.doc_id for d in self.docs}
+    kinds = tuple(config.eval.get("kinds", ("mc", "short")))
+    self.questions = [q for q in coll.questions if q.doc_id in ids and q.kind in kinds]
+    if config.eval.max_questions_per_doc:
+      per = {}
+      self.questions = [q for q in self.questions
+                        if per.setdefault(q.doc_id, []).append(q) or len(per[q.doc_id]) <= config.eval.max_questions_per_doc]
     if lm is None:
       lm = load_model(config.model_path, param_dtype=DTYPES[config.dtype], dtype=DTYPES[config.dtype],
                       remat=config.get("remat", "none"),
@@ -105,26 +138,16 @@ class CasStages:
     self.tok, self.model = self.lm.tokenizer, self.lm.model
     self.sampler = Sampler(self.model, pad_id=self.tok.pad_id,
                            prompt_buckets=(64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192))
-    coll = _collection(config, workdir)
-    self.docs = coll.documents[:config.data.num_docs]
-    ids = {d.doc_id for d in self.docs}
-    kinds = tuple(config.eval.get("kinds", ("mc", "short")))
-    self.questions = [q for q in coll.questions if q.doc_id in ids and q.kind in kinds]
-    if config.eval.max_questions_per_doc:
-      per = {}
-      self.questions = [q for q in self.questions
-                        if per.setdefault(q.doc_id, []).append(q) or len(per[q.doc_id]) <= config.eval.max_questions_per_doc]
-    cc = config.cartridge
     self.spec = CartridgeSpec.for_model(self.model.cfg, cc.num_tokens, cc.num_frozen)
     self._doc_ids_cache: dict[str, list[int]] = {}
     self.short_rule = (cc.get("short_documents", "pad"), cc.get("short_fill", "repeat"))
-    self.short_docs = self._check_documents()
-    # the rotation against the collection before any stage runs (not minutes later, at training)
-    from cas.rotation.policy import check_every_document_trained, validate
-    tc = config.train
-    validate(len(self.docs), tc.num_slots, tc.k_max, tc.evict_fraction, tc.rotate_every)
-    check_every_document_trained(len(self.docs), tc.num_slots, tc.evict_fraction, tc.rotate_every, tc.steps)
-    self.run_dir = run_dir_for(workdir, cc.num_tokens, cc.num_frozen)
+    self.short_docs = self._check_documents()  # every document's tokens (all short ones named together)
+    training = any(s in self.stages for s in config_check.TRAIN_STAGES)
+    if machine:
+      config_check.raise_problems(config_check.memory_problems(config, "cas", self.model, self.spec,
+                                                               num_docs=len(self.docs), stages=self.stages,
+                                                               mesh=self.mesh() if training else None),
+                                  what="the device memory")
     self.indexes: dict[tuple[str, str], object] | None = None  # (kind, unit) -> Retriever
     self.retrieval: dict | None = None  # build_indexes' summary (recall@k), written to results.json
     self.timings["load"] = time.time() - t
@@ -248,24 +271,12 @@ class CasStages:
 
   # -- retrieval ----------------------------------------------------------------
   def _retrieval_cfg(self) -> dict:
-    """config.retrieval with its defaults (older configs have none), checked; errors name the field."""
-    from cas.retrieval import RETRIEVERS
-    rc = self.config.get("retrieval") or {}
-    kinds = tuple(rc.get("kinds", ("bm25",)))
-    if not kinds or any(k not in RETRIEVERS for k in kinds):
-      raise ValueError(f"config.retrieval.kinds={kinds!r}: each must be one of {sorted(RETRIEVERS)}")
-    method_kind = rc.get("method_kind", None) or kinds[0]
-    if method_kind not in kinds:
-      raise ValueError(f"config.retrieval.method_kind={method_kind!r} is not one of config.retrieval.kinds="
-                       f"{kinds!r} (the methods use an index that is built)")
-    ks = tuple(int(k) for k in rc.get("ks", (1, 3, 5)))
-    if not ks or min(ks) < 1:
-      raise ValueError(f"config.retrieval.ks={ks!r}: need at least one k >= 1")
-    cw, ov = int(rc.get("chunk_words", 128)), int(rc.get("overlap_words", 32))
-    if not (cw >= 1 and 0 <= ov < cw):
-      raise ValueError(f"config.retrieval.chunk_words={cw}, overlap_words={ov}: need chunk_words >= 1 and "
-                       "0 <= overlap_words < chunk_words")
-    return {"kinds": list(kinds), "method_kind": method_kind, "ks": list(ks), "chunk_words": cw, "overlap_words": ov}
+    """config.retrieval with its defaults (older configs have none), checked; errors name the field
+    (cas.config_check.retrieval_settings, also run before any stage)."""
+    from cas import config_check
+    settings, problems = config_check.retrieval_settings(self.config)
+    config_check.raise_problems(problems)
+    return settings
 
   def _load_or_build_index(self, kind: str, unit: str, rc: dict, fp: str):
     """The `kind` index over `unit`s ('document' | 'chunk') of self.docs: loaded from
@@ -523,9 +534,8 @@ class CasStages:
               {"base_method": method, "k": k, "retrieval_index": f"{mk}-chunk{self.retrieval['chunk_words']}"
                f"o{self.retrieval['overlap_words']}"}, notes)
       else:
-        raise ValueError(f"config.eval.methods: unknown method {method!r} (known: no_context, icl, "
-                         "cartridge_oracle, cas_composed, isolated_composed, icl_composed, monolithic, "
-                         f"{', '.join(RETRIEVAL_METHODS)})")
+        from cas.config_check import CAS_METHODS
+        raise ValueError(f"config.eval.methods: unknown method {method!r} (known: {', '.join(CAS_METHODS)})")
 
     rows = []
     for job in jobs:
@@ -574,11 +584,22 @@ class CasStages:
 def run_cas_pipeline(config, workdir: str, stages: tuple[str, ...] | None = None) -> dict | None:
   """Run the pipeline (or only `stages`, in pipeline order: synth, train, train_isolated,
   train_monolithic, indexes, evaluate). Returns evaluate()'s results when it ran."""
+  from cas import config_check
   from cas.locking import DirLock
-  from cas.pipeline import PIPELINE_LOCK
-  want = lambda s: stages is None or s in stages
-  with DirLock(workdir, what="pipeline workdir", filename=PIPELINE_LOCK):  # refuse a second run at once
-    st = CasStages(config, workdir)
+  from cas.pipeline import PIPELINE_LOCK, existing_collection
+  stages = config_check.normalize_stages("cas", stages)
+  want = lambda s: s in stages
+  lock = DirLock(workdir, what="pipeline workdir", filename=PIPELINE_LOCK)
+  lock.check_free()  # a second run on the workdir is told so first (reads only)
+  # the config (and a collection that is already on disk) before the workdir is locked or written
+  config_check.raise_problems(config_check.check_config(config, "cas", stages=stages, workdir=workdir))
+  coll = existing_collection(config, workdir)
+  if coll is not None:
+    config_check.raise_problems(config_check.check_collection(config, "cas", coll.documents, stages=stages,
+                                                              workdir=workdir),
+                                base=config_check.CollectionProblems, what="the collection")
+  with lock:  # refuse a second run at once
+    st = CasStages(config, workdir, stages=stages, collection=coll)
     st.mesh()  # refuse a mesh / num_slots mismatch before the long stages
     if want("synth"):
       st.synth()

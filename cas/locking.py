@@ -102,16 +102,7 @@ class DirLock:
       if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         raise LockError(f"{self.path}: cannot lock the {self.what} ({e}); the filesystem may not "
                         f"support file locks") from e
-      holder = read_holder(self.path)
-      extra = ""
-      if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-          and not _pid_alive(holder["pid"]):
-        extra = (f" The recorded pid {holder['pid']} is no longer running, so a process that "
-                 f"inherited the lock (e.g. a forked child) still holds it; stop that process.")
-      raise LockError(
-          f"{self.directory}: this {self.what} is in use by {_describe(holder)}; lock file "
-          f"{self.path}. Two runs must not write the same {self.what}: wait for that run to finish "
-          f"or stop it, or use another directory.{extra}") from None
+      raise self._busy() from None
     prev = read_holder(self.path)
     if prev:
       self.took_over = prev
@@ -133,6 +124,36 @@ class DirLock:
     os.fsync(fd)
     self._fd = fd
     return self
+
+  def _busy(self) -> LockError:
+    holder = read_holder(self.path)
+    extra = ""
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+        and not _pid_alive(holder["pid"]):
+      extra = (f" The recorded pid {holder['pid']} is no longer running, so a process that "
+               f"inherited the lock (e.g. a forked child) still holds it; stop that process.")
+    return LockError(
+        f"{self.directory}: this {self.what} is in use by {_describe(holder)}; lock file "
+        f"{self.path}. Two runs must not write the same {self.what}: wait for that run to finish "
+        f"or stop it, or use another directory.{extra}")
+
+  def check_free(self) -> None:
+    """Raise LockError (as `acquire` would) when another process holds the lock now. Creates and
+    writes nothing (a run checks its config after this and before it takes the lock)."""
+    try:
+      fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+      return  # no lock file (or no directory): free
+    try:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+      except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+          raise self._busy() from None
+        return  # no working locks here: acquire reports it
+      fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+      os.close(fd)
 
   def release(self) -> None:
     """Empty the lock file (a clean exit leaves no holder behind) and unlock it."""

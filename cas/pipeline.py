@@ -14,7 +14,7 @@ import time
 
 import jax.numpy as jnp
 
-from cas.cartridge.cartridge import init_cartridge, short_documents
+from cas.cartridge.cartridge import CartridgeSpec, init_cartridge, short_documents
 from cas.cartridge.io import load_cartridge
 from cas.eval.methods import Evaluator, markdown_table, run_method
 from cas.synth.format import atomic_write_json
@@ -31,32 +31,58 @@ def _collection(config, workdir):
   return collection_for_config(config.data, os.path.join(workdir, "collection"))
 
 
+def existing_collection(config, workdir: str):
+  """config.data's collection when reading it writes nothing (data.path, or <workdir>/collection
+  already saved), else None: the pipelines check it before they lock the workdir."""
+  from cas.data.types import CollectionError, read_manifest
+  if not config.data.get("path"):
+    try:
+      read_manifest(os.path.join(workdir, "collection"))
+    except CollectionError:
+      return None
+  return _collection(config, workdir)
+
+
 class Stages:
   """Shared set-up of the stages (model, tokenizer, sampler, collection, the document)."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, *, stages: tuple[str, ...] | None = None, collection=None):
+    """stages: the stages this run executes ("synth", "train", "evaluate"), for the checks of
+    cas.config_check, which run in order before anything else: the config (before the workdir is
+    created), the collection, then (with the model) the document's tokens against the cartridge
+    and the training's memory estimate; None = any stage may run (the memory estimate is left to
+    the training loop). collection: config.data's, when the caller has it."""
+    from cas import config_check
     from cas.model.loader import load_model
     from cas.model.sampler import Sampler
+    machine = stages is not None
+    self.stages = config_check.normalize_stages("cartridge", stages)
+    config_check.raise_problems(config_check.check_config(config, "cartridge", stages=self.stages, workdir=workdir))
     os.makedirs(workdir, exist_ok=True)
     self.config, self.workdir = config, workdir
     self.timings: dict[str, float] = {}
     t = time.time()
+    coll = collection if collection is not None else _collection(config, workdir)
+    config_check.raise_problems(config_check.check_collection(config, "cartridge", coll.documents,
+                                                              stages=self.stages, workdir=workdir),
+                                base=config_check.CollectionProblems, what="the collection")
+    self.doc = coll.documents[config.data.doc_index]
     self.lm = load_model(config.model_path, param_dtype=DTYPES[config.dtype], dtype=DTYPES[config.dtype],
                          remat=config.get("remat", "none"),
                          layer_loop=config.get("layer_loop", "auto"))
     self.tok, self.model = self.lm.tokenizer, self.lm.model
     self.sampler = Sampler(self.model, pad_id=self.tok.pad_id,
                            prompt_buckets=(64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 6144, 8192))
-    coll = _collection(config, workdir)
-    if not 0 <= config.data.doc_index < len(coll.documents):
-      raise ValueError(f"data.doc_index={config.data.doc_index} but the collection has {len(coll.documents)} documents")
-    self.doc = coll.documents[config.data.doc_index]
     cc = config.cartridge
     self.short_rule = (cc.get("short_documents", "pad"), cc.get("short_fill", "repeat"))
     n_sink = 1 if self.tok.bos_id is not None and cc.num_frozen == 1 else 0
     # the document against the cartridge before any stage runs (empty, or short with short_documents='error')
     short_documents({self.doc.doc_id: len(self.tok.encode(self.doc.text)) + n_sink}, cc.num_tokens, cc.num_frozen,
                     strategy=cc.init, rule=self.short_rule[0], fill=self.short_rule[1], sink_from_document=True)
+    if machine:
+      spec = CartridgeSpec.for_model(self.model.cfg, cc.num_tokens, cc.num_frozen)
+      config_check.raise_problems(config_check.memory_problems(config, "cartridge", self.model, spec, num_docs=1,
+                                                               stages=self.stages), what="the device memory")
     self.questions = [q for q in coll.questions if q.doc_id == self.doc.doc_id]
     if config.eval.max_questions:
       self.questions = self.questions[:config.eval.max_questions]
@@ -122,9 +148,18 @@ PIPELINE_LOCK = ".pipeline.lock"  # the stages lock their own sub-directories to
 def run_cartridge_pipeline(config, workdir: str) -> dict:
   """All stages for one document; each skips or resumes what is already on disk. A second
   pipeline on the same workdir is refused at once (before loading the model)."""
+  from cas import config_check
   from cas.locking import DirLock
-  with DirLock(workdir, what="pipeline workdir", filename=PIPELINE_LOCK):
-    st = Stages(config, workdir)
+  lock = DirLock(workdir, what="pipeline workdir", filename=PIPELINE_LOCK)
+  lock.check_free()  # a second run on the workdir is told so first (reads only)
+  # the config (and a collection already on disk) before the workdir is locked or written
+  config_check.raise_problems(config_check.check_config(config, "cartridge", workdir=workdir))
+  coll = existing_collection(config, workdir)
+  if coll is not None:
+    config_check.raise_problems(config_check.check_collection(config, "cartridge", coll.documents, workdir=workdir),
+                                base=config_check.CollectionProblems, what="the collection")
+  with lock:
+    st = Stages(config, workdir, stages=("synth", "train", "evaluate"), collection=coll)
     st.synth()
     st.train()
     return st.evaluate()

@@ -8,9 +8,10 @@ Commands: /reset, /quit (see cas/serve/chat.py).
 """
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from launch import serve_flags
+from launch.entry import run
 
 CARTRIDGES = flags.DEFINE_list("cartridges", [], "Doc ids whose cartridges to load (of --collection, or "
                                "the first collection); empty: retrieval chooses --top_k per message.")
@@ -40,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

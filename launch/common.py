@@ -1,9 +1,32 @@
 """Flags shared by the pipeline launchers, and `run(main)`: absl's app.run with config-override
-errors explained (an unknown `--config.a.b` names the field and lists the known ones)."""
+errors explained (an unknown `--config.a.b` names the field and lists the known ones) and user
+errors reported without a traceback.
+
+Every launcher (pipeline, cas, synthesize, train, evaluate, serve, chat, peft, generate) runs
+through `run` (launch/entry.py, which defines no flag but --verbose, so the launchers with
+their own flags use it too). Before any stage, the pipelines check the config, then the
+collection, then (with the model) the documents and the memory estimate, and report every
+problem found together (cas/config_check.py). A config, data or store problem prints one block
+
+  error: <Class>: <what is wrong, naming the field / document / path, and the fix>
+  (exit status N: ...; --verbose or CAS_VERBOSE=1 shows the traceback)
+
+and exits with its status; any other exception is a bug and prints its traceback:
+
+  0  done
+  1  a bug (an unexpected exception; the traceback is printed)
+  2  a config or command-line problem (ConfigError, an unknown or bad --flag, TrainConfigError,
+     RotationError, MemoryPreflightError, MeshShapeError, DistributedError, UsageError)
+  3  a data problem (CollectionError, SynthDataError, CartridgeError, ModelLoadError,
+     ModelConfigError, FetchError)
+  4  a workdir or store problem (StoreError, CheckpointError, RetrievalError, MissingStageError,
+     LockError: another run holds the workdir)
+  5  training stopped on NaN/inf (NumericsError; <workdir>/numerics_report.json)
+"""
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch.flagparse import parse_flags
+from launch.entry import run  # noqa: F401  (the launchers' entry: `run(main)`)
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file, e.g. configs/cartridge.py:quickstart",
                                          lock_config=True)
@@ -40,7 +63,3 @@ def _quiet_orbax() -> None:
 
 _quiet_orbax()
 
-
-def run(main):
-  """`app.run(main)` with `parse_flags`."""
-  app.run(main, flags_parser=parse_flags)

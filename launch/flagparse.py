@@ -1,9 +1,12 @@
 """absl flag parsing that explains config-override errors (no flags defined here, so any launcher
 can use it): an unknown `--config.a.b=...` names the missing field and lists the known ones,
-instead of a bare AttributeError traceback."""
+instead of a bare AttributeError traceback. Command-line errors exit with status 2 (EXIT_CONFIG,
+as every config or usage error of launch/entry.py)."""
 import sys
 
 from absl import flags
+
+EXIT_CONFIG = 2  # a config or command-line (usage) problem
 
 
 def _explain_override_error(argv, err: Exception, default_spec: str | None = None) -> str:
@@ -70,11 +73,11 @@ def parse_flags(argv):
   try:
     out = flags.FLAGS(argv)
   except flags.Error as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.\n")
-    sys.exit(1)
+    sys.stderr.write(f"error: flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(EXIT_CONFIG)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    sys.stderr.write(f"FATAL {_explain_override_error(argv, e)}\n")
-    sys.exit(1)
+    sys.stderr.write(f"error: {_explain_override_error(argv, e)}\n")
+    sys.exit(EXIT_CONFIG)
   _warn_concatenated(argv)
   return out
 
@@ -87,5 +90,5 @@ def define_config_file(name: str, default: str, help_string: str):
   try:
     return config_flags.DEFINE_config_file(name, default, help_string)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    sys.stderr.write(f"FATAL {_explain_override_error(sys.argv, e, default_spec=default)}\n")
-    sys.exit(1)
+    sys.stderr.write(f"error: {_explain_override_error(sys.argv, e, default_spec=default)}\n")
+    sys.exit(EXIT_CONFIG)

@@ -7,9 +7,10 @@ More command lines in configs/generate.py.
 import time
 
 import jax.numpy as jnp
-from absl import app, logging
+from absl import logging
 
-from launch.flagparse import define_config_file, parse_flags
+from launch.entry import run
+from launch.flagparse import define_config_file
 from cas.model.loader import load_model
 from cas.model.sampler import Sampler
 
@@ -18,17 +19,20 @@ _CONFIG = define_config_file("config", "configs/generate.py", "Generation config
 
 
 def validate(c) -> None:
-  """Raise ValueError naming the field of the first invalid setting."""
+  """Raise a ConfigError (a ValueError) naming every invalid setting (cas.config_check)."""
+  from cas.config_check import Problem, raise_problems
+  out = []
   if not c.prompt:
-    raise ValueError("config.prompt: must be a non-empty string")
+    out.append(Problem("config.prompt", "must be a non-empty string"))
   if c.max_new_tokens < 1:
-    raise ValueError(f"config.max_new_tokens: must be >= 1, got {c.max_new_tokens}")
+    out.append(Problem("config.max_new_tokens", f"must be >= 1, got {c.max_new_tokens}"))
   if c.temperature < 0:
-    raise ValueError(f"config.temperature: must be >= 0, got {c.temperature}")
+    out.append(Problem("config.temperature", f"must be >= 0, got {c.temperature}"))
   if not 0 < c.top_p <= 1:
-    raise ValueError(f"config.top_p: must be in (0, 1], got {c.top_p}")
+    out.append(Problem("config.top_p", f"must be in (0, 1], got {c.top_p}"))
   if c.dtype not in _DTYPES:
-    raise ValueError(f"config.dtype: must be one of {sorted(_DTYPES)}, got {c.dtype!r}")
+    out.append(Problem("config.dtype", f"must be one of {sorted(_DTYPES)}, got {c.dtype!r}"))
+  raise_problems(out)
 
 
 def main(argv):
@@ -53,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  run(main)

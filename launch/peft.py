@@ -16,7 +16,9 @@ peft <= 0.21.2; docs/PEFT_GENERATE.md: use cas.cartridge.peft_io.generate_with_c
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from launch.entry import run  # config / data / store problems: one `error:` line and exit status
 
 WORKDIR = flags.DEFINE_string("workdir", None, "export: a CAS workdir (its cartridge store)")
 STORE = flags.DEFINE_string("store", None, "export: a cartridge store directory (instead of --workdir)")
@@ -33,6 +35,39 @@ MODEL = flags.DEFINE_string("model_path", None, "the model the cartridges are fo
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace --out if it exists")
 
 
+def flag_problems(command: str | None) -> list:
+  """Every problem of the command line (cas.config_check.Problem), before anything is read or written."""
+  from cas.config_check import Problem
+  out = []
+  if command not in ("export", "import"):
+    return [Problem("command", f"usage: python -m launch.peft export|import --out=DIR ... (got {command!r})")]
+  if not OUT.value:
+    out.append(Problem("--out", "--out is required (the directory to write)"))
+  elif os.path.exists(OUT.value) and not OVERWRITE.value:
+    out.append(Problem("--out", f"--out={OUT.value} exists; pass --overwrite to replace it"))
+  if command == "export":
+    if CARTRIDGE.value:
+      from cas.cartridge.io import META
+      if not os.path.isfile(os.path.join(CARTRIDGE.value, META)):
+        out.append(Problem("--cartridge", f"{CARTRIDGE.value}: not a saved cartridge (no {META})"))
+    elif not DOC_IDS.value:
+      out.append(Problem("--doc_id", "export needs --cartridge, or --workdir/--store with --doc_id"))
+    else:
+      from cas.rotation.store import STORE_META, StoreError
+      from cas.serve.cartridges import store_of_workdir
+      if STORE.value:
+        if not os.path.isfile(os.path.join(STORE.value, STORE_META)):
+          out.append(Problem("--store", f"{STORE.value}: not a cartridge store ({STORE_META} missing)"))
+      else:
+        try:
+          store_of_workdir(WORKDIR.value or ".")
+        except StoreError as e:
+          out.append(Problem("--workdir", str(e)))
+  elif not ADAPTER.value:
+    out.append(Problem("--adapter", "import needs --adapter (a PEFT adapter directory)"))
+  return out
+
+
 def _export():
   from cas.cartridge.peft_io import export_peft
   if CARTRIDGE.value:
@@ -40,8 +75,6 @@ def _export():
     cart, meta = load_cartridge(CARTRIDGE.value)
     return export_peft(OUT.value, cart, model_fingerprint=meta.get("model_fingerprint"), dtype=DTYPE.value,
                        base_model_name_or_path=BASE.value, overwrite=OVERWRITE.value)
-  if not DOC_IDS.value:
-    raise app.UsageError("export needs --cartridge, or --workdir/--store with --doc_id")
   from cas.rotation.store import STORE_META
   from cas.serve.cartridges import Collection, store_of_workdir
   store_dir = STORE.value or store_of_workdir(WORKDIR.value or ".")
@@ -65,23 +98,17 @@ def _export():
 def _import():
   from cas.cartridge.io import save_cartridge
   from cas.cartridge.peft_io import import_peft
-  if not ADAPTER.value:
-    raise app.UsageError("import needs --adapter")
   cart, meta = import_peft(ADAPTER.value)
   fp = (meta.get("cas") or {}).get("model_fingerprint")
   if MODEL.value or not fp:
     from cas.model.loader import model_fingerprint
     fp = model_fingerprint(MODEL.value)
-  if os.path.exists(OUT.value) and not OVERWRITE.value:
-    raise app.UsageError(f"--out={OUT.value} exists; pass --overwrite to replace it")
   return save_cartridge(OUT.value, cart, model_fingerprint=fp, info={"imported_from": os.path.abspath(ADAPTER.value)})
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("export", "import"):
-    raise app.UsageError("usage: python -m launch.peft export|import --out=DIR ...")
-  if not OUT.value:
-    raise app.UsageError("--out is required")
+  from cas.config_check import raise_problems
+  raise_problems(flag_problems(argv[1] if len(argv) == 2 else None), what="the command line")
   path = _export() if argv[1] == "export" else _import()
   print(path)
   from cas.cartridge.peft_io import peft_generate_is_broken
@@ -90,4 +117,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

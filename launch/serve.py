@@ -12,9 +12,10 @@ Then, with the `openai` client:
 
 Endpoints and error codes: cas/serve/api.py.
 """
-from absl import app, flags, logging
+from absl import flags, logging
 
 from launch import serve_flags
+from launch.entry import run  # config / store problems: one `error:` line and exit status (launch/common.py)
 
 HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on (0.0.0.0 for every one).")
 PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
@@ -27,7 +28,7 @@ def main(argv):
   from cas.serve.api import create_app
 
   serve_flags.quiet_orbax()
-  engine = serve_flags.build_engine()
+  engine = serve_flags.build_engine({"--port": (PORT.value, 0)})
   logging.info("serving model %r with collections %s on http://%s:%d/v1", engine.model_name,
                sorted(engine.collections), HOST.value, PORT.value)
   try:
@@ -37,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

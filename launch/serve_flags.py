@@ -19,14 +19,53 @@ RETRIEVER = flags.DEFINE_enum("retriever", "auto", ["auto", "none"], "Use the do
                               "to each store (auto) or none.")
 
 
-def build_engine():
-  """Load the model and collections named by the flags; returns a started cas.serve.Engine."""
+def flag_problems(extra: dict | None = None) -> list:
+  """Every problem of the serving flags (cas.config_check.Problem), before the model loads: sizes
+  out of range, a --workdir or --store without a cartridge store, a --model_path that is not there.
+  extra: more {"--flag": (value, minimum)} to check (e.g. launch.serve's --port)."""
+  import os
+
+  from cas.config_check import Problem
+  from cas.model.errors import ModelLoadError
+  from cas.model.loader import resolve_model_path
+  from cas.rotation.store import STORE_META, StoreError
+  from cas.serve.cartridges import store_of_workdir
+  out = []
+  sizes = {"--cache_size": (CACHE_SIZE.value, 1), "--max_batch": (MAX_BATCH.value, 1),
+           "--max_tokens": (MAX_TOKENS.value, 1), "--top_k": (TOP_K.value, 1), **(extra or {})}
+  if MAX_CONTEXT.value is not None:
+    sizes["--max_context"] = (MAX_CONTEXT.value, 1)
+  for flag, (v, lo) in sizes.items():
+    if v < lo:
+      out.append(Problem(flag, f"{flag}={v} must be >= {lo}"))
+  if WORKDIR.value:
+    try:
+      store_of_workdir(WORKDIR.value)
+    except StoreError as e:
+      out.append(Problem("--workdir", str(e)))
+  for s in STORES.value:
+    path = s.partition("=")[2] if "=" in s else s
+    if not os.path.isfile(os.path.join(path, STORE_META)):
+      out.append(Problem("--store", f"{s}: {path} is not a cartridge store ({STORE_META} missing)"))
+  try:
+    resolve_model_path(MODEL_PATH.value)
+  except ModelLoadError as e:
+    out.append(Problem("--model_path", str(e)))
+  return out
+
+
+def build_engine(extra_checks: dict | None = None):
+  """Load the model and collections named by the flags; returns a started cas.serve.Engine. The
+  flags are checked first (`flag_problems`: a ConfigError listing every problem)."""
   import os
 
   import jax.numpy as jnp
 
+  from cas.config_check import raise_problems
   from cas.model.loader import load_model
   from cas.serve import Engine, open_collections
+
+  raise_problems(flag_problems(extra_checks), what="the command line")
 
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[DTYPE.value]
   lm = load_model(MODEL_PATH.value, param_dtype=dtype, dtype=dtype)

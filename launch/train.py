@@ -9,7 +9,7 @@ from launch.common import CONFIG, WORKDIR, run
 def main(argv):
   del argv
   from cas.pipeline import Stages, run_cartridge_pipeline  # noqa: F401  (import after flag parsing)
-  Stages(CONFIG.value, WORKDIR.value).train()
+  Stages(CONFIG.value, WORKDIR.value, stages=("train",)).train()  # checks the config first
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ def _run(*args):
 
 def test_unknown_config_field_is_named(tmp_path):
   r = _run("--config=configs/cas.py:quick", "--config.train.lr_warmup=3", f"--workdir={tmp_path}")
-  assert r.returncode == 1
+  assert r.returncode == 2
   assert "config.train has no field 'lr_warmup'" in r.stderr and "warmup_steps" in r.stderr
   assert "Traceback" not in r.stderr
   r = _run("--config=configs/cas.py:quick", "--config.nosection.x=3", f"--workdir={tmp_path}")
-  assert r.returncode == 1 and "config has no field 'nosection'" in r.stderr
+  assert r.returncode == 2 and "config has no field 'nosection'" in r.stderr
   r = _run("--config=configs/cas.py:quick", "--stages=bogus", f"--workdir={tmp_path}")
   assert r.returncode != 0 and "unknown ['bogus']" in r.stderr
   assert not os.listdir(tmp_path)  # nothing was written
@@ -30,7 +30,7 @@ def test_unknown_field_of_a_default_config_file_is_named():
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
   r = subprocess.run([sys.executable, "-m", "launch.generate", "--config.tempreature=0.5"], cwd=REPO,
                      env=env, capture_output=True, text=True, timeout=120)
-  assert r.returncode == 1
+  assert r.returncode == 2
   assert "config has no field 'tempreature'" in r.stderr and "temperature" in r.stderr
   assert "Traceback" not in r.stderr
 

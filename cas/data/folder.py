@@ -85,7 +85,7 @@ def load_folder(path: str | os.PathLike, name: str | None = None,
   Files with other extensions (images, PDFs, ...) are skipped. Raises CollectionError when the
   folder does not exist, has no matching files, or a matching file is empty (or whitespace
   only), larger than `max_bytes`, UTF-16/32 encoded, binary, or not valid UTF-8 (unless
-  errors="replace"); the message names the file (and for bad UTF-8 the byte offset).
+  errors="replace"); the message names every such file (and for bad UTF-8 the byte offset).
   """
   root = os.fspath(path)
   if not os.path.isdir(root):
@@ -100,14 +100,24 @@ def load_folder(path: str | os.PathLike, name: str | None = None,
   files.sort(key=lambda p: os.path.relpath(p, root).replace(os.sep, "/"))
   if not files:
     raise CollectionError(f"{root}: no files with extensions {list(exts)} (searched recursively)")
-  docs = []
+  docs, bad = [], []  # every unreadable file is named, not only the first one met
   for fpath in files:
     rel = os.path.relpath(fpath, root).replace(os.sep, "/")
-    text = read_text_file(fpath, errors=errors, max_bytes=max_bytes)
+    try:
+      text = read_text_file(fpath, errors=errors, max_bytes=max_bytes)
+    except CollectionError as e:
+      bad.append(str(e))
+      continue
     if not text.strip():
-      raise CollectionError(f"{fpath}: empty file (no text besides whitespace)")
+      bad.append(f"{fpath}: empty file (no text besides whitespace)")
+      continue
     stem = os.path.splitext(os.path.basename(fpath))[0]
     docs.append(Document(doc_id=rel, title=_title(text, stem), text=text,
                          meta={"source_path": os.path.abspath(fpath)}))
+  if len(bad) == 1:
+    raise CollectionError(bad[0])
+  if bad:
+    raise CollectionError(f"{root}: {len(bad)} of {len(files)} files cannot be documents:\n"
+                          + "\n".join(f"  - {b}" for b in bad))
   return Collection(name=name or os.path.basename(os.path.abspath(root)), documents=docs,
                     meta={"source": "folder", "folder": os.path.abspath(root)})

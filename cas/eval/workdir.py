@@ -22,6 +22,8 @@ import os
 # Methods (config.eval.methods of a CAS config) -> the training stage (workdir subfolder) they read.
 CAS_STAGE_OF_METHOD = {"cartridge_oracle": "cas", "cas_composed": "cas", "cartridge_retrieved": "cas",
                        "isolated_composed": "isolated", "monolithic": "monolithic"}
+# The training stage (workdir subfolder) -> the pipeline stage (launch.cas --stages) that writes it.
+STAGE_RUN_BY = {"cas": "train", "isolated": "train_isolated", "monolithic": "train_monolithic"}
 STAGE_NAMES = {"cas": "CAS training (joint, with rotation)", "isolated": "isolated training (baseline)",
                "monolithic": "monolithic training (baseline)", "train": "cartridge training"}
 
@@ -39,7 +41,8 @@ def pipeline_kind(config) -> str:
     train = config.get("train") or {}
     kind = "cas" if config.get("retrieval") is not None or "num_slots" in train else "cartridge"
   if kind not in ("cas", "cartridge"):
-    raise ValueError(f"config.pipeline={kind!r}: must be 'cas' (configs/cas.py) or 'cartridge' "
+    from cas.config_check import ConfigError
+    raise ConfigError(f"config.pipeline={kind!r}: must be 'cas' (configs/cas.py) or 'cartridge' "
                      "(configs/cartridge.py)")
   return kind
 
@@ -80,12 +83,14 @@ def _raise(stages: dict[str, tuple[list[str], str]], command: str) -> None:
                           f"resumes interrupted ones), then evaluate again:\n  {command}")
 
 
-def check_cas_workdir(config, workdir: str, doc_ids: list[str], command: str | None = None) -> None:
-  """Raises MissingStageError when a stage that config.eval.methods read is missing or unfinished."""
+def check_cas_workdir(config, workdir: str, doc_ids: list[str], command: str | None = None,
+                      methods=None) -> None:
+  """Raises MissingStageError when a stage that config.eval.methods (or `methods`) read is missing
+  or unfinished."""
   from cas.cartridge.io import META as CARTRIDGE_META
   command = command or "python -m launch.cas --config=<this config> --workdir=" + workdir
   need: dict[str, list[str]] = {}
-  for m in config.eval.methods:
+  for m in (config.eval.methods if methods is None else methods):
     if m in CAS_STAGE_OF_METHOD:
       need.setdefault(CAS_STAGE_OF_METHOD[m], []).append(m)
   bad = {}
@@ -117,16 +122,25 @@ def evaluate_workdir(config, workdir: str, *, lm=None, command: str | None = Non
   config.model_path. command: the command shown in a MissingStageError (the launcher passes the
   pipeline command with the user's own flags).
   """
-  if pipeline_kind(config) == "cas":
+  from cas import config_check
+  kind = pipeline_kind(config)
+  # the config first (no model, nothing written), then the collection, then the stages it reads
+  config_check.raise_problems(config_check.check_config(config, kind, stages=("evaluate",), workdir=workdir,
+                                                        check_model=lm is None))
+  if kind == "cas":
     from cas.cas_pipeline import CasStages, run_dir_for
     from cas.pipeline import _collection
-    docs = _collection(config, workdir).documents[:config.data.num_docs]
+    coll = _collection(config, workdir)
+    config_check.raise_problems(config_check.check_collection(config, "cas", coll.documents, stages=("evaluate",),
+                                                              workdir=workdir),
+                                base=config_check.CollectionProblems, what="the collection")
+    docs = coll.documents[:config.data.num_docs]
     run_dir = run_dir_for(workdir, config.cartridge.num_tokens, config.cartridge.num_frozen)
     check_cas_workdir(config, run_dir, [d.doc_id for d in docs],
                       command or "python -m launch.cas --config=<this config> --workdir=" + workdir)
-    return CasStages(config, workdir, lm=lm).evaluate()
+    return CasStages(config, workdir, lm=lm, stages=("evaluate",), collection=coll).evaluate()
   if lm is not None:
     raise ValueError("evaluate_workdir(lm=...) is only supported for CAS configs (configs/cas.py)")
   from cas.pipeline import Stages
   check_cartridge_workdir(config, workdir, command)
-  return Stages(config, workdir).evaluate()
+  return Stages(config, workdir, stages=("evaluate",)).evaluate()

@@ -28,22 +28,41 @@ class RotationError(ValueError):
   """Rotation settings or inputs that cannot work."""
 
 
+def rotation_problems(num_docs: int | None, num_slots: int, k_max: int, evict_fraction: float | None = None,
+                      every: int | None = None) -> list[tuple[str, str]]:
+  """Every problem of the rotation settings: (name, message) pairs, name one of "num_docs",
+  "num_slots", "k_max", "evict_fraction", "every"; empty when 1 <= k_max <= B <= N, 0 < phi <= 1
+  and R >= 1. num_docs None: the collection is not known yet (B <= N is not checked)."""
+  out: list[tuple[str, str]] = []
+  ok = {}
+  for key, name, val in (("num_docs", "num_docs N", num_docs), ("num_slots", "num_slots B", num_slots),
+                         ("k_max", "k_max", k_max)):
+    if key == "num_docs" and val is None:
+      continue
+    ok[key] = not (isinstance(val, bool) or not isinstance(val, int) or val < 1)
+    if not ok[key]:
+      out.append((key, f"{name} must be a positive int, got {val!r}"))
+  if ok.get("num_docs") and ok["num_slots"] and num_slots > num_docs:
+    out.append(("num_slots", f"num_slots B={num_slots} exceeds the number of documents N={num_docs}: "
+                             f"use B <= N (B = N keeps every cartridge resident, no rotation)"))
+  if ok["num_slots"] and ok["k_max"] and k_max > num_slots:
+    out.append(("k_max", f"k_max={k_max} cartridges per sample exceeds num_slots B={num_slots}: a "
+                         f"sample can only see resident cartridges, so use k_max <= B"))
+  if evict_fraction is not None and not (isinstance(evict_fraction, (int, float)) and not isinstance(evict_fraction, bool)
+                                         and 0.0 < float(evict_fraction) <= 1.0):
+    out.append(("evict_fraction", f"evict_fraction phi={evict_fraction} must be in (0, 1]"))
+  if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+    out.append(("every", f"rotation every R={every!r} steps must be a positive int"))
+  return out
+
+
 def validate(num_docs: int, num_slots: int, k_max: int, evict_fraction: float | None = None,
              every: int | None = None) -> None:
-  """Raise RotationError unless 1 <= k_max <= B <= N, 0 < phi <= 1 and R >= 1."""
-  for name, val in (("num_docs N", num_docs), ("num_slots B", num_slots), ("k_max", k_max)):
-    if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-      raise RotationError(f"{name} must be a positive int, got {val!r}")
-  if num_slots > num_docs:
-    raise RotationError(f"num_slots B={num_slots} exceeds the number of documents N={num_docs}: "
-                        f"use B <= N (B = N keeps every cartridge resident, no rotation)")
-  if k_max > num_slots:
-    raise RotationError(f"k_max={k_max} cartridges per sample exceeds num_slots B={num_slots}: a "
-                        f"sample can only see resident cartridges, so use k_max <= B")
-  if evict_fraction is not None and not (0.0 < float(evict_fraction) <= 1.0):
-    raise RotationError(f"evict_fraction phi={evict_fraction} must be in (0, 1]")
-  if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-    raise RotationError(f"rotation every R={every!r} steps must be a positive int")
+  """Raise RotationError unless 1 <= k_max <= B <= N, 0 < phi <= 1 and R >= 1 (the first of
+  `rotation_problems`)."""
+  problems = rotation_problems(num_docs, num_slots, k_max, evict_fraction, every)
+  if problems:
+    raise RotationError(problems[0][1])
 
 
 def check_every_document_trained(num_docs: int, num_slots: int, evict_fraction: float, every: int,

@@ -109,30 +109,54 @@ class SynthConfig:
   # sentence is covered once per pass (n conversations >= n sentences quote each at least once)
   coverage: str = "random"
 
+  @staticmethod
+  def config_kwargs(sc) -> dict:
+    """SynthConfig's arguments from the `synth` section of an ml_collections config."""
+    return dict(conversations_per_doc=sc.conversations, shard_size=sc.shard_size, batch_size=sc.batch_size,
+                min_chunk=sc.min_chunk, max_chunk=sc.max_chunk, max_user_tokens=sc.max_user_tokens,
+                max_answer_tokens=sc.max_answer_tokens, temperature_a=sc.temperature_a,
+                temperature_b=sc.temperature_b, top_k=sc.top_k, seed=sc.seed,
+                families=tuple(sc.get("families", SEED_FAMILIES)), coverage=sc.get("coverage", "random"))
+
   @classmethod
   def from_config(cls, sc) -> "SynthConfig":
     """From the `synth` section of an ml_collections config (configs/cartridge.py, configs/cas.py)."""
-    return cls(conversations_per_doc=sc.conversations, shard_size=sc.shard_size, batch_size=sc.batch_size,
-               min_chunk=sc.min_chunk, max_chunk=sc.max_chunk, max_user_tokens=sc.max_user_tokens,
-               max_answer_tokens=sc.max_answer_tokens, temperature_a=sc.temperature_a,
-               temperature_b=sc.temperature_b, top_k=sc.top_k, seed=sc.seed,
-               families=tuple(sc.get("families", SEED_FAMILIES)), coverage=sc.get("coverage", "random"))
+    return cls(**cls.config_kwargs(sc))
 
   def __post_init__(self):
     fams = tuple(self.families)
     object.__setattr__(self, "families", fams)
-    unknown = sorted(set(fams) - set(ALL_FAMILIES))
-    if not fams or unknown:
-      raise SynthDataError(f"synth.families={fams!r}: unknown or empty (unknown: {unknown}); known "
-                           f"families: {', '.join(ALL_FAMILIES)}")
-    if self.coverage not in COVERAGES:
-      raise SynthDataError(f"synth.coverage={self.coverage!r}: choose from {COVERAGES}")
+    problems = family_problems(fams, self.coverage)
+    if problems:
+      raise SynthDataError(problems[0][1])
 
   def manifest_fields(self) -> dict:
     d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
     if d["coverage"] == "random":
       del d["coverage"]  # datasets written before the field existed keep resuming
     return d
+
+
+def family_problems(families: tuple, coverage: str) -> list[tuple[str, str]]:
+  """Problems of synth.families / synth.coverage: (config field, message) pairs."""
+  out = []
+  unknown = sorted(set(families) - set(ALL_FAMILIES))
+  if not families or unknown:
+    out.append(("families", f"synth.families={families!r}: unknown or empty (unknown: {unknown}); known "
+                            f"families: {', '.join(ALL_FAMILIES)}"))
+  if coverage not in COVERAGES:
+    out.append(("coverage", f"synth.coverage={coverage!r}: choose from {COVERAGES}"))
+  return out
+
+
+def synth_section_problems(sc) -> list[tuple[str, str]]:
+  """Every problem of a config's `synth` section (what SynthConfig and `synthesize` refuse), as
+  (field, message) pairs; used by cas.config_check before any stage runs."""
+  kw = SynthConfig.config_kwargs(sc)
+  out = family_problems(kw["families"], kw["coverage"])
+  if out:  # the sizes are checked all the same
+    kw.update(families=SEED_FAMILIES, coverage="random")
+  return out + synth_config_problems(SynthConfig(**kw))
 
 
 class DocTokens:
@@ -331,6 +355,31 @@ def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], token
   return convs
 
 
+# SynthConfig field -> its name in the `synth` section of a pipeline config
+CONFIG_FIELD = {"conversations_per_doc": "conversations"}
+
+
+def synth_config_problems(cfg: SynthConfig) -> list[tuple[str, str]]:
+  """Every problem of a SynthConfig's sizes: (config field, message) pairs ("min_chunk",
+  "synth.min_chunk=64, ..."); the field is the `synth` section's name (conversations, not
+  conversations_per_doc). `synthesize` raises the first; cas.config_check reports them all."""
+  out: list[tuple[str, str]] = []
+  ints_ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (cfg.min_chunk, cfg.max_chunk))
+  if not ints_ok or not 1 <= cfg.min_chunk <= cfg.max_chunk:
+    out.append(("min_chunk", f"synth.min_chunk={cfg.min_chunk}, synth.max_chunk={cfg.max_chunk}: need "
+                             f"1 <= min_chunk <= max_chunk"))
+  for name in ("conversations_per_doc", "shard_size", "batch_size", "top_k", "max_user_tokens",
+               "max_answer_tokens"):
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      out.append((CONFIG_FIELD.get(name, name), f"synth config {name}={v!r} must be a positive integer"))
+  for name in ("temperature_a", "temperature_b"):
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+      out.append((name, f"synth.{name}={v!r} must be a finite number >= 0 (0 = greedy)"))
+  return out
+
+
 def synthesize(out_dir: str, *, documents: Sequence, tokenizer, sampler, cfg: SynthConfig,
                model_fingerprint: str, model_source: str, stop_after_shards: int | None = None) -> dict:
   """Generate (or finish) a self-study dataset in `out_dir`. Returns the manifest.
@@ -347,14 +396,9 @@ def synthesize(out_dir: str, *, documents: Sequence, tokenizer, sampler, cfg: Sy
     seen.add(d.doc_id)
     if not isinstance(getattr(d, "text", None), str) or not d.text.strip():
       raise SynthDataError(f"document {d.doc_id!r} has no text (empty or whitespace only)")
-  if not 1 <= cfg.min_chunk <= cfg.max_chunk:
-    raise SynthDataError(f"synth.min_chunk={cfg.min_chunk}, synth.max_chunk={cfg.max_chunk}: need "
-                         f"1 <= min_chunk <= max_chunk")
-  for name in ("conversations_per_doc", "shard_size", "batch_size", "top_k", "max_user_tokens",
-               "max_answer_tokens"):
-    v = getattr(cfg, name)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-      raise SynthDataError(f"synth config {name}={v!r} must be a positive integer")
+  problems = synth_config_problems(cfg)
+  if problems:
+    raise SynthDataError(problems[0][1])
   os.makedirs(out_dir, exist_ok=True)
   with DirLock(out_dir, what="self-study dataset"):
     _remove_temp_files(out_dir)

@@ -18,49 +18,81 @@ _RULES: dict[str, tuple] = {
     "num_slots": ("int", 1, None), "k_max": ("int", 1, None), "p_isolated": ("float", 0.0, 1.0),
     "rotate_every": ("int", 1, None), "evict_fraction": ("float", 0.0, 1.0),
     "position_mode": ("str", None, None), "train_distractors": ("bool", None, None),
-    "loss_chunk": ("int", 0, None),
+    "loss_chunk": ("int", 0, None), "max_conversations": ("int", 0, None),
+    "length_weighting": ("bool", None, None), "p_hard": ("float", 0.0, 1.0),
+    "k_curriculum_steps": ("int", 0, None), "mixed_weight": ("float", 0.0, None),
 }
+_POSITIVE = ("lr", "mixed_weight")  # must be > 0, not only >= 0
+
+
+def _choices(key: str) -> tuple[str, ...] | None:
+  """The allowed values of a string field (imported lazily: the step modules import jax)."""
+  if key == "loss":
+    from cas.train.step import LOSSES
+    return LOSSES
+  if key == "position_mode":
+    from cas.train.cas_batch import POSITION_MODES
+    return POSITION_MODES
+  return None
 
 
 class TrainConfigError(ValueError):
   """A training config with an unknown, missing or out-of-range field."""
 
 
-def check_train_config(cfg: Mapping, keys: Iterable[str], *, where: str) -> dict:
-  """Returns dict(cfg) after checking that its keys are exactly `keys` and values are valid."""
+def train_config_problems(cfg: Mapping, keys: Iterable[str]) -> list[tuple[str, str]]:
+  """Every problem of a train config dict: (field, message) pairs, e.g. ("batch_size",
+  "train.batch_size=0 must be >= 1"); empty when the keys are exactly `keys` and every value has
+  its type and range. `check_train_config` raises the first; cas.config_check reports them all."""
   keys = tuple(keys)
   c = dict(cfg)
+  out: list[tuple[str, str]] = []
   unknown = sorted(set(c) - set(keys))
   missing = [k for k in keys if k not in c]
   if unknown:
-    raise TrainConfigError(f"{where}: unknown field(s) {unknown} in the train config; known fields: "
-                           f"{sorted(keys)} (a typo? fields that are not used are refused, not ignored)")
+    out.append((unknown[0], f"unknown field(s) {unknown} in the train config; known fields: {sorted(keys)} "
+                            "(a typo? fields that are not used are refused, not ignored)"))
   if missing:
-    raise TrainConfigError(f"{where}: the train config lacks {missing}")
+    out.append((missing[0], f"the train config lacks {missing}"))
   for k in keys:
+    if k not in c:
+      continue
     kind, lo, hi = _RULES.get(k, (None, None, None))
     v = c[k]
-    name = f"{where}: train.{k}={v!r}"
+    name = f"train.{k}={v!r}"
     if kind == "int":
       if isinstance(v, bool) or not isinstance(v, int):
-        raise TrainConfigError(f"{name} must be an integer")
+        out.append((k, f"{name} must be an integer"))
+        continue
     elif kind == "float":
       if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise TrainConfigError(f"{name} must be a finite number")
+        out.append((k, f"{name} must be a finite number"))
+        continue
     elif kind == "str":
       if not isinstance(v, str):
-        raise TrainConfigError(f"{name} must be a string")
+        out.append((k, f"{name} must be a string"))
+      elif (choices := _choices(k)) is not None and v not in choices:
+        out.append((k, f"{name} must be one of {choices}"))
       continue
     elif kind == "bool":
       if not isinstance(v, bool):
-        raise TrainConfigError(f"{name} must be True or False")
+        out.append((k, f"{name} must be True or False"))
       continue
     else:
       continue
     if lo is not None and v < lo:
-      raise TrainConfigError(f"{name} must be >= {lo}")
-    if hi is not None and v > hi:
-      raise TrainConfigError(f"{name} must be <= {hi}")
-  if "lr" in c and c["lr"] <= 0:
-    raise TrainConfigError(f"{where}: train.lr={c['lr']!r} must be > 0")
-  return c
+      out.append((k, f"{name} must be >= {lo}"))
+    elif hi is not None and v > hi:
+      out.append((k, f"{name} must be <= {hi}"))
+    elif k in _POSITIVE and v <= 0:
+      out.append((k, f"train.{k}={v!r} must be > 0"))
+  return out
+
+
+def check_train_config(cfg: Mapping, keys: Iterable[str], *, where: str) -> dict:
+  """Returns dict(cfg) after checking that its keys are exactly `keys` and values are valid
+  (raises TrainConfigError with the first of `train_config_problems`)."""
+  problems = train_config_problems(cfg, keys)
+  if problems:
+    raise TrainConfigError(f"{where}: {problems[0][1]}")
+  return dict(cfg)

@@ -148,8 +148,10 @@ def test_unknown_config_field_in_code_and_on_the_command_line():
 
 
 CAS_CFG = dict(steps=4, batch_size=3, seq_len=32, lr=5e-2, warmup_steps=0, clip_norm=1.0, loss="distill", seed=0,
-               num_slots=3, k_max=2, p_isolated=0.3, rotate_every=2, evict_fraction=0.34, position_mode="shared",
+               num_slots=3, k_max=2, p_isolated=0.3, rotate_every=1, evict_fraction=1.0, position_mode="shared",
                top_k=8, log_every=1, ckpt_every=2, keep_checkpoints=2)
+# B=3 of N=6 documents, all 3 slots swapped after step 1: every document is trained by step 2
+# (train_cas refuses fewer steps: cas.rotation.policy.check_every_document_trained)
 
 
 def test_config_that_cannot_fit_in_device_memory_is_refused_with_numbers(cas_data, single_data, tmp_path, monkeypatch):
@@ -165,7 +167,7 @@ def test_config_that_cannot_fit_in_device_memory_is_refused_with_numbers(cas_dat
     train_cartridge(model=m, model_fingerprint="tiny", dataset_dir=d, workdir=str(tmp_path / "one"), init_fn=init,
                     train_cfg=CFG)
   monkeypatch.setenv(ENV_LIMIT, str(1 << 30))  # 1 GiB: the tiny run fits
-  assert run_cas(cas_data, str(tmp_path / "ok"), {**CAS_CFG, "steps": 1})["steps"] == 1
+  assert run_cas(cas_data, str(tmp_path / "ok"), {**CAS_CFG, "steps": 2})["steps"] == 2
 
 
 # ----------------------------------------------------------------------------- CAS inputs
