@@ -369,7 +369,7 @@ class CasStages:
     inputs (model, questions, store state, retrieval index, eval config). Writes results.json,
     results.md and the plots (*.png) to <workdir>/eval; returns the results dict."""
     from cas.cartridge.io import META as CARTRIDGE_META
-    from cas.rotation.store import INDEX as STORE_INDEX, CartridgeStore
+    from cas.rotation.store import CartridgeStore
     t = time.time()
     ev = Evaluator(self.model, self.tok, self.sampler, max_new_tokens=self.config.eval.max_new_tokens)
     ec = self.config.eval
@@ -384,7 +384,7 @@ class CasStages:
       root = os.path.join(self.run_dir, name, "store")
       if os.path.exists(root):
         stores[name] = CartridgeStore(root, spec=self.spec, model_fingerprint=self.lm.fingerprint, read_only=True)
-        store_state[name] = _file_digest(os.path.join(root, STORE_INDEX))
+        store_state[name] = stores[name].state_digest()
 
     def cart(store_name, doc_id):
       key = (store_name, doc_id)

@@ -38,7 +38,7 @@ def test_hard_negatives_and_curriculum_train(tmp_path, lm):
   st.synth()
   out = st.train()
   assert out["steps"] == 10 and set(out["counts"]) == set(ids)
-  assert os.path.isfile(os.path.join(workdir, "cas", "store", "index.json"))
+  assert os.path.isfile(os.path.join(workdir, "cas", "store", "store.json"))
   # the levers are part of the run's identity; the defaults leave older runs' identity unchanged
   spec = st.spec
   base = {**dict(_config().train), "top_k": 4}

@@ -69,8 +69,9 @@ def test_any_length_end_to_end_and_another_p_reuses_self_study(tmp_path, collect
   result = st.evaluate()
   rows = {r["method"]: r for r in result["methods"]}
   assert rows["cartridge_oracle"]["num_questions"] == 4 and "cas_composed@2/shared" in rows
-  store = json.load(open(os.path.join(workdir, "cas", "store", "index.json")))
-  assert set(store["docs"]) == {"d-tiny", "d-short", "d-mid", "d-long"}
+  from cas.rotation.store import open_store
+  with open_store(os.path.join(workdir, "cas", "store"), read_only=True) as store:
+    assert set(store.doc_ids()) == {"d-tiny", "d-short", "d-mid", "d-long"}
 
   synth = os.path.join(workdir, "synth")
   shards = lambda: {f: os.stat(os.path.join(synth, f)).st_mtime_ns for f in os.listdir(synth) if "shard" in f}

@@ -16,7 +16,6 @@ runs it (the pipeline launchers skip finished stages and resume unfinished ones)
 """
 from __future__ import annotations
 
-import json
 import os
 
 # Methods (config.eval.methods of a CAS config) -> the training stage (workdir subfolder) they read.
@@ -58,13 +57,15 @@ def _latest_step(ckpt_dir: str) -> int | None:
 
 def _store_problem(stage_dir: str, doc_ids: list[str], steps: int) -> str | None:
   """Why the store of a CAS-style training stage in `stage_dir` cannot be evaluated (None: it can)."""
-  from cas.rotation.store import INDEX, STORE_META
+  from cas.rotation.store import STORE_META, StoreError, open_store
   root = os.path.join(stage_dir, "store")
   if not os.path.exists(os.path.join(root, STORE_META)):
     return f"{root}: no cartridge store (the stage has not run)"
-  with open(os.path.join(root, INDEX)) as f:
-    docs = json.load(f).get("docs", {})
-  missing = [d for d in doc_ids if (docs.get(d) or {}).get("gen") is None]
+  try:
+    with open_store(root, read_only=True) as store:
+      missing = [d for d in doc_ids if d not in store or not store.has(d)]
+  except StoreError as e:  # e.g. a format-1 store: the message names the upgrade command
+    return str(e)
   if missing:
     return (f"{root}: no cartridge for {len(missing)} of {len(doc_ids)} documents (e.g. {missing[:3]}); "
             "the stage has not finished")

@@ -125,9 +125,11 @@ DIE_AT_ENV = "CAS_KILL_HARNESS_DIE_AT"
 
 
 def _install_die_at() -> None:
-  """$CAS_KILL_HARNESS_DIE_AT="<file name>[#n]": the child SIGKILLs itself right before the n-th
-  (default first) `os.replace`/`os.rename` onto a file of that name, i.e. at the commit point of
-  that write (everything before the rename is written, nothing is visible yet)."""
+  """$CAS_KILL_HARNESS_DIE_AT="<file name pattern>[#n]": the child SIGKILLs itself right before
+  the n-th (default first) `os.replace`/`os.rename` onto a file whose name matches the (fnmatch)
+  pattern, i.e. at the commit point of that write (everything before the rename is written,
+  nothing is visible yet). E.g. "*.rec#12": the 12th commit record of the cartridge store."""
+  import fnmatch
   spec = os.environ.get(DIE_AT_ENV)
   if not spec:
     return
@@ -136,7 +138,7 @@ def _install_die_at() -> None:
 
   def wrap(real):
     def fn(src, dst, *a, **kw):
-      if os.path.basename(os.fspath(dst)) == name:
+      if fnmatch.fnmatchcase(os.path.basename(os.fspath(dst)), name):
         seen[0] += 1
         if seen[0] == want:
           os.kill(os.getpid(), signal.SIGKILL)
@@ -303,7 +305,7 @@ def kill_at_commit(job: str, *, root: str, die_at: str, verbose: bool = False) -
     if _spawn(args(ref), env, os.path.join(root, f"{job}-ref.log")).wait() != 0:
       raise RuntimeError(_tail(os.path.join(root, f"{job}-ref.log")))
     open(os.path.join(root, f"{job}-ref.ok"), "w").close()
-  run = os.path.join(root, f"{job}-die-{die_at.replace('#', '_')}")
+  run = os.path.join(root, f"{job}-die-{die_at.replace('#', '_').replace('*', 'x')}")
   shutil.rmtree(run, ignore_errors=True)
   log = run + ".log"
   rc = _spawn(args(run), {**env, DIE_AT_ENV: die_at}, log).wait()
@@ -629,14 +631,14 @@ def compare(job: str, ref: str, run: str) -> list[str]:
     _eq_arrays(dict(zip("kv", a.frozen())), dict(zip("kv", b.frozen())), "store frozen sink", out)
     for t in a.snapshots():
       if t in b.snapshots():
-        with open(os.path.join(ref, "store", "snapshots", f"{t}.json")) as f:
-          sa = json.load(f)
-        with open(os.path.join(run, "store", "snapshots", f"{t}.json")) as f:
-          sb = json.load(f)
-        ca = {d: e["count"] for d, e in sa["docs"].items()}
-        cb = {d: e["count"] for d, e in sb["docs"].items()}
-        if ca != cb:
+        if a.snapshot_counts(t) != b.snapshot_counts(t):
           out.append(f"store snapshot {t}: counts differ")
+    extra = {"store.json", ".lock", "corrupt.json"}
+    for st, d in ((a, ref), (b, run)):
+      root = os.path.join(d, "store")
+      have = {os.path.relpath(os.path.join(p, f), root) for p, _, fs in os.walk(root) for f in fs} - extra
+      if have != st.referenced_files():
+        out.append(f"{root}: files not needed by the store: {sorted(have - st.referenced_files())[:5]}")
     return out
   raise ValueError(job)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cas.metrics import read_metrics
-from cas.rotation.store import CartridgeStore, StoreCorruptError, StoreError
+from cas.rotation.store import CartridgeStore, StoreCorruptError, StoreError, open_store
 from cas.synth.format import SynthDataError, SynthDataset
 from cas.testing import TINY
 from cas.train import checkpoint as ckpt
@@ -118,13 +118,29 @@ def cas_setup(cas_data, tmp_path_factory):
   return run, [r["loss"] for r in read_metrics(os.path.join(ref, "logs"))], out["counts"]
 
 
-def _version_only_in_latest_snapshot(store_root: str) -> str:
-  """Directory of a document version that snapshot 8 refers to but snapshot 4 does not."""
-  snaps = {t: json.load(open(os.path.join(store_root, "snapshots", f"{t}.json"))) for t in (4, 8)}
-  for d, e in snaps[8]["docs"].items():
-    if e["gen"] is not None and e["gen"] != snaps[4]["docs"][d]["gen"]:
-      return os.path.join(store_root, "docs", e["dir"], f"g{e['gen']}")
+def _version_only_in_latest_snapshot(store_root: str) -> dict:
+  """Location {path, offset, nbytes} of a document version that snapshot 8 refers to but
+  snapshot 4 does not."""
+  with open_store(store_root, read_only=True) as st:
+    for d in st.doc_ids():
+      a, b = st.locate(d, snapshot=8), st.locate(d, snapshot=4)
+      if a is not None and (b is None or a["gen"] != b["gen"]):
+        return a
   raise AssertionError("no document changed between the snapshots")
+
+
+def damage_version(loc: dict, how: str) -> None:
+  """Zero or cut off one version's bytes inside its pack file (the layout of format 2)."""
+  if how == "zero":
+    with open(loc["path"], "r+b") as f:
+      f.seek(loc["offset"])
+      f.write(b"\0" * loc["nbytes"])
+  elif how == "truncate":
+    os.truncate(loc["path"], loc["offset"] + loc["nbytes"] // 2)
+  elif how == "missing":
+    os.remove(loc["path"])
+  else:
+    raise ValueError(how)
 
 
 @pytest.mark.parametrize("what", ["store_version", "checkpoint"])
@@ -133,10 +149,12 @@ def test_cas_falls_back_to_the_newest_intact_checkpoint_and_snapshot(cas_setup, 
   w = str(tmp_path)
   run(w, stop_after=9)  # checkpoints + snapshots 4 and 8, store writes after 8
   if what == "store_version":
-    victim = _largest_file(os.path.join(_version_only_in_latest_snapshot(os.path.join(w, "store")), "arrays"))
+    loc = _version_only_in_latest_snapshot(os.path.join(w, "store"))
+    victim = loc["path"]
+    damage_version(loc, "zero")
   else:
     victim = _largest_file(os.path.join(w, "checkpoints", "8", "state"))
-  damage(victim, "zero")
+    damage(victim, "zero")
   with caplog.at_level(logging.WARNING):
     out = run(w)
   assert "checkpoint step 8 is unusable" in caplog.text and victim in caplog.text
@@ -148,34 +166,42 @@ def test_store_detects_damaged_versions_and_rebuilds_a_broken_index(tmp_path, ca
   root = str(tmp_path / "s")
   with CartridgeStore(root, spec=SPEC, model_fingerprint=FP) as st:
     for i, d in enumerate(("a", "b", "c")):
-      st.put(d, rand_arrays(i), 1)
+      st.put(d, rand_arrays(i), 1)  # one pack each
     st.snapshot(1)
     st.put("a", rand_arrays(9), 2)
     victims = {}
     for d, how in (("a", "zero"), ("b", "truncate"), ("c", "missing")):
-      victims[d] = _largest_file(os.path.join(st.doc_path(d), "arrays"))
-      damage(victims[d], how)
-    for d in ("a", "b", "c"):
-      with pytest.raises(StoreCorruptError, match=f"cannot read the arrays of document '{d}'") as e:
+      loc = st.locate(d)
+      victims[d] = loc["path"]
+      damage_version(loc, how)
+    for d, why in (("a", "sha256 mismatch"), ("b", "truncated"), ("c", "missing")):
+      with pytest.raises(StoreCorruptError, match=f"document '{d}'.*{why}") as e:
         st.get(d)
       assert victims[d] in str(e.value)
     with pytest.raises(StoreCorruptError) as e:
       st.verify_snapshot(1)  # b and c are shared with the snapshot
     assert "generation" in str(e.value)
     assert json.load(open(os.path.join(root, "corrupt.json")))  # found damage is remembered
+    head = os.path.join(root, "log", f"{st.stats()['seq']:012d}.rec")
   with pytest.raises(StoreError, match=r"put\('x'\): k holds 1 NaN/inf values; refusing"):
     with CartridgeStore(root, spec=SPEC, model_fingerprint=FP, check_finite=True) as st:
       bad = rand_arrays(0)
       bad["k"].reshape(-1)[3] = np.nan
       st.put("x", bad, 1)
-  damage(os.path.join(root, "index.json"), "zero")
+  damage(head, "zero")  # the newest commit record
+  with pytest.raises(StoreError, match="corrupt cartridge store index"):  # read-only never rewrites
+    CartridgeStore(root, spec=SPEC, model_fingerprint=FP, read_only=True)
   with caplog.at_level(logging.WARNING):
     st = CartridgeStore(root, spec=SPEC, model_fingerprint=FP)
-  assert "rebuilt the index from snapshot 1" in caplog.text
-  assert st.counts() == {"a": 1, "b": 1, "c": 1}
+  assert "rebuilt the index from snapshot 1" in caplog.text and head in caplog.text
+  assert st.counts() == {"a": 1, "b": 1, "c": 1} and st.snapshots() == [1]
+  st.put("d", rand_arrays(4), 4)  # the store goes on from the snapshot
   st.close()
-  with pytest.raises(StoreError, match="missing cartridge store index"):  # read-only never rewrites
-    os.remove(os.path.join(root, "index.json"))
+  with CartridgeStore(root, spec=SPEC, model_fingerprint=FP, read_only=True) as st:
+    assert st.counts() == {"a": 1, "b": 1, "c": 1, "d": 4}
+  import shutil
+  shutil.rmtree(os.path.join(root, "log"))
+  with pytest.raises(StoreError, match="missing cartridge store index"):
     CartridgeStore(root, spec=SPEC, model_fingerprint=FP, read_only=True)
 
 

@@ -9,7 +9,7 @@ from tests.hardening.kill_harness import kill_at_commit
 @pytest.mark.parametrize("job,die_at", [
     ("synth", "shard-00004.array_record"),  # shard fully written to its temp name, not renamed
     ("train", "cas_checksums.json#3"),      # Orbax checkpoint 6 complete, its checksums not yet
-    ("cas", "index.json#12"),               # store versions written, index not yet committed
+    ("cas", "*.rec#12"),                    # store pack written, its commit record not yet renamed in
 ])
 def test_kill_at_commit_point_resumes_exactly(job, die_at, tmp_path_factory):
   root = str(tmp_path_factory.getbasetemp() / "kill_points")

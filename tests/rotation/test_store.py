@@ -1,5 +1,6 @@
 """CartridgeStore: bit-identical round trips, doc-id mapping, spec/fingerprint checks, corrupt
-files, killed writers (real SIGKILL of a subprocess), snapshots/rollback, locking."""
+files, killed writers (real SIGKILL of a subprocess), snapshots/rollback, locking, and that a
+commit, a snapshot and opening touch O(changed) files (format 2: packs + commit records + runs)."""
 import os
 import signal
 import subprocess
@@ -11,18 +12,28 @@ import numpy as np
 import pytest
 
 from cas.cartridge.cartridge import CartridgeSpec
+from cas.rotation import objfs, store as S
 from cas.rotation.store import ARRAY_NAMES, CartridgeStore, StoreError, doc_dirname
 from tests.rotation.conftest import FP, SPEC, assert_bit_identical, rand_arrays
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _gen_dirs(root):
-  out = []
-  for dirpath, dirnames, _ in os.walk(os.path.join(root, "docs")):
-    out += [os.path.join(dirpath, d) for d in dirnames if d.startswith(("g", ".tmp"))
-            and os.path.dirname(dirpath) == os.path.join(root, "docs")]
-  return sorted(out)
+def _pack_files(root):
+  """Pack files on disk (committed or not)."""
+  return sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, "packs")) for f in fs)
+
+
+def _files(root):
+  """Every file under root, relative, '/'-separated."""
+  return {os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/") for d, _, fs in os.walk(root) for f in fs}
+
+
+def assert_no_garbage(st):
+  """Files on disk are exactly what the head and the retained snapshots need (plus store.json,
+  the lock and this writer's session marker): no temp file, orphan pack, stale record or run."""
+  extra = {"store.json", ".lock", f"sessions/{st.session}", "corrupt.json"}
+  assert _files(st.root) - extra == st.referenced_files()
 
 
 def test_put_get_bit_identical_and_counts(tmp_path):
@@ -36,7 +47,8 @@ def test_put_get_bit_identical_and_counts(tmp_path):
     assert_bit_identical(arrs, got)
     st.put("b", rand_arrays(1), 9)  # a new version replaces the old one on disk
     assert st.get("b")[1] == 9
-    assert len(_gen_dirs(st.root)) == 1
+    assert len(_pack_files(st.root)) == 1
+    assert_no_garbage(st)
     with pytest.raises(StoreError, match="registered but has no cartridge"):
       st.get("a")
     with pytest.raises(StoreError, match="unknown doc id 'zzz'"):
@@ -59,7 +71,7 @@ def test_doc_ids_with_odd_characters_and_duplicates(tmp_path):
       st.put(d, rand_arrays(i), i)
     for i, d in enumerate(ids):
       assert_bit_identical(st.get(d)[0], rand_arrays(i))
-      assert st.doc_path(d).startswith(os.path.join(st.root, "docs"))
+      assert st.doc_path(d).startswith(os.path.join(st.root, "packs"))
     with pytest.raises(StoreError, match="duplicate doc id 'q' at positions 0 and 2"):
       st.register(["q", "r", "q"])
     assert "q" not in st  # nothing of a failed registration is kept
@@ -102,29 +114,42 @@ def test_other_spec_or_model_is_refused(tmp_path):
     CartridgeStore(str(tmp_path / "busy"), spec=SPEC, model_fingerprint=FP)
 
 
+def _damage(loc, how):
+  """Zero or cut off the bytes of one stored version inside its pack file."""
+  if how == "zero":
+    with open(loc["path"], "r+b") as f:
+      f.seek(loc["offset"])
+      f.write(b"\0" * loc["nbytes"])
+  elif how == "truncate":
+    os.truncate(loc["path"], loc["offset"] + loc["nbytes"] // 2)
+  else:
+    os.remove(loc["path"])
+
+
 def test_corrupt_or_missing_files_name_doc_and_path(tmp_path):
   with CartridgeStore(str(tmp_path / "s"), spec=SPEC, model_fingerprint=FP) as st:
     for d in ("a", "b", "c"):
-      st.put(d, rand_arrays(0), 1)
-    pa, pb, pc = st.doc_path("a"), st.doc_path("b"), st.doc_path("c")
-    with open(os.path.join(pa, "meta.json"), "w") as f:
-      f.write("{not json")
-    with pytest.raises(StoreError, match="corrupt metadata of document 'a'") as e:
+      st.put(d, rand_arrays(0), 1)  # one pack each
+    la, lb, lc = st.locate("a"), st.locate("b"), st.locate("c")
+    assert len({la["path"], lb["path"], lc["path"]}) == 3
+    _damage(la, "zero")
+    with pytest.raises(StoreError, match="cannot read the arrays of document 'a' .*sha256 mismatch") as e:
       st.get("a")
-    assert pa in str(e.value)
-    import shutil
-    shutil.rmtree(os.path.join(pb, "arrays"))
-    with pytest.raises(StoreError, match="cannot read the arrays of document 'b'") as e:
+    assert la["path"] in str(e.value)
+    _damage(lb, "truncate")
+    with pytest.raises(StoreError, match="cannot read the arrays of document 'b'.*truncated") as e:
       st.get("b")
-    assert pb in str(e.value)
-    shutil.rmtree(pc)
+    assert lb["path"] in str(e.value)
+    _damage(lc, "missing")
     with pytest.raises(StoreError, match="files of document 'c'.*missing") as e:
       st.get("c")
-    assert pc in str(e.value)
-  with open(os.path.join(str(tmp_path / "s"), "index.json"), "w") as f:
+    assert lc["path"] in str(e.value)
+    head = os.path.join(st.root, "log", f"{st.stats()['seq']:012d}.rec")
+  with open(head, "w") as f:  # the newest commit record (no snapshot to fall back to)
     f.write("[")
-  with pytest.raises(StoreError, match="index.json: corrupt cartridge store index"):
+  with pytest.raises(StoreError, match="corrupt cartridge store index") as e:
     CartridgeStore(str(tmp_path / "s"), spec=SPEC, model_fingerprint=FP)
+  assert head in str(e.value)
 
 
 def test_single_writer_lock_and_read_only_reader(tmp_path):
@@ -173,20 +198,90 @@ def test_snapshot_and_rollback(tmp_path):
     st.put("b", rand_arrays(3), 3)
     st.snapshot(20)
     st.put("a", rand_arrays(4), 4)
-    assert len(_gen_dirs(st.root)) == 4  # a@1 (snap 10), a@2 (snap 20), a@4 (head), b@3
+    assert len(_pack_files(st.root)) == 4  # a@1 (snap 10), a@2 (snap 20), a@4 (head), b@3
+    assert st.snapshot_counts(10) == {"a": 1} and st.snapshot_counts(20) == {"a": 2, "b": 3}
     st.rollback(10)
     assert st.snapshots() == [10]
     got, c = st.get("a")
-    assert c == 1 and st.counts() == {"a": 1}
+    assert c == 1 and st.counts() == {"a": 1} and st.doc_ids() == ["a"] and len(st) == 1
     assert_bit_identical(got, rand_arrays(1))
-    assert len(_gen_dirs(st.root)) == 1  # later generations are gone
+    assert len(_pack_files(st.root)) == 1  # later versions are gone
+    assert_no_garbage(st)
     st.put("a", rand_arrays(5), 5)  # new generation numbers never collide with old ones
+    assert len(_pack_files(st.root)) == 2  # a@1 is still needed by snapshot 10
     for t in (30, 40, 50):
       st.snapshot(t)
     assert st.snapshots() == [40, 50]
-    assert len(_gen_dirs(st.root)) == 1  # a@1 was only referenced by pruned snapshot 10
+    assert len(_pack_files(st.root)) == 1  # a@1 was only referenced by pruned snapshot 10
+    assert_no_garbage(st)
     with pytest.raises(StoreError, match="no store snapshot 10"):
       st.rollback(10)
+  with CartridgeStore(str(tmp_path / "s"), spec=SPEC, model_fingerprint=FP, keep_snapshots=2) as st:
+    assert st.snapshots() == [40, 50] and st.counts() == {"a": 5}
+    st.rollback(40)
+    assert_bit_identical(st.get("a")[0], rand_arrays(5))
+
+
+def test_long_history_flushes_into_runs_and_reopens_identically(tmp_path, monkeypatch):
+  """Many commits fold the record chain into index runs (merged like a binary counter); with
+  snapshots in between, every retained state reads back exactly and nothing else is kept."""
+  monkeypatch.setattr(S, "FLUSH_RECORDS", 4)
+  monkeypatch.setattr(S, "FLUSH_ROWS", 12)
+  root = str(tmp_path / "s")
+  expect = {}
+  with CartridgeStore(root, spec=SPEC, model_fingerprint=FP, keep_snapshots=3) as st:
+    st.register([f"d{i}" for i in range(30)])
+    for step in range(1, 41):
+      batch = [f"d{(step * 7 + j) % 30}" for j in range(3)]
+      st.put_many([(d, rand_arrays(step * 100 + j), step) for j, d in enumerate(batch)])
+      expect.update({d: (step * 100 + j, step) for j, d in enumerate(batch)})
+      if step % 5 == 0:
+        st.snapshot(step)
+      if step == 35:
+        snap35 = dict(expect)
+      assert st.stats()["chain"] <= 4
+    assert st.snapshots() == [30, 35, 40]
+    assert st.stats()["runs"]["docs"] <= 6
+    assert_no_garbage(st)
+  with CartridgeStore(root, spec=SPEC, model_fingerprint=FP, keep_snapshots=3) as st:
+    assert st.doc_ids() == [f"d{i}" for i in range(30)]
+    for d, (seed, count) in expect.items():
+      got, c = st.get(d)
+      assert c == count
+      assert_bit_identical(got, rand_arrays(seed))
+    st.rollback(35)
+    for d, (seed, count) in snap35.items():
+      got, c = st.get(d)
+      assert c == count
+      assert_bit_identical(got, rand_arrays(seed))
+    assert st.verify_snapshot(35)["docs"] == len(snap35)
+    assert_no_garbage(st)
+
+
+def test_commit_snapshot_and_open_touch_few_files(tmp_path):
+  """With 3,000 registered documents a rotation's commit writes one pack and one record, a
+  snapshot one record, and opening reads a handful of objects (costs do not grow with N)."""
+  root = str(tmp_path / "s")
+  with CartridgeStore(root, spec=SPEC, model_fingerprint=FP) as st:
+    st.register([f"doc/{i}" for i in range(3000)])
+    st.put_many([(f"doc/{i}", rand_arrays(i % 5), 1) for i in range(3000)])
+    before = _files(root)
+    st.put_many([(f"doc/{i}", rand_arrays(9), 2) for i in range(64)])
+    new = _files(root) - before
+    assert len(new) == 2 and {f.split("/")[0] for f in new} == {"packs", "log"}, new
+    before = _files(root)
+    st.snapshot(1)
+    assert [f.split("/")[0] for f in _files(root) - before] == ["log"]
+    assert len(_files(root)) < 0.01 * 3000
+  reads = []
+  real = objfs.LocalFS.read
+  objfs.LocalFS.read = lambda self, p: reads.append(p) or real(self, p)
+  try:
+    with CartridgeStore(root, spec=SPEC, model_fingerprint=FP) as st:
+      assert st.count("doc/5") == 2 and st.count("doc/2999") == 1
+  finally:
+    objfs.LocalFS.read = real
+  assert len(reads) <= 2 + S.FLUSH_RECORDS, reads
 
 
 # ----------------------------------------------------------------------------- killed writers
@@ -195,32 +290,37 @@ CHILD = textwrap.dedent("""
   import os, signal, sys, numpy as np
   sys.path.insert(0, {repo!r})
   from cas.cartridge.cartridge import CartridgeSpec
-  from cas.rotation import store as S
+  from cas.rotation import objfs, store as S
   spec = CartridgeSpec(*{spec!r})
   st = S.CartridgeStore({root!r}, spec=spec, model_fingerprint="fp")
   def arrays(v):
     return {{n: np.full(spec.trainable_shape, v, np.float32) for n in S.ARRAY_NAMES}}
   st.put("doc/1", arrays(1.0), 1)
   mode = {mode!r}
-  if mode == "before_rename":      # temp dir fully written, killed before it is renamed
+  if mode == "mid_pack":           # killed while the pack of the next version is half written
+    real = objfs.LocalFS.write
+    def write(self, path, data):
+      if path.endswith(".pack"):
+        with open(path, "wb") as f:
+          f.write(data[:len(data) // 2])
+          f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+      return real(self, path, data)
+    objfs.LocalFS.write = write
+  elif mode == "before_commit":    # pack written, killed before its commit record is renamed in
     real = os.rename
     def rename(src, dst):
-      if ".tmp-g" in src:
+      if str(dst).endswith(".rec"):
         os.kill(os.getpid(), signal.SIGKILL)
       return real(src, dst)
     os.rename = rename
-  elif mode == "before_commit":    # version renamed into place, killed before index.json moves
-    real = os.replace
-    def replace(src, dst):
-      if str(dst).endswith("index.json"):
-        os.kill(os.getpid(), signal.SIGKILL)
-      return real(src, dst)
-    os.replace = replace
   elif mode == "loop":             # killed from outside at a random moment
     print("ready", flush=True)
     v = 2
     while True:
       st.put("doc/1", arrays(float(v)), v)
+      if v % 3 == 0:
+        st.snapshot(v)
       v += 1
   st.put("doc/1", arrays(2.0), 2)
   print("not killed", flush=True)
@@ -240,13 +340,14 @@ def _check_after_crash(root, spec, allowed):
     assert count in allowed
     for n in ARRAY_NAMES:
       assert np.all(arrs[n] == float(count)), f"{n} does not belong to version {count}"
-    ddir = os.path.join(root, "docs", doc_dirname("doc/1"))
-    assert os.listdir(ddir) == [f"g{st._index['docs']['doc/1']['gen']}"]  # no temp/orphan dirs
-    assert not [f for f in os.listdir(root) if ".tmp-" in f]
+    assert_no_garbage(st)  # no temp file, orphan pack or stale record
+    assert not [f for f in _files(root) if ".tmp-" in f]
+    for t in st.snapshots():
+      assert st.verify_snapshot(t, full=True)["docs"] == 1
     return count
 
 
-@pytest.mark.parametrize("mode", ["before_rename", "before_commit"])
+@pytest.mark.parametrize("mode", ["mid_pack", "before_commit"])
 def test_writer_killed_mid_put_keeps_previous_version(tmp_path, mode):
   root = str(tmp_path / "s")
   code = CHILD.format(repo=REPO, spec=tuple(SPEC.__dict__.values()), root=root, mode=mode)
@@ -254,9 +355,9 @@ def test_writer_killed_mid_put_keeps_previous_version(tmp_path, mode):
                      timeout=120)
   assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
   assert "not killed" not in p.stdout
-  leftovers = os.listdir(os.path.join(root, "docs", doc_dirname("doc/1")))
-  assert len(leftovers) == 2  # the old version plus the half-done new one
+  assert len(_pack_files(root)) == 2  # the committed version plus the uncommitted (half) pack
   assert _check_after_crash(root, SPEC, {1}) == 1
+  assert len(_pack_files(root)) == 1
 
 
 def test_writer_sigkilled_at_random_moment_large_arrays(tmp_path):
@@ -277,13 +378,16 @@ def test_writer_sigkilled_at_random_moment_large_arrays(tmp_path):
 
 
 def test_failed_batch_write_commits_nothing(tmp_path):
-  with CartridgeStore(str(tmp_path / "s"), spec=SPEC, model_fingerprint=FP) as st:
+  # pack_bytes=1: every document gets its own pack (written one after the other)
+  with CartridgeStore(str(tmp_path / "s"), spec=SPEC, model_fingerprint=FP, pack_bytes=1, write_workers=1) as st:
     st.put("good", rand_arrays(0), 1)
-    # a plain file where the directory of document 'bad' must go makes its write fail
-    with open(os.path.join(st.root, "docs", doc_dirname("bad")), "w") as f:
-      f.write("in the way")
+    # a directory where the pack of the batch's second document must go makes its write fail
+    nxt = st._reserved["next_pack"]
+    os.makedirs(os.path.join(st.root, "packs", st.session, f"{nxt + 1:010d}.pack"))
     with pytest.raises(StoreError, match="writing document 'bad' failed"):
       st.put_many([("good", rand_arrays(1), 2), ("bad", rand_arrays(2), 3)])
     assert st.counts() == {"good": 1} and "bad" not in st
     assert_bit_identical(st.get("good")[0], rand_arrays(0))
-    assert len(_gen_dirs(st.root)) == 1  # the good half of the batch was removed again
+    os.rmdir(os.path.join(st.root, "packs", st.session, f"{nxt + 1:010d}.pack"))
+    assert len(_pack_files(st.root)) == 1  # the good half of the batch was removed again
+    assert_no_garbage(st)
