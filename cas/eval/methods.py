@@ -122,7 +122,8 @@ class Evaluator:
     kv = (text_tokens + ctx.cartridge_tokens) * self.kv_tok_bytes
     if q.kind == "mc":
       conts = [self.tok.encode(o) for o in q.options]
-      s, n = score_continuations(self.model, ctx.prefix_kv, prompt, conts, position_offset=ctx.position_offset)
+      s, n = score_continuations(self.model, ctx.prefix_kv, prompt, conts, position_offset=ctx.position_offset,
+                                 text_prefix=ctx.prefix_tokens > 0)
       mean = s / np.maximum(n, 1)  # [num_options] f32
       pick = int(np.argmax(mean))
       return QuestionResult(q.qid, q.doc_id, "mc", pick == q.answer_index, q.options[pick], text_tokens, kv,
@@ -134,7 +135,9 @@ class Evaluator:
     prefix, off = None, 0
     if ctx.prefix_kv is not None:
       k, v = ctx.prefix_kv
-      prefix = Prefix(k[:, None], v[:, None], jnp.ones((1, k.shape[1]), bool))
+      text = ctx.prefix_tokens > 0 and self.model.cfg.has_sliding_window  # Gemma 3 windows text
+      prefix = Prefix(k[:, None], v[:, None], jnp.ones((1, k.shape[1]), bool),
+                      jnp.arange(k.shape[1], dtype=jnp.int32)[None] if text else None)
       off = int(k.shape[1]) if ctx.position_offset is None else ctx.position_offset
     res = self.sampler.generate([prompt], max_new_tokens=self.max_new_tokens, prefix=prefix,
                                 position_offset=off, stop_ids=self.tok.eos_ids)

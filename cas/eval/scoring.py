@@ -53,15 +53,18 @@ def context_kv(model: Transformer, ids: Sequence[int], chunk: int = 512):
   return k[:, :n], v[:, :n]
 
 
-@jax.jit
-def _score(model: Transformer, pk, pv, pmask, tokens, positions, segs, tmask):
-  """Sum of log p(target tokens) per row. tokens [B, T]; tmask [B, T] marks tokens to score."""
+@functools.partial(jax.jit, static_argnames=("text_prefix",))
+def _score(model: Transformer, pk, pv, pmask, tokens, positions, segs, tmask, text_prefix=False):
+  """Sum of log p(target tokens) per row. tokens [B, T]; tmask [B, T] marks tokens to score.
+  text_prefix: the prefix is text at positions 0..P-1 (ICL), which a sliding-window model
+  windows like the prompt (`cas.model.llama.Prefix.positions`); else a cartridge."""
   prefix = None
   if pk is not None:
     b = tokens.shape[0]
+    ppos = jnp.arange(pk.shape[1], dtype=jnp.int32)[None] if text_prefix else None  # [1, P]
     prefix = Prefix(jnp.broadcast_to(pk[:, None], (pk.shape[0], b) + pk.shape[1:]).astype(model.dtype),
                     jnp.broadcast_to(pv[:, None], (pv.shape[0], b) + pv.shape[1:]).astype(model.dtype),
-                    jnp.broadcast_to(pmask[None], (b, pmask.shape[0])))
+                    jnp.broadcast_to(pmask[None], (b, pmask.shape[0])), ppos)
   logits, _ = model(tokens, positions, segs, prefix=prefix)
   lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
   tgt = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
@@ -69,10 +72,13 @@ def _score(model: Transformer, pk, pv, pmask, tokens, positions, segs, tmask):
 
 
 def score_continuations(model: Transformer, prefix_kv, prompt_ids: Sequence[int],
-                        continuations: Sequence[Sequence[int]], *, position_offset: int | None = None):
+                        continuations: Sequence[Sequence[int]], *, position_offset: int | None = None,
+                        text_prefix: bool = False):
   """Log-likelihood of each continuation after [prefix KV] + prompt.
 
   prefix_kv: None or (k, v) [L, P, Hkv, D]. Positions start at P (or `position_offset`).
+  text_prefix: prefix_kv is text (`context_kv`), not a cartridge; matters only for models with
+  sliding-window layers (Gemma 3), which then window it like ordinary context.
   Returns (sum_logprob [N] f32, num_tokens [N]).
   """
   p = 0 if prefix_kv is None else int(prefix_kv[0].shape[1])
@@ -98,5 +104,6 @@ def score_continuations(model: Transformer, prefix_kv, prompt_ids: Sequence[int]
     pk, pv = jnp.pad(pk, pad), jnp.pad(pv, pad)
     pm = jnp.arange(pb) < p
   s, c = _score(model, pk, pv, pm, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segs),
-                jnp.asarray(tmask))
+                jnp.asarray(tmask), text_prefix=bool(text_prefix and pk is not None
+                                                     and model.cfg.has_sliding_window))
   return np.asarray(s)[:n], np.asarray(c)[:n]

@@ -12,7 +12,16 @@ What llama.cpp's `convert_hf_to_gguf.py` changes and this module undoes:
   * shapes: GGUF lists dimensions fastest-first (`[in, out]`); the numpy arrays the reader gives
     are already `[out, in]`;
   * llama architecture only: the rows of q_proj / k_proj (weights and biases) are permuted from
-    the half-split RoPE layout to the interleaved one; Qwen2/Qwen3 are written unpermuted;
+    the half-split RoPE layout to the interleaved one; Qwen2/Qwen3/Gemma 3 are written unpermuted;
+  * gemma3: every norm weight is stored as (1 + w) (llama.cpp's RMSNorm multiplies by the weight,
+    Gemma's by 1 + weight): 1 is subtracted back; the norm names differ from Llama's
+    (`ffn_norm` is the pre-MLP norm, `post_attention_norm` / `post_ffw_norm` the sandwich norms);
+    what llama.cpp hard-codes for the architecture and does not write is filled in as llama.cpp
+    assumes it: every 6th layer full attention, the rest sliding-window (unless the file has
+    `gemma3.attention.sliding_window_pattern`), RoPE base 10000 on sliding layers (unless
+    `gemma3.rope.freq_base_swa`), attention scaled by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for
+    the 62-layer 27B model); the vocabulary is SentencePiece (`tokenizer.ggml.model` "llama"),
+    and a file without a chat template gets Gemma's (`cas.model.tokenizer`);
   * Llama 3 RoPE frequency scaling is stored as a `rope_freqs.weight` tensor of per-frequency
     divisors instead of `rope_scaling` parameters: the parameters are recovered from it and
     checked to reproduce it exactly.
@@ -50,6 +59,7 @@ ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
 
 _GLOBAL_NAMES = {
@@ -73,7 +83,16 @@ _BLOCK_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Gemma 3's per-layer norms (the rest of `_BLOCK_NAMES` is shared).
+_GEMMA3_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
 ROPE_FREQS = "rope_freqs.weight"
+GEMMA3_SWA_PATTERN = 6  # llama.cpp: every 6th Gemma 3 layer is full attention
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
 
 # ----------------------------------------------------------------------------- reading
@@ -188,9 +207,13 @@ def gguf_config(reader: GGUFReader, path: str) -> dict:
         f"{head_dim}) is not supported")
   theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
   scaling_type = _field(reader, f"{arch}.rope.scaling.type", "none")
-  if scaling_type not in ("none", None):
+  linear_factor = None
+  if scaling_type == "linear":
+    linear_factor = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))
+  elif scaling_type not in ("none", None):
     raise ModelLoadError(
-        f"{path}: RoPE scaling type {scaling_type!r} ('{arch}.rope.scaling.type') is not supported")
+        f"{path}: RoPE scaling type {scaling_type!r} ('{arch}.rope.scaling.type') is not supported "
+        f"(supported: none, linear; Llama 3 scaling comes as {ROPE_FREQS})")
 
   if "token_embd.weight" not in tensors:
     raise ModelLoadError(f"{path}: missing tensor 'token_embd.weight'")
@@ -217,6 +240,10 @@ def gguf_config(reader: GGUFReader, path: str) -> dict:
       "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 8192)),
       "attention_bias": "blk.0.attn_q.bias" in tensors,
   }
+  if linear_factor is not None and linear_factor != 1.0:
+    config["rope_scaling"] = {"rope_type": "linear", "factor": linear_factor}
+  if arch == "gemma3":
+    config.update(_gemma3_config(reader, path, config))
   if ROPE_FREQS in tensors:
     t = tensors[ROPE_FREQS]
     if arch != "llama":
@@ -230,6 +257,32 @@ def gguf_config(reader: GGUFReader, path: str) -> dict:
     if v is not None:
       config[name] = int(v)
   return config
+
+
+def _gemma3_config(reader: GGUFReader, path: str, config: dict) -> dict:
+  """The Gemma 3 fields of the HF config (transformers 4.5x layout: `ModelConfig` reads it)."""
+  n = config["num_hidden_layers"]
+  window = _field(reader, "gemma3.attention.sliding_window")
+  if window is None:
+    raise ModelLoadError(f"{path}: GGUF metadata has no 'gemma3.attention.sliding_window'")
+  pattern = _field(reader, "gemma3.attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
+  if isinstance(pattern, list):  # one bool per layer, True = sliding window
+    if len(pattern) != n:
+      raise ModelLoadError(f"{path}: 'gemma3.attention.sliding_window_pattern' has {len(pattern)} "
+                           f"entries for {n} layers")
+    sliding = [bool(x) for x in pattern]
+  else:
+    p = int(pattern)
+    sliding = [p > 0 and bool((i + 1) % p) for i in range(n)]
+  head_dim = config["head_dim"]
+  qpas = config["hidden_size"] // config["num_attention_heads"] if n == 62 else head_dim
+  return {
+      "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+      "sliding_window": int(window),
+      "rope_local_base_freq": float(_field(reader, "gemma3.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)),
+      "query_pre_attn_scalar": qpas,
+      "hidden_activation": "gelu_pytorch_tanh",
+  }
 
 
 def read_gguf_config(path: str | os.PathLike) -> dict:
@@ -276,13 +329,14 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, d // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_name(gguf_name: str) -> str | None:
-  """GGUF tensor name -> Hugging Face name (None if unknown)."""
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+  """GGUF tensor name -> Hugging Face name (None if unknown) for architecture `arch`."""
   if gguf_name in _GLOBAL_NAMES:
     return _GLOBAL_NAMES[gguf_name]
+  block = _GEMMA3_BLOCK_NAMES if arch == "gemma3" else _BLOCK_NAMES
   parts = gguf_name.split(".", 2)
-  if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
-    return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}"
+  if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in block:
+    return f"model.layers.{parts[1]}.{block[parts[2]]}"
   return None
 
 
@@ -294,7 +348,7 @@ def gguf_state_dict(reader: GGUFReader, config: dict, path: str) -> dict[str, np
   for t in reader.tensors:
     if t.name == ROPE_FREQS:
       continue  # folded into config["rope_scaling"]
-    name = hf_name(t.name)
+    name = hf_name(t.name, arch)
     if name is None or name not in expected:
       raise ModelLoadError(f"{path}: unexpected tensor {t.name!r} for a {arch!r} model with "
                            f"{config['num_hidden_layers']} layers")
@@ -316,6 +370,8 @@ def gguf_state_dict(reader: GGUFReader, config: dict, path: str) -> dict[str, np
     if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
       n_head = config["num_attention_heads"] if ".q_proj." in name else config["num_key_value_heads"]
       w = unpermute_qk(w, n_head)
+    if arch == "gemma3" and name.endswith("norm.weight"):
+      w = w - np.float32(1.0)  # stored as 1 + w (module docstring)
     sd[name] = w
   return sd
 

@@ -52,6 +52,9 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                      p + "self_attn.v_proj.bias": (kv,)})
     if cfg.qk_norm:
       shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+    if cfg.is_gemma:
+      shapes.update({p + "pre_feedforward_layernorm.weight": (e,),
+                     p + "post_feedforward_layernorm.weight": (e,)})
   return shapes
 
 

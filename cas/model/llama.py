@@ -1,4 +1,4 @@
-"""Flax NNX decoder for the Llama family (Llama 3.x, SmolLM2, Qwen2/2.5, Qwen3).
+"""Flax NNX decoder for the Llama family (Llama 3.x, SmolLM2, Qwen2/2.5, Qwen3) and Gemma 3.
 
 Layer weights are stacked on a leading `layers` axis and the forward pass scans over them
 (fast compiles for deep models, one remat policy for all layers). Every parameter carries its
@@ -10,6 +10,22 @@ Attention takes two optional extras:
     slots are masked.
 Packed sequences are expressed with `segment_ids` (0 = padding): a token attends to earlier
 tokens of the same segment only.
+
+Gemma 3 (`cfg.family == "gemma3"`, see `cas.model.config`) runs in the same scanned layer with
+per-layer data: its RoPE table (`rope_inv_freq(cfg)` is then [L, D/2]: `rope_local_theta` on
+sliding-window layers, `rope_theta` (+ scaling) on full-attention layers) and whether the layer
+is a sliding-window one. On a sliding-window layer a query at position p sees its own earlier
+tokens at positions > p - sliding_window (positions, not cache slots: the KV cache records each
+slot's position), as transformers' Gemma3 does.
+
+Cartridges on sliding-window layers -- the rule: a prefix (cartridge) is always visible, on
+every layer, local or global, to every query its mask allows, however far the query is from
+it. The window limits only a layer's own tokens (the prompt, the conversation, the decode
+cache). A cartridge is trained as the model's global memory of a document (the paper's
+prefix); hiding it from the local layers once a conversation grows past the window would make
+what the model can read depend on the answer's length. With a prefix and queries all within
+`sliding_window` positions of every prefix slot, the result equals running the prefix tokens
+as ordinary context (tests/model/test_gemma3_parity.py checks both the rule and that case).
 """
 from __future__ import annotations
 
@@ -34,34 +50,63 @@ class Prefix(NamedTuple):
     every row) where mask is None.
   mask: [B, P] or [B, T, P] bool, True where the query may attend to that prefix slot; or None:
     every slot visible to every query (lets attention skip the mask: `cas.model.attention`).
+  positions: None for a cartridge (visible on every layer: the module docstring's rule); or
+    [B or 1, P] int32, the positions of a *text* prefix (ordinary context prefilled once, e.g.
+    the sampler's shared prompt start): sliding-window layers then apply their window to it
+    exactly as to the row's own tokens. Only models with sliding-window layers look at it.
   """
   k: Array
   v: Array
   mask: Array
+  positions: Array | None = None
 
 
 class KVCache(NamedTuple):
   """Decode cache. k, v: [L, B, S, Hkv, D]; segment_ids: [B, S] int32 (0 = empty slot);
-  index: [] int32, number of slots written so far (same for every row)."""
+  index: [] int32, number of slots written so far (same for every row); positions: [B, S]
+  int32, the position of the token in each slot (sliding-window layers measure distance in
+  positions; None: slot order is used)."""
   k: Array
   v: Array
   segment_ids: Array
   index: Array
+  positions: Array | None = None
 
   @classmethod
   def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype=jnp.bfloat16) -> "KVCache":
     shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-               jnp.zeros((batch, size), jnp.int32), jnp.zeros((), jnp.int32))
+               jnp.zeros((batch, size), jnp.int32), jnp.zeros((), jnp.int32),
+               jnp.zeros((batch, size), jnp.int32))
 
 
 # ----------------------------------------------------------------------------- RoPE
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-  """[D/2] float32 inverse frequencies, with Llama 3 scaling when configured."""
-  d = cfg.head_dim
-  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-  sc = cfg.rope_scaling_dict
+  """float32 inverse frequencies: [D/2], with Llama 3 or linear scaling when configured; or
+  [L, D/2], one row per layer, for a model whose layers use different RoPE bases (Gemma 3:
+  `cfg.per_layer_rope`). Both shapes work with `apply_rope` (see its docstring)."""
+  glob = _inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
+  if not cfg.per_layer_rope:
+    return glob
+  local = _inv_freq(cfg.head_dim, cfg.rope_local_theta, None)
+  return np.stack([local if s else glob for s in
+                   (t == "sliding_attention" for t in cfg.layer_types)])
+
+
+def layer_rope_table(inv_freq, num_layers: int):
+  """`rope_inv_freq` output as one row per layer: [L, D/2] (a [D/2] table is repeated)."""
+  inv_freq = jnp.asarray(inv_freq)
+  if inv_freq.ndim == 1:
+    return jnp.broadcast_to(inv_freq, (num_layers,) + inv_freq.shape)
+  return inv_freq
+
+
+def _inv_freq(d: int, theta: float, sc: dict | None) -> np.ndarray:
+  """[D/2] float32 inverse frequencies of base `theta` with optional scaling `sc`."""
+  inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+  if sc and sc.get("rope_type") == "linear":
+    inv = inv / sc["factor"]
   if sc and sc.get("rope_type") == "llama3":
     factor = sc["factor"]
     lo, hi = sc["low_freq_factor"], sc["high_freq_factor"]
@@ -77,7 +122,10 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 
 def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
-  """x: [B, T, H, D]; positions: [B, T] int. Half-split rotation (HF layout)."""
+  """x: [B, T, H, D]; positions: [B, T] int; inv_freq: [D/2], or any table that broadcasts
+  against positions[..., None] to [B, T, D/2] (e.g. [T, D/2] or [B, 1, D/2]: different
+  frequencies per row or column, for keys of several layers rotated at once). Half-split
+  rotation (HF layout)."""
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, D]
   cos, sin = jnp.cos(emb), jnp.sin(emb)
@@ -87,9 +135,13 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
   return (xf * cos + rot * sin).astype(x.dtype)
 
 
-def rms_norm(x: Array, w: Array, eps: float) -> Array:
+def rms_norm(x: Array, w: Array, eps: float, plus_one: bool = False) -> Array:
+  """RMSNorm over the last axis. x [..., E], w [E]. Llama: w * normed cast to x.dtype. Gemma
+  (`plus_one`): normed * (1 + w) in float32, then cast (transformers' Gemma3RMSNorm)."""
   xf = x.astype(jnp.float32)
   xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  if plus_one:
+    return (xf * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
   return w.astype(x.dtype) * xf.astype(x.dtype)
 
 
@@ -143,7 +195,8 @@ class Layers(nnx.Module):
     L, E, M = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
     H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     p = lambda shape, axes, init="normal": _param(rngs, shape, axes, param_dtype, init)
-    self.attn_norm = p((L, E), ("layers", "embed"), "ones")
+    one = "zeros" if cfg.is_gemma else "ones"  # Gemma norms scale by (1 + w)
+    self.attn_norm = p((L, E), ("layers", "embed"), one)
     self.wq = p((L, E, H, D), ("layers", "embed", "heads", "head_dim"))
     self.wk = p((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
     self.wv = p((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
@@ -153,9 +206,12 @@ class Layers(nnx.Module):
       self.bk = p((L, K, D), ("layers", "kv_heads", "head_dim"), "zeros")
       self.bv = p((L, K, D), ("layers", "kv_heads", "head_dim"), "zeros")
     if cfg.qk_norm:
-      self.q_norm = p((L, D), ("layers", "head_dim"), "ones")
-      self.k_norm = p((L, D), ("layers", "head_dim"), "ones")
-    self.mlp_norm = p((L, E), ("layers", "embed"), "ones")
+      self.q_norm = p((L, D), ("layers", "head_dim"), one)
+      self.k_norm = p((L, D), ("layers", "head_dim"), one)
+    if cfg.is_gemma:  # sandwich norms: on the attention output and on the MLP output
+      self.post_attn_norm = p((L, E), ("layers", "embed"), one)
+      self.post_mlp_norm = p((L, E), ("layers", "embed"), one)
+    self.mlp_norm = p((L, E), ("layers", "embed"), one)
     self.w_gate = p((L, E, M), ("layers", "embed", "mlp"))
     self.w_up = p((L, E, M), ("layers", "embed", "mlp"))
     self.w_down = p((L, M, E), ("layers", "mlp", "embed"))
@@ -192,15 +248,19 @@ class Transformer(nnx.Module):
     self.attn_impl = attn_impl
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
     self.layers = Layers(cfg, rngs, param_dtype)
-    self.final_norm = _param(rngs, (cfg.hidden_size,), ("embed",), param_dtype, "ones")
+    self.final_norm = _param(rngs, (cfg.hidden_size,), ("embed",), param_dtype,
+                             "zeros" if cfg.is_gemma else "ones")
     if not cfg.tie_word_embeddings:
       self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
     self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(cfg)))
 
   # -- pieces -----------------------------------------------------------------
   def embed_tokens(self, tokens: Array) -> Array:
-    """tokens [B, T] int -> [B, T, E] in compute dtype."""
-    return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    """tokens [B, T] int -> [B, T, E] in compute dtype (Gemma: times sqrt(E), in that dtype)."""
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    if self.cfg.is_gemma:
+      x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), self.dtype)
+    return x
 
   def output_weight(self) -> Array:
     """The LM head as [V, E] in the compute dtype (the embedding when tied)."""
@@ -236,19 +296,31 @@ class Transformer(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
     x = self.embed_tokens(tokens)
-    inv_freq = self.inv_freq[...]
+    inv_freq = self.inv_freq[...]  # [D/2], or [L, D/2] per layer (then it rides in the scan)
+    per_layer_rope = inv_freq.ndim == 2
     dt = self.dtype
+    sliding = cfg.has_sliding_window
+    positions = positions.astype(jnp.int32)
 
     # Masks: key slot j visible from query i if j <= i (slot order), same non-zero segment.
     if cache is None:
       k_seg = segment_ids
       q_idx = jnp.arange(t)
       k_idx = jnp.arange(t)
+      k_pos = positions
     else:
       k_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
       q_idx = cache.index + jnp.arange(t)
       k_idx = jnp.arange(cache.k.shape[2])
+      k_pos = None
+      if cache.positions is not None:
+        k_pos = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))  # [B, S]
     self_mask = segment_causal_mask(q_idx, k_idx, segment_ids, k_seg)  # [B, T, S]
+    local_self_mask = None
+    if sliding:  # sliding-window layers: own keys less than `sliding_window` positions back
+      kp = k_pos if k_pos is not None else jnp.broadcast_to(k_idx, (b, k_idx.shape[0]))
+      near = (positions[:, :, None] - kp[:, None, :]) < cfg.sliding_window  # [B, T, S]
+      local_self_mask = self_mask & near
     if prefix is not None:
       pm = prefix.mask
       if pm is None:
@@ -256,8 +328,15 @@ class Transformer(nnx.Module):
       if pm.ndim == 2:
         pm = jnp.broadcast_to(pm[:, None, :], (b, t, pm.shape[-1]))
       mask = jnp.concatenate([pm, self_mask], axis=-1)
+      if sliding:  # a cartridge stays visible on sliding-window layers (module docstring) ...
+        local_pm = pm
+        if prefix.positions is not None:  # ... a text prefix is windowed like the row's own tokens
+          pp = prefix.positions.astype(jnp.int32)  # [B or 1, P]
+          local_pm = pm & ((positions[:, :, None] - pp[:, None, :]) < cfg.sliding_window)
+        local_mask = jnp.concatenate([local_pm, local_self_mask], axis=-1)
     else:
       mask = self_mask
+      local_mask = local_self_mask
 
     from cas.model import attention as attn_lib
     # Benchmarks may force one implementation for every model (cas.model.attention.install).
@@ -270,18 +349,26 @@ class Transformer(nnx.Module):
     if not (cache is None and prefix is not None and prefix.mask is None
             and attn_lib.prefix_packed_active(self.dtype)):
       packed_fn = None  # (off CUDA its fallback is this 4-argument path: the same graph as before)
+    if sliding and (t > cfg.sliding_window or (prefix is not None and prefix.positions is not None)):
+      # the packed form has no window: only rows no longer than the window (positions of one
+      # segment advance by one per token, so no pair is `sliding_window` apart) may take it
+      packed_fn = None
     if prefix is not None and packed_fn is None and prefix.k.shape[1] != b:
       # a prefix shared by every row ([L, 1, P, Hkv, D]) meets the 4-argument path per row
       prefix = Prefix(jnp.broadcast_to(prefix.k, prefix.k.shape[:1] + (b,) + prefix.k.shape[2:]),
                       jnp.broadcast_to(prefix.v, prefix.v.shape[:1] + (b,) + prefix.v.shape[2:]),
-                      prefix.mask)
+                      prefix.mask, prefix.positions)
+
+    qpas = cfg.query_pre_attn_scalar
+    q_scale = 1.0 if qpas in (None, cfg.head_dim) else math.sqrt(cfg.head_dim / qpas)
 
     def layer(carry, xs):
       # The cache rides in the carry and is updated in place per layer (passing it through the
       # scan as xs/ys copied the whole cache every decode step).
       x, ck_all, cv_all, li = carry
       w, pk, pv = xs
-      h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+      g = cfg.is_gemma
+      h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps, g)
       q = jnp.einsum("bte,ehd->bthd", h, w["wq"].astype(dt))
       k = jnp.einsum("bte,ehd->bthd", h, w["wk"].astype(dt))
       v = jnp.einsum("bte,ehd->bthd", h, w["wv"].astype(dt))
@@ -290,10 +377,13 @@ class Transformer(nnx.Module):
         k = k + w["bk"].astype(dt)
         v = v + w["bv"].astype(dt)
       if cfg.qk_norm:
-        q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
-      q = apply_rope(q, positions, inv_freq)
-      k = apply_rope(k, positions, inv_freq)
+        q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps, g)
+        k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps, g)
+      freq = w["rope_inv_freq"] if per_layer_rope else inv_freq  # [D/2]
+      q = apply_rope(q, positions, freq)
+      k = apply_rope(k, positions, freq)
+      if q_scale != 1.0:  # query_pre_attn_scalar: the attention functions scale by 1/sqrt(D)
+        q = q * jnp.asarray(q_scale, q.dtype)
       if ck_all is not None:
         ck_all = jax.lax.dynamic_update_slice(ck_all, k.astype(ck_all.dtype)[None], (li, 0, cache.index, 0, 0))
         cv_all = jax.lax.dynamic_update_slice(cv_all, v.astype(cv_all.dtype)[None], (li, 0, cache.index, 0, 0))
@@ -307,12 +397,20 @@ class Transformer(nnx.Module):
         if pk is not None:
           keys = jnp.concatenate([pk.astype(dt), keys], axis=1)
           vals = jnp.concatenate([pv.astype(dt), vals], axis=1)
-        a = attn_fn(q, keys, vals, mask)
-      x = x + jnp.einsum("bthd,hde->bte", a, w["wo"].astype(dt))
-      h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+        m = jnp.where(w["sliding"], local_mask, mask) if sliding else mask  # [B, T, P + S]
+        a = attn_fn(q, keys, vals, m)
+      o = jnp.einsum("bthd,hde->bte", a, w["wo"].astype(dt))
+      if g:
+        o = rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps, g)
+      x = x + o
+      h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps, g)
       gate = jnp.einsum("bte,em->btm", h, w["w_gate"].astype(dt))
       up = jnp.einsum("bte,em->btm", h, w["w_up"].astype(dt))
-      x = x + jnp.einsum("btm,me->bte", jax.nn.silu(gate) * up, w["w_down"].astype(dt))
+      act = jax.nn.gelu(gate, approximate=True) if g else jax.nn.silu(gate)  # Gemma: GELU-tanh
+      o = jnp.einsum("btm,me->bte", act * up, w["w_down"].astype(dt))
+      if g:
+        o = rms_norm(o, w["post_mlp_norm"], cfg.rms_norm_eps, g)
+      x = x + o
       return (x, ck_all, cv_all, li + 1), None
 
     if self.remat == "full":
@@ -320,7 +418,12 @@ class Transformer(nnx.Module):
     elif self.remat == "dots":
       layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
-    xs = (self.layers.arrays(),
+    layer_data = self.layers.arrays()
+    if per_layer_rope:
+      layer_data["rope_inv_freq"] = inv_freq  # [L, D/2]
+    if sliding:
+      layer_data["sliding"] = jnp.asarray(cfg.sliding_layers)  # [L] bool
+    xs = (layer_data,
           None if prefix is None else prefix.k, None if prefix is None else prefix.v)
     carry = (x, None if cache is None else cache.k, None if cache is None else cache.v, jnp.int32(0))
     unroll = self.layer_loop == "unrolled" or (
@@ -331,10 +434,10 @@ class Transformer(nnx.Module):
       for i in range(cfg.num_layers):
         carry, _ = layer(carry, jax.tree.map(lambda a: a[i], xs))
       x, new_k, new_v, _ = carry
-    h = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+    h = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.is_gemma)
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(new_k, new_v, k_seg, cache.index + t)
+      new_cache = KVCache(new_k, new_v, k_seg, cache.index + t, k_pos)
     out = h if return_hidden else self.logits_from_hidden(h)
     return out, new_cache
 
@@ -365,7 +468,10 @@ def params_from_hf(cfg: ModelConfig, sd: Mapping[str, Any], source: str = "check
       "wk": stack(lambda i: get(pre.format(i) + "self_attn.k_proj.weight").T.reshape(E, K, D)),
       "wv": stack(lambda i: get(pre.format(i) + "self_attn.v_proj.weight").T.reshape(E, K, D)),
       "wo": stack(lambda i: get(pre.format(i) + "self_attn.o_proj.weight").T.reshape(H, D, E)),
-      "mlp_norm": stack(lambda i: get(pre.format(i) + "post_attention_layernorm.weight")),
+      # Llama's norm before the MLP is HF's post_attention_layernorm; Gemma's is
+      # pre_feedforward_layernorm (its post_attention_layernorm normalises the attention output)
+      "mlp_norm": stack(lambda i: get(pre.format(i) + ("pre_feedforward_layernorm.weight" if cfg.is_gemma
+                                                       else "post_attention_layernorm.weight"))),
       "w_gate": stack(lambda i: get(pre.format(i) + "mlp.gate_proj.weight").T),
       "w_up": stack(lambda i: get(pre.format(i) + "mlp.up_proj.weight").T),
       "w_down": stack(lambda i: get(pre.format(i) + "mlp.down_proj.weight").T),
@@ -377,6 +483,9 @@ def params_from_hf(cfg: ModelConfig, sd: Mapping[str, Any], source: str = "check
   if cfg.qk_norm:
     layers["q_norm"] = stack(lambda i: get(pre.format(i) + "self_attn.q_norm.weight"))
     layers["k_norm"] = stack(lambda i: get(pre.format(i) + "self_attn.k_norm.weight"))
+  if cfg.is_gemma:
+    layers["post_attn_norm"] = stack(lambda i: get(pre.format(i) + "post_attention_layernorm.weight"))
+    layers["post_mlp_norm"] = stack(lambda i: get(pre.format(i) + "post_feedforward_layernorm.weight"))
   out = {"embed": get("model.embed_tokens.weight"), "final_norm": get("model.norm.weight"),
          "layers": layers}
   if not cfg.tie_word_embeddings:

@@ -16,12 +16,16 @@ categorical draw keyed by (seed, row, step), so a row's sample does not depend o
 bucket it was padded into.
 
 An optional prefix (a cartridge: rotated per-layer keys/values) is attended by every prompt
-and generated token; prompt positions then usually start at `position_offset = P`.
+and generated token; prompt positions then usually start at `position_offset = P`. A prefix with
+`positions` is text context (see `cas.model.llama.Prefix`): a sliding-window model (Gemma 3)
+windows it like the prompt itself.
 
 `Sampler.generate_shared` is `generate` for prompts that begin with the same long run of
 tokens (self-study's teacher prompts when every conversation sees the same document): the
 common tokens are prefilled once, as a shared prefix, and only each prompt's own tail is
-prefilled per row (the same computation, in a different summation order).
+prefilled per row (the same computation, in a different summation order; on a sliding-window
+model the shared prefix carries its positions, so the local layers still see only the last
+`sliding_window` positions of it, as in `generate`).
 """
 from __future__ import annotations
 
@@ -184,8 +188,11 @@ class Sampler:
       end = min(n, start + chunk)
       sub_prefix = None
       if prefix is not None:
+        pos = prefix.positions
+        if pos is not None and pos.shape[0] != 1:
+          pos = pos[start:end]
         sub_prefix = prefix if prefix.k.shape[1] == 1 else Prefix(
-            prefix.k[:, start:end], prefix.v[:, start:end], prefix.mask[start:end])
+            prefix.k[:, start:end], prefix.v[:, start:end], prefix.mask[start:end], pos)
       out.extend(self._generate_batch(
           prompts[start:end], offsets[start:end], sub_prefix, max_new_tokens=max_new_tokens,
           temperature=float(temperature), top_p=float(top_p), stop=stop,
@@ -218,7 +225,9 @@ class Sampler:
                    kwargs.get("top_p", 1.0), kwargs.get("top_k_logprobs", 0))
     tokens = jnp.asarray([first[:c]], jnp.int32)  # [1, c]
     k, v = jit_layer_kv(self._model, tokens, jnp.arange(c, dtype=jnp.int32)[None])  # [L, 1, c, Hkv, D]
-    prefix = Prefix(k.astype(self.cache_dtype), v.astype(self.cache_dtype), jnp.ones((1, c), bool))
+    # text, not a cartridge: a sliding-window model must window it (positions 0..c-1)
+    pos = jnp.arange(c, dtype=jnp.int32)[None] if self.cfg.has_sliding_window else None
+    prefix = Prefix(k.astype(self.cache_dtype), v.astype(self.cache_dtype), jnp.ones((1, c), bool), pos)
     res = self.generate([p[c:] for p in prompts], prefix=prefix, position_offset=c, **kwargs)
     return GenerationResult(tuple(dataclasses.replace(g, num_prompt_tokens=g.num_prompt_tokens + c)
                                   for g in res))
@@ -256,6 +265,9 @@ class Sampler:
       raise ValueError(f"Sampler.generate: prefix batch {bp} must be 1 or len(prompts)={n}")
     if tuple(m.shape) != (bp, p):
       raise ValueError(f"Sampler.generate: prefix mask shape {tuple(m.shape)} must be {(bp, p)}")
+    if prefix.positions is not None and tuple(prefix.positions.shape) not in ((bp, p), (1, p)):
+      raise ValueError(f"Sampler.generate: prefix positions shape {tuple(prefix.positions.shape)} "
+                       f"must be {(bp, p)} or {(1, p)}")
 
   def _generate_batch(self, prompts, offsets, prefix, *, max_new_tokens, temperature, top_p,
                       stop, top_k, seed, row_start) -> list[Generation]:
@@ -281,9 +293,11 @@ class Sampler:
     stop_arr[:len(stop)] = stop
 
     prefix_sig = None
-    pk = pv = pm = None
+    pk = pv = pm = pp = None
     if prefix is not None:
       pk, pv, pm = prefix.k, prefix.v, jnp.asarray(prefix.mask, bool)
+      if prefix.positions is not None:  # [Bp, P] int32 (text prefix)
+        pp = jnp.broadcast_to(jnp.asarray(prefix.positions, jnp.int32), pm.shape)
       bp, p = pk.shape[1], pk.shape[2]
       # Pad the batch axis to the bucket (padded rows see no prefix) and the prefix length to
       # a multiple of prefix_multiple (padded slots are masked out).
@@ -293,7 +307,9 @@ class Sampler:
         widths = ((0, 0), (0, pad_b), (0, pad_p), (0, 0), (0, 0))
         pk, pv = jnp.pad(pk, widths), jnp.pad(pv, widths)
         pm = jnp.pad(pm, ((0, pad_b), (0, pad_p)))
-      prefix_sig = (pk.shape[1] == 1, pk.shape[2], str(pk.dtype))
+        if pp is not None:
+          pp = jnp.pad(pp, ((0, pad_b), (0, pad_p)))
+      prefix_sig = (pk.shape[1] == 1, pk.shape[2], str(pk.dtype), pp is not None)
 
     greedy = temperature == 0.0
     use_top_p = (not greedy) and top_p < 1.0
@@ -301,7 +317,7 @@ class Sampler:
     program = self._programs.get(key)
     if program is None:
       program = self._programs[key] = self._build_program(b, tp, tn, top_k, greedy, use_top_p)
-    res = program(self._state, tokens, lengths_b, offsets_b, live, pk, pv, pm, stop_arr,
+    res = program(self._state, tokens, lengths_b, offsets_b, live, pk, pv, pm, pp, stop_arr,
                    np.int32(max_new_tokens), np.float32(max(temperature, 1e-6)),
                    np.float32(top_p), np.uint32(seed % 2**32), np.int32(row_start))
     toks, tok_lp, top_ids, top_lp, n_gen, stopped = jax.device_get(res)
@@ -321,10 +337,11 @@ class Sampler:
     """The jitted prefill + decode program for one bucket combination."""
     graphdef, cfg, cache_dtype = self._graphdef, self.cfg, self.cache_dtype
 
-    def run(state, tokens, lengths, offsets, live, pk, pv, pm, stop_ids, max_new, temperature,
+    def run(state, tokens, lengths, offsets, live, pk, pv, pm, pp, stop_ids, max_new, temperature,
             top_p, seed, row_start):
       # tokens [B, Tp] int32; lengths, offsets [B] int32; live [B] bool; pk, pv [L, Bp, P, Hkv, D]
-      # or None; pm [Bp, P] bool or None; stop_ids [S] int32 (-1 = unused); scalars otherwise.
+      # or None; pm [Bp, P] bool or None; pp [Bp, P] int32 prefix positions (text prefix) or
+      # None; stop_ids [S] int32 (-1 = unused); scalars otherwise.
       self.num_compilations += 1  # runs at trace time only
       logging.info("Sampler: compiling batch=%d prompt=%d new=%d top_k=%d greedy=%s top_p=%s "
                    "prefix=%s", b, tp, tn, top_k, greedy, use_top_p,
@@ -334,7 +351,8 @@ class Sampler:
       if pk is not None:
         shape = (pk.shape[0], b) + pk.shape[2:]
         prefix = Prefix(jnp.broadcast_to(pk, shape), jnp.broadcast_to(pv, shape),
-                        jnp.broadcast_to(pm, (b, pm.shape[1])))
+                        jnp.broadcast_to(pm, (b, pm.shape[1])),
+                        None if pp is None else jnp.broadcast_to(pp, (b, pp.shape[1])))
       base_key = jax.random.key(seed)
       row_keys = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(row_start + jnp.arange(b))
 

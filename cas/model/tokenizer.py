@@ -14,7 +14,13 @@ GGUF byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`: SmolLM2, Lla
 are rebuilt here with the `tokenizers` library, splitting text the way llama.cpp does for the
 file's `tokenizer.ggml.pre`. (transformers' own GGUF tokenizer path needs torch, and splits
 `smollm` vocabularies differently from llama.cpp.) Other GGUF vocabularies go through
-`transformers.AutoTokenizer(..., gguf_file=...)`, which needs torch installed.
+`transformers.AutoTokenizer(..., gguf_file=...)`, which needs torch installed (Gemma 3's
+SentencePiece vocabulary, `tokenizer.ggml.model == "llama"`, goes this way).
+
+A Gemma GGUF without `tokenizer.chat_template` (llama.cpp's converter of the *base* models writes
+none) gets `GEMMA_CHAT_TEMPLATE`, the turn format of Google's Gemma 3 tokenizer_config.json
+(`<start_of_turn>user ... <end_of_turn>`, a system message prepended to the first user turn),
+when the vocabulary has its turn tokens; `<end_of_turn>` then ends generations.
 """
 from __future__ import annotations
 
@@ -52,6 +58,47 @@ PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
 # before trying merges (llama.cpp `tokenizer_ignore_merges`, HF `ignore_merges`).
 _IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
 _TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED = 3, 4
+# Gemma 3's chat template (google/gemma-3-* tokenizer_config.json), text parts only.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}"
+    "{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = \"\" -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}"
+    "{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}"
+    "{%- set role = \"model\" -%}"
+    "{%- else -%}"
+    "{%- set role = message['role'] -%}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
+    "{%- if message['content'] is string -%}"
+    "{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'text' -%}"
+    "{{ item['text'] | trim }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- else -%}"
+    "{{ raise_exception(\"Invalid content type\") }}"
+    "{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{'<start_of_turn>model\n'}}"
+    "{%- endif -%}")
+GEMMA_TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 _REPLY_SENTINEL = "cas-reply-sentinel-7f3a"
 
 
@@ -135,7 +182,7 @@ _GGUF_TOKENIZER_KEYS = (
     "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
     "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",
     "tokenizer.ggml.add_eos_token", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id",
-    "tokenizer.chat_template")
+    "tokenizer.chat_template", "general.architecture")
 
 
 # ----------------------------------------------------------------------------- wrapper
@@ -205,6 +252,11 @@ class Tokenizer:
       except Exception as e:
         raise ModelLoadError(f"{path}: cannot build the {kind!r} tokenizer with transformers "
                              f"(needs torch installed): {e}") from e
+    if not hf.chat_template and str(meta.get("general.architecture", "")).startswith("gemma"):
+      vocab = hf.get_vocab()
+      if all(t in vocab for t in GEMMA_TURN_TOKENS):
+        logging.info("%s: no chat template in the GGUF; using Gemma 3's turn format", path)
+        hf.chat_template = GEMMA_CHAT_TEMPLATE
     extra = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
              if k in meta]
     return cls(hf, source=path, extra_eos_ids=extra)

@@ -66,7 +66,7 @@ def assemble_prefix(slot_k: jax.Array, slot_v: jax.Array, frozen_k: jax.Array, f
   """Per-row prefix from slot arrays.
 
   slot_k, slot_v: [B, L, Pt, Hkv, D] f32; frozen_k, frozen_v: [L, F, Hkv, D] f32;
-  slots: [Bt, k_max] int32 (-1 = empty); inv_freq: [D/2] f32 (the model's RoPE table);
+  slots: [Bt, k_max] int32 (-1 = empty); inv_freq: [D/2] or [L, D/2] f32 (the model's RoPE table);
   own_slot: [Bt] int32, needed only when train_distractors=False (gradients then flow to each
   row's own entry only). Returns Prefix(k, v [L, Bt, F + k_max*Pt, Hkv, D] dtype,
   mask [Bt, F + k_max*Pt] bool).
@@ -93,6 +93,8 @@ def assemble_prefix(slot_k: jax.Array, slot_v: jax.Array, frozen_k: jax.Array, f
     delta = jnp.where(valid, rank * pt, 0)  # [Bt, k_max] positions to move by
     kr = k.reshape(bt * kmax, L * pt, hkv, d)
     pos = jnp.broadcast_to(delta.reshape(bt * kmax, 1), (bt * kmax, L * pt))
+    if inv_freq.ndim == 2:  # [L, D/2] per-layer tables (Gemma 3) -> [L*Pt, D/2], one per key column
+      inv_freq = jnp.repeat(inv_freq, pt, axis=0)
     k = apply_rope(kr, pos, inv_freq).reshape(bt, kmax, L, pt, hkv, d)  # rotate by delta (f32)
   # [Bt, k_max, L, Pt, Hkv, D] -> [L, Bt, k_max*Pt, Hkv, D]
   k = k.transpose(2, 0, 1, 3, 4, 5).reshape(L, bt, kmax * pt, hkv, d)
