@@ -1,6 +1,7 @@
 """One entry point for models: a GGUF file or a Hugging Face directory -> model + tokenizer.
 
     lm = load_model()                                 # the default SmolLM2 GGUF in $CAS_HOME
+    lm = load_model("gemma3-270m")                    # a fetched model by name (fetch.MODELS)
     lm = load_model("/models/Qwen3-0.6B", param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
     logits, _ = lm.model(tokens, positions)
     ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
@@ -51,7 +52,8 @@ class LoadedModel:
 
 
 def resolve_model_path(path: str | os.PathLike | None = None) -> str:
-  """`path` (a .gguf file or a model directory), or the default GGUF in the cas cache."""
+  """`path` (a .gguf file or a model directory), a model name of `fetch.MODELS` (e.g.
+  "gemma3-270m": its file in the cas cache), or None: the default GGUF in the cas cache."""
   if path is None:
     default = fetch.default_model_path()
     if not default.is_file():
@@ -59,6 +61,13 @@ def resolve_model_path(path: str | os.PathLike | None = None) -> str:
           f"{default}: the default model is not there; run `python -m launch.fetch_model` "
           f"(cache directory: $CAS_HOME, default ~/.cache/cas) or pass a model path")
     return str(default)
+  if isinstance(path, str) and path in fetch.MODELS and not os.path.exists(path):
+    named = fetch.named_model_path(path)
+    if not named.is_file():
+      raise ModelLoadError(
+          f"{named}: model {path!r} is not there; run `python -m launch.fetch_model "
+          f"--model={path}` (cache directory: $CAS_HOME, default ~/.cache/cas)")
+    return str(named)
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if os.path.isdir(path):
     return path
