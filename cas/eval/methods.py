@@ -83,8 +83,9 @@ class Evaluator:
     return Context(None, 0, 0, None)
 
   def _system_context(self, system: str) -> Context:
-    """The chat-formatted system message `system` as prefix KV ([L, T, Hkv, D])."""
-    sys_ids = self.tok.apply_chat_template([{"role": "system", "content": system}], add_generation_prompt=False)
+    """The chat-formatted system message `system` as prefix KV ([L, T, Hkv, D]) (for a template
+    that folds it into the user turn, as Gemma's: the conversation up to the user's words)."""
+    sys_ids = self.tok.system_prefix_ids(system)
     return Context(context_kv(self.model, sys_ids), len(sys_ids), 0, system)
 
   def icl(self, docs: Sequence[Document]) -> Context:
@@ -113,8 +114,7 @@ class Evaluator:
     msgs = [{"role": "user", "content": question_text(q)}]
     if ctx.system is None:
       return self.tok.apply_chat_template(msgs, add_generation_prompt=True)
-    full = self.tok.apply_chat_template([{"role": "system", "content": ctx.system}] + msgs, add_generation_prompt=True)
-    return full[ctx.prefix_tokens:]
+    return self.tok.ids_after_system_prefix(ctx.system, msgs)
 
   def answer(self, ctx: Context, q: Question) -> QuestionResult:
     prompt = self._prompt_ids(ctx, q)

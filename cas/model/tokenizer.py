@@ -330,6 +330,54 @@ class Tokenizer:
                                        **template_kwargs)
     return self.encode(text, add_special_tokens=False)
 
+  # -- a system message as a reusable prefix ------------------------------------------------
+  def _system_rendering_holds_it(self, system: str) -> bool:
+    """Whether the template renders a lone system message with its text (ChatML, Llama 3); Gemma's
+    folds the system message into the first user turn instead, so alone it renders as BOS."""
+    text = self.hf.apply_chat_template([{"role": "system", "content": system}], tokenize=False,
+                                       add_generation_prompt=False)
+    return system.strip() in text
+
+  def _system_prefix_text(self, system: str) -> str:
+    """The rendering of [system, user] up to where the user's words begin."""
+    text = self.hf.apply_chat_template([{"role": "system", "content": system},
+                                        {"role": "user", "content": _REPLY_SENTINEL}], tokenize=False,
+                                       add_generation_prompt=False)
+    at = text.find(_REPLY_SENTINEL)
+    if at < 0:
+      raise ModelLoadError(f"{self.source}: the chat template drops the user's message")
+    return text[:at]
+
+  def system_prefix_ids(self, system: str) -> list[int]:
+    """Token ids that every conversation opening with system message `system` starts with, for
+    prefilling a document once (ICL). Templates that render the system message as its own turn:
+    that turn (`apply_chat_template([system])`, as before). Templates that fold it into the first
+    user turn (Gemma): everything up to the user's own words (BOS, the user-turn header, the
+    system text and its separator)."""
+    if self._system_rendering_holds_it(system):
+      return self.apply_chat_template([{"role": "system", "content": system}], add_generation_prompt=False)
+    return self.encode(self._system_prefix_text(system))
+
+  def ids_after_system_prefix(self, system: str, messages: list[dict],
+                              add_generation_prompt: bool = True) -> list[int]:
+    """The ids that follow `system_prefix_ids(system)` in the conversation [system] + messages.
+    Where the template folds the system message into the user turn, the rest of the rendered
+    text is tokenized on its own (the boundary falls after the system text's separator)."""
+    conv = [{"role": "system", "content": system}] + list(messages)
+    if self._system_rendering_holds_it(system):
+      prefix = self.system_prefix_ids(system)
+      full = self.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
+      if full[:len(prefix)] != prefix:
+        raise ModelLoadError(f"{self.source}: the chat template's rendering of a conversation does "
+                             "not start with its rendering of the system message alone")
+      return full[len(prefix):]
+    head = self._system_prefix_text(system)
+    text = self.hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if not text.startswith(head):
+      raise ModelLoadError(f"{self.source}: the chat template renders the first user message "
+                           "differently after the system text; cannot split off a system prefix")
+    return self.encode(text[len(head):])
+
   def __repr__(self) -> str:
     return (f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
             f"pad_id={self.pad_id}, eos_ids={self.eos_ids})")

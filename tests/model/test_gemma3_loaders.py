@@ -242,3 +242,23 @@ def test_real_gemma3_270m_metadata():
   types = {gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(str(path)).tensors}
   assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0", "F32"} == types
   assert os.path.getsize(path) == 253_113_024
+
+
+def test_system_prefix_split_for_prefilled_documents():
+  """ICL prefills the system message once: with Gemma's template (system folded into the first user
+  turn) the prefix runs up to the user's words; with ChatML it stays the system turn."""
+  system, q = "Use this document.\n\nThe quick brown fox.", [{"role": "user", "content": "Who jumps?"}]
+  from cas.model.tokenizer import Tokenizer
+  gem = Tokenizer(gemma_tokenizer(GEMMA_CHAT_TEMPLATE), source="tiny gemma")
+  pre, rest = gem.system_prefix_ids(system), gem.ids_after_system_prefix(system, q)
+  text = gem.hf.apply_chat_template([{"role": "system", "content": system}] + q, tokenize=False,
+                                    add_generation_prompt=True)
+  assert gem.decode(pre + rest, skip_special_tokens=False) == text
+  assert gem.decode(pre, skip_special_tokens=False) == \
+      "<bos><start_of_turn>user\nUse this document.\n\nThe quick brown fox.\n\n"
+  assert len(gem.apply_chat_template([{"role": "system", "content": system}], add_generation_prompt=False)) == 1
+  chatml = Tokenizer(_tiny.tiny_tokenizer(), source="tiny chatml")
+  pre = chatml.system_prefix_ids(system)
+  assert pre == chatml.apply_chat_template([{"role": "system", "content": system}], add_generation_prompt=False)
+  assert pre + chatml.ids_after_system_prefix(system, q) == \
+      chatml.apply_chat_template([{"role": "system", "content": system}] + q)
