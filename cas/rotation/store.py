@@ -102,6 +102,7 @@ FLUSH_RECORDS = 16           # a record chain longer than this is folded into in
 FLUSH_ROWS = 4096            # ... and so is a chain holding more delta rows than this
 MAX_RUNS = 24                # runs per table beyond which the newest are merged regardless of size
 PACK_BYTES = 256 << 20       # a put_many writes packs of at most this many bytes (one item at least)
+COMPACT_SLACK = 16 << 20     # pack bytes beyond twice the live bytes that are tolerated before compacting
 ITEM_MAGIC = b"CASI"
 PACK_MAGIC = b"CASPACK2"
 ZERO_SHA = bytes(32)
@@ -259,11 +260,11 @@ class CartridgeStore:
 
   def __init__(self, root: str, *, spec: CartridgeSpec, model_fingerprint: str, create: bool = True,
                read_only: bool = False, keep_snapshots: int = 3, write_workers: int = 4,
-               check_finite: bool = False, pack_bytes: int = PACK_BYTES):
+               check_finite: bool = False, pack_bytes: int = PACK_BYTES, compact_slack: int = COMPACT_SLACK):
     """check_finite: refuse to `put` arrays with NaN/inf (training opens its store with True:
     a NaN never reaches it; the default False keeps the store a bit-exact container, e.g. for
     round-trip tests with special values). write_workers: threads writing the packs of one
-    put_many when it fills several (pack_bytes each)."""
+    put_many when it fills several (pack_bytes each). compact_slack: see `_compact`."""
     if not isinstance(model_fingerprint, str) or not model_fingerprint:
       raise StoreError(f"model_fingerprint must be a non-empty string, got {model_fingerprint!r}")
     if keep_snapshots < 1:
@@ -277,6 +278,7 @@ class CartridgeStore:
     self.write_workers = max(1, int(write_workers))
     self.check_finite = check_finite
     self.pack_bytes = int(pack_bytes)
+    self.compact_slack = int(compact_slack)
     self.session = uuid.uuid4().hex[:16]
     self._lock = threading.RLock()
     self._dir_lock: DirLock | None = None
@@ -413,6 +415,9 @@ class CartridgeStore:
           with contextlib.suppress(OSError):
             os.rmdir(pdir)
         self.fs.remove(self.fs.join(SESSIONS, self.session))
+        if not self.fs.remote:
+          with contextlib.suppress(OSError):
+            os.rmdir(self.fs.join(SESSIONS))  # when empty
       if self._lease:
         self._lease = False
         with contextlib.suppress(Exception):
@@ -959,6 +964,83 @@ class CartridgeStore:
       for _, rel, _, _ in packs:
         self.fs.remove(self._pack_path(rel))
       raise
+    try:
+      self._compact(budget=max(4 * sum(len(b) for _, _, b in enc), 4 << 20))
+    except Exception as e:  # housekeeping: the put is committed; the next put tries again
+      logging.warning("cartridge store %s: compaction failed (%s: %s)", self.root, type(e).__name__, e)
+
+  def _compact(self, budget: int) -> None:
+    """Reclaim the space of replaced versions in packs that still hold live ones: when the packs
+    hold more than twice the live bytes plus `compact_slack`, move the live versions of the
+    packs with the smallest live fraction (at most half live) into a new pack, at most `budget`
+    bytes per call (a call follows every put_many with 4x its bytes: amortized O(bytes written)).
+    The versions keep their generation and bytes; old packs go once no snapshot needs them."""
+    with self._lock:
+      st = self._state
+      small = st.small
+      pinned = sum(e[3] for e in small["pinned"])  # only snapshots need those: not compactable
+      if small["pack_bytes"] - pinned <= 2 * small["live_bytes"] + self.compact_slack:
+        return
+      cols = self._retry(st.packs.scan)
+      live, nitems = cols.ints[:, 3], cols.ints[:, 2]
+      cand = np.flatnonzero((live > 0) & (2 * live <= nitems))
+      if cand.size == 0:
+        return
+      cand = cand[np.argsort(live[cand] / nitems[cand], kind="stable")]
+      moves, sizes, moved = [], [], 0
+      for i in cand.tolist():
+        pid, path = int(cols.key[i]), self._pack_path(cols.name(i))
+        try:
+          toc = self._pack_toc(path)
+        except StoreError as e:
+          logging.warning("%s: cannot compact this pack (%s)", path, e)
+          continue
+        for doc, gen, off, n in toc:
+          if doc is None:
+            f = small.get("frozen")
+            ok = f is not None and (f["gen"], f["pack"], f["off"]) == (gen, pid, off)
+            sha, count = (bytes.fromhex(f["sha"]), 0) if ok else (None, 0)
+          else:
+            r = self._row(doc)
+            ok = r is not None and (r[_D_GEN], r[_D_PACK], r[_D_OFF]) == (gen, pid, off)
+            sha, count = (r[_D_SHA], r[_D_COUNT]) if ok else (None, 0)
+          if not ok:
+            continue
+          try:
+            b = self._read_item(f"document {doc!r} (generation {gen})", path, off, n, sha)
+          except StoreError as e:  # left where it is: a read of it reports the damage
+            logging.warning("compaction skips a version: %s", e)
+            continue
+          moves.append((doc, gen, count, b, sha))
+          moved += n
+          if moved >= budget:
+            break
+        if moved >= budget:
+          break
+      if not moves:
+        return
+      packs = self._write_packs([(d, g, b) for d, g, _, b, _ in moves])
+      try:
+        self._commit_versions([(d, g, c) for d, g, c, _, _ in moves], [sha for *_, sha in moves], packs,
+                              kind="compact")
+      except BaseException:
+        for _, rel, _, _ in packs:
+          self.fs.remove(self._pack_path(rel))
+        raise
+      logging.info("cartridge store %s: compaction moved %d live versions (%d bytes)", self.root, len(moves), moved)
+
+  def _pack_toc(self, path: str) -> list[tuple[str | None, int, int, int]]:
+    """The items of a pack from its footer: [(doc_id or None, gen, offset, nbytes)]."""
+    try:
+      size = self.fs.size(path)
+      tail = self.fs.read_range(path, size - 16, 16)
+      (flen,) = struct.unpack("<Q", tail[:8])
+      if tail[8:] != PACK_MAGIC or flen > size - 16:
+        raise ValueError("bad pack footer")
+      toc = json.loads(self.fs.read_range(path, size - 16 - flen, flen))["items"]
+      return [(d, int(g), int(o), int(n)) for d, g, o, n in toc]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise StoreCorruptError(f"{path}: unreadable pack footer ({e})") from e
 
   def _commit_versions(self, versions: list[tuple[str | None, int, int]], shas: list[bytes], packs: list,
                        kind: str) -> None:
@@ -988,7 +1070,7 @@ class CartridgeStore:
         packs_delta[pid] = row[:_P_LIVE] + (live, -1)
       elif _pinned_by(row[_P_BORN], seq, snap_seqs):
         packs_delta[pid] = row[:_P_LIVE] + (0, seq)
-        small["pinned"].append([pid, row[_P_BORN], seq])
+        small["pinned"].append([pid, row[_P_BORN], seq, row[_P_NBYTES]])
       else:
         packs_delta[pid] = None
         small["pack_bytes"] -= row[_P_NBYTES]
@@ -1183,9 +1265,10 @@ class CartridgeStore:
   def _unpin(self, st: _State, small: dict, snap_seqs: Sequence[int]) -> tuple[dict, list[str]]:
     """Pinned packs that no snapshot in snap_seqs needs any more: tombstones + files to delete."""
     packs_delta, gc, still = {}, [], []
-    for pid, born, retire in small["pinned"]:
+    for entry in small["pinned"]:
+      pid, born, retire = entry[:3]
       if _pinned_by(born, retire, snap_seqs):
-        still.append([pid, born, retire])
+        still.append(entry)
         continue
       row = st.packs.get(pid)
       packs_delta[pid] = None
@@ -1323,12 +1406,14 @@ class CartridgeStore:
     return h.hexdigest()
 
   def stats(self) -> dict:
-    """Sizes from the index: documents, live version bytes, pack bytes, commit seq, runs."""
+    """Sizes from the index: documents, live version bytes, pack bytes (of which pinned_bytes
+    only retained snapshots need), commit seq, record chain length, runs per table."""
     with self._lock:
       st = self._state
       return {"docs": int(st.small["n_docs"]), "live_bytes": int(st.small["live_bytes"]),
               "pack_bytes": int(st.small["pack_bytes"]), "seq": st.seq, "chain": len(st.chain),
-              "runs": {t: len(v) for t, v in st.runs.items()}, "pinned_packs": len(st.small["pinned"])}
+              "runs": {t: len(v) for t, v in st.runs.items()}, "pinned_packs": len(st.small["pinned"]),
+              "pinned_bytes": int(sum(e[3] for e in st.small["pinned"]))}
 
   def referenced_files(self) -> set[str]:
     """Paths (relative to the root, '/'-separated) of every object the head and the retained
