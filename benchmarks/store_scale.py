@@ -13,10 +13,12 @@ f32 = 1,152 bytes per document version), through the store's public API (no trai
   rotation   --rotations times: put_many of --batch random documents (new arrays, count + 1) =
              one rotation's eviction commit; a snapshot (a checkpoint) every --ckpt_every.
              Rotations (and opens) run interleaved over the stores: rotation r on every N in turn
-  open       close, then time opening for writing (lock, newest record, cleanup listing) and
-             read-only (median of --opens); then the first get (maps the index runs, crc32-checks
-             them: O(N) bytes once), a warm get, and counts() (a full scan: O(N), done once and
-             then kept up to date by the store)
+  open       after each of the last --opens rotations (a full cycle of record-chain lengths: the
+             chain is folded into runs every FLUSH_RECORDS records), close the writer and time
+             opening for writing (lock, newest record chain, cleanup listing) and read-only
+             (median); at the end 40 gets (the first 8 map the index runs and crc32-check what
+             they touch: O(N) bytes once; the rest: warm) and counts() (a full scan: O(N), done
+             once and then kept up to date by the store)
 
 Reported: median / max rotation commit, median snapshot, open (write / read-only), first and
 warm get, counts(), files and bytes on disk, files per document. All times are wall seconds on
@@ -67,6 +69,10 @@ class Case:
     self.out: dict = {"n": n}
     self.commit: list[float] = []
     self.snap: list[float] = []
+    self.commit_cpu: list[float] = []
+    self.snap_cpu: list[float] = []
+    self.open_w: list[float] = []
+    self.open_r: list[float] = []
     self.st: CartridgeStore | None = None
 
   def fill(self, fill_batch: int) -> None:
@@ -88,42 +94,47 @@ class Case:
     for i in docs.tolist():
       self.counts[self.ids[i]] += 1
       items.append((self.ids[i], self.pool[(r + i) % 16], self.counts[self.ids[i]]))
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     self.st.put_many(items)
     self.commit.append(time.perf_counter() - t)
+    self.commit_cpu.append(time.process_time() - c)
     if r % ckpt_every == 0:
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       self.st.snapshot(r)
       self.snap.append(time.perf_counter() - t)
+      self.snap_cpu.append(time.process_time() - c)
 
   def finish_rotations(self) -> None:
     self.out.update(commit_median_s=statistics.median(self.commit), commit_max_s=max(self.commit),
                     commit_mean_s=statistics.fmean(self.commit), snapshot_median_s=statistics.median(self.snap),
-                    snapshot_max_s=max(self.snap), rotations=len(self.commit), index=self.st.stats())
+                    snapshot_max_s=max(self.snap), commit_cpu_median_s=statistics.median(self.commit_cpu),
+                    snapshot_cpu_median_s=statistics.median(self.snap_cpu), rotations=len(self.commit),
+                    index=self.st.stats())
     self.st.close()
     self.st = None
 
-  def open_once(self) -> tuple[float, float]:
+  def reopen(self) -> None:
+    """Close the writer and time opening the store for writing (the new object writes on) and a
+    read-only open beside it."""
+    self.st.close()
     t = time.perf_counter()
-    st = CartridgeStore(self.root, spec=SPEC, model_fingerprint=FP, create=False, keep_snapshots=3)
-    w = time.perf_counter() - t
-    st.close()
+    self.st = CartridgeStore(self.root, spec=SPEC, model_fingerprint=FP, create=False, keep_snapshots=3)
+    self.open_w.append(time.perf_counter() - t)
     t = time.perf_counter()
-    st = CartridgeStore(self.root, spec=SPEC, model_fingerprint=FP, create=False, read_only=True)
-    r = time.perf_counter() - t
-    st.close()
-    return w, r
+    r = CartridgeStore(self.root, spec=SPEC, model_fingerprint=FP, create=False, read_only=True)
+    self.open_r.append(time.perf_counter() - t)
+    r.close()
 
   def reads(self) -> None:
     st = CartridgeStore(self.root, spec=SPEC, model_fingerprint=FP, create=False, read_only=True)
-    probe = self.ids[int(self.rng.integers(self.n))]
-    t = time.perf_counter()
-    _, c = st.get(probe)
-    self.out["first_get_s"] = time.perf_counter() - t
-    assert c == self.counts[probe]
-    t = time.perf_counter()
-    st.get(self.ids[int(self.rng.integers(self.n))])
-    self.out["warm_get_s"] = time.perf_counter() - t
+    gets = []
+    for i in self.rng.choice(self.n, size=min(40, self.n), replace=False).tolist():
+      t = time.perf_counter()
+      _, c = st.get(self.ids[i])
+      gets.append(time.perf_counter() - t)
+      assert c == self.counts[self.ids[i]]
+    self.out["first_gets_s"] = sum(gets[:8])  # the first reads map the index runs and crc32-check them
+    self.out["warm_get_s"] = statistics.median(gets[8:])
     t = time.perf_counter()
     got = st.counts()
     self.out["counts_s"] = time.perf_counter() - t
@@ -152,16 +163,12 @@ def run(sizes: list[int], base: str, *, rotations: int, batch: int, ckpt_every: 
   for r in range(1, rotations + 1):
     for c in cases:
       c.rotation(r, batch, ckpt_every)
+      if r > rotations - opens:  # opens spread over the last rotations: every length of record chain
+        c.reopen()
   for c in cases:
     c.finish_rotations()
-  os.sync()
-  times = {c.n: [] for c in cases}
-  for _ in range(opens):
-    for c in cases:
-      times[c.n].append(c.open_once())
-  for c in cases:
-    c.out["open_write_s"] = statistics.median(w for w, _ in times[c.n])
-    c.out["open_read_s"] = statistics.median(r for _, r in times[c.n])
+    c.out.update(open_write_s=statistics.median(c.open_w), open_write_max_s=max(c.open_w),
+                 open_read_s=statistics.median(c.open_r), open_read_max_s=max(c.open_r))
     c.reads()
     c.out["batch"] = batch
   return [c.out for c in cases]
@@ -170,11 +177,12 @@ def run(sizes: list[int], base: str, *, rotations: int, batch: int, ckpt_every: 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--sizes", default="1000,10000,100000,1000000")
-  ap.add_argument("--rotations", type=int, default=48)
+  ap.add_argument("--rotations", type=int, default=96)
   ap.add_argument("--batch", type=int, default=64, help="documents per rotation commit (B)")
   ap.add_argument("--ckpt_every", type=int, default=8, help="rotations per snapshot")
   ap.add_argument("--fill_batch", type=int, default=50_000)
-  ap.add_argument("--opens", type=int, default=7, help="opens per store (median reported)")
+  ap.add_argument("--opens", type=int, default=16,
+                  help="after each of the last this many rotations, reopen the store (median reported)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--dir", default=None, help="where the stores are built (default: a temp dir)")
   ap.add_argument("--keep", action="store_true", help="keep the stores")
@@ -187,17 +195,19 @@ def main(argv=None) -> int:
   for r in results:
     print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
   print(f"total {time.time() - t:.0f} s")
-  hdr = ("| N | rotation commit median (max) ms | snapshot median ms | open write / read-only ms | "
-         "first get ms | warm get ms | counts() s | files | files/doc | bytes on disk | bytes/doc |")
+  hdr = ("| N | rotation commit ms: median (max), CPU | snapshot ms: median, CPU | open ms: write / read-only | "
+         "first 8 gets ms | warm get ms | counts() s | files | files/doc | bytes on disk | bytes/doc |")
   print("\n" + hdr + "\n|" + "---|" * 11)
   for r in results:
-    print(f"| {r['n']:,} | {1e3 * r['commit_median_s']:.1f} ({1e3 * r['commit_max_s']:.0f}) | "
-          f"{1e3 * r['snapshot_median_s']:.1f} | {1e3 * r['open_write_s']:.1f} / {1e3 * r['open_read_s']:.1f} | "
-          f"{1e3 * r['first_get_s']:.1f} | {1e3 * r['warm_get_s']:.2f} | {r['counts_s']:.2f} | {r['files']:,} | "
+    print(f"| {r['n']:,} | {1e3 * r['commit_median_s']:.1f} ({1e3 * r['commit_max_s']:.0f}), "
+          f"{1e3 * r['commit_cpu_median_s']:.1f} | {1e3 * r['snapshot_median_s']:.1f}, {1e3 * r['snapshot_cpu_median_s']:.1f} | "
+          f"{1e3 * r['open_write_s']:.1f} / {1e3 * r['open_read_s']:.1f} | "
+          f"{1e3 * r['first_gets_s']:.1f} | {1e3 * r['warm_get_s']:.2f} | {r['counts_s']:.2f} | {r['files']:,} | "
           f"{r['files_per_doc']:.4f} | {r['bytes']:,} | {r['bytes_per_doc']:.0f} |")
   if len(results) > 1:
     a0, a1 = results[0], results[-1]
-    print(f"\n{a1['n']:,} vs {a0['n']:,}: commit {a1['commit_median_s'] / a0['commit_median_s']:.2f}x, snapshot "
+    print(f"\n{a1['n']:,} vs {a0['n']:,}: commit {a1['commit_median_s'] / a0['commit_median_s']:.2f}x (CPU "
+          f"{a1['commit_cpu_median_s'] / a0['commit_cpu_median_s']:.2f}x), snapshot "
           f"{a1['snapshot_median_s'] / a0['snapshot_median_s']:.2f}x, open (write) "
           f"{a1['open_write_s'] / a0['open_write_s']:.2f}x, open (read-only) {a1['open_read_s'] / a0['open_read_s']:.2f}x")
   if a.out:

@@ -971,15 +971,16 @@ class CartridgeStore:
 
   def _compact(self, budget: int) -> None:
     """Reclaim the space of replaced versions in packs that still hold live ones: when the packs
-    hold more than twice the live bytes plus `compact_slack`, move the live versions of the
-    packs with the smallest live fraction (at most half live) into a new pack, at most `budget`
-    bytes per call (a call follows every put_many with 4x its bytes: amortized O(bytes written)).
-    The versions keep their generation and bytes; old packs go once no snapshot needs them."""
+    (less those only snapshots need) hold more than twice the live bytes plus min(compact_slack,
+    live bytes), move the live versions of the packs with the smallest live fraction (at most
+    half live) into a new pack, at most `budget` bytes per call (a call follows every put_many
+    with 4x its bytes: amortized O(bytes written)). The versions keep their generation and
+    bytes; old packs go once no snapshot needs them."""
     with self._lock:
       st = self._state
       small = st.small
       pinned = sum(e[3] for e in small["pinned"])  # only snapshots need those: not compactable
-      if small["pack_bytes"] - pinned <= 2 * small["live_bytes"] + self.compact_slack:
+      if small["pack_bytes"] - pinned <= 2 * small["live_bytes"] + min(self.compact_slack, small["live_bytes"]):
         return
       cols = self._retry(st.packs.scan)
       live, nitems = cols.ints[:, 3], cols.ints[:, 2]
