@@ -260,11 +260,13 @@ class CartridgeStore:
 
   def __init__(self, root: str, *, spec: CartridgeSpec, model_fingerprint: str, create: bool = True,
                read_only: bool = False, keep_snapshots: int = 3, write_workers: int = 4,
-               check_finite: bool = False, pack_bytes: int = PACK_BYTES, compact_slack: int = COMPACT_SLACK):
+               check_finite: bool = False, pack_bytes: int = PACK_BYTES,
+               compact_slack: int | None = COMPACT_SLACK):
     """check_finite: refuse to `put` arrays with NaN/inf (training opens its store with True:
     a NaN never reaches it; the default False keeps the store a bit-exact container, e.g. for
     round-trip tests with special values). write_workers: threads writing the packs of one
-    put_many when it fills several (pack_bytes each). compact_slack: see `_compact`."""
+    put_many when it fills several (pack_bytes each). compact_slack: see `_compact` (None: never
+    compact)."""
     if not isinstance(model_fingerprint, str) or not model_fingerprint:
       raise StoreError(f"model_fingerprint must be a non-empty string, got {model_fingerprint!r}")
     if keep_snapshots < 1:
@@ -278,7 +280,7 @@ class CartridgeStore:
     self.write_workers = max(1, int(write_workers))
     self.check_finite = check_finite
     self.pack_bytes = int(pack_bytes)
-    self.compact_slack = int(compact_slack)
+    self.compact_slack = None if compact_slack is None else int(compact_slack)
     self.session = uuid.uuid4().hex[:16]
     self._lock = threading.RLock()
     self._dir_lock: DirLock | None = None
@@ -976,6 +978,8 @@ class CartridgeStore:
     half live) into a new pack, at most `budget` bytes per call (a call follows every put_many
     with 4x its bytes: amortized O(bytes written)). The versions keep their generation and
     bytes; old packs go once no snapshot needs them."""
+    if self.compact_slack is None:
+      return
     with self._lock:
       st = self._state
       small = st.small
