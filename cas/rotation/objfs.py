@@ -56,6 +56,10 @@ class StoreFS:
     raise NotImplementedError
 
   def write(self, path: str, data: bytes) -> None:
+    self.write_chunks(path, [data])
+
+  def write_chunks(self, path: str, chunks) -> int:
+    """`write` of the concatenated bytes-like chunks (streamed, not joined). Returns the size."""
     raise NotImplementedError
 
   def write_atomic(self, path: str, data: bytes) -> None:
@@ -127,13 +131,16 @@ class LocalFS(StoreFS):
       self._made.add(d)
     return d
 
-  def write(self, path: str, data: bytes) -> None:
+  def write_chunks(self, path: str, chunks) -> int:
     d = self._parent(path)
     with open(path, "wb") as f:
-      f.write(data)
+      for c in chunks:
+        f.write(c)
       f.flush()
       os.fsync(f.fileno())
+      size = f.tell()
     _fsync_dir(d)
+    return size
 
   def _tmp(self, path: str) -> str:
     d, name = os.path.split(path)
@@ -225,9 +232,13 @@ class FsspecFS(StoreFS):
       return []
     return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries} - {""})
 
-  def write(self, path: str, data: bytes) -> None:
+  def write_chunks(self, path: str, chunks) -> int:
+    size = 0
     with self.fs.open(self._p(path), "wb") as f:
-      f.write(data)
+      for c in chunks:
+        f.write(c)
+        size += memoryview(c).nbytes
+    return size
 
   def write_atomic(self, path: str, data: bytes) -> None:
     self.write(path, data)  # a put of a whole object is atomic on object storage

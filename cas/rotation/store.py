@@ -161,13 +161,18 @@ def _decode_record(data: bytes, path: str) -> dict:
   return rec
 
 
-def encode_item(header: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> bytes:
-  """One pack item: magic, u32 header length, header JSON (space-padded to 16 bytes), then the
-  arrays' float32 little-endian bytes in order."""
+def item_chunks(header: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> list:
+  """One pack item as bytes-like chunks (no copy of the arrays): magic, u32 header length,
+  header JSON (space-padded to 16 bytes), then each array's float32 little-endian bytes."""
   h = json.dumps(dict(header), separators=(",", ":")).encode()
   pad = (-(8 + len(h))) % 16
-  return (ITEM_MAGIC + struct.pack("<I", len(h) + pad) + h + b" " * pad
-          + b"".join(np.ascontiguousarray(a, "<f4").tobytes() for a in arrays))
+  head = ITEM_MAGIC + struct.pack("<I", len(h) + pad) + h + b" " * pad
+  return [head] + [memoryview(np.ascontiguousarray(a, "<f4")).cast("B") for a in arrays]
+
+
+def encode_item(header: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> bytes:
+  """The bytes of one pack item (see item_chunks)."""
+  return b"".join(bytes(c) for c in item_chunks(header, arrays))
 
 
 def decode_item(data: bytes, shapes: Sequence[tuple], where: str) -> tuple[dict, list[np.ndarray]]:
@@ -191,16 +196,10 @@ def decode_item(data: bytes, shapes: Sequence[tuple], where: str) -> tuple[dict,
   return header, out
 
 
-def _encode_pack(items: Sequence[tuple[str | None, int, bytes]]) -> tuple[bytes, list[tuple[int, int]]]:
-  """Pack bytes of items (doc_id or None for the sink, gen, item bytes) and each item's
-  (offset, nbytes). Footer: JSON {"items": [[doc, gen, offset, nbytes]]}, u64 length, magic."""
-  pos, locs, toc = 0, [], []
-  for doc, gen, b in items:
-    locs.append((pos, len(b)))
-    toc.append([doc, gen, pos, len(b)])
-    pos += len(b)
+def _pack_footer(toc: list) -> bytes:
+  """Footer of a pack: JSON {"items": [[doc, gen, offset, nbytes]]}, u64 length, magic."""
   footer = json.dumps({"items": toc}, separators=(",", ":")).encode()
-  return b"".join(b for _, _, b in items) + footer + struct.pack("<Q", len(footer)) + PACK_MAGIC, locs
+  return footer + struct.pack("<Q", len(footer)) + PACK_MAGIC
 
 
 def read_store_meta(root: str) -> dict:
@@ -886,16 +885,18 @@ class CartridgeStore:
     """Write one document's cartridge + moments (each [L, P-F, Hkv, D] f32) and count."""
     self.put_many([(doc_id, arrays, count)])
 
-  def _write_packs(self, items: list[tuple[str | None, int, bytes]]) -> list[tuple[int, str, int, list]]:
-    """Write items into new pack files of at most pack_bytes each: [(pack id, relative path,
-    file bytes, [(offset, nbytes)] per item)] in item order. On failure nothing is left."""
+  def _write_packs(self, items: list[tuple[str | None, int, int, Any]]) -> list[tuple[int, str, int, list]]:
+    """Write items (doc_id or None for the sink, gen, size in bytes, chunks() -> bytes-like
+    chunks) into new pack files of at most pack_bytes each, streamed one item at a time:
+    [(pack id, relative path, file bytes, [(offset, nbytes, sha256)] per item)], items in order.
+    On failure nothing is left."""
     groups, cur, size = [], [], 0
     for it in items:
-      if cur and size + len(it[2]) > self.pack_bytes:
+      if cur and size + it[2] > self.pack_bytes:
         groups.append(cur)
         cur, size = [], 0
       cur.append(it)
-      size += len(it[2])
+      size += it[2]
     groups.append(cur)
     with self._lock:
       first = self._reserved["next_pack"]
@@ -904,9 +905,25 @@ class CartridgeStore:
 
     def write(job):
       pid, rel, g = job
-      data, locs = _encode_pack(g)
-      self.fs.write(self._pack_path(rel), data)
-      return pid, rel, len(data), locs
+      locs, toc = [], []
+
+      def stream():
+        pos = 0
+        for doc, gen, n, chunks in g:
+          h, got = hashlib.sha256(), 0
+          for c in chunks():
+            h.update(c)
+            got += memoryview(c).nbytes
+            yield c
+          if got != n:
+            raise StoreError(f"pack item of {doc!r} has {got} bytes, {n} were announced")
+          locs.append((pos, n, h.digest()))
+          toc.append([doc, gen, pos, n])
+          pos += n
+        yield _pack_footer(toc)
+
+      nbytes = self.fs.write_chunks(self._pack_path(rel), stream())
+      return pid, rel, nbytes, locs
 
     done, errors = [], []
     if len(jobs) == 1 or self.write_workers == 1:
@@ -926,8 +943,11 @@ class CartridgeStore:
     if errors:
       for _, rel, _, _ in done:
         self.fs.remove(self._pack_path(rel))
+      for (_, rel, _), _ in errors:  # a partly written pack
+        with contextlib.suppress(OSError):
+          self.fs.remove(self._pack_path(rel))
       (_, rel, g), e = errors[0]
-      docs = [d for d, _, _ in g]
+      docs = [it[0] for it in g]
       err = StoreError(f"{self.root}: writing document {docs[0]!r} failed (pack {rel} with {len(docs)} "
                        f"documents; {type(e).__name__}: {e})")
       raise err from e
@@ -952,22 +972,21 @@ class CartridgeStore:
     with self._lock:
       g0 = self._reserved["next_gen"]
       self._reserved["next_gen"] += len(prepared)
-    # The slow part (encoding, hashing, writing the packs) runs outside the lock.
-    enc = []
+    # The slow part (hashing, writing the packs: streamed, no copy of the arrays) runs outside the lock.
+    items = []
     for i, (d, arrs, c) in enumerate(prepared):
-      b = encode_item({"doc": d, "gen": g0 + i, "count": c}, arrs)
-      enc.append((d, g0 + i, b))
-    shas = [hashlib.sha256(b).digest() for _, _, b in enc]
-    packs = self._write_packs(enc)
+      chunks = item_chunks({"doc": d, "gen": g0 + i, "count": c}, arrs)
+      items.append((d, g0 + i, sum(memoryview(x).nbytes for x in chunks), lambda chunks=chunks: chunks))
+    packs = self._write_packs(items)
     try:
       with self._lock:
-        self._commit_versions([(d, g, c) for (d, _, c), (_, g, _) in zip(prepared, enc)], shas, packs, kind="put")
+        self._commit_versions([(d, g0 + i, c) for i, (d, _, c) in enumerate(prepared)], packs, kind="put")
     except BaseException:
       for _, rel, _, _ in packs:
         self.fs.remove(self._pack_path(rel))
       raise
     try:
-      self._compact(budget=max(4 * sum(len(b) for _, _, b in enc), 4 << 20))
+      self._compact(budget=max(2 * sum(it[2] for it in items), 4 << 20))
     except Exception as e:  # housekeeping: the put is committed; the next put tries again
       logging.warning("cartridge store %s: compaction failed (%s: %s)", self.root, type(e).__name__, e)
 
@@ -976,8 +995,9 @@ class CartridgeStore:
     (less those only snapshots need) hold more than twice the live bytes plus min(compact_slack,
     live bytes), move the live versions of the packs with the smallest live fraction (at most
     half live) into a new pack, at most `budget` bytes per call (a call follows every put_many
-    with 4x its bytes: amortized O(bytes written)). The versions keep their generation and
-    bytes; old packs go once no snapshot needs them."""
+    with twice its bytes: amortized O(bytes written); every byte moved frees at least one). The
+    versions keep their generation and bytes; old packs go once no snapshot needs them. Reads
+    and writes run outside the lock; a version replaced meanwhile is simply not moved."""
     if self.compact_slack is None:
       return
     with self._lock:
@@ -989,50 +1009,64 @@ class CartridgeStore:
       cols = self._retry(st.packs.scan)
       live, nitems = cols.ints[:, 3], cols.ints[:, 2]
       cand = np.flatnonzero((live > 0) & (2 * live <= nitems))
-      if cand.size == 0:
-        return
       cand = cand[np.argsort(live[cand] / nitems[cand], kind="stable")]
-      moves, sizes, moved = [], [], 0
-      for i in cand.tolist():
-        pid, path = int(cols.key[i]), self._pack_path(cols.name(i))
-        try:
-          toc = self._pack_toc(path)
-        except StoreError as e:
-          logging.warning("%s: cannot compact this pack (%s)", path, e)
-          continue
-        for doc, gen, off, n in toc:
-          if doc is None:
-            f = small.get("frozen")
-            ok = f is not None and (f["gen"], f["pack"], f["off"]) == (gen, pid, off)
-            sha, count = (bytes.fromhex(f["sha"]), 0) if ok else (None, 0)
-          else:
-            r = self._row(doc)
-            ok = r is not None and (r[_D_GEN], r[_D_PACK], r[_D_OFF]) == (gen, pid, off)
-            sha, count = (r[_D_SHA], r[_D_COUNT]) if ok else (None, 0)
-          if not ok:
-            continue
-          try:
-            b = self._read_item(f"document {doc!r} (generation {gen})", path, off, n, sha)
-          except StoreError as e:  # left where it is: a read of it reports the damage
-            logging.warning("compaction skips a version: %s", e)
-            continue
-          moves.append((doc, gen, count, b, sha))
-          moved += n
-          if moved >= budget:
-            break
-        if moved >= budget:
-          break
-      if not moves:
-        return
-      packs = self._write_packs([(d, g, b) for d, g, _, b, _ in moves])
+      cand = [(int(cols.key[i]), self._pack_path(cols.name(i))) for i in cand.tolist()]
+    moves, moved = [], 0  # (doc, gen, count, pid, off, n, sha)
+    for pid, path in cand:
+      if moved >= budget:
+        break
       try:
-        self._commit_versions([(d, g, c) for d, g, c, _, _ in moves], [sha for *_, sha in moves], packs,
-                              kind="compact")
-      except BaseException:
-        for _, rel, _, _ in packs:
-          self.fs.remove(self._pack_path(rel))
-        raise
-      logging.info("cartridge store %s: compaction moved %d live versions (%d bytes)", self.root, len(moves), moved)
+        toc = self._pack_toc(path)
+      except StoreError as e:
+        logging.warning("%s: cannot compact this pack (%s)", path, e)
+        continue
+      with self._lock:
+        for doc, gen, off, n in toc:
+          m = self._live_at(doc, gen, pid, off)
+          if m is not None and moved < budget:
+            moves.append((doc, gen, m[1], pid, off, n, m[0]))
+            moved += n
+    if not moves:
+      return
+    items, kept = [], []
+    for doc, gen, count, pid, off, n, sha in moves:
+      try:
+        b = self._read_item(f"document {doc!r} (generation {gen})", self._pack_path_of(pid), off, n, sha)
+      except StoreError as e:  # left where it is: a read of it reports the damage
+        logging.warning("compaction skips a version: %s", e)
+        continue
+      items.append((doc, gen, n, lambda b=b: [b]))
+      kept.append((doc, gen, count, pid, off))
+    if not items:
+      return
+    packs = self._write_packs(items)
+    try:
+      with self._lock:
+        stale = {i for i, (doc, gen, _, pid, off) in enumerate(kept) if self._live_at(doc, gen, pid, off) is None}
+        self._commit_versions([(d, g, c) for d, g, c, _, _ in kept], packs, kind="compact", stale=stale)
+    except BaseException:
+      for _, rel, _, _ in packs:
+        self.fs.remove(self._pack_path(rel))
+      raise
+    logging.info("cartridge store %s: compaction moved %d live versions (%d bytes)", self.root, len(kept), moved)
+
+  def _live_at(self, doc: str | None, gen: int, pid: int, off: int) -> tuple[bytes, int] | None:
+    """(sha256, count) when the current version of doc (None: the sink) is generation gen at
+    offset off of pack pid, else None. Caller holds self._lock."""
+    if doc is None:
+      f = self._state.small.get("frozen")
+      ok = f is not None and (f["gen"], f["pack"], f["off"]) == (gen, pid, off)
+      return (bytes.fromhex(f["sha"]), 0) if ok else None
+    r = self._row(doc)
+    ok = r is not None and (r[_D_GEN], r[_D_PACK], r[_D_OFF]) == (gen, pid, off)
+    return (r[_D_SHA], r[_D_COUNT]) if ok else None
+
+  def _pack_path_of(self, pid: int) -> str:
+    with self._lock:
+      row = self._state.packs.get(pid)
+    if row is None:
+      raise StoreCorruptError(f"{self.root}: pack {pid} is not in the index")
+    return self._pack_path(row[0])
 
   def _pack_toc(self, path: str) -> list[tuple[str | None, int, int, int]]:
     """The items of a pack from its footer: [(doc_id or None, gen, offset, nbytes)]."""
@@ -1047,10 +1081,11 @@ class CartridgeStore:
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise StoreCorruptError(f"{path}: unreadable pack footer ({e})") from e
 
-  def _commit_versions(self, versions: list[tuple[str | None, int, int]], shas: list[bytes], packs: list,
-                       kind: str) -> None:
+  def _commit_versions(self, versions: list[tuple[str | None, int, int]], packs: list, kind: str,
+                       stale: set[int] = frozenset()) -> None:
     """Commit new versions (doc_id or None for the sink, gen, count) stored in `packs` (as
-    returned by _write_packs, items in order). Caller holds self._lock."""
+    returned by _write_packs, items in order), except the indices in `stale` (their items stay
+    dead in the new pack). Caller holds self._lock."""
     st = self._state
     seq = self._max_seq + 1
     small = copy.deepcopy(st.small)
@@ -1058,11 +1093,18 @@ class CartridgeStore:
     docs_delta: dict[int, tuple] = {}
     packs_delta: dict[int, tuple | None] = {}
     gc_packs: list[str] = []
-    locs = []
+    locs, shas, i = [], [], 0
     for pid, rel, nbytes, plocs in packs:
-      packs_delta[pid] = (rel, seq, nbytes, len(plocs), len(plocs), -1)
-      small["pack_bytes"] += nbytes
-      locs += [(pid, off, n) for off, n in plocs]
+      live = sum(1 for j in range(i, i + len(plocs)) if j not in stale)
+      i += len(plocs)
+      if live:
+        packs_delta[pid] = (rel, seq, nbytes, len(plocs), live, -1)
+        small["pack_bytes"] += nbytes
+      else:
+        gc_packs.append(rel)  # every item was replaced while it was written
+      locs += [(pid, off, n) for off, n, _ in plocs]
+      shas += [sha for _, _, sha in plocs]
+    versions = [v if j not in stale else (False, 0, 0) for j, v in enumerate(versions)]
 
     def release(pid: int, nbytes: int) -> None:
       row = packs_delta[pid] if pid in packs_delta else st.packs.get(pid)
@@ -1081,7 +1123,7 @@ class CartridgeStore:
         small["pack_bytes"] -= row[_P_NBYTES]
         gc_packs.append(row[0])
 
-    doc_versions = [(i, v) for i, v in enumerate(versions) if v[0] is not None]
+    doc_versions = [(i, v) for i, v in enumerate(versions) if isinstance(v[0], str)]
     keys = keys_of([v[0] for _, v in doc_versions]) if doc_versions else np.zeros(0, np.uint64)
     old_rows = self._retry(lambda: st.docs.get_many(keys)) if doc_versions else []
     for (i, (d, gen, count)), k, old in zip(doc_versions, keys.tolist(), old_rows):
@@ -1099,7 +1141,7 @@ class CartridgeStore:
       docs_delta[k] = (d, rank, gen, count, pid, off, n, shas[i])
       small["live_bytes"] += n
     for i, (d, gen, _) in enumerate(versions):
-      if d is None:  # the frozen sink
+      if d is None:  # the frozen sink (False: a stale item, skipped)
         old = small["frozen"]
         if old is not None:
           release(old["pack"], old["nbytes"])
@@ -1174,10 +1216,10 @@ class CartridgeStore:
       gen = self._reserved["next_gen"]
       self._reserved["next_gen"] += 1
     b = encode_item({"frozen": True, "gen": gen}, [fk, fv])
-    packs = self._write_packs([(None, gen, b)])
+    packs = self._write_packs([(None, gen, len(b), lambda: [b])])
     try:
       with self._lock:
-        self._commit_versions([(None, gen, 0)], [hashlib.sha256(b).digest()], packs, kind="frozen")
+        self._commit_versions([(None, gen, 0)], packs, kind="frozen")
     except BaseException:
       self.fs.remove(self._pack_path(packs[0][1]))
       raise

@@ -333,15 +333,16 @@ CHILD = textwrap.dedent("""
   st.put("doc/1", arrays(1.0), 1)
   mode = {mode!r}
   if mode == "mid_pack":           # killed while the pack of the next version is half written
-    real = objfs.LocalFS.write
-    def write(self, path, data):
+    real = objfs.LocalFS.write_chunks
+    def write_chunks(self, path, chunks):
       if path.endswith(".pack"):
+        data = b"".join(bytes(c) for c in chunks)
         with open(path, "wb") as f:
           f.write(data[:len(data) // 2])
           f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-      return real(self, path, data)
-    objfs.LocalFS.write = write
+      return real(self, path, chunks)
+    objfs.LocalFS.write_chunks = write_chunks
   elif mode == "before_commit":    # pack written, killed before its commit record is renamed in
     real = os.rename
     def rename(src, dst):
