@@ -15,7 +15,6 @@ the decoder casts to the compute dtype) and loads misses from the store; when mo
 from __future__ import annotations
 
 import collections
-import json
 import os
 import threading
 from typing import Sequence
@@ -23,7 +22,7 @@ from typing import Sequence
 from absl import logging
 
 from cas.cartridge.cartridge import Cartridge, CartridgeSpec
-from cas.rotation.store import STORE_META, CartridgeStore, StoreError
+from cas.rotation.store import STORE_META, CartridgeStore, StoreError, read_store_meta
 
 RETRIEVER_KINDS = ("bm25", "hybrid", "dense")  # tried in this order when no index is named
 
@@ -49,11 +48,7 @@ class Collection:
     """Open the store at `store_dir` (its spec is read from store.json; the model fingerprint must
     match the served model). retriever: an index directory, "auto" (the first of
     <kind>-document next to the store that exists, kinds in RETRIEVER_KINDS order) or None."""
-    meta_path = os.path.join(store_dir, STORE_META)
-    if not os.path.isfile(meta_path):
-      raise StoreError(f"{store_dir}: no cartridge store here ({STORE_META} missing)")
-    with open(meta_path) as f:
-      spec = CartridgeSpec(**json.load(f)["spec"])
+    spec = CartridgeSpec(**read_store_meta(store_dir)["spec"])  # a directory or a URL (gs://...)
     store = CartridgeStore(store_dir, spec=spec, model_fingerprint=model_fingerprint, create=False,
                            read_only=True)
     r = None
