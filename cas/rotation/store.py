@@ -43,10 +43,13 @@ changed since). Nothing is copied.
 Space. A version is referenced by the head and/or by retained snapshots; a pack is deleted once
 none of its versions is (every version of a pack was written at its `born` commit, so a pack is
 needed by snapshot S exactly when born <= S < the commit its last live version was replaced).
-Records and runs are deleted when neither the head nor a retained snapshot needs them. Every
-commit lists what it makes garbage, and a writer opening the store deletes that list again
-(idempotent) as well as other unneeded records/runs and the uncommitted packs of killed
-sessions: opening costs O(retained records + runs), not O(N).
+Packs that still hold some live versions among many replaced ones are compacted (their live
+versions move, unchanged, into a new pack) once the packs hold more than twice the live bytes;
+each put_many moves at most twice its own bytes (`_compact`). Records and runs are deleted when
+neither the head nor a retained snapshot needs them. Every commit lists what it makes garbage,
+and a writer opening the store deletes that list again (idempotent) as well as other unneeded
+records/runs and the uncommitted packs of killed sessions: opening costs O(retained records +
+runs), not O(N).
 
 Integrity: every version's bytes carry a sha256 (in the index), checked on every read, together
 with the item header (doc id, generation, count); runs carry crc32s per column, records a sha256:
@@ -56,6 +59,15 @@ damaged newest record is replaced (writers only, with a warning) by the newest i
 
 Atomicity: packs are written (and fsynced) before the record that refers to them; a writer killed
 at any point leaves the previous record, hence the previous versions, intact.
+
+Object storage: give a URL as the root (gs://bucket/path needs gcsfs, s3://... s3fs; any fsspec
+filesystem works). Nothing is renamed there: packs and runs are written under fresh names,
+commit records are created with a conditional put ("xb": create only if absent), and the head is
+the record with the highest seq. The index is never a database file, so the same format serves
+both. Two writers at once are not supported there (no flock): a new writer takes the lease over
+with a warning, the old one stops at its next commit (the lease check, and the conditional put
+of the record fences the loser of a race), but the new writer has already removed the old one's
+uncommitted packs.
 
 Format version 1 (index.json + one Orbax directory per version) is refused with the command that
 converts a store in place: python -m cas.rotation.store --upgrade <path>.
