@@ -28,6 +28,7 @@ setup(
         "importlib_resources",
         "bm25s>=0.3.16",  # tfds 4.9 imports it on Python 3.11 without declaring it
         "matplotlib",  # evaluation plots (Agg canvas)
+        "fsspec",  # cartridge stores on object storage (gs://, s3:// with gcsfs / s3fs), cas.rotation.objfs
     ],
     extras_require={
         "test": ["pytest", "torch==2.13.0", "hypothesis", "accelerate",
