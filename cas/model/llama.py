@@ -94,14 +94,6 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
                    (t == "sliding_attention" for t in cfg.layer_types)])
 
 
-def layer_rope_table(inv_freq, num_layers: int):
-  """`rope_inv_freq` output as one row per layer: [L, D/2] (a [D/2] table is repeated)."""
-  inv_freq = jnp.asarray(inv_freq)
-  if inv_freq.ndim == 1:
-    return jnp.broadcast_to(inv_freq, (num_layers,) + inv_freq.shape)
-  return inv_freq
-
-
 def _inv_freq(d: int, theta: float, sc: dict | None) -> np.ndarray:
   """[D/2] float32 inverse frequencies of base `theta` with optional scaling `sc`."""
   inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
