@@ -225,3 +225,19 @@ def _add_vocab(w: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerFast, vocab_siz
   w.add_add_bos_token(False)
   if tokenizer.chat_template:
     w.add_chat_template(tokenizer.chat_template)
+
+
+def random_tokens(cfg, shape, seed: int) -> np.ndarray:
+  """Random token ids [*shape] int32 below cfg.vocab_size (a cas ModelConfig)."""
+  return np.random.default_rng(seed).integers(0, cfg.vocab_size, shape).astype(np.int32)
+
+
+def arange_positions(b: int, t: int, start: int = 0):
+  """Positions [b, t] int32 (jax): start .. start + t - 1 in every row."""
+  import jax.numpy as jnp
+  return jnp.broadcast_to(jnp.arange(start, start + t, dtype=jnp.int32), (b, t))
+
+
+def max_abs_diff(a, b) -> float:
+  """max |a - b| in float32 (numpy, jax or torch-as-numpy arrays)."""
+  return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())

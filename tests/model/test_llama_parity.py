@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from cas.model import KVCache, ModelConfig, Prefix, build_model, params_from_hf  # noqa: E402
+from tests.model._tiny import arange_positions as _arange, max_abs_diff as _maxdiff, random_tokens as _tokens
 
 ATOL = 1e-4  # fp32 max-abs logits difference allowed against transformers.
 
@@ -82,18 +83,6 @@ class Pair:
 @functools.cache
 def pair(family: str) -> Pair:
   return Pair(family)
-
-
-def _tokens(cfg: ModelConfig, shape, seed: int) -> np.ndarray:
-  return np.random.default_rng(seed).integers(0, cfg.vocab_size, shape).astype(np.int32)
-
-
-def _arange(b: int, t: int, start: int = 0) -> jnp.ndarray:
-  return jnp.broadcast_to(jnp.arange(start, start + t, dtype=jnp.int32), (b, t))
-
-
-def _maxdiff(a, b) -> float:
-  return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
 
 
 FAMILY_NAMES = list(FAMILIES)
