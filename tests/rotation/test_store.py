@@ -15,6 +15,7 @@ from cas.cartridge.cartridge import CartridgeSpec
 from cas.rotation import objfs, store as S
 from cas.rotation.store import ARRAY_NAMES, CartridgeStore, StoreError, doc_dirname
 from tests.rotation.conftest import FP, SPEC, assert_bit_identical, rand_arrays
+from tests.hardening.test_corruption import damage_version
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -114,33 +115,21 @@ def test_other_spec_or_model_is_refused(tmp_path):
     CartridgeStore(str(tmp_path / "busy"), spec=SPEC, model_fingerprint=FP)
 
 
-def _damage(loc, how):
-  """Zero or cut off the bytes of one stored version inside its pack file."""
-  if how == "zero":
-    with open(loc["path"], "r+b") as f:
-      f.seek(loc["offset"])
-      f.write(b"\0" * loc["nbytes"])
-  elif how == "truncate":
-    os.truncate(loc["path"], loc["offset"] + loc["nbytes"] // 2)
-  else:
-    os.remove(loc["path"])
-
-
 def test_corrupt_or_missing_files_name_doc_and_path(tmp_path):
   with CartridgeStore(str(tmp_path / "s"), spec=SPEC, model_fingerprint=FP) as st:
     for d in ("a", "b", "c"):
       st.put(d, rand_arrays(0), 1)  # one pack each
     la, lb, lc = st.locate("a"), st.locate("b"), st.locate("c")
     assert len({la["path"], lb["path"], lc["path"]}) == 3
-    _damage(la, "zero")
+    damage_version(la, "zero")
     with pytest.raises(StoreError, match="cannot read the arrays of document 'a' .*sha256 mismatch") as e:
       st.get("a")
     assert la["path"] in str(e.value)
-    _damage(lb, "truncate")
+    damage_version(lb, "truncate")
     with pytest.raises(StoreError, match="cannot read the arrays of document 'b'.*truncated") as e:
       st.get("b")
     assert lb["path"] in str(e.value)
-    _damage(lc, "missing")
+    damage_version(lc, "missing")
     with pytest.raises(StoreError, match="files of document 'c'.*missing") as e:
       st.get("c")
     assert lc["path"] in str(e.value)
