@@ -381,8 +381,13 @@ def synth_config_problems(cfg: SynthConfig) -> list[tuple[str, str]]:
 
 
 def synthesize(out_dir: str, *, documents: Sequence, tokenizer, sampler, cfg: SynthConfig,
-               model_fingerprint: str, model_source: str, stop_after_shards: int | None = None) -> dict:
+               model_fingerprint: str, model_source: str, stop_after_shards: int | None = None,
+               manifest_extra: dict | None = None) -> dict:
   """Generate (or finish) a self-study dataset in `out_dir`. Returns the manifest.
+
+  manifest_extra: more top-level manifest fields (JSON values) the dataset depends on, e.g.
+  {"max_doc_tokens": M} of a run whose documents are cut into parts (cas.data.parts); a dataset
+  whose manifest records other values is refused, like one with other doc_ids.
 
   `out_dir` is locked while this runs (cas.locking: a second synthesis into it refuses to
   start); temp files of a killed shard or manifest write are removed before resuming.
@@ -404,7 +409,7 @@ def synthesize(out_dir: str, *, documents: Sequence, tokenizer, sampler, cfg: Sy
     _remove_temp_files(out_dir)
     return _synthesize(out_dir, documents=documents, tokenizer=tokenizer, sampler=sampler, cfg=cfg,
                        model_fingerprint=model_fingerprint, model_source=model_source,
-                       stop_after_shards=stop_after_shards)
+                       stop_after_shards=stop_after_shards, manifest_extra=manifest_extra or {})
 
 
 def _remove_temp_files(out_dir: str) -> None:
@@ -416,15 +421,15 @@ def _remove_temp_files(out_dir: str) -> None:
 
 
 def _synthesize(out_dir: str, *, documents, tokenizer, sampler, cfg: SynthConfig, model_fingerprint: str,
-                model_source: str, stop_after_shards: int | None) -> dict:
+                model_source: str, stop_after_shards: int | None, manifest_extra: dict) -> dict:
   doc_ids = [d.doc_id for d in documents]
   header = {"format_version": FORMAT_VERSION, "model_fingerprint": model_fingerprint,
             "model_source": model_source, "config": cfg.manifest_fields(), "doc_ids": doc_ids,
-            "top_k": cfg.top_k, "eos_ids": list(tokenizer.eos_ids)}
+            "top_k": cfg.top_k, "eos_ids": list(tokenizer.eos_ids), **manifest_extra}
   recorded: dict[str, str] = {}  # shard name -> sha256 in the existing manifest
   if os.path.exists(os.path.join(out_dir, MANIFEST)):
     old = read_manifest(out_dir)
-    for k in ("model_fingerprint", "config", "doc_ids"):
+    for k in ("model_fingerprint", "config", "doc_ids", *manifest_extra):
       if old.get(k) != header[k]:
         raise SynthDataError(f"{out_dir}: existing dataset has a different {k} "
                              f"({old.get(k)!r:.200} vs {header[k]!r:.200}); use another directory")
