@@ -462,8 +462,16 @@ class CasStages:
         # in the system message (own + n-1 others, same order). Prompts past the model's
         # max_position_embeddings are evaluated anyway and counted in the row ("over_context").
         max_pos = int(self.model.cfg.max_position_embeddings)
+        over_rule = ec.get("icl_composed_over_context", "evaluate")
         for n in num_loaded:
           notes = {}
+          if over_rule == "skip":  # "wherever the context fits": an n whose documents alone overflow is left out
+            longest = max(sum(self.doc_lengths[d] for d in loaded(q, n)) for q in self.questions)
+            if longest > max_pos:
+              logging.warning("skipping icl_composed@%d: %d documents hold up to %d tokens, past the model's "
+                              "max_position_embeddings (%d); eval.icl_composed_over_context='skip'", n, n,
+                              longest, max_pos)
+              continue
 
           def ctx_for(q, n=n, notes=notes):
             ids = loaded(q, n)

@@ -479,6 +479,10 @@ def _check_eval(config, pipeline: str, add: Callable, stages: Sequence[str]) -> 
     add("config.eval.num_loaded", f"empty, but config.eval.methods has "
                                   f"{[m for m in methods if m in COMPOSED_METHODS]}, which load n cartridges per "
                                   "question for each n of it; e.g. --config.eval.num_loaded=(1,2)")
+  over = _get(ec, "icl_composed_over_context", "evaluate")
+  if over not in ("evaluate", "skip"):
+    add("config.eval.icl_composed_over_context", f"config.eval.icl_composed_over_context={over!r} must be "
+                                                 "'evaluate' or 'skip'")
   from cas.train.cas_batch import POSITION_MODES
   modes = _tuple(_get(ec, "position_modes", ("shared",)))
   if any(m not in POSITION_MODES for m in modes):

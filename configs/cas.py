@@ -126,6 +126,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.kinds = ("mc", "short")
   c.eval.max_new_tokens = 24
   c.eval.seed = 0
+  # icl_composed@n whose n documents overflow the model's context: 'evaluate' anyway (counted in the
+  # row's over_context) or 'skip' that n (the model cannot read them; also bounds the eval's memory)
+  c.eval.icl_composed_over_context = "evaluate"
   c.eval.retrieval_k = (1, 2, 4)  # cartridge_retrieved@k (cartridges loaded), rag_text@k (chunks in the prompt)
 
   c.retrieval = ml_collections.ConfigDict()

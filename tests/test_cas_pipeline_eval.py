@@ -178,3 +178,27 @@ def test_rerun_skips_finished_methods(run):
   third = _rows(st.evaluate())
   assert "resumed" not in third["cartridge_oracle"] and "resumed" not in third["cartridge_retrieved@1"]
   assert third["rag_text@1"]["accuracy"] == 0.123 and third["no_context"]["resumed"]
+
+
+def test_icl_composed_skips_an_n_past_the_context_when_asked(tmp_path):
+  """eval.icl_composed_over_context='skip' leaves out an n whose documents overflow the model's
+  max_position_embeddings (the issue's "wherever the context fits"); 'evaluate' keeps it."""
+  import dataclasses
+  st0 = _stages(str(tmp_path / "probe"))
+  one = max(st0.doc_lengths.values())
+  two = min(a + b for i, a in enumerate(st0.doc_lengths.values()) for j, b in enumerate(st0.doc_lengths.values()) if i < j)
+  assert one < two
+  cfg = dataclasses.replace(TINY_SMOL_VOCAB, max_position_embeddings=(one + two) // 2 + 64)
+  got = {}
+  for rule in ("skip", "evaluate"):
+    c = _config()
+    c.eval.methods = ("icl_composed",)
+    c.eval.icl_composed_over_context = rule
+    model = tiny_model(seed=3, cfg=cfg, scale=3.0)
+    lm = LoadedModel(model=model, tokenizer=real_tokenizer(), config=cfg, source="tiny-random",
+                     fingerprint="tiny-random-smol-vocab-3", hf_config={})
+    st = CasStages(c, str(tmp_path / rule), lm=lm)
+    st.build_indexes()
+    got[rule] = sorted(r["method"] for r in st.evaluate()["methods"])
+  assert got["skip"] == ["icl_composed@1"]
+  assert got["evaluate"] == ["icl_composed@1", "icl_composed@2"]

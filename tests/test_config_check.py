@@ -176,3 +176,12 @@ def test_problem_text():
   assert str(p) == "config.train.k_max: too big"
   assert str(ConfigError([p])) == "1 problem with the config:\n  - config.train.k_max: too big"
   assert ConfigError("plain").problems[0].message == "plain"
+
+
+def test_icl_composed_over_context_rule_is_checked():
+  c = cas_config("quick")
+  c.eval.icl_composed_over_context = "drop"
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "'drop' must be 'evaluate' or 'skip'" in got["config.eval.icl_composed_over_context"]
+  c.eval.icl_composed_over_context = "skip"
+  assert check_config(c, "cas", devices=ONE, check_model=False) == []
