@@ -10,6 +10,10 @@ rotation, the baselines the paper compares against, and one evaluation.
                              <kind>-chunk<words>o<overlap> (rebuilt when the collection changes)
   <workdir>/eval/            results.json, results.md, *.png plots, partial/<method>.json (one
                              finished method each: a killed evaluation resumes after them)
+  <workdir>/p<p>-f<f>/       a run with another p (reuses <workdir>/synth; run_dir_for)
+  <workdir>/parts<M>/        a run with cartridge.max_doc_tokens = M > 0: documents of more than M
+                             tokens cut into parts, one cartridge each (cas.data.parts); its own
+                             synth/, cas/, isolated/, eval/ ... (same layout, same p rule inside)
 
 Methods: no_context, icl (own document in the prompt), cartridge_oracle (own CAS cartridge),
 cas_composed@n (own + n-1 other CAS cartridges loaded together), isolated_composed@n (the same
@@ -33,6 +37,7 @@ from absl import logging
 
 from cas.cartridge.cartridge import CartridgeSpec, init_cartridge, short_documents
 from cas.cartridge.io import load_cartridge
+from cas.data.parts import MANIFEST_KEY as PARTS_KEY, document_units, units_root
 from cas.data.types import Document
 from cas.eval.methods import Evaluator, markdown_table, run_method
 from cas.eval.report import recall_markdown, write_plots
@@ -65,12 +70,17 @@ def _file_digest(*paths: str) -> str:
   return h.hexdigest()
 
 
-def run_dir_for(workdir: str, num_tokens: int, num_frozen: int) -> str:
+def run_dir_for(workdir: str, num_tokens: int, num_frozen: int, max_doc_tokens: int = 0) -> str:
   """Where a run with p = `num_tokens` keeps its training, baselines, indexes and evaluation: the
   workdir itself, or <workdir>/p<p>-f<num_frozen> when the workdir's CAS store holds cartridges of
   another size. A run with another p so reuses the collection and the self-study (<workdir>/synth,
-  which do not depend on p) instead of being refused by the store."""
+  which do not depend on p) instead of being refused by the store.
+
+  With max_doc_tokens = M > 0 (documents cut into parts, cas.data.parts) the same rule applies
+  inside <workdir>/parts<M>, whose synth/ holds the parts' self-study: runs with another M (or
+  none) never share self-study, cartridges or results."""
   from cas.rotation.store import STORE_META
+  workdir = units_root(workdir, max_doc_tokens)
   meta = os.path.join(workdir, "cas", "store", STORE_META)
   try:
     with open(meta) as f:
@@ -85,6 +95,33 @@ def run_dir_for(workdir: str, num_tokens: int, num_frozen: int) -> str:
                "in %s and reuses the self-study in %s", os.path.dirname(meta), have_p, have_f, num_tokens,
                num_frozen, sub, os.path.join(workdir, "synth"))
   return sub
+
+
+def _is_unit_of(unit: str, doc_id: str) -> bool:
+  """True when `unit` is `doc_id` itself or one of its parts '<doc_id>#<i>'."""
+  return unit == doc_id or (unit.startswith(doc_id + "#") and unit[len(doc_id) + 1:].isdigit())
+
+
+def recorded_unit_ids(synth_dir: str, doc_ids: list[str]) -> list[str]:
+  """The cartridge units of `doc_ids` as the self-study in `synth_dir` recorded them (its
+  manifest's doc_ids: a document cut into parts has '<doc_id>#<i>'), in order; a document the
+  manifest does not name (or no manifest) stands for itself. Lets a workdir check name every
+  cartridge the evaluation loads before the tokenizer is loaded."""
+  from cas.synth.format import MANIFEST
+  try:
+    with open(os.path.join(synth_dir, MANIFEST)) as f:
+      have = [str(u) for u in json.load(f).get("doc_ids") or ()]
+  except (OSError, ValueError, AttributeError):
+    return list(doc_ids)
+  by_parent: dict[str, list[str]] = {}
+  for u in have:
+    parent = u.rsplit("#", 1)[0] if "#" in u and u.rsplit("#", 1)[1].isdigit() else u
+    by_parent.setdefault(parent, []).append(u)
+  out = []
+  for d in doc_ids:
+    units = [u for u in by_parent.get(d, []) if _is_unit_of(u, d)]
+    out.extend(units or [d])
+  return out
 
 
 class CasStages:
@@ -116,13 +153,18 @@ class CasStages:
                                 base=config_check.CollectionProblems, what="the collection")
     self.docs = coll.documents[:config.data.num_docs]
     cc = config.cartridge
-    self.run_dir = run_dir_for(workdir, cc.num_tokens, cc.num_frozen)
+    # documents cut into parts (cas.data.parts): self-study and runs under <workdir>/parts<M>
+    self.max_doc_tokens = int(cc.get("max_doc_tokens", 0) or 0)
+    self.synth_dir = os.path.join(units_root(workdir, self.max_doc_tokens), "synth")
+    self.run_dir = run_dir_for(workdir, cc.num_tokens, cc.num_frozen, self.max_doc_tokens)
+    self._check_synth_parts()
     if "evaluate" in self.stages:  # methods that read a training stage this run does not execute
       from cas.eval.workdir import CAS_STAGE_OF_METHOD, STAGE_RUN_BY, check_cas_workdir
       skipped = [m for m in config.eval.methods
                  if m in CAS_STAGE_OF_METHOD and STAGE_RUN_BY[CAS_STAGE_OF_METHOD[m]] not in self.stages]
       if skipped:
-        check_cas_workdir(config, self.run_dir, [d.doc_id for d in self.docs], methods=skipped)
+        check_cas_workdir(config, self.run_dir, recorded_unit_ids(self.synth_dir, [d.doc_id for d in self.docs]),
+                          methods=skipped)
     ids = {d.doc_id for d in self.docs}
     kinds = tuple(config.eval.get("kinds", ("mc", "short")))
     self.questions = [q for q in coll.questions if q.doc_id in ids and q.kind in kinds]
@@ -141,11 +183,11 @@ class CasStages:
     self.spec = CartridgeSpec.for_model(self.model.cfg, cc.num_tokens, cc.num_frozen)
     self._doc_ids_cache: dict[str, list[int]] = {}
     self.short_rule = (cc.get("short_documents", "pad"), cc.get("short_fill", "repeat"))
-    self.short_docs = self._check_documents()  # every document's tokens (all short ones named together)
+    self.short_docs = self._check_documents()  # every unit's tokens (all short ones named together)
     training = any(s in self.stages for s in config_check.TRAIN_STAGES)
     if machine:
       config_check.raise_problems(config_check.memory_problems(config, "cas", self.model, self.spec,
-                                                               num_docs=len(self.docs), stages=self.stages,
+                                                               num_docs=len(self.units), stages=self.stages,
                                                                mesh=self.mesh() if training else None),
                                   what="the device memory")
     self.indexes: dict[tuple[str, str], object] | None = None  # (kind, unit) -> Retriever
@@ -158,19 +200,46 @@ class CasStages:
       self._doc_ids_cache = {doc.doc_id: self.tok.encode(doc.text)}
     return self._doc_ids_cache[doc.doc_id]
 
+  def _check_synth_parts(self) -> None:
+    """Refuses, before any work, a self-study in self.synth_dir made with another
+    cartridge.max_doc_tokens (its manifest records it; none recorded = 0): e.g. a synth/ copied
+    from a run without parts. Runs with another max_doc_tokens normally have their own directory."""
+    from cas.synth.format import MANIFEST, SynthDataError
+    path = os.path.join(self.synth_dir, MANIFEST)
+    try:
+      with open(path) as f:
+        have = json.load(f).get(PARTS_KEY, 0)
+    except (OSError, ValueError, AttributeError):
+      return  # none yet (or unreadable: synthesize reports that)
+    if have != self.max_doc_tokens:
+      raise SynthDataError(f"{self.synth_dir}: this self-study was made with cartridge.max_doc_tokens={have} (its "
+                           f"documents cut into other parts), but this run has max_doc_tokens="
+                           f"{self.max_doc_tokens}. Run with --config.cartridge.max_doc_tokens={have}, or move "
+                           f"{self.synth_dir} away so that the self-study for these parts is made there")
+
   def _check_documents(self) -> list[str]:
-    """Every document against the cartridge spec, before any stage runs (all problems in one
-    error). Returns the ids of documents shorter than the cartridge: their cartridges start from
-    all of their tokens, then config.cartridge.short_fill (or are refused with
-    short_documents='error')."""
-    lengths = self.doc_lengths = {d.doc_id: len(self.tok.encode(d.text)) for d in self.docs}
+    """Every document's tokens, its cartridge units (documents of more than
+    config.cartridge.max_doc_tokens tokens cut into parts, cas.data.parts: self.units,
+    self.parts_of, self.unit_lengths), and every unit against the cartridge spec, before any stage
+    runs (all problems in one error). Returns the ids of units shorter than the cartridge: their
+    cartridges start from all of their tokens, then config.cartridge.short_fill (or are refused
+    with short_documents='error')."""
+    self.doc_lengths = {d.doc_id: len(self.tok.encode(d.text)) for d in self.docs}
+    self.units, self.parts_of = document_units(self.docs, self.max_doc_tokens, self.tok.encode, self.doc_lengths)
+    split = {d: u for d, u in self.parts_of.items() if len(u) > 1}
+    if split:
+      logging.info("cartridge.max_doc_tokens=%d: %d of %d documents cut into parts (%d cartridges in all): %s",
+                   self.max_doc_tokens, len(split), len(self.docs), len(self.units),
+                   ", ".join(f"{d} ({self.doc_lengths[d]} tokens) -> {len(u)}" for d, u in list(split.items())[:10]))
+    lengths = self.unit_lengths = {u.doc_id: (self.doc_lengths[u.doc_id] if self.parts_of.get(u.doc_id) == [u.doc_id]
+                                              else len(self.tok.encode(u.text))) for u in self.units}
     rule, fill = self.short_rule
     short = short_documents(lengths, self.spec.num_tokens, self.spec.num_frozen,
                             strategy=self.config.cartridge.init, rule=rule, fill=fill)
     if short and self.config.cartridge.init != "random_vectors":
       logging.info("%d of %d documents are shorter than p - num_frozen = %d tokens (shortest %s: %d tokens); "
                    "their cartridges start from all of their tokens, then %r (cartridge.short_fill)", len(short),
-                   len(self.docs), self.spec.num_tokens - self.spec.num_frozen, min(short, key=lengths.get),
+                   len(self.units), self.spec.num_tokens - self.spec.num_frozen, min(short, key=lengths.get),
                    min(lengths[d] for d in short), fill)
     return short
 
@@ -182,7 +251,7 @@ class CasStages:
     return c.frozen_k[...], c.frozen_v[...]
 
   def _init_fn(self):
-    by_id = {d.doc_id: d for d in self.docs}
+    by_id = {u.doc_id: u for u in self.units}
     bos = self.tok.bos_id
     rule, fill = self.short_rule
 
@@ -198,8 +267,9 @@ class CasStages:
     t = time.time()
     sc = self.config.synth
     scfg = SynthConfig.from_config(sc)
-    m = synthesize(os.path.join(self.workdir, "synth"), documents=self.docs, tokenizer=self.tok, sampler=self.sampler,
-                   cfg=scfg, model_fingerprint=self.lm.fingerprint, model_source=self.lm.source)
+    m = synthesize(self.synth_dir, documents=self.units, tokenizer=self.tok, sampler=self.sampler,
+                   cfg=scfg, model_fingerprint=self.lm.fingerprint, model_source=self.lm.source,
+                   manifest_extra={PARTS_KEY: self.max_doc_tokens} if self.max_doc_tokens else None)
     self.timings["synth"] = time.time() - t
     return m
 
@@ -217,15 +287,15 @@ class CasStages:
     return self._mesh
 
   def neighbors(self, max_neighbors: int = 64) -> dict[str, list[str]]:
-    """doc_id -> the other documents most similar to it, best first (at most `max_neighbors`): a
-    BM25 document index queried with each document's title and first 300 words (hard negatives,
-    config.train.p_hard)."""
+    """unit id -> the other cartridge units (documents, or their parts) most similar to it, best
+    first (at most `max_neighbors`): a BM25 index over the units queried with each unit's title
+    and first 300 words (hard negatives, config.train.p_hard)."""
     from cas.retrieval import build_retriever
-    index = build_retriever("bm25", self.docs, unit="document")
-    queries = [f"{d.title} " + " ".join(d.text.split()[:300]) for d in self.docs]
-    k = min(len(self.docs), max_neighbors + 1)
+    index = build_retriever("bm25", self.units, unit="document")
+    queries = [f"{d.title} " + " ".join(d.text.split()[:300]) for d in self.units]
+    k = min(len(self.units), max_neighbors + 1)
     hits = index.search_docs_batch(queries, k)
-    return {d.doc_id: [h for h, _ in row if h != d.doc_id][:max_neighbors] for d, row in zip(self.docs, hits)}
+    return {d.doc_id: [h for h, _ in row if h != d.doc_id][:max_neighbors] for d, row in zip(self.units, hits)}
 
   def _train(self, name: str, **over):
     from cas.train.cas_loop import train_cas
@@ -233,10 +303,10 @@ class CasStages:
     cfg = {**dict(self.config.train), "top_k": self.config.synth.top_k, **over}
     neighbors = self.neighbors() if cfg.get("p_hard", 0.0) > 0 else None
     out = train_cas(model=self.model, model_fingerprint=self.lm.fingerprint,
-                    dataset_dir=os.path.join(self.workdir, "synth"), workdir=os.path.join(self.run_dir, name),
-                    doc_ids=[d.doc_id for d in self.docs], spec=self.spec, frozen=self._sink(),
+                    dataset_dir=self.synth_dir, workdir=os.path.join(self.run_dir, name),
+                    doc_ids=[u.doc_id for u in self.units], spec=self.spec, frozen=self._sink(),
                     init_fn=self._init_fn(), cfg=cfg, dtype=DTYPES[self.config.dtype], mesh=self.mesh(),
-                    doc_lengths=self.doc_lengths, neighbors=neighbors)
+                    doc_lengths=self.unit_lengths, neighbors=neighbors)
     self.timings[f"train_{name}"] = time.time() - t
     return out
 
@@ -248,10 +318,11 @@ class CasStages:
     return self._train("isolated", k_max=1, p_isolated=1.0, p_hard=0.0, k_curriculum_steps=0, mixed_weight=1.0)
 
   def train_monolithic(self):
-    """Baseline: one cartridge of N*p tokens trained on every document's self-study data."""
+    """Baseline: one cartridge of N*p tokens trained on every document's self-study data (N: the
+    cartridge units, so the same total tokens as the CAS cartridges when documents are cut into parts)."""
     from cas.train.loop import train_cartridge
     t = time.time()
-    n = len(self.docs)
+    n = len(self.units)
     p_total = self.spec.num_frozen + n * (self.spec.num_tokens - self.spec.num_frozen)
     bos = self.tok.bos_id
     ids = [t_ for d in self.docs for t_ in self._ids(d)]
@@ -264,7 +335,7 @@ class CasStages:
                clip_norm=tc.clip_norm, loss=tc.loss, seed=tc.seed, log_every=tc.log_every, ckpt_every=tc.ckpt_every,
                keep_checkpoints=tc.keep_checkpoints, top_k=self.config.synth.top_k, loss_chunk=tc.loss_chunk)
     out = train_cartridge(model=self.model, model_fingerprint=self.lm.fingerprint,
-                          dataset_dir=os.path.join(self.workdir, "synth"), workdir=os.path.join(self.run_dir, "monolithic"),
+                          dataset_dir=self.synth_dir, workdir=os.path.join(self.run_dir, "monolithic"),
                           init_fn=init, train_cfg=cfg, dtype=DTYPES[self.config.dtype])
     self.timings["train_monolithic"] = time.time() - t
     return out
@@ -392,6 +463,11 @@ class CasStages:
         carts[key] = stores[store_name].export_cartridge(doc_id)
       return carts[key]
 
+    def doc_carts(store_name, ids):
+      """The cartridges of documents `ids`, in order, each with all of its parts in order
+      (config.cartridge.max_doc_tokens; a document not cut into parts has one)."""
+      return [cart(store_name, u) for d in ids for u in self.parts_of[d]]
+
     def have_store(store_name, method):
       if store_name not in stores:
         logging.warning("skipping %s: no %s store", method, store_name)
@@ -409,6 +485,8 @@ class CasStages:
     base_sig = {"model": self.lm.fingerprint, "spec": repr(self.spec), "docs": self.retrieval["collection_fingerprint"],
                 "questions": hashlib.sha256("\n".join(q.qid for q in self.questions).encode()).hexdigest(),
                 "eval": {k: ec.get(k) for k in ("max_new_tokens", "seed", "kinds", "max_questions_per_doc")}}
+    if self.max_doc_tokens:  # the cartridges each document loads (its parts)
+      base_sig["parts_of"] = self.parts_of
     jobs = []
 
     def add(name, context_for, deps=(), extra=None, notes=None):
@@ -442,7 +520,7 @@ class CasStages:
         add(method, icl_ctx)
       elif method == "cartridge_oracle":
         if have_store("cas", method):
-          add(method, lambda q: ev.cartridges([cart("cas", q.doc_id)]), ["cas", store_state["cas"]])
+          add(method, lambda q: ev.cartridges(doc_carts("cas", [q.doc_id])), ["cas", store_state["cas"]])
       elif method in ("cas_composed", "isolated_composed"):
         store_name = "cas" if method == "cas_composed" else "isolated"
         if not have_store(store_name, method):
@@ -454,7 +532,7 @@ class CasStages:
             def ctx_for(q, n=n, mode=mode, s=store_name, notes=notes):
               ids = loaded(q, n)
               notes[q.qid] = {"loaded": ids}
-              return ev.cartridges([cart(s, d) for d in ids], mode=mode)
+              return ev.cartridges(doc_carts(s, ids), mode=mode)
             add(f"{method}@{n}/{mode}", ctx_for, [store_name, store_state[store_name]],
                 {"num_loaded": n, "position_mode": mode, "base_method": method}, notes)
       elif method == "icl_composed":
@@ -510,7 +588,7 @@ class CasStages:
             ids = [d for d, _ in top]
             notes[q.qid] = {"retrieved": ids, "retrieval_scores": [float(s) for _, s in top],
                             "retrieval_hit": q.doc_id in ids}
-            return ev.cartridges([cart("cas", d) for d in ids], mode="shared")
+            return ev.cartridges(doc_carts("cas", ids), mode="shared")
           add(f"cartridge_retrieved@{k}", ctx_for, ["cas", store_state["cas"], index.manifest()],
               {"base_method": method, "k": k, "num_loaded": k, "position_mode": "shared",
                "retrieval_index": f"{mk}-document"}, notes)
@@ -574,7 +652,8 @@ class CasStages:
       rows.append(row)
     self.timings["eval"] = time.time() - t
     table = markdown_table(rows)
-    result = {"num_docs": len(self.docs), "p": self.spec.num_tokens, "model": self.lm.source,
+    result = {"num_docs": len(self.docs), "p": self.spec.num_tokens, "max_doc_tokens": self.max_doc_tokens,
+              "num_cartridges": len(self.units), "model": self.lm.source,
               "timings_s": self.timings, "retrieval": self.retrieval, "methods": rows}
     result["plots"] = [os.path.basename(p) for p in write_plots(result, out_dir)]
     atomic_write_json(os.path.join(out_dir, "results.json"), result)

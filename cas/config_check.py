@@ -206,7 +206,7 @@ def check_config(config, pipeline: str, *, stages: Iterable[str] | None = None, 
   if environment and training and pipeline == "cas" and not any(p.where in ("config.train.num_slots", "config.mesh") for p in out):
     _check_mesh(config, add, devices)
   if workdir is not None:
-    _check_stage_inputs(pipeline, stages, workdir, add)
+    _check_stage_inputs(config, pipeline, stages, workdir, add)
   return out
 
 
@@ -320,6 +320,18 @@ def _check_cartridge(config, add: Callable) -> None:
     add("config.cartridge.num_tokens", f"p={p} must be at least num_frozen + 1 = {f + 1} (the frozen sink "
                                        f"plus one trainable token); e.g. --config.cartridge.num_tokens=512",
         CartridgeError)
+  m = _get(cc, "max_doc_tokens", 0)
+  if m is None or m == 0:
+    pass
+  elif not _is_int(m) or m < 0:
+    add("config.cartridge.max_doc_tokens", f"config.cartridge.max_doc_tokens={m!r} must be 0 (off: one cartridge "
+                                           "per document) or an integer number of tokens")
+  elif _is_int(p) and m < 2 * p:
+    add("config.cartridge.max_doc_tokens", f"config.cartridge.max_doc_tokens={m} is below 2 * num_tokens = {2 * p}: "
+                                           "a document is cut into parts of max_doc_tokens/2 to max_doc_tokens "
+                                           "tokens, each with a p-token cartridge, and a part shorter than p "
+                                           f"stores more KV than its text; use 0 (off) or >= {2 * p}, e.g. "
+                                           f"--config.cartridge.max_doc_tokens={max(2 * p, 1024)}")
   init = _get(cc, "init", "first_tokens")
   if init not in INIT_STRATEGIES:
     add("config.cartridge.init", f"cartridge.init={init!r}: choose from {INIT_STRATEGIES}", CartridgeError)
@@ -522,11 +534,19 @@ def _synth_state(synth_dir: str) -> tuple[dict | None, str | None]:
   return m, None
 
 
-def _check_stage_inputs(pipeline: str, stages: Sequence[str], workdir: str, add: Callable) -> None:
+def _synth_dir(config, workdir: str) -> str:
+  """The self-study directory a run of `config` in `workdir` reads: <workdir>/synth, or
+  <workdir>/parts<M>/synth with config.cartridge.max_doc_tokens = M > 0 (cas.data.parts)."""
+  from cas.data.parts import units_root
+  m = _get(config.get("cartridge"), "max_doc_tokens", 0)
+  return os.path.join(units_root(workdir, m if _is_int(m) and m > 0 else 0), "synth")
+
+
+def _check_stage_inputs(config, pipeline: str, stages: Sequence[str], workdir: str, add: Callable) -> None:
   """Training stages of a run that does not run synth need the workdir's finished self-study."""
   if "synth" in stages or not any(s in stages for s in TRAIN_STAGES):
     return
-  synth_dir = os.path.join(workdir, "synth")
+  synth_dir = _synth_dir(config, workdir)
   _, why = _synth_state(synth_dir)
   if why:
     fix = ("python -m launch.cas ... --stages=synth (or include synth in --stages)" if pipeline == "cas"
@@ -560,12 +580,13 @@ def check_collection(config, pipeline: str, documents: Sequence, *, stages: Iter
                       num_docs, len(documents), len(documents))
     out.extend(count_problems(config, pipeline, len(used)))
   if workdir is not None and any(s in stages for s in TRAIN_STAGES) and "synth" not in stages and used:
-    m, why = _synth_state(os.path.join(workdir, "synth"))
+    synth_dir = _synth_dir(config, workdir)
+    m, why = _synth_state(synth_dir)
     if m is not None and why is None:
       have = set(m.get("doc_ids") or ())
-      missing = [d.doc_id for d in used if d.doc_id not in have]
+      missing = [d.doc_id for d in used if d.doc_id not in have and f"{d.doc_id}#1" not in have]  # #1: parts
       if missing:
-        out.append(Problem(os.path.join(workdir, "synth"), f"no self-study data for {len(missing)} of {len(used)} "
+        out.append(Problem(synth_dir, f"no self-study data for {len(missing)} of {len(used)} "
                                                            f"documents: {missing[:20]}{' ...' if len(missing) > 20 else ''};"
                                                            " run the synth stage again (it was made for other documents)"))
   return out

@@ -77,6 +77,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # or "error" (refused before any work starts)
   c.cartridge.short_documents = "pad"
   c.cartridge.short_fill = "repeat"
+  # several cartridges per long document: a document of more than max_doc_tokens tokens is cut into
+  # ceil(tokens / max_doc_tokens) near-equal parts on sentence/paragraph boundaries, each with its own
+  # self-study and p-token cartridge ("<doc_id>#<i>"); loading the document loads all of its parts.
+  # 0 = off (one cartridge per document); else >= 2 * num_tokens. Runs with it live in
+  # <workdir>/parts<max_doc_tokens>/ (own self-study). cas.data.parts
+  c.cartridge.max_doc_tokens = 0
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 16

@@ -129,15 +129,18 @@ def evaluate_workdir(config, workdir: str, *, lm=None, command: str | None = Non
   config_check.raise_problems(config_check.check_config(config, kind, stages=("evaluate",), workdir=workdir,
                                                         check_model=lm is None))
   if kind == "cas":
-    from cas.cas_pipeline import CasStages, run_dir_for
+    from cas.cas_pipeline import CasStages, recorded_unit_ids, run_dir_for
+    from cas.data.parts import units_root
     from cas.pipeline import _collection
     coll = _collection(config, workdir)
     config_check.raise_problems(config_check.check_collection(config, "cas", coll.documents, stages=("evaluate",),
                                                               workdir=workdir),
                                 base=config_check.CollectionProblems, what="the collection")
     docs = coll.documents[:config.data.num_docs]
-    run_dir = run_dir_for(workdir, config.cartridge.num_tokens, config.cartridge.num_frozen)
-    check_cas_workdir(config, run_dir, [d.doc_id for d in docs],
+    m = int(config.cartridge.get("max_doc_tokens", 0) or 0)  # documents cut into parts: <workdir>/parts<m>
+    run_dir = run_dir_for(workdir, config.cartridge.num_tokens, config.cartridge.num_frozen, m)
+    units = recorded_unit_ids(os.path.join(units_root(workdir, m), "synth"), [d.doc_id for d in docs])
+    check_cas_workdir(config, run_dir, units,
                       command or "python -m launch.cas --config=<this config> --workdir=" + workdir)
     return CasStages(config, workdir, lm=lm, stages=("evaluate",), collection=coll).evaluate()
   if lm is not None:
