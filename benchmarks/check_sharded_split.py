@@ -1,6 +1,9 @@
 """GPU check: the split cuDNN attention (prefix block + packed-segment self block) under a
 data-parallel mesh gives the same loss and cartridge gradient as one device and as the reference
 attention. Small Llama-3.2-1B-shaped model (2 layers), bf16, packed rows with several segments.
+Sharded, the split form must run per device under `cas.model.attention.data_parallel` (a
+shard_map over the batch axes; "per_device_shard_map": true in its line), not the single cuDNN
+call over the concatenated keys it fell back to before issue 22.
 
   python -m benchmarks.check_sharded_split          # uses every local GPU (2+ for the sharded case)
 """
@@ -50,18 +53,23 @@ def main(argv):
                  for k, v in batch.items()}
       prev = attn_lib.install(name)
       try:
+        jaxpr = str(jax.make_jaxpr(lambda t, f, m, b: cartridge_loss(t, f, m, b, dtype=jnp.bfloat16)[0])(
+            trainable, frozen, model, batch))
         val, g = fn(trainable, frozen, model, batch)
-        out[(name, sharded)] = (float(val), np.asarray(g["k"]), np.asarray(g["v"]))
+        out[(name, sharded)] = (float(val), np.asarray(g["k"]), np.asarray(g["v"]), "shard_map" in jaxpr)
       finally:
         attn_lib.restore(prev)
-  ref_val, ref_k, ref_v = out[("reference", False)]
+  ref_val, ref_k, ref_v, _ = out[("reference", False)]
   ok = True
-  for key, (val, gk, gv) in out.items():
+  for key, (val, gk, gv, per_device) in out.items():
     rel = max(np.abs(gk - ref_k).max() / np.abs(ref_k).max(), np.abs(gv - ref_v).max() / np.abs(ref_v).max())
     good = bool(np.isfinite(gk).all() and abs(val - ref_val) < 2e-2 * max(1, abs(ref_val)) and rel < 5e-2)
+    if key == ("cudnn_split", True):
+      good &= per_device  # the split form per device, not the single-call fallback
     ok &= good
     print(json.dumps({"check": "sharded_split", "attn": key[0], "sharded": key[1], "devices": n,
-                      "loss": val, "loss_ref": ref_val, "grad_rel_err": float(rel), "ok": good}))
+                      "per_device_shard_map": per_device, "loss": val, "loss_ref": ref_val,
+                      "grad_rel_err": float(rel), "ok": good}))
   if not ok:
     raise SystemExit("sharded split attention check failed")
 

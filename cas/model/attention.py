@@ -44,6 +44,7 @@ of the step).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Callable, NamedTuple
@@ -468,10 +469,93 @@ def _cudnn_prefix_self_bwd(mode, res, g):
 _cudnn_prefix_self.defvjp(_cudnn_prefix_self_fwd, _cudnn_prefix_self_bwd)
 
 
+_PREFIX_PACKED_EVERYWHERE = False  # `prefix_packed_everywhere()`: tests and CPU checks
+
+
 def prefix_packed_active(dtype) -> bool:
-  """Whether `cudnn_prefix_packed_attention` runs its cuDNN form for inputs of `dtype` here (one
-  CUDA device, bf16/fp16); elsewhere the model skips it and runs its 4-argument path itself."""
-  return _on_cuda() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and jax.device_count() == 1
+  """Whether the model takes the prefix + packed form (`cudnn_prefix_packed_attention`) for inputs
+  of `dtype`: on CUDA in bf16/fp16, on one device or data-parallel over a mesh (the form runs per
+  device under `data_parallel`). Elsewhere the model runs its 4-argument path itself, unless a
+  test forces the form with `prefix_packed_everywhere()`."""
+  if _PREFIX_PACKED_EVERYWHERE:
+    return True
+  return _on_cuda() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
+@contextlib.contextmanager
+def prefix_packed_everywhere():
+  """Tests / CPU checks: make the model take the prefix + packed form on every backend and dtype
+  (off CUDA its per-device body is `prefix_packed_reference`, inside the same `data_parallel`
+  wrapper as the cuDNN body). Read when a function is traced."""
+  global _PREFIX_PACKED_EVERYWHERE
+  prev, _PREFIX_PACKED_EVERYWHERE = _PREFIX_PACKED_EVERYWHERE, True
+  try:
+    yield
+  finally:
+    _PREFIX_PACKED_EVERYWHERE = prev
+
+
+# -- data parallelism: the single-device form per device ---------------------------------------------
+
+BATCH_MESH_AXES = ("data", "fsdp")  # the mesh axes `cas.sharding` splits the batch over ("batch")
+
+
+class BatchSplit(NamedTuple):
+  """How the rows of an array are split over a mesh: the mesh (abstract, from the array's type),
+  its batch axes of size > 1 (in `BATCH_MESH_AXES` order) and their product."""
+  mesh: object
+  axes: tuple
+  size: int
+
+
+def batch_split(x: Array) -> BatchSplit | None:
+  """The data-parallel split `x` is traced under: the mesh of its sharding (jit with mesh-sharded
+  inputs carries it in every value's type, no mesh context needed) and the batch axes of size > 1;
+  None on one device or a mesh without data parallelism."""
+  try:
+    mesh = jax.typeof(x).sharding.mesh
+  except Exception:  # a value without a NamedSharding type: no mesh to split over
+    return None
+  if mesh is None or getattr(mesh, "empty", True):
+    return None
+  sizes = dict(mesh.shape)
+  axes = tuple(a for a in BATCH_MESH_AXES if sizes.get(a, 1) > 1)
+  n = math.prod(sizes[a] for a in axes)
+  return BatchSplit(mesh, axes, n) if n > 1 else None
+
+
+def data_parallel(fn: PrefixPackedFn, q: Array, pk: Array, pv: Array, k: Array, v: Array,
+                  segment_ids: Array) -> Array | None:
+  """Run the single-device prefix + packed attention `fn` on every device's rows (`jax.shard_map`
+  over the mesh's batch axes). The rows of q, k, v, segment_ids are split; a prefix shared by every
+  row (pk, pv [1, P, Hkv, D]) is replicated, and its gradient summed over the devices (it is cast
+  to device-varying inside, so a custom-VJP body sees all inputs alike). Other mesh axes (tensor)
+  replicate the call. Returns fn's [B, T, H, D] result; fn itself when the values are not on a
+  data-parallel mesh; None when B does not divide by the number of batch shards (the caller falls
+  back to a form the partitioner handles).
+
+  q [B, T, H, D]; pk, pv [B or 1, P, Hkv, D]; k, v [B, T, Hkv, D]; segment_ids [B, T] int32.
+  """
+  split = batch_split(q)
+  if split is None:
+    return fn(q, pk, pv, k, v, segment_ids)
+  b = q.shape[0]
+  if b % split.size:
+    logging.log_first_n(logging.WARNING, "data_parallel attention: batch %d is not divisible by the %d "
+                        "batch shards of the mesh; falling back", 1, b, split.size)
+    return None
+  shared = pk.shape[0] == 1 and b != 1
+  rows = jax.sharding.PartitionSpec(split.axes)
+  pspec = jax.sharding.PartitionSpec() if shared else rows
+
+  def per_device(q, pk, pv, k, v, segment_ids):
+    # q, k, v [B/n, T, ...], segment_ids [B/n, T]; pk, pv [1 or B/n, P, Hkv, D]
+    if shared:
+      pk, pv = (jax.lax.pcast(a, split.axes, to="varying") for a in (pk, pv))
+    return fn(q, pk, pv, k, v, segment_ids)
+
+  return jax.shard_map(per_device, mesh=split.mesh, in_specs=(rows, pspec, pspec, rows, rows, rows),
+                       out_specs=rows)(q, pk, pv, k, v, segment_ids)
 
 
 def cudnn_prefix_packed_attention(q: Array, pk: Array, pv: Array, k: Array, v: Array,
@@ -488,15 +572,36 @@ def cudnn_prefix_packed_attention(q: Array, pk: Array, pv: Array, k: Array, v: A
   Backward: each block's cuDNN backward run against the merged output and log-sum-exp.
   A prefix with batch 1 (pk, pv [1, P, Hkv, D]: one cartridge for every row) is never broadcast:
   block 1 runs as one sequence of B*T queries, and cuDNN sums dK/dV over the rows itself.
-  Needs CUDA and bf16/fp16 (else `prefix_packed_reference`); T padded to even (cuDNN's bias rule).
+  Needs CUDA and bf16/fp16 (else the per-device body is `prefix_packed_reference`); T padded to
+  even (cuDNN's bias rule).
+
+  Several devices: on a data-parallel mesh (values sharded over (data, fsdp), see `batch_split`)
+  the single-device form runs on each device's rows under `data_parallel` (JAX's cuDNN partitioner
+  rejects these calls in a sharded step: "Query, key and value should have same sharding", 2x
+  H100, also with the prefix broadcast per row). A batch that does not divide by the shards, or
+  several devices without a visible mesh, take the single cuDNN call over the concatenated keys.
   """
   if self_block not in ("ragged", "bias"):
     raise ValueError(f"self_block={self_block!r}; choose ragged or bias")
-  if not prefix_packed_active(q.dtype):
-    # Off CUDA, float32: the reference. Several devices: JAX's cuDNN partitioner rejects these
-    # calls in a sharded step ("Query, key and value should have same sharding", 2x H100, also with
-    # the prefix broadcast per row), so they take the single cuDNN call over the concatenated keys.
-    return prefix_packed_reference(q, pk, pv, k, v, segment_ids, attention=auto_attention)
+  cudnn = _on_cuda() and jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16)
+  if cudnn:
+    body = functools.partial(_cudnn_prefix_packed_one_device, self_block=self_block,
+                             max_segments=max_segments)
+  else:  # off CUDA, float32: the reference (the model's 4-argument graph)
+    body = functools.partial(prefix_packed_reference, attention=auto_attention)
+  if batch_split(q) is not None:
+    out = data_parallel(body, q, pk, pv, k, v, segment_ids)
+    if out is not None:
+      return out
+  elif not cudnn or jax.device_count() == 1:
+    return body(q, pk, pv, k, v, segment_ids)
+  return prefix_packed_reference(q, pk, pv, k, v, segment_ids, attention=auto_attention)
+
+
+def _cudnn_prefix_packed_one_device(q: Array, pk: Array, pv: Array, k: Array, v: Array,
+                                    segment_ids: Array, *, self_block: str = "ragged",
+                                    max_segments: int = MAX_SEGMENTS) -> Array:
+  """The cuDNN body of `cudnn_prefix_packed_attention` on one device (same shapes)."""
   t, pl = q.shape[1], pk.shape[1]
   if pl % 2 or pl == 0:
     # The split form wants an even prefix (block 1 has no mask to pad under): an odd one (e.g. the
