@@ -2,7 +2,8 @@
 # Real prose (issue 26): fact recall of the oracle cartridge on the built-in `prose` collection
 # (real public-domain text with planted facts, cas/data/prose.py) against self-study coverage
 # (random chunks/passages vs "walk": every sentence in turn) and conversations per document, from
-# two self-study sets (one per coverage), trainings in parallel processes sharing one GPU.
+# two self-study sets (one per coverage; one more per max_doc_tokens of the *_parts* variants),
+# trainings in parallel processes sharing one GPU.
 # Usage (device machine, after benchmarks/gpu_setup.sh):
 #   [VARIANTS="walk256 rand256 walk64 rand64"] [CONV=256] bash benchmarks/prose_sweep.sh start /root/prose
 #   [VARIANTS=...] bash benchmarks/prose_sweep.sh wait /root/prose   # waits <= 9 min, prints the tables
@@ -28,18 +29,28 @@ declare -A V=(
   [walk64_len]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.train.length_weighting=True"
   [walk64_p1024]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.num_tokens=1024"
   [walk64_len2k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.train.length_weighting=True --config.train.steps=2000"
+  # several cartridges per long document (cas.data.parts): documents over 1024 / 2048 tokens cut into
+  # parts, one p=512 cartridge and one self-study each (train.max_conversations is then per part);
+  # run dir <workdir>/parts<M>
+  [walk64_parts1k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=1024"
+  [walk64_parts2k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=2048"
 )
 cov() { case $1 in walk*) echo walk;; *) echo random;; esac; }
+parts() { case $1 in *_parts1k) echo 1024;; *_parts2k) echo 2048;; *) echo 0;; esac; }  # max_doc_tokens
+set_of() { local m; m=$(parts $1); if [ "$m" = 0 ]; then cov $1; else echo "$(cov $1)_parts$m"; fi; }
 if [ "$MODE" = start ]; then
-  for c in $(for n in "${NAMES[@]}"; do cov $n; done | sort -u); do  # the self-study sets needed, in parallel
-    mkdir -p $W/synth_$c
+  for s in $(for n in "${NAMES[@]}"; do set_of $n; done | sort -u); do  # the self-study sets needed, in parallel
+    c=${s%%_*}; m=0; [ "$s" != "$c" ] && m=${s#*_parts}
+    mkdir -p $W/synth_$s
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 python3 -m launch.cas "${COMMON[@]}" --config.synth.coverage=$c \
-      --workdir=$W/synth_$c --stages=synth > $W/synth_$c.log 2>&1 &
+      --config.cartridge.max_doc_tokens=$m --workdir=$W/synth_$s --stages=synth > $W/synth_$s.log 2>&1 &
   done
   wait
   grep -a "conversations\|Error" $W/synth_*.log | tr '\r' '\n' | tail -4
   for n in "${NAMES[@]}"; do
-    c=$(cov $n); mkdir -p $W/$n && cp -r $W/synth_$c/synth $W/synth_$c/collection $W/$n/
+    s=$(set_of $n); m=$(parts $n); mkdir -p $W/$n
+    if [ "$m" = 0 ]; then cp -r $W/synth_$s/synth $W/synth_$s/collection $W/$n/
+    else cp -r $W/synth_$s/parts$m $W/synth_$s/collection $W/$n/; fi
     XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM:-0.15} setsid nohup python3 -m launch.cas "${COMMON[@]}" ${V[$n]} \
       --workdir=$W/$n > $W/$n.log 2>&1 < /dev/null &
   done
@@ -50,7 +61,7 @@ else
     sleep 5
   done
   if [ -n "${OUT:-}" ]; then  # one archive (the tool returns at most 8 files): logs + results.json
-    (cd $W && tar czf $OUT/prose_sweep.tgz *.log */eval/results.json 2>/dev/null)
+    (cd $W && tar czf $OUT/prose_sweep.tgz *.log */eval/results.json */parts*/eval/results.json 2>/dev/null)
   fi
   for n in "${NAMES[@]}"; do
     echo "### $n: ${V[$n]}"
