@@ -30,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import itertools
+import math
 import os
 import random
 from typing import Callable, Iterator
@@ -1383,7 +1385,222 @@ def _render_minutes(f: Facts, r: random.Random, words_per_doc: int | None) -> tu
   return title, text
 
 
+# =============================================================================== content refs
+#
+# Patients and products name a document by content through *descriptors*: facts of the document
+# restated in derived or paraphrased form (a decade for a date of birth, a season for a date, a
+# band for a number, a body system for a diagnosis, number words for counts), never the sentence
+# of the text and never the name. A content question combines two (or three, four) descriptors
+# whose combination no other document of the collection shares (checked against every other
+# document's facts), so each question still has exactly one gold document; descriptors derived
+# from the asked field are left out (the question never gives its own answer away).
+
+_SEASONS = {12: "winter", 1: "winter", 2: "winter", 3: "spring", 4: "spring", 5: "spring",
+            6: "summer", 7: "summer", 8: "summer", 9: "autumn", 10: "autumn", 11: "autumn"}
+_NUMBER_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                 "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+                 "seventeen", "eighteen", "nineteen", "twenty"]
+_DECADE_AGE = {2: "twenties", 3: "thirties", 4: "forties", 5: "fifties", 6: "sixties",
+               7: "seventies", 8: "eighties", 9: "nineties"}
+# Body system of each diagnosis (a paraphrase: none of these words is the diagnosis' name).
+_DIAG_SYSTEM = {
+    "community-acquired pneumonia": "a lung infection",
+    "acute decompensated heart failure": "a failing heart",
+    "diabetic ketoacidosis": "a blood sugar emergency",
+    "acute pancreatitis": "an inflamed digestive organ",
+    "non-ST-elevation myocardial infarction": "a heart attack",
+    "pulmonary embolism": "a blood clot",
+    "acute cholecystitis": "an inflamed digestive organ",
+    "cellulitis of the left leg": "a skin infection",
+    "upper gastrointestinal bleeding": "bleeding from the gut",
+    "pyelonephritis": "a kidney infection",
+    "exacerbation of COPD": "a chronic lung disease flaring up",
+    "atrial fibrillation with rapid ventricular response": "an irregular heartbeat",
+    "acute ischemic stroke": "a stroke",
+    "acute kidney injury": "failing kidneys",
+    "small bowel obstruction": "a blocked intestine",
+    "sepsis from a urinary source": "a kidney infection",
+    "hypertensive emergency": "dangerously high blood pressure",
+    "acute appendicitis": "an inflamed digestive organ",
+    "sigmoid diverticulitis": "an inflamed digestive organ",
+    "hyperosmolar hyperglycemic state": "a blood sugar emergency",
+    "deep vein thrombosis": "a blood clot",
+    "syncope due to complete heart block": "an irregular heartbeat",
+    "alcoholic hepatitis": "liver damage",
+    "asthma exacerbation": "an airway disease flaring up",
+    "Clostridioides difficile colitis": "a gut infection",
+    "fracture of the right hip": "a broken bone",
+    "symptomatic hyponatremia": "a salt imbalance",
+    "infective endocarditis": "an infection of the heart",
+    "bacterial meningitis": "an infection of the brain's lining",
+    "acute gout flare": "a painful joint",
+}
+_COUNTRY_REGION = {
+    "Portugal": "on the Iberian peninsula", "Vietnam": "in Southeast Asia",
+    "Mexico": "in North America", "Poland": "in Central Europe", "Malaysia": "in Southeast Asia",
+    "Czech Republic": "in Central Europe", "Taiwan": "in East Asia",
+    "Turkey": "on the Bosphorus", "Estonia": "in the Baltic states",
+    "Thailand": "in Southeast Asia", "Slovenia": "in the Alpine region",
+    "Tunisia": "in North Africa"}
+_MATERIAL_FAMILY = {
+    "anodized aluminum": "a light-metal", "recycled polycarbonate": "a plastic",
+    "brushed stainless steel": "a steel", "bamboo composite": "a plant-based",
+    "glass-filled nylon": "a plastic", "powder-coated steel": "a steel",
+    "ABS plastic": "a plastic", "magnesium alloy": "a light-metal"}
+
+# A descriptor: (name, fields it is derived from, comparison key, relative clause).
+Descriptor = tuple[str, frozenset, object, str]
+
+
+def _number_name(n: int) -> str:
+  return _NUMBER_NAMES[n] if 0 <= n < len(_NUMBER_NAMES) else str(n)
+
+
+def _parse_date(v: str) -> datetime.date:
+  return datetime.datetime.strptime(v, "%B %d, %Y").date()
+
+
+def _season(d: datetime.date) -> tuple[str, str]:
+  """("spring", "2024") for March .. May 2024; ("winter", "2023-24") for December 2023 ..
+  February 2024."""
+  season = _SEASONS[d.month]
+  if season != "winter":
+    return season, str(d.year)
+  first = d.year - (d.month != 12)
+  return season, f"{first}-{(first + 1) % 100:02d}"
+
+
+def _num(v: str) -> float:
+  """The number of a value string: "$1,249.99" -> 1249.99, "7.9%" -> 7.9, "45 W" -> 45.0."""
+  return float(v.lstrip("$£").split(" ")[0].rstrip("%").replace(",", ""))
+
+
+def _patient_descriptors(f: Facts) -> list[Descriptor]:
+  dob, admit = _parse_date(f["date_of_birth"]), _parse_date(f["admission_date"])
+  season, year = _season(admit)
+  sex = "woman" if f["sex"] == "F" else "man"
+  los, weeks = f["length_of_stay"], f["follow_up_weeks"]
+  return [
+      ("birth_decade", frozenset({"date_of_birth"}), dob.year // 10,
+       f"was born in the {dob.year // 10 * 10}s"),
+      ("age", frozenset({"date_of_birth", "admission_date"}), (f["sex"], f["age"] // 10),
+       f"was a {sex} in {'her' if f['sex'] == 'F' else 'his'} {_DECADE_AGE.get(f['age'] // 10, 'nineties')} "
+       "at the time"),
+      ("admit_season", frozenset({"admission_date"}), (season, year),
+       f"came into hospital in the {season} of {year}"),
+      ("stay", frozenset({"admission_date"}), los,
+       f"spent {_number_name(los)} days on the ward"),
+      ("attending", frozenset({"attending"}), f["attending"].split()[-1],
+       f"was looked after by Dr. {f['attending'].split()[-1]} on the ward"),
+      ("system", frozenset({"primary_diagnosis", "procedure", "follow_up_clinic"}),
+       _DIAG_SYSTEM[f["primary_diagnosis"]], f"was treated for {_DIAG_SYSTEM[f['primary_diagnosis']]}"),
+      ("follow_up", frozenset({"follow_up_clinic"}), weeks,
+       f"is due back at a clinic {_number_name(weeks)} week{'s' if weeks > 1 else ''} after going home"),
+      ("reaction", frozenset({"allergy"}), f["allergy_reaction"],
+       f"once reacted to something with {f['allergy_reaction']}"),
+  ]
+
+
+def _band(x: float, width: float) -> tuple[float, float]:
+  lo = math.floor(x / width) * width
+  return lo, lo + width
+
+
+def _product_descriptors(f: Facts) -> list[Descriptor]:
+  rel = _parse_date(f["release_date"])
+  season, year = _season(rel)
+  price, weight, battery = _num(f["price"]), _num(f["weight"]), _num(f["battery_life"])
+  power, temp = _num(f["power_rating"]), _num(f["operating_temperature"])
+  plo, phi = _band(price, 100)
+  wlo, whi = _band(weight, 1)
+  blo, bhi = _band(battery, 10)
+  wlo_lo, pw_hi = _band(power, 20)
+  tlo, _ = _band(temp, 10)
+  warranty = f["warranty"]
+  wnum, wunit = warranty.split(" ")
+  return [
+      ("release_season", frozenset({"release_date"}), (season, year),
+       f"came on the market in the {season} of {year}"),
+      ("price_band", frozenset({"price"}), plo,
+       f"sells for under a hundred dollars" if plo == 0 else
+       f"sells for somewhere between {int(plo)} and {int(phi)} dollars"),
+      ("weight_band", frozenset({"weight"}), wlo,
+       f"weighs less than a kilogram" if wlo == 0 else
+       f"weighs between {_number_name(int(wlo))} and {_number_name(int(whi))} kilograms"),
+      ("battery_band", frozenset({"battery_life"}), blo,
+       f"runs for {int(blo)} to {int(bhi)} hours on one charge"),
+      ("power_band", frozenset({"power_rating"}), wlo_lo,
+       f"draws between {int(wlo_lo)} and {int(pw_hi)} watts"),
+      ("heat", frozenset({"operating_temperature"}), tlo,
+       f"is rated for ambient heat in the {int(tlo)}s (degrees Celsius)"),
+      ("region", frozenset({"country_of_manufacture"}), _COUNTRY_REGION[f["country_of_manufacture"]],
+       f"is put together {_COUNTRY_REGION[f['country_of_manufacture']]}"),
+      ("housing", frozenset({"housing_material"}), _MATERIAL_FAMILY[f["housing_material"]],
+       f"has {_MATERIAL_FAMILY[f['housing_material']]} shell"),
+      ("warranty", frozenset({"warranty"}), warranty,
+       f"is covered for {_number_name(int(wnum))} {wunit} against defects"),
+  ]
+
+
+def _descriptor_index(descs: list[list[Descriptor]]) -> dict[str, dict[object, set[int]]]:
+  """descriptor name -> its value -> the documents that have it."""
+  index: dict[str, dict[object, set[int]]] = {}
+  for i, ds in enumerate(descs):
+    for name, _, key, _ in ds:
+      index.setdefault(name, {}).setdefault(key, set()).add(i)
+  return index
+
+
+def _unique_combo(descs: list[list[Descriptor]], index: dict, i: int, exclude: frozenset,
+                  r: random.Random, sizes: tuple[int, ...] = (2, 3, 4)) -> list[Descriptor] | None:
+  """Descriptors of doc i (2 to 4, none derived from a field in `exclude`) whose values no other
+  document has all of; combinations tried in a seeded random order; None if none is unique."""
+  mine = [d for d in descs[i] if not (d[1] & exclude)]
+  for size in sizes:
+    combos = list(itertools.combinations(range(len(mine)), size))
+    r.shuffle(combos)
+    for c in combos:
+      chosen = [mine[j] for j in c]
+      docs = set.intersection(*(index[d[0]][d[2]] for d in chosen))
+      if docs == {i}:
+        return chosen
+  return None
+
+
+def _describe(noun: str, chosen: list[Descriptor]) -> str:
+  """"the patient who was born in the 1950s and spent nine days on the ward"."""
+  clauses = [d[3] for d in chosen]
+  rel = "who" if noun == "patient" else "that"
+  joined = clauses[0] if len(clauses) == 1 else ", ".join(clauses[:-1]) + " and " + clauses[-1]
+  return f"the {noun} {rel} {joined}"
+
+
 # =============================================================================== engine
+
+
+@dataclasses.dataclass(frozen=True)
+class PairSpec:
+  """A field two documents can be compared on: ops "higher" (which of the two has the higher
+  value: the answer is a subject), "difference" / "sum" (a number with the field's unit) or
+  "earlier" (a date field: which came first)."""
+  key: str
+  noun: str = ""  # "hemoglobin on admission"
+  ops: tuple[str, ...] = ("higher", "difference")
+  verb: str = ""  # for "earlier": "was admitted to the hospital"
+
+
+_PAIR_TEMPLATES = {
+    "higher": "Of {a} and {b}, which one had the higher {noun}?",
+    "difference": "What is the difference between the {noun} of {a} and the {noun} of {b}?",
+    "sum": "What is the combined {noun} of {a} and {b}?",
+    "earlier": "Of {a} and {b}, which one {verb} first?",
+}
+_PAIR_CONTENT_TEMPLATES = {
+    "higher": "Which of the two had the higher {noun}?",
+    "difference": "What is the difference between their {noun} values?",
+    "sum": "What is their combined {noun}?",
+    "earlier": "Which of the two {verb} first?",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1396,22 +1613,55 @@ class _Kind:
   doc_prefix: str
   # How questions name the document (default: `subject`), e.g. "the meeting of the X Society".
   question_subject: Callable[[Facts], str] | None = None
-  # Content references: ref field -> noun phrase naming the document by that fact. When set,
-  # every field gets a second MC+short pair using one of them (another field's), and every
-  # question carries meta "refers" ("title" | "content"). None (patients, products): unchanged.
+  # Content references, one of two styles. `content_refs` (minutes): ref field -> noun phrase
+  # naming the document by that (collection-unique) fact; `descriptors` (patients, products):
+  # derived facts combined until unique in the collection (see `_unique_combo`).
   content_refs: Callable[[Facts], dict[str, str]] | None = None
+  descriptors: Callable[[Facts], list[Descriptor]] | None = None
+  content_noun: str = ""  # "patient": "the patient who ..."
+  this_subject: str = ""  # the field templates' {subject} after a description: "this patient"
+  default_refs: tuple[str, ...] = ("title",)  # question_refs=None
+  pair_fields: tuple[PairSpec, ...] = ()
+  pair_subject: Callable[[Facts], str] | None = None  # {a}/{b} naming by title
 
+
+_PATIENT_PAIRS = (
+    PairSpec("hemoglobin", "hemoglobin on admission"),
+    PairSpec("creatinine", "serum creatinine on admission"),
+    PairSpec("hba1c", "HbA1c on admission"),
+    PairSpec("admission_date", ops=("earlier",), verb="was admitted to the hospital"),
+    PairSpec("date_of_birth", ops=("earlier",), verb="was born"),
+)
+_PRODUCT_PAIRS = (
+    PairSpec("price", "list price", ("higher", "sum")),
+    PairSpec("weight", "weight", ("higher", "sum")),
+    PairSpec("battery_life", "specified battery life"),
+    PairSpec("power_rating", "rated power"),
+    PairSpec("operating_temperature", "maximum operating temperature"),
+    PairSpec("release_date", ops=("earlier",), verb="was released"),
+)
+_MINUTES_PAIRS = (
+    PairSpec("budget", "amount approved for the main project", ("higher", "sum")),
+    PairSpec("meeting_date", ops=("earlier",), verb="took place"),
+)
 
 KINDS = {
     "patients": _Kind(_PATIENT_FIELDS, _patient_names, _patient_facts, _render_patient,
-                      lambda f: f["name"], "patient"),
+                      lambda f: f["name"], "patient", descriptors=_patient_descriptors,
+                      content_noun="patient", this_subject="this patient",
+                      pair_fields=_PATIENT_PAIRS),
     "products": _Kind(_PRODUCT_FIELDS, _product_names, _product_facts, _render_product,
-                      lambda f: f["name"], "product"),
+                      lambda f: f["name"], "product", descriptors=_product_descriptors,
+                      content_noun="product", this_subject="product",
+                      pair_fields=_PRODUCT_PAIRS, pair_subject=lambda f: f"the {f['name']}"),
     "minutes": _Kind(_MINUTES_FIELDS, _minutes_names, _minutes_facts, _render_minutes,
                      lambda f: f["body"], "minutes",
                      question_subject=lambda f: f"the meeting of the {f['body']}",
-                     content_refs=_minutes_content_refs),
+                     content_refs=_minutes_content_refs, default_refs=("title", "content"),
+                     content_noun="meeting",
+                     pair_fields=_MINUTES_PAIRS),
 }
+QUESTION_REFS = ("title", "content")
 
 
 def _get_kind(kind: str) -> _Kind:
@@ -1471,13 +1721,33 @@ def _ask(spec: FieldSpec, f: Facts, subject: str) -> str:
   return spec.question.format(**{**f, "subject": subject})
 
 
-def _questions(kind: _Kind, facts: list[Facts], i: int, doc_id: str, seed: int,
-               kind_name: str) -> list[Question]:
+def _content_subject(kind: _Kind, facts: list[Facts], i: int, exclude: str, r: random.Random,
+                     descs: list | None, index: dict | None) -> tuple[str, dict] | None:
+  """A noun phrase naming document i by content (never by its subject), for a question about
+  field `exclude`, and the meta recording how; None when no unique reference exists."""
+  f = facts[i]
+  if kind.content_refs is not None:
+    refs = kind.content_refs(f)
+    ref = r.choice(sorted(k for k in refs if k != exclude))
+    return refs[ref], {"ref_field": ref}
+  chosen = _unique_combo(descs, index, i, frozenset({exclude}), r)
+  if chosen is None:
+    return None
+  return _describe(kind.content_noun, chosen), {"ref_fields": [d[0] for d in chosen]}
+
+
+def _questions(kind: _Kind, facts: list[Facts], i: int, doc_id: str, seed: int, kind_name: str,
+               refs: tuple[str, ...], descs: list | None = None,
+               index: dict | None = None) -> list[Question]:
+  """The single-document questions of document i: per field an MC + short pair naming the
+  document (refers "title") and/or one referring to it by content (refers "content")."""
   f = facts[i]
   r = _rng(kind_name, seed, "questions", i)
   subject = (kind.question_subject or kind.subject)(f)
-  refs = kind.content_refs(f) if kind.content_refs is not None else None
   ref_r = _rng(kind_name, seed, "content-refs", i)
+  # meta "refers" on every question whenever the set can hold content questions (patients and
+  # products with only title questions are written exactly as before the option existed).
+  mark = "content" in refs or kind.content_refs is not None
   out = []
   for spec in kind.fields:
     answer = f[spec.key]
@@ -1485,19 +1755,26 @@ def _questions(kind: _Kind, facts: list[Facts], i: int, doc_id: str, seed: int,
     distractors, source = _distractors(r, facts, i, spec, NUM_OPTIONS - 1)
     idx = r.randrange(NUM_OPTIONS)
     options = distractors[:idx] + [answer] + distractors[idx:]
-    meta = {"field": spec.key} if refs is None else {"field": spec.key, "refers": "title"}
-    out.append(Question(qid=f"{doc_id}/{spec.key}/mc", doc_id=doc_id, kind="mc", question=text,
-                        options=options, answer_index=idx,
-                        meta={**meta, "distractor_source": source}))
     aliases = [a for a in dict.fromkeys(spec.aliases(answer)) if a and a != answer]
-    out.append(Question(qid=f"{doc_id}/{spec.key}/short", doc_id=doc_id, kind="short",
-                        question=text, answer=answer, aliases=aliases, meta=meta))
-    if refs is None:
+    if "title" in refs:
+      meta = {"field": spec.key, "refers": "title"} if mark else {"field": spec.key}
+      out.append(Question(qid=f"{doc_id}/{spec.key}/mc", doc_id=doc_id, kind="mc", question=text,
+                          options=options, answer_index=idx,
+                          meta={**meta, "distractor_source": source}))
+      out.append(Question(qid=f"{doc_id}/{spec.key}/short", doc_id=doc_id, kind="short",
+                          question=text, answer=answer, aliases=aliases, meta=meta))
+    if "content" not in refs:
       continue
-    # The same question, naming the document by another of its unique facts (same options).
-    ref = ref_r.choice(sorted(k for k in refs if k != spec.key))
-    ctext = _ask(spec, f, refs[ref])
-    cmeta = {"field": spec.key, "refers": "content", "ref_field": ref}
+    # The same question (same options), naming the document by content.
+    ref = _content_subject(kind, facts, i, spec.key, ref_r, descs, index)
+    if ref is None:
+      logging.warning("%s: no combination of descriptors is unique in the collection for field %r; "
+                      "no content question", doc_id, spec.key)
+      continue
+    phrase, how = ref
+    ctext = (_ask(spec, f, phrase) if kind.content_refs is not None
+             else f"Consider {phrase}. {_ask(spec, f, kind.this_subject)}")
+    cmeta = {"field": spec.key, "refers": "content", **how}
     out.append(Question(qid=f"{doc_id}/{spec.key}/content/mc", doc_id=doc_id, kind="mc",
                         question=ctext, options=options, answer_index=idx,
                         meta={**cmeta, "distractor_source": source}))
@@ -1506,8 +1783,111 @@ def _questions(kind: _Kind, facts: list[Facts], i: int, doc_id: str, seed: int,
   return out
 
 
+def _fmt_like(x: float, like: str) -> str:
+  """`x` written as the value string `like` is: "$" / "£" prefix, decimals, thousands commas,
+  unit suffix ("%", " g/dL", " hours")."""
+  prefix = like[0] if like[:1] in "$£" else ""
+  body = like[len(prefix):]
+  num, sep, unit = body.partition(" ")
+  if num.endswith("%"):
+    num, unit, sep = num[:-1], "%", ""
+  dec = len(num.split(".")[1]) if "." in num else 0
+  out = f"{x:,.{dec}f}" if "," in num or (prefix == "£") else f"{x:.{dec}f}"
+  return f"{prefix}{out}{sep}{unit}"
+
+
+def _pair_question(kind: _Kind, facts: list[Facts], i: int, j: int, n: int, doc_ids: list[str],
+                   r: random.Random, refs: tuple[str, ...], descs, index) -> list[Question]:
+  """An MC + short pair of questions whose answer needs documents i and j (both gold, i first):
+  which of the two has the higher value / came first, or the difference / sum of their values.
+  [] when the two values are equal (no right answer) or no unique content reference exists."""
+  fa, fb = facts[i], facts[j]
+  spec = r.choice(kind.pair_fields)
+  op = r.choice(spec.ops)
+  refers = r.choice(refs)
+  parse = _parse_date if op == "earlier" else _num
+  va, vb = parse(fa[spec.key]), parse(fb[spec.key])
+  if va == vb:
+    return []
+  how: dict = {}
+  if refers == "title":
+    name = kind.pair_subject or kind.question_subject or kind.subject
+    a, b = name(fa), name(fb)
+  else:
+    ra = _content_subject(kind, facts, i, spec.key, r, descs, index)
+    rb = _content_subject(kind, facts, j, spec.key, r, descs, index)
+    if ra is None or rb is None:
+      return []
+    (a, ha), (b, hb) = ra, rb
+    how = {"refs": [ha, hb]}
+  if refers == "title":
+    text = _PAIR_TEMPLATES[op].format(a=a, b=b, noun=spec.noun, verb=spec.verb)
+  else:  # long descriptions: state them first, then ask about "the two"
+    text = (f"Take two {kind.content_noun}s: first, {a}; second, {b}. "
+            + _PAIR_CONTENT_TEMPLATES[op].format(noun=spec.noun, verb=spec.verb))
+  text = text[0].upper() + text[1:]
+  subjects = [kind.subject(facts[k]) for k in range(len(facts))]
+  if op in ("higher", "earlier"):
+    first = (va > vb) if op == "higher" else (va < vb)
+    answer = subjects[i] if first else subjects[j]
+    wrong = [subjects[j] if first else subjects[i]]
+    if refers == "content":  # the question does not name the two: other subjects are plausible
+      others = [s for k, s in enumerate(subjects) if k not in (i, j)]
+      wrong += r.sample(others, min(NUM_OPTIONS - 2, len(others)))
+    aliases: list[str] = []
+  else:
+    x = abs(va - vb) if op == "difference" else va + vb
+    answer = _fmt_like(x, fa[spec.key])
+    # Plausible wrong answers: the other operation, each value alone, the same operation with a
+    # third document's value; then numbers near the answer.
+    cands = [va + vb if op == "difference" else abs(va - vb), va, vb]
+    for k in r.sample(range(len(facts)), min(6, len(facts))):
+      if k not in (i, j):
+        vk = _num(facts[k][spec.key])
+        cands.append(abs(va - vk) if op == "difference" else va + vk)
+    wrong = []
+    for c in cands:
+      v = _fmt_like(c, fa[spec.key])
+      if v != answer and v not in wrong:
+        wrong.append(v)
+    wrong = wrong[:NUM_OPTIONS - 1]
+    step = 10 ** -(len(answer.split(".")[1].split(" ")[0].rstrip("%")) if "." in answer else 0)
+    wrong, _ = fill_distractors(r, wrong, NUM_OPTIONS - 1, answer,
+                                lambda rr: _fmt_like(max(step, x + step * rr.randint(-30, 30)),
+                                                     fa[spec.key]), spec.key)
+    aliases = [a_ for a_ in dict.fromkeys(_number_aliases(answer.lstrip("$£").replace(",", "")))
+               if a_ and a_ != answer] + ([answer.lstrip("$£")] if answer[:1] in "$£" else [])
+  idx = r.randrange(len(wrong) + 1)
+  options = wrong[:idx] + [answer] + wrong[idx:]
+  qid = f"{doc_ids[i]}/pair-{n:02d}/{spec.key}/{op}" + ("/content" if refers == "content" else "")
+  meta = {"field": spec.key, "refers": refers, "docs": "pair", "op": op, **how}
+  gold = (doc_ids[i], doc_ids[j])
+  return [Question(qid=f"{qid}/mc", doc_id=gold[0], doc_ids=gold, kind="mc", question=text,
+                   options=options, answer_index=idx, meta=meta),
+          Question(qid=f"{qid}/short", doc_id=gold[0], doc_ids=gold, kind="short", question=text,
+                   answer=answer, aliases=[a_ for a_ in dict.fromkeys(aliases) if a_ != answer],
+                   meta=meta)]
+
+
+def check_question_options(question_refs, pair_share) -> tuple[tuple[str, ...] | None, float]:
+  """Validates the question-set options (ValueError naming the option); returns them normalized."""
+  if question_refs is not None:
+    if isinstance(question_refs, str):
+      question_refs = tuple(x.strip() for x in question_refs.split(",") if x.strip())
+    question_refs = tuple(question_refs)
+    bad = [x for x in question_refs if x not in QUESTION_REFS]
+    if not question_refs or bad or len(set(question_refs)) != len(question_refs):
+      raise ValueError(f"question_refs={question_refs!r}: need a non-empty subset of {QUESTION_REFS} "
+                       "(None: the kind's default)")
+  if isinstance(pair_share, bool) or not isinstance(pair_share, (int, float)) or not 0 <= pair_share < 1:
+    raise ValueError(f"pair_share={pair_share!r} must be a number in [0, 1) (the share of questions "
+                     "that need two documents; 0 = none)")
+  return question_refs, float(pair_share)
+
+
 def iter_collection(num_docs: int, seed: int, kind: str = "patients",
-                    words_per_doc: int | None = None) -> Iterator[tuple[Document, list[Question]]]:
+                    words_per_doc: int | None = None, question_refs: tuple[str, ...] | None = None,
+                    pair_share: float = 0.0) -> Iterator[tuple[Document, list[Question]]]:
   """Yields (document, its questions) for documents 0..num_docs-1, one at a time.
 
   words_per_doc: None gives each document its natural length (patients ~550-750 words,
@@ -1515,23 +1895,62 @@ def iter_collection(num_docs: int, seed: int, kind: str = "patients",
   seed); an int adds filler paragraphs (minutes: discussion items) until the document has at
   least that many whitespace-separated words (the fact sections are always present, so very small
   targets give the minimum length, ~450 words for patients, ~150 for products, ~550 for minutes).
+  question_refs: how single-document questions refer to their document, a subset of ("title",
+  "content"); None = the kind's default (patients, products: title only, as before the option
+  existed; minutes: both).
+  pair_share: the share of all questions that need two documents (0 = none; e.g. 0.25). A
+  two-document question is yielded with the later of its two documents (the writer needs both
+  before it).
   """
   k = _get_kind(kind)
   if words_per_doc is not None and words_per_doc < 0:
     raise ValueError(f"words_per_doc must be None or >= 0, got {words_per_doc}")
+  question_refs, pair_share = check_question_options(question_refs, pair_share)
+  refs = question_refs or k.default_refs
   facts = all_facts(num_docs, seed, kind)
+  descs = index = None
+  if k.descriptors is not None and "content" in refs:
+    descs = [k.descriptors(f) for f in facts]
+    index = _descriptor_index(descs)
+  doc_ids = [f"{k.doc_prefix}-{i:05d}" for i in range(num_docs)]
+  pending: dict[int, list[Question]] = {}
+  if pair_share > 0 and num_docs < 2:
+    logging.warning("pair_share=%s but the collection has one document: no two-document questions",
+                    pair_share)
   for i, f in enumerate(facts):
-    doc_id = f"{k.doc_prefix}-{i:05d}"
+    doc_id = doc_ids[i]
     title, text = k.render(f, _rng(kind, seed, "text", i), words_per_doc)
     doc = Document(doc_id=doc_id, title=title, text=text,
                    meta={"kind": kind, "index": i, "subject": k.subject(f),
                          "facts": {s.key: f[s.key] for s in k.fields}})
-    yield doc, _questions(k, facts, i, doc_id, seed, kind)
+    qs = _questions(k, facts, i, doc_id, seed, kind, refs, descs, index)
+    if pair_share > 0 and num_docs > 1:
+      # Pairs owned by document i (it is their first gold document): as many MC + short pairs as
+      # make `pair_share` of all questions, the partner any other document.
+      want = pair_share / (1 - pair_share) * len(qs) / 2
+      r = _rng(kind, seed, "pairs", i)
+      num = int(want) + (r.random() < want - int(want))
+      n = 0
+      for _ in range(4 * num):
+        if n == num:
+          break
+        j = r.randrange(num_docs - 1)
+        j += j >= i
+        got = _pair_question(k, facts, i, j, n, doc_ids, r, refs, descs, index)
+        if got:
+          pending.setdefault(max(i, j), []).extend(got)
+          n += 1
+    yield doc, qs + pending.pop(i, [])
 
 
-def _meta(num_docs, seed, kind, words_per_doc) -> dict:
-  return {"seed": seed, "generator": GENERATOR_NAME, "generator_version": GENERATOR_VERSION,
+def _meta(num_docs, seed, kind, words_per_doc, question_refs=None, pair_share=0.0) -> dict:
+  meta = {"seed": seed, "generator": GENERATOR_NAME, "generator_version": GENERATOR_VERSION,
           "kind": kind, "num_docs": num_docs, "words_per_doc": words_per_doc}
+  if question_refs is not None:
+    meta["question_refs"] = list(question_refs)
+  if pair_share:
+    meta["pair_share"] = pair_share
+  return meta
 
 
 def default_name(num_docs: int, seed: int, kind: str) -> str:
@@ -1539,23 +1958,32 @@ def default_name(num_docs: int, seed: int, kind: str) -> str:
 
 
 def generate_collection(num_docs: int, seed: int, kind: str = "patients",
-                        words_per_doc: int | None = None, name: str | None = None) -> Collection:
-  """Builds a synthetic collection in memory (see module doc). Deterministic in (kind, seed)."""
+                        words_per_doc: int | None = None, name: str | None = None,
+                        question_refs: tuple[str, ...] | None = None,
+                        pair_share: float = 0.0) -> Collection:
+  """Builds a synthetic collection in memory (see module doc and `iter_collection`).
+  Deterministic in (kind, seed, num_docs and the question options)."""
+  question_refs, pair_share = check_question_options(question_refs, pair_share)
   docs, questions = [], []
-  for d, qs in iter_collection(num_docs, seed, kind, words_per_doc):
+  for d, qs in iter_collection(num_docs, seed, kind, words_per_doc, question_refs, pair_share):
     docs.append(d)
     questions.extend(qs)
   return Collection(name=name or default_name(num_docs, seed, kind), documents=docs,
-                    questions=questions, meta=_meta(num_docs, seed, kind, words_per_doc))
+                    questions=questions,
+                    meta=_meta(num_docs, seed, kind, words_per_doc, question_refs, pair_share))
 
 
 def write_synthetic_collection(path: str | os.PathLike, num_docs: int, seed: int,
                                kind: str = "patients", words_per_doc: int | None = None,
-                               name: str | None = None) -> dict:
+                               name: str | None = None,
+                               question_refs: tuple[str, ...] | None = None,
+                               pair_share: float = 0.0) -> dict:
   """Streams a synthetic collection straight to directory `path`; returns the manifest."""
+  question_refs, pair_share = check_question_options(question_refs, pair_share)
   with CollectionWriter(path, name or default_name(num_docs, seed, kind),
-                        meta=_meta(num_docs, seed, kind, words_per_doc)) as w:
-    for d, qs in iter_collection(num_docs, seed, kind, words_per_doc):
+                        meta=_meta(num_docs, seed, kind, words_per_doc, question_refs,
+                                   pair_share)) as w:
+    for d, qs in iter_collection(num_docs, seed, kind, words_per_doc, question_refs, pair_share):
       w.add_document(d)
       for q in qs:
         w.add_question(q)

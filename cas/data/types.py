@@ -4,7 +4,9 @@ A collection on disk is a directory with three files:
 
   documents.jsonl   one JSON object per line: {"doc_id", "title", "text", "meta"}
   questions.jsonl   one JSON object per line: {"qid", "doc_id", "kind", "question", "options",
-                    "answer", "answer_index", "aliases", "meta"}
+                    "answer", "answer_index", "aliases", "meta"}, plus "doc_ids" (every gold
+                    document, doc_id first) only for a question that needs several documents;
+                    files without it read as single-document questions
   manifest.json     {"format": "cas.collection", "format_version", "name", "seed", "generator",
                     "generator_version", "num_documents", "num_questions", "approx_num_tokens",
                     "meta"}
@@ -80,9 +82,18 @@ class Document:
     return cls(doc_id=d["doc_id"], title=d["title"], text=d["text"], meta=d.get("meta") or {})
 
 
+def is_multi_doc_meta(meta: dict) -> bool:
+  """Whether a question's meta marks it as needing several documents (meta "docs": "pair")."""
+  return isinstance(meta, dict) and meta.get("docs") == "pair"
+
+
 @dataclasses.dataclass(frozen=True)
 class Question:
-  """A question about one document.
+  """A question about one document, or about several (`doc_ids`).
+
+  doc_ids: every gold document, `doc_id` first; () means (doc_id,). A question whose answer
+  combines two documents carries both here and meta "docs": "pair"; such a question with fewer
+  than two distinct gold documents is refused (the message names it).
 
   kind "mc": `options` (>= 2 distinct strings) and `answer_index` into them; `answer` is filled
   with the correct option's text when left empty (and must equal it when given).
@@ -98,11 +109,24 @@ class Question:
   answer_index: int | None = None
   aliases: list[str] = dataclasses.field(default_factory=list)
   meta: dict = dataclasses.field(default_factory=dict)
+  doc_ids: tuple[str, ...] = ()
 
   def __post_init__(self):
     where = f"Question {self.qid!r} (doc {self.doc_id!r})"
     if not isinstance(self.qid, str) or not self.qid:
       raise CollectionError(f"Question with an empty qid (doc {self.doc_id!r})")
+    if isinstance(self.doc_ids, str) or not all(isinstance(d, str) and d for d in self.doc_ids):
+      raise CollectionError(f"{where}: doc_ids must be a list of non-empty doc id strings, got "
+                            f"{self.doc_ids!r}")
+    ids = tuple(self.doc_ids) or (self.doc_id,)
+    if ids[0] != self.doc_id:
+      raise CollectionError(f"{where}: doc_ids {list(ids)!r} must start with doc_id {self.doc_id!r}")
+    if len(set(ids)) != len(ids):
+      raise CollectionError(f"{where}: duplicate gold documents in doc_ids {list(ids)!r}")
+    object.__setattr__(self, "doc_ids", ids)
+    if is_multi_doc_meta(self.meta) and len(ids) < 2:
+      raise CollectionError(f"{where}: a two-document question (meta docs 'pair') needs two gold "
+                            f"documents in doc_ids, got {list(ids)!r}")
     if not isinstance(self.question, str) or not self.question.strip():
       raise CollectionError(f"{where}: empty question text")
     object.__setattr__(self, "options", list(self.options))
@@ -131,22 +155,39 @@ class Question:
       raise CollectionError(f"{where}: kind must be 'mc' or 'short', got {self.kind!r}")
 
   @property
+  def is_multi_doc(self) -> bool:
+    """True for a question whose answer needs more than one document."""
+    return len(self.doc_ids) > 1
+
+  @property
   def correct_answers(self) -> list[str]:
     """The answer followed by its aliases (all strings that count as correct)."""
     return [self.answer] + [a for a in self.aliases if a != self.answer]
 
   def to_json(self) -> dict:
-    return {"qid": self.qid, "doc_id": self.doc_id, "kind": self.kind, "question": self.question,
-            "options": self.options, "answer": self.answer, "answer_index": self.answer_index,
-            "aliases": self.aliases, "meta": self.meta}
+    """The JSON object; "doc_ids" only for a multi-document question (single-document questions
+    are written exactly as before the field existed)."""
+    out = {"qid": self.qid, "doc_id": self.doc_id, "kind": self.kind, "question": self.question,
+           "options": self.options, "answer": self.answer, "answer_index": self.answer_index,
+           "aliases": self.aliases, "meta": self.meta}
+    if self.is_multi_doc:
+      out["doc_ids"] = list(self.doc_ids)
+    return out
 
   @classmethod
   def from_json(cls, d: dict, where: str = "question") -> "Question":
     _require_keys(d, ("qid", "doc_id", "kind", "question"), where)
-    return cls(qid=d["qid"], doc_id=d["doc_id"], kind=d["kind"], question=d["question"],
-               options=d.get("options") or [], answer=d.get("answer") or "",
-               answer_index=d.get("answer_index"), aliases=d.get("aliases") or [],
-               meta=d.get("meta") or {})
+    doc_ids = d.get("doc_ids") or ()
+    if not isinstance(doc_ids, (list, tuple)):
+      raise CollectionError(f"{where}: question {d.get('qid')!r}: doc_ids must be a list, got "
+                            f"{type(doc_ids).__name__}")
+    try:
+      return cls(qid=d["qid"], doc_id=d["doc_id"], kind=d["kind"], question=d["question"],
+                 options=d.get("options") or [], answer=d.get("answer") or "",
+                 answer_index=d.get("answer_index"), aliases=d.get("aliases") or [],
+                 meta=d.get("meta") or {}, doc_ids=tuple(doc_ids))
+    except CollectionError as e:
+      raise CollectionError(f"{where}: {e}") from None
 
 
 @dataclasses.dataclass
@@ -154,7 +195,7 @@ class Collection:
   """Named documents plus the questions about them, validated on construction.
 
   Rules: doc ids unique; every document non-empty (enforced by `Document`); qids unique; every
-  question's doc_id names a document of the collection. `meta` carries provenance (seed,
+  gold document of a question (`doc_ids`) is a document of the collection. `meta` carries provenance (seed,
   generator, generator_version, source files) into the manifest.
   """
   name: str
@@ -183,6 +224,7 @@ class Collection:
       raise KeyError(f"Collection {self.name!r} has no document {doc_id!r}") from None
 
   def questions_for(self, doc_id: str, kind: QuestionKind | None = None) -> list[Question]:
+    """Questions whose first gold document is `doc_id` (`Question.doc_id`)."""
     return [q for q in self.questions if q.doc_id == doc_id and (kind is None or q.kind == kind)]
 
   def approx_num_tokens(self) -> int:
@@ -224,9 +266,10 @@ class _Validator:
                             f"{type(q).__name__}")
     if q.qid in self.qids:
       raise CollectionError(f"Collection {self.name!r}: duplicate qid {q.qid!r}")
-    if q.doc_id not in self.doc_ids:
-      raise CollectionError(f"Collection {self.name!r}: question {q.qid!r} refers to unknown "
-                            f"document {q.doc_id!r}")
+    for d in q.doc_ids:
+      if d not in self.doc_ids:
+        raise CollectionError(f"Collection {self.name!r}: question {q.qid!r} refers to unknown "
+                              f"document {d!r}")
     self.qids.add(q.qid)
 
 
@@ -287,7 +330,8 @@ class CollectionWriter:
       for q in questions: w.add_question(q)   # doc must have been added before
     w.manifest  # the manifest written
 
-  Documents must be added before the questions about them (questions may be interleaved with
+  Documents must be added before the questions about them (every gold document of a
+  multi-document question; questions may be interleaved with
   later documents). Only doc ids and qids are kept in memory. On an exception nothing is
   committed and any previous manifest in `path` stays removed (the directory reads as incomplete).
   """

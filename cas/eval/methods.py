@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cas.data.types import Document, Question
 from cas.eval.scoring import context_kv, score_continuations
-from cas.eval.stats import paired_by_qid, paired_difference, row_interval
+from cas.eval.stats import kind_breakdown, paired_by_qid, paired_difference, row_interval
 
 ICL_SYSTEM = ("You are a helpful assistant. Answer the user's question using the following "
               "document.\n\n{documents}")
@@ -164,6 +164,9 @@ def run_method(name: str, questions: Sequence[Question], context_for: Callable[[
       "questions": [dataclasses.asdict(r) for r in results],
   }
   row["accuracy_ci95"] = list(row_interval(row) or (float("nan"), float("nan")))
+  by_kind = kind_breakdown(row["questions"])
+  if by_kind:  # content or two-document questions: accuracy per question kind
+    row["by_question_kind"] = by_kind
   return row
 
 
@@ -187,7 +190,8 @@ def _intervals(row: dict, ref: dict | None) -> tuple[str, str]:
 def markdown_table(rows: Sequence[dict], reference: str = "icl") -> str:
   """One row per method. The last two columns: the accuracy's 95% interval (Wilson) and its
   paired difference to the `reference` method on the same questions (bootstrap 95% interval);
-  with 120 questions one question is 0.83 points."""
+  with 120 questions one question is 0.83 points. When the questions hold content or two-document
+  questions, a second table follows with the accuracy per question kind (`report.kinds_markdown`)."""
   head = (f"| method | accuracy | MC acc | short acc | questions | prompt tokens | KV bytes | 95% CI | "
           f"vs {reference} (95% CI) |\n|---|---|---|---|---|---|---|---|---|\n")
   f = lambda x: "n/a" if x != x else f"{100 * x:.1f}"
@@ -197,4 +201,6 @@ def markdown_table(rows: Sequence[dict], reference: str = "icl") -> str:
     ci, diff = _intervals(r, ref)
     out.append(f"| {r['method']} | {f(r['accuracy'])} | {f(r['accuracy_mc'])} | {f(r['accuracy_short'])} | "
                f"{r['num_questions']} | {r['prompt_tokens']:.0f} | {r['kv_bytes'] / 2**20:.2f} MiB | {ci} | {diff} |\n")
-  return head + "".join(out)
+  from cas.eval.report import kinds_markdown  # noqa: PLC0415 (report imports matplotlib lazily)
+  kinds = kinds_markdown(rows)
+  return head + "".join(out) + (f"\n{kinds}" if kinds else "")

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from absl import logging
 
-from cas.eval.stats import row_interval
+from cas.eval.stats import kind_breakdown, row_interval
 
 # Methods drawn as horizontal reference lines in the num-loaded plot: (name, line style).
 REFERENCE_LINES = (("cartridge_oracle", "-"), ("no_context", ":"), ("icl", "--"), ("monolithic", "-."))
@@ -38,6 +38,24 @@ def recall_markdown(retrieval: dict | None) -> str:
   f = lambda r, k: f"{100 * r[f'recall@{k}']:.1f}" if f"recall@{k}" in r else "n/a"
   return head + "".join(f"| {name} | {r.get('level', '')} | {r.get('num_questions', '')} | "
                         + " | ".join(f(r, k) for k in ks) + " |\n" for name, r in recall.items())
+
+
+def kinds_markdown(rows: Sequence[dict]) -> str:
+  """A markdown table of accuracy per question kind (title / content, single / two-document;
+  `cas.eval.stats.kind_breakdown`), one line per (method, kind); "" when no row's questions
+  hold a content or a two-document question."""
+  lines = []
+  for r in rows:
+    by = r.get("by_question_kind") or kind_breakdown(r.get("questions") or [])
+    for dim, cells in by.items():
+      for name, c in cells.items():
+        lo, hi = c["accuracy_ci95"]
+        lines.append(f"| {r['method']} | {dim}={name} | {100 * c['accuracy']:.1f} | "
+                     f"{100 * lo:.1f}-{100 * hi:.1f} | {c['num_questions']} |\n")
+  if not lines:
+    return ""
+  return ("| method (by question kind) | questions | accuracy | 95% CI | n |\n|---|---|---|---|---|\n"
+          + "".join(lines))
 
 
 def _new_figure(width: float, height: float, ncols: int = 1):

@@ -60,3 +60,40 @@ def paired_by_qid(rows_a: Sequence[dict], rows_b: Sequence[dict]) -> tuple[list[
   b = {r["qid"]: float(r["correct"]) for r in rows_b}
   pairs = [(float(r["correct"]), b[r["qid"]]) for r in rows_a if r["qid"] in b]
   return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+# Question kinds (DESIGN §6): how a question refers to its document and how many documents it
+# needs, read from its qid, whose segments say it (cas.data.synthetic, cas.data.prose):
+# ".../content/..." refers by content (else by title), ".../pair-NN/..." needs two documents.
+REFERS_KINDS = ("title", "content")
+DOCS_KINDS = ("single", "pair")
+
+
+def question_kind(qid: str) -> tuple[str, str]:
+  """(refers, docs) of a qid: ("title" | "content", "single" | "pair")."""
+  parts = qid.split("/")
+  refers = "content" if "content" in parts else "title"
+  docs = "pair" if any(p.startswith("pair-") for p in parts) else "single"
+  return refers, docs
+
+
+def kind_breakdown(questions: Sequence[dict]) -> dict:
+  """Accuracy per question kind of a results row's per-question list (dicts with "qid" and
+  "correct"): {"refers": {"title": cell, "content": cell}, "docs": {"single": cell, "pair": cell}},
+  cell = {"accuracy", "num_questions", "accuracy_ci95"} (Wilson). A dimension is present only when
+  the questions hold a content or a pair question; {} when they hold neither (benchmark or plain
+  synthetic questions: nothing to split)."""
+  kinds = [question_kind(q["qid"]) for q in questions]
+  out: dict = {}
+  for dim, names, default in (("refers", REFERS_KINDS, "title"), ("docs", DOCS_KINDS, "single")):
+    col = 0 if dim == "refers" else 1
+    if not any(k[col] != default for k in kinds):
+      continue
+    cells = {}
+    for name in names:
+      sel = [bool(q["correct"]) for q, k in zip(questions, kinds) if k[col] == name]
+      if sel:
+        cells[name] = {"accuracy": sum(sel) / len(sel), "num_questions": len(sel),
+                       "accuracy_ci95": list(wilson_interval(sum(sel), len(sel)))}
+    out[dim] = cells
+  return out

@@ -34,7 +34,8 @@ def build_retriever(kind: str, source: DocSource, *, unit: UnitKind = "document"
 
 def recall_at_k(retriever: Retriever, questions: Iterable[Question],
                 ks: Sequence[int] = (1, 3, 5, 10), level: str = "unit") -> dict:
-  """Document-level recall@k: the share of questions whose `doc_id` is retrieved in the top k.
+  """Document-level recall@k: the share of questions whose gold document is retrieved in the top
+  k; for a question that needs several documents (`Question.doc_ids`), all of them must be.
 
   level="unit": among the documents of the top-k units (for a chunk index: the documents of
   the k passages a RAG prompt would hold). level="doc": among the top-k distinct documents
@@ -63,10 +64,11 @@ def recall_at_k(retriever: Retriever, questions: Iterable[Question],
     raise ValueError("recall_at_k needs at least one question")
   known = set(retriever.doc_ids)
   for q in questions:
-    if q.doc_id not in known:
-      raise RetrievalError(f"question {q.qid!r} is about document {q.doc_id!r}, which is not in "
-                           f"the {retriever.kind} index (collection "
-                           f"{retriever.collection_fingerprint})")
+    for d in q.doc_ids:
+      if d not in known:
+        raise RetrievalError(f"question {q.qid!r} is about document {d!r}, which is not in "
+                             f"the {retriever.kind} index (collection "
+                             f"{retriever.collection_fingerprint})")
   queries = [q.question for q in questions]
   kmax = ks[-1]
   if level == "doc":
@@ -75,8 +77,8 @@ def recall_at_k(retriever: Retriever, questions: Iterable[Question],
   else:
     results = retriever.search_batch(queries, kmax)
     ranked_docs = [[retriever.unit(u).doc_id for u, _ in r] for r in results]
-  # First position (0-based) at which the question's document appears; kmax if never.
-  first = np.array([docs.index(q.doc_id) if q.doc_id in docs else kmax
+  # Position (0-based) by which all of the question's documents have appeared; kmax if never.
+  first = np.array([max(docs.index(d) if d in docs else kmax for d in q.doc_ids)
                     for q, docs in zip(questions, ranked_docs)])
   out: dict = {f"recall@{k}": float(np.mean(first < k)) for k in ks}
   out.update(num_questions=len(questions), level=level, kind=retriever.kind)
