@@ -18,6 +18,16 @@ model, collection or cartridge; 400 for a malformed body (FastAPI's validation e
 turned into 400 invalid_request_error, as OpenAI answers), unsupported options (n > 1, logprobs,
 tools) and prompts beyond the context (code "context_length_exceeded").
 
+Hardening (`create_app(engine, api_key=..., limits=Limits(...))`, flags of launch.serve):
+  * api_key: every endpoint but /health needs `Authorization: Bearer <key>`; otherwise 401
+    (code "invalid_api_key"), checked before the body is read. No key: open (launch.serve
+    refuses to listen beyond loopback without one unless told --allow_no_api_key).
+  * Limits.max_request_bytes: a body longer than this is refused with 413 (code
+    "request_too_large") from its Content-Length, or as soon as the bytes read pass the limit.
+  * Limits.max_prompt_tokens: prompts (chat template applied) longer than this: 400
+    (code "prompt_too_long"). Limits.max_tokens: a max_tokens / max_completion_tokens above it:
+    400 (code "max_tokens_too_large"). The messages name the limit and the flag that sets it.
+
 Why FastAPI + uvicorn: both are widely used, maintained, pure-Python installs (pydantic, which
 validates the body, is already in the environment through transformers' tooling), and starlette's
 `StreamingResponse` does server-sent events with no extra package; aiohttp would do as well but
@@ -26,6 +36,8 @@ brings several C-extension dependencies and hand-written request validation.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hmac
 import json
 import threading
 import time
@@ -76,9 +88,89 @@ class ChatBody(BaseModel):
   position_mode: Literal["shared", "sequential"] | None = None
 
 
-def create_app(engine: Engine):
-  """The FastAPI app serving `engine` (which must be started)."""
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """Caps on what one request may ask for (None: no cap beyond the engine's context checks).
+  max_request_bytes: HTTP body size. max_prompt_tokens: prompt tokens after the chat template.
+  max_tokens: the largest max_tokens (or max_completion_tokens) a request may name; the engine's
+  default reply length should not exceed it (launch.serve checks)."""
+  max_request_bytes: int | None = 1 << 20
+  max_prompt_tokens: int | None = 8192
+  max_tokens: int | None = 2048
+
+
+# The flag that sets each limit, named in error messages (launch.serve).
+LIMIT_FLAGS = {"max_request_bytes": "--max_request_bytes", "max_prompt_tokens": "--max_prompt_tokens",
+               "max_tokens": "--max_tokens_limit"}
+OPEN_PATHS = frozenset({"/health"})  # answered without the API key (liveness probes)
+
+
+def _json_error(status: int, message: str, code: str, type: str = "invalid_request_error",
+                headers: dict | None = None) -> JSONResponse:
+  return JSONResponse(ServeError(message, status=status, code=code, type=type).to_json(), status_code=status,
+                      headers=headers)
+
+
+class RequestGuard:
+  """ASGI middleware in front of the app: the API key (401), then the body size (413).
+
+  The key is compared in constant time. The body of a request is read here, at most
+  `max_request_bytes` + 1 bytes (chunked bodies too), and handed to the app unchanged; later
+  `receive` calls (a client disconnecting from a stream) go to the server as before.
+  """
+
+  def __init__(self, app, api_key: str | None, max_request_bytes: int | None):
+    self.app = app
+    self.key = None if not api_key else ("Bearer " + api_key).encode()
+    self.max_bytes = max_request_bytes
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    headers = dict(scope.get("headers") or ())
+    if self.key is not None and scope.get("path") not in OPEN_PATHS:
+      got = headers.get(b"authorization", b"")
+      if not hmac.compare_digest(got, self.key):
+        what = "no API key given" if not got else "an incorrect API key"
+        resp = _json_error(401, f"{what}: send the server's key as 'Authorization: Bearer <key>' (the openai "
+                           "client's api_key)", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return await resp(scope, receive, send)
+    if self.max_bytes is None or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+      return await self.app(scope, receive, send)
+    limit = self.max_bytes
+    too_large = _json_error(413, f"the request body exceeds this server's limit of {limit} bytes "
+                            f"({LIMIT_FLAGS['max_request_bytes']})", "request_too_large")
+    length = headers.get(b"content-length")
+    if length is not None and length.strip().isdigit() and int(length) > limit:
+      return await too_large(scope, receive, send)
+    chunks, size = [], 0
+    while True:
+      msg = await receive()
+      if msg["type"] != "http.request":  # disconnected before the body was complete
+        return
+      chunks.append(msg.get("body", b""))
+      size += len(chunks[-1])
+      if size > limit:
+        return await too_large(scope, receive, send)
+      if not msg.get("more_body", False):
+        break
+    replayed = False
+
+    async def replay():
+      nonlocal replayed
+      if not replayed:
+        replayed = True
+        return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+      return await receive()
+
+    return await self.app(scope, replay, send)
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = Limits()):
+  """The FastAPI app serving `engine` (which must be started), behind `RequestGuard` (API key,
+  body size); `limits` also caps prompt tokens and max_tokens (module docstring)."""
   app = FastAPI(title="cas", description="Cartridges served behind an OpenAI-compatible API")
+  app.add_middleware(RequestGuard, api_key=api_key, max_request_bytes=limits.max_request_bytes)
 
   def error(status: int, message: str, code: str | None = None, param: str | None = None,
             type: str = "invalid_request_error"):
@@ -130,12 +222,24 @@ def create_app(engine: Engine):
       raise ServeError("logprobs are not supported", param="logprobs")
     if body.tools:
       raise ServeError("tools are not supported", param="tools")
+    for field in ("max_completion_tokens", "max_tokens"):
+      asked = getattr(body, field)
+      if limits.max_tokens is not None and asked is not None and asked > limits.max_tokens:
+        raise ServeError(f"{field}={asked} exceeds this server's limit of {limits.max_tokens} tokens per reply "
+                         f"({LIMIT_FLAGS['max_tokens']})", code="max_tokens_too_large", param=field)
     req = ChatRequest(
         messages=[m.model_dump() for m in body.messages], model=body.model, cartridges=body.cartridges,
         collection=body.collection, top_k=body.top_k, position_mode=body.position_mode,
         max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
         top_p=body.top_p, seed=body.seed, stop=body.stop)
     prepared = await run_in_threadpool(engine.prepare, req)  # may read a store index or retrieve
+    if limits.max_prompt_tokens is not None and len(prepared.prompt) > limits.max_prompt_tokens:
+      raise ServeError(f"the prompt is {len(prepared.prompt)} tokens (chat template applied), beyond this "
+                       f"server's limit of {limits.max_prompt_tokens} prompt tokens "
+                       f"({LIMIT_FLAGS['max_prompt_tokens']}); shorten the messages",
+                       code="prompt_too_long", param="messages")
+    if limits.max_tokens is not None and prepared.max_tokens > limits.max_tokens:  # the engine's default
+      prepared = dataclasses.replace(prepared, max_tokens=limits.max_tokens)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
     pending = engine.submit(prepared, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
