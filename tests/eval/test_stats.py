@@ -88,3 +88,22 @@ def test_rows_carry_intervals_and_the_num_loaded_plot_draws_them(tmp_path):
   path = plot_accuracy_vs_num_loaded(rows + [old], str(tmp_path / "loaded.png"))
   assert path and os.path.getsize(path) > 1000
   assert row_interval(old) is None
+
+
+def test_kind_breakdown_from_qids():
+  from cas.eval.report import kinds_markdown
+  from cas.eval.stats import kind_breakdown, question_kind
+  assert question_kind("patient-00001/hemoglobin/mc") == ("title", "single")
+  assert question_kind("patient-00001/hemoglobin/content/short") == ("content", "single")
+  assert question_kind("prose-03/f1/title/mc") == ("title", "single")
+  assert question_kind("patient-00001/pair-02/hba1c/higher/content/mc") == ("content", "pair")
+  qs = [{"qid": "d/f/mc", "correct": True}, {"qid": "d/f/content/mc", "correct": False},
+        {"qid": "d/g/content/mc", "correct": True}, {"qid": "d/pair-00/f/sum/mc", "correct": False}]
+  by = kind_breakdown(qs)
+  assert by["refers"]["title"]["num_questions"] == 2 and by["refers"]["title"]["accuracy"] == 0.5
+  assert by["refers"]["content"]["accuracy"] == 0.5 and by["docs"]["pair"]["accuracy"] == 0.0
+  assert by["docs"]["single"]["num_questions"] == 3
+  assert kind_breakdown([{"qid": "d/f/mc", "correct": True}]) == {}  # nothing to split: unchanged
+  md = kinds_markdown([{"method": "icl", "questions": qs}])
+  assert "| icl | docs=pair | 0.0 |" in md and "| icl | refers=content | 50.0 |" in md
+  assert kinds_markdown([{"method": "icl", "questions": qs[:1]}]) == ""
