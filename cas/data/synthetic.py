@@ -23,7 +23,18 @@ Kinds: "patients" (hospital discharge summaries), "products" (product specificat
 sections Attendance / Agenda / Discussion / Decisions / Action items / Next meeting). For
 "minutes" every field also gets a question pair that names the meeting by one of its other unique
 facts instead of the body (date, venue, budget or supplier; meta "refers": "content", the others
-"title"); patients and products questions carry no "refers" and are unchanged.
+"title"); patients and products questions carry no "refers" and are unchanged by default.
+
+Question options (issue 21; `iter_collection`): `question_refs` ("title", "content") adds to
+patients and products, per field, an MC + short pair that refers to the document by content:
+two to four derived facts (a decade, a season, a band, a body system, number words; see
+"content refs" below) whose combination no other document of the collection has, qid
+`{doc}/{field}/content/{mc|short}` as for minutes (the title questions keep `{doc}/{field}/{mc|short}`;
+every question then carries meta "refers"). `pair_share` (e.g. 0.25) adds that share of
+questions needing two documents (which of the two has the higher value / came first, the
+difference or the sum of their values): `Question.doc_ids` holds both gold documents, meta
+"docs": "pair", "op", qid `{doc}/pair-NN/{field}/{op}[/content]/{mc|short}`. Content questions and
+pairs depend on the whole collection (uniqueness, partners), so they change with num_docs.
 """
 from __future__ import annotations
 
