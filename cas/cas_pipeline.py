@@ -185,6 +185,8 @@ class CasStages:
     self.short_rule = (cc.get("short_documents", "pad"), cc.get("short_fill", "repeat"))
     self.short_docs = self._check_documents()  # every unit's tokens (all short ones named together)
     training = any(s in self.stages for s in config_check.TRAIN_STAGES)
+    if len(self.units) > len(self.docs) and ("train" in self.stages or "train_isolated" in self.stages):
+      self._check_steps_reach_every_part()  # config_check counted documents; parts are more cartridges
     if machine:
       config_check.raise_problems(config_check.memory_problems(config, "cas", self.model, self.spec,
                                                                num_docs=len(self.units), stages=self.stages,
@@ -216,6 +218,19 @@ class CasStages:
                            f"documents cut into other parts), but this run has max_doc_tokens="
                            f"{self.max_doc_tokens}. Run with --config.cartridge.max_doc_tokens={have}, or move "
                            f"{self.synth_dir} away so that the self-study for these parts is made there")
+
+  def _check_steps_reach_every_part(self) -> None:
+    """config.train.steps against the number of cartridges when documents are cut into parts (the
+    config check before the model loads counts documents): every part must reach a slot."""
+    from cas import config_check
+    from cas.rotation.policy import RotationError, check_every_document_trained
+    tc = self.config.train
+    try:
+      check_every_document_trained(len(self.units), tc.num_slots, tc.evict_fraction, tc.rotate_every, tc.steps)
+    except RotationError as e:
+      config_check.raise_problems([config_check.Problem(
+          "config.train.steps", f"{e} (cartridge.max_doc_tokens={self.max_doc_tokens} cuts the {len(self.docs)} "
+          f"documents into {len(self.units)} cartridges)", RotationError)])
 
   def _check_documents(self) -> list[str]:
     """Every document's tokens, its cartridge units (documents of more than

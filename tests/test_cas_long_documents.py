@@ -7,6 +7,7 @@ on a tiny random model with the real SmolLM2 tokenizer.
   and evaluation with max_doc_tokens=800: the store holds the long document's 3 parts and the short
   documents, the oracle loads all 3 parts (its KV is 3 cartridges), cas_composed@2 and
   cartridge_retrieved@1 load every part of each document they load; launch.evaluate's path resumes.
+- train.steps too few for every part to reach a slot is refused before any work.
 - Another max_doc_tokens on the same workdir trains in its own directory; a whole-document
   self-study copied under a parts run is refused up front, naming the setting.
 - A bad max_doc_tokens is a config error naming the field.
@@ -119,6 +120,12 @@ def _config(collection_dir, max_doc_tokens=M):
 
 def test_long_document_parts_end_to_end(tmp_path, collection_dir, lm):
   workdir = str(tmp_path / "w")
+  few = _config(collection_dir)  # enough steps for 4 documents (5), too few for their 6 cartridges (9)
+  few.train.num_slots, few.train.steps = 2, 6
+  with pytest.raises(config_check.ConfigError, match=r"config.train.steps: .*max_doc_tokens=800 cuts the 4 "
+                                                     r"documents into 6 cartridges"):
+    CasStages(few, workdir, lm=lm)
+  assert not os.path.exists(os.path.join(workdir, "parts800"))
   st = CasStages(_config(collection_dir), workdir, lm=lm)
   parts = ["long#1", "long#2", "long#3"]
   assert st.parts_of == {"long": parts, "s1": ["s1"], "s2": ["s2"], "s3": ["s3"]}
