@@ -1,6 +1,7 @@
 """Document recall@k of BM25, dense and hybrid retrieval on the built-in synthetic collections,
 split by question kind (issue 21): questions naming their document ("title"), referring to it by
-content only ("content"), and needing two documents ("pair": both gold documents in the top k).
+content only ("content"), and needing two documents ("pair/title", "pair/content": both gold
+documents in the top k, so recall@1 is n/a).
 CPU only; prints a markdown table.
 
   python -m benchmarks.retrieval_recall --kinds=patients,products,minutes --num_docs=20,100 \
@@ -27,10 +28,12 @@ _KS = (1, 3, 5)
 
 
 def question_groups(coll) -> dict[str, list]:
-  """Question kind -> questions: "title", "content" (single-document) and "pair"."""
-  out: dict[str, list] = {"title": [], "content": [], "pair": []}
+  """Question kind -> questions: "title", "content" (single-document), "pair/title" and
+  "pair/content" (two documents, named or described)."""
+  out: dict[str, list] = {"title": [], "content": [], "pair/title": [], "pair/content": []}
   for q in coll.questions:
-    out["pair" if q.is_multi_doc else q.meta.get("refers", "title")].append(q)
+    refers = q.meta.get("refers", "title")
+    out[f"pair/{refers}" if q.is_multi_doc else refers].append(q)
   return {k: v for k, v in out.items() if v}
 
 
@@ -42,7 +45,7 @@ def measure(kind: str, num_docs: int, seed: int, retrievers: list[str], pair_sha
   for rk in retrievers:
     r = build_retriever(rk, coll)
     for qkind, qs in groups.items():
-      need = 2 if qkind == "pair" else 1  # both gold documents cannot be in the top 1
+      need = 2 if qkind.startswith("pair") else 1  # both gold documents cannot be in the top 1
       rec = recall_at_k(r, qs, ks=[k for k in _KS if need <= k <= num_docs])
       rows.append({"kind": kind, "N": num_docs, "seed": seed, "retriever": rk, "questions": qkind,
                    "n": rec["num_questions"], **{f"r@{k}": rec.get(f"recall@{k}") for k in _KS}})

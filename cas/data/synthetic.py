@@ -1553,6 +1553,11 @@ def _product_descriptors(f: Facts) -> list[Descriptor]:
        f"has {_MATERIAL_FAMILY[f['housing_material']]} shell"),
       ("warranty", frozenset({"warranty"}), warranty,
        f"is covered for {_number_name(int(wnum))} {wunit} against defects"),
+      # Partly lexical (a word of the text), shared by many products: what BM25 can latch onto.
+      ("brand", frozenset({"manufacturer"}), f["manufacturer"].split()[0],
+       f"comes from the {f['manufacturer'].split()[0]} brand"),
+      ("service", frozenset(), f["support_street"],
+       f"is repaired by the workshop on {f['support_street']}"),
   ]
 
 
