@@ -42,7 +42,7 @@ if [ "$MODE" = start ]; then
   for s in $(for n in "${NAMES[@]}"; do set_of $n; done | sort -u); do  # the self-study sets needed, in parallel
     c=${s%%_*}; m=0; [ "$s" != "$c" ] && m=${s#*_parts}
     mkdir -p $W/synth_$s
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 python3 -m launch.cas "${COMMON[@]}" --config.synth.coverage=$c \
+    XLA_PYTHON_CLIENT_MEM_FRACTION=${SYNTH_MEM:-0.3} python3 -m launch.cas "${COMMON[@]}" --config.synth.coverage=$c \
       --config.cartridge.max_doc_tokens=$m --workdir=$W/synth_$s --stages=synth > $W/synth_$s.log 2>&1 &
   done
   wait

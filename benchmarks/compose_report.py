@@ -1,0 +1,213 @@
+"""Tables and plots of a composition study (benchmarks/compose_study.py, issue 20).
+
+Per collection, both seeds pooled (each seed is its own collection instance, so the questions of the
+two seeds are different questions): accuracy of cas / isolated / icl_composed at n loaded, the oracle,
+ICL, no-context, monolithic and cartridge_retrieved, each with its Wilson 95% interval; the paired
+differences that the issue's targets are about (cas - isolated, cas - icl_composed at the same n on
+the same questions and the same loaded documents; each lever's cas - base cas), each with a bootstrap
+95% interval over questions (cas.eval.stats); and a plot per collection of accuracy against cartridges
+loaded (cas / isolated / icl_composed with intervals, monolithic as a line).
+
+  python -m benchmarks.compose_report --archive=<dir>/compose_study.tgz [--plots=benchmarks/results/plots]
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections import defaultdict
+
+from absl import app, flags
+
+from cas.eval.stats import paired_by_qid, paired_difference, wilson_interval
+
+_ARCHIVE = flags.DEFINE_string("archive", None, "compose_study.tgz from benchmarks/compose_study.py", required=True)
+_PLOTS = flags.DEFINE_string("plots", None, "folder for one accuracy-vs-loaded plot per collection (None = none)")
+_OUT = flags.DEFINE_string("out", None, "also write the markdown here")
+
+RUN = re.compile(r"^(?P<variant>[a-z0-9]+)_(?P<collection>[a-z]+)_s(?P<seed>\d+)$")
+
+
+def load_archive(path: str) -> dict[tuple[str, str, int], dict]:
+  """(variant, collection, seed) -> results.json of that run."""
+  out = {}
+  with tarfile.open(path) as tar:
+    for m in tar.getmembers():
+      if m.name.endswith("/eval/results.json"):
+        run = m.name.split("/")[0]
+        g = RUN.match(run)
+        if g:
+          out[(g["variant"], g["collection"], int(g["seed"]))] = json.load(io.TextIOWrapper(tar.extractfile(m)))
+  return out
+
+
+def pooled(results: dict, variant: str, collection: str) -> dict[str, list[dict]]:
+  """method -> per-question rows over every seed of (variant, collection), qids prefixed by the seed."""
+  rows = defaultdict(list)
+  for (v, c, s), res in sorted(results.items()):
+    if v != variant or c != collection:
+      continue
+    for r in res["methods"]:
+      for q in r.get("questions") or []:
+        rows[r["method"]].append({**q, "qid": f"s{s}/{q['qid']}"})
+  return rows
+
+
+def seeds_of(results: dict, variant: str, collection: str) -> list[int]:
+  return sorted(s for (v, c, s) in results if v == variant and c == collection)
+
+
+def acc(qs: list[dict]) -> tuple[float, float, float, int]:
+  k, n = sum(bool(q["correct"]) for q in qs), len(qs)
+  lo, hi = wilson_interval(k, n)
+  return 100 * k / max(n, 1), 100 * lo, 100 * hi, n
+
+
+def cell(qs: list[dict] | None) -> str:
+  if not qs:
+    return "-"
+  a, lo, hi, _ = acc(qs)
+  return f"{a:.1f} ({lo:.0f}-{hi:.0f})"
+
+
+def diff(a: list[dict] | None, b: list[dict] | None) -> tuple[float, float, float] | None:
+  if not a or not b:
+    return None
+  x, y = paired_by_qid(a, b)
+  if not x:
+    return None
+  m, lo, hi = paired_difference(x, y)
+  return 100 * m, 100 * lo, 100 * hi
+
+
+def dcell(d) -> str:
+  return "-" if d is None else f"{d[0]:+.1f} ({d[1]:+.1f} to {d[2]:+.1f})"
+
+
+def loaded_ns(rows: dict) -> list[int]:
+  ns = set()
+  for name in rows:
+    m = re.match(r"^(?:cas|isolated|icl)_composed@(\d+)", name)
+    if m:
+      ns.add(int(m.group(1)))
+  return sorted(ns)
+
+
+def collection_section(results: dict, collection: str) -> tuple[str, dict]:
+  base = pooled(results, "base", collection)
+  mono = pooled(results, "mono", collection)  # the monolithic baseline ran in its own process
+  if mono.get("monolithic"):
+    base["monolithic"] = mono["monolithic"]
+  seeds = seeds_of(results, "base", collection)
+  ns = loaded_ns(base)
+  nmax = max(ns) if ns else 0
+  lines = [f"### {collection} (seeds {', '.join(map(str, seeds))}; {len(base.get('icl', []))} questions pooled)", "",
+           "| n loaded | cas_composed | isolated_composed | icl_composed | cas - isolated (paired) | cas - icl_composed (paired) |",
+           "|---|---|---|---|---|---|"]
+  verdict = {}
+  for n in ns:
+    cas, iso, icl = base.get(f"cas_composed@{n}/shared"), base.get(f"isolated_composed@{n}/shared"), \
+        base.get(f"icl_composed@{n}")
+    d_iso, d_icl = diff(cas, iso), diff(cas, icl)
+    lines.append(f"| {n} | {cell(cas)} | {cell(iso)} | {cell(icl)} | {dcell(d_iso)} | {dcell(d_icl)} |")
+    verdict[n] = (d_iso, d_icl)
+  lines += ["", "| method | accuracy (95% CI) | vs icl (paired) |", "|---|---|---|"]
+  for name in ["no_context", "icl", "cartridge_oracle", "monolithic"] + sorted(
+      k for k in base if k.startswith("cartridge_retrieved")):
+    if name in base:
+      lines.append(f"| {name} | {cell(base[name])} | {dcell(diff(base[name], base.get('icl')) if name != 'icl' else None)} |")
+  # the issue's targets
+  t = []
+  if 10 in verdict and verdict[10][0] is not None:
+    d = verdict[10][0]
+    t.append(f"cas@10 - isolated@10 = {d[0]:+.1f} ({d[1]:+.1f} to {d[2]:+.1f}): target >= +10 "
+             f"{'met' if d[0] >= 10 else 'missed'}")
+  for n in (5, 10, 20):
+    if n in verdict and verdict[n][1] is not None:
+      d = verdict[n][1]
+      t.append(f"cas@{n} - icl_composed@{n} = {d[0]:+.1f} ({d[1]:+.1f} to {d[2]:+.1f}): target >= 0 "
+               f"{'met' if d[0] >= 0 else 'missed'}")
+    elif n in verdict:
+      t.append(f"icl_composed@{n}: not evaluated (the {n} documents do not fit the model's context)")
+  if "monolithic" in base and f"cas_composed@{nmax}/shared" in base:
+    d = diff(base[f"cas_composed@{nmax}/shared"], base["monolithic"])
+    if d is not None:
+      seeds = sorted({q["qid"].split("/")[0] for q in base["monolithic"]})
+      t.append(f"cas@{nmax} (all loaded) - monolithic = {dcell(d)} (seeds {', '.join(seeds)}, paired): target > 0 "
+               f"{'met' if d[0] > 0 else 'missed'}")
+    for name in sorted(k for k in base if k.startswith("cartridge_retrieved")):
+      d = diff(base[name], base["monolithic"])
+      if d is not None:
+        t.append(f"{name} - monolithic = {dcell(d)}")
+  if "cartridge_oracle" in base and "icl" in base:
+    d = diff(base["cartridge_oracle"], base["icl"])
+    t.append(f"oracle - icl = {dcell(d)}: target >= -6 {'met' if d[0] >= -6 else 'missed'}")
+  lines += [""] + [f"- {x}" for x in t]
+  # levers, paired against base
+  levers = sorted({v for (v, c, _s) in results if c == collection and v not in ("base", "mono")})
+  if levers:
+    lines += ["", "| lever | seeds | oracle | " + " | ".join(f"cas@{n}" for n in ns) + " |",
+              "|---|---|---|" + "---|" * len(ns)]
+    for v in levers:
+      rows = pooled(results, v, collection)
+      cells = [dcell(diff(rows.get(f"cas_composed@{n}/shared"), base.get(f"cas_composed@{n}/shared"))) for n in ns]
+      lines.append(f"| {v} - base | {','.join(map(str, seeds_of(results, v, collection)))} | "
+                   f"{dcell(diff(rows.get('cartridge_oracle'), base.get('cartridge_oracle')))} | " + " | ".join(cells) + " |")
+      cells = [cell(rows.get(f"cas_composed@{n}/shared")) for n in ns]
+      lines.append(f"| {v} | | {cell(rows.get('cartridge_oracle'))} | " + " | ".join(cells) + " |")
+  return "\n".join(lines), {"base": base, "ns": ns}
+
+
+def plot(collection: str, base: dict, ns: list[int], path: str) -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for label, key, color in (("cas_composed", "cas_composed@{n}/shared", "C0"),
+                            ("isolated_composed", "isolated_composed@{n}/shared", "C1"),
+                            ("icl_composed", "icl_composed@{n}", "C2")):
+    pts = [(n, *acc(base[key.format(n=n)])[:3]) for n in ns if base.get(key.format(n=n))]
+    if pts:
+      x, y, lo, hi = zip(*pts)
+      ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]], label=label,
+                  color=color, marker="o", capsize=3)
+  for name, style in (("monolithic", "--"), ("no_context", ":"), ("icl", "-.")):
+    if base.get(name):
+      ax.axhline(acc(base[name])[0], color="gray", linestyle=style, label=name)
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(ns, [str(n) for n in ns])
+  ax.set_xlabel("documents loaded (own + distractors)")
+  ax.set_ylabel("accuracy (%), 95% CI")
+  ax.set_title(f"{collection}: composition")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def report(results: dict, plots_dir: str | None = None) -> str:
+  import os
+  out = []
+  for c in sorted({c for (_v, c, _s) in results}):
+    text, data = collection_section(results, c)
+    out.append(text)
+    if plots_dir and data["ns"]:
+      os.makedirs(plots_dir, exist_ok=True)
+      p = plot(c, data["base"], data["ns"], os.path.join(plots_dir, f"compose_{c}.png"))
+      out.append(f"\n![{c}]({p})")
+    out.append("")
+  return "\n".join(out)
+
+
+def main(argv):
+  del argv
+  text = report(load_archive(_ARCHIVE.value), _PLOTS.value)
+  print(text)
+  if _OUT.value:
+    open(_OUT.value, "w").write(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

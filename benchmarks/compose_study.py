@@ -1,0 +1,231 @@
+"""Issue 20's ablation table on one GPU: does joint training (CAS) make cartridges compose better than
+cartridges trained alone, on several collections and seeds, and which recipe lever helps?
+
+For every (collection, seed) one self-study set is generated, then training jobs run in parallel
+processes sharing the GPU (the 135M default model leaves it mostly idle), each a `launch.cas` run on a
+copy of that self-study:
+
+  base   CAS + the isolated baseline (same self-study, same steps, same rotation schedule, k_max = 1)
+         evaluated on no_context, icl, cartridge_oracle, cas_composed@n, isolated_composed@n,
+         icl_composed@n (where the n documents fit the context), cartridge_retrieved@k
+  mono   the monolithic baseline (one cartridge of N*p tokens) in its own process (--mono_seeds)
+  <lever> CAS only with one recipe change (hard negatives, a curriculum on k, ...), evaluated on
+         cartridge_oracle and cas_composed@n: paired against base on the same questions
+
+Usage (device machine, after `. benchmarks/gpu_setup.sh`):
+  python3 benchmarks/compose_study.py start /root/study [--variants=base,hard] [--seeds=0,1] ...
+  python3 benchmarks/compose_study.py wait /root/study [--timeout=560]   # repeat until "all done"
+  (with $OUT set, `wait` leaves $OUT/compose_study.tgz: logs + each run's eval/results.json)
+Then here: python -m benchmarks.compose_report --archive=<files_at>/compose_study.tgz
+
+`start` writes the plan and runs the scheduler detached (setsid), so it outlives the call; `wait`
+polls the scheduler's status file and prints progress and, at the end, every run's tables.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+COLLECTIONS = ("patients", "products", "minutes")
+# The study's recipe (the `paper` preset at p = 256, 600 steps and 64 conversations per document: the
+# prose sweep found 64 = 256 conversations within noise, and p = 256 keeps twelve trainings in ~20 min)
+RECIPE = ["--config=configs/cas.py:paper", "--config.layer_loop=scan", "--config.synth.conversations={conv}",
+          "--config.cartridge.num_tokens={p}", "--config.train.steps={steps}",
+          "--config.eval.position_modes=('shared',)", "--config.eval.icl_composed_over_context=skip",
+          "--config.eval.num_loaded=(1,2,5,10,20)", "--config.eval.retrieval_k=(1,2)"]
+BASE_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "icl_composed",
+                "cartridge_retrieved")
+LEVER_METHODS = ("cartridge_oracle", "cas_composed")
+VARIANTS = {
+    "base": [],
+    "hard": ["--config.train.p_hard=0.5"],  # half the distractors are the BM25 nearest documents
+    "hard1": ["--config.train.p_hard=1.0"],
+    "curr": ["--config.train.k_curriculum_steps=300"],  # k grows from 2 to k_max over the first half
+    "mixw2": ["--config.train.mixed_weight=2.0"],  # rows with distractors weigh twice
+    "iso01": ["--config.train.p_isolated=0.1"],  # fewer rows with the own cartridge alone
+    "k20": ["--config.train.num_slots=20", "--config.train.k_max=20"],  # every document resident
+    "lr2e2": ["--config.train.lr=2e-2"],
+    # the monolithic baseline (one cartridge of N*p tokens on every document's self-study), its own
+    # process: it needs about twice a CAS run's memory (see MEM)
+    "mono": ["--stages=train_monolithic,indexes,evaluate"],
+}
+MEM = {"mono": 2.0}  # a job's share of GPU memory, in units of --mem
+
+
+def _flags(argv: list[str]) -> dict:
+  out = {"variants": "base,hard", "seeds": "0,1", "collections": ",".join(COLLECTIONS), "conv": "64", "p": "256",
+         "steps": "600", "procs": "8", "mem": "0.085",
+         "mem_total": "0.7", "timeout": "560", "mono_seeds": "0",
+         "extra": ""}  # extra: more flags for every job, space-separated (a CPU smoke test)
+  for a in argv:
+    if not a.startswith("--") or "=" not in a:
+      raise SystemExit(f"compose_study: unknown argument {a!r} (flags are --name=value)")
+    k, v = a[2:].split("=", 1)
+    if k not in out:
+      raise SystemExit(f"compose_study: unknown flag --{k}; known: {', '.join(sorted(out))}")
+    out[k] = v
+  for v in out["variants"].split(","):
+    if v not in VARIANTS:
+      raise SystemExit(f"compose_study: unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+  return out
+
+
+def plan(root: str, f: dict) -> dict:
+  """Synth jobs (one per collection x seed) and training jobs (one per variant x collection x seed),
+  the trainings ordered so that every collection's base runs come first."""
+  seeds = [int(s) for s in f["seeds"].split(",")]
+  cols = f["collections"].split(",")
+  recipe = [r.format(**f) for r in RECIPE] + f["extra"].split()
+  synth, train = [], []
+  for c in cols:
+    for s in seeds:
+      data = [f"--config.data.kind={c}", f"--config.data.seed={s}", f"--config.synth.seed={s}",
+              f"--config.train.seed={s}"]
+      synth.append({"name": f"{c}_s{s}", "args": recipe + data + ["--stages=synth"]})
+  for v in f["variants"].split(","):
+    for s in seeds:
+      if v == "mono" and str(s) not in f["mono_seeds"].split(","):
+        continue  # the monolithic baseline costs two CAS runs: seed 0 only by default
+      for c in cols:
+        data = [f"--config.data.kind={c}", f"--config.data.seed={s}", f"--config.synth.seed={s}",
+                f"--config.train.seed={s}"]
+        methods = BASE_METHODS if v == "base" else ("monolithic",) if v == "mono" else LEVER_METHODS
+        train.append({"name": f"{v}_{c}_s{s}", "synth": f"{c}_s{s}", "mem": MEM.get(v, 1.0),
+                      "args": recipe + data + VARIANTS[v] + [f"--config.eval.methods={methods!r}".replace(" ", "")]})
+  return {"root": root, "flags": f, "synth": synth, "train": train}
+
+
+def _launch(job: dict, root: str, mem: str) -> subprocess.Popen:
+  wd = os.path.join(root, job["name"])
+  os.makedirs(wd, exist_ok=True)
+  if "synth" in job:  # a training run: its own copy of the self-study and collection
+    src = os.path.join(root, "synth_" + job["synth"])
+    for sub in ("synth", "collection"):
+      if not os.path.exists(os.path.join(wd, sub)):
+        shutil.copytree(os.path.join(src, sub), os.path.join(wd, sub))
+  env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=mem, PYTHONUNBUFFERED="1")
+  log = open(os.path.join(root, job["name"] + ".log"), "w")
+  return subprocess.Popen([sys.executable, "-m", "launch.cas", *job["args"], f"--workdir={wd}"],
+                          stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def schedule(root: str) -> None:
+  """Runs the plan: synths first (all at once, within `procs`), each training as soon as its
+  self-study is done and a process slot is free. Status in <root>/status.json."""
+  p = json.load(open(os.path.join(root, "plan.json")))
+  procs, mem, mem_total = int(p["flags"]["procs"]), float(p["flags"]["mem"]), float(p["flags"]["mem_total"])
+  synth = [dict(j, name="synth_" + j["name"]) for j in p["synth"]]
+  queue = synth + p["train"]
+  state = {j["name"]: "waiting" for j in queue}
+  by_name = {j["name"]: j for j in queue}
+  t0, running, started = time.time(), {}, {}
+
+  def write():
+    tmp = os.path.join(root, "status.json.tmp")
+    json.dump({"elapsed_s": round(time.time() - t0), "state": state}, open(tmp, "w"), indent=1)
+    os.replace(tmp, os.path.join(root, "status.json"))
+
+  while True:
+    for name, proc in list(running.items()):
+      rc = proc.poll()
+      if rc is not None:
+        state[name] = "done" if rc == 0 else f"failed rc={rc}"
+        state[name] += f" {round(time.time() - started[name])}s"
+        del running[name]
+    for j in queue:
+      if len(running) >= procs:
+        break
+      if state[j["name"]] != "waiting":
+        continue
+      used = sum(mem * by_name[n].get("mem", 1.0) for n in running)
+      if used + mem * j.get("mem", 1.0) > mem_total + 1e-9:
+        continue
+      dep = "synth_" + j["synth"] if "synth" in j else None
+      if dep is not None and not state[dep].startswith("done"):
+        if state[dep].startswith("failed"):
+          state[j["name"]] = "skipped (self-study failed)"
+        continue
+      running[j["name"]] = _launch(j, root, f"{mem * j.get('mem', 1.0):.3f}")
+      started[j["name"]] = time.time()
+      state[j["name"]] = "running"
+    write()
+    if not running and all(s != "waiting" for s in state.values()):
+      break
+    time.sleep(5)
+  write()
+
+
+def _tables(root: str, names: list[str]) -> None:
+  for n in names:
+    log = os.path.join(root, n + ".log")
+    if not os.path.exists(log):
+      continue
+    lines = open(log, errors="replace").read().replace("\r", "\n").splitlines()
+    keep = [l for l in lines if (l.startswith("| ") and not l.startswith("|---")) or "stage seconds" in l
+            or "Error" in l]
+    print(f"### {n}")
+    print("\n".join(keep[-40:]))
+
+
+def archive(root: str, out: str) -> str:
+  path = os.path.join(out, "compose_study.tgz")
+  with tarfile.open(path, "w:gz") as tar:
+    for n in sorted(os.listdir(root)):
+      full = os.path.join(root, n)
+      if n.endswith(".log") or n in ("plan.json", "status.json"):
+        tar.add(full, arcname=n)
+      res = os.path.join(full, "eval", "results.json")
+      if os.path.isdir(full) and os.path.exists(res):
+        tar.add(res, arcname=f"{n}/eval/results.json")
+  return path
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) < 3 or argv[1] not in ("start", "wait", "schedule"):
+    raise SystemExit(__doc__)
+  mode, root = argv[1], argv[2]
+  f = _flags(argv[3:])
+  if mode == "start":
+    os.makedirs(root, exist_ok=True)
+    p = plan(root, f)
+    json.dump(p, open(os.path.join(root, "plan.json"), "w"), indent=1)
+    subprocess.Popen([sys.executable, os.path.abspath(__file__), "schedule", root], start_new_session=True,
+                     stdout=open(os.path.join(root, "scheduler.log"), "w"), stderr=subprocess.STDOUT,
+                     stdin=subprocess.DEVNULL, cwd=os.getcwd(), env=dict(os.environ))
+    print(f"planned {len(p['synth'])} self-study sets and {len(p['train'])} trainings under {root}")
+    for j in p["train"]:
+      print(" ", j["name"])
+    mode = "wait"
+  if mode == "schedule":
+    schedule(root)
+    return
+  deadline = time.time() + float(f["timeout"])
+  status = {}
+  while time.time() < deadline:
+    time.sleep(10)
+    sp = os.path.join(root, "status.json")
+    if os.path.exists(sp):
+      status = json.load(open(sp))
+      st = status["state"]
+      if all(s.split()[0] in ("done", "failed", "skipped") for s in st.values()):
+        break
+  print(json.dumps(status, indent=1))
+  sched = os.path.join(root, "scheduler.log")
+  if os.path.exists(sched) and os.path.getsize(sched):
+    print("scheduler.log:", open(sched).read()[-3000:])
+  st = status.get("state", {})
+  finished = [n for n, s in st.items() if not n.startswith("synth_") and s.split()[0] in ("done", "failed")]
+  _tables(root, finished)
+  if os.environ.get("OUT"):
+    print("archive:", archive(root, os.environ["OUT"]))
+  if st and all(s.split()[0] in ("done", "failed", "skipped") for s in st.values()):
+    print("all done")
+
+
+if __name__ == "__main__":
+  main(sys.argv)
