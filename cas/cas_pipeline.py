@@ -21,7 +21,14 @@ with cartridges trained alone), icl_composed@n (the same n documents as text in 
 model's own ceiling for reading n documents at once), monolithic (one cartridge, same total tokens N*p),
 cartridge_retrieved@k (the CAS cartridges of the top-k documents of the document index for the
 question, loaded together, shared positions, best first), rag_text@k (the top-k passages of the
-chunk index in the system message, like icl).
+chunk index in the system message, like icl), cartridge_gold_pair/<mode> (two-document questions
+only: the gold documents' CAS cartridges loaded together).
+
+Two-document questions (config.data.pair_share; Question.doc_ids, the gold documents): "own
+document" above means every gold document. icl reads both (icl_composed with the two gold
+documents), cartridge_oracle loads both cartridges (shared positions), composed@n always loads both
+plus n - 2 others (an n below 2 is evaluated on the single-document questions only: the row records
+how many it left out), and a retrieval counts as a hit only when every gold document is retrieved.
 """
 from __future__ import annotations
 
@@ -165,13 +172,7 @@ class CasStages:
       if skipped:
         check_cas_workdir(config, self.run_dir, recorded_unit_ids(self.synth_dir, [d.doc_id for d in self.docs]),
                           methods=skipped)
-    ids = {d.doc_id for d in self.docs}
-    kinds = tuple(config.eval.get("kinds", ("mc", "short")))
-    self.questions = [q for q in coll.questions if q.doc_id in ids and q.kind in kinds]
-    if config.eval.max_questions_per_doc:
-      per = {}
-      self.questions = [q for q in self.questions
-                        if per.setdefault(q.doc_id, []).append(q) or len(per[q.doc_id]) <= config.eval.max_questions_per_doc]
+    self.questions = self._select_questions(coll.questions, config.eval)
     if lm is None:
       lm = load_model(config.model_path, param_dtype=DTYPES[config.dtype], dtype=DTYPES[config.dtype],
                       remat=config.get("remat", "none"),
@@ -197,6 +198,31 @@ class CasStages:
     self.timings["load"] = time.time() - t
 
   # -- helpers ------------------------------------------------------------------
+  def _select_questions(self, questions, ec) -> list:
+    """The evaluated questions: eval.kinds, and every gold document in the run (a two-document
+    question whose partner is past data.num_docs is left out, logged). eval.max_questions_per_doc
+    caps single- and two-document questions separately, per (first gold) document: the collection
+    lists a document's two-document questions after its own, so one cap would drop them all."""
+    ids = {d.doc_id for d in self.docs}
+    kinds = tuple(ec.get("kinds", ("mc", "short")))
+    out = [q for q in questions if q.kind in kinds and q.doc_id in ids]
+    partial = [q for q in out if not all(d in ids for d in q.doc_ids)]
+    if partial:
+      logging.warning("%d multi-document questions left out: a gold document is not among the %d documents of "
+                      "the run (e.g. %s: %s)", len(partial), len(self.docs), partial[0].qid, list(partial[0].doc_ids))
+      out = [q for q in out if all(d in ids for d in q.doc_ids)]
+    cap = ec.max_questions_per_doc
+    if cap:
+      per: dict[tuple[str, bool], int] = {}
+      keep = []
+      for q in out:
+        key = (q.doc_id, q.is_multi_doc)
+        per[key] = per.get(key, 0) + 1
+        if per[key] <= cap:
+          keep.append(q)
+      out = keep
+    return out
+
   def _ids(self, doc: Document) -> list[int]:
     if doc.doc_id not in self._doc_ids_cache:
       self._doc_ids_cache = {doc.doc_id: self.tok.encode(doc.text)}
@@ -489,23 +515,52 @@ class CasStages:
       return store_name in stores
 
     def loaded(q, n):
-      """The n documents loaded for question q: its own + n-1 others, shuffled; fixed per (seed,
-      question, n), so cas_composed@n, isolated_composed@n and icl_composed@n load the same set."""
-      pool = [d for d in doc_ids if d != q.doc_id]
+      """The n documents loaded for question q: its gold documents (q.doc_ids: one, or two for a
+      two-document question) + n - len(q.doc_ids) others, shuffled; fixed per (seed, question, n),
+      so cas_composed@n, isolated_composed@n and icl_composed@n load the same set. n must be >=
+      len(q.doc_ids) (the callers evaluate such an n on the questions it can hold)."""
+      gold = list(q.doc_ids)
+      if n < len(gold):
+        raise ValueError(f"question {q.qid!r}: {len(gold)} gold documents {gold} do not fit in n={n} loaded")
+      pool = [d for d in doc_ids if d not in gold]
       rng = np.random.default_rng([ec.seed, n, _stable_seed(q.qid)])
-      ids = [str(d) for d in rng.choice(pool, size=min(n - 1, len(pool)), replace=False)] + [q.doc_id]
+      ids = [str(d) for d in rng.choice(pool, size=min(n - len(gold), len(pool)), replace=False)] + gold
       order = np.random.default_rng([ec.seed, n, _stable_seed(q.qid), 1]).permutation(len(ids))
       return [ids[i] for i in order]
 
+    def fitting(name, n):
+      """The questions whose gold documents fit in n loaded ones (all but the two-document
+      questions at n = 1), with a warning naming how many `name` leaves out."""
+      qs = [q for q in self.questions if len(q.doc_ids) <= n]
+      if len(qs) < len(self.questions):
+        logging.warning("%s: %d multi-document questions left out (their gold documents do not fit in %d loaded); "
+                        "evaluated on the other %d", name, len(self.questions) - len(qs), n, len(qs))
+      return qs
+
+    def gold_hit(q, docs):
+      """Whether every gold document of q is among the retrieved `docs`."""
+      return all(d in docs for d in q.doc_ids)
+
+    # The questions' identity: the qid, and for content / multi-document questions (whose text a
+    # generator change can alter under the same qid, and whose partner the qid does not name) also
+    # their gold documents, text and answer. Title questions hash as before (finished results kept).
+    q_keys = [q.qid if not (q.is_multi_doc or q.meta.get("refers") == "content")
+              else json.dumps([q.qid, list(q.doc_ids), q.question, q.answer, q.options], sort_keys=True)
+              for q in self.questions]
     base_sig = {"model": self.lm.fingerprint, "spec": repr(self.spec), "docs": self.retrieval["collection_fingerprint"],
-                "questions": hashlib.sha256("\n".join(q.qid for q in self.questions).encode()).hexdigest(),
+                "questions": hashlib.sha256("\n".join(q_keys).encode()).hexdigest(),
                 "eval": {k: ec.get(k) for k in ("max_new_tokens", "seed", "kinds", "max_questions_per_doc")}}
     if self.max_doc_tokens:  # the cartridges each document loads (its parts)
       base_sig["parts_of"] = self.parts_of
     jobs = []
 
-    def add(name, context_for, deps=(), extra=None, notes=None):
-      jobs.append({"name": name, "context_for": context_for, "deps": list(deps), "extra": extra or {}, "notes": notes})
+    def add(name, context_for, deps=(), extra=None, notes=None, questions=None):
+      """A method to evaluate; `questions`: the subset it is defined on (None = all)."""
+      if questions is not None and not questions:
+        logging.warning("skipping %s: none of the %d questions fits it", name, len(self.questions))
+        return
+      jobs.append({"name": name, "context_for": context_for, "deps": list(deps), "extra": extra or {}, "notes": notes,
+                   "questions": questions})
 
     retrieval_k = [int(k) for k in ec.get("retrieval_k", (1, 2, 4))]
     mk = self.retrieval["method_kind"]
@@ -525,17 +580,39 @@ class CasStages:
         ctx0 = ev.no_context()
         add(method, lambda q: ctx0)
       elif method == "icl":
+        # The question's gold documents in the prompt: its own document, or both documents of a
+        # two-document question (= icl_composed with the two gold documents, in doc_ids order).
         icl_cache = {}
 
         def icl_ctx(q, icl_cache=icl_cache):
-          if q.doc_id not in icl_cache:
+          key = tuple(q.doc_ids)
+          if key not in icl_cache:
             icl_cache.clear()
-            icl_cache[q.doc_id] = ev.icl([by_id[q.doc_id]])
-          return icl_cache[q.doc_id]
+            icl_cache[key] = ev.icl([by_id[d] for d in key])
+          return icl_cache[key]
         add(method, icl_ctx)
       elif method == "cartridge_oracle":
+        # the gold documents' CAS cartridges (both of a two-document question, shared positions)
         if have_store("cas", method):
-          add(method, lambda q: ev.cartridges(doc_carts("cas", [q.doc_id])), ["cas", store_state["cas"]])
+          add(method, lambda q: ev.cartridges(doc_carts("cas", list(q.doc_ids))), ["cas", store_state["cas"]])
+      elif method == "cartridge_gold_pair":
+        # Two-document questions only (not defined for the others): both gold documents' CAS
+        # cartridges (all their parts) loaded together, in each position mode.
+        if not have_store("cas", method):
+          continue
+        multi = [q for q in self.questions if q.is_multi_doc]
+        if not multi:
+          logging.warning("skipping %s: none of the %d questions needs two documents (config.data.pair_share=0, "
+                          "or a collection without them)", method, len(self.questions))
+          continue
+        for mode in position_modes:
+          notes = {}
+
+          def ctx_for(q, mode=mode, notes=notes):
+            notes[q.qid] = {"loaded": list(q.doc_ids)}
+            return ev.cartridges(doc_carts("cas", list(q.doc_ids)), mode=mode)
+          add(f"{method}/{mode}", ctx_for, ["cas", store_state["cas"]],
+              {"base_method": method, "num_loaded": 2, "position_mode": mode}, notes, multi)
       elif method in ("cas_composed", "isolated_composed"):
         store_name = "cas" if method == "cas_composed" else "isolated"
         if not have_store(store_name, method):
@@ -548,8 +625,9 @@ class CasStages:
               ids = loaded(q, n)
               notes[q.qid] = {"loaded": ids}
               return ev.cartridges(doc_carts(s, ids), mode=mode)
-            add(f"{method}@{n}/{mode}", ctx_for, [store_name, store_state[store_name]],
-                {"num_loaded": n, "position_mode": mode, "base_method": method}, notes)
+            name = f"{method}@{n}/{mode}"
+            add(name, ctx_for, [store_name, store_state[store_name]],
+                {"num_loaded": n, "position_mode": mode, "base_method": method}, notes, fitting(name, n))
       elif method == "icl_composed":
         # The model's own ceiling for composition: the same n documents as cas_composed@n, as text
         # in the system message (own + n-1 others, same order). Prompts past the model's
@@ -558,8 +636,9 @@ class CasStages:
         over_rule = ec.get("icl_composed_over_context", "evaluate")
         for n in num_loaded:
           notes = {}
-          if over_rule == "skip":  # "wherever the context fits": an n whose documents alone overflow is left out
-            longest = max(sum(self.doc_lengths[d] for d in loaded(q, n)) for q in self.questions)
+          qs = fitting(f"icl_composed@{n}", n)
+          if over_rule == "skip" and qs:  # "wherever the context fits": an n whose documents alone overflow is left out
+            longest = max(sum(self.doc_lengths[d] for d in loaded(q, n)) for q in qs)
             if longest > max_pos:
               logging.warning("skipping icl_composed@%d: %d documents hold up to %d tokens, past the model's "
                               "max_position_embeddings (%d); eval.icl_composed_over_context='skip'", n, n,
@@ -571,7 +650,7 @@ class CasStages:
             ctx = ev.icl([by_id[d] for d in ids])
             notes[q.qid] = {"loaded": ids, "over_context": ctx.prefix_tokens > max_pos}
             return ctx
-          add(f"icl_composed@{n}", ctx_for, [], {"num_loaded": n, "base_method": method}, notes)
+          add(f"icl_composed@{n}", ctx_for, [], {"num_loaded": n, "base_method": method}, notes, qs)
       elif method == "monolithic":
         path = os.path.join(self.run_dir, "monolithic", "cartridge")
         if not os.path.exists(path):
@@ -602,7 +681,7 @@ class CasStages:
             top = hits[q.qid][:k]  # [(doc_id, score)], best first
             ids = [d for d, _ in top]
             notes[q.qid] = {"retrieved": ids, "retrieval_scores": [float(s) for _, s in top],
-                            "retrieval_hit": q.doc_id in ids}
+                            "retrieval_hit": gold_hit(q, ids)}  # every gold document in the top k
             return ev.cartridges(doc_carts("cas", ids), mode="shared")
           add(f"cartridge_retrieved@{k}", ctx_for, ["cas", store_state["cas"], index.manifest()],
               {"base_method": method, "k": k, "num_loaded": k, "position_mode": "shared",
@@ -624,7 +703,7 @@ class CasStages:
             ids = [u for u, _ in top]
             docs = [index.unit(u).doc_id for u in ids]
             notes[q.qid] = {"retrieved": ids, "retrieved_docs": docs, "retrieval_scores": [float(s) for _, s in top],
-                            "retrieval_hit": q.doc_id in docs}
+                            "retrieval_hit": gold_hit(q, docs)}  # a passage of every gold document
             key = tuple(ids)
             if key not in rag_cache:
               if len(rag_cache) >= 8:
@@ -650,13 +729,22 @@ class CasStages:
         row["resumed"] = True
         rows.append(row)
         continue
-      row = run_method(name, self.questions, job["context_for"], ev)
+      questions = self.questions if job["questions"] is None else job["questions"]
+      row = run_method(name, questions, job["context_for"], ev)
+      if len(questions) < len(self.questions):
+        row["questions_left_out"] = len(self.questions) - len(questions)  # not defined for them (see fitting)
       notes = job["notes"]
       if notes:
         for qr in row["questions"]:
           qr.update(notes.get(qr["qid"], {}))
         if any("retrieval_hit" in n for n in notes.values()):
           row["retrieval_hit_rate"] = float(np.mean([n["retrieval_hit"] for n in notes.values()]))
+          multi = {q.qid for q in questions if q.is_multi_doc}
+          if multi:  # single- and two-document questions apart (a pair needs both documents)
+            row["retrieval_hit_rate_by_docs"] = {
+                name_: float(np.mean(hits)) for name_, hits in (
+                    ("single", [n["retrieval_hit"] for qid, n in notes.items() if qid not in multi]),
+                    ("pair", [n["retrieval_hit"] for qid, n in notes.items() if qid in multi])) if hits}
         if any("over_context" in n for n in notes.values()):
           row["over_context"] = int(sum(n["over_context"] for n in notes.values()))
           if row["over_context"]:

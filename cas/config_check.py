@@ -48,7 +48,7 @@ PIPELINE_STAGES = {"cas": ("synth", "train", "train_isolated", "train_monolithic
 TRAIN_STAGES = ("train", "train_isolated", "train_monolithic")
 CARTRIDGE_METHODS = ("no_context", "icl", "cartridge")
 CAS_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "icl_composed",
-               "monolithic", "cartridge_retrieved", "rag_text")
+               "monolithic", "cartridge_retrieved", "rag_text", "cartridge_gold_pair")
 COMPOSED_METHODS = ("cas_composed", "isolated_composed", "icl_composed")
 RETRIEVAL_METHODS = ("cartridge_retrieved", "rag_text")
 EVAL_KINDS = ("mc", "short")
@@ -509,9 +509,9 @@ def _check_eval(config, pipeline: str, add: Callable, stages: Sequence[str]) -> 
   modes = _tuple(_get(ec, "position_modes", ("shared",)))
   if any(m not in POSITION_MODES for m in modes):
     add("config.eval.position_modes", f"config.eval.position_modes={modes!r}: each must be one of {POSITION_MODES}")
-  elif not modes and any(m in ("cas_composed", "isolated_composed") for m in methods):
-    add("config.eval.position_modes", f"empty, but cas_composed / isolated_composed need at least one of "
-                                      f"{POSITION_MODES}")
+  elif not modes and any(m in ("cas_composed", "isolated_composed", "cartridge_gold_pair") for m in methods):
+    add("config.eval.position_modes", f"empty, but cas_composed / isolated_composed / cartridge_gold_pair need at "
+                                      f"least one of {POSITION_MODES}")
   rk = _tuple(_get(ec, "retrieval_k", (1, 2, 4)))
   if any(not _is_int(k) or k < 1 for k in rk):
     add("config.eval.retrieval_k", f"config.eval.retrieval_k={rk!r}: each must be an integer >= 1")

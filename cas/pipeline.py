@@ -83,7 +83,9 @@ class Stages:
       spec = CartridgeSpec.for_model(self.model.cfg, cc.num_tokens, cc.num_frozen)
       config_check.raise_problems(config_check.memory_problems(config, "cartridge", self.model, spec, num_docs=1,
                                                                stages=self.stages), what="the device memory")
-    self.questions = [q for q in coll.questions if q.doc_id == self.doc.doc_id]
+    # this document's questions; a two-document question (data.pair_share) needs a second document
+    # this pipeline does not load, so it is left out
+    self.questions = [q for q in coll.questions if q.doc_id == self.doc.doc_id and not q.is_multi_doc]
     if config.eval.max_questions:
       self.questions = self.questions[:config.eval.max_questions]
     self.synth_dir = os.path.join(workdir, "synth")

@@ -38,6 +38,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.seed = 0
   c.data.doc_index = 0
   c.data.words_per_doc = ml_collections.FieldReference(None, field_type=int)
+  # Built-in patients | products | minutes only (issue 21): how questions name their document, a
+  # comma-separated subset of "title,content"; None = the kind's default (today's questions)
+  c.data.question_refs = ml_collections.FieldReference(None, field_type=str)
+  # the share of two-document questions in the collection (0 = none); this pipeline trains one
+  # document's cartridge and evaluates its single-document questions
+  c.data.pair_share = 0.0
 
   c.synth = ml_collections.ConfigDict()
   c.synth.conversations = 96  # per document

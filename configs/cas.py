@@ -50,6 +50,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.num_docs = 4
   c.data.seed = 0
   c.data.words_per_doc = ml_collections.FieldReference(None, field_type=int)
+  # Built-in patients | products | minutes only (issue 21): how single-document questions name their
+  # document, a comma-separated subset of "title,content" (content: by a distinctive detail, not the
+  # title); None = the kind's default (today's questions). E.g. --config.data.question_refs=title,content
+  c.data.question_refs = ml_collections.FieldReference(None, field_type=str)
+  # the share of all questions that need two documents (compare / pick / add; 0 = none, e.g. 0.25);
+  # evaluated by every method, and alone by cartridge_gold_pair (eval.methods)
+  c.data.pair_share = 0.0
 
   c.synth = ml_collections.ConfigDict()
   c.synth.conversations = 8  # per document
@@ -124,6 +131,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   # + "icl_composed": the documents of cas_composed@n as text in the prompt (the model's own
   # ceiling for reading n documents; in the paper preset; minutes per n on a CPU)
+  # + "cartridge_gold_pair": the gold documents' CAS cartridges loaded together, on the two-document
+  # questions only (data.pair_share > 0), in each of eval.position_modes
   c.eval.methods = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "monolithic",
                     "cartridge_retrieved", "rag_text")
   c.eval.num_loaded = (1, 2)

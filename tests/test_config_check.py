@@ -195,7 +195,7 @@ def test_retrieval_k_and_question_options_are_checked():
   assert "retrieves [8] documents per question but the run has N=4 documents" in got["config.eval.retrieval_k"]
   c = cas_config("quick")
   with c.unlocked():
-    c.data.question_refs = ("name",)
+    c.data.question_refs = "name"
     c.data.pair_share = 2.0
   got = _where(check_config(c, "cas", devices=ONE, check_model=False))
   assert "question_refs=('name',)" in got["config.data.question_refs"]
