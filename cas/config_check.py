@@ -165,6 +165,27 @@ def _manifest_docs(path: str) -> int | None:
     return None
 
 
+def _check_saved_question_options(saved: str | None, refs, share: float, add: Callable) -> None:
+  """A built-in collection already written to the workdir (`saved`) is reused as it is: refuse
+  one written with other question options (config.data.question_refs / pair_share), which would
+  otherwise be ignored without a word."""
+  from cas.data.types import read_manifest
+  try:
+    meta = read_manifest(saved)["meta"] if saved else None
+  except (CollectionError, KeyError, TypeError):
+    return
+  if not isinstance(meta, dict):
+    return
+  have_refs = meta.get("question_refs")
+  have = (tuple(have_refs) if have_refs is not None else None, float(meta.get("pair_share") or 0.0))
+  if have != (refs, share):
+    field = "config.data.question_refs" if have[0] != refs else "config.data.pair_share"
+    fmt = lambda r: "None" if r is None else ",".join(r)
+    add(field, f"{saved} was written with question_refs={fmt(have[0])}, pair_share={have[1]}, but this run asks "
+               f"for question_refs={fmt(refs)}, pair_share={share}: the saved collection (and what was trained and "
+               f"evaluated on it) would be used as it is. Use another --workdir, or pass the saved options")
+
+
 # ----------------------------------------------------------------------------- pass 1: the config
 
 def check_config(config, pipeline: str, *, stages: Iterable[str] | None = None, workdir: str | None = None,
@@ -254,9 +275,11 @@ def _check_data(config, pipeline: str, add: Callable, workdir: str | None) -> in
                               "to use config.data.kind)", CollectionError)
   elif kind in synthetic.KINDS:
     try:
-      synthetic.check_question_options(_get(data, "question_refs"), _get(data, "pair_share", 0.0))
+      refs, share = synthetic.check_question_options(_get(data, "question_refs"), _get(data, "pair_share", 0.0))
     except ValueError as e:
       add("config.data.question_refs" if "question_refs" in str(e) else "config.data.pair_share", f"config.data.{e}")
+    else:
+      _check_saved_question_options(saved, refs, share, add)
     words = _get(data, "words_per_doc")
     if words is not None and (not _is_int(words) or words < 0):
       add("config.data.words_per_doc", f"config.data.words_per_doc={words!r} must be None or an integer >= 0")

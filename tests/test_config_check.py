@@ -199,3 +199,21 @@ def test_retrieval_k_and_question_options_are_checked():
     c.data.pair_share = 2.0
   got = _where(check_config(c, "cas", devices=ONE, check_model=False))
   assert "question_refs=('name',)" in got["config.data.question_refs"]
+
+
+def test_saved_collection_with_other_question_options_is_refused(tmp_path):
+  """A workdir's saved built-in collection is reused as it is: one written with other
+  question_refs / pair_share is refused (naming both), one with the same options passes."""
+  from cas.data.synthetic import write_synthetic_collection
+  w = str(tmp_path / "w")
+  write_synthetic_collection(os.path.join(w, "collection"), 4, 0, question_refs=("title", "content"),
+                             pair_share=0.25)
+  c = cas_config("quick")
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False, workdir=w))
+  assert "was written with question_refs=title,content, pair_share=0.25, but this run asks for " \
+         "question_refs=None, pair_share=0.0" in got["config.data.question_refs"]
+  c.data.question_refs = "title,content"
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False, workdir=w))
+  assert "pair_share=0.0" in got["config.data.pair_share"] and "config.data.question_refs" not in got
+  c.data.pair_share = 0.25
+  assert check_config(c, "cas", devices=ONE, check_model=False, workdir=w) == []
