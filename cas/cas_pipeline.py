@@ -178,7 +178,9 @@ class CasStages:
                       remat=config.get("remat", "none"),
                       layer_loop=config.get("layer_loop", "auto"))
     self.lm = lm
-    self.tok, self.model = self.lm.tokenizer, self.lm.model
+    # the prompt format of self-study and evaluation (config.prompt_format; cas.model.tokenizer)
+    self.tok = self.lm.tokenizer.with_prompt_format(config.get("prompt_format", "auto"))
+    self.model = self.lm.model
     self.sampler = Sampler(self.model, pad_id=self.tok.pad_id,
                            prompt_buckets=(64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192))
     self.spec = CartridgeSpec.for_model(self.model.cfg, cc.num_tokens, cc.num_frozen)

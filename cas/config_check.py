@@ -233,6 +233,7 @@ def check_config(config, pipeline: str, *, stages: Iterable[str] | None = None, 
 
 def _check_top(config, add: Callable, check_model: bool) -> None:
   from cas.model.llama import LAYER_LOOPS
+  from cas.model.tokenizer import PROMPT_FORMATS
   from cas.pipeline import DTYPES
   if check_model:
     from cas.model.errors import ModelLoadError
@@ -247,6 +248,10 @@ def _check_top(config, add: Callable, check_model: bool) -> None:
     add("config.remat", f"config.remat={config.get('remat')!r}: choose from {REMATS}")
   if config.get("layer_loop", "auto") not in LAYER_LOOPS:
     add("config.layer_loop", f"config.layer_loop={config.get('layer_loop')!r}: choose from {LAYER_LOOPS}")
+  if config.get("prompt_format", "auto") not in PROMPT_FORMATS:
+    add("config.prompt_format", f"config.prompt_format={config.get('prompt_format')!r}: choose from "
+                                f"{PROMPT_FORMATS} (auto: chat when the model's files carry a chat template, "
+                                f"else completion)")
 
 
 def _check_data(config, pipeline: str, add: Callable, workdir: str | None) -> int | None:

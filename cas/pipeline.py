@@ -70,7 +70,9 @@ class Stages:
     self.lm = load_model(config.model_path, param_dtype=DTYPES[config.dtype], dtype=DTYPES[config.dtype],
                          remat=config.get("remat", "none"),
                          layer_loop=config.get("layer_loop", "auto"))
-    self.tok, self.model = self.lm.tokenizer, self.lm.model
+    # the prompt format of self-study and evaluation (config.prompt_format; cas.model.tokenizer)
+    self.tok = self.lm.tokenizer.with_prompt_format(config.get("prompt_format", "auto"))
+    self.model = self.lm.model
     self.sampler = Sampler(self.model, pad_id=self.tok.pad_id,
                            prompt_buckets=(64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 6144, 8192))
     cc = config.cartridge

@@ -28,6 +28,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dtype = "float32"  # float32 | bfloat16 (compute and frozen weights; cartridges are fp32 masters)
   c.remat = "none"  # none | full | dots: recompute layer activations in the backward pass
   c.layer_loop = "auto"  # auto | scan | unrolled: auto unrolls training forwards on a GPU (faster)
+  # prompts of self-study and evaluation: "chat" (the chat template), "completion" (a base model:
+  # "{document}\n\nQuestion: {q}\nAnswer:", answers one line) or "auto" (chat when the model's files
+  # carry a chat template, else completion: the Gemma 3 270M base GGUF; cas.model.tokenizer)
+  c.prompt_format = "auto"
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ml_collections.FieldReference(None, field_type=str)  # a saved collection dir; None = built-in

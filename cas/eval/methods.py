@@ -7,6 +7,10 @@ Each method turns (documents, question) into a *context* = prefix KV plus prompt
                    built-in collection (the model copies the first options it sees);
   short answer:    generates greedily and counts it correct when any accepted answer appears
                    (case/punctuation-insensitive).
+Prompts follow the tokenizer's prompt format (cas.model.tokenizer; config.prompt_format): chat, or
+for a base model completion: "[BOS]{document}\n\nQuestion: {question}\nAnswer:" (icl; no_context and
+cartridges without the document), options scored after "Answer:" with their leading space, short
+answers generated until the end of the line.
 Reported per question: correctness, prompt tokens (what the model reads as text), KV-cache bytes
 of the context (text KV or cartridge KV, bf16 serving), and for multiple choice each option's
 mean per-token log-likelihood (`option_scores`).
@@ -42,8 +46,10 @@ def is_correct_short(output: str, answers: Sequence[str]) -> bool:
   return any(normalize(a) and normalize(a) in out for a in answers)
 
 
-def question_text(q: Question) -> str:
-  if q.kind == "mc":
+def question_text(q: Question, completion: bool = False) -> str:
+  """The user message of a question; a short-answer question asks for a brief answer, except in
+  completion format, whose answer is one line after "Answer:" anyway."""
+  if q.kind == "mc" or completion:
     return q.question
   return f"{q.question}\nAnswer briefly."
 
@@ -90,13 +96,14 @@ class Evaluator:
 
   def icl(self, docs: Sequence[Document]) -> Context:
     body = "\n\n".join(f"# {d.title}\n{d.text}" if d.title else d.text for d in docs)
-    return self._system_context(ICL_SYSTEM.format(documents=body))
+    return self._system_context(self.tok.document_context(ICL_SYSTEM.format(documents=body), body))
 
   def rag_text(self, chunks: Sequence[str]) -> Context:
     """Retrieved passages (best first) in the system message, as `icl` puts whole documents."""
     if not chunks:
       raise ValueError("rag_text needs at least one retrieved chunk")
-    return self._system_context(RAG_SYSTEM.format(passages="\n\n".join(chunks)))
+    passages = "\n\n".join(chunks)
+    return self._system_context(self.tok.document_context(RAG_SYSTEM.format(passages=passages), passages))
 
   def cartridge(self, k, v, position_offset: int | None = None) -> Context:
     """k, v: [L, P, Hkv, D] (one cartridge, or several composed by cas.cartridge.compose, whose
@@ -111,9 +118,9 @@ class Evaluator:
 
   # -- prompts ----------------------------------------------------------------
   def _prompt_ids(self, ctx: Context, q: Question) -> list[int]:
-    msgs = [{"role": "user", "content": question_text(q)}]
+    msgs = [{"role": "user", "content": question_text(q, self.tok.prompt_format == "completion")}]
     if ctx.system is None:
-      return self.tok.apply_chat_template(msgs, add_generation_prompt=True)
+      return self.tok.prompt_ids(msgs, add_generation_prompt=True)
     return self.tok.ids_after_system_prefix(ctx.system, msgs)
 
   def answer(self, ctx: Context, q: Question) -> QuestionResult:
@@ -121,7 +128,7 @@ class Evaluator:
     text_tokens = ctx.prefix_tokens + len(prompt)
     kv = (text_tokens + ctx.cartridge_tokens) * self.kv_tok_bytes
     if q.kind == "mc":
-      conts = [self.tok.encode(o) for o in q.options]
+      conts = [self.tok.encode(self.tok.answer_prefix + o) for o in q.options]
       s, n = score_continuations(self.model, ctx.prefix_kv, prompt, conts, position_offset=ctx.position_offset,
                                  text_prefix=ctx.prefix_tokens > 0)
       mean = s / np.maximum(n, 1)  # [num_options] f32
@@ -140,7 +147,7 @@ class Evaluator:
                       jnp.arange(k.shape[1], dtype=jnp.int32)[None] if text else None)
       off = int(k.shape[1]) if ctx.position_offset is None else ctx.position_offset
     res = self.sampler.generate([prompt], max_new_tokens=self.max_new_tokens, prefix=prefix,
-                                position_offset=off, stop_ids=self.tok.eos_ids)
+                                position_offset=off, stop_ids=self.tok.stop_ids)
     out = self.tok.decode(list(res.generations[0].tokens))
     return QuestionResult(q.qid, q.doc_id, "short", is_correct_short(out, q.correct_answers), out, text_tokens, kv)
 

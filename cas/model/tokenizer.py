@@ -21,9 +21,27 @@ A Gemma GGUF without `tokenizer.chat_template` (llama.cpp's converter of the *ba
 none) gets `GEMMA_CHAT_TEMPLATE`, the turn format of Google's Gemma 3 tokenizer_config.json
 (`<start_of_turn>user ... <end_of_turn>`, a system message prepended to the first user turn),
 when the vocabulary has its turn tokens; `<end_of_turn>` then ends generations.
+
+Prompt formats (`Tokenizer.prompt_format`; the pipelines' `config.prompt_format`):
+  chat        the chat template (instruction-tuned models; the default of a bare Tokenizer).
+  completion  plain text for a *base* model, which does not follow chat turns (Gemma 3 270M
+              copies the start of the user turn): a system message gives the document alone,
+              a user message is a question line, the answer is one line:
+                  [BOS] {document}\n\nQuestion: {question}\nAnswer: {answer}\n
+              (BOS when the tokenizer adds it to encoded text, as Gemma's and Llama 3's do).
+              Generation stops at the end of the line (`stop_ids`: every token whose text holds a
+              newline, plus the EOS ids); an answer starts with a space (`answer_prefix`).
+  auto        chat when the model's own files carry a chat template (an HF directory's
+              tokenizer_config.json / chat_template.jinja, a GGUF's tokenizer.chat_template: the
+              instruction models), completion when they carry none (the Gemma 3 base GGUF, for
+              which cas would supply Gemma's turn format). A base model whose files do carry a
+              template (e.g. google/gemma-3-270m as an HF directory) needs `completion` explicitly.
+`prompt_ids`, `system_prefix_ids`, `ids_after_system_prefix` and `document_context` follow the
+tokenizer's format; `with_prompt_format(fmt)` gives a copy in another format.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -100,6 +118,12 @@ GEMMA_CHAT_TEMPLATE = (
     "{%- endif -%}")
 GEMMA_TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 _REPLY_SENTINEL = "cas-reply-sentinel-7f3a"
+PROMPT_FORMATS = ("chat", "completion", "auto")
+# completion format: the pieces around a system message (document), question and answer
+COMPLETION_SYSTEM = "{system}\n\n"
+COMPLETION_USER = "Question: {content}\n"
+COMPLETION_GENERATION_PROMPT = "Answer:"
+COMPLETION_ASSISTANT = "Answer: {content}\n"
 
 
 def _offline() -> None:
@@ -190,9 +214,16 @@ _GGUF_TOKENIZER_KEYS = (
 class Tokenizer:
   """A transformers fast tokenizer plus the ids cas needs (bos, pad, every end-of-generation id)."""
 
-  def __init__(self, hf, *, source: str = "tokenizer", extra_eos_ids: Sequence[int] = ()):
+  prompt_format: str = "chat"  # "chat" | "completion" (resolved; see the module doc)
+
+  def __init__(self, hf, *, source: str = "tokenizer", extra_eos_ids: Sequence[int] = (),
+               supplied_chat_template: bool = False):
+    """supplied_chat_template: the chat template is cas's, not the model files' (a Gemma GGUF
+    without one gets GEMMA_CHAT_TEMPLATE); `prompt_format="auto"` then picks completion."""
     self.hf = hf
     self.source = source
+    self.supplied_chat_template = bool(supplied_chat_template)
+    self._newline_ids: tuple[int, ...] | None = None
     eos = []
     for i in [hf.eos_token_id, *extra_eos_ids, self._turn_end_id()]:
       if i is not None and int(i) not in eos:
@@ -252,14 +283,16 @@ class Tokenizer:
       except Exception as e:
         raise ModelLoadError(f"{path}: cannot build the {kind!r} tokenizer with transformers "
                              f"(needs torch installed): {e}") from e
+    supplied = False
     if not hf.chat_template and str(meta.get("general.architecture", "")).startswith("gemma"):
       vocab = hf.get_vocab()
       if all(t in vocab for t in GEMMA_TURN_TOKENS):
         logging.info("%s: no chat template in the GGUF; using Gemma 3's turn format", path)
         hf.chat_template = GEMMA_CHAT_TEMPLATE
+        supplied = True
     extra = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
              if k in meta]
-    return cls(hf, source=path, extra_eos_ids=extra)
+    return cls(hf, source=path, extra_eos_ids=extra, supplied_chat_template=supplied)
 
   # -- ids ---------------------------------------------------------------------------------
   def _special_ids(self) -> set[int]:
@@ -308,6 +341,97 @@ class Tokenizer:
   def chat_template(self) -> str | None:
     return self.hf.chat_template
 
+  @property
+  def has_own_chat_template(self) -> bool:
+    """Whether the model's files carry a chat template (not one cas supplied)."""
+    return bool(self.hf.chat_template) and not self.supplied_chat_template
+
+  # -- prompt format -----------------------------------------------------------------------
+  def resolve_prompt_format(self, fmt: str) -> str:
+    """"chat" or "completion" for `fmt` in PROMPT_FORMATS ("auto": chat when the model's files
+    carry a chat template, else completion)."""
+    if fmt not in PROMPT_FORMATS:
+      raise ValueError(f"prompt_format={fmt!r}: choose from {PROMPT_FORMATS}")
+    if fmt == "auto":
+      return "chat" if self.has_own_chat_template else "completion"
+    return fmt
+
+  def with_prompt_format(self, fmt: str) -> "Tokenizer":
+    """A copy of this tokenizer (sharing the vocabulary) whose prompts use `fmt` (resolved)."""
+    out = copy.copy(self)
+    out.prompt_format = self.resolve_prompt_format(fmt)
+    if out.prompt_format != self.prompt_format:
+      logging.info("%s: prompt format %s (asked: %s)", self.source, out.prompt_format, fmt)
+    return out
+
+  @property
+  def newline_ids(self) -> tuple[int, ...]:
+    """Every id whose text holds a line break (computed once per vocabulary)."""
+    if self._newline_ids is None:
+      texts = self.hf.batch_decode([[i] for i in range(len(self.hf))], skip_special_tokens=False)
+      self._newline_ids = tuple(i for i, t in enumerate(texts) if "\n" in t)
+    return self._newline_ids
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """Ids that end a generated answer: the EOS ids; in completion format also every token
+    holding a line break (the answer is one line)."""
+    if self.prompt_format == "completion":
+      return self._eos_ids + tuple(i for i in self.newline_ids if i not in self._eos_ids)
+    return self._eos_ids
+
+  @property
+  def answer_prefix(self) -> str:
+    """Text before an answer's first word right after the prompt (completion: the space after
+    "Answer:"), e.g. for scoring multiple-choice options."""
+    return " " if self.prompt_format == "completion" else ""
+
+  def document_context(self, chat_text: str, document: str) -> str:
+    """The system message that gives the model `document`: in chat format `chat_text` (an
+    instruction around the document), in completion format the document alone."""
+    return document if self.prompt_format == "completion" else chat_text
+
+  def _bos_prefix(self) -> list[int]:
+    """[BOS] when the tokenizer adds BOS to encoded text (Gemma, Llama 3), else []."""
+    bos = self.bos_id
+    if bos is None:
+      return []
+    probe = self.hf.encode("a", add_special_tokens=True)
+    return [int(bos)] if probe and probe[0] == bos else []
+
+  def _completion_text(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The completion-format text of user/assistant messages (no system message)."""
+    parts = []
+    for m in messages:
+      role, content = m["role"], str(m["content"]).strip()
+      if role == "user":
+        parts.append(COMPLETION_USER.format(content=content))
+      elif role == "assistant":
+        parts.append(COMPLETION_ASSISTANT.format(content=content))
+      else:
+        raise ValueError(f"{self.source}: completion format: a {role!r} message may only come first "
+                         "(system) or be 'user'/'assistant'")
+    if add_generation_prompt:
+      parts.append(COMPLETION_GENERATION_PROMPT)
+    return "".join(parts)
+
+  def _completion_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """[BOS] + the system message's piece + the conversation's piece, each tokenized alone (so a
+    conversation with a document is its document prefix followed by the same tokens as without)."""
+    msgs = list(messages)
+    ids = self._bos_prefix()
+    if msgs and msgs[0]["role"] == "system":
+      ids += self.encode(COMPLETION_SYSTEM.format(system=str(msgs.pop(0)["content"]).strip()))
+    return ids + self.encode(self._completion_text(msgs, add_generation_prompt))
+
+  def prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of `messages` in this tokenizer's prompt format: `apply_chat_template` (chat),
+    or the completion form (module doc). The one function self-study and evaluation build their
+    prompts with."""
+    if self.prompt_format == "completion":
+      return self._completion_ids(messages, add_generation_prompt)
+    return self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
   # -- text <-> ids ------------------------------------------------------------------------
   def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
     return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
@@ -353,7 +477,9 @@ class Tokenizer:
     prefilling a document once (ICL). Templates that render the system message as its own turn:
     that turn (`apply_chat_template([system])`, as before). Templates that fold it into the first
     user turn (Gemma): everything up to the user's own words (BOS, the user-turn header, the
-    system text and its separator)."""
+    system text and its separator). Completion format: [BOS] + the document piece."""
+    if self.prompt_format == "completion":
+      return self._completion_ids([{"role": "system", "content": system}], add_generation_prompt=False)
     if self._system_rendering_holds_it(system):
       return self.apply_chat_template([{"role": "system", "content": system}], add_generation_prompt=False)
     return self.encode(self._system_prefix_text(system))
@@ -363,6 +489,8 @@ class Tokenizer:
     """The ids that follow `system_prefix_ids(system)` in the conversation [system] + messages.
     Where the template folds the system message into the user turn, the rest of the rendered
     text is tokenized on its own (the boundary falls after the system text's separator)."""
+    if self.prompt_format == "completion":
+      return self.encode(self._completion_text(list(messages), add_generation_prompt))
     conv = [{"role": "system", "content": system}] + list(messages)
     if self._system_rendering_holds_it(system):
       prefix = self.system_prefix_ids(system)
@@ -379,5 +507,6 @@ class Tokenizer:
     return self.encode(text[len(head):])
 
   def __repr__(self) -> str:
+    fmt = "" if self.prompt_format == "chat" else f", prompt_format={self.prompt_format!r}"
     return (f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
-            f"pad_id={self.pad_id}, eos_ids={self.eos_ids})")
+            f"pad_id={self.pad_id}, eos_ids={self.eos_ids}{fmt})")

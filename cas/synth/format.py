@@ -7,7 +7,8 @@ A dataset directory holds
 One record (a `Conversation`):
   doc_id         str
   prompt_ids     int32 [Tp]     student context before the answer: chat-formatted user turn and the
-                                assistant header, *without* the document (the student sees the cartridge)
+                                assistant header (completion format: "Question: ...\nAnswer:"),
+                                *without* the document (the student sees the cartridge)
   answer_ids     int32 [Ta]     assistant tokens as generated (end-of-turn token included)
   topk_ids       int32 [Ta, K]  teacher's top-k token ids at each answer position
   topk_logprobs  f32   [Ta, K]  teacher's log-probs for those ids (document chunk in context)

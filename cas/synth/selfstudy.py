@@ -17,6 +17,14 @@ document's facts); a grounded request makes bot B restate the passage with its d
 skips bot A's generation. `families` may repeat a name to weight it (each conversation draws
 one entry uniformly).
 
+Prompt format (the tokenizer's, `config.prompt_format`; cas.model.tokenizer): in chat format
+the chunk sits in the bots' system messages (BOT_A_SYSTEM, BOT_B_SYSTEM) and the turns are the
+chat template's; in completion format (base models) bot B reads
+"[BOS]{chunk}\n\nQuestion: {user message}\nAnswer:" and answers until the end of the line
+(the newline token is the answer's last token), bot A the same with the seed prompt as the
+question, and the student's prompt is "[BOS]Question: {user message}\nAnswer:" (no chunk, no
+chat tokens). A dataset's manifest records a non-chat format; resuming in another is refused.
+
 Conversations are generated in shards of `shard_size`; shard i's content is a pure function of
 (seed, i), so a killed job resumes by generating only the shards that are missing. Documents
 are handled one at a time (conversation g belongs to document g // conversations_per_doc).
@@ -310,11 +318,28 @@ def _generate_grouped(sampler, prompts: list[list[int]], keys: list, **kwargs) -
   return out
 
 
+def prompt_format_of(tokenizer) -> str:
+  """The tokenizer's prompt format ("chat" for a tokenizer without one)."""
+  return getattr(tokenizer, "prompt_format", "chat")
+
+
+def prompt_functions(tokenizer):
+  """(prompt_ids(messages), document_context(chat_text, document), stop_ids) of the tokenizer's
+  prompt format (cas.model.tokenizer): chat = the chat template, the instruction around the
+  chunk, EOS; completion = "{chunk}\\n\\nQuestion: {user}\\nAnswer:", the chunk alone, EOS and
+  every newline token (the answer is one line). A tokenizer without prompt formats is chat."""
+  if hasattr(tokenizer, "prompt_ids"):
+    return tokenizer.prompt_ids, tokenizer.document_context, tuple(tokenizer.stop_ids)
+  return (lambda msgs: tokenizer.apply_chat_template(msgs, add_generation_prompt=True),
+          lambda chat_text, document: chat_text, tuple(tokenizer.eos_ids))
+
+
 def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], tokenizer, sampler,
                    cfg: SynthConfig, on_tokens: Callable[[int], None] | None = None) -> list[Conversation]:
   total = len(docs) * cfg.conversations_per_doc
   gs = range(shard * cfg.shard_size, min(total, (shard + 1) * cfg.shard_size))
   convs: list[Conversation] = []
+  prompt_ids, document_context, stop_ids = prompt_functions(tokenizer)
   for b0 in range(0, len(gs), cfg.batch_size):
     batch = list(gs[b0:b0 + cfg.batch_size])
     plans, chunks = [], []
@@ -332,22 +357,22 @@ def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], token
     ask = [j for j, p in enumerate(plans) if p[2] not in TEMPLATE_PROMPTS]
     ra = []
     if ask:
-      a_prompts = [tokenizer.apply_chat_template(
-          [{"role": "system", "content": BOT_A_SYSTEM.format(chunk=chunks[j])},
-           {"role": "user", "content": plans[j][3]}], add_generation_prompt=True) for j in ask]
+      a_prompts = [prompt_ids(
+          [{"role": "system", "content": document_context(BOT_A_SYSTEM.format(chunk=chunks[j]), chunks[j])},
+           {"role": "user", "content": plans[j][3]}]) for j in ask]
       ra = _generate_grouped(sampler, a_prompts, [plans[j][:2] for j in ask], max_new_tokens=cfg.max_user_tokens,
-                             temperature=cfg.temperature_a, stop_ids=tokenizer.eos_ids, seed=seed)
+                             temperature=cfg.temperature_a, stop_ids=stop_ids, seed=seed)
       for j, gen in zip(ask, ra):
-        toks = [t for t in gen.tokens.tolist() if t not in tokenizer.eos_ids]
+        toks = [t for t in gen.tokens.tolist() if t not in stop_ids]
         user_msgs[j] = tokenizer.decode(toks).strip() or "Tell me about this part of the document."
-    b_prompts = [tokenizer.apply_chat_template(
-        [{"role": "system", "content": BOT_B_SYSTEM.format(chunk=c)}, {"role": "user", "content": u}],
-        add_generation_prompt=True) for c, u in zip(chunks, user_msgs)]
+    b_prompts = [prompt_ids(
+        [{"role": "system", "content": document_context(BOT_B_SYSTEM.format(chunk=c), c)},
+         {"role": "user", "content": u}]) for c, u in zip(chunks, user_msgs)]
     rb = _generate_grouped(sampler, b_prompts, [p[:2] for p in plans], max_new_tokens=cfg.max_answer_tokens,
-                           temperature=cfg.temperature_b, stop_ids=tokenizer.eos_ids, top_k_logprobs=cfg.top_k,
+                           temperature=cfg.temperature_b, stop_ids=stop_ids, top_k_logprobs=cfg.top_k,
                            seed=seed + 1)
     for p, u, gen in zip(plans, user_msgs, rb):
-      student_prompt = tokenizer.apply_chat_template([{"role": "user", "content": u}], add_generation_prompt=True)
+      student_prompt = prompt_ids([{"role": "user", "content": u}])
       convs.append(Conversation(doc_ids[p[0]], np.asarray(student_prompt, np.int32), gen.tokens.astype(np.int32),
                                 gen.top_ids.astype(np.int32), gen.top_logprobs.astype(np.float32), p[2], p[1]))
     if on_tokens:
@@ -423,9 +448,12 @@ def _remove_temp_files(out_dir: str) -> None:
 def _synthesize(out_dir: str, *, documents, tokenizer, sampler, cfg: SynthConfig, model_fingerprint: str,
                 model_source: str, stop_after_shards: int | None, manifest_extra: dict) -> dict:
   doc_ids = [d.doc_id for d in documents]
+  fmt = prompt_format_of(tokenizer)
   header = {"format_version": FORMAT_VERSION, "model_fingerprint": model_fingerprint,
             "model_source": model_source, "config": cfg.manifest_fields(), "doc_ids": doc_ids,
             "top_k": cfg.top_k, "eos_ids": list(tokenizer.eos_ids), **manifest_extra}
+  if fmt != "chat":  # chat datasets (all written before the field existed) keep resuming
+    header["prompt_format"] = fmt
   recorded: dict[str, str] = {}  # shard name -> sha256 in the existing manifest
   if os.path.exists(os.path.join(out_dir, MANIFEST)):
     old = read_manifest(out_dir)
@@ -433,6 +461,10 @@ def _synthesize(out_dir: str, *, documents, tokenizer, sampler, cfg: SynthConfig
       if old.get(k) != header[k]:
         raise SynthDataError(f"{out_dir}: existing dataset has a different {k} "
                              f"({old.get(k)!r:.200} vs {header[k]!r:.200}); use another directory")
+    if old.get("prompt_format", "chat") != fmt:
+      raise SynthDataError(f"{out_dir}: existing dataset was written in prompt format "
+                           f"{old.get('prompt_format', 'chat')!r}, this run asks for {fmt!r} "
+                           f"(config.prompt_format); use another directory")
     recorded = {e["name"]: e["sha256"] for e in old.get("shards", []) if isinstance(e, dict) and e.get("sha256")}
   total = len(documents) * cfg.conversations_per_doc
   num_shards = -(-total // cfg.shard_size)
