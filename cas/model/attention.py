@@ -153,9 +153,15 @@ def split_attention(q: Array, pk: Array, pv: Array, prefix_mask: Array, k: Array
   """Attention over [prefix keys ; self keys] without concatenating them.
 
   q [B, T, H, D]; pk, pv [B or 1, P, Hkv, D] (post-RoPE prefix keys, 1 = shared by all rows);
-  prefix_mask [B, P] or [B, T, P] bool; k, v [B, S, Hkv, D]; self_mask [B, T, S] bool.
+  prefix_mask [B or 1, P] or [B or 1, T or 1, P] bool; k, v [B, S, Hkv, D]; self_mask [B, T, S] bool.
   Returns [B, T, H, D] in q.dtype, equal to `reference_attention(q, concat(pk, k), concat(pv, v),
   concat(prefix_mask, self_mask))` on rows with at least one visible key (0 on fully masked rows).
+
+  A shared prefix (pk, pv [1, P, Hkv, D]) is attended once for the whole batch: its scores are one
+  contraction of all B*T*G queries of a kv head against the P keys (`_partial_attention`), so
+  the prefix KV is read once per call, never copied per row; its softmax partials (max, sum,
+  weighted values) are merged with each row's own part by log-sum-exp. The model takes this form
+  for a batch-1 prefix (the sampler's shared document) outside fused kernels (`runs_fused`).
   """
   b, t, h, d = q.shape
   hkv = k.shape[2]
@@ -189,6 +195,19 @@ def make_split_attention(num_prefix: int) -> AttentionFn:
     return split_attention(q, k[:, :p], v[:, :p], mask[:, :, :p], k[:, p:], v[:, p:], mask[:, :, p:])
 
   return attention
+
+
+def runs_fused(fn: AttentionFn, t: int, dtype) -> bool:
+  """Whether the 4-argument attention `fn` runs cuDNN's fused kernel for `t` queries per row of
+  `dtype` on this backend (`cudnn_attention`: CUDA and bf16/fp16; `auto_attention`: the same with
+  t > 1). The model keeps such calls on their kernel rather than taking the shared-prefix form
+  (`split_attention` with a batch-1 prefix), whose scores are f32 in HBM."""
+  half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  if fn is cudnn_attention:
+    return half and _on_cuda()
+  if fn is auto_attention:
+    return t > 1 and half and _on_cuda()
+  return False
 
 
 def auto_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:

@@ -46,9 +46,11 @@ NEG_INF = -1e30
 class Prefix(NamedTuple):
   """Per-layer prefix KV (a cartridge or several assembled ones).
 
-  k, v: [L, B, P, Hkv, D], keys already rotated (post-RoPE); B may be 1 (the same prefix for
-    every row) where mask is None.
-  mask: [B, P] or [B, T, P] bool, True where the query may attend to that prefix slot; or None:
+  k, v: [L, B, P, Hkv, D], keys already rotated (post-RoPE); B may be 1: the same prefix for
+    every row, attended once per layer for the whole batch (never copied per row) except where
+    a fused kernel runs the call (`cas.model.attention.runs_fused`: cuDNN prefill on CUDA) or
+    the training path's prefix + packed form takes it.
+  mask: [B or 1, P] or [B or 1, T, P] bool, True where the query may attend to that prefix slot; or None:
     every slot visible to every query (lets attention skip the mask: `cas.model.attention`).
   positions: None for a cartridge (visible on every layer: the module docstring's rule); or
     [B or 1, P] int32, the positions of a *text* prefix (ordinary context prefilled once, e.g.
@@ -313,23 +315,6 @@ class Transformer(nnx.Module):
       kp = k_pos if k_pos is not None else jnp.broadcast_to(k_idx, (b, k_idx.shape[0]))
       near = (positions[:, :, None] - kp[:, None, :]) < cfg.sliding_window  # [B, T, S]
       local_self_mask = self_mask & near
-    if prefix is not None:
-      pm = prefix.mask
-      if pm is None:
-        pm = jnp.ones((b, prefix.k.shape[2]), bool)
-      if pm.ndim == 2:
-        pm = jnp.broadcast_to(pm[:, None, :], (b, t, pm.shape[-1]))
-      mask = jnp.concatenate([pm, self_mask], axis=-1)
-      if sliding:  # a cartridge stays visible on sliding-window layers (module docstring) ...
-        local_pm = pm
-        if prefix.positions is not None:  # ... a text prefix is windowed like the row's own tokens
-          pp = prefix.positions.astype(jnp.int32)  # [B or 1, P]
-          local_pm = pm & ((positions[:, :, None] - pp[:, None, :]) < cfg.sliding_window)
-        local_mask = jnp.concatenate([local_pm, local_self_mask], axis=-1)
-    else:
-      mask = self_mask
-      local_mask = local_self_mask
-
     from cas.model import attention as attn_lib
     # Benchmarks may force one implementation for every model (cas.model.attention.install).
     if ATTENTION_OVERRIDE is not None:
@@ -345,11 +330,32 @@ class Transformer(nnx.Module):
       # the packed form has no window: only rows no longer than the window (positions of one
       # segment advance by one per token, so no pair is `sliding_window` apart) may take it
       packed_fn = None
-    if prefix is not None and packed_fn is None and prefix.k.shape[1] != b:
-      # a prefix shared by every row ([L, 1, P, Hkv, D]) meets the 4-argument path per row
-      prefix = Prefix(jnp.broadcast_to(prefix.k, prefix.k.shape[:1] + (b,) + prefix.k.shape[2:]),
-                      jnp.broadcast_to(prefix.v, prefix.v.shape[:1] + (b,) + prefix.v.shape[2:]),
-                      prefix.mask, prefix.positions)
+    # A prefix shared by every row ([L, 1, P, Hkv, D], e.g. the sampler's shared document) outside
+    # the packed form: attended once for the whole batch (`attn_lib.split_attention`: the prefix
+    # KV is read once per layer and step, not copied per row), unless the 4-argument attention
+    # runs a fused kernel for this call (cuDNN prefill on CUDA), which gets the prefix per row.
+    shared = (prefix is not None and packed_fn is None and prefix.k.shape[1] == 1 and b > 1
+              and not attn_lib.runs_fused(attn_fn, t, dt))
+    per_row = prefix is not None and packed_fn is None and not shared and prefix.k.shape[1] != b
+
+    if prefix is not None:
+      pm = prefix.mask
+      if pm is None:
+        pm = jnp.ones((1 if shared else b, prefix.k.shape[2]), bool)
+      if pm.ndim == 2:  # [B or 1, P] -> [B, T, P] (shared form: [B or 1, 1, P], broadcast later)
+        pm = pm[:, None, :] if shared else jnp.broadcast_to(pm[:, None, :], (b, t, pm.shape[-1]))
+      if not shared:
+        mask = jnp.concatenate([pm, self_mask], axis=-1)
+      if sliding:  # a cartridge stays visible on sliding-window layers (module docstring) ...
+        local_pm = pm
+        if prefix.positions is not None:  # ... a text prefix is windowed like the row's own tokens
+          pp = prefix.positions.astype(jnp.int32)  # [B or 1, P]
+          local_pm = pm & ((positions[:, :, None] - pp[:, None, :]) < cfg.sliding_window)  # [B, T, P]
+        if not shared:
+          local_mask = jnp.concatenate([local_pm, local_self_mask], axis=-1)
+    else:
+      mask = self_mask
+      local_mask = local_self_mask
 
     qpas = cfg.query_pre_attn_scalar
     q_scale = 1.0 if qpas in (None, cfg.head_dim) else math.sqrt(cfg.head_dim / qpas)
@@ -385,7 +391,14 @@ class Transformer(nnx.Module):
         keys, vals = k, v
       if packed_fn is not None:
         a = packed_fn(q, pk.astype(dt), pv.astype(dt), keys, vals, segment_ids)
+      elif shared:  # pk, pv [1, P, Hkv, D]: one pass over the prefix for all B rows
+        pmk = jnp.where(w["sliding"], local_pm, pm) if sliding else pm  # [B or 1, T or 1, P] bool
+        smk = jnp.where(w["sliding"], local_self_mask, self_mask) if sliding else self_mask  # [B, T, S]
+        a = attn_lib.split_attention(q, pk.astype(dt), pv.astype(dt), pmk, keys, vals, smk)
       else:
+        if per_row:  # a shared prefix [1, P, Hkv, D] copied per row, one layer at a time
+          pk = jnp.broadcast_to(pk, (b,) + pk.shape[1:])
+          pv = jnp.broadcast_to(pv, (b,) + pv.shape[1:])
         if pk is not None:
           keys = jnp.concatenate([pk.astype(dt), keys], axis=1)
           vals = jnp.concatenate([pv.astype(dt), vals], axis=1)

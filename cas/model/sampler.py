@@ -26,10 +26,17 @@ common tokens are prefilled once, as a shared prefix, and only each prompt's own
 prefilled per row (the same computation, in a different summation order; on a sliding-window
 model the shared prefix carries its positions, so the local layers still see only the last
 `sliding_window` positions of it, as in `generate`).
+
+A prefix of batch 1 (generate_shared's document, or one cartridge for every prompt) reaches the
+model as it is (`shared_prefix="once"`, the default): the model attends it once per layer and
+step for the whole batch (`cas.model.llama.Prefix`), so a decode step reads the prefix KV once,
+not once per row. `shared_prefix="broadcast"` (or the environment variable
+CAS_SHARED_PREFIX=broadcast) copies it to every row first, as before (benchmarks compare the two).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -45,6 +52,8 @@ Array = jax.Array
 DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+SHARED_PREFIX_MODES = ("once", "broadcast")
+SHARED_PREFIX_ENV = "CAS_SHARED_PREFIX"  # default of Sampler(shared_prefix=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,13 +127,16 @@ class Sampler:
     cache_dtype: KV-cache dtype; None = the model's compute dtype.
     prefix_multiple: prefix lengths are padded (masked slots) up to a multiple of this, so
       prefixes of varying length share programs.
+    shared_prefix: how a prefix of batch 1 is attended: "once" (for the whole batch per layer
+      and step) or "broadcast" (copied to every row, the earlier path; for before/after
+      measurements). None: the environment variable CAS_SHARED_PREFIX, else "once".
   """
 
   def __init__(self, model: Transformer, *, pad_id: int,
                prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
                new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS,
-               cache_dtype: Any = None, prefix_multiple: int = 64):
+               cache_dtype: Any = None, prefix_multiple: int = 64, shared_prefix: str | None = None):
     for name, b in (("prompt_buckets", prompt_buckets), ("batch_buckets", batch_buckets),
                     ("new_token_buckets", new_token_buckets)):
       if not b or list(b) != sorted(b) or b[0] < 1:
@@ -141,6 +153,12 @@ class Sampler:
     if prefix_multiple < 1:
       raise ValueError(f"Sampler: prefix_multiple must be >= 1, got {prefix_multiple}")
     self.prefix_multiple = int(prefix_multiple)
+    if shared_prefix is None:
+      shared_prefix = os.environ.get(SHARED_PREFIX_ENV) or "once"
+    if shared_prefix not in SHARED_PREFIX_MODES:
+      raise ValueError(f"Sampler: shared_prefix={shared_prefix!r} (or ${SHARED_PREFIX_ENV}); choose from "
+                       f"{SHARED_PREFIX_MODES}")
+    self.shared_prefix = shared_prefix
     self._graphdef, self._state = nnx.split(model)
     self._model = model
     self._programs: dict[tuple, Any] = {}
@@ -269,8 +287,50 @@ class Sampler:
       raise ValueError(f"Sampler.generate: prefix positions shape {tuple(prefix.positions.shape)} "
                        f"must be {(bp, p)} or {(1, p)}")
 
+  def lower(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+            temperature: float = 0.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+            prefix: Prefix | None = None, position_offset: int | Sequence[int] = 0,
+            top_k_logprobs: int = 0, seed: int = 0) -> jax.stages.Lowered:
+    """The program `generate` would run for these arguments, lowered (not run, not cached): for
+    tests and benchmarks that inspect it (`.as_text()`, `.compile().memory_analysis()`). The
+    prompts must fit one batch bucket (at most the largest); arguments as in `generate`."""
+    n = len(prompts)
+    prompts = [list(map(int, p)) for p in prompts]
+    self._validate(prompts, max_new_tokens, temperature, top_p, top_k_logprobs)
+    if not 0 < n <= self.batch_buckets[-1] or max_new_tokens < 1:
+      raise ValueError(f"Sampler.lower: need 1..{self.batch_buckets[-1]} prompts and max_new_tokens >= 1, "
+                       f"got {n} and {max_new_tokens}")
+    if prefix is not None:
+      self._validate_prefix(prefix, n)
+    offsets = np.broadcast_to(np.asarray(position_offset, np.int32), (n,)).copy()
+    _, program, args = self._program_and_args(
+        prompts, offsets, prefix, max_new_tokens=max_new_tokens, temperature=float(temperature),
+        top_p=float(top_p), stop=sorted(set(int(s) for s in stop_ids)), top_k=int(top_k_logprobs),
+        seed=int(seed), row_start=0, cache=False)
+    return program.lower(*args)
+
   def _generate_batch(self, prompts, offsets, prefix, *, max_new_tokens, temperature, top_p,
                       stop, top_k, seed, row_start) -> list[Generation]:
+    lengths, program, args = self._program_and_args(
+        prompts, offsets, prefix, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, stop=stop, top_k=top_k, seed=seed, row_start=row_start)
+    res = program(*args)
+    toks, tok_lp, top_ids, top_lp, n_gen, stopped = jax.device_get(res)
+    out = []
+    for i in range(len(prompts)):
+      m = int(n_gen[i])
+      out.append(Generation(
+          tokens=np.asarray(toks[i, :m], np.int32),
+          token_logprobs=np.asarray(tok_lp[i, :m], np.float32),
+          top_ids=np.asarray(top_ids[i, :m], np.int32),
+          top_logprobs=np.asarray(top_lp[i, :m], np.float32),
+          finish_reason="stop" if stopped[i] else "length",
+          num_prompt_tokens=int(lengths[i])))
+    return out
+
+  def _program_and_args(self, prompts, offsets, prefix, *, max_new_tokens, temperature, top_p,
+                        stop, top_k, seed, row_start, cache: bool = True):
+    """(prompt lengths [n] int32, the jitted program for the buckets, its arguments)."""
     n = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
     b = bucket_size(n, self.batch_buckets)
@@ -316,22 +376,13 @@ class Sampler:
     key = (b, tp, tn, top_k, greedy, use_top_p, nstop, prefix_sig)
     program = self._programs.get(key)
     if program is None:
-      program = self._programs[key] = self._build_program(b, tp, tn, top_k, greedy, use_top_p)
-    res = program(self._state, tokens, lengths_b, offsets_b, live, pk, pv, pm, pp, stop_arr,
-                   np.int32(max_new_tokens), np.float32(max(temperature, 1e-6)),
-                   np.float32(top_p), np.uint32(seed % 2**32), np.int32(row_start))
-    toks, tok_lp, top_ids, top_lp, n_gen, stopped = jax.device_get(res)
-    out = []
-    for i in range(n):
-      m = int(n_gen[i])
-      out.append(Generation(
-          tokens=np.asarray(toks[i, :m], np.int32),
-          token_logprobs=np.asarray(tok_lp[i, :m], np.float32),
-          top_ids=np.asarray(top_ids[i, :m], np.int32),
-          top_logprobs=np.asarray(top_lp[i, :m], np.float32),
-          finish_reason="stop" if stopped[i] else "length",
-          num_prompt_tokens=int(lengths[i])))
-    return out
+      program = self._build_program(b, tp, tn, top_k, greedy, use_top_p)
+      if cache:
+        self._programs[key] = program
+    args = (self._state, tokens, lengths_b, offsets_b, live, pk, pv, pm, pp, stop_arr,
+            np.int32(max_new_tokens), np.float32(max(temperature, 1e-6)),
+            np.float32(top_p), np.uint32(seed % 2**32), np.int32(row_start))
+    return lengths, program, args
 
   def _build_program(self, b: int, tp: int, tn: int, top_k: int, greedy: bool, use_top_p: bool):
     """The jitted prefill + decode program for one bucket combination."""
@@ -348,7 +399,9 @@ class Sampler:
                    None if pk is None else pk.shape)
       model = nnx.merge(graphdef, state)
       prefix = None
-      if pk is not None:
+      if pk is not None and (pk.shape[1] == b or self.shared_prefix == "once"):
+        prefix = Prefix(pk, pv, pm, pp)  # batch 1: the model attends it once for all rows
+      elif pk is not None:  # "broadcast": the shared prefix copied to every row (earlier path)
         shape = (pk.shape[0], b) + pk.shape[2:]
         prefix = Prefix(jnp.broadcast_to(pk, shape), jnp.broadcast_to(pv, shape),
                         jnp.broadcast_to(pm, (b, pm.shape[1])),
