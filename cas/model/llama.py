@@ -47,9 +47,10 @@ class Prefix(NamedTuple):
   """Per-layer prefix KV (a cartridge or several assembled ones).
 
   k, v: [L, B, P, Hkv, D], keys already rotated (post-RoPE); B may be 1: the same prefix for
-    every row, attended once per layer for the whole batch (never copied per row) except where
-    a fused kernel runs the call (`cas.model.attention.runs_fused`: cuDNN prefill on CUDA) or
-    the training path's prefix + packed form takes it.
+    every row; in a call with a cache (decoding) it is attended once per layer for the whole
+    batch (never copied per row) unless a fused kernel runs the call
+    (`cas.model.attention.runs_fused`: cuDNN prefill on CUDA); without a cache the prefix +
+    packed form takes it (training on CUDA) or it is copied per row, one layer at a time.
   mask: [B or 1, P] or [B or 1, T, P] bool, True where the query may attend to that prefix slot; or None:
     every slot visible to every query (lets attention skip the mask: `cas.model.attention`).
   positions: None for a cartridge (visible on every layer: the module docstring's rule); or
@@ -330,20 +331,24 @@ class Transformer(nnx.Module):
       # the packed form has no window: only rows no longer than the window (positions of one
       # segment advance by one per token, so no pair is `sliding_window` apart) may take it
       packed_fn = None
-    # A prefix shared by every row ([L, 1, P, Hkv, D], e.g. the sampler's shared document) outside
-    # the packed form: attended once for the whole batch (`attn_lib.split_attention`: the prefix
-    # KV is read once per layer and step, not copied per row), unless the 4-argument attention
-    # runs a fused kernel for this call (cuDNN prefill on CUDA), which gets the prefix per row.
-    shared = (prefix is not None and packed_fn is None and prefix.k.shape[1] == 1 and b > 1
-              and not attn_lib.runs_fused(attn_fn, t, dt))
+    # A prefix shared by every row ([L, 1, P, Hkv, D], e.g. the sampler's shared document) in a
+    # cached call (decoding: prefill and steps): attended once for the whole batch
+    # (`attn_lib.split_attention`: the prefix KV is read once per layer and step, not copied per
+    # row), unless the 4-argument attention runs a fused kernel for this call (cuDNN prefill on
+    # CUDA), which gets the prefix per row. Calls without a cache (training, scoring) keep the
+    # per-row path outside the packed form, so their graphs and values do not change.
+    shared = (cache is not None and prefix is not None and packed_fn is None and prefix.k.shape[1] == 1
+              and b > 1 and not attn_lib.runs_fused(attn_fn, t, dt))
     per_row = prefix is not None and packed_fn is None and not shared and prefix.k.shape[1] != b
 
     if prefix is not None:
       pm = prefix.mask
       if pm is None:
         pm = jnp.ones((1 if shared else b, prefix.k.shape[2]), bool)
-      if pm.ndim == 2:  # [B or 1, P] -> [B, T, P] (shared form: [B or 1, 1, P], broadcast later)
-        pm = pm[:, None, :] if shared else jnp.broadcast_to(pm[:, None, :], (b, t, pm.shape[-1]))
+      if pm.ndim == 2:  # [B or 1, P] -> [B or 1, 1, P]
+        pm = pm[:, None, :]
+      if not shared:  # -> [B, T, P] (the shared form broadcasts it in the attention)
+        pm = jnp.broadcast_to(pm, (b, t, pm.shape[-1]))
       if not shared:
         mask = jnp.concatenate([pm, self_mask], axis=-1)
       if sliding:  # a cartridge stays visible on sliding-window layers (module docstring) ...

@@ -88,16 +88,18 @@ def test_batch1_prefix_equals_broadcast_prefix(name, request):
   for x in ("k", "v"):
     a, b = (np.where(filled, getattr(outs[f][1], x), 0) for f in ("once", "broadcast"))
     np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-5)
-  # a per-query mask [1, T, P] (no cache)
+  # a per-query mask [1, T, P], and no cache (training, scoring: the per-row path, same values)
   qmask = jnp.asarray(np.random.default_rng(4).random((1, T, P)) < 0.7)
   one = prefix._replace(mask=qmask)
   many = _broadcast(prefix, B)._replace(mask=jnp.broadcast_to(qmask, (B, T, P)))
-  a, _ = _forward(model, tokens, positions, seg, one, None)
-  b, _ = _forward(model, tokens, positions, seg, many, None)
+  empty = KVCache.empty(model.cfg, B, T, jnp.float32)
   valid = np.asarray(seg)[:, :, None] > 0
-  np.testing.assert_allclose(np.where(valid, a, 0), np.where(valid, b, 0), atol=5e-5, rtol=1e-5)  # f32, summation order
+  for cache in (empty, None):
+    a, _ = _forward(model, tokens, positions, seg, one, cache)
+    b, _ = _forward(model, tokens, positions, seg, many, cache)
+    np.testing.assert_allclose(np.where(valid, a, 0), np.where(valid, b, 0), atol=5e-5, rtol=1e-5)
   # and the prefix matters (a test that would pass with the prefix ignored is no test)
-  c, _ = _forward(model, tokens, positions, seg, prefix._replace(mask=jnp.zeros((1, P), bool)), None)
+  c, _ = _forward(model, tokens, positions, seg, prefix._replace(mask=jnp.zeros((1, P), bool)), empty)
   assert np.abs(np.where(valid, a - c, 0)).max() > 1e-2
 
 
