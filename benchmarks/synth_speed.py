@@ -15,7 +15,17 @@ log-probs of every generated position returned to the host.
 Reported: generated tokens/s (batch * new_tokens / wall time of the call, prefill included on
 both sides) and cas / torch for each torch mode (target >= 3x).
 
+Shared document (issue 22.1, self-study's real shape): `--shared_doc=N` makes every cas prompt
+start with the same N tokens (the document) followed by `prompt_len - N` random tokens, and cas
+runs `Sampler.generate_shared` (the document prefilled once as a batch-1 prefix) once per
+`--shared_prefix` mode: "once" (the prefix attended once per step for the whole batch) and
+"broadcast" (copied to every row: the earlier path), same call, same prompts. The torch side
+still gets `prompt_len` random tokens per prompt (same lengths, same work: no prefix caching).
+Pick `prompt_len - N` as a prompt bucket (e.g. 64) so the tails carry no padding.
+
   python -m benchmarks.synth_speed --model=llama-3.2-1b --batch=64 --prompt_len=1024 --new_tokens=256
+  python -m benchmarks.synth_speed --model=smollm2-135m --batch=64 --prompt_len=2112 --shared_doc=2048 \
+      --new_tokens=256 --shared_prefix=broadcast,once --torch=false
   python -m benchmarks.synth_speed --smoke
 """
 from __future__ import annotations
@@ -45,6 +55,10 @@ flags.DEFINE_integer("torch_timeout", 300, "seconds before the torch subprocess 
 flags.DEFINE_bool("smoke", False, "tiny model on CPU")
 flags.DEFINE_string("out", None, "append JSON lines here")
 flags.DEFINE_integer("seed", 0, "prompt seed")
+flags.DEFINE_integer("shared_doc", 0, "tokens at the start of every cas prompt shared by all of them "
+                     "(0: none); cas then runs generate_shared")
+flags.DEFINE_list("shared_prefix", ["once"], "with --shared_doc: Sampler shared_prefix modes to run "
+                  "(once, broadcast)")
 
 
 def main(argv):
@@ -53,9 +67,15 @@ def main(argv):
     F.model, F.batch, F.prompt_len, F.new_tokens, F.top_k = "tiny", 4, 32, 16, 5
     if F["attn"].present == 0:
       F.attn = ["reference", "cudnn"]
+    if F["shared_doc"].present:  # the tiny model's shared-document run: a 64-token document
+      F.prompt_len, F.shared_doc = 72, 64
+      if F["shared_prefix"].present == 0:
+        F.shared_prefix = ["broadcast", "once"]
   cfg = C.model_config(F.model)
+  if not 0 <= F.shared_doc < F.prompt_len:
+    raise SystemExit(f"--shared_doc={F.shared_doc} must be in [0, --prompt_len={F.prompt_len})")
   emit = C.Emitter(F.out, "synth_speed", {"model": F.model, "batch": F.batch, "prompt_len": F.prompt_len,
-                                          "new_tokens": F.new_tokens})
+                                          "new_tokens": F.new_tokens, "shared_doc": F.shared_doc})
   torch_recs = []
   if F.torch:
     recs, rc, err = C.run_child(
@@ -75,15 +95,21 @@ def main(argv):
   emit.emit({"impl": "cas", "event": "model_init", "init_s": time.perf_counter() - t0})
   rng = np.random.default_rng(F.seed)
   prompts = rng.integers(3, cfg.vocab_size, (F.batch, F.prompt_len)).tolist()  # same draw as the torch side
+  modes = [None]
+  if F.shared_doc:
+    prompts = [prompts[0][:F.shared_doc] + p[F.shared_doc:] for p in prompts]  # one document for all
+    modes = list(F.shared_prefix)
 
   cas_recs = []
-  for name in F.attn:
-    rec = {"impl": "cas", "variant": f"sampler/{name}", "attn": name}
+  for name, mode in [(n, m) for n in F.attn for m in modes]:
+    rec = {"impl": "cas", "variant": f"sampler/{name}" + (f"/shared_{mode}" if mode else ""), "attn": name,
+           "shared_prefix": mode}
     prev = attn_lib.install(name)
     try:
-      sampler = Sampler(model, pad_id=0, cache_dtype=jnp.bfloat16)
-      gen = lambda seed: sampler.generate(prompts, max_new_tokens=F.new_tokens, temperature=1.0,
-                                          top_k_logprobs=F.top_k, seed=seed)
+      sampler = Sampler(model, pad_id=0, cache_dtype=jnp.bfloat16, shared_prefix=mode)
+      call = sampler.generate_shared if mode else sampler.generate
+      gen = lambda seed: call(prompts, max_new_tokens=F.new_tokens, temperature=1.0,
+                              top_k_logprobs=F.top_k, seed=seed)
       t0 = time.perf_counter()
       gen(0)  # compile + first run
       rec["first_call_s"] = time.perf_counter() - t0
