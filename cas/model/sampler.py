@@ -293,7 +293,8 @@ class Sampler:
             top_k_logprobs: int = 0, seed: int = 0) -> jax.stages.Lowered:
     """The program `generate` would run for these arguments, lowered (not run, not cached): for
     tests and benchmarks that inspect it (`.as_text()`, `.compile().memory_analysis()`). The
-    prompts must fit one batch bucket (at most the largest); arguments as in `generate`."""
+    prompts must fit one batch bucket (at most the largest); arguments as in `generate`. The
+    trace counts in `num_compilations`."""
     n = len(prompts)
     prompts = [list(map(int, p)) for p in prompts]
     self._validate(prompts, max_new_tokens, temperature, top_p, top_k_logprobs)
