@@ -39,7 +39,7 @@ every implementation (never NaN); callers must not use them (the loss masks them
 
 Models choose with `build_model(..., attn_impl=...)` (`load_model` too; default "auto").
 Benchmarks can force one implementation for every model through `install(name)`, which sets
-`cas.model.llama.ATTENTION_OVERRIDE` (looked up at trace time, so call it before the first jit
+`cas.model.attention.OVERRIDE` (looked up at trace time, so call it before the first jit
 of the step).
 """
 from __future__ import annotations
@@ -54,6 +54,17 @@ import jax.numpy as jnp
 from absl import logging
 
 Array = jax.Array
+
+
+def segment_causal_mask(q_idx: Array, k_idx: Array, q_seg: Array, k_seg: Array) -> Array:
+  """Packed-sequence mask [B, T, S]: key slot j visible from query i if j <= i (slot order) and
+  both are in the same non-zero segment. q_idx [T], k_idx [S]; q_seg [B, T], k_seg [B, S]."""
+  return ((k_idx[None, :] <= q_idx[:, None])[None]
+          & (k_seg[:, None, :] == q_seg[:, :, None])
+          & (k_seg[:, None, :] != 0))
+
+
+OVERRIDE = None  # (attention fn, prefix-packed fn or None) every model uses when set: `install`
 NEG_INF = -1e30
 AttentionFn = Callable[[Array, Array, Array, Array], Array]
 
@@ -242,7 +253,6 @@ def prefix_packed_reference(q: Array, pk: Array, pv: Array, k: Array, v: Array,
   same prefix for every row); k, v [B, T, Hkv, D] (the row's own keys); segment_ids [B, T] int32
   (0 = padding). `attention`: the 4-argument attention to run (default `reference_attention`).
   """
-  from cas.model.llama import segment_causal_mask
   b, t = q.shape[:2]
   idx = jnp.arange(t)
   self_mask = segment_causal_mask(idx, idx, segment_ids, segment_ids)
@@ -694,13 +704,13 @@ def install(name: str, *, num_prefix: int | None = None):
   override (pass it to `restore`). Jitted functions already traced keep the attention they were
   traced with.
   """
-  from cas.model import llama
-  prev = llama.ATTENTION_OVERRIDE
-  llama.ATTENTION_OVERRIDE = (get(name, num_prefix=num_prefix), get_prefix_packed(name))
+  global OVERRIDE
+  prev = OVERRIDE
+  OVERRIDE = (get(name, num_prefix=num_prefix), get_prefix_packed(name))
   return prev
 
 
 def restore(fn) -> None:
   """Undo `install`."""
-  from cas.model import llama
-  llama.ATTENTION_OVERRIDE = fn
+  global OVERRIDE
+  OVERRIDE = fn

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cas.model import attention as attn_lib
+from cas.model.attention import segment_causal_mask  # noqa: F401  (re-exported: part of the model's API)
 from cas.model.config import ModelConfig
 
 Array = jax.Array
@@ -142,17 +144,6 @@ def rms_norm(x: Array, w: Array, eps: float, plus_one: bool = False) -> Array:
 
 # ----------------------------------------------------------------------------- attention
 
-def segment_causal_mask(q_idx: Array, k_idx: Array, q_seg: Array, k_seg: Array) -> Array:
-  """Packed-sequence mask [B, T, S]: key slot j visible from query i if j <= i (slot order) and
-  both are in the same non-zero segment. q_idx [T], k_idx [S]; q_seg [B, T], k_seg [B, S]."""
-  return ((k_idx[None, :] <= q_idx[:, None])[None]
-          & (k_seg[:, None, :] == q_seg[:, :, None])
-          & (k_seg[:, None, :] != 0))
-
-
-ATTENTION_OVERRIDE = None  # (attention fn, prefix-packed fn or None); cas.model.attention.install
-
-
 def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   """Grouped-query attention.
 
@@ -231,7 +222,6 @@ class Transformer(nnx.Module):
                dtype=jnp.float32, remat: str = "none", attn_impl: str = "auto",
                layer_loop: str = "auto"):
     cfg.validate()
-    from cas.model import attention as attn_lib
     if attn_impl not in attn_lib.NAMES or attn_impl == "split":
       raise ValueError(f"attn_impl={attn_impl!r}; choose from {[n for n in attn_lib.NAMES if n != 'split']}")
     if layer_loop not in LAYER_LOOPS:
@@ -316,10 +306,9 @@ class Transformer(nnx.Module):
       kp = k_pos if k_pos is not None else jnp.broadcast_to(k_idx, (b, k_idx.shape[0]))
       near = (positions[:, :, None] - kp[:, None, :]) < cfg.sliding_window  # [B, T, S]
       local_self_mask = self_mask & near
-    from cas.model import attention as attn_lib
     # Benchmarks may force one implementation for every model (cas.model.attention.install).
-    if ATTENTION_OVERRIDE is not None:
-      attn_fn, packed_fn = ATTENTION_OVERRIDE
+    if attn_lib.OVERRIDE is not None:
+      attn_fn, packed_fn = attn_lib.OVERRIDE
     else:
       attn_fn, packed_fn = attn_lib.get(self.attn_impl), attn_lib.get_prefix_packed(self.attn_impl)
     # A fully visible prefix over packed rows (training): the prefix + packed form, which needs no

@@ -130,11 +130,11 @@ def test_install_switches_the_model_and_restores():
   before = trace()
   prev = attn.install("split", num_prefix=3)
   try:
-    assert llama.ATTENTION_OVERRIDE is not None
+    assert attn.OVERRIDE is not None
     assert trace() != before  # the split implementation was traced instead
   finally:
     attn.restore(prev)
-  assert llama.ATTENTION_OVERRIDE is prev and trace() == before
+  assert attn.OVERRIDE is prev and trace() == before
   with pytest.raises(ValueError, match="num_prefix"):
     attn.get("split")
   with pytest.raises(ValueError, match="unknown attention"):
@@ -230,8 +230,7 @@ def test_model_unmasked_prefix_takes_the_packed_form():
       np.testing.assert_allclose(a[valid], b[valid], atol=1e-5, rtol=1e-5)
   prev = attn.install("cudnn")
   try:
-    from cas.model import llama as L
-    assert L.ATTENTION_OVERRIDE[1] is None  # "cudnn" has no packed form: the concatenated path
+    assert attn.OVERRIDE[1] is None  # "cudnn" has no packed form: the concatenated path
   finally:
     attn.restore(prev)
   assert attn.get_prefix_packed("cudnn_split") is attn.cudnn_prefix_packed_attention
