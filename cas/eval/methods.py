@@ -9,8 +9,8 @@ Each method turns (documents, question) into a *context* = prefix KV plus prompt
                    (case/punctuation-insensitive).
 Prompts follow the tokenizer's prompt format (cas.model.tokenizer; config.prompt_format): chat, or
 for a base model completion: "[BOS]{document}\n\nQuestion: {question}\nAnswer:" (icl; no_context and
-cartridges without the document), options scored after "Answer:" with their leading space, short
-answers generated until the end of the line.
+cartridges without the document), options scored after "Answer:" with their leading space, a short
+answer is the first non-empty line generated.
 Reported per question: correctness, prompt tokens (what the model reads as text), KV-cache bytes
 of the context (text KV or cartridge KV, bf16 serving), and for multiple choice each option's
 mean per-token log-likelihood (`option_scores`).
@@ -148,7 +148,8 @@ class Evaluator:
       off = int(k.shape[1]) if ctx.position_offset is None else ctx.position_offset
     res = self.sampler.generate([prompt], max_new_tokens=self.max_new_tokens, prefix=prefix,
                                 position_offset=off, stop_ids=self.tok.stop_ids)
-    out = self.tok.decode(list(res.generations[0].tokens))
+    toks = res.generations[0].tokens.tolist()
+    out = self.tok.decode(toks[:self.tok.answer_length(toks)])  # completion: the first non-empty line
     return QuestionResult(q.qid, q.doc_id, "short", is_correct_short(out, q.correct_answers), out, text_tokens, kv)
 
 

@@ -29,8 +29,9 @@ Prompt formats (`Tokenizer.prompt_format`; the pipelines' `config.prompt_format`
               a user message is a question line, the answer is one line:
                   [BOS] {document}\n\nQuestion: {question}\nAnswer: {answer}\n
               (BOS when the tokenizer adds it to encoded text, as Gemma's and Llama 3's do).
-              Generation stops at the end of the line (`stop_ids`: every token whose text holds a
-              newline, plus the EOS ids); an answer starts with a space (`answer_prefix`).
+              The answer is the first non-empty line of what the model writes (`answer_length`:
+              up to the first newline token after text; leading line breaks do not end it);
+              an answer starts with a space (`answer_prefix`).
   auto        chat when the model's own files carry a chat template (an HF directory's
               tokenizer_config.json / chat_template.jinja, a GGUF's tokenizer.chat_template: the
               instruction models), completion when they carry none (the Gemma 3 base GGUF, for
@@ -374,11 +375,26 @@ class Tokenizer:
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
-    """Ids that end a generated answer: the EOS ids; in completion format also every token
-    holding a line break (the answer is one line)."""
-    if self.prompt_format == "completion":
-      return self._eos_ids + tuple(i for i in self.newline_ids if i not in self._eos_ids)
+    """Ids that stop a generation: the EOS ids (in both formats; a completion answer is then
+    cut at the end of its first line by `answer_length`, since a base model often starts the
+    answer with a line break)."""
     return self._eos_ids
+
+  def answer_length(self, ids: Sequence[int]) -> int:
+    """How many of the generated `ids` are the answer: all in chat format; in completion format
+    up to and including the first line break (a token holding a newline) that follows text, i.e.
+    the end of the first non-empty line (leading line breaks are kept; the base model writes
+    "Answer:\n\n<text>\n" as often as "Answer: <text>\n")."""
+    if self.prompt_format != "completion":
+      return len(ids)
+    nl, seen_text = set(self.newline_ids), False
+    for j, t in enumerate(ids):
+      t = int(t)
+      if t in nl and seen_text:
+        return j + 1
+      if t not in nl and t not in self._eos_ids and self.decode([t], skip_special_tokens=False).strip():
+        seen_text = True
+    return len(ids)
 
   @property
   def answer_prefix(self) -> str:

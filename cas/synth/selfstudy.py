@@ -20,8 +20,8 @@ one entry uniformly).
 Prompt format (the tokenizer's, `config.prompt_format`; cas.model.tokenizer): in chat format
 the chunk sits in the bots' system messages (BOT_A_SYSTEM, BOT_B_SYSTEM) and the turns are the
 chat template's; in completion format (base models) bot B reads
-"[BOS]{chunk}\n\nQuestion: {user message}\nAnswer:" and answers until the end of the line
-(the newline token is the answer's last token), bot A the same with the seed prompt as the
+"[BOS]{chunk}\n\nQuestion: {user message}\nAnswer:" and its answer is cut at the end of its
+first non-empty line (the newline token is the answer's last token), bot A the same with the seed prompt as the
 question, and the student's prompt is "[BOS]Question: {user message}\nAnswer:" (no chunk, no
 chat tokens). A dataset's manifest records a non-chat format; resuming in another is refused.
 
@@ -324,14 +324,16 @@ def prompt_format_of(tokenizer) -> str:
 
 
 def prompt_functions(tokenizer):
-  """(prompt_ids(messages), document_context(chat_text, document), stop_ids) of the tokenizer's
-  prompt format (cas.model.tokenizer): chat = the chat template, the instruction around the
-  chunk, EOS; completion = "{chunk}\\n\\nQuestion: {user}\\nAnswer:", the chunk alone, EOS and
-  every newline token (the answer is one line). A tokenizer without prompt formats is chat."""
+  """(prompt_ids(messages), document_context(chat_text, document), stop_ids, answer_length(ids))
+  of the tokenizer's prompt format (cas.model.tokenizer): chat = the chat template, the
+  instruction around the chunk, EOS, the whole generation; completion =
+  "{chunk}\\n\\nQuestion: {user}\\nAnswer:", the chunk alone, EOS, the generation cut at the end
+  of its first non-empty line. A tokenizer without prompt formats is chat."""
   if hasattr(tokenizer, "prompt_ids"):
-    return tokenizer.prompt_ids, tokenizer.document_context, tuple(tokenizer.stop_ids)
+    return (tokenizer.prompt_ids, tokenizer.document_context, tuple(tokenizer.stop_ids),
+            tokenizer.answer_length)
   return (lambda msgs: tokenizer.apply_chat_template(msgs, add_generation_prompt=True),
-          lambda chat_text, document: chat_text, tuple(tokenizer.eos_ids))
+          lambda chat_text, document: chat_text, tuple(tokenizer.eos_ids), len)
 
 
 def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], tokenizer, sampler,
@@ -339,7 +341,7 @@ def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], token
   total = len(docs) * cfg.conversations_per_doc
   gs = range(shard * cfg.shard_size, min(total, (shard + 1) * cfg.shard_size))
   convs: list[Conversation] = []
-  prompt_ids, document_context, stop_ids = prompt_functions(tokenizer)
+  prompt_ids, document_context, stop_ids, answer_length = prompt_functions(tokenizer)
   for b0 in range(0, len(gs), cfg.batch_size):
     batch = list(gs[b0:b0 + cfg.batch_size])
     plans, chunks = [], []
@@ -363,7 +365,8 @@ def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], token
       ra = _generate_grouped(sampler, a_prompts, [plans[j][:2] for j in ask], max_new_tokens=cfg.max_user_tokens,
                              temperature=cfg.temperature_a, stop_ids=stop_ids, seed=seed)
       for j, gen in zip(ask, ra):
-        toks = [t for t in gen.tokens.tolist() if t not in stop_ids]
+        toks = gen.tokens.tolist()
+        toks = [t for t in toks[:answer_length(toks)] if t not in stop_ids]
         user_msgs[j] = tokenizer.decode(toks).strip() or "Tell me about this part of the document."
     b_prompts = [prompt_ids(
         [{"role": "system", "content": document_context(BOT_B_SYSTEM.format(chunk=c), c)},
@@ -373,8 +376,10 @@ def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], token
                            seed=seed + 1)
     for p, u, gen in zip(plans, user_msgs, rb):
       student_prompt = prompt_ids([{"role": "user", "content": u}])
-      convs.append(Conversation(doc_ids[p[0]], np.asarray(student_prompt, np.int32), gen.tokens.astype(np.int32),
-                                gen.top_ids.astype(np.int32), gen.top_logprobs.astype(np.float32), p[2], p[1]))
+      n = answer_length(gen.tokens.tolist())  # completion: the first non-empty line
+      convs.append(Conversation(doc_ids[p[0]], np.asarray(student_prompt, np.int32), gen.tokens[:n].astype(np.int32),
+                                gen.top_ids[:n].astype(np.int32), gen.top_logprobs[:n].astype(np.float32), p[2],
+                                p[1]))
     if on_tokens:
       on_tokens(sum(len(g.tokens) for g in ra) + sum(len(g.tokens) for g in rb))
   return convs

@@ -1,6 +1,6 @@
 """Evaluation in the completion prompt format (issue 24: base models): the ICL prompt is the
 document then "Question: ...\nAnswer:", options are scored with their leading space after it,
-a short answer stops at the end of its line."""
+a short answer is the first non-empty line generated."""
 import numpy as np
 import pytest
 
@@ -43,7 +43,9 @@ def test_short_answer_stops_at_the_end_of_the_line(tok):
   ev = Evaluator(model, tok, sampler, max_new_tokens=8)
   done = ev.answer(ev.no_context(), SHORT)
   assert done.prediction == " yes\n" and done.correct  # " yes", then the newline that ends it
-  chat = real_tokenizer()  # stops at EOS only: the same model runs on to the token limit
-  g = sampler.generate([tok.prompt_ids([{"role": "user", "content": "Hi?"}])], max_new_tokens=8,
-                       stop_ids=chat.stop_ids)[0]
+  # what the model wrote: the same line again and again, to the token limit
+  g = sampler.generate([tok.prompt_ids([{"role": "user", "content": SHORT.question}])], max_new_tokens=8,
+                       stop_ids=tok.stop_ids)[0]
   assert g.tokens.tolist() == [yes, nl] * 4 and g.finish_reason == "length"
+  chat_ev = Evaluator(model, real_tokenizer(), sampler, max_new_tokens=8)  # chat: the whole generation
+  assert chat_ev.answer(chat_ev.no_context(), SHORT).prediction == " yes\n yes\n yes\n yes\n"

@@ -32,10 +32,14 @@ def test_completion_prompts_are_the_documented_strings():
   assert tok.ids_after_system_prefix(DOC, CONV[1:]) == tok.prompt_ids(CONV[1:])  # SmolLM2 adds no BOS
   assert not set(tok.prompt_ids(CONV)) & tok._special_ids()  # no chat tokens
   assert tok.document_context("Use this:\n" + DOC, DOC) == DOC and tok.answer_prefix == " "
-  nl = tok.encode("\n")[0]
-  assert nl in tok.stop_ids and tok.encode("\n\n")[0] in tok.stop_ids and set(tok.eos_ids) <= set(tok.stop_ids)
-  assert all("\n" in tok.decode([i], skip_special_tokens=False) for i in tok.stop_ids if i not in tok.eos_ids)
-  assert tok.encode(" yes")[0] not in tok.stop_ids
+  # the answer: the first non-empty line (leading line breaks do not end it)
+  (nl,), (nl2,), (yes,) = tok.encode("\n"), tok.encode("\n\n"), tok.encode(" yes")
+  assert {nl, nl2} <= set(tok.newline_ids) and yes not in tok.newline_ids and tok.stop_ids == tok.eos_ids
+  assert all("\n" in tok.decode([i], skip_special_tokens=False) for i in tok.newline_ids)
+  assert tok.answer_length([yes, nl, yes, nl]) == 2
+  assert tok.answer_length([nl2, nl, yes, yes, nl2, yes]) == 5
+  assert tok.answer_length([nl, yes, yes]) == 3 and tok.answer_length([]) == 0
+  assert real_tokenizer().answer_length([yes, nl, yes, nl]) == 4  # chat: the whole generation
 
 
 def test_chat_format_is_the_chat_template():
@@ -74,7 +78,8 @@ def test_auto_picks_completion_for_the_gemma3_base_gguf():
   assert "<start_of_turn>" not in _text(tok, ids)
   assert tok.system_prefix_ids(DOC) + tok.ids_after_system_prefix(DOC, CONV[1:]) == ids
   assert _text(tok, tok.prompt_ids(CONV[1:])) == "<bos>Question: When was Ana Ruiz admitted?\nAnswer:"
-  assert {tok.encode("\n")[0], tok.encode("\n\n")[0]} <= set(tok.stop_ids)
+  (nl,), (nl2,), (may,) = tok.encode("\n"), tok.encode("\n\n"), tok.encode(" May")
+  assert tok.answer_length([nl2, may, nl, may]) == 3
   # the answer's leading space is the same token as in running text
   assert tok.encode(" May") == tok.encode("Answer: May")[-1:]
   # chat is still there when asked for

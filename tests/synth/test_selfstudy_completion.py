@@ -1,5 +1,5 @@
 """Self-study in the completion prompt format (issue 24: base models): bot B reads
-"{chunk}\n\nQuestion: {message}\nAnswer:" and stops at the end of the line, the student's
+"{chunk}\n\nQuestion: {message}\nAnswer:", its answer cut at the end of its first line, the student's
 sequence is "Question: {message}\nAnswer:" + the answer with no chat token, the manifest records
 the format and a resume in another format is refused."""
 import jax
@@ -65,4 +65,4 @@ def test_answers_stop_at_the_end_of_the_line(tmp_path):
   model, yes, nl = line_model(tok)
   _run(tok, model, str(tmp_path), cfg=SynthConfig(**{**CFG.__dict__, "families": ("quote",)}))
   convs = SynthDataset(str(tmp_path)).load_all()
-  assert len(convs) == 4 and all(c.answer_ids.tolist() == [yes, nl] for c in convs)  # " yes\n", then stop
+  assert len(convs) == 4 and all(c.answer_ids.tolist() == [yes, nl] for c in convs)  # " yes\n", cut there
