@@ -31,7 +31,7 @@ setup(
         "fsspec",  # cartridge stores on object storage (gs://, s3:// with gcsfs / s3fs), cas.rotation.objfs
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0", "hypothesis", "accelerate",
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "hypothesis", "accelerate",
                  "fastapi", "uvicorn", "openai", "peft>=0.19"],  # serve tests; PEFT CARTRIDGE interop tests
         "serve": ["fastapi", "uvicorn"],  # python -m launch.serve (cas/serve/api.py)
         "gpu": ["jax[cuda12]"],
