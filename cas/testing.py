@@ -141,3 +141,18 @@ def tiny_cas_config(num_docs: int = 2):
   c.train.batch_size, c.train.seq_len = 2, 64
   c.train.log_every = c.train.ckpt_every = 2
   return c
+
+
+def store_init_cartridges(stages, workdir: str) -> None:
+  """Fill <workdir>/cas/store with every document's init cartridge of a `CasStages` (zero Adam
+  state, step 0) and its frozen sink: an evaluation-ready store without training."""
+  from cas.rotation.store import ARRAY_NAMES, CartridgeStore
+  init = stages._init_fn()
+  with CartridgeStore(os.path.join(workdir, "cas", "store"), spec=stages.spec,
+                      model_fingerprint=stages.lm.fingerprint) as store:
+    items = []
+    for d in stages.docs:
+      a = init(d.doc_id)
+      items.append((d.doc_id, {**a, **{n: np.zeros_like(a["k"]) for n in ARRAY_NAMES if n not in a}}, 0))
+    store.put_many(items)
+    store.put_frozen(*stages._sink())

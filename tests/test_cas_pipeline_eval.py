@@ -10,8 +10,8 @@ import pytest
 
 from cas.cas_pipeline import CasStages
 from cas.model.loader import LoadedModel
-from cas.rotation.store import ARRAY_NAMES, CartridgeStore
-from cas.testing import TINY_SMOL_VOCAB, real_tokenizer, tiny_model
+from cas.rotation.store import CartridgeStore
+from cas.testing import store_init_cartridges, TINY_SMOL_VOCAB, real_tokenizer, tiny_model
 from configs.cas import get_config
 
 METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "icl_composed", "cartridge_retrieved", "rag_text",
@@ -45,15 +45,7 @@ def run(tmp_path_factory):
   """Evaluates once into a fresh workdir whose CAS store holds every document's init cartridge."""
   workdir = str(tmp_path_factory.mktemp("cas_eval"))
   st = _stages(workdir)
-  init = st._init_fn()
-  with CartridgeStore(os.path.join(workdir, "cas", "store"), spec=st.spec,
-                      model_fingerprint=st.lm.fingerprint) as store:
-    items = []
-    for d in st.docs:
-      a = init(d.doc_id)
-      items.append((d.doc_id, {**a, **{n: np.zeros_like(a["k"]) for n in ARRAY_NAMES if n not in a}}, 0))
-    store.put_many(items)
-    store.put_frozen(*st._sink())
+  store_init_cartridges(st, workdir)
   retrieval = st.build_indexes()
   result = st.evaluate()
   return st, workdir, retrieval, result

@@ -14,8 +14,7 @@ from cas.cas_pipeline import CasStages
 from cas.config_check import check_config
 from cas.eval.stats import question_kind
 from cas.model.loader import LoadedModel
-from cas.rotation.store import ARRAY_NAMES, CartridgeStore
-from cas.testing import TINY_SMOL_VOCAB, real_tokenizer, tiny_model
+from cas.testing import store_init_cartridges, TINY_SMOL_VOCAB, real_tokenizer, tiny_model
 from configs.cas import get_config
 
 METHODS = ("icl", "cartridge_oracle", "cas_composed", "icl_composed", "cartridge_gold_pair", "cartridge_retrieved",
@@ -46,15 +45,7 @@ def run(tmp_path_factory):
   lm = LoadedModel(model=model, tokenizer=real_tokenizer(), config=TINY_SMOL_VOCAB, source="tiny-random",
                    fingerprint="tiny-random-smol-vocab-3", hf_config={})
   st = CasStages(_config(), workdir, lm=lm)
-  init = st._init_fn()
-  with CartridgeStore(os.path.join(workdir, "cas", "store"), spec=st.spec,
-                      model_fingerprint=st.lm.fingerprint) as store:
-    items = []
-    for d in st.docs:
-      a = init(d.doc_id)
-      items.append((d.doc_id, {**a, **{n: np.zeros_like(a["k"]) for n in ARRAY_NAMES if n not in a}}, 0))
-    store.put_many(items)
-    store.put_frozen(*st._sink())
+  store_init_cartridges(st, workdir)
   st.build_indexes()
   return st, workdir, st.evaluate()
 
