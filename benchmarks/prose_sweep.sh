@@ -34,6 +34,7 @@ declare -A V=(
   # run dir <workdir>/parts<M>
   [walk64_parts1k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=1024"
   [walk64_parts2k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=2048"
+  [walk64_p1024_parts2k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=2048 --config.cartridge.num_tokens=1024"
 )
 cov() { case $1 in walk*) echo walk;; *) echo random;; esac; }
 parts() { case $1 in *_parts1k) echo 1024;; *_parts2k) echo 2048;; *) echo 0;; esac; }  # max_doc_tokens
