@@ -80,7 +80,8 @@ flags.DEFINE_bool("smoke", False, "tiny model on CPU")
 flags.DEFINE_string("out", None, "append JSON lines here")
 flags.DEFINE_integer("seed", 0, "seed")
 flags.DEFINE_list("methods", ["cartridge", "icl", "icl_shared"], "cartridge, icl (per-request document KV), "
-                  "icl_shared (the document's KV once, shared by its requests)")
+                  "icl_shared (the document's KV once, shared by its requests), cartridge_shared (one "
+                  "cartridge once, shared by every request on its document: the fair match for icl_shared)")
 flags.DEFINE_integer("traffic_docs", 0, "documents of the many-document traffic (0: skip it)")
 flags.DEFINE_integer("traffic_min_len", 1024, "shortest traffic document (tokens)")
 flags.DEFINE_integer("traffic_max_len", 32768, "longest traffic document (tokens)")
@@ -235,7 +236,7 @@ def run_method(cfg, model, method: str, ctx: int, emit: C.Emitter, doc_len: int 
   """Largest-batch run of one method with `ctx` context tokens: resident in every row's cache
   (cartridge, icl) or once, shared by every row (icl_shared)."""
   q, a = F.question_len, F.answer_len
-  shared = method == "icl_shared"
+  shared = method in ("icl_shared", "cartridge_shared")
   cache_ctx = 0 if shared else ctx
   size = cache_ctx + q + a
   per_seq = kv_bytes_per_seq(cfg, size)
@@ -294,7 +295,7 @@ def run_traffic(cfg, model, emit: C.Emitter, cart: dict | None) -> list[dict]:
   out = []
   prev = attn_lib.install(F.attn)
   try:
-    for method in F.methods:
+    for method in [m for m in F.methods if m != "cartridge_shared"]:  # one document only
       rec = {**base, "method": method}
       try:
         total_s, compile_s, batches, peak = 0.0, 0.0, 0, 0
@@ -394,16 +395,20 @@ def main(argv):
   emit.emit({"event": "model_init", "init_s": time.perf_counter() - t0, "memory": C.jax_memory()})
 
   doc_lens = [int(x) for x in F.doc_lens]
-  unknown = [m for m in F.methods if m not in ("cartridge", "icl", "icl_shared")]
+  unknown = [m for m in F.methods if m not in ("cartridge", "icl", "icl_shared", "cartridge_shared")]
   if unknown or "cartridge" not in F.methods:
-    raise SystemExit(f"--methods={F.methods}: choose from cartridge, icl, icl_shared (cartridge is the reference)")
+    raise SystemExit(f"--methods={F.methods}: choose from cartridge, icl, icl_shared, cartridge_shared "
+                     "(cartridge is the reference)")
   prefill_s = {d: measure_doc_prefill(cfg, model, d, emit) for d in doc_lens if d <= F.prefill_max_len}
   cart = run_method(cfg, model, "cartridge", F.p, emit, None)
   results = [cart]
+  cart_sh = run_method(cfg, model, "cartridge_shared", F.p, emit, None) if "cartridge_shared" in F.methods else None
+  if cart_sh is not None:
+    results.append(cart_sh)
   for d in doc_lens:
     row = {"comparison": "cartridge_vs_icl", "doc_len": d, "p": F.p,
            "paper_memory_ratio": 38.6, "paper_throughput_ratio": 26.4}
-    for method in [m for m in F.methods if m != "cartridge"]:
+    for method in [m for m in F.methods if m not in ("cartridge", "cartridge_shared")]:
       r = run_method(cfg, model, method, d, emit, d)
       results.append(r)
       sfx = "" if method == "icl" else "_" + method
@@ -419,6 +424,13 @@ def main(argv):
           with_prefill = r["batch"] / (r["question_prefill_s"] + r["decode_s"] + r["batch"] * prefill_s[d])
           row.update({"icl_doc_prefill_s": prefill_s[d], "icl_answers_per_s_with_doc_prefill": with_prefill,
                       "answers_per_s_ratio_with_doc_prefill": cart["answers_per_s"] / with_prefill})
+      if method == "icl_shared" and cart_sh is not None and cart_sh.get("status") == "ok" and r.get("status") == "ok":
+        # both shared once: one cartridge vs one document as the batch's prefix
+        row.update({"batch_cartridge_shared": cart_sh["batch"],
+                    "memory_ratio_shared_vs_shared": r["kv_bytes_shared"] / max(cart_sh["kv_bytes_shared"], 1),
+                    "answers_per_s_ratio_shared_vs_shared": cart_sh["answers_per_s"] / r["answers_per_s"],
+                    "decode_throughput_ratio_shared_vs_shared":
+                        cart_sh["decode_tokens_per_s"] / r["decode_tokens_per_s"]})
     emit.emit(row)
   if F.traffic_docs:
     results += run_traffic(cfg, model, emit, cart)
