@@ -94,6 +94,41 @@ def loaded_ns(rows: dict) -> list[int]:
   return sorted(ns)
 
 
+def interference_lines(results: dict, collection: str, variant: str = "base") -> list[str]:
+  """Wrong answers of cas / isolated at each n that chose a loaded distractor's value, against chance
+  (cas.eval.interference), pooled over seeds; the questions are regenerated from the built-in
+  collection (data.seed = the run's seed, the study's default question settings). [] when the
+  collection is not a built-in one or the regenerated questions do not match the run's."""
+  from cas.data.synthetic import iter_collection
+  from cas.eval.interference import interference
+  tot: dict = defaultdict(lambda: {"wrong": 0, "from_loaded": 0, "chance": 0.0, "skipped": 0})
+  for (v, c, s), res in sorted(results.items()):
+    if v != variant or c != collection:
+      continue
+    try:
+      questions = [q for _d, qs in iter_collection(int(res.get("num_docs", 20)), s, c) for q in qs]
+    except Exception:  # not a built-in synthetic collection
+      return []
+    for r in res["methods"]:
+      m = re.match(r"^(cas|isolated)_composed@(\d+)/shared$", r["method"])
+      if m and int(m.group(2)) > 1:
+        got = interference(r.get("questions") or [], questions)
+        for k, x in got.items():
+          tot[(m.group(1), int(m.group(2)))][k] += x
+  if not tot or any(t["skipped"] for t in tot.values()):
+    return []
+  lines = ["", "Wrong answers that chose a loaded distractor's value (interference), against chance "
+           "(a uniform pick among the wrong options; cas.eval.interference):", "",
+           "| n loaded | cas: wrong | cas: from a loaded distractor (chance) | isolated: wrong | "
+           "isolated: from a loaded distractor (chance) |", "|---|---|---|---|---|"]
+  for n in sorted({n for (_m, n) in tot}):
+    c, i = tot[("cas", n)], tot[("isolated", n)]
+    def fmt(t):
+      return f"{t['from_loaded']} ({t['chance']:.1f}; x{t['from_loaded'] / max(t['chance'], 1e-9):.2f})"
+    lines.append(f"| {n} | {c['wrong']} | {fmt(c)} | {i['wrong']} | {fmt(i)} |")
+  return lines
+
+
 def collection_section(results: dict, collection: str) -> tuple[str, dict]:
   base = pooled(results, "base", collection)
   mono = pooled(results, "mono", collection)  # the monolithic baseline ran in its own process
@@ -144,6 +179,7 @@ def collection_section(results: dict, collection: str) -> tuple[str, dict]:
     d = diff(base["cartridge_oracle"], base["icl"])
     t.append(f"oracle - icl = {dcell(d)}: target >= -6 {'met' if d[0] >= -6 else 'missed'}")
   lines += [""] + [f"- {x}" for x in t]
+  lines += interference_lines(results, collection)
   # levers, paired against base
   levers = sorted({v for (v, c, _s) in results if c == collection and v not in ("base", "mono")})
   if levers:
