@@ -25,6 +25,8 @@ from cas.eval.stats import paired_by_qid, paired_difference, wilson_interval
 _ARCHIVE = flags.DEFINE_string("archive", None, "compose_study.tgz from benchmarks/compose_study.py", required=True)
 _PLOTS = flags.DEFINE_string("plots", None, "folder for one accuracy-vs-loaded plot per collection (None = none)")
 _OUT = flags.DEFINE_string("out", None, "also write the markdown here")
+_BASE = flags.DEFINE_string("base", "base", "the variant whose CAS + isolated runs make the main tables (a "
+                            "self-study lever such as qmix runs both; the others are paired against it)")
 
 RUN = re.compile(r"^(?P<variant>[a-z0-9]+)_(?P<collection>[a-z]+)_s(?P<seed>\d+)$")
 
@@ -129,12 +131,12 @@ def interference_lines(results: dict, collection: str, variant: str = "base") ->
   return lines
 
 
-def collection_section(results: dict, collection: str) -> tuple[str, dict]:
-  base = pooled(results, "base", collection)
+def collection_section(results: dict, collection: str, base_variant: str = "base") -> tuple[str, dict]:
+  base = pooled(results, base_variant, collection)
   mono = pooled(results, "mono", collection)  # the monolithic baseline ran in its own process
   if mono.get("monolithic"):
     base["monolithic"] = mono["monolithic"]
-  seeds = seeds_of(results, "base", collection)
+  seeds = seeds_of(results, base_variant, collection)
   ns = loaded_ns(base)
   nmax = max(ns) if ns else 0
   lines = [f"### {collection} (seeds {', '.join(map(str, seeds))}; {len(base.get('icl', []))} questions pooled)", "",
@@ -179,16 +181,16 @@ def collection_section(results: dict, collection: str) -> tuple[str, dict]:
     d = diff(base["cartridge_oracle"], base["icl"])
     t.append(f"oracle - icl = {dcell(d)}: target >= -6 {'met' if d[0] >= -6 else 'missed'}")
   lines += [""] + [f"- {x}" for x in t]
-  lines += interference_lines(results, collection)
+  lines += interference_lines(results, collection, base_variant)
   # levers, paired against base
-  levers = sorted({v for (v, c, _s) in results if c == collection and v not in ("base", "mono")})
+  levers = sorted({v for (v, c, _s) in results if c == collection and v not in (base_variant, "mono")})
   if levers:
     lines += ["", "| lever | seeds | oracle | " + " | ".join(f"cas@{n}" for n in ns) + " |",
               "|---|---|---|" + "---|" * len(ns)]
     for v in levers:
       rows = pooled(results, v, collection)
       cells = [dcell(diff(rows.get(f"cas_composed@{n}/shared"), base.get(f"cas_composed@{n}/shared"))) for n in ns]
-      lines.append(f"| {v} - base | {','.join(map(str, seeds_of(results, v, collection)))} | "
+      lines.append(f"| {v} - {base_variant} | {','.join(map(str, seeds_of(results, v, collection)))} | "
                    f"{dcell(diff(rows.get('cartridge_oracle'), base.get('cartridge_oracle')))} | " + " | ".join(cells) + " |")
       cells = [cell(rows.get(f"cas_composed@{n}/shared")) for n in ns]
       lines.append(f"| {v} | | {cell(rows.get('cartridge_oracle'))} | " + " | ".join(cells) + " |")
@@ -223,11 +225,11 @@ def plot(collection: str, base: dict, ns: list[int], path: str) -> str:
   return path
 
 
-def report(results: dict, plots_dir: str | None = None) -> str:
+def report(results: dict, plots_dir: str | None = None, base_variant: str = "base") -> str:
   import os
   out = []
-  for c in sorted({c for (_v, c, _s) in results}):
-    text, data = collection_section(results, c)
+  for c in sorted({c for (v, c, _s) in results if v == base_variant}):
+    text, data = collection_section(results, c, base_variant)
     out.append(text)
     if plots_dir and data["ns"]:
       os.makedirs(plots_dir, exist_ok=True)
@@ -239,7 +241,7 @@ def report(results: dict, plots_dir: str | None = None) -> str:
 
 def main(argv):
   del argv
-  text = report(load_archive(_ARCHIVE.value), _PLOTS.value)
+  text = report(load_archive(_ARCHIVE.value), _PLOTS.value, _BASE.value)
   print(text)
   if _OUT.value:
     open(_OUT.value, "w").write(text + "\n")

@@ -50,11 +50,22 @@ VARIANTS = {
     "iso01": ["--config.train.p_isolated=0.1"],  # fewer rows with the own cartridge alone
     "k20": ["--config.train.num_slots=20", "--config.train.k_max=20"],  # every document resident
     "lr2e2": ["--config.train.lr=2e-2"],
+    # self-study levers (own self-study set per collection x seed; evaluated like base, CAS + isolated,
+    # so cas - isolated can be read within the variant; report with compose_report --base=<variant>):
+    # fact questions (the paper's `question` family, one conversation in four) beside the quotes: the
+    # quotes of one document give another document's cartridge nothing to answer, fact questions do
+    # (issue 20 interference analysis: minutes' distractors push their own values at 1.6-2.9x chance)
+    "qmix": ["--config.synth.families=('quote','quote','quote','question')"],
     # the monolithic baseline (one cartridge of N*p tokens on every document's self-study), its own
     # process: it needs about twice a CAS run's memory (see MEM)
     "mono": ["--stages=train_monolithic,indexes,evaluate"],
 }
 MEM = {"mono": 2.0}  # a job's share of GPU memory, in units of --mem
+
+
+def synth_args(variant: str) -> list[str]:
+  """The variant's self-study flags: a variant with any gets its own self-study set."""
+  return [a for a in VARIANTS[variant] if a.startswith("--config.synth.")]
 
 
 def _flags(argv: list[str]) -> dict:
@@ -87,6 +98,9 @@ def plan(root: str, f: dict) -> dict:
       data = [f"--config.data.kind={c}", f"--config.data.seed={s}", f"--config.synth.seed={s}",
               f"--config.train.seed={s}"]
       synth.append({"name": f"{c}_s{s}", "args": recipe + data + ["--stages=synth"]})
+      for v in f["variants"].split(","):
+        if synth_args(v):
+          synth.append({"name": f"{v}_{c}_s{s}", "args": recipe + data + synth_args(v) + ["--stages=synth"]})
   for v in f["variants"].split(","):
     for s in seeds:
       if v == "mono" and str(s) not in f["mono_seeds"].split(","):
@@ -94,8 +108,10 @@ def plan(root: str, f: dict) -> dict:
       for c in cols:
         data = [f"--config.data.kind={c}", f"--config.data.seed={s}", f"--config.synth.seed={s}",
                 f"--config.train.seed={s}"]
-        methods = BASE_METHODS if v == "base" else ("monolithic",) if v == "mono" else LEVER_METHODS
-        train.append({"name": f"{v}_{c}_s{s}", "synth": f"{c}_s{s}", "mem": MEM.get(v, 1.0),
+        full = v == "base" or bool(synth_args(v))
+        methods = BASE_METHODS if full else ("monolithic",) if v == "mono" else LEVER_METHODS
+        own = f"{v}_{c}_s{s}" if synth_args(v) else f"{c}_s{s}"
+        train.append({"name": f"{v}_{c}_s{s}", "synth": own, "mem": MEM.get(v, 1.0),
                       "args": recipe + data + VARIANTS[v] + [f"--config.eval.methods={methods!r}".replace(" ", "")]})
   return {"root": root, "flags": f, "synth": synth, "train": train}
 
