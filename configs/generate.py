@@ -16,6 +16,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model_path = ml_collections.FieldReference(None, field_type=str)  # None = default cached model
   c.prompt = "Write one sentence about the sea."
+  c.system = ""  # an optional system message ("" = none)
+  # chat | completion | auto (chat when the model's files carry a chat template, else completion,
+  # e.g. a base GGUF; as config.prompt_format of self-study and evaluation: launch/generate.py)
+  c.prompt_format = "auto"
   c.max_new_tokens = 64
   c.temperature = 0.0  # 0 = greedy
   c.top_p = 1.0

@@ -2,6 +2,12 @@
 
   python -m launch.generate --config=configs/generate.py --config.prompt="Hello!"
 
+config.prompt_format (chat | completion | auto, default auto; resolved as self-study and evaluation
+resolve it, `Tokenizer.with_prompt_format`): chat applies the chat template to the prompt as a user
+message; completion (a base model without a chat template, e.g. the Gemma 3 270M base GGUF) writes
+"Question: {prompt}\nAnswer:" (config.system, when set, before it as "{system}\n\n") and prints the
+first non-empty line of the reply, as evaluation reads an answer.
+
 More command lines in configs/generate.py.
 """
 import time
@@ -13,6 +19,7 @@ from launch.entry import run
 from launch.flagparse import define_config_file
 from cas.model.loader import load_model
 from cas.model.sampler import Sampler
+from cas.model.tokenizer import PROMPT_FORMATS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _CONFIG = define_config_file("config", "configs/generate.py", "Generation config.")
@@ -32,7 +39,25 @@ def validate(c) -> None:
     out.append(Problem("config.top_p", f"must be in (0, 1], got {c.top_p}"))
   if c.dtype not in _DTYPES:
     out.append(Problem("config.dtype", f"must be one of {sorted(_DTYPES)}, got {c.dtype!r}"))
+  if c.get("prompt_format", "auto") not in PROMPT_FORMATS:
+    out.append(Problem("config.prompt_format", f"config.prompt_format={c.get('prompt_format')!r}: choose from "
+                       f"{PROMPT_FORMATS}"))
   raise_problems(out)
+
+
+def generate_text(loaded, config) -> tuple[str, object]:
+  """The reply to config.prompt (config.system: an optional system message) in config.prompt_format;
+  returns (text, the cas Generation). loaded: a cas.model.loader.LoadedModel.
+  Completion format: the first non-empty line, stripped (`Tokenizer.answer_length`)."""
+  tok = loaded.tokenizer.with_prompt_format(config.get("prompt_format", "auto"))
+  msgs = ([{"role": "system", "content": config.system}] if config.get("system") else [])
+  ids = tok.prompt_ids(msgs + [{"role": "user", "content": config.prompt}], add_generation_prompt=True)
+  sampler = Sampler(loaded.model, pad_id=tok.pad_id)
+  gen = sampler.generate([ids], max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                         top_p=config.top_p, stop_ids=tok.stop_ids, seed=config.seed)[0]
+  toks = gen.tokens.tolist()
+  text = tok.decode(toks[:tok.answer_length(toks)])  # completion: the first non-empty line
+  return (text.strip() if tok.prompt_format == "completion" else text), gen
 
 
 def main(argv):
@@ -42,18 +67,13 @@ def main(argv):
   config.lock()
   dtype = _DTYPES[config.dtype]
   loaded = load_model(config.model_path, param_dtype=dtype, dtype=dtype)
-  tok = loaded.tokenizer
   logging.info("model %s (%s)", loaded.source, loaded.fingerprint)
-  ids = tok.apply_chat_template([{"role": "user", "content": config.prompt}])
-  sampler = Sampler(loaded.model, pad_id=tok.pad_id)
   start = time.perf_counter()
-  gen = sampler.generate([ids], max_new_tokens=config.max_new_tokens,
-                         temperature=config.temperature, top_p=config.top_p,
-                         stop_ids=tok.eos_ids, seed=config.seed)[0]
+  text, gen = generate_text(loaded, config)
   seconds = time.perf_counter() - start
   logging.info("%d prompt tokens, %d new tokens (%s) in %.2fs including compilation",
                gen.num_prompt_tokens, len(gen.tokens), gen.finish_reason, seconds)
-  print(tok.decode(gen.tokens.tolist()))
+  print(text)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,17 @@ Then, with the `openai` client:
 
 Endpoints and error codes: cas/serve/api.py.
 
+A workdir whose documents were cut into parts (cartridge.max_doc_tokens=M: <workdir>/parts<M>) is
+served from that run's store (--max_doc_tokens=M picks it when the workdir holds several runs); a
+request names a document by its doc id and gets all of its parts' cartridges in order, as the
+evaluation loads it (a part id, "doc_3#2", names one part).
+
+--prompt_format (default auto, as config.prompt_format: chat when the model's files carry a chat
+template, else completion) serves base models without one: in completion format the chat messages
+are flattened by the evaluation's formatter into "{system}\n\nQuestion: {user}\nAnswer:" text
+(earlier turns as Question:/Answer: lines) and the reply is the first non-empty line written
+(cas/serve/engine.py).
+
 Beyond loopback (e.g. --host=0.0.0.0) the server needs an API key: set CAS_API_KEY (preferred: a
 flag is visible in the process list) or --api_key, and clients send it as `Authorization: Bearer
 <key>` (the openai client's api_key); without one it refuses to start unless --allow_no_api_key.
@@ -38,7 +49,7 @@ ALLOW_NO_API_KEY = flags.DEFINE_bool("allow_no_api_key", False, "Listen beyond l
                                      "(anyone who reaches the port may use the server); refused otherwise.")
 MAX_REQUEST_BYTES = flags.DEFINE_integer("max_request_bytes", 1 << 20, "Largest request body in bytes "
                                          "(413 beyond).")
-MAX_PROMPT_TOKENS = flags.DEFINE_integer("max_prompt_tokens", 8192, "Largest prompt in tokens, chat template "
+MAX_PROMPT_TOKENS = flags.DEFINE_integer("max_prompt_tokens", 8192, "Largest prompt in tokens, prompt format "
                                          "applied (400 beyond; the context limit applies too).")
 MAX_TOKENS_LIMIT = flags.DEFINE_integer("max_tokens_limit", 2048, "Largest max_tokens a request may ask for "
                                         "(400 beyond); --max_tokens (the default) must not exceed it.")

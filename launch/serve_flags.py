@@ -2,7 +2,13 @@
 from absl import flags, logging
 
 WORKDIR = flags.DEFINE_string("workdir", None, "A CAS run directory; its store (<workdir>/cas/store or "
-                              "<workdir>/store) and retrieval index are served as a collection.")
+                              "<workdir>/store, or <workdir>/parts<M>/cas/store of a run with "
+                              "cartridge.max_doc_tokens=M) and retrieval index are served as a collection.")
+MAX_DOC_TOKENS = flags.DEFINE_integer("max_doc_tokens", None, "Which run of --workdir to serve: 0 the "
+                                      "whole-document store, M the run whose documents were cut into parts of "
+                                      "at most M tokens (<workdir>/parts<M>). Default: the workdir's only store "
+                                      "(an error naming them when there are several). A document cut into parts "
+                                      "is requested by its doc id and loads all its parts in order.")
 STORES = flags.DEFINE_multi_string("store", [], "A cartridge store to serve, 'name=path' or 'path' (repeatable).")
 MODEL_PATH = flags.DEFINE_string("model_path", None, "A .gguf file or HF model directory (default: the "
                                  "default SmolLM2 GGUF in $CAS_HOME).")
@@ -15,6 +21,13 @@ MAX_CONTEXT = flags.DEFINE_integer("max_context", None, "Longest context (cartri
                                    "reply); default the model's max_position_embeddings.")
 MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Reply length when a request names none.")
 TOP_K = flags.DEFINE_integer("top_k", 2, "Cartridges retrieved when a request names a collection but no top_k.")
+PROMPT_FORMAT = flags.DEFINE_enum(
+    "prompt_format", "auto", ["auto", "chat", "completion"],
+    "How messages become a prompt, as config.prompt_format in self-study and evaluation: chat (the chat "
+    "template), completion (a base model: the messages flattened by the evaluation's formatter into "
+    "'[BOS]{system}\\n\\nQuestion: {user}\\nAnswer: {assistant}\\n...Question: {user}\\nAnswer:', a "
+    "system message only first; the reply is the first non-empty line the model writes), or auto (chat when "
+    "the model's files carry a chat template, else completion).")
 RETRIEVER = flags.DEFINE_enum("retriever", "auto", ["auto", "none"], "Use the document index saved next "
                               "to each store (auto) or none.")
 
@@ -40,9 +53,11 @@ def flag_problems(extra: dict | None = None) -> list:
       out.append(Problem(flag, f"{flag}={v} must be >= {lo}"))
   if WORKDIR.value:
     try:
-      store_of_workdir(WORKDIR.value)
+      store_of_workdir(WORKDIR.value, MAX_DOC_TOKENS.value)
     except StoreError as e:
       out.append(Problem("--workdir", str(e)))
+  elif MAX_DOC_TOKENS.value is not None:
+    out.append(Problem("--max_doc_tokens", "--max_doc_tokens picks a run of --workdir; pass --workdir too"))
   for s in STORES.value:
     path = s.partition("=")[2] if "=" in s else s
     if not os.path.isfile(os.path.join(path, STORE_META)):
@@ -70,13 +85,16 @@ def build_engine(extra_checks: dict | None = None):
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[DTYPE.value]
   lm = load_model(MODEL_PATH.value, param_dtype=dtype, dtype=dtype)
   colls = open_collections(model_fingerprint=lm.fingerprint, workdir=WORKDIR.value, stores=STORES.value,
-                           retriever=None if RETRIEVER.value == "none" else "auto")
+                           retriever=None if RETRIEVER.value == "none" else "auto",
+                           max_doc_tokens=MAX_DOC_TOKENS.value)
   if not colls:
     logging.warning("no --workdir or --store: serving the model without cartridges")
   name = MODEL_NAME.value or os.path.basename(os.path.normpath(lm.source)).removesuffix(".gguf")
   engine = Engine(lm.model, lm.tokenizer, colls, model_name=name, cache_size=CACHE_SIZE.value,
                   max_batch=MAX_BATCH.value, max_context=MAX_CONTEXT.value,
-                  default_max_tokens=MAX_TOKENS.value, default_top_k=TOP_K.value)
+                  default_max_tokens=MAX_TOKENS.value, default_top_k=TOP_K.value,
+                  prompt_format=PROMPT_FORMAT.value)
+  logging.info("prompt format: %s (--prompt_format=%s)", engine.prompt_format, PROMPT_FORMAT.value)
   return engine.start()
 
 

@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   chat completions, `stream: true` as server-sent events
     GET  /v1/models             the served model
-    GET  /v1/cas/collections    served collections (documents with cartridges, retriever)
+    GET  /v1/cas/collections    served collections (documents with cartridges, parts, retriever)
     GET  /v1/cas/stats          batches, cache hits/evictions, compiled programs
     GET  /health
 
@@ -11,7 +11,19 @@ Cartridges ride in the request body next to the standard fields (the `openai` cl
 collection), or {"collection": "wiki", "top_k": 2} to let the collection's retriever pick them for
 the last user message; optional "position_mode": "shared" | "sequential". Responses carry a
 non-standard "cartridges" field (collection, doc_id, retrieval score) saying which were used
-(in the first chunk when streaming).
+(in the first chunk when streaming). A document whose store holds it in parts (a run with
+cartridge.max_doc_tokens, `<doc_id>#<i>`) is named by its doc id and loads all of its parts in
+order (its entry then lists them under "parts"); a part id loads that part alone.
+/v1/cas/collections counts documents (parts grouped) and cartridges (parts counted one by one).
+
+Prompt format (launch.serve --prompt_format, default auto: chat when the model's files carry a
+chat template, else completion, as config.prompt_format for evaluation). In completion format (a
+base model) the chat messages are flattened by the evaluation's formatter (`Tokenizer.prompt_ids`):
+    [BOS]{system}\n\nQuestion: {user}\nAnswer: {assistant}\nQuestion: {user}\nAnswer:
+a system/developer message may only come first (the text before the first question: put a
+document there), user messages become "Question:" lines and assistant messages "Answer:" lines;
+the reply is the first non-empty line the model writes (whitespace stripped, finish_reason
+"stop"), as evaluation reads an answer. See cas.serve.engine.
 
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 404 for an unknown
 model, collection or cartridge; 400 for a malformed body (FastAPI's validation errors are
@@ -24,7 +36,7 @@ Hardening (`create_app(engine, api_key=..., limits=Limits(...))`, flags of launc
     refuses to listen beyond loopback without one unless told --allow_no_api_key).
   * Limits.max_request_bytes: a body longer than this is refused with 413 (code
     "request_too_large") from its Content-Length, or as soon as the bytes read pass the limit.
-  * Limits.max_prompt_tokens: prompts (chat template applied) longer than this: 400
+  * Limits.max_prompt_tokens: prompts (prompt format applied) longer than this: 400
     (code "prompt_too_long"). Limits.max_tokens: a max_tokens / max_completion_tokens above it:
     400 (code "max_tokens_too_large"). The messages name the limit and the flag that sets it.
 
@@ -91,7 +103,7 @@ class ChatBody(BaseModel):
 @dataclasses.dataclass(frozen=True)
 class Limits:
   """Caps on what one request may ask for (None: no cap beyond the engine's context checks).
-  max_request_bytes: HTTP body size. max_prompt_tokens: prompt tokens after the chat template.
+  max_request_bytes: HTTP body size. max_prompt_tokens: prompt tokens in the prompt format.
   max_tokens: the largest max_tokens (or max_completion_tokens) a request may name; the engine's
   default reply length should not exceed it (launch.serve checks)."""
   max_request_bytes: int | None = 1 << 20
@@ -204,11 +216,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
     return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
                                         "owned_by": "cas"}]}
 
+  def collection_info(c) -> dict:
+    docs = c.documents()  # servable documents -> their cartridges (parts grouped, in order)
+    return {"name": c.name, "num_cartridges": len(c.doc_ids()), "num_documents": len(docs),
+            "documents_in_parts": sum(us != [d] for d, us in docs.items()), "spec": c.spec.__dict__,
+            "retriever": None if c.retriever is None else c.retriever.kind}
+
   @app.get("/v1/cas/collections")
   async def collections():
-    return {"object": "list", "data": [
-        {"name": c.name, "num_cartridges": len(c.doc_ids()), "spec": c.spec.__dict__,
-         "retriever": None if c.retriever is None else c.retriever.kind} for c in engine.collections.values()]}
+    return {"object": "list", "data": [collection_info(c) for c in engine.collections.values()]}
 
   @app.get("/v1/cas/stats")
   async def stats():
@@ -234,8 +250,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
         top_p=body.top_p, seed=body.seed, stop=body.stop)
     prepared = await run_in_threadpool(engine.prepare, req)  # may read a store index or retrieve
     if limits.max_prompt_tokens is not None and len(prepared.prompt) > limits.max_prompt_tokens:
-      raise ServeError(f"the prompt is {len(prepared.prompt)} tokens (chat template applied), beyond this "
-                       f"server's limit of {limits.max_prompt_tokens} prompt tokens "
+      raise ServeError(f"the prompt is {len(prepared.prompt)} tokens ({engine.prompt_format} format applied), "
+                       f"beyond this server's limit of {limits.max_prompt_tokens} prompt tokens "
                        f"({LIMIT_FLAGS['max_prompt_tokens']}); shorten the messages",
                        code="prompt_too_long", param="messages")
     if limits.max_tokens is not None and prepared.max_tokens > limits.max_tokens:  # the engine's default

@@ -7,6 +7,16 @@ e.g. `<workdir>/cas/retrieval/bm25-document` for the store `<workdir>/cas/store`
 cartridges by doc id, or name a collection and let its retriever pick the top-k documents for the
 last user message.
 
+Documents cut into parts (`cartridge.max_doc_tokens` = M, cas.data.parts): the store of such a run
+(<workdir>/parts<M>/cas/store) holds one cartridge per *part*, named `<doc_id>#<i>` (i = 1..n).
+A request naming `doc_id` then loads all of its parts, in part order, as one document: the parts'
+cartridges take its place in the request's list and are composed like any other cartridges
+(shared sink once, then every part; `shared` or `sequential` positions), which is how the CAS
+evaluation loads a document (its `doc_carts` expands each document into its parts in order before
+cas.cartridge.compose). A part id (`doc_id#2`) names that part alone. The
+retrieval index of such a run ranks whole documents, so retrieved documents load their parts too.
+`Collection.units(doc_id)` gives the cartridge ids of a document.
+
 `CartridgeCache` keeps the most recently used cartridges as device arrays (float32 masters;
 the decoder casts to the compute dtype) and loads misses from the store; when more than
 `capacity` are resident, the least recently used ones are dropped. A batch that needs more than
@@ -15,7 +25,9 @@ the decoder casts to the compute dtype) and loads misses from the store; when mo
 from __future__ import annotations
 
 import collections
+import glob
 import os
+import re
 import threading
 from typing import Sequence
 
@@ -25,6 +37,7 @@ from cas.cartridge.cartridge import Cartridge, CartridgeSpec
 from cas.rotation.store import STORE_META, CartridgeStore, StoreError, read_store_meta
 
 RETRIEVER_KINDS = ("bm25", "hybrid", "dense")  # tried in this order when no index is named
+_PART_ID = re.compile(r"^(?P<doc>.+)#(?P<i>[0-9]+)$")  # cas.data.parts.unit_id: f"{doc_id}#{i}"
 
 
 class Collection:
@@ -37,6 +50,8 @@ class Collection:
   def __init__(self, name: str, store: CartridgeStore, retriever=None):
     self.name, self.store, self.retriever = name, store, retriever
     self._frozen = None
+    self._parts: dict[str, list[tuple[int, str]]] = {}  # doc_id -> [(i, "doc_id#i")], i ascending
+    self._parts_of_ids: list[str] | None = None  # the store's doc_ids() that _parts was built from
 
   @property
   def spec(self) -> CartridgeSpec:
@@ -74,13 +89,63 @@ class Collection:
     return self._frozen
 
   def has(self, doc_id: str) -> bool:
+    """Whether the store holds a cartridge named exactly `doc_id` (a whole document or one part)."""
     return self.store.has(doc_id)
 
   def doc_ids(self) -> list[str]:
-    """Doc ids that have a cartridge in the store."""
+    """Cartridge ids (units: whole documents and parts '<doc_id>#<i>') with a cartridge in the store."""
     return [d for d in self.store.doc_ids() if self.store.has(d)]
 
+  def _part_index(self) -> dict[str, list[tuple[int, str]]]:
+    """doc_id -> its registered parts [(i, unit id)] sorted by i, for every doc_id that is not
+    itself a registered unit (rebuilt when the store's registered ids change: training may add)."""
+    ids = self.store.doc_ids()
+    if ids != self._parts_of_ids:
+      registered, parts = set(ids), {}
+      for u in ids:
+        m = _PART_ID.match(u)
+        if m and m["doc"] not in registered:
+          parts.setdefault(m["doc"], []).append((int(m["i"]), u))
+      self._parts = {d: sorted(p) for d, p in parts.items()}
+      self._parts_of_ids = ids
+    return self._parts
+
+  def units(self, doc_id: str) -> list[str]:
+    """The cartridge ids that make up `doc_id`, in load order: [doc_id] when the store has a unit
+    of that name (a whole document, or a part named explicitly), else its parts
+    '<doc_id>#1' ... '<doc_id>#n' in part order (cut by cartridge.max_doc_tokens), else []
+    (unknown). Whether each has a trained cartridge is `has`'s business."""
+    if doc_id in self.store:  # registered (trained or not)
+      return [doc_id]
+    return [u for _, u in self._part_index().get(doc_id, [])]
+
+  def missing_parts(self, doc_id: str) -> list[str]:
+    """Part ids of `doc_id` that are not registered although a later part is (a gap in 1..n)."""
+    have = [i for i, _ in self._part_index().get(doc_id, [])]
+    return [f"{doc_id}#{i}" for i in range(1, max(have, default=0) + 1) if i not in set(have)]
+
+  def servable(self, doc_id: str) -> bool:
+    """Whether every cartridge of `doc_id` (itself or all its parts, none missing) is trained."""
+    units = self.units(doc_id)
+    return bool(units) and not self.missing_parts(doc_id) and all(self.store.has(u) for u in units)
+
+  def documents(self) -> dict[str, list[str]]:
+    """Servable documents -> their cartridge ids (parts grouped under their document, in order;
+    a whole document maps to itself), in the store's registration order."""
+    parts, out = self._part_index(), {}
+    for u in self.store.doc_ids():
+      m = _PART_ID.match(u)
+      d = m["doc"] if m and m["doc"] in parts else u
+      if d in out:
+        continue
+      units = [p for _, p in parts[d]] if d in parts else [d]
+      have = {i for i, _ in parts.get(d, [])}
+      if all(self.store.has(p) for p in units) and (not have or have == set(range(1, max(have) + 1))):
+        out[d] = units
+    return out
+
   def load(self, doc_id: str) -> Cartridge:
+    """The cartridge of one unit id (a whole document or one part), with the shared sink."""
     return self.store.export_cartridge(doc_id, *self.frozen())
 
 
@@ -132,28 +197,75 @@ class CartridgeCache:
             "misses": self.misses, "evictions": self.evictions}
 
 
-def store_of_workdir(workdir: str) -> str:
-  """The cartridge store of a run directory: <workdir>/cas/store (a CAS pipeline workdir, see
-  cas/cas_pipeline.py), <workdir>/store (a CAS training workdir) or <workdir> itself."""
-  for cand in (os.path.join(workdir, "cas", "store"), os.path.join(workdir, "store"), workdir):
+def _store_in(root: str) -> str | None:
+  """The first of <root>/cas/store, <root>/store, <root> holding a cartridge store, or None."""
+  for cand in (os.path.join(root, "cas", "store"), os.path.join(root, "store"), root):
     if os.path.isfile(os.path.join(cand, STORE_META)):
       return cand
-  raise StoreError(f"{workdir}: no cartridge store in <workdir>/cas/store, <workdir>/store or <workdir> "
-                   f"({STORE_META} missing); pass --store=PATH")
+  return None
+
+
+def parts_stores(workdir: str) -> dict[int, str]:
+  """M -> the cartridge store of each run with documents cut into parts of at most M tokens
+  (<workdir>/parts<M>/cas/store or .../store; cas.data.parts.units_root), M ascending."""
+  out = {}
+  for root in glob.glob(os.path.join(glob.escape(workdir), "parts*")):
+    m = re.fullmatch(r"parts([0-9]+)", os.path.basename(root))
+    store = _store_in(root) if m and int(m[1]) > 0 and os.path.isdir(root) else None
+    if store is not None:
+      out[int(m[1])] = store
+  return dict(sorted(out.items()))
+
+
+def store_of_workdir(workdir: str, max_doc_tokens: int | None = None) -> str:
+  """The cartridge store of a run directory.
+
+  max_doc_tokens None: the workdir's only store, either the whole-document run's
+  (<workdir>/cas/store of a CAS pipeline workdir, see cas/cas_pipeline.py; <workdir>/store of a CAS
+  training workdir; or <workdir> itself) or the one run with documents cut into parts
+  (<workdir>/parts<M>/cas/store, cartridge.max_doc_tokens = M); several of them are ambiguous.
+  max_doc_tokens 0: the whole-document store; M > 0: the store of <workdir>/parts<M>.
+  Raises StoreError naming the paths looked at (none found) or found (ambiguous)."""
+  whole, parts = _store_in(workdir), parts_stores(workdir)
+  looked = (f"{os.path.join(workdir, 'cas', 'store')}, {os.path.join(workdir, 'store')} or {workdir}")
+  if max_doc_tokens is not None:
+    m = int(max_doc_tokens)
+    if m < 0:
+      raise StoreError(f"max_doc_tokens={m} must be >= 0 (0: the whole-document store)")
+    got = whole if m == 0 else parts.get(m)
+    if got is None:
+      root = workdir if m == 0 else os.path.join(workdir, f"parts{m}")
+      where = looked if m == 0 else (f"{os.path.join(root, 'cas', 'store')}, {os.path.join(root, 'store')} "
+                                     f"or {root}")
+      have = ([f"{whole} (max_doc_tokens=0)"] if whole else []) + [f"{p} (max_doc_tokens={k})"
+                                                                    for k, p in parts.items()]
+      raise StoreError(f"{workdir}: no cartridge store for max_doc_tokens={m} in {where} ({STORE_META} missing); "
+                       f"stores in this workdir: {have or 'none'}")
+    return got
+  found = ([(0, whole)] if whole else []) + list(parts.items())
+  if len(found) == 1:
+    return found[0][1]
+  if not found:
+    raise StoreError(f"{workdir}: no cartridge store in {looked} or "
+                     f"{os.path.join(workdir, 'parts<M>', 'cas', 'store')} ({STORE_META} missing); pass --store=PATH")
+  raise StoreError(f"{workdir}: several cartridge stores, "
+                   + ", ".join(f"{p} (max_doc_tokens={m})" for m, p in found)
+                   + "; choose one with --max_doc_tokens=M (0: whole documents) or --store=PATH")
 
 
 def open_collections(*, model_fingerprint: str, workdir: str | None = None, stores: Sequence[str] = (),
-                     retriever: str | None = "auto") -> list[Collection]:
+                     retriever: str | None = "auto", max_doc_tokens: int | None = None) -> list[Collection]:
   """Collections from a run directory and/or store paths.
 
-  workdir: its store (see `store_of_workdir`) becomes a collection named after the directory.
+  workdir: its store (see `store_of_workdir`, which `max_doc_tokens` picks among a whole-document
+  run and runs with parts) becomes a collection named after the directory.
   stores: "name=path" or "path" (named after the directory holding the store when the store
   directory is called "store", else after the store directory). retriever: "auto" (each
   collection's saved document index, when there is one) or None (no retrieval).
   """
   named = []
   if workdir:
-    named.append((os.path.basename(os.path.normpath(workdir)), store_of_workdir(workdir)))
+    named.append((os.path.basename(os.path.normpath(workdir)), store_of_workdir(workdir, max_doc_tokens)))
   for s in stores:
     name, sep, path = s.partition("=")
     if not sep:

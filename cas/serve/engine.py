@@ -10,16 +10,30 @@ streamed back token by token.
 
 Flow: `prepare` (in the caller's thread) checks the request and turns it into a prompt and a list
 of cartridges: named doc ids, or the top-k documents of the collection's retriever for the last
-user message. Problems raise `ServeError` with the HTTP status an API should answer (404 unknown
-model/collection/cartridge, 400 a bad or too long request). `submit` queues it; one worker thread
+user message. A document cut into parts (`cartridge.max_doc_tokens`, cas.data.parts; its store
+holds `<doc_id>#1` ... `<doc_id>#n`) loads all of its parts in part order in its place, as the CAS
+evaluation loads it; a part id names one part (cas.serve.cartridges). Problems raise `ServeError`
+with the HTTP status an API should answer (404 unknown model/collection/cartridge/document, 400 a
+bad or too long request). `submit` queues it; one worker thread
 takes every queued request (up to `max_batch`, after waiting `batch_wait_s` for company), loads
 their cartridges through the LRU device cache, composes each request's prefix and decodes the
 whole batch together with `StepDecoder`, emitting `Event`s per request as tokens arrive.
 
-Positions: the cartridges of a request are composed with `cas.cartridge.compose` (shared sink
-once), `shared` mode by default (the prompt starts at P whatever the number of cartridges, as
-the CAS evaluation's cartridge_retrieved), or `sequential`. A request with no cartridges is
-plain chat (no_context).
+Positions: the cartridges of a request (every part of every named document, in order) are composed
+with `cas.cartridge.compose` (shared sink once), `shared` mode by default (the prompt starts at P
+whatever the number of cartridges, as the CAS evaluation's cartridge_oracle / cartridge_retrieved),
+or `sequential` (each part counts as one cartridge of P - F positions). A request with no
+cartridges is plain chat (no_context).
+Prompt format (`prompt_format`, resolved by `Tokenizer.with_prompt_format` as self-study and
+evaluation resolve config.prompt_format; "auto": chat when the model's files carry a chat template,
+else completion): chat applies the chat template to the messages. Completion (a base model) flattens
+them with `Tokenizer.prompt_ids`, the evaluation's formatter:
+    [BOS]{system}\n\nQuestion: {user}\nAnswer: {assistant}\n...Question: {last user}\nAnswer:
+(a system/developer message only as the first message, it becomes the text before the first
+question; user messages become "Question: ..." lines, earlier assistant replies "Answer: ..."
+lines; content stripped), and the reply is the evaluation's answer: the first non-empty line of
+what the model writes (`Tokenizer.answer_length`), surrounding whitespace removed, finish_reason
+"stop" at its end; EOS stops as in chat.
 Context limit: prompt position offset + prompt tokens + max_tokens must fit `max_context`.
 Text: ids are decoded incrementally (text held back while it ends inside a UTF-8 character or
 could be the start of a stop string); the EOS/end-of-turn token ends a reply and is not shown.
@@ -92,12 +106,19 @@ class Prepared:
   top_p: float
   seed: int
   stop: tuple[str, ...]
+  units: list[list[str]] | None = None  # the cartridge ids of each doc_ids entry (its parts); None: itself
+
+  def unit_ids(self) -> list[str]:
+    """Every cartridge to load, in order (each document's parts in part order)."""
+    return [u for us in (self.units or [[d] for d in self.doc_ids]) for u in us]
 
   def cartridge_info(self) -> list[dict]:
-    """What the response reports about the cartridges used."""
+    """What the response reports about the cartridges used (a document loaded as parts: "parts")."""
     name = None if self.collection is None else self.collection.name
-    return [{"collection": name, "doc_id": d, **({} if self.scores is None else {"score": s})}
-            for d, s in zip(self.doc_ids, self.scores or [None] * len(self.doc_ids))]
+    units = self.units or [[d] for d in self.doc_ids]
+    return [{"collection": name, "doc_id": d, **({} if self.scores is None else {"score": s}),
+             **({"parts": us} if us != [d] else {})}
+            for d, s, us in zip(self.doc_ids, self.scores or [None] * len(self.doc_ids), units)]
 
 
 @dataclasses.dataclass
@@ -113,8 +134,12 @@ class Event:
 class Pending:
   """A submitted request: its detokenizer state, cancellation flag and event sink."""
 
-  def __init__(self, prepared: Prepared, emit: Callable[[Event], None], tokenizer, eos_ids):
+  def __init__(self, prepared: Prepared, emit: Callable[[Event], None], tokenizer, eos_ids,
+               newline_ids: frozenset[int] | None = None):
+    """newline_ids: the tokenizer's newline ids in completion format (the reply ends with its first
+    non-empty line, `Tokenizer.answer_length`); None in chat format."""
     self.prepared, self.emit, self.tok, self.eos = prepared, emit, tokenizer, frozenset(eos_ids)
+    self.newline_ids = newline_ids
     self.ids: list[int] = []
     self.sent = ""
     self.finished = False
@@ -141,17 +166,33 @@ class Pending:
       self._send(Event("delta", text=text[len(self.sent):end]))
       self.sent = text[:end]
 
+  def _text(self) -> str:
+    """The reply so far: the decoded ids (completion format: stripped; text only grows)."""
+    text = self.tok.decode(self.ids)
+    return text if self.newline_ids is None else text.strip()
+
+  def _line_ended(self, token: int) -> bool:
+    """Completion format: whether `token` (the last id) ends the first non-empty line, by the
+    evaluation's rule (`Tokenizer.answer_length`; an EOS appended never counts as text)."""
+    if self.newline_ids is None or token not in self.newline_ids:
+      return False
+    return self.tok.answer_length(self.ids + [next(iter(self.eos))]) == len(self.ids)
+
   def add(self, token: int) -> None:
-    """Take one sampled token; emit the text it completes; finish on EOS, a stop string or length."""
+    """Take one sampled token; emit the text it completes; finish on EOS, a stop string, the end of
+    the first non-empty line (completion format) or length."""
     self.num_sampled += 1
     if token in self.eos:
       return self.finish("stop")
     self.ids.append(token)
-    text = self.tok.decode(self.ids)
+    text = self._text()
     stops = self.prepared.stop
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     if cut >= 0:
       self._emit_upto(text, cut)
+      return self.finish("stop")
+    if self._line_ended(token):
+      self._emit_upto(text, len(text))
       return self.finish("stop")
     if not text.endswith("\ufffd"):  # not inside a multi-byte character
       hold = max((j for s in stops for j in range(len(s) - 1, 0, -1) if text.endswith(s[:j])), default=0)
@@ -163,7 +204,7 @@ class Pending:
     if self.finished:
       return
     if reason == "length":  # flush text held back for a stop string that never came
-      text = self.tok.decode(self.ids)
+      text = self._text()
       self._emit_upto(text, len(text))
     self.finished = True
     n = len(self.prepared.prompt)
@@ -213,13 +254,19 @@ class Engine:
       model's max_position_embeddings. default_max_tokens: reply length when a request names none.
     default_top_k: cartridges retrieved when a request names a collection but no top_k.
     batch_wait_s: how long the worker waits for more requests before starting a batch.
+    prompt_format: "chat" | "completion" | "auto" (cas.model.tokenizer.PROMPT_FORMATS), resolved
+      with `tokenizer.with_prompt_format` like config.prompt_format; `self.tok` is the resolved
+      tokenizer and `self.prompt_format` the format used (module docstring).
   """
 
   def __init__(self, model, tokenizer, collections: Sequence[Collection] = (), *, model_name: str,
                cache_size: int = 32, max_batch: int = 8, max_context: int | None = None,
                default_max_tokens: int = 256, default_top_k: int = 2, batch_wait_s: float = 0.01,
-               prefix_multiple: int = 64):
-    self.model, self.tok = model, tokenizer
+               prefix_multiple: int = 64, prompt_format: str = "auto"):
+    self.model = model
+    self.tok = tokenizer.with_prompt_format(prompt_format)  # ValueError naming an unknown format
+    self.prompt_format = self.tok.prompt_format
+    self._newline_ids = frozenset(self.tok.newline_ids) if self.prompt_format == "completion" else None
     self.model_name = model_name
     self.collections = {c.name: c for c in collections}
     if len(self.collections) != len(collections):
@@ -291,7 +338,7 @@ class Engine:
       return {"model": self.model_name, "batches": self.num_batches, "requests": self.num_requests,
               "max_batch_size": max(sizes, default=0), "recent_batches": [list(b) for b in self.batch_log][-16:],
               "queued": self.queued(), "cache": self.cache.stats(), "traces": self.decoder.num_traces,
-              "collections": sorted(self.collections)}
+              "collections": sorted(self.collections), "prompt_format": self.prompt_format}
 
   # ----------------------------------------------------------------------------- requests
   def _collection(self, name: str | None) -> Collection:
@@ -334,15 +381,28 @@ class Engine:
     if len(stop) > 4 or any(not isinstance(s, str) or not s for s in stop):
       raise ServeError("stop must be a non-empty string or a list of at most 4 of them", param="stop")
 
-    coll, doc_ids, scores = None, [], None
+    coll, doc_ids, scores, units = None, [], None, []
     if req.cartridges:
       coll = self._collection(req.collection)
       if not all(isinstance(d, str) for d in req.cartridges):
         raise ServeError("cartridges must be a list of doc id strings", param="cartridges")
-      missing = [d for d in req.cartridges if not coll.has(d)]
+      units = [coll.units(d) for d in req.cartridges]  # a document cut into parts: all its parts
+      missing = [d for d, us in zip(req.cartridges, units) if not us]
       if missing:
         raise ServeError(f"unknown cartridge(s) {missing} in collection {coll.name!r} (no trained cartridge "
-                         "for these doc ids)", status=404, code="cartridge_not_found", param="cartridges")
+                         "for these doc ids, nor parts '<doc_id>#<i>')", status=404, code="cartridge_not_found",
+                         param="cartridges")
+      lacking = {}  # doc id -> its cartridges (itself, or parts) without a trained one
+      for d, us in zip(req.cartridges, units):
+        parts = us != [d]
+        bad = (coll.missing_parts(d) if parts else []) + [u for u in us if not coll.has(u)]
+        if bad:
+          lacking[d] = bad if parts else None
+      if lacking:
+        why = "; ".join(f"{d} is stored in parts, and {bad} have none" for d, bad in lacking.items() if bad)
+        raise ServeError(f"unknown cartridge(s) {list(lacking)} in collection {coll.name!r} (no trained cartridge "
+                         f"for these doc ids{': ' + why if why else ''})", status=404, code="cartridge_not_found",
+                         param="cartridges")
       doc_ids = list(req.cartridges)
     elif req.collection is not None or req.top_k is not None:
       coll = self._collection(req.collection)
@@ -356,23 +416,26 @@ class Engine:
       if not query.strip():
         raise ServeError("retrieval needs a user message to search with", param="messages")
       hits = coll.retriever.search_docs(query, min(k, len(coll.retriever.doc_ids)))
-      hits = [(d, s) for d, s in hits if coll.has(d)]
+      hits = [(d, s) for d, s in hits if coll.servable(d)]  # a document in parts: every part trained
       if not hits:
         raise ServeError(f"no document retrieved from {coll.name!r} has a trained cartridge",
                          status=404, code="cartridge_not_found", param="collection")
       doc_ids, scores = [d for d, _ in hits], [float(s) for _, s in hits]
+      units = [coll.units(d) for d in doc_ids]
     elif req.collection is not None:
       coll = self._collection(req.collection)
 
     try:
-      prompt = self.tok.apply_chat_template(msgs, add_generation_prompt=True)
+      prompt = self.tok.prompt_ids(msgs, add_generation_prompt=True)  # chat template or completion text
     except Exception as e:  # a template that rejects this conversation (e.g. role order)
-      raise ServeError(f"the chat template rejects these messages: {e}", param="messages") from e
+      what = "the chat template rejects" if self.prompt_format == "chat" else "completion format cannot flatten"
+      raise ServeError(f"{what} these messages: {e}", param="messages") from e
     offset = 0
+    n_carts = sum(len(us) for us in units)  # cartridges loaded: every part counts
     if doc_ids:
       spec = coll.spec
       body = spec.num_tokens - spec.num_frozen
-      offset = spec.num_tokens if mode == "shared" else spec.num_frozen + len(doc_ids) * body
+      offset = spec.num_tokens if mode == "shared" else spec.num_frozen + n_carts * body
     room = self.max_context - offset - len(prompt)
     if room < 1:
       raise ServeError(f"this request's prompt is {len(prompt)} tokens after {offset} cartridge positions, "
@@ -390,11 +453,11 @@ class Engine:
                          code="context_length_exceeded", param="max_tokens")
     seed = int(req.seed) if req.seed is not None else int(np.random.default_rng().integers(2**31))
     return Prepared(f"chatcmpl-{uuid.uuid4().hex[:24]}", prompt, coll, doc_ids, scores, mode, offset,
-                    int(max_tokens), temperature, top_p, seed, stop)
+                    int(max_tokens), temperature, top_p, seed, stop, units or None)
 
   def submit(self, prepared: Prepared, emit: Callable[[Event], None]) -> Pending:
     """Queue a prepared request; `emit(event)` is called from the worker thread."""
-    p = Pending(prepared, emit, self.tok, self.tok.eos_ids)
+    p = Pending(prepared, emit, self.tok, self.tok.stop_ids, self._newline_ids)
     with self._cond:
       if self._stop or self._thread is None:
         raise ServeError("the engine is not running", status=503, type="server_error")
@@ -464,7 +527,7 @@ class Engine:
         pr = p.prepared
         k = v = None
         if pr.doc_ids:
-          carts = self.cache.get_many(pr.collection, pr.doc_ids)
+          carts = self.cache.get_many(pr.collection, pr.unit_ids())  # every part, in order
           k, v, off = compose(carts, mode=pr.position_mode, inv_freq=self._inv_freq)  # [L, P', Hkv, D] f32
           assert off == pr.position_offset, (off, pr.position_offset)
         rows.append(Row(pr.prompt, pr.max_tokens, k, v, pr.position_offset, pr.temperature, pr.top_p, pr.seed))

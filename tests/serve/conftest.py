@@ -83,3 +83,72 @@ def engine(world):
   eng.start()
   yield eng
   eng.close()
+
+
+# A long document cut into parts (cartridge.max_doc_tokens, cas.data.parts), next to a short one.
+LONG = ("doc_atlas", "The Atlas of Quill Bay", "Mara Quill drew the first atlas of the bay in 1874. Her brother "
+        "Osric sailed the survey boat Heron along the eastern cliffs. The atlas names forty coves and three hidden "
+        "reefs. A fire in 1901 burned the original plates, but a copy survives in the Lantern Library. Scholars "
+        "still argue about the seventh reef, which no later survey could find.")
+SHORT = ("doc_bell", "The bell of Orrin", "The bronze bell of Orrin was cast in 1650 and rings at dawn.")
+
+
+def write_store(lm, store_dir: str, spec, units, untrained=()) -> None:
+  """A cartridge store at `store_dir` with one first-tokens init cartridge per (unit id, text) of
+  `units` (zero Adam state, count 3), the BOS sink, and `untrained` ids registered only."""
+  from cas.cartridge.cartridge import init_cartridge
+  from cas.rotation.store import CartridgeStore
+  bos = lm.tokenizer.bos_id
+  with CartridgeStore(store_dir, spec=spec, model_fingerprint=lm.fingerprint) as store:
+    items = []
+    for i, (uid, text) in enumerate(units):
+      c = init_cartridge(lm.model, lm.tokenizer.encode(text), spec.num_tokens, sink_ids=[bos])
+      if i == 0:
+        store.put_frozen(c.frozen_k[...], c.frozen_v[...])
+      k, v = np.asarray(c.k[...]), np.asarray(c.v[...])
+      items.append((uid, {"k": k, "v": v, "mu_k": np.zeros_like(k), "mu_v": np.zeros_like(v),
+                          "nu_k": np.zeros_like(k), "nu_v": np.zeros_like(v)}, 3))
+    store.put_many(items)
+    if untrained:
+      store.register(list(untrained))
+
+
+@pytest.fixture(scope="session")
+def parts_world(world, tmp_path_factory):
+  """A CAS workdir with two runs: <workdir>/cas/store (whole documents) and
+  <workdir>/parts<M>/cas/store (LONG cut into 3 parts by cas.data.parts.document_units with the
+  model's tokenizer, SHORT whole, "doc_half" with part 2 registered but untrained), and a BM25
+  index over the whole documents next to the parts store (as cas_pipeline builds it)."""
+  from cas.data.parts import document_units, units_root
+  from cas.data.types import Document
+  from cas.retrieval import build_retriever, default_index_dir
+  lm = world.lm
+  docs = [Document(*LONG), Document(*SHORT)]
+  m = -(-len(lm.tokenizer.encode(LONG[2])) // 3)  # max_doc_tokens: LONG in 3 parts, SHORT whole
+  units, parts_of = document_units(docs, m, lm.tokenizer.encode)
+  assert len(parts_of[LONG[0]]) == 3 and parts_of[SHORT[0]] == [SHORT[0]], parts_of
+  workdir = str(tmp_path_factory.mktemp("serve_parts") / "partsrun")
+  whole_store = os.path.join(workdir, "cas", "store")
+  write_store(lm, whole_store, world.spec, [(d.doc_id, d.text) for d in docs])
+  parts_store = os.path.join(units_root(workdir, m), "cas", "store")
+  write_store(lm, parts_store, world.spec, [(u.doc_id, u.text) for u in units] + [("doc_half#1", "Half a text.")],
+              untrained=["doc_half#2"])
+  build_retriever("bm25", docs).save(default_index_dir(parts_store, "bm25-document"))
+  return types.SimpleNamespace(lm=lm, workdir=workdir, max_doc_tokens=m, whole_store=whole_store,
+                               parts_store=parts_store, parts_of=parts_of, units=units, docs=docs, spec=world.spec)
+
+
+@pytest.fixture(scope="session")
+def base_tokenizer(world, tmp_path_factory):
+  """The tiny model's tokenizer saved without a chat template (a base model's HF directory, as
+  SmolLM2's base model ships it): `prompt_format="auto"` resolves to completion."""
+  import copy
+
+  from cas.model.tokenizer import Tokenizer
+  hf = copy.deepcopy(world.lm.tokenizer.hf)
+  hf.chat_template = None
+  path = str(tmp_path_factory.mktemp("base_tok"))
+  hf.save_pretrained(path)
+  tok = Tokenizer.from_path(path)
+  assert not tok.chat_template and tok.resolve_prompt_format("auto") == "completion"
+  return tok
