@@ -15,10 +15,11 @@ rotation, the baselines the paper compares against, and one evaluation.
                              tokens cut into parts, one cartridge each (cas.data.parts); its own
                              synth/, cas/, isolated/, eval/ ... (same layout, same p rule inside)
 
-Methods: no_context, icl (own document in the prompt), cartridge_oracle (own CAS cartridge),
-cas_composed@n (own + n-1 other CAS cartridges loaded together), isolated_composed@n (the same
-with cartridges trained alone), icl_composed@n (the same n documents as text in the prompt: the
-model's own ceiling for reading n documents at once), monolithic (one cartridge, same total tokens N*p),
+Methods (one function each in cas.eval.cas_methods.METHODS): no_context, icl (own document in
+the prompt), cartridge_oracle (own CAS cartridge), cas_composed@n (own + n-1 other CAS
+cartridges loaded together), isolated_composed@n (the same with cartridges trained alone),
+icl_composed@n (the same n documents as text in the prompt: the model's own ceiling for reading n
+documents at once), monolithic (one cartridge, same total tokens N*p),
 cartridge_retrieved@k (the CAS cartridges of the top-k documents of the document index for the
 question, loaded together, shared positions, best first), rag_text@k (the top-k passages of the
 chunk index in the system message, like icl), cartridge_gold_pair/<mode> (two-document questions
@@ -35,46 +36,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
-import zlib
 
 import numpy as np
 from absl import logging
 
 from cas.cartridge.cartridge import CartridgeSpec, init_cartridge, short_documents
-from cas.cartridge.io import load_cartridge
 from cas.data.parts import MANIFEST_KEY as PARTS_KEY, document_units, units_root
 from cas.data.types import Document
-from cas.eval.methods import Evaluator, markdown_table, run_method
+from cas.dtypes import DTYPES
+from cas.eval.cas_methods import EvalContext, method_jobs, run_job, unique
+from cas.eval.methods import Evaluator, markdown_table
 from cas.eval.report import recall_markdown, write_plots
-from cas.pipeline import DTYPES, _collection
+from cas.pipeline import _collection
 from cas.synth.format import atomic_write_json
 from cas.synth.selfstudy import SynthConfig, synthesize
 
 
 RETRIEVAL_METHODS = ("cartridge_retrieved", "rag_text", "cartridge_reranked")
-
-
-def _stable_seed(s: str) -> int:
-  """A process-independent 32-bit seed for a string (Python's hash() is salted per process)."""
-  return zlib.crc32(s.encode("utf-8"))
-
-
-def _partial_name(method: str) -> str:
-  """File name of a method's finished result: 'cas_composed@2/shared' -> 'cas_composed@2-shared.json'."""
-  return re.sub(r"[^\w@.+=-]", "-", method) + ".json"
-
-
-def _file_digest(*paths: str) -> str:
-  """sha256 over the bytes of those `paths` that exist (the state of a store or cartridge)."""
-  h = hashlib.sha256()
-  for p in paths:
-    if os.path.isfile(p):
-      h.update(p.encode())
-      with open(p, "rb") as f:
-        h.update(f.read())
-  return h.hexdigest()
 
 
 def run_dir_for(workdir: str, num_tokens: int, num_frozen: int, max_doc_tokens: int = 0) -> str:
@@ -166,7 +145,7 @@ class CasStages:
     self.run_dir = run_dir_for(workdir, cc.num_tokens, cc.num_frozen, self.max_doc_tokens)
     self._check_synth_parts()
     if "evaluate" in self.stages:  # methods that read a training stage this run does not execute
-      from cas.eval.workdir import CAS_STAGE_OF_METHOD, STAGE_RUN_BY, check_cas_workdir
+      from cas.eval.stage_check import CAS_STAGE_OF_METHOD, STAGE_RUN_BY, check_cas_workdir
       skipped = [m for m in config.eval.methods
                  if m in CAS_STAGE_OF_METHOD and STAGE_RUN_BY[CAS_STAGE_OF_METHOD[m]] not in self.stages]
       if skipped:
@@ -457,92 +436,30 @@ class CasStages:
     return summary
 
   # -- evaluation -----------------------------------------------------------------
-  @staticmethod
-  def _read_partial(path: str, signature: str, method: str) -> dict | None:
-    """The finished result of `method` in `path` when it was computed from the same inputs."""
-    if not os.path.exists(path):
-      return None
-    try:
-      with open(path) as f:
-        d = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      logging.warning("evaluate: ignoring unreadable %s (%s)", path, e)
-      return None
-    if not isinstance(d, dict) or d.get("method") != method or not isinstance(d.get("row"), dict):
-      logging.warning("evaluate: ignoring %s (not a result of %s)", path, method)
-      return None
-    if d.get("signature") != signature:
-      logging.info("evaluate: %s was computed from other inputs (model, questions, store, index or "
-                   "config); recomputing %s", path, method)
-      return None
-    return d["row"]
-
-  def evaluate(self) -> dict:
-    """Runs config.eval.methods over the questions; each finished method is written to
-    <workdir>/eval/partial/<method>.json and skipped when evaluate runs again with the same
-    inputs (model, questions, store state, retrieval index, eval config). Writes results.json,
-    results.md and the plots (*.png) to <workdir>/eval; returns the results dict."""
-    from cas.cartridge.io import META as CARTRIDGE_META
+  def _eval_context(self) -> EvalContext:
+    """What the evaluation methods read (cas.eval.cas_methods): the retrieval indexes (built when
+    missing), the CAS / isolated stores that exist (read-only), config.eval's lists without repeats."""
     from cas.rotation.store import CartridgeStore
-    t = time.time()
     ev = Evaluator(self.model, self.tok, self.sampler, max_new_tokens=self.config.eval.max_new_tokens)
-    ec = self.config.eval
-    out_dir = os.path.join(self.run_dir, "eval")
-    partial_dir = os.path.join(out_dir, "partial")
     if self.retrieval is None:
       self.build_indexes()
-    doc_ids = [d.doc_id for d in self.docs]
-    by_id = {d.doc_id: d for d in self.docs}
-    stores, store_state, carts = {}, {}, {}
+    stores, store_state = {}, {}
     for name in ("cas", "isolated"):
       root = os.path.join(self.run_dir, name, "store")
       if os.path.exists(root):
         stores[name] = CartridgeStore(root, spec=self.spec, model_fingerprint=self.lm.fingerprint, read_only=True)
         store_state[name] = stores[name].state_digest()
+    ec = self.config.eval
+    num_loaded, position_modes = unique(ec, "num_loaded"), unique(ec, "position_modes")
+    return EvalContext(ev=ev, model=self.model, tok=self.tok, ec=ec, questions=self.questions, docs=self.docs,
+                       parts_of=self.parts_of, doc_lengths=self.doc_lengths, run_dir=self.run_dir,
+                       model_fingerprint=self.lm.fingerprint, stores=stores, store_state=store_state,
+                       indexes=self.indexes, retrieval=self.retrieval, num_loaded=num_loaded,
+                       position_modes=position_modes)
 
-    def cart(store_name, doc_id):
-      key = (store_name, doc_id)
-      if key not in carts:
-        carts[key] = stores[store_name].export_cartridge(doc_id)
-      return carts[key]
-
-    def doc_carts(store_name, ids):
-      """The cartridges of documents `ids`, in order, each with all of its parts in order
-      (config.cartridge.max_doc_tokens; a document not cut into parts has one)."""
-      return [cart(store_name, u) for d in ids for u in self.parts_of[d]]
-
-    def have_store(store_name, method):
-      if store_name not in stores:
-        logging.warning("skipping %s: no %s store", method, store_name)
-      return store_name in stores
-
-    def loaded(q, n):
-      """The n documents loaded for question q: its gold documents (q.doc_ids: one, or two for a
-      two-document question) + n - len(q.doc_ids) others, shuffled; fixed per (seed, question, n),
-      so cas_composed@n, isolated_composed@n and icl_composed@n load the same set. n must be >=
-      len(q.doc_ids) (the callers evaluate such an n on the questions it can hold)."""
-      gold = list(q.doc_ids)
-      if n < len(gold):
-        raise ValueError(f"question {q.qid!r}: {len(gold)} gold documents {gold} do not fit in n={n} loaded")
-      pool = [d for d in doc_ids if d not in gold]
-      rng = np.random.default_rng([ec.seed, n, _stable_seed(q.qid)])
-      ids = [str(d) for d in rng.choice(pool, size=min(n - len(gold), len(pool)), replace=False)] + gold
-      order = np.random.default_rng([ec.seed, n, _stable_seed(q.qid), 1]).permutation(len(ids))
-      return [ids[i] for i in order]
-
-    def fitting(name, n):
-      """The questions whose gold documents fit in n loaded ones (all but the two-document
-      questions at n = 1), with a warning naming how many `name` leaves out."""
-      qs = [q for q in self.questions if len(q.doc_ids) <= n]
-      if len(qs) < len(self.questions):
-        logging.warning("%s: %d multi-document questions left out (their gold documents do not fit in %d loaded); "
-                        "evaluated on the other %d", name, len(self.questions) - len(qs), n, len(qs))
-      return qs
-
-    def gold_hit(q, docs):
-      """Whether every gold document of q is among the retrieved `docs`."""
-      return all(d in docs for d in q.doc_ids)
-
+  def _eval_signature(self) -> dict:
+    """What every method's finished result depends on (its resume signature adds the method's own deps)."""
+    ec = self.config.eval
     # The questions' identity: the qid, and for content / multi-document questions (whose text a
     # generator change can alter under the same qid, and whose partner the qid does not name) also
     # their gold documents, text and answer. Title questions hash as before (finished results kept).
@@ -554,237 +471,26 @@ class CasStages:
                 "eval": {k: ec.get(k) for k in ("max_new_tokens", "seed", "kinds", "max_questions_per_doc")}}
     if self.max_doc_tokens:  # the cartridges each document loads (its parts)
       base_sig["parts_of"] = self.parts_of
-    jobs = []
+    return base_sig
 
-    def add(name, context_for, deps=(), extra=None, notes=None, questions=None):
-      """A method to evaluate; `questions`: the subset it is defined on (None = all)."""
-      if questions is not None and not questions:
-        logging.warning("skipping %s: none of the %d questions fits it", name, len(self.questions))
-        return
-      jobs.append({"name": name, "context_for": context_for, "deps": list(deps), "extra": extra or {}, "notes": notes,
-                   "questions": questions})
-
-    retrieval_k = [int(k) for k in ec.get("retrieval_k", (1, 2, 4))]
-    mk = self.retrieval["method_kind"]
-    queries = [q.question for q in self.questions]
-    def unique(field):
-      """config.eval.<field> without repeats (a tuple flag given twice on the command line is
-      concatenated by ml_collections, e.g. two --config.eval.methods=...)."""
-      vals = list(ec.get(field) or ())
-      out = list(dict.fromkeys(vals))
-      if len(out) < len(vals):
-        logging.warning("config.eval.%s=%s lists some entries twice; each is evaluated once", field, tuple(vals))
-      return out
-
-    num_loaded, position_modes = unique("num_loaded"), unique("position_modes")
-    for method in unique("methods"):
-      if method == "no_context":
-        ctx0 = ev.no_context()
-        add(method, lambda q: ctx0)
-      elif method == "icl":
-        # The question's gold documents in the prompt: its own document, or both documents of a
-        # two-document question (= icl_composed with the two gold documents, in doc_ids order).
-        icl_cache = {}
-
-        def icl_ctx(q, icl_cache=icl_cache):
-          key = tuple(q.doc_ids)
-          if key not in icl_cache:
-            icl_cache.clear()
-            icl_cache[key] = ev.icl([by_id[d] for d in key])
-          return icl_cache[key]
-        add(method, icl_ctx)
-      elif method == "cartridge_oracle":
-        # the gold documents' CAS cartridges (both of a two-document question, shared positions)
-        if have_store("cas", method):
-          add(method, lambda q: ev.cartridges(doc_carts("cas", list(q.doc_ids))), ["cas", store_state["cas"]])
-      elif method == "cartridge_gold_pair":
-        # Two-document questions only (not defined for the others): both gold documents' CAS
-        # cartridges (all their parts) loaded together, in each position mode.
-        if not have_store("cas", method):
-          continue
-        multi = [q for q in self.questions if q.is_multi_doc]
-        if not multi:
-          logging.warning("skipping %s: none of the %d questions needs two documents (config.data.pair_share=0, "
-                          "or a collection without them)", method, len(self.questions))
-          continue
-        for mode in position_modes:
-          notes = {}
-
-          def ctx_for(q, mode=mode, notes=notes):
-            notes[q.qid] = {"loaded": list(q.doc_ids)}
-            return ev.cartridges(doc_carts("cas", list(q.doc_ids)), mode=mode)
-          add(f"{method}/{mode}", ctx_for, ["cas", store_state["cas"]],
-              {"base_method": method, "num_loaded": 2, "position_mode": mode}, notes, multi)
-      elif method in ("cas_composed", "isolated_composed"):
-        store_name = "cas" if method == "cas_composed" else "isolated"
-        if not have_store(store_name, method):
-          continue
-        for n in num_loaded:
-          for mode in position_modes:
-            notes = {}
-
-            def ctx_for(q, n=n, mode=mode, s=store_name, notes=notes):
-              ids = loaded(q, n)
-              notes[q.qid] = {"loaded": ids}
-              return ev.cartridges(doc_carts(s, ids), mode=mode)
-            name = f"{method}@{n}/{mode}"
-            add(name, ctx_for, [store_name, store_state[store_name]],
-                {"num_loaded": n, "position_mode": mode, "base_method": method}, notes, fitting(name, n))
-      elif method == "icl_composed":
-        # The model's own ceiling for composition: the same n documents as cas_composed@n, as text
-        # in the system message (own + n-1 others, same order). Prompts past the model's
-        # max_position_embeddings are evaluated anyway and counted in the row ("over_context").
-        max_pos = int(self.model.cfg.max_position_embeddings)
-        over_rule = ec.get("icl_composed_over_context", "evaluate")
-        for n in num_loaded:
-          notes = {}
-          qs = fitting(f"icl_composed@{n}", n)
-          if over_rule == "skip" and qs:  # "wherever the context fits": an n whose documents alone overflow is left out
-            longest = max(sum(self.doc_lengths[d] for d in loaded(q, n)) for q in qs)
-            if longest > max_pos:
-              logging.warning("skipping icl_composed@%d: %d documents hold up to %d tokens, past the model's "
-                              "max_position_embeddings (%d); eval.icl_composed_over_context='skip'", n, n,
-                              longest, max_pos)
-              continue
-
-          def ctx_for(q, n=n, notes=notes):
-            ids = loaded(q, n)
-            ctx = ev.icl([by_id[d] for d in ids])
-            notes[q.qid] = {"loaded": ids, "over_context": ctx.prefix_tokens > max_pos}
-            return ctx
-          add(f"icl_composed@{n}", ctx_for, [], {"num_loaded": n, "base_method": method}, notes, qs)
-      elif method == "monolithic":
-        path = os.path.join(self.run_dir, "monolithic", "cartridge")
-        if not os.path.exists(path):
-          logging.warning("skipping monolithic: %s missing", path)
-          continue
-        mono = {}
-
-        def mono_ctx(q, path=path, mono=mono):
-          if not mono:
-            c, _ = load_cartridge(path, model_fingerprint=self.lm.fingerprint)
-            mono["ctx"] = ev.cartridges([c])
-          return mono["ctx"]
-        add(method, mono_ctx, [_file_digest(os.path.join(path, CARTRIDGE_META)), os.stat(path).st_mtime_ns])
-      elif method == "cartridge_retrieved":
-        if not have_store("cas", method):
-          continue
-        index = self.indexes[(mk, "document")]
-        ks = [k for k in retrieval_k if k <= len(index.doc_ids)]
-        if len(ks) < len(retrieval_k):
-          logging.warning("cartridge_retrieved: k > %d (documents in the index) skipped", len(index.doc_ids))
-        if not ks:
-          continue
-        hits = dict(zip([q.qid for q in self.questions], index.search_docs_batch(queries, max(ks))))
-        for k in ks:
-          notes = {}
-
-          def ctx_for(q, k=k, notes=notes, hits=hits):
-            top = hits[q.qid][:k]  # [(doc_id, score)], best first
-            ids = [d for d, _ in top]
-            notes[q.qid] = {"retrieved": ids, "retrieval_scores": [float(s) for _, s in top],
-                            "retrieval_hit": gold_hit(q, ids)}  # every gold document in the top k
-            return ev.cartridges(doc_carts("cas", ids), mode="shared")
-          add(f"cartridge_retrieved@{k}", ctx_for, ["cas", store_state["cas"], index.manifest()],
-              {"base_method": method, "k": k, "num_loaded": k, "position_mode": "shared",
-               "retrieval_index": f"{mk}-document"}, notes)
-      elif method == "cartridge_reranked":
-        # the top-m documents of the index reranked by the model's likelihood of the question after
-        # each one's own cartridge (cas.eval.rerank); k of them loaded, best first
-        if not have_store("cas", method):
-          continue
-        from cas.eval.rerank import reranked_ids
-        index = self.indexes[(mk, "document")]
-        m = min(int(ec.get("rerank_candidates", 4)), len(index.doc_ids))
-        ks = [k for k in retrieval_k if k <= m]
-        if len(ks) < len(retrieval_k):
-          logging.warning("cartridge_reranked: k > %d (rerank candidates) skipped", m)
-        if not ks:
-          continue
-        hits = dict(zip([q.qid for q in self.questions], index.search_docs_batch(queries, m)))
-        ll_cache = {}
-        for k in ks:
-          notes = {}
-
-          def ctx_for(q, k=k, notes=notes, hits=hits, ll_cache=ll_cache):
-            cands = [d for d, _ in hits[q.qid]]  # the retriever's top m, best first
-            order, lls = reranked_ids(cands, lambda d: ev.cartridges(doc_carts("cas", [d]), mode="shared"),
-                                      self.model, self.tok, q.question, ll_cache)
-            ids = order[:k]
-            notes[q.qid] = {"retrieved": ids, "retrieved_before_rerank": cands[:k], "rerank_logliks": lls[:k],
-                            "retrieval_hit": gold_hit(q, ids)}
-            return ev.cartridges(doc_carts("cas", ids), mode="shared")
-          add(f"cartridge_reranked@{k}", ctx_for, ["cas", store_state["cas"], index.manifest(), m],
-              {"base_method": method, "k": k, "num_loaded": k, "position_mode": "shared",
-               "retrieval_index": f"{mk}-document", "rerank_candidates": m}, notes)
-      elif method == "rag_text":
-        index = self.indexes[(mk, "chunk")]
-        ks = [k for k in retrieval_k if k <= index.num_units]
-        if len(ks) < len(retrieval_k):
-          logging.warning("rag_text: k > %d (chunks in the index) skipped", index.num_units)
-        if not ks:
-          continue
-        hits = dict(zip([q.qid for q in self.questions], index.search_batch(queries, max(ks))))
-        rag_cache = {}
-        for k in ks:
-          notes = {}
-
-          def ctx_for(q, k=k, notes=notes, index=index, hits=hits, rag_cache=rag_cache):
-            top = hits[q.qid][:k]  # [(unit_id, score)], best first
-            ids = [u for u, _ in top]
-            docs = [index.unit(u).doc_id for u in ids]
-            notes[q.qid] = {"retrieved": ids, "retrieved_docs": docs, "retrieval_scores": [float(s) for _, s in top],
-                            "retrieval_hit": gold_hit(q, docs)}  # a passage of every gold document
-            key = tuple(ids)
-            if key not in rag_cache:
-              if len(rag_cache) >= 8:
-                rag_cache.clear()
-              rag_cache[key] = ev.rag_text([index.unit(u).text for u in ids])
-            return rag_cache[key]
-          add(f"rag_text@{k}", ctx_for, [index.manifest()],
-              {"base_method": method, "k": k, "retrieval_index": f"{mk}-chunk{self.retrieval['chunk_words']}"
-               f"o{self.retrieval['overlap_words']}"}, notes)
-      else:
-        from cas.config_check import CAS_METHODS
-        raise ValueError(f"config.eval.methods: unknown method {method!r} (known: {', '.join(CAS_METHODS)})")
-
-    rows = []
-    for job in jobs:
-      name = job["name"]
-      path = os.path.join(partial_dir, _partial_name(name))
-      sig = hashlib.sha256(json.dumps({**base_sig, "method": name, "deps": job["deps"]}, sort_keys=True,
-                                      default=str).encode()).hexdigest()
-      row = self._read_partial(path, sig, name)
-      if row is not None:
-        logging.info("evaluate: %s already done (%s), skipped", name, path)
-        row["resumed"] = True
-        rows.append(row)
-        continue
-      questions = self.questions if job["questions"] is None else job["questions"]
-      row = run_method(name, questions, job["context_for"], ev)
-      if len(questions) < len(self.questions):
-        row["questions_left_out"] = len(self.questions) - len(questions)  # not defined for them (see fitting)
-      notes = job["notes"]
-      if notes:
-        for qr in row["questions"]:
-          qr.update(notes.get(qr["qid"], {}))
-        if any("retrieval_hit" in n for n in notes.values()):
-          row["retrieval_hit_rate"] = float(np.mean([n["retrieval_hit"] for n in notes.values()]))
-          multi = {q.qid for q in questions if q.is_multi_doc}
-          if multi:  # single- and two-document questions apart (a pair needs both documents)
-            row["retrieval_hit_rate_by_docs"] = {
-                name_: float(np.mean(hits)) for name_, hits in (
-                    ("single", [n["retrieval_hit"] for qid, n in notes.items() if qid not in multi]),
-                    ("pair", [n["retrieval_hit"] for qid, n in notes.items() if qid in multi])) if hits}
-        if any("over_context" in n for n in notes.values()):
-          row["over_context"] = int(sum(n["over_context"] for n in notes.values()))
-          if row["over_context"]:
-            logging.warning("%s: %d of %d prompts longer than the model's max_position_embeddings (%d)",
-                            name, row["over_context"], len(notes), self.model.cfg.max_position_embeddings)
-      row.update(job["extra"])
-      atomic_write_json(path, {"method": name, "signature": sig, "row": row})  # <- this method is done
-      rows.append(row)
+  def evaluate(self) -> dict:
+    """Runs config.eval.methods over the questions (each looked up in cas.eval.cas_methods.METHODS);
+    each finished method is written to <workdir>/eval/partial/<method>.json and skipped when
+    evaluate runs again with the same inputs (model, questions, store state, retrieval index, eval
+    config). Writes results.json, results.md and the plots (*.png) to <workdir>/eval; returns the
+    results dict."""
+    t = time.time()
+    out_dir = os.path.join(self.run_dir, "eval")
+    partial_dir = os.path.join(out_dir, "partial")
+    c = self._eval_context()
+    base_sig = self._eval_signature()
+    jobs = [job for method in unique(self.config.eval, "methods") for job in method_jobs(method, c)]
+    rows = [run_job(job, c, partial_dir, base_sig) for job in jobs]
     self.timings["eval"] = time.time() - t
+    return self._write_results(rows, out_dir)
+
+  def _write_results(self, rows: list[dict], out_dir: str) -> dict:
+    """results.json, the plots and results.md (also printed) in `out_dir`; returns the results dict."""
     table = markdown_table(rows)
     result = {"num_docs": len(self.docs), "p": self.spec.num_tokens, "max_doc_tokens": self.max_doc_tokens,
               "num_cartridges": len(self.units), "model": self.lm.source,

@@ -188,6 +188,19 @@ def _check_saved_question_options(saved: str | None, refs, share: float, add: Ca
 
 # ----------------------------------------------------------------------------- pass 1: the config
 
+def pipeline_kind(config) -> str:
+  """'cas' or 'cartridge': config.pipeline when set, else 'cas' for a config with the CAS-only
+  sections (retrieval, train.num_slots), else 'cartridge'."""
+  kind = config.get("pipeline")
+  if kind is None:
+    train = config.get("train") or {}
+    kind = "cas" if config.get("retrieval") is not None or "num_slots" in train else "cartridge"
+  if kind not in ("cas", "cartridge"):
+    raise ConfigError(f"config.pipeline={kind!r}: must be 'cas' (configs/cas.py) or 'cartridge' "
+                     "(configs/cartridge.py)")
+  return kind
+
+
 def check_config(config, pipeline: str, *, stages: Iterable[str] | None = None, workdir: str | None = None,
                  check_model: bool = True, environment: bool = True, devices: Sequence | None = None
                  ) -> list[Problem]:
@@ -196,7 +209,6 @@ def check_config(config, pipeline: str, *, stages: Iterable[str] | None = None, 
   nothing. check_model: check that config.model_path (or the default model) exists.
   environment: check config.mesh against `devices` (default jax.devices()) when a CAS training
   stage runs. Returns [] when the run can start."""
-  from cas.eval.workdir import pipeline_kind
   out: list[Problem] = []
   add = lambda where, msg, error=None: out.append(Problem(where, msg, error))
   try:
@@ -234,7 +246,7 @@ def check_config(config, pipeline: str, *, stages: Iterable[str] | None = None, 
 def _check_top(config, add: Callable, check_model: bool) -> None:
   from cas.model.llama import LAYER_LOOPS
   from cas.model.tokenizer import PROMPT_FORMATS
-  from cas.pipeline import DTYPES
+  from cas.dtypes import DTYPES
   if check_model:
     from cas.model.errors import ModelLoadError
     from cas.model.loader import resolve_model_path
@@ -645,7 +657,7 @@ def memory_problems(config, pipeline: str, model, spec, *, num_docs: int, stages
   import jax.numpy as jnp
 
   from cas.cartridge.cartridge import CartridgeSpec
-  from cas.pipeline import DTYPES
+  from cas.dtypes import DTYPES
   from cas.train import preflight
   stages = normalize_stages(pipeline, stages)
   tc = config.train

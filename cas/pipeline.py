@@ -12,16 +12,13 @@ from __future__ import annotations
 import os
 import time
 
-import jax.numpy as jnp
-
 from cas.cartridge.cartridge import CartridgeSpec, init_cartridge, short_documents
 from cas.cartridge.io import load_cartridge
+from cas.dtypes import DTYPES
 from cas.eval.methods import Evaluator, markdown_table, run_method
 from cas.synth.format import atomic_write_json
 from cas.synth.selfstudy import SynthConfig, synthesize
 from cas.train.loop import train_cartridge
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _collection(config, workdir):

@@ -46,7 +46,7 @@ USER_ERRORS = {
     "cas.rotation.store.StoreError": EXIT_WORKDIR,
     "cas.train.checkpoint.CheckpointError": EXIT_WORKDIR,
     "cas.retrieval.base.RetrievalError": EXIT_WORKDIR,
-    "cas.eval.workdir.MissingStageError": EXIT_WORKDIR,
+    "cas.eval.stage_check.MissingStageError": EXIT_WORKDIR,
     "cas.locking.LockError": EXIT_WORKDIR,
     "cas.train.numerics.NumericsError": EXIT_NUMERICS,
 }

@@ -1490,26 +1490,6 @@ class CartridgeStore:
       return out
 
 
-# ----------------------------------------------------------------------------- command line
-
-def main(argv: Sequence[str] | None = None) -> int:
-  import argparse
-  ap = argparse.ArgumentParser(prog="python -m cas.rotation.store",
-                               description="Cartridge store maintenance.")
-  ap.add_argument("--upgrade", metavar="PATH", help="convert a format-1 store in place to format 2 (atomic)")
-  ap.add_argument("--info", metavar="PATH", help="print the store's metadata and sizes")
-  a = ap.parse_args(argv)
-  if a.upgrade:
-    from cas.rotation.store_upgrade import upgrade_v1
-    print(json.dumps(upgrade_v1(a.upgrade), indent=2))
-    return 0
-  if a.info:
-    with open_store(a.info, read_only=True) as st:
-      print(json.dumps({"meta": read_store_meta(a.info), **st.stats(), "snapshots": st.snapshots()}, indent=2))
-    return 0
-  ap.print_help()
-  return 2
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m cas.rotation.store --upgrade / --info (the command line: store_cli.py)
+  from cas.rotation.store_cli import main
   sys.exit(main())

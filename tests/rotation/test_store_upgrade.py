@@ -15,7 +15,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cas.fileio import file_checksums, local_checkpointer
-from cas.rotation.store import CartridgeStore, StoreError, doc_dirname, main
+from cas.rotation.store import CartridgeStore, StoreError, doc_dirname
+from cas.rotation.store_cli import main
 from tests.rotation.conftest import FP, SPEC, assert_bit_identical, rand_arrays
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -116,7 +117,7 @@ KILL = textwrap.dedent("""
       os.kill(os.getpid(), signal.SIGKILL)  # everything written, the switch not made
     return real(src, dst)
   os.replace = replace
-  from cas.rotation.store import main
+  from cas.rotation.store_cli import main
   main(["--upgrade", {root!r}])
 """)
 
