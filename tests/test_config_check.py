@@ -231,3 +231,12 @@ def test_rerank_candidates_are_checked_against_retrieval_k():
   assert "must be an integer >= 1" in got["config.eval.rerank_candidates"]
   c.eval.rerank_candidates = 2
   assert check_config(c, "cas", devices=ONE, check_model=False) == []
+
+
+def test_adaptive_margin_is_checked():
+  c = cas_config("quick")
+  c.eval.methods = ("cartridge_oracle", "cartridge_adaptive")
+  assert "config.eval.adaptive_margin" not in _where(check_config(c, "cas", devices=ONE, check_model=False))
+  c.eval.adaptive_margin = 1.5
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "adaptive_margin=1.5 must be a number in [0, 1]" in got["config.eval.adaptive_margin"]

@@ -299,6 +299,42 @@ def cartridge_retrieved(method: str, c: EvalContext) -> list[Job]:
   return jobs
 
 
+def adaptive_ids(top: list[tuple[str, float]], margin: float) -> list[str]:
+  """The documents cartridge_adaptive loads from the index's top-2 [(doc_id, score)], best first:
+  both when the relative margin (s1 - s2) / s1 is below `margin` (the retriever is unsure; a
+  non-positive s1 counts as unsure), else the first alone."""
+  if len(top) < 2:
+    return [d for d, _ in top]
+  (d1, s1), (d2, s2) = top[0], top[1]
+  rel = (s1 - s2) / s1 if s1 > 0 else 0.0
+  return [d1, d2] if rel < margin else [d1]
+
+
+def cartridge_adaptive(method: str, c: EvalContext) -> list[Job]:
+  """@2: the document index's top-1 cartridge, plus the second when the retriever is unsure
+  (relative score margin below config.eval.adaptive_margin); shared positions, best first.
+  Measured offline on the composition studies first (RESULTS.md, issue 21): a second cartridge
+  costs ~10 points when the first is right, so it is loaded only where the first is likely wrong."""
+  if not c.have_store("cas", method):
+    return []
+  mk = c.method_kind
+  index = c.indexes[(mk, "document")]
+  margin = float(c.ec.get("adaptive_margin", 0.1))
+  k = min(2, len(index.doc_ids))
+  hits = dict(zip([q.qid for q in c.questions], index.search_docs_batch(c.queries, k)))
+  notes = {}
+
+  def ctx_for(q):
+    top = hits[q.qid]
+    ids = adaptive_ids(top, margin)
+    notes[q.qid] = {"retrieved": ids, "retrieval_scores": [float(s) for _, s in top[:len(ids)]],
+                    "retrieval_hit": gold_hit(q, ids), "num_cartridges": len(ids)}
+    return c.ev.cartridges(c.doc_carts("cas", ids), mode="shared")
+  return c.job(f"cartridge_adaptive@{k}", ctx_for, ["cas", c.store_state["cas"], index.manifest(), margin],
+               {"base_method": method, "k": k, "num_loaded": k, "position_mode": "shared",
+                "retrieval_index": f"{mk}-document", "adaptive_margin": margin}, notes)
+
+
 def cartridge_reranked(method: str, c: EvalContext) -> list[Job]:
   """@k: the top-m documents of the index reranked by the model's likelihood of the question
   after each one's own cartridge (cas.eval.rerank); k of them loaded, best first."""
@@ -378,6 +414,7 @@ METHODS: dict[str, Callable[[str, EvalContext], list[Job]]] = {
     "rag_text": rag_text,
     "cartridge_gold_pair": cartridge_gold_pair,
     "cartridge_reranked": cartridge_reranked,
+    "cartridge_adaptive": cartridge_adaptive,
 }
 
 

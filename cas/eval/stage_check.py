@@ -11,6 +11,7 @@ import os
 # Methods (config.eval.methods of a CAS config) -> the training stage (workdir subfolder) they read.
 CAS_STAGE_OF_METHOD = {"cartridge_oracle": "cas", "cas_composed": "cas", "cartridge_retrieved": "cas",
                        "cartridge_gold_pair": "cas", "cartridge_reranked": "cas",
+                       "cartridge_adaptive": "cas",
                        "isolated_composed": "isolated", "monolithic": "monolithic"}
 # The training stage (workdir subfolder) -> the pipeline stage (launch.cas --stages) that writes it.
 STAGE_RUN_BY = {"cas": "train", "isolated": "train_isolated", "monolithic": "train_monolithic"}

@@ -59,7 +59,7 @@ def test_fitting_and_empty_subsets_and_missing_stores_skip():
   assert job.deps == ["a"] and job.extra == {} and job.questions is None
   # no CAS / isolated store, no monolithic cartridge: those methods give no job
   for m in ("cartridge_oracle", "cas_composed", "isolated_composed", "cartridge_gold_pair", "cartridge_retrieved",
-            "cartridge_reranked", "monolithic"):
+            "cartridge_reranked", "cartridge_adaptive", "monolithic"):
     assert method_jobs(m, c) == [], m
 
 
