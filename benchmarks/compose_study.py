@@ -39,7 +39,10 @@ RECIPE = ["--config=configs/cas.py:paper", "--config.layer_loop=scan", "--config
           "--config.eval.position_modes=('shared',)", "--config.eval.icl_composed_over_context=skip",
           "--config.eval.num_loaded=(1,2,5,10,20)", "--config.eval.retrieval_k=(1,2)"]
 BASE_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "icl_composed",
-                "cartridge_retrieved")
+                "cartridge_retrieved", "cartridge_adaptive", "rag_text")
+# Issue 21 item 3 (accuracy against prompt tokens, retrieved cartridges vs text RAG, on questions by
+# content and two-document questions) is the same study with other questions:
+#   --extra="--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8)"
 LEVER_METHODS = ("cartridge_oracle", "cas_composed")
 VARIANTS = {
     "base": [],
