@@ -102,13 +102,24 @@ class StepDecoder:
     self._prefill = jax.jit(prefill, static_argnames=("cache_size", "sampling"))
     self._step = jax.jit(step, static_argnames=("sampling",), donate_argnames=("cache",))
 
+  @staticmethod
+  def shared(rows: Sequence[Row]) -> bool:
+    """True when every row carries the very same prefix arrays (one cartridge set for the whole
+    batch): it is then held once, k, v [L, 1, Pp, Hkv, D], and attended once per layer and step
+    for all rows (the model's shared-prefix path) instead of being copied into every row."""
+    r0 = rows[0]
+    return r0.prefix_k is not None and all(r.prefix_k is r0.prefix_k and r.prefix_v is r0.prefix_v for r in rows)
+
   def _prefix(self, rows: Sequence[Row], b: int):
-    """Per-row prefixes -> (pk, pv [L, b, Pp, Hkv, D] compute dtype, pm [b, Pp] bool) or Nones."""
+    """Per-row prefixes -> (pk, pv [L, b, Pp, Hkv, D] compute dtype, pm [b, Pp] bool) or Nones;
+    one prefix shared by every row (`shared`) -> pk, pv [L, 1, Pp, Hkv, D], pm [1, Pp]."""
     lens = [0 if r.prefix_k is None else int(r.prefix_k.shape[1]) for r in rows]
     if max(lens) == 0:
       return None, None, None
     cfg = self.cfg
     pp = -(-max(lens) // self.prefix_multiple) * self.prefix_multiple
+    if b > 1 and self.shared(rows):
+      rows, b = rows[:1], 1  # padding rows of the batch attend it too: their output is unused
     shape = (cfg.num_layers, pp, cfg.num_kv_heads, cfg.head_dim)
     ks, vs = [], []
     mask = np.zeros((b, pp), bool)

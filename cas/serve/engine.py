@@ -523,12 +523,16 @@ class Engine:
     t0 = time.time()
     try:
       rows = []
-      for p in batch:
+      composed = {}  # requests on the same cartridges share one composed prefix (the decoder then
+      for p in batch:  # holds it once for the batch when every row has it: StepDecoder.shared)
         pr = p.prepared
         k = v = None
         if pr.doc_ids:
-          carts = self.cache.get_many(pr.collection, pr.unit_ids())  # every part, in order
-          k, v, off = compose(carts, mode=pr.position_mode, inv_freq=self._inv_freq)  # [L, P', Hkv, D] f32
+          key = (id(pr.collection), tuple(pr.unit_ids()), pr.position_mode)
+          if key not in composed:
+            carts = self.cache.get_many(pr.collection, pr.unit_ids())  # every part, in order
+            composed[key] = compose(carts, mode=pr.position_mode, inv_freq=self._inv_freq)  # [L, P', Hkv, D] f32
+          k, v, off = composed[key]
           assert off == pr.position_offset, (off, pr.position_offset)
         rows.append(Row(pr.prompt, pr.max_tokens, k, v, pr.position_offset, pr.temperature, pr.top_p, pr.seed))
       with self._stats_lock:

@@ -148,3 +148,33 @@ def test_errors(engine):
   assert err(position_mode="diagonal").param == "position_mode"
   # top_k beyond the collection is capped at its size.
   assert len(engine.prepare(ChatRequest(messages=Q, collection="tinyrun", top_k=10)).doc_ids) == 3
+
+
+def test_requests_on_one_cartridge_share_its_prefix(engine):
+  """A batch whose requests all name the same cartridge holds it once (StepDecoder.shared: k, v
+  [L, 1, P, Hkv, D]) and gives every request the answer it gets alone; a mixed batch does not."""
+  from cas.serve.decode import Row, StepDecoder
+  qs = [Q, [{"role": "user", "content": "Who lit the lamp, and when?"}],
+        [{"role": "user", "content": "Name the island."}]]
+  reqs = [ChatRequest(messages=m, cartridges=["doc_lighthouse"], temperature=0.0, max_tokens=8) for m in qs]
+  reqs.append(ChatRequest(messages=Q, cartridges=["doc_lighthouse"], temperature=0.9, seed=5, max_tokens=8))
+  solo = [engine.complete(r)["text"] for r in reqs]
+  seen = []
+  orig = engine.decoder._prefix
+
+  def spy(rows, b):
+    out = orig(rows, b)
+    seen.append((StepDecoder.shared(rows), None if out[0] is None else out[0].shape[1]))
+    return out
+  engine.decoder._prefix = spy
+  try:
+    with engine.hold():
+      queues = [_collect(engine, engine.prepare(r)) for r in reqs]
+    together = [_drain(q)[0] for q in queues]
+  finally:
+    engine.decoder._prefix = orig
+  assert together == solo
+  assert seen == [(True, 1)]  # one batch, the cartridge held once
+  k = np.zeros((2, 4, 1, 8), np.float32)
+  assert not StepDecoder.shared([Row([1], 1, k, k), Row([1], 1, k.copy(), k.copy())])  # equal, not the same
+  assert not StepDecoder.shared([Row([1], 1), Row([1], 1)])  # no prefix at all
