@@ -1,0 +1,79 @@
+"""What does a cartridge know before training? The oracle cartridge's accuracy at its
+`first_tokens` init against ICL, per document length, on the built-in real-prose collection
+(issue 26: trained p = 512 cartridges answer 81-83% of the short documents' questions where ICL
+answers 93%; if the untrained init already answers them, training loses facts the init had).
+
+For a document of n <= p - 1 tokens the init holds the document itself: with `--fill=repeat`
+(the pipeline's default) the rest of the p slots repeat it, with `--fill=exact` the cartridge is
+cut to the document's own length (no fill). Longer documents keep their first p - 1 tokens.
+`--fill=framed`: the init is the KV of the document *as ICL shows it* (the chat-formatted system
+message that holds it, `Tokenizer.system_prefix_ids`), cut to p tokens, no fill: what the model
+reads in ICL, minus the rest of the documents' frame for long ones.
+CPU-sized: the default model, multiple-choice questions only.
+
+  python -m benchmarks.init_oracle --num_docs=20 --p=512 --fill=repeat,exact
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app, flags
+
+from cas.cartridge.cartridge import init_cartridge
+from cas.data.prose import generate_prose_collection
+from cas.eval.methods import ICL_SYSTEM, Evaluator
+from cas.model.loader import load_model
+
+_N = flags.DEFINE_integer("num_docs", 20, "prose documents (data.num_docs)")
+_SEED = flags.DEFINE_integer("seed", 0, "data.seed")
+_P = flags.DEFINE_integer("p", 512, "cartridge tokens")
+_FILL = flags.DEFINE_list("fill", ["repeat", "exact"], "short-document rule(s): repeat | exact")
+_SHORT = flags.DEFINE_integer("short_tokens", 1700, "documents under this many tokens count as short")
+_OUT = flags.DEFINE_string("out", None, "write the per-question results (JSON) here")
+_ICL = flags.DEFINE_bool("icl", True, "also evaluate ICL (the slow part on a CPU: ~1 h for 78 questions)")
+
+
+def main(argv):
+  del argv
+  lm = load_model()
+  model, tok = lm.model, lm.tokenizer
+  ev = Evaluator(model, tok)
+  coll = generate_prose_collection(_N.value, _SEED.value)
+  docs = {d.doc_id: d for d in coll.documents}
+  ids = {d: tok.encode(doc.text) for d, doc in docs.items()}
+  qs = [q for q in coll.questions if q.kind == "mc" and not q.is_multi_doc]
+  rows: dict[str, list] = {}
+  t0 = time.time()
+  if _ICL.value:
+    rows["icl"] = [ev.answer(ev.icl([docs[q.doc_id]]), q) for q in qs]
+    print(f"icl done ({time.time() - t0:.0f}s)", flush=True)
+  for fill in _FILL.value:
+    carts = {}
+    for d, t in ids.items():
+      if fill == "framed":  # the ICL system message holding the document (sink = its first token)
+        doc = docs[d]
+        body = f"# {doc.title}\n{doc.text}" if doc.title else doc.text
+        f_ids = tok.system_prefix_ids(tok.document_context(ICL_SYSTEM.format(documents=body), body))[:_P.value]
+        c = init_cartridge(model, f_ids, len(f_ids), num_frozen=1)
+      else:
+        p = _P.value if fill == "repeat" or len(t) + 1 >= _P.value else len(t) + 1  # + the BOS sink
+        c = init_cartridge(model, t, p, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat")
+      carts[d] = ev.cartridge(*c.full_kv())
+    rows[f"init_{fill}"] = [ev.answer(carts[q.doc_id], q) for q in qs]
+    print(f"init_{fill} done ({time.time() - t0:.0f}s)", flush=True)
+  short = {d for d, t in ids.items() if len(t) < _SHORT.value}
+  print(f"\n| method | all ({len(qs)}) | short documents (< {_SHORT.value} tokens) | long documents |")
+  print("|---|---|---|---|")
+  for name, res in rows.items():
+    def acc(sel):
+      r = [x for x in res if sel(x.doc_id)]
+      return f"{100 * sum(x.correct for x in r) / max(len(r), 1):.1f} (n={len(r)})"
+    print(f"| {name} | {acc(lambda d: True)} | {acc(lambda d: d in short)} | {acc(lambda d: d not in short)} |")
+  if _OUT.value:
+    json.dump({name: [{"qid": x.qid, "doc_id": x.doc_id, "correct": bool(x.correct), "prediction": x.prediction}
+                      for x in res] for name, res in rows.items()}, open(_OUT.value, "w"), indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
