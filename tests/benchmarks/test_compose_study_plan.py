@@ -1,0 +1,26 @@
+"""benchmarks/compose_study.py's plan: a training lever shares its collection's self-study set, a
+self-study lever (qmix) gets its own set and the full CAS + isolated evaluation; bad flags fail."""
+import pytest
+
+from benchmarks import compose_study as cs
+
+
+def test_self_study_levers_get_their_own_set_and_the_full_evaluation(tmp_path):
+  p = cs.plan(str(tmp_path), cs._flags(["--variants=base,qmix,hard", "--collections=minutes", "--seeds=0,1"]))
+  synth = {j["name"]: j for j in p["synth"]}
+  assert set(synth) == {"minutes_s0", "minutes_s1", "qmix_minutes_s0", "qmix_minutes_s1"}
+  assert any("--config.synth.families=('quote','quote','quote','question')" == a for a in synth["qmix_minutes_s1"]["args"])
+  assert not any(a.startswith("--config.synth.families") for a in synth["minutes_s1"]["args"])
+  train = {j["name"]: j for j in p["train"]}
+  assert train["qmix_minutes_s1"]["synth"] == "qmix_minutes_s1" and train["hard_minutes_s1"]["synth"] == "minutes_s1"
+  methods = lambda j: next(a for a in j["args"] if a.startswith("--config.eval.methods="))
+  assert "isolated_composed" in methods(train["qmix_minutes_s0"]) and "isolated_composed" in methods(train["base_minutes_s0"])
+  assert "isolated_composed" not in methods(train["hard_minutes_s0"])
+  assert "rag_text" in methods(train["base_minutes_s0"]) and "cartridge_adaptive" in methods(train["base_minutes_s0"])
+
+
+def test_bad_flags_fail_before_anything_runs():
+  with pytest.raises(SystemExit, match="unknown variant 'nope'"):
+    cs._flags(["--variants=base,nope"])
+  with pytest.raises(SystemExit, match="unknown flag --step"):
+    cs._flags(["--step=3"])
