@@ -131,6 +131,36 @@ def interference_lines(results: dict, collection: str, variant: str = "base") ->
   return lines
 
 
+RETRIEVAL_ROW = re.compile(r"^(cartridge_retrieved|cartridge_adaptive|rag_text)@(\d+)")
+
+
+def retrieval_lines(base: dict) -> list[str]:
+  """Issue 21 item 3: accuracy against prompt tokens (text the model reads: the question, plus the
+  passages for rag_text) and KV for retrieved cartridges vs text RAG at each k, per question kind
+  (refers title / content; single / pair document), seeds pooled; [] when the run has none."""
+  from cas.eval.stats import question_kind
+  rows = sorted(((m.group(1), int(m.group(2)), name) for name in base for m in [RETRIEVAL_ROW.match(name)] if m),
+                key=lambda t: (t[0], t[1]))
+  if not rows:
+    return []
+  kinds = sorted({question_kind(q["qid"].split("/", 1)[1]) for _m, _k, n in rows for q in base[n]})
+  head = ["all"] + [f"{r}/{d}" for r, d in kinds] if len(kinds) > 1 else ["all"]
+  lines = ["", "Retrieved cartridges against text RAG (issue 21): accuracy (95% CI) per question kind, "
+           "mean prompt tokens and KV per question:", "",
+           "| method | k | " + " | ".join(head) + " | prompt tokens | KV MiB |",
+           "|---|---|" + "---|" * len(head) + "---|---|"]
+  for method, k, name in rows:
+    qs = base[name]
+    cells = [cell(qs)]
+    if len(kinds) > 1:
+      for kd in kinds:
+        cells.append(cell([q for q in qs if question_kind(q["qid"].split("/", 1)[1]) == kd]))
+    tok = sum(q.get("prompt_tokens", 0) for q in qs) / max(len(qs), 1)
+    kv = sum(q.get("kv_bytes", 0) for q in qs) / max(len(qs), 1) / 2**20
+    lines.append(f"| {method} | {k} | " + " | ".join(cells) + f" | {tok:.0f} | {kv:.1f} |")
+  return lines
+
+
 def collection_section(results: dict, collection: str, base_variant: str = "base") -> tuple[str, dict]:
   base = pooled(results, base_variant, collection)
   mono = pooled(results, "mono", collection)  # the monolithic baseline ran in its own process
@@ -182,6 +212,7 @@ def collection_section(results: dict, collection: str, base_variant: str = "base
     t.append(f"oracle - icl = {dcell(d)}: target >= -6 {'met' if d[0] >= -6 else 'missed'}")
   lines += [""] + [f"- {x}" for x in t]
   lines += interference_lines(results, collection, base_variant)
+  lines += retrieval_lines(base)
   # levers, paired against base
   levers = sorted({v for (v, c, _s) in results if c == collection and v not in (base_variant, "mono")})
   if levers:

@@ -1,0 +1,24 @@
+"""benchmarks/compose_report.py: the retrieval-vs-RAG table splits question kinds and averages
+prompt tokens and KV per question; no retrieval rows, no table."""
+from benchmarks import compose_report as cr
+
+
+def _q(qid, correct, tokens, kv):
+  return {"qid": qid, "correct": correct, "prompt_tokens": tokens, "kv_bytes": kv}
+
+
+def test_retrieval_lines_split_kinds_and_average_cost():
+  base = {
+      "cartridge_retrieved@1": [_q("s0/d1/f/mc", True, 40, 2**20), _q("s0/d2/f/content/mc", False, 60, 3 * 2**20)],
+      "rag_text@2": [_q("s0/d1/f/mc", True, 400, 8 * 2**20), _q("s0/d2/f/content/mc", True, 600, 8 * 2**20)],
+      "icl": [_q("s0/d1/f/mc", True, 900, 0)],
+  }
+  lines = cr.retrieval_lines(base)
+  table = [l for l in lines if l.startswith("| cartridge_retrieved") or l.startswith("| rag_text")]
+  assert len(table) == 2
+  assert "| content/single | title/single |" in "".join(lines)
+  cart = table[0].split(" | ")
+  assert cart[1] == "1" and cart[2].startswith("50.0") and cart[3].startswith("0.0") and cart[4].startswith("100.0")
+  assert cart[5] == "50" and cart[6].startswith("2.0")
+  assert table[1].split(" | ")[5] == "500"
+  assert cr.retrieval_lines({"icl": base["icl"]}) == []
