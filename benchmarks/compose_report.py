@@ -22,11 +22,18 @@ from absl import app, flags
 
 from cas.eval.stats import paired_by_qid, paired_difference, wilson_interval
 
-_ARCHIVE = flags.DEFINE_string("archive", None, "compose_study.tgz from benchmarks/compose_study.py", required=True)
-_PLOTS = flags.DEFINE_string("plots", None, "folder for one accuracy-vs-loaded plot per collection (None = none)")
-_OUT = flags.DEFINE_string("out", None, "also write the markdown here")
-_BASE = flags.DEFINE_string("base", "base", "the variant whose CAS + isolated runs make the main tables (a "
-                            "self-study lever such as qmix runs both; the others are paired against it)")
+_F = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """The command line's flags, defined only when run as a script: tests import this module, and
+  flags defined at import would clash with other modules' (--out) and break their parsing."""
+  flags.DEFINE_string("archive", None, "compose_study.tgz from benchmarks/compose_study.py (required)")
+  flags.DEFINE_string("plots", None, "folder for one accuracy-vs-loaded plot per collection (None = none)")
+  flags.DEFINE_string("out", None, "also write the markdown here")
+  flags.DEFINE_string("base", "base", "the variant whose CAS + isolated runs make the main tables (a "
+                      "self-study lever such as qmix runs both; the others are paired against it)")
+
 
 RUN = re.compile(r"^(?P<variant>[a-z0-9]+)_(?P<collection>[a-z]+)_s(?P<seed>\d+)$")
 
@@ -272,11 +279,14 @@ def report(results: dict, plots_dir: str | None = None, base_variant: str = "bas
 
 def main(argv):
   del argv
-  text = report(load_archive(_ARCHIVE.value), _PLOTS.value, _BASE.value)
+  if not _F.archive:
+    raise app.UsageError("--archive is required (the compose_study.tgz of benchmarks/compose_study.py)")
+  text = report(load_archive(_F.archive), _F.plots, _F.base)
   print(text)
-  if _OUT.value:
-    open(_OUT.value, "w").write(text + "\n")
+  if _F.out:
+    open(_F.out, "w").write(text + "\n")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
