@@ -21,8 +21,8 @@ import os
 
 from cas.config_check import pipeline_kind
 from cas.eval.stage_check import check_cartridge_workdir, check_cas_workdir
-# also read from here (launch.evaluate, tests): the stage tables and the error live in cas.eval.stage_check
-from cas.eval.stage_check import CAS_STAGE_OF_METHOD, STAGE_NAMES, STAGE_RUN_BY, MissingStageError  # noqa: F401
+# also read from here (tests): the error lives in cas.eval.stage_check
+from cas.eval.stage_check import MissingStageError  # noqa: F401
 
 
 def evaluate_workdir(config, workdir: str, *, lm=None, command: str | None = None) -> dict:

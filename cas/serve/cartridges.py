@@ -132,16 +132,14 @@ class Collection:
   def documents(self) -> dict[str, list[str]]:
     """Servable documents -> their cartridge ids (parts grouped under their document, in order;
     a whole document maps to itself), in the store's registration order."""
-    parts, out = self._part_index(), {}
+    parts, seen, out = self._part_index(), set(), {}
     for u in self.store.doc_ids():
       m = _PART_ID.match(u)
       d = m["doc"] if m and m["doc"] in parts else u
-      if d in out:
-        continue
-      units = [p for _, p in parts[d]] if d in parts else [d]
-      have = {i for i, _ in parts.get(d, [])}
-      if all(self.store.has(p) for p in units) and (not have or have == set(range(1, max(have) + 1))):
-        out[d] = units
+      if d not in seen:
+        seen.add(d)
+        if self.servable(d):
+          out[d] = self.units(d)
     return out
 
   def load(self, doc_id: str) -> Cartridge:
