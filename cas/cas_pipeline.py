@@ -300,7 +300,7 @@ class CasStages:
     against config.train.num_slots (must divide by mesh data * fsdp)."""
     if not hasattr(self, "_mesh"):
       from cas.sharding import make_mesh
-      from cas.train.cas_loop import check_mesh
+      from cas.train.loop import check_mesh
       shape = self.config.get("mesh")
       self._mesh = None if shape is None else make_mesh(shape)
       if self._mesh is not None:
@@ -319,7 +319,7 @@ class CasStages:
     return {d.doc_id: [h for h, _ in row if h != d.doc_id][:max_neighbors] for d, row in zip(self.units, hits)}
 
   def _train(self, name: str, **over):
-    from cas.train.cas_loop import train_cas
+    from cas.train.loop import train_cas
     t = time.time()
     cfg = {**dict(self.config.train), "top_k": self.config.synth.top_k, **over}
     neighbors = self.neighbors() if cfg.get("p_hard", 0.0) > 0 else None

@@ -401,10 +401,10 @@ def _check_synth(config, add: Callable) -> None:
 
 def _train_keys(pipeline: str):
   if pipeline == "cas":
-    from cas.train.cas_loop import CAS_KEYS, DEFAULTS
+    from cas.train.loop import CAS_KEYS, DEFAULTS
     return CAS_KEYS, DEFAULTS
-  from cas.train.loop import DEFAULTS, TRAIN_KEYS
-  return TRAIN_KEYS, DEFAULTS
+  from cas.train.loop import TRAIN_DEFAULTS, TRAIN_KEYS
+  return TRAIN_KEYS, TRAIN_DEFAULTS
 
 
 def _check_train(config, pipeline: str, add: Callable) -> None:
@@ -466,7 +466,7 @@ def _check_mesh(config, add: Callable, devices: Sequence | None) -> None:
   import jax
 
   from cas.sharding import MeshShapeError, make_mesh
-  from cas.train.cas_loop import check_mesh
+  from cas.train.loop import check_mesh
   devices = list(jax.devices() if devices is None else devices)
   try:
     mesh = make_mesh(shape, devices)
@@ -546,7 +546,7 @@ def _check_eval(config, pipeline: str, add: Callable, stages: Sequence[str]) -> 
   if over not in ("evaluate", "skip"):
     add("config.eval.icl_composed_over_context", f"config.eval.icl_composed_over_context={over!r} must be "
                                                  "'evaluate' or 'skip'")
-  from cas.train.cas_batch import POSITION_MODES
+  from cas.train.batch import POSITION_MODES
   modes = _tuple(_get(ec, "position_modes", ("shared",)))
   if any(m not in POSITION_MODES for m in modes):
     add("config.eval.position_modes", f"config.eval.position_modes={modes!r}: each must be one of {POSITION_MODES}")

@@ -4,7 +4,7 @@ single-process reference (`run(None, ...)`).
   CAS_COORDINATOR=localhost:PORT CAS_NUM_PROCESSES=2 CAS_PROCESS_ID=i JAX_PLATFORMS=cpu \
   XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/multihost_cas_worker.py DATA WORKDIR OUT.json
 
-The full CAS loop (cas.train.cas_loop.train_cas) over a global (data=2, fsdp=1, tensor=2) mesh
+The full CAS loop (cas.train.loop.train_cas) over a global (data=2, fsdp=1, tensor=2) mesh
 spanning both processes: N = 6 documents, B = 4 slots, a rotation every 2 steps, checkpoints
 (with store snapshots) every 4 steps. The run is interrupted after STOP steps and resumed in the
 same process (restore + store rollback). Process 0 writes the store, the checkpoints' manifests
@@ -60,7 +60,7 @@ def run(mesh, data: str, workdir: str) -> dict:
   from cas.metrics import read_metrics
   from cas.rotation.store import CartridgeStore
   from cas.testing import TINY, tiny_model
-  from cas.train.cas_loop import train_cas
+  from cas.train.loop import train_cas
   inits, frozen = _inits()
   spec = CartridgeSpec.for_model(TINY, P_TOK, 1)
   kw = dict(model_fingerprint="tiny", dataset_dir=data, workdir=workdir, doc_ids=DOCS, spec=spec, frozen=frozen,

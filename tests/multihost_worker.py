@@ -44,8 +44,8 @@ def run(mesh, workdir: str) -> dict:
   from cas.sharding import shard_model
   from cas.testing import TINY, tiny_model
   from cas.train import checkpoint as ckpt
-  from cas.train.cas_batch import build_cas_batch
-  from cas.train.cas_step import cas_batch_shardings, cas_state_shardings, init_cas_state, make_cas_train_step
+  from cas.train.batch import build_cas_batch
+  from cas.train.step import cas_batch_shardings, cas_state_shardings, init_cas_state, make_cas_train_step
 
   rng = np.random.default_rng(0)
   model = tiny_model(scale=2.0)  # std 0.04: reductions in another order agree to ~1e-7

@@ -8,7 +8,7 @@ import pytest
 
 from cas.cas_pipeline import CasStages
 from cas.testing import tiny_cas_config, tiny_smol_lm
-from cas.train.cas_loop import _fingerprint, train_cas
+from cas.train.loop import _fingerprint, train_cas
 
 
 @pytest.fixture(scope="module")

@@ -1,56 +1,93 @@
-"""The single-cartridge training loop (Cartridges): resumable, checkpointed, logged.
+"""The training loop, for one cartridge and for many (DESIGN §4): one cartridge per document,
+trained jointly with distractor mixing, B device slots rotated through the Orbax cartridge store.
+A single cartridge (the Cartridges quickstart, the monolithic baseline) is the same loop with one
+cartridge, one slot, k_max = 1 and no rotation (`train_cartridge`), exported to the single
+cartridge format at the end.
 
-Reads top to bottom: data -> initial state (or restore) -> jitted step -> loop with metrics and
-checkpoints -> final cartridge exported to `<workdir>/cartridge` for evaluation.
+Reads top to bottom:
+  data (per-document self-study access) -> store (every document's cartridge + moments + count)
+  -> slot manager (B resident) -> restore or fill -> jitted CAS step -> loop:
+     batch of resident documents -> step -> every R steps rotate -> every C steps checkpoint
+  -> final flush: the store holds every document's trained cartridge.
+
+Checkpoint = Orbax CheckpointManager in <workdir>/checkpoints (slot state: params, moments,
+counts) + meta (slot table, sampler state) + a store snapshot with the same tag, so that a
+killed run resumes exactly (the store is rolled back to the checkpoint's snapshot).
+
+On a mesh (`mesh=cas.sharding.make_mesh(...)`), the same code runs sharded: the frozen model's
+weights are placed by `cas.sharding.shard_model` (FSDP on `fsdp`, tensor parallel on `tensor`),
+the frozen sink is replicated, the slot state (params, moments, counts) is split over its slot
+axis on (data, fsdp) by the SlotManager, and each batch is split over its rows on (data, fsdp)
+(rows that do not divide are replicated). num_slots must be divisible by data * fsdp.
+
+Several processes (hosts; `cas.distributed.maybe_initialize`) run the same loop on a global
+mesh: every process builds the same batches and runs the same steps, rotations and loads;
+process 0 alone holds the workdir lock and writes the store, the metrics and the checkpoints'
+manifests (Orbax checkpoints are written by all), and the others re-read the store after a
+barrier at each rotation and checkpoint (`SlotManager.sync`). Tested with two CPU processes in
+tests/test_multihost.py (losses, counts and stored cartridges equal a single-process run's).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from cas.cartridge.cartridge import Cartridge, CartridgeSpec
 from cas.cartridge.io import save_cartridge
+from cas.distributed import fetch, host_to_global, tree_to_global
 from cas.locking import DirLock
 from cas.metrics import MetricWriter, NullMetricWriter
-from cas.synth.format import SynthDataset, check_compatible
+from cas.rotation.manager import SlotManager, resident_bytes
+from cas.rotation.policy import RotationError, RotationPolicy, check_every_document_trained, validate
+from cas.rotation.store import ARRAY_NAMES, CartridgeStore, StoreError
+from cas.sharding import shard_model
+from cas.synth.format import DocConversations, SynthDataset, check_compatible
 from cas.train import checkpoint as ckpt
 from cas.train import preflight
-from cas.train.data import LoaderState, PackedLoader
-from cas.train.numerics import NumericsError, all_finite, raise_numerics  # noqa: F401 (NumericsError re-exported)
-from cas.train.step import LOSS_CHUNK_TOKENS, make_optimizer, make_train_step
+from cas.train.step import cas_batch_shardings, make_cas_train_step
+from cas.train.numerics import NumericsError, raise_numerics, slot_finite  # noqa: F401 (NumericsError re-exported)
+from cas.train.loss import LOSS_CHUNK_TOKENS
 from cas.train.validate import check_train_config
 
-TRAIN_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
-              "log_every", "ckpt_every", "keep_checkpoints", "top_k", "loss_chunk")
-DEFAULTS = {"loss_chunk": LOSS_CHUNK_TOKENS}  # optional fields of the train config
+CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
+            "num_slots", "k_max", "p_isolated", "rotate_every", "evict_fraction", "position_mode",
+            "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors", "loss_chunk",
+            "max_conversations", "length_weighting", "p_hard", "k_curriculum_steps", "mixed_weight")
+# max_conversations: train on each document's first n self-study conversations only (0 = all; a
+# curve of quality against self-study size from one synthesis)
+# length_weighting: a resident document gets rows in proportion to its length (length_weights), not one
+# each per pass: a long document holds more facts for its one cartridge to learn
+# p_hard: the fraction of mixed rows whose distractors are the resident documents most similar to
+# their own (train_cas(neighbors=...), e.g. by BM25); k_curriculum_steps: rows load at most
+# k_limit(step) cartridges, growing from 2 to k_max over that many steps (0 = k_max from the start);
+# mixed_weight: loss weight of rows with distractors against isolated rows (1.0 = equal)
+DEFAULTS = {"train_distractors": True, "loss_chunk": LOSS_CHUNK_TOKENS, "max_conversations": 0,
+            "length_weighting": False, "p_hard": 0.0, "k_curriculum_steps": 0, "mixed_weight": 1.0}
 
 
 def model_mesh(model):
   """The Mesh the model's weights live on (cas.sharding.shard_model), or None on one device."""
   from flax import nnx
-  from jax.sharding import NamedSharding
   for x in jax.tree.leaves(nnx.state(model, nnx.Param)):
     s = getattr(x, "sharding", None)
     if isinstance(s, NamedSharding) and s.mesh.size > 1:
       return s.mesh
   return None
-
-
-def config_fingerprint(train_cfg: dict, spec: CartridgeSpec) -> str:
-  blob = json.dumps({"train": train_cfg, "spec": dataclasses.asdict(spec)}, sort_keys=True, default=str)
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _logged_loss(workdir: str, step: int) -> float:
@@ -70,132 +107,368 @@ def _remove_stale_exports(path: str) -> None:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def train_cartridge(*, model, model_fingerprint: str, dataset_dir: str, workdir: str,
-                    init_fn: Callable[[], Cartridge], train_cfg: dict, dtype=jnp.float32,
-                    stop_after: int | None = None) -> dict:
-  """Train one cartridge on a self-study dataset.
+def k_limit(step: int, k_max: int, curriculum_steps: int) -> int:
+  """Most cartridges a row of training step `step` (1-based) loads: k_max, or with a curriculum
+  1 + ceil((k_max - 1) * step / curriculum_steps) until curriculum_steps."""
+  if curriculum_steps <= 0 or k_max <= 1:
+    return k_max
+  return min(k_max, 1 + math.ceil((k_max - 1) * min(1.0, step / curriculum_steps)))
+MAX_LENGTH_WEIGHT = 8
 
-  train_cfg keys (exactly these; unknown ones are refused): steps, batch_size, seq_len, lr,
-  warmup_steps, clip_norm, loss, seed, log_every, ckpt_every, keep_checkpoints, top_k.
-  `stop_after`: return after this many steps in this call (tests simulate interruption).
-  Returns {"steps", "final_loss", "cartridge_path"}.
 
-  The workdir is locked for the whole call (cas.locking: a second run on it refuses to start).
-  Resume uses the newest good checkpoint (corrupt ones are skipped with a warning, see
-  cas.train.checkpoint). NaN/inf in the loss, gradients or the updated cartridge stop training
-  with NumericsError before anything is saved.
+def length_weights(lengths: Mapping[str, int], max_weight: int = MAX_LENGTH_WEIGHT) -> dict[str, int]:
+  """doc_id -> rows per sampler pass: round(length / median length), clipped to [1, max_weight]."""
+  if not lengths:
+    return {}
+  med = float(np.median([max(1, int(n)) for n in lengths.values()]))
+  return {d: int(min(max_weight, max(1, round(max(1, int(n)) / med)))) for d, n in lengths.items()}  # optional fields of the train config
+
+
+def _fingerprint(c: dict, spec: CartridgeSpec, doc_ids: Sequence[str],
+                 sources: Mapping[str, Sequence[str]] | None = None) -> str:
+  keep = {k: c[k] for k in CAS_KEYS if k not in ("steps", "log_every", "ckpt_every", "keep_checkpoints",
+                                                  "loss_chunk")
+          and not (k in DEFAULTS and c[k] == DEFAULTS[k])}  # defaults left out: older runs keep their id
+  blob = json.dumps({"cfg": keep, "spec": dataclasses.asdict(spec),
+                     "docs": hashlib.sha256("\n".join(doc_ids).encode()).hexdigest(),
+                     **({"sources": {d: list(v) for d, v in sources.items()}} if sources else {})}, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_mesh(mesh: Mesh, num_slots: int) -> None:
+  """Refuse a slot count the mesh cannot split evenly.
+
+  The slot axis is sharded over data * fsdp devices; a num_slots that does not divide would be
+  silently replicated on every device (B times the memory), so it is an error.
   """
-  c = check_train_config({**DEFAULTS, **train_cfg}, TRAIN_KEYS, where="train_cartridge")
+  data, fsdp = int(mesh.shape.get("data", 1)), int(mesh.shape.get("fsdp", 1))
+  if num_slots % (data * fsdp) and num_slots != 1:  # one slot (train_cartridge) is replicated
+    raise ValueError(
+        f"train.num_slots={num_slots} is not divisible by the mesh's data * fsdp = {data} * {fsdp} = "
+        f"{data * fsdp} (mesh.data, mesh.fsdp over {mesh.size} devices): the slot axis is split over "
+        f"data * fsdp. Set train.num_slots to a multiple of {data * fsdp} or change mesh.data / mesh.fsdp.")
+
+
+def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, doc_ids: Sequence[str],
+              spec: CartridgeSpec, frozen: tuple, init_fn: Callable[[str], dict], cfg: dict,
+              dtype=jnp.float32, mesh=None, stop_after: int | None = None,
+              doc_lengths: Mapping[str, int] | None = None,
+              neighbors: Mapping[str, Sequence[str]] | None = None,
+              sources: Mapping[str, Sequence[str]] | None = None, single: bool = False) -> dict:
+  """Train all documents' cartridges jointly. Returns {"steps", "final_loss", "store",
+  "device_slot_bytes", "counts" (doc_id -> steps), "state_shardings" (slot state leaf -> the
+  Sharding it ended with)}.
+
+  frozen: the shared sink (k, v) [L, F, Hkv, D]; init_fn(doc_id) -> {"k", "v"} [L, P-F, Hkv, D]
+  for a document that has never been trained (e.g. its first p tokens' KV).
+  doc_lengths: doc_id -> tokens, needed with cfg["length_weighting"] (rows per document in
+  proportion to its length, `length_weights`).
+  neighbors: doc_id -> other documents, most similar first, needed with cfg["p_hard"] > 0 (hard
+  negatives, cas.train.batch.draw_slots).
+  sources: cartridge id -> the self-study documents whose conversations train it (default: the
+  document of the same id); e.g. the monolithic baseline, one cartridge for a whole collection.
+  single: the run is `train_cartridge`'s (errors and logs speak of one cartridge, not slots).
+  mesh: None (one device) or a ("data", "fsdp", "tensor") Mesh; with a mesh, `model`'s weights
+  are moved onto it in place (cas.sharding.shard_model) and stay there after the call.
+
+  Hardening: cfg keys must be exactly CAS_KEYS (unknown ones are refused; those in DEFAULTS may be
+  left out); the workdir and the store are locked (a second run refuses to start); a config whose
+  slots + model cannot fit the device is refused before allocating (cas.train.preflight); resume
+  takes the newest checkpoint whose files *and* paired store snapshot are intact (corrupt ones are
+  skipped with a warning);
+  NaN/inf in the loss, gradients or any slot's arrays stop training with NumericsError naming
+  the step, slots and documents, before the store or a checkpoint is written.
+  """
+  c = check_train_config({**DEFAULTS, **cfg}, CAS_KEYS, where="train_cas")
+  if mesh is not None:
+    check_mesh(mesh, c["num_slots"])
+  doc_ids = list(doc_ids)
+  dup = sorted(d for d, n in collections.Counter(doc_ids).items() if n > 1)
+  if dup:
+    raise ValueError(f"train_cas: duplicate doc ids {dup[:5]}; every document needs a unique doc_id")
+  validate(len(doc_ids), c["num_slots"], c["k_max"], c["evict_fraction"], c["rotate_every"])
+  try:  # the launchers refuse this up front (cas.config_check); a library caller may train a subset on purpose
+    check_every_document_trained(len(doc_ids), c["num_slots"], c["evict_fraction"], c["rotate_every"], c["steps"])
+  except RotationError as e:
+    logging.warning("%s (documents never resident keep their init cartridge and are not in the store)", e)
+  if not (isinstance(c["p_hard"], (int, float)) and 0.0 <= float(c["p_hard"]) <= 1.0):
+    raise ValueError(f"train.p_hard={c['p_hard']!r}: must be in [0, 1]")
+  if c["p_hard"] > 0 and (neighbors is None or set(doc_ids) - set(neighbors)):
+    raise ValueError(f"train.p_hard={c['p_hard']} (hard negatives) needs every document's most similar documents "
+                     "(train_cas(neighbors=...); the CAS pipeline computes them with a BM25 document index)")
+  if not (isinstance(c["mixed_weight"], (int, float)) and not isinstance(c["mixed_weight"], bool)
+          and c["mixed_weight"] > 0):
+    raise ValueError(f"train.mixed_weight={c['mixed_weight']!r}: must be a number > 0")
+  if isinstance(c["k_curriculum_steps"], bool) or not isinstance(c["k_curriculum_steps"], int) or c["k_curriculum_steps"] < 0:
+    raise ValueError(f"train.k_curriculum_steps={c['k_curriculum_steps']!r}: must be an integer >= 0")
+  if c["length_weighting"] and (doc_lengths is None or set(doc_ids) - set(doc_lengths)):
+    raise ValueError("train.length_weighting=True needs the length of every document (train_cas(doc_lengths=...))")
+  if isinstance(c["max_conversations"], bool) or not isinstance(c["max_conversations"], int) or c["max_conversations"] < 0:
+    raise ValueError(f"train.max_conversations={c['max_conversations']!r}: must be an integer >= 0 (0 = every "
+                     "conversation of each document)")
+  preflight.check_fits(
+      preflight.estimate_cas_bytes(model, spec, num_slots=c["num_slots"], batch_size=c["batch_size"],
+                                   seq_len=c["seq_len"], k_max=c["k_max"], mesh=mesh,
+                                   dtype_bytes=jnp.dtype(dtype).itemsize),
+      what=(f"single-cartridge training (p={spec.num_tokens}, batch_size={c['batch_size']}, seq_len={c['seq_len']})"
+            if single else
+            f"CAS training with num_slots={c['num_slots']} (p={spec.num_tokens}, k_max={c['k_max']}, "
+            f"batch_size={c['batch_size']}, seq_len={c['seq_len']})"),
+      hints=("Lower train.batch_size or train.seq_len, or use a smaller cartridge.num_tokens." if single else
+             "Lower train.num_slots (B), train.batch_size, train.seq_len or train.k_max, or spread the "
+             "slots over more devices (mesh.data / mesh.fsdp)."))
   os.makedirs(workdir, exist_ok=True)
-  # Multi-process: process 0 holds the lock and writes metrics and the exported cartridge.
-  lock = DirLock(workdir, what="training workdir") if jax.process_index() == 0 else contextlib.nullcontext()
+  # Multi-process: process 0 holds the workdir lock and writes the store, checkpoints' manifests
+  # and metrics; every process runs the same steps, rotations and loads (cas.rotation.manager).
+  lock = DirLock(workdir, what="training workdir" if single else "CAS training workdir") if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
-    return _train_cartridge(model=model, model_fingerprint=model_fingerprint, dataset_dir=dataset_dir,
-                            workdir=workdir, init_fn=init_fn, c=c, dtype=dtype, stop_after=stop_after)
+    weights = length_weights({d: doc_lengths[d] for d in doc_ids}) if c["length_weighting"] else None
+    return _train_cas(model=model, model_fingerprint=model_fingerprint, dataset_dir=dataset_dir,
+                      workdir=workdir, doc_ids=doc_ids, spec=spec, frozen=frozen, init_fn=init_fn, c=c,
+                      dtype=dtype, mesh=mesh, stop_after=stop_after, weights=weights,
+                      neighbors=neighbors if c["p_hard"] > 0 else None, sources=sources, single=single)
 
 
-def _train_cartridge(*, model, model_fingerprint, dataset_dir, workdir, init_fn, c, dtype, stop_after) -> dict:
+def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec, frozen, init_fn, c,
+               dtype, mesh, stop_after, weights=None, neighbors=None, sources=None, single=False) -> dict:
   ds = SynthDataset(dataset_dir)
   check_compatible(ds.manifest, model_fingerprint=model_fingerprint, source=dataset_dir)
-  convs = ds.load_all()
-  logging.info("training on %d conversations from %s", len(convs), dataset_dir)
+  # Resident documents are drawn every step: keep theirs (and the next admitted ones) decoded.
+  convs = DocConversations(ds, cache_shards=8, cache_docs=2 * c["num_slots"])
+  sources = {d: list((sources or {}).get(d, [d])) for d in doc_ids}
+  unknown = sorted({s for v in sources.values() for s in v} - set(convs.doc_ids))
+  if unknown:
+    raise ValueError(f"{dataset_dir}: no self-study data for {len(unknown)} documents, e.g. {unknown[:3]}")
+  merged: dict[str, list] = {}
 
-  cart0 = init_fn()
-  spec = cart0.spec
-  preflight.check_fits(
-      preflight.estimate_cartridge_bytes(model, spec, batch_size=c["batch_size"], seq_len=c["seq_len"],
-                                         dtype_bytes=jnp.dtype(dtype).itemsize),
-      what=f"single-cartridge training (p={spec.num_tokens}, batch_size={c['batch_size']}, "
-           f"seq_len={c['seq_len']})",
-      hints="Lower train.batch_size or train.seq_len, or use a smaller cartridge.num_tokens.")
-  fp = config_fingerprint({k: c[k] for k in ("batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed", "top_k")}, spec)
-  optimizer = make_optimizer(c["lr"], c["warmup_steps"], c["clip_norm"])
-  trainable = {"k": cart0.k[...], "v": cart0.v[...]}
-  frozen = {"k": cart0.frozen_k[...], "v": cart0.frozen_v[...]}
-  state = {"trainable": trainable, "frozen": frozen, "opt_state": optimizer.init(trainable),
-           "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(c["seed"]))}
+  def conversations(d: str):
+    """The conversations that train cartridge d (its own document's, or its sources' in order)."""
+    if sources[d] == [d]:
+      return convs.get(d)
+    if d not in merged:
+      merged[d] = [x for src in sources[d] for x in convs.get(src)]
+    return merged[d]
 
-  mesh = model_mesh(model)
-  batch_sharding = None
-  step_array = lambda i: jnp.asarray(i, jnp.int32)
-  if mesh is not None:
-    # The model sits on a mesh (e.g. after CAS training sharded it): the cartridge state is
-    # replicated on the same mesh and batches split over (data, fsdp), so one jit sees one
-    # device set, fresh or restored (restoring without target shardings put arrays on device 0).
-    from jax.sharding import NamedSharding, PartitionSpec
-    from cas.distributed import host_to_global
-    from cas.sharding import named_sharding
-    rep = NamedSharding(mesh, PartitionSpec())
-    step_array = lambda i: host_to_global(np.asarray(i, np.int32), rep)  # global: multi-process saves
-    state = jax.tree.map(lambda x: host_to_global(x, rep), state)
-    batch_sharding = lambda x: named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  manager = ckpt.make_manager(workdir, max_to_keep=c["keep_checkpoints"])
-  expect = {"config_fingerprint": fp, "model_fingerprint": model_fingerprint,
-            "spec": dataclasses.asdict(spec)}
+  is_writer = jax.process_index() == 0  # writes the store (multi-process: process 0 only)
+  store_dir = os.path.join(workdir, "store")
+  store = None
+  if is_writer:
+    store = CartridgeStore(store_dir, spec=spec, model_fingerprint=model_fingerprint,
+                           keep_snapshots=c["keep_checkpoints"] + 1, check_finite=True)
+  mgr = manager = None
   try:
-    restored = ckpt.restore_latest(manager, abstract, expect_meta=expect)
-    loader_state = LoaderState()
+    if is_writer:
+      store.register(doc_ids)
+      if not store.has_frozen():
+        store.put_frozen(*frozen)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("cas-store-created")
+      if not is_writer:
+        store = CartridgeStore(store_dir, spec=spec, model_fingerprint=model_fingerprint, create=False,
+                               read_only=True, keep_snapshots=c["keep_checkpoints"] + 1)
+    fk, fv = store.frozen()  # a damaged sink raises StoreCorruptError naming the file
+    if mesh is None:
+      frozen_dev = {"k": jnp.asarray(fk), "v": jnp.asarray(fv)}  # [L, F, Hkv, D] f32
+    else:
+      shard_model(model, mesh)  # frozen weights: FSDP on fsdp, tensor parallel on tensor
+      rep = NamedSharding(mesh, PartitionSpec())
+      frozen_dev = {"k": host_to_global(fk, rep), "v": host_to_global(fv, rep)}  # replicated sink
+    mgr = SlotManager(store, c["num_slots"], init_fn, mesh=mesh)
+    policy = RotationPolicy(c["num_slots"], c["evict_fraction"], c["rotate_every"], seed=c["seed"])
+    from cas.train.batch import ResidentSampler
+    cap = int(c["max_conversations"])
+    sampler = ResidentSampler((lambda d: conversations(d)[:cap]) if cap else conversations, seed=c["seed"], weights=weights,
+                              neighbors=neighbors)
+    if weights:
+      logging.info("length weighting: rows per pass %s", dict(sorted(weights.items())))
+
+    manager = ckpt.make_manager(workdir, max_to_keep=c["keep_checkpoints"])
+    identity = {d: v for d, v in sources.items() if v != [d]}
+    expect = {"config_fingerprint": _fingerprint(c, spec, doc_ids, identity), "model_fingerprint": model_fingerprint}
+
+    def snapshot_ok(step: int) -> None:
+      """A checkpoint is usable only together with an intact store snapshot of the same step."""
+      try:
+        info = store.verify_snapshot(step)
+      except StoreError as e:
+        raise ckpt.CheckpointCorruptError(f"store snapshot paired with checkpoint {step}: {e}") from e
+      logging.info("store snapshot %d verified (%d documents, %d bytes%s)", step, info["docs"], info["bytes"],
+                   ", sha256" if info["hashed"] else ", sizes only")
+
+    restored = ckpt.restore_latest(manager, mgr.abstract_state(), expect_meta=expect, accept=snapshot_ok)
     start = 0
     if restored is not None:
       start, state, meta = restored
-      loader_state = LoaderState(**meta["loader"])
-      logging.info("resumed from step %d (%s)", start, manager.directory)
+      if is_writer:
+        store.rollback(start)
+      mgr.sync("cas-rollback")  # multi-process: the others re-read the rolled-back index
+      mgr.load_table_json(meta["slots"])
+      sampler.load_state_dict(meta["sampler"])
+      logging.info("resumed CAS training from step %d", start)
+    else:
+      state, _ = mgr.rotate_with_policy(mgr.init_state(), policy)
 
-    loader = PackedLoader(convs, batch_size=c["batch_size"], seq_len=c["seq_len"],
-                          position_offset=spec.num_tokens, top_k=c["top_k"], seed=c["seed"],
-                          state=loader_state)
-    if loader.num_truncated:
-      logging.warning("%d conversations are longer than seq_len=%d and will be truncated",
-                      loader.num_truncated, c["seq_len"])
-    step_fn = make_train_step(optimizer, loss=c["loss"], dtype=dtype, loss_chunk=c["loss_chunk"])
+    step_fn = make_cas_train_step(lr=c["lr"], warmup_steps=c["warmup_steps"], clip_norm=c["clip_norm"],
+                                  loss=c["loss"], dtype=dtype, position_mode=c["position_mode"], mesh=mesh,
+                                  train_distractors=c["train_distractors"], loss_chunk=c["loss_chunk"])
     writer = (MetricWriter(os.path.join(workdir, "logs"), truncate_after=start, log_every=c["log_every"])
               if jax.process_index() == 0 else NullMetricWriter())
-
-    trainable, opt_state, frozen = state["trainable"], state["opt_state"], state["frozen"]
     total = c["steps"]
     end = total if stop_after is None else min(total, start + stop_after)
-    last_loss = _logged_loss(workdir, start)  # a resumed run reports the same final loss
+    last = _logged_loss(workdir, start)
     last_ckpt = start if restored is not None else None
-    with tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+    device_bytes = resident_bytes(state)
+    with tqdm(total=total, initial=start, desc="cas-train", unit="step", dynamic_ncols=True,
               disable=jax.process_index() != 0) as bar:
       for step in range(start + 1, end + 1):
-        batch = {k: v for k, v in loader.next_batch().items() if k != "conv_index"}
-        if batch_sharding is None:
+        table = list(mgr.table)  # the documents this step trains (before any rotation)
+        batch = sampler.next_batch(mgr.resident(), c["batch_size"], k_max=c["k_max"], p_isolated=c["p_isolated"],
+                                   seq_len=c["seq_len"], top_k=c["top_k"], p=spec.num_tokens,
+                                   num_frozen=spec.num_frozen, position_mode=c["position_mode"],
+                                   k_limit=k_limit(step, c["k_max"], c["k_curriculum_steps"]),
+                                   p_hard=float(c["p_hard"]), mixed_weight=float(c["mixed_weight"]))
+        batch = {k: v for k, v in batch.items() if k not in ("n_loaded",)}
+        if mesh is None:
           batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        else:
-          batch = {k: host_to_global(v, batch_sharding(v)) for k, v in batch.items()}
-        trainable, opt_state, m = step_fn(trainable, opt_state, frozen, model, batch)
-        finite_params = all_finite(trainable)
-        if not bool(m["finite"]) or not finite_params:
+        else:  # rows split over (data, fsdp); every process built the same host batch
+          batch = tree_to_global(batch, cas_batch_shardings(mesh, batch))
+        state, m = step_fn(state, frozen_dev, model, batch)
+        params_ok = slot_finite(state, ARRAY_NAMES)  # [B] bool
+        if not bool(m["finite"]) or not params_ok.all():
           writer.close()
+          gnorm = np.asarray(fetch(m["slot_grad_norm"]))
+          bad_grad = {int(s): table[s] for s in np.flatnonzero(~np.isfinite(gnorm))}
+          bad_params = {int(s): table[s] for s in np.flatnonzero(~params_ok)}
           raise_numerics(step=step, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]),
-                         last_checkpoint=last_ckpt, workdir=workdir, what="train_cartridge",
-                         bad_grad=None if bool(m["finite"]) else {"the cartridge": True},
-                         bad_params=None if finite_params else {"the cartridge": True},
-                         extra="Lower train.lr or check the self-study data for NaN/inf.")
-        last_loss = float(m["loss"])
-        writer.write(step, {"loss": last_loss, "grad_norm": float(m["grad_norm"]), "tokens": float(m["tokens"])})
+                         last_checkpoint=last_ckpt, workdir=workdir, what="train_cartridge" if single else "CAS",
+                         bad_grad=({"the cartridge": True} if single and bad_grad else bad_grad),
+                         bad_params=({"the cartridge": True} if single and bad_params else bad_params),
+                         extra="Lower train.lr, or check these documents' self-study data for NaN/inf.",
+                         has_store=not single)
+        last = float(m["loss"])
+        writer.write(step, {"loss": last, "grad_norm": float(m["grad_norm"]), "tokens": float(m["tokens"]),
+                            "slots_updated": float(m["slots_updated"])})
         bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}")
+        bar.set_postfix(loss=f"{last:.4f}")
+        if policy.due(step) and step != total:
+          state, plan = mgr.rotate_with_policy(state, policy)
+          admitted_ok = slot_finite(state, ARRAY_NAMES)  # init_fn may hand in NaN for a new document
+          if not admitted_ok.all():
+            writer.close()
+            raise_numerics(step=step, loss=last, grad_norm=float(m["grad_norm"]), last_checkpoint=last_ckpt,
+                           workdir=workdir, what="CAS rotation after",
+                           bad_params={int(s): mgr.table[s] for s in np.flatnonzero(~admitted_ok)},
+                           extra="The admitted cartridges came from init_fn (documents never trained) "
+                                 "with NaN/inf: check the initialisation.", has_store=not single)
         if step % c["ckpt_every"] == 0 or step == total:
-          ckpt.save(manager, step, {"trainable": trainable, "frozen": frozen, "opt_state": opt_state,
-                                    "step": step_array(step), "rng": state["rng"]},
-                    {**expect, "loader": dataclasses.asdict(loader.state)})
+          mgr.flush(state, tag=step)
+          ckpt.save(manager, step, state, {**expect, "slots": mgr.table_to_json(),
+                                           "sampler": sampler.state_dict()})
           last_ckpt = step
     writer.close()
-    out = {"steps": end, "final_loss": last_loss, "cartridge_path": None}
     if end == total:
-      path = os.path.join(workdir, "cartridge")
-      if jax.process_index() == 0:
-        _remove_stale_exports(path)
-        cart = Cartridge(frozen["k"], frozen["v"], trainable["k"], trainable["v"])
-        save_cartridge(path, cart, model_fingerprint=model_fingerprint,
-                       info={"steps": total, "final_loss": last_loss, "dataset": os.path.abspath(dataset_dir)})
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("cas-cartridge-export")  # written before anyone reads it
-      out["cartridge_path"] = os.path.abspath(path)
+      mgr.flush(state)
+    mgr.wait()
+    counts = mgr.counts(state)
   finally:
-    manager.close()
-  return out
+    # On an error the background writes still finish (they hold finite arrays evicted before
+    # the failing step) so that the store's index stays consistent; then the locks are released.
+    for close in (mgr.close if mgr is not None else None, manager.close if manager is not None else None,
+                  store.close if store is not None else None):
+      if close is None:
+        continue
+      try:
+        close()
+      except Exception as e:  # never hide the original error
+        logging.error("train_cas: closing %s failed: %s", close, e)
+  return {"steps": end, "final_loss": last, "store": store_dir,
+          "device_slot_bytes": device_bytes, "counts": counts,
+          "state_shardings": {n: x.sharding for n, x in state.items()}}
+
+
+# ----------------------------------------------------------------------------- one cartridge
+
+TRAIN_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
+              "log_every", "ckpt_every", "keep_checkpoints", "top_k", "loss_chunk")
+TRAIN_DEFAULTS = {"loss_chunk": LOSS_CHUNK_TOKENS}  # optional fields of the one-cartridge train config
+ONE_CARTRIDGE = "cartridge"  # its id in the store of a one-cartridge run
+
+
+def one_cartridge_config(c: Mapping) -> dict:
+  """The loop's config for one cartridge: one slot, k_max = 1 (every row sees its cartridge only),
+  no rotation; the other fields as given (TRAIN_KEYS)."""
+  return {**{k: c[k] for k in TRAIN_KEYS}, "num_slots": 1, "k_max": 1, "p_isolated": 1.0,
+          "rotate_every": int(c["steps"]), "evict_fraction": 1.0, "position_mode": "shared"}
+
+
+def _old_single_layout(workdir: str) -> bool:
+  """True for a training workdir written by the separate single-cartridge loop (before 2026-12-05):
+  Orbax checkpoints without the store the one loop keeps next to them."""
+  ck = os.path.join(workdir, "checkpoints")
+  return (os.path.isdir(ck) and any(n.isdigit() for n in os.listdir(ck))
+          and not os.path.isdir(os.path.join(workdir, "store")))
+
+
+def train_cartridge(*, model, model_fingerprint: str, dataset_dir: str, workdir: str,
+                    init_fn: Callable[[], Cartridge], train_cfg: dict, dtype=jnp.float32,
+                    stop_after: int | None = None) -> dict:
+  """Train one cartridge on a self-study dataset (every document's conversations in it): the loop
+  above with N = 1 (`one_cartridge_config`), then the cartridge exported to `<workdir>/cartridge`.
+
+  train_cfg keys: TRAIN_KEYS (unknown ones are refused; loss_chunk may be left out).
+  init_fn() -> the untrained Cartridge (its sink is the frozen part). `stop_after`: return after
+  this many steps in this call (tests simulate interruption). Returns {"steps", "final_loss",
+  "cartridge_path" (None until the last step)}. Locking, resume, corrupt checkpoints and NaN/inf
+  are handled as in `train_cas` (the model may sit on a mesh: the one slot is replicated on it).
+
+  A workdir trained by the former single-cartridge loop (checkpoints without a store): when its
+  cartridge was exported it is kept as it is; otherwise it is refused with what to remove.
+  """
+  c = check_train_config({**TRAIN_DEFAULTS, **train_cfg}, TRAIN_KEYS, where="train_cartridge")
+  path = os.path.join(workdir, "cartridge")
+  if _old_single_layout(workdir):
+    from cas.cartridge.io import read_cartridge_meta
+    try:
+      meta = read_cartridge_meta(path)
+    except Exception:
+      meta = None
+    if meta is None:
+      raise ckpt.CheckpointError(
+          f"{workdir}: these checkpoints were written by the former single-cartridge training loop, which "
+          f"cannot resume in this version (one loop for one cartridge and for many). Remove "
+          f"{os.path.join(workdir, 'checkpoints')} (and {os.path.join(workdir, 'logs')}) and run again: the "
+          f"self-study data is kept and training starts over.")
+    info = meta  # save_cartridge writes the training info at the top level
+    logging.info("%s: trained by the former single-cartridge loop; keeping its exported cartridge", workdir)
+    return {"steps": int(info.get("steps", c["steps"])), "final_loss": float(info.get("final_loss", float("nan"))),
+            "cartridge_path": os.path.abspath(path)}
+  cart0 = init_fn()
+  frozen = (np.asarray(cart0.frozen_k[...], np.float32), np.asarray(cart0.frozen_v[...], np.float32))
+  trainable = {"k": np.asarray(cart0.k[...], np.float32), "v": np.asarray(cart0.v[...], np.float32)}
+  ds = SynthDataset(dataset_dir)
+  docs = list(ds.manifest.get("doc_ids") or [])
+  out = train_cas(model=model, model_fingerprint=model_fingerprint, dataset_dir=dataset_dir, workdir=workdir,
+                  doc_ids=[ONE_CARTRIDGE], spec=cart0.spec, frozen=frozen, init_fn=lambda _: trainable,
+                  cfg=one_cartridge_config(c), dtype=dtype, mesh=model_mesh(model), stop_after=stop_after,
+                  sources={ONE_CARTRIDGE: docs} if docs else None, single=True)
+  res = {"steps": out["steps"], "final_loss": out["final_loss"], "cartridge_path": None}
+  if out["steps"] != c["steps"]:
+    return res
+  if jax.process_index() == 0:
+    with DirLock(workdir, what="training workdir"):
+      _remove_stale_exports(path)
+      store = CartridgeStore(out["store"], spec=cart0.spec, model_fingerprint=model_fingerprint, create=False,
+                             read_only=True)
+      try:
+        cart = store.export_cartridge(ONE_CARTRIDGE)
+      finally:
+        store.close()
+      save_cartridge(path, cart, model_fingerprint=model_fingerprint,
+                     info={"steps": c["steps"], "final_loss": out["final_loss"],
+                           "dataset": os.path.abspath(dataset_dir)})
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("cas-cartridge-export")  # written before anyone reads it
+  res["cartridge_path"] = os.path.abspath(path)
+  return res

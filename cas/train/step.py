@@ -1,180 +1,292 @@
-"""Loss, optimizer and the jitted single-cartridge train step (Cartridges, DESIGN §4).
+"""The jitted train step, for one cartridge and for many: cartridges in device slots, assembled per
+row, per-slot Adam. One cartridge (the Cartridges quickstart) is one slot with k_max = 1: its prefix
+is then built once for the whole batch, with no mask (`assemble_prefix`).
 
-The frozen model is an argument of the step (never differentiated, never returned); gradients
-and Adam moments exist for the cartridge's trainable tokens only.
+Device slot state (DESIGN §3), a plain dict pytree, B = number of slots, Pt = P - F trainable
+tokens per cartridge:
+  state = {"k", "v": [B, L, Pt, Hkv, D] f32 (post-RoPE keys at positions F..P-1),
+           "mu_k", "mu_v", "nu_k", "nu_v": [B, L, Pt, Hkv, D] f32 (Adam moments, same layout),
+           "count": [B] int32 (per-slot optimizer step counter)}
+  frozen = {"k", "v": [L, F, Hkv, D] f32}: the attention sink shared by every document.
+
+Assembly (per row, under jit): prefix = sink once, then the row's `slots` entries' trainable
+tokens in entry order, gathered with `jnp.take` over the slot axis:
+  Prefix.k / .v [L, Bt, F + k_max*Pt, Hkv, D] in the compute dtype, mask [Bt, F + k_max*Pt]
+  (sink always visible, empty entries (-1) masked and zeroed).
+In "shared" mode the stored keys are used as they are (every cartridge at F..P-1). In
+"sequential" mode the j-th *loaded* entry of a row (j = rank among non-empty entries) is
+re-rotated by j*Pt positions: RoPE rotations compose, so `apply_rope(stored_keys, delta)` moves
+a key from position q to q + delta. Question positions come with the batch (cas_batch).
+
+Gradients flow to state["k"], state["v"] only (the gather's transpose scatter-adds each row's
+gradient into its slots). The optimizer is Adam written directly on the slot arrays:
+  * touched slots: a slot is updated iff it appears in some row's `slots` of this batch (own or
+    distractor; with train_distractors=False only as a row's own slot) and its gradient is
+    finite. Untouched slots keep params, moments and count bit-identical.
+  * clipping: per slot, by that slot's own global norm over its k and v gradients
+    (g * clip / max(||g||, clip), as optax.clip_by_global_norm for one cartridge), so one hard
+    document cannot shrink every other document's step.
+  * per-slot bias correction with the slot's own count (incremented before use, as optax);
+  * per-slot warmup: lr_t = lr * min(1, count / warmup_steps) with the incremented count, so a
+    fresh slot (count 0) takes lr / warmup_steps on its first step (optax's linear_schedule
+    would give 0 on the first step); warmup_steps = 0 means constant lr.
 """
 from __future__ import annotations
 
-import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cas.cartridge.cartridge import cartridge_prefix
-from cas.model.llama import Transformer
+from cas.model.llama import Prefix, Transformer, apply_rope
+from cas.sharding import SLOTS, named_sharding
+from cas.train.batch import check_position_mode
+from cas.train.loss import LOSS_CHUNK_TOKENS, LOSSES, head_loss
 
-LOSSES = ("distill", "next_token")
+STATE_KEYS = ("k", "v", "mu_k", "mu_v", "nu_k", "nu_v", "count")
+SLOT_ARRAYS = ("k", "v", "mu_k", "mu_v", "nu_k", "nu_v")
 
 
-def distill_loss(logits: jax.Array, topk_ids: jax.Array, topk_logprobs: jax.Array,
-                 loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Cross-entropy of the student against the teacher's stored top-k distribution.
+def init_cas_state(k: Any, v: Any) -> dict[str, jax.Array]:
+  """Fresh slot state from cartridge tokens k, v [B, L, Pt, Hkv, D]: zero moments, count 0."""
+  k = jnp.asarray(k, jnp.float32)
+  v = jnp.asarray(v, jnp.float32)
+  if k.shape != v.shape or k.ndim != 5:
+    raise ValueError(f"init_cas_state: k {k.shape} and v {v.shape} must both be [B, L, Pt, Hkv, D]")
+  z = lambda: jnp.zeros_like(k)  # one buffer each: the step donates every leaf
+  return {"k": k, "v": v, "mu_k": z(), "mu_v": z(), "nu_k": z(), "nu_v": z(),
+          "count": jnp.zeros((k.shape[0],), jnp.int32)}
 
-  logits [B, T, V] f32; topk_ids [B, T, K] int32; topk_logprobs [B, T, K] f32 (-1e9 = absent);
-  loss_mask [B, T] f32. Returns (mean loss over masked positions, number of positions).
-  The teacher's top-k mass is used as stored (not renormalised), as in the reference.
+
+# ----------------------------------------------------------------------------- assembly
+
+def assemble_prefix(slot_k: jax.Array, slot_v: jax.Array, frozen_k: jax.Array, frozen_v: jax.Array,
+                    slots: jax.Array, inv_freq: jax.Array, *, position_mode: str = "shared",
+                    dtype=jnp.float32, own_slot: jax.Array | None = None,
+                    train_distractors: bool = True) -> Prefix:
+  """Per-row prefix from slot arrays.
+
+  slot_k, slot_v: [B, L, Pt, Hkv, D] f32; frozen_k, frozen_v: [L, F, Hkv, D] f32;
+  slots: [Bt, k_max] int32 (-1 = empty); inv_freq: [D/2] or [L, D/2] f32 (the model's RoPE table);
+  own_slot: [Bt] int32, needed only when train_distractors=False (gradients then flow to each
+  row's own entry only). Returns Prefix(k, v [L, Bt, F + k_max*Pt, Hkv, D] dtype,
+  mask [Bt, F + k_max*Pt] bool); with k_max = 1 the mask is None (each row sees one cartridge),
+  and with one slot as well k, v are [L, 1, P, Hkv, D] (the same prefix for every row).
   """
-  lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B, T, 1]
-  student = jnp.take_along_axis(logits, topk_ids, axis=-1) - lse  # [B, T, K]
-  teacher = jnp.exp(topk_logprobs)  # [B, T, K]
-  per_tok = -jnp.sum(teacher * student, axis=-1)  # [B, T]
-  n = jnp.maximum(loss_mask.sum(), 1.0)
-  return (per_tok * loss_mask).sum() / n, n
+  check_position_mode(position_mode)
+  bt, kmax = slots.shape
+  nslots, L, pt, hkv, d = slot_k.shape
+  f = frozen_k.shape[1]
+  if kmax == 1 and nslots == 1:
+    # One cartridge for every row (train_cartridge): the prefix once ([L, 1, P, Hkv, D], the model's
+    # shared-prefix form) and no mask, so attention needs neither a per-row copy nor a mask. Padding
+    # rows (slots -1) see it too; their loss mask is 0, so they add nothing to the gradient.
+    pk = jnp.concatenate([frozen_k, slot_k[0]], axis=1)[:, None].astype(dtype)
+    pv = jnp.concatenate([frozen_v, slot_v[0]], axis=1)[:, None].astype(dtype)
+    return Prefix(pk, pv, None)
+  valid = slots >= 0  # [Bt, k_max]
+  idx = jnp.where(valid, slots, 0)
+  k = jnp.take(slot_k, idx, axis=0)  # [Bt, k_max, L, Pt, Hkv, D] f32
+  v = jnp.take(slot_v, idx, axis=0)
+  if not train_distractors:
+    if own_slot is None:
+      raise ValueError("assemble_prefix: train_distractors=False needs own_slot")
+    own = (slots == own_slot[:, None])[:, :, None, None, None, None]
+    k = jnp.where(own, k, jax.lax.stop_gradient(k))
+    v = jnp.where(own, v, jax.lax.stop_gradient(v))
+  vm = valid[:, :, None, None, None, None]
+  k = jnp.where(vm, k, 0.0)  # empty entries: zeros (masked anyway) and no gradient to slot 0
+  v = jnp.where(vm, v, 0.0)
+  if position_mode == "sequential":
+    rank = jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1  # [Bt, k_max] j-th loaded entry
+    delta = jnp.where(valid, rank * pt, 0)  # [Bt, k_max] positions to move by
+    kr = k.reshape(bt * kmax, L * pt, hkv, d)
+    pos = jnp.broadcast_to(delta.reshape(bt * kmax, 1), (bt * kmax, L * pt))
+    if inv_freq.ndim == 2:  # [L, D/2] per-layer tables (Gemma 3) -> [L*Pt, D/2], one per key column
+      inv_freq = jnp.repeat(inv_freq, pt, axis=0)
+    k = apply_rope(kr, pos, inv_freq).reshape(bt, kmax, L, pt, hkv, d)  # rotate by delta (f32)
+  # [Bt, k_max, L, Pt, Hkv, D] -> [L, Bt, k_max*Pt, Hkv, D]
+  k = k.transpose(2, 0, 1, 3, 4, 5).reshape(L, bt, kmax * pt, hkv, d)
+  v = v.transpose(2, 0, 1, 3, 4, 5).reshape(L, bt, kmax * pt, hkv, d)
+  fk = jnp.broadcast_to(frozen_k[:, None], (L, bt, f, hkv, d))
+  fv = jnp.broadcast_to(frozen_v[:, None], (L, bt, f, hkv, d))
+  pk = jnp.concatenate([fk, k], axis=2).astype(dtype)
+  pv = jnp.concatenate([fv, v], axis=2).astype(dtype)
+  if kmax == 1:  # every row loads its own cartridge only (padding rows: zeros, loss mask 0): no mask
+    return Prefix(pk, pv, None)
+  mask = jnp.concatenate([jnp.ones((bt, f), bool), jnp.repeat(valid, pt, axis=1)], axis=1)
+  return Prefix(pk, pv, mask)
 
 
-def next_token_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
-  """Plain next-token cross-entropy on the sampled answer tokens (ablation)."""
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  n = jnp.maximum(loss_mask.sum(), 1.0)
-  return ((lse - tgt) * loss_mask).sum() / n, n
+def cas_logits(params: dict, frozen: dict, model: Transformer, batch: dict, *,
+               position_mode: str = "shared", dtype=jnp.float32,
+               train_distractors: bool = True, return_hidden: bool = False) -> jax.Array:
+  """params {"k","v"} [B, L, Pt, Hkv, D]; batch with tokens/positions/segment_ids [Bt, T],
+  slots [Bt, k_max] (own_slot [Bt] when train_distractors=False). Returns logits [Bt, T, V] f32
+  (or the final-normed hidden [Bt, T, E] with return_hidden)."""
+  prefix = assemble_prefix(params["k"], params["v"], frozen["k"], frozen["v"], batch["slots"],
+                           model.inv_freq[...], position_mode=position_mode, dtype=dtype,
+                           own_slot=batch.get("own_slot"), train_distractors=train_distractors)
+  out, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], prefix=prefix,
+                 return_hidden=return_hidden, training=True)
+  return out
 
 
-LOSS_CHUNK_TOKENS = 4096  # tokens per chunk of the fused head + loss (batch rows x chunk columns)
-
-
-def _head_loss_chunk(hc, w, ids, lp, mask, with_grad: bool):
-  """One chunk: hc [B, C, E]; w [V, E]; ids, lp [B, C, K]; mask [B, C] f32.
-  Returns (sum of mask * per-token loss, d(sum)/d hc in hc.dtype or None)."""
-  logits = jnp.einsum("bce,ve->bcv", hc, w, preferred_element_type=jnp.float32)  # [B, C, V]
-  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
-  teacher = jnp.exp(lp)  # [B, C, K]
-  student = jnp.take_along_axis(logits, ids, axis=-1) - lse[..., None]
-  total = jnp.sum(-jnp.sum(teacher * student, axis=-1) * mask)
-  if not with_grad:
-    return total, None
-  # d/dlogits of -sum_k t_k (logit_{id_k} - lse) = (sum_k t_k) softmax - sum_k t_k onehot(id_k),
-  # so dh = ((sum_k t_k) softmax) @ w - sum_k t_k w[id_k] (a gather of K rows, no scatter).
-  tw = teacher * mask[..., None]  # [B, C, K]
-  dsoft = jnp.exp(logits - lse[..., None]) * jnp.sum(tw, axis=-1)[..., None]  # [B, C, V]
-  dh = jnp.einsum("bcv,ve->bce", dsoft.astype(w.dtype), w, preferred_element_type=jnp.float32)
-  dh = dh - jnp.einsum("bck,bcke->bce", tw, jnp.take(w, ids, axis=0).astype(jnp.float32))
-  return total, dh.astype(hc.dtype)
-
-
-def _head_loss_scan(h, w, ids, lp, mask, chunk: int, with_grad: bool):
-  b, t, e = h.shape
-  c = max(1, min(t, chunk // max(1, b)))
-  nc = -(-t // c)
-  pad = nc * c - t
-
-  def split(x):  # [B, T, ...] -> [nc, B, c, ...], padded positions masked
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
-    return jnp.moveaxis(x.reshape((b, nc, c) + x.shape[2:]), 1, 0)
-
-  xs = (split(h), split(ids), split(lp), split(mask))
-
-  def body(acc, x):
-    hc, ids_c, lp_c, mask_c = x
-    tot, dh = _head_loss_chunk(hc, w, ids_c, lp_c, mask_c, with_grad=with_grad)
-    return acc + tot, dh
-
-  total, dhs = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
-  if not with_grad:
-    return total, None
-  dh = jnp.moveaxis(dhs, 0, 1).reshape(b, nc * c, e)[:, :t]
-  return total, dh
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def fused_head_loss(h, w, ids, lp, mask, chunk: int = LOSS_CHUNK_TOKENS):
-  """sum over tokens of mask * -sum_k exp(lp_k) log softmax(h @ w.T)[ids_k], without [B, T, V].
-
-  h [B, T, E] final-normed hidden (compute dtype); w [V, E] the LM head (compute dtype, frozen:
-  no gradient is computed for it); ids [B, T, K] int32; lp [B, T, K] f32 log-probs (-1e9 =
-  absent); mask [B, T] f32. Returns [] f32 (a *sum*; divide by the number of masked tokens).
-
-  The vocabulary logits exist one chunk at a time (about `chunk` tokens: batch rows x a slice of
-  the sequence, so a batch sharded over devices stays sharded), and under differentiation the
-  gradient for h is computed in the same pass (the loss is linear in its cotangent), so the
-  backward pass neither stores nor recomputes logits. Gradient flows to h only.
-  """
-  return _head_loss_scan(h, w, ids, lp, mask, chunk, with_grad=False)[0]
-
-
-def _fused_fwd(h, w, ids, lp, mask, chunk):
-  return _head_loss_scan(h, w, ids, lp, mask, chunk, with_grad=True)  # (loss sum, residual dh)
-
-
-def _fused_bwd(chunk, dh, g):
-  return (g.astype(dh.dtype) * dh, None, None, None, None)
-
-
-fused_head_loss.defvjp(_fused_fwd, _fused_bwd)
-
-
-def head_loss(model: Transformer, h: jax.Array, batch: dict, *, loss: str = "distill",
-              chunk: int = LOSS_CHUNK_TOKENS) -> tuple[jax.Array, jax.Array]:
-  """Mean training loss over masked tokens from final-normed hidden h [B, T, E] (the model's
-  output with return_hidden=True). With more than `chunk` tokens: `fused_head_loss`; otherwise
-  (or chunk = 0) full [B, T, V] float32 logits and `distill_loss` / `next_token_loss` (the
-  reference form). Returns (loss, n)."""
-  if loss not in LOSSES:
-    raise ValueError(f"loss={loss!r}; choose from {LOSSES}")
-  if chunk <= 0 or h.shape[0] * h.shape[1] <= chunk:  # one chunk: nothing to save, and XLA's
-    logits = model.logits_from_hidden(h)              # own backward is a little faster on CPU
-    if loss == "distill":
-      return distill_loss(logits, batch["topk_ids"], batch["topk_logprobs"], batch["loss_mask"])
-    return next_token_loss(logits, batch["targets"], batch["loss_mask"])
-  mask = batch["loss_mask"].astype(jnp.float32)
-  if loss == "distill":
-    ids, lp = batch["topk_ids"], batch["topk_logprobs"].astype(jnp.float32)
-  else:  # next-token CE = distillation against a one-hot teacher
-    ids = batch["targets"][..., None].astype(jnp.int32)
-    lp = jnp.zeros(ids.shape, jnp.float32)
-  n = jnp.maximum(mask.sum(), 1.0)
-  return fused_head_loss(h, model.output_weight(), ids.astype(jnp.int32), lp, mask, chunk) / n, n
-
-
-def make_optimizer(lr: float, warmup_steps: int, clip_norm: float, total_steps: int | None = None,
-                   b1: float = 0.9, b2: float = 0.999, weight_decay: float = 0.0):
-  """Adam with linear warmup to `lr`, then constant (the reference's schedule), and clipping."""
-  sched = optax.linear_schedule(0.0, lr, max(1, warmup_steps)) if warmup_steps > 0 else optax.constant_schedule(lr)
-  parts = []
-  if clip_norm and clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(clip_norm))
-  parts.append(optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay) if weight_decay
-               else optax.adam(sched, b1=b1, b2=b2))
-  return optax.chain(*parts)
-
-
-def cartridge_loss(trainable: dict, frozen: dict, model: Transformer, batch: dict, *,
-                   loss: str = "distill", dtype=jnp.float32, loss_chunk: int = LOSS_CHUNK_TOKENS):
-  """trainable/frozen: {'k','v'} [L, P-F, Hkv, D] / [L, F, Hkv, D] f32. batch: packed arrays."""
-  k = jnp.concatenate([frozen["k"], trainable["k"]], axis=1)
-  v = jnp.concatenate([frozen["v"], trainable["v"]], axis=1)
-  b = batch["tokens"].shape[0]
-  prefix = cartridge_prefix(k, v, b, dtype, with_mask=False)
-  h, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], prefix=prefix,
-               return_hidden=True, training=True)
+def cas_loss(params: dict, frozen: dict, model: Transformer, batch: dict, *, loss: str = "distill",
+             position_mode: str = "shared", dtype=jnp.float32,
+             train_distractors: bool = True, loss_chunk: int = LOSS_CHUNK_TOKENS
+             ) -> tuple[jax.Array, jax.Array]:
+  """(mean loss over masked tokens [] f32, number of masked tokens [] f32); `head_loss`."""
+  h = cas_logits(params, frozen, model, batch, position_mode=position_mode, dtype=dtype,
+                 train_distractors=train_distractors, return_hidden=True)
   return head_loss(model, h, batch, loss=loss, chunk=loss_chunk)
 
 
-def make_train_step(optimizer, *, loss: str = "distill", dtype=jnp.float32, donate: bool = True,
-                    loss_chunk: int = LOSS_CHUNK_TOKENS):
-  """Returns jitted step(trainable, opt_state, frozen, model, batch) -> (trainable, opt_state, metrics).
-  loss_chunk: tokens per chunk of the fused LM head + loss (0 = full logits; `head_loss`)."""
+def cartridge_loss(trainable: dict, frozen: dict, model: Transformer, batch: dict, *, loss: str = "distill",
+                   dtype=jnp.float32, loss_chunk: int = LOSS_CHUNK_TOKENS) -> tuple[jax.Array, jax.Array]:
+  """`cas_loss` of ONE cartridge on a batch that names no slots: trainable {"k","v"} [L, P-F, Hkv, D]
+  as the only slot, every row loading it (the shared, unmasked prefix of `assemble_prefix`)."""
+  bt = batch["tokens"].shape[0]
+  one = {"k": trainable["k"][None], "v": trainable["v"][None]}
+  return cas_loss(one, frozen, model, {**batch, "slots": jnp.zeros((bt, 1), jnp.int32)}, loss=loss, dtype=dtype,
+                  loss_chunk=loss_chunk)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def touched_slots(slots: jax.Array, num_slots: int) -> jax.Array:
+  """slots [Bt, k_max] int32 (-1 empty) -> [num_slots] bool, True for slots named in the batch."""
+  flat = slots.reshape(-1)
+  idx = jnp.where(flat >= 0, flat, num_slots)  # out of range -> dropped
+  return jnp.zeros((num_slots,), jnp.int32).at[idx].add(1, mode="drop") > 0
+
+
+def slot_adam_update(state: dict, grads: dict, touched: jax.Array, *, lr: float, warmup_steps: int,
+                     clip_norm: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+                     ) -> tuple[dict, dict]:
+  """Per-slot clipped Adam with per-slot warmup and bias correction (see module doc).
+
+  state: slot state (STATE_KEYS); grads {"k","v"} [B, L, Pt, Hkv, D] f32; touched [B] bool.
+  Returns (new state, stats {"slot_grad_norm" [B] f32 (before clipping), "updated" [B] bool}).
+  """
+  gk, gv = grads["k"].astype(jnp.float32), grads["v"].astype(jnp.float32)
+  axes = tuple(range(1, gk.ndim))
+  norm = jnp.sqrt(jnp.sum(gk * gk, axis=axes) + jnp.sum(gv * gv, axis=axes))  # [B]
+  ok = touched & jnp.isfinite(norm)  # [B]
+  if clip_norm and clip_norm > 0:
+    scale = jnp.where(norm < clip_norm, 1.0, clip_norm / jnp.maximum(norm, 1e-30))  # [B]
+  else:
+    scale = jnp.ones_like(norm)
+  count = state["count"] + ok.astype(jnp.int32)  # [B] int32
+  c = jnp.maximum(count, 1).astype(jnp.float32)
+  bc1 = 1.0 - jnp.power(jnp.float32(b1), c)  # [B]
+  bc2 = 1.0 - jnp.power(jnp.float32(b2), c)
+  lr_t = lr * jnp.minimum(1.0, c / warmup_steps) if warmup_steps > 0 else jnp.full_like(c, lr)
+  bshape = (-1,) + (1,) * (gk.ndim - 1)
+  new = dict(state)
+  for name, g in (("k", gk), ("v", gv)):
+    g = g * scale.reshape(bshape)
+    g = jnp.where(ok.reshape(bshape), g, 0.0)  # keep NaN out of untouched arithmetic
+    mu = b1 * state["mu_" + name] + (1.0 - b1) * g
+    nu = b2 * state["nu_" + name] + (1.0 - b2) * (g * g)
+    step = (mu / bc1.reshape(bshape)) / (jnp.sqrt(nu / bc2.reshape(bshape)) + eps)
+    upd = state[name] - lr_t.reshape(bshape) * step
+    m = ok.reshape(bshape)
+    new[name] = jnp.where(m, upd, state[name])
+    new["mu_" + name] = jnp.where(m, mu, state["mu_" + name])
+    new["nu_" + name] = jnp.where(m, nu, state["nu_" + name])
+  new["count"] = count
+  return new, {"slot_grad_norm": norm, "updated": ok}
+
+
+# ----------------------------------------------------------------------------- shardings
+
+def cas_state_shardings(mesh: Mesh, state: dict) -> dict[str, NamedSharding]:
+  """NamedShardings for a slot state (arrays or ShapeDtypeStructs): slot axis `cartridge`."""
+  out = {}
+  for name, x in state.items():
+    axes = SLOTS if name in SLOT_ARRAYS else ("cartridge",)
+    out[name] = named_sharding(mesh, axes[:len(x.shape)], x.shape)
+  return out
+
+
+def cas_batch_shardings(mesh: Mesh, batch: dict) -> dict[str, NamedSharding]:
+  """Batch arrays are split over their leading (batch) axis, everything else replicated."""
+  return {name: named_sharding(mesh, ("batch",) + (None,) * (len(x.shape) - 1), x.shape)
+          for name, x in batch.items()}
+
+
+# ----------------------------------------------------------------------------- step
+
+def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: float = 0.9,
+                        b2: float = 0.999, eps: float = 1e-8, loss: str = "distill",
+                        dtype=jnp.float32, position_mode: str = "shared", mesh: Mesh | None = None,
+                        train_distractors: bool = True, donate: bool = True,
+                        loss_chunk: int = LOSS_CHUNK_TOKENS) -> Callable:
+  """Returns step(state, frozen, model, batch) -> (state, metrics); `state` is donated.
+  loss_chunk: tokens per chunk of the fused LM head + loss (0 = full logits; `head_loss`).
+
+  batch: cas_batch arrays (numpy or jax): tokens, positions, segment_ids, targets, loss_mask
+  [Bt, T]; topk_ids, topk_logprobs [Bt, T, K]; slots [Bt, k_max]; own_slot [Bt].
+  metrics: loss [] f32, tokens [] f32, grad_norm [] f32 (global over all slots, before
+  clipping), finite [] bool (loss and grad_norm finite), slots_updated [] int32,
+  slot_grad_norm [B] f32, updated [B] bool.
+  With `mesh`, the state is laid out by `cas_state_shardings` (slot axis over (data, fsdp)) in
+  and out, the batch by `cas_batch_shardings`; frozen/model keep the shardings they have (put
+  them on the mesh, e.g. `cas.sharding.shard_model`). One jitted function per input signature.
+  Note: with the slot axis sharded, the per-row `jnp.take` lets XLA gather the rows' slots
+  across devices (on the CPU test mesh it may all-gather the slot arrays); fine at test scale,
+  worth profiling at paper scale.
+  """
   if loss not in LOSSES:
-    raise ValueError(f"train.loss={loss!r}; choose from {LOSSES}")
+    raise ValueError(f"loss={loss!r}; choose from {LOSSES}")
+  check_position_mode(position_mode)
+  if warmup_steps < 0:
+    raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
 
-  def step(trainable, opt_state, frozen, model, batch):
-    (val, n), grads = jax.value_and_grad(cartridge_loss, has_aux=True)(
-        trainable, frozen, model, batch, loss=loss, dtype=dtype, loss_chunk=loss_chunk)
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    metrics = {"loss": val, "tokens": n, "grad_norm": optax.tree.norm(grads),
-               "finite": jnp.isfinite(val) & jnp.isfinite(optax.tree.norm(grads))}
-    return trainable, opt_state, metrics
+  def step(state, frozen, model, batch):
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+      raise ValueError(f"CAS step: slot state lacks {missing} (expected keys {STATE_KEYS})")
+    if "slots" not in batch or (not train_distractors and "own_slot" not in batch):
+      raise ValueError("CAS step: batch needs `slots` [Bt, k_max] (and `own_slot` [Bt] when "
+                       "train_distractors=False); build it with cas.train.batch.build_cas_batch")
+    params = {"k": state["k"], "v": state["v"]}
+    (val, n), grads = jax.value_and_grad(cas_loss, has_aux=True)(
+        params, frozen, model, batch, loss=loss, position_mode=position_mode, dtype=dtype,
+        train_distractors=train_distractors, loss_chunk=loss_chunk)
+    num_slots = state["k"].shape[0]
+    if train_distractors:
+      touched = touched_slots(batch["slots"], num_slots)
+    else:
+      touched = touched_slots(batch["own_slot"][:, None], num_slots)
+    new_state, stats = slot_adam_update(state, grads, touched, lr=lr, warmup_steps=warmup_steps,
+                                        clip_norm=clip_norm, b1=b1, b2=b2, eps=eps)
+    gnorm = jnp.sqrt(jnp.sum(stats["slot_grad_norm"] ** 2))
+    metrics = {"loss": val, "tokens": n, "grad_norm": gnorm,
+               "finite": jnp.isfinite(val) & jnp.isfinite(gnorm),
+               "slots_updated": stats["updated"].sum().astype(jnp.int32),
+               "slot_grad_norm": stats["slot_grad_norm"], "updated": stats["updated"]}
+    return new_state, metrics
 
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  donate_argnums = (0,) if donate else ()
+  if mesh is None:
+    return jax.jit(step, donate_argnums=donate_argnums)
+
+  cache: dict = {}
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def sharded_step(state, frozen, model, batch):
+    sig = (tuple((k, tuple(x.shape)) for k, x in sorted(state.items())),
+           tuple((k, tuple(x.shape)) for k, x in sorted(batch.items())))
+    fn = cache.get(sig)
+    if fn is None:
+      s_sh = cas_state_shardings(mesh, state)
+      b_sh = cas_batch_shardings(mesh, batch)
+      fn = jax.jit(step, donate_argnums=donate_argnums, in_shardings=(s_sh, None, None, b_sh),
+                   out_shardings=(s_sh, replicated))
+      cache[sig] = fn
+    return fn(state, frozen, model, batch)
+
+  return sharded_step

@@ -28,10 +28,10 @@ _POSITIVE = ("lr", "mixed_weight")  # must be > 0, not only >= 0
 def _choices(key: str) -> tuple[str, ...] | None:
   """The allowed values of a string field (imported lazily: the step modules import jax)."""
   if key == "loss":
-    from cas.train.step import LOSSES
+    from cas.train.loss import LOSSES
     return LOSSES
   if key == "position_mode":
-    from cas.train.cas_batch import POSITION_MODES
+    from cas.train.batch import POSITION_MODES
     return POSITION_MODES
   return None
 

@@ -35,7 +35,7 @@ def cas_data(tmp_path_factory):
 
 
 def run_cas(data: dict, workdir: str, cfg: dict, **kw):
-  from cas.train.cas_loop import train_cas
+  from cas.train.loop import train_cas
   kw.setdefault("init_fn", data["init_fn"])
   return train_cas(model=data["model"], model_fingerprint=kw.pop("model_fingerprint", "tiny"),
                    dataset_dir=kw.pop("dataset_dir", data["path"]), workdir=workdir,

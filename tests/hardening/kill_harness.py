@@ -7,7 +7,7 @@ that it ends exactly like an uninterrupted run.
 Jobs (tiny, CPU, real code paths; `--real-tokenizer` makes synthesis use SmolLM2's tokenizer):
   synth  cas.synth.selfstudy.synthesize: 3 documents x 4 conversations, one per shard (12 shards)
   train  cas.train.loop.train_cartridge: 30 steps, checkpoint every 2, keep 2, final export
-  cas    cas.train.cas_loop.train_cas: 6 documents, B=3 slots rotating every 2 steps, 16 steps,
+  cas    cas.train.loop.train_cas: 6 documents, B=3 slots rotating every 2 steps, 16 steps,
          checkpoint (+ store flush and snapshot) every 2
 
 How: inputs are prepared once (a teacher-labelled dataset for train/cas); a reference run goes to
@@ -164,7 +164,7 @@ def _child_run(job: str, inputs: str, out: str, status: str | None, slow: float,
   elif job == "cas":
     from cas.cartridge.cartridge import CartridgeSpec, init_cartridge
     from cas.testing import TINY, tiny_model
-    import cas.train.cas_loop as cas_loop
+    import cas.train.loop as cas_loop
     m = tiny_model()
     docs = dict(np.load(os.path.join(inputs, "cas_docs.npz")))
     sink = init_cartridge(m, [1] + list(docs["doc0"]), CAS_P)

@@ -15,7 +15,7 @@ from cas.data.types import CollectionError, Document
 from cas.rotation.store import StoreError
 from cas.synth.format import Conversation, SynthDataError, SynthDataset
 from cas.testing import TINY, write_dataset
-from cas.train.loop import DEFAULTS, TRAIN_KEYS, train_cartridge
+from cas.train.loop import TRAIN_DEFAULTS as DEFAULTS, TRAIN_KEYS, train_cartridge
 from cas.train.preflight import ENV_LIMIT, MemoryPreflightError
 from cas.train.validate import TrainConfigError
 from tests.hardening import kill_harness as kh

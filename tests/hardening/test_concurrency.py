@@ -13,7 +13,7 @@ import pytest
 
 from cas.locking import DirLock, LockError, read_holder
 from cas.rotation.store import CartridgeStore, StoreError
-from cas.train.cas_loop import train_cas
+from cas.train.loop import train_cas
 from cas.train.loop import train_cartridge
 from tests.hardening import kill_harness as kh
 

@@ -333,11 +333,11 @@ def test_bf16_compute_close_to_fp32():
 
 
 def test_sequential_rerotation_uses_each_layers_rope():
-  """Moving stored keys by d positions (cas.cartridge.compose, cas.train.cas_step sequential mode)
+  """Moving stored keys by d positions (cas.cartridge.compose, cas.train.step sequential mode)
   with per-layer RoPE tables ([L, D/2]: local and global bases) equals encoding at +d: RoPE and
   the window depend on position differences only, so every layer's keys must agree."""
   from cas.cartridge.compose import rerotate
-  from cas.train.cas_step import assemble_prefix
+  from cas.train.step import assemble_prefix
   p = pair("g4b")
   inv = p.model.inv_freq[...]
   assert inv.shape == (p.cfg.num_layers, p.cfg.head_dim // 2)

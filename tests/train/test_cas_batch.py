@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cas.synth.format import Conversation
-from cas.train.cas_batch import (ResidentSampler, build_cas_batch, draw_slots, question_offset)
+from cas.train.batch import (ResidentSampler, build_cas_batch, draw_slots, question_offset)
 
 
 def _conv(doc_id: str, tp: int, ta: int, k: int = 4, seed: int = 0) -> Conversation:
@@ -144,7 +144,7 @@ def test_resident_sampler_only_resident_balanced_and_resumable():
 def test_resident_sampler_length_weights():
   """weights: a document gets weights[d] rows per pass (e.g. by length); unweighted draws are the
   same as before weights existed (same permutation of the same list); state resumes exactly."""
-  from cas.train.cas_loop import length_weights
+  from cas.train.loop import length_weights
   index = {f"d{i}": list(range(10 * i, 10 * i + 5)) for i in range(4)}
   resident = {"d0": 0, "d1": 1, "d2": 2, "d3": 3}
   w = length_weights({"d0": 100, "d1": 300, "d2": 90, "d3": 5000})
@@ -166,7 +166,7 @@ def test_hard_negatives_and_k_curriculum():
   """p_hard = 1: a mixed row's distractors are the first k of its hard list (the most similar
   resident documents); p_hard = 0 and k_limit = k_max draw exactly as without them; k_limit
   caps the cartridges a row loads; the curriculum grows from 2 to k_max."""
-  from cas.train.cas_loop import k_limit
+  from cas.train.loop import k_limit
   resident = [0, 1, 2, 3, 4, 5, 6, 7]
   for seed in range(30):
     a = draw_slots(3, resident, k_max=5, p_isolated=0.2, rng=np.random.default_rng(seed))

@@ -7,7 +7,7 @@ from cas.cartridge.cartridge import CartridgeSpec, init_cartridge
 from cas.metrics import read_metrics
 from cas.rotation.policy import RotationError
 from cas.testing import TINY, cas_dataset, tiny_model
-from cas.train.cas_loop import train_cas
+from cas.train.loop import train_cas
 
 N, PER_DOC, P = 6, 4, 6
 CFG = dict(steps=12, batch_size=3, seq_len=32, lr=5e-2, warmup_steps=2, clip_norm=1.0, loss="distill", seed=0,

@@ -16,7 +16,7 @@ from cas.rotation.store import CartridgeStore
 from cas.sharding import make_mesh
 from cas.synth.format import Conversation
 from cas.testing import TINY, tiny_model, write_dataset
-from cas.train.cas_loop import train_cas
+from cas.train.loop import train_cas
 
 if jax.device_count() < 8:
   pytest.skip(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), "

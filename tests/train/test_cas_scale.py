@@ -8,7 +8,7 @@ from cas.data import synthetic
 from cas.data.types import approx_num_tokens
 from cas.synth.format import Conversation
 from cas.testing import TINY, tiny_model, write_dataset
-from cas.train.cas_loop import train_cas
+from cas.train.loop import train_cas
 
 N, B, P, K = 2000, 4, 4, 4
 

@@ -1,4 +1,4 @@
-"""The fused LM head + loss (`cas.train.step.fused_head_loss` / `head_loss`) equals the
+"""The fused LM head + loss (`cas.train.loss.fused_head_loss` / `head_loss`) equals the
 full-logits reference (`distill_loss`, `next_token_loss`) in value and in the gradient for the
 hidden states, for every chunking, including chunks that do not divide the sequence."""
 import jax
@@ -8,7 +8,8 @@ import pytest
 
 from cas.model.config import ModelConfig
 from cas.model.llama import build_model
-from cas.train.step import cartridge_loss, distill_loss, fused_head_loss, head_loss, next_token_loss
+from cas.train.loss import distill_loss, fused_head_loss, head_loss, next_token_loss
+from cas.train.step import cartridge_loss
 
 
 def _inputs(seed=0, b=3, t=37, e=16, v=101, k=5):

@@ -18,7 +18,7 @@ from cas.metrics import read_metrics
 from cas.synth.format import SynthDataError
 from cas.testing import single_doc_dataset, tiny_model
 from cas.train.checkpoint import CheckpointError
-from cas.train.data import PackedLoader
+from cas.train.batch import build_cas_batch
 from cas.train.loop import train_cartridge
 from cas.train.step import cartridge_loss
 
@@ -35,8 +35,10 @@ def setup(tmp_path_factory):
 
 
 def _batch(convs, p):
-  loader = PackedLoader(convs, batch_size=2, seq_len=64, position_offset=p, top_k=8, seed=0)
-  return {k: jnp.asarray(v) for k, v in loader.next_batch().items() if k != "conv_index"}
+  b = build_cas_batch([(c, 0) for c in convs[:2]], [0], k_max=1, p_isolated=1.0, rng=np.random.default_rng(0),
+                      seq_len=64, top_k=8, p=p)
+  return {k: jnp.asarray(v) for k, v in b.items() if k in ("tokens", "positions", "segment_ids", "loss_mask",
+                                                           "topk_ids", "topk_logprobs", "targets")}
 
 
 def test_cartridge_of_whole_document_reproduces_teacher(setup):
@@ -184,3 +186,22 @@ def test_loss_chunk_setting_reaches_the_step(setup, tmp_path):
     runs[lc] = [r["loss"] for r in read_metrics(str(w / "logs"))]
   assert len(runs[0]) == len(runs[16]) == 4
   np.testing.assert_allclose(runs[16], runs[0], rtol=1e-4)
+
+
+def test_workdir_of_the_former_single_loop_keeps_its_cartridge_or_is_refused(setup, tmp_path):
+  """Checkpoints without the one loop's store were written by the former single-cartridge loop:
+  with its exported cartridge the workdir is done (kept, not retrained); without, it is refused
+  with what to remove, and nothing in it is deleted."""
+  from cas.cartridge.io import save_cartridge
+  m, doc, _, d = setup
+  init = lambda: init_cartridge(m, list(doc), 8)
+  old = tmp_path / "old"
+  os.makedirs(old / "checkpoints" / "7")
+  with pytest.raises(CheckpointError, match=r"former single-cartridge training loop.*Remove .*checkpoints"):
+    train_cartridge(model=m, model_fingerprint="tiny", dataset_dir=d, workdir=str(old), init_fn=init, train_cfg=CFG)
+  assert os.path.isdir(old / "checkpoints" / "7") and not os.path.exists(old / "store")
+  save_cartridge(str(old / "cartridge"), init(), model_fingerprint="tiny", info={"steps": 7, "final_loss": 1.5})
+  out = train_cartridge(model=m, model_fingerprint="tiny", dataset_dir=d, workdir=str(old), init_fn=init,
+                        train_cfg=CFG)
+  assert out == {"steps": 7, "final_loss": 1.5, "cartridge_path": str(old / "cartridge")}
+  assert not os.path.exists(old / "store") and not os.path.exists(old / "logs")  # nothing was trained

@@ -37,7 +37,53 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from cas.synth.format import Conversation
-from cas.train.data import pack_rows
+
+# ----------------------------------------------------------------------------- rows
+
+def pack_rows(convs: Sequence[Conversation], seq_len: int, position_offset: int | Sequence[int],
+              top_k: int) -> dict[str, np.ndarray]:
+  """Pack conversations into ONE row of length seq_len (what does not fit is cut off).
+
+  Each conversation is its own segment (1, 2, ...; 0 = padding) and its positions start at its
+  position_offset (the question offset after the cartridges). The teacher distribution for answer
+  token j sits at the index that *predicts* it (one to the left), where `loss_mask` is 1.
+
+  position_offset: one int for all, or one per conversation. Returns arrays (no batch dim):
+    tokens, positions, segment_ids, targets: [T] int32; loss_mask [T] f32;
+    topk_ids [T, K] int32; topk_logprobs [T, K] f32; conv_index [T] int32 (which of `convs`).
+  """
+  T, K = seq_len, top_k
+  out = {
+      "tokens": np.zeros(T, np.int32), "positions": np.zeros(T, np.int32),
+      "segment_ids": np.zeros(T, np.int32), "targets": np.zeros(T, np.int32),
+      "loss_mask": np.zeros(T, np.float32), "topk_ids": np.zeros((T, K), np.int32),
+      "topk_logprobs": np.full((T, K), -1e9, np.float32), "conv_index": np.full(T, -1, np.int32),
+  }
+  offsets = [position_offset] * len(convs) if np.isscalar(position_offset) else list(position_offset)
+  at = 0
+  for i, c in enumerate(convs):
+    seq = np.concatenate([c.prompt_ids, c.answer_ids]).astype(np.int32)
+    n = min(len(seq), T - at)
+    if n <= 0:
+      break
+    tp = len(c.prompt_ids)
+    sl = slice(at, at + n)
+    out["tokens"][sl] = seq[:n]
+    out["positions"][sl] = offsets[i] + np.arange(n)
+    out["segment_ids"][sl] = i + 1
+    out["conv_index"][sl] = i
+    out["targets"][at:at + n - 1] = seq[1:n]
+    # answer token j (seq index tp + j) is predicted at seq index tp + j - 1
+    na = min(len(c.answer_ids), n - tp)
+    if na > 0:
+      idx = at + tp - 1 + np.arange(na)
+      out["loss_mask"][idx] = 1.0
+      k = min(K, c.topk_ids.shape[1])
+      out["topk_ids"][idx, :k] = c.topk_ids[:na, :k]
+      out["topk_logprobs"][idx, :k] = c.topk_logprobs[:na, :k]
+    at += n
+  return out
+
 
 POSITION_MODES = ("shared", "sequential")
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "topk_ids",
@@ -182,7 +228,7 @@ class ResidentSampler:
                seed: int, state: dict | None = None, weights: Mapping[str, int] | None = None,
                neighbors: Mapping[str, Sequence[str]] | None = None):
     """weights: doc_id -> rows per pass (default 1 each): e.g. by document length, so a long
-    document's cartridge gets more training rows while resident (cas.train.cas_loop.length_weights).
+    document's cartridge gets more training rows while resident (cas.train.loop.length_weights).
     neighbors: doc_id -> the other documents, most similar first (hard negatives: `next_batch`
     with p_hard > 0 loads the resident ones as a row's distractors)."""
     self.neighbors = {str(k): [str(d) for d in v] for k, v in (neighbors or {}).items()}
