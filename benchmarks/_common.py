@@ -100,7 +100,7 @@ def init_random_model(cfg: ModelConfig, *, dtype, remat: str = "none", seed: int
 
 def make_packed_batch(vocab_size: int, batch: int, seq: int, p: int, segments: int, top_k: int,
                       seed: int = 0, answer_fraction: float = 0.75) -> dict[str, np.ndarray]:
-  """Random self-study rows packed like `cas.train.data.pack_rows` (numpy, deterministic).
+  """Random self-study rows packed like `cas.train.batch.pack_rows` (numpy, deterministic).
 
   Each row holds `segments` conversations (segment ids 1..n, positions restarting at p each),
   then a short padding tail (segment 0) of up to seq/32 tokens. In each conversation the last

@@ -20,7 +20,7 @@ from absl import app, flags
 
 from cas.synth.format import Conversation, DocConversations, SynthDataset
 from cas.testing import write_dataset
-from cas.train.cas_batch import ResidentSampler
+from cas.train.batch import ResidentSampler
 
 F = flags.FLAGS
 flags.DEFINE_integer("num_docs", 20, "N")

@@ -23,7 +23,7 @@ from cas.model.config import PRESETS, ModelConfig
 from cas.model.llama import build_model
 from cas.synth.format import Conversation
 from cas.testing import write_dataset
-from cas.train.cas_loop import train_cas
+from cas.train.loop import train_cas
 
 F = flags.FLAGS
 flags.DEFINE_string("preset", "smollm2-135m", "model shape from cas.model.config.PRESETS, or 'tiny'")
@@ -72,7 +72,7 @@ def main(argv):
               position_mode="shared", top_k=K, log_every=10**9, ckpt_every=10**9, keep_checkpoints=1)
   rows = []
   for name, b, r in (("all resident", F.num_docs, 10**9), ("rotating", F.num_slots, F.rotate_every)):
-    import cas.train.cas_loop as loop
+    import cas.train.loop as loop
     times = []
     orig = loop.MetricWriter.write
     def write(self, step, s, times=times):

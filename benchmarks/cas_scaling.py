@@ -2,7 +2,7 @@
 
 Random bf16 weights in a real model's shape (default Llama-3.1-8B), B cartridge slots sharded on
 the mesh's slot axis, k_max cartridges assembled per row, packed rows of `seq_len` tokens. For each
-device count n the same jitted `cas.train.cas_step.make_cas_train_step(mesh=...)` runs on a mesh
+device count n the same jitted `cas.train.step.make_cas_train_step(mesh=...)` runs on a mesh
 of the first n devices; the global batch is `batch_per_device * n` rows (weak scaling), so ideal
 scaling keeps step time constant and multiplies tokens/s by n.
 
@@ -28,7 +28,7 @@ from absl import app, flags
 from cas.model.config import PRESETS, ModelConfig
 from cas.model.llama import build_model
 from cas.sharding import make_mesh, shard_model
-from cas.train.cas_step import cas_batch_shardings, cas_state_shardings, init_cas_state, make_cas_train_step
+from cas.train.step import cas_batch_shardings, cas_state_shardings, init_cas_state, make_cas_train_step
 from cas.distributed import tree_to_global
 
 F = flags.FLAGS

@@ -1,10 +1,11 @@
 """Issue 7.4: the joint CAS step (B slots, k_max cartridges per row) vs the single-cartridge step.
 
 Same random-weight model (default Llama-3.2-1B shape, bf16), same rows: one self-study
-conversation per row (`cas.train.cas_batch.build_cas_batch`, lengths uniform in [seq/2, seq],
+conversation per row (`cas.train.batch.build_cas_batch`, lengths uniform in [seq/2, seq],
 the rest padding), p-token cartridges. Variants, each compiled ahead of time and timed over
 `--steps` steps:
-  * single: `cas.train.step.make_train_step` with one cartridge (prefix p) for the whole batch;
+  * single: the same step with one slot and k_max = 1 (`train_cartridge`'s: the prefix p built once
+    for the whole batch, no mask);
   * cas_k1: `make_cas_train_step` with k_max = 1 (each row sees its own slot; prefix p): the
     overhead of per-row assembly + per-slot Adam over the single step;
   * cas_k{K}: k_max = K (rows see their own slot + U{1..K-1} distractors, prefix 1 + K (p-1)).
@@ -35,9 +36,8 @@ from absl import app, flags, logging
 
 from cas.model import attention as attn_lib
 from cas.synth.format import Conversation
-from cas.train.cas_batch import build_cas_batch
-from cas.train.cas_step import assemble_prefix, cas_loss, init_cas_state, make_cas_train_step
-from cas.train.step import make_optimizer, make_train_step
+from cas.train.batch import build_cas_batch
+from cas.train.step import assemble_prefix, cas_loss, init_cas_state, make_cas_train_step
 
 F = flags.FLAGS
 flags.DEFINE_string("model", "llama-3.2-1b", "PRESETS name or tiny")
@@ -142,13 +142,10 @@ def profile(rec: dict, name: str, base: dict, emit: C.Emitter, steps: int = 3) -
   compiled, args = rec.pop("_compiled"), rec.pop("_args")
   d = f"{F.profile_dir}/{base['attn']}/{name.replace('/', '_')}"
   st, rest = args[0], args[1:]
-  n_state = 2 if name == "single" else 1  # single step: (trainable, opt_state, ...) donated
-  if n_state == 2:
-    st, rest = (args[0], args[1]), args[2:]
   with jax.profiler.trace(d, create_perfetto_trace=True):
     for _ in range(steps):
-      out = compiled(*st, *rest) if n_state == 2 else compiled(st, *rest)
-      st = (out[0], out[1]) if n_state == 2 else out[0]
+      out = compiled(st, *rest)
+      st = out[0]
     jax.block_until_ready(out)
   emit.emit({**base, "event": "profile", "variant": name, "dir": d, "steps": steps,
              "ops": C.summarize_trace(d)})
@@ -207,16 +204,16 @@ def main(argv):
     prev = attn_lib.install(attn, num_prefix=F.p)
     try:
       state, frozen = slot_state(cfg)
-      trainable = {"k": state["k"][0], "v": state["v"][0]}
-      opt = make_optimizer(LR, WARMUP, CLIP)
-      step = make_train_step(opt, loss="distill", dtype=bf16, donate=True)
+      one = init_cas_state(state["k"][:1], state["v"][:1])  # one slot, k_max = 1: train_cartridge's step
+      step = make_cas_train_step(lr=LR, warmup_steps=WARMUP, clip_norm=CLIP, dtype=bf16)
       batch = {k: jnp.asarray(rows1[k]) for k in SINGLE_KEYS}
-      rs = timed("single", step, (trainable, opt.init(trainable), frozen, model, batch), emit,
+      batch["slots"] = jnp.zeros((batch["tokens"].shape[0], 1), jnp.int32)
+      rs = timed("single", step, (one, frozen, model, batch), emit,
                  {"attn": attn, "k_max": 1, "prefix_len": F.p}, fl1, peak,
-                 carry=lambda out, a: (out[0], out[1], *a[2:]), keep=bool(F.profile_dir))
+                 carry=lambda out, a: (out[0], *a[1:]), keep=bool(F.profile_dir))
       profile(rs, "single", {"attn": attn, "k_max": 1, "prefix_len": F.p}, emit)
       results.append(rs)
-      del trainable, state
+      del one, state
       # --- CAS with k_max = 1
       state, frozen = slot_state(cfg)
       cstep = make_cas_train_step(lr=LR, warmup_steps=WARMUP, clip_norm=CLIP, dtype=bf16,

@@ -14,7 +14,7 @@ cas: num_frozen = 1), cast to bf16 and expanded over the batch every step; the s
 as the cas step (`benchmarks._common.make_packed_batch`): segment-causal 4D mask over
 [prefix ; self] ([B, 1, T, p+T], additive bf16), positions restarting at p per segment, loss =
 cross-entropy against the stored top-20 teacher distribution on answer tokens (as
-`cas.train.step.distill_loss`), Adam (fused where available) on the prefix only with global-norm
+`cas.train.loss.distill_loss`), Adam (fused where available) on the prefix only with global-norm
 clipping 1.0. Prefix injection (`--prefix`):
   * cache: a fresh `transformers.DynamicCache` per step holding the prefix of every layer, passed
     as the model's cache (the usual way: what prefix tuning and PEFT do);
@@ -199,7 +199,7 @@ def _distill_sum(logits, topk_ids, topk_lp, loss_mask):
 
 
 def distill_loss(logits, topk_ids, topk_lp, loss_mask):
-  """As cas.train.step.distill_loss: logits [B, T, V] (any float), topk [B, T, K], mask [B, T]."""
+  """As cas.train.loss.distill_loss: logits [B, T, V] (any float), topk [B, T, K], mask [B, T]."""
   return _distill_sum(logits, topk_ids, topk_lp, loss_mask) / loss_mask.sum().clamp_min(1.0)
 
 

@@ -4,7 +4,8 @@ Random weights in the shape of a real model (`cas.model.config.PRESETS`), bf16 w
 compute; a cartridge of p tokens (float32 masters, first token frozen, as `cas.train.loop`);
 packed rows [batch, seq] of `--segments` self-study conversations each (segment-causal
 attention, positions restarting at p, random teacher top-20 targets on the answer tokens). The
-step is `cas.train.step.make_train_step` (loss `distill`, Adam with clipping, trainable state
+step is `cas.train.step.make_cas_train_step` with one slot and k_max = 1 (what `train_cartridge`
+runs: loss `distill`, per-slot Adam with clipping, slot state
 donated), compiled ahead of time (`.lower().compile()`) and timed over `--steps` steps after
 `--warmup` steps, dispatched back to back and synchronised once (`jax.block_until_ready`).
 
@@ -51,7 +52,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from cas.model import attention as attn_lib
-from cas.train.step import LOSS_CHUNK_TOKENS, cartridge_loss, make_optimizer, make_train_step
+from cas.train.loss import LOSS_CHUNK_TOKENS
+from cas.train.step import cartridge_loss, init_cas_state, make_cas_train_step
 
 F = flags.FLAGS
 flags.DEFINE_string("model", "llama-3.2-1b", "PRESETS name (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b) or tiny")
@@ -133,12 +135,14 @@ def cas_variant(cfg, model, nb: dict, attn: str, remat: str, emit: C.Emitter, pe
   model.layer_loop = layers
   try:
     trainable, frozen = cartridge_state(cfg, F.p, F.seed)
-    opt = make_optimizer(2e-2, warmup_steps=0, clip_norm=1.0)
-    opt_state = opt.init(trainable)
-    step = make_train_step(opt, loss="distill", dtype=jnp.bfloat16, donate=True, loss_chunk=loss_chunk)
+    # the one training step with one slot and k_max = 1 (what train_cartridge runs)
+    state0 = init_cas_state(trainable["k"][None], trainable["v"][None])
+    step = make_cas_train_step(lr=2e-2, warmup_steps=0, clip_norm=1.0, loss="distill", dtype=jnp.bfloat16,
+                               donate=True, loss_chunk=loss_chunk)
     batch = {k: jnp.asarray(nb[k]) for k in BATCH_KEYS}
+    batch["slots"] = jnp.zeros((batch["tokens"].shape[0], 1), jnp.int32)
     t0 = time.perf_counter()
-    compiled = step.lower(trainable, opt_state, frozen, model, batch).compile()
+    compiled = step.lower(state0, frozen, model, batch).compile()
     rec["compile_s"] = time.perf_counter() - t0
     if F.hlo_dir:
       os.makedirs(F.hlo_dir, exist_ok=True)
@@ -150,10 +154,10 @@ def cas_variant(cfg, model, nb: dict, attn: str, remat: str, emit: C.Emitter, pe
       rec["argument_bytes"] = int(ma.argument_size_in_bytes)
     except Exception:  # not every backend reports it
       pass
-    state = [trainable, opt_state]
+    state = [state0]
 
     def run():
-      state[0], state[1], m = compiled(state[0], state[1], frozen, model, batch)
+      state[0], m = compiled(state[0], frozen, model, batch)
       return m
 
     tm = C.time_steps(run, jax.block_until_ready, warmup=F.warmup, steps=F.steps)
