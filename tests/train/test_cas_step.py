@@ -325,3 +325,20 @@ def test_sharded_step_matches_unsharded(setup, loss_chunk):
   s1, m1b = step(s1, frozen, ms, b)
   s0b, m0b = make_cas_train_step(**kw)(s0, frozen, m, _jnp(b))
   np.testing.assert_allclose(float(m1b["loss"]), float(m0b["loss"]), rtol=1e-5, atol=1e-5)
+
+
+def test_one_slot_prefix_is_built_once_without_mask_and_kmax1_has_no_mask(setup):
+  """The single-cartridge case takes the model's fast form: one slot and k_max = 1 give the prefix
+  once for the batch ([L, 1, P, Hkv, D], mask None); k_max = 1 over several slots gives per-row
+  prefixes without a mask; both equal the masked per-row assembly on every real row."""
+  m, docs, convs, frozen, slot_k, slot_v = setup
+  inv = m.inv_freq[...]
+  rows = jnp.asarray([[0], [0], [-1]], jnp.int32)  # two rows and a padding row
+  one = assemble_prefix(jnp.asarray(slot_k[:1]), jnp.asarray(slot_v[:1]), frozen["k"], frozen["v"], rows, inv)
+  assert one.mask is None and one.k.shape == (TINY.num_layers, 1, P) + slot_k.shape[3:]
+  many = assemble_prefix(jnp.asarray(slot_k), jnp.asarray(slot_v), frozen["k"], frozen["v"],
+                         jnp.asarray([[2], [0], [-1]], jnp.int32), inv)
+  assert many.mask is None and many.k.shape[1] == 3
+  np.testing.assert_array_equal(np.asarray(many.k[:, 1]), np.asarray(one.k[:, 0]))  # row 1 loads slot 0
+  np.testing.assert_array_equal(np.asarray(many.k[:, 0, F:]), slot_k[2])
+  assert not np.asarray(many.k[:, 2, F:]).any()  # the padding row's entry is zero
