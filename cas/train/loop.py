@@ -305,7 +305,7 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
       mgr.sync("cas-rollback")  # multi-process: the others re-read the rolled-back index
       mgr.load_table_json(meta["slots"])
       sampler.load_state_dict(meta["sampler"])
-      logging.info("resumed CAS training from step %d", start)
+      logging.info("resumed %s from step %d", "training" if single else "CAS training", start)
     else:
       state, _ = mgr.rotate_with_policy(mgr.init_state(), policy)
 
@@ -319,7 +319,7 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
     last = _logged_loss(workdir, start)
     last_ckpt = start if restored is not None else None
     device_bytes = resident_bytes(state)
-    with tqdm(total=total, initial=start, desc="cas-train", unit="step", dynamic_ncols=True,
+    with tqdm(total=total, initial=start, desc="train" if single else "cas-train", unit="step", dynamic_ncols=True,
               disable=jax.process_index() != 0) as bar:
       for step in range(start + 1, end + 1):
         table = list(mgr.table)  # the documents this step trains (before any rotation)
