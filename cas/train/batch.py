@@ -1,7 +1,8 @@
 """Host-side CAS batches: one conversation per row, each row naming the slots it sees.
 
 A CAS row holds ONE self-study conversation (never several documents' conversations packed into
-one row: every row has its own assembled prefix) and `slots [k_max]`, the device slots whose
+one row: every row has its own assembled prefix; with `pack=True`, for a single cartridge, a row
+holds as many conversations of its one document as fit in seq_len) and `slots [k_max]`, the device slots whose
 cartridges the row's prefix is built from (DESIGN §3-4). Entry -1 = empty; used entries come
 first, empty entries are at the end.
 
@@ -139,13 +140,16 @@ def draw_slots(own_slot: int, resident_slots: Sequence[int], *, k_max: int, p_is
   return out
 
 
-def build_cas_batch(samples: Sequence[tuple[Conversation, int]], resident_slots: Sequence[int], *,
+def build_cas_batch(samples: Sequence[tuple[Conversation | Sequence[Conversation], int]],
+                    resident_slots: Sequence[int], *,
                     k_max: int, p_isolated: float, rng: np.random.Generator, seq_len: int,
                     top_k: int, p: int, num_frozen: int = 1, position_mode: str = "shared",
                     batch_size: int | None = None, k_limit: int | None = None,
                     hard_slots: Sequence[Sequence[int]] | None = None, p_hard: float = 0.0,
                     mixed_weight: float = 1.0) -> dict[str, np.ndarray]:
   """One CAS batch: row r = conversation samples[r][0] (truncated to seq_len), own slot samples[r][1].
+  samples[r][0] may be a list of conversations of that document: packed into the row one after the
+  other (each its own segment, all at the question offset; see `pack_rows`).
 
   p: cartridge length P (sink included); num_frozen: F. batch_size: pad to this many rows (padding
   rows: segment 0, loss_mask 0, slots all -1, own_slot -1); default len(samples).
@@ -175,14 +179,15 @@ def build_cas_batch(samples: Sequence[tuple[Conversation, int]], resident_slots:
   own = np.full(bt, -1, np.int32)
   for r, (conv, own_slot) in enumerate(samples):
     if int(own_slot) not in resident:
-      raise ValueError(f"build_cas_batch: sample {r} (doc {conv.doc_id!r}) names slot {own_slot}, "
+      doc = (conv[0] if isinstance(conv, (list, tuple)) else conv).doc_id
+      raise ValueError(f"build_cas_batch: sample {r} (doc {doc!r}) names slot {own_slot}, "
                        f"which is not among the resident slots {sorted(resident)}")
     slots[r] = draw_slots(own_slot, resident_slots, k_max=k_max, p_isolated=p_isolated, rng=rng, k_limit=k_limit,
                           hard_slots=hard_slots[r] if hard_slots is not None else (), p_hard=p_hard)
     own[r] = int(own_slot)
     n = int((slots[r] >= 0).sum())
     off = question_offset(n, p=p, num_frozen=num_frozen, position_mode=position_mode)
-    row = pack_rows([conv], seq_len, off, top_k)
+    row = pack_rows(list(conv) if isinstance(conv, (list, tuple)) else [conv], seq_len, off, top_k)
     row.pop("conv_index")
     rows.append(row)
   for _ in range(bt - len(samples)):
@@ -277,33 +282,61 @@ class ResidentSampler:
       st["pending"] = [docs[i] for i in order]
       st["pass"] += 1
 
-  def _next_item(self, doc_id: str) -> Any:
+  def _peek_item(self, doc_id: str) -> tuple[Any, list[int]]:
+    """The document's next item and the [epoch, cursor] after taking it (nothing is consumed)."""
     items = self._items(doc_id)
     epoch, cursor = self._state["docs"].get(doc_id, [0, 0])
     if cursor >= len(items):
       epoch, cursor = epoch + 1, 0
     perm = np.random.default_rng([self.seed, 1, _doc_key(doc_id), epoch]).permutation(len(items))
-    self._state["docs"][doc_id] = [epoch, cursor + 1]
-    return items[int(perm[cursor])]
+    return items[int(perm[cursor])], [epoch, cursor + 1]
 
-  def sample(self, resident: Mapping[str, int], n: int) -> list[tuple[str, Any, int]]:
-    """n draws among the resident documents: [(doc_id, item, slot)]. resident: doc_id -> slot."""
+  def _next_item(self, doc_id: str) -> Any:
+    item, after = self._peek_item(doc_id)
+    self._state["docs"][doc_id] = after
+    return item
+
+  def _next_packed(self, doc_id: str, seq_len: int) -> list[Any]:
+    """Items of one document for one row: the next one, then the following ones while their tokens
+    (`num_tokens`) fit in seq_len in all (greedy, in the document's own order, as one packed row)."""
+    out = [self._next_item(doc_id)]
+    used = int(out[0].num_tokens)
+    while used < seq_len:
+      item, after = self._peek_item(doc_id)
+      if used + int(item.num_tokens) > seq_len:
+        break
+      self._state["docs"][doc_id] = after
+      out.append(item)
+      used += int(item.num_tokens)
+    return out
+
+  def sample(self, resident: Mapping[str, int], n: int, *, pack_len: int = 0) -> list[tuple[str, Any, int]]:
+    """n draws among the resident documents: [(doc_id, item, slot)]. resident: doc_id -> slot.
+    pack_len > 0: each draw is a list of that document's items whose `num_tokens` fit in pack_len
+    together (`_next_packed`; items must be Conversations)."""
     if not resident:
       raise ValueError("ResidentSampler.sample: no resident documents")
     out = []
     for _ in range(n):
       d = self._next_doc(resident)
-      out.append((d, self._next_item(d), int(resident[d])))
+      out.append((d, self._next_packed(d, pack_len) if pack_len > 0 else self._next_item(d), int(resident[d])))
     return out
 
   def next_batch(self, resident: Mapping[str, int], batch_size: int, *,
-                 to_conversation: Callable[[Any], Conversation] | None = None,
+                 to_conversation: Callable[[Any], Conversation] | None = None, pack: bool = False,
                  **build_kwargs) -> dict[str, np.ndarray]:
     """Draw `batch_size` rows and build them with `build_cas_batch` (its keyword arguments other
     than rng and resident_slots go in build_kwargs). to_conversation maps an item to a
-    Conversation (default: items are Conversations)."""
-    draws = self.sample(resident, batch_size)
+    Conversation (default: items are Conversations). pack: a row holds as many conversations of
+    its document as fit in build_kwargs["seq_len"] (for k_max = 1: every row sees its own
+    cartridge only, so conversations of one document may share a row; items must be Conversations)."""
+    if pack and build_kwargs.get("k_max", 1) != 1:
+      raise ValueError("ResidentSampler.next_batch: pack=True needs k_max = 1 (a row with distractors holds one "
+                       "conversation)")
+    draws = self.sample(resident, batch_size, pack_len=int(build_kwargs["seq_len"]) if pack else 0)
     conv = to_conversation or (lambda x: x)
+    if pack:
+      conv = lambda items, one=conv: [one(x) for x in items]
     rng = np.random.default_rng([self.seed, 2, self._state["batches"]])
     self._state["batches"] += 1
     samples = [(conv(item), slot) for _, item, slot in draws]

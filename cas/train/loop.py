@@ -67,7 +67,7 @@ from cas.train.validate import check_train_config
 CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
             "num_slots", "k_max", "p_isolated", "rotate_every", "evict_fraction", "position_mode",
             "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors", "loss_chunk",
-            "max_conversations", "length_weighting", "p_hard", "k_curriculum_steps", "mixed_weight")
+            "max_conversations", "length_weighting", "p_hard", "k_curriculum_steps", "mixed_weight", "pack")
 # max_conversations: train on each document's first n self-study conversations only (0 = all; a
 # curve of quality against self-study size from one synthesis)
 # length_weighting: a resident document gets rows in proportion to its length (length_weights), not one
@@ -76,8 +76,11 @@ CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm",
 # their own (train_cas(neighbors=...), e.g. by BM25); k_curriculum_steps: rows load at most
 # k_limit(step) cartridges, growing from 2 to k_max over that many steps (0 = k_max from the start);
 # mixed_weight: loss weight of rows with distractors against isolated rows (1.0 = equal)
+# pack: with k_max = 1, a row holds as many of its document's conversations as fit in seq_len
+# (train_cartridge: one cartridge, as the Cartridges reference packs); off for CAS and the isolated
+# baseline, which see one conversation per row so that their budgets stay equal
 DEFAULTS = {"train_distractors": True, "loss_chunk": LOSS_CHUNK_TOKENS, "max_conversations": 0,
-            "length_weighting": False, "p_hard": 0.0, "k_curriculum_steps": 0, "mixed_weight": 1.0}
+            "length_weighting": False, "p_hard": 0.0, "k_curriculum_steps": 0, "mixed_weight": 1.0, "pack": False}
 
 
 def model_mesh(model):
@@ -201,6 +204,9 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
     raise ValueError(f"train.mixed_weight={c['mixed_weight']!r}: must be a number > 0")
   if isinstance(c["k_curriculum_steps"], bool) or not isinstance(c["k_curriculum_steps"], int) or c["k_curriculum_steps"] < 0:
     raise ValueError(f"train.k_curriculum_steps={c['k_curriculum_steps']!r}: must be an integer >= 0")
+  if c["pack"] and c["k_max"] != 1:
+    raise ValueError(f"train.pack=True needs train.k_max=1 (got {c['k_max']}): a row that loads distractors holds "
+                     "one conversation")
   if c["length_weighting"] and (doc_lengths is None or set(doc_ids) - set(doc_lengths)):
     raise ValueError("train.length_weighting=True needs the length of every document (train_cas(doc_lengths=...))")
   if isinstance(c["max_conversations"], bool) or not isinstance(c["max_conversations"], int) or c["max_conversations"] < 0:
@@ -327,7 +333,8 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
                                    seq_len=c["seq_len"], top_k=c["top_k"], p=spec.num_tokens,
                                    num_frozen=spec.num_frozen, position_mode=c["position_mode"],
                                    k_limit=k_limit(step, c["k_max"], c["k_curriculum_steps"]),
-                                   p_hard=float(c["p_hard"]), mixed_weight=float(c["mixed_weight"]))
+                                   p_hard=float(c["p_hard"]), mixed_weight=float(c["mixed_weight"]),
+                                   pack=bool(c["pack"]))
         batch = {k: v for k, v in batch.items() if k not in ("n_loaded",)}
         if mesh is None:
           batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -397,9 +404,10 @@ ONE_CARTRIDGE = "cartridge"  # its id in the store of a one-cartridge run
 
 def one_cartridge_config(c: Mapping) -> dict:
   """The loop's config for one cartridge: one slot, k_max = 1 (every row sees its cartridge only),
-  no rotation; the other fields as given (TRAIN_KEYS)."""
+  no rotation, rows packed with as many conversations as fit in seq_len; the other fields as given
+  (TRAIN_KEYS)."""
   return {**{k: c[k] for k in TRAIN_KEYS}, "num_slots": 1, "k_max": 1, "p_isolated": 1.0,
-          "rotate_every": int(c["steps"]), "evict_fraction": 1.0, "position_mode": "shared"}
+          "rotate_every": int(c["steps"]), "evict_fraction": 1.0, "position_mode": "shared", "pack": True}
 
 
 def _old_single_layout(workdir: str) -> bool:

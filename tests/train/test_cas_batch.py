@@ -214,3 +214,40 @@ def test_mixed_weight_scales_the_loss_mask_of_mixed_rows():
   np.testing.assert_array_equal(b["slots"], a["slots"])
   np.testing.assert_allclose(b["loss_mask"][mixed], 0.25 * a["loss_mask"][mixed])
   np.testing.assert_array_equal(b["loss_mask"][~mixed], a["loss_mask"][~mixed])
+
+
+def test_packed_rows_hold_several_conversations_of_one_document_and_resume_exactly():
+  """pack=True (one cartridge, k_max = 1): a row holds the document's next conversations while they
+  fit in seq_len, in the document's own order, each its own segment at the question offset; the
+  same draws as unpacked, only grouped; a saved state resumes the same rows."""
+  from cas.synth.format import Conversation
+  rng = np.random.default_rng(0)
+
+  def conv(i, n):
+    return Conversation(doc_id="d", prompt_ids=rng.integers(2, 50, 3).astype(np.int32),
+                        answer_ids=rng.integers(2, 50, n - 3).astype(np.int32),
+                        topk_ids=np.zeros((n - 3, 2), np.int32), topk_logprobs=np.zeros((n - 3, 2), np.float32))
+  convs = [conv(i, n) for i, n in enumerate([10, 6, 12, 5, 9, 7, 8, 11])]
+  kw = dict(k_max=1, p_isolated=1.0, seq_len=24, top_k=2, p=8)
+  s = ResidentSampler({"d": convs}, seed=3)
+  b = s.next_batch({"d": 0}, 2, pack=True, **kw)
+  seg = b["segment_ids"]
+  assert seg.max() >= 2  # several conversations in a row
+  for r in range(2):
+    used = int((seg[r] > 0).sum())
+    assert used <= 24
+    starts = np.flatnonzero(np.diff(np.concatenate([[0], seg[r]])) > 0)
+    assert (b["positions"][r, starts] == 8).all()  # every conversation starts at p
+  # the same conversations, in the same order, as unpacked draws
+  flat = ResidentSampler({"d": convs}, seed=3).sample({"d": 0}, int(seg.max(axis=1).sum()))
+  lens = [int(x.num_tokens) for _, x, _ in flat]
+  got = [int((seg[r] == k).sum()) for r in range(2) for k in range(1, int(seg[r].max()) + 1)]
+  assert got == lens
+  state = s.state_dict()
+  nxt = s.next_batch({"d": 0}, 2, pack=True, **kw)
+  s2 = ResidentSampler({"d": convs}, seed=3, state=state)
+  again = s2.next_batch({"d": 0}, 2, pack=True, **kw)
+  for k in nxt:
+    np.testing.assert_array_equal(nxt[k], again[k])
+  with pytest.raises(ValueError, match="pack=True needs k_max = 1"):
+    s.next_batch({"d": 0}, 2, pack=True, **{**kw, "k_max": 2})

@@ -69,8 +69,11 @@ def test_training_lowers_loss_and_changes_only_the_cartridge(setup, tmp_path):
   after = jax.tree.map(np.array, nnx.state(m, nnx.Param))
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     assert a.tobytes() == b.tobytes()  # model weights bit-identical
-  losses = [r["loss"] for r in read_metrics(str(tmp_path / "logs"))]
+  recs = read_metrics(str(tmp_path / "logs"))
+  losses = [r["loss"] for r in recs]
   assert len(losses) == CFG["steps"]
+  # rows are packed: 4 conversations of 16 tokens (10 answer tokens) fill each 64-token row
+  assert {r["tokens"] for r in recs} == {CFG["batch_size"] * 4 * 10}
   assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.02
   from cas.cartridge.io import load_cartridge
   cart, meta = load_cartridge(out["cartridge_path"], model_fingerprint="tiny")
