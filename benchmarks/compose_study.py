@@ -89,6 +89,21 @@ def _flags(argv: list[str]) -> dict:
   return out
 
 
+def _last_wins(args: list[str]) -> list[str]:
+  """Each `--name` once: its last value, at its first place. A flag repeated on the command line does
+  not replace a tuple field of the config but extends it (ml_collections: the recipe's
+  --config.eval.retrieval_k=(1,2) then --extra's =(1,2,4,8) gives (1,2,1,2,4,8)), so a flag of --extra
+  or of a variant must replace the recipe's instead of following it."""
+  last = {a.split("=", 1)[0]: a for a in args}
+  out, seen = [], set()
+  for a in args:
+    k = a.split("=", 1)[0]
+    if k not in seen:
+      seen.add(k)
+      out.append(last[k])
+  return out
+
+
 def plan(root: str, f: dict) -> dict:
   """Synth jobs (one per collection x seed) and training jobs (one per variant x collection x seed),
   the trainings ordered so that every collection's base runs come first."""
@@ -100,10 +115,11 @@ def plan(root: str, f: dict) -> dict:
     for s in seeds:
       data = [f"--config.data.kind={c}", f"--config.data.seed={s}", f"--config.synth.seed={s}",
               f"--config.train.seed={s}"]
-      synth.append({"name": f"{c}_s{s}", "args": recipe + data + ["--stages=synth"]})
+      synth.append({"name": f"{c}_s{s}", "args": _last_wins(recipe + data + ["--stages=synth"])})
       for v in f["variants"].split(","):
         if synth_args(v):
-          synth.append({"name": f"{v}_{c}_s{s}", "args": recipe + data + synth_args(v) + ["--stages=synth"]})
+          synth.append({"name": f"{v}_{c}_s{s}",
+                        "args": _last_wins(recipe + data + synth_args(v) + ["--stages=synth"])})
   for v in f["variants"].split(","):
     for s in seeds:
       if v == "mono" and str(s) not in f["mono_seeds"].split(","):
@@ -115,7 +131,8 @@ def plan(root: str, f: dict) -> dict:
         methods = BASE_METHODS if full else ("monolithic",) if v == "mono" else LEVER_METHODS
         own = f"{v}_{c}_s{s}" if synth_args(v) else f"{c}_s{s}"
         train.append({"name": f"{v}_{c}_s{s}", "synth": own, "mem": MEM.get(v, 1.0),
-                      "args": recipe + data + VARIANTS[v] + [f"--config.eval.methods={methods!r}".replace(" ", "")]})
+                      "args": _last_wins(recipe + data + VARIANTS[v]
+                                         + [f"--config.eval.methods={methods!r}".replace(" ", "")])})
   return {"root": root, "flags": f, "synth": synth, "train": train}
 
 
