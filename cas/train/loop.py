@@ -116,6 +116,8 @@ def k_limit(step: int, k_max: int, curriculum_steps: int) -> int:
   if curriculum_steps <= 0 or k_max <= 1:
     return k_max
   return min(k_max, 1 + math.ceil((k_max - 1) * min(1.0, step / curriculum_steps)))
+
+
 MAX_LENGTH_WEIGHT = 8
 
 
@@ -124,11 +126,12 @@ def length_weights(lengths: Mapping[str, int], max_weight: int = MAX_LENGTH_WEIG
   if not lengths:
     return {}
   med = float(np.median([max(1, int(n)) for n in lengths.values()]))
-  return {d: int(min(max_weight, max(1, round(max(1, int(n)) / med)))) for d, n in lengths.items()}  # optional fields of the train config
+  return {d: int(min(max_weight, max(1, round(max(1, int(n)) / med)))) for d, n in lengths.items()}
 
 
 def _fingerprint(c: dict, spec: CartridgeSpec, doc_ids: Sequence[str],
                  sources: Mapping[str, Sequence[str]] | None = None) -> str:
+  c = {**DEFAULTS, **c}  # a config written before an optional field existed has the default
   keep = {k: c[k] for k in CAS_KEYS if k not in ("steps", "log_every", "ckpt_every", "keep_checkpoints",
                                                   "loss_chunk")
           and not (k in DEFAULTS and c[k] == DEFAULTS[k])}  # defaults left out: older runs keep their id
