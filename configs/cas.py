@@ -116,7 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # train on each document's first n self-study conversations (0 = all): a curve from one self-study
   c.train.max_conversations = 0
   # True: a resident document gets training rows in proportion to its length (round(tokens / median),
-  # at most 8 per pass) instead of one per pass (cas.train.cas_loop.length_weights)
+  # at most 8 per pass) instead of one per pass (cas.train.loop.length_weights)
   c.train.length_weighting = False
   # hard negatives: the fraction of mixed rows whose distractors are the resident documents most
   # similar to their own (BM25 over the documents); 0 = uniform distractors (the paper's mixing)
