@@ -16,7 +16,7 @@ tokens in entry order, gathered with `jnp.take` over the slot axis:
 In "shared" mode the stored keys are used as they are (every cartridge at F..P-1). In
 "sequential" mode the j-th *loaded* entry of a row (j = rank among non-empty entries) is
 re-rotated by j*Pt positions: RoPE rotations compose, so `apply_rope(stored_keys, delta)` moves
-a key from position q to q + delta. Question positions come with the batch (cas_batch).
+a key from position q to q + delta. Question positions come with the batch (cas.train.batch).
 
 Gradients flow to state["k"], state["v"] only (the gather's transpose scatter-adds each row's
 gradient into its slots). The optimizer is Adam written directly on the slot arrays:
@@ -227,7 +227,7 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
   """Returns step(state, frozen, model, batch) -> (state, metrics); `state` is donated.
   loss_chunk: tokens per chunk of the fused LM head + loss (0 = full logits; `head_loss`).
 
-  batch: cas_batch arrays (numpy or jax): tokens, positions, segment_ids, targets, loss_mask
+  batch: cas.train.batch arrays (numpy or jax): tokens, positions, segment_ids, targets, loss_mask
   [Bt, T]; topk_ids, topk_logprobs [Bt, T, K]; slots [Bt, k_max]; own_slot [Bt].
   metrics: loss [] f32, tokens [] f32, grad_norm [] f32 (global over all slots, before
   clipping), finite [] bool (loss and grad_norm finite), slots_updated [] int32,
