@@ -24,3 +24,13 @@ def test_bad_flags_fail_before_anything_runs():
     cs._flags(["--variants=base,nope"])
   with pytest.raises(SystemExit, match="unknown flag --step"):
     cs._flags(["--step=3"])
+
+
+def test_an_extra_flag_replaces_the_recipes_value():
+  """ml_collections extends a tuple field given twice: --extra's retrieval_k must replace the
+  recipe's (1,2), not follow it (which gave (1,2,1,2,4,8))."""
+  p = cs.plan("/tmp/x", cs._flags(["--variants=base", "--collections=patients", "--seeds=0",
+                                   "--extra=--config.eval.retrieval_k=(1,2,4,8)"]))
+  for job in p["synth"] + p["train"]:
+    rk = [a for a in job["args"] if a.startswith("--config.eval.retrieval_k=")]
+    assert rk == ["--config.eval.retrieval_k=(1,2,4,8)"]
