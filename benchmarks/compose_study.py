@@ -115,7 +115,8 @@ def plan(root: str, f: dict) -> dict:
     for s in seeds:
       data = [f"--config.data.kind={c}", f"--config.data.seed={s}", f"--config.synth.seed={s}",
               f"--config.train.seed={s}"]
-      synth.append({"name": f"{c}_s{s}", "args": _last_wins(recipe + data + ["--stages=synth"])})
+      if any(not synth_args(v) for v in f["variants"].split(",")):  # a variant on the base self-study
+        synth.append({"name": f"{c}_s{s}", "args": _last_wins(recipe + data + ["--stages=synth"])})
       for v in f["variants"].split(","):
         if synth_args(v):
           synth.append({"name": f"{v}_{c}_s{s}",

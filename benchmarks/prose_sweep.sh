@@ -7,11 +7,14 @@
 # Usage (device machine, after benchmarks/gpu_setup.sh):
 #   [VARIANTS="walk256 rand256 walk64 rand64"] [CONV=256] bash benchmarks/prose_sweep.sh start /root/prose
 #   [VARIANTS=...] bash benchmarks/prose_sweep.sh wait /root/prose   # waits <= 9 min, prints the tables
+#   SEED=1: another instance of the collection (other planted facts and questions), self-study and
+#   training draws (data, synth and train seeds); use its own directory (e.g. /root/prose_s1)
 #   (logs and each variant's eval/results.json go to $OUT/prose_sweep.tgz when OUT is set)
 set -u
 MODE=${1:-start}; W=${2:-/root/prose}
-CONV=${CONV:-256}
+CONV=${CONV:-256}; SEED=${SEED:-0}
 COMMON=(--config=configs/cas.py:paper --config.data.kind=prose --config.data.num_docs=20
+        --config.data.seed=$SEED --config.synth.seed=$SEED --config.train.seed=$SEED
         --config.synth.conversations=$CONV --config.layer_loop=scan
         "--config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed')"
         "--config.eval.num_loaded=(1,5)" "--config.eval.position_modes=('shared',)")
