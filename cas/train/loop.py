@@ -12,7 +12,9 @@ Reads top to bottom:
 
 Checkpoint = Orbax CheckpointManager in <workdir>/checkpoints (slot state: params, moments,
 counts) + meta (slot table, sampler state) + a store snapshot with the same tag, so that a
-killed run resumes exactly (the store is rolled back to the checkpoint's snapshot).
+killed run resumes exactly (the store is rolled back to the checkpoint's snapshot). After the
+final flush, <workdir>/train_done.json records the store's state digest: a re-run of a finished
+job (restored at the last step, marker present, store unchanged) leaves the store untouched.
 
 On a mesh (`mesh=cas.sharding.make_mesh(...)`), the same code runs sharded: the frozen model's
 weights are placed by `cas.sharding.shard_model` (FSDP on `fsdp`, tensor parallel on `tensor`),
@@ -110,6 +112,68 @@ def _remove_stale_exports(path: str) -> None:
     shutil.rmtree(d, ignore_errors=True)
 
 
+TRAIN_DONE = "train_done.json"  # <workdir>/train_done.json: the final flush finished (see _write_done)
+
+
+def _done_path(workdir: str) -> str:
+  return os.path.join(workdir, TRAIN_DONE)
+
+
+def _read_done(workdir: str) -> dict | None:
+  """The done-marker of a finished run, or None (missing or unreadable: treated as not finished)."""
+  try:
+    with open(_done_path(workdir)) as f:
+      done = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    logging.warning("%s: unreadable (%s); the run is treated as not finished", _done_path(workdir), e)
+    return None
+  return done if isinstance(done, dict) else None
+
+
+def _write_done(workdir: str, record: Mapping) -> None:
+  """Write the done-marker atomically (temp file, fsync, rename): {"steps", "final_loss",
+  "config_fingerprint", "model_fingerprint", "store_digest" (CartridgeStore.state_digest after the
+  final flush)} and, once a one-cartridge run exported its cartridge, "exported" (the store digest
+  it was exported from). Process 0 only."""
+  path = _done_path(workdir)
+  tmp = os.path.join(workdir, f".{TRAIN_DONE}.tmp-{os.getpid()}")
+  with open(tmp, "w") as f:
+    json.dump(dict(record), f, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _remove_done(workdir: str, *, marker: bool) -> None:
+  """Temp files of a killed marker write; with marker=True also the marker itself (a run that is
+  about to write the store again must not leave a marker claiming it finished)."""
+  paths = glob.glob(os.path.join(glob.escape(workdir), f".{TRAIN_DONE}.tmp-*"))
+  for p in paths + ([_done_path(workdir)] if marker else []):
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(p)
+
+
+def _already_finished(workdir: str, store: CartridgeStore, expect: Mapping, steps: int) -> dict | None:
+  """The done-marker when the run in `workdir` finished `steps` steps *and* its final flush (the
+  marker is written after it) and the store is still exactly as that flush left it; else None
+  (no marker: e.g. killed between the last checkpoint and the end of the final flush)."""
+  done = _read_done(workdir)
+  if done is None:
+    logging.info("%s: no done-marker; completing the final flush", workdir)
+    return None
+  if done.get("steps") != steps or any(done.get(k) != v for k, v in expect.items()):
+    logging.info("%s: done-marker of another run (%s); completing the final flush", workdir,
+                 {k: done.get(k) for k in ("steps", *expect)})
+    return None
+  if done.get("store_digest") != store.state_digest():
+    logging.warning("%s: the store changed since the run finished (state digest differs from %s); "
+                    "rolling it back to the last checkpoint's snapshot and flushing again", workdir, TRAIN_DONE)
+    return None
+  return done
+
+
 def k_limit(step: int, k_max: int, curriculum_steps: int) -> int:
   """Most cartridges a row of training step `step` (1-based) loads: k_max, or with a curriculum
   1 + ceil((k_max - 1) * step / curriculum_steps) until curriculum_steps."""
@@ -181,7 +245,9 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
   left out); the workdir and the store are locked (a second run refuses to start); a config whose
   slots + model cannot fit the device is refused before allocating (cas.train.preflight); resume
   takes the newest checkpoint whose files *and* paired store snapshot are intact (corrupt ones are
-  skipped with a warning);
+  skipped with a warning); a finished run (checkpoint at train.steps and TRAIN_DONE written after
+  its final flush, store unchanged since) is not rolled back or flushed again: the call returns
+  what the finished run returned (final_loss from the marker) and writes nothing;
   NaN/inf in the loss, gradients or any slot's arrays stop training with NumericsError naming
   the step, slots and documents, before the store or a checkpoint is written.
   """
@@ -306,6 +372,26 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
                    ", sha256" if info["hashed"] else ", sizes only")
 
     restored = ckpt.restore_latest(manager, mgr.abstract_state(), expect_meta=expect, accept=snapshot_ok)
+    # Restored at the last step with the final flush done (done-marker) and the store untouched
+    # since: nothing to train, and the store is left exactly as it is (no rollback, no re-flush:
+    # a re-flush writes new versions, so the store's state digest changes and every evaluation
+    # keyed on it would start over).
+    done = None
+    if restored is not None and restored[0] == c["steps"]:
+      done = _already_finished(workdir, store, expect, c["steps"])
+    if jax.process_count() > 1:  # every process takes the same path (the flush below is a collective)
+      from jax.experimental import multihost_utils
+      if not np.all(np.asarray(multihost_utils.process_allgather(np.int32(done is not None)))):
+        done = None
+    if is_writer:
+      _remove_done(workdir, marker=done is None)  # from here on the store may be written
+    if done is not None:
+      start, state, meta = restored
+      mgr.load_table_json(meta["slots"])
+      logging.info("training already finished at step %d; nothing to do", start)
+      return {"steps": start, "final_loss": float(done.get("final_loss", float("nan"))), "store": store_dir,
+              "device_slot_bytes": resident_bytes(state), "counts": mgr.counts(state),
+              "state_shardings": {n: x.sharding for n, x in state.items()}}
     start = 0
     if restored is not None:
       start, state, meta = restored
@@ -380,6 +466,8 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
     if end == total:
       mgr.flush(state)
     mgr.wait()
+    if end == total and is_writer:  # the final flush is in the store: a re-run has nothing to do
+      _write_done(workdir, {**expect, "steps": total, "final_loss": last, "store_digest": store.state_digest()})
     counts = mgr.counts(state)
   finally:
     # On an error the background writes still finish (they hold finite arrays evicted before
@@ -421,6 +509,22 @@ def _old_single_layout(workdir: str) -> bool:
           and not os.path.isdir(os.path.join(workdir, "store")))
 
 
+def _export_current(path: str, done: Mapping | None, model_fingerprint: str, info: Mapping) -> bool:
+  """True when the cartridge at `path` was exported from the store state that the done-marker
+  `done` names (train_cas verified the store still has it, or just wrote it) with the same
+  model and training info: exporting again would only rewrite it (new mtime: the evaluation of
+  the monolithic cartridge, keyed on it, would start over)."""
+  if done is None or not done.get("store_digest") or done.get("exported") != done["store_digest"]:
+    return False
+  from cas.cartridge.io import read_cartridge_meta
+  try:
+    meta = read_cartridge_meta(path)
+  except Exception:  # missing (killed during the export) or damaged: export again
+    return False
+  return (meta.get("model_fingerprint") == model_fingerprint
+          and all(json.dumps(meta.get(k)) == json.dumps(v) for k, v in info.items()))  # as JSON: NaN == NaN
+
+
 def train_cartridge(*, model, model_fingerprint: str, dataset_dir: str, workdir: str,
                     init_fn: Callable[[], Cartridge], train_cfg: dict, dtype=jnp.float32,
                     stop_after: int | None = None) -> dict:
@@ -432,6 +536,8 @@ def train_cartridge(*, model, model_fingerprint: str, dataset_dir: str, workdir:
   this many steps in this call (tests simulate interruption). Returns {"steps", "final_loss",
   "cartridge_path" (None until the last step)}. Locking, resume, corrupt checkpoints and NaN/inf
   are handled as in `train_cas` (the model may sit on a mesh: the one slot is replicated on it).
+
+  A re-run of a finished run keeps its exported cartridge as it is (`_export_current`).
 
   A workdir trained by the former single-cartridge loop (checkpoints without a store): when its
   cartridge was exported it is kept as it is; otherwise it is refused with what to remove.
@@ -469,15 +575,20 @@ def train_cartridge(*, model, model_fingerprint: str, dataset_dir: str, workdir:
   if jax.process_index() == 0:
     with DirLock(workdir, what="training workdir"):
       _remove_stale_exports(path)
-      store = CartridgeStore(out["store"], spec=cart0.spec, model_fingerprint=model_fingerprint, create=False,
-                             read_only=True)
-      try:
-        cart = store.export_cartridge(ONE_CARTRIDGE)
-      finally:
-        store.close()
-      save_cartridge(path, cart, model_fingerprint=model_fingerprint,
-                     info={"steps": c["steps"], "final_loss": out["final_loss"],
-                           "dataset": os.path.abspath(dataset_dir)})
+      info = {"steps": c["steps"], "final_loss": out["final_loss"], "dataset": os.path.abspath(dataset_dir)}
+      done = _read_done(workdir)
+      if _export_current(path, done, model_fingerprint, info):
+        logging.info("%s: exported already from this run's final store state; kept as it is", path)
+      else:
+        store = CartridgeStore(out["store"], spec=cart0.spec, model_fingerprint=model_fingerprint, create=False,
+                               read_only=True)
+        try:
+          cart = store.export_cartridge(ONE_CARTRIDGE)
+        finally:
+          store.close()
+        save_cartridge(path, cart, model_fingerprint=model_fingerprint, info=info)
+        if done is not None and done.get("store_digest"):  # the export is complete: a re-run keeps it
+          _write_done(workdir, {**done, "exported": done["store_digest"]})
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("cas-cartridge-export")  # written before anyone reads it

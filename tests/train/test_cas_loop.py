@@ -79,3 +79,98 @@ def test_train_distractors_false_updates_only_own_cartridges(setup, tmp_path):
   assert sum(own.values()) < sum(both.values())
   with pytest.raises(ValueError, match="train_distractors"):
     _train(setup, str(tmp_path / "bad"), cfg={"train_distractors": "no"})
+
+
+def _files(root) -> dict:
+  """relative path -> (bytes, mtime_ns) of every file under root but the lock files (taken and
+  emptied by every run, not cartridge data)."""
+  import os
+  out = {}
+  for d, _, names in os.walk(root):
+    for n in names:
+      p = os.path.join(d, n)
+      if n != ".lock":
+        with open(p, "rb") as f:
+          out[os.path.relpath(p, root)] = (f.read(), os.stat(p).st_mtime_ns)
+  return out
+
+
+def _digest(workdir) -> str:
+  """What the evaluation's per-method resume keys on (cas.cas_pipeline: store_state)."""
+  from cas.rotation.store import CartridgeStore
+  with CartridgeStore(str(workdir / "store"), spec=CartridgeSpec.for_model(TINY, P, 1), model_fingerprint="tiny",
+                      read_only=True) as st:
+    return st.state_digest()
+
+
+def _same_result(a: dict, b: dict) -> None:
+  assert {k: v for k, v in a.items() if k != "state_shardings"} == {k: v for k, v in b.items() if k != "state_shardings"}
+  assert set(a["state_shardings"]) == set(b["state_shardings"])
+  for n, sh in a["state_shardings"].items():
+    assert sh.is_equivalent_to(b["state_shardings"][n], 5), n
+
+
+def test_rerun_of_a_finished_run_rewrites_nothing(setup, tmp_path, caplog):
+  """Running a finished job again restores its last checkpoint and stops there: the store is not
+  rolled back or flushed again, so no file of the workdir changes (bytes and mtimes), the store's
+  state digest (what evaluation resumes on) stays, and the result equals the finished run's."""
+  import logging
+  from cas.train.loop import TRAIN_DONE
+  first = _train(setup, str(tmp_path))
+  assert (tmp_path / TRAIN_DONE).exists()
+  files, digest = _files(tmp_path), _digest(tmp_path)
+  assert any(p.startswith("store/packs/") for p in files)
+  with caplog.at_level(logging.INFO):
+    again = _train(setup, str(tmp_path))
+  assert "training already finished at step 12; nothing to do" in caplog.text
+  assert "rolled back" not in caplog.text
+  after = _files(tmp_path)
+  assert sorted(after) == sorted(files)
+  assert [p for p in files if after[p] != files[p]] == []
+  assert _digest(tmp_path) == digest
+  _same_result(again, first)
+  assert np.isfinite(again["final_loss"]) and again["steps"] == CFG["steps"]
+
+
+def test_run_killed_before_the_end_of_its_final_flush_still_flushes(setup, tmp_path, caplog):
+  """A job killed between its last checkpoint and the end of the final flush leaves no done-marker
+  (and the store at the last checkpoint's snapshot): a re-run rolls back and flushes as before,
+  writes the marker, and the run after that has nothing to do. A marker whose store digest no
+  longer matches the store (the store changed since) is not trusted either."""
+  import logging
+  from cas.rotation.store import CartridgeStore
+  from cas.train.loop import TRAIN_DONE
+  spec = CartridgeSpec.for_model(TINY, P, 1)
+  w = tmp_path / "run"
+  ref = _train(setup, str(w))
+  with CartridgeStore(str(w / "store"), spec=spec, model_fingerprint="tiny", read_only=True) as st:
+    want = {d: st.get(d)[0] for d in st.doc_ids()}
+
+  def kill_before_final_flush(keep_marker: bool):
+    """The store as the kill leaves it: as snapshot 12 (the flush of the last checkpoint)."""
+    if not keep_marker:
+      (w / TRAIN_DONE).unlink()
+    with CartridgeStore(str(w / "store"), spec=spec, model_fingerprint="tiny") as st:
+      st.rollback(CFG["steps"])
+    (w / f".{TRAIN_DONE}.tmp-999").write_text("{")  # a half-written marker of the killed run
+
+  for keep_marker in (False, True):
+    kill_before_final_flush(keep_marker)
+    killed = _digest(w)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+      out = _train(setup, str(w))
+    assert "nothing to do" not in caplog.text and "rolled back to snapshot 12" in caplog.text
+    assert (w / TRAIN_DONE).exists() and not (w / f".{TRAIN_DONE}.tmp-999").exists()
+    assert _digest(w) != killed  # the final flush wrote every resident cartridge again
+    _same_result(out, ref)
+    with CartridgeStore(str(w / "store"), spec=spec, model_fingerprint="tiny", read_only=True) as st:
+      assert st.counts() == ref["counts"]
+      for d, arrays in want.items():
+        got = st.get(d)[0]
+        assert all(np.array_equal(got[n], arrays[n]) for n in arrays), d
+  files = _files(w)
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    _same_result(_train(setup, str(w)), ref)
+  assert "nothing to do" in caplog.text and _files(w) == files

@@ -208,3 +208,42 @@ def test_workdir_of_the_former_single_loop_keeps_its_cartridge_or_is_refused(set
                         train_cfg=CFG)
   assert out == {"steps": 7, "final_loss": 1.5, "cartridge_path": str(old / "cartridge")}
   assert not os.path.exists(old / "store") and not os.path.exists(old / "logs")  # nothing was trained
+
+
+def test_rerun_of_a_finished_run_keeps_the_exported_cartridge(setup, tmp_path):
+  """A finished one-cartridge run run again neither trains, flushes nor exports: the exported
+  cartridge keeps its files and mtime (the monolithic evaluation resumes on them) and the result
+  is the same. A kill during the export (the old directory moved aside, the new one not yet in
+  place) is completed by the next run."""
+  from cas.cartridge.io import load_cartridge
+  m, doc, _, d = setup
+  init = lambda: init_cartridge(m, list(doc), 8, strategy="random_vectors")
+  cfg = {**CFG, "steps": 4, "ckpt_every": 4, "log_every": 2}
+  w = str(tmp_path / "run")
+  first = train_cartridge(model=m, model_fingerprint="tiny", dataset_dir=d, workdir=w, init_fn=init, train_cfg=cfg)
+  path = first["cartridge_path"]
+
+  def files():
+    out = {"": os.stat(path).st_mtime_ns}
+    for dirpath, _, names in os.walk(w):
+      for n in names:
+        p = os.path.join(dirpath, n)
+        if n != ".lock":
+          out[os.path.relpath(p, w)] = (open(p, "rb").read(), os.stat(p).st_mtime_ns)
+    return out
+
+  before = files()
+  assert train_cartridge(model=m, model_fingerprint="tiny", dataset_dir=d, workdir=w, init_fn=init,
+                         train_cfg=cfg) == first
+  assert files() == before
+  ref, _ = load_cartridge(path)
+  os.rename(path, f"{path}.old-999")  # killed inside replace_dir, between its two renames
+  assert train_cartridge(model=m, model_fingerprint="tiny", dataset_dir=d, workdir=w, init_fn=init,
+                         train_cfg=cfg) == first
+  assert not os.path.exists(f"{path}.old-999")
+  cart, meta = load_cartridge(path)
+  assert meta["steps"] == 4 and np.array_equal(np.asarray(cart.k[...]), np.asarray(ref.k[...]))
+  again = files()
+  assert train_cartridge(model=m, model_fingerprint="tiny", dataset_dir=d, workdir=w, init_fn=init,
+                         train_cfg=cfg) == first
+  assert files() == again  # the completed export is kept from then on
