@@ -6,6 +6,7 @@ the rest padding), p-token cartridges. Variants, each compiled ahead of time and
 `--steps` steps:
   * single: the same step with one slot and k_max = 1 (`train_cartridge`'s: the prefix p built once
     for the whole batch, no mask);
+  * single_same_prefix: the same with one cartridge of 1 + K (p - 1) tokens, the CAS prefix's length;
   * cas_k1: `make_cas_train_step` with k_max = 1 (each row sees its own slot; prefix p): the
     overhead of per-row assembly + per-slot Adam over the single step;
   * cas_k{K}: k_max = K (rows see their own slot + U{1..K-1} distractors, prefix 1 + K (p-1)).
@@ -57,13 +58,16 @@ flags.DEFINE_string("profile_dir", None, "write a jax.profiler trace of the CAS 
 flags.DEFINE_bool("smoke", False, "tiny model on CPU")
 flags.DEFINE_string("out", None, "append JSON lines here")
 flags.DEFINE_integer("seed", 0, "seed")
+flags.DEFINE_bool("single_same_prefix", True, "also time the single step with one cartridge of the CAS "
+                  "prefix's length, 1 + k_max (p - 1) tokens")
 
 LR, WARMUP, CLIP = 2e-2, 0, 1.0
 SINGLE_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "topk_ids", "topk_logprobs")
 
 
-def make_rows(cfg, k_max: int) -> dict[str, np.ndarray]:
-  """A CAS batch (numpy) of random conversations, own slot r % B, p_isolated 0."""
+def make_rows(cfg, k_max: int, p: int | None = None) -> dict[str, np.ndarray]:
+  """A CAS batch (numpy) of random conversations, own slot r % B, p_isolated 0 (p: cartridge
+  tokens, default --p)."""
   rng = np.random.default_rng(F.seed)
   samples = []
   for r in range(F.batch):
@@ -77,13 +81,13 @@ def make_rows(cfg, k_max: int) -> dict[str, np.ndarray]:
                         rng.integers(3, cfg.vocab_size, ta).astype(np.int32), ids.astype(np.int32), lp)
     samples.append((conv, r % F.slots))
   return build_cas_batch(samples, list(range(F.slots)), k_max=k_max, p_isolated=0.0,
-                         rng=np.random.default_rng(F.seed + 1), seq_len=F.seq, top_k=F.top_k, p=F.p,
+                         rng=np.random.default_rng(F.seed + 1), seq_len=F.seq, top_k=F.top_k, p=p or F.p,
                          num_frozen=1, position_mode=F.position_mode)
 
 
-def slot_state(cfg):
+def slot_state(cfg, p: int | None = None, slots: int | None = None):
   ks = jax.random.split(jax.random.key(F.seed + 2), 4)
-  shape = (F.slots, cfg.num_layers, F.p - 1, cfg.num_kv_heads, cfg.head_dim)
+  shape = (slots or F.slots, cfg.num_layers, (p or F.p) - 1, cfg.num_kv_heads, cfg.head_dim)
   sshape = (cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim)
   state = init_cas_state(0.5 * jax.random.normal(ks[0], shape), 0.5 * jax.random.normal(ks[1], shape))
   frozen = {"k": 0.5 * jax.random.normal(ks[2], sshape), "v": 0.5 * jax.random.normal(ks[3], sshape)}
@@ -214,6 +218,19 @@ def main(argv):
       profile(rs, "single", {"attn": attn, "k_max": 1, "prefix_len": F.p}, emit)
       results.append(rs)
       del one, state
+      if F.single_same_prefix:
+        # --- the single step with one cartridge as long as the CAS prefix (1 + K (p - 1) tokens):
+        # issue 23's yardstick, the same total prefix length, every slot visible
+        pk_len = 1 + F.k_max * (F.p - 1)
+        rows_l = make_rows(cfg, 1, p=pk_len)
+        one, frozen_l = slot_state(cfg, p=pk_len, slots=1)
+        bl = {k: jnp.asarray(rows_l[k]) for k in SINGLE_KEYS}
+        bl["slots"] = jnp.zeros((bl["tokens"].shape[0], 1), jnp.int32)
+        results.append(timed("single_same_prefix", step, (one, frozen_l, model, bl), emit,
+                             {"attn": attn, "k_max": 1, "prefix_len": pk_len},
+                             C.train_flops(cfg, rows_l["segment_ids"], pk_len), peak,
+                             carry=lambda out, a: (out[0], *a[1:])))
+        del one
       # --- CAS with k_max = 1
       state, frozen = slot_state(cfg)
       cstep = make_cas_train_step(lr=LR, warmup_steps=WARMUP, clip_norm=CLIP, dtype=bf16,
@@ -270,6 +287,10 @@ def main(argv):
       summ[f"cas_k{k}_tokens_per_s"] = by[f"cas_k{k}"]["tokens_per_s"]
       summ["single_tokens_per_s"] = by["single"]["tokens_per_s"]
       summ[f"cas_k{k}_over_single_time"] = by[f"cas_k{k}"]["step_s"] / by["single"]["step_s"]
+    if "single_same_prefix" in by and f"cas_k{k}" in by:  # issue 23: within 15% at the same prefix length
+      summ["single_same_prefix_tokens_per_s"] = by["single_same_prefix"]["tokens_per_s"]
+      summ[f"cas_k{k}_over_single_same_prefix_tokens_per_s"] = (
+          by[f"cas_k{k}"]["tokens_per_s"] / by["single_same_prefix"]["tokens_per_s"])
     parts = [f"cas_k{k}/assemble", f"cas_k{k}/forward", f"cas_k{k}/fwd_bwd", f"cas_k{k}"]
     if all(pname in by for pname in parts):
       a, fw, fb, st = (by[pname]["step_s"] for pname in parts)

@@ -244,19 +244,26 @@ def segment_bias(segment_ids: Array, dtype=jnp.bfloat16) -> Array:
 
 
 def prefix_packed_reference(q: Array, pk: Array, pv: Array, k: Array, v: Array,
-                            segment_ids: Array, attention: AttentionFn | None = None) -> Array:
+                            segment_ids: Array, prefix_lengths: Array | None = None,
+                            attention: AttentionFn | None = None) -> Array:
   """Pure-JAX form of `prefix_packed_attention` (any backend, any dtype): exactly the model's
   4-argument path, `reference_attention` over the concatenated [prefix ; self] keys with the
   model's packed causal mask (so CPU / float32 results do not change with the form).
 
   q [B, T, H, D]; pk, pv [B or 1, P, Hkv, D] (every prefix slot visible to every query; 1 = the
   same prefix for every row); k, v [B, T, Hkv, D] (the row's own keys); segment_ids [B, T] int32
-  (0 = padding). `attention`: the 4-argument attention to run (default `reference_attention`).
+  (0 = padding). prefix_lengths: None (every prefix slot visible) or [B] int32: row b sees prefix
+  slots [0, prefix_lengths[b]) only (a CAS row's loaded cartridges first, empty entries after:
+  `cas.train.step.assemble_prefix`). `attention`: the 4-argument attention to run (default
+  `reference_attention`).
   """
   b, t = q.shape[:2]
   idx = jnp.arange(t)
   self_mask = segment_causal_mask(idx, idx, segment_ids, segment_ids)
-  mask = jnp.concatenate([jnp.ones((b, t, pk.shape[1]), bool), self_mask], axis=-1)
+  pm = jnp.ones((b, t, pk.shape[1]), bool)
+  if prefix_lengths is not None:
+    pm = pm & (jnp.arange(pk.shape[1])[None, None, :] < prefix_lengths.astype(jnp.int32)[:, None, None])
+  mask = jnp.concatenate([pm, self_mask], axis=-1)
   pk, pv = (jnp.broadcast_to(a, (b,) + a.shape[1:]) for a in (pk, pv))
   keys = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
   vals = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
@@ -445,9 +452,28 @@ def _self_kw(mode: str, aux):
   return dict(bias=aux, mask_type=fa.MaskType.CAUSAL)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _cudnn_prefix_self(q, pk, pv, k, v, aux, mode):
-  out, _ = _cudnn_prefix_self_fwd(q, pk, pv, k, v, aux, mode)
+def _prefix_kw(plen, rows: int, tq: int) -> dict:
+  """Block 1's keyword arguments: none when every prefix slot is visible; else cuDNN's padding
+  mask with each row's visible prefix length `plen` [rows] int32 as its key length (every query
+  of the row valid: query length tq). cuDNN skips the key blocks past a row's length."""
+  if plen is None:
+    return {}
+  fa = _fused_attention_module()
+  return dict(q_seqlen=jnp.full((rows,), tq, jnp.int32), kv_seqlen=plen.astype(jnp.int32),
+              mask_type=fa.MaskType.PADDING)
+
+
+def _zero_past(x: Array, plen) -> Array:
+  """dK / dV [B, P, Hkv, D] of prefix slots past each row's length: zero (cuDNN leaves them unwritten)."""
+  if plen is None:
+    return x
+  keep = jnp.arange(x.shape[1])[None, :, None, None] < plen.astype(jnp.int32)[:, None, None, None]
+  return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _cudnn_prefix_self(q, pk, pv, k, v, aux, plen, mode):
+  out, _ = _cudnn_prefix_self_fwd(q, pk, pv, k, v, aux, plen, mode)
   return out
 
 
@@ -457,11 +483,12 @@ def _fold_count(q: Array, pk: Array) -> int:
   return b if (pk.shape[0] == 1 and b > 1) else 0
 
 
-def _cudnn_prefix_self_fwd(q, pk, pv, k, v, aux, mode):
+def _cudnn_prefix_self_fwd(q, pk, pv, k, v, aux, plen, mode):
   scale = 1.0 / math.sqrt(q.shape[-1])
   b, h = q.shape[0], q.shape[2]
   fold = _fold_count(q, pk)
-  o1, l1, r1 = _block_fwd(_fold_rows(q, fold), pk, pv, scale)
+  qf = _fold_rows(q, fold)
+  o1, l1, r1 = _block_fwd(qf, pk, pv, scale, **_prefix_kw(plen, pk.shape[0], qf.shape[1]))
   o1, l1 = o1.reshape(q.shape), _unfold_lse(l1, fold, h)
   o2, l2, r2 = _block_fwd(q, k, v, scale, **_self_kw(mode, aux))
   if mode == "ragged":  # tokens in no segment: no self keys (cuDNN leaves their output unwritten)
@@ -470,17 +497,20 @@ def _cudnn_prefix_self_fwd(q, pk, pv, k, v, aux, mode):
     l2 = _stats_to_tokens(l2, s, h)
     o2 = jnp.where(s.valid[:, :, None, None], o2, 0)
   out, lse = _merge(o1, l1, o2, l2, q.dtype)
-  return out, (q, pk, pv, k, v, aux, r1, r2, lse, out)
+  return out, (q, pk, pv, k, v, aux, plen, r1, r2, lse, out)
 
 
 def _cudnn_prefix_self_bwd(mode, res, g):
-  q, pk, pv, k, v, aux, r1, r2, lse, out = res
+  q, pk, pv, k, v, aux, plen, r1, r2, lse, out = res
   scale = 1.0 / math.sqrt(q.shape[-1])
   h = q.shape[2]
   fold = _fold_count(q, pk)
   g = g.astype(out.dtype)
-  dq1, dpk, dpv = _block_bwd(_fold_rows(q, fold), pk, pv, scale, r1, _fold_lse(lse, fold, h),
-                             _fold_rows(out, fold), _fold_rows(g, fold))
+  qf = _fold_rows(q, fold)
+  dq1, dpk, dpv = _block_bwd(qf, pk, pv, scale, r1, _fold_lse(lse, fold, h),
+                             _fold_rows(out, fold), _fold_rows(g, fold),
+                             **_prefix_kw(plen, pk.shape[0], qf.shape[1]))
+  dpk, dpv = _zero_past(dpk, plen), _zero_past(dpv, plen)
   if mode == "ragged":
     s = Segments(*aux)
     l2 = _tokens_to_stats(lse, s, s.seqlen.shape[1])
@@ -492,7 +522,7 @@ def _cudnn_prefix_self_bwd(mode, res, g):
     dq2, dk, dv = _block_bwd(q, k, v, scale, r2, lse, out, g, **_self_kw(mode, aux))
     daux = jnp.zeros_like(aux)
   dq = dq1.reshape(q.shape).astype(jnp.float32) + dq2.astype(jnp.float32)
-  return dq.astype(q.dtype), dpk, dpv, dk, dv, daux
+  return dq.astype(q.dtype), dpk, dpv, dk, dv, daux, None
 
 
 _cudnn_prefix_self.defvjp(_cudnn_prefix_self_fwd, _cudnn_prefix_self_bwd)
@@ -554,7 +584,7 @@ def batch_split(x: Array) -> BatchSplit | None:
 
 
 def data_parallel(fn: PrefixPackedFn, q: Array, pk: Array, pv: Array, k: Array, v: Array,
-                  segment_ids: Array) -> Array | None:
+                  segment_ids: Array, prefix_lengths: Array | None = None) -> Array | None:
   """Run the single-device prefix + packed attention `fn` on every device's rows (`jax.shard_map`
   over the mesh's batch axes). The rows of q, k, v, segment_ids are split; a prefix shared by every
   row (pk, pv [1, P, Hkv, D]) is replicated, and its gradient summed over the devices (it is cast
@@ -563,11 +593,12 @@ def data_parallel(fn: PrefixPackedFn, q: Array, pk: Array, pv: Array, k: Array, 
   data-parallel mesh; None when B does not divide by the number of batch shards (the caller falls
   back to a form the partitioner handles).
 
-  q [B, T, H, D]; pk, pv [B or 1, P, Hkv, D]; k, v [B, T, Hkv, D]; segment_ids [B, T] int32.
+  q [B, T, H, D]; pk, pv [B or 1, P, Hkv, D]; k, v [B, T, Hkv, D]; segment_ids [B, T] int32;
+  prefix_lengths None or [B] int32 (split like the rows).
   """
   split = batch_split(q)
   if split is None:
-    return fn(q, pk, pv, k, v, segment_ids)
+    return fn(q, pk, pv, k, v, segment_ids, prefix_lengths)
   b = q.shape[0]
   if b % split.size:
     logging.log_first_n(logging.WARNING, "data_parallel attention: batch %d is not divisible by the %d "
@@ -577,19 +608,21 @@ def data_parallel(fn: PrefixPackedFn, q: Array, pk: Array, pv: Array, k: Array, 
   rows = jax.sharding.PartitionSpec(split.axes)
   pspec = jax.sharding.PartitionSpec() if shared else rows
 
-  def per_device(q, pk, pv, k, v, segment_ids):
-    # q, k, v [B/n, T, ...], segment_ids [B/n, T]; pk, pv [1 or B/n, P, Hkv, D]
+  def per_device(q, pk, pv, k, v, segment_ids, *lengths):
+    # q, k, v [B/n, T, ...], segment_ids [B/n, T]; pk, pv [1 or B/n, P, Hkv, D]; lengths: ([B/n],) or ()
     if shared:
       pk, pv = (jax.lax.pcast(a, split.axes, to="varying") for a in (pk, pv))
-    return fn(q, pk, pv, k, v, segment_ids)
+    return fn(q, pk, pv, k, v, segment_ids, *lengths)
 
-  return jax.shard_map(per_device, mesh=split.mesh, in_specs=(rows, pspec, pspec, rows, rows, rows),
-                       out_specs=rows)(q, pk, pv, k, v, segment_ids)
+  extra = () if prefix_lengths is None else (prefix_lengths,)
+  return jax.shard_map(per_device, mesh=split.mesh,
+                       in_specs=(rows, pspec, pspec, rows, rows, rows) + (rows,) * len(extra),
+                       out_specs=rows)(q, pk, pv, k, v, segment_ids, *extra)
 
 
 def cudnn_prefix_packed_attention(q: Array, pk: Array, pv: Array, k: Array, v: Array,
-                                  segment_ids: Array, *, self_block: str = "ragged",
-                                  max_segments: int = MAX_SEGMENTS) -> Array:
+                                  segment_ids: Array, prefix_lengths: Array | None = None, *,
+                                  self_block: str = "ragged", max_segments: int = MAX_SEGMENTS) -> Array:
   """`prefix_packed_reference` with two cuDNN flash-attention calls, merged by log-sum-exp.
 
   Block 1: queries x prefix keys, no mask. Block 2: queries x the row's own keys, either as
@@ -602,7 +635,12 @@ def cudnn_prefix_packed_attention(q: Array, pk: Array, pv: Array, k: Array, v: A
   A prefix with batch 1 (pk, pv [1, P, Hkv, D]: one cartridge for every row) is never broadcast:
   block 1 runs as one sequence of B*T queries, and cuDNN sums dK/dV over the rows itself.
   Needs CUDA and bf16/fp16 (else the per-device body is `prefix_packed_reference`); T padded to
-  even (cuDNN's bias rule).
+  even (cuDNN's bias rule), and an odd prefix padded to even with the pad slot masked.
+
+  prefix_lengths [B] int32 (None: every prefix slot visible): row b sees prefix slots
+  [0, prefix_lengths[b]) only. Block 1 then runs with cuDNN's padding mask (the row's visible
+  length as its key length), which skips the key blocks past it: a CAS row whose loaded cartridges
+  come first (`cas.train.step.assemble_prefix`) pays for the cartridges it loads, not for k_max.
 
   Several devices: on a data-parallel mesh (values sharded over (data, fsdp), see `batch_split`)
   the single-device form runs on each device's rows under `data_parallel` (JAX's cuDNN partitioner
@@ -618,29 +656,33 @@ def cudnn_prefix_packed_attention(q: Array, pk: Array, pv: Array, k: Array, v: A
                              max_segments=max_segments)
   else:  # off CUDA, float32: the reference (the model's 4-argument graph)
     body = functools.partial(prefix_packed_reference, attention=auto_attention)
+  if prefix_lengths is not None and pk.shape[0] != q.shape[0]:  # per-row lengths: a prefix per row
+    pk, pv = (jnp.broadcast_to(a, (q.shape[0],) + a.shape[1:]) for a in (pk, pv))
   if batch_split(q) is not None:
-    out = data_parallel(body, q, pk, pv, k, v, segment_ids)
+    out = data_parallel(body, q, pk, pv, k, v, segment_ids, prefix_lengths)
     if out is not None:
       return out
   elif not cudnn or jax.device_count() == 1:
-    return body(q, pk, pv, k, v, segment_ids)
-  return prefix_packed_reference(q, pk, pv, k, v, segment_ids, attention=auto_attention)
+    return body(q, pk, pv, k, v, segment_ids, prefix_lengths)
+  return prefix_packed_reference(q, pk, pv, k, v, segment_ids, prefix_lengths, attention=auto_attention)
 
 
 def _cudnn_prefix_packed_one_device(q: Array, pk: Array, pv: Array, k: Array, v: Array,
-                                    segment_ids: Array, *, self_block: str = "ragged",
-                                    max_segments: int = MAX_SEGMENTS) -> Array:
+                                    segment_ids: Array, prefix_lengths: Array | None = None, *,
+                                    self_block: str = "ragged", max_segments: int = MAX_SEGMENTS) -> Array:
   """The cuDNN body of `cudnn_prefix_packed_attention` on one device (same shapes)."""
   t, pl = q.shape[1], pk.shape[1]
-  if pl % 2 or pl == 0:
-    # The split form wants an even prefix (block 1 has no mask to pad under): an odd one (e.g. the
-    # monolithic baseline's 1 + N*(p-1) tokens) takes the single cuDNN call over [prefix ; self]
-    # with a bias, which pads for itself. (It took the pure-XLA reference before: f32 scores of
-    # every row x every prefix key; the 10,221-token monolithic cartridge trained at 1.18 s/step so,
-    # on an H100 shared with other runs: not re-measured in this form.)
-    logging.log_first_n(logging.INFO, "prefix of odd length %d: single cuDNN call instead of the split "
-                        "form (an even cartridge length is faster)", 1, pl)
-    return prefix_packed_reference(q, pk, pv, k, v, segment_ids, attention=auto_attention)
+  if pl == 0:
+    return prefix_packed_reference(q, pk, pv, k, v, segment_ids, prefix_lengths, attention=auto_attention)
+  plen = prefix_lengths
+  if pl % 2:
+    # cuDNN wants an even key length: pad the prefix by one slot, masked by the padding mask (e.g.
+    # a CAS prefix of 1 + k_max (p - 1) slots, the monolithic baseline's 1 + N (p - 1)). This took
+    # the single cuDNN call over [prefix ; self] with a bias before.
+    pk = jnp.pad(pk, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    pv = jnp.pad(pv, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    if plen is None:
+      plen = jnp.full((pk.shape[0],), pl, jnp.int32)
   if t % 2:
     q = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))
     k = jnp.pad(k, ((0, 0), (0, 1), (0, 0), (0, 0)))
@@ -649,14 +691,14 @@ def _cudnn_prefix_packed_one_device(q: Array, pk: Array, pv: Array, k: Array, v:
   pk, pv = pk.astype(q.dtype), pv.astype(q.dtype)
 
   def with_bias(_):
-    return _cudnn_prefix_self(q, pk, pv, k, v, segment_bias(segment_ids, q.dtype), "bias")
+    return _cudnn_prefix_self(q, pk, pv, k, v, segment_bias(segment_ids, q.dtype), plen, "bias")
 
   if self_block == "bias":
     out = with_bias(None)
   else:
     s = packed_segments(segment_ids, max_segments)
     out = jax.lax.cond(jnp.max(s.count) <= max_segments,
-                       lambda _: _cudnn_prefix_self(q, pk, pv, k, v, tuple(s), "ragged"), with_bias, None)
+                       lambda _: _cudnn_prefix_self(q, pk, pv, k, v, tuple(s), plen, "ragged"), with_bias, None)
   return out[:, :t]
 
 
@@ -670,10 +712,12 @@ IMPLEMENTATIONS: dict[str, AttentionFn] = {
 }
 NAMES = tuple(IMPLEMENTATIONS) + ("split",)
 
-# Implementations with a form for a fully visible prefix + packed rows (the distillation step):
-# fn(q [B, T, H, D], pk, pv [B or 1, P, Hkv, D], k, v [B, T, Hkv, D], segment_ids [B, T]) -> [B, T, H, D].
-# The model uses it when there is no cache and the prefix has no mask (`Prefix.mask is None`).
-PrefixPackedFn = Callable[[Array, Array, Array, Array, Array, Array], Array]
+# Implementations with a form for a prefix + packed rows (the distillation step):
+# fn(q [B, T, H, D], pk, pv [B or 1, P, Hkv, D], k, v [B, T, Hkv, D], segment_ids [B, T],
+#    prefix_lengths None | [B] int32) -> [B, T, H, D].
+# The model uses it when there is no cache and the prefix is fully visible (`Prefix.mask is None`)
+# or visible up to a per-row length (`Prefix.lengths`).
+PrefixPackedFn = Callable[..., Array]
 PREFIX_PACKED: dict[str, PrefixPackedFn] = {
     "auto": cudnn_prefix_packed_attention,
     "cudnn_split": cudnn_prefix_packed_attention,

@@ -59,11 +59,16 @@ class Prefix(NamedTuple):
     [B or 1, P] int32, the positions of a *text* prefix (ordinary context prefilled once, e.g.
     the sampler's shared prompt start): sliding-window layers then apply their window to it
     exactly as to the row's own tokens. Only models with sliding-window layers look at it.
+  lengths: None, or [B] int32 when `mask` is [B, P] and left-aligned (row b sees slots
+    [0, lengths[b]), mask[b] == arange(P) < lengths[b]): training calls (no cache) then take the
+    prefix + packed form with per-row key lengths (`cas.model.attention.cudnn_prefix_packed_attention`),
+    which needs no [B, T, P + T] mask. Other calls use `mask`.
   """
   k: Array
   v: Array
   mask: Array
   positions: Array | None = None
+  lengths: Array | None = None
 
 
 class KVCache(NamedTuple):
@@ -311,9 +316,11 @@ class Transformer(nnx.Module):
       attn_fn, packed_fn = attn_lib.OVERRIDE
     else:
       attn_fn, packed_fn = attn_lib.get(self.attn_impl), attn_lib.get_prefix_packed(self.attn_impl)
-    # A fully visible prefix over packed rows (training): the prefix + packed form, which needs no
-    # [B, T, P + T] mask (cuDNN: causal self block, no prefix mask).
-    if not (cache is None and prefix is not None and prefix.mask is None
+    # A fully visible prefix over packed rows (training), or one visible up to a per-row length
+    # (`Prefix.lengths`: CAS rows, loaded cartridges first): the prefix + packed form, which needs no
+    # [B, T, P + T] mask (cuDNN: causal self block; the prefix block unmasked or with key lengths).
+    plens = None if prefix is None else prefix.lengths
+    if not (cache is None and prefix is not None and (prefix.mask is None or plens is not None)
             and attn_lib.prefix_packed_active(self.dtype)):
       packed_fn = None  # (off CUDA its fallback is this 4-argument path: the same graph as before)
     if sliding and (t > cfg.sliding_window or (prefix is not None and prefix.positions is not None)):
@@ -384,7 +391,7 @@ class Transformer(nnx.Module):
       else:
         keys, vals = k, v
       if packed_fn is not None:
-        a = packed_fn(q, pk.astype(dt), pv.astype(dt), keys, vals, segment_ids)
+        a = packed_fn(q, pk.astype(dt), pv.astype(dt), keys, vals, segment_ids, plens)
       elif shared:  # pk, pv [1, P, Hkv, D]: one pass over the prefix for all B rows
         pmk = jnp.where(w["sliding"], local_pm, pm) if sliding else pm  # [B or 1, T or 1, P] bool
         smk = jnp.where(w["sliding"], local_self_mask, self_mask) if sliding else self_mask  # [B, T, S]

@@ -9,10 +9,13 @@ tokens per cartridge:
            "count": [B] int32 (per-slot optimizer step counter)}
   frozen = {"k", "v": [L, F, Hkv, D] f32}: the attention sink shared by every document.
 
-Assembly (per row, under jit): prefix = sink once, then the row's `slots` entries' trainable
-tokens in entry order, gathered with `jnp.take` over the slot axis:
+Assembly (per row, under jit): prefix = sink once, then the trainable tokens of the row's loaded
+`slots` entries in entry order, then its empty entries (-1), gathered with `jnp.take` over the
+slot axis:
   Prefix.k / .v [L, Bt, F + k_max*Pt, Hkv, D] in the compute dtype, mask [Bt, F + k_max*Pt]
-  (sink always visible, empty entries (-1) masked and zeroed).
+  (sink always visible, empty entries masked and zeroed) and lengths [Bt] (the visible slots are
+  the first F + n_loaded*Pt: on CUDA the model's split cuDNN attention takes them as key lengths
+  and skips the empty entries instead of masking them).
 In "shared" mode the stored keys are used as they are (every cartridge at F..P-1). In
 "sequential" mode the j-th *loaded* entry of a row (j = rank among non-empty entries) is
 re-rotated by j*Pt positions: RoPE rotations compose, so `apply_rope(stored_keys, delta)` moves
@@ -71,8 +74,10 @@ def assemble_prefix(slot_k: jax.Array, slot_v: jax.Array, frozen_k: jax.Array, f
   slots: [Bt, k_max] int32 (-1 = empty); inv_freq: [D/2] or [L, D/2] f32 (the model's RoPE table);
   own_slot: [Bt] int32, needed only when train_distractors=False (gradients then flow to each
   row's own entry only). Returns Prefix(k, v [L, Bt, F + k_max*Pt, Hkv, D] dtype,
-  mask [Bt, F + k_max*Pt] bool); with k_max = 1 the mask is None (each row sees one cartridge),
-  and with one slot as well k, v are [L, 1, P, Hkv, D] (the same prefix for every row).
+  mask [Bt, F + k_max*Pt] bool, lengths [Bt] int32): each row's loaded entries first (in their
+  order in `slots`), so its mask is left-aligned, visible up to lengths = F + n_loaded * Pt; with
+  k_max = 1 the mask is None (each row sees one cartridge), and with one slot as well k, v are
+  [L, 1, P, Hkv, D] (the same prefix for every row).
   """
   check_position_mode(position_mode)
   bt, kmax = slots.shape
@@ -85,6 +90,11 @@ def assemble_prefix(slot_k: jax.Array, slot_v: jax.Array, frozen_k: jax.Array, f
     pk = jnp.concatenate([frozen_k, slot_k[0]], axis=1)[:, None].astype(dtype)
     pv = jnp.concatenate([frozen_v, slot_v[0]], axis=1)[:, None].astype(dtype)
     return Prefix(pk, pv, None)
+  # Loaded entries first, empty ones after (stable: the loaded entries keep their order, so the
+  # sequential mode's ranks do not change): the visible prefix of a row is then its first
+  # F + n_loaded * Pt slots (Prefix.lengths), which the model's prefix + packed attention serves
+  # with key lengths instead of a mask. Attention does not depend on the order of its keys.
+  slots = jnp.take_along_axis(slots, jnp.argsort(slots < 0, axis=1, stable=True), axis=1)
   valid = slots >= 0  # [Bt, k_max]
   idx = jnp.where(valid, slots, 0)
   k = jnp.take(slot_k, idx, axis=0)  # [Bt, k_max, L, Pt, Hkv, D] f32
@@ -116,7 +126,8 @@ def assemble_prefix(slot_k: jax.Array, slot_v: jax.Array, frozen_k: jax.Array, f
   if kmax == 1:  # every row loads its own cartridge only (padding rows: zeros, loss mask 0): no mask
     return Prefix(pk, pv, None)
   mask = jnp.concatenate([jnp.ones((bt, f), bool), jnp.repeat(valid, pt, axis=1)], axis=1)
-  return Prefix(pk, pv, mask)
+  lengths = (f + jnp.sum(valid, axis=1) * pt).astype(jnp.int32)  # [Bt]: mask[b] = arange < lengths[b]
+  return Prefix(pk, pv, mask, lengths=lengths)
 
 
 def cas_logits(params: dict, frozen: dict, model: Transformer, batch: dict, *,

@@ -202,6 +202,55 @@ def test_prefix_packed_reference_matches_model_attention(dtype):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol, rtol=tol)
 
 
+def test_prefix_packed_reference_with_lengths_equals_the_mask():
+  """prefix_lengths [B]: row b sees prefix slots [0, lengths[b]) only, as the model's 4-argument
+  attention with that prefix mask (values and gradients; masked slots get no gradient)."""
+  (q, pk, pv, k, v, seg), (_, kc, vc, mask) = _packed_inputs(12, 6, jnp.float32)
+  lengths = jnp.asarray([2, 6], jnp.int32)
+  pm = jnp.arange(6)[None, None, :] < lengths[:, None, None]  # [B, 1, P]
+  mask = mask.at[:, :, :6].set(jnp.broadcast_to(pm, mask[:, :, :6].shape))
+  _check(attn.prefix_packed_reference(q, pk, pv, k, v, seg, lengths), llama.attention(q, kc, vc, mask), mask,
+         TOLS[jnp.float32])
+  w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape) * (np.asarray(seg) > 0)[..., None, None],
+                  jnp.float32)
+  g = jax.grad(lambda pk: jnp.sum(attn.prefix_packed_reference(q, pk, pv, k, v, seg, lengths) * w))(pk)
+  assert not np.asarray(g[0, 2:]).any() and np.abs(np.asarray(g[0, :2])).max() > 0
+  assert np.abs(np.asarray(g[1, 2:])).max() > 0  # row 1 sees all 6 slots
+  full = attn.prefix_packed_reference(q, pk, pv, k, v, seg)
+  assert np.abs(np.asarray(full[0]) - np.asarray(attn.prefix_packed_reference(q, pk, pv, k, v, seg, lengths)[0])).max() > 1e-3
+
+
+def test_model_prefix_lengths_take_the_packed_form_with_the_same_values():
+  """A CAS prefix (mask [B, P] left-aligned + lengths, `assemble_prefix`) gives the logits and
+  prefix gradients of the same prefix with the mask alone, in the prefix + packed form (forced on
+  CPU: `prefix_packed_everywhere`) and in the 4-argument path."""
+  from cas.model.llama import Prefix, build_model
+  from cas.testing import TINY, tiny_packed_inputs
+  tok, pos, seg, pk1, pv1 = tiny_packed_inputs()
+  pk, pv = (jnp.broadcast_to(a, (a.shape[0], 2) + a.shape[2:]) for a in (pk1, pv1))
+  lengths = jnp.asarray([1, pk.shape[2]], jnp.int32)  # row 0 sees the sink slot only
+  mask = jnp.arange(pk.shape[2])[None, :] < lengths[:, None]
+  valid = np.asarray(seg) > 0
+  m = build_model(TINY, attn_impl="auto")
+
+  def run(pre_fn):
+    def f(pk, pv):
+      logits = m(tok, pos, seg, prefix=pre_fn(pk, pv))[0]
+      return jnp.sum(jnp.where(seg[..., None] > 0, logits, 0.0) ** 2), logits
+    (_, logits), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(pk, pv)
+    return np.asarray(logits), grads
+
+  want, gw = run(lambda a, b: Prefix(a, b, mask))
+  with attn.prefix_packed_everywhere():
+    got, gg = run(lambda a, b: Prefix(a, b, mask, lengths=lengths))
+  np.testing.assert_allclose(got[valid], want[valid], atol=1e-5, rtol=1e-5)
+  for a, b in zip(gg, gw):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+    assert not np.asarray(a[:, 0, 1:]).any()  # row 0's hidden slots get no gradient
+  full, _ = run(lambda a, b: Prefix(a, b, None))
+  assert np.abs(full[0][valid[0]] - want[0][valid[0]]).max() > 1e-3  # the lengths do hide slots
+
+
 def test_segment_bias():
   seg = jnp.asarray([[1, 1, 2, 0]], jnp.int32)
   bias = np.asarray(attn.segment_bias(seg, jnp.bfloat16), np.float32)
@@ -239,22 +288,31 @@ def test_model_unmasked_prefix_takes_the_packed_form():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a CUDA GPU")
-@pytest.mark.parametrize("t,p,shared,self_block,max_segments", [
-    (64, 32, False, "bias", 16), (127, 64, False, "bias", 16), (64, 32, True, "bias", 16),
-    (127, 64, True, "ragged", 16), (64, 32, False, "ragged", 16), (64, 32, True, "ragged", 2),
-    (64, 32, True, "ragged", 1),  # max_segments 1 < 2 segments per row: the bias form via cond
-    (64, 33, True, "ragged", 16), (127, 33, False, "bias", 16)])  # odd prefix: one cuDNN call, bias
-def test_cudnn_prefix_packed_matches_reference_on_gpu(t, p, shared, self_block, max_segments):
+@pytest.mark.parametrize("t,p,shared,self_block,max_segments,lengths", [
+    (64, 32, False, "bias", 16, None), (127, 64, False, "bias", 16, None), (64, 32, True, "bias", 16, None),
+    (127, 64, True, "ragged", 16, None), (64, 32, False, "ragged", 16, None), (64, 32, True, "ragged", 2, None),
+    (64, 32, True, "ragged", 1, None),  # max_segments 1 < 2 segments per row: the bias form via cond
+    (64, 33, True, "ragged", 16, None), (127, 33, False, "bias", 16, None),  # odd prefix: padded, masked
+    (64, 32, False, "ragged", 16, (1, 17)), (127, 33, False, "bias", 16, (33, 9)),  # per-row key lengths
+    (64, 64, False, "ragged", 16, (64, 40))])
+def test_cudnn_prefix_packed_matches_reference_on_gpu(t, p, shared, self_block, max_segments, lengths):
   """Two cuDNN calls merged by log-sum-exp, and their backward against the merged softmax, equal
   the pure-JAX form in values and gradients (bf16 tolerances); also with one prefix for all rows
-  ([1, P, Hkv, D], run as one sequence of B*T queries) and with the self block as cuDNN packed
-  segments (rows with padding and fewer segments than max_segments)."""
+  ([1, P, Hkv, D], run as one sequence of B*T queries), with the self block as cuDNN packed
+  segments (rows with padding and fewer segments than max_segments), and with per-row prefix
+  lengths (a CAS row's loaded cartridges; cuDNN's padding mask on the prefix block)."""
   import functools
   (q, pk, pv, k, v, seg), _ = _packed_inputs(t, p, jnp.bfloat16)
   if shared:
     pk, pv = pk[:1], pv[:1]
   fn = functools.partial(attn.cudnn_prefix_packed_attention, self_block=self_block,
                          max_segments=max_segments)
+  if lengths is not None:
+    plen = jnp.asarray(lengths, jnp.int32)
+    fn = functools.partial(fn, prefix_lengths=plen)
+    ref_fn = functools.partial(attn.prefix_packed_reference, prefix_lengths=plen)
+  else:
+    ref_fn = attn.prefix_packed_reference
   real = (np.asarray(seg) > 0)[..., None, None]
   w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape) * real, jnp.float32)
 
@@ -263,11 +321,10 @@ def test_cudnn_prefix_packed_matches_reference_on_gpu(t, p, shared, self_block, 
         lambda *a: jnp.sum(fn(*a, seg).astype(jnp.float32) * w), argnums=(0, 1, 2, 3, 4)))
 
   out = jax.jit(fn)(q, pk, pv, k, v, seg)
-  ref = attn.prefix_packed_reference(q, pk, pv, k, v, seg)
+  ref = ref_fn(q, pk, pv, k, v, seg)
   np.testing.assert_allclose(np.asarray(out, np.float32)[real[..., 0, 0]],
                              np.asarray(ref, np.float32)[real[..., 0, 0]], atol=2e-2, rtol=2e-2)
-  (lc, gc), (lr, gr) = loss(fn)(q, pk, pv, k, v), \
-      loss(attn.prefix_packed_reference)(q, pk, pv, k, v)
+  (lc, gc), (lr, gr) = loss(fn)(q, pk, pv, k, v), loss(ref_fn)(q, pk, pv, k, v)
   np.testing.assert_allclose(float(lc), float(lr), rtol=2e-2, atol=2e-1)
   for a, b in zip(gc, gr):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)

@@ -80,6 +80,23 @@ def test_sharded_equals_one_device(shared, mesh_shape):
   assert out.sharding.spec[0] in ("data", ("data",), ("data", "fsdp")), out.sharding
 
 
+@pytest.mark.parametrize("mesh_shape", [{"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_sharded_with_prefix_lengths_equals_one_device(mesh_shape):
+  """Per-row prefix lengths (a CAS batch: each row its own loaded cartridges) are split with the rows."""
+  args = _inputs(seed=3, shared=False)
+  lengths = jnp.asarray([1, 6, 3, 6, 2, 5, 6, 4], jnp.int32)
+  fn = lambda *a: attn_lib.cudnn_prefix_packed_attention(*a, prefix_lengths=lengths)
+  one = _loss(fn)(*args)
+  _assert_same(one, _loss(lambda *a: attn_lib.prefix_packed_reference(*a, lengths))(*args))
+  assert not np.asarray(one[1][1][0, 1:]).any()  # row 0 sees the first slot only: no gradient past it
+  mesh = make_mesh(mesh_shape)
+  sharded_args = _place(mesh, args)
+  placed_len = jax.device_put(lengths, named_sharding(mesh, ("batch",), lengths.shape))
+  fn_s = lambda *a: attn_lib.cudnn_prefix_packed_attention(*a, prefix_lengths=placed_len)
+  assert _has_shard_map(fn_s, *sharded_args)
+  _assert_same(_loss(fn_s)(*sharded_args), one)
+
+
 def test_custom_vjp_body_gets_summed_prefix_gradient():
   """The cuDNN body is a custom VJP; a shared prefix's gradient must still be summed over devices."""
 

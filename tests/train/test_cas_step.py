@@ -142,12 +142,17 @@ def test_assembly_matches_explicit_prefix(setup):
   b2 = dict(b, slots=np.array([[2, 0]] * 3, np.int32))
   logits2 = np.asarray(_logits(params, frozen, m, _jnp(b2)))
   np.testing.assert_allclose(logits2[0, :n], ref[0, :n], rtol=1e-4, atol=1e-4)
-  # prefix layout: [L, Bt, F + k_max*(P-F), Hkv, D], mask off exactly on the empty entry
+  # prefix layout: [L, Bt, F + k_max*(P-F), Hkv, D]; each row's loaded entries first in their order
+  # (row 0 [2, -1, 0] -> [2, 0, -1]), so the mask is left-aligned and `lengths` says where it ends
   pre = assemble_prefix(params["k"], params["v"], frozen["k"], frozen["v"], jnp.asarray(b["slots"]),
                         m.inv_freq[...])
   assert pre.k.shape == (TINY.num_layers, 3, F + 3 * (P - F), TINY.num_kv_heads, TINY.head_dim)
-  mask = np.asarray(pre.mask[0])
-  assert mask[:F + (P - F)].all() and not mask[F + (P - F):F + 2 * (P - F)].any() and mask[-(P - F):].all()
+  np.testing.assert_array_equal(np.asarray(pre.lengths), [F + 2 * (P - F), F + 2 * (P - F), F + 3 * (P - F)])
+  cols = np.arange(F + 3 * (P - F))
+  np.testing.assert_array_equal(np.asarray(pre.mask), cols[None, :] < np.asarray(pre.lengths)[:, None])
+  np.testing.assert_array_equal(np.asarray(pre.k[:, 0, F:F + (P - F)]), np.asarray(slot_k[2]))  # entry 2 first
+  np.testing.assert_array_equal(np.asarray(pre.k[:, 0, F + (P - F):F + 2 * (P - F)]), np.asarray(slot_k[0]))
+  assert not np.asarray(pre.k[:, 0, F + 2 * (P - F):]).any()  # the empty entry: zeros, last
 
 
 def test_sequential_rerotation_matches_in_context_positions():
