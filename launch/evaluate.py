@@ -18,7 +18,7 @@ tfds builders; see cas/data/sources.py), e.g. QuALITY's dev split or LongHealth:
   python -m launch.evaluate --config=configs/cas.py:quick --config.data.kind=quality \
       --config.data.manual_dir=/data/quality --config.data.split=dev --workdir=runs/quality
 
-Single-cartridge configs (configs/cartridge.py) evaluate the trained cartridge of one document:
+The one-document quickstart (configs/cartridge.py, the same pipeline on one document) the same way:
 
   python -m launch.evaluate --config=configs/cartridge.py:quickstart --workdir=runs/quickstart
 
@@ -34,9 +34,8 @@ from launch.common import CONFIG, WORKDIR, run
 
 def main(argv):
   del argv
-  from cas.eval.workdir import evaluate_workdir, pipeline_kind  # after flag parsing
-  pipeline = "launch.cas" if pipeline_kind(CONFIG.value) == "cas" else "launch.pipeline"
-  command = " ".join(["python", "-m", pipeline] + [shlex.quote(a) for a in sys.argv[1:] if a != "--verbose"])
+  from cas.eval.workdir import evaluate_workdir  # after flag parsing
+  command = " ".join(["python", "-m", "launch.cas"] + [shlex.quote(a) for a in sys.argv[1:] if a != "--verbose"])
   evaluate_workdir(CONFIG.value, WORKDIR.value, command=command)  # MissingStageError: launch/entry.py, status 4
 
 

@@ -4,8 +4,8 @@
   python -m launch.peft export --workdir=runs/cas_quick --doc_id=patient-00003 --out=adapters/p3
   # several documents composed one after another (sequential positions) into one adapter
   python -m launch.peft export --workdir=runs/cas_quick --doc_id=patient-00003,patient-00007 --out=adapters/p37
-  # the single-cartridge pipeline's cartridge
-  python -m launch.peft export --cartridge=runs/quickstart/train/cartridge --out=adapters/q
+  # the one-document quickstart's cartridge (exported on its own by the pipeline)
+  python -m launch.peft export --cartridge=runs/quickstart/cas/cartridge --out=adapters/q
   # a PEFT adapter -> a cas cartridge directory (Orbax), usable by the evaluator and server
   python -m launch.peft import --adapter=adapters/q --out=runs/imported/cartridge
 

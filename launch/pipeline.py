@@ -1,6 +1,9 @@
-"""Runs self-study, training and evaluation for one document (each stage resumes).
+"""Runs the whole pipeline: self-study, training and evaluation (each stage resumes).
 
   python -m launch.pipeline --config=configs/cartridge.py:quickstart --workdir=runs/quickstart
+
+The same as `python -m launch.cas` (one pipeline, cas/pipeline.py); the one-document quickstart is
+that pipeline on one document.
 """
 
 from launch.common import CONFIG, WORKDIR, run
@@ -8,8 +11,8 @@ from launch.common import CONFIG, WORKDIR, run
 
 def main(argv):
   del argv
-  from cas.pipeline import Stages, run_cartridge_pipeline  # noqa: F401  (import after flag parsing)
-  run_cartridge_pipeline(CONFIG.value, WORKDIR.value)
+  from cas import pipeline  # import after flag parsing
+  pipeline.run(CONFIG.value, WORKDIR.value)
 
 
 if __name__ == "__main__":

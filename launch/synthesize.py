@@ -8,8 +8,8 @@ from launch.common import CONFIG, WORKDIR, run
 
 def main(argv):
   del argv
-  from cas.pipeline import Stages, run_cartridge_pipeline  # noqa: F401  (import after flag parsing)
-  Stages(CONFIG.value, WORKDIR.value, stages=("synth",)).synth()  # checks the config first
+  from cas import pipeline  # import after flag parsing
+  pipeline.synth(CONFIG.value, WORKDIR.value)  # checks the config first
 
 
 if __name__ == "__main__":

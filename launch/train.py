@@ -1,4 +1,5 @@
-"""Trains the cartridge on <workdir>/synth; checkpoints in <workdir>/train (resumable).
+"""Trains the cartridges on <workdir>/synth; checkpoints, logs and the store in <workdir>/cas
+(resumable); with one document its cartridge is also exported to <workdir>/cas/cartridge.
 
   python -m launch.train --config=configs/cartridge.py:quickstart --workdir=runs/quickstart
 """
@@ -8,8 +9,8 @@ from launch.common import CONFIG, WORKDIR, run
 
 def main(argv):
   del argv
-  from cas.pipeline import Stages, run_cartridge_pipeline  # noqa: F401  (import after flag parsing)
-  Stages(CONFIG.value, WORKDIR.value, stages=("train",)).train()  # checks the config first
+  from cas import pipeline  # import after flag parsing
+  pipeline.train(CONFIG.value, WORKDIR.value)  # checks the config first
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from cas import config_check
-from cas.cas_pipeline import CasStages, run_dir_for
+from cas.pipeline import CasStages, run_dir_for
 from cas.data.parts import boundaries, document_units, split_text, units_root
 from cas.data.types import Collection, Document, Question
 from cas.eval.workdir import evaluate_workdir

@@ -1,4 +1,4 @@
-"""CAS evaluation with retrieval (cas/cas_pipeline.py: build_indexes, cartridge_retrieved@k,
+"""CAS evaluation with retrieval (cas/pipeline.py: build_indexes, cartridge_retrieved@k,
 rag_text@k, plots, resume), on a tiny random model with the real SmolLM2 tokenizer, the built-in
 4-document collection and a store filled with init cartridges (no training: only what the
 evaluation loads is checked, not how good it is)."""
@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from cas.cas_pipeline import CasStages
+from cas.pipeline import CasStages
 from cas.model.loader import LoadedModel
 from cas.rotation.store import CartridgeStore
 from cas.testing import store_init_cartridges, TINY_SMOL_VOCAB, real_tokenizer, tiny_model

@@ -1,4 +1,4 @@
-"""CAS evaluation of two-document and content questions (issue 21; cas/cas_pipeline.py): the
+"""CAS evaluation of two-document and content questions (issue 21; cas/pipeline.py): the
 question filter, icl / cartridge_oracle / composed@n with every gold document, cartridge_gold_pair,
 retrieval hits that need every gold document, the per-kind report and the resume signature. A tiny
 random model with the real SmolLM2 tokenizer, the built-in 4-document patients collection with
@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from cas.cas_pipeline import CasStages
+from cas.pipeline import CasStages
 from cas.config_check import check_config
 from cas.eval.stats import question_kind
 from cas.model.loader import LoadedModel

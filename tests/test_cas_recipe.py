@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from cas.cas_pipeline import CasStages
+from cas.pipeline import CasStages
 from cas.testing import tiny_cas_config, tiny_smol_lm
 from cas.train.loop import _fingerprint, train_cas
 

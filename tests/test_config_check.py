@@ -31,8 +31,8 @@ def _save(path, n: int, words: int = 40) -> str:
 
 @pytest.mark.parametrize("pipeline,get,preset", [
     ("cas", cas_config, "quick"), ("cas", cas_config, "paper"),
-    ("cartridge", cartridge_config, "quickstart"), ("cartridge", cartridge_config, "paper"),
-    ("cartridge", cartridge_config, "tiny")])
+    ("cas", cartridge_config, "quickstart"), ("cas", cartridge_config, "paper"),
+    ("cas", cartridge_config, "tiny")])
 def test_the_presets_have_no_problem(pipeline, get, preset):
   assert check_config(get(preset), pipeline, devices=ONE, check_model=False) == []
 
@@ -125,20 +125,25 @@ def test_mesh_is_checked_against_the_devices_only_when_training():
   assert "data=3 * fsdp=1 * tensor=1 = 3, but there are 8 devices" in got["config.mesh"]
 
 
-def test_cartridge_pipeline_checks(tmp_path):
+def test_one_document_config_checks(tmp_path):
+  """The one-document quickstart is the pipeline on one document: data.doc_index is checked against
+  the collection, methods against the pipeline's; a config of the former one-document pipeline is
+  refused with what to do."""
   c = cartridge_config("tiny")
   c.data.doc_index = 3  # the built-in collection has data.num_docs = 1 document
-  c.eval.methods = ("cartridge", "monolithic")
-  got = _where(check_config(c, "cartridge", devices=ONE, check_model=False))
+  c.eval.methods = ("cartridge", "cartridge_oracle")
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
   assert "doc_index=3 but the collection has 1 documents" in got["config.data.doc_index"]
-  assert "unknown method(s) ['monolithic']" in got["config.eval.methods"]
-  # a CAS config given to a single-cartridge launcher (and the reverse)
-  got = _where(check_config(cas_config("quick"), "cartridge", check_model=False))
-  assert "this is a 'cas' pipeline config" in got["config.pipeline"] and "launch.cas" in got["config.pipeline"]
-  got = _where(check_config(cartridge_config("tiny"), "cas", check_model=False))
-  assert "this is a 'cartridge' pipeline config" in got["config.pipeline"]
+  assert "unknown method(s) ['cartridge']" in got["config.eval.methods"]
+  c = cartridge_config("tiny")
+  c.data.doc_index = -1
+  assert "must be an integer >= 0" in _where(check_config(c, "cas", devices=ONE, check_model=False))["config.data.doc_index"]
+  old = cas_config("quick")
+  old.pipeline = "cartridge"
+  got = _where(check_config(old, "cas", check_model=False))
+  assert "former one-document pipeline" in got["config.pipeline"] and "configs/cartridge.py" in got["config.pipeline"]
   with pytest.raises(ConfigError, match="unknown stage"):
-    check_config(cartridge_config("tiny"), "cartridge", stages=("synth", "indexes"))
+    check_config(cartridge_config("tiny"), "cas", stages=("synth", "bogus"))
 
 
 def test_training_without_self_study_needs_it_for_every_document(tmp_path):

@@ -81,8 +81,10 @@ def test_p_zero_in_the_single_cartridge_pipeline(tmp_path):
               f"--workdir={w}")
   _user_error(r, 2, "config.cartridge.num_tokens: p=0 must be at least num_frozen + 1 = 2")
   assert not os.path.exists(w)  # refused before the workdir was created
-  r, _ = _run("launch.synthesize", "--config=configs/cas.py:quick", f"--workdir={w}")  # a CAS config
-  _user_error(r, 2, "config.pipeline: this is a 'cas' pipeline config", "launch.cas")
+  # one pipeline: a CAS config runs through every launcher; a config of the former one-document
+  # pipeline (config.pipeline='cartridge') is refused with what to do
+  r, _ = _run("launch.synthesize", "--config=configs/cas.py:quick", "--config.pipeline=cartridge", f"--workdir={w}")
+  _user_error(r, 2, "config.pipeline:", "former one-document pipeline", "configs/cartridge.py")
   assert not os.path.exists(w)
 
 
@@ -147,7 +149,7 @@ def test_memory_preflight_before_self_study(tmp_path):
 def test_evaluate_serve_and_peft(tmp_path):
   w = str(tmp_path / "w")
   r, _ = _run("launch.evaluate", "--config=configs/cartridge.py:tiny", f"--workdir={w}")
-  _user_error(r, 4, "error: MissingStageError:", "cartridge training", "(exit status 4")
+  _user_error(r, 4, "error: MissingStageError:", "CAS training", "(exit status 4")
   r, _ = _run("launch.serve", f"--store={tmp_path}/nostore", "--cache_size=0", f"--model_path={tmp_path}/m.gguf")
   _user_error(r, 2, "3 problems with the command line", "--cache_size: --cache_size=0 must be >= 1",
               f"--store: {tmp_path}/nostore", "--model_path:")

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from cas.cas_pipeline import CasStages
+from cas.pipeline import CasStages
 from cas.data.types import CollectionError, load_collection, read_manifest
 from cas.eval.workdir import MissingStageError, evaluate_workdir, pipeline_kind
 from cas.testing import tiny_cas_config, tiny_smol_lm
@@ -230,12 +230,13 @@ def test_folder_source_and_reuse_checks(tmp_path):
 
 @pytest.mark.parametrize("config,stage,command", [
     ("configs/cas.py:quick", "CAS training", "python -m launch.cas --config=configs/cas.py:quick"),
-    ("configs/cartridge.py:tiny", "cartridge training", "python -m launch.pipeline --config=configs/cartridge.py:tiny"),
+    ("configs/cartridge.py:tiny", "CAS training", "python -m launch.cas --config=configs/cartridge.py:tiny"),
 ])
 def test_launcher_names_the_missing_stage(tmp_path, config, stage, command):
   """`python -m launch.evaluate` on an untrained workdir fails before loading any model, naming
-  the stage and the pipeline command (CAS or single-cartridge, by the config) with the user's flags."""
-  methods = "('no_context','cartridge_oracle')" if config.startswith("configs/cas") else "('no_context','cartridge')"
+  the stage and the pipeline command with the user's flags (the one-document quickstart is the
+  same pipeline on one document)."""
+  methods = "('no_context','cartridge_oracle')"
   out = subprocess.run(
       [sys.executable, "-m", "launch.evaluate", f"--config={config}", f"--config.eval.methods={methods}",
        f"--workdir={tmp_path}"],

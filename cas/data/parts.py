@@ -11,7 +11,7 @@ its own self-study and cartridge:
 
 A document of at most M tokens stays one unit with its own id and title. Questions, ICL, RAG and
 retrieval stay on the whole documents; loading a document's cartridge loads all of its parts, in
-order (cas.cas_pipeline.CasStages.evaluate).
+order (cas.pipeline.CasStages.evaluate).
 
 Runs with parts keep their self-study and training apart from the whole-document ones:
 `units_root(workdir, M)` is <workdir>/parts<M> (its synth/ and run directories), the workdir itself

@@ -1,4 +1,4 @@
-"""The evaluation methods of the CAS pipeline (config.eval.methods; cas.cas_pipeline.CasStages.evaluate).
+"""The evaluation methods of the CAS pipeline (config.eval.methods; cas.pipeline.CasStages.evaluate).
 
 One function per method family, looked up in METHODS: `METHODS[method](method, ctx)` -> the
 method's jobs (`Job`: one result row each, e.g. cas_composed gives cas_composed@<n>/<mode> for
@@ -7,7 +7,7 @@ its finished result depends on (its resume signature) and what is added to its r
 evaluates one job, or reads it back from <workdir>/eval/partial/<job>.json when it was finished
 from the same inputs. `EvalContext` holds what the methods read: the evaluator, the questions,
 the documents and their cartridge units, the CAS / isolated stores, the retrieval indexes and
-config.eval. What each method loads: the module doc of cas.cas_pipeline.
+config.eval. What each method loads: the module doc of cas.pipeline.
 """
 from __future__ import annotations
 

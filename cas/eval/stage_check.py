@@ -1,5 +1,5 @@
 """Whether the training stages that a workdir's evaluation reads have finished (cas.eval.workdir,
-and cas.cas_pipeline.CasStages for the stages a run does not execute itself): the CAS / isolated
+and cas.pipeline.CasStages for the stages a run does not execute itself): the CAS / isolated
 stores hold every document's cartridge and their training reached config.train.steps; the
 monolithic or single cartridge was exported. Otherwise `MissingStageError` names the stage, the
 missing path and the command that runs it.
@@ -84,11 +84,3 @@ def check_cas_workdir(config, workdir: str, doc_ids: list[str], command: str | N
       bad[stage] = (methods, why)
   if bad:
     _raise(bad, command)
-
-
-def check_cartridge_workdir(config, workdir: str, command: str | None = None) -> None:
-  from cas.cartridge.io import META as CARTRIDGE_META
-  path = os.path.join(workdir, "train", "cartridge")
-  if "cartridge" in config.eval.methods and not os.path.exists(os.path.join(path, CARTRIDGE_META)):
-    command = command or "python -m launch.pipeline --config=<this config> --workdir=" + workdir
-    _raise({"train": (["cartridge"], f"{path}: not exported yet")}, command)

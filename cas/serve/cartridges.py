@@ -219,7 +219,7 @@ def store_of_workdir(workdir: str, max_doc_tokens: int | None = None) -> str:
   """The cartridge store of a run directory.
 
   max_doc_tokens None: the workdir's only store, either the whole-document run's
-  (<workdir>/cas/store of a CAS pipeline workdir, see cas/cas_pipeline.py; <workdir>/store of a CAS
+  (<workdir>/cas/store of a CAS pipeline workdir, see cas/pipeline.py; <workdir>/store of a CAS
   training workdir; or <workdir> itself) or the one run with documents cut into parts
   (<workdir>/parts<M>/cas/store, cartridge.max_doc_tokens = M); several of them are ambiguous.
   max_doc_tokens 0: the whole-document store; M > 0: the store of <workdir>/parts<M>.

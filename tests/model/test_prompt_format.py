@@ -58,11 +58,11 @@ def test_unknown_prompt_format_is_refused_naming_the_field():
     real_tokenizer().with_prompt_format("plain")
   c = cartridge_config("tiny")
   c.prompt_format = "plain"
-  problems = {p.where: p.message for p in check_config(c, "cartridge", check_model=False)}
+  problems = {p.where: p.message for p in check_config(c, "cas", check_model=False)}
   assert "config.prompt_format" in problems and "completion" in problems["config.prompt_format"]
   for fmt in ("chat", "completion", "auto"):
     c.prompt_format = fmt
-    assert "config.prompt_format" not in {p.where for p in check_config(c, "cartridge", check_model=False)}
+    assert "config.prompt_format" not in {p.where for p in check_config(c, "cas", check_model=False)}
 
 
 def test_auto_picks_completion_for_the_gemma3_base_gguf():

@@ -118,7 +118,7 @@ def parts_world(world, tmp_path_factory):
   """A CAS workdir with two runs: <workdir>/cas/store (whole documents) and
   <workdir>/parts<M>/cas/store (LONG cut into 3 parts by cas.data.parts.document_units with the
   model's tokenizer, SHORT whole, "doc_half" with part 2 registered but untrained), and a BM25
-  index over the whole documents next to the parts store (as cas_pipeline builds it)."""
+  index over the whole documents next to the parts store (as cas.pipeline builds it)."""
   from cas.data.parts import document_units, units_root
   from cas.data.types import Document
   from cas.retrieval import build_retriever, default_index_dir

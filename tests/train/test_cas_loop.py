@@ -96,7 +96,7 @@ def _files(root) -> dict:
 
 
 def _digest(workdir) -> str:
-  """What the evaluation's per-method resume keys on (cas.cas_pipeline: store_state)."""
+  """What the evaluation's per-method resume keys on (cas.pipeline: store_state)."""
   from cas.rotation.store import CartridgeStore
   with CartridgeStore(str(workdir / "store"), spec=CartridgeSpec.for_model(TINY, P, 1), model_fingerprint="tiny",
                       read_only=True) as st:

@@ -181,7 +181,7 @@ def test_num_slots_not_divisible_by_data_times_fsdp(data, tmp_path):
 
 
 def test_pipeline_builds_the_mesh_from_config():
-  from cas.cas_pipeline import CasStages
+  from cas.pipeline import CasStages
   from configs.cas import get_config
   c = get_config("quick")  # mesh data=-1 -> 8 devices here; quick has num_slots=2
   with pytest.raises(ValueError, match=r"train.num_slots=2 is not divisible by the mesh's data \* fsdp = 8 \* 1 = 8"):
