@@ -236,7 +236,9 @@ class CasStages:
     """The evaluated questions: eval.kinds, and every gold document in the run (a two-document
     question whose partner is past data.num_docs is left out, logged). eval.max_questions_per_doc
     caps single- and two-document questions separately, per (first gold) document: the collection
-    lists a document's two-document questions after its own, so one cap would drop them all."""
+    lists a document's two-document questions after its own, so one cap would drop them all. The
+    two-document cap keeps the collection's share: cap * s / (1 - s) for data.pair_share = s
+    (at least 1; s = 0.25 and a cap of 6: 2 pairs per document, a quarter of the questions)."""
     ids = {d.doc_id for d in self.docs}
     kinds = tuple(ec.get("kinds", ("mc", "short")))
     out = [q for q in questions if q.kind in kinds and q.doc_id in ids]
@@ -247,12 +249,14 @@ class CasStages:
       out = [q for q in out if all(d in ids for d in q.doc_ids)]
     cap = ec.max_questions_per_doc
     if cap:
+      share = float(self.config.data.get("pair_share", 0.0) or 0.0)
+      pair_cap = max(1, round(cap * share / (1.0 - share))) if 0.0 < share < 1.0 else cap
       per: dict[tuple[str, bool], int] = {}
       keep = []
       for q in out:
         key = (q.doc_id, q.is_multi_doc)
         per[key] = per.get(key, 0) + 1
-        if per[key] <= cap:
+        if per[key] <= (pair_cap if q.is_multi_doc else cap):
           keep.append(q)
       out = keep
     return out

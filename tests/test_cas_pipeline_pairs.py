@@ -79,6 +79,20 @@ def test_questions_keep_pairs_with_both_documents(run):
   assert any(question_kind(q.qid)[0] == "content" for q in st.questions)
 
 
+def test_the_pair_cap_keeps_the_collection_share(run):
+  """data.pair_share = 0.25 with a cap of 2 single questions per document: round(2 * 0.25 / 0.75) = 1
+  two-document question per document (a quarter of the questions), not 2 (half)."""
+  st, _, _ = run
+  share = st.config.data.pair_share
+  try:
+    st.config.data.pair_share = 0.25
+    got = st._select_questions(st.questions, st.config.eval)
+  finally:
+    st.config.data.pair_share = share
+  n = len(st.docs)
+  assert sum(q.is_multi_doc for q in got) == n and sum(not q.is_multi_doc for q in got) == CAP * n
+
+
 def test_question_filter_drops_a_pair_whose_partner_is_not_in_the_run(run):
   st, _, _ = run
   q = next(iter(_pairs(st).values()))
