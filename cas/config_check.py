@@ -3,7 +3,7 @@ the others, then the collection against the spec, then (once the model is loaded
 document's tokens and the memory estimate. Each pass reports all of its problems together, each
 naming the field or the document and what would fix it.
 
-The pipeline (cas.pipeline.CasStages / run, cas.eval.workdir.evaluate_workdir) call the passes in this order, so
+The pipeline (cas.pipeline.CasStages / run, cas.pipeline.evaluate_workdir) call the passes in this order, so
 every launcher in launch/ goes through them:
 
   1. config     `check_config(config, pipeline, stages=..., workdir=...)`: no model, no writes

@@ -664,8 +664,38 @@ def indexes(config, workdir: str) -> None:
   run(config, workdir, ("indexes",))
 
 
-def evaluate(config, workdir: str) -> dict:
-  """Stage: every method of config.eval.methods (never trains; resumes per method). The checks
-  that the stages it reads have finished: cas.eval.workdir.evaluate_workdir."""
-  from cas.eval.workdir import evaluate_workdir
-  return evaluate_workdir(config, workdir)
+def evaluate(config, workdir: str, *, lm=None, command: str | None = None) -> dict:
+  """Stage: every method of config.eval.methods over what the run left in `workdir` (what
+  `python -m launch.evaluate` calls); returns the results dict. Never trains: before loading the
+  model it checks that every stage the methods read has finished (the CAS / isolated stores hold
+  every document's cartridge and their training reached train.steps; the monolithic cartridge was
+  exported), else `cas.eval.stage_check.MissingStageError` names the stage, the missing path and
+  `command` (default: the launch.cas command). Per-method resume from <run_dir>/eval/partial/.
+  lm: an already loaded model, None loads config.model_path."""
+  return evaluate_workdir(config, workdir, lm=lm, command=command)
+
+
+def evaluate_workdir(config, workdir: str, *, lm=None, command: str | None = None) -> dict:
+  """Evaluates the run in `workdir` (see the module doc); returns the results dict.
+
+  lm: an already loaded model (cas.model.loader.LoadedModel), None loads config.model_path.
+  command: the command shown in a MissingStageError (the launcher passes the pipeline command
+  with the user's own flags).
+  """
+  from cas import config_check
+  from cas.eval.stage_check import check_cas_workdir
+  kind = config_check.pipeline_kind(config)
+  # the config first (no model, nothing written), then the collection, then the stages it reads
+  config_check.raise_problems(config_check.check_config(config, kind, stages=("evaluate",), workdir=workdir,
+                                                        check_model=lm is None))
+  coll = _collection(config, workdir)
+  config_check.raise_problems(config_check.check_collection(config, "cas", coll.documents, stages=("evaluate",),
+                                                            workdir=workdir),
+                              base=config_check.CollectionProblems, what="the collection")
+  docs = select_documents(config, coll.documents)
+  m = int(config.cartridge.get("max_doc_tokens", 0) or 0)  # documents cut into parts: <workdir>/parts<m>
+  run_dir = run_dir_for(workdir, config.cartridge.num_tokens, config.cartridge.num_frozen, m)
+  units = recorded_unit_ids(os.path.join(units_root(workdir, m), "synth"), [d.doc_id for d in docs])
+  check_cas_workdir(config, run_dir, units,
+                    command or "python -m launch.cas --config=<this config> --workdir=" + workdir)
+  return CasStages(config, workdir, lm=lm, stages=("evaluate",), collection=coll).evaluate()

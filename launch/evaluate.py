@@ -23,7 +23,7 @@ The one-document quickstart (configs/cartridge.py, the same pipeline on one docu
   python -m launch.evaluate --config=configs/cartridge.py:quickstart --workdir=runs/quickstart
 
 A stage the methods need that has not finished (e.g. no CAS store yet) is an error naming it and
-the pipeline command to run (cas.eval.workdir.MissingStageError).
+the pipeline command to run (cas.eval.stage_check.MissingStageError).
 """
 import shlex
 import sys
@@ -34,7 +34,7 @@ from launch.common import CONFIG, WORKDIR, run
 
 def main(argv):
   del argv
-  from cas.eval.workdir import evaluate_workdir  # after flag parsing
+  from cas.pipeline import evaluate_workdir  # after flag parsing
   command = " ".join(["python", "-m", "launch.cas"] + [shlex.quote(a) for a in sys.argv[1:] if a != "--verbose"])
   evaluate_workdir(CONFIG.value, WORKDIR.value, command=command)  # MissingStageError: launch/entry.py, status 4
 

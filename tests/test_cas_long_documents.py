@@ -25,7 +25,7 @@ from cas import config_check
 from cas.pipeline import CasStages, run_dir_for
 from cas.data.parts import boundaries, document_units, split_text, units_root
 from cas.data.types import Collection, Document, Question
-from cas.eval.workdir import evaluate_workdir
+from cas.pipeline import evaluate_workdir
 from cas.synth.format import SynthDataError
 from cas.testing import real_tokenizer, tiny_cas_config, tiny_smol_lm
 

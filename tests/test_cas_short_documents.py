@@ -13,7 +13,7 @@ import pytest
 from cas.cartridge.cartridge import CartridgeError
 from cas.pipeline import CasStages, run_cas_pipeline, run_dir_for
 from cas.data.types import Collection, Document, Question
-from cas.eval.workdir import evaluate_workdir
+from cas.pipeline import evaluate_workdir
 from cas.testing import tiny_cas_config, tiny_smol_lm
 
 WORDS = ("river stone lamp garden copper window harbor maple signal orchard violet anchor "

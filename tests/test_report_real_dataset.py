@@ -1,7 +1,7 @@
 """A real benchmark format through the whole CAS report (issue 6.3/6.5): the QuALITY fixture
 (tests/data/fixtures/quality.jsonl, the real jsonl format) as config.data.kind="quality" ->
 collection written into the workdir through the tfds builder -> self-study -> CAS, isolated and
-monolithic training -> retrieval indexes -> `cas.eval.workdir.evaluate_workdir` (what
+monolithic training -> retrieval indexes -> `cas.pipeline.evaluate_workdir` (what
 `python -m launch.evaluate` calls) -> results.json, results.md, PNG plots; then a killed
 evaluation (one method's result gone) resumes recomputing only that method.
 
@@ -18,7 +18,9 @@ import pytest
 
 from cas.pipeline import CasStages
 from cas.data.types import CollectionError, load_collection, read_manifest
-from cas.eval.workdir import MissingStageError, evaluate_workdir, pipeline_kind
+from cas.config_check import pipeline_kind
+from cas.eval.stage_check import MissingStageError
+from cas.pipeline import evaluate_workdir
 from cas.testing import tiny_cas_config, tiny_smol_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Whether the training stages that a workdir's evaluation reads have finished (cas.eval.workdir,
+"""Whether the training stages that a workdir's evaluation reads have finished (cas.pipeline.evaluate_workdir,
 and cas.pipeline.CasStages for the stages a run does not execute itself): the CAS / isolated
 stores hold every document's cartridge and their training reached config.train.steps; the
 monolithic or single cartridge was exported. Otherwise `MissingStageError` names the stage, the
