@@ -60,8 +60,6 @@ from cas.synth.format import atomic_write_json
 from cas.synth.selfstudy import SynthConfig, synthesize
 
 
-
-
 def _collection(config, workdir):
   """config.data's collection: data.path, the built-in generator, a benchmark (longhealth, quality,
   qasper from data.manual_dir) or a folder, written once to <workdir>/collection (cas/data/sources.py)."""
