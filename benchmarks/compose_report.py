@@ -20,7 +20,7 @@ from collections import defaultdict
 
 from absl import app, flags
 
-from cas.eval.stats import paired_by_qid, paired_difference, wilson_interval
+from cas.eval.stats import paired_by_qid, paired_difference, question_kind, wilson_interval
 
 _F = flags.FLAGS
 
@@ -101,6 +101,26 @@ def loaded_ns(rows: dict) -> list[int]:
     if m:
       ns.add(int(m.group(1)))
   return sorted(ns)
+
+
+def kind_lines(base: dict, ns: list[int]) -> list[str]:
+  """cas / isolated / icl_composed at each n and ICL, split by how the question names its document
+  (`title` or `content`, from the qid; cas.eval.stats.question_kind): does composition fail
+  because the question does not say which document it is about? [] when there is one kind only."""
+  kinds = sorted({question_kind(q["qid"].split("/", 1)[1])[0] for q in base.get("icl", [])})
+  if len(kinds) < 2:
+    return []
+  of = lambda qs, k: [q for q in qs or [] if question_kind(q["qid"].split("/", 1)[1])[0] == k] or None
+  lines = ["", "By how the question names its document (the same runs; cas - isolated paired):", "",
+           "| n loaded | kind | cas_composed | isolated_composed | icl_composed | cas - isolated |", "|---|---|---|---|---|---|"]
+  for k in kinds:
+    lines.append(f"| ICL (the document alone) | {k} | | | {cell(of(base.get('icl'), k))} | |")
+  for n in ns:
+    for k in kinds:
+      cas, iso = of(base.get(f"cas_composed@{n}/shared"), k), of(base.get(f"isolated_composed@{n}/shared"), k)
+      lines.append(f"| {n} | {k} | {cell(cas)} | {cell(iso)} | {cell(of(base.get(f'icl_composed@{n}'), k))} | "
+                   f"{dcell(diff(cas, iso))} |")
+  return lines
 
 
 def interference_lines(results: dict, collection: str, variant: str = "base") -> list[str]:
@@ -218,6 +238,7 @@ def collection_section(results: dict, collection: str, base_variant: str = "base
     d = diff(base["cartridge_oracle"], base["icl"])
     t.append(f"oracle - icl = {dcell(d)}: target >= -6 {'met' if d[0] >= -6 else 'missed'}")
   lines += [""] + [f"- {x}" for x in t]
+  lines += kind_lines(base, ns)
   lines += interference_lines(results, collection, base_variant)
   lines += retrieval_lines(base)
   # levers, paired against base

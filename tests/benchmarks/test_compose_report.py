@@ -22,3 +22,15 @@ def test_retrieval_lines_split_kinds_and_average_cost():
   assert cart[5] == "50" and cart[6].startswith("2.0")
   assert table[1].split(" | ")[5] == "500"
   assert cr.retrieval_lines({"icl": base["icl"]}) == []
+
+
+def test_kind_lines_split_composition_by_how_the_question_names_its_document():
+  t, c = "s0/d1/f/mc", "s0/d2/f/content/mc"
+  base = {"icl": [_q(t, True, 900, 0), _q(c, True, 900, 0)],
+          "cas_composed@2/shared": [_q(t, True, 40, 0), _q(c, False, 40, 0)],
+          "isolated_composed@2/shared": [_q(t, False, 40, 0), _q(c, False, 40, 0)]}
+  lines = cr.kind_lines(base, [2])
+  rows = {tuple(x.strip() for x in l.split("|")[1:3]): l for l in lines if l.startswith("| 2 |")}
+  assert rows[("2", "title")].split(" | ")[2].startswith("100.0") and rows[("2", "content")].split(" | ")[2].startswith("0.0")
+  assert "+100.0" in rows[("2", "title")] and "+0.0" in rows[("2", "content")]
+  assert cr.kind_lines({"icl": [_q(t, True, 900, 0)]}, [2]) == []  # one kind only: no table
