@@ -389,37 +389,19 @@ class CasStages:
 
   def train(self):
     out = self._train("cas")
-    if len(self.units) == 1:  # one document (the quickstart): its cartridge on its own as well
+    if len(self.units) == 1 and out["steps"] == self.config.train.steps:  # one document (the quickstart), trained:
+      # its cartridge on its own as well
       self._export_single(out)
     return out
 
   def _export_single(self, out: dict) -> str:
     """<run_dir>/cas/cartridge: the one cartridge of the store in the single-cartridge format
-    (cas.cartridge.io; what launch.peft and launch.serve --cartridge read), rewritten only when
-    the store changed since the last export."""
-    import jax
-    from cas.cartridge.io import save_cartridge
-    from cas.rotation.store import CartridgeStore
-    path = os.path.join(self.run_dir, "cas", "cartridge")
-    if jax.process_index() != 0:  # one writer (the store is on a shared file system)
-      return path
-    store = CartridgeStore(out["store"], spec=self.spec, model_fingerprint=self.lm.fingerprint, create=False,
-                           read_only=True)
-    try:
-      digest = store.state_digest()
-      stamp = os.path.join(path, ".store_digest")
-      if os.path.exists(stamp) and open(stamp).read() == digest:
-        return path
-      cart = store.export_cartridge(self.units[0].doc_id)
-    finally:
-      store.close()
-    save_cartridge(path, cart, model_fingerprint=self.lm.fingerprint,
-                   info={"doc_id": self.units[0].doc_id, "steps": out.get("steps"),
-                         "final_loss": out.get("final_loss")})
-    with open(stamp + ".tmp", "w") as f:
-      f.write(digest)
-    os.replace(stamp + ".tmp", stamp)
-    return path
+    (cas.train.loop.export_one_cartridge: rewritten only when the store changed since)."""
+    from cas.train.loop import export_one_cartridge
+    doc_id = self.units[0].doc_id
+    return export_one_cartridge(os.path.join(self.run_dir, "cas"), out["store"], doc_id, self.spec,
+                                self.lm.fingerprint, {"doc_id": doc_id, "steps": out["steps"],
+                                                      "final_loss": out["final_loss"]})
 
   def train_isolated(self):
     """Baseline: each cartridge trained alone (no distractors), same budget otherwise."""

@@ -525,6 +525,36 @@ def _export_current(path: str, done: Mapping | None, model_fingerprint: str, inf
           and all(json.dumps(meta.get(k)) == json.dumps(v) for k, v in info.items()))  # as JSON: NaN == NaN
 
 
+def export_one_cartridge(workdir: str, store_dir: str, doc_id: str, spec: CartridgeSpec, model_fingerprint: str,
+                         info: Mapping) -> str:
+  """<workdir>/cartridge: the cartridge `doc_id` of a finished run's store (`train_cas` in
+  `workdir`) in the single-cartridge format (cas.cartridge.io: what launch.peft and launch.serve
+  --cartridge read), with `info` in its metadata. Kept as it is when it was exported from the store
+  state the done-marker names (`_export_current`); else written, and the marker records the
+  export. Process 0 writes; every process returns once it is written. Returns its path."""
+  path = os.path.join(workdir, "cartridge")
+  if jax.process_index() == 0:
+    with DirLock(workdir, what="training workdir"):
+      _remove_stale_exports(path)
+      done = _read_done(workdir)
+      if _export_current(path, done, model_fingerprint, info):
+        logging.info("%s: exported already from this run's final store state; kept as it is", path)
+      else:
+        store = CartridgeStore(store_dir, spec=spec, model_fingerprint=model_fingerprint, create=False,
+                               read_only=True)
+        try:
+          cart = store.export_cartridge(doc_id)
+        finally:
+          store.close()
+        save_cartridge(path, cart, model_fingerprint=model_fingerprint, info=dict(info))
+        if done is not None and done.get("store_digest"):  # the export is complete: a re-run keeps it
+          _write_done(workdir, {**done, "exported": done["store_digest"]})
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("cas-cartridge-export")  # written before anyone reads it
+  return path
+
+
 def train_cartridge(*, model, model_fingerprint: str, dataset_dir: str, workdir: str,
                     init_fn: Callable[[], Cartridge], train_cfg: dict, dtype=jnp.float32,
                     stop_after: int | None = None) -> dict:
@@ -572,25 +602,7 @@ def train_cartridge(*, model, model_fingerprint: str, dataset_dir: str, workdir:
   res = {"steps": out["steps"], "final_loss": out["final_loss"], "cartridge_path": None}
   if out["steps"] != c["steps"]:
     return res
-  if jax.process_index() == 0:
-    with DirLock(workdir, what="training workdir"):
-      _remove_stale_exports(path)
-      info = {"steps": c["steps"], "final_loss": out["final_loss"], "dataset": os.path.abspath(dataset_dir)}
-      done = _read_done(workdir)
-      if _export_current(path, done, model_fingerprint, info):
-        logging.info("%s: exported already from this run's final store state; kept as it is", path)
-      else:
-        store = CartridgeStore(out["store"], spec=cart0.spec, model_fingerprint=model_fingerprint, create=False,
-                               read_only=True)
-        try:
-          cart = store.export_cartridge(ONE_CARTRIDGE)
-        finally:
-          store.close()
-        save_cartridge(path, cart, model_fingerprint=model_fingerprint, info=info)
-        if done is not None and done.get("store_digest"):  # the export is complete: a re-run keeps it
-          _write_done(workdir, {**done, "exported": done["store_digest"]})
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("cas-cartridge-export")  # written before anyone reads it
+  info = {"steps": c["steps"], "final_loss": out["final_loss"], "dataset": os.path.abspath(dataset_dir)}
+  export_one_cartridge(workdir, out["store"], ONE_CARTRIDGE, cart0.spec, model_fingerprint, info)
   res["cartridge_path"] = os.path.abspath(path)
   return res
