@@ -15,3 +15,14 @@ if [ -f .model_b/part01 ] && [ -f /root/cache/part00 ] && [ ! -f $M ]; then
   cat /root/cache/part00 .model_b/part01 > $M
 fi
 if [ -f $M ]; then echo "$(sha256sum $M | cut -c1-64)" | grep -q b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 && echo "model ok" || echo "model sha256 MISMATCH"; fi
+# Gemma 3 270M (issue 24's second model, 253 MB): carried in five parts, one per call
+# (`.gem0/part` .. `.gem4/part`, from `split -n 5 -d -a 1 <gguf>`; each call carries one)
+G=$CAS_HOME/models/gemma-3-270m-q4_k_m.gguf
+for i in 0 1 2 3 4; do
+  if [ -f .gem$i/part ] && [ ! -f /root/cache/gem$i ]; then cp .gem$i/part /root/cache/gem$i; fi
+done
+if [ ! -f $G ] && ls /root/cache/gem0 /root/cache/gem1 /root/cache/gem2 /root/cache/gem3 /root/cache/gem4 >/dev/null 2>&1; then
+  cat /root/cache/gem0 /root/cache/gem1 /root/cache/gem2 /root/cache/gem3 /root/cache/gem4 > $G
+  echo "$(sha256sum $G | cut -c1-64)" | grep -q a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818 \
+    && echo "gemma ok" || echo "gemma sha256 MISMATCH"
+fi

@@ -37,6 +37,9 @@ declare -A V=(
   # run dir <workdir>/parts<M>
   [walk64_parts1k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=1024"
   [walk64_parts2k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=2048"
+  # the training budget per part (issue 26): parts1k has 35 cartridges for 20 documents, so at the
+  # preset's 1,000 steps each gets ~0.57x the updates of a whole-document cartridge; 2,000 steps
+  [walk64s2k_parts1k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=1024 --config.train.steps=2000"
   [walk64_p1024_parts2k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=2048 --config.cartridge.num_tokens=1024"
 )
 cov() { case $1 in walk*) echo walk;; *) echo random;; esac; }
