@@ -267,7 +267,7 @@ def plot(collection: str, base: dict, ns: list[int], path: str) -> str:
     pts = [(n, *acc(base[key.format(n=n)])[:3]) for n in ns if base.get(key.format(n=n))]
     if pts:
       x, y, lo, hi = zip(*pts)
-      ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]], label=label,
+      ax.errorbar(x, y, yerr=[[max(0.0, a - b) for a, b in zip(y, lo)], [max(0.0, b - a) for a, b in zip(y, hi)]], label=label,
                   color=color, marker="o", capsize=3)
   for name, style in (("monolithic", "--"), ("no_context", ":"), ("icl", "-.")):
     if base.get(name):

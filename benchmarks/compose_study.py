@@ -75,7 +75,8 @@ def _flags(argv: list[str]) -> dict:
   out = {"variants": "base,hard", "seeds": "0,1", "collections": ",".join(COLLECTIONS), "conv": "64", "p": "256",
          "steps": "600", "procs": "8", "mem": "0.085",
          "mem_total": "0.7", "timeout": "560", "mono_seeds": "0",
-         "extra": ""}  # extra: more flags for every job, space-separated (a CPU smoke test)
+         "extra": "",  # extra: more flags for every job, space-separated (a CPU smoke test)
+         "methods": ",".join(BASE_METHODS)}  # the base runs' methods (fewer: a slower model in less time)
   for a in argv:
     if not a.startswith("--") or "=" not in a:
       raise SystemExit(f"compose_study: unknown argument {a!r} (flags are --name=value)")
@@ -83,6 +84,9 @@ def _flags(argv: list[str]) -> dict:
     if k not in out:
       raise SystemExit(f"compose_study: unknown flag --{k}; known: {', '.join(sorted(out))}")
     out[k] = v
+  unknown = set(out["methods"].split(",")) - set(BASE_METHODS)
+  if unknown:
+    raise SystemExit(f"compose_study: --methods has {', '.join(sorted(unknown))}; known: {', '.join(BASE_METHODS)}")
   for v in out["variants"].split(","):
     if v not in VARIANTS:
       raise SystemExit(f"compose_study: unknown variant {v!r}; known: {', '.join(VARIANTS)}")
@@ -129,7 +133,7 @@ def plan(root: str, f: dict) -> dict:
         data = [f"--config.data.kind={c}", f"--config.data.seed={s}", f"--config.synth.seed={s}",
                 f"--config.train.seed={s}"]
         full = v == "base" or bool(synth_args(v))
-        methods = BASE_METHODS if full else ("monolithic",) if v == "mono" else LEVER_METHODS
+        methods = tuple(f["methods"].split(",")) if full else ("monolithic",) if v == "mono" else LEVER_METHODS
         own = f"{v}_{c}_s{s}" if synth_args(v) else f"{c}_s{s}"
         train.append({"name": f"{v}_{c}_s{s}", "synth": own, "mem": MEM.get(v, 1.0),
                       "args": _last_wins(recipe + data + VARIANTS[v]

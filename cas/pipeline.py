@@ -563,7 +563,13 @@ class CasStages:
     result = {"num_docs": len(self.docs), "p": self.spec.num_tokens, "max_doc_tokens": self.max_doc_tokens,
               "num_cartridges": len(self.units), "model": self.lm.source,
               "timings_s": self.timings, "retrieval": self.retrieval, "methods": rows}
-    result["plots"] = [os.path.basename(p) for p in write_plots(result, out_dir)]
+    atomic_write_json(os.path.join(out_dir, "results.json"), result)  # first: a plot that fails loses no result
+    try:
+      result["plots"] = [os.path.basename(p) for p in write_plots(result, out_dir)]
+    except Exception as e:  # noqa: BLE001 (matplotlib's errors are of many kinds; the numbers are written)
+      logging.warning("evaluate: the plots failed (%s: %s); results.json and results.md are written",
+                      type(e).__name__, e)
+      result["plots"] = []
     atomic_write_json(os.path.join(out_dir, "results.json"), result)
     recall = recall_markdown(self.retrieval)
     md = table + (f"\nRetrieval (document recall@k, {len(self.questions)} questions)\n\n{recall}" if recall else "")

@@ -126,7 +126,9 @@ def loaded_points(rows: Sequence[dict]) -> dict[tuple[str, str], list[tuple[int,
       a = 100 * r["accuracy"]
       lo, hi = (100 * x for x in (row_interval(r) or (r["accuracy"], r["accuracy"])))
       lines.setdefault((r["base_method"], r.get("position_mode", "text")), []).append(
-          (int(r["num_loaded"]), a, a - lo, hi - a))
+          (int(r["num_loaded"]), a, max(0.0, a - lo), max(0.0, hi - a)))  # >= 0: matplotlib refuses
+      # negative bar lengths, and an accuracy at an interval's edge (0 of n, n of n) can sit a rounding
+      # error outside it
   return lines
 
 

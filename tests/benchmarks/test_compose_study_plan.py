@@ -34,3 +34,14 @@ def test_an_extra_flag_replaces_the_recipes_value():
   for job in p["synth"] + p["train"]:
     rk = [a for a in job["args"] if a.startswith("--config.eval.retrieval_k=")]
     assert rk == ["--config.eval.retrieval_k=(1,2,4,8)"]
+
+
+def test_methods_flag_narrows_the_base_runs_and_refuses_unknown_methods():
+  p = cs.plan("/tmp/x", cs._flags(["--variants=base,hard", "--collections=minutes", "--seeds=0",
+                                   "--methods=cartridge_oracle,cas_composed,isolated_composed"]))
+  train = {j["name"]: j for j in p["train"]}
+  methods = lambda j: next(a for a in j["args"] if a.startswith("--config.eval.methods="))
+  assert methods(train["base_minutes_s0"]) == "--config.eval.methods=('cartridge_oracle','cas_composed','isolated_composed')"
+  assert methods(train["hard_minutes_s0"]) == "--config.eval.methods=('cartridge_oracle','cas_composed')"  # levers: theirs
+  with pytest.raises(SystemExit, match="--methods has rag"):
+    cs._flags(["--methods=icl,rag"])

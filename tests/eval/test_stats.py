@@ -90,6 +90,23 @@ def test_rows_carry_intervals_and_the_num_loaded_plot_draws_them(tmp_path):
   assert row_interval(old) is None
 
 
+def test_the_num_loaded_plot_draws_rows_of_none_right(tmp_path):
+  # 0 of 3 right: Wilson's lower bound is a rounding error above 0 (-5.6e-17 below the accuracy), which
+  # matplotlib refused as a negative bar and which stopped a pipeline's evaluation before results.json
+  from cas.eval.report import loaded_points, plot_accuracy_vs_num_loaded
+  from cas.eval.stats import wilson_interval
+  lo, _ = wilson_interval(0, 3)
+  assert 0.0 - lo < 0  # the case itself (if Wilson's formula gives exactly 0 here, the test is moot)
+  rows = []
+  for n, correct in ((1, [0, 0, 0]), (2, [1, 1, 1])):
+    r = _row(f"cas_composed@{n}/shared", correct)
+    r.update(base_method="cas_composed", num_loaded=n, position_mode="shared")
+    rows.append(r)
+  pts = loaded_points(rows)[("cas_composed", "shared")]
+  assert all(m >= 0 and p >= 0 for _, _, m, p in pts)
+  assert plot_accuracy_vs_num_loaded(rows, str(tmp_path / "loaded.png"))
+
+
 def test_kind_breakdown_from_qids():
   from cas.eval.report import kinds_markdown
   from cas.eval.stats import kind_breakdown, question_kind
