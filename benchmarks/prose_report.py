@@ -21,6 +21,8 @@ from cas.eval.stats import paired_by_qid, paired_difference, wilson_interval
 _ARCHIVE = flags.DEFINE_string("archive", None, "prose_sweep.tgz from benchmarks/prose_sweep.sh", required=True)
 _NUM_DOCS = flags.DEFINE_integer("num_docs", 20, "data.num_docs of the sweep")
 _SEED = flags.DEFINE_integer("seed", 0, "data.seed of the sweep")
+_BASE = flags.DEFINE_string("base", None, "<archive>:<variant>: also pair every variant of --archive with "
+                            "this run (another call's archive of the same seed), per method, on the same questions")
 
 
 def refers_of(num_docs: int, seed: int) -> dict[str, str]:
@@ -64,9 +66,34 @@ def load_archive(path: str) -> dict[str, dict]:
   return out
 
 
+def paired_table(results: dict[str, dict], base: dict, base_name: str) -> str:
+  """Per variant and method both have: variant - base, paired by question (bootstrap 95%)."""
+  lines = [f"| variant | method | questions | variant - {base_name} (95% CI) |", "|---|---|---|---|"]
+  brows = {r["method"]: r for r in base["methods"]}
+  for variant, res in sorted(results.items()):
+    for r in res["methods"]:
+      b = brows.get(r["method"])
+      if b is None or not r.get("questions") or not b.get("questions"):
+        continue
+      x, y = paired_by_qid(r["questions"], b["questions"])
+      if not x:
+        continue
+      m, lo, hi = paired_difference(x, y)
+      lines.append(f"| {variant} | {r['method']} | {len(x)} | {100 * m:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f}) |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
-  print(table(load_archive(_ARCHIVE.value), refers_of(_NUM_DOCS.value, _SEED.value)))
+  results = load_archive(_ARCHIVE.value)
+  print(table(results, refers_of(_NUM_DOCS.value, _SEED.value)))
+  if _BASE.value:
+    path, _, variant = _BASE.value.rpartition(":")
+    base = load_archive(path)
+    if variant not in base:
+      raise SystemExit(f"prose_report: --base: {path} has no variant {variant!r}; it has {', '.join(sorted(base))}")
+    print()
+    print(paired_table(results, base[variant], variant))
 
 
 if __name__ == "__main__":
