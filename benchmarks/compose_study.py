@@ -44,6 +44,9 @@ BASE_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolat
 # content and two-document questions) is the same study with other questions:
 #   --extra="--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8)"
 LEVER_METHODS = ("cartridge_oracle", "cas_composed")
+# --methods may also name these (cas.eval.cas_methods.METHODS): the two gold cartridges of a two-document
+# question (issue 21), BM25's top documents reordered by the cartridges' likelihood of the question
+KNOWN_METHODS = BASE_METHODS + ("cartridge_gold_pair", "cartridge_reranked")
 VARIANTS = {
     "base": [],
     "hard": ["--config.train.p_hard=0.5"],  # half the distractors are the BM25 nearest documents
@@ -84,9 +87,9 @@ def _flags(argv: list[str]) -> dict:
     if k not in out:
       raise SystemExit(f"compose_study: unknown flag --{k}; known: {', '.join(sorted(out))}")
     out[k] = v
-  unknown = set(out["methods"].split(",")) - set(BASE_METHODS)
+  unknown = set(out["methods"].split(",")) - set(KNOWN_METHODS)
   if unknown:
-    raise SystemExit(f"compose_study: --methods has {', '.join(sorted(unknown))}; known: {', '.join(BASE_METHODS)}")
+    raise SystemExit(f"compose_study: --methods has {', '.join(sorted(unknown))}; known: {', '.join(KNOWN_METHODS)}")
   for v in out["variants"].split(","):
     if v not in VARIANTS:
       raise SystemExit(f"compose_study: unknown variant {v!r}; known: {', '.join(VARIANTS)}")

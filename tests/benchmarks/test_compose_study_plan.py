@@ -45,3 +45,8 @@ def test_methods_flag_narrows_the_base_runs_and_refuses_unknown_methods():
   assert methods(train["hard_minutes_s0"]) == "--config.eval.methods=('cartridge_oracle','cas_composed')"  # levers: theirs
   with pytest.raises(SystemExit, match="--methods has rag"):
     cs._flags(["--methods=icl,rag"])
+
+
+def test_every_method_compose_study_knows_is_a_pipeline_method():
+  from cas.eval.cas_methods import METHODS
+  assert set(cs.KNOWN_METHODS) <= set(METHODS)
