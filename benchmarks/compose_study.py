@@ -62,11 +62,15 @@ VARIANTS = {
     # quotes of one document give another document's cartridge nothing to answer, fact questions do
     # (issue 20 interference analysis: minutes' distractors push their own values at 1.6-2.9x chance)
     "qmix": ["--config.synth.families=('quote','quote','quote','question')"],
+    # the cartridge's first 32 trainable tokens keep their first_tokens init (the document's title and
+    # opening line), so a loaded cartridge stays addressable by its header; CAS + isolated, as base
+    "head32": ["--config.train.frozen_head=32"],
     # the monolithic baseline (one cartridge of N*p tokens on every document's self-study), its own
     # process: it needs about twice a CAS run's memory (see MEM)
     "mono": ["--stages=train_monolithic,indexes,evaluate"],
 }
-MEM = {"mono": 2.0}  # a job's share of GPU memory, in units of --mem
+MEM = {"mono": 2.0}
+FULL = ("head32",)  # training levers that change the isolated baseline too: evaluated like base  # a job's share of GPU memory, in units of --mem
 
 
 def synth_args(variant: str) -> list[str]:
@@ -135,7 +139,7 @@ def plan(root: str, f: dict) -> dict:
       for c in cols:
         data = [f"--config.data.kind={c}", f"--config.data.seed={s}", f"--config.synth.seed={s}",
                 f"--config.train.seed={s}"]
-        full = v == "base" or bool(synth_args(v))
+        full = v == "base" or bool(synth_args(v)) or v in FULL
         methods = tuple(f["methods"].split(",")) if full else ("monolithic",) if v == "mono" else LEVER_METHODS
         own = f"{v}_{c}_s{s}" if synth_args(v) else f"{c}_s{s}"
         train.append({"name": f"{v}_{c}_s{s}", "synth": own, "mem": MEM.get(v, 1.0),

@@ -411,6 +411,17 @@ def _check_train(config, pipeline: str, add: Callable) -> None:
   for key, msg in train_config_problems(cfg, keys):
     where = "config.synth.top_k" if key == "top_k" else f"config.train.{key}"
     add(where, msg.replace("train.top_k", "synth.top_k"), TrainConfigError)
+  head, cc = cfg.get("frozen_head", 0), config.get("cartridge")
+  if _is_int(head) and head > 0 and cc is not None:
+    p, f = _get(cc, "num_tokens"), _get(cc, "num_frozen", 1)
+    if _is_int(p) and _is_int(f) and head >= p - f:
+      add("config.train.frozen_head", f"config.train.frozen_head={head} keeps every trainable token frozen "
+                                      f"(p - num_frozen = {p - f}); use a value below {p - f}, e.g. 32, or 0 (off)",
+          TrainConfigError)
+    if _get(cc, "init", "first_tokens") == "random_vectors":
+      add("config.train.frozen_head", f"config.train.frozen_head={head} keeps the init's first tokens, which "
+                                      "cartridge.init='random_vectors' makes random: use the first_tokens init "
+                                      "(the document's header) or frozen_head=0", TrainConfigError)
 
 
 def count_problems(config, pipeline: str, n: int | None) -> list[Problem]:

@@ -131,6 +131,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # pack as many of a document's conversations into a row as fit in seq_len (k_max = 1 only: the
   # one-document quickstart, the monolithic baseline); False = one conversation per row
   c.train.pack = False
+  # the first F trainable tokens of every cartridge keep their init (first_tokens: the document's
+  # opening tokens, its title), so a loaded cartridge stays addressable by its header (0 = off)
+  c.train.frozen_head = 0
   c.train.log_every = 4
   c.train.ckpt_every = 8
   c.train.keep_checkpoints = 2

@@ -66,6 +66,20 @@ def test_every_problem_is_reported_together_naming_its_field():
   assert isinstance(e.value, RotationError) and isinstance(e.value, CartridgeError) and isinstance(e.value, ValueError)
 
 
+def test_frozen_head_must_leave_tokens_to_train_and_needs_a_text_init():
+  c = cas_config("quick")  # p = 64, num_frozen = 1
+  c.train.frozen_head = 63
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "frozen_head=63 keeps every trainable token frozen (p - num_frozen = 63)" in got["config.train.frozen_head"]
+  c.train.frozen_head, c.cartridge.init = 16, "random_vectors"
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "cartridge.init='random_vectors' makes random" in got["config.train.frozen_head"]
+  c.cartridge.init = "first_tokens"
+  assert check_config(c, "cas", devices=ONE, check_model=False) == []
+  c.train.frozen_head = -1
+  assert "config.train.frozen_head" in _where(check_config(c, "cas", devices=ONE, check_model=False))
+
+
 def test_counts_against_the_number_of_documents(tmp_path):
   c = cas_config("quick")  # N = data.num_docs = 4 (built-in)
   c.train.steps = 3  # the rotation brings the last documents in after step 8

@@ -69,7 +69,8 @@ from cas.train.validate import check_train_config
 CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
             "num_slots", "k_max", "p_isolated", "rotate_every", "evict_fraction", "position_mode",
             "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors", "loss_chunk",
-            "max_conversations", "length_weighting", "p_hard", "k_curriculum_steps", "mixed_weight", "pack")
+            "max_conversations", "length_weighting", "p_hard", "k_curriculum_steps", "mixed_weight", "pack",
+            "frozen_head")
 # max_conversations: train on each document's first n self-study conversations only (0 = all; a
 # curve of quality against self-study size from one synthesis)
 # length_weighting: a resident document gets rows in proportion to its length (length_weights), not one
@@ -81,8 +82,12 @@ CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm",
 # pack: with k_max = 1, a row holds as many of its document's conversations as fit in seq_len
 # (train_cartridge: one cartridge, as the Cartridges reference packs); off for CAS and the isolated
 # baseline, which see one conversation per row so that their budgets stay equal
+# frozen_head: the first F trainable tokens of every cartridge keep their init (with the first_tokens
+# init: the KV of the document's first F tokens, its title), so that a cartridge stays addressable by
+# the header its document starts with (issue 20: distractor cartridges answer for the own document)
 DEFAULTS = {"train_distractors": True, "loss_chunk": LOSS_CHUNK_TOKENS, "max_conversations": 0,
-            "length_weighting": False, "p_hard": 0.0, "k_curriculum_steps": 0, "mixed_weight": 1.0, "pack": False}
+            "length_weighting": False, "p_hard": 0.0, "k_curriculum_steps": 0, "mixed_weight": 1.0, "pack": False,
+            "frozen_head": 0}
 
 
 def model_mesh(model):
@@ -273,6 +278,10 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
     raise ValueError(f"train.mixed_weight={c['mixed_weight']!r}: must be a number > 0")
   if isinstance(c["k_curriculum_steps"], bool) or not isinstance(c["k_curriculum_steps"], int) or c["k_curriculum_steps"] < 0:
     raise ValueError(f"train.k_curriculum_steps={c['k_curriculum_steps']!r}: must be an integer >= 0")
+  trainable = spec.num_tokens - spec.num_frozen
+  if c["frozen_head"] >= trainable:
+    raise ValueError(f"train.frozen_head={c['frozen_head']} keeps every trainable token of the cartridge frozen "
+                     f"(p - num_frozen = {trainable}); use a value below {trainable}, e.g. 32, or 0 (off)")
   if c["pack"] and c["k_max"] != 1:
     raise ValueError(f"train.pack=True needs train.k_max=1 (got {c['k_max']}): a row that loads distractors holds "
                      "one conversation")
@@ -406,7 +415,8 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
 
     step_fn = make_cas_train_step(lr=c["lr"], warmup_steps=c["warmup_steps"], clip_norm=c["clip_norm"],
                                   loss=c["loss"], dtype=dtype, position_mode=c["position_mode"], mesh=mesh,
-                                  train_distractors=c["train_distractors"], loss_chunk=c["loss_chunk"])
+                                  train_distractors=c["train_distractors"], loss_chunk=c["loss_chunk"],
+                                  frozen_head=c["frozen_head"])
     writer = (MetricWriter(os.path.join(workdir, "logs"), truncate_after=start, log_every=c["log_every"])
               if jax.process_index() == 0 else NullMetricWriter())
     total = c["steps"]

@@ -234,9 +234,12 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
                         b2: float = 0.999, eps: float = 1e-8, loss: str = "distill",
                         dtype=jnp.float32, position_mode: str = "shared", mesh: Mesh | None = None,
                         train_distractors: bool = True, donate: bool = True,
-                        loss_chunk: int = LOSS_CHUNK_TOKENS) -> Callable:
+                        loss_chunk: int = LOSS_CHUNK_TOKENS, frozen_head: int = 0) -> Callable:
   """Returns step(state, frozen, model, batch) -> (state, metrics); `state` is donated.
   loss_chunk: tokens per chunk of the fused LM head + loss (0 = full logits; `head_loss`).
+  frozen_head: the first F of each slot's Pt trainable tokens get no update (their gradient is zeroed
+  before clipping and Adam, so params and moments stay exactly as they are): a cartridge keeps the
+  init of its document's first tokens (its title) while the rest trains (0 = off).
 
   batch: cas.train.batch arrays (numpy or jax): tokens, positions, segment_ids, targets, loss_mask
   [Bt, T]; topk_ids, topk_logprobs [Bt, T, K]; slots [Bt, k_max]; own_slot [Bt].
@@ -255,6 +258,8 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
   check_position_mode(position_mode)
   if warmup_steps < 0:
     raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+  if frozen_head < 0:
+    raise ValueError(f"frozen_head={frozen_head} must be >= 0")
 
   def step(state, frozen, model, batch):
     missing = [k for k in STATE_KEYS if k not in state]
@@ -267,6 +272,12 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
     (val, n), grads = jax.value_and_grad(cas_loss, has_aux=True)(
         params, frozen, model, batch, loss=loss, position_mode=position_mode, dtype=dtype,
         train_distractors=train_distractors, loss_chunk=loss_chunk)
+    if frozen_head:
+      if frozen_head >= state["k"].shape[2]:
+        raise ValueError(f"CAS step: frozen_head={frozen_head} is not below the {state['k'].shape[2]} trainable "
+                         "tokens per cartridge")
+      keep = (jnp.arange(state["k"].shape[2]) >= frozen_head)[None, None, :, None, None]  # [1, 1, Pt, 1, 1]
+      grads = {name: jnp.where(keep, g, 0.0) for name, g in grads.items()}
     num_slots = state["k"].shape[0]
     if train_distractors:
       touched = touched_slots(batch["slots"], num_slots)

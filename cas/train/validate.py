@@ -21,6 +21,7 @@ _RULES: dict[str, tuple] = {
     "loss_chunk": ("int", 0, None), "max_conversations": ("int", 0, None),
     "length_weighting": ("bool", None, None), "p_hard": ("float", 0.0, 1.0),
     "k_curriculum_steps": ("int", 0, None), "mixed_weight": ("float", 0.0, None), "pack": ("bool", None, None),
+    "frozen_head": ("int", 0, None),
 }
 _POSITIVE = ("lr", "mixed_weight")  # must be > 0, not only >= 0
 

@@ -50,3 +50,12 @@ def test_methods_flag_narrows_the_base_runs_and_refuses_unknown_methods():
 def test_every_method_compose_study_knows_is_a_pipeline_method():
   from cas.eval.cas_methods import METHODS
   assert set(cs.KNOWN_METHODS) <= set(METHODS)
+
+
+def test_the_head_lever_shares_the_base_self_study_and_trains_the_isolated_baseline_too():
+  p = cs.plan("/tmp/x", cs._flags(["--variants=base,head32", "--collections=minutes", "--seeds=0"]))
+  train = {j["name"]: j for j in p["train"]}
+  assert train["head32_minutes_s0"]["synth"] == "minutes_s0"
+  assert "--config.train.frozen_head=32" in train["head32_minutes_s0"]["args"]
+  methods = next(a for a in train["head32_minutes_s0"]["args"] if a.startswith("--config.eval.methods="))
+  assert "isolated_composed" in methods

@@ -81,6 +81,24 @@ def test_train_distractors_false_updates_only_own_cartridges(setup, tmp_path):
     _train(setup, str(tmp_path / "bad"), cfg={"train_distractors": "no"})
 
 
+def test_frozen_head_reaches_the_loop_and_the_store_keeps_each_documents_head(setup, tmp_path):
+  """train.frozen_head = 2 through train_cas: every stored cartridge's first 2 trainable tokens are
+  its init (the document's opening tokens), the rest trained; a head covering every token is refused."""
+  from cas.rotation.store import CartridgeStore
+  m, docs, path, frozen, init_fn = setup
+  out = _train(setup, str(tmp_path / "head"), cfg={"frozen_head": 2})
+  assert min(out["counts"].values()) > 0
+  with CartridgeStore(str(tmp_path / "head" / "store"), spec=CartridgeSpec.for_model(TINY, P, 1),
+                      model_fingerprint="tiny", read_only=True) as st:
+    for d in docs:
+      got, init = st.get(d)[0], init_fn(d)
+      for n in ("k", "v"):
+        assert np.asarray(got[n])[:, :2].tobytes() == init[n][:, :2].tobytes(), (d, n)
+        assert not np.allclose(np.asarray(got[n])[:, 2:], init[n][:, 2:]), (d, n)
+  with pytest.raises(ValueError, match="frozen_head=5 keeps every trainable token"):
+    _train(setup, str(tmp_path / "bad"), cfg={"frozen_head": P - 1})
+
+
 def _files(root) -> dict:
   """relative path -> (bytes, mtime_ns) of every file under root but the lock files (taken and
   emptied by every run, not cartridge data)."""

@@ -290,6 +290,27 @@ def test_step_updates_only_touched_slots(setup):
   assert np.asarray(state["k"][1]).tobytes() == slot_k[1].tobytes()
 
 
+def test_frozen_head_keeps_each_cartridges_first_tokens_exactly(setup):
+  """train.frozen_head = 2: the first 2 of the Pt trainable tokens (the document's opening tokens under
+  the first_tokens init) keep params and Adam moments bit-identical; the rest of a touched slot trains
+  as without it (the same gradient there, so the same update: clipping aside, which is off here)."""
+  m, docs, convs, frozen, slot_k, slot_v = setup
+  b = _jnp(build_cas_batch([(convs[0], 0), (convs[1], 2)], [0, 2], k_max=2, p_isolated=0.0,
+                           rng=np.random.default_rng(0), seq_len=T, top_k=K, p=P, num_frozen=F))
+  before = {k: np.array(v) for k, v in _state(slot_k, slot_v).items()}
+  free, _ = make_cas_train_step(lr=1e-2, warmup_steps=0, clip_norm=0.0)(_state(slot_k, slot_v), frozen, m, b)
+  head, met = make_cas_train_step(lr=1e-2, warmup_steps=0, clip_norm=0.0, frozen_head=2)(
+      _state(slot_k, slot_v), frozen, m, b)
+  assert bool(met["finite"]) and int(met["slots_updated"]) == 2
+  for n in ("k", "v", "mu_k", "mu_v", "nu_k", "nu_v"):
+    h, f = np.asarray(head[n]), np.asarray(free[n])
+    assert h[:, :, :2].tobytes() == before[n][:, :, :2].tobytes()  # the head: untouched
+    assert not np.array_equal(f[0, :, :2], before[n][0, :, :2])  # ... which training would have moved
+    np.testing.assert_array_equal(h[:, :, 2:], f[:, :, 2:])  # the rest: the same update
+  with pytest.raises(ValueError, match="frozen_head=7 is not below the 7 trainable"):
+    make_cas_train_step(lr=1e-2, warmup_steps=0, clip_norm=0.0, frozen_head=P - F)(_state(slot_k, slot_v), frozen, m, b)
+
+
 @pytest.mark.parametrize("loss_chunk", [0, 16])
 def test_sharded_step_matches_unsharded(setup, loss_chunk):
   """State [8 slots] sharded over an 8-device (data 2, fsdp 2, tensor 2) mesh: same loss/state.
