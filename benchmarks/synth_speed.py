@@ -30,6 +30,7 @@ Pick `prompt_len - N` as a prompt bucket (e.g. 64) so the tails carry no padding
 """
 from __future__ import annotations
 
+import os
 import time
 
 from benchmarks import _common as C  # first: sets up cas.model imports and the memory fraction
@@ -59,6 +60,9 @@ flags.DEFINE_integer("shared_doc", 0, "tokens at the start of every cas prompt s
                      "(0: none); cas then runs generate_shared")
 flags.DEFINE_list("shared_prefix", ["once"], "with --shared_doc: Sampler shared_prefix modes to run "
                   "(once, broadcast)")
+flags.DEFINE_list("layer_loop", ["scan"], "the model's layer loop in decode: scan (one while loop over the "
+                  "layers per step, what the sampler runs today) and/or unrolled (one flat program per step, "
+                  "which XLA's command buffers can capture as one CUDA graph: the launch-bound decode's lever)")
 
 
 def main(argv):
@@ -101,10 +105,15 @@ def main(argv):
     modes = list(F.shared_prefix)
 
   cas_recs = []
-  for name, mode in [(n, m) for n in F.attn for m in modes]:
-    rec = {"impl": "cas", "variant": f"sampler/{name}" + (f"/shared_{mode}" if mode else ""), "attn": name,
-           "shared_prefix": mode}
+  bad = sorted(set(F.layer_loop) - {"scan", "unrolled"})
+  if bad:
+    raise SystemExit(f"--layer_loop: {bad} unknown; choose from scan, unrolled")
+  for name, mode, loop in [(n, m, ll) for n in F.attn for m in modes for ll in F.layer_loop]:
+    rec = {"impl": "cas", "variant": f"sampler/{name}" + (f"/shared_{mode}" if mode else "")
+           + ("" if loop == "scan" else f"/{loop}"), "attn": name, "shared_prefix": mode, "layer_loop": loop,
+           "xla_flags": os.environ.get("XLA_FLAGS", "")}
     prev = attn_lib.install(name)
+    model.layer_loop = loop  # a static attribute: the Sampler's graphdef (below) carries it into its programs
     try:
       sampler = Sampler(model, pad_id=0, cache_dtype=jnp.bfloat16, shared_prefix=mode)
       call = sampler.generate_shared if mode else sampler.generate

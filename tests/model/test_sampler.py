@@ -261,3 +261,26 @@ def test_generate_shared_prefills_the_common_tokens_once(sampler):
   short = [p[140:] for p in prompts]
   np.testing.assert_array_equal(sampler.generate_shared(short, max_new_tokens=4)[0].tokens,
                                 sampler.generate(short, max_new_tokens=4)[0].tokens)
+
+
+def test_unrolled_layer_loop_decodes_the_same_tokens_and_logprobs(model, sampler):
+  """layer_loop="unrolled" (one flat program per decode step: the lever for a launch-bound GPU decode,
+  benchmarks/synth_speed.py --layer_loop) gives the scan loop's tokens and log-probs: greedy, seeded
+  sampling, and with a shared prompt start."""
+  graphdef, state = nnx.split(model)
+  flat = nnx.merge(graphdef, state)
+  flat.layer_loop = "unrolled"
+  other = Sampler(flat, pad_id=PAD)
+  rng = np.random.default_rng(7)
+  common = rng.integers(1, V, 100).tolist()
+  shared = [common + rng.integers(1, V, int(rng.integers(1, 9))).tolist() for _ in range(3)]
+  for call, prompts, kw in (("generate", PROMPTS, dict(top_k_logprobs=5)),
+                            ("generate", PROMPTS, dict(temperature=1.3, seed=4, top_k_logprobs=3)),
+                            ("generate_shared", shared, dict(temperature=0.9, seed=1, top_k_logprobs=4))):
+    a = getattr(sampler, call)(prompts, max_new_tokens=12, **kw)
+    b = getattr(other, call)(prompts, max_new_tokens=12, **kw)
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(x.tokens, y.tokens)
+      np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=1e-4)
+      np.testing.assert_allclose(x.top_logprobs, y.top_logprobs, atol=1e-4)
+  assert other._graphdef != sampler._graphdef  # the other loop really was traced
