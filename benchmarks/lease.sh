@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One GPU lease, several research jobs side by side (each detached, so a call returns at once and the
+# jobs outlive it; the machine stays held while calls keep coming). After `. benchmarks/gpu_setup.sh`
+# (SmolLM2 for every job; Gemma's five parts too for gemma_minutes):
+#   bash benchmarks/lease.sh start "prose_s2k head32 gemma_minutes q21"   # any subset, in this order
+#   bash benchmarks/lease.sh status        # progress of every job (repeat: `sleep 500; ... status`)
+#   OUT=$OUT bash benchmarks/lease.sh collect   # each job's archive into $OUT/<job>/ (what has finished)
+# Jobs (the memory fractions add up to <= 0.95 of one H200 when all four run):
+#   prose_s2k      issue 26: walk64s2k_parts1k (2,000 steps per parts run), seeds 0 and 1 (prose_sweep.sh)
+#   head32         issue 20: the frozen-header lever on patients and minutes, seeds 0 and 1, with its base
+#   gemma_minutes  issues 20 + 24: the compose study (CAS + isolated + icl_composed) with Gemma 3 270M
+#   q21            issue 21 item 3: retrieved cartridges vs text RAG on questions by content and pairs
+set -u
+MODE=${1:-status}; R=/root/lease
+mkdir -p $R
+CS="python3 benchmarks/compose_study.py"
+run() { local name=$1; shift; setsid nohup "$@" > $R/$name.start.log 2>&1 < /dev/null & }
+if [ "$MODE" = start ]; then
+  for j in ${2:-prose_s2k head32}; do
+    case $j in
+      prose_s2k)
+        for s in 0 1; do
+          SEED=$s SYNTH_MEM=0.12 MEM=0.08 CONV=64 VARIANTS=walk64s2k_parts1k run prose_s$s \
+            bash benchmarks/prose_sweep.sh start $R/prose_s$s
+        done;;
+      head32) run head32 $CS start $R/head32 --variants=base,head32 --collections=patients,minutes --seeds=0,1 \
+                --mem=0.06 --mem_total=0.24;;
+      gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=0.15 \
+                --mem_total=0.3 --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
+                "--extra=--config.model_path=gemma3-270m --config.eval.num_loaded=(1,2,5,10)";;
+      q21) run q21 $CS start $R/q21 --variants=base --collections=patients,products,minutes --seeds=0,1 \
+                --mem=0.04 --mem_total=0.16 \
+                --methods=no_context,icl,cartridge_oracle,cartridge_retrieved,cartridge_adaptive,rag_text,cartridge_gold_pair \
+                "--extra=--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8)";;
+      *) echo "unknown job $j"; exit 2;;
+    esac
+  done
+  sleep 10; ls $R; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
+elif [ "$MODE" = status ]; then
+  for f in $R/*/status.json; do [ -f "$f" ] && echo "== $f" && python3 -c "import json,sys; d=json.load(open('$f')); print(d['elapsed_s'], 's', {k: v for k, v in d['state'].items()})"; done
+  for d in $R/prose_s*; do [ -d "$d" ] && echo "== $d" && for l in $d/*.log; do echo "$(basename $l): $(tr '\r' '\n' < $l | grep -a -E 'it/s|step|conv' | tail -n 1 | cut -c1-120)"; done; done
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+else
+  for j in head32 gemma q21; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
+    [ -f $OUT/compose_study.tgz ] && mv $OUT/compose_study.tgz $OUT/$j/; done
+  for s in 0 1; do [ -d $R/prose_s$s ] && mkdir -p $OUT/prose_s$s && \
+    (cd $R/prose_s$s && tar czf $OUT/prose_s$s/prose_sweep.tgz *.log */eval/results.json */parts*/eval/results.json 2>/dev/null); done
+  ls -R $OUT | head -20
+fi
