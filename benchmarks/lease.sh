@@ -6,7 +6,8 @@
 #   bash benchmarks/lease.sh status        # progress of every job (repeat: `sleep 500; ... status`)
 #   OUT=$OUT bash benchmarks/lease.sh collect   # each job's archive into $OUT/<job>/ (what has finished)
 # Jobs (the memory fractions add up to <= 0.95 of one H200 when all four run):
-#   prose_s2k      issue 26: walk64s2k_parts1k (2,000 steps per parts run), seeds 0 and 1 (prose_sweep.sh)
+#   prose_s2k      issue 26: walk64s2k_parts1k (2,000 steps per parts run) and walkq64_parts1k (fact questions
+#                  beside the quotes), seeds 0 and 1 (prose_sweep.sh; PROSE_VARIANTS= picks others)
 #   head32         issue 20: the frozen-header lever on patients and minutes, seeds 0 and 1, with its base
 #   gemma_minutes  issues 20 + 24: the compose study (CAS + isolated + icl_composed) with Gemma 3 270M
 #   q21            issue 21 item 3: retrieved cartridges vs text RAG on questions by content and pairs
@@ -20,7 +21,7 @@ if [ "$MODE" = start ]; then
     case $j in
       prose_s2k)
         for s in 0 1; do
-          SEED=$s SYNTH_MEM=0.12 MEM=0.08 CONV=64 VARIANTS=walk64s2k_parts1k run prose_s$s \
+          SEED=$s SYNTH_MEM=0.08 MEM=0.08 CONV=64 VARIANTS="${PROSE_VARIANTS:-walk64s2k_parts1k walkq64_parts1k}" run prose_s$s \
             bash benchmarks/prose_sweep.sh start $R/prose_s$s
         done;;
       head32) run head32 $CS start $R/head32 --variants=base,head32 --collections=patients,minutes --seeds=0,1 \

@@ -40,17 +40,22 @@ declare -A V=(
   # the training budget per part (issue 26): parts1k has 35 cartridges for 20 documents, so at the
   # preset's 1,000 steps each gets ~0.57x the updates of a whole-document cartridge; 2,000 steps
   [walk64s2k_parts1k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=1024 --config.train.steps=2000"
+  # fact questions beside the quotes (one conversation in four from the paper's `question` family; on
+  # minutes it raised the oracle by +4.2, issue 20's qmix): own self-study set (walkq_parts1024)
+  [walkq64_parts1k]="--config.synth.coverage=walk --config.synth.families=('quote','quote','quote','question') --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=1024"
   [walk64_p1024_parts2k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=2048 --config.cartridge.num_tokens=1024"
 )
 cov() { case $1 in walk*) echo walk;; *) echo random;; esac; }
+qmix() { case $1 in walkq*|randq*) echo q;; esac; }  # a variant with fact questions: its own self-study set
 parts() { case $1 in *_parts1k) echo 1024;; *_parts2k) echo 2048;; *) echo 0;; esac; }  # max_doc_tokens
-set_of() { local m; m=$(parts $1); if [ "$m" = 0 ]; then cov $1; else echo "$(cov $1)_parts$m"; fi; }
+set_of() { local m; m=$(parts $1); if [ "$m" = 0 ]; then echo "$(cov $1)$(qmix $1)"; else echo "$(cov $1)$(qmix $1)_parts$m"; fi; }
 if [ "$MODE" = start ]; then
   for s in $(for n in "${NAMES[@]}"; do set_of $n; done | sort -u); do  # the self-study sets needed, in parallel
     c=${s%%_*}; m=0; [ "$s" != "$c" ] && m=${s#*_parts}
+    fam=(); [ "$c" != "${c%q}" ] && fam=("--config.synth.families=('quote','quote','quote','question')")
     mkdir -p $W/synth_$s
-    XLA_PYTHON_CLIENT_MEM_FRACTION=${SYNTH_MEM:-0.3} python3 -m launch.cas "${COMMON[@]}" --config.synth.coverage=$c \
-      --config.cartridge.max_doc_tokens=$m --workdir=$W/synth_$s --stages=synth > $W/synth_$s.log 2>&1 &
+    XLA_PYTHON_CLIENT_MEM_FRACTION=${SYNTH_MEM:-0.3} python3 -m launch.cas "${COMMON[@]}" --config.synth.coverage=${c%q} \
+      "${fam[@]}" --config.cartridge.max_doc_tokens=$m --workdir=$W/synth_$s --stages=synth > $W/synth_$s.log 2>&1 &
   done
   wait
   grep -a "conversations\|Error" $W/synth_*.log | tr '\r' '\n' | tail -4
