@@ -145,6 +145,10 @@ def recorded_unit_ids(synth_dir: str, doc_ids: list[str]) -> list[str]:
   return out
 
 
+class EvaluationError(RuntimeError):
+  """Some evaluation method rows raised; every other row was written (results.json names the failed)."""
+
+
 class CasStages:
   def __init__(self, config, workdir: str, lm=None, *, stages: tuple[str, ...] | None = None,
                collection=None):
@@ -553,16 +557,34 @@ class CasStages:
     c = self._eval_context()
     base_sig = self._eval_signature()
     jobs = [job for method in unique(self.config.eval, "methods") for job in method_jobs(method, c)]
-    rows = [run_job(job, c, partial_dir, base_sig) for job in jobs]
+    rows, failed = [], []
+    for job in jobs:  # a method that fails (out of memory on a long composed prompt, say) costs its row only
+      try:
+        rows.append(run_job(job, c, partial_dir, base_sig))
+      except Exception as e:  # noqa: BLE001 (re-raised below as EvaluationError, after the other rows are written)
+        logging.exception("evaluate: %s failed; the other methods go on", job.name)
+        failed.append({"method": job.name, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
     self.timings["eval"] = time.time() - t
-    return self._write_results(rows, out_dir)
+    result = self._write_results(rows, out_dir, failed)
+    if failed:
+      raise EvaluationError(
+          f"evaluate: {len(failed)} of {len(jobs)} method rows failed: "
+          + "; ".join(f"{f['method']} ({f['error'][:300]})" for f in failed)
+          + f". The other {len(rows)} rows are in {os.path.join(out_dir, 'results.json')} (its 'failed' list "
+          "names these); a re-run evaluates only the failed rows (finished ones resume from eval/partial/)")
+    return result
 
-  def _write_results(self, rows: list[dict], out_dir: str) -> dict:
-    """results.json, the plots and results.md (also printed) in `out_dir`; returns the results dict."""
+  def _write_results(self, rows: list[dict], out_dir: str, failed: list[dict] | None = None) -> dict:
+    """results.json, the plots and results.md (also printed) in `out_dir`; returns the results dict.
+    `failed`: [{"method", "error"}] of method rows that raised (kept out of the table and plots)."""
     table = markdown_table(rows)
+    if failed:
+      table += "\nFailed (no row): " + "; ".join(f"{f['method']}: {f['error'][:200]}" for f in failed) + "\n"
     result = {"num_docs": len(self.docs), "p": self.spec.num_tokens, "max_doc_tokens": self.max_doc_tokens,
               "num_cartridges": len(self.units), "model": self.lm.source,
               "timings_s": self.timings, "retrieval": self.retrieval, "methods": rows}
+    if failed:
+      result["failed"] = failed
     atomic_write_json(os.path.join(out_dir, "results.json"), result)  # first: a plot that fails loses no result
     try:
       result["plots"] = [os.path.basename(p) for p in write_plots(result, out_dir)]

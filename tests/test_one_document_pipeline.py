@@ -4,6 +4,7 @@ cas.pipeline runs end to end on a tiny random model with the real SmolLM2 tokeni
 training, the exported single cartridge (<workdir>/cas/cartridge) equal to the store's, evaluation
 with no_context / icl / cartridge_oracle; a re-run rewrites nothing; the stage functions take
 (config, workdir); a workdir of the former one-document pipeline keeps what it had."""
+import dataclasses
 import json
 import os
 
@@ -91,3 +92,30 @@ def test_stage_functions_and_the_former_layout(lm, tmp_path):
   assert json.load(open(os.path.join(w, "eval.former", "results.json"))) == {"former": True}
   assert os.path.exists(os.path.join(w, "eval", "results.json")) and os.path.isdir(os.path.join(w, "cas", "store"))
   assert pipeline.collection(c, w).documents[0].doc_id == "patient-00000"
+
+
+def test_a_method_that_fails_costs_its_row_only(lm, tmp_path, monkeypatch):
+  """A method that raises (as an out-of-memory composed prompt would; here icl's row, replaced by one
+  that raises) does not lose the other rows: results.json and results.md are written with them and a
+  'failed' list, then EvaluationError names it; the finished rows resume from eval/partial/."""
+  from cas.eval import cas_methods
+  c = _config()
+  w = str(tmp_path / "f")
+  pipeline.run(c, w, lm=lm)
+  os.remove(os.path.join(w, "eval", "partial", "icl.json"))  # icl runs again, and fails
+
+  icl = cas_methods.METHODS["icl"]
+
+  def oom(q):
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while allocating 80.00GiB")
+
+  def boom(method, ctx):  # icl's jobs, whose contexts fail when the row is evaluated
+    return [dataclasses.replace(j, context_for=oom) for j in icl(method, ctx)]
+  monkeypatch.setitem(cas_methods.METHODS, "icl", boom)
+  with pytest.raises(pipeline.EvaluationError, match=r"1 of 3 method rows failed: icl \(RuntimeError: RESOURCE_EXH"):
+    pipeline.run(c, w, stages=("evaluate",), lm=lm)
+  res = json.load(open(os.path.join(w, "eval", "results.json")))
+  assert [r["method"] for r in res["methods"]] == ["no_context", "cartridge_oracle"]
+  assert all(r.get("resumed") for r in res["methods"])  # finished rows came back from eval/partial/
+  assert res["failed"][0]["method"] == "icl" and "80.00GiB" in res["failed"][0]["error"]
+  assert "Failed (no row): icl" in open(os.path.join(w, "eval", "results.md")).read()
