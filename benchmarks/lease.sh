@@ -5,6 +5,8 @@
 #   bash benchmarks/lease.sh start "prose_s2k head32 gemma_minutes q21"   # any subset, in this order
 #   bash benchmarks/lease.sh status        # progress of every job (repeat: `sleep 500; ... status`)
 #   OUT=$OUT bash benchmarks/lease.sh collect   # each job's archive into $OUT/<job>/ (what has finished)
+#   OUT=$OUT MODELS=smollm2-135m bash benchmarks/lease.sh decode   # issue 22's decode levers, in the
+#       foreground and alone on the GPU (timings): run it before `start`, not beside the jobs
 # Jobs (the memory fractions add up to <= 0.95 of one H200 when all four run):
 #   prose_s2k      issue 26: walk64s2k_parts1k (2,000 steps per parts run) and walkq64_parts1k (fact questions
 #                  beside the quotes), seeds 0 and 1 (prose_sweep.sh; PROSE_VARIANTS= picks others)
@@ -37,6 +39,9 @@ if [ "$MODE" = start ]; then
     esac
   done
   sleep 10; ls $R; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
+elif [ "$MODE" = decode ]; then
+  if pgrep -f "launch.[c]as" > /dev/null; then echo "decode: training jobs are running; timings would be shared"; exit 2; fi
+  bash benchmarks/decode_levers.sh
 elif [ "$MODE" = status ]; then
   for f in $R/*/status.json; do [ -f "$f" ] && echo "== $f" && python3 -c "import json,sys; d=json.load(open('$f')); print(d['elapsed_s'], 's', {k: v for k, v in d['state'].items()})"; done
   for d in $R/prose_s*; do [ -d "$d" ] && echo "== $d" && for l in $d/*.log; do echo "$(basename $l): $(tr '\r' '\n' < $l | grep -a -E 'it/s|step|conv' | tail -n 1 | cut -c1-120)"; done; done
