@@ -401,7 +401,7 @@ def _train_keys(pipeline: str):
 
 
 def _check_train(config, pipeline: str, add: Callable) -> None:
-  from cas.train.validate import TrainConfigError, train_config_problems
+  from cas.train.validate import TrainConfigError, frozen_head_problem, train_config_problems
   tc = config.get("train")
   if tc is None:
     add("config.train", "the config has no train section")
@@ -414,10 +414,9 @@ def _check_train(config, pipeline: str, add: Callable) -> None:
   head, cc = cfg.get("frozen_head", 0), config.get("cartridge")
   if _is_int(head) and head > 0 and cc is not None:
     p, f = _get(cc, "num_tokens"), _get(cc, "num_frozen", 1)
-    if _is_int(p) and _is_int(f) and head >= p - f:
-      add("config.train.frozen_head", f"config.train.frozen_head={head} keeps every trainable token frozen "
-                                      f"(p - num_frozen = {p - f}); use a value below {p - f}, e.g. 32, or 0 (off)",
-          TrainConfigError)
+    why = frozen_head_problem(head, p, f) if _is_int(p) and _is_int(f) else None
+    if why:
+      add("config.train.frozen_head", f"config.{why}", TrainConfigError)
     if _get(cc, "init", "first_tokens") == "random_vectors":
       add("config.train.frozen_head", f"config.train.frozen_head={head} keeps the init's first tokens, which "
                                       "cartridge.init='random_vectors' makes random: use the first_tokens init "

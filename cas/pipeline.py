@@ -585,8 +585,7 @@ class CasStages:
               "timings_s": self.timings, "retrieval": self.retrieval, "methods": rows}
     if failed:
       result["failed"] = failed
-    atomic_write_json(os.path.join(out_dir, "results.json"), result)  # first: a plot that fails loses no result
-    try:
+    try:  # a plot that fails costs the plots only
       result["plots"] = [os.path.basename(p) for p in write_plots(result, out_dir)]
     except Exception as e:  # noqa: BLE001 (matplotlib's errors are of many kinds; the numbers are written)
       logging.warning("evaluate: the plots failed (%s: %s); results.json and results.md are written",

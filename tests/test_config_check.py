@@ -70,7 +70,7 @@ def test_frozen_head_must_leave_tokens_to_train_and_needs_a_text_init():
   c = cas_config("quick")  # p = 64, num_frozen = 1
   c.train.frozen_head = 63
   got = _where(check_config(c, "cas", devices=ONE, check_model=False))
-  assert "frozen_head=63 keeps every trainable token frozen (p - num_frozen = 63)" in got["config.train.frozen_head"]
+  assert "config.train.frozen_head=63 keeps every trainable token of the cartridge frozen (p - num_frozen = 63)" in got["config.train.frozen_head"]
   c.train.frozen_head, c.cartridge.init = 16, "random_vectors"
   got = _where(check_config(c, "cas", devices=ONE, check_model=False))
   assert "cartridge.init='random_vectors' makes random" in got["config.train.frozen_head"]

@@ -64,7 +64,7 @@ from cas.train import preflight
 from cas.train.step import cas_batch_shardings, make_cas_train_step
 from cas.train.numerics import NumericsError, raise_numerics, slot_finite  # noqa: F401 (NumericsError re-exported)
 from cas.train.loss import LOSS_CHUNK_TOKENS
-from cas.train.validate import check_train_config
+from cas.train.validate import check_train_config, frozen_head_problem
 
 CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
             "num_slots", "k_max", "p_isolated", "rotate_every", "evict_fraction", "position_mode",
@@ -278,10 +278,9 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
     raise ValueError(f"train.mixed_weight={c['mixed_weight']!r}: must be a number > 0")
   if isinstance(c["k_curriculum_steps"], bool) or not isinstance(c["k_curriculum_steps"], int) or c["k_curriculum_steps"] < 0:
     raise ValueError(f"train.k_curriculum_steps={c['k_curriculum_steps']!r}: must be an integer >= 0")
-  trainable = spec.num_tokens - spec.num_frozen
-  if c["frozen_head"] >= trainable:
-    raise ValueError(f"train.frozen_head={c['frozen_head']} keeps every trainable token of the cartridge frozen "
-                     f"(p - num_frozen = {trainable}); use a value below {trainable}, e.g. 32, or 0 (off)")
+  why = frozen_head_problem(c["frozen_head"], spec.num_tokens, spec.num_frozen)
+  if why:
+    raise ValueError(why)
   if c["pack"] and c["k_max"] != 1:
     raise ValueError(f"train.pack=True needs train.k_max=1 (got {c['k_max']}): a row that loads distractors holds "
                      "one conversation")

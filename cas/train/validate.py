@@ -90,6 +90,16 @@ def train_config_problems(cfg: Mapping, keys: Iterable[str]) -> list[tuple[str, 
   return out
 
 
+def frozen_head_problem(frozen_head: int, num_tokens: int, num_frozen: int) -> str | None:
+  """Why train.frozen_head cannot work with a cartridge of p = num_tokens (num_frozen sink tokens),
+  or None: it must leave at least one trainable token (cas.config_check and train_cas ask it)."""
+  trainable = num_tokens - num_frozen
+  if frozen_head >= trainable:
+    return (f"train.frozen_head={frozen_head} keeps every trainable token of the cartridge frozen (p - num_frozen "
+            f"= {trainable}); use a value below {trainable}, e.g. 32, or 0 (off)")
+  return None
+
+
 def check_train_config(cfg: Mapping, keys: Iterable[str], *, where: str) -> dict:
   """Returns dict(cfg) after checking that its keys are exactly `keys` and values are valid
   (raises TrainConfigError with the first of `train_config_problems`)."""
