@@ -7,6 +7,11 @@
 # Usage (device machine, after `. benchmarks/gpu_setup.sh`; random weights, no model files needed):
 #   OUT=... bash benchmarks/decode_levers.sh            # [MODELS="smollm2-135m llama-3.2-1b"] [BATCH=64]
 # Then here: the JSON lines in $OUT/decode_levers.jsonl (tokens_per_s per variant, layer_loop, xla_flags).
+# Second part (real weights: the default model and Gemma 3 270M, joined by gpu_setup.sh; SELFSTUDY=0 skips
+# it): the real workload, self-study of the `paper` preset (quote family, whole-document teacher) on two
+# patients documents, 256 conversations each, 64 decode rows, without and with refilled rows
+# (synth.refill); prints each run's self-study line (conversations/s, generated tokens/s) and keeps
+# its log in $OUT/refill_<model>_<False|True>.log.
 set -u
 OUT=${OUT:-/tmp}
 GRAPHS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
@@ -16,3 +21,15 @@ for m in ${MODELS:-smollm2-135m llama-3.2-1b}; do
   python3 -m benchmarks.synth_speed "${A[@]}" --torch=true 2>&1 | grep -a '"status"' | cut -c1-400
   XLA_FLAGS="$GRAPHS" python3 -m benchmarks.synth_speed "${A[@]}" --torch=false 2>&1 | grep -a '"status"' | cut -c1-400
 done
+if [ "${SELFSTUDY:-1}" = 1 ]; then
+  for m in ${SELF_MODELS:-default gemma3-270m}; do
+    M=(); [ "$m" != default ] && M=(--config.model_path=$m)
+    for r in False True; do
+      W=/tmp/refill_${m}_$r; rm -rf $W
+      python3 -m launch.synthesize --config=configs/cas.py:paper --config.data.kind=patients --config.data.num_docs=2 \
+          --config.synth.conversations=256 --config.synth.shard_size=256 --config.synth.batch_size=64 \
+          --config.synth.refill=$r "${M[@]}" --workdir=$W > $OUT/refill_${m}_$r.log 2>&1
+      echo "$m refill=$r rc=$? $(grep -ao 'self-study: 100%[^]]*]' $OUT/refill_${m}_$r.log | tail -1)"
+    done
+  done
+fi

@@ -69,6 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.synth.conversations = 8  # per document
   c.synth.shard_size = 8
   c.synth.batch_size = 16
+  # True: a shard is one call whose batch_size decode rows are refilled from its waiting
+  # conversations as answers end (continuous batching); needs shard_size > batch_size
+  c.synth.refill = False
   c.synth.min_chunk = 128
   c.synth.max_chunk = 384
   c.synth.max_user_tokens = 32

@@ -54,7 +54,7 @@ def generate_text(loaded, config) -> tuple[str, object]:
   ids = tok.prompt_ids(msgs + [{"role": "user", "content": config.prompt}], add_generation_prompt=True)
   sampler = Sampler(loaded.model, pad_id=tok.pad_id)
   gen = sampler.generate([ids], max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                         top_p=config.top_p, stop_ids=tok.stop_ids, seed=config.seed)[0]
+                         top_p=config.top_p, stop_ids=tok.stop_ids, line_stop=tok.line_stop, seed=config.seed)[0]
   toks = gen.tokens.tolist()
   text = tok.decode(toks[:tok.answer_length(toks)])  # completion: the first non-empty line
   return (text.strip() if tok.prompt_format == "completion" else text), gen

@@ -147,7 +147,8 @@ class Evaluator:
                       jnp.arange(k.shape[1], dtype=jnp.int32)[None] if text else None)
       off = int(k.shape[1]) if ctx.position_offset is None else ctx.position_offset
     res = self.sampler.generate([prompt], max_new_tokens=self.max_new_tokens, prefix=prefix,
-                                position_offset=off, stop_ids=self.tok.stop_ids)
+                                position_offset=off, stop_ids=self.tok.stop_ids,
+                                line_stop=getattr(self.tok, "line_stop", None))
     toks = res.generations[0].tokens.tolist()
     out = self.tok.decode(toks[:self.tok.answer_length(toks)])  # completion: the first non-empty line
     return QuestionResult(q.qid, q.doc_id, "short", is_correct_short(out, q.correct_answers), out, text_tokens, kv)

@@ -75,12 +75,16 @@ class KVCache(NamedTuple):
   """Decode cache. k, v: [L, B, S, Hkv, D]; segment_ids: [B, S] int32 (0 = empty slot);
   index: [] int32, number of slots written so far (same for every row); positions: [B, S]
   int32, the position of the token in each slot (sliding-window layers measure distance in
-  positions; None: slot order is used)."""
+  positions; None: slot order is used). ring: None, or a [] bool array marking a *ring* cache
+  (the sampler's refilled rows, `cas.model.sampler`): the caller sets `index` to the slot to
+  write (it wraps), and a key is visible to a query of its segment when its *position* is not
+  later than the query's (slot order says nothing once a row's slots wrap)."""
   k: Array
   v: Array
   segment_ids: Array
   index: Array
   positions: Array | None = None
+  ring: Array | None = None
 
   @classmethod
   def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype=jnp.bfloat16) -> "KVCache":
@@ -305,7 +309,11 @@ class Transformer(nnx.Module):
       k_pos = None
       if cache.positions is not None:
         k_pos = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))  # [B, S]
-    self_mask = segment_causal_mask(q_idx, k_idx, segment_ids, k_seg)  # [B, T, S]
+    if cache is not None and cache.ring is not None:  # ring cache: causal in positions
+      self_mask = ((k_pos[:, None, :] <= positions[:, :, None]) & (k_seg[:, None, :] == segment_ids[:, :, None])
+                   & (k_seg[:, None, :] != 0))  # [B, T, S]
+    else:
+      self_mask = segment_causal_mask(q_idx, k_idx, segment_ids, k_seg)  # [B, T, S]
     local_self_mask = None
     if sliding:  # sliding-window layers: own keys less than `sliding_window` positions back
       kp = k_pos if k_pos is not None else jnp.broadcast_to(k_idx, (b, k_idx.shape[0]))
@@ -443,7 +451,7 @@ class Transformer(nnx.Module):
     h = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.is_gemma)
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(new_k, new_v, k_seg, cache.index + t, k_pos)
+      new_cache = KVCache(new_k, new_v, k_seg, cache.index + t, k_pos, cache.ring)
     out = h if return_hidden else self.logits_from_hidden(h)
     return out, new_cache
 

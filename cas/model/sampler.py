@@ -20,6 +20,15 @@ and generated token; prompt positions then usually start at `position_offset = P
 `positions` is text context (see `cas.model.llama.Prefix`): a sliding-window model (Gemma 3)
 windows it like the prompt itself.
 
+`generate(..., line_stop=Tokenizer.line_stop)` also ends a row right after the line break that ends
+its first non-empty line (completion format's answer; without it the row decodes tokens that are cut
+anyway). `generate(..., slots=B)` decodes many prompts through B rows and *refills* a row with the
+next waiting prompt as soon as its answer ends (continuous batching), instead of decoding padding
+until a batch's longest answer ends: each row's cache is then a ring (`KVCache.ring`) of
+prompt-bucket + new-token-bucket slots, and the waiting prompts are prefilled `refill_rows` at a
+time inside the same jitted loop (no host round trip). Each prompt's tokens are those of plain
+`generate` (sampling is keyed by the prompt's index and its own step).
+
 `Sampler.generate_shared` is `generate` for prompts that begin with the same long run of
 tokens (self-study's teacher prompts when every conversation sees the same document): the
 common tokens are prefilled once, as a shared prefix, and only each prompt's own tail is
@@ -115,6 +124,26 @@ def top_p_filter(logits: Array, top_p: Array | float) -> Array:
   return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+def _choose(logits: Array, keys, temperature, top_p, *, top_k: int, use_top_p: bool):
+  """logits [n, V] f32 -> token [n] i32, its logprob [n] f32 (temperature 1), top ids [n, k] i32,
+  top log-probs [n, k] f32. keys: [n] PRNG keys of the draw, or None for greedy (argmax)."""
+  n = logits.shape[0]
+  lp = jax.nn.log_softmax(logits, axis=-1)  # [n, V] f32
+  if keys is None:
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  else:
+    scaled = logits / temperature
+    if use_top_p:
+      scaled = top_p_filter(scaled, top_p)
+    tok = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+  tok_lp = jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+  if top_k:
+    top_lp, top_ids = jax.lax.top_k(lp, top_k)
+  else:
+    top_lp, top_ids = jnp.zeros((n, 0), jnp.float32), jnp.zeros((n, 0), jnp.int32)
+  return tok, tok_lp, top_ids.astype(jnp.int32), top_lp
+
+
 class Sampler:
   """Batched, jitted prefill + decode for a `Transformer`.
 
@@ -175,13 +204,23 @@ class Sampler:
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                temperature: float = 0.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
                prefix: Prefix | None = None, position_offset: int | Sequence[int] = 0,
-               top_k_logprobs: int = 0, seed: int = 0) -> GenerationResult:
+               top_k_logprobs: int = 0, seed: int = 0, line_stop=None, slots: int | None = None,
+               refill_rows: int | None = None) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after each prompt.
 
     prompts: token id lists (each non-empty). prefix: optional `Prefix` with k, v
     [L, Bp, P, Hkv, D] (rotated keys) and mask [Bp, P] bool, Bp == 1 (shared by every prompt)
     or Bp == len(prompts). position_offset: position of each prompt's first token (an int for
     all, or one per prompt). top_k_logprobs: k of the returned top-k log-probs (0 = none).
+    line_stop: optional `cas.model.tokenizer.LineStop` (`Tokenizer.line_stop`): a row also stops
+    right after the line break that ends its first non-empty line (finish_reason "stop"); the
+    tokens up to there are the same as without it (sampling is keyed by row and step).
+    slots: decode at most this many rows at once and *refill* them: as soon as a row's prompt
+    finishes, the next waiting prompt is prefilled into it (in groups of `refill_rows`, default
+    slots // 4), instead of decoding padding until the batch's longest answer ends. Each prompt's
+    tokens are those of plain `generate` (sampling is keyed by the prompt's index and its own
+    step), up to float summation order. Used when there are more prompts than slots and the
+    prefix, if any, is shared (batch 1); otherwise (a prefix per prompt) this is plain `generate`.
     """
     n = len(prompts)
     prompts = [list(map(int, p)) for p in prompts]
@@ -193,6 +232,7 @@ class Sampler:
                        f"{n} prompts")
     if prefix is not None:
       self._validate_prefix(prefix, n)
+    line_stop = self._line_stop_tables(line_stop)
     if max_new_tokens == 0 or n == 0:
       k = top_k_logprobs
       return GenerationResult(tuple(
@@ -200,6 +240,17 @@ class Sampler:
                      np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), "length", len(p))
           for p in prompts))
     stop = sorted(set(int(s) for s in stop_ids))
+    if slots is not None:
+      if int(slots) < 1:
+        raise ValueError(f"Sampler.generate: slots must be >= 1, got {slots}")
+      r = max(1, int(slots) // 4) if refill_rows is None else int(refill_rows)
+      if not 1 <= r <= int(slots):
+        raise ValueError(f"Sampler.generate: refill_rows must be in [1, slots={slots}], got {refill_rows}")
+      if n > int(slots) and (prefix is None or prefix.k.shape[1] == 1):
+        return GenerationResult(tuple(self._generate_refill(
+            prompts, offsets, prefix, slots=int(slots), refill_rows=r, max_new_tokens=max_new_tokens,
+            temperature=float(temperature), top_p=float(top_p), stop=stop, top_k=int(top_k_logprobs),
+            seed=int(seed), line_stop=line_stop)))
     chunk = self.batch_buckets[-1]
     out: list[Generation] = []
     for start in range(0, n, chunk):
@@ -214,7 +265,7 @@ class Sampler:
       out.extend(self._generate_batch(
           prompts[start:end], offsets[start:end], sub_prefix, max_new_tokens=max_new_tokens,
           temperature=float(temperature), top_p=float(top_p), stop=stop,
-          top_k=int(top_k_logprobs), seed=int(seed), row_start=start))
+          top_k=int(top_k_logprobs), seed=int(seed), row_start=start, line_stop=line_stop))
     return GenerationResult(tuple(out))
 
   def generate_shared(self, prompts: Sequence[Sequence[int]], *, min_shared: int = 64,
@@ -269,6 +320,22 @@ class Sampler:
     if not 0 <= top_k <= v:
       raise ValueError(f"Sampler.generate: top_k_logprobs must be in [0, {v}], got {top_k}")
 
+  def _line_stop_tables(self, line_stop):
+    """(newline [V] bool, text [V] bool) padded to the model's vocabulary, or None."""
+    if line_stop is None:
+      return None
+    v = self.cfg.vocab_size
+    tables = []
+    for name in ("newline", "text"):
+      t = np.asarray(getattr(line_stop, name), bool)
+      if t.ndim != 1 or t.shape[0] > v:
+        raise ValueError(f"Sampler.generate: line_stop.{name} must be a bool table of at most the "
+                         f"vocabulary's {v} ids, got shape {t.shape}")
+      tables.append(np.pad(t, (0, v - t.shape[0])))
+    if np.any(tables[0] & tables[1]):
+      raise ValueError("Sampler.generate: line_stop marks some ids both newline and text")
+    return tuple(tables)
+
   def _validate_prefix(self, prefix: Prefix, n: int) -> None:
     cfg = self.cfg
     k, v, m = prefix.k, prefix.v, prefix.mask
@@ -290,7 +357,7 @@ class Sampler:
   def lower(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
             temperature: float = 0.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
             prefix: Prefix | None = None, position_offset: int | Sequence[int] = 0,
-            top_k_logprobs: int = 0, seed: int = 0) -> jax.stages.Lowered:
+            top_k_logprobs: int = 0, seed: int = 0, line_stop=None) -> jax.stages.Lowered:
     """The program `generate` would run for these arguments, lowered (not run, not cached): for
     tests and benchmarks that inspect it (`.as_text()`, `.compile().memory_analysis()`). The
     prompts must fit one batch bucket (at most the largest); arguments as in `generate`. The
@@ -307,18 +374,22 @@ class Sampler:
     _, program, args = self._program_and_args(
         prompts, offsets, prefix, max_new_tokens=max_new_tokens, temperature=float(temperature),
         top_p=float(top_p), stop=sorted(set(int(s) for s in stop_ids)), top_k=int(top_k_logprobs),
-        seed=int(seed), row_start=0, cache=False)
+        seed=int(seed), row_start=0, line_stop=self._line_stop_tables(line_stop), cache=False)
     return program.lower(*args)
 
   def _generate_batch(self, prompts, offsets, prefix, *, max_new_tokens, temperature, top_p,
-                      stop, top_k, seed, row_start) -> list[Generation]:
+                      stop, top_k, seed, row_start, line_stop=None) -> list[Generation]:
     lengths, program, args = self._program_and_args(
         prompts, offsets, prefix, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, stop=stop, top_k=top_k, seed=seed, row_start=row_start)
-    res = program(*args)
+        top_p=top_p, stop=stop, top_k=top_k, seed=seed, row_start=row_start, line_stop=line_stop)
+    return self._generations(program(*args), lengths)
+
+  @staticmethod
+  def _generations(res, lengths) -> list[Generation]:
+    """The program's outputs -> one `Generation` per prompt (the first len(lengths) rows)."""
     toks, tok_lp, top_ids, top_lp, n_gen, stopped = jax.device_get(res)
     out = []
-    for i in range(len(prompts)):
+    for i in range(len(lengths)):
       m = int(n_gen[i])
       out.append(Generation(
           tokens=np.asarray(toks[i, :m], np.int32),
@@ -329,71 +400,205 @@ class Sampler:
           num_prompt_tokens=int(lengths[i])))
     return out
 
-  def _program_and_args(self, prompts, offsets, prefix, *, max_new_tokens, temperature, top_p,
-                        stop, top_k, seed, row_start, cache: bool = True):
-    """(prompt lengths [n] int32, the jitted program for the buckets, its arguments)."""
-    n = len(prompts)
+  def _layout(self, prompts, offsets, rows: int, max_new_tokens: int, stop):
+    """Padded inputs shared by both programs: (prompt lengths [n], prompt bucket tp, new-token
+    bucket tn, tokens [rows, tp] right-padded, lengths [rows] (1 for padding rows), offsets [rows],
+    stop ids [S] (-1 = unused))."""
     lengths = np.array([len(p) for p in prompts], np.int32)
-    b = bucket_size(n, self.batch_buckets)
     tp = bucket_size(int(lengths.max()), self.prompt_buckets)
     tn = bucket_size(max_new_tokens, self.new_token_buckets)
     if tp + tn + int(offsets.max()) > self.cfg.max_position_embeddings:
       logging.warning("Sampler: positions up to %d exceed max_position_embeddings=%d",
                       tp + tn + int(offsets.max()), self.cfg.max_position_embeddings)
-    tokens = np.full((b, tp), self.pad_id, np.int32)  # [B, Tp]
+    tokens = np.full((rows, tp), self.pad_id, np.int32)  # [rows, Tp]
     for i, p in enumerate(prompts):
       tokens[i, :len(p)] = p
-    lengths_b = np.ones((b,), np.int32)
-    lengths_b[:n] = lengths
-    offsets_b = np.zeros((b,), np.int32)
-    offsets_b[:n] = offsets
+    lengths_b = np.ones((rows,), np.int32)
+    lengths_b[:len(prompts)] = lengths
+    offsets_b = np.zeros((rows,), np.int32)
+    offsets_b[:len(prompts)] = offsets
+    stop_arr = np.full((bucket_size(max(1, len(stop)), (8, 32, 128)),), -1, np.int32)
+    stop_arr[:len(stop)] = stop
+    return lengths, tp, tn, tokens, lengths_b, offsets_b, stop_arr
+
+  def _padded_prefix(self, prefix: Prefix | None, pad_b: int):
+    """(pk, pv, pm, pp, signature): the prefix with its batch axis padded by `pad_b` rows (which
+    see no prefix) and its length to a multiple of prefix_multiple (masked slots); Nones without."""
+    if prefix is None:
+      return None, None, None, None, None
+    pk, pv, pm, pp = prefix.k, prefix.v, jnp.asarray(prefix.mask, bool), None
+    if prefix.positions is not None:  # [Bp, P] int32 (text prefix)
+      pp = jnp.broadcast_to(jnp.asarray(prefix.positions, jnp.int32), pm.shape)
+    pad_p = -(-pk.shape[2] // self.prefix_multiple) * self.prefix_multiple - pk.shape[2]
+    if pad_b or pad_p:
+      widths = ((0, 0), (0, pad_b), (0, pad_p), (0, 0), (0, 0))
+      pk, pv = jnp.pad(pk, widths), jnp.pad(pv, widths)
+      pm = jnp.pad(pm, ((0, pad_b), (0, pad_p)))
+      if pp is not None:
+        pp = jnp.pad(pp, ((0, pad_b), (0, pad_p)))
+    return pk, pv, pm, pp, (pk.shape[1] == 1, pk.shape[2], str(pk.dtype), pp is not None)
+
+  def _program_and_args(self, prompts, offsets, prefix, *, max_new_tokens, temperature, top_p,
+                        stop, top_k, seed, row_start, line_stop=None, cache: bool = True):
+    """(prompt lengths [n] int32, the jitted program for the buckets, its arguments)."""
+    n = len(prompts)
+    b = bucket_size(n, self.batch_buckets)
+    lengths, tp, tn, tokens, lengths_b, offsets_b, stop_arr = self._layout(prompts, offsets, b, max_new_tokens, stop)
     live = np.zeros((b,), bool)
     live[:n] = True
-    nstop = bucket_size(max(1, len(stop)), (8, 32, 128))
-    stop_arr = np.full((nstop,), -1, np.int32)
-    stop_arr[:len(stop)] = stop
-
-    prefix_sig = None
-    pk = pv = pm = pp = None
-    if prefix is not None:
-      pk, pv, pm = prefix.k, prefix.v, jnp.asarray(prefix.mask, bool)
-      if prefix.positions is not None:  # [Bp, P] int32 (text prefix)
-        pp = jnp.broadcast_to(jnp.asarray(prefix.positions, jnp.int32), pm.shape)
-      bp, p = pk.shape[1], pk.shape[2]
-      # Pad the batch axis to the bucket (padded rows see no prefix) and the prefix length to
-      # a multiple of prefix_multiple (padded slots are masked out).
-      pad_b = 0 if bp == 1 else b - bp
-      pad_p = -(-p // self.prefix_multiple) * self.prefix_multiple - p
-      if pad_b or pad_p:
-        widths = ((0, 0), (0, pad_b), (0, pad_p), (0, 0), (0, 0))
-        pk, pv = jnp.pad(pk, widths), jnp.pad(pv, widths)
-        pm = jnp.pad(pm, ((0, pad_b), (0, pad_p)))
-        if pp is not None:
-          pp = jnp.pad(pp, ((0, pad_b), (0, pad_p)))
-      prefix_sig = (pk.shape[1] == 1, pk.shape[2], str(pk.dtype), pp is not None)
-
+    pad_b = 0 if prefix is None or prefix.k.shape[1] == 1 else b - prefix.k.shape[1]
+    pk, pv, pm, pp, prefix_sig = self._padded_prefix(prefix, pad_b)
     greedy = temperature == 0.0
     use_top_p = (not greedy) and top_p < 1.0
-    key = (b, tp, tn, top_k, greedy, use_top_p, nstop, prefix_sig)
+    key = (b, tp, tn, top_k, greedy, use_top_p, len(stop_arr), line_stop is not None, prefix_sig)  # prefix last
     program = self._programs.get(key)
     if program is None:
       program = self._build_program(b, tp, tn, top_k, greedy, use_top_p)
       if cache:
         self._programs[key] = program
-    args = (self._state, tokens, lengths_b, offsets_b, live, pk, pv, pm, pp, stop_arr,
+    ls_nl, ls_text = (None, None) if line_stop is None else line_stop
+    args = (self._state, tokens, lengths_b, offsets_b, live, pk, pv, pm, pp, stop_arr, ls_nl, ls_text,
             np.int32(max_new_tokens), np.float32(max(temperature, 1e-6)),
             np.float32(top_p), np.uint32(seed % 2**32), np.int32(row_start))
     return lengths, program, args
+
+  def _generate_refill(self, prompts, offsets, prefix, *, slots, refill_rows, max_new_tokens, temperature,
+                       top_p, stop, top_k, seed, line_stop) -> list[Generation]:
+    """`generate` with `slots` rows refilled from the waiting prompts (see `generate`)."""
+    qb = bucket_size(len(prompts), self.batch_buckets)
+    lengths, tp, tn, tokens, lengths_q, offsets_q, stop_arr = self._layout(prompts, offsets, qb, max_new_tokens, stop)
+    pk, pv, pm, pp, prefix_sig = self._padded_prefix(prefix, 0)  # batch 1 (shared by every prompt) or None
+    greedy = temperature == 0.0
+    use_top_p = (not greedy) and top_p < 1.0
+    key = ("refill", slots, refill_rows, qb, tp, tn, top_k, greedy, use_top_p, len(stop_arr), line_stop is not None,
+           prefix_sig)
+    program = self._programs.get(key)
+    if program is None:
+      program = self._programs[key] = self._build_refill_program(slots, refill_rows, qb, tp, tn, top_k,
+                                                                 greedy, use_top_p)
+    ls_nl, ls_text = (None, None) if line_stop is None else line_stop
+    res = program(self._state, tokens, lengths_q, offsets_q, np.int32(len(prompts)), pk, pv, pm, pp, stop_arr,
+                  ls_nl, ls_text, np.int32(max_new_tokens), np.float32(max(temperature, 1e-6)), np.float32(top_p),
+                  np.uint32(seed % 2**32))
+    return self._generations(res, lengths)
+
+  def _build_refill_program(self, b: int, r: int, qb: int, tp: int, tn: int, top_k: int, greedy: bool,
+                            use_top_p: bool):
+    """The jitted refill program: `b` rows over `qb` (padded) prompts, refilled `r` at a time.
+
+    Each row's KV cache is a ring of tp + tn slots (`KVCache.ring`): a prompt prefilled at write
+    index i occupies slots [i - tp, i) (mod tp + tn) and its tokens the slots from i on, so one
+    prompt and its answer always fit; one write index advances for every row, as in `generate`.
+    """
+    graphdef, cfg, cache_dtype, pad = self._graphdef, self.cfg, self.cache_dtype, self.pad_id
+    size = tp + tn
+
+    def run(state, tokens, lengths, offsets, nq, pk, pv, pm, pp, stop_ids, ls_nl, ls_text, max_new,
+            temperature, top_p, seed):
+      self.num_compilations += 1  # runs at trace time only
+      logging.info("Sampler: compiling refill slots=%d refill_rows=%d prompts=%d prompt=%d new=%d top_k=%d "
+                   "greedy=%s prefix=%s", b, r, qb, tp, tn, top_k, greedy, None if pk is None else pk.shape)
+      model = nnx.merge(graphdef, state)
+      prefix = None if pk is None else Prefix(pk, pv, pm, pp)
+      base_key = jax.random.key(seed)
+
+      def choose(logits, pids, steps):
+        """As in `generate`; the draw is keyed by (prompt index, its own step)."""
+        keys = None if greedy else jax.vmap(
+            lambda p, s: jax.random.fold_in(jax.random.fold_in(base_key, p), s))(pids, steps)
+        return _choose(logits, keys, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
+
+      def stops(tok, seen, act):
+        """(hit a stop [n] bool, seen text after this token [n] bool) for active rows."""
+        hit = act & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        if ls_nl is not None:
+          hit = hit | (act & seen & ls_nl[tok])
+          seen = seen | (act & ls_text[tok])
+        return hit, seen
+
+      def write(bufs, n_gen, stopped, pids, steps, vals, hit, act):
+        """Record position `steps` of prompts `pids` for rows `act` (others are dropped)."""
+        at = jnp.where(act, pids, qb)  # out of range: dropped
+        bufs = tuple(buf.at[at, steps].set(val, mode="drop") for buf, val in zip(bufs, vals))
+        n_gen = n_gen.at[at].add(1, mode="drop")
+        stopped = stopped.at[jnp.where(hit, pids, qb)].set(True, mode="drop")
+        return bufs, n_gen, stopped
+
+      def need_refill(st):
+        _, _, nxt, occ = st[:4]
+        rem = nq - nxt
+        return (rem > 0) & (jnp.sum(~occ) >= jnp.minimum(r, rem))
+
+      def refill(st):
+        i, cache, nxt, occ, spid, sstep, stok, sseen, n_gen, stopped, bufs = st
+        cnt = jnp.minimum(jnp.minimum(r, nq - nxt), jnp.sum(~occ))
+        sel = jnp.argsort(occ.astype(jnp.int32), stable=True)[:r]  # free rows first
+        j = jnp.arange(r)
+        valid = j < cnt
+        pids = jnp.clip(nxt + j, 0, qb - 1)
+        lens, offs = lengths[pids], offsets[pids]
+        seg = ((jnp.arange(tp)[None, :] < lens[:, None]) & valid[:, None]).astype(jnp.int32)  # [r, tp]
+        pos = offs[:, None] + jnp.arange(tp, dtype=jnp.int32)[None, :]
+        h, small = model(tokens[pids], pos, seg, prefix=prefix, cache=KVCache.empty(cfg, r, tp, cache_dtype),
+                         return_hidden=True)
+        last = jnp.take_along_axis(h, (lens - 1)[:, None, None], axis=1)
+        vals = choose(model.logits_from_hidden(last)[:, 0], pids, jnp.zeros((r,), jnp.int32))
+        hit, seen = stops(vals[0], jnp.zeros((r,), bool), valid)
+        bufs, n_gen, stopped = write(bufs, n_gen, stopped, pids, jnp.zeros((r,), jnp.int32), vals, hit, valid)
+        done = hit | (max_new <= 1)
+        # the prompt's KV into its row's ring: slots [i - tp, i) mod size; the row's other slots emptied
+        rows = jnp.where(valid, sel, b)  # out of range: dropped
+        cols = (i - tp + jnp.arange(tp)) % size
+        ck = cache.k.at[:, rows[:, None], cols[None, :]].set(small.k, mode="drop")
+        cv = cache.v.at[:, rows[:, None], cols[None, :]].set(small.v, mode="drop")
+        cseg = cache.segment_ids.at[rows].set(0, mode="drop").at[rows[:, None], cols[None, :]].set(seg, mode="drop")
+        cpos = cache.positions.at[rows[:, None], cols[None, :]].set(pos, mode="drop")
+        cache = cache._replace(k=ck, v=cv, segment_ids=cseg, positions=cpos)
+        occ = occ.at[rows].set(~done, mode="drop")
+        spid, sstep = spid.at[rows].set(pids, mode="drop"), sstep.at[rows].set(1, mode="drop")
+        stok, sseen = stok.at[rows].set(vals[0], mode="drop"), sseen.at[rows].set(seen, mode="drop")
+        return i, cache, nxt + cnt, occ, spid, sstep, stok, sseen, n_gen, stopped, bufs
+
+      def cond(st):
+        return (st[2] < nq) | jnp.any(st[3])
+
+      def body(st):
+        st = jax.lax.while_loop(need_refill, refill, st)
+        i, cache, nxt, occ, spid, sstep, stok, sseen, n_gen, stopped, bufs = st
+        act = occ
+        pos = (offsets[spid] + lengths[spid] + sstep - 1)[:, None]  # feed the token sampled last
+        logits, cache = model(stok[:, None], pos, act[:, None].astype(jnp.int32), prefix=prefix,
+                              cache=cache._replace(index=i % size))
+        vals = choose(logits[:, 0], spid, sstep)
+        tok = jnp.where(act, vals[0], pad)
+        hit, sseen = stops(tok, sseen, act)
+        bufs, n_gen, stopped = write(bufs, n_gen, stopped, spid, sstep, (tok,) + vals[1:], hit, act)
+        occ = act & ~(hit | (sstep + 1 >= max_new))
+        return i + 1, cache, nxt, occ, spid, sstep + act.astype(jnp.int32), tok, sseen, n_gen, stopped, bufs
+
+      empty = KVCache.empty(cfg, b, size, cache_dtype)
+      cache = empty._replace(ring=jnp.zeros((), bool))
+      bufs = (jnp.full((qb, tn), pad, jnp.int32), jnp.zeros((qb, tn), jnp.float32),
+              jnp.zeros((qb, tn, top_k), jnp.int32), jnp.zeros((qb, tn, top_k), jnp.float32))
+      zb = jnp.zeros((b,), jnp.int32)
+      st = (jnp.int32(tp), cache, jnp.int32(0), jnp.zeros((b,), bool), zb, zb, zb, jnp.zeros((b,), bool),
+            jnp.zeros((qb,), jnp.int32), jnp.zeros((qb,), bool), bufs)
+      st = jax.lax.while_loop(cond, body, st)
+      n_gen, stopped, (toks, tok_lp, top_ids, top_lp) = st[8], st[9], st[10]
+      return toks, tok_lp, top_ids, top_lp, n_gen, stopped
+
+    return jax.jit(run)
 
   def _build_program(self, b: int, tp: int, tn: int, top_k: int, greedy: bool, use_top_p: bool):
     """The jitted prefill + decode program for one bucket combination."""
     graphdef, cfg, cache_dtype = self._graphdef, self.cfg, self.cache_dtype
 
-    def run(state, tokens, lengths, offsets, live, pk, pv, pm, pp, stop_ids, max_new, temperature,
-            top_p, seed, row_start):
+    def run(state, tokens, lengths, offsets, live, pk, pv, pm, pp, stop_ids, ls_nl, ls_text, max_new,
+            temperature, top_p, seed, row_start):
       # tokens [B, Tp] int32; lengths, offsets [B] int32; live [B] bool; pk, pv [L, Bp, P, Hkv, D]
       # or None; pm [Bp, P] bool or None; pp [Bp, P] int32 prefix positions (text prefix) or
-      # None; stop_ids [S] int32 (-1 = unused); scalars otherwise.
+      # None; stop_ids [S] int32 (-1 = unused); ls_nl, ls_text [V] bool (line stop) or None;
+      # scalars otherwise.
       self.num_compilations += 1  # runs at trace time only
       logging.info("Sampler: compiling batch=%d prompt=%d new=%d top_k=%d greedy=%s top_p=%s "
                    "prefix=%s", b, tp, tn, top_k, greedy, use_top_p,
@@ -412,25 +617,12 @@ class Sampler:
 
       def choose(logits: Array, step: Array):
         """logits [B, V] f32 -> token [B] i32, its logprob [B] f32, top ids [B, k], top lp [B, k]."""
-        lp = jax.nn.log_softmax(logits, axis=-1)  # [B, V] f32
-        if greedy:
-          tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        else:
-          scaled = logits / temperature
-          if use_top_p:
-            scaled = top_p_filter(scaled, top_p)
-          keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-          tok = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-        tok_lp = jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
-        if top_k:
-          top_lp, top_ids = jax.lax.top_k(lp, top_k)
-        else:
-          top_lp, top_ids = jnp.zeros((b, 0), jnp.float32), jnp.zeros((b, 0), jnp.int32)
-        return tok, tok_lp, top_ids.astype(jnp.int32), top_lp
+        keys = None if greedy else jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+        return _choose(logits, keys, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
 
       def record(carry, step, logits):
         """Sample position `step` for rows still running; update done flags and buffers."""
-        done, stopped, n_gen, bufs = carry
+        done, stopped, n_gen, seen, bufs = carry
         tok, tok_lp, top_ids, top_lp = choose(logits, step)
         active = ~done
         tok = jnp.where(active, tok, self.pad_id)
@@ -438,9 +630,12 @@ class Sampler:
                      for buf, val in zip(bufs, (tok, tok_lp, top_ids, top_lp)))
         n_gen = n_gen + active.astype(jnp.int32)
         hit = active & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        if ls_nl is not None:  # the line break that ends the first non-empty line
+          hit = hit | (active & seen & ls_nl[tok])
+          seen = seen | (active & ls_text[tok])
         stopped = stopped | hit
         done = done | hit | (n_gen >= max_new)
-        return tok, (done, stopped, n_gen, bufs)
+        return tok, (done, stopped, n_gen, seen, bufs)
 
       # Prefill: right-padded prompts, pad slots get segment 0 (never attended).
       seg = (jnp.arange(tp)[None, :] < lengths[:, None]).astype(jnp.int32)  # [B, Tp]
@@ -452,12 +647,12 @@ class Sampler:
 
       bufs = (jnp.full((b, tn), self.pad_id, jnp.int32), jnp.zeros((b, tn), jnp.float32),
               jnp.zeros((b, tn, top_k), jnp.int32), jnp.zeros((b, tn, top_k), jnp.float32))
-      carry = (~live, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), bufs)
+      carry = (~live, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), bufs)
       tok, carry = record(carry, jnp.int32(0), logits)
       ones = jnp.ones((b, 1), jnp.int32)
 
       def cond(state):
-        step, _, _, (done, _, _, _) = state
+        step, _, _, (done, _, _, _, _) = state
         return (step < max_new) & ~jnp.all(done)
 
       def body(state):
@@ -468,7 +663,7 @@ class Sampler:
         tok, carry = record(carry, step, logits[:, 0])
         return step + 1, cache, tok, carry
 
-      _, _, _, (_, stopped, n_gen, bufs) = jax.lax.while_loop(
+      _, _, _, (_, stopped, n_gen, _, bufs) = jax.lax.while_loop(
           cond, body, (jnp.int32(1), cache, tok, carry))
       toks, tok_lp, top_ids, top_lp = bufs
       return toks, tok_lp, top_ids, top_lp, n_gen, stopped

@@ -43,11 +43,13 @@ tokenizer's format; `with_prompt_format(fmt)` gives a copy in another format.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from typing import Any, Mapping, Sequence
 
 from absl import logging
+import numpy as np
 
 from cas.model.errors import ModelLoadError
 
@@ -212,6 +214,15 @@ _GGUF_TOKENIZER_KEYS = (
 
 # ----------------------------------------------------------------------------- wrapper
 
+@dataclasses.dataclass(frozen=True)
+class LineStop:
+  """Stop a generation at the end of its first non-empty line: right after the first id in
+  `newline` ([V] bool: the id's text holds a line break) that follows an id in `text` ([V] bool:
+  the id's text is not blank, holds no line break and is no end-of-sequence id)."""
+  newline: np.ndarray
+  text: np.ndarray
+
+
 class Tokenizer:
   """A transformers fast tokenizer plus the ids cas needs (bos, pad, every end-of-generation id)."""
 
@@ -224,7 +235,7 @@ class Tokenizer:
     self.hf = hf
     self.source = source
     self.supplied_chat_template = bool(supplied_chat_template)
-    self._newline_ids: tuple[int, ...] | None = None
+    self._vocab_cache: dict = {}  # per-vocabulary tables, shared by with_prompt_format copies
     eos = []
     for i in [hf.eos_token_id, *extra_eos_ids, self._turn_end_id()]:
       if i is not None and int(i) not in eos:
@@ -365,13 +376,35 @@ class Tokenizer:
       logging.info("%s: prompt format %s (asked: %s)", self.source, out.prompt_format, fmt)
     return out
 
+  def _vocab_texts(self) -> list[str]:
+    """The text of every id on its own (special tokens spelled out), computed once per vocabulary."""
+    if "texts" not in self._vocab_cache:
+      self._vocab_cache["texts"] = self.hf.batch_decode([[i] for i in range(len(self.hf))],
+                                                        skip_special_tokens=False)
+    return self._vocab_cache["texts"]
+
   @property
   def newline_ids(self) -> tuple[int, ...]:
     """Every id whose text holds a line break (computed once per vocabulary)."""
-    if self._newline_ids is None:
-      texts = self.hf.batch_decode([[i] for i in range(len(self.hf))], skip_special_tokens=False)
-      self._newline_ids = tuple(i for i, t in enumerate(texts) if "\n" in t)
-    return self._newline_ids
+    if "newline_ids" not in self._vocab_cache:
+      self._vocab_cache["newline_ids"] = tuple(i for i, t in enumerate(self._vocab_texts()) if "\n" in t)
+    return self._vocab_cache["newline_ids"]
+
+  @property
+  def line_stop(self) -> "LineStop | None":
+    """In completion format, `answer_length`'s rule as per-id tables for the sampler
+    (`cas.model.sampler.Sampler.generate(line_stop=...)`), which then stops a row right after the
+    line break that ends its first non-empty line instead of decoding tokens that are cut anyway;
+    None in chat format (the whole generation is the answer)."""
+    if self.prompt_format != "completion":
+      return None
+    if "line_stop" not in self._vocab_cache:
+      texts = self._vocab_texts()
+      newline = np.array(["\n" in t for t in texts], bool)
+      text = np.array([bool(t.strip()) for t in texts], bool) & ~newline
+      text[[i for i in self._eos_ids if i < len(texts)]] = False
+      self._vocab_cache["line_stop"] = LineStop(newline, text)
+    return self._vocab_cache["line_stop"]
 
   @property
   def stop_ids(self) -> tuple[int, ...]:

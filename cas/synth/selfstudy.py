@@ -116,6 +116,10 @@ class SynthConfig:
   # permutation of the document's sentences, and its chunk contains that sentence, so every
   # sentence is covered once per pass (n conversations >= n sentences quote each at least once)
   coverage: str = "random"
+  # True: each shard is one call whose `batch_size` decode rows are refilled from the shard's
+  # waiting conversations as they finish (`Sampler.generate(slots=...)`) instead of batches that
+  # decode until their longest answer ends; needs shard_size > batch_size
+  refill: bool = False
 
   @staticmethod
   def config_kwargs(sc) -> dict:
@@ -124,7 +128,8 @@ class SynthConfig:
                 min_chunk=sc.min_chunk, max_chunk=sc.max_chunk, max_user_tokens=sc.max_user_tokens,
                 max_answer_tokens=sc.max_answer_tokens, temperature_a=sc.temperature_a,
                 temperature_b=sc.temperature_b, top_k=sc.top_k, seed=sc.seed,
-                families=tuple(sc.get("families", SEED_FAMILIES)), coverage=sc.get("coverage", "random"))
+                families=tuple(sc.get("families", SEED_FAMILIES)), coverage=sc.get("coverage", "random"),
+                refill=bool(sc.get("refill", False)))
 
   @classmethod
   def from_config(cls, sc) -> "SynthConfig":
@@ -140,8 +145,9 @@ class SynthConfig:
 
   def manifest_fields(self) -> dict:
     d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-    if d["coverage"] == "random":
-      del d["coverage"]  # datasets written before the field existed keep resuming
+    for k, default in (("coverage", "random"), ("refill", False)):
+      if d[k] == default:
+        del d[k]  # datasets written before the field existed keep resuming
     return d
 
 
@@ -324,16 +330,17 @@ def prompt_format_of(tokenizer) -> str:
 
 
 def prompt_functions(tokenizer):
-  """(prompt_ids(messages), document_context(chat_text, document), stop_ids, answer_length(ids))
-  of the tokenizer's prompt format (cas.model.tokenizer): chat = the chat template, the
-  instruction around the chunk, EOS, the whole generation; completion =
+  """(prompt_ids(messages), document_context(chat_text, document), stop_ids, answer_length(ids),
+  line_stop) of the tokenizer's prompt format (cas.model.tokenizer): chat = the chat template, the
+  instruction around the chunk, EOS, the whole generation, no line stop; completion =
   "{chunk}\\n\\nQuestion: {user}\\nAnswer:", the chunk alone, EOS, the generation cut at the end
-  of its first non-empty line. A tokenizer without prompt formats is chat."""
+  of its first non-empty line, where the sampler stops it (`Tokenizer.line_stop`). A tokenizer
+  without prompt formats is chat."""
   if hasattr(tokenizer, "prompt_ids"):
     return (tokenizer.prompt_ids, tokenizer.document_context, tuple(tokenizer.stop_ids),
-            tokenizer.answer_length)
+            tokenizer.answer_length, getattr(tokenizer, "line_stop", None))
   return (lambda msgs: tokenizer.apply_chat_template(msgs, add_generation_prompt=True),
-          lambda chat_text, document: chat_text, tuple(tokenizer.eos_ids), len)
+          lambda chat_text, document: chat_text, tuple(tokenizer.eos_ids), len, None)
 
 
 def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], tokenizer, sampler,
@@ -341,9 +348,11 @@ def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], token
   total = len(docs) * cfg.conversations_per_doc
   gs = range(shard * cfg.shard_size, min(total, (shard + 1) * cfg.shard_size))
   convs: list[Conversation] = []
-  prompt_ids, document_context, stop_ids, answer_length = prompt_functions(tokenizer)
-  for b0 in range(0, len(gs), cfg.batch_size):
-    batch = list(gs[b0:b0 + cfg.batch_size])
+  prompt_ids, document_context, stop_ids, answer_length, line_stop = prompt_functions(tokenizer)
+  step = len(gs) if cfg.refill else cfg.batch_size  # refill: the shard is one call of batch_size rows
+  rows = {"slots": cfg.batch_size} if cfg.refill else {}
+  for b0 in range(0, len(gs), step):
+    batch = list(gs[b0:b0 + step])
     plans, chunks = [], []
     for g in batch:
       d = g // cfg.conversations_per_doc
@@ -363,7 +372,8 @@ def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], token
           [{"role": "system", "content": document_context(BOT_A_SYSTEM.format(chunk=chunks[j]), chunks[j])},
            {"role": "user", "content": plans[j][3]}]) for j in ask]
       ra = _generate_grouped(sampler, a_prompts, [plans[j][:2] for j in ask], max_new_tokens=cfg.max_user_tokens,
-                             temperature=cfg.temperature_a, stop_ids=stop_ids, seed=seed)
+                             temperature=cfg.temperature_a, stop_ids=stop_ids, line_stop=line_stop, seed=seed,
+                             **rows)
       for j, gen in zip(ask, ra):
         toks = gen.tokens.tolist()
         toks = [t for t in toks[:answer_length(toks)] if t not in stop_ids]
@@ -372,8 +382,8 @@ def generate_shard(shard: int, *, docs: DocTokens, doc_ids: Sequence[str], token
         [{"role": "system", "content": document_context(BOT_B_SYSTEM.format(chunk=c), c)},
          {"role": "user", "content": u}]) for c, u in zip(chunks, user_msgs)]
     rb = _generate_grouped(sampler, b_prompts, [p[:2] for p in plans], max_new_tokens=cfg.max_answer_tokens,
-                           temperature=cfg.temperature_b, stop_ids=stop_ids, top_k_logprobs=cfg.top_k,
-                           seed=seed + 1)
+                           temperature=cfg.temperature_b, stop_ids=stop_ids, line_stop=line_stop,
+                           top_k_logprobs=cfg.top_k, seed=seed + 1, **rows)
     for p, u, gen in zip(plans, user_msgs, rb):
       student_prompt = prompt_ids([{"role": "user", "content": u}])
       n = answer_length(gen.tokens.tolist())  # completion: the first non-empty line
@@ -407,6 +417,11 @@ def synth_config_problems(cfg: SynthConfig) -> list[tuple[str, str]]:
     v = getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
       out.append((name, f"synth.{name}={v!r} must be a finite number >= 0 (0 = greedy)"))
+  if cfg.refill and isinstance(cfg.shard_size, int) and isinstance(cfg.batch_size, int) \
+      and cfg.shard_size <= cfg.batch_size:
+    out.append(("refill", f"synth.refill=True refills the batch_size={cfg.batch_size} decode rows from a "
+                          f"shard's waiting conversations, so it needs synth.shard_size > batch_size (got "
+                          f"shard_size={cfg.shard_size}); e.g. shard_size = 4 x batch_size"))
   return out
 
 

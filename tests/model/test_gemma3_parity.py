@@ -321,6 +321,26 @@ def test_sampler_with_cartridge_and_shared_prefix():
   np.testing.assert_allclose([g.top_logprobs for g in a], [g.top_logprobs for g in b], atol=1e-4)
 
 
+def test_refilled_rows_keep_the_sliding_window():
+  """Refilled rows (`slots`) on a sliding-window model: each row's cache is a ring whose slots
+  wrap, and the local layers still see only the last `sliding_window` positions (measured in
+  positions): every prompt's tokens are those of plain generate, also after a shared text prefix."""
+  p = pair("g270")
+  s = Sampler(p.model, pad_id=0, prefix_multiple=4)
+  prompts = [_tokens(p.cfg, (1, n), 40 + n)[0].tolist() for n in (3, 9, 2, 7, 12, 5)]
+  kw = dict(max_new_tokens=10, top_k_logprobs=3)
+  stop = [s.generate(prompts, **kw)[0].tokens[4]]  # ends some rows early, so rows are refilled at different steps
+  ref = s.generate(prompts, stop_ids=stop, **kw)
+  got = s.generate(prompts, slots=2, refill_rows=1, stop_ids=stop, **kw)
+  assert got.tokens == ref.tokens and got.finish_reasons == ref.finish_reasons and "stop" in ref.finish_reasons
+  for g, r in zip(got, ref):
+    np.testing.assert_allclose(g.token_logprobs, r.token_logprobs, atol=1e-4)
+  ctx = _tokens(p.cfg, (1, 8), 60)[0].tolist()
+  shared = [ctx + q for q in prompts]
+  a = s.generate_shared(shared, min_shared=4, slots=3, **kw)
+  assert a.tokens == s.generate(shared, **kw).tokens
+
+
 def test_bf16_compute_close_to_fp32():
   p = pair("g270")
   tokens = _tokens(p.cfg, (2, 11), 8)

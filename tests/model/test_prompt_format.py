@@ -3,6 +3,7 @@ documented text, its document prefix splits off exactly, chat stays the chat tem
 picks chat for SmolLM2-Instruct and completion for the Gemma 3 270M base GGUF."""
 import os
 
+import numpy as np
 import pytest
 
 from cas.config_check import check_config
@@ -40,6 +41,28 @@ def test_completion_prompts_are_the_documented_strings():
   assert tok.answer_length([nl2, nl, yes, yes, nl2, yes]) == 5
   assert tok.answer_length([nl, yes, yes]) == 3 and tok.answer_length([]) == 0
   assert real_tokenizer().answer_length([yes, nl, yes, nl]) == 4  # chat: the whole generation
+
+
+def test_line_stop_tables_follow_answer_length():
+  """`Tokenizer.line_stop` is answer_length's rule as per-id tables (the sampler stops where
+  answer_length cuts); chat format has none."""
+  tok = real_tokenizer().with_prompt_format("completion")
+  ls = tok.line_stop
+  assert real_tokenizer().line_stop is None and ls.newline.shape == ls.text.shape == (len(tok.hf),)
+  assert set(np.flatnonzero(ls.newline)) == set(tok.newline_ids) and not np.any(ls.newline & ls.text)
+  assert not ls.text[list(tok.eos_ids)].any() and not ls.text[tok.encode(" ")].any()
+  (nl,), (nl2,), (yes,) = tok.encode("\n"), tok.encode("\n\n"), tok.encode(" yes")
+  rng = np.random.default_rng(0)
+  pool = [nl, nl2, yes, *tok.encode(" "), *tok.eos_ids, *rng.integers(0, len(tok.hf), 8).tolist()]
+  for _ in range(200):
+    ids = [int(pool[i]) for i in rng.integers(0, len(pool), int(rng.integers(0, 9)))]
+    seen, cut = False, len(ids)
+    for j, t in enumerate(ids):
+      if ls.newline[t] and seen:
+        cut = j + 1
+        break
+      seen = seen or bool(ls.text[t])
+    assert cut == tok.answer_length(ids), ids
 
 
 def test_chat_format_is_the_chat_template():

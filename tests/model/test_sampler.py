@@ -151,6 +151,50 @@ def test_stop_ids_end_rows(sampler):
   assert res[0].finish_reason == "stop" and len(res[0].tokens) <= 3
 
 
+def _first_line_cut(ids, newline, text):
+  """answer_length's rule (cas.model.tokenizer) over tables: the length up to and including the
+  first newline id that follows a text id; the whole sequence if there is none."""
+  seen = False
+  for j, t in enumerate(ids):
+    if newline[t] and seen:
+      return j + 1
+    seen = seen or bool(text[t])
+  return len(ids)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_line_stop_ends_rows_at_their_first_nonempty_line(sampler, temperature):
+  """A row stops right after the line break that ends its first non-empty line; its tokens and
+  log-probs up to there are those of the generation without the stop (completion format's cut),
+  and rows that never end a line run on as before."""
+  from cas.model.tokenizer import LineStop
+  kw = dict(max_new_tokens=24, top_k_logprobs=5, temperature=temperature, seed=3)
+  ref = sampler.generate(PROMPTS, **kw)
+  # tables from the reference itself, so that rows end at different steps (one never does)
+  newline, text = np.zeros(V, bool), np.zeros(V, bool)
+  r0, r1, r2 = ref[0].tokens.tolist(), ref[1].tokens.tolist(), ref[2].tokens.tolist()
+  text[[r0[0], r1[1]]] = True
+  newline[[t for t in (r0[3], r1[9], r2[0]) if not text[t]]] = True
+  res = sampler.generate(PROMPTS, line_stop=LineStop(newline, text), **kw)
+  cut_somewhere = False
+  for r, g in zip(ref, res):
+    toks = r.tokens.tolist()
+    n = _first_line_cut(toks, newline, text)
+    assert g.tokens.tolist() == toks[:n]
+    np.testing.assert_array_equal(g.token_logprobs, r.token_logprobs[:n])
+    np.testing.assert_array_equal(g.top_ids, r.top_ids[:n])
+    assert g.finish_reason == ("stop" if n < len(toks) else r.finish_reason)
+    cut_somewhere |= n < len(toks)
+  assert cut_somewhere
+  # tables shorter than the model's vocabulary (a tokenizer without the padded ids) mark nothing there
+  none = LineStop(np.zeros(V - 1, bool), np.zeros(V - 1, bool))
+  assert sampler.generate(PROMPTS, line_stop=none, **kw).tokens == ref.tokens
+  with pytest.raises(ValueError, match="both newline and text"):
+    sampler.generate(PROMPTS, line_stop=LineStop(newline | text, text), **kw)
+  with pytest.raises(ValueError, match="line_stop.newline"):
+    sampler.generate(PROMPTS, line_stop=LineStop(np.zeros(V + 1, bool), np.zeros(V, bool)), **kw)
+
+
 def test_temperature_sampling_seeded(sampler):
   kw = dict(max_new_tokens=16, temperature=1.5)
   a = sampler.generate(PROMPTS, seed=0, **kw).tokens
@@ -284,3 +328,59 @@ def test_unrolled_layer_loop_decodes_the_same_tokens_and_logprobs(model, sampler
       np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=1e-4)
       np.testing.assert_allclose(x.top_logprobs, y.top_logprobs, atol=1e-4)
   assert other._graphdef != sampler._graphdef  # the other loop really was traced
+
+
+def _same_generations(got, ref, atol=1e-5):
+  assert got.tokens == ref.tokens and got.finish_reasons == ref.finish_reasons
+  for g, r in zip(got, ref):
+    np.testing.assert_allclose(g.token_logprobs, r.token_logprobs, atol=atol)
+    np.testing.assert_array_equal(g.top_ids, r.top_ids)
+    assert g.num_prompt_tokens == r.num_prompt_tokens
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_refilled_rows_give_each_prompt_its_own_generation(model, sampler, temperature):
+  """Continuous batching (`slots`): 9 prompts of different lengths through 3 rows, refilled one or
+  two at a time as rows finish (stop ids end some early), give every prompt the tokens and
+  log-probs of running it alone (its index in the call keys its sampling), with and without a
+  shared prefix (a document prefilled once) and a line stop."""
+  from cas.model.tokenizer import LineStop
+  prompts = make_prompts([3, 8, 13, 20, 5, 30, 2, 11, 7], seed=4)
+  kw = dict(max_new_tokens=20, top_k_logprobs=4, temperature=temperature, seed=5)
+  ref = sampler.generate(prompts, **kw)
+  stop = sorted({ref[1].tokens[3], ref[4].tokens[0], ref[6].tokens[9]})
+  kw["stop_ids"] = stop
+  ref = sampler.generate(prompts, **kw)
+  assert {g.finish_reason for g in ref} == {"stop", "length"}
+  for rows in (1, 2):
+    _same_generations(sampler.generate(prompts, slots=3, refill_rows=rows, **kw), ref)
+  # alone: the prompt's sampling is keyed by its index, so a single prompt runs with its own row
+  for i in (0, 5, 8):
+    alone = Sampler(model, pad_id=PAD).generate([prompts[i]], **kw) if temperature == 0 else None
+    if alone is not None:
+      assert alone.tokens[0] == ref.tokens[i]
+  # a shared document prefix, attended once (generate_shared) and a line stop
+  doc = make_prompts([70], seed=9)[0]
+  shared = [doc + p for p in prompts]
+  newline, text = np.zeros(V, bool), np.zeros(V, bool)
+  newline[[t for t in ref[2].tokens[4:6].tolist()]] = True
+  text[[t for t in ref[2].tokens[:2].tolist() if not newline[t]]] = True
+  kw["line_stop"] = LineStop(newline, text)
+  ref = sampler.generate_shared(shared, **kw)
+  _same_generations(sampler.generate_shared(shared, slots=4, **kw), ref)
+
+
+def test_refill_falls_back_and_checks_its_arguments(model, sampler):
+  prompts = make_prompts([3, 8, 13], seed=4)
+  kw = dict(max_new_tokens=6, top_k_logprobs=2)
+  ref = sampler.generate(prompts, **kw)
+  assert sampler.generate(prompts, slots=8, **kw).tokens == ref.tokens  # fewer prompts than slots
+  ctx = [make_prompts([5], seed=i)[0] for i in range(3)]  # a prefix per prompt: plain generate
+  k, v = model.layer_kv(jnp.asarray(ctx, jnp.int32), jnp.broadcast_to(jnp.arange(5), (3, 5)))
+  prefix = Prefix(k, v, jnp.ones((3, 5), bool))
+  assert (sampler.generate(prompts, slots=1, prefix=prefix, position_offset=5, **kw).tokens
+          == sampler.generate(prompts, prefix=prefix, position_offset=5, **kw).tokens)
+  with pytest.raises(ValueError, match="slots must be >= 1"):
+    sampler.generate(prompts, slots=0, **kw)
+  with pytest.raises(ValueError, match="refill_rows must be in"):
+    sampler.generate(prompts, slots=2, refill_rows=3, **kw)

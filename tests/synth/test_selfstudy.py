@@ -11,7 +11,8 @@ from cas.data.types import Document
 from cas.model.llama import build_model
 from cas.model.sampler import Sampler
 from cas.synth.format import SynthDataError, SynthDataset, read_shard
-from cas.synth.selfstudy import BOT_B_SYSTEM, TEMPLATE_PROMPTS, SynthConfig, synthesize, template_message
+from cas.synth.selfstudy import (BOT_B_SYSTEM, TEMPLATE_PROMPTS, SynthConfig, synth_config_problems, synthesize,
+                                 template_message)
 from cas.testing import TINY_SMOL_VOCAB, real_tokenizer
 
 TEXT = ("Patient Ana Ruiz, born March 3, 1961, was admitted on May 2, 2023 with pneumonia. "
@@ -239,3 +240,25 @@ def test_walk_coverage_quotes_every_sentence_once_per_pass(env, tmp_path):
   with pytest.raises(SynthDataError, match="coverage"):
     SynthConfig(coverage="sweep")
   assert "coverage" not in CFG.manifest_fields()  # old datasets keep resuming
+
+
+def test_refilled_rows_write_the_same_conversations(env, tmp_path):
+  """synth.refill: a shard is one call whose batch_size rows are refilled as answers end; with
+  both bots greedy the conversations are those of batches decoded to their longest answer, and
+  the manifest records the setting (a dataset made without it is refused)."""
+  import dataclasses
+  greedy = dataclasses.replace(CFG, conversations_per_doc=12, shard_size=6, batch_size=2, temperature_a=0.0,
+                               families=("question", "quote"))
+  _run(env, str(tmp_path / "batches"), cfg=greedy)
+  m = _run(env, str(tmp_path / "refill"), cfg=dataclasses.replace(greedy, refill=True))
+  assert m["config"]["refill"] is True
+  assert any(key[0] == "refill" for key in env[2]._programs)  # the refilled decode ran
+  a, b = SynthDataset(str(tmp_path / "batches")).load_all(), SynthDataset(str(tmp_path / "refill")).load_all()
+  assert len(a) == len(b) == 12
+  for x, y in zip(a, b):
+    assert x.prompt_ids.tolist() == y.prompt_ids.tolist() and x.answer_ids.tolist() == y.answer_ids.tolist()
+    np.testing.assert_allclose(x.topk_logprobs, y.topk_logprobs, atol=1e-5)
+  with pytest.raises(SynthDataError, match="refill"):
+    _run(env, str(tmp_path / "batches"), cfg=dataclasses.replace(greedy, refill=True))
+  problems = dict(synth_config_problems(dataclasses.replace(greedy, shard_size=2, refill=True)))
+  assert "shard_size > batch_size" in problems["refill"]

@@ -11,7 +11,8 @@ from cas.data.types import Document
 from cas.model.llama import build_model
 from cas.model.sampler import Sampler
 from cas.synth.format import SynthDataError, SynthDataset
-from cas.synth.selfstudy import TEMPLATE_PROMPTS, SynthConfig, _plan, synthesize, template_message
+from cas.synth.selfstudy import (TEMPLATE_PROMPTS, DocTokens, SynthConfig, _plan, generate_shard, synthesize,
+                                 template_message)
 from cas.testing import TINY_SMOL_VOCAB, real_tokenizer
 from tests.model._line import line_model
 
@@ -66,3 +67,9 @@ def test_answers_stop_at_the_end_of_the_line(tmp_path):
   _run(tok, model, str(tmp_path), cfg=SynthConfig(**{**CFG.__dict__, "families": ("quote",)}))
   convs = SynthDataset(str(tmp_path)).load_all()
   assert len(convs) == 4 and all(c.answer_ids.tolist() == [yes, nl] for c in convs)  # " yes\n", cut there
+  # the sampler stops there too (Tokenizer.line_stop): two tokens decoded per answer, not eight
+  counted = []
+  cfg = SynthConfig(**{**CFG.__dict__, "families": ("quote",)})
+  generate_shard(0, docs=DocTokens([Document("d0", "t", TEXT)], tok), doc_ids=["d0"], tokenizer=tok,
+                 sampler=Sampler(model, pad_id=tok.pad_id), cfg=cfg, on_tokens=counted.append)
+  assert sum(counted) == 2 * 2  # shard 0: two conversations
