@@ -82,6 +82,10 @@ def _flags(argv: list[str]) -> dict:
   out = {"variants": "base,hard", "seeds": "0,1", "collections": ",".join(COLLECTIONS), "conv": "64", "p": "256",
          "steps": "600", "procs": "8", "mem": "0.085",
          "mem_total": "0.7", "timeout": "560", "mono_seeds": "0",
+         # synth_mem: each self-study process's memory fraction (default: --mem); self-study of long
+         # documents needs more than a training (cas.train.preflight.estimate_synth_bytes: ~6.8 GB for
+         # the default model at batch 64 and chunks of 2,048 tokens, refused below that)
+         "synth_mem": "",
          "extra": "",  # extra: more flags for every job, space-separated (a CPU smoke test)
          "methods": ",".join(BASE_METHODS)}  # the base runs' methods (fewer: a slower model in less time)
   for a in argv:
@@ -120,6 +124,7 @@ def plan(root: str, f: dict) -> dict:
   the trainings ordered so that every collection's base runs come first."""
   seeds = [int(s) for s in f["seeds"].split(",")]
   cols = f["collections"].split(",")
+  synth_mem = {"mem": float(f["synth_mem"]) / float(f["mem"])} if f.get("synth_mem") else {}  # x --mem
   recipe = [r.format(**f) for r in RECIPE] + f["extra"].split()
   synth, train = [], []
   for c in cols:
@@ -127,11 +132,11 @@ def plan(root: str, f: dict) -> dict:
       data = [f"--config.data.kind={c}", f"--config.data.seed={s}", f"--config.synth.seed={s}",
               f"--config.train.seed={s}"]
       if any(not synth_args(v) for v in f["variants"].split(",")):  # a variant on the base self-study
-        synth.append({"name": f"{c}_s{s}", "args": _last_wins(recipe + data + ["--stages=synth"])})
+        synth.append({"name": f"{c}_s{s}", "args": _last_wins(recipe + data + ["--stages=synth"]), **synth_mem})
       for v in f["variants"].split(","):
         if synth_args(v):
           synth.append({"name": f"{v}_{c}_s{s}",
-                        "args": _last_wins(recipe + data + synth_args(v) + ["--stages=synth"])})
+                        "args": _last_wins(recipe + data + synth_args(v) + ["--stages=synth"]), **synth_mem})
   for v in f["variants"].split(","):
     for s in seeds:
       if v == "mono" and str(s) not in f["mono_seeds"].split(","):

@@ -7,7 +7,8 @@
 #   OUT=$OUT bash benchmarks/lease.sh collect   # each job's archive into $OUT/<job>/ (what has finished)
 #   OUT=$OUT MODELS=smollm2-135m bash benchmarks/lease.sh decode   # issue 22's decode levers, in the
 #       foreground and alone on the GPU (timings): run it before `start`, not beside the jobs
-# Jobs (the memory fractions add up to <= 0.95 of one H200 when all four run):
+# Jobs (memory fractions of an H200 below; on a smaller card each is scaled up by 143 GB / its memory,
+# and `start` refuses a set of jobs whose scaled shares exceed 0.97 of the card, saying which fit):
 #   prose_s2k      issue 26: walk64s2k_parts1k (2,000 steps per parts run) and walkq64_parts1k (fact questions
 #                  beside the quotes), seeds 0 and 1 (prose_sweep.sh; PROSE_VARIANTS= picks others)
 #   head32         issue 20: the frozen-header lever on patients and minutes, seeds 0 and 1, with its base
@@ -17,27 +18,40 @@ set -u
 MODE=${1:-status}; R=/root/lease
 mkdir -p $R
 CS="python3 benchmarks/compose_study.py"
-run() { local name=$1; shift; setsid nohup "$@" > $R/$name.start.log 2>&1 < /dev/null & }
+run() { local name=$1; shift; if [ -n "${DRY:-}" ]; then echo "$name: $*"; return; fi  # DRY=1: print, start nothing
+        setsid nohup "$@" > $R/$name.start.log 2>&1 < /dev/null & }
 if [ "$MODE" = start ]; then
+  # each job's share of an H200 (its processes' XLA_PYTHON_CLIENT_MEM_FRACTION at their peak), scaled to this card
+  declare -A SHARE=([prose_s2k]=0.32 [head32]=0.24 [gemma_minutes]=0.30 [q21]=0.16)
+  GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+  SCALE=$(python3 -c "print(max(1.0, 143000 / float('${GPU_MIB:-143000}' or 143000)))")
+  f() { python3 -c "print(f'{$1 * $SCALE:.3f}')"; }
+  total=0; for j in ${2:-prose_s2k head32}; do total=$(python3 -c "print($total + ${SHARE[$j]:-0} * $SCALE)"); done
+  if python3 -c "import sys; sys.exit(0 if $total > 0.97 else 1)"; then
+    echo "start: these jobs need $(python3 -c "print(round($total, 2))") of this card's memory (${GPU_MIB} MiB; shares x $SCALE):" \
+         "$(for j in ${2:-prose_s2k head32}; do echo -n "$j $(python3 -c "print(round(${SHARE[$j]:-0} * $SCALE, 2))") "; done)- start fewer (their sum <= 0.97)"
+    exit 2
+  fi
   for j in ${2:-prose_s2k head32}; do
     case $j in
       prose_s2k)
         for s in 0 1; do
-          SEED=$s SYNTH_MEM=0.08 MEM=0.08 CONV=64 VARIANTS="${PROSE_VARIANTS:-walk64s2k_parts1k walkq64_parts1k}" run prose_s$s \
+          SEED=$s SYNTH_MEM=$(f 0.08) MEM=$(f 0.08) CONV=64 VARIANTS="${PROSE_VARIANTS:-walk64s2k_parts1k walkq64_parts1k}" run prose_s$s \
             bash benchmarks/prose_sweep.sh start $R/prose_s$s
         done;;
       head32) run head32 $CS start $R/head32 --variants=base,head32 --collections=patients,minutes --seeds=0,1 \
-                --mem=0.06 --mem_total=0.24;;
-      gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=0.15 \
-                --mem_total=0.3 --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
+                --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(f 0.24);;
+      gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=$(f 0.15) \
+                --mem_total=$(f 0.3) --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
                 "--extra=--config.model_path=gemma3-270m --config.eval.num_loaded=(1,2,5,10)";;
       q21) run q21 $CS start $R/q21 --variants=base --collections=patients,products,minutes --seeds=0,1 \
-                --mem=0.04 --mem_total=0.16 \
+                --mem=$(f 0.04) --synth_mem=$(f 0.06) --mem_total=$(f 0.16) \
                 --methods=no_context,icl,cartridge_oracle,cartridge_retrieved,cartridge_adaptive,rag_text,cartridge_gold_pair \
                 "--extra=--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8)";;
       *) echo "unknown job $j"; exit 2;;
     esac
   done
+  [ -n "${DRY:-}" ] && exit 0
   sleep 10; ls $R; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
 elif [ "$MODE" = decode ]; then
   if pgrep -f "launch.[c]as" > /dev/null; then echo "decode: training jobs are running; timings would be shared"; exit 2; fi

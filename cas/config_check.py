@@ -652,10 +652,16 @@ def check_collection(config, pipeline: str, documents: Sequence, *, stages: Iter
 
 # ----------------------------------------------------------------------------- pass 3: with the model
 
+SYNTH_PROMPT_OVERHEAD = 160  # tokens of a self-study prompt besides the chunk and the user message (instructions, template)
+
+
 def memory_problems(config, pipeline: str, model, spec, *, num_docs: int, stages: Iterable[str] | None = None,
-                    mesh=None) -> list[Problem]:
+                    mesh=None, longest_doc_tokens: int | None = None, prompt_buckets=None) -> list[Problem]:
   """cas.train.preflight's estimate of every training stage this run executes against the device
-  memory (all stages that do not fit, together); the same estimates the training loops check."""
+  memory (all stages that do not fit, together); the same estimates the training loops check.
+  With `longest_doc_tokens` (the longest document or part) the self-study stage is estimated too:
+  its batch decodes prompts of the longest chunk (min(synth.max_chunk, longest_doc_tokens)) plus
+  the bots' instructions and the user message, bucketed by `prompt_buckets` (the sampler's)."""
   import jax.numpy as jnp
 
   from cas.cartridge.cartridge import CartridgeSpec
@@ -672,6 +678,19 @@ def memory_problems(config, pipeline: str, model, spec, *, num_docs: int, stages
     except preflight.MemoryPreflightError as e:
       out.append(Problem(where, str(e), preflight.MemoryPreflightError))
 
+  sc = config.get("synth")
+  if "synth" in stages and sc is not None and longest_doc_tokens:
+    from cas.model.sampler import DEFAULT_PROMPT_BUCKETS, DEFAULT_NEW_TOKEN_BUCKETS, bucket_size
+    chunk = min(int(sc.max_chunk), int(longest_doc_tokens))
+    prompt = chunk + int(sc.max_user_tokens) + SYNTH_PROMPT_OVERHEAD
+    tp = bucket_size(prompt, tuple(prompt_buckets or DEFAULT_PROMPT_BUCKETS))
+    tn = bucket_size(max(int(sc.max_user_tokens), int(sc.max_answer_tokens)), DEFAULT_NEW_TOKEN_BUCKETS)
+    check("config.synth",
+          preflight.estimate_synth_bytes(model, batch_size=int(sc.batch_size), prompt_tokens=tp, new_tokens=tn,
+                                         top_k=int(sc.top_k), dtype_bytes=dtype_bytes),
+          f"self-study with synth.batch_size={sc.batch_size} (prompts of up to {prompt} tokens: a chunk of "
+          f"{chunk} + instructions, {tp} slots; answers {tn} slots)",
+          "Lower synth.batch_size, synth.max_chunk or synth.max_answer_tokens.")
   methods = _tuple(config.eval.get("methods"))
   if pipeline == "cas":
     runs = []

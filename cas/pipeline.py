@@ -212,7 +212,9 @@ class CasStages:
     if machine:
       config_check.raise_problems(config_check.memory_problems(config, "cas", self.model, self.spec,
                                                                num_docs=len(self.units), stages=self.stages,
-                                                               mesh=self.mesh() if training else None),
+                                                               mesh=self.mesh() if training else None,
+                                                               longest_doc_tokens=max(self.unit_lengths.values()),
+                                                               prompt_buckets=self.sampler.prompt_buckets),
                                   what="the device memory")
     self.indexes: dict[tuple[str, str], object] | None = None  # (kind, unit) -> Retriever
     self.retrieval: dict | None = None  # build_indexes' summary (recall@k), written to results.json

@@ -141,7 +141,8 @@ def test_memory_preflight_before_self_study(tmp_path):
   w = str(tmp_path / "w")
   r, _ = _run("launch.cas", "--config=configs/cas.py:quick", f"--workdir={w}",
               env={"CAS_DEVICE_MEMORY_BYTES": "100000000"})  # 100 MB: SmolLM2 alone is larger
-  _user_error(r, 2, "problems with the device memory", "config.train (stage cas): CAS training (cas) with "
+  _user_error(r, 2, "problems with the device memory", "config.synth: self-study with synth.batch_size=16",
+              "config.train (stage cas): CAS training (cas) with "
               "num_slots=2", "does not fit in device memory", "config.eval.methods (monolithic)", "Lower train.num_slots")
   assert not os.path.exists(os.path.join(w, "synth"))
 

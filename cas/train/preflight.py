@@ -1,7 +1,8 @@
 """Pre-flight memory check: refuse, with numbers, a training config that cannot fit on the device
 before anything is allocated (instead of an out-of-memory error minutes into the run).
 
-The estimate counts per device:
+The estimate counts per device (training; `estimate_synth_bytes` does the same for self-study's
+decode: the model, the batch's KV cache and one step's buffers):
   model      the frozen model's parameters (their real bytes; divided by the model-parallel
              ways when sharded)
   slots      B cartridges' trainable tokens + Adam moments + counters (CAS: the slot arrays,
@@ -94,6 +95,22 @@ def estimate_cartridge_bytes(model, spec, *, batch_size: int, seq_len: int, dtyp
          "gradients": 2 * per,
          "step": _step_bytes(model.cfg, batch_rows=batch_size, seq_len=seq_len, prefix_len=spec.num_tokens,
                              dtype_bytes=dtype_bytes)}
+  est["total"] = sum(est.values())
+  return est
+
+
+def estimate_synth_bytes(model, *, batch_size: int, prompt_tokens: int, new_tokens: int, top_k: int,
+                         dtype_bytes: int) -> dict[str, int]:
+  """Per-device byte estimate of self-study decoding (keys: model, kv_cache, step, total): the
+  batch's KV cache of prompt_tokens + new_tokens slots per row (the sampler's buckets), one layer's
+  prefill activations, the decode step's [B, V] float32 logits (three copies: logits, log-softmax,
+  the sampling scores) and the answer buffers with their top-k. A lower bound, as for training."""
+  cfg = model.cfg
+  b, tp, tn = batch_size, prompt_tokens, new_tokens
+  kv = 2 * cfg.num_layers * b * (tp + tn) * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+  acts = b * tp * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * dtype_bytes
+  est = {"model": _param_bytes(model), "kv_cache": kv,
+         "step": acts + 3 * b * cfg.vocab_size * 4 + b * tn * (2 + 2 * top_k) * 4}
   est["total"] = sum(est.values())
   return est
 

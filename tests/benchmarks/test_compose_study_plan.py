@@ -59,3 +59,12 @@ def test_the_head_lever_shares_the_base_self_study_and_trains_the_isolated_basel
   assert "--config.train.frozen_head=32" in train["head32_minutes_s0"]["args"]
   methods = next(a for a in train["head32_minutes_s0"]["args"] if a.startswith("--config.eval.methods="))
   assert "isolated_composed" in methods
+
+
+def test_self_study_processes_get_their_own_memory_share(tmp_path):
+  p = cs.plan(str(tmp_path), cs._flags(["--variants=base", "--collections=minutes", "--seeds=0", "--mem=0.04",
+                                        "--synth_mem=0.06"]))
+  assert [0.04 * j.get("mem", 1.0) for j in p["synth"]] == pytest.approx([0.06])
+  assert all(j.get("mem", 1.0) == 1.0 for j in p["train"])
+  p = cs.plan(str(tmp_path), cs._flags(["--variants=base", "--collections=minutes", "--seeds=0"]))
+  assert all("mem" not in j for j in p["synth"])  # default: the same share as a training

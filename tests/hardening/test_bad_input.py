@@ -170,6 +170,26 @@ def test_config_that_cannot_fit_in_device_memory_is_refused_with_numbers(cas_dat
   assert run_cas(cas_data, str(tmp_path / "ok"), {**CAS_CFG, "steps": 2})["steps"] == 2
 
 
+def test_self_study_that_cannot_fit_in_device_memory_is_refused_with_numbers(monkeypatch):
+  """A self-study batch whose KV cache (prompts of the longest chunk + answers) cannot fit the device
+  is refused before any stage runs, naming the field and the numbers (issue 22's bad input)."""
+  from cas.cartridge.cartridge import CartridgeSpec
+  from cas.config_check import memory_problems
+  from cas.model.llama import build_model
+  from configs.cas import get_config
+  model, spec = build_model(TINY, seed=0), CartridgeSpec.for_model(TINY, 8, 1)
+  monkeypatch.setenv(ENV_LIMIT, str(1 << 30))  # 1 GiB
+  c = get_config("quick")
+  kw = dict(num_docs=4, stages=("synth",), longest_doc_tokens=5000)
+  assert memory_problems(c, "cas", model, spec, **kw) == []
+  c.synth.batch_size = 50000
+  (problem,) = memory_problems(c, "cas", model, spec, **kw)
+  assert problem.where == "config.synth" and problem.error is MemoryPreflightError
+  assert f"self-study with synth.batch_size=50000 (prompts of up to {c.synth.max_chunk + c.synth.max_user_tokens + 160}" \
+         in problem.message and "kv_cache" in problem.message and "Lower synth.batch_size" in problem.message
+  assert memory_problems(c, "cas", model, spec, **{**kw, "stages": ("train",)}) == []  # no self-study: not checked
+
+
 # ----------------------------------------------------------------------------- CAS inputs
 
 def test_cas_refuses_duplicate_ids_unknown_docs_other_model_and_other_p(cas_data, tmp_path):
