@@ -213,7 +213,8 @@ class CasStages:
       config_check.raise_problems(config_check.memory_problems(config, "cas", self.model, self.spec,
                                                                num_docs=len(self.units), stages=self.stages,
                                                                mesh=self.mesh() if training else None,
-                                                               longest_doc_tokens=max(self.unit_lengths.values()),
+                                                               longest_doc_tokens=(max(self.unit_lengths.values())
+                                                                                   if self._synth_to_run() else None),
                                                                prompt_buckets=self.sampler.prompt_buckets),
                                   what="the device memory")
     self.indexes: dict[tuple[str, str], object] | None = None  # (kind, unit) -> Retriever
@@ -221,6 +222,12 @@ class CasStages:
     self.timings["load"] = time.time() - t
 
   # -- helpers ------------------------------------------------------------------
+  def _synth_to_run(self) -> bool:
+    """Whether this run's synth stage will generate anything (it is asked for and its self-study
+    is not complete): only then is the self-study batch's memory estimated."""
+    from cas import config_check
+    return "synth" in self.stages and config_check._synth_state(self.synth_dir)[1] is not None
+
   def _former_layout(self, workdir: str) -> None:
     """A workdir of the former one-document pipeline (<workdir>/train/checkpoints, no <workdir>/cas):
     its collection and self-study are reused as they are; <workdir>/train is left untouched and its

@@ -119,3 +119,21 @@ def test_a_method_that_fails_costs_its_row_only(lm, tmp_path, monkeypatch):
   assert all(r.get("resumed") for r in res["methods"])  # finished rows came back from eval/partial/
   assert res["failed"][0]["method"] == "icl" and "80.00GiB" in res["failed"][0]["error"]
   assert "Failed (no row): icl" in open(os.path.join(w, "eval", "results.md")).read()
+
+
+def test_only_a_self_study_still_to_run_is_held_to_the_device_memory(lm, tmp_path, monkeypatch):
+  """The self-study batch's memory estimate (BAD_INPUT row 35) refuses a synth stage that would
+  generate on a device too small for it, and is not asked again once the self-study is complete
+  (later runs only read it: a training job with less memory than self-study needs may follow)."""
+  from cas.config_check import ConfigError
+  from cas.train.preflight import ENV_LIMIT
+  c = _config(doc_index=2)
+  w = str(tmp_path / "m")
+  monkeypatch.setenv(ENV_LIMIT, "1000")
+  with pytest.raises(ConfigError, match=r"config.synth: self-study with synth.batch_size=4 .* does not fit"):
+    pipeline.run(c, w, ("synth",), lm=lm)
+  assert not os.path.exists(os.path.join(w, "synth", "manifest.json"))
+  monkeypatch.delenv(ENV_LIMIT)
+  pipeline.run(c, w, ("synth",), lm=lm)
+  monkeypatch.setenv(ENV_LIMIT, "1000")
+  pipeline.run(c, w, ("synth",), lm=lm)  # complete: nothing to generate, nothing refused
