@@ -27,7 +27,7 @@ if [ "${SELFSTUDY:-1}" = 1 ]; then
     for r in False True; do
       W=/tmp/refill_${m}_$r; rm -rf $W
       python3 -m launch.synthesize --config=configs/cas.py:paper --config.data.kind=patients --config.data.num_docs=2 \
-          --config.synth.conversations=256 --config.synth.shard_size=256 --config.synth.batch_size=64 \
+          --config.synth.conversations=${CONV:-256} --config.synth.shard_size=${CONV:-256} --config.synth.batch_size=${ROWS:-64} \
           --config.synth.refill=$r "${M[@]}" --workdir=$W > $OUT/refill_${m}_$r.log 2>&1
       echo "$m refill=$r rc=$? $(grep -ao 'self-study: 100%[^]]*]' $OUT/refill_${m}_$r.log | tail -1)"
     done
