@@ -8,7 +8,7 @@
 #   OUT=... bash benchmarks/decode_levers.sh            # [MODELS="smollm2-135m llama-3.2-1b"] [BATCH=64]
 # Then here: the JSON lines in $OUT/decode_levers.jsonl (tokens_per_s per variant, layer_loop, xla_flags).
 # Second part (real weights: the default model and Gemma 3 270M, joined by gpu_setup.sh; SELFSTUDY=0 skips
-# it): the real workload, self-study of the `paper` preset (quote family, whole-document teacher) on two
+# it; DECODE=0 runs it alone): the real workload, self-study of the `paper` preset (quote family, whole-document teacher) on two
 # patients documents, 256 conversations each, 64 decode rows, without and with refilled rows
 # (synth.refill); prints each run's self-study line (conversations/s, generated tokens/s) and keeps
 # its log in $OUT/refill_<model>_<False|True>.log.
@@ -16,6 +16,7 @@ set -u
 OUT=${OUT:-/tmp}
 GRAPHS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
 for m in ${MODELS:-smollm2-135m llama-3.2-1b}; do
+  [ "${DECODE:-1}" = 1 ] || break  # DECODE=0: only the second part
   A=(--model=$m --batch=${BATCH:-64} --prompt_len=2112 --shared_doc=2048 --new_tokens=${NEW:-256}
      --attn=auto --layer_loop=scan,unrolled --out=$OUT/decode_levers.jsonl)
   python3 -m benchmarks.synth_speed "${A[@]}" --torch=true 2>&1 | grep -a '"status"' | cut -c1-400
@@ -28,7 +29,8 @@ if [ "${SELFSTUDY:-1}" = 1 ]; then
       W=/tmp/refill_${m}_$r; rm -rf $W
       python3 -m launch.synthesize --config=configs/cas.py:paper --config.data.kind=patients --config.data.num_docs=2 \
           --config.synth.conversations=${CONV:-256} --config.synth.shard_size=${CONV:-256} --config.synth.batch_size=${ROWS:-64} \
-          --config.synth.refill=$r "${M[@]}" --workdir=$W > $OUT/refill_${m}_$r.log 2>&1
+          --config.synth.refill=$r "${M[@]}" --config.train.num_slots=2 --config.train.k_max=2 \
+          "--config.eval.num_loaded=(1,2)" "--config.eval.retrieval_k=(1,2)" --workdir=$W > $OUT/refill_${m}_$r.log 2>&1
       echo "$m refill=$r rc=$? $(grep -ao 'self-study: 100%[^]]*]' $OUT/refill_${m}_$r.log | tail -1)"
     done
   done
