@@ -20,6 +20,7 @@ chunk sizes, walk coverage, the quote family); the tokenizer is the default mode
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import tarfile
 
@@ -32,14 +33,19 @@ flags.DEFINE_integer("max_doc_tokens", 0, "the run's cartridge.max_doc_tokens (0
 flags.DEFINE_integer("conversations", 64, "conversations per unit the run trained on (train.max_conversations)")
 flags.DEFINE_integer("num_docs", 20, "documents in the collection")
 flags.DEFINE_string("json_out", None, "also write the per-fact rows here")
+flags.DEFINE_bool("teacher", False, "also regenerate every conversation that quotes a fact (the default "
+                  "model, greedy teacher as in the run) and count the answers that carry the fact's value")
 FLAGS = flags.FLAGS
 
 
-def fact_rows(seed: int, max_doc_tokens: int, conversations: int, num_docs: int, tokenizer) -> list[dict]:
-  """One row per planted fact: doc, field, unit, the unit's sentences and the focus/seen counts."""
+def fact_rows(seed: int, max_doc_tokens: int, conversations: int, num_docs: int, tokenizer,
+              sampler=None) -> list[dict]:
+  """One row per planted fact: doc, field, unit, the unit's sentences and the focus/seen counts;
+  with a `sampler`, also `written`: how many of the focus conversations' teacher answers (regenerated
+  by `cas.synth.selfstudy.generate_shard`, one conversation per call) contain the fact's value."""
   from cas.data.parts import document_units
   from cas.data.prose import generate_prose_collection
-  from cas.synth.selfstudy import DocTokens, SynthConfig, _plan
+  from cas.synth.selfstudy import DocTokens, SynthConfig, _plan, generate_shard
   from configs.cas import get_config
   c = get_config("paper")
   cfg = SynthConfig(conversations_per_doc=conversations, min_chunk=c.synth.min_chunk, max_chunk=c.synth.max_chunk,
@@ -60,12 +66,23 @@ def fact_rows(seed: int, max_doc_tokens: int, conversations: int, num_docs: int,
       value = str(f["value"])
       fs = [s for s in sents if value in s[2]]  # the fact's sentence(s) as the walk splits them
       focus = seen = 0
+      written = [] if sampler is not None else None
       for j in range(conversations):
-        (s, e), _, _, _, sentence = _plan(cfg, ui * conversations + j, len(ids), sents)
+        g = ui * conversations + j
+        (s, e), _, _, _, sentence = _plan(cfg, g, len(ids), sents)
         focus += value in (sentence or "")
         seen += any(a >= s and b <= e for a, b, _ in fs)
-      rows.append({"doc_id": parent, "field": field, "unit": u.doc_id, "unit_tokens": len(ids),
-                   "sentences": len(sents), "focus": focus, "seen": seen, "share": focus / conversations})
+        if written is not None and value in (sentence or ""):
+          one = dataclasses.replace(cfg, shard_size=1, batch_size=1)  # shard g = conversation g
+          (conv,) = generate_shard(g, docs=dt, doc_ids=[x.doc_id for x in units], tokenizer=tokenizer,
+                                   sampler=sampler, cfg=one)
+          written.append(value in tokenizer.decode(conv.answer_ids.tolist()))
+          ids, sents = dt.ids(ui), dt.sentences(ui)  # generate_shard may have tokenised another unit
+      row = {"doc_id": parent, "field": field, "unit": u.doc_id, "unit_tokens": len(ids),
+             "sentences": len(sents), "focus": focus, "seen": seen, "share": focus / conversations}
+      if written is not None:
+        row["written"] = sum(written)
+      rows.append(row)
   return rows
 
 
@@ -100,17 +117,37 @@ def table(rows: list[dict], per_q: dict) -> str:
   return "\n".join(lines)
 
 
+def teacher_table(rows: list[dict], per_q: dict) -> str:
+  """Accuracy by whether the teacher's quoting answers carried the fact's value at all."""
+  lines = ["| teacher answers that carry the value | facts | questions | oracle | ICL |", "|---|---|---|---|---|"]
+  for name, pick in (("none of the fact's quotes", lambda r: r["written"] == 0),
+                     ("some, not all", lambda r: 0 < r["written"] < r["focus"]),
+                     ("all", lambda r: r["written"] == r["focus"] > 0)):
+    sel = [r for r in rows if pick(r)]
+    o = [x for r in sel for x in per_q["cartridge_oracle"].get(f"{r['doc_id']}/{r['field']}", [])]
+    i = [x for r in sel for x in per_q["icl"].get(f"{r['doc_id']}/{r['field']}", [])]
+    acc = lambda x: f"{100.0 * sum(x) / len(x):.1f}" if x else "-"
+    lines.append(f"| {name} | {len(sel)} | {len(o)} | {acc(o)} | {acc(i)} |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   from cas.model.loader import load_model
-  tok = load_model(None).tokenizer
-  rows = fact_rows(FLAGS.seed, FLAGS.max_doc_tokens, FLAGS.conversations, FLAGS.num_docs, tok)
+  lm = load_model(None)
+  sampler = None
+  if FLAGS.teacher:
+    from cas.model.sampler import Sampler
+    sampler = Sampler(lm.model, pad_id=lm.tokenizer.pad_id)
+  rows = fact_rows(FLAGS.seed, FLAGS.max_doc_tokens, FLAGS.conversations, FLAGS.num_docs, lm.tokenizer, sampler)
   per_q = per_question(FLAGS.archive, FLAGS.results)
   missed = [r for r in rows if r["focus"] == 0]
   print(f"{len(rows)} facts; quoted by 0 / 1 / 2+ of {FLAGS.conversations} conversations: "
         f"{len(missed)} / {sum(r['focus'] == 1 for r in rows)} / {sum(r['focus'] >= 2 for r in rows)}; "
         f"in a teacher chunk: median {sorted(r['seen'] for r in rows)[len(rows) // 2]} conversations")
   print(table(rows, per_q))
+  if FLAGS.teacher:
+    print(teacher_table(rows, per_q))
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
       json.dump(rows, f, indent=1)
