@@ -49,7 +49,8 @@ def fact_rows(seed: int, max_doc_tokens: int, conversations: int, num_docs: int,
   from configs.cas import get_config
   c = get_config("paper")
   cfg = SynthConfig(conversations_per_doc=conversations, min_chunk=c.synth.min_chunk, max_chunk=c.synth.max_chunk,
-                    families=("quote",), seed=seed, coverage="walk")
+                    max_user_tokens=c.synth.max_user_tokens, max_answer_tokens=c.synth.max_answer_tokens,
+                    top_k=c.synth.top_k, families=("quote",), seed=seed, coverage="walk")
   coll = generate_prose_collection(num_docs, seed)
   docs = coll.documents
   units, _ = (document_units(docs, max_doc_tokens, tokenizer.encode) if max_doc_tokens > 0
