@@ -22,7 +22,10 @@ run() { local name=$1; shift; if [ -n "${DRY:-}" ]; then echo "$name: $*"; retur
         setsid nohup "$@" > $R/$name.start.log 2>&1 < /dev/null & }
 if [ "$MODE" = start ]; then
   # each job's share of an H200 (its processes' XLA_PYTHON_CLIENT_MEM_FRACTION at their peak), scaled to this card
-  declare -A SHARE=([prose_s2k]=0.32 [head32]=0.24 [gemma_minutes]=0.30 [q21]=0.16)
+  # (each process's fraction is above cas.train.preflight's estimate for its stage, which the run checks:
+  # default model, CAS p = 256 / 512 about 5.5 / 6.8 GB, self-study with 2,048-token chunks 6.8 GB;
+  # Gemma 3 270M, CAS p = 256 about 11.4 GB; an H200 has 143 GB)
+  declare -A SHARE=([prose_s2k]=0.28 [head32]=0.21 [gemma_minutes]=0.30 [q21]=0.15)
   GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
   SCALE=$(python3 -c "print(max(1.0, 143000 / float('${GPU_MIB:-143000}' or 143000)))")
   f() { python3 -c "print(f'{$1 * $SCALE:.3f}')"; }
@@ -36,16 +39,16 @@ if [ "$MODE" = start ]; then
     case $j in
       prose_s2k)
         for s in 0 1; do
-          SEED=$s SYNTH_MEM=$(f 0.08) MEM=$(f 0.08) CONV=64 VARIANTS="${PROSE_VARIANTS:-walk64s2k_parts1k walkq64_parts1k}" run prose_s$s \
+          SEED=$s SYNTH_MEM=$(f 0.07) MEM=$(f 0.07) CONV=64 VARIANTS="${PROSE_VARIANTS:-walk64s2k_parts1k walkq64_parts1k}" run prose_s$s \
             bash benchmarks/prose_sweep.sh start $R/prose_s$s
         done;;
       head32) run head32 $CS start $R/head32 --variants=base,head32 --collections=patients,minutes --seeds=0,1 \
-                --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(f 0.24);;
-      gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=$(f 0.15) \
+                --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(f 0.21);;
+      gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=$(f 0.1) \
                 --mem_total=$(f 0.3) --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
                 "--extra=--config.model_path=gemma3-270m --config.eval.num_loaded=(1,2,5,10)";;
       q21) run q21 $CS start $R/q21 --variants=base --collections=patients,products,minutes --seeds=0,1 \
-                --mem=$(f 0.04) --synth_mem=$(f 0.06) --mem_total=$(f 0.16) \
+                --mem=$(f 0.05) --synth_mem=$(f 0.06) --mem_total=$(f 0.15) \
                 --methods=no_context,icl,cartridge_oracle,cartridge_retrieved,cartridge_adaptive,rag_text,cartridge_gold_pair \
                 "--extra=--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8)";;
       *) echo "unknown job $j"; exit 2;;

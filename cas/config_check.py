@@ -691,6 +691,7 @@ def memory_problems(config, pipeline: str, model, spec, *, num_docs: int, stages
           f"self-study with synth.batch_size={sc.batch_size} (prompts of up to {prompt} tokens: a chunk of "
           f"{chunk} + instructions, {tp} slots; answers {tn} slots)",
           "Lower synth.batch_size, synth.max_chunk or synth.max_answer_tokens.")
+  chunk = int(tc.get("loss_chunk", 0) or 0)  # tokens per chunk of the fused LM head + loss (0: full logits)
   methods = _tuple(config.eval.get("methods"))
   if pipeline == "cas":
     runs = []
@@ -701,7 +702,8 @@ def memory_problems(config, pipeline: str, model, spec, *, num_docs: int, stages
     for name, k in runs:
       check(f"config.train (stage {name})",
             preflight.estimate_cas_bytes(model, spec, num_slots=tc.num_slots, batch_size=tc.batch_size,
-                                         seq_len=tc.seq_len, k_max=k, mesh=mesh, dtype_bytes=dtype_bytes),
+                                         seq_len=tc.seq_len, k_max=k, mesh=mesh, dtype_bytes=dtype_bytes,
+                                         loss_chunk=chunk),
             f"CAS training ({name}) with num_slots={tc.num_slots} (p={spec.num_tokens}, k_max={k}, "
             f"batch_size={tc.batch_size}, seq_len={tc.seq_len})",
             "Lower train.num_slots (B), train.batch_size, train.seq_len or train.k_max, or spread the "
@@ -711,7 +713,7 @@ def memory_problems(config, pipeline: str, model, spec, *, num_docs: int, stages
       mono = CartridgeSpec(spec.num_layers, p_total, spec.num_kv_heads, spec.head_dim, spec.num_frozen)
       check("config.eval.methods (monolithic)",
             preflight.estimate_cartridge_bytes(model, mono, batch_size=tc.batch_size, seq_len=tc.seq_len,
-                                               dtype_bytes=dtype_bytes),
+                                               dtype_bytes=dtype_bytes, loss_chunk=chunk),
             f"monolithic training (p={p_total} = {num_docs} documents x {spec.num_tokens - spec.num_frozen} + "
             f"{spec.num_frozen}, batch_size={tc.batch_size}, seq_len={tc.seq_len})",
             "Leave monolithic out of config.eval.methods, or lower train.batch_size, train.seq_len or "
@@ -719,7 +721,7 @@ def memory_problems(config, pipeline: str, model, spec, *, num_docs: int, stages
   elif "train" in stages:
     check("config.train",
           preflight.estimate_cartridge_bytes(model, spec, batch_size=tc.batch_size, seq_len=tc.seq_len,
-                                             dtype_bytes=dtype_bytes),
+                                             dtype_bytes=dtype_bytes, loss_chunk=chunk),
           f"single-cartridge training (p={spec.num_tokens}, batch_size={tc.batch_size}, seq_len={tc.seq_len})",
           "Lower train.batch_size or train.seq_len, or use a smaller cartridge.num_tokens.")
   return out

@@ -9,7 +9,8 @@ decode: the model, the batch's KV cache and one step's buffers):
              divided by data * fsdp), or the one cartridge + moments (single-cartridge training)
   gradients  one f32 gradient buffer per trainable k/v array
   step       a rough lower bound of one step's transient buffers: the assembled prefix K/V,
-             the logits and their gradient, and per-layer activations of the batch
+             the logits and their gradient (of one loss chunk when the fused head + loss runs:
+             train.loss_chunk > 0, the default), and per-layer activations of the batch
 The device's limit is `memory_stats()["bytes_limit"]` (GPU/TPU); CPUs report none, so the check
 is skipped there unless the environment variable CAS_DEVICE_MEMORY_BYTES sets a limit (also
 useful to keep headroom on a shared GPU). CAS_SKIP_MEMORY_CHECK=1 disables the check.
@@ -59,17 +60,21 @@ def _fmt(n: float) -> str:
   return f"{int(n)} B"
 
 
-def _step_bytes(cfg, *, batch_rows: int, seq_len: int, prefix_len: int, dtype_bytes: int) -> int:
-  """Rough lower bound of one step's transient device buffers (see module docstring)."""
+def _step_bytes(cfg, *, batch_rows: int, seq_len: int, prefix_len: int, dtype_bytes: int,
+                loss_chunk: int = 0) -> int:
+  """Rough lower bound of one step's transient device buffers (see module docstring). loss_chunk > 0:
+  the fused LM head + loss (cas.train.loss.fused_head_loss) holds the logits of about that many
+  tokens at a time, not of the whole batch."""
   L, H, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
   kv = 2 * L * batch_rows * prefix_len * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
-  logits = 2 * batch_rows * seq_len * V * 4
+  tokens = batch_rows * seq_len
+  logits = 2 * (min(tokens, loss_chunk) if loss_chunk > 0 else tokens) * V * 4
   acts = L * batch_rows * seq_len * (4 * H + 2 * cfg.intermediate_size) * dtype_bytes
   return int(kv + logits + acts)
 
 
 def estimate_cas_bytes(model, spec, *, num_slots: int, batch_size: int, seq_len: int, k_max: int,
-                       mesh=None, dtype_bytes: int = 4) -> dict[str, int]:
+                       mesh=None, dtype_bytes: int = 4, loss_chunk: int = 0) -> dict[str, int]:
   """Per-device byte estimate of CAS training (keys: model, slots, gradients, step, total)."""
   per_slot = int(np.prod(spec.trainable_shape)) * 4  # [L, P-F, Hkv, D] f32
   slot_ways = model_ways = rows_ways = 1
@@ -82,19 +87,20 @@ def estimate_cas_bytes(model, spec, *, num_slots: int, batch_size: int, seq_len:
       "gradients": (num_slots * 2 * per_slot) // slot_ways,
       "step": _step_bytes(model.cfg, batch_rows=max(1, batch_size // rows_ways), seq_len=seq_len,
                           prefix_len=spec.num_frozen + k_max * (spec.num_tokens - spec.num_frozen),
-                          dtype_bytes=dtype_bytes),
+                          dtype_bytes=dtype_bytes, loss_chunk=loss_chunk),
   }
   est["total"] = sum(est.values())
   return est
 
 
-def estimate_cartridge_bytes(model, spec, *, batch_size: int, seq_len: int, dtype_bytes: int = 4) -> dict[str, int]:
+def estimate_cartridge_bytes(model, spec, *, batch_size: int, seq_len: int, dtype_bytes: int = 4,
+                             loss_chunk: int = 0) -> dict[str, int]:
   """Per-device byte estimate of single-cartridge training (same keys)."""
   per = int(np.prod(spec.trainable_shape)) * 4
   est = {"model": _param_bytes(model), "slots": 3 * per + int(np.prod(spec.frozen_shape)) * 4 * 2,
          "gradients": 2 * per,
          "step": _step_bytes(model.cfg, batch_rows=batch_size, seq_len=seq_len, prefix_len=spec.num_tokens,
-                             dtype_bytes=dtype_bytes)}
+                             dtype_bytes=dtype_bytes, loss_chunk=loss_chunk)}
   est["total"] = sum(est.values())
   return est
 

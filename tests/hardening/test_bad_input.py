@@ -170,6 +170,20 @@ def test_config_that_cannot_fit_in_device_memory_is_refused_with_numbers(cas_dat
   assert run_cas(cas_data, str(tmp_path / "ok"), {**CAS_CFG, "steps": 2})["steps"] == 2
 
 
+def test_the_training_estimate_counts_one_loss_chunk_of_logits():
+  """With the fused LM head + loss (train.loss_chunk, the default) a step holds the logits of one
+  chunk of tokens, not of the batch: the estimate says so (it refused runs that fit before)."""
+  from cas.cartridge.cartridge import CartridgeSpec
+  from cas.model.llama import build_model
+  from cas.train.preflight import estimate_cas_bytes
+  model, spec = build_model(TINY, seed=0), CartridgeSpec.for_model(TINY, 8, 1)
+  kw = dict(num_slots=2, batch_size=16, seq_len=512, k_max=2)
+  full, fused = estimate_cas_bytes(model, spec, **kw), estimate_cas_bytes(model, spec, loss_chunk=4096, **kw)
+  assert full["step"] - fused["step"] == 2 * (16 * 512 - 4096) * TINY.vocab_size * 4
+  small = dict(kw, batch_size=2, seq_len=64)  # fewer tokens than a chunk: the same
+  assert estimate_cas_bytes(model, spec, **small) == estimate_cas_bytes(model, spec, loss_chunk=4096, **small)
+
+
 def test_self_study_that_cannot_fit_in_device_memory_is_refused_with_numbers(monkeypatch):
   """A self-study batch whose KV cache (prompts of the longest chunk + answers) cannot fit the device
   is refused before any stage runs, naming the field and the numbers (issue 22's bad input)."""
