@@ -26,15 +26,6 @@ import tarfile
 
 from absl import app, flags
 
-flags.DEFINE_string("archive", None, "a prose_sweep archive (.tgz) holding the run's results.json")
-flags.DEFINE_string("results", None, "the path of results.json inside the archive")
-flags.DEFINE_integer("seed", 0, "the run's data / synth seed (prose_sweep.sh SEED)")
-flags.DEFINE_integer("max_doc_tokens", 0, "the run's cartridge.max_doc_tokens (0: whole documents)")
-flags.DEFINE_integer("conversations", 64, "conversations per unit the run trained on (train.max_conversations)")
-flags.DEFINE_integer("num_docs", 20, "documents in the collection")
-flags.DEFINE_string("json_out", None, "also write the per-fact rows here")
-flags.DEFINE_bool("teacher", False, "also regenerate every conversation that quotes a fact (the default "
-                  "model, greedy teacher as in the run) and count the answers that carry the fact's value")
 FLAGS = flags.FLAGS
 
 
@@ -154,5 +145,20 @@ def main(argv):
       json.dump(rows, f, indent=1)
 
 
+def _define_flags() -> None:
+  """The command line (defined only when run as a script: the module is imported by tests beside
+  launch modules whose flags share names)."""
+  flags.DEFINE_string("archive", None, "a prose_sweep archive (.tgz) holding the run's results.json")
+  flags.DEFINE_string("results", None, "the path of results.json inside the archive")
+  flags.DEFINE_integer("seed", 0, "the run's data / synth seed (prose_sweep.sh SEED)")
+  flags.DEFINE_integer("max_doc_tokens", 0, "the run's cartridge.max_doc_tokens (0: whole documents)")
+  flags.DEFINE_integer("conversations", 64, "conversations per unit the run trained on (train.max_conversations)")
+  flags.DEFINE_integer("num_docs", 20, "documents in the collection")
+  flags.DEFINE_string("json_out", None, "also write the per-fact rows here")
+  flags.DEFINE_bool("teacher", False, "also regenerate every conversation that quotes a fact (the default "
+                    "model, greedy teacher as in the run) and count the answers that carry the fact's value")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

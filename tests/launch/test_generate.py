@@ -45,16 +45,18 @@ def test_auto_uses_completion_without_a_chat_template(lms):
   c = _config()
   assert c.prompt_format == "auto"
   text, gen = generate_text(base, c)
-  tok = base.tokenizer
+  tok = base.tokenizer.with_prompt_format("completion")  # what auto resolves to without a template
   prompt = tok.encode("Question: Who kept the lighthouse?\nAnswer:")
   assert gen.num_prompt_tokens == len(prompt)
   toks = _reference(base, prompt, 12)
+  toks = toks[:tok.answer_length(toks)]  # the sampler stops at the end of the first line (Tokenizer.line_stop)
   assert gen.tokens.tolist() == toks
-  assert text == tok.decode(toks[:tok.answer_length(toks)]).strip() and text
+  assert text == tok.decode(toks).strip() and text
   # with a system message: the document piece first, as evaluation's ICL prompt
   _, gen2 = generate_text(base, _config(system="The keeper was Edda."))
   piece = tok.encode("The keeper was Edda.\n\n")  # tokenized on its own (a reusable document prefix)
-  assert gen2.num_prompt_tokens == len(piece + prompt) and gen2.tokens.tolist() == _reference(base, piece + prompt, 12)
+  ref2 = _reference(base, piece + prompt, 12)
+  assert gen2.num_prompt_tokens == len(piece + prompt) and gen2.tokens.tolist() == ref2[:tok.answer_length(ref2)]
 
 
 def test_chat_format_and_explicit_choices(lms):
