@@ -220,7 +220,8 @@ class Sampler:
     slots // 4), instead of decoding padding until the batch's longest answer ends. Each prompt's
     tokens are those of plain `generate` (sampling is keyed by the prompt's index and its own
     step), up to float summation order. Used when there are more prompts than slots and the
-    prefix, if any, is shared (batch 1); otherwise (a prefix per prompt) this is plain `generate`.
+    prefix, if any, is shared (batch 1; attended once for all rows, whatever `shared_prefix` says);
+    otherwise (a prefix per prompt) this is plain `generate`.
     """
     n = len(prompts)
     prompts = [list(map(int, p)) for p in prompts]
