@@ -69,8 +69,8 @@ VARIANTS = {
     # process: it needs about twice a CAS run's memory (see MEM)
     "mono": ["--stages=train_monolithic,indexes,evaluate"],
 }
-MEM = {"mono": 2.0}
-FULL = ("head32",)  # training levers that change the isolated baseline too: evaluated like base  # a job's share of GPU memory, in units of --mem
+MEM = {"mono": 2.0}  # a job's share of GPU memory, in units of --mem
+FULL = ("head32",)  # training levers that change the isolated baseline too: evaluated like base
 
 
 def synth_args(variant: str) -> list[str]:

@@ -57,9 +57,13 @@ Array = jax.Array
 
 
 def segment_causal_mask(q_idx: Array, k_idx: Array, q_seg: Array, k_seg: Array) -> Array:
-  """Packed-sequence mask [B, T, S]: key slot j visible from query i if j <= i (slot order) and
-  both are in the same non-zero segment. q_idx [T], k_idx [S]; q_seg [B, T], k_seg [B, S]."""
-  return ((k_idx[None, :] <= q_idx[:, None])[None]
+  """Packed-sequence mask [B, T, S]: key j visible from query i if its order is not later
+  (k_idx[j] <= q_idx[i]) and both are in the same non-zero segment. q_idx [T] and k_idx [S] (slot
+  order, shared by every row) or [B, T] and [B, S] (per row, e.g. positions: a ring cache whose
+  slots wrap, `cas.model.llama.KVCache.ring`); q_seg [B, T], k_seg [B, S]."""
+  q = q_idx if q_idx.ndim == 2 else q_idx[None]
+  k = k_idx if k_idx.ndim == 2 else k_idx[None]
+  return ((k[:, None, :] <= q[:, :, None])
           & (k_seg[:, None, :] == q_seg[:, :, None])
           & (k_seg[:, None, :] != 0))
 

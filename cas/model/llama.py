@@ -309,11 +309,9 @@ class Transformer(nnx.Module):
       k_pos = None
       if cache.positions is not None:
         k_pos = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))  # [B, S]
-    if cache is not None and cache.ring is not None:  # ring cache: causal in positions
-      self_mask = ((k_pos[:, None, :] <= positions[:, :, None]) & (k_seg[:, None, :] == segment_ids[:, :, None])
-                   & (k_seg[:, None, :] != 0))  # [B, T, S]
-    else:
-      self_mask = segment_causal_mask(q_idx, k_idx, segment_ids, k_seg)  # [B, T, S]
+      if cache.ring is not None:  # a ring cache's slots wrap: causal in positions, not slots
+        q_idx, k_idx = positions, k_pos
+    self_mask = segment_causal_mask(q_idx, k_idx, segment_ids, k_seg)  # [B, T, S]
     local_self_mask = None
     if sliding:  # sliding-window layers: own keys less than `sliding_window` positions back
       kp = k_pos if k_pos is not None else jnp.broadcast_to(k_idx, (b, k_idx.shape[0]))

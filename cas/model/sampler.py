@@ -144,6 +144,17 @@ def _choose(logits: Array, keys, temperature, top_p, *, top_k: int, use_top_p: b
   return tok, tok_lp, top_ids.astype(jnp.int32), top_lp
 
 
+def _stop_hits(tok: Array, seen: Array, active: Array, stop_ids: Array, ls_nl, ls_text):
+  """(rows that stop at `tok` [n] bool, rows that have written text [n] bool) among `active` rows:
+  a stop id, or (line stop tables ls_nl, ls_text [V] bool, else None) the line break that ends the
+  first non-empty line."""
+  hit = active & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+  if ls_nl is not None:
+    hit = hit | (active & seen & ls_nl[tok])
+    seen = seen | (active & ls_text[tok])
+  return hit, seen
+
+
 class Sampler:
   """Batched, jitted prefill + decode for a `Transformer`.
 
@@ -509,14 +520,6 @@ class Sampler:
             lambda p, s: jax.random.fold_in(jax.random.fold_in(base_key, p), s))(pids, steps)
         return _choose(logits, keys, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
 
-      def stops(tok, seen, act):
-        """(hit a stop [n] bool, seen text after this token [n] bool) for active rows."""
-        hit = act & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-        if ls_nl is not None:
-          hit = hit | (act & seen & ls_nl[tok])
-          seen = seen | (act & ls_text[tok])
-        return hit, seen
-
       def write(bufs, n_gen, stopped, pids, steps, vals, hit, act):
         """Record position `steps` of prompts `pids` for rows `act` (others are dropped)."""
         at = jnp.where(act, pids, qb)  # out of range: dropped
@@ -544,7 +547,7 @@ class Sampler:
                          return_hidden=True)
         last = jnp.take_along_axis(h, (lens - 1)[:, None, None], axis=1)
         vals = choose(model.logits_from_hidden(last)[:, 0], pids, jnp.zeros((r,), jnp.int32))
-        hit, seen = stops(vals[0], jnp.zeros((r,), bool), valid)
+        hit, seen = _stop_hits(vals[0], jnp.zeros((r,), bool), valid, stop_ids, ls_nl, ls_text)
         bufs, n_gen, stopped = write(bufs, n_gen, stopped, pids, jnp.zeros((r,), jnp.int32), vals, hit, valid)
         done = hit | (max_new <= 1)
         # the prompt's KV into its row's ring: slots [i - tp, i) mod size; the row's other slots emptied
@@ -572,7 +575,7 @@ class Sampler:
                               cache=cache._replace(index=i % size))
         vals = choose(logits[:, 0], spid, sstep)
         tok = jnp.where(act, vals[0], pad)
-        hit, sseen = stops(tok, sseen, act)
+        hit, sseen = _stop_hits(tok, sseen, act, stop_ids, ls_nl, ls_text)
         bufs, n_gen, stopped = write(bufs, n_gen, stopped, spid, sstep, (tok,) + vals[1:], hit, act)
         occ = act & ~(hit | (sstep + 1 >= max_new))
         return i + 1, cache, nxt, occ, spid, sstep + act.astype(jnp.int32), tok, sseen, n_gen, stopped, bufs
@@ -630,10 +633,7 @@ class Sampler:
         bufs = tuple(jax.lax.dynamic_update_slice_in_dim(buf, val[:, None], step, axis=1)
                      for buf, val in zip(bufs, (tok, tok_lp, top_ids, top_lp)))
         n_gen = n_gen + active.astype(jnp.int32)
-        hit = active & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-        if ls_nl is not None:  # the line break that ends the first non-empty line
-          hit = hit | (active & seen & ls_nl[tok])
-          seen = seen | (active & ls_text[tok])
+        hit, seen = _stop_hits(tok, seen, active, stop_ids, ls_nl, ls_text)
         stopped = stopped | hit
         done = done | hit | (n_gen >= max_new)
         return tok, (done, stopped, n_gen, seen, bufs)

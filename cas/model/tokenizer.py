@@ -400,7 +400,8 @@ class Tokenizer:
       return None
     if "line_stop" not in self._vocab_cache:
       texts = self._vocab_texts()
-      newline = np.array(["\n" in t for t in texts], bool)
+      newline = np.zeros(len(texts), bool)
+      newline[list(self.newline_ids)] = True  # answer_length's line breaks
       text = np.array([bool(t.strip()) for t in texts], bool) & ~newline
       text[[i for i in self._eos_ids if i < len(texts)]] = False
       self._vocab_cache["line_stop"] = LineStop(newline, text)
