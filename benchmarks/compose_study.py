@@ -65,12 +65,14 @@ VARIANTS = {
     # the cartridge's first 32 trainable tokens keep their first_tokens init (the document's title and
     # opening line), so a loaded cartridge stays addressable by its header; CAS + isolated, as base
     "head32": ["--config.train.frozen_head=32"],
+    # per-cartridge cosine lr decay 1e-2 -> 1e-3 over each cartridge's own updates (CAS + isolated, as base)
+    "cosine": ["--config.train.lr_decay=cosine"],
     # the monolithic baseline (one cartridge of N*p tokens on every document's self-study), its own
     # process: it needs about twice a CAS run's memory (see MEM)
     "mono": ["--stages=train_monolithic,indexes,evaluate"],
 }
 MEM = {"mono": 2.0}  # a job's share of GPU memory, in units of --mem
-FULL = ("head32",)  # training levers that change the isolated baseline too: evaluated like base
+FULL = ("head32", "cosine")  # training levers that change the isolated baseline too: evaluated like base
 
 
 def synth_args(variant: str) -> list[str]:

@@ -42,9 +42,16 @@ declare -A V=(
   [walk64s2k_parts1k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=1024 --config.train.steps=2000"
   # fact questions beside the quotes (one conversation in four from the paper's `question` family; on
   # minutes it raised the oracle by +4.2, issue 20's qmix): own self-study set (walkq_parts1024)
+  # per-cartridge cosine lr decay (issue 26: at the constant lr 1e-2 the loss is flat from step 500 on
+  # and 2,000 steps did not help): lr 1e-2 -> 1e-3 over each cartridge's own updates; parts1k's set
+  [walk64cos_parts1k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=1024 --config.train.lr_decay=cosine"
   [walkq64_parts1k]="--config.synth.coverage=walk --config.synth.families=('quote','quote','quote','question') --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=1024"
   [walk64_p1024_parts2k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=2048 --config.cartridge.num_tokens=1024"
 )
+# XLA_PYTHON_CLIENT_MEM_FRACTION of each process, or "grow": no preallocated pool, each process takes what
+# it uses (XLA_PYTHON_CLIENT_PREALLOCATE=false), safer beside other jobs than a guessed fraction (a
+# fraction of 0.12 of an H100 ran out of memory at step 502 of a parts1k training, 2026-12-05)
+mem_env() { if [ "$1" = grow ]; then echo XLA_PYTHON_CLIENT_PREALLOCATE=false; else echo XLA_PYTHON_CLIENT_MEM_FRACTION=$1; fi; }
 cov() { case $1 in walk*) echo walk;; *) echo random;; esac; }
 qmix() { case $1 in walkq*|randq*) echo q;; esac; }  # a variant with fact questions: its own self-study set
 parts() { case $1 in *_parts1k) echo 1024;; *_parts2k) echo 2048;; *) echo 0;; esac; }  # max_doc_tokens
@@ -54,7 +61,7 @@ if [ "$MODE" = start ]; then
     c=${s%%_*}; m=0; [ "$s" != "$c" ] && m=${s#*_parts}
     fam=(); [ "$c" != "${c%q}" ] && fam=("--config.synth.families=('quote','quote','quote','question')")
     mkdir -p $W/synth_$s
-    XLA_PYTHON_CLIENT_MEM_FRACTION=${SYNTH_MEM:-0.3} python3 -m launch.cas "${COMMON[@]}" --config.synth.coverage=${c%q} \
+    env $(mem_env ${SYNTH_MEM:-0.3}) python3 -m launch.cas "${COMMON[@]}" --config.synth.coverage=${c%q} \
       "${fam[@]}" --config.cartridge.max_doc_tokens=$m --workdir=$W/synth_$s --stages=synth > $W/synth_$s.log 2>&1 &
   done
   wait
@@ -63,7 +70,7 @@ if [ "$MODE" = start ]; then
     s=$(set_of $n); m=$(parts $n); mkdir -p $W/$n
     if [ "$m" = 0 ]; then cp -r $W/synth_$s/synth $W/synth_$s/collection $W/$n/
     else cp -r $W/synth_$s/parts$m $W/synth_$s/collection $W/$n/; fi
-    XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM:-0.15} setsid nohup python3 -m launch.cas "${COMMON[@]}" ${V[$n]} \
+    env $(mem_env ${MEM:-0.15}) setsid nohup python3 -m launch.cas "${COMMON[@]}" ${V[$n]} \
       --workdir=$W/$n > $W/$n.log 2>&1 < /dev/null &
   done
   sleep 15; ls $W

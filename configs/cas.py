@@ -137,6 +137,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the first F trainable tokens of every cartridge keep their init (first_tokens: the document's
   # opening tokens, its title), so a loaded cartridge stays addressable by its header (0 = off)
   c.train.frozen_head = 0
+  # "constant" (the paper's) or "cosine": each cartridge's lr falls to lr * lr_min_ratio over its own
+  # first lr_decay_updates updates (0 = auto: steps * min(1, num_slots / documents), the updates a
+  # cartridge gets when slots rotate evenly)
+  c.train.lr_decay = "constant"
+  c.train.lr_min_ratio = 0.1
+  c.train.lr_decay_updates = 0
   c.train.log_every = 4
   c.train.ckpt_every = 8
   c.train.keep_checkpoints = 2

@@ -70,7 +70,7 @@ CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm",
             "num_slots", "k_max", "p_isolated", "rotate_every", "evict_fraction", "position_mode",
             "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors", "loss_chunk",
             "max_conversations", "length_weighting", "p_hard", "k_curriculum_steps", "mixed_weight", "pack",
-            "frozen_head")
+            "frozen_head", "lr_decay", "lr_min_ratio", "lr_decay_updates")
 # max_conversations: train on each document's first n self-study conversations only (0 = all; a
 # curve of quality against self-study size from one synthesis)
 # length_weighting: a resident document gets rows in proportion to its length (length_weights), not one
@@ -85,9 +85,22 @@ CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm",
 # frozen_head: the first F trainable tokens of every cartridge keep their init (with the first_tokens
 # init: the KV of the document's first F tokens, its title), so that a cartridge stays addressable by
 # the header its document starts with (issue 20: distractor cartridges answer for the own document)
+# lr_decay: "constant" (the paper's) or "cosine": each cartridge's lr falls from lr to lr * lr_min_ratio
+# over its own first lr_decay_updates updates (0 = auto: the updates a cartridge gets in the run,
+# steps * min(1, num_slots / documents)), on the slot's count (cas.train.step.lr_decay_factor)
 DEFAULTS = {"train_distractors": True, "loss_chunk": LOSS_CHUNK_TOKENS, "max_conversations": 0,
             "length_weighting": False, "p_hard": 0.0, "k_curriculum_steps": 0, "mixed_weight": 1.0, "pack": False,
-            "frozen_head": 0}
+            "frozen_head": 0, "lr_decay": "constant", "lr_min_ratio": 0.1, "lr_decay_updates": 0}
+
+
+def decay_horizon(c: Mapping, num_docs: int) -> int:
+  """Updates over which a cartridge's lr decays (0: constant lr): c["lr_decay_updates"], or with 0 the
+  updates a cartridge gets in the run when slots rotate evenly, steps * min(1, num_slots / num_docs)."""
+  if c["lr_decay"] == "constant":
+    return 0
+  if c["lr_decay_updates"] > 0:
+    return int(c["lr_decay_updates"])
+  return max(1, round(c["steps"] * min(1.0, c["num_slots"] / max(1, num_docs))))
 
 
 def model_mesh(model):
@@ -415,7 +428,11 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
     step_fn = make_cas_train_step(lr=c["lr"], warmup_steps=c["warmup_steps"], clip_norm=c["clip_norm"],
                                   loss=c["loss"], dtype=dtype, position_mode=c["position_mode"], mesh=mesh,
                                   train_distractors=c["train_distractors"], loss_chunk=c["loss_chunk"],
-                                  frozen_head=c["frozen_head"])
+                                  frozen_head=c["frozen_head"], decay_updates=decay_horizon(c, len(doc_ids)),
+                                  lr_min_ratio=float(c["lr_min_ratio"]))
+    if c["lr_decay"] != "constant":
+      logging.info("lr decay %s: lr %.3g -> %.3g over each cartridge's first %d updates", c["lr_decay"], c["lr"],
+                   c["lr"] * c["lr_min_ratio"], decay_horizon(c, len(doc_ids)))
     writer = (MetricWriter(os.path.join(workdir, "logs"), truncate_after=start, log_every=c["log_every"])
               if jax.process_index() == 0 else NullMetricWriter())
     total = c["steps"]

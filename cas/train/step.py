@@ -33,6 +33,10 @@ gradient into its slots). The optimizer is Adam written directly on the slot arr
   * per-slot warmup: lr_t = lr * min(1, count / warmup_steps) with the incremented count, so a
     fresh slot (count 0) takes lr / warmup_steps on its first step (optax's linear_schedule
     would give 0 on the first step); warmup_steps = 0 means constant lr.
+  * per-slot decay (optional, `decay_updates` H > 0): lr_t is further scaled by a cosine from 1 to
+    `lr_min_ratio` over the slot's own first H updates (its count, which the store keeps with the
+    cartridge through rotation), and stays at lr * lr_min_ratio after: each cartridge anneals on its
+    own clock, whenever it is resident.
 """
 from __future__ import annotations
 
@@ -173,10 +177,19 @@ def touched_slots(slots: jax.Array, num_slots: int) -> jax.Array:
   return jnp.zeros((num_slots,), jnp.int32).at[idx].add(1, mode="drop") > 0
 
 
+def lr_decay_factor(count: jax.Array, decay_updates: int, lr_min_ratio: float) -> jax.Array:
+  """[B] f32 multiplier of the lr after `count` updates: cosine from 1 to lr_min_ratio over the first
+  decay_updates updates, lr_min_ratio after (1.0 everywhere when decay_updates = 0)."""
+  if decay_updates <= 0:
+    return jnp.ones(count.shape, jnp.float32)
+  frac = jnp.minimum(count.astype(jnp.float32), float(decay_updates)) / float(decay_updates)
+  return lr_min_ratio + (1.0 - lr_min_ratio) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+
+
 def slot_adam_update(state: dict, grads: dict, touched: jax.Array, *, lr: float, warmup_steps: int,
-                     clip_norm: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
-                     ) -> tuple[dict, dict]:
-  """Per-slot clipped Adam with per-slot warmup and bias correction (see module doc).
+                     clip_norm: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                     decay_updates: int = 0, lr_min_ratio: float = 0.1) -> tuple[dict, dict]:
+  """Per-slot clipped Adam with per-slot warmup, decay and bias correction (see module doc).
 
   state: slot state (STATE_KEYS); grads {"k","v"} [B, L, Pt, Hkv, D] f32; touched [B] bool.
   Returns (new state, stats {"slot_grad_norm" [B] f32 (before clipping), "updated" [B] bool}).
@@ -194,6 +207,7 @@ def slot_adam_update(state: dict, grads: dict, touched: jax.Array, *, lr: float,
   bc1 = 1.0 - jnp.power(jnp.float32(b1), c)  # [B]
   bc2 = 1.0 - jnp.power(jnp.float32(b2), c)
   lr_t = lr * jnp.minimum(1.0, c / warmup_steps) if warmup_steps > 0 else jnp.full_like(c, lr)
+  lr_t = lr_t * lr_decay_factor(count, decay_updates, lr_min_ratio)
   bshape = (-1,) + (1,) * (gk.ndim - 1)
   new = dict(state)
   for name, g in (("k", gk), ("v", gv)):
@@ -234,12 +248,15 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
                         b2: float = 0.999, eps: float = 1e-8, loss: str = "distill",
                         dtype=jnp.float32, position_mode: str = "shared", mesh: Mesh | None = None,
                         train_distractors: bool = True, donate: bool = True,
-                        loss_chunk: int = LOSS_CHUNK_TOKENS, frozen_head: int = 0) -> Callable:
+                        loss_chunk: int = LOSS_CHUNK_TOKENS, frozen_head: int = 0,
+                        decay_updates: int = 0, lr_min_ratio: float = 0.1) -> Callable:
   """Returns step(state, frozen, model, batch) -> (state, metrics); `state` is donated.
   loss_chunk: tokens per chunk of the fused LM head + loss (0 = full logits; `head_loss`).
   frozen_head: the first F of each slot's Pt trainable tokens get no update (their gradient is zeroed
   before clipping and Adam, so params and moments stay exactly as they are): a cartridge keeps the
   init of its document's first tokens (its title) while the rest trains (0 = off).
+  decay_updates, lr_min_ratio: per-slot cosine decay of the lr over each cartridge's own first
+  decay_updates updates down to lr * lr_min_ratio (`lr_decay_factor`; 0 = constant lr).
 
   batch: cas.train.batch arrays (numpy or jax): tokens, positions, segment_ids, targets, loss_mask
   [Bt, T]; topk_ids, topk_logprobs [Bt, T, K]; slots [Bt, k_max]; own_slot [Bt].
@@ -260,6 +277,8 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
     raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
   if frozen_head < 0:
     raise ValueError(f"frozen_head={frozen_head} must be >= 0")
+  if decay_updates < 0 or not 0.0 <= lr_min_ratio <= 1.0:
+    raise ValueError(f"decay_updates={decay_updates} must be >= 0 and lr_min_ratio={lr_min_ratio} in [0, 1]")
 
   def step(state, frozen, model, batch):
     missing = [k for k in STATE_KEYS if k not in state]
@@ -284,7 +303,8 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
     else:
       touched = touched_slots(batch["own_slot"][:, None], num_slots)
     new_state, stats = slot_adam_update(state, grads, touched, lr=lr, warmup_steps=warmup_steps,
-                                        clip_norm=clip_norm, b1=b1, b2=b2, eps=eps)
+                                        clip_norm=clip_norm, b1=b1, b2=b2, eps=eps,
+                                        decay_updates=decay_updates, lr_min_ratio=lr_min_ratio)
     gnorm = jnp.sqrt(jnp.sum(stats["slot_grad_norm"] ** 2))
     metrics = {"loss": val, "tokens": n, "grad_norm": gnorm,
                "finite": jnp.isfinite(val) & jnp.isfinite(gnorm),

@@ -21,8 +21,10 @@ _RULES: dict[str, tuple] = {
     "loss_chunk": ("int", 0, None), "max_conversations": ("int", 0, None),
     "length_weighting": ("bool", None, None), "p_hard": ("float", 0.0, 1.0),
     "k_curriculum_steps": ("int", 0, None), "mixed_weight": ("float", 0.0, None), "pack": ("bool", None, None),
-    "frozen_head": ("int", 0, None),
+    "frozen_head": ("int", 0, None), "lr_decay": ("str", None, None), "lr_min_ratio": ("float", 0.0, 1.0),
+    "lr_decay_updates": ("int", 0, None),
 }
+LR_DECAYS = ("constant", "cosine")
 _POSITIVE = ("lr", "mixed_weight")  # must be > 0, not only >= 0
 
 
@@ -31,6 +33,8 @@ def _choices(key: str) -> tuple[str, ...] | None:
   if key == "loss":
     from cas.train.loss import LOSSES
     return LOSSES
+  if key == "lr_decay":
+    return LR_DECAYS
   if key == "position_mode":
     from cas.train.batch import POSITION_MODES
     return POSITION_MODES

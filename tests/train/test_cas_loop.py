@@ -192,3 +192,30 @@ def test_run_killed_before_the_end_of_its_final_flush_still_flushes(setup, tmp_p
   with caplog.at_level(logging.INFO):
     _same_result(_train(setup, str(w)), ref)
   assert "nothing to do" in caplog.text and _files(w) == files
+
+
+def test_lr_decay_reaches_the_step_and_bad_values_are_refused(setup, tmp_path):
+  """train.lr_decay='cosine' with lr_min_ratio=0 over one update: every cartridge's first update has
+  lr 0 and every later one too, so the stored cartridges are their init although they were trained
+  (counts > 0); the constant-lr run on the same data moves them. A schedule name that does not exist,
+  or a ratio above 1, is refused naming the field. decay_horizon's auto value is the even-rotation share."""
+  from cas.rotation.store import CartridgeStore
+  from cas.train.loop import DEFAULTS, decay_horizon
+  m, docs, path, frozen, init_fn = setup
+  cfg = {"lr_decay": "cosine", "lr_min_ratio": 0.0, "lr_decay_updates": 1}
+  out = _train(setup, str(tmp_path / "flat"), cfg=cfg)
+  moved = _train(setup, str(tmp_path / "const"), cfg={})
+  assert min(out["counts"].values()) > 0
+  spec = CartridgeSpec.for_model(TINY, P, 1)
+  for name, same in (("flat", True), ("const", False)):
+    with CartridgeStore(str(tmp_path / name / "store"), spec=spec, model_fingerprint="tiny", read_only=True) as st:
+      eq = [np.asarray(st.get(d)[0]["k"]).tobytes() == init_fn(d)["k"].tobytes() for d in docs]
+    assert all(eq) if same else not any(eq), name
+  assert out["final_loss"] > 0 and moved["final_loss"] > 0
+  with pytest.raises(ValueError, match="lr_decay='linear' must be one of"):
+    _train(setup, str(tmp_path / "bad"), cfg={"lr_decay": "linear"})
+  with pytest.raises(ValueError, match="lr_min_ratio=1.5 must be <= 1.0"):
+    _train(setup, str(tmp_path / "bad2"), cfg={"lr_min_ratio": 1.5})
+  c = {**DEFAULTS, "steps": 1000, "num_slots": 10, "lr_decay": "cosine"}
+  assert decay_horizon(c, 35) == 286 and decay_horizon(c, 5) == 1000
+  assert decay_horizon({**c, "lr_decay_updates": 40}, 35) == 40 and decay_horizon({**c, "lr_decay": "constant"}, 35) == 0

@@ -256,6 +256,33 @@ def test_slot_adam_per_slot_warmup_clipping_and_untouched_bits():
     assert new[n][2].tobytes() == st[n][2].tobytes()
 
 
+def test_lr_decay_scales_each_slots_step_by_its_own_count():
+  """Cosine decay on the slot's count: with the same state and gradients, each slot's parameter step
+  is the constant-lr step times lr_decay_factor(its incremented count), i.e. 1 -> lr_min_ratio over the
+  first H updates and lr_min_ratio after; Adam's moments do not depend on the lr."""
+  from cas.train.step import lr_decay_factor
+  rng = np.random.default_rng(3)
+  shape = (4, 2, 3, 1, 4)
+  H, r = 10, 0.2
+  st = {n: rng.standard_normal(shape).astype(np.float32) for n in ("k", "v")}
+  st.update({n: np.zeros(shape, np.float32) for n in ("mu_k", "mu_v", "nu_k", "nu_v")})
+  st["count"] = np.array([0, 4, 9, 50], np.int32)  # incremented: 1, 5 (half way), 10 (= H), 51 (past H)
+  g = {n: rng.standard_normal(shape).astype(np.float32) for n in ("k", "v")}
+  args = ({k: jnp.asarray(v) for k, v in st.items()}, {k: jnp.asarray(v) for k, v in g.items()},
+          jnp.ones(4, bool))
+  const, _ = slot_adam_update(*args, lr=0.1, warmup_steps=0, clip_norm=0.0)
+  dec, _ = slot_adam_update(*args, lr=0.1, warmup_steps=0, clip_norm=0.0, decay_updates=H, lr_min_ratio=r)
+  want = [r + (1 - r) * 0.5 * (1 + np.cos(np.pi / H)), r + (1 - r) * 0.5, r, r]
+  np.testing.assert_allclose(np.asarray(lr_decay_factor(jnp.asarray([1, 5, 10, 51]), H, r)), want, rtol=1e-6)
+  for s in range(4):
+    ratio = (st["k"][s] - np.asarray(dec["k"][s])) / (st["k"][s] - np.asarray(const["k"][s]))
+    np.testing.assert_allclose(ratio, want[s], rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(dec["mu_v"][s]), np.asarray(const["mu_v"][s]))
+  np.testing.assert_array_equal(np.asarray(lr_decay_factor(jnp.asarray([1, 500]), 0, r)), [1.0, 1.0])
+  with pytest.raises(ValueError, match="lr_min_ratio"):
+    make_cas_train_step(lr=1e-2, warmup_steps=0, clip_norm=1.0, decay_updates=5, lr_min_ratio=1.5)
+
+
 def test_step_updates_only_touched_slots(setup):
   m, docs, convs, frozen, slot_k, slot_v = setup
   b = build_cas_batch([(convs[0], 0), (convs[1], 2)], [0, 2], k_max=2, p_isolated=0.0,
