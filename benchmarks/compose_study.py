@@ -67,12 +67,15 @@ VARIANTS = {
     "head32": ["--config.train.frozen_head=32"],
     # per-cartridge cosine lr decay 1e-2 -> 1e-3 over each cartridge's own updates (CAS + isolated, as base)
     "cosine": ["--config.train.lr_decay=cosine"],
+    # the init reads each document's most salient sentences (cas.cartridge.salient) instead of its first
+    # p tokens: minutes' documents (1-4k tokens) are 4-16x p = 256 (CAS + isolated, as base)
+    "salient": ["--config.cartridge.init_text=salient"],
     # the monolithic baseline (one cartridge of N*p tokens on every document's self-study), its own
     # process: it needs about twice a CAS run's memory (see MEM)
     "mono": ["--stages=train_monolithic,indexes,evaluate"],
 }
 MEM = {"mono": 2.0}  # a job's share of GPU memory, in units of --mem
-FULL = ("head32", "cosine")  # training levers that change the isolated baseline too: evaluated like base
+FULL = ("head32", "cosine", "salient")  # training levers that change the isolated baseline too: evaluated like base
 
 
 def synth_args(variant: str) -> list[str]:

@@ -12,6 +12,7 @@ reads in ICL, minus the rest of the documents' frame for long ones.
 CPU-sized: the default model, multiple-choice questions only.
 
   python -m benchmarks.init_oracle --num_docs=20 --p=512 --fill=repeat,exact
+  python -m benchmarks.init_oracle --icl=false --max_doc_tokens=1024 --fill=repeat,key_norm --out=/tmp/init.json
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import time
 from absl import app, flags
 
 from cas.cartridge.cartridge import init_cartridge
+from cas.cartridge.salient import idf_table, salient_ids
 from cas.data.prose import generate_prose_collection
 from cas.eval.methods import ICL_SYSTEM, Evaluator
 from cas.model.loader import load_model
@@ -28,7 +30,11 @@ from cas.model.loader import load_model
 _N = flags.DEFINE_integer("num_docs", 20, "prose documents (data.num_docs)")
 _SEED = flags.DEFINE_integer("seed", 0, "data.seed")
 _P = flags.DEFINE_integer("p", 512, "cartridge tokens")
-_FILL = flags.DEFINE_list("fill", ["repeat", "exact"], "short-document rule(s): repeat | exact")
+_FILL = flags.DEFINE_list("fill", ["repeat", "exact"], "init(s): repeat | exact | framed (first_tokens, see above) "
+                         "| key_norm (cartridge.init=key_norm: the lowest-norm keys of the whole document)")
+_MDT = flags.DEFINE_integer("max_doc_tokens", 0, "cartridge.max_doc_tokens: documents over it are cut into parts "
+                            "(cas.data.parts), one cartridge each, and the oracle loads all of its document's parts "
+                            "(shared positions, as the pipeline); 0 = one cartridge per document")
 _SHORT = flags.DEFINE_integer("short_tokens", 1700, "documents under this many tokens count as short")
 _OUT = flags.DEFINE_string("out", None, "write the per-question results (JSON) here")
 _ICL = flags.DEFINE_bool("icl", True, "also evaluate ICL (the slow part on a CPU: ~1 h for 78 questions)")
@@ -48,7 +54,24 @@ def main(argv):
   if _ICL.value:
     rows["icl"] = [ev.answer(ev.icl([docs[q.doc_id]]), q) for q in qs]
     print(f"icl done ({time.time() - t0:.0f}s)", flush=True)
-  for fill in _FILL.value:
+  if _MDT.value > 0:  # one cartridge per part, the oracle composes its document's parts
+    from cas.data.parts import document_units
+    units, _ = document_units(coll.documents, _MDT.value, tok.encode)
+    parts: dict[str, list] = {}
+    idf = idf_table(u.text for u in units)
+    for u in units:
+      t = salient_ids(u.text, _P.value - 1, idf, tok.encode) if "salient" in _FILL.value else None
+      parts.setdefault(u.meta.get("parent", u.doc_id), []).append((tok.encode(u.text), t))
+    for fill in _FILL.value:
+      if fill not in ("repeat", "key_norm", "salient"):
+        raise app.UsageError(f"--fill={fill} with --max_doc_tokens: use repeat, key_norm or salient")
+      carts = {d: ev.cartridges([init_cartridge(model, sal if fill == "salient" else t, _P.value, num_frozen=1,
+                                                sink_ids=[tok.bos_id], short_fill="repeat",
+                                                strategy="key_norm" if fill == "key_norm" else "first_tokens")
+                                 for t, sal in ts], mode="shared") for d, ts in parts.items()}
+      rows[f"init_{fill}"] = [ev.answer(carts[q.doc_id], q) for q in qs]
+      print(f"init_{fill} done ({time.time() - t0:.0f}s)", flush=True)
+  for fill in _FILL.value if _MDT.value == 0 else ():
     carts = {}
     for d, t in ids.items():
       if fill == "framed":  # the ICL system message holding the document (sink = its first token)
@@ -57,8 +80,9 @@ def main(argv):
         f_ids = tok.system_prefix_ids(tok.document_context(ICL_SYSTEM.format(documents=body), body))[:_P.value]
         c = init_cartridge(model, f_ids, len(f_ids), num_frozen=1)
       else:
-        p = _P.value if fill == "repeat" or len(t) + 1 >= _P.value else len(t) + 1  # + the BOS sink
-        c = init_cartridge(model, t, p, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat")
+        p = _P.value if fill in ("repeat", "key_norm") or len(t) + 1 >= _P.value else len(t) + 1  # + the BOS sink
+        c = init_cartridge(model, t, p, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",
+                           strategy="key_norm" if fill == "key_norm" else "first_tokens")
       carts[d] = ev.cartridge(*c.full_kv())
     rows[f"init_{fill}"] = [ev.answer(carts[q.doc_id], q) for q in qs]
     print(f"init_{fill} done ({time.time() - t0:.0f}s)", flush=True)

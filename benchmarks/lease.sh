@@ -2,7 +2,7 @@
 # One GPU lease, several research jobs side by side (each detached, so a call returns at once and the
 # jobs outlive it; the machine stays held while calls keep coming). After `. benchmarks/gpu_setup.sh`
 # (SmolLM2 for every job; Gemma's five parts too for gemma_minutes):
-#   bash benchmarks/lease.sh start "prose_cos head32 gemma_minutes q21"   # any subset, in this order
+#   bash benchmarks/lease.sh start "prose_sal head32 gemma_minutes q21"   # any subset, in this order
 #   bash benchmarks/lease.sh status        # progress of every job (repeat: `sleep 500; ... status`)
 #   OUT=$OUT bash benchmarks/lease.sh collect   # each job's archive into $OUT/<job>/ (what has finished)
 #   OUT=$OUT MODELS=smollm2-135m bash benchmarks/lease.sh decode   # issue 22's decode levers, in the
@@ -11,6 +11,9 @@
 # and `start` refuses a set of jobs whose scaled shares exceed 0.97 of the card, saying which fit):
 #   prose_s2k      issue 26: walk64s2k_parts1k (2,000 steps per parts run) and walkq64_parts1k (fact questions
 #                  beside the quotes), seeds 0 and 1 (prose_sweep.sh; PROSE_VARIANTS= picks others)
+#   prose_sal      issue 26: walk64sal_parts1k (the init reads each part's most salient sentences; at init,
+#                  before training, it answered 83 of 100 where first_tokens answered 64 on the CPU) and
+#                  walk64cos_parts1k, seeds 0 and 1, processes without preallocation
 #   prose_cos      issue 26: walk64cos_parts1k (per-cartridge cosine lr decay; 2,000 steps lost, the loss was flat
 #                  at the constant lr) and walkq64_parts1k, seeds 0 and 1, processes without preallocation
 #   head32         issue 20: the frozen-header lever on patients and minutes, seeds 0 and 1, with its base
@@ -29,20 +32,21 @@ if [ "$MODE" = start ]; then
   # Gemma 3 270M, CAS p = 256 about 11.4 GB; an H200 has 143 GB)
   # prose jobs grow their processes (no preallocated fraction): their share is what four trainings
   # took at most on an H100 (2026-12-05: 0.1225 of 80 GB each was too little for a parts1k training)
-  declare -A SHARE=([prose_s2k]=0.35 [prose_cos]=0.35 [head32]=0.21 [gemma_minutes]=0.30 [q21]=0.15)
+  declare -A SHARE=([prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [gemma_minutes]=0.30 [q21]=0.15)
   GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
   SCALE=$(python3 -c "print(max(1.0, 143000 / float('${GPU_MIB:-143000}' or 143000)))")
   f() { python3 -c "print(f'{$1 * $SCALE:.3f}')"; }
-  total=0; for j in ${2:-prose_cos head32}; do total=$(python3 -c "print($total + ${SHARE[$j]:-0} * $SCALE)"); done
+  total=0; for j in ${2:-prose_sal head32}; do total=$(python3 -c "print($total + ${SHARE[$j]:-0} * $SCALE)"); done
   if python3 -c "import sys; sys.exit(0 if $total > 0.97 else 1)"; then
     echo "start: these jobs need $(python3 -c "print(round($total, 2))") of this card's memory (${GPU_MIB} MiB; shares x $SCALE):" \
-         "$(for j in ${2:-prose_cos head32}; do echo -n "$j $(python3 -c "print(round(${SHARE[$j]:-0} * $SCALE, 2))") "; done)- start fewer (their sum <= 0.97)"
+         "$(for j in ${2:-prose_sal head32}; do echo -n "$j $(python3 -c "print(round(${SHARE[$j]:-0} * $SCALE, 2))") "; done)- start fewer (their sum <= 0.97)"
     exit 2
   fi
-  for j in ${2:-prose_cos head32}; do
+  for j in ${2:-prose_sal head32}; do
     case $j in
-      prose_s2k|prose_cos)
-        [ $j = prose_s2k ] && pv="walk64s2k_parts1k walkq64_parts1k" || pv="walk64cos_parts1k walkq64_parts1k"
+      prose_s2k|prose_cos|prose_sal)
+        case $j in prose_s2k) pv="walk64s2k_parts1k walkq64_parts1k";; prose_cos) pv="walk64cos_parts1k walkq64_parts1k";;
+                   *) pv="walk64sal_parts1k walk64cos_parts1k";; esac
         for s in 0 1; do
           SEED=$s SYNTH_MEM=grow MEM=grow CONV=64 VARIANTS="${PROSE_VARIANTS:-$pv}" run prose_s$s \
             bash benchmarks/prose_sweep.sh start $R/prose_s$s

@@ -45,6 +45,9 @@ declare -A V=(
   # per-cartridge cosine lr decay (issue 26: at the constant lr 1e-2 the loss is flat from step 500 on
   # and 2,000 steps did not help): lr 1e-2 -> 1e-3 over each cartridge's own updates; parts1k's set
   [walk64cos_parts1k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=1024 --config.train.lr_decay=cosine"
+  # the init reads each part's most salient sentences instead of its first p tokens (issue 26: trained
+  # cartridges answer facts inside the first_tokens window like ICL and facts after it near chance)
+  [walk64sal_parts1k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=1024 --config.cartridge.init_text=salient"
   [walkq64_parts1k]="--config.synth.coverage=walk --config.synth.families=('quote','quote','quote','question') --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=1024"
   [walk64_p1024_parts2k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=2048 --config.cartridge.num_tokens=1024"
 )

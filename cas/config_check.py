@@ -376,6 +376,10 @@ def _check_cartridge(config, add: Callable) -> None:
   init = _get(cc, "init", "first_tokens")
   if init not in INIT_STRATEGIES:
     add("config.cartridge.init", f"cartridge.init={init!r}: choose from {INIT_STRATEGIES}", CartridgeError)
+  from cas.cartridge.salient import INIT_TEXTS
+  init_text = _get(cc, "init_text", "document")
+  if init_text not in INIT_TEXTS:
+    add("config.cartridge.init_text", f"cartridge.init_text={init_text!r}: choose from {INIT_TEXTS}", CartridgeError)
   rule, fill = _get(cc, "short_documents", "pad"), _get(cc, "short_fill", "repeat")
   if rule not in SHORT_DOCUMENT_RULES:
     add("config.cartridge.short_documents", f"cartridge.short_documents={rule!r}: choose from "

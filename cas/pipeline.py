@@ -344,9 +344,17 @@ class CasStages:
     by_id = {u.doc_id: u for u in self.units}
     bos = self.tok.bos_id
     rule, fill = self.short_rule
+    text = self.config.cartridge.get("init_text", "document")
+    if text == "salient":  # the init reads each unit's most salient sentences (cas.cartridge.salient)
+      from cas.cartridge.salient import idf_table, salient_ids
+      idf = idf_table(u.text for u in self.units)
+      budget = self.spec.num_tokens - self.spec.num_frozen
+      ids_of = lambda u: salient_ids(u.text, budget, idf, self.tok.encode)
+    else:
+      ids_of = self._ids
 
     def init(doc_id):
-      c = init_cartridge(self.model, self._ids(by_id[doc_id]), self.spec.num_tokens, strategy=self.config.cartridge.init,
+      c = init_cartridge(self.model, ids_of(by_id[doc_id]), self.spec.num_tokens, strategy=self.config.cartridge.init,
                          num_frozen=self.spec.num_frozen, sink_ids=[bos] * self.spec.num_frozen,
                          short_documents=rule, short_fill=fill)
       return {"k": np.asarray(c.k[...]), "v": np.asarray(c.v[...])}

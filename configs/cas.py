@@ -89,7 +89,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.cartridge = ml_collections.ConfigDict()
   c.cartridge.num_tokens = 64
   c.cartridge.num_frozen = 1
+  # first_tokens (the papers': the KV of the document's first p tokens) | key_norm (per layer and head the
+  # p tokens of the whole document whose keys have the smallest norm, re-rotated to their slots: a
+  # cartridge that starts from every part of a long document) | random_chunk | random_vectors
   c.cartridge.init = "first_tokens"
+  # the text the init reads: "document" (the papers') or "salient": a document longer than the cartridge
+  # is cut to its sentences of highest mean IDF that fit (a TF-IDF extractive summary, in document
+  # order), so facts after the first p tokens are in the init too (cas.cartridge.salient)
+  c.cartridge.init_text = "document"
   # a document shorter than p: "pad" (its tokens, then short_fill: "repeat" the document | "random_vectors")
   # or "error" (refused before any work starts)
   c.cartridge.short_documents = "pad"

@@ -101,3 +101,22 @@ def test_short_documents_error_is_refused_before_any_work(tmp_path, collection_d
   with pytest.raises(CartridgeError, match="short_fill='zeros'"):
     CasStages(_config(collection_dir, short_fill="zeros"), workdir, lm=lm)
   assert not os.path.exists(os.path.join(workdir, "synth"))
+
+
+def test_salient_init_text_reads_the_documents_rarest_sentences(collection_dir, lm, tmp_path):
+  """cartridge.init_text='salient': the init of a document longer than p is the first_tokens KV of its
+  salient sentences (cas.cartridge.salient over the collection's units), not of its first p tokens; a
+  document that fits is unchanged; an unknown init_text is refused before any work."""
+  from cas.cartridge.cartridge import init_cartridge
+  from cas.cartridge.salient import idf_table, salient_ids
+  st = CasStages(_config(collection_dir, init_text="salient"), str(tmp_path / "s"), lm=lm)
+  plain = CasStages(_config(collection_dir), str(tmp_path / "d"), lm=lm)
+  docs = {u.doc_id: u for u in st.units}
+  ids = salient_ids(docs["d-mid"].text, 31, idf_table(u.text for u in st.units), lm.tokenizer.encode)
+  want = init_cartridge(lm.model, ids, 32, sink_ids=[lm.tokenizer.bos_id])
+  got, base = st._init_fn()("d-mid"), plain._init_fn()("d-mid")
+  np.testing.assert_allclose(got["k"], np.asarray(want.k[...]), atol=1e-6)
+  assert ids != lm.tokenizer.encode(docs["d-mid"].text)[:31] and not np.allclose(got["k"], base["k"])
+  np.testing.assert_array_equal(st._init_fn()("d-tiny")["k"], plain._init_fn()("d-tiny")["k"])
+  with pytest.raises(CartridgeError, match="cartridge.init_text='summary'"):
+    CasStages(_config(collection_dir, init_text="summary"), str(tmp_path / "bad"), lm=lm)

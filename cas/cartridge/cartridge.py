@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from cas.model.config import ModelConfig
-from cas.model.llama import Prefix, Transformer, jit_layer_kv
+from cas.model.llama import Prefix, Transformer, apply_rope, jit_layer_kv
 
 
 class CartridgeError(ValueError):
@@ -102,7 +102,10 @@ def cartridge_prefix(k: jax.Array, v: jax.Array, batch: int, dtype=jnp.float32, 
 
 # ----------------------------------------------------------------------------- initialisation
 
-INIT_STRATEGIES = ("first_tokens", "random_chunk", "random_vectors")
+INIT_STRATEGIES = ("first_tokens", "random_chunk", "random_vectors", "key_norm")
+# key_norm reads at most this many tokens of a document (one causal pass; the reference attention on a
+# CPU holds [heads, T, T] scores per layer); the tokens after it are not candidates
+KEY_NORM_MAX_TOKENS = 8192
 # What a document shorter than the cartridge gets (cartridge.short_documents):
 #   pad:   its own tokens first, then `short_fill` for the rest (below)
 #   error: refused, as before (CartridgeError naming the document and the fix)
@@ -163,7 +166,14 @@ def init_cartridge(model: Transformer, doc_ids: Sequence[int], num_tokens: int, 
   document's first `num_frozen` tokens. Strategies:
     first_tokens: KV of the document's first p tokens (the Cartridges paper's best init);
     random_chunk: KV of a random contiguous chunk (after the sink);
-    random_vectors: sink from the model, the rest N(0, std of real keys/values).
+    random_vectors: sink from the model, the rest N(0, std of real keys/values);
+    key_norm: from one causal pass over the whole document (at most KEY_NORM_MAX_TOKENS), per layer
+      and KV head the p - num_frozen tokens whose keys have the smallest L2 norm (low-norm keys draw
+      the most attention: Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for KV
+      Cache Compression"), kept in document order, each key re-rotated from its position in the
+      document to its slot (RoPE rotations compose), so the cartridge holds tokens from every part
+      of the document, not only its start (`key_norm_select`). A document that fits takes the
+      first_tokens path.
   A document shorter than the cartridge (first_tokens, random_chunk): `short_documents="pad"`
   takes all of its tokens and fills the rest by `short_fill` ("repeat": the document again after
   itself; "random_vectors": random vectors of the document's own key/value scale);
@@ -197,6 +207,8 @@ def init_cartridge(model: Transformer, doc_ids: Sequence[int], num_tokens: int, 
   elif strategy == "random_chunk":
     start = int(rng.integers(0, len(body) - need + 1))
     body = body[start:start + need]
+  elif strategy == "key_norm":
+    return key_norm_select(model, sink + body[:KEY_NORM_MAX_TOKENS - len(sink)], num_frozen, need)
   else:
     body = body[:need]
   if strategy == "random_vectors":
@@ -217,3 +229,29 @@ def init_cartridge(model: Transformer, doc_ids: Sequence[int], num_tokens: int, 
     rv = rng.standard_normal((L, need - n_real, H, D)).astype(np.float32) * vs
     tk, tv = np.concatenate([tk, rk], axis=1), np.concatenate([tv, rv], axis=1)
   return Cartridge(fk, fv, tk, tv)
+
+
+def key_norm_select(model: Transformer, toks: Sequence[int], num_frozen: int, need: int) -> Cartridge:
+  """The `key_norm` init of a document longer than the cartridge: toks = sink + body (len > num_frozen
+  + need). One causal pass gives every layer's rotated keys and values at the document's positions;
+  per (layer, KV head) the `need` body tokens of smallest key norm are kept in document order, and each
+  key is rotated by (its slot - its position) so that the cartridge reads as positions 0..p-1."""
+  n = len(toks)
+  bucket = 1 << max(0, (n - 1).bit_length())  # padded to a power of two: one compile per bucket, not per
+  tokens = jnp.asarray([list(toks) + [0] * (bucket - n)], jnp.int32)  # length (a causal pass: the padding
+  positions = jnp.arange(bucket, dtype=jnp.int32)[None]  # after the document changes none of its keys)
+  k, v = jit_layer_kv(model, tokens, positions)  # [L, 1, bucket, Hkv, D]
+  k, v = np.asarray(k[:, 0, :n], np.float32), np.asarray(v[:, 0, :n], np.float32)
+  bk, bv = k[:, num_frozen:], v[:, num_frozen:]  # [L, T', H, D]
+  norms = np.linalg.norm(bk, axis=-1)  # [L, T', H]; a rotation keeps the norm
+  idx = np.sort(np.argsort(norms, axis=1, kind="stable")[:, :need], axis=1)  # [L, need, H], document order
+  tk = np.take_along_axis(bk, idx[..., None], axis=1)
+  tv = np.take_along_axis(bv, idx[..., None], axis=1)
+  delta = (np.arange(need)[None, :, None] - idx).astype(np.int32)  # slot - position offset (both after the sink)
+  inv = np.asarray(model.inv_freq[...], np.float32)  # [D/2] or [L, D/2]
+  L, _, H, D = tk.shape
+  x = tk.transpose(0, 2, 1, 3).reshape(L * H, need, 1, D)  # rows = (layer, head)
+  freq = (np.repeat(inv, H, axis=0)[:, None, :] if inv.ndim == 2 else inv)  # [L*H, 1, D/2] or [D/2]
+  rot = apply_rope(jnp.asarray(x), jnp.asarray(delta.transpose(0, 2, 1).reshape(L * H, need)), jnp.asarray(freq))
+  tk = np.asarray(rot, np.float32).reshape(L, H, need, D).transpose(0, 2, 1, 3)
+  return Cartridge(k[:, :num_frozen], v[:, :num_frozen], np.ascontiguousarray(tk), np.ascontiguousarray(tv))

@@ -9,6 +9,7 @@ from flax import nnx
 from cas.cartridge.cartridge import (CartridgeError, CartridgeKV, CartridgeSpec, init_cartridge,
                                      short_documents)
 from cas.cartridge.io import load_cartridge, save_cartridge
+from cas.model.llama import apply_rope
 from cas.testing import TINY, tiny_model
 
 
@@ -135,3 +136,33 @@ def test_relative_paths_save_load_and_store(model, tmp_path, monkeypatch):
     got, c = st.get("d")
   assert c == 1
   np.testing.assert_array_equal(got["k"], k)
+
+
+def test_key_norm_init_keeps_the_lowest_norm_keys_of_the_whole_document_rotated_to_their_slots(model):
+  """init='key_norm' on a 40-token document, p = 12: per layer and KV head the 11 body tokens of
+  smallest key norm over the *whole* document (not its first 11), in document order; rotating each
+  stored key back by (its position - its slot) gives the document's own key, values are the
+  document's; a document that fits gives the first_tokens cartridge."""
+  p, f = 12, 1
+  cart = init_cartridge(model, DOC, p, strategy="key_norm")
+  k, v = model.layer_kv(jnp.asarray([DOC]), jnp.arange(len(DOC))[None])
+  k, v = np.asarray(k[:, 0], np.float32), np.asarray(v[:, 0], np.float32)  # [L, T, H, D]
+  fk, fv = cart.full_kv()
+  fk, fv = np.asarray(fk), np.asarray(fv)
+  np.testing.assert_allclose(fk[:, :f], k[:, :f], atol=1e-6)  # the sink stays
+  inv = np.asarray(model.inv_freq[...], np.float32)
+  norms = np.linalg.norm(k[:, f:], axis=-1)  # [L, T', H]
+  picked_late = 0
+  for li in range(k.shape[0]):
+    for h in range(k.shape[2]):
+      want = np.sort(np.argsort(norms[li, :, h], kind="stable")[:p - f]) + f  # positions in the document
+      picked_late += int((want >= p).sum())
+      for s, pos in enumerate(want):
+        np.testing.assert_allclose(fv[li, f + s, h], v[li, pos, h], atol=1e-6)
+        back = apply_rope(jnp.asarray(fk[li, f + s, h])[None, None, None], jnp.asarray([[pos - (f + s)]]), inv)
+        np.testing.assert_allclose(np.asarray(back)[0, 0, 0], k[li, pos, h], atol=1e-4)
+  assert picked_late > 0  # tokens past the first p were chosen: the init is not first_tokens
+  fits = init_cartridge(model, DOC[:p], p, strategy="key_norm").full_kv()
+  first = init_cartridge(model, DOC[:p], p).full_kv()
+  np.testing.assert_allclose(np.asarray(fits[0]), np.asarray(first[0]), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(fits[1]), np.asarray(first[1]), atol=1e-6)

@@ -376,3 +376,26 @@ def test_sequential_rerotation_uses_each_layers_rope():
   pre = assemble_prefix(slot_k, slot_v, empty, empty, jnp.asarray([[0, 1]], jnp.int32), inv,
                         position_mode="sequential")
   assert _maxdiff(pre.k[:, 0, pt:], kb_d[:, 0]) <= 1e-5 and _maxdiff(pre.k[:, 0, :pt], ka[:, 0]) <= 1e-6
+
+
+def test_key_norm_init_rotates_each_layer_by_its_own_rope_table():
+  """init='key_norm' on Gemma (per-layer RoPE: local and linear-scaled global thetas): every stored key,
+  rotated back from its slot to its document position with *its layer's* table, is the document's key."""
+  from cas.cartridge.cartridge import init_cartridge
+  from cas.model.llama import apply_rope
+  m = pair("g4b").model
+  doc = [int(t) for t in np.random.default_rng(1).integers(2, 100, 30)]
+  p = 9
+  fk, fv = (np.asarray(a) for a in init_cartridge(m, doc, p, strategy="key_norm").full_kv())
+  k, v = m.layer_kv(jnp.asarray([doc]), jnp.arange(len(doc))[None])
+  k, v = np.asarray(k[:, 0], np.float32), np.asarray(v[:, 0], np.float32)
+  inv = np.asarray(m.inv_freq[...], np.float32)
+  assert inv.ndim == 2 and not np.allclose(inv[0], inv[1])  # the layers' tables differ
+  norms = np.linalg.norm(k[:, 1:], axis=-1)
+  for li in range(k.shape[0]):
+    for h in range(k.shape[2]):
+      want = np.sort(np.argsort(norms[li, :, h], kind="stable")[:p - 1]) + 1
+      for s, pos in enumerate(want):
+        back = apply_rope(jnp.asarray(fk[li, 1 + s, h])[None, None, None], jnp.asarray([[pos - (1 + s)]]), inv[li])
+        np.testing.assert_allclose(np.asarray(back)[0, 0, 0], k[li, pos, h], atol=1e-4)
+        np.testing.assert_allclose(fv[li, 1 + s, h], v[li, pos, h], atol=1e-6)

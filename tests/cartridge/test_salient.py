@@ -1,0 +1,33 @@
+"""cas.cartridge.salient with the default model's real tokenizer."""
+import math
+
+from cas.cartridge.salient import idf_table, salient_ids, sentences
+from cas.testing import real_tokenizer
+
+FILLER = "The old town had a market and a church and a river that ran past the mill. "
+
+
+def test_idf_counts_the_texts_that_hold_a_word():
+  idf = idf_table(["the cat sat", "the dog sat", "the cat ran"])
+  assert idf["the"] == 0.0 and math.isclose(idf["cat"], math.log(3 / 2)) and math.isclose(idf["dog"], math.log(3))
+  assert "a" not in idf_table(["a b c"])  # words of fewer than 3 characters are not counted
+
+
+def test_salient_ids_keep_the_rare_sentence_wherever_it_stands_in_document_order():
+  tok = real_tokenizer()
+  fact = "The door code of the sapphire pavilion is 8549."
+  doc = FILLER * 20 + fact + " " + FILLER * 5
+  others = [FILLER * 3, FILLER * 2 + "The mill burned.", FILLER]
+  idf = idf_table([doc] + others)
+  budget = 64
+  ids = salient_ids(doc, budget, idf, tok.encode)
+  text = tok.decode(ids)
+  assert len(ids) <= budget and fact in text
+  assert fact not in tok.decode(tok.encode(doc)[:budget])  # the first tokens would have missed it
+  kept = sentences(text)
+  order = [sentences(doc).index(s) for s in kept]
+  assert order == sorted(order) and len(kept) >= 2
+  short = "A short note about the mill."
+  assert salient_ids(short, budget, idf, tok.encode) == list(tok.encode(short))  # fits: unchanged
+  one = "word " * 200  # one sentence longer than the budget: its first tokens
+  assert salient_ids(one, budget, idf, tok.encode) == list(tok.encode(one))[:budget]
