@@ -28,6 +28,8 @@ from cas.eval.methods import ICL_SYSTEM, Evaluator
 from cas.model.loader import load_model
 
 _N = flags.DEFINE_integer("num_docs", 20, "prose documents (data.num_docs)")
+_KIND = flags.DEFINE_string("kind", "prose", "data.kind: prose, or a built-in synthetic kind (patients, products, "
+                            "minutes: cas.data.synthetic, with its default questions)")
 _SEED = flags.DEFINE_integer("seed", 0, "data.seed")
 _P = flags.DEFINE_integer("p", 512, "cartridge tokens")
 _FILL = flags.DEFINE_list("fill", ["repeat", "exact"], "init(s): repeat | exact | framed (first_tokens, see above) "
@@ -45,7 +47,11 @@ def main(argv):
   lm = load_model()
   model, tok = lm.model, lm.tokenizer
   ev = Evaluator(model, tok)
-  coll = generate_prose_collection(_N.value, _SEED.value)
+  if _KIND.value == "prose":
+    coll = generate_prose_collection(_N.value, _SEED.value)
+  else:
+    from cas.data.synthetic import generate_collection
+    coll = generate_collection(_N.value, _SEED.value, kind=_KIND.value)
   docs = {d.doc_id: d for d in coll.documents}
   ids = {d: tok.encode(doc.text) for d, doc in docs.items()}
   qs = [q for q in coll.questions if q.kind == "mc" and not q.is_multi_doc]
@@ -71,6 +77,7 @@ def main(argv):
                                  for t, sal in ts], mode="shared") for d, ts in parts.items()}
       rows[f"init_{fill}"] = [ev.answer(carts[q.doc_id], q) for q in qs]
       print(f"init_{fill} done ({time.time() - t0:.0f}s)", flush=True)
+  whole_idf = idf_table(doc.text for doc in docs.values())
   for fill in _FILL.value if _MDT.value == 0 else ():
     carts = {}
     for d, t in ids.items():
@@ -80,7 +87,9 @@ def main(argv):
         f_ids = tok.system_prefix_ids(tok.document_context(ICL_SYSTEM.format(documents=body), body))[:_P.value]
         c = init_cartridge(model, f_ids, len(f_ids), num_frozen=1)
       else:
-        p = _P.value if fill in ("repeat", "key_norm") or len(t) + 1 >= _P.value else len(t) + 1  # + the BOS sink
+        if fill == "salient":  # the document's most salient sentences that fit (cas.cartridge.salient)
+          t = salient_ids(docs[d].text, _P.value - 1, whole_idf, tok.encode)
+        p = _P.value if fill in ("repeat", "key_norm", "salient") or len(t) + 1 >= _P.value else len(t) + 1  # + BOS sink
         c = init_cartridge(model, t, p, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",
                            strategy="key_norm" if fill == "key_norm" else "first_tokens")
       carts[d] = ev.cartridge(*c.full_kv())

@@ -145,8 +145,9 @@ def test_key_norm_init_keeps_the_lowest_norm_keys_of_the_whole_document_rotated_
   document's; a document that fits gives the first_tokens cartridge."""
   p, f = 12, 1
   cart = init_cartridge(model, DOC, p, strategy="key_norm")
-  k, v = model.layer_kv(jnp.asarray([DOC]), jnp.arange(len(DOC))[None])
-  k, v = np.asarray(k[:, 0], np.float32), np.asarray(v[:, 0], np.float32)  # [L, T, H, D]
+  padded = DOC + [0] * (64 - len(DOC))  # the init's pass runs on the document padded to a power of two
+  k, v = model.layer_kv(jnp.asarray([padded]), jnp.arange(64)[None])
+  k, v = np.asarray(k[:, 0, :len(DOC)], np.float32), np.asarray(v[:, 0, :len(DOC)], np.float32)  # [L, T, H, D]
   fk, fv = cart.full_kv()
   fk, fv = np.asarray(fk), np.asarray(fv)
   np.testing.assert_allclose(fk[:, :f], k[:, :f], atol=1e-6)  # the sink stays

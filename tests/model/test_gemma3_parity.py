@@ -387,8 +387,8 @@ def test_key_norm_init_rotates_each_layer_by_its_own_rope_table():
   doc = [int(t) for t in np.random.default_rng(1).integers(2, 100, 30)]
   p = 9
   fk, fv = (np.asarray(a) for a in init_cartridge(m, doc, p, strategy="key_norm").full_kv())
-  k, v = m.layer_kv(jnp.asarray([doc]), jnp.arange(len(doc))[None])
-  k, v = np.asarray(k[:, 0], np.float32), np.asarray(v[:, 0], np.float32)
+  k, v = m.layer_kv(jnp.asarray([doc + [0, 0]]), jnp.arange(32)[None])  # padded to 32, as the init's pass
+  k, v = np.asarray(k[:, 0, :len(doc)], np.float32), np.asarray(v[:, 0, :len(doc)], np.float32)
   inv = np.asarray(m.inv_freq[...], np.float32)
   assert inv.ndim == 2 and not np.allclose(inv[0], inv[1])  # the layers' tables differ
   norms = np.linalg.norm(k[:, 1:], axis=-1)
