@@ -532,6 +532,9 @@ def _check_eval(config, pipeline: str, add: Callable, stages: Sequence[str]) -> 
   if not _is_int(mq) or mq < 0:
     add("config.eval.max_questions_per_doc", f"config.eval.max_questions_per_doc={mq!r} must be an integer >= 0 "
                                              "(0 = all)")
+  pick = _get(ec, "question_pick", "first")
+  if pick not in ("first", "spread"):
+    add("config.eval.question_pick", f"config.eval.question_pick={pick!r}: choose from ('first', 'spread')")
   kinds = _tuple(_get(ec, "kinds", EVAL_KINDS))
   if not kinds or any(k not in EVAL_KINDS for k in kinds):
     add("config.eval.kinds", f"config.eval.kinds={kinds!r}: each must be one of {EVAL_KINDS}")

@@ -262,14 +262,19 @@ class CasStages:
     if cap:
       share = float(self.config.data.get("pair_share", 0.0) or 0.0)
       pair_cap = max(1, round(cap * share / (1.0 - share))) if 0.0 < share < 1.0 else cap
-      per: dict[tuple[str, bool], int] = {}
-      keep = []
+      groups: dict[tuple[str, bool], list] = {}
       for q in out:
-        key = (q.doc_id, q.is_multi_doc)
-        per[key] = per.get(key, 0) + 1
-        if per[key] <= (pair_cap if q.is_multi_doc else cap):
-          keep.append(q)
-      out = keep
+        groups.setdefault((q.doc_id, q.is_multi_doc), []).append(q)
+      spread = ec.get("question_pick", "first") == "spread"
+      keep_ids = set()
+      for (doc, multi), qs in groups.items():
+        n = pair_cap if multi else cap
+        # "first": a document's first n questions (the generators list its header's fields first);
+        # "spread": n evenly spaced over its list, so questions reach the whole document
+        idx = (np.unique(np.round(np.linspace(0, len(qs) - 1, n)).astype(int)) if spread and len(qs) > n
+               else range(min(n, len(qs))))
+        keep_ids.update(id(qs[i]) for i in idx)
+      out = [q for q in out if id(q) in keep_ids]
     return out
 
   def _ids(self, doc: Document) -> list[int]:

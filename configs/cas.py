@@ -167,6 +167,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.num_loaded = (1, 2)
   c.eval.position_modes = ("shared",)
   c.eval.max_questions_per_doc = 4
+  # which of a document's questions the cap keeps: "first" (its first n; the built-in generators list
+  # the header's fields first, e.g. minutes' date, chair and venue in its first 300 characters) or
+  # "spread" (n evenly spaced over its questions, reaching the whole document)
+  c.eval.question_pick = "first"
   c.eval.kinds = ("mc", "short")
   c.eval.max_new_tokens = 24
   c.eval.seed = 0
