@@ -17,6 +17,8 @@
 #   prose_cos      issue 26: walk64cos_parts1k (per-cartridge cosine lr decay; 2,000 steps lost, the loss was flat
 #                  at the constant lr) and walkq64_parts1k, seeds 0 and 1, processes without preallocation
 #   head32         issue 20: the frozen-header lever on patients and minutes, seeds 0 and 1, with its base
+#   compose_sal    issues 20 + 26: the salient init and the cosine lr decay against base on minutes and products
+#                  (documents longer than p = 256), seeds 0 and 1, questions spread over each document
 #   gemma_minutes  issues 20 + 24: the compose study (CAS + isolated + icl_composed) with Gemma 3 270M
 #   q21            issue 21 item 3: retrieved cartridges vs text RAG on questions by content and pairs
 set -u
@@ -32,7 +34,7 @@ if [ "$MODE" = start ]; then
   # Gemma 3 270M, CAS p = 256 about 11.4 GB; an H200 has 143 GB)
   # prose jobs grow their processes (no preallocated fraction): their share is what four trainings
   # took at most on an H100 (2026-12-05: 0.1225 of 80 GB each was too little for a parts1k training)
-  declare -A SHARE=([prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [gemma_minutes]=0.30 [q21]=0.15)
+  declare -A SHARE=([prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15)
   GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
   SCALE=$(python3 -c "print(max(1.0, 143000 / float('${GPU_MIB:-143000}' or 143000)))")
   f() { python3 -c "print(f'{$1 * $SCALE:.3f}')"; }
@@ -52,10 +54,12 @@ if [ "$MODE" = start ]; then
             bash benchmarks/prose_sweep.sh start $R/prose_s$s
         done;;
       head32) run head32 $CS start $R/head32 --variants=base,head32 --collections=patients,minutes --seeds=0,1 \
-                --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(f 0.21);;
+                --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(f 0.21) "--extra=--config.eval.question_pick=spread";;
+      compose_sal) run compose_sal $CS start $R/compose_sal --variants=base,salient,cosine --collections=minutes,products \
+                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(f 0.25) "--extra=--config.eval.question_pick=spread";;
       gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=$(f 0.1) \
                 --mem_total=$(f 0.3) --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
-                "--extra=--config.model_path=gemma3-270m --config.eval.num_loaded=(1,2,5,10)";;
+                "--extra=--config.model_path=gemma3-270m --config.eval.num_loaded=(1,2,5,10) --config.eval.question_pick=spread";;
       q21) run q21 $CS start $R/q21 --variants=base --collections=patients,products,minutes --seeds=0,1 \
                 --mem=$(f 0.05) --synth_mem=$(f 0.06) --mem_total=$(f 0.15) \
                 --methods=no_context,icl,cartridge_oracle,cartridge_retrieved,cartridge_adaptive,rag_text,cartridge_gold_pair \
@@ -73,7 +77,7 @@ elif [ "$MODE" = status ]; then
   for d in $R/prose_s*; do [ -d "$d" ] && echo "== $d" && for l in $d/*.log; do echo "$(basename $l): $(tr '\r' '\n' < $l | grep -a -E 'it/s|step|conv' | tail -n 1 | cut -c1-120)"; done; done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 else
-  for j in head32 gemma q21; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
+  for j in head32 compose_sal gemma q21; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
     [ -f $OUT/compose_study.tgz ] && mv $OUT/compose_study.tgz $OUT/$j/; done
   for s in 0 1; do [ -d $R/prose_s$s ] && mkdir -p $OUT/prose_s$s && \
     (cd $R/prose_s$s && tar czf $OUT/prose_s$s/prose_sweep.tgz *.log */eval/results.json */parts*/eval/results.json 2>/dev/null); done
