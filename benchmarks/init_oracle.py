@@ -33,7 +33,8 @@ _KIND = flags.DEFINE_string("kind", "prose", "data.kind: prose, or a built-in sy
 _SEED = flags.DEFINE_integer("seed", 0, "data.seed")
 _P = flags.DEFINE_integer("p", 512, "cartridge tokens")
 _FILL = flags.DEFINE_list("fill", ["repeat", "exact"], "init(s): repeat | exact | framed (first_tokens, see above) "
-                         "| key_norm (cartridge.init=key_norm: the lowest-norm keys of the whole document)")
+                         "| key_norm (cartridge.init=key_norm: the lowest-norm keys of the whole document) "
+                         "| salient (cartridge.init_text=salient: the most salient sentences that fit)")
 _MDT = flags.DEFINE_integer("max_doc_tokens", 0, "cartridge.max_doc_tokens: documents over it are cut into parts "
                             "(cas.data.parts), one cartridge each, and the oracle loads all of its document's parts "
                             "(shared positions, as the pipeline); 0 = one cartridge per document")

@@ -236,10 +236,12 @@ def key_norm_select(model: Transformer, toks: Sequence[int], num_frozen: int, ne
   + need). One causal pass gives every layer's rotated keys and values at the document's positions;
   per (layer, KV head) the `need` body tokens of smallest key norm are kept in document order, and each
   key is rotated by (its slot - its position) so that the cartridge reads as positions 0..p-1."""
+  # The pass runs on the document padded to a power of two (one compile per bucket, not per length);
+  # it is causal, so the padding after the document changes none of its keys.
   n = len(toks)
-  bucket = 1 << max(0, (n - 1).bit_length())  # padded to a power of two: one compile per bucket, not per
-  tokens = jnp.asarray([list(toks) + [0] * (bucket - n)], jnp.int32)  # length (a causal pass: the padding
-  positions = jnp.arange(bucket, dtype=jnp.int32)[None]  # after the document changes none of its keys)
+  bucket = 1 << max(0, (n - 1).bit_length())
+  tokens = jnp.asarray([list(toks) + [0] * (bucket - n)], jnp.int32)
+  positions = jnp.arange(bucket, dtype=jnp.int32)[None]
   k, v = jit_layer_kv(model, tokens, positions)  # [L, 1, bucket, Hkv, D]
   k, v = np.asarray(k[:, 0, :n], np.float32), np.asarray(v[:, 0, :n], np.float32)
   bk, bv = k[:, num_frozen:], v[:, num_frozen:]  # [L, T', H, D]
