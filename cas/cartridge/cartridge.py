@@ -231,6 +231,24 @@ def init_cartridge(model: Transformer, doc_ids: Sequence[int], num_tokens: int, 
   return Cartridge(fk, fv, tk, tv)
 
 
+def rerotate(k, delta, inv_freq):
+  """Move post-RoPE keys [L, T, Hkv, D] by `delta` positions: an int (every key), or [L, T, Hkv] ints
+  (each key its own, e.g. the key_norm init's slot - position). inv_freq: the model's RoPE table,
+  [D/2] or [L, D/2] (one per layer: Gemma 3's local and global bases)."""
+  if np.ndim(delta) == 0 and delta == 0:
+    return k
+  inv_freq = jnp.asarray(inv_freq)
+  if inv_freq.ndim == 2:
+    inv_freq = inv_freq[:, None, :]  # [L, 1, D/2]: each layer's rows by its own table
+  if np.ndim(delta) == 0:
+    return apply_rope(k, jnp.full(k.shape[:2], delta, jnp.int32), inv_freq)  # [L, T]: L plays the batch axis
+  L, T, H, D = k.shape  # per-key deltas: each (layer, head) is a row of its own
+  x = jnp.swapaxes(jnp.asarray(k), 1, 2).reshape(L * H, T, 1, D)
+  pos = jnp.swapaxes(jnp.asarray(delta, jnp.int32), 1, 2).reshape(L * H, T)
+  freq = jnp.repeat(inv_freq, H, axis=0) if inv_freq.ndim == 3 else inv_freq
+  return jnp.swapaxes(apply_rope(x, pos, freq).reshape(L, H, T, D), 1, 2)
+
+
 def key_norm_select(model: Transformer, toks: Sequence[int], num_frozen: int, need: int) -> Cartridge:
   """The `key_norm` init of a document longer than the cartridge: toks = sink + body (len > num_frozen
   + need). One causal pass gives every layer's rotated keys and values at the document's positions;
@@ -249,11 +267,6 @@ def key_norm_select(model: Transformer, toks: Sequence[int], num_frozen: int, ne
   idx = np.sort(np.argsort(norms, axis=1, kind="stable")[:, :need], axis=1)  # [L, need, H], document order
   tk = np.take_along_axis(bk, idx[..., None], axis=1)
   tv = np.take_along_axis(bv, idx[..., None], axis=1)
-  delta = (np.arange(need)[None, :, None] - idx).astype(np.int32)  # slot - position offset (both after the sink)
-  inv = np.asarray(model.inv_freq[...], np.float32)  # [D/2] or [L, D/2]
-  L, _, H, D = tk.shape
-  x = tk.transpose(0, 2, 1, 3).reshape(L * H, need, 1, D)  # rows = (layer, head)
-  freq = (np.repeat(inv, H, axis=0)[:, None, :] if inv.ndim == 2 else inv)  # [L*H, 1, D/2] or [D/2]
-  rot = apply_rope(jnp.asarray(x), jnp.asarray(delta.transpose(0, 2, 1).reshape(L * H, need)), jnp.asarray(freq))
-  tk = np.asarray(rot, np.float32).reshape(L, H, need, D).transpose(0, 2, 1, 3)
+  delta = np.arange(need)[None, :, None] - idx  # [L, need, H]: slot - position (both after the sink)
+  tk = np.asarray(rerotate(tk, delta, model.inv_freq[...]), np.float32)
   return Cartridge(k[:, :num_frozen], v[:, :num_frozen], np.ascontiguousarray(tk), np.ascontiguousarray(tv))

@@ -14,22 +14,9 @@ from typing import Sequence
 
 import jax.numpy as jnp
 
-from cas.cartridge.cartridge import Cartridge, CartridgeError
-from cas.model.llama import apply_rope
+from cas.cartridge.cartridge import Cartridge, CartridgeError, rerotate
 
 POSITION_MODES = ("shared", "sequential")
-
-
-def rerotate(k, delta: int, inv_freq):
-  """Move post-RoPE keys [L, T, Hkv, D] by `delta` positions. inv_freq: the model's RoPE table,
-  [D/2] or [L, D/2] (one per layer: Gemma 3's local and global bases)."""
-  if delta == 0:
-    return k
-  pos = jnp.full(k.shape[:2], delta, jnp.int32)  # [L, T]: L plays the batch axis
-  inv_freq = jnp.asarray(inv_freq)
-  if inv_freq.ndim == 2:
-    inv_freq = inv_freq[:, None, :]  # [L, 1, D/2]: each layer's rows by its own table
-  return apply_rope(k, pos, inv_freq)
 
 
 def compose(cartridges: Sequence[Cartridge], *, mode: str = "shared", inv_freq=None):

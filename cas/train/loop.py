@@ -425,14 +425,15 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
     else:
       state, _ = mgr.rotate_with_policy(mgr.init_state(), policy)
 
+    horizon = decay_horizon(c, len(doc_ids))
     step_fn = make_cas_train_step(lr=c["lr"], warmup_steps=c["warmup_steps"], clip_norm=c["clip_norm"],
                                   loss=c["loss"], dtype=dtype, position_mode=c["position_mode"], mesh=mesh,
                                   train_distractors=c["train_distractors"], loss_chunk=c["loss_chunk"],
-                                  frozen_head=c["frozen_head"], decay_updates=decay_horizon(c, len(doc_ids)),
+                                  frozen_head=c["frozen_head"], decay_updates=horizon,
                                   lr_min_ratio=float(c["lr_min_ratio"]))
-    if c["lr_decay"] != "constant":
+    if horizon:
       logging.info("lr decay %s: lr %.3g -> %.3g over each cartridge's first %d updates", c["lr_decay"], c["lr"],
-                   c["lr"] * c["lr_min_ratio"], decay_horizon(c, len(doc_ids)))
+                   c["lr"] * c["lr_min_ratio"], horizon)
     writer = (MetricWriter(os.path.join(workdir, "logs"), truncate_after=start, log_every=c["log_every"])
               if jax.process_index() == 0 else NullMetricWriter())
     total = c["steps"]

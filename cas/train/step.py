@@ -44,6 +44,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cas.model.llama import Prefix, Transformer, apply_rope
@@ -182,8 +183,7 @@ def lr_decay_factor(count: jax.Array, decay_updates: int, lr_min_ratio: float) -
   decay_updates updates, lr_min_ratio after (1.0 everywhere when decay_updates = 0)."""
   if decay_updates <= 0:
     return jnp.ones(count.shape, jnp.float32)
-  frac = jnp.minimum(count.astype(jnp.float32), float(decay_updates)) / float(decay_updates)
-  return lr_min_ratio + (1.0 - lr_min_ratio) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+  return optax.cosine_decay_schedule(1.0, decay_updates, alpha=lr_min_ratio)(count).astype(jnp.float32)
 
 
 def slot_adam_update(state: dict, grads: dict, touched: jax.Array, *, lr: float, warmup_steps: int,
