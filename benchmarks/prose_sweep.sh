@@ -16,7 +16,7 @@ CONV=${CONV:-256}; SEED=${SEED:-0}
 COMMON=(--config=configs/cas.py:paper --config.data.kind=prose --config.data.num_docs=20
         --config.data.seed=$SEED --config.synth.seed=$SEED --config.train.seed=$SEED
         --config.synth.conversations=$CONV --config.layer_loop=scan
-        "--config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed')"
+        "--config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed','cartridge_init')"
         "--config.eval.num_loaded=(1,5)" "--config.eval.position_modes=('shared',)")
 read -r -a NAMES <<< "${VARIANTS:-walk256 rand256 walk64 rand64}"
 # <coverage><conversations per document used in training>[_suffix]; the self-study set is per coverage

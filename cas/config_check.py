@@ -46,7 +46,7 @@ PIPELINE_STAGES = {"cas": ("synth", "train", "train_isolated", "train_monolithic
 TRAIN_STAGES = ("train", "train_isolated", "train_monolithic")
 CAS_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "icl_composed",
                "monolithic", "cartridge_retrieved", "rag_text", "cartridge_gold_pair", "cartridge_reranked",
-               "cartridge_adaptive")
+               "cartridge_adaptive", "cartridge_init")
 COMPOSED_METHODS = ("cas_composed", "isolated_composed", "icl_composed")
 RETRIEVAL_METHODS = ("cartridge_retrieved", "rag_text", "cartridge_reranked", "cartridge_adaptive")
 EVAL_KINDS = ("mc", "short")

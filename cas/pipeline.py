@@ -31,7 +31,8 @@ documents at once), monolithic (one cartridge, same total tokens N*p),
 cartridge_retrieved@k (the CAS cartridges of the top-k documents of the document index for the
 question, loaded together, shared positions, best first), rag_text@k (the top-k passages of the
 chunk index in the system message, like icl), cartridge_gold_pair/<mode> (two-document questions
-only: the gold documents' CAS cartridges loaded together).
+only: the gold documents' CAS cartridges loaded together), cartridge_init (the own cartridge as
+initialized, before any training: what training added is cartridge_oracle - cartridge_init).
 
 Two-document questions (config.data.pair_share; Question.doc_ids, the gold documents): "own
 document" above means every gold document. icl reads both (icl_composed with the two gold
@@ -49,7 +50,7 @@ import time
 import numpy as np
 from absl import logging
 
-from cas.cartridge.cartridge import CartridgeSpec, init_cartridge, short_documents
+from cas.cartridge.cartridge import Cartridge, CartridgeSpec, init_cartridge, short_documents
 from cas.data.parts import MANIFEST_KEY as PARTS_KEY, document_units, units_root
 from cas.data.types import Document
 from cas.dtypes import DTYPES
@@ -549,7 +550,17 @@ class CasStages:
                        parts_of=self.parts_of, doc_lengths=self.doc_lengths, run_dir=self.run_dir,
                        model_fingerprint=self.lm.fingerprint, stores=stores, store_state=store_state,
                        indexes=self.indexes, retrieval=self.retrieval, num_loaded=num_loaded,
-                       position_modes=position_modes)
+                       position_modes=position_modes, init_cart=self._init_cart,
+                       init_signature=json.dumps([self.config.cartridge.init, self.config.cartridge.get("init_text", "document"),
+                                                  list(self.short_rule)]))
+
+  def _init_cart(self, unit_id: str):
+    """Unit `unit_id`'s cartridge as the CAS stage initializes it (eval method cartridge_init)."""
+    if not hasattr(self, "_init_parts"):
+      self._init_parts = (self._sink(), self._init_fn())
+    (fk, fv), init = self._init_parts
+    kv = init(unit_id)
+    return Cartridge(fk, fv, kv["k"], kv["v"])
 
   def _eval_signature(self) -> dict:
     """What every method's finished result depends on (its resume signature adds the method's own deps)."""

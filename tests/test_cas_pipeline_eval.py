@@ -15,7 +15,7 @@ from cas.testing import store_init_cartridges, TINY_SMOL_VOCAB, real_tokenizer, 
 from configs.cas import get_config
 
 METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "icl_composed", "cartridge_retrieved", "rag_text",
-           "cartridge_reranked", "cartridge_adaptive")
+           "cartridge_reranked", "cartridge_adaptive", "cartridge_init")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -138,7 +138,7 @@ def test_report_files_and_plots(run):
       "no_context", "icl", "cartridge_oracle", "cas_composed@1/shared", "cas_composed@2/shared",
       "icl_composed@1", "icl_composed@2",
       "cartridge_retrieved@1", "cartridge_retrieved@2", "rag_text@1", "rag_text@2",
-      "cartridge_reranked@1", "cartridge_reranked@2", "cartridge_adaptive@2"]
+      "cartridge_reranked@1", "cartridge_reranked@2", "cartridge_adaptive@2", "cartridge_init"]
   md = open(os.path.join(out, "results.md")).read()
   assert "| rag_text@2 |" in md and "| bm25-document | doc | 4 |" in md
 
@@ -255,3 +255,31 @@ def test_cartridge_adaptive_loads_the_second_cartridge_only_when_the_margin_is_s
   assert adaptive_ids([("a", 10.0), ("b", 5.0)], 0.1) == ["a"]
   assert adaptive_ids([("a", 0.0), ("b", 0.0)], 0.1) == ["a", "b"]  # no signal: unsure
   assert adaptive_ids([("a", 1.0)], 0.1) == ["a"]
+
+
+def test_cartridge_init_is_the_untrained_cartridge(run, tmp_path):
+  """cartridge_init scores with the cartridges as the CAS stage initializes them: on a store of init
+  cartridges it equals cartridge_oracle; once the store's cartridges change (as training changes
+  them), cartridge_oracle follows the store and cartridge_init does not."""
+  st, workdir, _, result = run
+  rows = _rows(result)
+  for qo, qi in zip(rows["cartridge_oracle"]["questions"], rows["cartridge_init"]["questions"]):
+    assert qo["qid"] == qi["qid"]
+    np.testing.assert_allclose(qi["option_scores"], qo["option_scores"], rtol=0, atol=1e-6)
+  # Another workdir whose store holds changed ("trained") cartridges: the oracle moves, the init row does not.
+  w2 = str(tmp_path / "trained")
+  st2 = _stages(w2)
+  st2.config.eval.methods = ("cartridge_oracle", "cartridge_init")
+  store_init_cartridges(st2, w2)
+  from cas.rotation.store import CartridgeStore
+  with CartridgeStore(os.path.join(w2, "cas", "store"), spec=st2.spec, model_fingerprint=st2.lm.fingerprint) as store:
+    items = []
+    for d in st2.docs:
+      a, _ = store.get(d.doc_id)
+      items.append((d.doc_id, {**a, "v": np.asarray(a["v"]) * 3.0 + 0.5}, 1))
+    store.put_many(items)
+  rows2 = _rows(st2.evaluate())
+  for q0, qi, qo in zip(rows["cartridge_init"]["questions"], rows2["cartridge_init"]["questions"],
+                        rows2["cartridge_oracle"]["questions"]):
+    np.testing.assert_allclose(qi["option_scores"], q0["option_scores"], rtol=0, atol=1e-6)
+    assert np.max(np.abs(np.subtract(qo["option_scores"], qi["option_scores"]))) > 1e-4

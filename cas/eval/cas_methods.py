@@ -101,6 +101,10 @@ class EvalContext:
   num_loaded: list[int]  # eval.num_loaded without repeats
   position_modes: list[str]  # eval.position_modes without repeats
   carts: dict[tuple[str, str], Any] = dataclasses.field(default_factory=dict)  # exported cartridges
+  # cartridge_init: unit id -> its cartridge as initialized before any training (the run's
+  # cartridge.init / init_text), and the signature of that init rule (None: not available)
+  init_cart: Callable[[str], Any] | None = None
+  init_signature: str = ""
 
   def __post_init__(self):
     self.doc_ids = [d.doc_id for d in self.docs]
@@ -183,6 +187,24 @@ def cartridge_oracle(method: str, c: EvalContext) -> list[Job]:
   if not c.have_store("cas", method):
     return []
   return c.job(method, lambda q: c.ev.cartridges(c.doc_carts("cas", list(q.doc_ids))), ["cas", c.store_state["cas"]])
+
+
+def cartridge_init(method: str, c: EvalContext) -> list[Job]:
+  """The gold documents' cartridges as initialized, before any training (cartridge.init /
+  init_text, the same rule the CAS stage starts from): beside cartridge_oracle it shows what
+  training added to the init."""
+  if c.init_cart is None:
+    logging.warning("skipping %s: this evaluation cannot build the untrained cartridges", method)
+    return []
+
+  def ctx_for(q):
+    key = tuple(q.doc_ids)
+    if key not in init_cache:
+      init_cache.clear()
+      init_cache[key] = c.ev.cartridges([c.init_cart(u) for d in key for u in c.parts_of[d]])
+    return init_cache[key]
+  init_cache = {}
+  return c.job(method, ctx_for, ["init", c.init_signature])
 
 
 def cartridge_gold_pair(method: str, c: EvalContext) -> list[Job]:
@@ -415,6 +437,7 @@ METHODS: dict[str, Callable[[str, EvalContext], list[Job]]] = {
     "cartridge_gold_pair": cartridge_gold_pair,
     "cartridge_reranked": cartridge_reranked,
     "cartridge_adaptive": cartridge_adaptive,
+    "cartridge_init": cartridge_init,
 }
 
 
