@@ -18,11 +18,14 @@ from absl import app, flags
 
 from cas.eval.stats import paired_by_qid, paired_difference, wilson_interval
 
-_ARCHIVE = flags.DEFINE_string("archive", None, "prose_sweep.tgz from benchmarks/prose_sweep.sh", required=True)
+_ARCHIVE = flags.DEFINE_string("archive", None, "prose_sweep.tgz from benchmarks/prose_sweep.sh")
 _NUM_DOCS = flags.DEFINE_integer("num_docs", 20, "data.num_docs of the sweep")
 _SEED = flags.DEFINE_integer("seed", 0, "data.seed of the sweep")
 _BASE = flags.DEFINE_string("base", None, "<archive>:<variant>: also pair every variant of --archive with "
                             "this run (another call's archive of the same seed), per method, on the same questions")
+_POOL = flags.DEFINE_list("pool", None, "<archive>:<seed>,...: one table over these seeds' archives instead, per "
+                          "variant and method, questions pooled (keyed by seed and qid), each paired with ICL and "
+                          "with the variant's cartridge_init (what training added)")
 
 
 def refers_of(num_docs: int, seed: int) -> dict[str, str]:
@@ -83,8 +86,50 @@ def paired_table(results: dict[str, dict], base: dict, base_name: str) -> str:
   return "\n".join(lines)
 
 
+def pooled_table(archives: list[tuple[str, int]]) -> str:
+  """Per variant and method over every archive (seed) that has it: accuracy (Wilson 95%), minus ICL and
+  minus cartridge_init, paired over the pooled questions (bootstrap 95%)."""
+  pooled: dict[str, dict[str, dict]] = {}  # variant -> method -> (seed, qid) -> correct
+  seeds: dict[str, list[int]] = {}
+  for path, seed in archives:
+    for variant, res in load_archive(path).items():
+      seeds.setdefault(variant, []).append(seed)
+      for r in res["methods"]:
+        for q in r.get("questions") or ():
+          pooled.setdefault(variant, {}).setdefault(r["method"], {})[(seed, q["qid"])] = float(bool(q["correct"]))
+
+  def diff(a: dict, b: dict | None) -> str:
+    keys = [k for k in a if b is not None and k in b]
+    if not keys or a is b:
+      return "n/a"
+    m, lo, hi = paired_difference([a[k] for k in keys], [b[k] for k in keys])
+    return f"{100 * m:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
+  lines = ["| variant | seeds | method | all (pooled) | minus icl (paired) | minus cartridge_init (paired) |",
+           "|---|---|---|---|---|---|"]
+  for variant in sorted(pooled):
+    rows = pooled[variant]
+    for name, r in rows.items():
+      k, n = int(sum(r.values())), len(r)
+      lo, hi = wilson_interval(k, n)
+      lines.append(f"| {variant} | {','.join(map(str, sorted(seeds[variant])))} | {name} | {100 * k / n:.1f} "
+                   f"({100 * lo:.0f}-{100 * hi:.0f}, n={n}) | {diff(r, rows.get('icl'))} | "
+                   f"{diff(r, rows.get('cartridge_init')) if name == 'cartridge_oracle' else 'n/a'} |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
+  if _POOL.value:
+    archives = []
+    for item in _POOL.value:
+      path, _, seed = item.rpartition(":")
+      if not path or not seed.isdigit():
+        raise SystemExit(f"prose_report: --pool entry {item!r} is not <archive>:<seed>")
+      archives.append((path, int(seed)))
+    print(pooled_table(archives))
+    return
+  if not _ARCHIVE.value:
+    raise SystemExit("prose_report: give --archive (one sweep) or --pool (several seeds' archives)")
   results = load_archive(_ARCHIVE.value)
   print(table(results, refers_of(_NUM_DOCS.value, _SEED.value)))
   if _BASE.value:

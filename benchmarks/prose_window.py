@@ -20,6 +20,11 @@ from absl import app, flags
 R = "benchmarks/results/"
 ARCHIVES = {0: (R + "prose_sweep_h200_2026-12-04/third_call/prose_sweep.tgz", "walk64_parts1k/parts1024/eval/results.json"),
             1: (R + "prose_sweep_h200_2026-12-05/prose_parts1k_s1.tgz", "walk64_parts1k/parts1024/eval/results.json")}
+# trained runs of other inits, same seeds: (archive, member, row name)
+TRAINED = {0: [(R + "prose_sal_h100_2026-12-05/prose_sal_s0.tgz", "walk64sal_parts1k/parts1024/eval/results.json",
+                "trained, salient init (parts1k, GPU)")],
+           1: [(R + "prose_sal_h100_2026-12-05/prose_sal_s1.tgz", "walk64sal_parts1k/parts1024/eval/results.json",
+                "trained, salient init (parts1k, GPU)")]}
 _INIT = flags.DEFINE_string("init_dir", R + "init_select_cpu_2026-12-05", "init_oracle JSONs (parts1k_*_s<seed>.json)")
 _WINDOW = flags.DEFINE_integer("window", 500, "a fact whose sentence starts before this token of its unit is 'inside'")
 
@@ -52,6 +57,12 @@ def main(argv):
       name = {"cartridge_oracle": "trained, first_tokens init (parts1k, GPU)", "icl": "ICL (GPU)"}.get(m["method"])
       for q in m["questions"] if name else ():
         rows.setdefault(name, {})[(seed, q["qid"])] = bool(q["correct"])
+    for arc2, member2, name2 in TRAINED.get(seed, ()):
+      with tarfile.open(arc2) as t:
+        res2 = json.load(t.extractfile(member2))
+      for m in res2["methods"]:
+        for q in m["questions"] if m["method"] == "cartridge_oracle" else ():
+          rows.setdefault(name2, {})[(seed, q["qid"])] = bool(q["correct"])
     for path in sorted(glob.glob(os.path.join(_INIT.value, f"parts1k_*_s{seed}.json"))):
       for name, qs in json.load(open(path)).items():
         for q in qs:
