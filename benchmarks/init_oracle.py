@@ -34,13 +34,19 @@ _SEED = flags.DEFINE_integer("seed", 0, "data.seed")
 _P = flags.DEFINE_integer("p", 512, "cartridge tokens")
 _FILL = flags.DEFINE_list("fill", ["repeat", "exact"], "init(s): repeat | exact | framed (first_tokens, see above) "
                          "| key_norm (cartridge.init=key_norm: the lowest-norm keys of the whole document) "
-                         "| salient (cartridge.init_text=salient: the most salient sentences that fit)")
+                         "| salient (cartridge.init_text=salient: the most salient sentences that fit) | salient_leadNN "
+                         "(the same with NN% of the budget kept for the opening sentences: cartridge.salient_lead)")
 _MDT = flags.DEFINE_integer("max_doc_tokens", 0, "cartridge.max_doc_tokens: documents over it are cut into parts "
                             "(cas.data.parts), one cartridge each, and the oracle loads all of its document's parts "
                             "(shared positions, as the pipeline); 0 = one cartridge per document")
 _SHORT = flags.DEFINE_integer("short_tokens", 1700, "documents under this many tokens count as short")
 _OUT = flags.DEFINE_string("out", None, "write the per-question results (JSON) here")
 _ICL = flags.DEFINE_bool("icl", True, "also evaluate ICL (the slow part on a CPU: ~1 h for 78 questions)")
+
+
+def _lead(fill: str) -> float:
+  """salient -> 0.0; salient_lead50 -> 0.5 (cartridge.salient_lead: the budget's share kept for the opening)."""
+  return int(fill[len("salient_lead"):]) / 100 if fill.startswith("salient_lead") else 0.0
 
 
 def main(argv):
@@ -67,13 +73,14 @@ def main(argv):
     parts: dict[str, list] = {}
     idf = idf_table(u.text for u in units)
     for u in units:
-      t = salient_ids(u.text, _P.value - 1, idf, tok.encode) if "salient" in _FILL.value else None
-      parts.setdefault(u.meta.get("parent", u.doc_id), []).append((tok.encode(u.text), t))
+      sal = {f: salient_ids(u.text, _P.value - 1, idf, tok.encode, lead=_lead(f)) for f in _FILL.value
+             if f.startswith("salient")}
+      parts.setdefault(u.meta.get("parent", u.doc_id), []).append((tok.encode(u.text), sal))
     for fill in _FILL.value:
-      if fill not in ("repeat", "key_norm", "salient"):
-        raise app.UsageError(f"--fill={fill} with --max_doc_tokens: use repeat, key_norm or salient")
-      carts = {d: ev.cartridges([init_cartridge(model, sal if fill == "salient" else t, _P.value, num_frozen=1,
-                                                sink_ids=[tok.bos_id], short_fill="repeat",
+      if fill not in ("repeat", "key_norm") and not fill.startswith("salient"):
+        raise app.UsageError(f"--fill={fill} with --max_doc_tokens: use repeat, key_norm or salient[_leadNN]")
+      carts = {d: ev.cartridges([init_cartridge(model, sal[fill] if fill.startswith("salient") else t, _P.value,
+                                                num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",
                                                 strategy="key_norm" if fill == "key_norm" else "first_tokens")
                                  for t, sal in ts], mode="shared") for d, ts in parts.items()}
       rows[f"init_{fill}"] = [ev.answer(carts[q.doc_id], q) for q in qs]
@@ -88,9 +95,10 @@ def main(argv):
         f_ids = tok.system_prefix_ids(tok.document_context(ICL_SYSTEM.format(documents=body), body))[:_P.value]
         c = init_cartridge(model, f_ids, len(f_ids), num_frozen=1)
       else:
-        if fill == "salient":  # the document's most salient sentences that fit (cas.cartridge.salient)
-          t = salient_ids(docs[d].text, _P.value - 1, whole_idf, tok.encode)
-        p = _P.value if fill in ("repeat", "key_norm", "salient") or len(t) + 1 >= _P.value else len(t) + 1  # + BOS sink
+        if fill.startswith("salient"):  # the document's most salient sentences that fit (cas.cartridge.salient)
+          t = salient_ids(docs[d].text, _P.value - 1, whole_idf, tok.encode, lead=_lead(fill))
+        p = _P.value if fill in ("repeat", "key_norm") or fill.startswith("salient") or len(t) + 1 >= _P.value \
+            else len(t) + 1  # + BOS sink
         c = init_cartridge(model, t, p, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",
                            strategy="key_norm" if fill == "key_norm" else "first_tokens")
       carts[d] = ev.cartridge(*c.full_kv())

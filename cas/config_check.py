@@ -380,6 +380,14 @@ def _check_cartridge(config, add: Callable) -> None:
   init_text = _get(cc, "init_text", "document")
   if init_text not in INIT_TEXTS:
     add("config.cartridge.init_text", f"cartridge.init_text={init_text!r}: choose from {INIT_TEXTS}", CartridgeError)
+  lead = _get(cc, "salient_lead", 0.0)
+  if not isinstance(lead, (int, float)) or not 0.0 <= lead < 1.0:
+    add("config.cartridge.salient_lead", f"cartridge.salient_lead={lead!r}: the budget's share kept for the "
+                                         "opening sentences, in [0, 1)", CartridgeError)
+  elif lead > 0 and init_text != "salient":
+    add("config.cartridge.salient_lead", f"cartridge.salient_lead={lead} does nothing with cartridge.init_text="
+                                         f"{init_text!r}: set --config.cartridge.init_text=salient, or leave it 0",
+        CartridgeError)
   rule, fill = _get(cc, "short_documents", "pad"), _get(cc, "short_fill", "repeat")
   if rule not in SHORT_DOCUMENT_RULES:
     add("config.cartridge.short_documents", f"cartridge.short_documents={rule!r}: choose from "

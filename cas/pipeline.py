@@ -355,7 +355,8 @@ class CasStages:
       from cas.cartridge.salient import idf_table, salient_ids
       idf = idf_table(u.text for u in self.units)
       budget = self.spec.num_tokens - self.spec.num_frozen
-      ids_of = lambda u: salient_ids(u.text, budget, idf, self.tok.encode)
+      lead = float(self.config.cartridge.get("salient_lead", 0.0))
+      ids_of = lambda u: salient_ids(u.text, budget, idf, self.tok.encode, lead=lead)
     else:
       ids_of = self._ids
 
@@ -552,6 +553,7 @@ class CasStages:
                        indexes=self.indexes, retrieval=self.retrieval, num_loaded=num_loaded,
                        position_modes=position_modes, init_cart=self._init_cart,
                        init_signature=json.dumps([self.config.cartridge.init, self.config.cartridge.get("init_text", "document"),
+                                                  self.config.cartridge.get("salient_lead", 0.0),
                                                   list(self.short_rule)]))
 
   def _init_cart(self, unit_id: str):

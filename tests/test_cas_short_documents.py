@@ -120,3 +120,23 @@ def test_salient_init_text_reads_the_documents_rarest_sentences(collection_dir, 
   np.testing.assert_array_equal(st._init_fn()("d-tiny")["k"], plain._init_fn()("d-tiny")["k"])
   with pytest.raises(CartridgeError, match="cartridge.init_text='summary'"):
     CasStages(_config(collection_dir, init_text="summary"), str(tmp_path / "bad"), lm=lm)
+
+
+def test_salient_lead_is_checked_and_reaches_the_init(collection_dir, lm, tmp_path):
+  """cartridge.salient_lead: outside [0, 1) or without init_text='salient' is refused before any work;
+  with it the init reads salient_ids(..., lead=...)."""
+  from cas.cartridge.cartridge import init_cartridge
+  from cas.cartridge.salient import idf_table, salient_ids
+  c = _config(collection_dir, init_text="salient")
+  c.cartridge.salient_lead = 0.5
+  st = CasStages(c, str(tmp_path / "s"), lm=lm)
+  docs = {u.doc_id: u for u in st.units}
+  ids = salient_ids(docs["d-mid"].text, 31, idf_table(u.text for u in st.units), lm.tokenizer.encode, lead=0.5)
+  want = init_cartridge(lm.model, ids, 32, sink_ids=[lm.tokenizer.bos_id])
+  np.testing.assert_allclose(st._init_fn()("d-mid")["k"], np.asarray(want.k[...]), atol=1e-6)
+  assert ids != salient_ids(docs["d-mid"].text, 31, idf_table(u.text for u in st.units), lm.tokenizer.encode)
+  for text, lead, msg in (("salient", 1.0, "salient_lead=1.0"), ("document", 0.5, "does nothing")):
+    bad = _config(collection_dir, init_text=text)
+    bad.cartridge.salient_lead = lead
+    with pytest.raises(CartridgeError, match=msg):
+      CasStages(bad, str(tmp_path / f"bad{lead}"), lm=lm)

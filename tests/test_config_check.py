@@ -30,11 +30,19 @@ def _save(path, n: int, words: int = 40) -> str:
 
 
 @pytest.mark.parametrize("pipeline,get,preset", [
-    ("cas", cas_config, "quick"), ("cas", cas_config, "paper"),
+    ("cas", cas_config, "quick"), ("cas", cas_config, "paper"), ("cas", cas_config, "prose"),
     ("cas", cartridge_config, "quickstart"), ("cas", cartridge_config, "paper"),
     ("cas", cartridge_config, "tiny")])
 def test_the_presets_have_no_problem(pipeline, get, preset):
   assert check_config(get(preset), pipeline, devices=ONE, check_model=False) == []
+
+
+def test_the_prose_preset_is_paper_with_the_measured_prose_recipe():
+  paper, prose = cas_config("paper"), cas_config("prose")
+  assert (prose.data.kind, prose.cartridge.max_doc_tokens, prose.cartridge.init_text, prose.synth.coverage) == \
+         ("prose", 1024, "salient", "walk")
+  assert "cartridge_init" in prose.eval.methods and paper.cartridge.init_text == "document"
+  assert (prose.cartridge.num_tokens, prose.train.steps, prose.train.lr) == (paper.cartridge.num_tokens, 1000, 1e-2)
 
 
 def test_every_problem_is_reported_together_naming_its_field():

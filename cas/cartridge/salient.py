@@ -35,20 +35,30 @@ def sentences(text: str) -> list[str]:
   return [s.strip() for s in _SENT.split(text) if s.strip()]
 
 
-def salient_ids(text: str, budget: int, idf: Mapping[str, float], encode: Callable[[str], Sequence[int]]) -> list[int]:
+def salient_ids(text: str, budget: int, idf: Mapping[str, float], encode: Callable[[str], Sequence[int]],
+                lead: float = 0.0) -> list[int]:
   """Token ids of `text` cut to at most `budget` tokens: the whole text if it fits, else its sentences of
-  highest mean IDF (ties: the earlier sentence) that fit, greedily, joined in document order."""
+  highest mean IDF (ties: the earlier sentence) that fit, greedily, joined in document order. `lead` in
+  [0, 1): that share of the budget goes first to the text's opening sentences, in a row (the part a
+  first_tokens init would hold), the rest to the most salient of the others."""
+  if not 0.0 <= lead < 1.0:
+    raise ValueError(f"salient lead={lead}: a share of the budget in [0, 1)")
   ids = list(encode(text))
   if len(ids) <= budget:
     return ids
   sents = sentences(text)
-  score = [float(np.mean([idf.get(w.lower(), 0.0) for w in _WORD.findall(s)] or [0.0])) for s in sents]
+  cost = [len(encode(" " + s)) for s in sents]
   keep, used = [], 0
-  for i in sorted(range(len(sents)), key=lambda i: (-score[i], i)):
-    n = len(encode(" " + sents[i]))
-    if used + n <= budget:
+  for i, n in enumerate(cost):  # the opening sentences, while they fit in the lead's share
+    if used + n > lead * budget:
+      break
+    keep.append(i)
+    used += n
+  score = [float(np.mean([idf.get(w.lower(), 0.0) for w in _WORD.findall(s)] or [0.0])) for s in sents]
+  for i in sorted(range(len(keep), len(sents)), key=lambda i: (-score[i], i)):
+    if used + cost[i] <= budget:
       keep.append(i)
-      used += n
+      used += cost[i]
   if not keep:  # no sentence fits (one very long sentence): the text's first tokens
     return ids[:budget]
   return list(encode(" ".join(sents[i] for i in sorted(keep))))[:budget]

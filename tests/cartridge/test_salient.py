@@ -31,3 +31,23 @@ def test_salient_ids_keep_the_rare_sentence_wherever_it_stands_in_document_order
   assert salient_ids(short, budget, idf, tok.encode) == list(tok.encode(short))  # fits: unchanged
   one = "word " * 200  # one sentence longer than the budget: its first tokens
   assert salient_ids(one, budget, idf, tok.encode) == list(tok.encode(one))[:budget]
+
+
+def test_salient_lead_keeps_the_opening_in_a_row_then_the_rare_sentence():
+  tok = real_tokenizer()
+  opening = "There were boats by the quay. The boats were there. "  # words in every text: the least salient
+  fact = "The door code of the sapphire pavilion is 8549."
+  doc = opening + FILLER * 20 + fact + " " + FILLER * 5
+  idf = idf_table([doc, FILLER * 3 + opening, FILLER + opening, "Another book. " + opening])
+  budget = 64
+  plain, led = (tok.decode(salient_ids(doc, budget, idf, tok.encode, lead=x)) for x in (0.0, 0.5))
+  assert fact in plain and fact in led
+  assert led.startswith(opening.strip()) and not plain.startswith(opening.strip())  # opening kept first, in a row
+  assert len(salient_ids(doc, budget, idf, tok.encode, lead=0.9)) <= budget
+  for bad in (-0.1, 1.0):
+    try:
+      salient_ids(doc, budget, idf, tok.encode, lead=bad)
+    except ValueError as e:
+      assert "lead" in str(e)
+    else:
+      raise AssertionError(f"lead={bad} accepted")
