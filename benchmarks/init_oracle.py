@@ -22,7 +22,7 @@ import time
 from absl import app, flags
 
 from cas.cartridge.cartridge import init_cartridge
-from cas.cartridge.salient import idf_table, salient_ids
+from cas.cartridge.salient import idf_table, init_ids
 from cas.data.prose import generate_prose_collection
 from cas.eval.methods import ICL_SYSTEM, Evaluator
 from cas.model.loader import load_model
@@ -41,12 +41,26 @@ _MDT = flags.DEFINE_integer("max_doc_tokens", 0, "cartridge.max_doc_tokens: docu
                             "(shared positions, as the pipeline); 0 = one cartridge per document")
 _SHORT = flags.DEFINE_integer("short_tokens", 1700, "documents under this many tokens count as short")
 _OUT = flags.DEFINE_string("out", None, "write the per-question results (JSON) here")
+_HEADER = flags.DEFINE_bool("header", False, "cartridge.init_header: every init starts with its unit's title line "
+                            "(as ICL shows it) unless its text opens with it")
+_COMPOSED = flags.DEFINE_multi_integer("composed", [], "with --max_doc_tokens: also the init cartridges composed, "
+                                       "the question's document + n - 1 others (all their parts, shared positions)")
 _ICL = flags.DEFINE_bool("icl", True, "also evaluate ICL (the slow part on a CPU: ~1 h for 78 questions)")
 
 
 def _lead(fill: str) -> float:
   """salient -> 0.0; salient_lead50 -> 0.5 (cartridge.salient_lead: the budget's share kept for the opening)."""
   return int(fill[len("salient_lead"):]) / 100 if fill.startswith("salient_lead") else 0.0
+
+
+def _loaded(q, n: int, doc_ids: list[str]) -> list[str]:
+  """The question's document + n - 1 others, shuffled, fixed per (question, n)."""
+  import zlib
+  import numpy as np
+  rng = np.random.default_rng([n, zlib.crc32(q.qid.encode())])
+  pool = [d for d in doc_ids if d != q.doc_id]
+  ids = [str(d) for d in rng.choice(pool, size=min(n - 1, len(pool)), replace=False)] + [q.doc_id]
+  return [ids[i] for i in rng.permutation(len(ids))]
 
 
 def main(argv):
@@ -67,24 +81,30 @@ def main(argv):
   if _ICL.value:
     rows["icl"] = [ev.answer(ev.icl([docs[q.doc_id]]), q) for q in qs]
     print(f"icl done ({time.time() - t0:.0f}s)", flush=True)
+  suffix = "+header" if _HEADER.value else ""
   if _MDT.value > 0:  # one cartridge per part, the oracle composes its document's parts
     from cas.data.parts import document_units
     units, _ = document_units(coll.documents, _MDT.value, tok.encode)
-    parts: dict[str, list] = {}
-    idf = idf_table(u.text for u in units)
+    parts_of: dict[str, list] = {}
     for u in units:
-      sal = {f: salient_ids(u.text, _P.value - 1, idf, tok.encode, lead=_lead(f)) for f in _FILL.value
-             if f.startswith("salient")}
-      parts.setdefault(u.meta.get("parent", u.doc_id), []).append((tok.encode(u.text), sal))
+      parts_of.setdefault(u.meta.get("parent", u.doc_id), []).append(u)
+    idf = idf_table(u.text for u in units)
     for fill in _FILL.value:
       if fill not in ("repeat", "key_norm") and not fill.startswith("salient"):
         raise app.UsageError(f"--fill={fill} with --max_doc_tokens: use repeat, key_norm or salient[_leadNN]")
-      carts = {d: ev.cartridges([init_cartridge(model, sal[fill] if fill.startswith("salient") else t, _P.value,
-                                                num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",
-                                                strategy="key_norm" if fill == "key_norm" else "first_tokens")
-                                 for t, sal in ts], mode="shared") for d, ts in parts.items()}
-      rows[f"init_{fill}"] = [ev.answer(carts[q.doc_id], q) for q in qs]
-      print(f"init_{fill} done ({time.time() - t0:.0f}s)", flush=True)
+      mode = "salient" if fill.startswith("salient") else "document"
+      ucarts = {u.doc_id: init_cartridge(model, init_ids(u.text, u.title, _P.value - 1, tok.encode, mode=mode, idf=idf,
+                                                         lead=_lead(fill), header=_HEADER.value),
+                                         _P.value, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",
+                                         strategy="key_norm" if fill == "key_norm" else "first_tokens") for u in units}
+      carts = {d: ev.cartridges([ucarts[u.doc_id] for u in us], mode="shared") for d, us in parts_of.items()}
+      rows[f"init_{fill}{suffix}"] = [ev.answer(carts[q.doc_id], q) for q in qs]
+      print(f"init_{fill}{suffix} done ({time.time() - t0:.0f}s)", flush=True)
+      for n in _COMPOSED.value:  # the question's document + n - 1 others, all their parts, shared positions
+        rows[f"init_{fill}{suffix}@{n}"] = [
+            ev.answer(ev.cartridges([ucarts[u.doc_id] for d in _loaded(q, n, list(parts_of)) for u in parts_of[d]],
+                                    mode="shared"), q) for q in qs]
+        print(f"init_{fill}{suffix}@{n} done ({time.time() - t0:.0f}s)", flush=True)
   whole_idf = idf_table(doc.text for doc in docs.values())
   for fill in _FILL.value if _MDT.value == 0 else ():
     carts = {}
@@ -95,15 +115,17 @@ def main(argv):
         f_ids = tok.system_prefix_ids(tok.document_context(ICL_SYSTEM.format(documents=body), body))[:_P.value]
         c = init_cartridge(model, f_ids, len(f_ids), num_frozen=1)
       else:
-        if fill.startswith("salient"):  # the document's most salient sentences that fit (cas.cartridge.salient)
-          t = salient_ids(docs[d].text, _P.value - 1, whole_idf, tok.encode, lead=_lead(fill))
+        if fill.startswith("salient") or _HEADER.value:  # cas.cartridge.salient: salient sentences / title line
+          t = init_ids(docs[d].text, docs[d].title, _P.value - 1, tok.encode,
+                       mode="salient" if fill.startswith("salient") else "document", idf=whole_idf,
+                       lead=_lead(fill), header=_HEADER.value)
         p = _P.value if fill in ("repeat", "key_norm") or fill.startswith("salient") or len(t) + 1 >= _P.value \
             else len(t) + 1  # + BOS sink
         c = init_cartridge(model, t, p, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",
                            strategy="key_norm" if fill == "key_norm" else "first_tokens")
       carts[d] = ev.cartridge(*c.full_kv())
-    rows[f"init_{fill}"] = [ev.answer(carts[q.doc_id], q) for q in qs]
-    print(f"init_{fill} done ({time.time() - t0:.0f}s)", flush=True)
+    rows[f"init_{fill}{suffix}"] = [ev.answer(carts[q.doc_id], q) for q in qs]
+    print(f"init_{fill}{suffix} done ({time.time() - t0:.0f}s)", flush=True)
   short = {d for d, t in ids.items() if len(t) < _SHORT.value}
   print(f"\n| method | all ({len(qs)}) | short documents (< {_SHORT.value} tokens) | long documents |")
   print("|---|---|---|---|")

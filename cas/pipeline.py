@@ -350,13 +350,14 @@ class CasStages:
     by_id = {u.doc_id: u for u in self.units}
     bos = self.tok.bos_id
     rule, fill = self.short_rule
-    text = self.config.cartridge.get("init_text", "document")
-    if text == "salient":  # the init reads each unit's most salient sentences (cas.cartridge.salient)
-      from cas.cartridge.salient import idf_table, salient_ids
-      idf = idf_table(u.text for u in self.units)
+    cc = self.config.cartridge
+    text, header = cc.get("init_text", "document"), bool(cc.get("init_header", False))
+    if text == "salient" or header:  # cas.cartridge.salient: the unit's most salient sentences / its title line
+      from cas.cartridge.salient import idf_table, init_ids
+      idf = idf_table(u.text for u in self.units) if text == "salient" else None
       budget = self.spec.num_tokens - self.spec.num_frozen
-      lead = float(self.config.cartridge.get("salient_lead", 0.0))
-      ids_of = lambda u: salient_ids(u.text, budget, idf, self.tok.encode, lead=lead)
+      lead = float(cc.get("salient_lead", 0.0))
+      ids_of = lambda u: init_ids(u.text, u.title, budget, self.tok.encode, mode=text, idf=idf, lead=lead, header=header)
     else:
       ids_of = self._ids
 
@@ -554,6 +555,7 @@ class CasStages:
                        position_modes=position_modes, init_cart=self._init_cart,
                        init_signature=json.dumps([self.config.cartridge.init, self.config.cartridge.get("init_text", "document"),
                                                   self.config.cartridge.get("salient_lead", 0.0),
+                                                  self.config.cartridge.get("init_header", False),
                                                   list(self.short_rule)]))
 
   def _init_cart(self, unit_id: str):

@@ -103,6 +103,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # init_text="salient" only: the share of the budget kept for the document's opening sentences, in a
   # row, before the most salient of the rest (0.0: salient sentences only)
   c.cartridge.salient_lead = 0.0
+  # the init starts with the unit's title line as ICL shows it ("# <title>"; a part's title names its
+  # document and part), unless its text opens with it: what makes a cartridge addressable by a
+  # question that names its document, for prose texts and the parts after a document's first
+  c.cartridge.init_header = False
   # a document shorter than p: "pad" (its tokens, then short_fill: "repeat" the document | "random_vectors")
   # or "error" (refused before any work starts)
   c.cartridge.short_documents = "pad"

@@ -140,3 +140,19 @@ def test_salient_lead_is_checked_and_reaches_the_init(collection_dir, lm, tmp_pa
     bad.cartridge.salient_lead = lead
     with pytest.raises(CartridgeError, match=msg):
       CasStages(bad, str(tmp_path / f"bad{lead}"), lm=lm)
+
+
+def test_init_header_puts_the_title_line_first(collection_dir, lm, tmp_path):
+  """cartridge.init_header: the init reads the unit's title line, then its text (a header only where the
+  text does not open with it)."""
+  from cas.cartridge.cartridge import init_cartridge
+  from cas.cartridge.salient import init_ids
+  st = CasStages(_config(collection_dir, init_header=True), str(tmp_path / "h"), lm=lm)
+  plain = CasStages(_config(collection_dir), str(tmp_path / "d"), lm=lm)
+  u = {u.doc_id: u for u in st.units}["d-mid"]
+  ids = init_ids(u.text, u.title, 31, lm.tokenizer.encode, header=True)
+  assert ids[:3] != lm.tokenizer.encode(u.text)[:3]
+  want = init_cartridge(lm.model, ids, 32, sink_ids=[lm.tokenizer.bos_id])
+  got = st._init_fn()("d-mid")
+  np.testing.assert_allclose(got["k"], np.asarray(want.k[...]), atol=1e-6)
+  assert not np.allclose(got["k"], plain._init_fn()("d-mid")["k"])

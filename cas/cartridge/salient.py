@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 INIT_TEXTS = ("document", "salient")
+HEADER = "# {title}\n"  # cartridge.init_header: the line ICL shows above a document (cas.eval.methods)
 _WORD = re.compile(r"[^\W_]{3,}")  # words of 3+ letters or digits (any script)
 _SENT = re.compile(r"(?<=[.!?;])\s+|\n+")  # after sentence punctuation, or at line breaks
 
@@ -62,3 +63,25 @@ def salient_ids(text: str, budget: int, idf: Mapping[str, float], encode: Callab
   if not keep:  # no sentence fits (one very long sentence): the text's first tokens
     return ids[:budget]
   return list(encode(" ".join(sents[i] for i in sorted(keep))))[:budget]
+
+
+def header_ids(title: str, text: str, encode: Callable[[str], Sequence[int]]) -> list[int]:
+  """The tokens of the title line ICL shows above a document ("# <title>"), for an init that starts
+  with it (cartridge.init_header): none when there is no title or the text already opens with it
+  (the built-in synthetic records do; prose texts and the parts after a document's first do not)."""
+  if not title or text.lstrip().startswith(HEADER.format(title=title).strip()):
+    return []
+  return list(encode(HEADER.format(title=title)))
+
+
+def init_ids(text: str, title: str, budget: int, encode: Callable[[str], Sequence[int]], *, mode: str = "document",
+             idf: Mapping[str, float] | None = None, lead: float = 0.0, header: bool = False) -> list[int]:
+  """The token ids a cartridge's init reads (cartridge.init_text = `mode`, salient_lead = `lead`,
+  init_header = `header`): the title line when `header`, then the text ("document": all of it, the
+  init cuts it to p; "salient": its most salient sentences that fit in what the header left of `budget`)."""
+  head = header_ids(title, text, encode) if header else []
+  if mode == "salient":
+    return head + salient_ids(text, max(budget - len(head), 1), idf or {}, encode, lead=lead)
+  if mode != "document":
+    raise ValueError(f"cartridge.init_text={mode!r}: choose from {INIT_TEXTS}")
+  return head + list(encode(text))

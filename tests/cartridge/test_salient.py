@@ -51,3 +51,19 @@ def test_salient_lead_keeps_the_opening_in_a_row_then_the_rare_sentence():
       assert "lead" in str(e)
     else:
       raise AssertionError(f"lead={bad} accepted")
+
+
+def test_init_ids_header_is_the_icl_title_line_once():
+  tok = real_tokenizer()
+  from cas.cartridge.salient import header_ids, init_ids
+  text = FILLER * 10 + "The door code of the sapphire pavilion is 8549."
+  idf = idf_table([text, FILLER])
+  head = header_ids("Harbour notes (part 2 of 3)", text, tok.encode)
+  assert tok.decode(head) == "# Harbour notes (part 2 of 3)\n"
+  assert header_ids("Harbour notes", "# Harbour notes\n\n" + text, tok.encode) == []  # the text opens with it
+  assert header_ids("", text, tok.encode) == []
+  doc = init_ids(text, "Harbour notes (part 2 of 3)", 48, tok.encode, header=True)
+  assert doc[:len(head)] == head and doc[len(head):] == list(tok.encode(text))
+  sal = init_ids(text, "Harbour notes (part 2 of 3)", 48, tok.encode, mode="salient", idf=idf, header=True)
+  assert sal[:len(head)] == head and len(sal) <= 48 and "8549" in tok.decode(sal)
+  assert init_ids(text, "t", 48, tok.encode) == list(tok.encode(text))  # no header: the text itself
