@@ -78,9 +78,13 @@ def init_ids(text: str, title: str, budget: int, encode: Callable[[str], Sequenc
              idf: Mapping[str, float] | None = None, lead: float = 0.0, header: bool = False) -> list[int]:
   """The token ids a cartridge's init reads (cartridge.init_text = `mode`, salient_lead = `lead`,
   init_header = `header`): the title line when `header`, then the text ("document": all of it, the
-  init cuts it to p; "salient": its most salient sentences that fit in what the header left of `budget`)."""
+  init cuts it to p; "salient": its most salient sentences that fit in what the header left of `budget`;
+  a text that opens with its title line keeps it first, and once, in both)."""
   head = header_ids(title, text, encode) if header else []
   if mode == "salient":
+    line = HEADER.format(title=title).strip()
+    if header and title and text.lstrip().startswith(line):  # the text opens with its title: keep it first, once
+      head, text = list(encode(HEADER.format(title=title))), text.lstrip()[len(line):].lstrip()
     return head + salient_ids(text, max(budget - len(head), 1), idf or {}, encode, lead=lead)
   if mode != "document":
     raise ValueError(f"cartridge.init_text={mode!r}: choose from {INIT_TEXTS}")

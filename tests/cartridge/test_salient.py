@@ -67,3 +67,8 @@ def test_init_ids_header_is_the_icl_title_line_once():
   sal = init_ids(text, "Harbour notes (part 2 of 3)", 48, tok.encode, mode="salient", idf=idf, header=True)
   assert sal[:len(head)] == head and len(sal) <= 48 and "8549" in tok.decode(sal)
   assert init_ids(text, "t", 48, tok.encode) == list(tok.encode(text))  # no header: the text itself
+  # salient, on a text that opens with its title: the title line stays first (once), whatever its words score
+  opened = "# Harbour notes\n\n" + text
+  sal2 = init_ids(opened, "Harbour notes", 48, tok.encode, mode="salient", idf=idf_table([opened, FILLER + "Harbour notes"]),
+                  header=True)
+  assert tok.decode(sal2).startswith("# Harbour notes\n") and tok.decode(sal2).count("Harbour notes") == 1
