@@ -70,12 +70,15 @@ VARIANTS = {
     # the init reads each document's most salient sentences (cas.cartridge.salient) instead of its first
     # p tokens: minutes' documents (1-4k tokens) are 4-16x p = 256 (CAS + isolated, as base)
     "salient": ["--config.cartridge.init_text=salient"],
+    # the same with the document's title line kept first in the init (cartridge.init_header): a salient
+    # summary may drop the title, which a question naming its document needs to find the cartridge
+    "salhead": ["--config.cartridge.init_text=salient", "--config.cartridge.init_header=True"],
     # the monolithic baseline (one cartridge of N*p tokens on every document's self-study), its own
     # process: it needs about twice a CAS run's memory (see MEM)
     "mono": ["--stages=train_monolithic,indexes,evaluate"],
 }
 MEM = {"mono": 2.0}  # a job's share of GPU memory, in units of --mem
-FULL = ("head32", "cosine", "salient")  # training levers that change the isolated baseline too: evaluated like base
+FULL = ("head32", "cosine", "salient", "salhead")  # training levers that change the isolated baseline too: evaluated like base
 
 
 def synth_args(variant: str) -> list[str]:

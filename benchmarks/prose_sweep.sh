@@ -48,6 +48,9 @@ declare -A V=(
   # the init reads each part's most salient sentences instead of its first p tokens (issue 26: trained
   # cartridges answer facts inside the first_tokens window like ICL and facts after it near chance)
   [walk64sal_parts1k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=1024 --config.cartridge.init_text=salient"
+  # the salient init with each part's title line first (cartridge.init_header: prose texts and the parts
+  # after a document's first carry no title, which a question naming its document needs)
+  [walk64salh_parts1k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=1024 --config.cartridge.init_text=salient --config.cartridge.init_header=True"
   [walkq64_parts1k]="--config.synth.coverage=walk --config.synth.families=('quote','quote','quote','question') --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=1024"
   [walk64_p1024_parts2k]="--config.synth.coverage=walk --config.train.max_conversations=64 --config.cartridge.max_doc_tokens=2048 --config.cartridge.num_tokens=1024"
 )
