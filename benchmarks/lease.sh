@@ -64,7 +64,7 @@ if [ "$MODE" = start ]; then
       q21) run q21 $CS start $R/q21 --variants=base --collections=patients,products,minutes --seeds=0,1 \
                 --mem=$(f 0.05) --synth_mem=$(f 0.06) --mem_total=$(f 0.15) \
                 --methods=no_context,icl,cartridge_oracle,cartridge_retrieved,cartridge_adaptive,rag_text,cartridge_gold_pair \
-                "--extra=--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8)";;
+                "--extra=--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8) --config.eval.question_pick=spread";;
       *) echo "unknown job $j"; exit 2;;
     esac
   done

