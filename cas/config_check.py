@@ -434,6 +434,11 @@ def _check_train(config, pipeline: str, add: Callable) -> None:
       add("config.train.frozen_head", f"config.train.frozen_head={head} keeps the init's first tokens, which "
                                       "cartridge.init='random_vectors' makes random: use the first_tokens init "
                                       "(the document's header) or frozen_head=0", TrainConfigError)
+    if _get(cc, "init_text", "document") == "salient" and not _get(cc, "init_header", False):
+      add("config.train.frozen_head", f"config.train.frozen_head={head} keeps the init's first tokens, which "
+                                      "with cartridge.init_text='salient' are the first salient sentence, not the "
+                                      "document's header: add --config.cartridge.init_header=True (the title line "
+                                      "first) or use frozen_head=0", TrainConfigError)
 
 
 def count_problems(config, pipeline: str, n: int | None) -> list[Problem]:

@@ -84,6 +84,10 @@ def test_frozen_head_must_leave_tokens_to_train_and_needs_a_text_init():
   assert "cartridge.init='random_vectors' makes random" in got["config.train.frozen_head"]
   c.cartridge.init = "first_tokens"
   assert check_config(c, "cas", devices=ONE, check_model=False) == []
+  c.cartridge.init_text = "salient"  # its first tokens are a salient sentence, not the header
+  assert "init_header=True" in _where(check_config(c, "cas", devices=ONE, check_model=False))["config.train.frozen_head"]
+  c.cartridge.init_header = True
+  assert check_config(c, "cas", devices=ONE, check_model=False) == []
   c.train.frozen_head = -1
   assert "config.train.frozen_head" in _where(check_config(c, "cas", devices=ONE, check_model=False))
 
