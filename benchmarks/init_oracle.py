@@ -22,7 +22,7 @@ import time
 from absl import app, flags
 
 from cas.cartridge.cartridge import init_cartridge
-from cas.cartridge.salient import idf_table, init_ids
+from cas.cartridge.salient import idf_table, init_ids, sentence_surprisal
 from cas.data.prose import generate_prose_collection
 from cas.eval.methods import ICL_SYSTEM, Evaluator
 from cas.model.loader import load_model
@@ -82,6 +82,7 @@ def main(argv):
     rows["icl"] = [ev.answer(ev.icl([docs[q.doc_id]]), q) for q in qs]
     print(f"icl done ({time.time() - t0:.0f}s)", flush=True)
   suffix = "+header" if _HEADER.value else ""
+  surprisal = sentence_surprisal(model, tok.bos_id) if "surprisal" in _FILL.value else None
   if _MDT.value > 0:  # one cartridge per part, the oracle composes its document's parts
     from cas.data.parts import document_units
     units, _ = document_units(coll.documents, _MDT.value, tok.encode)
@@ -90,11 +91,11 @@ def main(argv):
       parts_of.setdefault(u.meta.get("parent", u.doc_id), []).append(u)
     idf = idf_table(u.text for u in units)
     for fill in _FILL.value:
-      if fill not in ("repeat", "key_norm") and not fill.startswith("salient"):
-        raise app.UsageError(f"--fill={fill} with --max_doc_tokens: use repeat, key_norm or salient[_leadNN]")
-      mode = "salient" if fill.startswith("salient") else "document"
+      if fill not in ("repeat", "key_norm", "surprisal") and not fill.startswith("salient"):
+        raise app.UsageError(f"--fill={fill} with --max_doc_tokens: use repeat, key_norm, surprisal or salient[_leadNN]")
+      mode = "salient" if fill.startswith("salient") else fill if fill == "surprisal" else "document"
       ucarts = {u.doc_id: init_cartridge(model, init_ids(u.text, u.title, _P.value - 1, tok.encode, mode=mode, idf=idf,
-                                                         lead=_lead(fill), header=_HEADER.value),
+                                                         lead=_lead(fill), header=_HEADER.value, scores=surprisal),
                                          _P.value, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",
                                          strategy="key_norm" if fill == "key_norm" else "first_tokens") for u in units}
       carts = {d: ev.cartridges([ucarts[u.doc_id] for u in us], mode="shared") for d, us in parts_of.items()}
@@ -115,11 +116,11 @@ def main(argv):
         f_ids = tok.system_prefix_ids(tok.document_context(ICL_SYSTEM.format(documents=body), body))[:_P.value]
         c = init_cartridge(model, f_ids, len(f_ids), num_frozen=1)
       else:
-        if fill.startswith("salient") or _HEADER.value:  # cas.cartridge.salient: salient sentences / title line
+        if fill.startswith("salient") or fill == "surprisal" or _HEADER.value:  # cas.cartridge.salient
           t = init_ids(docs[d].text, docs[d].title, _P.value - 1, tok.encode,
-                       mode="salient" if fill.startswith("salient") else "document", idf=whole_idf,
-                       lead=_lead(fill), header=_HEADER.value)
-        p = _P.value if fill in ("repeat", "key_norm") or fill.startswith("salient") or len(t) + 1 >= _P.value \
+                       mode="salient" if fill.startswith("salient") else fill if fill == "surprisal" else "document",
+                       idf=whole_idf, lead=_lead(fill), header=_HEADER.value, scores=surprisal)
+        p = _P.value if fill in ("repeat", "key_norm", "surprisal") or fill.startswith("salient") or len(t) + 1 >= _P.value \
             else len(t) + 1  # + BOS sink
         c = init_cartridge(model, t, p, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",
                            strategy="key_norm" if fill == "key_norm" else "first_tokens")

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-INIT_TEXTS = ("document", "salient")
+INIT_TEXTS = ("document", "salient")  # cartridge.init_text (init_ids also takes "surprisal", benchmarks only)
 HEADER = "# {title}\n"  # cartridge.init_header: the line ICL shows above a document (cas.eval.methods)
 _WORD = re.compile(r"[^\W_]{3,}")  # words of 3+ letters or digits (any script)
 _SENT = re.compile(r"(?<=[.!?;])\s+|\n+")  # after sentence punctuation, or at line breaks
@@ -37,7 +37,7 @@ def sentences(text: str) -> list[str]:
 
 
 def salient_ids(text: str, budget: int, idf: Mapping[str, float], encode: Callable[[str], Sequence[int]],
-                lead: float = 0.0) -> list[int]:
+                lead: float = 0.0, scores: Callable[[list[list[int]]], Sequence[float]] | None = None) -> list[int]:
   """Token ids of `text` cut to at most `budget` tokens: the whole text if it fits, else its sentences of
   highest mean IDF (ties: the earlier sentence) that fit, greedily, joined in document order. `lead` in
   [0, 1): that share of the budget goes first to the text's opening sentences, in a row (the part a
@@ -55,7 +55,10 @@ def salient_ids(text: str, budget: int, idf: Mapping[str, float], encode: Callab
       break
     keep.append(i)
     used += n
-  score = [float(np.mean([idf.get(w.lower(), 0.0) for w in _WORD.findall(s)] or [0.0])) for s in sents]
+  if scores is not None:  # another salience: e.g. the model's surprisal per sentence (sentence_surprisal)
+    score = [float(x) for x in scores([list(encode(" " + s)) for s in sents])]
+  else:
+    score = [float(np.mean([idf.get(w.lower(), 0.0) for w in _WORD.findall(s)] or [0.0])) for s in sents]
   for i in sorted(range(len(keep), len(sents)), key=lambda i: (-score[i], i)):
     if used + cost[i] <= budget:
       keep.append(i)
@@ -75,17 +78,62 @@ def header_ids(title: str, text: str, encode: Callable[[str], Sequence[int]]) ->
 
 
 def init_ids(text: str, title: str, budget: int, encode: Callable[[str], Sequence[int]], *, mode: str = "document",
-             idf: Mapping[str, float] | None = None, lead: float = 0.0, header: bool = False) -> list[int]:
+             idf: Mapping[str, float] | None = None, lead: float = 0.0, header: bool = False,
+             scores: Callable[[list[list[int]]], Sequence[float]] | None = None) -> list[int]:
   """The token ids a cartridge's init reads (cartridge.init_text = `mode`, salient_lead = `lead`,
   init_header = `header`): the title line when `header`, then the text ("document": all of it, the
   init cuts it to p; "salient": its most salient sentences that fit in what the header left of `budget`;
   a text that opens with its title line keeps it first, and once, in both)."""
   head = header_ids(title, text, encode) if header else []
-  if mode == "salient":
+  if mode in ("salient", "surprisal"):
     line = HEADER.format(title=title).strip()
     if header and title and text.lstrip().startswith(line):  # the text opens with its title: keep it first, once
       head, text = list(encode(HEADER.format(title=title))), text.lstrip()[len(line):].lstrip()
-    return head + salient_ids(text, max(budget - len(head), 1), idf or {}, encode, lead=lead)
+    if mode == "surprisal" and scores is None:
+      raise ValueError("cartridge.init_text='surprisal' needs the model's sentence scores (sentence_surprisal)")
+    return head + salient_ids(text, max(budget - len(head), 1), idf or {}, encode, lead=lead,
+                              scores=scores if mode == "surprisal" else None)
   if mode != "document":
     raise ValueError(f"cartridge.init_text={mode!r}: choose from {INIT_TEXTS}")
   return head + list(encode(text))
+
+
+def sentence_surprisal(model, bos_id: int, window: int = 1024) -> Callable[[list[list[int]]], list[float]]:
+  """A `scores` function for salient_ids (cartridge.init_text="surprisal"): each sentence's mean
+  negative log-likelihood per token under `model`, reading the sentences in order (windows of
+  `window` tokens, each after a BOS). High = what the model could not guess: names, numbers, facts."""
+  import jax.numpy as jnp
+
+  def scores(pieces: list[list[int]]) -> list[float]:
+    flat = [t for p in pieces for t in p]
+    nll = np.zeros(len(flat), np.float32)
+    for s in range(0, len(flat), window):
+      chunk = flat[s:s + window]
+      toks = np.zeros((1, window + 1), np.int32)  # one shape for every window (one compilation)
+      toks[0, 0], toks[0, 1:len(chunk) + 1] = bos_id, chunk
+      nll[s:s + len(chunk)] = np.asarray(_token_nll(model, jnp.asarray(toks)))[:len(chunk)]
+    out, i = [], 0
+    for p in pieces:
+      out.append(float(nll[i:i + len(p)].mean()) if p else 0.0)
+      i += len(p)
+    return out
+  return scores
+
+
+def _token_nll(model, toks):
+  """toks [1, T] -> the negative log-likelihood of tokens 1..T-1 [T - 1] (jitted once per model and shape)."""
+  global _TOKEN_NLL
+  if _TOKEN_NLL is None:
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def f(model, toks):
+      logits, _ = model(toks, jnp.arange(toks.shape[1])[None])
+      lp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)
+      return -jnp.take_along_axis(lp, toks[0, 1:, None], axis=-1)[:, 0]
+    _TOKEN_NLL = f
+  return _TOKEN_NLL(model, toks)
+
+
+_TOKEN_NLL = None

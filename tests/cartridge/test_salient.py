@@ -72,3 +72,21 @@ def test_init_ids_header_is_the_icl_title_line_once():
   sal2 = init_ids(opened, "Harbour notes", 48, tok.encode, mode="salient", idf=idf_table([opened, FILLER + "Harbour notes"]),
                   header=True)
   assert tok.decode(sal2).startswith("# Harbour notes\n") and tok.decode(sal2).count("Harbour notes") == 1
+
+
+def test_salient_ids_take_another_salience_and_the_models_surprisal_scores_each_sentence():
+  import numpy as np
+  import pytest
+  from cas.cartridge.salient import init_ids, sentence_surprisal
+  from cas.testing import TINY_SMOL_VOCAB, tiny_model
+  tok = real_tokenizer()
+  text = "Alpha sentence here. Bravo sentence here. Charlie sentence here. " * 4
+  last = lambda pieces: [float(i) for i in range(len(pieces))]  # later sentences score higher
+  ids = salient_ids(text, 12, {}, tok.encode, scores=last)
+  assert tok.decode(ids).strip().endswith("Charlie sentence here.") and "Alpha" not in tok.decode(ids)
+  with pytest.raises(ValueError, match="surprisal"):
+    init_ids(text, "t", 12, tok.encode, mode="surprisal")
+  score = sentence_surprisal(tiny_model(seed=1, cfg=TINY_SMOL_VOCAB), tok.bos_id, window=16)
+  pieces = [list(tok.encode(" " + s)) for s in sentences(text)]
+  got = score(pieces)
+  assert len(got) == len(pieces) and np.all(np.isfinite(got)) and min(got) > 0
