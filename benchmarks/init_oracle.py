@@ -48,6 +48,11 @@ _COMPOSED = flags.DEFINE_multi_integer("composed", [], "with --max_doc_tokens: a
 _ICL = flags.DEFINE_bool("icl", True, "also evaluate ICL (the slow part on a CPU: ~1 h for 78 questions)")
 
 
+def _sep(fill: str) -> str:
+  """salient_nl / salient_dots: the separator between sentences the summary did not keep side by side."""
+  return {"salient_nl": "\n", "salient_dots": " ... "}.get(fill, " ")
+
+
 def _lead(fill: str) -> float:
   """salient -> 0.0; salient_lead50 -> 0.5 (cartridge.salient_lead: the budget's share kept for the opening)."""
   return int(fill[len("salient_lead"):]) / 100 if fill.startswith("salient_lead") else 0.0
@@ -95,7 +100,8 @@ def main(argv):
         raise app.UsageError(f"--fill={fill} with --max_doc_tokens: use repeat, key_norm, surprisal or salient[_leadNN]")
       mode = "salient" if fill.startswith("salient") else fill if fill == "surprisal" else "document"
       ucarts = {u.doc_id: init_cartridge(model, init_ids(u.text, u.title, _P.value - 1, tok.encode, mode=mode, idf=idf,
-                                                         lead=_lead(fill), header=_HEADER.value, scores=surprisal),
+                                                         lead=_lead(fill), header=_HEADER.value, scores=surprisal,
+                                                         sep=_sep(fill)),
                                          _P.value, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",
                                          strategy="key_norm" if fill == "key_norm" else "first_tokens") for u in units}
       carts = {d: ev.cartridges([ucarts[u.doc_id] for u in us], mode="shared") for d, us in parts_of.items()}
@@ -119,7 +125,7 @@ def main(argv):
         if fill.startswith("salient") or fill == "surprisal" or _HEADER.value:  # cas.cartridge.salient
           t = init_ids(docs[d].text, docs[d].title, _P.value - 1, tok.encode,
                        mode="salient" if fill.startswith("salient") else fill if fill == "surprisal" else "document",
-                       idf=whole_idf, lead=_lead(fill), header=_HEADER.value, scores=surprisal)
+                       idf=whole_idf, lead=_lead(fill), header=_HEADER.value, scores=surprisal, sep=_sep(fill))
         p = _P.value if fill in ("repeat", "key_norm", "surprisal") or fill.startswith("salient") or len(t) + 1 >= _P.value \
             else len(t) + 1  # + BOS sink
         c = init_cartridge(model, t, p, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",

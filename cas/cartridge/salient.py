@@ -37,7 +37,8 @@ def sentences(text: str) -> list[str]:
 
 
 def salient_ids(text: str, budget: int, idf: Mapping[str, float], encode: Callable[[str], Sequence[int]],
-                lead: float = 0.0, scores: Callable[[list[list[int]]], Sequence[float]] | None = None) -> list[int]:
+                lead: float = 0.0, scores: Callable[[list[list[int]]], Sequence[float]] | None = None,
+                sep: str = " ") -> list[int]:
   """Token ids of `text` cut to at most `budget` tokens: the whole text if it fits, else its sentences of
   highest mean IDF (ties: the earlier sentence) that fit, greedily, joined in document order. `lead` in
   [0, 1): that share of the budget goes first to the text's opening sentences, in a row (the part a
@@ -48,7 +49,7 @@ def salient_ids(text: str, budget: int, idf: Mapping[str, float], encode: Callab
   if len(ids) <= budget:
     return ids
   sents = sentences(text)
-  cost = [len(encode(" " + s)) for s in sents]
+  cost = [max(len(encode(" " + s)), len(encode(sep + s))) for s in sents]
   keep, used = [], 0
   for i, n in enumerate(cost):  # the opening sentences, while they fit in the lead's share
     if used + n > lead * budget:
@@ -65,7 +66,11 @@ def salient_ids(text: str, budget: int, idf: Mapping[str, float], encode: Callab
       used += cost[i]
   if not keep:  # no sentence fits (one very long sentence): the text's first tokens
     return ids[:budget]
-  return list(encode(" ".join(sents[i] for i in sorted(keep))))[:budget]
+  keep = sorted(keep)  # `sep` between sentences that were not next to each other in the text
+  out = sents[keep[0]]
+  for a, b in zip(keep, keep[1:]):
+    out += (" " if b == a + 1 else sep) + sents[b]
+  return list(encode(out))[:budget]
 
 
 def header_ids(title: str, text: str, encode: Callable[[str], Sequence[int]]) -> list[int]:
@@ -79,7 +84,7 @@ def header_ids(title: str, text: str, encode: Callable[[str], Sequence[int]]) ->
 
 def init_ids(text: str, title: str, budget: int, encode: Callable[[str], Sequence[int]], *, mode: str = "document",
              idf: Mapping[str, float] | None = None, lead: float = 0.0, header: bool = False,
-             scores: Callable[[list[list[int]]], Sequence[float]] | None = None) -> list[int]:
+             scores: Callable[[list[list[int]]], Sequence[float]] | None = None, sep: str = " ") -> list[int]:
   """The token ids a cartridge's init reads (cartridge.init_text = `mode`, salient_lead = `lead`,
   init_header = `header`): the title line when `header`, then the text ("document": all of it, the
   init cuts it to p; "salient": its most salient sentences that fit in what the header left of `budget`;
@@ -92,7 +97,7 @@ def init_ids(text: str, title: str, budget: int, encode: Callable[[str], Sequenc
     if mode == "surprisal" and scores is None:
       raise ValueError("cartridge.init_text='surprisal' needs the model's sentence scores (sentence_surprisal)")
     return head + salient_ids(text, max(budget - len(head), 1), idf or {}, encode, lead=lead,
-                              scores=scores if mode == "surprisal" else None)
+                              scores=scores if mode == "surprisal" else None, sep=sep)
   if mode != "document":
     raise ValueError(f"cartridge.init_text={mode!r}: choose from {INIT_TEXTS}")
   return head + list(encode(text))
