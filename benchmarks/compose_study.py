@@ -56,6 +56,9 @@ VARIANTS = {
     "iso01": ["--config.train.p_isolated=0.1"],  # fewer rows with the own cartridge alone
     "k20": ["--config.train.num_slots=20", "--config.train.k_max=20"],  # every document resident
     "lr2e2": ["--config.train.lr=2e-2"],
+    # silent rows (issue 20: minutes' distractors push their own values at 1.6-2.9x chance): a quarter of
+    # the mixed rows drop their own cartridge and teach their distractors the model's prefix-free answer
+    "silent": ["--config.train.p_silent=0.25"],
     # self-study levers (own self-study set per collection x seed; evaluated like base, CAS + isolated,
     # so cas - isolated can be read within the variant; report with compose_report --base=<variant>):
     # fact questions (the paper's `question` family, one conversation in four) beside the quotes: the

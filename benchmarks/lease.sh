@@ -20,6 +20,9 @@
 #   compose_sal    issues 20 + 26: the salient init and the cosine lr decay against base on minutes and products
 #                  (documents longer than p = 256), seeds 0 and 1, questions spread over each document
 #                  (SAL_VARIANTS= / SAL_COLLECTIONS= pick fewer, e.g. base,salient on minutes)
+#   silent         issue 20: silent rows (train.p_silent=0.25: distractors learn the prefix-free answer on
+#                  conversations that are not theirs) against base on minutes and patients, seeds 0 and 1,
+#                  questions spread over each document (the lever for distractor interference)
 #   gemma_minutes  issues 20 + 24: the compose study (CAS + isolated + icl_composed) with Gemma 3 270M
 #   builtin6       issue 26 item 4 ("within 6 of ICL on the built-in collections, kept"): the paper preset's
 #                  oracle and its untrained init on products and minutes, seeds 0 and 1, questions spread
@@ -38,7 +41,7 @@ if [ "$MODE" = start ]; then
   # Gemma 3 270M, CAS p = 256 about 11.4 GB; an H200 has 143 GB)
   # prose jobs grow their processes (no preallocated fraction): their share is what four trainings
   # took at most on an H100 (2026-12-05: 0.1225 of 80 GB each was too little for a parts1k training)
-  declare -A SHARE=([builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15)
+  declare -A SHARE=([silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15)
   GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
   SCALE=$(python3 -c "print(max(1.0, 143000 / float('${GPU_MIB:-143000}' or 143000)))")
   f() { python3 -c "print(f'{$1 * $SCALE:.3f}')"; }
@@ -60,6 +63,8 @@ if [ "$MODE" = start ]; then
       head32) run head32 $CS start $R/head32 --variants=base,head32 --collections=patients,minutes --seeds=0,1 \
                 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(f 0.21) "--extra=--config.eval.question_pick=spread";;
       compose_sal) run compose_sal $CS start $R/compose_sal --variants=${SAL_VARIANTS:-base,salient,cosine} --collections=${SAL_COLLECTIONS:-minutes,products} \
+                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(f 0.25) "--extra=--config.eval.question_pick=spread";;
+      silent) run silent $CS start $R/silent --variants=base,silent --collections=minutes,patients \
                 --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(f 0.25) "--extra=--config.eval.question_pick=spread";;
       gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=$(f 0.1) \
                 --mem_total=$(f 0.3) --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
@@ -88,7 +93,7 @@ elif [ "$MODE" = status ]; then
   for l in $R/builtin6_*.start.log; do [ -f "$l" ] && echo "$(basename $l): $(tr '\r' '\n' < $l | grep -a -E 'it/s|step|conv|Error' | tail -n 1 | cut -c1-120)"; done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 else
-  for j in head32 compose_sal gemma q21; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
+  for j in head32 compose_sal silent gemma q21; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
     [ -f $OUT/compose_study.tgz ] && mv $OUT/compose_study.tgz $OUT/$j/; done
   [ -d $R/builtin6 ] && mkdir -p $OUT/builtin6 && (cd $R && tar czf $OUT/builtin6/builtin6.tgz builtin6_*.start.log \
     builtin6/*/eval/results.json 2>/dev/null)

@@ -424,6 +424,13 @@ def _check_train(config, pipeline: str, add: Callable) -> None:
   for key, msg in train_config_problems(cfg, keys):
     where = "config.synth.top_k" if key == "top_k" else f"config.train.{key}"
     add(where, msg.replace("train.top_k", "synth.top_k"), TrainConfigError)
+  ps = cfg.get("p_silent", 0.0)
+  if isinstance(ps, (int, float)) and ps > 0 and (not cfg.get("train_distractors", True) or
+                                                  (_is_int(cfg.get("k_max")) and cfg.get("k_max") < 2)):
+    add("config.train.p_silent", f"config.train.p_silent={ps} trains the distractors of rows without their own "
+                                 "cartridge, which needs k_max >= 2 and train_distractors=True "
+                                 f"(k_max={cfg.get('k_max')}, train_distractors={cfg.get('train_distractors', True)})",
+        TrainConfigError)
   head, cc = cfg.get("frozen_head", 0), config.get("cartridge")
   if _is_int(head) and head > 0 and cc is not None:
     p, f = _get(cc, "num_tokens"), _get(cc, "num_frozen", 1)

@@ -434,7 +434,8 @@ class CasStages:
 
   def train_isolated(self):
     """Baseline: each cartridge trained alone (no distractors), same budget otherwise."""
-    return self._train("isolated", k_max=1, p_isolated=1.0, p_hard=0.0, k_curriculum_steps=0, mixed_weight=1.0)
+    return self._train("isolated", k_max=1, p_isolated=1.0, p_hard=0.0, k_curriculum_steps=0, mixed_weight=1.0,
+                       p_silent=0.0)
 
   def train_monolithic(self):
     """Baseline: one cartridge of N*p tokens trained on every document's self-study data (N: the

@@ -148,6 +148,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.k_curriculum_steps = 0
   # loss weight of rows that load distractors against rows that see their own cartridge only (1 = equal)
   c.train.mixed_weight = 1.0
+  # silent rows: the fraction of rows with distractors that drop their own cartridge; their distractors
+  # learn the model's distribution without any prefix (to add nothing where they are not asked); 0 = off
+  c.train.p_silent = 0.0
   # pack as many of a document's conversations into a row as fit in seq_len (k_max = 1 only: the
   # one-document quickstart, the monolithic baseline); False = one conversation per row
   c.train.pack = False

@@ -45,6 +45,17 @@ def test_the_prose_preset_is_paper_with_the_measured_prose_recipe():
   assert (prose.cartridge.num_tokens, prose.train.steps, prose.train.lr) == (paper.cartridge.num_tokens, 1000, 1e-2)
 
 
+def test_silent_rows_need_distractors_that_train():
+  c = cas_config("quick")  # k_max = 2
+  c.train.p_silent = 0.25
+  assert check_config(c, "cas", devices=ONE, check_model=False) == []
+  c.train.train_distractors = False
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "needs k_max >= 2 and train_distractors=True" in got["config.train.p_silent"]
+  c.train.train_distractors, c.train.p_silent = True, 1.5
+  assert "config.train.p_silent" in _where(check_config(c, "cas", devices=ONE, check_model=False))
+
+
 def test_every_problem_is_reported_together_naming_its_field():
   c = cas_config("quick")
   c.train.k_max = 5  # > num_slots 2

@@ -146,7 +146,7 @@ def build_cas_batch(samples: Sequence[tuple[Conversation | Sequence[Conversation
                     top_k: int, p: int, num_frozen: int = 1, position_mode: str = "shared",
                     batch_size: int | None = None, k_limit: int | None = None,
                     hard_slots: Sequence[Sequence[int]] | None = None, p_hard: float = 0.0,
-                    mixed_weight: float = 1.0) -> dict[str, np.ndarray]:
+                    mixed_weight: float = 1.0, p_silent: float = 0.0) -> dict[str, np.ndarray]:
   """One CAS batch: row r = conversation samples[r][0] (truncated to seq_len), own slot samples[r][1].
   samples[r][0] may be a list of conversations of that document: packed into the row one after the
   other (each its own segment, all at the question offset; see `pack_rows`).
@@ -156,6 +156,10 @@ def build_cas_batch(samples: Sequence[tuple[Conversation | Sequence[Conversation
   k_limit, p_hard, hard_slots[r] (row r's most similar resident slots): see `draw_slots`.
   mixed_weight: the loss_mask of rows that load distractors is scaled by it (the loss is a
     mask-weighted mean, so this weights mixed against isolated rows); 1.0 leaves it as is.
+  p_silent: with this probability a row that loads distractors drops its own cartridge (a *silent*
+    row: its distractors only, and the step's teacher is the model without any prefix, so the
+    distractors learn to add nothing to a conversation that is not theirs); the batch then has
+    `silent` [Bt] f32 (1 = silent). 0 draws exactly as before and adds no key.
   Returns numpy arrays (Bt = batch size, T = seq_len, K = top_k):
     tokens, positions, segment_ids (1 on tokens, 0 on padding), targets: [Bt, T] int32;
     loss_mask [Bt, T] f32; topk_ids [Bt, T, K] int32; topk_logprobs [Bt, T, K] f32 (-1e9 absent);
@@ -177,6 +181,9 @@ def build_cas_batch(samples: Sequence[tuple[Conversation | Sequence[Conversation
   rows = []
   slots = np.full((bt, k_max), -1, np.int32)
   own = np.full(bt, -1, np.int32)
+  silent = np.zeros(bt, np.float32)
+  if not 0.0 <= p_silent <= 1.0:
+    raise ValueError(f"p_silent={p_silent} must be in [0, 1]")
   for r, (conv, own_slot) in enumerate(samples):
     if int(own_slot) not in resident:
       doc = (conv[0] if isinstance(conv, (list, tuple)) else conv).doc_id
@@ -185,6 +192,10 @@ def build_cas_batch(samples: Sequence[tuple[Conversation | Sequence[Conversation
     slots[r] = draw_slots(own_slot, resident_slots, k_max=k_max, p_isolated=p_isolated, rng=rng, k_limit=k_limit,
                           hard_slots=hard_slots[r] if hard_slots is not None else (), p_hard=p_hard)
     own[r] = int(own_slot)
+    if p_silent > 0 and (slots[r] >= 0).sum() > 1 and rng.random() < p_silent:  # distractors only
+      rest = [int(s) for s in slots[r] if s >= 0 and s != int(own_slot)]
+      slots[r] = rest + [-1] * (k_max - len(rest))
+      silent[r] = 1.0
     n = int((slots[r] >= 0).sum())
     off = question_offset(n, p=p, num_frozen=num_frozen, position_mode=position_mode)
     row = pack_rows(list(conv) if isinstance(conv, (list, tuple)) else [conv], seq_len, off, top_k)
@@ -198,6 +209,8 @@ def build_cas_batch(samples: Sequence[tuple[Conversation | Sequence[Conversation
   out["slots"] = slots
   out["own_slot"] = own
   out["n_loaded"] = (slots >= 0).sum(axis=1).astype(np.int32)
+  if p_silent > 0:
+    out["silent"] = silent
   if mixed_weight != 1.0:
     out["loss_mask"] = (out["loss_mask"] * np.where(out["n_loaded"] > 1, np.float32(mixed_weight),
                                                     np.float32(1.0))[:, None]).astype(np.float32)

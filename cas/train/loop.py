@@ -70,7 +70,7 @@ CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm",
             "num_slots", "k_max", "p_isolated", "rotate_every", "evict_fraction", "position_mode",
             "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors", "loss_chunk",
             "max_conversations", "length_weighting", "p_hard", "k_curriculum_steps", "mixed_weight", "pack",
-            "frozen_head", "lr_decay", "lr_min_ratio", "lr_decay_updates")
+            "frozen_head", "lr_decay", "lr_min_ratio", "lr_decay_updates", "p_silent")
 # max_conversations: train on each document's first n self-study conversations only (0 = all; a
 # curve of quality against self-study size from one synthesis)
 # length_weighting: a resident document gets rows in proportion to its length (length_weights), not one
@@ -88,9 +88,12 @@ CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm",
 # lr_decay: "constant" (the paper's) or "cosine": each cartridge's lr falls from lr to lr * lr_min_ratio
 # over its own first lr_decay_updates updates (0 = auto: the updates a cartridge gets in the run,
 # steps * min(1, num_slots / documents)), on the slot's count (cas.train.step.lr_decay_factor)
+# p_silent: the fraction of mixed rows that drop their own cartridge and learn, with their distractors
+# only, the model's distribution without any prefix (cas.train.step.prior_teacher): distractors that
+# stay silent on a conversation that is not theirs (issue 20: they push their own values)
 DEFAULTS = {"train_distractors": True, "loss_chunk": LOSS_CHUNK_TOKENS, "max_conversations": 0,
             "length_weighting": False, "p_hard": 0.0, "k_curriculum_steps": 0, "mixed_weight": 1.0, "pack": False,
-            "frozen_head": 0, "lr_decay": "constant", "lr_min_ratio": 0.1, "lr_decay_updates": 0}
+            "frozen_head": 0, "lr_decay": "constant", "lr_min_ratio": 0.1, "lr_decay_updates": 0, "p_silent": 0.0}
 
 
 def decay_horizon(c: Mapping, num_docs: int) -> int:
@@ -450,7 +453,7 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
                                    num_frozen=spec.num_frozen, position_mode=c["position_mode"],
                                    k_limit=k_limit(step, c["k_max"], c["k_curriculum_steps"]),
                                    p_hard=float(c["p_hard"]), mixed_weight=float(c["mixed_weight"]),
-                                   pack=bool(c["pack"]))
+                                   pack=bool(c["pack"]), p_silent=float(c["p_silent"]))
         batch = {k: v for k, v in batch.items() if k not in ("n_loaded",)}
         if mesh is None:
           batch = {k: jnp.asarray(v) for k, v in batch.items()}

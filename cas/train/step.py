@@ -159,6 +159,24 @@ def cas_loss(params: dict, frozen: dict, model: Transformer, batch: dict, *, los
   return head_loss(model, h, batch, loss=loss, chunk=loss_chunk)
 
 
+def prior_teacher(model: Transformer, batch: dict) -> dict:
+  """The batch with the teacher of its silent rows (batch["silent"] [Bt] > 0) replaced by the model's
+  own distribution *without any prefix* on the same tokens (its top-K log-probs, K as stored): what a
+  conversation reads like when none of the loaded cartridges is its document's. No gradient."""
+  k = batch["topk_ids"].shape[-1]
+  h, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
+  h = jax.lax.stop_gradient(h)
+
+  def row(hr):  # [T, E] -> top-K ids [T, K], log-probs [T, K], one row's logits at a time
+    lp = jax.nn.log_softmax(model.logits_from_hidden(hr[None])[0].astype(jnp.float32), axis=-1)
+    vals, ids = jax.lax.top_k(lp, k)
+    return ids.astype(jnp.int32), vals
+  ids, lps = jax.lax.map(row, h)
+  sel = (batch["silent"] > 0)[:, None, None]
+  return {**batch, "topk_ids": jnp.where(sel, ids, batch["topk_ids"]),
+          "topk_logprobs": jnp.where(sel, lps, batch["topk_logprobs"].astype(jnp.float32))}
+
+
 def cartridge_loss(trainable: dict, frozen: dict, model: Transformer, batch: dict, *, loss: str = "distill",
                    dtype=jnp.float32, loss_chunk: int = LOSS_CHUNK_TOKENS) -> tuple[jax.Array, jax.Array]:
   """`cas_loss` of ONE cartridge on a batch that names no slots: trainable {"k","v"} [L, P-F, Hkv, D]
@@ -288,6 +306,8 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
       raise ValueError("CAS step: batch needs `slots` [Bt, k_max] (and `own_slot` [Bt] when "
                        "train_distractors=False); build it with cas.train.batch.build_cas_batch")
     params = {"k": state["k"], "v": state["v"]}
+    if "silent" in batch:  # rows with distractors only learn the model's prefix-free distribution
+      batch = prior_teacher(model, batch)
     (val, n), grads = jax.value_and_grad(cas_loss, has_aux=True)(
         params, frozen, model, batch, loss=loss, position_mode=position_mode, dtype=dtype,
         train_distractors=train_distractors, loss_chunk=loss_chunk)

@@ -251,3 +251,23 @@ def test_packed_rows_hold_several_conversations_of_one_document_and_resume_exact
     np.testing.assert_array_equal(nxt[k], again[k])
   with pytest.raises(ValueError, match="pack=True needs k_max = 1"):
     s.next_batch({"d": 0}, 2, pack=True, **{**kw, "k_max": 2})
+
+
+def test_silent_rows_drop_their_own_cartridge_and_p_silent_zero_draws_as_before():
+  convs = [(_conv(f"d{i}", 5, 6, seed=i), s) for i, s in enumerate([3, 4, 5, 6] * 8)]
+  kw = dict(k_max=3, p_isolated=0.25, seq_len=24, top_k=4, p=8, num_frozen=1)
+  base = build_cas_batch(convs, [3, 4, 5, 6], rng=np.random.default_rng(7), **kw)
+  zero = build_cas_batch(convs, [3, 4, 5, 6], rng=np.random.default_rng(7), p_silent=0.0, **kw)
+  assert "silent" not in zero and all(np.array_equal(base[k], zero[k]) for k in base)
+  every = build_cas_batch(convs, [3, 4, 5, 6], rng=np.random.default_rng(7), p_silent=1.0, **kw)
+  silent = every["silent"] > 0
+  assert silent.any() and (~silent).any()  # isolated rows (p_isolated) stay as they are
+  for r in range(len(convs)):
+    used = [int(s) for s in every["slots"][r] if s >= 0]
+    assert list(every["slots"][r][:len(used)]) == used  # used entries first
+    if silent[r]:  # every mixed row: its distractors only
+      assert every["own_slot"][r] not in used and len(used) >= 1 and every["n_loaded"][r] == len(used)
+    else:
+      assert used == [every["own_slot"][r]]
+  with pytest.raises(ValueError, match="p_silent"):
+    build_cas_batch(convs, [3, 4, 5, 6], rng=np.random.default_rng(7), p_silent=1.5, **kw)

@@ -219,3 +219,21 @@ def test_lr_decay_reaches_the_step_and_bad_values_are_refused(setup, tmp_path):
   c = {**DEFAULTS, "steps": 1000, "num_slots": 10, "lr_decay": "cosine"}
   assert decay_horizon(c, 35) == 286 and decay_horizon(c, 5) == 1000
   assert decay_horizon({**c, "lr_decay_updates": 40}, 35) == 40 and decay_horizon({**c, "lr_decay": "constant"}, 35) == 0
+
+
+def test_silent_rows_reach_the_loop(setup, tmp_path):
+  """train.p_silent: the loop builds silent rows (their teacher is the prefix-free model, so the same
+  data trains differently) and the run stays finite; p_silent=0 is the run as before."""
+  from cas.rotation.store import CartridgeStore
+  m, docs, path, frozen, init_fn = setup
+  runs = {name: _train(setup, str(tmp_path / name), cfg=cfg)
+          for name, cfg in (("off", {}), ("off0", {"p_silent": 0.0}), ("silent", {"p_silent": 1.0, "p_isolated": 0.0}),
+                            ("mixed", {"p_isolated": 0.0}))}
+  assert all(np.isfinite(r["final_loss"]) for r in runs.values())
+  spec = CartridgeSpec.for_model(TINY, P, 1)
+  k = {}
+  for name in runs:
+    with CartridgeStore(str(tmp_path / name / "store"), spec=spec, model_fingerprint="tiny", read_only=True) as st:
+      k[name] = np.concatenate([np.asarray(st.get(d)[0]["k"]).ravel() for d in docs])
+  assert k["off"].tobytes() == k["off0"].tobytes()
+  assert not np.array_equal(k["silent"], k["mixed"])

@@ -395,3 +395,26 @@ def test_one_slot_prefix_is_built_once_without_mask_and_kmax1_has_no_mask(setup)
   np.testing.assert_array_equal(np.asarray(many.k[:, 1]), np.asarray(one.k[:, 0]))  # row 1 loads slot 0
   np.testing.assert_array_equal(np.asarray(many.k[:, 0, F:]), slot_k[2])
   assert not np.asarray(many.k[:, 2, F:]).any()  # the padding row's entry is zero
+
+
+def test_silent_rows_learn_the_prefix_free_distribution_through_their_distractors_only(setup):
+  """p_silent: a silent row (its own cartridge dropped) gets as teacher the model's own top-K without any
+  prefix on the same tokens, and its update reaches the distractor slots it loads, never its own."""
+  from cas.train.step import prior_teacher
+  m, docs, convs, frozen, slot_k, slot_v = setup
+  b = build_cas_batch([(convs[0], 0), (convs[1], 2)], [0, 1, 2], k_max=3, p_isolated=0.0,
+                      rng=np.random.default_rng(0), seq_len=T, top_k=K, p=P, num_frozen=F, p_silent=1.0)
+  assert b["silent"].tolist() == [1.0, 1.0] and 0 not in b["slots"][0] and 2 not in b["slots"][1]
+  jb = _jnp(b)
+  got = prior_teacher(m, jb)
+  logits = _fwd(m, jb["tokens"], jb["positions"], None)
+  want_lp, want_ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), K)
+  mask = np.asarray(b["loss_mask"]) > 0
+  np.testing.assert_array_equal(np.asarray(got["topk_ids"])[mask], np.asarray(want_ids)[mask])
+  np.testing.assert_allclose(np.asarray(got["topk_logprobs"])[mask], np.asarray(want_lp)[mask], atol=1e-5)
+  assert not np.array_equal(np.asarray(got["topk_ids"])[mask], b["topk_ids"][mask])  # the stored teacher differs
+  keep = dict(jb, silent=jnp.asarray([0.0, 0.0]))  # no silent row: the batch's own teacher, unchanged
+  np.testing.assert_array_equal(np.asarray(prior_teacher(m, keep)["topk_ids"]), b["topk_ids"])
+  state, met = make_cas_train_step(lr=1e-2, warmup_steps=0, clip_norm=1.0)(_state(slot_k, slot_v), frozen, m, jb)
+  loaded = sorted(set(b["slots"][b["slots"] >= 0].tolist()))
+  assert bool(met["finite"]) and np.asarray(state["count"]).nonzero()[0].tolist() == loaded
