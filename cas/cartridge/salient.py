@@ -42,7 +42,9 @@ def salient_ids(text: str, budget: int, idf: Mapping[str, float], encode: Callab
   """Token ids of `text` cut to at most `budget` tokens: the whole text if it fits, else its sentences of
   highest mean IDF (ties: the earlier sentence) that fit, greedily, joined in document order. `lead` in
   [0, 1): that share of the budget goes first to the text's opening sentences, in a row (the part a
-  first_tokens init would hold), the rest to the most salient of the others."""
+  first_tokens init would hold), the rest to the most salient of the others. `scores`: another salience
+  (one value per sentence's tokens, higher first) instead of mean IDF; `sep`: what joins two kept sentences
+  that were not next to each other in the text."""
   if not 0.0 <= lead < 1.0:
     raise ValueError(f"salient lead={lead}: a share of the budget in [0, 1)")
   ids = list(encode(text))
@@ -104,7 +106,8 @@ def init_ids(text: str, title: str, budget: int, encode: Callable[[str], Sequenc
 
 
 def sentence_surprisal(model, bos_id: int, window: int = 1024) -> Callable[[list[list[int]]], list[float]]:
-  """A `scores` function for salient_ids (cartridge.init_text="surprisal"): each sentence's mean
+  """A `scores` function for salient_ids (init_ids(mode="surprisal"); benchmarks/init_oracle.py only: it
+  lost to mean IDF on products, RESULTS.md): each sentence's mean
   negative log-likelihood per token under `model`, reading the sentences in order (windows of
   `window` tokens, each after a BOS). High = what the model could not guess: names, numbers, facts."""
   import jax.numpy as jnp

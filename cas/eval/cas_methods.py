@@ -196,6 +196,7 @@ def cartridge_init(method: str, c: EvalContext) -> list[Job]:
   if c.init_cart is None:
     logging.warning("skipping %s: this evaluation cannot build the untrained cartridges", method)
     return []
+  init_cache = {}  # the last question's gold documents -> their context (questions come grouped by document)
 
   def ctx_for(q):
     key = tuple(q.doc_ids)
@@ -203,7 +204,6 @@ def cartridge_init(method: str, c: EvalContext) -> list[Job]:
       init_cache.clear()
       init_cache[key] = c.ev.cartridges([c.init_cart(u) for d in key for u in c.parts_of[d]])
     return init_cache[key]
-  init_cache = {}
   return c.job(method, ctx_for, ["init", c.init_signature])
 
 

@@ -154,7 +154,7 @@ def build_cas_batch(samples: Sequence[tuple[Conversation | Sequence[Conversation
   p: cartridge length P (sink included); num_frozen: F. batch_size: pad to this many rows (padding
   rows: segment 0, loss_mask 0, slots all -1, own_slot -1); default len(samples).
   k_limit, p_hard, hard_slots[r] (row r's most similar resident slots): see `draw_slots`.
-  mixed_weight: the loss_mask of rows that load distractors is scaled by it (the loss is a
+  mixed_weight: the loss_mask of rows that load distractors (silent rows too) is scaled by it (the loss is a
     mask-weighted mean, so this weights mixed against isolated rows); 1.0 leaves it as is.
   p_silent: with this probability a row that loads distractors drops its own cartridge (a *silent*
     row: its distractors only, and the step's teacher is the model without any prefix, so the
@@ -211,8 +211,8 @@ def build_cas_batch(samples: Sequence[tuple[Conversation | Sequence[Conversation
   out["n_loaded"] = (slots >= 0).sum(axis=1).astype(np.int32)
   if p_silent > 0:
     out["silent"] = silent
-  if mixed_weight != 1.0:
-    out["loss_mask"] = (out["loss_mask"] * np.where(out["n_loaded"] > 1, np.float32(mixed_weight),
+  if mixed_weight != 1.0:  # rows with distractors: more than one cartridge loaded, or distractors only (silent)
+    out["loss_mask"] = (out["loss_mask"] * np.where((out["n_loaded"] > 1) | (silent > 0), np.float32(mixed_weight),
                                                     np.float32(1.0))[:, None]).astype(np.float32)
   return out
 

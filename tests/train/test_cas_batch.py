@@ -269,5 +269,7 @@ def test_silent_rows_drop_their_own_cartridge_and_p_silent_zero_draws_as_before(
       assert every["own_slot"][r] not in used and len(used) >= 1 and every["n_loaded"][r] == len(used)
     else:
       assert used == [every["own_slot"][r]]
+  weighted = build_cas_batch(convs, [3, 4, 5, 6], rng=np.random.default_rng(7), p_silent=1.0, mixed_weight=2.0, **kw)
+  np.testing.assert_array_equal(weighted["loss_mask"], every["loss_mask"] * np.where(silent, 2.0, 1.0)[:, None])
   with pytest.raises(ValueError, match="p_silent"):
     build_cas_batch(convs, [3, 4, 5, 6], rng=np.random.default_rng(7), p_silent=1.5, **kw)
