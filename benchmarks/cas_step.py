@@ -58,6 +58,8 @@ flags.DEFINE_string("profile_dir", None, "write a jax.profiler trace of the CAS 
 flags.DEFINE_bool("smoke", False, "tiny model on CPU")
 flags.DEFINE_string("out", None, "append JSON lines here")
 flags.DEFINE_integer("seed", 0, "seed")
+flags.DEFINE_float("p_silent", 0.0, "also time cas_k{K}_silent: the CAS step on rows of which this share (of the "
+                   "mixed ones) are silent (train.p_silent: one more forward, without gradient, for their teacher)")
 flags.DEFINE_bool("single_same_prefix", True, "also time the single step with one cartridge of the CAS "
                   "prefix's length, 1 + k_max (p - 1) tokens")
 
@@ -65,7 +67,7 @@ LR, WARMUP, CLIP = 2e-2, 0, 1.0
 SINGLE_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "topk_ids", "topk_logprobs")
 
 
-def make_rows(cfg, k_max: int, p: int | None = None) -> dict[str, np.ndarray]:
+def make_rows(cfg, k_max: int, p: int | None = None, p_silent: float = 0.0) -> dict[str, np.ndarray]:
   """A CAS batch (numpy) of random conversations, own slot r % B, p_isolated 0 (p: cartridge
   tokens, default --p)."""
   rng = np.random.default_rng(F.seed)
@@ -82,7 +84,7 @@ def make_rows(cfg, k_max: int, p: int | None = None) -> dict[str, np.ndarray]:
     samples.append((conv, r % F.slots))
   return build_cas_batch(samples, list(range(F.slots)), k_max=k_max, p_isolated=0.0,
                          rng=np.random.default_rng(F.seed + 1), seq_len=F.seq, top_k=F.top_k, p=p or F.p,
-                         num_frozen=1, position_mode=F.position_mode)
+                         num_frozen=1, position_mode=F.position_mode, p_silent=p_silent)
 
 
 def slot_state(cfg, p: int | None = None, slots: int | None = None):
@@ -275,6 +277,16 @@ def main(argv):
       del state
       profile(rk, f"cas_k{k}", base, emit)
       results.append(rk)
+      if F.p_silent > 0:  # the same step on rows with silent ones (their prefix-free teacher computed in the step)
+        rows_s = make_rows(cfg, k, p_silent=F.p_silent)
+        bs = {kk: jnp.asarray(v) for kk, v in rows_s.items()}
+        state, frozen = slot_state(cfg)
+        vis_s = 1 + rows_s["n_loaded"].astype(np.int64) * (F.p - 1)
+        results.append(timed(f"cas_k{k}_silent", cstep, (state, frozen, model, bs), emit,
+                             {**base, "p_silent": F.p_silent, "silent_rows": int(rows_s["silent"].sum())},
+                             C.train_flops(cfg, rows_s["segment_ids"], vis_s), peak,
+                             carry=lambda out, a: (out[0], *a[1:])))
+        del state
     finally:
       attn_lib.restore(prev)
 
@@ -287,6 +299,8 @@ def main(argv):
       summ[f"cas_k{k}_tokens_per_s"] = by[f"cas_k{k}"]["tokens_per_s"]
       summ["single_tokens_per_s"] = by["single"]["tokens_per_s"]
       summ[f"cas_k{k}_over_single_time"] = by[f"cas_k{k}"]["step_s"] / by["single"]["step_s"]
+    if f"cas_k{k}_silent" in by and f"cas_k{k}" in by:
+      summ["silent_over_cas_time"] = by[f"cas_k{k}_silent"]["step_s"] / by[f"cas_k{k}"]["step_s"]
     if "single_same_prefix" in by and f"cas_k{k}" in by:  # issue 23: within 15% at the same prefix length
       summ["single_same_prefix_tokens_per_s"] = by["single_same_prefix"]["tokens_per_s"]
       summ[f"cas_k{k}_over_single_same_prefix_tokens_per_s"] = (
