@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Device-machine set-up shared by GPU benchmarks: install carried wheels, put the default model
 # (carried in two halves, see BENCHMARKS.md) into $CAS_HOME. Source it: `. benchmarks/gpu_setup.sh`.
+# Calls: [.model_a], [.model_b], then [.whl] with the work (the tracked tree is ~14 MB, so .whl and a model
+# half together exceed the 64 MiB a call may carry); the machine idles out ~30 s after a call.
 # --find-links + names: pip picks the wheel matching this python (.whl may hold several builds)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   --find-links .whl array_record bm25s gguf importlib_resources ml_collections tensorboardx >/dev/null 2>&1 \
