@@ -146,15 +146,18 @@ def interference_lines(results: dict, collection: str, variant: str = "base") ->
           tot[(m.group(1), int(m.group(2)))][k] += x
   if not tot or any(t["skipped"] for t in tot.values()):
     return []
-  lines = ["", "Wrong answers that chose a loaded distractor's value (interference), against chance "
-           "(a uniform pick among the wrong options; cas.eval.interference):", "",
+  lines = ["", f"Wrong answers that chose a loaded distractor's value (interference), against chance "
+           f"(a uniform pick among the wrong options; cas.eval.interference){'' if variant == 'base' else ', ' + variant}:",
+           "",
            "| n loaded | cas: wrong | cas: from a loaded distractor (chance) | isolated: wrong | "
            "isolated: from a loaded distractor (chance) |", "|---|---|---|---|---|"]
   for n in sorted({n for (_m, n) in tot}):
+    has_iso = ("isolated", n) in tot  # (before the defaultdict lookups below add it)
     c, i = tot[("cas", n)], tot[("isolated", n)]
     def fmt(t):
       return f"{t['from_loaded']} ({t['chance']:.1f}; x{t['from_loaded'] / max(t['chance'], 1e-9):.2f})"
-    lines.append(f"| {n} | {c['wrong']} | {fmt(c)} | {i['wrong']} | {fmt(i)} |")
+    iso = f"{i['wrong']} | {fmt(i)}" if has_iso else "- | - (a lever trains CAS only)"
+    lines.append(f"| {n} | {c['wrong']} | {fmt(c)} | {iso} |")
   return lines
 
 
@@ -253,6 +256,8 @@ def collection_section(results: dict, collection: str, base_variant: str = "base
                    f"{dcell(diff(rows.get('cartridge_oracle'), base.get('cartridge_oracle')))} | " + " | ".join(cells) + " |")
       cells = [cell(rows.get(f"cas_composed@{n}/shared")) for n in ns]
       lines.append(f"| {v} | | {cell(rows.get('cartridge_oracle'))} | " + " | ".join(cells) + " |")
+    for v in levers:  # does the lever change how often a loaded distractor's value is chosen?
+      lines += interference_lines(results, collection, v)
   return "\n".join(lines), {"base": base, "ns": ns}
 
 

@@ -34,3 +34,23 @@ def test_kind_lines_split_composition_by_how_the_question_names_its_document():
   assert rows[("2", "title")].split(" | ")[2].startswith("100.0") and rows[("2", "content")].split(" | ")[2].startswith("0.0")
   assert "+100.0" in rows[("2", "title")] and "+0.0" in rows[("2", "content")]
   assert cr.kind_lines({"icl": [_q(t, True, 900, 0)]}, [2]) == []  # one kind only: no table
+
+
+def test_interference_lines_for_a_lever_count_cas_and_mark_isolated_absent():
+  """A lever (CAS only, no isolated rows) gets its own interference table: a wrong answer that is the loaded
+  distractor's value for the asked field counts as from a loaded distractor; the isolated columns say '-'."""
+  from cas.data.synthetic import iter_collection
+  from cas.eval.interference import value_sources
+  qs = [q for _d, dq in iter_collection(4, 0, "patients") for q in dq]
+  src = value_sources(qs)
+  q = next(q for q in qs if q.kind == "mc" and q.meta.get("field") and len(q.doc_ids) == 1
+           and any(d != q.doc_id for i, o in enumerate(q.options) if i != q.answer_index
+                   for d in src.get((q.meta["field"], o), ())))
+  wrong, other = next((o, d) for i, o in enumerate(q.options) if i != q.answer_index
+                      for d in src.get((q.meta["field"], o), ()) if d != q.doc_id)
+  row = {"qid": q.qid, "doc_id": q.doc_id, "correct": False, "prediction": wrong, "loaded": [q.doc_id, other]}
+  res = {"num_docs": 4, "methods": [{"method": "cas_composed@2/shared", "questions": [row]}]}
+  lines = cr.interference_lines({("silent", "patients", 0): res}, "patients", "silent")
+  assert any("silent:" in l for l in lines)
+  two = next(l for l in lines if l.startswith("| 2 |"))
+  assert two.split(" | ")[1] == "1" and two.split(" | ")[2].startswith("1 (") and "a lever trains CAS only" in two
