@@ -418,3 +418,24 @@ def test_silent_rows_learn_the_prefix_free_distribution_through_their_distractor
   state, met = make_cas_train_step(lr=1e-2, warmup_steps=0, clip_norm=1.0)(_state(slot_k, slot_v), frozen, m, jb)
   loaded = sorted(set(b["slots"][b["slots"] >= 0].tolist()))
   assert bool(met["finite"]) and np.asarray(state["count"]).nonzero()[0].tolist() == loaded
+
+
+def test_silent_rows_sharded_step_matches_unsharded(setup):
+  """Silent rows under the 8-device mesh (batch sharded over data x fsdp, vocab over tensor): the prior
+  teacher and the step give the loss and slot gradients of the one-device step."""
+  m, docs, convs, frozen, slot_k, slot_v = setup
+  sk = np.concatenate([slot_k, slot_k[::-1] * 0.9])  # 8 slots
+  sv = np.concatenate([slot_v, slot_v[::-1] * 1.1])
+  samples = [(convs[i % 4], (3 * i) % 8) for i in range(8)]
+  b = build_cas_batch(samples, list(range(8)), k_max=3, p_isolated=0.25, rng=np.random.default_rng(3),
+                      seq_len=T, top_k=K, p=P, num_frozen=F, p_silent=0.5)
+  assert 0 < b["silent"].sum() < 8
+  kw = dict(lr=1e-2, warmup_steps=2, clip_norm=1.0, loss_chunk=16)
+  s0, m0 = make_cas_train_step(**kw)(_state(sk, sv), frozen, m, _jnp(b))
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  st = _state(sk, sv)
+  s1, m1 = make_cas_train_step(mesh=mesh, **kw)(jax.device_put(st, cas_state_shardings(mesh, st)), frozen,
+                                                shard_model(tiny_model(), mesh), b)
+  np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(m1["slot_grad_norm"]), np.asarray(m0["slot_grad_norm"]), rtol=1e-3)
+  np.testing.assert_array_equal(np.asarray(s1["count"]), np.asarray(s0["count"]))
