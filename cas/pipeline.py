@@ -346,25 +346,31 @@ class CasStages:
     c = init_cartridge(self.model, [bos] * (f + 1), f + 1, num_frozen=f, sink_ids=[bos] * f)
     return c.frozen_k[...], c.frozen_v[...]
 
+  def _init_rule(self) -> dict:
+    """The config fields that decide a cartridge's init (the one source of `_init_fn` and of the
+    cartridge_init evaluation's resume signature)."""
+    cc = self.config.cartridge
+    rule, fill = self.short_rule
+    return {"init": cc.init, "text": cc.get("init_text", "document"), "lead": float(cc.get("salient_lead", 0.0)),
+            "header": bool(cc.get("init_header", False)), "short_documents": rule, "short_fill": fill}
+
   def _init_fn(self):
     by_id = {u.doc_id: u for u in self.units}
     bos = self.tok.bos_id
-    rule, fill = self.short_rule
-    cc = self.config.cartridge
-    text, header = cc.get("init_text", "document"), bool(cc.get("init_header", False))
-    if text == "salient" or header:  # cas.cartridge.salient: the unit's most salient sentences / its title line
+    r = self._init_rule()
+    if r["text"] == "salient" or r["header"]:  # cas.cartridge.salient: the most salient sentences / the title line
       from cas.cartridge.salient import idf_table, init_ids
-      idf = idf_table(u.text for u in self.units) if text == "salient" else None
+      idf = idf_table(u.text for u in self.units) if r["text"] == "salient" else None
       budget = self.spec.num_tokens - self.spec.num_frozen
-      lead = float(cc.get("salient_lead", 0.0))
-      ids_of = lambda u: init_ids(u.text, u.title, budget, self.tok.encode, mode=text, idf=idf, lead=lead, header=header)
+      ids_of = lambda u: init_ids(u.text, u.title, budget, self.tok.encode, mode=r["text"], idf=idf, lead=r["lead"],
+                                  header=r["header"])
     else:
       ids_of = self._ids
 
     def init(doc_id):
-      c = init_cartridge(self.model, ids_of(by_id[doc_id]), self.spec.num_tokens, strategy=self.config.cartridge.init,
+      c = init_cartridge(self.model, ids_of(by_id[doc_id]), self.spec.num_tokens, strategy=r["init"],
                          num_frozen=self.spec.num_frozen, sink_ids=[bos] * self.spec.num_frozen,
-                         short_documents=rule, short_fill=fill)
+                         short_documents=r["short_documents"], short_fill=r["short_fill"])
       return {"k": np.asarray(c.k[...]), "v": np.asarray(c.v[...])}
     return init
 
@@ -554,10 +560,7 @@ class CasStages:
                        model_fingerprint=self.lm.fingerprint, stores=stores, store_state=store_state,
                        indexes=self.indexes, retrieval=self.retrieval, num_loaded=num_loaded,
                        position_modes=position_modes, init_cart=self._init_cart,
-                       init_signature=json.dumps([self.config.cartridge.init, self.config.cartridge.get("init_text", "document"),
-                                                  self.config.cartridge.get("salient_lead", 0.0),
-                                                  self.config.cartridge.get("init_header", False),
-                                                  list(self.short_rule)]))
+                       init_signature=json.dumps(self._init_rule(), sort_keys=True))
 
   def _init_cart(self, unit_id: str):
     """Unit `unit_id`'s cartridge as the CAS stage initializes it (eval method cartridge_init)."""

@@ -51,7 +51,8 @@ def salient_ids(text: str, budget: int, idf: Mapping[str, float], encode: Callab
   if len(ids) <= budget:
     return ids
   sents = sentences(text)
-  cost = [max(len(encode(" " + s)), len(encode(sep + s))) for s in sents]
+  pieces = [list(encode(" " + s)) for s in sents]  # each sentence's tokens as it follows another
+  cost = [len(x) if sep == " " else max(len(x), len(encode(sep + s))) for x, s in zip(pieces, sents)]
   keep, used = [], 0
   for i, n in enumerate(cost):  # the opening sentences, while they fit in the lead's share
     if used + n > lead * budget:
@@ -59,7 +60,7 @@ def salient_ids(text: str, budget: int, idf: Mapping[str, float], encode: Callab
     keep.append(i)
     used += n
   if scores is not None:  # another salience: e.g. the model's surprisal per sentence (sentence_surprisal)
-    score = [float(x) for x in scores([list(encode(" " + s)) for s in sents])]
+    score = [float(x) for x in scores(pieces)]
   else:
     score = [float(np.mean([idf.get(w.lower(), 0.0) for w in _WORD.findall(s)] or [0.0])) for s in sents]
   for i in sorted(range(len(keep), len(sents)), key=lambda i: (-score[i], i)):

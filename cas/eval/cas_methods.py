@@ -163,6 +163,20 @@ class EvalContext:
 
 # -- the methods: (method, ctx) -> its jobs ----------------------------------------
 
+def per_gold_documents(build: Callable[[list[str]], Context]) -> Callable[[Question], Context]:
+  """q -> build(its gold documents), kept for the last set of gold documents only (the questions come
+  grouped by document, and a context can be a large KV)."""
+  cache: dict = {}
+
+  def ctx_for(q):
+    key = tuple(q.doc_ids)
+    if key not in cache:
+      cache.clear()
+      cache[key] = build(list(key))
+    return cache[key]
+  return ctx_for
+
+
 def no_context(method: str, c: EvalContext) -> list[Job]:
   ctx0 = c.ev.no_context()
   return c.job(method, lambda q: ctx0)
@@ -171,15 +185,7 @@ def no_context(method: str, c: EvalContext) -> list[Job]:
 def icl(method: str, c: EvalContext) -> list[Job]:
   """The question's gold documents in the prompt: its own document, or both documents of a
   two-document question (= icl_composed with the two gold documents, in doc_ids order)."""
-  icl_cache = {}
-
-  def icl_ctx(q):
-    key = tuple(q.doc_ids)
-    if key not in icl_cache:
-      icl_cache.clear()
-      icl_cache[key] = c.ev.icl([c.by_id[d] for d in key])
-    return icl_cache[key]
-  return c.job(method, icl_ctx)
+  return c.job(method, per_gold_documents(lambda ids: c.ev.icl([c.by_id[d] for d in ids])))
 
 
 def cartridge_oracle(method: str, c: EvalContext) -> list[Job]:
@@ -196,14 +202,7 @@ def cartridge_init(method: str, c: EvalContext) -> list[Job]:
   if c.init_cart is None:
     logging.warning("skipping %s: this evaluation cannot build the untrained cartridges", method)
     return []
-  init_cache = {}  # the last question's gold documents -> their context (questions come grouped by document)
-
-  def ctx_for(q):
-    key = tuple(q.doc_ids)
-    if key not in init_cache:
-      init_cache.clear()
-      init_cache[key] = c.ev.cartridges([c.init_cart(u) for d in key for u in c.parts_of[d]])
-    return init_cache[key]
+  ctx_for = per_gold_documents(lambda ids: c.ev.cartridges([c.init_cart(u) for d in ids for u in c.parts_of[d]]))
   return c.job(method, ctx_for, ["init", c.init_signature])
 
 
