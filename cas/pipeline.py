@@ -354,6 +354,16 @@ class CasStages:
     return {"init": cc.init, "text": cc.get("init_text", "document"), "lead": float(cc.get("salient_lead", 0.0)),
             "header": bool(cc.get("init_header", False)), "short_documents": rule, "short_fill": fill}
 
+  # the init rule of runs before the rule joined the training fingerprint: left out of it, so their workdirs resume
+  _INIT_DEFAULTS = {"init": "first_tokens", "text": "document", "lead": 0.0, "header": False, "short_documents": "pad",
+                    "short_fill": "repeat"}
+
+  def _init_signature(self) -> dict:
+    """The init rule's fields that differ from the defaults (cas.train.loop.train_cas(init_rule=...)):
+    a workdir trained from one init refuses to resume under another."""
+    r = self._init_rule()
+    return {k: v for k, v in r.items() if self._INIT_DEFAULTS.get(k, object()) != v}
+
   def _init_fn(self):
     by_id = {u.doc_id: u for u in self.units}
     bos = self.tok.bos_id
@@ -418,7 +428,7 @@ class CasStages:
                     dataset_dir=self.synth_dir, workdir=os.path.join(self.run_dir, name),
                     doc_ids=[u.doc_id for u in self.units], spec=self.spec, frozen=self._sink(),
                     init_fn=self._init_fn(), cfg=cfg, dtype=DTYPES[self.config.dtype], mesh=self.mesh(),
-                    doc_lengths=self.unit_lengths, neighbors=neighbors)
+                    doc_lengths=self.unit_lengths, neighbors=neighbors, init_rule=self._init_signature())
     self.timings[f"train_{name}"] = time.time() - t
     return out
 

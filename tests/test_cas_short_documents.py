@@ -73,6 +73,19 @@ def test_any_length_end_to_end_and_another_p_reuses_self_study(tmp_path, collect
   with open_store(os.path.join(workdir, "cas", "store"), read_only=True) as store:
     assert set(store.doc_ids()) == {"d-tiny", "d-short", "d-mid", "d-long"}
 
+  # another init on the trained workdir: refused on resume (the init rule is in the checkpoints' config
+  # fingerprint), the store left as it was; the default rule adds nothing (older workdirs keep their id)
+  from cas.train.checkpoint import CheckpointError
+  assert st._init_signature() == {}
+  with open_store(os.path.join(workdir, "cas", "store"), read_only=True) as store:
+    digest = store.state_digest()
+  other = CasStages(_config(collection_dir, init_text="salient"), workdir, lm=lm)
+  assert other._init_signature() == {"text": "salient"}
+  with pytest.raises(CheckpointError, match="config_fingerprint.*fresh --workdir"):
+    other.train()
+  with open_store(os.path.join(workdir, "cas", "store"), read_only=True) as store:
+    assert store.state_digest() == digest
+
   synth = os.path.join(workdir, "synth")
   shards = lambda: {f: os.stat(os.path.join(synth, f)).st_mtime_ns for f in os.listdir(synth) if "shard" in f}
   before = shards()

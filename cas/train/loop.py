@@ -40,7 +40,7 @@ import json
 import math
 import os
 import shutil
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -215,14 +215,15 @@ def length_weights(lengths: Mapping[str, int], max_weight: int = MAX_LENGTH_WEIG
 
 
 def _fingerprint(c: dict, spec: CartridgeSpec, doc_ids: Sequence[str],
-                 sources: Mapping[str, Sequence[str]] | None = None) -> str:
+                 sources: Mapping[str, Sequence[str]] | None = None, init: Mapping[str, Any] | None = None) -> str:
   c = {**DEFAULTS, **c}  # a config written before an optional field existed has the default
   keep = {k: c[k] for k in CAS_KEYS if k not in ("steps", "log_every", "ckpt_every", "keep_checkpoints",
                                                   "loss_chunk")
           and not (k in DEFAULTS and c[k] == DEFAULTS[k])}  # defaults left out: older runs keep their id
   blob = json.dumps({"cfg": keep, "spec": dataclasses.asdict(spec),
                      "docs": hashlib.sha256("\n".join(doc_ids).encode()).hexdigest(),
-                     **({"sources": {d: list(v) for d, v in sources.items()}} if sources else {})}, sort_keys=True)
+                     **({"sources": {d: list(v) for d, v in sources.items()}} if sources else {}),
+                     **({"init": dict(init)} if init else {})}, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -245,7 +246,8 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
               dtype=jnp.float32, mesh=None, stop_after: int | None = None,
               doc_lengths: Mapping[str, int] | None = None,
               neighbors: Mapping[str, Sequence[str]] | None = None,
-              sources: Mapping[str, Sequence[str]] | None = None, single: bool = False) -> dict:
+              sources: Mapping[str, Sequence[str]] | None = None, single: bool = False,
+              init_rule: Mapping[str, Any] | None = None) -> dict:
   """Train all documents' cartridges jointly. Returns {"steps", "final_loss", "store",
   "device_slot_bytes", "counts" (doc_id -> steps), "state_shardings" (slot state leaf -> the
   Sharding it ended with)}.
@@ -259,6 +261,9 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
   sources: cartridge id -> the self-study documents whose conversations train it (default: the
   document of the same id); e.g. the monolithic baseline, one cartridge for a whole collection.
   single: the run is `train_cartridge`'s (errors and logs speak of one cartridge, not slots).
+  init_rule: what decides `init_fn`'s cartridges (JSON-able; the pipeline's non-default cartridge init
+  fields): part of the checkpoints' config fingerprint, so a workdir trained from another init is refused
+  on resume instead of continuing with cartridges of two inits.
   mesh: None (one device) or a ("data", "fsdp", "tensor") Mesh; with a mesh, `model`'s weights
   are moved onto it in place (cas.sharding.shard_model) and stay there after the call.
 
@@ -325,11 +330,13 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
     return _train_cas(model=model, model_fingerprint=model_fingerprint, dataset_dir=dataset_dir,
                       workdir=workdir, doc_ids=doc_ids, spec=spec, frozen=frozen, init_fn=init_fn, c=c,
                       dtype=dtype, mesh=mesh, stop_after=stop_after, weights=weights,
-                      neighbors=neighbors if c["p_hard"] > 0 else None, sources=sources, single=single)
+                      neighbors=neighbors if c["p_hard"] > 0 else None, sources=sources, single=single,
+                      init_rule=init_rule)
 
 
 def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec, frozen, init_fn, c,
-               dtype, mesh, stop_after, weights=None, neighbors=None, sources=None, single=False) -> dict:
+               dtype, mesh, stop_after, weights=None, neighbors=None, sources=None, single=False,
+               init_rule=None) -> dict:
   ds = SynthDataset(dataset_dir)
   check_compatible(ds.manifest, model_fingerprint=model_fingerprint, source=dataset_dir)
   # Resident documents are drawn every step: keep theirs (and the next admitted ones) decoded.
@@ -384,7 +391,8 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
 
     manager = ckpt.make_manager(workdir, max_to_keep=c["keep_checkpoints"])
     identity = {d: v for d, v in sources.items() if v != [d]}
-    expect = {"config_fingerprint": _fingerprint(c, spec, doc_ids, identity), "model_fingerprint": model_fingerprint}
+    expect = {"config_fingerprint": _fingerprint(c, spec, doc_ids, identity, init_rule),
+              "model_fingerprint": model_fingerprint}
 
     def snapshot_ok(step: int) -> None:
       """A checkpoint is usable only together with an intact store snapshot of the same step."""
