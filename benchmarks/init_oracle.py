@@ -35,7 +35,9 @@ _P = flags.DEFINE_integer("p", 512, "cartridge tokens")
 _FILL = flags.DEFINE_list("fill", ["repeat", "exact"], "init(s): repeat | exact | framed (first_tokens, see above) "
                          "| key_norm (cartridge.init=key_norm: the lowest-norm keys of the whole document) "
                          "| salient (cartridge.init_text=salient: the most salient sentences that fit) | salient_leadNN "
-                         "(the same with NN% of the budget kept for the opening sentences: cartridge.salient_lead)")
+                         "(the same with NN% of the budget kept for the opening sentences: cartridge.salient_lead) "
+                         "| salient_sentence (pieces not cut after a title or abbreviation: 'Attending physician: "
+                         "Dr. Ravi Subramanian.' stays one) | salient_clause (pieces cut again at commas and colons)")
 _MDT = flags.DEFINE_integer("max_doc_tokens", 0, "cartridge.max_doc_tokens: documents over it are cut into parts "
                             "(cas.data.parts), one cartridge each, and the oracle loads all of its document's parts "
                             "(shared positions, as the pipeline); 0 = one cartridge per document")
@@ -45,12 +47,20 @@ _HEADER = flags.DEFINE_bool("header", False, "cartridge.init_header: every init 
                             "(as ICL shows it) unless its text opens with it")
 _COMPOSED = flags.DEFINE_multi_integer("composed", [], "with --max_doc_tokens: also the init cartridges composed, "
                                        "the question's document + n - 1 others (all their parts, shared positions)")
+_MONO = flags.DEFINE_list("monolithic", [], "also the monolithic baseline's init (one cartridge of 1 + N * (p - 1) "
+                          "tokens, every question): concat (cartridge.monolithic_init=concat, the documents in a row) "
+                          "| units (each document's first p - 1 tokens, in a row)")
 _ICL = flags.DEFINE_bool("icl", True, "also evaluate ICL (the slow part on a CPU: ~1 h for 78 questions)")
 
 
 def _sep(fill: str) -> str:
   """salient_nl / salient_dots: the separator between sentences the summary did not keep side by side."""
   return {"salient_nl": "\n", "salient_dots": " ... "}.get(fill, " ")
+
+
+def _split(fill: str) -> str:
+  """salient_sentence / salient_clause: cas.cartridge.salient.sentences(split=...) (salient: "period")."""
+  return {"salient_sentence": "sentence", "salient_clause": "clause"}.get(fill, "period")
 
 
 def _lead(fill: str) -> float:
@@ -101,7 +111,7 @@ def main(argv):
       mode = "salient" if fill.startswith("salient") else fill if fill == "surprisal" else "document"
       ucarts = {u.doc_id: init_cartridge(model, init_ids(u.text, u.title, _P.value - 1, tok.encode, mode=mode, idf=idf,
                                                          lead=_lead(fill), header=_HEADER.value, scores=surprisal,
-                                                         sep=_sep(fill)),
+                                                         sep=_sep(fill), split=_split(fill)),
                                          _P.value, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",
                                          strategy="key_norm" if fill == "key_norm" else "first_tokens") for u in units}
       carts = {d: ev.cartridges([ucarts[u.doc_id] for u in us], mode="shared") for d, us in parts_of.items()}
@@ -125,7 +135,8 @@ def main(argv):
         if fill.startswith("salient") or fill == "surprisal" or _HEADER.value:  # cas.cartridge.salient
           t = init_ids(docs[d].text, docs[d].title, _P.value - 1, tok.encode,
                        mode="salient" if fill.startswith("salient") else fill if fill == "surprisal" else "document",
-                       idf=whole_idf, lead=_lead(fill), header=_HEADER.value, scores=surprisal, sep=_sep(fill))
+                       idf=whole_idf, lead=_lead(fill), header=_HEADER.value, scores=surprisal, sep=_sep(fill),
+                       split=_split(fill))
         p = _P.value if fill in ("repeat", "key_norm", "surprisal") or fill.startswith("salient") or len(t) + 1 >= _P.value \
             else len(t) + 1  # + BOS sink
         c = init_cartridge(model, t, p, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",
@@ -133,6 +144,16 @@ def main(argv):
       carts[d] = ev.cartridge(*c.full_kv())
     rows[f"init_{fill}{suffix}"] = [ev.answer(carts[q.doc_id], q) for q in qs]
     print(f"init_{fill}{suffix} done ({time.time() - t0:.0f}s)", flush=True)
+  for mono in _MONO.value:  # cartridge.monolithic_init at its init (no parts: a unit is a document)
+    per = _P.value - 1
+    m_ids = ([t for d in docs for t in ids[d]] if mono == "concat" else
+             [t for d in docs for t in ids[d][:per]] if mono == "units" else None)
+    if m_ids is None:
+      raise app.UsageError(f"--monolithic={mono}: use concat or units")
+    c = init_cartridge(model, m_ids, 1 + len(docs) * per, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat")
+    cart = ev.cartridge(*c.full_kv())
+    rows[f"monolithic_{mono}"] = [ev.answer(cart, q) for q in qs]
+    print(f"monolithic_{mono} done ({time.time() - t0:.0f}s)", flush=True)
   short = {d for d, t in ids.items() if len(t) < _SHORT.value}
   print(f"\n| method | all ({len(qs)}) | short documents (< {_SHORT.value} tokens) | long documents |")
   print("|---|---|---|---|")

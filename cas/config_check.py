@@ -44,6 +44,10 @@ from cas.data.types import CollectionError
 
 PIPELINE_STAGES = {"cas": ("synth", "train", "train_isolated", "train_monolithic", "indexes", "evaluate")}
 TRAIN_STAGES = ("train", "train_isolated", "train_monolithic")
+# the monolithic baseline's init (cartridge.monolithic_init): "concat" = the first N*p tokens of the documents
+# in a row (the Cartridges paper's init of a corpus cartridge); "units" = every unit's own init text (what its
+# CAS cartridge starts from), cut to p - num_frozen tokens, in a row: every document starts in the cartridge
+MONOLITHIC_INITS = ("concat", "units")
 CAS_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "icl_composed",
                "monolithic", "cartridge_retrieved", "rag_text", "cartridge_gold_pair", "cartridge_reranked",
                "cartridge_adaptive", "cartridge_init")
@@ -388,6 +392,10 @@ def _check_cartridge(config, add: Callable) -> None:
   elif lead > 0 and init_text != "salient":
     add("config.cartridge.salient_lead", f"cartridge.salient_lead={lead} does nothing with cartridge.init_text="
                                          f"{init_text!r}: set --config.cartridge.init_text=salient, or leave it 0",
+        CartridgeError)
+  mono = _get(cc, "monolithic_init", "concat")
+  if mono not in MONOLITHIC_INITS:
+    add("config.cartridge.monolithic_init", f"cartridge.monolithic_init={mono!r}: choose from {MONOLITHIC_INITS}",
         CartridgeError)
   rule, fill = _get(cc, "short_documents", "pad"), _get(cc, "short_fill", "repeat")
   if rule not in SHORT_DOCUMENT_RULES:

@@ -364,18 +364,22 @@ class CasStages:
     r = self._init_rule()
     return {k: v for k, v in r.items() if self._INIT_DEFAULTS.get(k, object()) != v}
 
-  def _init_fn(self):
-    by_id = {u.doc_id: u for u in self.units}
-    bos = self.tok.bos_id
+  def _init_text_ids(self):
+    """unit -> the token ids its cartridge's init reads (cartridge.init_text / salient_lead / init_header)."""
     r = self._init_rule()
     if r["text"] == "salient" or r["header"]:  # cas.cartridge.salient: the most salient sentences / the title line
       from cas.cartridge.salient import idf_table, init_ids
       idf = idf_table(u.text for u in self.units) if r["text"] == "salient" else None
       budget = self.spec.num_tokens - self.spec.num_frozen
-      ids_of = lambda u: init_ids(u.text, u.title, budget, self.tok.encode, mode=r["text"], idf=idf, lead=r["lead"],
-                                  header=r["header"])
-    else:
-      ids_of = self._ids
+      return lambda u: init_ids(u.text, u.title, budget, self.tok.encode, mode=r["text"], idf=idf, lead=r["lead"],
+                                header=r["header"])
+    return self._ids
+
+  def _init_fn(self):
+    by_id = {u.doc_id: u for u in self.units}
+    bos = self.tok.bos_id
+    r = self._init_rule()
+    ids_of = self._init_text_ids()
 
     def init(doc_id):
       c = init_cartridge(self.model, ids_of(by_id[doc_id]), self.spec.num_tokens, strategy=r["init"],
@@ -453,6 +457,14 @@ class CasStages:
     return self._train("isolated", k_max=1, p_isolated=1.0, p_hard=0.0, k_curriculum_steps=0, mixed_weight=1.0,
                        p_silent=0.0)
 
+  def _monolithic_init_ids(self) -> list[int]:
+    """The tokens the monolithic baseline's init reads (cartridge.monolithic_init; init_cartridge cuts them to
+    its N*p tokens)."""
+    if self.config.cartridge.get("monolithic_init", "concat") == "units":  # each unit's init text, cut, in a row
+      ids_of, per = self._init_text_ids(), self.spec.num_tokens - self.spec.num_frozen
+      return [t for u in self.units for t in list(ids_of(u))[:per]]
+    return [t for d in self.docs for t in self._ids(d)]  # the documents in a row: only the first ones fit
+
   def train_monolithic(self):
     """Baseline: one cartridge of N*p tokens trained on every document's self-study data (N: the
     cartridge units, so the same total tokens as the CAS cartridges when documents are cut into parts)."""
@@ -461,7 +473,8 @@ class CasStages:
     n = len(self.units)
     p_total = self.spec.num_frozen + n * (self.spec.num_tokens - self.spec.num_frozen)
     bos = self.tok.bos_id
-    ids = [t_ for d in self.docs for t_ in self._ids(d)]
+    mono = self.config.cartridge.get("monolithic_init", "concat")
+    ids = self._monolithic_init_ids()
     rule, fill = self.short_rule
     init = lambda: init_cartridge(self.model, ids, p_total, strategy=self.config.cartridge.init,
                                   num_frozen=self.spec.num_frozen, sink_ids=[bos] * self.spec.num_frozen, seed=0,
@@ -472,7 +485,8 @@ class CasStages:
                keep_checkpoints=tc.keep_checkpoints, top_k=self.config.synth.top_k, loss_chunk=tc.loss_chunk)
     out = train_cartridge(model=self.model, model_fingerprint=self.lm.fingerprint,
                           dataset_dir=self.synth_dir, workdir=os.path.join(self.run_dir, "monolithic"),
-                          init_fn=init, train_cfg=cfg, dtype=DTYPES[self.config.dtype])
+                          init_fn=init, train_cfg=cfg, dtype=DTYPES[self.config.dtype],
+                          init_rule={"monolithic_init": mono, **self._init_signature()} if mono != "concat" else None)
     self.timings["train_monolithic"] = time.time() - t
     return out
 

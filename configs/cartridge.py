@@ -22,6 +22,11 @@ Paper scale on one GPU (p in {128, 512, 2048}; thousands of conversations):
       --workdir=runs/paper_p512
 
 Presets (`arg`): quickstart (default), paper, tiny (seconds; for smoke tests).
+
+Every field of configs/cas.py applies and is documented there, e.g. the init: `cartridge.init`
+(first_tokens | key_norm | random_chunk | random_vectors), `cartridge.init_text=salient` (a document longer
+than p starts from its most salient sentences instead of its first p tokens), `cartridge.init_header`,
+`cartridge.short_documents` / `short_fill` (a document shorter than p).
 """
 import ml_collections
 

@@ -107,6 +107,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # document and part), unless its text opens with it: what makes a cartridge addressable by a
   # question that names its document, for prose texts and the parts after a document's first
   c.cartridge.init_header = False
+  # the monolithic baseline's init: "concat" (the first N*p tokens of the documents in a row: the Cartridges
+  # paper's corpus init, so only the first documents are in it) | "units" (each unit's init text, as its CAS
+  # cartridge's, cut to p - num_frozen tokens, in a row: every document starts in the cartridge)
+  c.cartridge.monolithic_init = "concat"
   # a document shorter than p: "pad" (its tokens, then short_fill: "repeat" the document | "random_vectors")
   # or "error" (refused before any work starts)
   c.cartridge.short_documents = "pad"

@@ -169,3 +169,20 @@ def test_init_header_puts_the_title_line_first(collection_dir, lm, tmp_path):
   got = st._init_fn()("d-mid")
   np.testing.assert_allclose(got["k"], np.asarray(want.k[...]), atol=1e-6)
   assert not np.allclose(got["k"], plain._init_fn()("d-mid")["k"])
+
+
+def test_monolithic_init_units_starts_every_document(collection_dir, lm, tmp_path):
+  """cartridge.monolithic_init: "concat" reads the documents in a row (the 20k-token one never reaches a
+  4 x 31-token cartridge), "units" each unit's own init text cut to p - 1 tokens, in a row; anything else is
+  refused before any work."""
+  cat = CasStages(_config(collection_dir), str(tmp_path / "c"), lm=lm)
+  units = CasStages(_config(collection_dir, monolithic_init="units"), str(tmp_path / "u"), lm=lm)
+  enc, per = lm.tokenizer.encode, 31
+  first = {u.doc_id: enc(u.text) for u in units.units}
+  got = units._monolithic_init_ids()
+  assert got == [t for u in units.units for t in first[u.doc_id][:per]]
+  assert got[-per:] == first["d-long"][:per] and len(got) == sum(min(len(x), per) for x in first.values())
+  assert cat._monolithic_init_ids()[:4 * per] == [t for u in cat.units for t in first[u.doc_id]][:4 * per]
+  assert first["d-long"][:per] != cat._monolithic_init_ids()[3 * per:4 * per]
+  with pytest.raises(CartridgeError, match="cartridge.monolithic_init='pieces'"):
+    CasStages(_config(collection_dir, monolithic_init="pieces"), str(tmp_path / "bad"), lm=lm)

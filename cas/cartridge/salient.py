@@ -19,7 +19,8 @@ import numpy as np
 INIT_TEXTS = ("document", "salient")  # cartridge.init_text (init_ids also takes "surprisal", benchmarks only)
 HEADER = "# {title}\n"  # cartridge.init_header: the line ICL shows above a document (cas.eval.methods)
 _WORD = re.compile(r"[^\W_]{3,}")  # words of 3+ letters or digits (any script)
-_SENT = re.compile(r"(?<=[.!?;])\s+|\n+")  # after sentence punctuation, or at line breaks
+_LINES = re.compile(r"\n+")
+_STOP = re.compile(r"(?<=[.!?;])\s+")  # after sentence punctuation
 
 
 def idf_table(texts: Iterable[str]) -> dict[str, float]:
@@ -32,25 +33,64 @@ def idf_table(texts: Iterable[str]) -> dict[str, float]:
   return {w: math.log(len(texts) / n) for w, n in df.items()}
 
 
-def sentences(text: str) -> list[str]:
-  return [s.strip() for s in _SENT.split(text) if s.strip()]
+# titles and abbreviations whose period does not end a sentence ("Dr. Ravi Subramanian" stays one piece, so
+# a kept sentence keeps its attribute: "Attending physician: Dr. Ravi Subramanian.")
+_ABBREV = frozenset("dr mr mrs ms mx prof st jr sr rev hon gen col capt lt sgt mt ft vs approx dept fig inc ltd "
+                    "co corp e.g i.e cf al jan feb mar apr jun jul aug sep sept oct nov dec".split())
+_ABBREV_END = re.compile(r"(?:^|[\s(\[\"'])([A-Za-z][A-Za-z.]*)\.$")
+_NO_BEFORE_NUMBER = re.compile(r"(?:^|\s)(?:No|Nos|Vol|pp?|Art|Sec|Ch)\.$")
+
+
+def _joins_next(piece: str, nxt: str) -> bool:
+  """Does the period that ends `piece` belong to an abbreviation (so `nxt` continues the sentence)?"""
+  m = _ABBREV_END.search(piece)
+  if m and (m.group(1).lower() in _ABBREV or len(m.group(1)) == 1 and m.group(1).isupper()):
+    return True  # a title ("Dr."), an abbreviation ("e.g."), an initial ("J. R. R. Tolkien")
+  return bool(_NO_BEFORE_NUMBER.search(piece) and nxt[:1].isdigit())  # "No. 5", "pp. 12"
+
+
+SPLITS = ("period", "sentence", "clause")  # salient_ids(split=...): the pieces a summary keeps or drops
+_CLAUSE = re.compile(r"(?<=[,:])\s+")
+
+
+def sentences(text: str, split: str = "period") -> list[str]:
+  """`text`'s pieces for the salient summary. "period": cut after every . ! ? ; and at line breaks (the
+  init of every run so far); "sentence": the same without cutting after a title, an abbreviation or an
+  initial ("Attending physician: Dr. Ravi Subramanian." stays one piece); "clause": "period"'s pieces cut
+  again after each comma and colon (more, shorter pieces for the same budget)."""
+  if split not in SPLITS:
+    raise ValueError(f"split={split!r}: choose from {SPLITS}")
+  out: list[str] = []
+  for line in _LINES.split(text):  # never across a line break
+    kept: list[str] = []
+    for s in (s.strip() for s in _STOP.split(line)):
+      if not s:
+        continue
+      if split == "sentence" and kept and _joins_next(kept[-1], s):
+        kept[-1] += " " + s
+      elif split == "clause":
+        kept += [c.strip() for c in _CLAUSE.split(s) if c.strip()]
+      else:
+        kept.append(s)
+    out += kept
+  return out
 
 
 def salient_ids(text: str, budget: int, idf: Mapping[str, float], encode: Callable[[str], Sequence[int]],
                 lead: float = 0.0, scores: Callable[[list[list[int]]], Sequence[float]] | None = None,
-                sep: str = " ") -> list[int]:
+                sep: str = " ", split: str = "period") -> list[int]:
   """Token ids of `text` cut to at most `budget` tokens: the whole text if it fits, else its sentences of
   highest mean IDF (ties: the earlier sentence) that fit, greedily, joined in document order. `lead` in
   [0, 1): that share of the budget goes first to the text's opening sentences, in a row (the part a
   first_tokens init would hold), the rest to the most salient of the others. `scores`: another salience
   (one value per sentence's tokens, higher first) instead of mean IDF; `sep`: what joins two kept sentences
-  that were not next to each other in the text."""
+  that were not next to each other in the text; `split`: the pieces (`sentences`)."""
   if not 0.0 <= lead < 1.0:
     raise ValueError(f"salient lead={lead}: a share of the budget in [0, 1)")
   ids = list(encode(text))
   if len(ids) <= budget:
     return ids
-  sents = sentences(text)
+  sents = sentences(text, split)
   pieces = [list(encode(" " + s)) for s in sents]  # each sentence's tokens as it follows another
   cost = [len(x) if sep == " " else max(len(x), len(encode(sep + s))) for x, s in zip(pieces, sents)]
   keep, used = [], 0
@@ -87,7 +127,8 @@ def header_ids(title: str, text: str, encode: Callable[[str], Sequence[int]]) ->
 
 def init_ids(text: str, title: str, budget: int, encode: Callable[[str], Sequence[int]], *, mode: str = "document",
              idf: Mapping[str, float] | None = None, lead: float = 0.0, header: bool = False,
-             scores: Callable[[list[list[int]]], Sequence[float]] | None = None, sep: str = " ") -> list[int]:
+             scores: Callable[[list[list[int]]], Sequence[float]] | None = None, sep: str = " ",
+             split: str = "period") -> list[int]:
   """The token ids a cartridge's init reads (cartridge.init_text = `mode`, salient_lead = `lead`,
   init_header = `header`): the title line when `header`, then the text ("document": all of it, the
   init cuts it to p; "salient": its most salient sentences that fit in what the header left of `budget`;
@@ -100,7 +141,7 @@ def init_ids(text: str, title: str, budget: int, encode: Callable[[str], Sequenc
     if mode == "surprisal" and scores is None:
       raise ValueError("cartridge.init_text='surprisal' needs the model's sentence scores (sentence_surprisal)")
     return head + salient_ids(text, max(budget - len(head), 1), idf or {}, encode, lead=lead,
-                              scores=scores if mode == "surprisal" else None, sep=sep)
+                              scores=scores if mode == "surprisal" else None, sep=sep, split=split)
   if mode != "document":
     raise ValueError(f"cartridge.init_text={mode!r}: choose from {INIT_TEXTS}")
   return head + list(encode(text))

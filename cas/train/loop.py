@@ -595,13 +595,14 @@ def export_one_cartridge(workdir: str, store_dir: str, doc_id: str, spec: Cartri
 
 def train_cartridge(*, model, model_fingerprint: str, dataset_dir: str, workdir: str,
                     init_fn: Callable[[], Cartridge], train_cfg: dict, dtype=jnp.float32,
-                    stop_after: int | None = None) -> dict:
+                    stop_after: int | None = None, init_rule: Mapping[str, Any] | None = None) -> dict:
   """Train one cartridge on a self-study dataset (every document's conversations in it): the loop
   above with N = 1 (`one_cartridge_config`), then the cartridge exported to `<workdir>/cartridge`.
 
   train_cfg keys: TRAIN_KEYS (unknown ones are refused; loss_chunk may be left out).
   init_fn() -> the untrained Cartridge (its sink is the frozen part). `stop_after`: return after
-  this many steps in this call (tests simulate interruption). Returns {"steps", "final_loss",
+  this many steps in this call (tests simulate interruption). `init_rule`: what decides init_fn's cartridge
+  (as in `train_cas`: part of the checkpoints' config fingerprint). Returns {"steps", "final_loss",
   "cartridge_path" (None until the last step)}. Locking, resume, corrupt checkpoints and NaN/inf
   are handled as in `train_cas` (the model may sit on a mesh: the one slot is replicated on it).
 
@@ -636,7 +637,7 @@ def train_cartridge(*, model, model_fingerprint: str, dataset_dir: str, workdir:
   out = train_cas(model=model, model_fingerprint=model_fingerprint, dataset_dir=dataset_dir, workdir=workdir,
                   doc_ids=[ONE_CARTRIDGE], spec=cart0.spec, frozen=frozen, init_fn=lambda _: trainable,
                   cfg=one_cartridge_config(c), dtype=dtype, mesh=model_mesh(model), stop_after=stop_after,
-                  sources={ONE_CARTRIDGE: docs} if docs else None, single=True)
+                  sources={ONE_CARTRIDGE: docs} if docs else None, single=True, init_rule=init_rule)
   res = {"steps": out["steps"], "final_loss": out["final_loss"], "cartridge_path": None}
   if out["steps"] != c["steps"]:
     return res

@@ -1,6 +1,8 @@
 """cas.cartridge.salient with the default model's real tokenizer."""
 import math
 
+import pytest
+
 from cas.cartridge.salient import idf_table, salient_ids, sentences
 from cas.testing import real_tokenizer
 
@@ -90,3 +92,30 @@ def test_salient_ids_take_another_salience_and_the_models_surprisal_scores_each_
   pieces = [list(tok.encode(" " + s)) for s in sentences(text)]
   got = score(pieces)
   assert len(got) == len(pieces) and np.all(np.isfinite(got)) and min(got) > 0
+
+
+def test_sentences_split_period_sentence_and_clause():
+  text = ("Attending physician: Dr. Ravi Subramanian. He met Mr. J. R. Smith, e.g. at home; then left.\n"
+          "See No. 5 now. He said no. The end.\nDr.\nNext line.")
+  # "period" (the default: every run's init so far) cuts at every period, also after a title
+  assert sentences(text)[:3] == ["Attending physician: Dr.", "Ravi Subramanian.", "He met Mr."]
+  assert sentences(text, "sentence") == ["Attending physician: Dr. Ravi Subramanian.",
+                                         "He met Mr. J. R. Smith, e.g. at home;", "then left.", "See No. 5 now.",
+                                         "He said no.", "The end.", "Dr.", "Next line."]
+  assert sentences(text, "clause")[:4] == ["Attending physician:", "Dr.", "Ravi Subramanian.", "He met Mr."]
+  assert "Smith," in sentences(text, "clause") and "e.g." in sentences(text, "clause")
+  with pytest.raises(ValueError, match="split='words'"):
+    sentences(text, "words")
+
+
+def test_salient_ids_split_decides_what_a_kept_piece_holds():
+  """The same budget keeps the label with the name under split="sentence", the name alone under "period"."""
+  tok = real_tokenizer()
+  fact = "Attending physician: Dr. Quentin Abernathy-Volkov."
+  doc = FILLER * 20 + fact + " " + FILLER * 5
+  idf = idf_table([doc, FILLER * 3, FILLER + "Attending physician: Dr. Lee.", FILLER + "A physician came."])
+  assert fact in tok.decode(salient_ids(doc, 32, idf, tok.encode, split="sentence"))
+  name = len(tok.encode(" Quentin Abernathy-Volkov."))
+  period = tok.decode(salient_ids(doc, name, idf, tok.encode))  # a budget of the name's tokens: the name alone
+  assert "Quentin Abernathy-Volkov." in period and "physician" not in period
+  assert "Quentin" not in tok.decode(salient_ids(doc, name, idf, tok.encode, split="sentence"))  # label + name do not fit
