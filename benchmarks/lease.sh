@@ -27,6 +27,9 @@
 #   builtin6       issue 26 item 4 ("within 6 of ICL on the built-in collections, kept"): the paper preset's
 #                  oracle and its untrained init on products and minutes, seeds 0 and 1, questions spread
 #                  over each document (CAS training only; processes without preallocation)
+#   p512           issue 20: the compose study's base (CAS + isolated + icl_composed) at p = 512 on all three
+#                  collections, seeds 0 and 1, questions spread over each document (on spread questions the
+#                  p = 256 oracle is 21-27 under ICL, and CAS beat isolated by +17 only where the oracle was strong)
 #   q21            issue 21 item 3: retrieved cartridges vs text RAG on questions by content and pairs
 set -u
 MODE=${1:-status}; R=/root/lease
@@ -41,10 +44,16 @@ if [ "$MODE" = start ]; then
   # Gemma 3 270M, CAS p = 256 about 11.4 GB; an H200 has 143 GB)
   # prose jobs grow their processes (no preallocated fraction): their share is what four trainings
   # took at most on an H100 (2026-12-05: 0.1225 of 80 GB each was too little for a parts1k training)
-  declare -A SHARE=([silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15)
+  declare -A SHARE=([silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5)
   GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
   SCALE=$(python3 -c "print(max(1.0, 143000 / float('${GPU_MIB:-143000}' or 143000)))")
   f() { python3 -c "print(f'{$1 * $SCALE:.3f}')"; }
+  # mt: a compose job's total share (its scheduler's --mem_total), or 0.95 of the card when it is the only job
+  # started: its runs then share the whole card instead of waiting for one another (2026-12-05, H100: the
+  # silent job's lever runs waited behind its base runs at a 0.45 share; started by hand beside them, eight
+  # runs took 73 of 80 GB and finished 8 minutes sooner)
+  NJOBS=$(echo ${2:-prose_sal head32} | wc -w)
+  mt() { if [ "$NJOBS" = 1 ]; then echo 0.95; else f $1; fi; }
   total=0; for j in ${2:-prose_sal head32}; do total=$(python3 -c "print($total + ${SHARE[$j]:-0} * $SCALE)"); done
   if python3 -c "import sys; sys.exit(0 if $total > 0.97 else 1)"; then
     echo "start: these jobs need $(python3 -c "print(round($total, 2))") of this card's memory (${GPU_MIB} MiB; shares x $SCALE):" \
@@ -61,13 +70,15 @@ if [ "$MODE" = start ]; then
             bash benchmarks/prose_sweep.sh start $R/prose_s$s
         done;;
       head32) run head32 $CS start $R/head32 --variants=base,head32 --collections=patients,minutes --seeds=0,1 \
-                --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(f 0.21) "--extra=--config.eval.question_pick=spread";;
+                --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt 0.21) "--extra=--config.eval.question_pick=spread";;
       compose_sal) run compose_sal $CS start $R/compose_sal --variants=${SAL_VARIANTS:-base,salient,cosine} --collections=${SAL_COLLECTIONS:-minutes,products} \
-                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(f 0.25) "--extra=--config.eval.question_pick=spread";;
+                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt 0.25) "--extra=--config.eval.question_pick=spread";;
       silent) run silent $CS start $R/silent --variants=base,silent --collections=minutes,patients \
-                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(f 0.25) "--extra=--config.eval.question_pick=spread";;
+                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt 0.25) "--extra=--config.eval.question_pick=spread";;
+      p512) run p512 $CS start $R/p512 --variants=base --collections=patients,products,minutes --seeds=0,1 --p=512 \
+                --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt 0.5) "--extra=--config.eval.question_pick=spread";;
       gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=$(f 0.1) \
-                --mem_total=$(f 0.3) --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
+                --mem_total=$(mt 0.3) --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
                 "--extra=--config.model_path=gemma3-270m --config.eval.num_loaded=(1,2,5,10) --config.eval.question_pick=spread";;
       builtin6) for k in products minutes; do for s in 0 1; do mkdir -p $R/builtin6/${k}_s$s
                   XLA_PYTHON_CLIENT_PREALLOCATE=false run builtin6_${k}_s$s python3 -m launch.cas \
@@ -76,7 +87,7 @@ if [ "$MODE" = start ]; then
                     "--config.eval.methods=('no_context','icl','cartridge_oracle','cartridge_init')" \
                     --stages=synth,train,indexes,evaluate --workdir=$R/builtin6/${k}_s$s; done; done;;
       q21) run q21 $CS start $R/q21 --variants=base --collections=patients,products,minutes --seeds=0,1 \
-                --mem=$(f 0.05) --synth_mem=$(f 0.06) --mem_total=$(f 0.15) \
+                --mem=$(f 0.05) --synth_mem=$(f 0.06) --mem_total=$(mt 0.15) \
                 --methods=no_context,icl,cartridge_oracle,cartridge_retrieved,cartridge_adaptive,rag_text,cartridge_gold_pair \
                 "--extra=--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8) --config.eval.question_pick=spread";;
       *) echo "unknown job $j"; exit 2;;
@@ -93,7 +104,7 @@ elif [ "$MODE" = status ]; then
   for l in $R/builtin6_*.start.log; do [ -f "$l" ] && echo "$(basename $l): $(tr '\r' '\n' < $l | grep -a -E 'it/s|step|conv|Error' | tail -n 1 | cut -c1-120)"; done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 else
-  for j in head32 compose_sal silent gemma q21; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
+  for j in head32 compose_sal silent gemma q21 p512; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
     [ -f $OUT/compose_study.tgz ] && mv $OUT/compose_study.tgz $OUT/$j/; done
   [ -d $R/builtin6 ] && mkdir -p $OUT/builtin6 && (cd $R && tar czf $OUT/builtin6/builtin6.tgz builtin6_*.start.log \
     builtin6/*/eval/results.json 2>/dev/null)

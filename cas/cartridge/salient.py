@@ -33,8 +33,9 @@ def idf_table(texts: Iterable[str]) -> dict[str, float]:
   return {w: math.log(len(texts) / n) for w, n in df.items()}
 
 
-# titles and abbreviations whose period does not end a sentence ("Dr. Ravi Subramanian" stays one piece, so
-# a kept sentence keeps its attribute: "Attending physician: Dr. Ravi Subramanian.")
+# split="sentence": titles and abbreviations whose period does not end a sentence ("Attending physician: Dr.
+# Ravi Subramanian." stays one piece, label and name). Lost at init on patients (-5.7: the joined sentence's
+# mean IDF is lower, so the summary drops it; RESULTS.md "How the salient summary cuts its pieces")
 _ABBREV = frozenset("dr mr mrs ms mx prof st jr sr rev hon gen col capt lt sgt mt ft vs approx dept fig inc ltd "
                     "co corp e.g i.e cf al jan feb mar apr jun jul aug sep sept oct nov dec".split())
 _ABBREV_END = re.compile(r"(?:^|[\s(\[\"'])([A-Za-z][A-Za-z.]*)\.$")
