@@ -29,7 +29,9 @@
 #                  over each document (CAS training only; processes without preallocation)
 #   p512           issue 20: the compose study's base (CAS + isolated + icl_composed) at p = 512 on all three
 #                  collections, seeds 0 and 1, questions spread over each document (on spread questions the
-#                  p = 256 oracle is 21-27 under ICL, and CAS beat isolated by +17 only where the oracle was strong)
+#                  p = 256 oracle is 21-27 under ICL, and CAS beat isolated by +17 only where the oracle was strong;
+#                  P512_VARIANTS= / P512_COLLECTIONS= pick others: at init, p = 512, minutes wants the salient init
+#                  (+20.2) and patients first_tokens (-10.4 salient), so `P512_VARIANTS=base,salient P512_COLLECTIONS=minutes`)
 #   q21            issue 21 item 3: retrieved cartridges vs text RAG on questions by content and pairs
 set -u
 MODE=${1:-status}; R=/root/lease
@@ -75,7 +77,7 @@ if [ "$MODE" = start ]; then
                 --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt 0.25) "--extra=--config.eval.question_pick=spread";;
       silent) run silent $CS start $R/silent --variants=base,silent --collections=minutes,patients \
                 --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt 0.25) "--extra=--config.eval.question_pick=spread";;
-      p512) run p512 $CS start $R/p512 --variants=base --collections=patients,products,minutes --seeds=0,1 --p=512 \
+      p512) run p512 $CS start $R/p512 --variants=${P512_VARIANTS:-base} --collections=${P512_COLLECTIONS:-patients,products,minutes} --seeds=0,1 --p=512 \
                 --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt 0.5) "--extra=--config.eval.question_pick=spread";;
       gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=$(f 0.1) \
                 --mem_total=$(mt 0.3) --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
