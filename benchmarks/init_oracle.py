@@ -80,6 +80,10 @@ def _loaded(q, n: int, doc_ids: list[str]) -> list[str]:
 
 def main(argv):
   del argv
+  from cas.config_check import MONOLITHIC_INITS
+  bad = sorted(set(_MONO.value) - set(MONOLITHIC_INITS))
+  if bad:  # before any model or evaluation work (the monolithic rows come last: an hour on a CPU)
+    raise app.UsageError(f"--monolithic={','.join(bad)}: use {' or '.join(MONOLITHIC_INITS)}")
   lm = load_model()
   model, tok = lm.model, lm.tokenizer
   ev = Evaluator(model, tok)
@@ -146,10 +150,7 @@ def main(argv):
     print(f"init_{fill}{suffix} done ({time.time() - t0:.0f}s)", flush=True)
   for mono in _MONO.value:  # cartridge.monolithic_init at its init (no parts: a unit is a document)
     per = _P.value - 1
-    m_ids = ([t for d in docs for t in ids[d]] if mono == "concat" else
-             [t for d in docs for t in ids[d][:per]] if mono == "units" else None)
-    if m_ids is None:
-      raise app.UsageError(f"--monolithic={mono}: use concat or units")
+    m_ids = [t for d in docs for t in (ids[d] if mono == "concat" else ids[d][:per])]
     c = init_cartridge(model, m_ids, 1 + len(docs) * per, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat")
     cart = ev.cartridge(*c.full_kv())
     rows[f"monolithic_{mono}"] = [ev.answer(cart, q) for q in qs]
