@@ -97,6 +97,9 @@ def _flags(argv: list[str]) -> dict:
          # documents needs more than a training (cas.train.preflight.estimate_synth_bytes: ~6.8 GB for
          # the default model at batch 64 and chunks of 2,048 tokens, refused below that)
          "synth_mem": "",
+         # only: variants run on some collections only, e.g. salient:minutes+products;base:minutes (a
+         # variant not named runs on every collection of --collections)
+         "only": "",
          "extra": "",  # extra: more flags for every job, space-separated (a CPU smoke test)
          "methods": ",".join(BASE_METHODS)}  # the base runs' methods (fewer: a slower model in less time)
   for a in argv:
@@ -112,6 +115,25 @@ def _flags(argv: list[str]) -> dict:
   for v in out["variants"].split(","):
     if v not in VARIANTS:
       raise SystemExit(f"compose_study: unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+  _only(out)
+  return out
+
+
+def _only(f: dict) -> dict:
+  """--only as {variant: collections}; a variant or collection it names must be in the study."""
+  out = {}
+  for part in filter(None, f.get("only", "").split(";")):
+    if ":" not in part:
+      raise SystemExit(f"compose_study: --only part {part!r} is not variant:collection+collection")
+    v, cs = part.split(":", 1)
+    if v not in f["variants"].split(","):
+      raise SystemExit(f"compose_study: --only names variant {v!r}, which --variants={f['variants']} does not run")
+    cs = cs.split("+")
+    missing = set(cs) - set(f["collections"].split(","))
+    if missing or not cs:
+      raise SystemExit(f"compose_study: --only {part!r} names collections {sorted(missing)} not in "
+                       f"--collections={f['collections']}")
+    out[v] = cs
   return out
 
 
@@ -135,6 +157,7 @@ def plan(root: str, f: dict) -> dict:
   the trainings ordered so that every collection's base runs come first."""
   seeds = [int(s) for s in f["seeds"].split(",")]
   cols = f["collections"].split(",")
+  only = _only(f)
   synth_mem = {"mem": float(f["synth_mem"]) / float(f["mem"])} if f.get("synth_mem") else {}  # x --mem
   recipe = [r.format(**f) for r in RECIPE] + f["extra"].split()
   synth, train = [], []
@@ -142,17 +165,18 @@ def plan(root: str, f: dict) -> dict:
     for s in seeds:
       data = [f"--config.data.kind={c}", f"--config.data.seed={s}", f"--config.synth.seed={s}",
               f"--config.train.seed={s}"]
-      if any(not synth_args(v) for v in f["variants"].split(",")):  # a variant on the base self-study
+      if any(not synth_args(v) and c in only.get(v, cols)  # a variant on the base self-study
+             for v in f["variants"].split(",")):
         synth.append({"name": f"{c}_s{s}", "args": _last_wins(recipe + data + ["--stages=synth"]), **synth_mem})
       for v in f["variants"].split(","):
-        if synth_args(v):
+        if synth_args(v) and c in only.get(v, cols):
           synth.append({"name": f"{v}_{c}_s{s}",
                         "args": _last_wins(recipe + data + synth_args(v) + ["--stages=synth"]), **synth_mem})
   for v in f["variants"].split(","):
     for s in seeds:
       if v == "mono" and str(s) not in f["mono_seeds"].split(","):
         continue  # the monolithic baseline costs two CAS runs: seed 0 only by default
-      for c in cols:
+      for c in only.get(v, cols):
         data = [f"--config.data.kind={c}", f"--config.data.seed={s}", f"--config.synth.seed={s}",
                 f"--config.train.seed={s}"]
         full = v == "base" or bool(synth_args(v)) or v in FULL

@@ -31,7 +31,8 @@
 #                  collections, seeds 0 and 1, questions spread over each document (on spread questions the
 #                  p = 256 oracle is 21-27 under ICL, and CAS beat isolated by +17 only where the oracle was strong;
 #                  P512_VARIANTS= / P512_COLLECTIONS= pick others: at init, p = 512, minutes wants the salient init
-#                  (+20.2) and patients first_tokens (-10.4 salient), so `P512_VARIANTS=base,salient P512_COLLECTIONS=minutes`)
+#                  (+20.2) and patients first_tokens (-10.4 salient), so `P512_VARIANTS=base,salient P512_ONLY=salient:minutes`;
+#                  P512_MEM=0.065 fits those eight runs side by side on an H100)
 #   q21            issue 21 item 3: retrieved cartridges vs text RAG on questions by content and pairs
 set -u
 MODE=${1:-status}; R=/root/lease
@@ -78,7 +79,7 @@ if [ "$MODE" = start ]; then
       silent) run silent $CS start $R/silent --variants=base,silent --collections=minutes,patients \
                 --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt 0.25) "--extra=--config.eval.question_pick=spread";;
       p512) run p512 $CS start $R/p512 --variants=${P512_VARIANTS:-base} --collections=${P512_COLLECTIONS:-patients,products,minutes} --seeds=0,1 --p=512 \
-                --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt 0.5) "--extra=--config.eval.question_pick=spread";;
+                --only=${P512_ONLY:-} --mem=$(f ${P512_MEM:-0.075}) --synth_mem=$(f 0.06) --mem_total=$(mt 0.5) "--extra=--config.eval.question_pick=spread";;
       gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=$(f 0.1) \
                 --mem_total=$(mt 0.3) --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
                 "--extra=--config.model_path=gemma3-270m --config.eval.num_loaded=(1,2,5,10) --config.eval.question_pick=spread";;

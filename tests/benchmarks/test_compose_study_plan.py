@@ -68,3 +68,17 @@ def test_self_study_processes_get_their_own_memory_share(tmp_path):
   assert all(j.get("mem", 1.0) == 1.0 for j in p["train"])
   p = cs.plan(str(tmp_path), cs._flags(["--variants=base", "--collections=minutes", "--seeds=0"]))
   assert all("mem" not in j for j in p["synth"])  # default: the same share as a training
+
+
+def test_only_runs_a_variant_on_the_collections_it_names():
+  p = cs.plan("/tmp/x", cs._flags(["--variants=base,salient", "--collections=patients,products,minutes",
+                                   "--seeds=0,1", "--only=salient:minutes"]))
+  names = {j["name"] for j in p["train"]}
+  assert {f"salient_{c}_s{s}" for c in ("minutes",) for s in (0, 1)} <= names
+  assert not any(n.startswith("salient_") and "minutes" not in n for n in names)
+  assert {f"base_{c}_s{s}" for c in ("patients", "products", "minutes") for s in (0, 1)} <= names
+  assert len(names) == 8 and len(p["synth"]) == 6
+  with pytest.raises(SystemExit, match="does not run"):
+    cs._flags(["--variants=base", "--only=salient:minutes"])
+  with pytest.raises(SystemExit, match="not in"):
+    cs._flags(["--variants=base,salient", "--collections=minutes", "--only=salient:patients"])
