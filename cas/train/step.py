@@ -210,7 +210,8 @@ def slot_adam_update(state: dict, grads: dict, touched: jax.Array, *, lr: float,
   """Per-slot clipped Adam with per-slot warmup, decay and bias correction (see module doc).
 
   state: slot state (STATE_KEYS); grads {"k","v"} [B, L, Pt, Hkv, D] f32; touched [B] bool.
-  Returns (new state, stats {"slot_grad_norm" [B] f32 (before clipping), "updated" [B] bool}).
+  Returns (new state, stats {"slot_grad_norm" [B] f32 (before clipping), "updated" [B] bool,
+  "params_finite" [B] bool (the slot's k, v and moments after the update are all finite)}).
   """
   gk, gv = grads["k"].astype(jnp.float32), grads["v"].astype(jnp.float32)
   axes = tuple(range(1, gk.ndim))
@@ -240,7 +241,12 @@ def slot_adam_update(state: dict, grads: dict, touched: jax.Array, *, lr: float,
     new["mu_" + name] = jnp.where(m, mu, state["mu_" + name])
     new["nu_" + name] = jnp.where(m, nu, state["nu_" + name])
   new["count"] = count
-  return new, {"slot_grad_norm": norm, "updated": ok}
+  # [B] bool: every entry of the slot's updated arrays finite (fused into the update: a separate
+  # jitted check after the step needed its own temp buffers, 4.49 GiB at p = 512 on an H100, and OOMed)
+  finite = jnp.ones(norm.shape, bool)
+  for name in ("k", "v", "mu_k", "mu_v", "nu_k", "nu_v"):
+    finite = finite & jnp.all(jnp.isfinite(new[name]), axis=axes)
+  return new, {"slot_grad_norm": norm, "updated": ok, "params_finite": finite}
 
 
 # ----------------------------------------------------------------------------- shardings
@@ -280,7 +286,8 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
   [Bt, T]; topk_ids, topk_logprobs [Bt, T, K]; slots [Bt, k_max]; own_slot [Bt].
   metrics: loss [] f32, tokens [] f32, grad_norm [] f32 (global over all slots, before
   clipping), finite [] bool (loss and grad_norm finite), slots_updated [] int32,
-  slot_grad_norm [B] f32, updated [B] bool.
+  slot_grad_norm [B] f32, updated [B] bool, slot_params_finite [B] bool (the slot's arrays after the
+  step all finite).
   With `mesh`, the state is laid out by `cas_state_shardings` (slot axis over (data, fsdp)) in
   and out, the batch by `cas_batch_shardings`; frozen/model keep the shardings they have (put
   them on the mesh, e.g. `cas.sharding.shard_model`). One jitted function per input signature.
@@ -329,7 +336,8 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
     metrics = {"loss": val, "tokens": n, "grad_norm": gnorm,
                "finite": jnp.isfinite(val) & jnp.isfinite(gnorm),
                "slots_updated": stats["updated"].sum().astype(jnp.int32),
-               "slot_grad_norm": stats["slot_grad_norm"], "updated": stats["updated"]}
+               "slot_grad_norm": stats["slot_grad_norm"], "updated": stats["updated"],
+               "slot_params_finite": stats["params_finite"]}
     return new_state, metrics
 
   donate_argnums = (0,) if donate else ()

@@ -254,6 +254,19 @@ def test_slot_adam_per_slot_warmup_clipping_and_untouched_bits():
   # skipped slot 2 keeps every bit
   for n in ("k", "v", "mu_k", "mu_v", "nu_k", "nu_v"):
     assert new[n][2].tobytes() == st[n][2].tobytes()
+  assert np.asarray(stats["params_finite"]).tolist() == [True, True, True, True]
+  # an untouched slot that already holds an inf moment (and a touched one whose k overflows) is flagged
+  st["nu_v"][1, 0, 0, 0, 0] = np.inf
+  st["k"][3, 1, 2, 1, 3] = np.finfo(np.float32).max
+  g["k"][3] = 0.0
+  g["k"][3, 1, 2, 1, 3] = -1.0
+  for n in ("mu_k", "mu_v", "nu_k", "nu_v"):  # fresh moments: Adam's first step is -lr * sign(g)
+    st[n][3] = 0.0
+  st["count"][3] = 0
+  _, stats = jax.jit(functools.partial(slot_adam_update, lr=1e38, warmup_steps=0, clip_norm=0.0))(
+      {k: jnp.asarray(v) for k, v in st.items()}, {k: jnp.asarray(v) for k, v in g.items()},
+      jnp.asarray([True, False, False, True]))
+  assert np.asarray(stats["params_finite"]).tolist() == [True, False, True, False]
 
 
 def test_lr_decay_scales_each_slots_step_by_its_own_count():
