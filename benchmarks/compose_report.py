@@ -9,6 +9,10 @@ the same questions and the same loaded documents; each lever's cas - base cas), 
 loaded (cas / isolated / icl_composed with intervals, monolithic as a line).
 
   python -m benchmarks.compose_report --archive=<dir>/compose_study.tgz [--plots=benchmarks/results/plots]
+
+Two studies on the same questions (same collections, seeds and question pick; e.g. p = 512 against
+p = 256): `--against=<other>/compose_study.tgz --against_pairs=base:base,salient:salcas` adds, per
+collection, this study's variant minus the other study's variant, paired by question.
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ def _define_flags() -> None:
   flags.DEFINE_string("archive", None, "compose_study.tgz from benchmarks/compose_study.py (required)")
   flags.DEFINE_string("plots", None, "folder for one accuracy-vs-loaded plot per collection (None = none)")
   flags.DEFINE_string("out", None, "also write the markdown here")
+  flags.DEFINE_string("against", None, "a second study's compose_study.tgz on the same questions: adds "
+                      "this study's variants minus its variants (--against_pairs), paired by question")
+  flags.DEFINE_string("against_pairs", "base:base", "with --against: comma-separated this:other variant pairs")
   flags.DEFINE_string("base", "base", "the variant whose CAS + isolated runs make the main tables (a "
                       "self-study lever such as qmix runs both; the others are paired against it)")
 
@@ -303,11 +310,48 @@ def report(results: dict, plots_dir: str | None = None, base_variant: str = "bas
   return "\n".join(out)
 
 
+AGAINST_METHODS = ("cartridge_oracle",) + tuple(f"cas_composed@{n}/shared" for n in (1, 2, 5, 10, 20)) + tuple(
+    f"isolated_composed@{n}/shared" for n in (10,))
+
+
+def against_lines(results: dict, other: dict, pairs: list[tuple[str, str]]) -> list[str]:
+  """Per collection, this study's variant minus the other study's, paired by question (a question of a
+  seed both studies ran; 'n' = the questions paired at the oracle). Needs the same questions: the same
+  collections, seeds and question pick in both studies."""
+  out = []
+  cols = sorted({c for (_v, c, _s) in results} & {c for (_v, c, _s) in other})
+  head = "| this - other | collection | seeds | n | " + " | ".join(m.replace("/shared", "") for m in AGAINST_METHODS) + " |"
+  rows = []
+  for a, b in pairs:
+    for c in cols:
+      seeds = sorted(set(seeds_of(results, a, c)) & set(seeds_of(other, b, c)))
+      if not seeds:
+        continue
+      pa, pb = pooled(results, a, c), pooled(other, b, c)
+      keep = tuple(f"s{s}/" for s in seeds)
+      n = len(paired_by_qid([q for q in pa.get("cartridge_oracle", []) if q["qid"].startswith(keep)],
+                            pb.get("cartridge_oracle", []))[0])
+      cells = [dcell(diff([q for q in pa.get(m, []) if q["qid"].startswith(keep)], pb.get(m))) for m in AGAINST_METHODS]
+      rows.append(f"| {a} - {b} | {c} | {','.join(map(str, seeds))} | {n} | " + " | ".join(cells) + " |")
+  if rows:
+    out += ["Against the other study (paired by question):", "", head,
+            "|" + "---|" * (4 + len(AGAINST_METHODS)), *rows]
+  return out
+
+
 def main(argv):
   del argv
   if not _F.archive:
     raise app.UsageError("--archive is required (the compose_study.tgz of benchmarks/compose_study.py)")
-  text = report(load_archive(_F.archive), _F.plots, _F.base)
+  results = load_archive(_F.archive)
+  text = report(results, _F.plots, _F.base)
+  if _F.against:
+    pairs = [tuple(p.split(":", 1)) for p in _F.against_pairs.split(",") if p]
+    if any(len(p) != 2 or not all(p) for p in pairs):
+      raise app.UsageError(f"--against_pairs={_F.against_pairs!r}: give this:other variant pairs, e.g. base:base")
+    lines = against_lines(results, load_archive(_F.against), pairs)
+    text += "\n" + ("\n".join(lines) if lines else f"(--against: no variant pair of {_F.against_pairs} ran on a "
+                                                   "collection and seed of both studies)")
   print(text)
   if _F.out:
     open(_F.out, "w").write(text + "\n")

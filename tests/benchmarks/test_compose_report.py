@@ -54,3 +54,21 @@ def test_interference_lines_for_a_lever_count_cas_and_mark_isolated_absent():
   assert any("silent:" in l for l in lines)
   two = next(l for l in lines if l.startswith("| 2 |"))
   assert two.split(" | ")[1] == "1" and two.split(" | ")[2].startswith("1 (") and "a lever trains CAS only" in two
+
+
+def test_against_lines_pair_two_studies_by_question_and_skip_seeds_only_one_ran():
+  def res(correct):  # one run: the oracle and cas@2 on three questions
+    qs = [{"qid": f"d{i}/f/mc", "correct": c} for i, c in enumerate(correct)]
+    return {"methods": [{"method": "cartridge_oracle", "questions": qs},
+                        {"method": "cas_composed@2/shared", "questions": qs}]}
+  this = {("base", "minutes", 0): res([True, True, False]), ("salient", "minutes", 0): res([True, True, True]),
+          ("base", "minutes", 1): res([True, True, True])}
+  other = {("base", "minutes", 0): res([True, False, False]), ("salcas", "minutes", 0): res([True, True, True])}
+  lines = cr.against_lines(this, other, [("base", "base"), ("salient", "salcas"), ("hard", "base")])
+  rows = [l for l in lines if l.startswith("| base - base") or l.startswith("| salient - salcas")]
+  assert len(rows) == 2 and not any(l.startswith("| hard") for l in lines)
+  b = rows[0].split(" | ")
+  assert b[2] == "0" and b[3] == "3"  # seed 1 ran in this study only: left out
+  assert b[4].startswith("+33.3") and b[6].startswith("+33.3")  # oracle and cas@2: one question in three flipped
+  assert rows[1].split(" | ")[4].startswith("+0.0")
+  assert cr.against_lines(this, {}, [("base", "base")]) == []
