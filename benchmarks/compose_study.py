@@ -97,6 +97,12 @@ def _flags(argv: list[str]) -> dict:
          # documents needs more than a training (cas.train.preflight.estimate_synth_bytes: ~6.8 GB for
          # the default model at batch 64 and chunks of 2,048 tokens, refused below that)
          "synth_mem": "",
+         # disk_gb: a training run's disk at its peak (its stores and checkpoints; "auto": 0.02 GB per
+         # cartridge token, what the default model's CAS + isolated run of 20 documents holds while its
+         # isolated baseline trains: ~10 GB at p = 512). A training starts only when the disk's free
+         # space, less what the running trainings may still write, holds it (2026-12-05: eight p = 512
+         # runs filled a 64 GB disk)
+         "disk_gb": "auto",
          # only: variants run on some collections only, e.g. salient:minutes+products;base:minutes (a
          # variant not named runs on every collection of --collections)
          "only": "",
@@ -202,11 +208,37 @@ def _launch(job: dict, root: str, mem: str) -> subprocess.Popen:
                           stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
+def disk_gb(f: dict) -> float:
+  """A training run's peak disk in GB (--disk_gb, or "auto": 0.02 per cartridge token)."""
+  v = f.get("disk_gb", "auto")
+  return 0.02 * int(f["p"]) if v in ("", "auto") else float(v)
+
+
+def _du(path: str) -> int:
+  n = 0
+  for d, _dirs, files in os.walk(path):
+    for x in files:
+      try:
+        n += os.lstat(os.path.join(d, x)).st_size
+      except OSError:
+        pass
+  return n
+
+
+def disk_fits(need_gb: float, free_bytes: int, running_used: list[int], per_run_gb: float) -> bool:
+  """A training needing `need_gb` fits when the free space, less what each running training (using
+  running_used bytes now) may still write up to per_run_gb, holds it."""
+  reserved = sum(max(0.0, per_run_gb * 1e9 - u) for u in running_used)
+  return free_bytes - reserved >= need_gb * 1e9
+
+
 def schedule(root: str) -> None:
   """Runs the plan: synths first (all at once, within `procs`), each training as soon as its
-  self-study is done and a process slot is free. Status in <root>/status.json."""
+  self-study is done, a process slot is free and the disk holds its peak (`disk_fits`). Status in
+  <root>/status.json."""
   p = json.load(open(os.path.join(root, "plan.json")))
   procs, mem, mem_total = int(p["flags"]["procs"]), float(p["flags"]["mem"]), float(p["flags"]["mem_total"])
+  per_run = disk_gb(p["flags"])
   synth = [dict(j, name="synth_" + j["name"]) for j in p["synth"]]
   queue = synth + p["train"]
   state = {j["name"]: "waiting" for j in queue}
@@ -238,6 +270,13 @@ def schedule(root: str) -> None:
         if state[dep].startswith("failed"):
           state[j["name"]] = "skipped (self-study failed)"
         continue
+      if dep is not None:
+        trains = [n for n in running if "synth" in by_name[n]]
+        free = shutil.disk_usage(root).free
+        if not disk_fits(per_run, free, [_du(os.path.join(root, n)) for n in trains], per_run):
+          if not trains:  # nothing running will free it: say so instead of waiting forever
+            state[j["name"]] = f"skipped (disk: {free / 1e9:.1f} GB free, a run needs {per_run:.1f}; --disk_gb)"
+          continue
       running[j["name"]] = _launch(j, root, f"{mem * j.get('mem', 1.0):.3f}")
       started[j["name"]] = time.time()
       state[j["name"]] = "running"

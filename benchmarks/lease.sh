@@ -33,6 +33,11 @@
 #                  P512_VARIANTS= / P512_COLLECTIONS= pick others: at init, p = 512, minutes wants the salient init
 #                  (+20.2) and patients first_tokens (-10.4 salient), so `P512_VARIANTS=base,salient P512_ONLY=salient:minutes`;
 #                  P512_MEM=0.065 fits those eight runs side by side on an H100)
+#   long           issue 20: the budget the issue's probe pointed to (3,000 steps with p_isolated 0.1 lifted
+#                  cas@10 by 11.6): base and iso01 (train.p_isolated=0.1) at 2,000 steps on patients and minutes,
+#                  seeds 0 and 1, p = 256, spread questions (~23 min on an H100 alone; LONG_STEPS= changes it)
+#   p512rest       issue 20: the p = 512 base runs that failed on 2026-12-05 (patients seeds 0 and 1, products
+#                  seed 0; OOM in the per-slot check, then a full disk; both fixed)
 #   q21            issue 21 item 3: retrieved cartridges vs text RAG on questions by content and pairs
 set -u
 MODE=${1:-status}; R=/root/lease
@@ -47,7 +52,7 @@ if [ "$MODE" = start ]; then
   # Gemma 3 270M, CAS p = 256 about 11.4 GB; an H200 has 143 GB)
   # prose jobs grow their processes (no preallocated fraction): their share is what four trainings
   # took at most on an H100 (2026-12-05: 0.1225 of 80 GB each was too little for a parts1k training)
-  declare -A SHARE=([silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5)
+  declare -A SHARE=([silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5 [long]=0.4 [p512rest]=0.25)
   GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
   SCALE=$(python3 -c "print(max(1.0, 143000 / float('${GPU_MIB:-143000}' or 143000)))")
   f() { python3 -c "print(f'{$1 * $SCALE:.3f}')"; }
@@ -80,6 +85,12 @@ if [ "$MODE" = start ]; then
                 --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt 0.25) "--extra=--config.eval.question_pick=spread";;
       p512) run p512 $CS start $R/p512 --variants=${P512_VARIANTS:-base} --collections=${P512_COLLECTIONS:-patients,products,minutes} --seeds=0,1 --p=512 \
                 --only=${P512_ONLY:-} --mem=$(f ${P512_MEM:-0.075}) --synth_mem=$(f 0.06) --mem_total=$(mt 0.5) "--extra=--config.eval.question_pick=spread";;
+      long) run long $CS start $R/long --variants=base,iso01 --collections=patients,minutes --seeds=0,1 \
+                --steps=${LONG_STEPS:-2000} --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt 0.4) \
+                "--extra=--config.eval.question_pick=spread";;
+      p512rest) run p512rest $CS start $R/p512rest --variants=base --collections=patients,products --seeds=0,1 --p=512 \
+                --only=base:patients+products --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt 0.25) \
+                "--extra=--config.eval.question_pick=spread";;
       gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=$(f 0.1) \
                 --mem_total=$(mt 0.3) --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
                 "--extra=--config.model_path=gemma3-270m --config.eval.num_loaded=(1,2,5,10) --config.eval.question_pick=spread";;
@@ -107,7 +118,7 @@ elif [ "$MODE" = status ]; then
   for l in $R/builtin6_*.start.log; do [ -f "$l" ] && echo "$(basename $l): $(tr '\r' '\n' < $l | grep -a -E 'it/s|step|conv|Error' | tail -n 1 | cut -c1-120)"; done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 else
-  for j in head32 compose_sal silent gemma q21 p512; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
+  for j in head32 compose_sal silent gemma q21 p512 long p512rest; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
     [ -f $OUT/compose_study.tgz ] && mv $OUT/compose_study.tgz $OUT/$j/; done
   [ -d $R/builtin6 ] && mkdir -p $OUT/builtin6 && (cd $R && tar czf $OUT/builtin6/builtin6.tgz builtin6_*.start.log \
     builtin6/*/eval/results.json 2>/dev/null)

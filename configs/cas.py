@@ -169,7 +169,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.lr_decay_updates = 0
   c.train.log_every = 4
   c.train.ckpt_every = 8
-  c.train.keep_checkpoints = 2
+  c.train.keep_checkpoints = 2  # while training; a finished run keeps its last checkpoint and store snapshot only
 
   # -- device mesh for CAS training (cas.sharding.make_mesh); None = one device, no mesh.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})

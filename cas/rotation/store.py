@@ -1321,6 +1321,27 @@ class CartridgeStore:
       packs_delta, gc = self._unpin(st, small, keep)
       self._commit("snapshot", st, {}, packs_delta, small, gc)
 
+  def retain_snapshots(self, keep: int) -> list[int]:
+    """Drop every snapshot but the newest `keep` (0 = all), deleting the packs only they needed: a
+    finished training keeps the snapshot of its last checkpoint only, so that its store shrinks from
+    its live bytes plus the retained history's to about its live bytes. Returns the dropped tags."""
+    self._check_writable()
+    if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or keep < 0:
+      raise StoreError(f"retain_snapshots: keep must be an int >= 0, got {keep!r}")
+    with self._lock:
+      st = self._state
+      small = copy.deepcopy(st.small)
+      snaps = small["snapshots"]
+      tags = sorted((t for t, e in snaps.items() if e), key=int)
+      drop = tags[:len(tags) - keep] if keep else tags
+      if not drop:
+        return []
+      for t in drop:
+        del snaps[t]
+      packs_delta, gc = self._unpin(st, small, [e["seq"] for e in snaps.values() if e])
+      self._commit("retain", st, {}, packs_delta, small, gc)
+      return [int(t) for t in drop]
+
   def _unpin(self, st: _State, small: dict, snap_seqs: Sequence[int]) -> tuple[dict, list[str]]:
     """Pinned packs that no snapshot in snap_seqs needs any more: tombstones + files to delete."""
     packs_delta, gc, still = {}, [], []

@@ -132,3 +132,53 @@ def check_fits(estimate: dict[str, int], *, what: str, hints: str, device=None) 
   raise MemoryPreflightError(
       f"{what} does not fit in device memory: estimated {_fmt(estimate['total'])} per device "
       f"({parts}) > limit {_fmt(limit)} ({source}). {hints} (Set {ENV_SKIP}=1 to skip this check.)")
+
+
+# ----------------------------------------------------------------------------- disk
+
+ENV_DISK_LIMIT = "CAS_DISK_LIMIT_BYTES"  # at most this many bytes of the workdir's disk (shared disks)
+ENV_DISK_SKIP = "CAS_SKIP_DISK_CHECK"
+
+
+class DiskPreflightError(ValueError):
+  """The training's estimated disk use exceeds the free space of its workdir's disk."""
+
+
+def estimate_cas_disk_bytes(spec, *, num_docs: int, num_slots: int, keep_checkpoints: int) -> dict[str, int]:
+  """Peak bytes a CAS training writes under its workdir (keys: store, checkpoints, total).
+
+  store: every document's version (cartridge + Adam moments) at the head and in the retained
+  snapshots (keep_checkpoints + 1), as measured on a 20-document run (packs 3.5x the live bytes with
+  keep_checkpoints = 2); checkpoints: the B slots' state in each kept Orbax checkpoint. A finished
+  training drops all but its last checkpoint and snapshot (cas.train.loop._drop_history)."""
+  per_doc = 6 * int(np.prod(spec.trainable_shape)) * 4
+  est = {"store": (keep_checkpoints + 2) * num_docs * per_doc,
+         "checkpoints": keep_checkpoints * num_slots * per_doc}
+  est["total"] = sum(est.values())
+  return est
+
+
+def check_disk(workdir: str, estimate: dict[str, int], *, already: int = 0, what: str, hints: str) -> None:
+  """Raise DiskPreflightError when estimate["total"] - already (bytes a resumed run's store holds)
+  exceeds the free space of workdir's disk (or $CAS_DISK_LIMIT_BYTES). Object-store URLs skip it."""
+  if os.environ.get(ENV_DISK_SKIP, "") not in ("", "0") or "://" in str(workdir):
+    return
+  import shutil
+  probe = os.path.abspath(workdir)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  free, source = shutil.disk_usage(probe).free, f"free on the disk of {probe}"
+  env = os.environ.get(ENV_DISK_LIMIT)
+  if env:
+    try:
+      free, source = min(free, int(float(env))), f"${ENV_DISK_LIMIT}"
+    except ValueError:
+      raise DiskPreflightError(f"${ENV_DISK_LIMIT}={env!r} is not a number of bytes") from None
+  need = estimate["total"] - already
+  if need <= free:
+    return
+  parts = ", ".join(f"{k} {_fmt(v)}" for k, v in estimate.items() if k != "total")
+  raise DiskPreflightError(
+      f"{what} does not fit on disk: it will write up to {_fmt(estimate['total'])} under {workdir} ({parts}"
+      f"{f'; {_fmt(already)} already there' if already else ''}) > {_fmt(free)} ({source}). {hints} "
+      f"(Set {ENV_DISK_SKIP}=1 to skip this check.)")

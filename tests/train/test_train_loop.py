@@ -81,7 +81,7 @@ def test_training_lowers_loss_and_changes_only_the_cartridge(setup, tmp_path):
   assert not np.allclose(cart.k[...], c0.k[...])  # trained tokens moved
   np.testing.assert_array_equal(cart.frozen_k[...], c0.frozen_k[...])  # the sink never trains
   steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
-  assert steps == [30, 40]  # keep-last-2 really prunes
+  assert steps == [40]  # a finished run keeps its last checkpoint only (keep_checkpoints bounds a running one)
 
 
 def test_refuses_data_from_another_model_and_checkpoint_from_another_config(setup, tmp_path):
