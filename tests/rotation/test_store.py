@@ -211,6 +211,28 @@ def test_snapshot_and_rollback(tmp_path):
     assert_bit_identical(st.get("a")[0], rand_arrays(5))
 
 
+def test_retain_snapshots_drops_the_older_ones_and_their_packs(tmp_path):
+  with CartridgeStore(str(tmp_path / "s"), spec=SPEC, model_fingerprint=FP, keep_snapshots=3) as st:
+    for i, t in enumerate((10, 20, 30)):
+      st.put("a", rand_arrays(i), i + 1)
+      st.snapshot(t)
+    st.put("a", rand_arrays(9), 9)
+    assert len(_pack_files(st.root)) == 4  # a@1, a@2, a@3 for the snapshots, a@9 at the head
+    assert st.retain_snapshots(1) == [10, 20]
+    assert st.snapshots() == [30] and len(_pack_files(st.root)) == 2
+    assert_no_garbage(st)
+    assert st.retain_snapshots(1) == []  # nothing more to drop
+    with pytest.raises(StoreError, match="no store snapshot 20"):
+      st.rollback(20)
+    with pytest.raises(StoreError, match="keep must be an int >= 0"):
+      st.retain_snapshots(-1)
+  with CartridgeStore(str(tmp_path / "s"), spec=SPEC, model_fingerprint=FP, keep_snapshots=3) as st:
+    assert st.snapshots() == [30] and st.counts() == {"a": 9}
+    st.rollback(30)
+    assert st.counts() == {"a": 3} and st.retain_snapshots(0) == [30] and st.snapshots() == []
+    assert len(_pack_files(st.root)) == 1
+
+
 def test_long_history_flushes_into_runs_and_reopens_identically(tmp_path, monkeypatch):
   """Many commits fold the record chain into index runs (merged like a binary counter); with
   snapshots in between, every retained state reads back exactly and nothing else is kept."""
