@@ -45,8 +45,12 @@ _SHORT = flags.DEFINE_integer("short_tokens", 1700, "documents under this many t
 _OUT = flags.DEFINE_string("out", None, "write the per-question results (JSON) here")
 _HEADER = flags.DEFINE_bool("header", False, "cartridge.init_header: every init starts with its unit's title line "
                             "(as ICL shows it) unless its text opens with it")
-_COMPOSED = flags.DEFINE_multi_integer("composed", [], "with --max_doc_tokens: also the init cartridges composed, "
-                                       "the question's document + n - 1 others (all their parts, shared positions)")
+_COMPOSED = flags.DEFINE_multi_integer("composed", [], "also the init cartridges composed: the question's document + "
+                                       "n - 1 others (with --max_doc_tokens all their parts, shared positions; "
+                                       "without, one cartridge each in every --composed_modes)")
+_CMODES = flags.DEFINE_list("composed_modes", ["shared"], "without --max_doc_tokens: position modes of --composed "
+                            "(shared: every cartridge at positions 0..p-1, as CAS trains and evaluates; sequential: "
+                            "one after another, as documents in a prompt)")
 _MONO = flags.DEFINE_list("monolithic", [], "also the monolithic baseline's init (one cartridge of 1 + N * (p - 1) "
                           "tokens, every question): concat (cartridge.monolithic_init=concat, the documents in a row) "
                           "| units (each document's first p - 1 tokens, in a row)")
@@ -84,6 +88,10 @@ def main(argv):
   bad = sorted(set(_MONO.value) - set(MONOLITHIC_INITS))
   if bad:  # before any model or evaluation work (the monolithic rows come last: an hour on a CPU)
     raise app.UsageError(f"--monolithic={','.join(bad)}: use {' or '.join(MONOLITHIC_INITS)}")
+  from cas.cartridge.compose import POSITION_MODES
+  bad = sorted(set(_CMODES.value) - set(POSITION_MODES))
+  if bad:
+    raise app.UsageError(f"--composed_modes={','.join(bad)}: use {' or '.join(POSITION_MODES)}")
   lm = load_model()
   model, tok = lm.model, lm.tokenizer
   ev = Evaluator(model, tok)
@@ -128,7 +136,7 @@ def main(argv):
         print(f"init_{fill}{suffix}@{n} done ({time.time() - t0:.0f}s)", flush=True)
   whole_idf = idf_table(doc.text for doc in docs.values())
   for fill in _FILL.value if _MDT.value == 0 else ():
-    carts = {}
+    carts, inits = {}, {}
     for d, t in ids.items():
       if fill == "framed":  # the ICL system message holding the document (sink = its first token)
         doc = docs[d]
@@ -145,9 +153,15 @@ def main(argv):
             else len(t) + 1  # + BOS sink
         c = init_cartridge(model, t, p, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",
                            strategy="key_norm" if fill == "key_norm" else "first_tokens")
+      inits[d] = c
       carts[d] = ev.cartridge(*c.full_kv())
     rows[f"init_{fill}{suffix}"] = [ev.answer(carts[q.doc_id], q) for q in qs]
     print(f"init_{fill}{suffix} done ({time.time() - t0:.0f}s)", flush=True)
+    for n in _COMPOSED.value:  # the question's document + n - 1 others (the same per question in every mode)
+      for mode in _CMODES.value:
+        rows[f"init_{fill}{suffix}@{n}/{mode}"] = [
+            ev.answer(ev.cartridges([inits[d] for d in _loaded(q, n, list(inits))], mode=mode), q) for q in qs]
+        print(f"init_{fill}{suffix}@{n}/{mode} done ({time.time() - t0:.0f}s)", flush=True)
   for mono in _MONO.value:  # cartridge.monolithic_init at its init (no parts: a unit is a document)
     per = _P.value - 1
     m_ids = [t for d in docs for t in (ids[d] if mono == "concat" else ids[d][:per])]
