@@ -465,6 +465,17 @@ class CasStages:
       return [t for u in self.units for t in list(ids_of(u))[:per]]
     return [t for d in self.docs for t in self._ids(d)]  # the documents in a row: only the first ones fit
 
+  def _monolithic_init_rule(self) -> dict | None:
+    """The monolithic baseline's init rule in its checkpoint fingerprint (None: the defaults, which
+    keep the id of workdirs trained before the rule joined it). concat reads the documents' own tokens,
+    so only cartridge.init (the strategy) and the short fill shape it; units reads each unit's init text
+    (every init field)."""
+    sig = self._init_signature()
+    if self.config.cartridge.get("monolithic_init", "concat") == "concat":
+      sig = {k: v for k, v in sig.items() if k in ("init", "short_fill")}
+      return sig or None
+    return {"monolithic_init": "units", **sig}
+
   def train_monolithic(self):
     """Baseline: one cartridge of N*p tokens trained on every document's self-study data (N: the
     cartridge units, so the same total tokens as the CAS cartridges when documents are cut into parts)."""
@@ -486,7 +497,7 @@ class CasStages:
     out = train_cartridge(model=self.model, model_fingerprint=self.lm.fingerprint,
                           dataset_dir=self.synth_dir, workdir=os.path.join(self.run_dir, "monolithic"),
                           init_fn=init, train_cfg=cfg, dtype=DTYPES[self.config.dtype],
-                          init_rule={"monolithic_init": mono, **self._init_signature()} if mono != "concat" else None)
+                          init_rule=self._monolithic_init_rule())
     self.timings["train_monolithic"] = time.time() - t
     return out
 

@@ -186,3 +186,10 @@ def test_monolithic_init_units_starts_every_document(collection_dir, lm, tmp_pat
   assert first["d-long"][:per] != cat._monolithic_init_ids()[3 * per:4 * per]
   with pytest.raises(CartridgeError, match="cartridge.monolithic_init='pieces'"):
     CasStages(_config(collection_dir, monolithic_init="pieces"), str(tmp_path / "bad"), lm=lm)
+  # the init rule in the monolithic training's fingerprint: what shapes its init, nothing when default
+  assert cat._monolithic_init_rule() is None
+  assert CasStages(_config(collection_dir, init="key_norm"), str(tmp_path / "k"), lm=lm)._monolithic_init_rule() \
+      == {"init": "key_norm"}
+  assert CasStages(_config(collection_dir, init_text="salient"), str(tmp_path / "s"), lm=lm)._monolithic_init_rule() \
+      is None  # concat does not read the init text
+  assert units._monolithic_init_rule() == {"monolithic_init": "units"}
