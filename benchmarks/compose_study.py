@@ -31,6 +31,9 @@ import sys
 import tarfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repo root
+from cas.fileio import tree_bytes  # noqa: E402 (light: os/hashlib only)
+
 COLLECTIONS = ("patients", "products", "minutes")
 # The study's recipe (the `paper` preset at p = 256, 600 steps and 64 conversations per document: the
 # prose sweep found 64 = 256 conversations within noise, and p = 256 keeps twelve trainings in ~20 min)
@@ -214,17 +217,6 @@ def disk_gb(f: dict) -> float:
   return 0.02 * int(f["p"]) if v in ("", "auto") else float(v)
 
 
-def _du(path: str) -> int:
-  n = 0
-  for d, _dirs, files in os.walk(path):
-    for x in files:
-      try:
-        n += os.lstat(os.path.join(d, x)).st_size
-      except OSError:
-        pass
-  return n
-
-
 def disk_fits(need_gb: float, free_bytes: int, running_used: list[int], per_run_gb: float) -> bool:
   """A training needing `need_gb` fits when the free space, less what each running training (using
   running_used bytes now) may still write up to per_run_gb, holds it."""
@@ -273,7 +265,7 @@ def schedule(root: str) -> None:
       if dep is not None:
         trains = [n for n in running if "synth" in by_name[n]]
         free = shutil.disk_usage(root).free
-        if not disk_fits(per_run, free, [_du(os.path.join(root, n)) for n in trains], per_run):
+        if not disk_fits(per_run, free, [tree_bytes(os.path.join(root, n)) for n in trains], per_run):
           if not trains:  # nothing running will free it: say so instead of waiting forever
             state[j["name"]] = f"skipped (disk: {free / 1e9:.1f} GB free, a run needs {per_run:.1f}; --disk_gb)"
           continue

@@ -18,6 +18,18 @@ def sha256_file(path: str) -> str:
   return h.hexdigest()
 
 
+def tree_bytes(path: str) -> int:
+  """Bytes of the files under `path` (0 when it does not exist; files vanishing meanwhile count 0)."""
+  n = 0
+  for dirpath, _dirnames, filenames in os.walk(path):
+    for fn in filenames:
+      try:
+        n += os.lstat(os.path.join(dirpath, fn)).st_size
+      except OSError:
+        pass
+  return n
+
+
 def file_checksums(root: str, skip: tuple[str, ...] = ()) -> dict[str, list]:
   """{path relative to root ('/' separators): [size in bytes, sha256 hex]} of every file under
   root (sorted walk), except the relative paths in `skip`."""

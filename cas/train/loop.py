@@ -52,6 +52,7 @@ from tqdm import tqdm
 from cas.cartridge.cartridge import Cartridge, CartridgeSpec
 from cas.cartridge.io import save_cartridge
 from cas.distributed import fetch, host_to_global, tree_to_global
+from cas.fileio import tree_bytes
 from cas.locking import DirLock
 from cas.metrics import MetricWriter, NullMetricWriter
 from cas.rotation.manager import SlotManager, resident_bytes
@@ -193,16 +194,6 @@ def _already_finished(workdir: str, store: CartridgeStore, expect: Mapping, step
                     "rolling it back to the last checkpoint's snapshot and flushing again", workdir, TRAIN_DONE)
     return None
   return done
-
-
-def _tree_bytes(path: str) -> int:
-  """Bytes of the files under path (0 when it does not exist)."""
-  n = 0
-  for d, _dirs, files in os.walk(path):
-    for f in files:
-      with contextlib.suppress(OSError):
-        n += os.lstat(os.path.join(d, f)).st_size
-  return n
 
 
 def _drop_history(store: CartridgeStore | None, manager) -> None:
@@ -350,7 +341,7 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
     preflight.check_disk(
         workdir, preflight.estimate_cas_disk_bytes(spec, num_docs=len(doc_ids), num_slots=c["num_slots"],
                                                    keep_checkpoints=c["keep_checkpoints"]),
-        already=sum(_tree_bytes(os.path.join(workdir, d)) for d in ("store", "checkpoints")),
+        already=sum(tree_bytes(os.path.join(workdir, d)) for d in ("store", "checkpoints")),
         what=f"{'Single-cartridge' if single else 'CAS'} training of {len(doc_ids)} document(s) (p={spec.num_tokens}, "
              f"keep_checkpoints={c['keep_checkpoints']})",
         hints="Free space, point --workdir at a larger disk, or lower train.keep_checkpoints.")

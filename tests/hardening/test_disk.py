@@ -7,7 +7,7 @@ import pytest
 
 from cas.rotation.store import CartridgeStore
 from cas.train import checkpoint as ckpt
-from cas.train.loop import _tree_bytes
+from cas.fileio import tree_bytes
 from cas.train.preflight import DiskPreflightError, estimate_cas_disk_bytes
 from tests.hardening.conftest import run_cas
 
@@ -25,7 +25,7 @@ def test_a_training_past_the_disk_is_refused_before_anything_is_written(cas_data
   assert not os.path.exists(os.path.join(wd, "store")) and not os.path.exists(os.path.join(wd, "checkpoints"))
   monkeypatch.setenv("CAS_DISK_LIMIT_BYTES", str(est["total"]))
   run_cas(cas_data, wd, CFG)  # at the estimate: runs
-  assert _tree_bytes(wd) <= est["total"]  # the estimate bounds what the run left
+  assert tree_bytes(wd) <= est["total"]  # the estimate bounds what the run left
 
 
 def test_a_finished_training_keeps_its_last_checkpoint_and_snapshot_only(cas_data, tmp_path):
