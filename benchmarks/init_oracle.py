@@ -54,6 +54,10 @@ _CMODES = flags.DEFINE_list("composed_modes", ["shared"], "without --max_doc_tok
 _MONO = flags.DEFINE_list("monolithic", [], "also the monolithic baseline's init (one cartridge of 1 + N * (p - 1) "
                           "tokens, every question): concat (cartridge.monolithic_init=concat, the documents in a row) "
                           "| units (each document's first p - 1 tokens, in a row)")
+_KTEMP = flags.DEFINE_list("key_temp", ["1"], "without --max_doc_tokens: attention temperatures of the composed "
+                            "cartridges' keys (every key but the sink's scaled by 1/T: T < 1 sharpens the attention "
+                            "over the loaded cartridges, as APE's temperature for parallel-encoded contexts); a row "
+                            "per --composed x --composed_modes x T")
 _ICL = flags.DEFINE_bool("icl", True, "also evaluate ICL (the slow part on a CPU: ~1 h for 78 questions)")
 
 
@@ -82,6 +86,16 @@ def _loaded(q, n: int, doc_ids: list[str]) -> list[str]:
   return [ids[i] for i in rng.permutation(len(ids))]
 
 
+def _composed(ev, carts, mode: str, temp: float):
+  """The cartridges composed in `mode`, every key but the sink's scaled by 1 / temp."""
+  if temp == 1.0:
+    return ev.cartridges(carts, mode=mode)
+  from cas.cartridge.compose import compose
+  k, v, off = compose(carts, mode=mode, inv_freq=ev.model.inv_freq[...])
+  f = carts[0].spec.num_frozen
+  return ev.cartridge(k.at[:, f:].multiply(1.0 / temp), v, off)
+
+
 def main(argv):
   del argv
   from cas.config_check import MONOLITHIC_INITS
@@ -92,6 +106,12 @@ def main(argv):
   bad = sorted(set(_CMODES.value) - set(POSITION_MODES))
   if bad:
     raise app.UsageError(f"--composed_modes={','.join(bad)}: use {' or '.join(POSITION_MODES)}")
+  try:
+    temps = [float(t) for t in _KTEMP.value]
+  except ValueError:
+    raise app.UsageError(f"--key_temp={','.join(_KTEMP.value)}: give numbers > 0") from None
+  if not temps or min(temps) <= 0:
+    raise app.UsageError(f"--key_temp={','.join(_KTEMP.value)}: give numbers > 0")
   lm = load_model()
   model, tok = lm.model, lm.tokenizer
   ev = Evaluator(model, tok)
@@ -159,9 +179,11 @@ def main(argv):
     print(f"init_{fill}{suffix} done ({time.time() - t0:.0f}s)", flush=True)
     for n in _COMPOSED.value:  # the question's document + n - 1 others (the same per question in every mode)
       for mode in _CMODES.value:
-        rows[f"init_{fill}{suffix}@{n}/{mode}"] = [
-            ev.answer(ev.cartridges([inits[d] for d in _loaded(q, n, list(inits))], mode=mode), q) for q in qs]
-        print(f"init_{fill}{suffix}@{n}/{mode} done ({time.time() - t0:.0f}s)", flush=True)
+        for temp in temps:
+          name = f"init_{fill}{suffix}@{n}/{mode}" + (f"/T{temp:g}" if temp != 1.0 else "")
+          rows[name] = [ev.answer(_composed(ev, [inits[d] for d in _loaded(q, n, list(inits))], mode, temp), q)
+                        for q in qs]
+          print(f"{name} done ({time.time() - t0:.0f}s)", flush=True)
   for mono in _MONO.value:  # cartridge.monolithic_init at its init (no parts: a unit is a document)
     per = _P.value - 1
     m_ids = [t for d in docs for t in (ids[d] if mono == "concat" else ids[d][:per])]
