@@ -327,11 +327,9 @@ def against_lines(results: dict, other: dict, pairs: list[tuple[str, str]]) -> l
       seeds = sorted(set(seeds_of(results, a, c)) & set(seeds_of(other, b, c)))
       if not seeds:
         continue
-      pa, pb = pooled(results, a, c), pooled(other, b, c)
-      keep = tuple(f"s{s}/" for s in seeds)
-      n = len(paired_by_qid([q for q in pa.get("cartridge_oracle", []) if q["qid"].startswith(keep)],
-                            pb.get("cartridge_oracle", []))[0])
-      cells = [dcell(diff([q for q in pa.get(m, []) if q["qid"].startswith(keep)], pb.get(m))) for m in AGAINST_METHODS]
+      pa, pb = pooled(results, a, c), pooled(other, b, c)  # qids carry their seed: only common ones pair
+      n = len(paired_by_qid(pa.get("cartridge_oracle", []), pb.get("cartridge_oracle", []))[0])
+      cells = [dcell(diff(pa.get(m), pb.get(m))) for m in AGAINST_METHODS]
       rows.append(f"| {a} - {b} | {c} | {','.join(map(str, seeds))} | {n} | " + " | ".join(cells) + " |")
   if rows:
     out += ["Against the other study (paired by question):", "", head,

@@ -217,11 +217,11 @@ def disk_gb(f: dict) -> float:
   return 0.02 * int(f["p"]) if v in ("", "auto") else float(v)
 
 
-def disk_fits(need_gb: float, free_bytes: int, running_used: list[int], per_run_gb: float) -> bool:
-  """A training needing `need_gb` fits when the free space, less what each running training (using
-  running_used bytes now) may still write up to per_run_gb, holds it."""
+def disk_fits(per_run_gb: float, free_bytes: int, running_used: list[int]) -> bool:
+  """One more training (peak per_run_gb) fits when the free space, less what each running training
+  (using running_used bytes now) may still write up to the same peak, holds it."""
   reserved = sum(max(0.0, per_run_gb * 1e9 - u) for u in running_used)
-  return free_bytes - reserved >= need_gb * 1e9
+  return free_bytes - reserved >= per_run_gb * 1e9
 
 
 def schedule(root: str) -> None:
@@ -265,7 +265,7 @@ def schedule(root: str) -> None:
       if dep is not None:
         trains = [n for n in running if "synth" in by_name[n]]
         free = shutil.disk_usage(root).free
-        if not disk_fits(per_run, free, [tree_bytes(os.path.join(root, n)) for n in trains], per_run):
+        if not disk_fits(per_run, free, [tree_bytes(os.path.join(root, n)) for n in trains]):
           if not trains:  # nothing running will free it: say so instead of waiting forever
             state[j["name"]] = f"skipped (disk: {free / 1e9:.1f} GB free, a run needs {per_run:.1f}; --disk_gb)"
           continue

@@ -260,6 +260,15 @@ def _pinned_by(born: int, retire: int, snap_seqs: Iterable[int]) -> bool:
 
 # ----------------------------------------------------------------------------- the store
 
+
+def _drop_oldest(snaps: dict, keep: int) -> list[str]:
+  """Remove all but the newest `keep` tags from a record's snapshot map (tag -> entry); the dropped tags."""
+  tags = sorted(snaps, key=int)
+  drop = tags[:max(0, len(tags) - keep)]
+  for t in drop:
+    del snaps[t]
+  return drop
+
 class CartridgeStore:
   """All documents' cartridges, optimizer moments and counts (see module docstring).
 
@@ -1314,8 +1323,7 @@ class CartridgeStore:
       small = copy.deepcopy(st.small)
       snaps = small["snapshots"]
       snaps[str(int(tag))] = None  # becomes this record (see _commit)
-      for t in sorted(snaps, key=int)[:-self.keep_snapshots]:
-        del snaps[t]
+      _drop_oldest(snaps, self.keep_snapshots)
       seq = self._max_seq + 1
       keep = [e["seq"] if e else seq for e in snaps.values()]
       packs_delta, gc = self._unpin(st, small, keep)
@@ -1331,14 +1339,10 @@ class CartridgeStore:
     with self._lock:
       st = self._state
       small = copy.deepcopy(st.small)
-      snaps = small["snapshots"]
-      tags = sorted((t for t, e in snaps.items() if e), key=int)
-      drop = tags[:len(tags) - keep] if keep else tags
+      drop = _drop_oldest(small["snapshots"], keep)
       if not drop:
         return []
-      for t in drop:
-        del snaps[t]
-      packs_delta, gc = self._unpin(st, small, [e["seq"] for e in snaps.values() if e])
+      packs_delta, gc = self._unpin(st, small, [e["seq"] for e in small["snapshots"].values() if e])
       self._commit("retain", st, {}, packs_delta, small, gc)
       return [int(t) for t in drop]
 

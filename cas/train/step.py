@@ -244,7 +244,7 @@ def slot_adam_update(state: dict, grads: dict, touched: jax.Array, *, lr: float,
   # [B] bool: every entry of the slot's updated arrays finite (fused into the update: a separate
   # jitted check after the step needed its own temp buffers, 4.49 GiB at p = 512 on an H100, and OOMed)
   finite = jnp.ones(norm.shape, bool)
-  for name in ("k", "v", "mu_k", "mu_v", "nu_k", "nu_v"):
+  for name in SLOT_ARRAYS:
     finite = finite & jnp.all(jnp.isfinite(new[name]), axis=axes)
   return new, {"slot_grad_norm": norm, "updated": ok, "params_finite": finite}
 

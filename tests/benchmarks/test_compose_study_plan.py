@@ -88,7 +88,7 @@ def test_disk_reservation_counts_what_running_trainings_may_still_write():
   f = cs._flags(["--p=512"])
   assert cs.disk_gb(f) == 0.02 * 512 and cs.disk_gb(cs._flags(["--disk_gb=3.5"])) == 3.5
   gb = 1e9
-  assert cs.disk_fits(10, 64 * gb, [], 10)
-  assert not cs.disk_fits(10, 64 * gb, [0] * 6, 10)  # six fresh runs may still write 60 GB
-  assert cs.disk_fits(10, 64 * gb, [8 * gb] * 6, 10)  # ... but they already wrote most of it
-  assert cs.disk_fits(10, 30 * gb, [12 * gb], 10)  # a run past its estimate reserves nothing more
+  assert cs.disk_fits(10, 64 * gb, [])
+  assert not cs.disk_fits(10, 64 * gb, [0] * 6)  # six fresh runs may still write 60 GB
+  assert cs.disk_fits(10, 64 * gb, [8 * gb] * 6)  # ... but they already wrote most of it
+  assert cs.disk_fits(10, 30 * gb, [12 * gb])  # a run past its estimate reserves nothing more
