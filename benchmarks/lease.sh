@@ -53,6 +53,8 @@ if [ "$MODE" = start ]; then
   # prose jobs grow their processes (no preallocated fraction): their share is what four trainings
   # took at most on an H100 (2026-12-05: 0.1225 of 80 GB each was too little for a parts1k training)
   declare -A SHARE=([silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5 [long]=0.4 [p512rest]=0.25)
+  # SHARES="gemma_minutes=0.2 p512rest=0.31" overrides jobs' shares (and with them their schedulers' --mem_total)
+  for kv in ${SHARES:-}; do SHARE[${kv%%=*}]=${kv#*=}; done
   GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
   SCALE=$(python3 -c "print(max(1.0, 143000 / float('${GPU_MIB:-143000}' or 143000)))")
   f() { python3 -c "print(f'{$1 * $SCALE:.3f}')"; }
@@ -61,7 +63,7 @@ if [ "$MODE" = start ]; then
   # silent job's lever runs waited behind its base runs at a 0.45 share; started by hand beside them, eight
   # runs took 73 of 80 GB and finished 8 minutes sooner)
   NJOBS=$(echo ${2:-prose_sal head32} | wc -w)
-  mt() { if [ "$NJOBS" = 1 ]; then echo 0.95; else f $1; fi; }
+  mt() { if [ "$NJOBS" = 1 ]; then echo 0.95; else f ${SHARE[$j]}; fi; }
   total=0; for j in ${2:-prose_sal head32}; do total=$(python3 -c "print($total + ${SHARE[$j]:-0} * $SCALE)"); done
   if python3 -c "import sys; sys.exit(0 if $total > 0.97 else 1)"; then
     echo "start: these jobs need $(python3 -c "print(round($total, 2))") of this card's memory (${GPU_MIB} MiB; shares x $SCALE):" \
@@ -78,21 +80,21 @@ if [ "$MODE" = start ]; then
             bash benchmarks/prose_sweep.sh start $R/prose_s$s
         done;;
       head32) run head32 $CS start $R/head32 --variants=base,head32 --collections=patients,minutes --seeds=0,1 \
-                --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt 0.21) "--extra=--config.eval.question_pick=spread";;
+                --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
       compose_sal) run compose_sal $CS start $R/compose_sal --variants=${SAL_VARIANTS:-base,salient,cosine} --collections=${SAL_COLLECTIONS:-minutes,products} \
-                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt 0.25) "--extra=--config.eval.question_pick=spread";;
+                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
       silent) run silent $CS start $R/silent --variants=base,silent --collections=minutes,patients \
-                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt 0.25) "--extra=--config.eval.question_pick=spread";;
+                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
       p512) run p512 $CS start $R/p512 --variants=${P512_VARIANTS:-base} --collections=${P512_COLLECTIONS:-patients,products,minutes} --seeds=0,1 --p=512 \
-                --only=${P512_ONLY:-} --mem=$(f ${P512_MEM:-0.075}) --synth_mem=$(f 0.06) --mem_total=$(mt 0.5) "--extra=--config.eval.question_pick=spread";;
+                --only=${P512_ONLY:-} --mem=$(f ${P512_MEM:-0.075}) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
       long) run long $CS start $R/long --variants=base,iso01 --collections=patients,minutes --seeds=0,1 \
-                --steps=${LONG_STEPS:-2000} --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt 0.4) \
+                --steps=${LONG_STEPS:-2000} --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) \
                 "--extra=--config.eval.question_pick=spread";;
       p512rest) run p512rest $CS start $R/p512rest --variants=base --collections=patients,products --seeds=0,1 --p=512 \
-                --only=base:patients+products --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt 0.25) \
+                --only=base:patients+products --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt) \
                 "--extra=--config.eval.question_pick=spread";;
       gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=$(f 0.1) \
-                --mem_total=$(mt 0.3) --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
+                --mem_total=$(mt) --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
                 "--extra=--config.model_path=gemma3-270m --config.eval.num_loaded=(1,2,5,10) --config.eval.question_pick=spread";;
       builtin6) for k in products minutes; do for s in 0 1; do mkdir -p $R/builtin6/${k}_s$s
                   XLA_PYTHON_CLIENT_PREALLOCATE=false run builtin6_${k}_s$s python3 -m launch.cas \
@@ -101,7 +103,7 @@ if [ "$MODE" = start ]; then
                     "--config.eval.methods=('no_context','icl','cartridge_oracle','cartridge_init')" \
                     --stages=synth,train,indexes,evaluate --workdir=$R/builtin6/${k}_s$s; done; done;;
       q21) run q21 $CS start $R/q21 --variants=base --collections=patients,products,minutes --seeds=0,1 \
-                --mem=$(f 0.05) --synth_mem=$(f 0.06) --mem_total=$(mt 0.15) \
+                --mem=$(f 0.05) --synth_mem=$(f 0.06) --mem_total=$(mt) \
                 --methods=no_context,icl,cartridge_oracle,cartridge_retrieved,cartridge_adaptive,rag_text,cartridge_gold_pair \
                 "--extra=--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8) --config.eval.question_pick=spread";;
       *) echo "unknown job $j"; exit 2;;
