@@ -54,7 +54,7 @@ if [ "$MODE" = start ]; then
   # took at most on an H100 (2026-12-05: 0.1225 of 80 GB each was too little for a parts1k training)
   declare -A SHARE=([silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5 [long]=0.4 [p512rest]=0.25)
   # SHARES="gemma_minutes=0.2 p512rest=0.31" overrides jobs' shares (and with them their schedulers' --mem_total)
-  for kv in ${SHARES:-}; do SHARE[${kv%%=*}]=${kv#*=}; done
+  declare -A SET=(); for kv in ${SHARES:-}; do SHARE[${kv%%=*}]=${kv#*=}; SET[${kv%%=*}]=1; done
   GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
   SCALE=$(python3 -c "print(max(1.0, 143000 / float('${GPU_MIB:-143000}' or 143000)))")
   f() { python3 -c "print(f'{$1 * $SCALE:.3f}')"; }
@@ -63,7 +63,7 @@ if [ "$MODE" = start ]; then
   # silent job's lever runs waited behind its base runs at a 0.45 share; started by hand beside them, eight
   # runs took 73 of 80 GB and finished 8 minutes sooner)
   NJOBS=$(echo ${2:-prose_sal head32} | wc -w)
-  mt() { if [ "$NJOBS" = 1 ]; then echo 0.95; else f ${SHARE[$j]}; fi; }
+  mt() { if [ "$NJOBS" = 1 ] && [ -z "${SET[$j]:-}" ]; then echo 0.95; else f ${SHARE[$j]}; fi; }
   total=0; for j in ${2:-prose_sal head32}; do total=$(python3 -c "print($total + ${SHARE[$j]:-0} * $SCALE)"); done
   if python3 -c "import sys; sys.exit(0 if $total > 0.97 else 1)"; then
     echo "start: these jobs need $(python3 -c "print(round($total, 2))") of this card's memory (${GPU_MIB} MiB; shares x $SCALE):" \
