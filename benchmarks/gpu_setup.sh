@@ -28,4 +28,4 @@ for i in 0 1 2 3 4 5 6 7; do [ -f .gem$i/part ] && cp -n .gem$i/part /root/cache
 M=$CAS_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf
 join_model $M b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 $(ls /root/cache/part0* 2>/dev/null)
 G=$CAS_HOME/models/gemma-3-270m-q4_k_m.gguf
-[ -f /root/cache/gem0 ] && join_model $G a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818 $(ls /root/cache/gem* 2>/dev/null)
+if [ -f /root/cache/gem0 ]; then join_model $G a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818 $(ls /root/cache/gem* 2>/dev/null); fi
