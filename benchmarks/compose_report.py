@@ -32,7 +32,8 @@ _F = flags.FLAGS
 def _define_flags() -> None:
   """The command line's flags, defined only when run as a script: tests import this module, and
   flags defined at import would clash with other modules' (--out) and break their parsing."""
-  flags.DEFINE_string("archive", None, "compose_study.tgz from benchmarks/compose_study.py (required)")
+  flags.DEFINE_multi_string("archive", None, "compose_study.tgz from benchmarks/compose_study.py (required; "
+                            "repeat to merge studies: a run in a later archive replaces the same run of an earlier)")
   flags.DEFINE_string("plots", None, "folder for one accuracy-vs-loaded plot per collection (None = none)")
   flags.DEFINE_string("out", None, "also write the markdown here")
   flags.DEFINE_string("against", None, "a second study's compose_study.tgz on the same questions: adds "
@@ -296,18 +297,50 @@ def plot(collection: str, base: dict, ns: list[int], path: str) -> str:
   return path
 
 
+def load_archives(paths: list[str]) -> tuple[dict, list[str]]:
+  """Several studies' runs merged; a run (variant, collection, seed) in a later archive replaces the
+  same run of an earlier one. Returns the runs and one line per replaced run."""
+  out, notes = {}, []
+  for path in paths:
+    for key, res in load_archive(path).items():
+      if key in out:
+        notes.append(f"{key[0]}_{key[1]}_s{key[2]}: from {path}")
+      out[key] = res
+  return out, notes
+
+
+def pooled_lines(sections: dict[str, dict]) -> list[str]:
+  """cas - isolated (and cas - icl_composed) pooled over every collection's questions, paired by
+  question: the issue's claim is made over collections, so it gets one interval over all of them."""
+  cols = sorted(sections)
+  if len(cols) < 2:
+    return []
+  ns = sorted(set.intersection(*(set(sections[c]["ns"]) for c in cols)))
+  lines = [f"### All collections pooled ({', '.join(cols)}; questions paired within their collection)", "",
+           "| n loaded | questions | cas_composed | isolated_composed | cas - isolated (paired) |", "|---|---|---|---|---|"]
+  for n in ns:
+    cas, iso = [], []
+    for c in cols:
+      b = sections[c]["base"]
+      cas += [{**q, "qid": f"{c}/{q['qid']}"} for q in b.get(f"cas_composed@{n}/shared") or []]
+      iso += [{**q, "qid": f"{c}/{q['qid']}"} for q in b.get(f"isolated_composed@{n}/shared") or []]
+    lines.append(f"| {n} | {len(cas)} | {cell(cas)} | {cell(iso)} | {dcell(diff(cas, iso))} |")
+  return lines + [""]
+
+
 def report(results: dict, plots_dir: str | None = None, base_variant: str = "base") -> str:
   import os
-  out = []
+  out, sections = [], {}
   for c in sorted({c for (v, c, _s) in results if v == base_variant}):
     text, data = collection_section(results, c, base_variant)
+    sections[c] = data
     out.append(text)
     if plots_dir and data["ns"]:
       os.makedirs(plots_dir, exist_ok=True)
       p = plot(c, data["base"], data["ns"], os.path.join(plots_dir, f"compose_{c}.png"))
       out.append(f"\n![{c}]({p})")
     out.append("")
-  return "\n".join(out)
+  return "\n".join(out + pooled_lines(sections))
 
 
 AGAINST_METHODS = ("cartridge_oracle",) + tuple(f"cas_composed@{n}/shared" for n in (1, 2, 5, 10, 20)) + tuple(
@@ -341,8 +374,10 @@ def main(argv):
   del argv
   if not _F.archive:
     raise app.UsageError("--archive is required (the compose_study.tgz of benchmarks/compose_study.py)")
-  results = load_archive(_F.archive)
+  results, replaced = load_archives(_F.archive)
   text = report(results, _F.plots, _F.base)
+  if replaced:
+    text += "\n\nRuns taken from a later archive: " + "; ".join(replaced)
   if _F.against:
     pairs = [tuple(p.split(":", 1)) for p in _F.against_pairs.split(",") if p]
     if any(len(p) != 2 or not all(p) for p in pairs):

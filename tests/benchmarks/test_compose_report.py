@@ -72,3 +72,43 @@ def test_against_lines_pair_two_studies_by_question_and_skip_seeds_only_one_ran(
   assert b[4].startswith("+33.3") and b[6].startswith("+33.3")  # oracle and cas@2: one question in three flipped
   assert rows[1].split(" | ")[4].startswith("+0.0")
   assert cr.against_lines(this, {}, [("base", "base")]) == []
+
+
+def _run(cas, iso):
+  """One run's results.json: cas and isolated composed @2 on len(cas) questions."""
+  return {"methods": [{"method": "cas_composed@2/shared", "questions": [{"qid": f"d{i}/f/mc", "correct": c} for i, c in enumerate(cas)]},
+                      {"method": "isolated_composed@2/shared", "questions": [{"qid": f"d{i}/f/mc", "correct": c} for i, c in enumerate(iso)]}]}
+
+
+def test_pooled_lines_pair_within_each_collection_and_need_two_collections():
+  """Questions with the same qid in two collections are different questions: pooling keeps them apart
+  (4 pairs, not 2), and cas - isolated over all of them is the mean of the per-question differences."""
+  results = {("base", "patients", 0): _run([True, True], [False, True]),
+             ("base", "minutes", 0): _run([True, False], [True, False])}
+  sections = {c: cr.collection_section(results, c)[1] for c in ("patients", "minutes")}
+  row = next(l for l in cr.pooled_lines(sections) if l.startswith("| 2 |")).split(" | ")
+  assert row[1] == "4" and row[2].startswith("75.0") and row[3].startswith("50.0") and row[4].startswith("+25.0")
+  assert cr.pooled_lines({"patients": sections["patients"]}) == []
+
+
+def test_load_archives_later_runs_replace_earlier_and_say_so(tmp_path):
+  import io
+  import json
+  import tarfile
+
+  def archive(name, runs):
+    path = tmp_path / name
+    with tarfile.open(path, "w:gz") as tar:
+      for run, res in runs.items():
+        data = json.dumps(res).encode()
+        info = tarfile.TarInfo(f"{run}/eval/results.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+  a = archive("a.tgz", {"base_minutes_s0": _run([True], [True]), "base_products_s1": _run([False], [False])})
+  b = archive("b.tgz", {"base_products_s1": _run([True], [False])})
+  results, notes = cr.load_archives([a, b])
+  assert sorted(results) == [("base", "minutes", 0), ("base", "products", 1)]
+  assert results[("base", "products", 1)]["methods"][0]["questions"][0]["correct"] is True
+  assert notes == [f"base_products_s1: from {b}"]
