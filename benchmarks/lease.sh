@@ -25,8 +25,11 @@
 #                  questions spread over each document (the lever for distractor interference)
 #   gemma_minutes  issues 20 + 24: the compose study (CAS + isolated + icl_composed) with Gemma 3 270M
 #   builtin6       issue 26 item 4 ("within 6 of ICL on the built-in collections, kept"): the paper preset's
-#                  oracle and its untrained init on products and minutes, seeds 0 and 1, questions spread
-#                  over each document (CAS training only; processes without preallocation)
+#                  oracle and its untrained init on patients, products and minutes (the salient init: the
+#                  documented choice for long running text), seeds 0 and 1, questions spread over each document
+#                  (CAS training only; processes without preallocation; B6_KINDS= / B6_CONV= pick fewer
+#                  collections / conversations per document: the preset's 512 make six self-study sets of
+#                  10,240 conversations, ~20 min on an H200 side by side by the p512 study's 64-conversation speed)
 #   p512           issue 20: the compose study's base (CAS + isolated + icl_composed) at p = 512 on all three
 #                  collections, seeds 0 and 1, questions spread over each document (on spread questions the
 #                  p = 256 oracle is 21-27 under ICL, and CAS beat isolated by +17 only where the oracle was strong;
@@ -103,10 +106,11 @@ if [ "$MODE" = start ]; then
       gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=$(f 0.1) \
                 --mem_total=$(mt) --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
                 "--extra=--config.model_path=gemma3-270m --config.eval.num_loaded=(1,2,5,10) --config.eval.question_pick=spread";;
-      builtin6) for k in products minutes; do for s in 0 1; do mkdir -p $R/builtin6/${k}_s$s
+      builtin6) for k in ${B6_KINDS:-patients products minutes}; do for s in 0 1; do mkdir -p $R/builtin6/${k}_s$s
                   XLA_PYTHON_CLIENT_PREALLOCATE=false run builtin6_${k}_s$s python3 -m launch.cas \
                     --config=configs/cas.py:paper --config.data.kind=$k --config.data.seed=$s --config.synth.seed=$s \
-                    --config.train.seed=$s --config.eval.question_pick=spread --config.layer_loop=scan \
+                    --config.train.seed=$s --config.eval.question_pick=spread \
+                    --config.synth.conversations=${B6_CONV:-512} $([ $k = minutes ] && echo --config.cartridge.init_text=salient) --config.layer_loop=scan \
                     "--config.eval.methods=('no_context','icl','cartridge_oracle','cartridge_init')" \
                     --stages=synth,train,indexes,evaluate --workdir=$R/builtin6/${k}_s$s; done; done;;
       q21) run q21 $CS start $R/q21 --variants=base --collections=patients,products,minutes --seeds=0,1 \
