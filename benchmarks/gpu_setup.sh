@@ -11,7 +11,7 @@ export CAS_HOME=/root/cache/cas
 export PYTHONUNBUFFERED=1
 mkdir -p $CAS_HOME/models
 # Models travel in parts, one or two per call (a call carries 64 MiB with the tracked tree, ~18 MB in
-# December 2026): SmolLM2 as `.model_a/part00`, `.model_b/part01`, ... (`split -n 3 -d -a 2 <gguf>
+# December 2026): SmolLM2 as `.model_0/part00`, `.model_1/part01`, `.model_2/part02` (`split -n 3 -d -a 2 <gguf>
 # /tmp/smolpart`), Gemma 3 270M (issue 24's second model, 253 MB) as `.gem0/part` .. `.gem5/part`
 # (`split -n 6 -d -a 1 <gguf>`). Each call stores what it carries in /root/cache; a model is joined
 # once its parts give the right sha256 (the count of parts is not fixed).
@@ -23,8 +23,8 @@ join_model() {  # join_model <dest> <sha256> <parts...>
   if [ "$(sha256sum "$dest.tmp" | cut -c1-64)" = "$sha" ]; then mv "$dest.tmp" "$dest"; echo "$(basename $dest) ok"
   else rm -f "$dest.tmp"; echo "$(basename $dest): $# parts so far, not complete yet"; fi
 }
-for d in .model_*; do [ -d "$d" ] && cp -n $d/part* /root/cache/ 2>/dev/null; done
-for i in 0 1 2 3 4 5 6 7; do [ -f .gem$i/part ] && cp -n .gem$i/part /root/cache/gem$i; done
+for f in .model_*/part*; do [ -f "$f" ] && [ ! -f /root/cache/$(basename $f) ] && cp $f /root/cache/; done
+for i in 0 1 2 3 4 5 6 7; do [ -f .gem$i/part ] && [ ! -f /root/cache/gem$i ] && cp .gem$i/part /root/cache/gem$i; done
 M=$CAS_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf
 join_model $M b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 $(ls /root/cache/part0* 2>/dev/null)
 G=$CAS_HOME/models/gemma-3-270m-q4_k_m.gguf

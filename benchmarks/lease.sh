@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU lease, several research jobs side by side (each detached, so a call returns at once and the
 # jobs outlive it; the machine stays held while calls keep coming). After `. benchmarks/gpu_setup.sh`
-# (SmolLM2 for every job; Gemma's five parts too for gemma_minutes):
+# (SmolLM2 for every job; Gemma's six parts too for gemma_minutes):
 #   bash benchmarks/lease.sh start "prose_sal head32 gemma_minutes q21"   # any subset, in this order
 #   bash benchmarks/lease.sh status        # progress of every job (repeat: `sleep 500; ... status`)
 #   OUT=$OUT bash benchmarks/lease.sh collect   # each job's archive into $OUT/<job>/ (what has finished)
