@@ -45,6 +45,12 @@
 #                  CAS cartridges) at p = 512 on all three collections, seeds 0 and 1, spread questions: the same
 #                  questions as the p512 / p512rest archives, so `compose_report --archive=<p512> --archive=<p512rest>
 #                  --archive=<mono512>` pairs it with CAS at all N loaded and with retrieval (~15 min on an H200)
+#   paper3         issue 20 items 2 + 4 at the paper preset's budget: CAS + isolated + icl_composed + the monolithic
+#                  baseline at p = 512, 1,000 steps, PAPER3_CONV (default 128) conversations per document, on patients
+#                  and products (where icl_composed reaches 5-10 documents), seeds 0 and 1, spread questions.
+#                  Hypothesis: CAS composes about as the model reads the same documents as text, so with the
+#                  oracle of the longer budget cas@n reaches icl_composed@n (p = 512 study: -7.9 / -3.3 at 5).
+#                  ~20-25 min alone on an H200 (estimate from the p512 and budget studies)
 #   q21            issue 21 item 3: retrieved cartridges vs text RAG on questions by content and pairs
 set -u
 MODE=${1:-status}; R=/root/lease
@@ -59,7 +65,10 @@ if [ "$MODE" = start ]; then
   # Gemma 3 270M, CAS p = 256 about 11.4 GB; an H200 has 143 GB)
   # prose jobs grow their processes (no preallocated fraction): their share is what four trainings
   # took at most on an H100 (2026-12-05: 0.1225 of 80 GB each was too little for a parts1k training)
-  declare -A SHARE=([silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5 [long]=0.4 [p512rest]=0.25 [mono512]=0.5)
+  declare -A SHARE=([silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5 [long]=0.4 [p512rest]=0.25 [mono512]=0.5 [paper3]=0.9)
+  # (--disk_gb=5 on the p = 512 jobs of eight or six trainings: the auto reservation, 10 GB each, would hold back
+  # some of them on the 64 GB disk; a finished p = 512 training keeps ~3 GB since 2026-12-05, and each training's
+  # own preflight still refuses a disk that cannot hold it)
   # SHARES="gemma_minutes=0.2 p512rest=0.31" overrides jobs' shares (and with them their schedulers' --mem_total)
   declare -A SET=(); for kv in ${SHARES:-}; do SHARE[${kv%%=*}]=${kv#*=}; SET[${kv%%=*}]=1; done
   GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
@@ -101,8 +110,11 @@ if [ "$MODE" = start ]; then
                 --only=base:patients+products --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt) \
                 "--extra=--config.eval.question_pick=spread";;
       mono512) run mono512 $CS start $R/mono512 --variants=mono --collections=patients,products,minutes --seeds=0,1 \
-                --mono_seeds=0,1 --p=512 --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt) \
+                --mono_seeds=0,1 --p=512 --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt) --disk_gb=5 \
                 "--extra=--config.eval.question_pick=spread";;
+      paper3) run paper3 $CS start $R/paper3 --variants=base,mono --collections=patients,products --seeds=0,1 \
+                --mono_seeds=0,1 --p=512 --steps=1000 --conv=${PAPER3_CONV:-128} --mem=$(f 0.075) --synth_mem=$(f 0.06) \
+                --mem_total=$(mt) --disk_gb=5 "--extra=--config.eval.question_pick=spread";;
       gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=$(f 0.1) \
                 --mem_total=$(mt) --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
                 "--extra=--config.model_path=gemma3-270m --config.eval.num_loaded=(1,2,5,10) --config.eval.question_pick=spread";;
@@ -131,7 +143,7 @@ elif [ "$MODE" = status ]; then
   for l in $R/builtin6_*.start.log; do [ -f "$l" ] && echo "$(basename $l): $(tr '\r' '\n' < $l | grep -a -E 'it/s|step|conv|Error' | tail -n 1 | cut -c1-120)"; done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 else
-  for j in head32 compose_sal silent gemma q21 p512 long p512rest mono512; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
+  for j in head32 compose_sal silent gemma q21 p512 long p512rest mono512 paper3; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
     [ -f $OUT/compose_study.tgz ] && mv $OUT/compose_study.tgz $OUT/$j/; done
   [ -d $R/builtin6 ] && mkdir -p $OUT/builtin6 && (cd $R && tar czf $OUT/builtin6/builtin6.tgz builtin6_*.start.log \
     builtin6/*/eval/results.json 2>/dev/null)
