@@ -10,6 +10,11 @@ loaded (cas / isolated / icl_composed with intervals, monolithic as a line).
 
   python -m benchmarks.compose_report --archive=<dir>/compose_study.tgz [--plots=benchmarks/results/plots]
 
+Several archives merge (`--archive` repeated: a run in a later one replaces the same run of an earlier
+one). After the collections: cas - isolated pooled over every collection's questions, and the share of
+the above-chance accuracy each method keeps with n loaded (cas, isolated, and the text: icl_composed
+against ICL) with paired bootstrap intervals.
+
 Two studies on the same questions (same collections, seeds and question pick; e.g. p = 512 against
 p = 256): `--against=<other>/compose_study.tgz --against_pairs=base:base,salient:salcas` adds, per
 collection, this study's variant minus the other study's variant, paired by question.
@@ -328,6 +333,48 @@ def pooled_lines(sections: dict[str, dict]) -> list[str]:
   return lines + [""]
 
 
+def retention_lines(sections: dict[str, dict], num_resamples: int = 2000, seed: int = 0) -> list[str]:
+  """How much of its above-chance accuracy each method keeps with n loaded, relative to 1 loaded:
+  (acc@n - chance) / (acc@1 - chance), chance = 1 / the options of a question; for the text (icl_composed)
+  1 loaded is ICL. Pooled over the collections on the questions every one of the six rows answered, with a
+  paired bootstrap 95% interval over those questions for cas - text and cas - isolated. The composition
+  penalty as a share, so a method with a weaker oracle is not charged for it."""
+  import numpy as np
+  keys = lambda n: ("cas_composed@1/shared", f"cas_composed@{n}/shared", "isolated_composed@1/shared",
+                    f"isolated_composed@{n}/shared", "icl", f"icl_composed@{n}")
+  ns = sorted(set.union(*(set(d["ns"]) for d in sections.values())) - {1}) if sections else []
+  rng, out = np.random.default_rng(seed), []
+  for n in ns:
+    rows, chance = [], []
+    for c in sorted(sections):
+      b = sections[c]["base"]
+      if not all(b.get(k) for k in keys(n)):
+        continue
+      m = [{q["qid"]: q for q in b[k]} for k in keys(n)]
+      for qid in sorted(set.intersection(*(set(x) for x in m))):
+        rows.append([float(x[qid]["correct"]) for x in m])
+        chance.append(1.0 / max(2, len(m[0][qid].get("option_scores") or [0, 0, 0, 0])))
+    if not rows:
+      continue
+    x, ch = np.asarray(rows), float(np.mean(chance))
+
+    def ret(y):
+      r = [(y[:, 2 * i + 1].mean() - ch) / max(y[:, 2 * i].mean() - ch, 1e-9) for i in range(3)]
+      return r[0], r[1], r[2], r[0] - r[2], r[0] - r[1]
+    est = ret(x)
+    bs = np.array([ret(x[rng.integers(0, len(x), len(x))]) for _ in range(num_resamples)])
+    lo, hi = np.percentile(bs, [2.5, 97.5], axis=0)
+    cols = [c for c in sorted(sections) if all(sections[c]["base"].get(k) for k in keys(n))]
+    out.append(f"| {n} | {', '.join(cols)} | {len(x)} | {100 * est[0]:.0f}% | {100 * est[1]:.0f}% | {100 * est[2]:.0f}% | "
+               f"{100 * est[3]:+.0f} ({100 * lo[3]:+.0f} to {100 * hi[3]:+.0f}) | "
+               f"{100 * est[4]:+.0f} ({100 * lo[4]:+.0f} to {100 * hi[4]:+.0f}) |")
+  if not out:
+    return []
+  return ["### Share of the above-chance accuracy kept with n loaded (vs 1 loaded; text: vs ICL)", "",
+          "| n loaded | collections | questions | cas | isolated | text (icl_composed) | cas - text (points) | "
+          "cas - isolated (points) |", "|---|---|---|---|---|---|---|---|", *out, ""]
+
+
 def report(results: dict, plots_dir: str | None = None, base_variant: str = "base") -> str:
   import os
   out, sections = [], {}
@@ -340,7 +387,7 @@ def report(results: dict, plots_dir: str | None = None, base_variant: str = "bas
       p = plot(c, data["base"], data["ns"], os.path.join(plots_dir, f"compose_{c}.png"))
       out.append(f"\n![{c}]({p})")
     out.append("")
-  return "\n".join(out + pooled_lines(sections))
+  return "\n".join(out + pooled_lines(sections) + retention_lines(sections))
 
 
 AGAINST_METHODS = ("cartridge_oracle",) + tuple(f"cas_composed@{n}/shared" for n in (1, 2, 5, 10, 20)) + tuple(

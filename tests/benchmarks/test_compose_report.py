@@ -112,3 +112,18 @@ def test_load_archives_later_runs_replace_earlier_and_say_so(tmp_path):
   assert sorted(results) == [("base", "minutes", 0), ("base", "products", 1)]
   assert results[("base", "products", 1)]["methods"][0]["questions"][0]["correct"] is True
   assert notes == [f"base_products_s1: from {b}"]
+
+
+def test_retention_lines_measure_the_share_kept_above_chance_with_intervals():
+  """1 loaded: all 4 questions right; 2 loaded: cas and the text keep 2 (share (0.5 - 0.25) / (1 - 0.25) = 33%),
+  isolated keeps none (chance is 0.25, so -33%); cas - text +0, cas - isolated +67."""
+  def rows(correct):
+    return [{"qid": f"d{i}/f/mc", "correct": c, "option_scores": [0.0] * 4} for i, c in enumerate(correct)]
+  base = {"cas_composed@1/shared": rows([True] * 4), "cas_composed@2/shared": rows([True, True, False, False]),
+          "isolated_composed@1/shared": rows([True] * 4), "isolated_composed@2/shared": rows([False] * 4),
+          "icl": rows([True] * 4), "icl_composed@2": rows([True, False, True, False])}
+  lines = cr.retention_lines({"patients": {"base": base, "ns": [1, 2]}}, num_resamples=200)
+  row = next(l for l in lines if l.startswith("| 2 |")).split(" | ")
+  assert row[2] == "4" and row[3] == "33%" and row[4] == "-33%" and row[5] == "33%"
+  assert row[6].startswith("+0 (") and row[7].startswith("+67 (")
+  assert cr.retention_lines({"patients": {"base": {"icl": rows([True])}, "ns": [1, 2]}}) == []
