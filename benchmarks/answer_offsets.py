@@ -1,0 +1,86 @@
+"""Where a built-in collection's oracle misses are: accuracy by where the answer stands in its document (its
+first token's offset, default-model tokens), for a compose study's trained runs and for untrained inits.
+
+A first_tokens cartridge of p tokens starts with the document's first p - 1 tokens; the questions whose
+answer stands after them are what training (or another init) must add.
+
+  python -m benchmarks.answer_offsets --kind=patients \\
+      --archive=benchmarks/results/p512rest_h200_2026-12-05/compose_study.tgz \\
+      --init=0:benchmarks/results/init_split_cpu_2026-12-05/patients_p512_s0.json --init=1:... --edges=256,511,700
+
+Rows: the archive's base runs' cartridge_oracle and ICL, and every init fill of the JSONs (init_oracle
+--out files, same collection and seed), pooled over the seeds; columns: answer-offset buckets, each with
+its accuracy (Wilson 95% interval) and questions (the trained runs ask a spread subset of the inits' questions).
+"""
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+
+_KIND = flags.DEFINE_string("kind", "patients", "the built-in collection (data.kind)")
+_ARCHIVE = flags.DEFINE_string("archive", None, "a compose_study.tgz (its base_<kind>_s<seed> runs)")
+_INIT = flags.DEFINE_multi_string("init", [], "seed:path of an init_oracle --out JSON of the same collection")
+_EDGES = flags.DEFINE_list("edges", ["256", "511"], "bucket edges in tokens (the init window is p - 1)")
+_N = flags.DEFINE_integer("num_docs", 20, "documents per collection")
+
+
+def bucket(offset: int, edges: list[int]) -> int:
+  """Index of the bucket [edges[i-1], edges[i]) holding offset (0: before edges[0]; -1: answer not found)."""
+  if offset < 0:
+    return -1
+  return sum(offset >= e for e in edges)
+
+
+def answer_offsets(kind: str, seed: int, num_docs: int, encode) -> dict[str, int]:
+  """qid -> token offset of its answer's first occurrence in its document (-1: not in the text)."""
+  from cas.data.synthetic import generate_collection
+  coll = generate_collection(num_docs, seed, kind=kind)
+  docs = {d.doc_id: d.text for d in coll.documents}
+  out = {}
+  for q in coll.questions:
+    if q.is_multi_doc:
+      continue
+    ans = q.options[q.answer_index] if q.options else q.answer
+    pos = docs[q.doc_id].find(ans)
+    # the text before it, without its trailing space (which joins the answer's first token)
+    out[f"s{seed}/{q.qid}"] = len(encode(docs[q.doc_id][:pos].rstrip())) if pos >= 0 else -1
+  return out
+
+
+def main(argv):
+  del argv
+  from benchmarks import compose_report as cr
+  from cas.eval.stats import wilson_interval
+  from cas.model.loader import load_model
+  edges = [int(e) for e in _EDGES.value]
+  rows: dict[str, list[dict]] = {}
+  if _ARCHIVE.value:
+    base = cr.pooled(cr.load_archive(_ARCHIVE.value), "base", _KIND.value)
+    for m in ("cartridge_oracle", "icl"):
+      rows[f"{m} (trained run)" if m != "icl" else "icl"] = base.get(m, [])
+  for spec in _INIT.value:
+    seed, path = spec.split(":", 1)
+    for fill, qs in json.load(open(path)).items():
+      if "@" not in fill:  # the oracle rows, not the composed ones
+        rows.setdefault(f"{fill} (untrained)", []).extend({**q, "qid": f"s{seed}/{q['qid']}"} for q in qs)
+  seeds = sorted({r["qid"].split("/")[0][1:] for qs in rows.values() for r in qs})
+  tok = load_model().tokenizer
+  off = {}
+  for s in seeds:
+    off.update(answer_offsets(_KIND.value, int(s), _N.value, tok.encode))
+  names = [f"< {edges[0]}"] + [f"{a}-{b}" for a, b in zip(edges, edges[1:])] + [f">= {edges[-1]}"]
+  print("| row | " + " | ".join(f"answer at token {n}" for n in names) + " |")
+  print("|---|" + "---|" * len(names))
+  for name, qs in rows.items():
+    cells = []
+    for i in range(len(names)):
+      sel = [q for q in qs if bucket(off.get(q["qid"], -1), edges) == i]
+      k = sum(bool(q["correct"]) for q in sel)
+      lo, hi = wilson_interval(k, len(sel))
+      cells.append(f"{100 * k / len(sel):.1f} ({100 * lo:.0f}-{100 * hi:.0f}; {len(sel)} q.)" if sel else "-")
+    print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,19 @@
+"""benchmarks/answer_offsets.py: buckets by token offset, and offsets found in the real documents."""
+from benchmarks import answer_offsets as ao
+
+
+def test_bucket_edges_are_half_open_and_a_missing_answer_is_its_own_bucket():
+  assert [ao.bucket(o, [256, 511]) for o in (0, 255, 256, 510, 511, 900, -1)] == [0, 0, 1, 1, 2, 2, -1]
+
+
+def test_answer_offsets_point_at_the_answer_in_the_document():
+  from cas.data.synthetic import generate_collection
+  from cas.model.loader import load_model
+  tok = load_model().tokenizer
+  off = ao.answer_offsets("patients", 0, 2, tok.encode)
+  coll = generate_collection(2, 0, kind="patients")
+  docs = {d.doc_id: d.text for d in coll.documents}
+  q = next(q for q in coll.questions if q.kind == "mc" and not q.is_multi_doc and off[f"s0/{q.qid}"] > 50)
+  ans = q.options[q.answer_index]
+  assert tok.decode(tok.encode(docs[q.doc_id])[off[f"s0/{q.qid}"]:][:40]).lstrip().startswith(ans[:8])
+  assert all(v >= 0 for v in off.values())
