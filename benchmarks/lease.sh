@@ -51,6 +51,9 @@
 #                  Hypothesis: CAS composes about as the model reads the same documents as text, so with the
 #                  oracle of the longer budget cas@n reaches icl_composed@n (p = 512 study: -7.9 / -3.3 at 5).
 #                  ~20-25 min alone on an H200 (estimate from the p512 and budget studies)
+#   gemma_paper    issue 24 item 3: the CAS `paper` preset with Gemma 3 270M (patients, seed 0, spread questions; CAS
+#                  only: no_context, icl, oracle, cas_composed), its self-study at batch GP_BATCH (default 256) with
+#                  refilled rows: at the preset's batch 64 it would take ~38 min (2026-12-05 rate), alone on an H200
 #   q21            issue 21 item 3: retrieved cartridges vs text RAG on questions by content and pairs
 set -u
 MODE=${1:-status}; R=/root/lease
@@ -65,7 +68,7 @@ if [ "$MODE" = start ]; then
   # Gemma 3 270M, CAS p = 256 about 11.4 GB; an H200 has 143 GB)
   # prose jobs grow their processes (no preallocated fraction): their share is what four trainings
   # took at most on an H100 (2026-12-05: 0.1225 of 80 GB each was too little for a parts1k training)
-  declare -A SHARE=([silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5 [long]=0.4 [p512rest]=0.25 [mono512]=0.5 [paper3]=0.9)
+  declare -A SHARE=([silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5 [long]=0.4 [p512rest]=0.25 [mono512]=0.5 [paper3]=0.9 [gemma_paper]=0.5)
   # (--disk_gb=5 on the p = 512 jobs of eight or six trainings: the auto reservation, 10 GB each, would hold back
   # some of them on the 64 GB disk; a finished p = 512 training keeps ~3 GB since 2026-12-05, and each training's
   # own preflight still refuses a disk that cannot hold it)
@@ -115,6 +118,11 @@ if [ "$MODE" = start ]; then
       paper3) run paper3 $CS start $R/paper3 --variants=base,mono --collections=patients,products --seeds=0,1 \
                 --mono_seeds=0,1 --p=512 --steps=1000 --conv=${PAPER3_CONV:-128} --mem=$(f 0.075) --synth_mem=$(f 0.06) \
                 --mem_total=$(mt) --disk_gb=5 "--extra=--config.eval.question_pick=spread";;
+      gemma_paper) mkdir -p $R/gemma_paper; XLA_PYTHON_CLIENT_PREALLOCATE=false run gemma_paper python3 -m launch.cas \
+                --config=configs/cas.py:paper --config.model_path=gemma3-270m --config.synth.batch_size=${GP_BATCH:-256} \
+                --config.synth.shard_size=$((2 * ${GP_BATCH:-256})) --config.synth.refill=True --config.layer_loop=scan \
+                "--config.eval.methods=('no_context','icl','cartridge_oracle','cas_composed')" --config.eval.question_pick=spread \
+                --stages=synth,train,indexes,evaluate --workdir=$R/gemma_paper;;
       gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=$(f 0.1) \
                 --mem_total=$(mt) --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
                 "--extra=--config.model_path=gemma3-270m --config.eval.num_loaded=(1,2,5,10) --config.eval.question_pick=spread";;
@@ -140,11 +148,13 @@ elif [ "$MODE" = decode ]; then
 elif [ "$MODE" = status ]; then
   for f in $R/*/status.json; do [ -f "$f" ] && echo "== $f" && python3 -c "import json,sys; d=json.load(open('$f')); print(d['elapsed_s'], 's', {k: v for k, v in d['state'].items()})"; done
   for d in $R/prose_s*; do [ -d "$d" ] && echo "== $d" && for l in $d/*.log; do echo "$(basename $l): $(tr '\r' '\n' < $l | grep -a -E 'it/s|step|conv' | tail -n 1 | cut -c1-120)"; done; done
-  for l in $R/builtin6_*.start.log; do [ -f "$l" ] && echo "$(basename $l): $(tr '\r' '\n' < $l | grep -a -E 'it/s|step|conv|Error' | tail -n 1 | cut -c1-120)"; done
+  for l in $R/builtin6_*.start.log $R/gemma_paper.start.log; do [ -f "$l" ] && echo "$(basename $l): $(tr '\r' '\n' < $l | grep -a -E 'it/s|step|conv|Error' | tail -n 1 | cut -c1-120)"; done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 else
   for j in head32 compose_sal silent gemma q21 p512 long p512rest mono512 paper3; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
     [ -f $OUT/compose_study.tgz ] && mv $OUT/compose_study.tgz $OUT/$j/; done
+  [ -d $R/gemma_paper ] && mkdir -p $OUT/gemma_paper && (cd $R && tar czf $OUT/gemma_paper/gemma_paper.tgz gemma_paper.start.log \
+    gemma_paper/eval/results.json gemma_paper/eval/partial 2>/dev/null)
   [ -d $R/builtin6 ] && mkdir -p $OUT/builtin6 && (cd $R && tar czf $OUT/builtin6/builtin6.tgz builtin6_*.start.log \
     builtin6/*/eval/results.json 2>/dev/null)
   for s in 0 1; do [ -d $R/prose_s$s ] && mkdir -p $OUT/prose_s$s && \
