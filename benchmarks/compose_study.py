@@ -224,10 +224,25 @@ def disk_fits(per_run_gb: float, free_bytes: int, running_used: list[int]) -> bo
   return free_bytes - reserved >= per_run_gb * 1e9
 
 
+POLL_S = 5.0  # the scheduler's poll interval (tests shorten it)
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "MemoryPreflightError")
+
+
+def ran_out_of_memory(log: str) -> bool:
+  """Whether a failed run's log ends in a device out-of-memory error (its last 20k characters)."""
+  if not os.path.exists(log):
+    return False
+  with open(log, errors="replace") as fh:
+    fh.seek(max(0, os.path.getsize(log) - 20000))
+    tail = fh.read()
+  return any(m in tail for m in OOM_MARKERS)
+
+
 def schedule(root: str) -> None:
   """Runs the plan: synths first (all at once, within `procs`), each training as soon as its
-  self-study is done, a process slot is free and the disk holds its peak (`disk_fits`). Status in
-  <root>/status.json."""
+  self-study is done, a process slot is free and the disk holds its peak (`disk_fits`). A run that fails
+  out of device memory runs once more with twice its share (its first log kept as <name>.oom.log).
+  Status in <root>/status.json."""
   p = json.load(open(os.path.join(root, "plan.json")))
   procs, mem, mem_total = int(p["flags"]["procs"]), float(p["flags"]["mem"]), float(p["flags"]["mem_total"])
   per_run = disk_gb(p["flags"])
@@ -242,13 +257,23 @@ def schedule(root: str) -> None:
     json.dump({"elapsed_s": round(time.time() - t0), "state": state}, open(tmp, "w"), indent=1)
     os.replace(tmp, os.path.join(root, "status.json"))
 
+  retried: dict[str, str] = {}
   while True:
     for name, proc in list(running.items()):
       rc = proc.poll()
       if rc is not None:
-        state[name] = "done" if rc == 0 else f"failed rc={rc}"
-        state[name] += f" {round(time.time() - started[name])}s"
         del running[name]
+        j = by_name[name]
+        if rc != 0 and name not in retried and ran_out_of_memory(os.path.join(root, name + ".log")):
+          # once, with twice the share (or all of --mem_total): the run resumes from what it wrote
+          # (2026-12-05: a Gemma CAS step asked 6.9 GiB beyond its 14.3 GB share; re-run by hand at 0.22)
+          os.replace(os.path.join(root, name + ".log"), os.path.join(root, name + ".oom.log"))
+          j["mem"] = min(2 * j.get("mem", 1.0), mem_total / mem)
+          retried[name] = f"after an OOM at {round(time.time() - started[name])}s, at {mem * j['mem']:.3f}"
+          state[name] = "waiting"
+          continue
+        state[name] = "done" if rc == 0 else f"failed rc={rc}"
+        state[name] += f" {round(time.time() - started[name])}s" + (f" (retried {retried[name]})" if name in retried else "")
     for j in queue:
       if len(running) >= procs:
         break
@@ -275,7 +300,7 @@ def schedule(root: str) -> None:
     write()
     if not running and all(s != "waiting" for s in state.values()):
       break
-    time.sleep(5)
+    time.sleep(POLL_S)
   write()
 
 

@@ -92,3 +92,34 @@ def test_disk_reservation_counts_what_running_trainings_may_still_write():
   assert not cs.disk_fits(10, 64 * gb, [0] * 6)  # six fresh runs may still write 60 GB
   assert cs.disk_fits(10, 64 * gb, [8 * gb] * 6)  # ... but they already wrote most of it
   assert cs.disk_fits(10, 30 * gb, [12 * gb])  # a run past its estimate reserves nothing more
+
+
+def test_a_run_out_of_device_memory_runs_once_more_with_twice_its_share(tmp_path, monkeypatch):
+  """The scheduler with real processes: 'oom' fails out of memory once (its log kept as oom.oom.log) and
+  succeeds at 2x its share; 'bad' fails with another error and is not retried; 'oom2' runs out twice."""
+  import json
+  import subprocess
+  import sys
+  root = str(tmp_path)
+  jobs = [{"name": n, "args": [], "mem": 1.0} for n in ("oom", "bad", "oom2")]
+  json.dump({"flags": {"procs": "3", "mem": "0.1", "mem_total": "0.3", "p": "16", "disk_gb": "0"},
+             "synth": [], "train": jobs}, open(tmp_path / "plan.json", "w"))
+  shares = []
+
+  def fake_launch(job, root_, mem):
+    shares.append((job["name"], mem))
+    first = not (tmp_path / f"{job['name']}.ran").exists()
+    (tmp_path / f"{job['name']}.ran").write_text("x")
+    msg, rc = {"oom": ("jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory", 1 if first else 0),
+               "bad": ("ValueError: something else", 1), "oom2": ("RESOURCE_EXHAUSTED", 1)}[job["name"]]
+    log = open(tmp_path / f"{job['name']}.log", "w")
+    return subprocess.Popen([sys.executable, "-c", f"print({msg!r}); raise SystemExit({rc})"], stdout=log)
+  monkeypatch.setattr(cs, "_launch", fake_launch)
+  monkeypatch.setattr(cs, "POLL_S", 0.05)
+  cs.schedule(root)
+  st = json.load(open(tmp_path / "status.json"))["state"]
+  assert st["oom"].startswith("done") and "retried after an OOM" in st["oom"] and "0.200" in st["oom"]
+  assert st["bad"].startswith("failed rc=1") and "retried" not in st["bad"]
+  assert st["oom2"].startswith("failed rc=1") and "retried" in st["oom2"]
+  assert sorted(shares) == [("bad", "0.100"), ("oom", "0.100"), ("oom", "0.200"), ("oom2", "0.100"), ("oom2", "0.200")]
+  assert "RESOURCE_EXHAUSTED" in (tmp_path / "oom.oom.log").read_text()
