@@ -18,11 +18,16 @@ import json
 
 from absl import app, flags
 
-_KIND = flags.DEFINE_string("kind", "patients", "the built-in collection (data.kind)")
-_ARCHIVE = flags.DEFINE_string("archive", None, "a compose_study.tgz (its base_<kind>_s<seed> runs)")
-_INIT = flags.DEFINE_multi_string("init", [], "seed:path of an init_oracle --out JSON of the same collection")
-_EDGES = flags.DEFINE_list("edges", ["256", "511"], "bucket edges in tokens (the init window is p - 1)")
-_N = flags.DEFINE_integer("num_docs", 20, "documents per collection")
+_F = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defined only when run as a script: tests import this module beside others that define --kind."""
+  flags.DEFINE_string("kind", "patients", "the built-in collection (data.kind)")
+  flags.DEFINE_string("archive", None, "a compose_study.tgz (its base_<kind>_s<seed> runs)")
+  flags.DEFINE_multi_string("init", [], "seed:path of an init_oracle --out JSON of the same collection")
+  flags.DEFINE_list("edges", ["256", "511"], "bucket edges in tokens (the init window is p - 1)")
+  flags.DEFINE_integer("num_docs", 20, "documents per collection")
 
 
 def bucket(offset: int, edges: list[int]) -> int:
@@ -53,13 +58,13 @@ def main(argv):
   from benchmarks import compose_report as cr
   from cas.eval.stats import wilson_interval
   from cas.model.loader import load_model
-  edges = [int(e) for e in _EDGES.value]
+  edges = [int(e) for e in _F.edges]
   rows: dict[str, list[dict]] = {}
-  if _ARCHIVE.value:
-    base = cr.pooled(cr.load_archive(_ARCHIVE.value), "base", _KIND.value)
+  if _F.archive:
+    base = cr.pooled(cr.load_archive(_F.archive), "base", _F.kind)
     for m in ("cartridge_oracle", "icl"):
       rows[f"{m} (trained run)" if m != "icl" else "icl"] = base.get(m, [])
-  for spec in _INIT.value:
+  for spec in _F.init:
     seed, path = spec.split(":", 1)
     for fill, qs in json.load(open(path)).items():
       if "@" not in fill:  # the oracle rows, not the composed ones
@@ -68,7 +73,7 @@ def main(argv):
   tok = load_model().tokenizer
   off = {}
   for s in seeds:
-    off.update(answer_offsets(_KIND.value, int(s), _N.value, tok.encode))
+    off.update(answer_offsets(_F.kind, int(s), _F.num_docs, tok.encode))
   names = [f"< {edges[0]}"] + [f"{a}-{b}" for a, b in zip(edges, edges[1:])] + [f">= {edges[-1]}"]
   print("| row | " + " | ".join(f"answer at token {n}" for n in names) + " |")
   print("|---|" + "---|" * len(names))
@@ -83,4 +88,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -18,10 +18,15 @@ import json
 
 from absl import app, flags
 
-_FILES = flags.DEFINE_multi_string("file", [], "kind:seed:path of an init_oracle JSON with init_repeat and init_salient")
-_P = flags.DEFINE_integer("p", 512, "the cartridge's tokens (its budget is p - 1: one frozen sink)")
-_RATIOS = flags.DEFINE_list("ratios", ["2"], "document tokens / budget above which the rule takes salient")
-_N = flags.DEFINE_integer("num_docs", 20, "documents per collection (as the init_oracle run)")
+_F = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defined only when run as a script: tests import this module beside others that define --p."""
+  flags.DEFINE_multi_string("file", [], "kind:seed:path of an init_oracle JSON with init_repeat and init_salient")
+  flags.DEFINE_integer("p", 512, "the cartridge's tokens (its budget is p - 1: one frozen sink)")
+  flags.DEFINE_list("ratios", ["2"], "document tokens / budget above which the rule takes salient")
+  flags.DEFINE_integer("num_docs", 20, "documents per collection (as the init_oracle run)")
 
 
 def doc_tokens(kind: str, seed: int, num_docs: int, encode) -> dict[str, int]:
@@ -39,12 +44,12 @@ def main(argv):
   del argv
   from cas.eval.stats import paired_difference, wilson_interval
   from cas.model.loader import load_model
-  if not _FILES.value:
+  if not _F.file:
     raise app.UsageError("give --file=kind:seed:path (one or more)")
   tok = load_model().tokenizer
-  budget = _P.value - 1
+  budget = _F.p - 1
   by_kind: dict[str, list] = {}
-  for spec in _FILES.value:
+  for spec in _F.file:
     try:
       kind, seed, path = spec.split(":", 2)
       rows = json.load(open(path))
@@ -53,7 +58,7 @@ def main(argv):
       raise app.UsageError(f"--file={spec}: {e}") from None
     if missing:
       raise app.UsageError(f"--file={spec}: no {sorted(missing)} rows (run init_oracle with --fill=repeat,salient)")
-    by_kind.setdefault(kind, []).append((int(seed), rows, doc_tokens(kind, int(seed), _N.value, tok.encode)))
+    by_kind.setdefault(kind, []).append((int(seed), rows, doc_tokens(kind, int(seed), _F.num_docs, tok.encode)))
 
   def pct(qs):
     k = sum(bool(q["correct"]) for q in qs)
@@ -66,7 +71,7 @@ def main(argv):
     first = [dict(r, qid=f"s{s}/{r['qid']}") for s, rows, _ in runs for r in rows["init_repeat"]]
     sal = [dict(r, qid=f"s{s}/{r['qid']}") for s, rows, _ in runs for r in rows["init_salient"]]
     better = first if sum(q["correct"] for q in first) >= sum(q["correct"] for q in sal) else sal
-    for ratio in (float(x) for x in _RATIOS.value):
+    for ratio in (float(x) for x in _F.ratios):
       rule = [dict(r, qid=f"s{s}/{r['qid']}") for s, rows, n in runs for r in rule_rows(rows, n, budget, ratio)]
       to_sal = sum(1 for _s, _r, n in runs for t in n.values() if t > ratio * budget)
       ndocs = sum(len(n) for _s, _r, n in runs)
@@ -77,4 +82,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
