@@ -315,8 +315,8 @@ def load_archives(paths: list[str]) -> tuple[dict, list[str]]:
 
 
 def pooled_lines(sections: dict[str, dict]) -> list[str]:
-  """cas - isolated (and cas - icl_composed) pooled over every collection's questions, paired by
-  question: the issue's claim is made over collections, so it gets one interval over all of them."""
+  """cas - isolated pooled over every collection's questions, paired by question: the issue's claim is
+  made over collections, so it gets one interval over all of them."""
   cols = sorted(sections)
   if len(cols) < 2:
     return []
@@ -345,11 +345,12 @@ def retention_lines(sections: dict[str, dict], num_resamples: int = 2000, seed: 
   ns = sorted(set.union(*(set(d["ns"]) for d in sections.values())) - {1}) if sections else []
   rng, out = np.random.default_rng(seed), []
   for n in ns:
-    rows, chance = [], []
+    rows, chance, cols = [], [], []
     for c in sorted(sections):
       b = sections[c]["base"]
       if not all(b.get(k) for k in keys(n)):
         continue
+      cols.append(c)
       m = [{q["qid"]: q for q in b[k]} for k in keys(n)]
       for qid in sorted(set.intersection(*(set(x) for x in m))):
         rows.append([float(x[qid]["correct"]) for x in m])
@@ -364,7 +365,6 @@ def retention_lines(sections: dict[str, dict], num_resamples: int = 2000, seed: 
     est = ret(x)
     bs = np.array([ret(x[rng.integers(0, len(x), len(x))]) for _ in range(num_resamples)])
     lo, hi = np.percentile(bs, [2.5, 97.5], axis=0)
-    cols = [c for c in sorted(sections) if all(sections[c]["base"].get(k) for k in keys(n))]
     out.append(f"| {n} | {', '.join(cols)} | {len(x)} | {100 * est[0]:.0f}% | {100 * est[1]:.0f}% | {100 * est[2]:.0f}% | "
                f"{100 * est[3]:+.0f} ({100 * lo[3]:+.0f} to {100 * hi[3]:+.0f}) | "
                f"{100 * est[4]:+.0f} ({100 * lo[4]:+.0f} to {100 * hi[4]:+.0f}) |")
