@@ -98,6 +98,21 @@ def init_random_model(cfg: ModelConfig, *, dtype, remat: str = "none", seed: int
 
 # ----------------------------------------------------------------------------- data
 
+# the keys of a make_packed_batch row that the distillation step reads
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "topk_ids", "topk_logprobs")
+
+
+def cartridge_state(cfg, p: int, seed: int):
+  """Trainable {"k","v"} [L, p-1, Hkv, D] f32 and frozen sink [L, 1, Hkv, D] f32 (random)."""
+  import jax
+  ks = jax.random.split(jax.random.key(seed + 1), 4)
+  shape = (cfg.num_layers, p - 1, cfg.num_kv_heads, cfg.head_dim)
+  sshape = (cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim)
+  trainable = {"k": 0.5 * jax.random.normal(ks[0], shape), "v": 0.5 * jax.random.normal(ks[1], shape)}
+  frozen = {"k": 0.5 * jax.random.normal(ks[2], sshape), "v": 0.5 * jax.random.normal(ks[3], sshape)}
+  return trainable, frozen
+
+
 def make_packed_batch(vocab_size: int, batch: int, seq: int, p: int, segments: int, top_k: int,
                       seed: int = 0, answer_fraction: float = 0.75) -> dict[str, np.ndarray]:
   """Random self-study rows packed like `cas.train.batch.pack_rows` (numpy, deterministic).

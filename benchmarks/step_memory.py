@@ -21,7 +21,6 @@ from cas.train import preflight
 from cas.train.step import init_cas_state, make_cas_train_step
 
 F = flags.FLAGS
-BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "topk_ids", "topk_logprobs")
 flags.DEFINE_string("model", "gemma3-270m", "cas.model.config.PRESETS name")
 flags.DEFINE_integer("batch", 16, "rows per step")
 flags.DEFINE_integer("seq", 512, "row length")
@@ -32,25 +31,18 @@ flags.DEFINE_list("loss_chunk", ["4096", "1024"], "tokens per chunk of the fused
 flags.DEFINE_string("dtype", "bfloat16", "compute dtype")
 
 
-def cartridge_state(cfg, p: int):
-  """Trainable {"k","v"} [L, p-1, Hkv, D] f32 and the frozen sink [L, 1, Hkv, D] (zeros: only shapes matter)."""
-  shape = (cfg.num_layers, p - 1, cfg.num_kv_heads, cfg.head_dim)
-  sshape = (cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim)
-  return ({"k": jnp.zeros(shape), "v": jnp.zeros(shape)}, {"k": jnp.zeros(sshape), "v": jnp.zeros(sshape)})
-
-
 def main(argv):
   del argv
   cfg = C.model_config(F.model)
   dtype = jnp.dtype(F.dtype)
   nb = C.make_packed_batch(cfg.vocab_size, F.batch, F.seq, F.p, F.segments, F.top_k, 0)
   model = C.init_random_model(cfg, dtype=dtype, remat="none", seed=0)
-  batch = {k: jnp.asarray(nb[k]) for k in BATCH_KEYS}
+  batch = {k: jnp.asarray(nb[k]) for k in C.BATCH_KEYS}
   batch["slots"] = jnp.zeros((F.batch, 1), jnp.int32)
   print(f"| model | batch x seq | p | loss_chunk | XLA temp GiB | preflight step GiB | logits copy GiB |")
   print("|---|---|---|---|---|---|---|")
   for lc in (int(x) for x in F.loss_chunk):
-    trainable, frozen = cartridge_state(cfg, F.p)
+    trainable, frozen = C.cartridge_state(cfg, F.p, 0)
     state0 = init_cas_state(trainable["k"][None], trainable["v"][None])
     step = make_cas_train_step(lr=1e-2, warmup_steps=0, clip_norm=1.0, loss="distill", dtype=dtype, donate=True,
                                loss_chunk=lc)

@@ -85,8 +85,6 @@ flags.DEFINE_bool("smoke", False, "tiny model on CPU: 2 steps, parity check of t
 flags.DEFINE_string("out", None, "append JSON lines here")
 flags.DEFINE_integer("seed", 0, "data / init seed")
 
-BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "topk_ids", "topk_logprobs")
-
 
 def apply_smoke() -> None:
   F.model, F.batch, F.p, F.seq, F.segments = "tiny", 2, 16, 64, 3
@@ -110,16 +108,6 @@ def torch_args(parity_out: str | None) -> list[str]:
   return a
 
 
-def cartridge_state(cfg, p: int, seed: int):
-  """Trainable {"k","v"} [L, p-1, Hkv, D] f32 and frozen sink [L, 1, Hkv, D] f32 (random)."""
-  ks = jax.random.split(jax.random.key(seed + 1), 4)
-  shape = (cfg.num_layers, p - 1, cfg.num_kv_heads, cfg.head_dim)
-  sshape = (cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim)
-  trainable = {"k": 0.5 * jax.random.normal(ks[0], shape), "v": 0.5 * jax.random.normal(ks[1], shape)}
-  frozen = {"k": 0.5 * jax.random.normal(ks[2], sshape), "v": 0.5 * jax.random.normal(ks[3], sshape)}
-  return trainable, frozen
-
-
 def cas_variant(cfg, model, nb: dict, attn: str, remat: str, emit: C.Emitter, peak: float | None,
                 loss_chunk: int = LOSS_CHUNK_TOKENS, layers: str = "scan") -> dict:
   """Compile and time the cas step for one (attention, remat, loss_chunk, layers) setting; emit and
@@ -134,12 +122,12 @@ def cas_variant(cfg, model, nb: dict, attn: str, remat: str, emit: C.Emitter, pe
     raise ValueError(f"--layers: {layers!r} is not scan or unrolled")
   model.layer_loop = layers
   try:
-    trainable, frozen = cartridge_state(cfg, F.p, F.seed)
+    trainable, frozen = C.cartridge_state(cfg, F.p, F.seed)
     # the one training step with one slot and k_max = 1 (what train_cartridge runs)
     state0 = init_cas_state(trainable["k"][None], trainable["v"][None])
     step = make_cas_train_step(lr=2e-2, warmup_steps=0, clip_norm=1.0, loss="distill", dtype=jnp.bfloat16,
                                donate=True, loss_chunk=loss_chunk)
-    batch = {k: jnp.asarray(nb[k]) for k in BATCH_KEYS}
+    batch = {k: jnp.asarray(nb[k]) for k in C.BATCH_KEYS}
     batch["slots"] = jnp.zeros((batch["tokens"].shape[0], 1), jnp.int32)
     t0 = time.perf_counter()
     compiled = step.lower(state0, frozen, model, batch).compile()
@@ -201,7 +189,7 @@ def parity_check(cfg, nb: dict, path: str, emit: C.Emitter) -> None:
   pv = np.transpose(z["prefix_v"][:, 0], (0, 2, 1, 3))
   trainable = {"k": jnp.asarray(pk[:, 1:]), "v": jnp.asarray(pv[:, 1:])}
   frozen = {"k": jnp.asarray(pk[:, :1]), "v": jnp.asarray(pv[:, :1])}
-  batch = {k: jnp.asarray(nb[k]) for k in BATCH_KEYS}
+  batch = {k: jnp.asarray(nb[k]) for k in C.BATCH_KEYS}
   loss, _ = cartridge_loss(trainable, frozen, model, batch, dtype=jnp.float32)
   t, c = float(z["loss"]), float(loss)
   ok = abs(t - c) <= 1e-4 * max(1.0, abs(t))
