@@ -42,7 +42,8 @@ def rule_rows(rows: dict[str, list[dict]], lengths: dict[str, int], budget: int,
 
 def main(argv):
   del argv
-  from cas.eval.stats import paired_difference, wilson_interval
+  from benchmarks.compose_report import cell
+  from cas.eval.stats import paired_difference
   from cas.model.loader import load_model
   if not _F.file:
     raise app.UsageError("give --file=kind:seed:path (one or more)")
@@ -60,25 +61,20 @@ def main(argv):
       raise app.UsageError(f"--file={spec}: no {sorted(missing)} rows (run init_oracle with --fill=repeat,salient)")
     by_kind.setdefault(kind, []).append((int(seed), rows, doc_tokens(kind, int(seed), _F.num_docs, tok.encode)))
 
-  def pct(qs):
-    k = sum(bool(q["correct"]) for q in qs)
-    lo, hi = wilson_interval(k, len(qs))
-    return f"{100 * k / len(qs):.1f} ({100 * lo:.0f}-{100 * hi:.0f})"
-
   print(f"| collection | seeds | questions | ratio | docs to salient | first tokens | salient | rule | rule - better fill (paired) |")
   print("|---|---|---|---|---|---|---|---|---|")
   for kind, runs in sorted(by_kind.items()):
     first = [dict(r, qid=f"s{s}/{r['qid']}") for s, rows, _ in runs for r in rows["init_repeat"]]
     sal = [dict(r, qid=f"s{s}/{r['qid']}") for s, rows, _ in runs for r in rows["init_salient"]]
     better = first if sum(q["correct"] for q in first) >= sum(q["correct"] for q in sal) else sal
+    key = {q["qid"]: q["correct"] for q in better}
     for ratio in (float(x) for x in _F.ratios):
       rule = [dict(r, qid=f"s{s}/{r['qid']}") for s, rows, n in runs for r in rule_rows(rows, n, budget, ratio)]
       to_sal = sum(1 for _s, _r, n in runs for t in n.values() if t > ratio * budget)
       ndocs = sum(len(n) for _s, _r, n in runs)
-      key = {q["qid"]: q["correct"] for q in better}
       m, lo, hi = paired_difference([float(q["correct"]) for q in rule], [float(key[q["qid"]]) for q in rule])
       print(f"| {kind} | {','.join(str(s) for s, _r, _n in runs)} | {len(rule)} | {ratio:g} | {to_sal}/{ndocs} | "
-            f"{pct(first)} | {pct(sal)} | {pct(rule)} | {100 * m:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f}) |")
+            f"{cell(first)} | {cell(sal)} | {cell(rule)} | {100 * m:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f}) |")
 
 
 if __name__ == "__main__":

@@ -269,6 +269,7 @@ def _drop_oldest(snaps: dict, keep: int) -> list[str]:
     del snaps[t]
   return drop
 
+
 class CartridgeStore:
   """All documents' cartridges, optimizer moments and counts (see module docstring).
 
