@@ -703,6 +703,7 @@ def memory_problems(config, pipeline: str, model, spec, *, num_docs: int, stages
   from cas.cartridge.cartridge import CartridgeSpec
   from cas.dtypes import DTYPES
   from cas.train import preflight
+  from cas.train.loss import resolve_loss_chunk
   stages = normalize_stages(pipeline, stages)
   tc = config.train
   dtype_bytes = jnp.dtype(DTYPES[config.dtype]).itemsize
@@ -727,7 +728,9 @@ def memory_problems(config, pipeline: str, model, spec, *, num_docs: int, stages
           f"self-study with synth.batch_size={sc.batch_size} (prompts of up to {prompt} tokens: a chunk of "
           f"{longest} + instructions, {tp} slots; answers {tn} slots)",
           "Lower synth.batch_size, synth.max_chunk or synth.max_answer_tokens.")
-  chunk = int(tc.get("loss_chunk", 0) or 0)  # tokens per chunk of the fused LM head + loss (0: full logits)
+  # tokens per chunk of the fused LM head + loss (0: full logits; -1: by the vocabulary, as training resolves it;
+  # a value below -1 is reported by the train section's check)
+  chunk = resolve_loss_chunk(max(-1, int(tc.get("loss_chunk", -1))), model.cfg.vocab_size)
   methods = _tuple(config.eval.get("methods"))
   if pipeline == "cas":
     runs = []

@@ -130,7 +130,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.warmup_steps = 4  # per cartridge (per-slot step counter)
   c.train.clip_norm = 1.0
   c.train.loss = "distill"
-  c.train.loss_chunk = 4096  # tokens per chunk of the fused LM head + loss; 0 = full [B, T, V] logits
+  # tokens per chunk of the fused LM head + loss; 0 = full [B, T, V] logits; -1 = auto: 4,096 tokens at a
+  # 49,152-token vocabulary (SmolLM2), fewer for larger ones (Gemma 3: 768), ~0.8 GB of logits per chunk
+  c.train.loss_chunk = -1
   c.train.seed = 0
   c.train.num_slots = 2  # B: cartridges resident on the device
   c.train.k_max = 2  # own + up to k_max-1 distractors per sample

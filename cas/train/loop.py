@@ -64,7 +64,7 @@ from cas.train import checkpoint as ckpt
 from cas.train import preflight
 from cas.train.step import cas_batch_shardings, make_cas_train_step
 from cas.train.numerics import NumericsError, raise_numerics, slot_finite  # noqa: F401 (NumericsError re-exported)
-from cas.train.loss import LOSS_CHUNK_TOKENS
+from cas.train.loss import AUTO_CHUNK, resolve_loss_chunk
 from cas.train.validate import check_train_config, frozen_head_problem
 
 CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
@@ -92,7 +92,7 @@ CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm",
 # p_silent: the fraction of mixed rows that drop their own cartridge and learn, with their distractors
 # only, the model's distribution without any prefix (cas.train.step.prior_teacher): distractors that
 # stay silent on a conversation that is not theirs (issue 20: they push their own values)
-DEFAULTS = {"train_distractors": True, "loss_chunk": LOSS_CHUNK_TOKENS, "max_conversations": 0,
+DEFAULTS = {"train_distractors": True, "loss_chunk": AUTO_CHUNK, "max_conversations": 0,
             "length_weighting": False, "p_hard": 0.0, "k_curriculum_steps": 0, "mixed_weight": 1.0, "pack": False,
             "frozen_head": 0, "lr_decay": "constant", "lr_min_ratio": 0.1, "lr_decay_updates": 0, "p_silent": 0.0}
 
@@ -294,6 +294,7 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
   the step, slots and documents, before the store or a checkpoint is written.
   """
   c = check_train_config({**DEFAULTS, **cfg}, CAS_KEYS, where="train_cas")
+  c["loss_chunk"] = resolve_loss_chunk(c["loss_chunk"], model.cfg.vocab_size)  # -1: by vocabulary
   if mesh is not None:
     check_mesh(mesh, c["num_slots"])
   doc_ids = list(doc_ids)
@@ -553,7 +554,7 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
 
 TRAIN_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm", "loss", "seed",
               "log_every", "ckpt_every", "keep_checkpoints", "top_k", "loss_chunk")
-TRAIN_DEFAULTS = {"loss_chunk": LOSS_CHUNK_TOKENS}  # optional fields of the one-cartridge train config
+TRAIN_DEFAULTS = {"loss_chunk": AUTO_CHUNK}  # optional fields of the one-cartridge train config
 ONE_CARTRIDGE = "cartridge"  # its id in the store of a one-cartridge run
 
 

@@ -41,6 +41,24 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array)
 
 
 LOSS_CHUNK_TOKENS = 4096  # tokens per chunk of the fused head + loss (batch rows x chunk columns)
+AUTO_CHUNK = -1  # train.loss_chunk = -1: LOSS_CHUNK_LOGITS / the model's vocabulary (`resolve_loss_chunk`)
+# logits per chunk at the default: 4,096 tokens x SmolLM2's 49,152-token vocabulary, 0.8 GB per f32 copy
+# (the step holds two or three copies: logits, softmax, its cast). Gemma 3's 262,144-token vocabulary at
+# 4,096 tokens made 4.3 GB copies, and a Gemma 3 270M CAS run ran out of its 14.3 GB share (2026-12-05)
+LOSS_CHUNK_LOGITS = LOSS_CHUNK_TOKENS * 49152
+
+
+def resolve_loss_chunk(chunk: int, vocab_size: int) -> int:
+  """Tokens per chunk of the fused head + loss: `chunk` itself when >= 0 (0 = full logits), for
+  AUTO_CHUNK (-1) as many tokens as keep one chunk's [tokens, vocab] logits at LOSS_CHUNK_LOGITS
+  (4,096 for a 49,152-token vocabulary, 768 for 262,144; at least 256)."""
+  chunk = int(chunk)
+  if chunk == AUTO_CHUNK:
+    return max(256, LOSS_CHUNK_LOGITS // max(1, int(vocab_size)))
+  if chunk < 0:
+    raise ValueError(f"loss_chunk={chunk}: tokens per chunk of the fused LM head + loss must be >= 0 "
+                     f"(0 = full logits) or {AUTO_CHUNK} (auto, by vocabulary)")
+  return chunk
 
 
 def _head_loss_chunk(hc, w, ids, lp, mask, with_grad: bool):

@@ -18,7 +18,7 @@ _RULES: dict[str, tuple] = {
     "num_slots": ("int", 1, None), "k_max": ("int", 1, None), "p_isolated": ("float", 0.0, 1.0),
     "rotate_every": ("int", 1, None), "evict_fraction": ("float", 0.0, 1.0),
     "position_mode": ("str", None, None), "train_distractors": ("bool", None, None),
-    "loss_chunk": ("int", 0, None), "max_conversations": ("int", 0, None),
+    "loss_chunk": ("int", -1, None), "max_conversations": ("int", 0, None),
     "length_weighting": ("bool", None, None), "p_hard": ("float", 0.0, 1.0),
     "k_curriculum_steps": ("int", 0, None), "mixed_weight": ("float", 0.0, None), "pack": ("bool", None, None),
     "frozen_head": ("int", 0, None), "lr_decay": ("str", None, None), "lr_min_ratio": ("float", 0.0, 1.0),

@@ -113,7 +113,7 @@ CFG = dict(steps=4, batch_size=2, seq_len=64, lr=5e-2, warmup_steps=0, clip_norm
     ({"steps": "10"}, r"train.steps='10' must be an integer"),
     ({"lr": float("nan")}, r"train.lr=nan must be a finite number"),
     ({"batch_size": 0}, r"train.batch_size=0 must be >= 1"),
-    ({"loss_chunk": -1}, r"train.loss_chunk=-1 must be >= 0"),
+    ({"loss_chunk": -2}, r"train.loss_chunk=-2 must be >= -1"),
 ])
 def test_train_config_fields_are_checked_by_name(single_data, tmp_path, change, match):
   m, d, init = single_data

@@ -91,3 +91,32 @@ def test_cartridge_gradients_fused_vs_full_logits():
   for name in ("k", "v"):
     np.testing.assert_allclose(np.asarray(g1[name]), np.asarray(g0[name]), atol=1e-6, rtol=1e-4)
     assert float(jnp.abs(g0[name]).max()) > 0
+
+
+def test_auto_chunk_keeps_a_chunks_logits_at_the_default_models_size():
+  """train.loss_chunk = -1 (the config's default) resolves by the vocabulary: SmolLM2's 49,152 tokens keep
+  4,096 tokens a chunk, Gemma 3's 262,144 get 768 (a Gemma run ran out of memory at 4,096); an explicit
+  chunk is kept, and a value below -1 names the field."""
+  from cas.train.loss import AUTO_CHUNK, LOSS_CHUNK_TOKENS, resolve_loss_chunk
+  assert resolve_loss_chunk(AUTO_CHUNK, 49152) == LOSS_CHUNK_TOKENS == 4096
+  assert resolve_loss_chunk(AUTO_CHUNK, 262144) == 768
+  assert resolve_loss_chunk(AUTO_CHUNK, 128256) * 128256 <= 4096 * 49152
+  assert resolve_loss_chunk(AUTO_CHUNK, 10**9) == 256  # floor
+  assert resolve_loss_chunk(4096, 262144) == 4096 and resolve_loss_chunk(0, 262144) == 0
+  with pytest.raises(ValueError, match="loss_chunk=-2"):
+    resolve_loss_chunk(-2, 49152)
+
+
+def test_auto_chunk_lowers_the_preflight_estimate_for_a_large_vocabulary():
+  """The launchers' preflight (cas.config_check) estimates the step with the resolved chunk: for a
+  262,144-token vocabulary, auto holds 768 tokens of logits instead of 4,096."""
+  from cas.cartridge.cartridge import CartridgeSpec
+  from cas.train.loss import AUTO_CHUNK, resolve_loss_chunk
+  from cas.train.preflight import estimate_cas_bytes
+  cfg = ModelConfig(vocab_size=262144, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=16)
+  model, spec = build_model(cfg, seed=0), CartridgeSpec.for_model(cfg, 32, 1)
+  kw = dict(num_slots=2, batch_size=16, seq_len=512, k_max=2)
+  auto = estimate_cas_bytes(model, spec, loss_chunk=resolve_loss_chunk(AUTO_CHUNK, cfg.vocab_size), **kw)
+  fixed = estimate_cas_bytes(model, spec, loss_chunk=4096, **kw)
+  assert fixed["step"] - auto["step"] == 2 * (4096 - 768) * 262144 * 4
