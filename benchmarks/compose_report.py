@@ -174,7 +174,8 @@ def interference_lines(results: dict, collection: str, variant: str = "base") ->
   return lines
 
 
-RETRIEVAL_ROW = re.compile(r"^(cartridge_retrieved|cartridge_adaptive|rag_text)@(\d+)")
+RETRIEVAL_ROW = re.compile(r"^(cartridge_retrieved|cartridge_adaptive|cartridge_reranked|rag_text)@(\d+)")
+GOLD_PAIR = "cartridge_gold_pair/shared"  # the two gold cartridges of a two-document question, loaded together
 
 
 def retrieval_lines(base: dict) -> list[str]:
@@ -192,6 +193,8 @@ def retrieval_lines(base: dict) -> list[str]:
            "mean prompt tokens and KV per question:", "",
            "| method | k | " + " | ".join(head) + " | prompt tokens | KV MiB |",
            "|---|---|" + "---|" * len(head) + "---|---|"]
+  if base.get(GOLD_PAIR):
+    rows.append(("cartridge_gold_pair", 2, GOLD_PAIR))  # pair questions only: its single-document cells are "-"
   for method, k, name in rows:
     qs = base[name]
     cells = [cell(qs)]
@@ -212,9 +215,10 @@ def collection_section(results: dict, collection: str, base_variant: str = "base
   seeds = seeds_of(results, base_variant, collection)
   ns = loaded_ns(base)
   nmax = max(ns) if ns else 0
-  lines = [f"### {collection} (seeds {', '.join(map(str, seeds))}; {len(base.get('icl', []))} questions pooled)", "",
-           "| n loaded | cas_composed | isolated_composed | icl_composed | cas - isolated (paired) | cas - icl_composed (paired) |",
-           "|---|---|---|---|---|---|"]
+  lines = [f"### {collection} (seeds {', '.join(map(str, seeds))}; {len(base.get('icl', []))} questions pooled)", ""]
+  if ns:  # a study of retrieval alone (issue 21's q21) has no composed rows
+    lines += ["| n loaded | cas_composed | isolated_composed | icl_composed | cas - isolated (paired) | "
+              "cas - icl_composed (paired) |", "|---|---|---|---|---|---|"]
   verdict = {}
   for n in ns:
     cas, iso, icl = base.get(f"cas_composed@{n}/shared"), base.get(f"isolated_composed@{n}/shared"), \
@@ -321,6 +325,8 @@ def pooled_lines(sections: dict[str, dict]) -> list[str]:
   if len(cols) < 2:
     return []
   ns = sorted(set.intersection(*(set(sections[c]["ns"]) for c in cols)))
+  if not ns:
+    return []
   lines = [f"### All collections pooled ({', '.join(cols)}; questions paired within their collection)", "",
            "| n loaded | questions | cas_composed | isolated_composed | cas - isolated (paired) |", "|---|---|---|---|---|"]
   for n in ns:
@@ -375,6 +381,83 @@ def retention_lines(sections: dict[str, dict], num_resamples: int = 2000, seed: 
           "cas - isolated (points) |", "|---|---|---|---|---|---|---|---|", *out, ""]
 
 
+def _verdict(d) -> str:
+  return "beats" if d[1] > 0 else "loses to" if d[2] < 0 else "matches (interval spans 0)"
+
+
+def rag_claim_lines(sections: dict[str, dict]) -> list[str]:
+  """Issue 21 item 3's claim: retrieved cartridges against the best text RAG setting. Every retrieval row
+  pooled over the collections (questions paired within their collection) by question kind (single / pair
+  documents), then per collection and pooled: the best cartridge row against the best rag_text row (each
+  picked by its accuracy on all questions, on these questions: a choice made on the data it is judged
+  on, for both sides alike), the paired difference, and how many times fewer prompt tokens the
+  cartridges read. [] when no collection has both."""
+  def tag(c, qs):
+    return [{**q, "qid": f"{c}/{q['qid']}"} for q in qs or []]
+
+  def rows_of(base):
+    return {n: base[n] for n in base if RETRIEVAL_ROW.match(n)}
+
+  cols = [c for c in sorted(sections) if any(n.startswith("rag_text@") for n in rows_of(sections[c]["base"]))
+          and any(n.startswith("cartridge_") for n in rows_of(sections[c]["base"]))]
+  if not cols:
+    return []
+  names = sorted(set.intersection(*(set(rows_of(sections[c]["base"])) for c in cols)),
+                 key=lambda n: (RETRIEVAL_ROW.match(n).group(1), int(RETRIEVAL_ROW.match(n).group(2))))
+  pool = {n: sum((tag(c, sections[c]["base"][n]) for c in cols), []) for n in names}
+  docs = lambda qs, d: [q for q in qs if question_kind(q["qid"])[1] == d]  # prefixes name no kind
+  tok = lambda qs: sum(q.get("prompt_tokens", 0) for q in qs) / max(len(qs), 1)
+  lines = [f"### Retrieved cartridges against text RAG, all collections pooled ({', '.join(cols)}; "
+           "questions paired within their collection)", "",
+           "| method | all | single document | two documents | prompt tokens | KV MiB |", "|---|---|---|---|---|---|"]
+  for n in names:
+    qs = pool[n]
+    kv = sum(q.get("kv_bytes", 0) for q in qs) / max(len(qs), 1) / 2**20
+    lines.append(f"| {n} | {cell(qs)} | {cell(docs(qs, 'single'))} | {cell(docs(qs, 'pair'))} | {tok(qs):.0f} | {kv:.1f} |")
+  lines += ["", "Best cartridge setting against the best text RAG setting (each picked by accuracy on all questions):", "",
+            "| collection | cartridges | rag_text | cartridges - rag_text, all (paired) | single | two documents | "
+            "prompt tokens, rag / cartridges |", "|---|---|---|---|---|---|---|"]
+  for c in cols + (["pooled"] if len(cols) > 1 else []):
+    rows = pool if c == "pooled" else {n: tag(c, sections[c]["base"][n]) for n in names}
+    best = lambda pre: max((n for n in names if n.startswith(pre)), key=lambda n: acc(rows[n])[0])
+    cart, rag = best("cartridge_"), best("rag_text@")
+    d = diff(rows[cart], rows[rag])
+    ds, dp = diff(docs(rows[cart], "single"), docs(rows[rag], "single")), diff(docs(rows[cart], "pair"), docs(rows[rag], "pair"))
+    ratio = tok(rows[rag]) / max(tok(rows[cart]), 1e-9)
+    lines.append(f"| {c} | {cart} {cell(rows[cart])} | {rag} {cell(rows[rag])} | {dcell(d)}: {_verdict(d)} | "
+                 f"{dcell(ds)} | {dcell(dp)} | {ratio:.1f}x |")
+  return lines + [""]
+
+
+def rag_plot(collection: str, base: dict, path: str) -> str | None:
+  """Accuracy against prompt tokens (log) for rag_text@k and the cartridge rows, k annotated."""
+  rows = {n: base[n] for n in base if RETRIEVAL_ROW.match(n)}
+  if not any(n.startswith("rag_text@") for n in rows):
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for i, method in enumerate(sorted({RETRIEVAL_ROW.match(n).group(1) for n in rows})):
+    pts = sorted((int(RETRIEVAL_ROW.match(n).group(2)), sum(q.get("prompt_tokens", 0) for q in qs) / len(qs),
+                  *acc(qs)[:3]) for n, qs in rows.items() if RETRIEVAL_ROW.match(n).group(1) == method)
+    k, x, y, lo, hi = zip(*pts)
+    x = [xi * (1 + 0.04 * i) for xi in x]  # cartridge rows share one prompt length: spread them apart
+    ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]], label=method,
+                marker="o", capsize=3, color=f"C{i}", linestyle="-" if method == "rag_text" else "none")
+    for ki, xi, yi in zip(k, x, y):
+      ax.annotate(f"k={ki}", (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+  ax.set_xscale("log")
+  ax.set_xlabel("prompt tokens per question (text the model reads)")
+  ax.set_ylabel("accuracy (%), 95% CI")
+  ax.set_title(f"{collection}: retrieved cartridges vs text RAG")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def report(results: dict, plots_dir: str | None = None, base_variant: str = "base") -> str:
   import os
   out, sections = [], {}
@@ -386,8 +469,13 @@ def report(results: dict, plots_dir: str | None = None, base_variant: str = "bas
       os.makedirs(plots_dir, exist_ok=True)
       p = plot(c, data["base"], data["ns"], os.path.join(plots_dir, f"compose_{c}.png"))
       out.append(f"\n![{c}]({p})")
+    if plots_dir:
+      os.makedirs(plots_dir, exist_ok=True)
+      p = rag_plot(c, data["base"], os.path.join(plots_dir, f"rag_{c}.png"))
+      if p:
+        out.append(f"\n![{c}: retrieval]({p})")
     out.append("")
-  return "\n".join(out + pooled_lines(sections) + retention_lines(sections))
+  return "\n".join(out + pooled_lines(sections) + retention_lines(sections) + rag_claim_lines(sections))
 
 
 AGAINST_METHODS = ("cartridge_oracle",) + tuple(f"cas_composed@{n}/shared" for n in (1, 2, 5, 10, 20)) + tuple(

@@ -127,3 +127,30 @@ def test_retention_lines_measure_the_share_kept_above_chance_with_intervals():
   assert row[2] == "4" and row[3] == "33%" and row[4] == "-33%" and row[5] == "33%"
   assert row[6].startswith("+0 (") and row[7].startswith("+67 (")
   assert cr.retention_lines({"patients": {"base": {"icl": rows([True])}, "ns": [1, 2]}}) == []
+
+
+def test_rag_claim_lines_pick_each_sides_best_row_and_pair_by_question(tmp_path):
+  """Issue 21 item 3: per collection and pooled, the best cartridge row against the best rag_text row,
+  paired on the same questions, split single / two documents, with the prompt-token ratio; the gold
+  pair (two-document questions only) joins the retrieval table; a plot of accuracy against tokens."""
+  single = [f"s0/d{i}/f/content/mc" for i in range(4)]
+  pair = [f"s0/pair-d{i}-d{i + 1}/f/mc" for i in range(4)]
+  qs = single + pair
+  rows = lambda correct, tokens: [_q(q, c, tokens, 2**20) for q, c in zip(qs, correct)]
+  base = {"cartridge_retrieved@1": rows([1, 1, 1, 0, 1, 1, 0, 0], 50),  # 5/8
+          "cartridge_retrieved@2": rows([1, 0, 0, 0, 0, 0, 0, 0], 50),  # 1/8
+          "rag_text@1": rows([1, 1, 1, 1, 0, 0, 0, 0], 250),  # 4/8: the best rag row
+          "rag_text@2": rows([1, 1, 0, 0, 0, 0, 0, 0], 500),
+          "cartridge_gold_pair/shared": [_q(q, True, 60, 2**20) for q in pair]}
+  sections = {c: {"base": base, "ns": []} for c in ("patients", "minutes")}
+  lines = cr.rag_claim_lines(sections)
+  best = {l.split(" | ")[0].strip("| "): l.split(" | ") for l in lines if l.startswith(("| patients", "| pooled"))}
+  assert best["patients"][1].startswith("cartridge_retrieved@1 62.5") and best["patients"][2].startswith("rag_text@1 50.0")
+  assert best["patients"][3].startswith("+12.5") and best["patients"][4].startswith("-25.0")  # single: 3/4 vs 4/4
+  assert best["patients"][5].startswith("+50.0") and best["patients"][6] == "5.0x |"  # pairs: 2/4 vs 0/4; 250 / 50
+  pooled = next(l for l in lines if l.startswith("| cartridge_retrieved@1 |")).split(" | ")
+  assert pooled[1].startswith("62.5") and "(" in pooled[1]  # 16 questions: two collections kept apart
+  assert "matches" in best["pooled"][3] or "beats" in best["pooled"][3]
+  assert any(l.startswith("| cartridge_gold_pair | 2 | 100.0") for l in cr.retrieval_lines(base))
+  assert cr.rag_claim_lines({"patients": {"base": {"icl": base["rag_text@1"]}, "ns": []}}) == []
+  assert cr.rag_plot("patients", base, str(tmp_path / "rag.png")) and (tmp_path / "rag.png").stat().st_size > 1000
