@@ -44,7 +44,9 @@
 #   mono512        issue 20 item 2: the monolithic baseline (one cartridge of N*(p-1)+1 tokens, the same KV as all N
 #                  CAS cartridges) at p = 512 on all three collections, seeds 0 and 1, spread questions: the same
 #                  questions as the p512 / p512rest archives, so `compose_report --archive=<p512> --archive=<p512rest>
-#                  --archive=<mono512>` pairs it with CAS at all N loaded and with retrieval (~15 min on an H200)
+#                  --archive=<mono512>` pairs it with CAS at all N loaded and with retrieval (~15 min on an H200;
+#                  a monolithic p = 512 run takes ~21 GB, so an H100 runs three at a time: MONO_COLLECTIONS= /
+#                  MONO_SEEDS= pick fewer, e.g. MONO_SEEDS=0 for one wave)
 #   paper3         issue 20 items 2 + 4 at the paper preset's budget: CAS + isolated + icl_composed + the monolithic
 #                  baseline at p = 512, 1,000 steps, PAPER3_CONV (default 128) conversations per document, on patients
 #                  and products (where icl_composed reaches 5-10 documents), seeds 0 and 1, spread questions.
@@ -59,9 +61,17 @@ set -u
 MODE=${1:-status}; R=/root/lease
 mkdir -p $R
 CS="python3 benchmarks/compose_study.py"
+# The jobs import ml_collections / bm25s from gpu_setup.sh's /tmp/site, which it puts on PYTHONPATH: a call that
+# sources it inside a pipe (`. gpu_setup.sh | tail`) runs it in a subshell and loses the export, and every job then
+# fails at once (2026-12-06: a whole study "finished" in seconds). Refuse to start instead.
+need_setup() { [ -n "${DRY:-}" ] && return 0
+  python3 -c "import ml_collections, bm25s" 2>/dev/null && return 0
+  echo "lease.sh $MODE: ml_collections / bm25s are not importable: source benchmarks/gpu_setup.sh in this same call," \
+       "not in a pipe (. benchmarks/gpu_setup.sh > /tmp/setup.log 2>&1; bash benchmarks/lease.sh ...)"; exit 2; }
 run() { local name=$1; shift; if [ -n "${DRY:-}" ]; then echo "$name: $*"; return; fi  # DRY=1: print, start nothing
         setsid nohup "$@" > $R/$name.start.log 2>&1 < /dev/null & }
 if [ "$MODE" = start ]; then
+  need_setup
   # each job's share of an H200 (its processes' XLA_PYTHON_CLIENT_MEM_FRACTION at their peak), scaled to this card
   # (each process's fraction is above cas.train.preflight's estimate for its stage, which the run checks:
   # default model, CAS p = 256 / 512 about 5.5 / 6.8 GB, self-study with 2,048-token chunks 6.8 GB;
@@ -112,8 +122,8 @@ if [ "$MODE" = start ]; then
       p512rest) run p512rest $CS start $R/p512rest --variants=base --collections=patients,products --seeds=0,1 --p=512 \
                 --only=base:patients+products --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt) \
                 "--extra=--config.eval.question_pick=spread";;
-      mono512) run mono512 $CS start $R/mono512 --variants=mono --collections=patients,products,minutes --seeds=0,1 \
-                --mono_seeds=0,1 --p=512 --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt) --disk_gb=5 \
+      mono512) run mono512 $CS start $R/mono512 --variants=mono --collections=${MONO_COLLECTIONS:-patients,products,minutes} \
+                --seeds=${MONO_SEEDS:-0,1} --mono_seeds=${MONO_SEEDS:-0,1} --p=512 --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt) --disk_gb=5 \
                 "--extra=--config.eval.question_pick=spread";;
       paper3) run paper3 $CS start $R/paper3 --variants=base,mono --collections=patients,products --seeds=0,1 \
                 --mono_seeds=0,1 --p=512 --steps=1000 --conv=${PAPER3_CONV:-128} --mem=$(f 0.075) --synth_mem=$(f 0.06) \
@@ -144,6 +154,7 @@ if [ "$MODE" = start ]; then
   sleep 10; ls $R; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
 elif [ "$MODE" = decode ]; then
   if pgrep -f "launch.[c]as" > /dev/null; then echo "decode: training jobs are running; timings would be shared"; exit 2; fi
+  [ "${SELFSTUDY:-1}" = 1 ] && need_setup  # the self-study half runs launch.synthesize
   bash benchmarks/decode_levers.sh
 elif [ "$MODE" = status ]; then
   for f in $R/*/status.json; do [ -f "$f" ] && echo "== $f" && python3 -c "import json,sys; d=json.load(open('$f')); print(d['elapsed_s'], 's', {k: v for k, v in d['state'].items()})"; done
