@@ -116,6 +116,37 @@ def plot_accuracy_vs_prompt_tokens(rows: Sequence[dict], path: str) -> str | Non
   return _save(fig, path)
 
 
+def plot_accuracy_by_question_kind(rows: Sequence[dict], path: str) -> str | None:
+  """Accuracy (Wilson 95% CI) per method, one bar per question kind (title / content, single / two
+  documents: `by_question_kind`); None when no row's questions split by kind."""
+  by = [(r["method"], r.get("by_question_kind") or kind_breakdown(r.get("questions") or [])) for r in rows]
+  by = [(m, b) for m, b in by if b]
+  if not by:
+    return None
+  kinds = [(dim, name) for dim, names in (("refers", ("title", "content")), ("docs", ("single", "pair")))
+           for name in names if any(name in b.get(dim, {}) for _m, b in by)]
+  fig, (ax,) = _new_figure(max(6.0, 0.9 * len(by) + 2), 5.0)
+  width = 0.8 / max(1, len(kinds))
+  for i, (dim, name) in enumerate(kinds):
+    xs, ys, lo, hi = [], [], [], []
+    for j, (_m, b) in enumerate(by):
+      c = b.get(dim, {}).get(name)
+      if c and c.get("num_questions"):
+        a = 100 * c["accuracy"]
+        xs.append(j - 0.4 + width * (i + 0.5))
+        ys.append(a)
+        lo.append(max(0.0, a - 100 * c["accuracy_ci95"][0]))
+        hi.append(max(0.0, 100 * c["accuracy_ci95"][1] - a))
+    ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=2, label=name)
+  ax.set_xticks(range(len(by)), [m for m, _b in by], rotation=35, ha="right", fontsize=7)
+  ax.set_ylabel("accuracy (%), 95% CI")
+  ax.set_ylim(0, 103)
+  ax.set_title("accuracy by question kind (how it names its document; documents it needs)")
+  ax.grid(True, axis="y", alpha=0.3)
+  ax.legend(fontsize=7, loc="best")
+  return _save(fig, path)
+
+
 def loaded_points(rows: Sequence[dict]) -> dict[tuple[str, str], list[tuple[int, float, float, float]]]:
   """(base method, position mode) -> [(num_loaded, accuracy %, minus, plus)] for the num-loaded
   plot; minus/plus are the Wilson 95% interval's distances below/above (0 for rows without
@@ -192,7 +223,8 @@ def write_plots(result: dict, out_dir: str) -> list[str]:
   written = []
   for fn, arg, name in ((plot_accuracy_vs_prompt_tokens, rows, "accuracy_vs_prompt_tokens.png"),
                         (plot_accuracy_vs_num_loaded, rows, "accuracy_vs_num_loaded.png"),
-                        (plot_recall_at_k, result.get("retrieval"), "recall_at_k.png")):
+                        (plot_recall_at_k, result.get("retrieval"), "recall_at_k.png"),
+                        (plot_accuracy_by_question_kind, rows, "accuracy_by_question_kind.png")):
     p = fn(arg, os.path.join(out_dir, name))
     if p is None:
       logging.info("plot %s skipped: nothing to draw", name)

@@ -124,3 +124,20 @@ def test_kind_breakdown_from_qids():
   md = kinds_markdown([{"method": "icl", "questions": qs}])
   assert "| icl | docs=pair | 0.0 |" in md and "| icl | refers=content | 50.0 |" in md
   assert kinds_markdown([{"method": "icl", "questions": qs[:1]}]) == ""
+
+
+def test_the_report_plots_accuracy_by_question_kind(tmp_path):
+  """write_plots draws one bar per question kind and method when questions split by kind (issue 21
+  item 5: the plots carry the kinds separately), and skips the plot when nothing splits."""
+  from cas.eval.report import write_plots
+  qs = [{"qid": "d/f/mc", "correct": True}, {"qid": "d/f/content/mc", "correct": False},
+        {"qid": "d/pair-00/f/sum/mc", "correct": False}]
+  rows = [{"method": m, "accuracy": 1 / 3, "num_questions": 3, "prompt_tokens": 50.0, "kv_bytes": 2.0**20,
+           "questions": qs} for m in ("icl", "cartridge_retrieved@1")]
+  written = write_plots({"methods": rows}, str(tmp_path / "a"))
+  by_kind = tmp_path / "a" / "accuracy_by_question_kind.png"
+  assert str(by_kind) in written and by_kind.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and by_kind.stat().st_size > 5000
+  plain = [dict(r, questions=qs[:1]) for r in rows]
+  written = write_plots({"methods": plain}, str(tmp_path / "b"))
+  assert not any(p.endswith("accuracy_by_question_kind.png") for p in written)
+  assert not (tmp_path / "b" / "accuracy_by_question_kind.png").exists()
