@@ -296,9 +296,15 @@ def plot(collection: str, base: dict, ns: list[int], path: str) -> str:
       ax.axhline(acc(base[name])[0], color="gray", linestyle=style, label=name)
   ax.set_xscale("log", base=2)
   ax.set_xticks(ns, [str(n) for n in ns])
-  ax.set_xlabel("documents loaded (own + distractors)")
+  return _finish(fig, ax, path, "documents loaded (own + distractors)", f"{collection}: composition")
+
+
+def _finish(fig, ax, path: str, xlabel: str, title: str) -> str:
+  """Labels, legend, PNG at `path`; the figure closed. Returns `path`."""
+  import matplotlib.pyplot as plt
+  ax.set_xlabel(xlabel)
   ax.set_ylabel("accuracy (%), 95% CI")
-  ax.set_title(f"{collection}: composition")
+  ax.set_title(title)
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -448,14 +454,8 @@ def rag_plot(collection: str, base: dict, path: str) -> str | None:
     for ki, xi, yi in zip(k, x, y):
       ax.annotate(f"k={ki}", (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
   ax.set_xscale("log")
-  ax.set_xlabel("prompt tokens per question (text the model reads)")
-  ax.set_ylabel("accuracy (%), 95% CI")
-  ax.set_title(f"{collection}: retrieved cartridges vs text RAG")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _finish(fig, ax, path, "prompt tokens per question (text the model reads)",
+                 f"{collection}: retrieved cartridges vs text RAG")
 
 
 def report(results: dict, plots_dir: str | None = None, base_variant: str = "base") -> str:
