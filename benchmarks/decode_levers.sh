@@ -7,6 +7,8 @@
 # Usage (device machine, after `. benchmarks/gpu_setup.sh`; random weights, no model files needed):
 #   OUT=... bash benchmarks/decode_levers.sh            # [MODELS="smollm2-135m llama-3.2-1b"] [BATCH=64]
 # Then here: the JSON lines in $OUT/decode_levers.jsonl (tokens_per_s per variant, layer_loop, xla_flags).
+# PROFILE=1: each cas variant also traces one more call; its record gets "ops", the device time by kernel and
+# XLA op (where a decode step's ~5.6 ms go at 1B on an H100, 2026-12-06, against ~0.9 ms for its bytes).
 # Second part (real weights: the default model and Gemma 3 270M, joined by gpu_setup.sh; SELFSTUDY=0 skips
 # it; DECODE=0 runs it alone): the real workload, self-study of the `paper` preset (quote family, whole-document teacher) on two
 # patients documents, 256 conversations each, 64 decode rows, without and with refilled rows
@@ -19,6 +21,7 @@ for m in ${MODELS:-smollm2-135m llama-3.2-1b}; do
   [ "${DECODE:-1}" = 1 ] || break  # DECODE=0: only the second part
   A=(--model=$m --batch=${BATCH:-64} --prompt_len=2112 --shared_doc=2048 --new_tokens=${NEW:-256}
      --attn=auto --layer_loop=scan,unrolled --out=$OUT/decode_levers.jsonl)
+  [ "${PROFILE:-0}" = 1 ] && A+=(--profile_dir=/tmp/decode_profile)  # PROFILE=1: device time by op per variant
   python3 -m benchmarks.synth_speed "${A[@]}" --torch=true 2>&1 | grep -a '"status"' | cut -c1-400
   XLA_FLAGS="$GRAPHS" python3 -m benchmarks.synth_speed "${A[@]}" --torch=false 2>&1 | grep -a '"status"' | cut -c1-400
 done

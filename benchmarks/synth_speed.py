@@ -60,6 +60,9 @@ flags.DEFINE_integer("shared_doc", 0, "tokens at the start of every cas prompt s
                      "(0: none); cas then runs generate_shared")
 flags.DEFINE_list("shared_prefix", ["once"], "with --shared_doc: Sampler shared_prefix modes to run "
                   "(once, broadcast)")
+flags.DEFINE_string("profile_dir", None, "also trace one more call of each cas variant with jax.profiler here and "
+                    "add its device time by op to the record (\"ops\": benchmarks._common.summarize_trace): where a "
+                    "decode step's time goes (issue 22: 1B decode at 16% of the bandwidth bound on an H100)")
 flags.DEFINE_list("layer_loop", ["scan"], "the model's layer loop in decode: scan (one while loop over the "
                   "layers per step, what the sampler runs today) and/or unrolled (one flat program per step, "
                   "which XLA's command buffers can capture as one CUDA graph: the launch-bound decode's lever)")
@@ -131,6 +134,15 @@ def main(argv):
         raise AssertionError(f"unexpected output: {n_gen} tokens, top-k shapes {shapes}")
       rec.update({"status": "ok", "time_s": dt, "generated_tokens": n_gen, "tokens_per_s": n_gen / dt,
                   "compilations": sampler.num_compilations, "memory": C.jax_memory()})
+      if F.profile_dir:  # after the timing, which the trace must not slow
+        d = os.path.join(F.profile_dir, rec["variant"].replace("/", "_"))
+        os.makedirs(d, exist_ok=True)
+        try:
+          with jax.profiler.trace(d):
+            gen(2)
+          rec["ops"] = C.summarize_trace(d, top=20)
+        except Exception as e:  # a failed trace must not lose the timing
+          rec["ops"] = {"error": C.short_error(e)}
     except Exception as e:
       rec.update({"status": "oom" if C.is_oom(e) else "error", "error": C.short_error(e)})
       logging.exception("cas sampler with %s attention failed", name)

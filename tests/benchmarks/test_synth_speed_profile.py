@@ -1,0 +1,24 @@
+"""benchmarks/synth_speed.py --profile_dir (issue 22: where a decode step's time goes): after the timed
+call, one more call runs under jax.profiler and the record carries its time by op; the timing is kept."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_profile_dir_adds_the_time_by_op_to_each_cas_record(tmp_path):
+  out = tmp_path / "ss.jsonl"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-m", "benchmarks.synth_speed", "--smoke", "--torch=false", "--attn=reference",
+                      f"--profile_dir={tmp_path / 'prof'}", f"--out={out}"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  recs = [json.loads(l) for l in out.read_text().splitlines()]
+  cas = [x for x in recs if x.get("variant") == "sampler/reference"]
+  assert len(cas) == 1 and cas[0]["status"] == "ok" and cas[0]["tokens_per_s"] > 0
+  ops = cas[0]["ops"]
+  assert "error" not in ops and ops["total_us"] > 0 and ops["top"]
+  assert any(name.startswith("while") for name, _us, _share in ops["top"])  # the decode loop was traced
+  assert abs(sum(ops["by_kind"].values()) - 1.0) < 1e-6
