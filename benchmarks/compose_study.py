@@ -316,6 +316,26 @@ def _tables(root: str, names: list[str]) -> None:
     print("\n".join(keep[-40:]))
 
 
+def _failures(root: str, st: dict) -> None:
+  """The last error lines of every failed job's log, so a study that failed at once says why."""
+  for n, s in st.items():
+    if not s.startswith("failed"):
+      continue
+    log = os.path.join(root, n + ".log")
+    lines = open(log, errors="replace").read().replace("\r", "\n").splitlines() if os.path.exists(log) else []
+    errs = [l for l in lines if "Error" in l or "error:" in l] or lines
+    print(f"{n} {s}: " + (" | ".join(errs[-3:])[-600:] if errs else "(no log)"))
+
+
+def _jobs_can_import() -> str | None:
+  """None when this python imports what every job needs, else the error: a job that cannot import
+  ml_collections fails in seconds, and a whole study would "finish" failed (2026-12-06: gpu_setup.sh's
+  PYTHONPATH lost in a pipe)."""
+  r = subprocess.run([sys.executable, "-c", "import ml_collections, absl, jax"], capture_output=True, text=True,
+                     env=dict(os.environ), cwd=os.getcwd())
+  return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+
+
 def archive(root: str, out: str) -> str:
   path = os.path.join(out, "compose_study.tgz")
   with tarfile.open(path, "w:gz") as tar:
@@ -335,6 +355,10 @@ def main(argv: list[str]) -> None:
   mode, root = argv[1], argv[2]
   f = _flags(argv[3:])
   if mode == "start":
+    err = _jobs_can_import()
+    if err:
+      raise SystemExit(f"compose_study: {sys.executable} cannot import what the jobs need ({err}); on the device "
+                       "machine source benchmarks/gpu_setup.sh in the same shell first (not in a pipe)")
     os.makedirs(root, exist_ok=True)
     p = plan(root, f)
     json.dump(p, open(os.path.join(root, "plan.json"), "w"), indent=1)
@@ -365,6 +389,7 @@ def main(argv: list[str]) -> None:
   st = status.get("state", {})
   finished = [n for n, s in st.items() if not n.startswith("synth_") and s.split()[0] in ("done", "failed")]
   _tables(root, finished)
+  _failures(root, st)
   if os.environ.get("OUT"):
     print("archive:", archive(root, os.environ["OUT"]))
   if st and all(s.split()[0] in ("done", "failed", "skipped") for s in st.values()):

@@ -123,3 +123,23 @@ def test_a_run_out_of_device_memory_runs_once_more_with_twice_its_share(tmp_path
   assert st["oom2"].startswith("failed rc=1") and "retried" in st["oom2"]
   assert sorted(shares) == [("bad", "0.100"), ("oom", "0.100"), ("oom", "0.200"), ("oom2", "0.100"), ("oom2", "0.200")]
   assert "RESOURCE_EXHAUSTED" in (tmp_path / "oom.oom.log").read_text()
+
+
+def test_a_failed_job_says_why_and_a_python_without_the_packages_is_refused(tmp_path, capsys, monkeypatch):
+  """The end of `wait` prints each failed job's last error lines; `start` refuses a python that cannot
+  import ml_collections (2026-12-06: every job of a study failed at once for it) before planning anything."""
+  import subprocess
+  import sys
+  (tmp_path / "synth_a_s0.log").write_text("step 1\nModuleNotFoundError: No module named 'ml_collections'\n")
+  cs._failures(str(tmp_path), {"synth_a_s0": "failed rc=1 3s", "base_a_s0": "skipped (self-study failed)",
+                               "base_b_s0": "failed rc=2 1s"})
+  out = capsys.readouterr().out
+  assert "synth_a_s0 failed rc=1 3s: ModuleNotFoundError: No module named 'ml_collections'" in out
+  assert "base_b_s0 failed rc=2 1s: (no log)" in out and "base_a_s0" not in out
+  assert cs._jobs_can_import() is None  # this venv has them
+  real = subprocess.run
+  monkeypatch.setattr(cs.subprocess, "run", lambda args, **kw: real([sys.executable, "-c", "import no_such_module_x"], **kw))
+  assert "no_such_module_x" in cs._jobs_can_import()
+  with pytest.raises(SystemExit, match="cannot import what the jobs need"):
+    cs.main(["compose_study.py", "start", str(tmp_path / "study"), "--variants=base"])
+  assert not (tmp_path / "study").exists()
