@@ -56,7 +56,9 @@
 #   gemma_paper    issue 24 item 3: the CAS `paper` preset with Gemma 3 270M (patients, seed 0, spread questions; CAS
 #                  only: no_context, icl, oracle, cas_composed), its self-study at batch GP_BATCH (default 256) with
 #                  refilled rows: at the preset's batch 64 it would take ~38 min (2026-12-05 rate), alone on an H200
-#   q21            issue 21 item 3: retrieved cartridges vs text RAG on questions by content and pairs
+#   q21            issue 21 item 3: retrieved cartridges vs text RAG on questions by content and pairs (ran
+#                  2026-12-06 on an H100, 9.7 min; Q21_METHODS=cartridge_reranked adds the likelihood reranker,
+#                  which lost with untrained cartridges and was never tried with trained ones)
 set -u
 MODE=${1:-status}; R=/root/lease
 mkdir -p $R
@@ -145,7 +147,7 @@ if [ "$MODE" = start ]; then
                     --stages=synth,train,indexes,evaluate --workdir=$R/builtin6/${k}_s$s; done; done;;
       q21) run q21 $CS start $R/q21 --variants=base --collections=patients,products,minutes --seeds=0,1 \
                 --mem=$(f 0.05) --synth_mem=$(f 0.06) --mem_total=$(mt) \
-                --methods=no_context,icl,cartridge_oracle,cartridge_retrieved,cartridge_adaptive,rag_text,cartridge_gold_pair \
+                --methods=no_context,icl,cartridge_oracle,cartridge_retrieved,cartridge_adaptive,rag_text,cartridge_gold_pair${Q21_METHODS:+,$Q21_METHODS} \
                 "--extra=--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8) --config.eval.question_pick=spread";;
       *) echo "unknown job $j"; exit 2;;
     esac
