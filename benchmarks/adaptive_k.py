@@ -25,8 +25,19 @@ from cas.data.synthetic import generate_collection
 from cas.eval.stats import paired_difference, wilson_interval
 from cas.retrieval import build_retriever
 
-_ARCHIVE = flags.DEFINE_multi_string("archive", None, "compose_study.tgz (repeatable)", required=True)
-_TUNE = flags.DEFINE_integer("tune_seed", 0, "seed whose questions choose the threshold")
+_F = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Flags only when run as a script: tests import this module, and flags defined at import would
+  clash with other modules' (--archive)."""
+  flags.DEFINE_multi_string("archive", None, "compose_study.tgz (repeatable)", required=True)
+  flags.DEFINE_integer("tune_seed", 0, "seed whose questions choose the threshold")
+  flags.DEFINE_list("question_refs", ["title"], "the study's data.question_refs (the q21 job: title,content)")
+  flags.DEFINE_float("pair_share", 0.0, "the study's data.pair_share (the q21 job: 0.25); the two-document "
+                     "questions are left out here (the policy is about one document's cartridge)")
+
+
 RUN = re.compile(r"^base_(?P<collection>[a-z]+)_s(?P<seed>\d+)$")
 THRESHOLDS = [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 1.01]
 
@@ -43,16 +54,19 @@ def load(paths):
   return out
 
 
-def per_question(res, collection, seed):
-  """[(margin, correct@1, correct@2)] for the run's single-document questions."""
+def per_question(res, collection, seed, question_refs=("title",), pair_share=0.0):
+  """[(margin, correct@1, correct@2)] for the run's single-document questions, and how many of them the
+  rebuilt index ranks another document first than the run loaded. question_refs / pair_share: the
+  study's question settings (the collection is rebuilt with them)."""
   m = {r["method"]: {q["qid"]: q for q in r.get("questions") or []} for r in res["methods"]}
   r1, r2 = m.get("cartridge_retrieved@1"), m.get("cartridge_retrieved@2")
   if not r1 or not r2:
     return [], 0
-  coll = generate_collection(int(res.get("num_docs", 20)), seed, collection)
+  coll = generate_collection(int(res.get("num_docs", 20)), seed, collection, question_refs=tuple(question_refs),
+                             pair_share=float(pair_share))
   qs = {q.qid: q for q in coll.questions}
   index = build_retriever("bm25", coll)
-  qids = [q for q in r1 if q in r2 and q in qs]
+  qids = [q for q in r1 if q in r2 and q in qs and len(getattr(qs[q], "doc_ids", ()) or ()) <= 1]
   hits = index.search_docs_batch([qs[q].question for q in qids], 2)
   rows, mismatch = [], 0
   for q, h in zip(qids, hits):
@@ -72,24 +86,30 @@ def policy(rows, t):
 
 def main(argv):
   del argv
-  runs = load(_ARCHIVE.value)
+  runs = load(_F.archive)
   by_col = {}
   for (path, c, s), res in sorted(runs.items()):
-    rows, mismatch = per_question(res, c, s)
+    rows, mismatch = per_question(res, c, s, _F.question_refs, _F.pair_share)
     if rows:
       by_col.setdefault(c, {}).setdefault(s, []).extend(rows)
       if mismatch:
         print(f"warning: {c} s{s} ({path}): {mismatch} questions' rebuilt top-1 differs from the run's")
   print("| collection | held-out seed | questions | always @1 | always @2 | adaptive (t from seed "
-        f"{_TUNE.value}) | t | cartridges loaded | adaptive - @1 (paired) |")
+        f"{_F.tune_seed}) | t | cartridges loaded | adaptive - @1 (paired) |")
   print("|---|---|---|---|---|---|---|---|---|")
+  if len(by_col) > 1:  # one threshold for every collection, chosen on all their tune-seed questions
+    pooled: dict[int, list] = {}
+    for seeds in by_col.values():
+      for s, rows in seeds.items():
+        pooled.setdefault(s, []).extend(rows)
+    by_col = {**by_col, "all collections": pooled}
   for c, seeds in sorted(by_col.items()):
-    if _TUNE.value not in seeds:
+    if _F.tune_seed not in seeds:
       continue
-    tune = seeds[_TUNE.value]
+    tune = seeds[_F.tune_seed]
     best = max(THRESHOLDS, key=lambda t: (sum(policy(tune, t)[0]), -t))
     for s, rows in sorted(seeds.items()):
-      if s == _TUNE.value:
+      if s == _F.tune_seed:
         continue
       a1 = [c1 for _m, c1, _c2 in rows]
       a2 = [c2 for _m, _c1, c2 in rows]
@@ -104,4 +124,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
