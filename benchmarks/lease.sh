@@ -58,7 +58,8 @@
 #                  refilled rows: at the preset's batch 64 it would take ~38 min (2026-12-05 rate), alone on an H200
 #   q21            issue 21 item 3: retrieved cartridges vs text RAG on questions by content and pairs (ran
 #                  2026-12-06 on an H100, 9.7 min; Q21_METHODS=cartridge_reranked adds the likelihood reranker,
-#                  which lost with untrained cartridges and was never tried with trained ones)
+#                  which lost with untrained cartridges and was never tried with trained ones; Q21_P=512 runs it at
+#                  the paper preset's p: at p = 256 patients lost to text RAG, -5.0, where its oracle was weakest)
 set -u
 MODE=${1:-status}; R=/root/lease
 mkdir -p $R
@@ -145,7 +146,7 @@ if [ "$MODE" = start ]; then
                     --config.synth.conversations=${B6_CONV:-512} $([ $k = minutes ] && echo --config.cartridge.init_text=salient) --config.layer_loop=scan \
                     "--config.eval.methods=('no_context','icl','cartridge_oracle','cartridge_init')" \
                     --stages=synth,train,indexes,evaluate --workdir=$R/builtin6/${k}_s$s; done; done;;
-      q21) run q21 $CS start $R/q21 --variants=base --collections=patients,products,minutes --seeds=0,1 \
+      q21) run q21 $CS start $R/q21 --variants=base --collections=patients,products,minutes --seeds=0,1 --p=${Q21_P:-256} \
                 --mem=$(f 0.05) --synth_mem=$(f 0.06) --mem_total=$(mt) \
                 --methods=no_context,icl,cartridge_oracle,cartridge_retrieved,cartridge_adaptive,rag_text,cartridge_gold_pair${Q21_METHODS:+,$Q21_METHODS} \
                 "--extra=--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8) --config.eval.question_pick=spread";;
