@@ -13,10 +13,6 @@ question whose rebuilt top-1 differs from the one the run loaded is reported (th
 """
 from __future__ import annotations
 
-import io
-import json
-import re
-import tarfile
 
 import numpy as np
 from absl import app, flags
@@ -38,20 +34,14 @@ def _define_flags() -> None:
                      "questions are left out here (the policy is about one document's cartridge)")
 
 
-RUN = re.compile(r"^base_(?P<collection>[a-z]+)_s(?P<seed>\d+)$")
 THRESHOLDS = [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 1.01]
 
 
 def load(paths):
-  out = {}
-  for path in paths:
-    with tarfile.open(path) as tar:
-      for m in tar.getmembers():
-        g = RUN.match(m.name.split("/")[0])
-        if g and m.name.endswith("/eval/results.json"):
-          res = json.load(io.TextIOWrapper(tar.extractfile(m)))
-          out[(path, g["collection"], int(g["seed"]))] = res
-  return out
+  """(path, collection, seed) -> results.json of each base run (compose_report.load_archive: a missing or
+  unreadable archive is a ValueError naming it)."""
+  from benchmarks.compose_report import load_archive
+  return {(path, c, s): res for path in paths for (v, c, s), res in load_archive(path).items() if v == "base"}
 
 
 def per_question(res, collection, seed, question_refs=("title",), pair_share=0.0):
@@ -86,7 +76,10 @@ def policy(rows, t):
 
 def main(argv):
   del argv
-  runs = load(_F.archive)
+  try:
+    runs = load(_F.archive)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   by_col = {}
   for (path, c, s), res in sorted(runs.items()):
     rows, mismatch = per_question(res, c, s, _F.question_refs, _F.pair_share)

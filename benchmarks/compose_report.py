@@ -52,15 +52,25 @@ RUN = re.compile(r"^(?P<variant>[a-z0-9]+)_(?P<collection>[a-z]+)_s(?P<seed>\d+)
 
 
 def load_archive(path: str) -> dict[tuple[str, str, int], dict]:
-  """(variant, collection, seed) -> results.json of that run."""
+  """(variant, collection, seed) -> results.json of that run. ValueError naming the file when it is
+  missing, not a .tgz, or cut short (a partial copy)."""
+  import os
+  if not os.path.isfile(path):
+    raise ValueError(f"archive {path!r} not found (the compose_study.tgz that `lease.sh collect` or "
+                     "`compose_study.py wait` with OUT set writes)")
   out = {}
-  with tarfile.open(path) as tar:
-    for m in tar.getmembers():
-      if m.name.endswith("/eval/results.json"):
-        run = m.name.split("/")[0]
-        g = RUN.match(run)
-        if g:
-          out[(g["variant"], g["collection"], int(g["seed"]))] = json.load(io.TextIOWrapper(tar.extractfile(m)))
+  try:
+    with tarfile.open(path) as tar:
+      for m in tar.getmembers():
+        if m.name.endswith("/eval/results.json"):
+          run = m.name.split("/")[0]
+          g = RUN.match(run)
+          if g:
+            out[(g["variant"], g["collection"], int(g["seed"]))] = json.load(io.TextIOWrapper(tar.extractfile(m)))
+  except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as e:
+    why = (str(e).splitlines() or [""])[0]
+    raise ValueError(f"archive {path!r} cannot be read ({type(e).__name__}: {why}): not a .tgz, or a partial "
+                     "copy") from e
   return out
 
 
@@ -509,7 +519,11 @@ def main(argv):
   del argv
   if not _F.archive:
     raise app.UsageError("--archive is required (the compose_study.tgz of benchmarks/compose_study.py)")
-  results, replaced = load_archives(_F.archive)
+  try:
+    results, replaced = load_archives(_F.archive)
+    other = load_archive(_F.against) if _F.against else None
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   text = report(results, _F.plots, _F.base)
   if replaced:
     text += "\n\nRuns taken from a later archive: " + "; ".join(replaced)
@@ -517,7 +531,7 @@ def main(argv):
     pairs = [tuple(p.split(":", 1)) for p in _F.against_pairs.split(",") if p]
     if any(len(p) != 2 or not all(p) for p in pairs):
       raise app.UsageError(f"--against_pairs={_F.against_pairs!r}: give this:other variant pairs, e.g. base:base")
-    lines = against_lines(results, load_archive(_F.against), pairs)
+    lines = against_lines(results, other, pairs)
     text += "\n" + ("\n".join(lines) if lines else f"(--against: no variant pair of {_F.against_pairs} ran on a "
                                                    "collection and seed of both studies)")
   print(text)

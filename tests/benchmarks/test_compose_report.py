@@ -154,3 +154,27 @@ def test_rag_claim_lines_pick_each_sides_best_row_and_pair_by_question(tmp_path)
   assert any(l.startswith("| cartridge_gold_pair | 2 | 100.0") for l in cr.retrieval_lines(base))
   assert cr.rag_claim_lines({"patients": {"base": {"icl": base["rag_text@1"]}, "ns": []}}) == []
   assert cr.rag_plot("patients", base, str(tmp_path / "rag.png")) and (tmp_path / "rag.png").stat().st_size > 1000
+
+
+def test_a_missing_or_partial_archive_is_named(tmp_path):
+  """A wrong path, a file that is not a .tgz and a copy cut short each give a ValueError naming the file."""
+  import pytest
+  with pytest.raises(ValueError, match="not found"):
+    cr.load_archive(str(tmp_path / "none.tgz"))
+  (tmp_path / "bad.tgz").write_text("not a tarball")
+  with pytest.raises(ValueError, match="bad.tgz.*cannot be read"):
+    cr.load_archive(str(tmp_path / "bad.tgz"))
+  import io as _io
+  import json as _json
+  import tarfile as _tarfile
+  good = tmp_path / "good.tgz"
+  with _tarfile.open(good, "w:gz") as tar:
+    data = _json.dumps({"methods": [{"method": "icl", "questions": [{"qid": "d/f/mc", "correct": True}] * 3000}]})
+    info = _tarfile.TarInfo("base_patients_s0/eval/results.json")
+    info.size = len(data.encode())
+    tar.addfile(info, _io.BytesIO(data.encode()))
+  assert ("base", "patients", 0) in cr.load_archive(str(good))
+  cut = tmp_path / "cut.tgz"
+  cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+  with pytest.raises(ValueError, match="cut.tgz.*partial"):
+    cr.load_archive(str(cut))
