@@ -15,6 +15,11 @@ one). After the collections: cas - isolated pooled over every collection's quest
 the above-chance accuracy each method keeps with n loaded (cas, isolated, and the text: icl_composed
 against ICL) with paired bootstrap intervals.
 
+A study with retrieval rows (cartridge_retrieved / cartridge_adaptive / rag_text at several k; the q21 job) also
+gets, per collection, the retrieval table by question kind and a plot of accuracy against prompt tokens
+(rag_<collection>.png), and after the collections those rows pooled by single / two-document questions
+and the best cartridge setting against the best text RAG setting (issue 21 item 3).
+
 Two studies on the same questions (same collections, seeds and question pick; e.g. p = 512 against
 p = 256): `--against=<other>/compose_study.tgz --against_pairs=base:base,salient:salcas` adds, per
 collection, this study's variant minus the other study's variant, paired by question.
