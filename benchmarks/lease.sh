@@ -45,7 +45,7 @@
 #                  CAS cartridges) at p = 512 on all three collections, seeds 0 and 1, spread questions: the same
 #                  questions as the p512 / p512rest archives, so `compose_report --archive=<p512> --archive=<p512rest>
 #                  --archive=<mono512>` pairs it with CAS at all N loaded and with retrieval (~15 min on an H200;
-#                  a monolithic p = 512 run takes ~21 GB, so an H100 runs three at a time: MONO_COLLECTIONS= /
+#                  a monolithic p = 512 run gets 0.15 of an H200 (21 GB; preflight estimates ~10 GB), so an H100 runs three at a time: MONO_COLLECTIONS= /
 #                  MONO_SEEDS= pick fewer, e.g. MONO_SEEDS=0 for one wave)
 #   paper3         issue 20 items 2 + 4 at the paper preset's budget: CAS + isolated + icl_composed + the monolithic
 #                  baseline at p = 512, 1,000 steps, PAPER3_CONV (default 128) conversations per document, on patients
