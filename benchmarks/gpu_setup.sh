@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Device-machine set-up shared by GPU benchmarks: install carried wheels, put the default model
-# (carried in parts, below) into $CAS_HOME. Source it: `. benchmarks/gpu_setup.sh`.
+# (carried in parts, below) into $CAS_HOME. Source it: `. benchmarks/gpu_setup.sh`, in every call that runs a job
+# and never inside a pipe (`. gpu_setup.sh | tail` runs it in a subshell: PYTHONPATH is lost); to quiet it,
+# `. benchmarks/gpu_setup.sh > /tmp/setup.log 2>&1`.
 # Calls: one per model part (below), .whl with the first; the machine idles out ~30 s after a call.
 # --find-links + names: pip picks the wheel matching this python (.whl may hold several builds)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
