@@ -5,9 +5,14 @@
 # `. benchmarks/gpu_setup.sh > /tmp/setup.log 2>&1`.
 # Calls: one per model part (below), .whl with the first; the machine idles out ~30 s after a call.
 # --find-links + names: pip picks the wheel matching this python (.whl may hold several builds)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  --find-links .whl array_record bm25s gguf importlib_resources ml_collections tensorboardx >/dev/null 2>&1 \
-  || echo "wheel install failed"
+# (a later call without .whl keeps what the first installed in /tmp/site)
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    --find-links .whl array_record bm25s gguf importlib_resources ml_collections tensorboardx >/dev/null 2>&1 \
+    || echo "wheel install failed"
+elif [ ! -d /tmp/site/ml_collections ]; then
+  echo "gpu_setup: no .whl carried and none installed yet: carry .whl in this call"
+fi
 export PYTHONPATH=/tmp/site:$PWD
 export CAS_HOME=/root/cache/cas
 export PYTHONUNBUFFERED=1
