@@ -122,6 +122,21 @@ def dcell(d) -> str:
   return "-" if d is None else f"{d[0]:+.1f} ({d[1]:+.1f} to {d[2]:+.1f})"
 
 
+def tagged(collection: str, qs: list[dict] | None) -> list[dict]:
+  """The rows with their qids prefixed by the collection: the same qid in two collections is two questions."""
+  return [{**q, "qid": f"{collection}/{q['qid']}"} for q in qs or []]
+
+
+def mean_of(qs: list[dict], key: str) -> float:
+  """The rows' mean of a per-question number (prompt_tokens, kv_bytes; 0 where a row lacks it)."""
+  return sum(q.get(key, 0) for q in qs) / max(len(qs), 1)
+
+
+def chance(q: dict) -> float:
+  """1 / the options of a multiple-choice question (4 when its row does not list them)."""
+  return 1.0 / max(2, len(q.get("option_scores") or [0, 0, 0, 0]))
+
+
 def loaded_ns(rows: dict) -> list[int]:
   ns = set()
   for name in rows:
@@ -216,8 +231,7 @@ def retrieval_lines(base: dict) -> list[str]:
     if len(kinds) > 1:
       for kd in kinds:
         cells.append(cell([q for q in qs if question_kind(q["qid"].split("/", 1)[1]) == kd]))
-    tok = sum(q.get("prompt_tokens", 0) for q in qs) / max(len(qs), 1)
-    kv = sum(q.get("kv_bytes", 0) for q in qs) / max(len(qs), 1) / 2**20
+    tok, kv = mean_of(qs, "prompt_tokens"), mean_of(qs, "kv_bytes") / 2**20
     lines.append(f"| {method} | {k} | " + " | ".join(cells) + f" | {tok:.0f} | {kv:.1f} |")
   return lines
 
@@ -354,8 +368,8 @@ def pooled_lines(sections: dict[str, dict]) -> list[str]:
     cas, iso = [], []
     for c in cols:
       b = sections[c]["base"]
-      cas += [{**q, "qid": f"{c}/{q['qid']}"} for q in b.get(f"cas_composed@{n}/shared") or []]
-      iso += [{**q, "qid": f"{c}/{q['qid']}"} for q in b.get(f"isolated_composed@{n}/shared") or []]
+      cas += tagged(c, b.get(f"cas_composed@{n}/shared"))
+      iso += tagged(c, b.get(f"isolated_composed@{n}/shared"))
     lines.append(f"| {n} | {len(cas)} | {cell(cas)} | {cell(iso)} | {dcell(diff(cas, iso))} |")
   return lines + [""]
 
@@ -372,7 +386,7 @@ def retention_lines(sections: dict[str, dict], num_resamples: int = 2000, seed: 
   ns = sorted(set.union(*(set(d["ns"]) for d in sections.values())) - {1}) if sections else []
   rng, out = np.random.default_rng(seed), []
   for n in ns:
-    rows, chance, cols = [], [], []
+    rows, chances, cols = [], [], []
     for c in sorted(sections):
       b = sections[c]["base"]
       if not all(b.get(k) for k in keys(n)):
@@ -381,10 +395,10 @@ def retention_lines(sections: dict[str, dict], num_resamples: int = 2000, seed: 
       m = [{q["qid"]: q for q in b[k]} for k in keys(n)]
       for qid in sorted(set.intersection(*(set(x) for x in m))):
         rows.append([float(x[qid]["correct"]) for x in m])
-        chance.append(1.0 / max(2, len(m[0][qid].get("option_scores") or [0, 0, 0, 0])))
+        chances.append(chance(m[0][qid]))
     if not rows:
       continue
-    x, ch = np.asarray(rows), float(np.mean(chance))
+    x, ch = np.asarray(rows), float(np.mean(chances))
 
     def ret(y):
       r = [(y[:, 2 * i + 1].mean() - ch) / max(y[:, 2 * i].mean() - ch, 1e-9) for i in range(3)]
@@ -413,9 +427,6 @@ def rag_claim_lines(sections: dict[str, dict]) -> list[str]:
   picked by its accuracy on all questions, on these questions: a choice made on the data it is judged
   on, for both sides alike), the paired difference, and how many times fewer prompt tokens the
   cartridges read. [] when no collection has both."""
-  def tag(c, qs):
-    return [{**q, "qid": f"{c}/{q['qid']}"} for q in qs or []]
-
   def rows_of(base):
     return {n: base[n] for n in base if RETRIEVAL_ROW.match(n)}
 
@@ -425,26 +436,25 @@ def rag_claim_lines(sections: dict[str, dict]) -> list[str]:
     return []
   names = sorted(set.intersection(*(set(rows_of(sections[c]["base"])) for c in cols)),
                  key=lambda n: (RETRIEVAL_ROW.match(n).group(1), int(RETRIEVAL_ROW.match(n).group(2))))
-  pool = {n: sum((tag(c, sections[c]["base"][n]) for c in cols), []) for n in names}
+  pool = {n: sum((tagged(c, sections[c]["base"][n]) for c in cols), []) for n in names}
   docs = lambda qs, d: [q for q in qs if question_kind(q["qid"])[1] == d]  # prefixes name no kind
-  tok = lambda qs: sum(q.get("prompt_tokens", 0) for q in qs) / max(len(qs), 1)
   lines = [f"### Retrieved cartridges against text RAG, all collections pooled ({', '.join(cols)}; "
            "questions paired within their collection)", "",
            "| method | all | single document | two documents | prompt tokens | KV MiB |", "|---|---|---|---|---|---|"]
   for n in names:
     qs = pool[n]
-    kv = sum(q.get("kv_bytes", 0) for q in qs) / max(len(qs), 1) / 2**20
-    lines.append(f"| {n} | {cell(qs)} | {cell(docs(qs, 'single'))} | {cell(docs(qs, 'pair'))} | {tok(qs):.0f} | {kv:.1f} |")
+    lines.append(f"| {n} | {cell(qs)} | {cell(docs(qs, 'single'))} | {cell(docs(qs, 'pair'))} | "
+                 f"{mean_of(qs, 'prompt_tokens'):.0f} | {mean_of(qs, 'kv_bytes') / 2**20:.1f} |")
   lines += ["", "Best cartridge setting against the best text RAG setting (each picked by accuracy on all questions):", "",
             "| collection | cartridges | rag_text | cartridges - rag_text, all (paired) | single | two documents | "
             "prompt tokens, rag / cartridges |", "|---|---|---|---|---|---|---|"]
   for c in cols + (["pooled"] if len(cols) > 1 else []):
-    rows = pool if c == "pooled" else {n: tag(c, sections[c]["base"][n]) for n in names}
+    rows = pool if c == "pooled" else {n: tagged(c, sections[c]["base"][n]) for n in names}
     best = lambda pre: max((n for n in names if n.startswith(pre)), key=lambda n: acc(rows[n])[0])
     cart, rag = best("cartridge_"), best("rag_text@")
     d = diff(rows[cart], rows[rag])
     ds, dp = diff(docs(rows[cart], "single"), docs(rows[rag], "single")), diff(docs(rows[cart], "pair"), docs(rows[rag], "pair"))
-    ratio = tok(rows[rag]) / max(tok(rows[cart]), 1e-9)
+    ratio = mean_of(rows[rag], "prompt_tokens") / max(mean_of(rows[cart], "prompt_tokens"), 1e-9)
     lines.append(f"| {c} | {cart} {cell(rows[cart])} | {rag} {cell(rows[rag])} | {dcell(d)}: {_verdict(d)} | "
                  f"{dcell(ds)} | {dcell(dp)} | {ratio:.1f}x |")
   return lines + [""]
@@ -460,8 +470,7 @@ def rag_plot(collection: str, base: dict, path: str) -> str | None:
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   for i, method in enumerate(sorted({RETRIEVAL_ROW.match(n).group(1) for n in rows})):
-    pts = sorted((int(RETRIEVAL_ROW.match(n).group(2)), sum(q.get("prompt_tokens", 0) for q in qs) / len(qs),
-                  *acc(qs)[:3]) for n, qs in rows.items() if RETRIEVAL_ROW.match(n).group(1) == method)
+    pts = sorted((int(RETRIEVAL_ROW.match(n).group(2)), mean_of(qs, "prompt_tokens"), *acc(qs)[:3]) for n, qs in rows.items() if RETRIEVAL_ROW.match(n).group(1) == method)
     k, x, y, lo, hi = zip(*pts)
     x = [xi * (1 + 0.04 * i) for xi in x]  # cartridge rows share one prompt length: spread them apart
     ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]], label=method,

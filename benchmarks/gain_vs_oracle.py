@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from absl import app, flags
 
-from benchmarks.compose_report import load_archive
+from benchmarks.compose_report import acc, chance, load_archive
 
 ARCHIVES = ("benchmarks/results/compose_study_h200_2026-12-04/compose_study.tgz",
             "benchmarks/results/compose_study_h200_2026-12-04b/compose_study.tgz",
@@ -36,14 +36,6 @@ def _define_flags() -> None:
   flags.DEFINE_integer("resamples", 5000, "bootstrap resamples over runs")
 
 
-def _acc(rows) -> float:
-  return 100.0 * sum(bool(q["correct"]) for q in rows) / len(rows)
-
-
-def _chance(rows) -> float:
-  return 100.0 * float(np.mean([1.0 / max(2, len(q.get("option_scores") or [0] * 4)) for q in rows]))
-
-
 def points(archives, n: int) -> list[dict]:
   """One dict per run with oracle, cas@n and isolated@n rows: study, run, oracle, chance, cas, iso, gain."""
   out = []
@@ -53,8 +45,9 @@ def points(archives, n: int) -> list[dict]:
       cas, iso, orc = m.get(f"cas_composed@{n}/shared"), m.get(f"isolated_composed@{n}/shared"), m.get("cartridge_oracle")
       if not (cas and iso and orc):
         continue
-      out.append({"study": path.split("/")[2], "run": f"{v}_{c}_s{s}", "oracle": _acc(orc), "chance": _chance(orc),
-                  "cas": _acc(cas), "iso": _acc(iso), "gain": _acc(cas) - _acc(iso), "p": res.get("p"),
+      out.append({"study": path.split("/")[2], "run": f"{v}_{c}_s{s}", "oracle": acc(orc)[0],
+                  "chance": 100.0 * float(np.mean([chance(q) for q in orc])),
+                  "cas": acc(cas)[0], "iso": acc(iso)[0], "gain": acc(cas)[0] - acc(iso)[0], "p": res.get("p"),
                   "model": str(res.get("model", ""))})
   return out
 

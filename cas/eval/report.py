@@ -19,7 +19,7 @@ from typing import Sequence
 
 from absl import logging
 
-from cas.eval.stats import kind_breakdown, row_interval
+from cas.eval.stats import DOCS_KINDS, REFERS_KINDS, kind_breakdown, row_interval
 
 # Methods drawn as horizontal reference lines in the num-loaded plot: (name, line style).
 REFERENCE_LINES = (("cartridge_oracle", "-"), ("no_context", ":"), ("icl", "--"), ("monolithic", "-."))
@@ -40,13 +40,18 @@ def recall_markdown(retrieval: dict | None) -> str:
                         + " | ".join(f(r, k) for k in ks) + " |\n" for name, r in recall.items())
 
 
+def _kinds(row: dict) -> dict:
+  """A row's accuracy per question kind: its `by_question_kind`, or computed from its questions."""
+  return row.get("by_question_kind") or kind_breakdown(row.get("questions") or [])
+
+
 def kinds_markdown(rows: Sequence[dict]) -> str:
   """A markdown table of accuracy per question kind (title / content, single / two-document;
   `cas.eval.stats.kind_breakdown`), one line per (method, kind); "" when no row's questions
   hold a content or a two-document question."""
   lines = []
   for r in rows:
-    by = r.get("by_question_kind") or kind_breakdown(r.get("questions") or [])
+    by = _kinds(r)
     for dim, cells in by.items():
       for name, c in cells.items():
         lo, hi = c["accuracy_ci95"]
@@ -119,11 +124,11 @@ def plot_accuracy_vs_prompt_tokens(rows: Sequence[dict], path: str) -> str | Non
 def plot_accuracy_by_question_kind(rows: Sequence[dict], path: str) -> str | None:
   """Accuracy (Wilson 95% CI) per method, one bar per question kind (title / content, single / two
   documents: `by_question_kind`); None when no row's questions split by kind."""
-  by = [(r["method"], r.get("by_question_kind") or kind_breakdown(r.get("questions") or [])) for r in rows]
+  by = [(r["method"], _kinds(r)) for r in rows]
   by = [(m, b) for m, b in by if b]
   if not by:
     return None
-  kinds = [(dim, name) for dim, names in (("refers", ("title", "content")), ("docs", ("single", "pair")))
+  kinds = [(dim, name) for dim, names in (("refers", REFERS_KINDS), ("docs", DOCS_KINDS))
            for name in names if any(name in b.get(dim, {}) for _m, b in by)]
   fig, (ax,) = _new_figure(max(6.0, 0.9 * len(by) + 2), 5.0)
   width = 0.8 / max(1, len(kinds))
