@@ -63,6 +63,8 @@ DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 SHARED_PREFIX_MODES = ("once", "broadcast")
 SHARED_PREFIX_ENV = "CAS_SHARED_PREFIX"  # default of Sampler(shared_prefix=None)
+TOP_K_ENV = "CAS_TOP_K"  # default of Sampler(top_k_impl=None)
+TOP_K_IMPLS = ("lax", "blocked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +126,34 @@ def top_p_filter(logits: Array, top_p: Array | float) -> Array:
   return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def _choose(logits: Array, keys, temperature, top_p, *, top_k: int, use_top_p: bool):
+def blocked_top_k(x: Array, k: int, block: int = 1024) -> tuple[Array, Array]:
+  """`jax.lax.top_k(x, k)` over the last axis of x [n, V], exactly, without sorting V per row.
+
+  The V entries are cut into blocks of `block`; the k largest entries lie in the k blocks with the
+  largest maxima (each of them lies in a block whose max is at least the k-th value, and at most k
+  blocks hold one of them), so one max-reduction over V, a top-k over the V / block block maxima and
+  a top-k over the k * block gathered entries give the same values and ids. The chosen blocks are
+  taken in index order, so ties keep lax.top_k's lower-index-first order. Falls back to lax.top_k
+  where blocking saves nothing (V within 4 blocks, or k at least the block count).
+  """
+  n, v = x.shape
+  nb = -(-v // block)
+  if k == 0 or v <= 4 * block or k >= nb:
+    return jax.lax.top_k(x, k)
+  xb = jnp.pad(x, ((0, 0), (0, nb * block - v)), constant_values=-jnp.inf).reshape(n, nb, block)
+  _, bidx = jax.lax.top_k(jnp.max(xb, axis=-1), k)  # [n, k] blocks holding the k largest
+  bidx = jnp.sort(bidx, axis=-1)
+  cand = jnp.take_along_axis(xb, bidx[:, :, None], axis=1).reshape(n, k * block)
+  vals, j = jax.lax.top_k(cand, k)
+  ids = jnp.take_along_axis(bidx, j // block, axis=1) * block + j % block
+  return vals, ids
+
+
+def _choose(logits: Array, keys, temperature, top_p, *, top_k: int, use_top_p: bool,
+            top_k_impl: str = "lax"):
   """logits [n, V] f32 -> token [n] i32, its logprob [n] f32 (temperature 1), top ids [n, k] i32,
-  top log-probs [n, k] f32. keys: [n] PRNG keys of the draw, or None for greedy (argmax)."""
+  top log-probs [n, k] f32. keys: [n] PRNG keys of the draw, or None for greedy (argmax).
+  top_k_impl: "lax" (jax.lax.top_k) or "blocked" (`blocked_top_k`, the same result)."""
   n = logits.shape[0]
   lp = jax.nn.log_softmax(logits, axis=-1)  # [n, V] f32
   if keys is None:
@@ -138,7 +165,7 @@ def _choose(logits: Array, keys, temperature, top_p, *, top_k: int, use_top_p: b
     tok = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
   tok_lp = jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
   if top_k:
-    top_lp, top_ids = jax.lax.top_k(lp, top_k)
+    top_lp, top_ids = (blocked_top_k if top_k_impl == "blocked" else jax.lax.top_k)(lp, top_k)
   else:
     top_lp, top_ids = jnp.zeros((n, 0), jnp.float32), jnp.zeros((n, 0), jnp.int32)
   return tok, tok_lp, top_ids.astype(jnp.int32), top_lp
@@ -170,13 +197,17 @@ class Sampler:
     shared_prefix: how a prefix of batch 1 is attended: "once" (for the whole batch per layer
       and step) or "broadcast" (copied to every row, the earlier path; for before/after
       measurements). None: the environment variable CAS_SHARED_PREFIX, else "once".
+    top_k_impl: how the top-k log-probs of each step are found: "lax" (jax.lax.top_k) or
+      "blocked" (`blocked_top_k`: block maxima first, the same values and ids). None: the
+      environment variable CAS_TOP_K, else "lax".
   """
 
   def __init__(self, model: Transformer, *, pad_id: int,
                prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
                new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS,
-               cache_dtype: Any = None, prefix_multiple: int = 64, shared_prefix: str | None = None):
+               cache_dtype: Any = None, prefix_multiple: int = 64, shared_prefix: str | None = None,
+               top_k_impl: str | None = None):
     for name, b in (("prompt_buckets", prompt_buckets), ("batch_buckets", batch_buckets),
                     ("new_token_buckets", new_token_buckets)):
       if not b or list(b) != sorted(b) or b[0] < 1:
@@ -199,6 +230,11 @@ class Sampler:
       raise ValueError(f"Sampler: shared_prefix={shared_prefix!r} (or ${SHARED_PREFIX_ENV}); choose from "
                        f"{SHARED_PREFIX_MODES}")
     self.shared_prefix = shared_prefix
+    if top_k_impl is None:
+      top_k_impl = os.environ.get(TOP_K_ENV) or "lax"
+    if top_k_impl not in TOP_K_IMPLS:
+      raise ValueError(f"Sampler: top_k_impl={top_k_impl!r} (or ${TOP_K_ENV}); choose from {TOP_K_IMPLS}")
+    self.top_k_impl = top_k_impl
     self._graphdef, self._state = nnx.split(model)
     self._model = model
     self._programs: dict[tuple, Any] = {}
@@ -518,7 +554,8 @@ class Sampler:
         """As in `generate`; the draw is keyed by (prompt index, its own step)."""
         keys = None if greedy else jax.vmap(
             lambda p, s: jax.random.fold_in(jax.random.fold_in(base_key, p), s))(pids, steps)
-        return _choose(logits, keys, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
+        return _choose(logits, keys, temperature, top_p, top_k=top_k, use_top_p=use_top_p,
+                       top_k_impl=self.top_k_impl)
 
       def write(bufs, n_gen, stopped, pids, steps, vals, hit, act):
         """Record position `steps` of prompts `pids` for rows `act` (others are dropped)."""
@@ -622,7 +659,8 @@ class Sampler:
       def choose(logits: Array, step: Array):
         """logits [B, V] f32 -> token [B] i32, its logprob [B] f32, top ids [B, k], top lp [B, k]."""
         keys = None if greedy else jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-        return _choose(logits, keys, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
+        return _choose(logits, keys, temperature, top_p, top_k=top_k, use_top_p=use_top_p,
+                       top_k_impl=self.top_k_impl)
 
       def record(carry, step, logits):
         """Sample position `step` for rows still running; update done flags and buffers."""

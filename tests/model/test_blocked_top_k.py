@@ -1,0 +1,67 @@
+"""blocked_top_k gives jax.lax.top_k's values and ids, ties included, and the Sampler's top-k log-probs
+do not depend on which form finds them."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cas.model import ModelConfig, build_model
+from cas.model.sampler import Sampler, blocked_top_k
+
+
+@pytest.fixture(scope="module")
+def wide_vocab_model():
+  """A one-layer random Llama with a vocabulary past 4 blocks of 1,024, so the blocked form runs."""
+  cfg = ModelConfig.from_hf_dict(dict(model_type="llama", vocab_size=6_000, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                      max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+                                      tie_word_embeddings=True), source="wide-vocab test")
+  return build_model(cfg, seed=1)
+
+
+@pytest.mark.parametrize("v,k,block", [(50_000, 20, 1024), (49_152, 5, 512), (10_001, 20, 64), (4_000, 20, 1024),
+                                       (8_192, 1, 128)])
+def test_blocked_top_k_equals_lax(v, k, block):
+  x = jax.random.normal(jax.random.key(v + k), (6, v), jnp.float32) * 3
+  vals, ids = blocked_top_k(x, k, block)
+  ref_vals, ref_ids = jax.lax.top_k(x, k)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids))
+  np.testing.assert_array_equal(np.asarray(vals), np.asarray(ref_vals))
+
+
+def test_blocked_top_k_ties_and_minus_inf_keep_lax_order():
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 4, (4, 9_000)).astype(np.float32)  # many ties at every value, spread over blocks
+  x[1] = -np.inf  # a row with nothing finite (a fully masked row)
+  x[2, 5_000] = 9.0  # one clear maximum, the rest tied
+  x = jnp.asarray(x)
+  for k in (1, 7, 20):
+    vals, ids = blocked_top_k(x, k, 256)
+    ref_vals, ref_ids = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(np.asarray(vals), np.asarray(ref_vals))
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids))
+
+
+def test_the_sampler_gives_the_same_tokens_and_top_logprobs_with_either_form(wide_vocab_model):
+  model = wide_vocab_model
+  prompts = [[5, 9, 14, 3], [7, 5_999, 2]]
+  out = {}
+  for impl in ("lax", "blocked"):
+    s = Sampler(model, pad_id=0, top_k_impl=impl)
+    res = s.generate(prompts, max_new_tokens=6, temperature=1.0, top_k_logprobs=5, seed=3)
+    out[impl] = res
+  assert len(out["lax"]) == 2
+  for a, b in zip(out["lax"], out["blocked"]):
+    assert a.top_ids.shape == (6, 5)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.top_ids, b.top_ids)
+    np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, rtol=0, atol=0)
+
+
+def test_an_unknown_top_k_form_is_refused(wide_vocab_model, monkeypatch):
+  model = wide_vocab_model
+  with pytest.raises(ValueError, match="top_k_impl='sorted'"):
+    Sampler(model, pad_id=0, top_k_impl="sorted")
+  monkeypatch.setenv("CAS_TOP_K", "heap")
+  with pytest.raises(ValueError, match=r"CAS_TOP_K"):
+    Sampler(model, pad_id=0)
