@@ -62,6 +62,11 @@ VARIANTS = {
     # silent rows (issue 20: minutes' distractors push their own values at 1.6-2.9x chance): a quarter of
     # the mixed rows drop their own cartridge and teach their distractors the model's prefix-free answer
     "silent": ["--config.train.p_silent=0.25"],
+    # quiet distractors (issue 20: at 10 loaded the wrong answers come from loaded distractors near chance,
+    # so the own cartridge's signal is diluted rather than overruled): the loss adds the share of each
+    # row's prefix attention that its distractor cartridges take (cas.train.step.cas_loss), so keys learn
+    # to be found by their own document's conversations only. CAS only (isolated rows have no distractors)
+    "quiet": ["--config.train.share_weight=1.0"],
     # self-study levers (own self-study set per collection x seed; evaluated like base, CAS + isolated,
     # so cas - isolated can be read within the variant; report with compose_report --base=<variant>):
     # fact questions (the paper's `question` family, one conversation in four) beside the quotes: the

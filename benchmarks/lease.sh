@@ -23,6 +23,11 @@
 #   silent         issue 20: silent rows (train.p_silent=0.25: distractors learn the prefix-free answer on
 #                  conversations that are not theirs) against base on minutes and patients, seeds 0 and 1,
 #                  questions spread over each document (the lever for distractor interference)
+#   quiet          issue 20: quiet distractors (train.share_weight=1.0: the loss adds the share of each row's prefix
+#                  attention that its distractor cartridges take) on minutes and patients, seeds 0 and 1, spread
+#                  questions, CAS only: the silent study's recipe, so `compose_report --archive=<silent archive>
+#                  --archive=<quiet> --base=base` pairs it with that study's base runs (same questions and
+#                  distractors; its own self-study draw)
 #   gemma_minutes  issues 20 + 24: the compose study (CAS + isolated + icl_composed) with Gemma 3 270M
 #   builtin6       issue 26 item 4 ("within 6 of ICL on the built-in collections, kept"): the paper preset's
 #                  oracle and its untrained init on patients, products and minutes (the salient init: the
@@ -81,7 +86,7 @@ if [ "$MODE" = start ]; then
   # Gemma 3 270M, CAS p = 256 about 11.4 GB; an H200 has 143 GB)
   # prose jobs grow their processes (no preallocated fraction): their share is what four trainings
   # took at most on an H100 (2026-12-05: 0.1225 of 80 GB each was too little for a parts1k training)
-  declare -A SHARE=([silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5 [long]=0.4 [p512rest]=0.25 [mono512]=0.5 [paper3]=0.9 [gemma_paper]=0.5)
+  declare -A SHARE=([quiet]=0.25 [silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5 [long]=0.4 [p512rest]=0.25 [mono512]=0.5 [paper3]=0.9 [gemma_paper]=0.5)
   # (--disk_gb=5 on the p = 512 jobs of eight or six trainings: the auto reservation, 10 GB each, would hold back
   # some of them on the 64 GB disk; a finished p = 512 training keeps ~3 GB since 2026-12-05, and each training's
   # own preflight still refuses a disk that cannot hold it)
@@ -114,6 +119,8 @@ if [ "$MODE" = start ]; then
       head32) run head32 $CS start $R/head32 --variants=base,head32 --collections=patients,minutes --seeds=0,1 \
                 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
       compose_sal) run compose_sal $CS start $R/compose_sal --variants=${SAL_VARIANTS:-base,salient,cosine} --collections=${SAL_COLLECTIONS:-minutes,products} \
+                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
+      quiet) run quiet $CS start $R/quiet --variants=quiet --collections=${QUIET_COLLECTIONS:-minutes,patients} \
                 --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
       silent) run silent $CS start $R/silent --variants=base,silent --collections=minutes,patients \
                 --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
@@ -165,7 +172,7 @@ elif [ "$MODE" = status ]; then
   for l in $R/builtin6_*.start.log $R/gemma_paper.start.log; do [ -f "$l" ] && echo "$(basename $l): $(tr '\r' '\n' < $l | grep -a -E 'it/s|step|conv|Error' | tail -n 1 | cut -c1-120)"; done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 else
-  for j in head32 compose_sal silent gemma q21 p512 long p512rest mono512 paper3; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
+  for j in quiet head32 compose_sal silent gemma q21 p512 long p512rest mono512 paper3; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
     [ -f $OUT/compose_study.tgz ] && mv $OUT/compose_study.tgz $OUT/$j/; done
   [ -d $R/gemma_paper ] && mkdir -p $OUT/gemma_paper && (cd $R && tar czf $OUT/gemma_paper/gemma_paper.tgz gemma_paper.start.log \
     gemma_paper/eval/results.json gemma_paper/eval/partial 2>/dev/null)

@@ -439,6 +439,11 @@ def _check_train(config, pipeline: str, add: Callable) -> None:
                                  "cartridge, which needs k_max >= 2 and train_distractors=True "
                                  f"(k_max={cfg.get('k_max')}, train_distractors={cfg.get('train_distractors', True)})",
         TrainConfigError)
+  sw = cfg.get("share_weight", 0.0)
+  if isinstance(sw, (int, float)) and sw > 0 and _is_int(cfg.get("k_max")) and cfg.get("k_max") < 2:
+    add("config.train.share_weight", f"config.train.share_weight={sw} weighs the attention a row gives its "
+                                     f"distractor cartridges, which needs k_max >= 2 (k_max={cfg.get('k_max')})",
+        TrainConfigError)
   head, cc = cfg.get("frozen_head", 0), config.get("cartridge")
   if _is_int(head) and head > 0 and cc is not None:
     p, f = _get(cc, "num_tokens"), _get(cc, "num_frozen", 1)

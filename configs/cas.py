@@ -157,6 +157,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # silent rows: the fraction of rows with distractors that drop their own cartridge; their distractors
   # learn the model's distribution without any prefix (to add nothing where they are not asked); 0 = off
   c.train.p_silent = 0.0
+  # quiet distractors: the loss adds share_weight times the share of the prefix attention that a row's
+  # queries (every share_stride-th position) give to its distractor cartridges; 0 = off
+  c.train.share_weight = 0.0
+  c.train.share_stride = 8
   # pack as many of a document's conversations into a row as fit in seq_len (k_max = 1 only: the
   # one-document quickstart, the monolithic baseline); False = one conversation per row
   c.train.pack = False

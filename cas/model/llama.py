@@ -59,6 +59,9 @@ class Prefix(NamedTuple):
     [B or 1, P] int32, the positions of a *text* prefix (ordinary context prefilled once, e.g.
     the sampler's shared prompt start): sliding-window layers then apply their window to it
     exactly as to the row's own tokens. Only models with sliding-window layers look at it.
+  distractor: None, or [B, P] bool marking the slots of the row's distractor cartridges (CAS training):
+    `Transformer.__call__(..., prefix_share_stride=s)` then also returns the share of the prefix's
+    attention that falls on them (`prefix_share`).
   lengths: None, or [B] int32 when `mask` is [B, P] and left-aligned (row b sees slots
     [0, lengths[b]), mask[b] == arange(P) < lengths[b]): training calls (no cache) then take the
     prefix + packed form with per-row key lengths (`cas.model.attention.cudnn_prefix_packed_attention`),
@@ -69,6 +72,7 @@ class Prefix(NamedTuple):
   mask: Array
   positions: Array | None = None
   lengths: Array | None = None
+  distractor: Array | None = None  # [B, P] bool: slots of cartridges that are not the row's own (`prefix_share`)
 
 
 class KVCache(NamedTuple):
@@ -172,6 +176,29 @@ def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------- modules
+
+def prefix_share(q: Array, pk: Array, visible: Array, counted: Array, query_ok: Array) -> tuple[Array, Array]:
+  """The share of a query's attention *within the prefix* that falls on the `counted` slots, summed.
+
+  q [B, Tq, H, D] (rotated, scaled as the attention sees it); pk [B or 1, P, Hkv, D]; visible, counted
+  [B, P] bool (counted within visible); query_ok [B, Tq] bool (the queries to count). Returns (sum over
+  counted queries and heads of softmax-over-visible-slots mass on the counted slots [] f32, the
+  number of (query, head) terms [] f32). Rematerialized in the backward pass (`jax.checkpoint`), so
+  its [B, H, Tq, P] scores are never kept between the passes."""
+  b, tq, h, d = q.shape
+  hkv = pk.shape[2]
+  qg = q.reshape(b, tq, hkv, h // hkv, d)
+  pk = jnp.broadcast_to(pk, (b,) + pk.shape[1:])
+  s = jnp.einsum("btkgd,bpkd->bkgtp", qg, pk, preferred_element_type=jnp.float32) / math.sqrt(d)
+  s = jnp.where(visible[:, None, None, None, :], s, NEG_INF)
+  probs = jax.nn.softmax(s, axis=-1)
+  share = jnp.sum(jnp.where(counted[:, None, None, None, :], probs, 0.0), axis=-1)  # [B, Hkv, G, Tq]
+  w = query_ok.astype(jnp.float32)[:, None, None, :]
+  return jnp.sum(share * w), jnp.sum(w) * h
+
+
+_prefix_share_remat = jax.checkpoint(prefix_share)
+
 
 def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal", std=0.02):
   if init == "ones":
@@ -278,12 +305,15 @@ class Transformer(nnx.Module):
   # -- forward ----------------------------------------------------------------
   def __call__(self, tokens: Array, positions: Array, segment_ids: Array | None = None,
                prefix: Prefix | None = None, cache: KVCache | None = None,
-               return_hidden: bool = False, training: bool = False):
+               return_hidden: bool = False, training: bool = False, prefix_share_stride: int = 0):
     """tokens, positions, segment_ids: [B, T] int32. `training`: the call is a training step's
     forward (differentiated): with layer_loop "auto" it runs the layers unrolled on a GPU.
+    prefix_share_stride: s > 0 with `prefix.distractor` set: every s-th query position (of a
+    non-empty segment) also measures which share of its attention within the prefix goes to the
+    distractor slots, in every layer and head (`prefix_share`), and a third value is returned.
 
     Returns (logits [B, T, V] float32, or final-normed hidden [B, T, E] if return_hidden;
-    the updated cache or None).
+    the updated cache or None[; the mean distractor share [] f32 over rows with a distractor]).
     """
     cfg = self.cfg
     b, t = tokens.shape
@@ -364,13 +394,24 @@ class Transformer(nnx.Module):
       mask = self_mask
       local_mask = local_self_mask
 
+    share_on = prefix_share_stride > 0
+    if share_on:
+      if prefix is None or prefix.distractor is None or cache is not None:
+        raise ValueError("Transformer: prefix_share_stride needs a prefix with `distractor` slots and no cache")
+      vis = prefix.mask if prefix.mask is not None else jnp.ones(prefix.distractor.shape, bool)
+      if vis.ndim != 2:
+        raise ValueError(f"Transformer: prefix_share_stride needs a [B, P] prefix mask, got {vis.shape}")
+      vis = jnp.broadcast_to(vis, prefix.distractor.shape)
+      counted = prefix.distractor & vis
+      share_q = (segment_ids[:, ::prefix_share_stride] > 0) & jnp.any(counted, axis=1)[:, None]  # [B, Tq]
+
     qpas = cfg.query_pre_attn_scalar
     q_scale = 1.0 if qpas in (None, cfg.head_dim) else math.sqrt(cfg.head_dim / qpas)
 
     def layer(carry, xs):
       # The cache rides in the carry and is updated in place per layer (passing it through the
       # scan as xs/ys copied the whole cache every decode step).
-      x, ck_all, cv_all, li = carry
+      x, ck_all, cv_all, li = carry[:4]
       w, pk, pv = xs
       g = cfg.is_gemma
       h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps, g)
@@ -396,6 +437,9 @@ class Transformer(nnx.Module):
         vals = jax.lax.dynamic_index_in_dim(cv_all, li, 0, keepdims=False).astype(dt)
       else:
         keys, vals = k, v
+      if share_on:  # the distractors' share of this layer's prefix attention (a side sum in the carry)
+        part, count = _prefix_share_remat(q[:, ::prefix_share_stride], pk.astype(dt), vis, counted, share_q)
+        carry = carry[:4] + (carry[4] + part, carry[5] + count)
       if packed_fn is not None:
         a = packed_fn(q, pk.astype(dt), pv.astype(dt), keys, vals, segment_ids, plens)
       elif shared:  # pk, pv [1, P, Hkv, D]: one pass over the prefix for all B rows
@@ -423,7 +467,7 @@ class Transformer(nnx.Module):
       if g:
         o = rms_norm(o, w["post_mlp_norm"], cfg.rms_norm_eps, g)
       x = x + o
-      return (x, ck_all, cv_all, li + 1), None
+      return (x, ck_all, cv_all, li + 1) + carry[4:], None
 
     if self.remat == "full":
       layer = jax.checkpoint(layer)
@@ -438,19 +482,23 @@ class Transformer(nnx.Module):
     xs = (layer_data,
           None if prefix is None else prefix.k, None if prefix is None else prefix.v)
     carry = (x, None if cache is None else cache.k, None if cache is None else cache.v, jnp.int32(0))
+    if share_on:
+      carry = carry + (jnp.float32(0), jnp.float32(0))
     unroll = self.layer_loop == "unrolled" or (
         self.layer_loop == "auto" and training and cache is None and jax.default_backend() == "gpu")
     if not unroll:
-      (x, new_k, new_v, _), _ = jax.lax.scan(layer, carry, xs)
+      carry, _ = jax.lax.scan(layer, carry, xs)
     else:  # one traced copy per layer: longer compiles, no stacked [L, ...] residual buffers
       for i in range(cfg.num_layers):
         carry, _ = layer(carry, jax.tree.map(lambda a: a[i], xs))
-      x, new_k, new_v, _ = carry
+    x, new_k, new_v = carry[:3]
     h = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.is_gemma)
     new_cache = None
     if cache is not None:
       new_cache = KVCache(new_k, new_v, k_seg, cache.index + t, k_pos, cache.ring)
     out = h if return_hidden else self.logits_from_hidden(h)
+    if share_on:
+      return out, new_cache, carry[4] / jnp.maximum(carry[5], 1.0)
     return out, new_cache
 
 

@@ -71,7 +71,8 @@ CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm",
             "num_slots", "k_max", "p_isolated", "rotate_every", "evict_fraction", "position_mode",
             "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors", "loss_chunk",
             "max_conversations", "length_weighting", "p_hard", "k_curriculum_steps", "mixed_weight", "pack",
-            "frozen_head", "lr_decay", "lr_min_ratio", "lr_decay_updates", "p_silent")
+            "frozen_head", "lr_decay", "lr_min_ratio", "lr_decay_updates", "p_silent", "share_weight",
+            "share_stride")
 # max_conversations: train on each document's first n self-study conversations only (0 = all; a
 # curve of quality against self-study size from one synthesis)
 # length_weighting: a resident document gets rows in proportion to its length (length_weights), not one
@@ -92,9 +93,14 @@ CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm",
 # p_silent: the fraction of mixed rows that drop their own cartridge and learn, with their distractors
 # only, the model's distribution without any prefix (cas.train.step.prior_teacher): distractors that
 # stay silent on a conversation that is not theirs (issue 20: they push their own values)
+# share_weight: "quiet distractors": the loss adds this times the share of the prefix attention that a
+# row's queries (every share_stride-th) give to its distractor cartridges (cas.train.step.cas_loss), so
+# cartridges learn keys that their own conversations find and others' do not (issue 20: the own
+# cartridge's signal is diluted when many are loaded); 0 = off
 DEFAULTS = {"train_distractors": True, "loss_chunk": AUTO_CHUNK, "max_conversations": 0,
             "length_weighting": False, "p_hard": 0.0, "k_curriculum_steps": 0, "mixed_weight": 1.0, "pack": False,
-            "frozen_head": 0, "lr_decay": "constant", "lr_min_ratio": 0.1, "lr_decay_updates": 0, "p_silent": 0.0}
+            "frozen_head": 0, "lr_decay": "constant", "lr_min_ratio": 0.1, "lr_decay_updates": 0, "p_silent": 0.0,
+            "share_weight": 0.0, "share_stride": 8}
 
 
 def decay_horizon(c: Mapping, num_docs: int) -> int:
@@ -466,7 +472,8 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
                                   loss=c["loss"], dtype=dtype, position_mode=c["position_mode"], mesh=mesh,
                                   train_distractors=c["train_distractors"], loss_chunk=c["loss_chunk"],
                                   frozen_head=c["frozen_head"], decay_updates=horizon,
-                                  lr_min_ratio=float(c["lr_min_ratio"]))
+                                  lr_min_ratio=float(c["lr_min_ratio"]), share_weight=float(c["share_weight"]),
+                                  share_stride=int(c["share_stride"]))
     if horizon:
       logging.info("lr decay %s: lr %.3g -> %.3g over each cartridge's first %d updates", c["lr_decay"], c["lr"],
                    c["lr"] * c["lr_min_ratio"], horizon)
@@ -507,7 +514,8 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
                          has_store=not single)
         last = float(m["loss"])
         writer.write(step, {"loss": last, "grad_norm": float(m["grad_norm"]), "tokens": float(m["tokens"]),
-                            "slots_updated": float(m["slots_updated"])})
+                            "slots_updated": float(m["slots_updated"]),
+                            **({"distractor_share": float(m["distractor_share"])} if "distractor_share" in m else {})})
         bar.update(1)
         bar.set_postfix(loss=f"{last:.4f}")
         if policy.due(step) and step != total:

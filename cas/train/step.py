@@ -132,18 +132,29 @@ def assemble_prefix(slot_k: jax.Array, slot_v: jax.Array, frozen_k: jax.Array, f
     return Prefix(pk, pv, None)
   mask = jnp.concatenate([jnp.ones((bt, f), bool), jnp.repeat(valid, pt, axis=1)], axis=1)
   lengths = (f + jnp.sum(valid, axis=1) * pt).astype(jnp.int32)  # [Bt]: mask[b] = arange < lengths[b]
-  return Prefix(pk, pv, mask, lengths=lengths)
+  distractor = None
+  if own_slot is not None:  # [Bt, F + k_max*Pt]: the loaded entries that are not the row's own
+    other = valid & (slots != own_slot[:, None])
+    distractor = jnp.concatenate([jnp.zeros((bt, f), bool), jnp.repeat(other, pt, axis=1)], axis=1)
+  return Prefix(pk, pv, mask, lengths=lengths, distractor=distractor)
 
 
 def cas_logits(params: dict, frozen: dict, model: Transformer, batch: dict, *,
                position_mode: str = "shared", dtype=jnp.float32,
-               train_distractors: bool = True, return_hidden: bool = False) -> jax.Array:
+               train_distractors: bool = True, return_hidden: bool = False, share_stride: int = 0):
   """params {"k","v"} [B, L, Pt, Hkv, D]; batch with tokens/positions/segment_ids [Bt, T],
-  slots [Bt, k_max] (own_slot [Bt] when train_distractors=False). Returns logits [Bt, T, V] f32
-  (or the final-normed hidden [Bt, T, E] with return_hidden)."""
+  slots [Bt, k_max] (own_slot [Bt] when train_distractors=False or share_stride > 0). Returns logits
+  [Bt, T, V] f32 (or the final-normed hidden [Bt, T, E] with return_hidden); with share_stride > 0
+  a pair: that and the distractors' mean share of the prefix attention [] f32 (`prefix_share`)."""
   prefix = assemble_prefix(params["k"], params["v"], frozen["k"], frozen["v"], batch["slots"],
                            model.inv_freq[...], position_mode=position_mode, dtype=dtype,
                            own_slot=batch.get("own_slot"), train_distractors=train_distractors)
+  if share_stride > 0:
+    if prefix.distractor is None:
+      raise ValueError("cas_logits: share_stride needs k_max >= 2 and the batch's own_slot")
+    out, _, share = model(batch["tokens"], batch["positions"], batch["segment_ids"], prefix=prefix,
+                          return_hidden=return_hidden, training=True, prefix_share_stride=share_stride)
+    return out, share
   out, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], prefix=prefix,
                  return_hidden=return_hidden, training=True)
   return out
@@ -151,9 +162,17 @@ def cas_logits(params: dict, frozen: dict, model: Transformer, batch: dict, *,
 
 def cas_loss(params: dict, frozen: dict, model: Transformer, batch: dict, *, loss: str = "distill",
              position_mode: str = "shared", dtype=jnp.float32,
-             train_distractors: bool = True, loss_chunk: int = LOSS_CHUNK_TOKENS
-             ) -> tuple[jax.Array, jax.Array]:
-  """(mean loss over masked tokens [] f32, number of masked tokens [] f32); `head_loss`."""
+             train_distractors: bool = True, loss_chunk: int = LOSS_CHUNK_TOKENS,
+             share_weight: float = 0.0, share_stride: int = 8):
+  """(mean loss over masked tokens [] f32, number of masked tokens [] f32); `head_loss`.
+  share_weight > 0: the loss adds share_weight times the distractors' mean share of the prefix
+  attention (every share_stride-th query; `prefix_share`), and the second value is the pair (number
+  of masked tokens, that share)."""
+  if share_weight > 0:
+    h, share = cas_logits(params, frozen, model, batch, position_mode=position_mode, dtype=dtype,
+                          train_distractors=train_distractors, return_hidden=True, share_stride=share_stride)
+    val, n = head_loss(model, h, batch, loss=loss, chunk=loss_chunk)
+    return val + share_weight * share, (n, share)
   h = cas_logits(params, frozen, model, batch, position_mode=position_mode, dtype=dtype,
                  train_distractors=train_distractors, return_hidden=True)
   return head_loss(model, h, batch, loss=loss, chunk=loss_chunk)
@@ -273,7 +292,8 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
                         dtype=jnp.float32, position_mode: str = "shared", mesh: Mesh | None = None,
                         train_distractors: bool = True, donate: bool = True,
                         loss_chunk: int = LOSS_CHUNK_TOKENS, frozen_head: int = 0,
-                        decay_updates: int = 0, lr_min_ratio: float = 0.1) -> Callable:
+                        decay_updates: int = 0, lr_min_ratio: float = 0.1, share_weight: float = 0.0,
+                        share_stride: int = 8) -> Callable:
   """Returns step(state, frozen, model, batch) -> (state, metrics); `state` is donated.
   loss_chunk: tokens per chunk of the fused LM head + loss (0 = full logits; `head_loss`).
   frozen_head: the first F of each slot's Pt trainable tokens get no update (their gradient is zeroed
@@ -281,6 +301,10 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
   init of its document's first tokens (its title) while the rest trains (0 = off).
   decay_updates, lr_min_ratio: per-slot cosine decay of the lr over each cartridge's own first
   decay_updates updates down to lr * lr_min_ratio (`lr_decay_factor`; 0 = constant lr).
+  share_weight, share_stride: "quiet distractors": the loss adds share_weight times the share of the
+  prefix attention that every share_stride-th query of a row gives to its distractor cartridges
+  (`cas_loss`), so a cartridge learns keys that its own document's conversations find and others'
+  do not; the metrics then carry it as `distractor_share` (0 = off).
 
   batch: cas.train.batch arrays (numpy or jax): tokens, positions, segment_ids, targets, loss_mask
   [Bt, T]; topk_ids, topk_logprobs [Bt, T, K]; slots [Bt, k_max]; own_slot [Bt].
@@ -304,6 +328,8 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
     raise ValueError(f"frozen_head={frozen_head} must be >= 0")
   if decay_updates < 0 or not 0.0 <= lr_min_ratio <= 1.0:
     raise ValueError(f"decay_updates={decay_updates} must be >= 0 and lr_min_ratio={lr_min_ratio} in [0, 1]")
+  if share_weight < 0 or share_stride < 1:
+    raise ValueError(f"share_weight={share_weight} must be >= 0 and share_stride={share_stride} >= 1")
 
   def step(state, frozen, model, batch):
     missing = [k for k in STATE_KEYS if k not in state]
@@ -317,7 +343,13 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
       batch = prior_teacher(model, batch)
     (val, n), grads = jax.value_and_grad(cas_loss, has_aux=True)(
         params, frozen, model, batch, loss=loss, position_mode=position_mode, dtype=dtype,
-        train_distractors=train_distractors, loss_chunk=loss_chunk)
+        train_distractors=train_distractors, loss_chunk=loss_chunk, share_weight=share_weight,
+        share_stride=share_stride)
+    extra = {}
+    if share_weight > 0:
+      (n, share) = n
+      val = val - share_weight * share  # `loss` stays the distillation loss, comparable across runs
+      extra = {"distractor_share": share}
     if frozen_head:
       if frozen_head >= state["k"].shape[2]:
         raise ValueError(f"CAS step: frozen_head={frozen_head} is not below the {state['k'].shape[2]} trainable "
@@ -337,7 +369,7 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
                "finite": jnp.isfinite(val) & jnp.isfinite(gnorm),
                "slots_updated": stats["updated"].sum().astype(jnp.int32),
                "slot_grad_norm": stats["slot_grad_norm"], "updated": stats["updated"],
-               "slot_params_finite": stats["params_finite"]}
+               "slot_params_finite": stats["params_finite"], **extra}
     return new_state, metrics
 
   donate_argnums = (0,) if donate else ()

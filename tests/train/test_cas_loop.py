@@ -237,3 +237,25 @@ def test_silent_rows_reach_the_loop(setup, tmp_path):
       k[name] = np.concatenate([np.asarray(st.get(d)[0]["k"]).ravel() for d in docs])
   assert k["off"].tobytes() == k["off0"].tobytes()
   assert not np.array_equal(k["silent"], k["mixed"])
+
+
+def test_quiet_distractors_reach_the_loop_and_log_their_share(setup, tmp_path):
+  """train.share_weight: the loop's step adds the distractors' attention share to the loss (the stored
+  cartridges differ from the run without it), logs it per step, and share_weight=0 is the run as before."""
+  from cas.rotation.store import CartridgeStore
+  m, docs, path, frozen, init_fn = setup
+  runs = {name: _train(setup, str(tmp_path / name), cfg=cfg)
+          for name, cfg in (("off", {}), ("off0", {"share_weight": 0.0}), ("quiet", {"share_weight": 2.0,
+                                                                                     "share_stride": 2}))}
+  assert all(np.isfinite(r["final_loss"]) for r in runs.values())
+  spec = CartridgeSpec.for_model(TINY, P, 1)
+  k = {}
+  for name in runs:
+    with CartridgeStore(str(tmp_path / name / "store"), spec=spec, model_fingerprint="tiny", read_only=True) as st:
+      k[name] = np.concatenate([np.asarray(st.get(d)[0]["k"]).ravel() for d in docs])
+  assert k["off"].tobytes() == k["off0"].tobytes()
+  assert not np.array_equal(k["quiet"], k["off"])
+  logged = read_metrics(str(tmp_path / "quiet" / "logs"))
+  shares = [r["distractor_share"] for r in logged if "distractor_share" in r]
+  assert shares and all(0.0 <= s <= 1.0 for s in shares)
+  assert not any("distractor_share" in r for r in read_metrics(str(tmp_path / "off" / "logs")))
