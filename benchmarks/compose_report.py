@@ -208,6 +208,30 @@ RETRIEVAL_ROW = re.compile(r"^(cartridge_retrieved|cartridge_adaptive|cartridge_
 GOLD_PAIR = "cartridge_gold_pair/shared"  # the two gold cartridges of a two-document question, loaded together
 
 
+def share_lines(results: dict, collection: str, base_variant: str, ns: list[int]) -> list[str]:
+  """Where the runs measured it (eval.attention_share): the mean share of each question's attention within
+  the loaded cartridges that the distractor cartridges take, per n, for cas / isolated / each lever's cas,
+  and cas's share on its right against its wrong answers."""
+  variants = [base_variant] + sorted({v for (v, c, _s) in results if c == collection and v not in (base_variant, "mono")})
+  rows = {v: pooled(results, v, collection) for v in variants}
+  has = lambda qs: [q["distractor_share"] for q in qs or [] if q.get("distractor_share") is not None]
+  cols = [(f"{v} {m}", v, m) for v in variants for m in ("cas_composed", "isolated_composed")
+          if any(has(rows[v].get(f"{m}@{n}/shared")) for n in ns)]
+  if not cols:
+    return []
+  lines = ["", "Share of the question's attention within the loaded cartridges that the distractors take (mean over "
+           "questions; eval.attention_share), and cas's on its right / wrong answers:", "",
+           "| n loaded | " + " | ".join(c[0] for c in cols) + f" | {base_variant} cas: right / wrong |",
+           "|---|" + "---|" * (len(cols) + 1)]
+  mean = lambda xs: f"{sum(xs) / len(xs):.3f}" if xs else "-"
+  for n in ns:
+    cells = [mean(has(rows[v].get(f"{m}@{n}/shared"))) for _, v, m in cols]
+    cas = rows[base_variant].get(f"cas_composed@{n}/shared") or []
+    rw = f"{mean(has([q for q in cas if q['correct']]))} / {mean(has([q for q in cas if not q['correct']]))}"
+    lines.append(f"| {n} | " + " | ".join(cells) + f" | {rw} |")
+  return lines
+
+
 def retrieval_lines(base: dict) -> list[str]:
   """Issue 21 item 3: accuracy against prompt tokens (text the model reads: the question, plus the
   passages for rag_text) and KV for retrieved cartridges vs text RAG at each k, per question kind
@@ -289,6 +313,7 @@ def collection_section(results: dict, collection: str, base_variant: str = "base
   lines += [""] + [f"- {x}" for x in t]
   lines += kind_lines(base, ns)
   lines += interference_lines(results, collection, base_variant)
+  lines += share_lines(results, collection, base_variant, ns)
   lines += retrieval_lines(base)
   # levers, paired against base
   levers = sorted({v for (v, c, _s) in results if c == collection and v not in (base_variant, "mono")})

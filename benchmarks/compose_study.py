@@ -40,7 +40,8 @@ COLLECTIONS = ("patients", "products", "minutes")
 RECIPE = ["--config=configs/cas.py:paper", "--config.layer_loop=scan", "--config.synth.conversations={conv}",
           "--config.cartridge.num_tokens={p}", "--config.train.steps={steps}",
           "--config.eval.position_modes=('shared',)", "--config.eval.icl_composed_over_context=skip",
-          "--config.eval.num_loaded=(1,2,5,10,20)", "--config.eval.retrieval_k=(1,2)"]
+          "--config.eval.num_loaded=(1,2,5,10,20)", "--config.eval.retrieval_k=(1,2)",
+          "--config.eval.attention_share=True"]
 BASE_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "icl_composed",
                 "cartridge_retrieved", "cartridge_adaptive", "rag_text")
 # Issue 21 item 3 (accuracy against prompt tokens, retrieved cartridges vs text RAG, on questions by

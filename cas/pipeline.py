@@ -579,7 +579,8 @@ class CasStages:
     """What the evaluation methods read (cas.eval.cas_methods): the retrieval indexes (built when
     missing), the CAS / isolated stores that exist (read-only), config.eval's lists without repeats."""
     from cas.rotation.store import CartridgeStore
-    ev = Evaluator(self.model, self.tok, self.sampler, max_new_tokens=self.config.eval.max_new_tokens)
+    ev = Evaluator(self.model, self.tok, self.sampler, max_new_tokens=self.config.eval.max_new_tokens,
+                   attention_share=bool(self.config.eval.get("attention_share", False)))
     if self.retrieval is None:
       self.build_indexes()
     stores, store_state = {}, {}

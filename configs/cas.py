@@ -194,6 +194,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the header's fields first, e.g. minutes' date, chair and venue in its first 300 characters) or
   # "spread" (n evenly spaced over its questions, reaching the whole document)
   c.eval.question_pick = "first"
+  # also measure, per question of cas_composed / isolated_composed / cartridge_retrieved, the share of its
+  # attention within the loaded cartridges that the ones not its document's take (the row's
+  # `distractor_share`; one more forward of the prompt per question)
+  c.eval.attention_share = False
   c.eval.kinds = ("mc", "short")
   c.eval.max_new_tokens = 24
   c.eval.seed = 0

@@ -125,6 +125,12 @@ class EvalContext:
     (config.cartridge.max_doc_tokens; a document not cut into parts has one)."""
     return [self.cart(store_name, u) for d in ids for u in self.parts_of[d]]
 
+  def loaded_context(self, store_name: str, q: Question, ids, mode: str):
+    """The cartridges of documents `ids` loaded for question q, with the slots of the documents that
+    are not q's marked (Context.distractor: the eval's attention share, eval.attention_share)."""
+    flags = [d not in q.doc_ids for d in ids for _ in self.parts_of[d]]
+    return self.ev.cartridges(self.doc_carts(store_name, ids), mode=mode, distractor=flags)
+
   def have_store(self, store_name: str, method: str) -> bool:
     if store_name not in self.stores:
       logging.warning("skipping %s: no %s store", method, store_name)
@@ -242,7 +248,7 @@ def composed(method: str, c: EvalContext) -> list[Job]:
       def ctx_for(q, n=n, mode=mode, s=store_name, notes=notes):
         ids = c.loaded(q, n)
         notes[q.qid] = {"loaded": ids}
-        return c.ev.cartridges(c.doc_carts(s, ids), mode=mode)
+        return c.loaded_context(s, q, ids, mode)
       name = f"{method}@{n}/{mode}"
       jobs += c.job(name, ctx_for, [store_name, c.store_state[store_name]],
                     {"num_loaded": n, "position_mode": mode, "base_method": method}, notes, c.fitting(name, n))
@@ -313,7 +319,7 @@ def cartridge_retrieved(method: str, c: EvalContext) -> list[Job]:
       ids = [d for d, _ in top]
       notes[q.qid] = {"retrieved": ids, "retrieval_scores": [float(s) for _, s in top],
                       "retrieval_hit": gold_hit(q, ids)}  # every gold document in the top k
-      return c.ev.cartridges(c.doc_carts("cas", ids), mode="shared")
+      return c.loaded_context("cas", q, ids, "shared")
     jobs += c.job(f"cartridge_retrieved@{k}", ctx_for, ["cas", c.store_state["cas"], index.manifest()],
                   {"base_method": method, "k": k, "num_loaded": k, "position_mode": "shared",
                    "retrieval_index": f"{mk}-document"}, notes)

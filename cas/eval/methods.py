@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cas.data.types import Document, Question
-from cas.eval.scoring import context_kv, score_continuations
+from cas.eval.scoring import context_kv, prefix_attention_share, score_continuations
 from cas.eval.stats import kind_breakdown, paired_by_qid, paired_difference, row_interval
 
 ICL_SYSTEM = ("You are a helpful assistant. Answer the user's question using the following "
@@ -62,6 +62,7 @@ class Context:
   cartridge_tokens: int  # cartridge tokens inside prefix_kv (0 for text)
   system: str | None  # system message text when the prompt carries one (icl)
   position_offset: int | None = None  # where the prompt's positions start (None: after the prefix)
+  distractor: np.ndarray | None = None  # [P] bool: prefix slots of loaded cartridges that are not the question's
 
 
 @dataclasses.dataclass
@@ -74,15 +75,20 @@ class QuestionResult:
   prompt_tokens: int
   kv_bytes: int
   option_scores: list[float] | None = None  # MC: mean log-likelihood per option token
+  # the share of the question's attention within the prefix that its distractor cartridges take
+  # (Evaluator(attention_share=True), composed cartridges only; cas.model.llama.prefix_share)
+  distractor_share: float | None = None
 
 
 class Evaluator:
   """Runs methods over questions with one model + tokenizer (+ sampler for short answers)."""
 
-  def __init__(self, model, tokenizer, sampler=None, *, max_new_tokens: int = 32, kv_bytes_per_el: int = 2):
+  def __init__(self, model, tokenizer, sampler=None, *, max_new_tokens: int = 32, kv_bytes_per_el: int = 2,
+               attention_share: bool = False):
     self.model, self.tok, self.sampler = model, tokenizer, sampler
     self.max_new_tokens = max_new_tokens
     self.kv_tok_bytes = model.cfg.kv_bytes_per_token(kv_bytes_per_el)
+    self.attention_share = bool(attention_share)  # measure QuestionResult.distractor_share where a context has one
 
   # -- contexts ---------------------------------------------------------------
   def no_context(self) -> Context:
@@ -110,11 +116,20 @@ class Evaluator:
     question offset is then `position_offset`)."""
     return Context((k, v), 0, int(k.shape[1]), None, position_offset)
 
-  def cartridges(self, carts, mode: str = "shared") -> Context:
-    """Several cartridges loaded together (shared sink once), in `mode` positions."""
+  def cartridges(self, carts, mode: str = "shared", distractor: Sequence[bool] | None = None) -> Context:
+    """Several cartridges loaded together (shared sink once), in `mode` positions. distractor: per
+    cartridge, whether it is not the question's (the context then marks its slots, `Context.distractor`)."""
     from cas.cartridge.compose import compose
     k, v, off = compose(carts, mode=mode, inv_freq=self.model.inv_freq[...])
-    return self.cartridge(k, v, off)
+    ctx = self.cartridge(k, v, off)
+    if distractor is not None:
+      if len(distractor) != len(carts):
+        raise ValueError(f"Evaluator.cartridges: {len(distractor)} distractor flags for {len(carts)} cartridges")
+      spec = carts[0].spec
+      body = spec.num_tokens - spec.num_frozen
+      ctx = dataclasses.replace(ctx, distractor=np.concatenate(
+          [np.zeros(spec.num_frozen, bool)] + [np.full(body, bool(d)) for d in distractor]))
+    return ctx
 
   # -- prompts ----------------------------------------------------------------
   def _prompt_ids(self, ctx: Context, q: Question) -> list[int]:
@@ -125,6 +140,13 @@ class Evaluator:
 
   def answer(self, ctx: Context, q: Question) -> QuestionResult:
     prompt = self._prompt_ids(ctx, q)
+    res = self._answer(ctx, q, prompt)
+    if self.attention_share and ctx.distractor is not None and ctx.distractor.any():
+      res.distractor_share = prefix_attention_share(self.model, ctx.prefix_kv, ctx.distractor, prompt,
+                                                    position_offset=ctx.position_offset)
+    return res
+
+  def _answer(self, ctx: Context, q: Question, prompt: list[int]) -> QuestionResult:
     text_tokens = ctx.prefix_tokens + len(prompt)
     kv = (text_tokens + ctx.cartridge_tokens) * self.kv_tok_bytes
     if q.kind == "mc":
@@ -170,6 +192,8 @@ def run_method(name: str, questions: Sequence[Question], context_for: Callable[[
       "prompt_tokens": float(np.mean([r.prompt_tokens for r in results])) if results else 0.0,
       "kv_bytes": float(np.mean([r.kv_bytes for r in results])) if results else 0.0,
       "seconds": time.time() - t0,
+      **({"distractor_share": float(np.mean(shares))}
+         if (shares := [r.distractor_share for r in results if r.distractor_share is not None]) else {}),
       "questions": [dataclasses.asdict(r) for r in results],
   }
   row["accuracy_ci95"] = list(row_interval(row) or (float("nan"), float("nan")))

@@ -107,3 +107,36 @@ def score_continuations(model: Transformer, prefix_kv, prompt_ids: Sequence[int]
                 jnp.asarray(tmask), text_prefix=bool(text_prefix and pk is not None
                                                      and model.cfg.has_sliding_window))
   return np.asarray(s)[:n], np.asarray(c)[:n]
+
+
+@jax.jit
+def _share(model: Transformer, pk, pv, pmask, dmask, tokens, positions, segs):
+  prefix = Prefix(pk[:, None].astype(model.dtype), pv[:, None].astype(model.dtype), pmask[None], None, None,
+                  dmask[None])
+  _, _, share = model(tokens, positions, segs, prefix=prefix, return_hidden=True, prefix_share_stride=1)
+  return share
+
+
+def prefix_attention_share(model: Transformer, prefix_kv, distractor, prompt_ids: Sequence[int], *,
+                           position_offset: int | None = None) -> float:
+  """The share of the prompt's attention within a cartridge prefix that falls on its `distractor`
+  slots ([P] bool), averaged over every prompt token, layer and head (`cas.model.llama.prefix_share`):
+  how much of what the question reads from the loaded cartridges comes from the ones that are not its
+  document's. prefix_kv (k, v) [L, P, Hkv, D]; positions start at P (or `position_offset`)."""
+  pk, pv = prefix_kv
+  p = int(pk.shape[1])
+  distractor = np.asarray(distractor, bool)
+  if distractor.shape != (p,):
+    raise ValueError(f"prefix_attention_share: distractor mask {distractor.shape} for a {p}-slot prefix")
+  off = p if position_offset is None else position_offset
+  t = bucket(len(prompt_ids))
+  tokens = np.zeros((1, t), np.int32)
+  tokens[0, :len(prompt_ids)] = prompt_ids
+  segs = (np.arange(t) < len(prompt_ids)).astype(np.int32)[None]
+  positions = (off + np.arange(t, dtype=np.int32))[None]
+  pb = bucket(p)  # padded (masked) like score_continuations, so prefixes of any length share compilations
+  pad = [(0, 0), (0, pb - p), (0, 0), (0, 0)]
+  dm = np.zeros(pb, bool)
+  dm[:p] = distractor
+  return float(_share(model, jnp.pad(pk, pad), jnp.pad(pv, pad), jnp.arange(pb) < p, jnp.asarray(dm),
+                      jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segs)))

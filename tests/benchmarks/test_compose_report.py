@@ -178,3 +178,23 @@ def test_a_missing_or_partial_archive_is_named(tmp_path):
   cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
   with pytest.raises(ValueError, match="cut.tgz.*partial"):
     cr.load_archive(str(cut))
+
+
+def test_share_lines_average_the_distractor_share_per_n_and_split_cas_by_correctness():
+  def q(qid, correct, share):
+    return {"qid": qid, "correct": correct, "distractor_share": share}
+  def res(method_rows):
+    return {"methods": [{"method": m, "questions": rows} for m, rows in method_rows.items()]}
+  results = {
+      ("base", "minutes", 0): res({"cas_composed@2/shared": [q("a", True, 0.2), q("b", False, 0.6)],
+                                   "isolated_composed@2/shared": [q("a", False, 0.5), q("b", False, 0.7)]}),
+      ("quiet", "minutes", 0): res({"cas_composed@2/shared": [q("a", True, 0.1), q("b", True, 0.3)]}),
+  }
+  lines = cr.share_lines(results, "minutes", "base", [2])
+  header = next(l for l in lines if l.startswith("| n loaded"))
+  assert "base cas_composed | base isolated_composed | quiet cas_composed |" in header
+  assert "quiet isolated_composed" not in header  # the lever has no isolated rows
+  row = next(l for l in lines if l.startswith("| 2 |")).split(" | ")
+  assert row[1:4] == ["0.400", "0.600", "0.200"] and row[4].startswith("0.200 / 0.600")
+  no_share = {("base", "minutes", 0): res({"cas_composed@2/shared": [{"qid": "a", "correct": True}]})}
+  assert cr.share_lines(no_share, "minutes", "base", [2]) == []

@@ -59,3 +59,33 @@ def test_short_answer_matching():
   assert is_correct_short("DOB 1961-03-03", ["March 3, 1961", "1961-03-03"])
   assert not is_correct_short("March 3, 1962", ["March 3, 1961"])
   assert normalize("HbA1c 7.9%.") == "hba1c 7.9%"
+
+
+def test_the_distractor_share_of_composed_cartridges(ev):
+  """Evaluator(attention_share=True): a context of composed cartridges with distractor slots gets each
+  question's share of prefix attention on them; the shares of the sink, the own cartridge and the
+  distractors add up to one; a context without distractors (or the flag off) gets none."""
+  from cas.cartridge.cartridge import init_cartridge
+  from cas.eval.scoring import prefix_attention_share
+  tok = ev.tok
+  carts = [init_cartridge(ev.model, tok.encode(t)[:12], 8, sink_ids=[1])
+           for t in ("Patient Ana Ruiz was born on March 3, 1961 in Lyon.", "Dr. Lee Chan runs the night clinic in Oslo.",
+                     "The ward on floor four holds twelve beds and a garden.")]
+  on = Evaluator(ev.model, tok, max_new_tokens=4, attention_share=True)
+  ctx = on.cartridges(carts, distractor=[True, False, True])
+  assert ctx.distractor.tolist() == [False] + [True] * 7 + [False] * 7 + [True] * 7
+  row = run_method("cas_composed@3", [MC], lambda q: ctx, on, progress=False)
+  share = row["questions"][0]["distractor_share"]
+  assert 0.0 < share < 1.0 and row["distractor_share"] == pytest.approx(share)
+  prompt = on._prompt_ids(ctx, MC)
+  masks = {"own": np.r_[[False] + [False] * 7 + [True] * 7 + [False] * 7], "sink": np.r_[[True] + [False] * 21]}
+  parts = {n: prefix_attention_share(ev.model, ctx.prefix_kv, m, prompt, position_offset=ctx.position_offset)
+           for n, m in masks.items()}
+  assert parts["own"] > 0 and parts["sink"] > 0
+  assert share + parts["own"] + parts["sink"] == pytest.approx(1.0, abs=1e-5)
+  assert "distractor_share" not in run_method("x", [MC], lambda q: on.cartridges(carts, distractor=[False] * 3), on,
+                                              progress=False)
+  assert "distractor_share" not in run_method("x", [MC], lambda q: ev.cartridges(carts, distractor=[True, False, True]),
+                                              ev, progress=False)
+  with pytest.raises(ValueError, match="2 distractor flags for 3 cartridges"):
+    on.cartridges(carts, distractor=[True, False])
