@@ -22,7 +22,7 @@ GRAPHS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN
 for m in ${MODELS:-smollm2-135m llama-3.2-1b}; do
   [ "${DECODE:-1}" = 1 ] || break  # DECODE=0: only the second part
   A=(--model=$m --batch=${BATCH:-64} --prompt_len=2112 --shared_doc=2048 --new_tokens=${NEW:-256}
-     --attn=auto --layer_loop=${LOOPS:-scan,unrolled} --top_k_impl=${TOPK:-lax} --out=$OUT/decode_levers.jsonl)
+     --attn=auto --layer_loop=${LOOPS:-scan,unrolled} --top_k_impl=${TOPK:-blocked} --out=$OUT/decode_levers.jsonl)
   [ "${PROFILE:-0}" = 1 ] && A+=(--profile_dir=/tmp/decode_profile)  # PROFILE=1: device time by op per variant
   python3 -m benchmarks.synth_speed "${A[@]}" --torch=true 2>&1 | grep -a '"status"' | cut -c1-400
   [ "${GRAPHS_RUN:-1}" = 1 ] && XLA_FLAGS="$GRAPHS" python3 -m benchmarks.synth_speed "${A[@]}" --torch=false 2>&1 | grep -a '"status"' | cut -c1-400

@@ -63,7 +63,7 @@ flags.DEFINE_list("shared_prefix", ["once"], "with --shared_doc: Sampler shared_
 flags.DEFINE_string("profile_dir", None, "also trace one more call of each cas variant with jax.profiler here and "
                     "add its device time by op to the record (\"ops\": benchmarks._common.summarize_trace): where a "
                     "decode step's time goes (issue 22: 1B decode at 16% of the bandwidth bound on an H100)")
-flags.DEFINE_list("top_k_impl", ["lax"], "the Sampler's top-k of the log-probs per step: lax (jax.lax.top_k), "
+flags.DEFINE_list("top_k_impl", ["blocked"], "the Sampler's top-k of the log-probs per step: lax (jax.lax.top_k), "
                   "blocked (block maxima first; the same result); each one listed is its own variant")
 flags.DEFINE_list("layer_loop", ["scan"], "the model's layer loop in decode: scan (one while loop over the "
                   "layers per step, what the sampler runs today) and/or unrolled (one flat program per step, "
@@ -119,7 +119,7 @@ def main(argv):
   for name, mode, loop, tk in [(n, m, ll, t) for n in F.attn for m in modes for ll in F.layer_loop
                                for t in F.top_k_impl]:
     rec = {"impl": "cas", "variant": f"sampler/{name}" + (f"/shared_{mode}" if mode else "")
-           + ("" if loop == "scan" else f"/{loop}") + ("" if tk == "lax" else f"/topk_{tk}"), "attn": name,
+           + ("" if loop == "scan" else f"/{loop}") + ("" if tk == "blocked" else f"/topk_{tk}"), "attn": name,
            "shared_prefix": mode, "layer_loop": loop, "top_k_impl": tk, "xla_flags": os.environ.get("XLA_FLAGS", "")}
     prev = attn_lib.install(name)
     model.layer_loop = loop  # a static attribute: the Sampler's graphdef (below) carries it into its programs

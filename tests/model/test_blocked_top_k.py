@@ -60,6 +60,9 @@ def test_the_sampler_gives_the_same_tokens_and_top_logprobs_with_either_form(wid
 
 def test_an_unknown_top_k_form_is_refused(wide_vocab_model, monkeypatch):
   model = wide_vocab_model
+  assert Sampler(model, pad_id=0).top_k_impl == "blocked"  # the default (measured faster, BENCHMARKS.md)
+  monkeypatch.setenv("CAS_TOP_K", "lax")
+  assert Sampler(model, pad_id=0).top_k_impl == "lax"
   with pytest.raises(ValueError, match="top_k_impl='sorted'"):
     Sampler(model, pad_id=0, top_k_impl="sorted")
   monkeypatch.setenv("CAS_TOP_K", "heap")
