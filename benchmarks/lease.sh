@@ -27,7 +27,8 @@
 #                  attention that its distractor cartridges take) on minutes and patients, seeds 0 and 1, spread
 #                  questions, CAS only: the silent study's recipe, so `compose_report --archive=<silent archive>
 #                  --archive=<quiet> --base=base` pairs it with that study's base runs (same questions and
-#                  distractors; its own self-study draw)
+#                  distractors; its own self-study draw). Its rows carry the eval's distractor attention share; the
+#                  silent study's base rows predate it: QUIET_VARIANTS=base,quiet runs base beside it (~2x the time)
 #   gemma_minutes  issues 20 + 24: the compose study (CAS + isolated + icl_composed) with Gemma 3 270M
 #   builtin6       issue 26 item 4 ("within 6 of ICL on the built-in collections, kept"): the paper preset's
 #                  oracle and its untrained init on patients, products and minutes (the salient init: the
@@ -120,7 +121,7 @@ if [ "$MODE" = start ]; then
                 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
       compose_sal) run compose_sal $CS start $R/compose_sal --variants=${SAL_VARIANTS:-base,salient,cosine} --collections=${SAL_COLLECTIONS:-minutes,products} \
                 --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
-      quiet) run quiet $CS start $R/quiet --variants=quiet --collections=${QUIET_COLLECTIONS:-minutes,patients} \
+      quiet) run quiet $CS start $R/quiet --variants=${QUIET_VARIANTS:-quiet} --collections=${QUIET_COLLECTIONS:-minutes,patients} \
                 --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
       silent) run silent $CS start $R/silent --variants=base,silent --collections=minutes,patients \
                 --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
