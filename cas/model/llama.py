@@ -30,7 +30,7 @@ as ordinary context (tests/model/test_gemma3_parity.py checks both the rule and 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -302,15 +302,33 @@ class Transformer(nnx.Module):
                     return_hidden=True)  # no [B, T, V] logits: only the cache is wanted
     return cache.k, cache.v
 
+  def _layer_data(self, inv_freq: Array) -> dict[str, Array]:
+    """The stacked [L, ...] per-layer arrays a forward runs over: weights, per-layer RoPE, sliding flags."""
+    data = self.layers.arrays()
+    if inv_freq.ndim == 2:
+      data["rope_inv_freq"] = inv_freq  # [L, D/2]
+    if self.cfg.has_sliding_window:
+      data["sliding"] = jnp.asarray(self.cfg.sliding_layers)  # [L] bool
+    return data
+
+  def split_layers(self) -> list[dict[str, Array]]:
+    """Each layer's arrays on their own (slices of the stacked ones), for `__call__(layer_params=...)`."""
+    data = self._layer_data(self.inv_freq[...])
+    return [jax.tree.map(lambda a, i=i: a[i], data) for i in range(self.cfg.num_layers)]
+
   # -- forward ----------------------------------------------------------------
   def __call__(self, tokens: Array, positions: Array, segment_ids: Array | None = None,
                prefix: Prefix | None = None, cache: KVCache | None = None,
-               return_hidden: bool = False, training: bool = False, prefix_share_stride: int = 0):
+               return_hidden: bool = False, training: bool = False, prefix_share_stride: int = 0,
+               layer_params: Sequence[Mapping[str, Array]] | None = None):
     """tokens, positions, segment_ids: [B, T] int32. `training`: the call is a training step's
     forward (differentiated): with layer_loop "auto" it runs the layers unrolled on a GPU.
     prefix_share_stride: s > 0 with `prefix.distractor` set: every s-th query position (of a
     non-empty segment) also measures which share of its attention within the prefix goes to the
     distractor slots, in every layer and head (`prefix_share`), and a third value is returned.
+    layer_params: `split_layers()` taken once outside a loop of calls (the Sampler's decode loop): the
+    unrolled form then reads each layer's weights from there instead of slicing the stacked arrays in
+    every call (a scan ignores it: it reads the stacked arrays).
 
     Returns (logits [B, T, V] float32, or final-normed hidden [B, T, E] if return_hidden;
     the updated cache or None[; the mean distractor share [] f32 over rows with a distractor]).
@@ -474,11 +492,7 @@ class Transformer(nnx.Module):
     elif self.remat == "dots":
       layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
-    layer_data = self.layers.arrays()
-    if per_layer_rope:
-      layer_data["rope_inv_freq"] = inv_freq  # [L, D/2]
-    if sliding:
-      layer_data["sliding"] = jnp.asarray(cfg.sliding_layers)  # [L] bool
+    layer_data = self._layer_data(inv_freq)
     xs = (layer_data,
           None if prefix is None else prefix.k, None if prefix is None else prefix.v)
     carry = (x, None if cache is None else cache.k, None if cache is None else cache.v, jnp.int32(0))
@@ -489,8 +503,12 @@ class Transformer(nnx.Module):
     if not unroll:
       carry, _ = jax.lax.scan(layer, carry, xs)
     else:  # one traced copy per layer: longer compiles, no stacked [L, ...] residual buffers
+      if layer_params is not None and len(layer_params) != cfg.num_layers:
+        raise ValueError(f"Transformer: {len(layer_params)} layer_params for {cfg.num_layers} layers")
       for i in range(cfg.num_layers):
-        carry, _ = layer(carry, jax.tree.map(lambda a: a[i], xs))
+        xi = jax.tree.map(lambda a: a[i], xs[1:])
+        w = layer_params[i] if layer_params is not None else jax.tree.map(lambda a: a[i], xs[0])
+        carry, _ = layer(carry, (w,) + xi)
     x, new_k, new_v = carry[:3]
     h = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.is_gemma)
     new_cache = None

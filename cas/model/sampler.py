@@ -65,6 +65,7 @@ SHARED_PREFIX_MODES = ("once", "broadcast")
 SHARED_PREFIX_ENV = "CAS_SHARED_PREFIX"  # default of Sampler(shared_prefix=None)
 TOP_K_ENV = "CAS_TOP_K"  # default of Sampler(top_k_impl=None)
 TOP_K_IMPLS = ("lax", "blocked")
+PRESPLIT_ENV = "CAS_PRESPLIT_LAYERS"  # default of Sampler(presplit_layers=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +203,11 @@ class Sampler:
       environment variable CAS_TOP_K, else "blocked" (2026-12-06, one H100, Llama-3.2-1B shapes at
       batch 64: lax.top_k's segmented radix sort of the 128k vocabulary took 16% of decode time, and
       blocked decoded 16% faster; BENCHMARKS.md).
+    presplit_layers: with the model's layer_loop "unrolled", slice each layer's weights out of the
+      stacked arrays once per generate call, before the decode loop, instead of in every step
+      (`Transformer.split_layers`; the same tokens; one more copy of the weights while it runs). None:
+      the environment variable CAS_PRESPLIT_LAYERS=1, else off (a decode step's profile showed a
+      weight-sized copy per step: BENCHMARKS.md; not measured yet).
   """
 
   def __init__(self, model: Transformer, *, pad_id: int,
@@ -209,7 +215,7 @@ class Sampler:
                batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
                new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS,
                cache_dtype: Any = None, prefix_multiple: int = 64, shared_prefix: str | None = None,
-               top_k_impl: str | None = None):
+               top_k_impl: str | None = None, presplit_layers: bool | None = None):
     for name, b in (("prompt_buckets", prompt_buckets), ("batch_buckets", batch_buckets),
                     ("new_token_buckets", new_token_buckets)):
       if not b or list(b) != sorted(b) or b[0] < 1:
@@ -237,6 +243,9 @@ class Sampler:
     if top_k_impl not in TOP_K_IMPLS:
       raise ValueError(f"Sampler: top_k_impl={top_k_impl!r} (or ${TOP_K_ENV}); choose from {TOP_K_IMPLS}")
     self.top_k_impl = top_k_impl
+    if presplit_layers is None:
+      presplit_layers = os.environ.get(PRESPLIT_ENV, "") not in ("", "0")
+    self.presplit_layers = bool(presplit_layers)
     self._graphdef, self._state = nnx.split(model)
     self._model = model
     self._programs: dict[tuple, Any] = {}
@@ -647,6 +656,8 @@ class Sampler:
                    "prefix=%s", b, tp, tn, top_k, greedy, use_top_p,
                    None if pk is None else pk.shape)
       model = nnx.merge(graphdef, state)
+      # per-layer weights sliced once, outside the decode loop (presplit_layers; unrolled layers only)
+      split = model.split_layers() if self.presplit_layers and model.layer_loop == "unrolled" else None
       prefix = None
       if pk is not None and (pk.shape[1] == b or self.shared_prefix == "once"):
         prefix = Prefix(pk, pv, pm, pp)  # batch 1: the model attends it once for all rows
@@ -682,7 +693,7 @@ class Sampler:
       seg = (jnp.arange(tp)[None, :] < lengths[:, None]).astype(jnp.int32)  # [B, Tp]
       positions = offsets[:, None] + jnp.arange(tp, dtype=jnp.int32)[None, :]  # [B, Tp]
       cache = KVCache.empty(cfg, b, tp + tn, cache_dtype)
-      h, cache = model(tokens, positions, seg, prefix=prefix, cache=cache, return_hidden=True)
+      h, cache = model(tokens, positions, seg, prefix=prefix, cache=cache, return_hidden=True, layer_params=split)
       last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
       logits = model.logits_from_hidden(last)[:, 0]  # [B, V] f32
 
@@ -700,7 +711,7 @@ class Sampler:
         step, cache, tok, carry = state
         # Feed the token sampled at step-1 (position offset + length + step - 1).
         pos = (offsets + lengths + step - 1)[:, None]  # [B, 1]
-        logits, cache = model(tok[:, None], pos, ones, prefix=prefix, cache=cache)
+        logits, cache = model(tok[:, None], pos, ones, prefix=prefix, cache=cache, layer_params=split)
         tok, carry = record(carry, step, logits[:, 0])
         return step + 1, cache, tok, carry
 

@@ -224,35 +224,31 @@ def test_lr_decay_reaches_the_step_and_bad_values_are_refused(setup, tmp_path):
 def test_silent_rows_reach_the_loop(setup, tmp_path):
   """train.p_silent: the loop builds silent rows (their teacher is the prefix-free model, so the same
   data trains differently) and the run stays finite; p_silent=0 is the run as before."""
+  k = _stored_keys_of_runs(setup, tmp_path, {"off": {}, "off0": {"p_silent": 0.0},
+                                              "silent": {"p_silent": 1.0, "p_isolated": 0.0}, "mixed": {"p_isolated": 0.0}})
+  assert k["off"].tobytes() == k["off0"].tobytes()
+  assert not np.array_equal(k["silent"], k["mixed"])
+
+
+def _stored_keys_of_runs(setup, tmp_path, configs: dict) -> dict:
+  """Trains one run per named config (each finite) and returns each one's stored keys, all documents raveled."""
   from cas.rotation.store import CartridgeStore
-  m, docs, path, frozen, init_fn = setup
-  runs = {name: _train(setup, str(tmp_path / name), cfg=cfg)
-          for name, cfg in (("off", {}), ("off0", {"p_silent": 0.0}), ("silent", {"p_silent": 1.0, "p_isolated": 0.0}),
-                            ("mixed", {"p_isolated": 0.0}))}
+  docs = setup[1]
+  runs = {name: _train(setup, str(tmp_path / name), cfg=cfg) for name, cfg in configs.items()}
   assert all(np.isfinite(r["final_loss"]) for r in runs.values())
   spec = CartridgeSpec.for_model(TINY, P, 1)
   k = {}
   for name in runs:
     with CartridgeStore(str(tmp_path / name / "store"), spec=spec, model_fingerprint="tiny", read_only=True) as st:
       k[name] = np.concatenate([np.asarray(st.get(d)[0]["k"]).ravel() for d in docs])
-  assert k["off"].tobytes() == k["off0"].tobytes()
-  assert not np.array_equal(k["silent"], k["mixed"])
+  return k
 
 
 def test_quiet_distractors_reach_the_loop_and_log_their_share(setup, tmp_path):
   """train.share_weight: the loop's step adds the distractors' attention share to the loss (the stored
   cartridges differ from the run without it), logs it per step, and share_weight=0 is the run as before."""
-  from cas.rotation.store import CartridgeStore
-  m, docs, path, frozen, init_fn = setup
-  runs = {name: _train(setup, str(tmp_path / name), cfg=cfg)
-          for name, cfg in (("off", {}), ("off0", {"share_weight": 0.0}), ("quiet", {"share_weight": 2.0,
-                                                                                     "share_stride": 2}))}
-  assert all(np.isfinite(r["final_loss"]) for r in runs.values())
-  spec = CartridgeSpec.for_model(TINY, P, 1)
-  k = {}
-  for name in runs:
-    with CartridgeStore(str(tmp_path / name / "store"), spec=spec, model_fingerprint="tiny", read_only=True) as st:
-      k[name] = np.concatenate([np.asarray(st.get(d)[0]["k"]).ravel() for d in docs])
+  k = _stored_keys_of_runs(setup, tmp_path, {"off": {}, "off0": {"share_weight": 0.0},
+                                              "quiet": {"share_weight": 2.0, "share_stride": 2}})
   assert k["off"].tobytes() == k["off0"].tobytes()
   assert not np.array_equal(k["quiet"], k["off"])
   logged = read_metrics(str(tmp_path / "quiet" / "logs"))

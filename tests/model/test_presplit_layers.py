@@ -1,0 +1,58 @@
+"""Sampler(presplit_layers=True): with unrolled layers the decode program slices each layer's weights once,
+before its loop, and gives the same tokens and log-probs as slicing them in every step; for a Llama and a
+Gemma 3 model (per-layer RoPE tables and sliding-window flags ride with the weights)."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cas.model import ModelConfig, build_model
+from cas.model.llama import Prefix
+from cas.model.sampler import Sampler
+
+SL, FA = "sliding_attention", "full_attention"
+CONFIGS = {
+    "llama": dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False),
+    "gemma3": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], vocab_size=96, hidden_size=32,
+                   intermediate_size=48, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                   head_dim=16, sliding_window=4, layer_types=[SL, FA, SL], query_pre_attn_scalar=16,
+                   rms_norm_eps=1e-6, max_position_embeddings=256,
+                   rope_parameters={FA: {"rope_type": "default", "rope_theta": 1_000_000.0},
+                                    SL: {"rope_type": "default", "rope_theta": 10_000.0}}),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_presplit_layers_decode_the_same_tokens(name):
+  cfg = ModelConfig.from_hf_dict(CONFIGS[name], source=name)
+  model = build_model(cfg, seed=3, layer_loop="unrolled")
+  prompts = [[5, 9, 14, 3, 7, 8], [7, 2]]
+  pk = jnp.asarray(np.random.default_rng(0).normal(size=(cfg.num_layers, 1, 5, cfg.num_kv_heads, cfg.head_dim)),
+                   jnp.float32)
+  prefix = Prefix(pk, pk * 0.5, jnp.ones((1, 5), bool))
+  out = {}
+  for split in (False, True):
+    s = Sampler(model, pad_id=0, presplit_layers=split)
+    assert s.presplit_layers is split
+    out[split] = [s.generate(prompts, max_new_tokens=7, temperature=1.0, top_k_logprobs=3, seed=2, prefix=p)
+                  for p in (None, prefix)]
+  for a_res, b_res in zip(out[False], out[True]):
+    for a, b in zip(a_res, b_res):
+      np.testing.assert_array_equal(a.tokens, b.tokens)
+      np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, atol=1e-6)
+      np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-6)
+
+
+def test_split_layers_are_the_stacked_arrays_sliced_and_a_wrong_count_is_refused(monkeypatch):
+  cfg = ModelConfig.from_hf_dict(CONFIGS["gemma3"], source="gemma3")
+  model = build_model(cfg, seed=3, layer_loop="unrolled")
+  parts = model.split_layers()
+  assert len(parts) == 3 and {"rope_inv_freq", "sliding"} <= set(parts[1])
+  np.testing.assert_array_equal(np.asarray(parts[2]["wq"]), np.asarray(model.layers.wq[...][2]))
+  assert bool(parts[1]["sliding"]) is False and bool(parts[0]["sliding"]) is True
+  toks = jnp.asarray([[5, 9, 14]])
+  with pytest.raises(ValueError, match="2 layer_params for 3 layers"):
+    model(toks, jnp.arange(3)[None], layer_params=parts[:2])
+  monkeypatch.setenv("CAS_PRESPLIT_LAYERS", "1")
+  assert Sampler(model, pad_id=0).presplit_layers is True
