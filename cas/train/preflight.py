@@ -74,8 +74,10 @@ def _step_bytes(cfg, *, batch_rows: int, seq_len: int, prefix_len: int, dtype_by
 
 
 def estimate_cas_bytes(model, spec, *, num_slots: int, batch_size: int, seq_len: int, k_max: int,
-                       mesh=None, dtype_bytes: int = 4, loss_chunk: int = 0) -> dict[str, int]:
-  """Per-device byte estimate of CAS training (keys: model, slots, gradients, step, total)."""
+                       mesh=None, dtype_bytes: int = 4, loss_chunk: int = 0, share_stride: int = 0) -> dict[str, int]:
+  """Per-device byte estimate of CAS training (keys: model, slots, gradients, step, total).
+  share_stride > 0 (train.share_weight on): the step also holds one layer's distractor-share scores,
+  probabilities and their gradient, f32 [rows, heads, seq_len / stride, prefix] (cas.model.llama.prefix_share)."""
   per_slot = int(np.prod(spec.trainable_shape)) * 4  # [L, P-F, Hkv, D] f32
   slot_ways = model_ways = rows_ways = 1
   if mesh is not None:
@@ -89,6 +91,10 @@ def estimate_cas_bytes(model, spec, *, num_slots: int, batch_size: int, seq_len:
                           prefix_len=spec.num_frozen + k_max * (spec.num_tokens - spec.num_frozen),
                           dtype_bytes=dtype_bytes, loss_chunk=loss_chunk),
   }
+  if share_stride > 0 and k_max > 1:
+    rows = max(1, batch_size // rows_ways)
+    prefix = spec.num_frozen + k_max * (spec.num_tokens - spec.num_frozen)
+    est["step"] += 3 * 4 * rows * model.cfg.num_heads * (-(-seq_len // share_stride)) * prefix
   est["total"] = sum(est.values())
   return est
 

@@ -125,3 +125,21 @@ def test_the_config_check_names_a_share_weight_without_distractors():
   c.train.share_weight, c.train.k_max = -0.5, 2
   got = {p.where: p.message for p in check_config(c, "cas", devices=one, check_model=False)}
   assert "must be >= 0.0" in got["config.train.share_weight"], got
+
+
+def test_the_preflight_counts_the_share_scores_and_the_launcher_check_passes_it():
+  """With train.share_weight on, the memory estimate adds one layer's share scores, probabilities and their
+  gradient: 3 f32 arrays of [rows, heads, ceil(seq_len / stride), prefix]; off, or with k_max = 1, nothing."""
+  from cas.cartridge.cartridge import CartridgeSpec
+  from cas.model.config import ModelConfig
+  from cas.model.llama import build_model
+  from cas.train.preflight import estimate_cas_bytes
+  cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=16)
+  model, spec = build_model(cfg, seed=0), CartridgeSpec.for_model(cfg, 32, 1)
+  kw = dict(num_slots=10, batch_size=16, seq_len=512, k_max=10, loss_chunk=0)
+  off, on = estimate_cas_bytes(model, spec, **kw), estimate_cas_bytes(model, spec, share_stride=8, **kw)
+  assert on["step"] - off["step"] == 3 * 4 * 16 * 4 * 64 * (1 + 10 * 31)
+  assert on["total"] - off["total"] == on["step"] - off["step"]
+  one = dict(kw, k_max=1)
+  assert estimate_cas_bytes(model, spec, share_stride=8, **one) == estimate_cas_bytes(model, spec, **one)
