@@ -207,7 +207,8 @@ class Sampler:
       stacked arrays once per generate call, before the decode loop, instead of in every step
       (`Transformer.split_layers`; the same tokens; one more copy of the weights while it runs). None:
       the environment variable CAS_PRESPLIT_LAYERS=1, else off (a decode step's profile showed a
-      weight-sized copy per step: BENCHMARKS.md; not measured yet).
+      weight-sized copy per step: BENCHMARKS.md; not measured yet). The refilled-rows program
+      (synth.refill) does not take it.
   """
 
   def __init__(self, model: Transformer, *, pad_id: int,
