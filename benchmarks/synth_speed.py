@@ -112,15 +112,11 @@ def main(argv):
     modes = list(F.shared_prefix)
 
   cas_recs = []
-  bad = sorted(set(F.layer_loop) - {"scan", "unrolled"})
-  if bad:
-    raise SystemExit(f"--layer_loop: {bad} unknown; choose from scan, unrolled")
-  bad = sorted(set(F.top_k_impl) - set(TOP_K_IMPLS))
-  if bad:
-    raise SystemExit(f"--top_k_impl: {bad} unknown; choose from {', '.join(TOP_K_IMPLS)}")
-  bad = sorted(set(F.presplit) - {"false", "true"})
-  if bad:
-    raise SystemExit(f"--presplit: {bad} unknown; choose from false, true")
+  for name, choices in (("layer_loop", ("scan", "unrolled")), ("top_k_impl", TOP_K_IMPLS),
+                        ("presplit", ("false", "true"))):
+    bad = sorted(set(F[name].value) - set(choices))
+    if bad:
+      raise SystemExit(f"--{name}: {bad} unknown; choose from {', '.join(choices)}")
   for name, mode, loop, tk, ps in [(n, m, ll, t, s == "true") for n in F.attn for m in modes for ll in F.layer_loop
                                    for t in F.top_k_impl for s in F.presplit]:
     rec = {"impl": "cas", "variant": f"sampler/{name}" + (f"/shared_{mode}" if mode else "")

@@ -53,6 +53,15 @@ def context_kv(model: Transformer, ids: Sequence[int], chunk: int = 512):
   return k[:, :n], v[:, :n]
 
 
+def _padded_prefix(pk, pv):
+  """k, v [L, P, Hkv, D] padded to a bucket of slots, with the mask of the real ones [Pb] bool: prefixes of
+  any length then share compilations."""
+  p = int(pk.shape[1])
+  pb = bucket(p)
+  pad = [(0, 0), (0, pb - p), (0, 0), (0, 0)]
+  return jnp.pad(pk, pad), jnp.pad(pv, pad), jnp.arange(pb) < p
+
+
 @functools.partial(jax.jit, static_argnames=("text_prefix",))
 def _score(model: Transformer, pk, pv, pmask, tokens, positions, segs, tmask, text_prefix=False):
   """Sum of log p(target tokens) per row. tokens [B, T]; tmask [B, T] marks tokens to score.
@@ -97,12 +106,8 @@ def score_continuations(model: Transformer, prefix_kv, prompt_ids: Sequence[int]
   positions = np.broadcast_to(off + np.arange(T, dtype=np.int32), (B, T))
   if prefix_kv is None:
     pk = pv = pm = None
-  else:  # pad the prefix to a bucket (masked) so documents of any length share compilations
-    pk, pv = prefix_kv
-    pb = bucket(p)
-    pad = [(0, 0), (0, pb - p), (0, 0), (0, 0)]
-    pk, pv = jnp.pad(pk, pad), jnp.pad(pv, pad)
-    pm = jnp.arange(pb) < p
+  else:
+    pk, pv, pm = _padded_prefix(*prefix_kv)
   s, c = _score(model, pk, pv, pm, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segs),
                 jnp.asarray(tmask), text_prefix=bool(text_prefix and pk is not None
                                                      and model.cfg.has_sliding_window))
@@ -134,9 +139,8 @@ def prefix_attention_share(model: Transformer, prefix_kv, distractor, prompt_ids
   tokens[0, :len(prompt_ids)] = prompt_ids
   segs = (np.arange(t) < len(prompt_ids)).astype(np.int32)[None]
   positions = (off + np.arange(t, dtype=np.int32))[None]
-  pb = bucket(p)  # padded (masked) like score_continuations, so prefixes of any length share compilations
-  pad = [(0, 0), (0, pb - p), (0, 0), (0, 0)]
-  dm = np.zeros(pb, bool)
+  pk, pv, pm = _padded_prefix(pk, pv)
+  dm = np.zeros(pm.shape[0], bool)
   dm[:p] = distractor
-  return float(_share(model, jnp.pad(pk, pad), jnp.pad(pv, pad), jnp.arange(pb) < p, jnp.asarray(dm),
-                      jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segs)))
+  return float(_share(model, pk, pv, pm, jnp.asarray(dm), jnp.asarray(tokens), jnp.asarray(positions),
+                      jnp.asarray(segs)))

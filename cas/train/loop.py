@@ -337,7 +337,7 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
       preflight.estimate_cas_bytes(model, spec, num_slots=c["num_slots"], batch_size=c["batch_size"],
                                    seq_len=c["seq_len"], k_max=c["k_max"], mesh=mesh,
                                    dtype_bytes=jnp.dtype(dtype).itemsize, loss_chunk=c["loss_chunk"],
-                                   share_stride=int(c["share_stride"]) if c["share_weight"] > 0 else 0),
+                                   share_stride=preflight.share_stride_of(c)),
       what=(f"single-cartridge training (p={spec.num_tokens}, batch_size={c['batch_size']}, seq_len={c['seq_len']})"
             if single else
             f"CAS training with num_slots={c['num_slots']} (p={spec.num_tokens}, k_max={c['k_max']}, "

@@ -83,20 +83,25 @@ def estimate_cas_bytes(model, spec, *, num_slots: int, batch_size: int, seq_len:
   if mesh is not None:
     data, fsdp, tensor = (int(mesh.shape.get(a, 1)) for a in ("data", "fsdp", "tensor"))
     slot_ways, model_ways, rows_ways = data * fsdp, fsdp * tensor, data * fsdp
+  rows = max(1, batch_size // rows_ways)
+  prefix = spec.num_frozen + k_max * (spec.num_tokens - spec.num_frozen)
   est = {
       "model": _param_bytes(model) // model_ways,
       "slots": (num_slots * (6 * per_slot + 4)) // slot_ways,
       "gradients": (num_slots * 2 * per_slot) // slot_ways,
-      "step": _step_bytes(model.cfg, batch_rows=max(1, batch_size // rows_ways), seq_len=seq_len,
-                          prefix_len=spec.num_frozen + k_max * (spec.num_tokens - spec.num_frozen),
+      "step": _step_bytes(model.cfg, batch_rows=rows, seq_len=seq_len, prefix_len=prefix,
                           dtype_bytes=dtype_bytes, loss_chunk=loss_chunk),
   }
   if share_stride > 0 and k_max > 1:
-    rows = max(1, batch_size // rows_ways)
-    prefix = spec.num_frozen + k_max * (spec.num_tokens - spec.num_frozen)
     est["step"] += 3 * 4 * rows * model.cfg.num_heads * (-(-seq_len // share_stride)) * prefix
   est["total"] = sum(est.values())
   return est
+
+
+def share_stride_of(train_cfg) -> int:
+  """The distractor-share stride a train config's step runs with (its share_stride when share_weight > 0,
+  else 0: no share computed), for `estimate_cas_bytes`. train_cfg: a dict or ConfigDict."""
+  return int(train_cfg.get("share_stride", 8)) if train_cfg.get("share_weight", 0.0) > 0 else 0
 
 
 def estimate_cartridge_bytes(model, spec, *, batch_size: int, seq_len: int, dtype_bytes: int = 4,

@@ -166,13 +166,13 @@ def cas_loss(params: dict, frozen: dict, model: Transformer, batch: dict, *, los
              share_weight: float = 0.0, share_stride: int = 8):
   """(mean loss over masked tokens [] f32, number of masked tokens [] f32); `head_loss`.
   share_weight > 0: the loss adds share_weight times the distractors' mean share of the prefix
-  attention (every share_stride-th query; `prefix_share`), and the second value is the pair (number
-  of masked tokens, that share)."""
+  attention (every share_stride-th query; `prefix_share`), and the second value is the triple (number
+  of masked tokens, that share, the distillation loss alone)."""
   if share_weight > 0:
     h, share = cas_logits(params, frozen, model, batch, position_mode=position_mode, dtype=dtype,
                           train_distractors=train_distractors, return_hidden=True, share_stride=share_stride)
     val, n = head_loss(model, h, batch, loss=loss, chunk=loss_chunk)
-    return val + share_weight * share, (n, share)
+    return val + share_weight * share, (n, share, val)
   h = cas_logits(params, frozen, model, batch, position_mode=position_mode, dtype=dtype,
                  train_distractors=train_distractors, return_hidden=True)
   return head_loss(model, h, batch, loss=loss, chunk=loss_chunk)
@@ -347,8 +347,7 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
         share_stride=share_stride)
     extra = {}
     if share_weight > 0:
-      (n, share) = n
-      val = val - share_weight * share  # `loss` stays the distillation loss, comparable across runs
+      n, share, val = n  # `loss` stays the distillation loss, comparable across runs
       extra = {"distractor_share": share}
     if frozen_head:
       if frozen_head >= state["k"].shape[2]:
