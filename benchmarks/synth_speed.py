@@ -65,8 +65,9 @@ flags.DEFINE_string("profile_dir", None, "also trace one more call of each cas v
                     "decode step's time goes (issue 22: 1B decode at 16% of the bandwidth bound on an H100)")
 flags.DEFINE_list("top_k_impl", ["blocked"], "the Sampler's top-k of the log-probs per step: lax (jax.lax.top_k), "
                   "blocked (block maxima first; the same result); each one listed is its own variant")
-flags.DEFINE_list("presplit", ["false"], "Sampler presplit_layers (unrolled layers: each layer's weights sliced once "
-                  "per call, before the decode loop): false, true or both; each one listed is its own variant")
+flags.DEFINE_list("presplit", ["true"], "Sampler presplit_layers (unrolled layers: each layer's weights sliced once "
+                  "per call, before the decode loop; the Sampler's default): false, true, or cache (true and "
+                  "split_cache: one KV array per layer); each one listed is its own variant")
 flags.DEFINE_list("layer_loop", ["scan"], "the model's layer loop in decode: scan (one while loop over the "
                   "layers per step, what the sampler runs today) and/or unrolled (one flat program per step, "
                   "which XLA's command buffers can capture as one CUDA graph: the launch-bound decode's lever)")
@@ -113,21 +114,24 @@ def main(argv):
 
   cas_recs = []
   for name, choices in (("layer_loop", ("scan", "unrolled")), ("top_k_impl", TOP_K_IMPLS),
-                        ("presplit", ("false", "true"))):
+                        ("presplit", ("false", "true", "cache"))):
     bad = sorted(set(F[name].value) - set(choices))
     if bad:
       raise SystemExit(f"--{name}: {bad} unknown; choose from {', '.join(choices)}")
-  for name, mode, loop, tk, ps in [(n, m, ll, t, s == "true") for n in F.attn for m in modes for ll in F.layer_loop
-                                   for t in F.top_k_impl for s in F.presplit]:
+  for name, mode, loop, tk, ps_flag in [(n, m, ll, t, s) for n in F.attn for m in modes for ll in F.layer_loop
+                                        for t in F.top_k_impl for s in F.presplit]:
+    ps, sc = ps_flag != "false", ps_flag == "cache"
     rec = {"impl": "cas", "variant": f"sampler/{name}" + (f"/shared_{mode}" if mode else "")
            + ("" if loop == "scan" else f"/{loop}") + ("" if tk == "blocked" else f"/topk_{tk}")
-           + ("/presplit" if ps else ""), "attn": name, "shared_prefix": mode, "layer_loop": loop, "top_k_impl": tk,
-           "presplit_layers": ps, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+           + ("/presplit" if ps and loop == "unrolled" else "") + ("/split_cache" if sc and loop == "unrolled" else ""),
+           "attn": name, "shared_prefix": mode, "layer_loop": loop, "top_k_impl": tk,
+           "presplit_layers": ps and loop == "unrolled", "split_cache": sc and loop == "unrolled",
+           "xla_flags": os.environ.get("XLA_FLAGS", "")}
     prev = attn_lib.install(name)
     model.layer_loop = loop  # a static attribute: the Sampler's graphdef (below) carries it into its programs
     try:
       sampler = Sampler(model, pad_id=0, cache_dtype=jnp.bfloat16, shared_prefix=mode, top_k_impl=tk,
-                        presplit_layers=ps)
+                        presplit_layers=ps, split_cache=sc)
       call = sampler.generate_shared if mode else sampler.generate
       gen = lambda seed: call(prompts, max_new_tokens=F.new_tokens, temperature=1.0,
                               top_k_logprobs=F.top_k, seed=seed)

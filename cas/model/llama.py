@@ -76,7 +76,9 @@ class Prefix(NamedTuple):
 
 
 class KVCache(NamedTuple):
-  """Decode cache. k, v: [L, B, S, Hkv, D]; segment_ids: [B, S] int32 (0 = empty slot);
+  """Decode cache. k, v: [L, B, S, Hkv, D], or (a *per-layer* cache, `empty(per_layer=True)`) tuples of L
+  [B, S, Hkv, D] arrays: then the layers run unrolled and each reads its own array whole instead of a
+  dynamic slice of the stacked one (the Sampler's unrolled decode); segment_ids: [B, S] int32 (0 = empty slot);
   index: [] int32, number of slots written so far (same for every row); positions: [B, S]
   int32, the position of the token in each slot (sliding-window layers measure distance in
   positions; None: slot order is used). ring: None, or a [] bool array marking a *ring* cache
@@ -91,9 +93,14 @@ class KVCache(NamedTuple):
   ring: Array | None = None
 
   @classmethod
-  def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype=jnp.bfloat16) -> "KVCache":
-    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+  def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype=jnp.bfloat16, per_layer: bool = False) -> "KVCache":
+    shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
+    if per_layer:
+      k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+      v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    else:
+      k, v = jnp.zeros((cfg.num_layers,) + shape, dtype), jnp.zeros((cfg.num_layers,) + shape, dtype)
+    return cls(k, v,
                jnp.zeros((batch, size), jnp.int32), jnp.zeros((), jnp.int32),
                jnp.zeros((batch, size), jnp.int32))
 
@@ -328,7 +335,8 @@ class Transformer(nnx.Module):
     distractor slots, in every layer and head (`prefix_share`), and a third value is returned.
     layer_params: `split_layers()` taken once outside a loop of calls (the Sampler's decode loop): the
     unrolled form then reads each layer's weights from there instead of slicing the stacked arrays in
-    every call (a scan ignores it: it reads the stacked arrays).
+    every call. Given layer_params, or a per-layer cache (`KVCache.empty(per_layer=True)`), the layers run
+    unrolled whatever `layer_loop` says.
 
     Returns (logits [B, T, V] float32, or final-normed hidden [B, T, E] if return_hidden;
     the updated cache or None[; the mean distractor share [] f32 over rows with a distractor]).
@@ -353,7 +361,7 @@ class Transformer(nnx.Module):
     else:
       k_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
       q_idx = cache.index + jnp.arange(t)
-      k_idx = jnp.arange(cache.k.shape[2])
+      k_idx = jnp.arange(cache.segment_ids.shape[1])  # the cache's slots (a per-layer cache has no [L] axis)
       k_pos = None
       if cache.positions is not None:
         k_pos = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))  # [B, S]
@@ -430,7 +438,8 @@ class Transformer(nnx.Module):
       # The cache rides in the carry and is updated in place per layer (passing it through the
       # scan as xs/ys copied the whole cache every decode step).
       x, ck_all, cv_all, li = carry[:4]
-      w, pk, pv = xs
+      w, pk, pv = xs[:3]
+      own = xs[3:]  # a per-layer cache: this layer's (k, v) arrays, returned updated
       g = cfg.is_gemma
       h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps, g)
       q = jnp.einsum("bte,ehd->bthd", h, w["wq"].astype(dt))
@@ -448,7 +457,13 @@ class Transformer(nnx.Module):
       k = apply_rope(k, positions, freq)
       if q_scale != 1.0:  # query_pre_attn_scalar: the attention functions scale by 1/sqrt(D)
         q = q * jnp.asarray(q_scale, q.dtype)
-      if ck_all is not None:
+      if own:
+        ck, cv = own
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache.index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache.index, 0, 0))
+        own = (ck, cv)
+        keys, vals = ck.astype(dt), cv.astype(dt)
+      elif ck_all is not None:
         ck_all = jax.lax.dynamic_update_slice(ck_all, k.astype(ck_all.dtype)[None], (li, 0, cache.index, 0, 0))
         cv_all = jax.lax.dynamic_update_slice(cv_all, v.astype(cv_all.dtype)[None], (li, 0, cache.index, 0, 0))
         keys = jax.lax.dynamic_index_in_dim(ck_all, li, 0, keepdims=False).astype(dt)
@@ -485,7 +500,7 @@ class Transformer(nnx.Module):
       if g:
         o = rms_norm(o, w["post_mlp_norm"], cfg.rms_norm_eps, g)
       x = x + o
-      return (x, ck_all, cv_all, li + 1) + carry[4:], None
+      return (x, ck_all, cv_all, li + 1) + carry[4:], (own or None)
 
     if self.remat == "full":
       layer = jax.checkpoint(layer)
@@ -495,21 +510,30 @@ class Transformer(nnx.Module):
     layer_data = self._layer_data(inv_freq)
     xs = (layer_data,
           None if prefix is None else prefix.k, None if prefix is None else prefix.v)
-    carry = (x, None if cache is None else cache.k, None if cache is None else cache.v, jnp.int32(0))
+    per_layer_cache = cache is not None and isinstance(cache.k, (tuple, list))
+    if per_layer_cache and (len(cache.k) != cfg.num_layers or len(cache.v) != cfg.num_layers):
+      raise ValueError(f"Transformer: a per-layer cache of {len(cache.k)} layers for {cfg.num_layers}")
+    carry = (x, None if cache is None or per_layer_cache else cache.k,
+             None if cache is None or per_layer_cache else cache.v, jnp.int32(0))
     if share_on:
       carry = carry + (jnp.float32(0), jnp.float32(0))
-    unroll = self.layer_loop == "unrolled" or (
+    unroll = self.layer_loop == "unrolled" or layer_params is not None or per_layer_cache or (
         self.layer_loop == "auto" and training and cache is None and jax.default_backend() == "gpu")
     if not unroll:
       carry, _ = jax.lax.scan(layer, carry, xs)
     else:  # one traced copy per layer: longer compiles, no stacked [L, ...] residual buffers
       if layer_params is not None and len(layer_params) != cfg.num_layers:
         raise ValueError(f"Transformer: {len(layer_params)} layer_params for {cfg.num_layers} layers")
+      new_own = []
       for i in range(cfg.num_layers):
         xi = jax.tree.map(lambda a: a[i], xs[1:])
         w = layer_params[i] if layer_params is not None else jax.tree.map(lambda a: a[i], xs[0])
-        carry, _ = layer(carry, (w,) + xi)
+        own = (cache.k[i], cache.v[i]) if per_layer_cache else ()
+        carry, out_i = layer(carry, (w,) + xi + own)
+        new_own.append(out_i)
     x, new_k, new_v = carry[:3]
+    if per_layer_cache:
+      new_k, new_v = tuple(o[0] for o in new_own), tuple(o[1] for o in new_own)
     h = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.is_gemma)
     new_cache = None
     if cache is not None:

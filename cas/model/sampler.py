@@ -66,6 +66,7 @@ SHARED_PREFIX_ENV = "CAS_SHARED_PREFIX"  # default of Sampler(shared_prefix=None
 TOP_K_ENV = "CAS_TOP_K"  # default of Sampler(top_k_impl=None)
 TOP_K_IMPLS = ("lax", "blocked")
 PRESPLIT_ENV = "CAS_PRESPLIT_LAYERS"  # default of Sampler(presplit_layers=None)
+SPLIT_CACHE_ENV = "CAS_SPLIT_CACHE"  # default of Sampler(split_cache=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,12 +204,18 @@ class Sampler:
       environment variable CAS_TOP_K, else "blocked" (2026-12-06, one H100, Llama-3.2-1B shapes at
       batch 64: lax.top_k's segmented radix sort of the 128k vocabulary took 16% of decode time, and
       blocked decoded 16% faster; BENCHMARKS.md).
-    presplit_layers: with the model's layer_loop "unrolled", slice each layer's weights out of the
-      stacked arrays once per generate call, before the decode loop, instead of in every step
-      (`Transformer.split_layers`; the same tokens; one more copy of the weights while it runs). None:
-      the environment variable CAS_PRESPLIT_LAYERS=1, else off (a decode step's profile showed a
-      weight-sized copy per step: BENCHMARKS.md; not measured yet). The refilled-rows program
-      (synth.refill) does not take it.
+    presplit_layers: decode with the layers unrolled and each layer's weights sliced out of the stacked
+      arrays once per generate call, before the decode loop, instead of in every step
+      (`Transformer.split_layers`; the same tokens; one more copy of the weights while it runs). It
+      applies where the model's layer_loop is "unrolled", or "auto" on a GPU (the decode then runs
+      unrolled; a scan is kept off a GPU, where compile time matters more). None: the environment
+      variable CAS_PRESPLIT_LAYERS ("0" turns it off), else on (2026-12-06, one H100, Llama-3.2-1B
+      shapes, 2,048 shared + 64 own tokens: +33% / +23% / +15% generated tokens/s at batch 64 / 128 /
+      256 over unrolled without it, and a 6x shorter compile; BENCHMARKS.md).
+    split_cache: with presplit layers in effect, keep the decode KV cache as one array per layer
+      (`KVCache.empty(per_layer=True)`) so that a step reads each layer's keys whole instead of a
+      dynamic slice of the stacked [L, ...] cache (the profile's second suspect for the per-step copy).
+      None: the environment variable CAS_SPLIT_CACHE=1, else off (not measured yet).
   """
 
   def __init__(self, model: Transformer, *, pad_id: int,
@@ -216,7 +223,8 @@ class Sampler:
                batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
                new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS,
                cache_dtype: Any = None, prefix_multiple: int = 64, shared_prefix: str | None = None,
-               top_k_impl: str | None = None, presplit_layers: bool | None = None):
+               top_k_impl: str | None = None, presplit_layers: bool | None = None,
+               split_cache: bool | None = None):
     for name, b in (("prompt_buckets", prompt_buckets), ("batch_buckets", batch_buckets),
                     ("new_token_buckets", new_token_buckets)):
       if not b or list(b) != sorted(b) or b[0] < 1:
@@ -245,8 +253,11 @@ class Sampler:
       raise ValueError(f"Sampler: top_k_impl={top_k_impl!r} (or ${TOP_K_ENV}); choose from {TOP_K_IMPLS}")
     self.top_k_impl = top_k_impl
     if presplit_layers is None:
-      presplit_layers = os.environ.get(PRESPLIT_ENV, "") not in ("", "0")
+      presplit_layers = os.environ.get(PRESPLIT_ENV, "1") != "0"
     self.presplit_layers = bool(presplit_layers)
+    if split_cache is None:
+      split_cache = os.environ.get(SPLIT_CACHE_ENV, "") not in ("", "0")
+    self.split_cache = bool(split_cache)
     self._graphdef, self._state = nnx.split(model)
     self._model = model
     self._programs: dict[tuple, Any] = {}
@@ -559,6 +570,7 @@ class Sampler:
       logging.info("Sampler: compiling refill slots=%d refill_rows=%d prompts=%d prompt=%d new=%d top_k=%d "
                    "greedy=%s prefix=%s", b, r, qb, tp, tn, top_k, greedy, None if pk is None else pk.shape)
       model = nnx.merge(graphdef, state)
+      split, per_layer = self._decode_layers(model)
       prefix = None if pk is None else Prefix(pk, pv, pm, pp)
       base_key = jax.random.key(seed)
 
@@ -592,8 +604,8 @@ class Sampler:
         lens, offs = lengths[pids], offsets[pids]
         seg = ((jnp.arange(tp)[None, :] < lens[:, None]) & valid[:, None]).astype(jnp.int32)  # [r, tp]
         pos = offs[:, None] + jnp.arange(tp, dtype=jnp.int32)[None, :]
-        h, small = model(tokens[pids], pos, seg, prefix=prefix, cache=KVCache.empty(cfg, r, tp, cache_dtype),
-                         return_hidden=True)
+        h, small = model(tokens[pids], pos, seg, prefix=prefix, return_hidden=True, layer_params=split,
+                         cache=KVCache.empty(cfg, r, tp, cache_dtype, per_layer=per_layer))
         last = jnp.take_along_axis(h, (lens - 1)[:, None, None], axis=1)
         vals = choose(model.logits_from_hidden(last)[:, 0], pids, jnp.zeros((r,), jnp.int32))
         hit, seen = _stop_hits(vals[0], jnp.zeros((r,), bool), valid, stop_ids, ls_nl, ls_text)
@@ -602,8 +614,12 @@ class Sampler:
         # the prompt's KV into its row's ring: slots [i - tp, i) mod size; the row's other slots emptied
         rows = jnp.where(valid, sel, b)  # out of range: dropped
         cols = (i - tp + jnp.arange(tp)) % size
-        ck = cache.k.at[:, rows[:, None], cols[None, :]].set(small.k, mode="drop")
-        cv = cache.v.at[:, rows[:, None], cols[None, :]].set(small.v, mode="drop")
+        if per_layer:
+          ck = tuple(c.at[rows[:, None], cols[None, :]].set(n, mode="drop") for c, n in zip(cache.k, small.k))
+          cv = tuple(c.at[rows[:, None], cols[None, :]].set(n, mode="drop") for c, n in zip(cache.v, small.v))
+        else:
+          ck = cache.k.at[:, rows[:, None], cols[None, :]].set(small.k, mode="drop")
+          cv = cache.v.at[:, rows[:, None], cols[None, :]].set(small.v, mode="drop")
         cseg = cache.segment_ids.at[rows].set(0, mode="drop").at[rows[:, None], cols[None, :]].set(seg, mode="drop")
         cpos = cache.positions.at[rows[:, None], cols[None, :]].set(pos, mode="drop")
         cache = cache._replace(k=ck, v=cv, segment_ids=cseg, positions=cpos)
@@ -621,7 +637,7 @@ class Sampler:
         act = occ
         pos = (offsets[spid] + lengths[spid] + sstep - 1)[:, None]  # feed the token sampled last
         logits, cache = model(stok[:, None], pos, act[:, None].astype(jnp.int32), prefix=prefix,
-                              cache=cache._replace(index=i % size))
+                              cache=cache._replace(index=i % size), layer_params=split)
         vals = choose(logits[:, 0], spid, sstep)
         tok = jnp.where(act, vals[0], pad)
         hit, sseen = _stop_hits(tok, sseen, act, stop_ids, ls_nl, ls_text)
@@ -629,7 +645,7 @@ class Sampler:
         occ = act & ~(hit | (sstep + 1 >= max_new))
         return i + 1, cache, nxt, occ, spid, sstep + act.astype(jnp.int32), tok, sseen, n_gen, stopped, bufs
 
-      empty = KVCache.empty(cfg, b, size, cache_dtype)
+      empty = KVCache.empty(cfg, b, size, cache_dtype, per_layer=per_layer)
       cache = empty._replace(ring=jnp.zeros((), bool))
       bufs = (jnp.full((qb, tn), pad, jnp.int32), jnp.zeros((qb, tn), jnp.float32),
               jnp.zeros((qb, tn, top_k), jnp.int32), jnp.zeros((qb, tn, top_k), jnp.float32))
@@ -641,6 +657,15 @@ class Sampler:
       return toks, tok_lp, top_ids, top_lp, n_gen, stopped
 
     return jax.jit(run)
+
+  def _decode_layers(self, model: Transformer) -> tuple[list | None, bool]:
+    """(per-layer weights sliced once before the decode loop, or None; whether the cache is per layer):
+    `presplit_layers` where the decode runs unrolled ("unrolled", or "auto" on a GPU), and `split_cache`
+    with it. Called at trace time inside a program."""
+    unrolled = model.layer_loop == "unrolled" or (model.layer_loop == "auto" and jax.default_backend() == "gpu")
+    if not (self.presplit_layers and unrolled):
+      return None, False
+    return model.split_layers(), self.split_cache
 
   def _build_program(self, b: int, tp: int, tn: int, top_k: int, greedy: bool, use_top_p: bool):
     """The jitted prefill + decode program for one bucket combination."""
@@ -657,8 +682,7 @@ class Sampler:
                    "prefix=%s", b, tp, tn, top_k, greedy, use_top_p,
                    None if pk is None else pk.shape)
       model = nnx.merge(graphdef, state)
-      # per-layer weights sliced once, outside the decode loop (presplit_layers; unrolled layers only)
-      split = model.split_layers() if self.presplit_layers and model.layer_loop == "unrolled" else None
+      split, per_layer = self._decode_layers(model)
       prefix = None
       if pk is not None and (pk.shape[1] == b or self.shared_prefix == "once"):
         prefix = Prefix(pk, pv, pm, pp)  # batch 1: the model attends it once for all rows
@@ -693,7 +717,7 @@ class Sampler:
       # Prefill: right-padded prompts, pad slots get segment 0 (never attended).
       seg = (jnp.arange(tp)[None, :] < lengths[:, None]).astype(jnp.int32)  # [B, Tp]
       positions = offsets[:, None] + jnp.arange(tp, dtype=jnp.int32)[None, :]  # [B, Tp]
-      cache = KVCache.empty(cfg, b, tp + tn, cache_dtype)
+      cache = KVCache.empty(cfg, b, tp + tn, cache_dtype, per_layer=per_layer)
       h, cache = model(tokens, positions, seg, prefix=prefix, cache=cache, return_hidden=True, layer_params=split)
       last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
       logits = model.logits_from_hidden(last)[:, 0]  # [B, V] f32

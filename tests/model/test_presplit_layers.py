@@ -1,12 +1,14 @@
 """Sampler(presplit_layers=True): with unrolled layers the decode program slices each layer's weights once,
-before its loop, and gives the same tokens and log-probs as slicing them in every step; for a Llama and a
-Gemma 3 model (per-layer RoPE tables and sliding-window flags ride with the weights)."""
+before its loop, and gives the same tokens and log-probs as slicing them in every step; with
+split_cache=True its KV cache is one array per layer, with the same result; both in the plain and the
+refilled-rows program, for a Llama and a Gemma 3 model (per-layer RoPE tables and sliding-window flags
+ride with the weights)."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cas.model import ModelConfig, build_model
-from cas.model.llama import Prefix
+from cas.model.llama import KVCache, Prefix
 from cas.model.sampler import Sampler
 
 SL, FA = "sliding_attention", "full_attention"
@@ -23,8 +25,15 @@ CONFIGS = {
 }
 
 
+def _check_same(ref, got):
+  for a, b in zip(ref, got):
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, atol=1e-5)
+    np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_presplit_layers_decode_the_same_tokens(name):
+def test_presplit_layers_and_split_cache_decode_the_same_tokens(name):
   cfg = ModelConfig.from_hf_dict(CONFIGS[name], source=name)
   model = build_model(cfg, seed=3, layer_loop="unrolled")
   prompts = [[5, 9, 14, 3, 7, 8], [7, 2]]
@@ -32,16 +41,34 @@ def test_presplit_layers_decode_the_same_tokens(name):
                    jnp.float32)
   prefix = Prefix(pk, pk * 0.5, jnp.ones((1, 5), bool))
   out = {}
-  for split in (False, True):
-    s = Sampler(model, pad_id=0, presplit_layers=split)
-    assert s.presplit_layers is split
-    out[split] = [s.generate(prompts, max_new_tokens=7, temperature=1.0, top_k_logprobs=3, seed=2, prefix=p)
-                  for p in (None, prefix)]
-  for a_res, b_res in zip(out[False], out[True]):
-    for a, b in zip(a_res, b_res):
-      np.testing.assert_array_equal(a.tokens, b.tokens)
-      np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, atol=1e-6)
-      np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-6)
+  for split, per_layer in ((False, False), (True, False), (True, True)):
+    s = Sampler(model, pad_id=0, presplit_layers=split, split_cache=per_layer)
+    assert s.presplit_layers is split and s.split_cache is per_layer
+    out[split, per_layer] = [s.generate(prompts, max_new_tokens=7, temperature=1.0, top_k_logprobs=3, seed=2,
+                                        prefix=p) for p in (None, prefix)]
+  for variant in ((True, False), (True, True)):
+    for ref, got in zip(out[False, False], out[variant]):
+      _check_same(ref, got)
+
+
+def test_refilled_rows_with_presplit_layers_and_split_cache():
+  """The refill program (self-study's `synth.refill`) takes both levers: each prompt as without them."""
+  cfg = ModelConfig.from_hf_dict(CONFIGS["gemma3"], source="gemma3")
+  model = build_model(cfg, seed=5, layer_loop="unrolled")
+  prompts = [[5, 9, 14, 3, 7, 8], [7, 2], [11, 4, 4], [3, 3, 9, 1], [8], [12, 6, 2, 9, 9]]
+  kw = dict(max_new_tokens=6, temperature=1.0, top_k_logprobs=2, seed=4, slots=2, refill_rows=1)
+  ref = Sampler(model, pad_id=0, presplit_layers=False).generate(prompts, **kw)
+  got = Sampler(model, pad_id=0, presplit_layers=True, split_cache=True).generate(prompts, **kw)
+  _check_same(ref, got)
+
+
+def test_per_layer_cache_of_the_wrong_depth_is_refused():
+  cfg = ModelConfig.from_hf_dict(CONFIGS["llama"], source="llama")
+  model = build_model(cfg, seed=3)
+  cache = KVCache.empty(cfg, 1, 8, jnp.float32, per_layer=True)
+  assert isinstance(cache.k, tuple) and len(cache.k) == 3 and cache.k[0].shape == (1, 8, 1, 16)
+  with pytest.raises(ValueError, match="per-layer cache of 2 layers for 3"):
+    model(jnp.asarray([[5, 9]]), jnp.arange(2)[None], cache=cache._replace(k=cache.k[:2], v=cache.v[:2]))
 
 
 def test_split_layers_are_the_stacked_arrays_sliced_and_a_wrong_count_is_refused(monkeypatch):
@@ -54,5 +81,9 @@ def test_split_layers_are_the_stacked_arrays_sliced_and_a_wrong_count_is_refused
   toks = jnp.asarray([[5, 9, 14]])
   with pytest.raises(ValueError, match="2 layer_params for 3 layers"):
     model(toks, jnp.arange(3)[None], layer_params=parts[:2])
-  monkeypatch.setenv("CAS_PRESPLIT_LAYERS", "1")
-  assert Sampler(model, pad_id=0).presplit_layers is True
+  assert Sampler(model, pad_id=0).presplit_layers is True  # the default
+  assert Sampler(model, pad_id=0).split_cache is False
+  monkeypatch.setenv("CAS_PRESPLIT_LAYERS", "0")
+  monkeypatch.setenv("CAS_SPLIT_CACHE", "1")
+  assert Sampler(model, pad_id=0).presplit_layers is False
+  assert Sampler(model, pad_id=0).split_cache is True
