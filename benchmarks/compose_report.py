@@ -71,12 +71,25 @@ def load_archive(path: str) -> dict[tuple[str, str, int], dict]:
           run = m.name.split("/")[0]
           g = RUN.match(run)
           if g:
-            out[(g["variant"], g["collection"], int(g["seed"]))] = json.load(io.TextIOWrapper(tar.extractfile(m)))
+            out[(g["variant"], g["collection"], int(g["seed"]))] = as_composed(
+                json.load(io.TextIOWrapper(tar.extractfile(m))))
   except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as e:
     why = (str(e).splitlines() or [""])[0]
     raise ValueError(f"archive {path!r} cannot be read ({type(e).__name__}: {why}): not a .tgz, or a partial "
                      "copy") from e
   return out
+
+
+def as_composed(res: dict) -> dict:
+  """A run evaluated only in sequential positions (the `seq` variant: eval.position_modes=('sequential',))
+  has its `.../sequential` rows read as the composed rows (`.../shared`), which every table reads; a run
+  with shared rows is returned as it is."""
+  names = [r.get("method", "") for r in res.get("methods", [])]
+  if any(n.endswith("/shared") for n in names) or not any(n.endswith("/sequential") for n in names):
+    return res
+  rows = [{**r, "method": r["method"][:-len("/sequential")] + "/shared", "position_mode_read": "sequential"}
+          if r.get("method", "").endswith("/sequential") else r for r in res["methods"]]
+  return {**res, "methods": rows}
 
 
 def pooled(results: dict, variant: str, collection: str) -> dict[str, list[dict]]:

@@ -68,6 +68,12 @@ VARIANTS = {
     # row's prefix attention that its distractor cartridges take (cas.train.step.cas_loss), so keys learn
     # to be found by their own document's conversations only. CAS only (isolated rows have no distractors)
     "quiet": ["--config.train.share_weight=1.0"],
+    # sequential positions in training and at test time (issue 20, "position modes"): with shared positions
+    # every loaded cartridge sits at positions F..P-1, so nothing but its KV content tells the question which
+    # one is its document's; as text (icl_composed, which composes better) each gets its own range. CAS +
+    # isolated, both evaluated sequentially (compose_report reads a run evaluated only in sequential
+    # positions as its composed rows)
+    "seq": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)"],
     # self-study levers (own self-study set per collection x seed; evaluated like base, CAS + isolated,
     # so cas - isolated can be read within the variant; report with compose_report --base=<variant>):
     # fact questions (the paper's `question` family, one conversation in four) beside the quotes: the
@@ -90,7 +96,7 @@ VARIANTS = {
     "mono": ["--stages=train_monolithic,indexes,evaluate"],
 }
 MEM = {"mono": 2.0}  # a job's share of GPU memory, in units of --mem
-FULL = ("head32", "cosine", "salient", "salhead")  # training levers that change the isolated baseline too: evaluated like base
+FULL = ("head32", "cosine", "salient", "salhead", "seq")  # training levers that change the isolated baseline too: evaluated like base
 
 
 def synth_args(variant: str) -> list[str]:

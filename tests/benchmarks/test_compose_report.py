@@ -198,3 +198,19 @@ def test_share_lines_average_the_distractor_share_per_n_and_split_cas_by_correct
   assert row[1:4] == ["0.400", "0.600", "0.200"] and row[4].startswith("0.200 / 0.600")
   no_share = {("base", "minutes", 0): res({"cas_composed@2/shared": [{"qid": "a", "correct": True}]})}
   assert cr.share_lines(no_share, "minutes", "base", [2]) == []
+
+
+def test_a_run_evaluated_only_in_sequential_positions_is_read_as_the_composed_rows():
+  """The `seq` variant evaluates with eval.position_modes=('sequential',): its rows are the ones every
+  table reads; a run that has shared rows keeps them (its sequential rows are not promoted over them)."""
+  seq = _run([True, False], [False, False])
+  for r in seq["methods"]:
+    r["method"] = r["method"].replace("/shared", "/sequential")
+  got = cr.as_composed(seq)
+  assert [r["method"] for r in got["methods"]] == ["cas_composed@2/shared", "isolated_composed@2/shared"]
+  assert got["methods"][0]["position_mode_read"] == "sequential"
+  results = {("seq", "patients", 0): got}
+  rows = cr.pooled(results, "seq", "patients")
+  assert [q["correct"] for q in rows["cas_composed@2/shared"]] == [True, False]
+  both = {"methods": _run([True], [True])["methods"] + seq["methods"]}
+  assert cr.as_composed(both) is both

@@ -61,6 +61,17 @@ def test_the_head_lever_shares_the_base_self_study_and_trains_the_isolated_basel
   assert "isolated_composed" in methods
 
 
+def test_the_sequential_lever_replaces_the_recipes_position_modes_and_trains_both():
+  """`seq` trains and evaluates in sequential positions: its eval.position_modes replaces the recipe's
+  ('shared',) instead of extending it (the report would then read the shared rows), for CAS and isolated."""
+  p = cs.plan("/tmp/x", cs._flags(["--variants=seq", "--collections=patients", "--seeds=1"]))
+  args = p["train"][0]["args"]
+  assert [a for a in args if a.startswith("--config.eval.position_modes=")] == [
+      "--config.eval.position_modes=('sequential',)"]
+  assert "--config.train.position_mode=sequential" in args
+  assert "isolated_composed" in next(a for a in args if a.startswith("--config.eval.methods="))
+
+
 def test_self_study_processes_get_their_own_memory_share(tmp_path):
   p = cs.plan(str(tmp_path), cs._flags(["--variants=base", "--collections=minutes", "--seeds=0", "--mem=0.04",
                                         "--synth_mem=0.06"]))
