@@ -5,7 +5,7 @@
 # buffers and with WHILE/CONDITIONAL command buffers (the decode loop itself captured as a CUDA graph
 # with conditional nodes). The transformers baselines run once per shape, first (same call, same card).
 # Usage (device machine, after `. benchmarks/gpu_setup.sh`; random weights, no model files needed):
-#   OUT=... bash benchmarks/decode_levers.sh            # [MODELS="smollm2-135m llama-3.2-1b"] [BATCH=64]
+#   OUT=... bash benchmarks/decode_levers.sh            # [MODELS="smollm2-135m llama-3.2-1b"] [BATCH="64 128 256"]
 # LOOPS= / TOPK= pick the layer loops (scan,unrolled) and top-k forms (lax,blocked: block maxima first, the same
 # result) to run, each pair its own variant; PRESPLIT (default true: the Sampler's default) = false,true,cache picks the
 # per-layer weights sliced once per call (Sampler presplit_layers; unrolled layers only; +15-33% at 1B, 2026-12-06) and
@@ -21,24 +21,24 @@
 set -u
 OUT=${OUT:-/tmp}
 GRAPHS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
-for m in ${MODELS:-smollm2-135m llama-3.2-1b}; do
-  [ "${DECODE:-1}" = 1 ] || break  # DECODE=0: only the second part
-  A=(--model=$m --batch=${BATCH:-64} --prompt_len=2112 --shared_doc=2048 --new_tokens=${NEW:-256}
+for m in ${MODELS:-smollm2-135m llama-3.2-1b}; do for B in ${BATCH:-64}; do  # BATCH="64 128 256": each in turn
+  [ "${DECODE:-1}" = 1 ] || break 2  # DECODE=0: only the second part
+  A=(--model=$m --batch=$B --prompt_len=2112 --shared_doc=2048 --new_tokens=${NEW:-256}
      --attn=auto --layer_loop=${LOOPS:-scan,unrolled} --top_k_impl=${TOPK:-blocked} --presplit=${PRESPLIT:-true} --out=$OUT/decode_levers.jsonl)
   [ "${PROFILE:-0}" = 1 ] && A+=(--profile_dir=/tmp/decode_profile)  # PROFILE=1: device time by op per variant
   python3 -m benchmarks.synth_speed "${A[@]}" --torch=true 2>&1 | grep -a '"status"' | cut -c1-400
   [ "${GRAPHS_RUN:-1}" = 1 ] && XLA_FLAGS="$GRAPHS" python3 -m benchmarks.synth_speed "${A[@]}" --torch=false 2>&1 | grep -a '"status"' | cut -c1-400
-done
+done; done
 if [ "${SELFSTUDY:-1}" = 1 ]; then
   for m in ${SELF_MODELS:-default gemma3-270m}; do
     M=(); [ "$m" != default ] && M=(--config.model_path=$m)
-    for r in False True; do
+    for ps in ${SELF_PRESPLIT:-1}; do for r in ${REFILL:-False True}; do  # SELF_PRESPLIT="0 1": the decode before / after
       W=/tmp/refill_${m}_$r; rm -rf $W
-      python3 -m launch.synthesize --config=configs/cas.py:paper --config.data.kind=patients --config.data.num_docs=2 \
+      CAS_PRESPLIT_LAYERS=$ps python3 -m launch.synthesize --config=configs/cas.py:paper --config.data.kind=patients --config.data.num_docs=2 \
           --config.synth.conversations=${CONV:-256} --config.synth.shard_size=${CONV:-256} --config.synth.batch_size=${ROWS:-64} \
           --config.synth.refill=$r "${M[@]}" --config.train.num_slots=2 --config.train.k_max=2 \
-          "--config.eval.num_loaded=(1,2)" "--config.eval.retrieval_k=(1,2)" --workdir=$W > $OUT/refill_${m}_$r.log 2>&1
-      echo "$m refill=$r rc=$? $(grep -ao 'self-study: 100%[^]]*]' $OUT/refill_${m}_$r.log | tail -1)"
-    done
+          "--config.eval.num_loaded=(1,2)" "--config.eval.retrieval_k=(1,2)" --workdir=$W > $OUT/refill_${m}_${r}_ps$ps.log 2>&1
+      echo "$m presplit=$ps refill=$r rc=$? $(grep -ao 'self-study: 100%[^]]*]' $OUT/refill_${m}_${r}_ps$ps.log | tail -1)"
+    done; done
   done
 fi
