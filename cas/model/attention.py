@@ -138,16 +138,25 @@ def cudnn_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   return out[:, :t].astype(q.dtype)
 
 
-def _partial_attention(qg: Array, k: Array, v: Array, mask: Array, scale: float
+def _partial_attention(qg: Array, k: Array, v: Array, mask: Array, scale: float, heads_first: bool = False
                        ) -> tuple[Array, Array, Array]:
   """Unnormalised attention over one block of keys.
 
-  qg [B, T, Hkv, G, D]; k, v [B, S, Hkv, D] or [1, S, Hkv, D] (shared by every row);
+  qg [B, T, Hkv, G, D]; k, v [B, S, Hkv, D] or [1, S, Hkv, D] (shared by every row), or with
+  heads_first [B, Hkv, S, D] (a per-layer decode cache's layout: the dots' batch axes (B, Hkv) lead,
+  so the keys are read in place instead of transposed first);
   mask broadcastable to [B, 1, 1, T, S] bool (e.g. [B, 1, 1, 1, S] or [B, 1, 1, T, S]).
   Returns (o [B, T, Hkv, G, D] f32 = sum_s p_s v_s, m [B, Hkv, G, T] f32 running max,
   l [B, Hkv, G, T] f32 = sum_s p_s), with p_s = exp(score_s - m) on visible keys, 0 elsewhere.
   """
-  if k.shape[0] == 1 and qg.shape[0] != 1:
+  p_dtype = v.dtype  # the probabilities are rounded to the values' dtype, as on every backend
+  if jax.default_backend() == "cpu" and k.dtype != jnp.float32:
+    # XLA's CPU dot lacks bf16 x bf16 -> f32 in some layouts (a batch-leading dot, which the heads-first
+    # cache makes): compute in f32 there, the same products and f32 sums
+    qg, k, v = qg.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
+  if heads_first:
+    s = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  elif k.shape[0] == 1 and qg.shape[0] != 1:
     s = jnp.einsum("btkgd,skd->bkgts", qg, k[0], preferred_element_type=jnp.float32)
   else:
     s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)  # [B, Hkv, G, T, S]
@@ -155,8 +164,10 @@ def _partial_attention(qg: Array, k: Array, v: Array, mask: Array, scale: float
   m = jax.lax.stop_gradient(jnp.max(s, axis=-1))  # [B, Hkv, G, T]; any shift is exact, so no grad
   p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)  # [B, Hkv, G, T, S] f32
   l = jnp.sum(p, axis=-1)
-  pv = p.astype(v.dtype)
-  if v.shape[0] == 1 and qg.shape[0] != 1:
+  pv = p.astype(p_dtype).astype(v.dtype)
+  if heads_first:
+    o = jnp.einsum("bkgts,bksd->btkgd", pv, v, preferred_element_type=jnp.float32)
+  elif v.shape[0] == 1 and qg.shape[0] != 1:
     o = jnp.einsum("bkgts,skd->btkgd", pv, v[0], preferred_element_type=jnp.float32)
   else:
     o = jnp.einsum("bkgts,bskd->btkgd", pv, v, preferred_element_type=jnp.float32)  # [B, T, Hkv, G, D]
@@ -164,11 +175,12 @@ def _partial_attention(qg: Array, k: Array, v: Array, mask: Array, scale: float
 
 
 def split_attention(q: Array, pk: Array, pv: Array, prefix_mask: Array, k: Array, v: Array,
-                    self_mask: Array) -> Array:
+                    self_mask: Array, heads_first: bool = False) -> Array:
   """Attention over [prefix keys ; self keys] without concatenating them.
 
   q [B, T, H, D]; pk, pv [B or 1, P, Hkv, D] (post-RoPE prefix keys, 1 = shared by all rows);
-  prefix_mask [B or 1, P] or [B or 1, T or 1, P] bool; k, v [B, S, Hkv, D]; self_mask [B, T, S] bool.
+  prefix_mask [B or 1, P] or [B or 1, T or 1, P] bool; k, v [B, S, Hkv, D], or [B, Hkv, S, D] with
+  heads_first (`_partial_attention`); self_mask [B, T, S] bool.
   Returns [B, T, H, D] in q.dtype, equal to `reference_attention(q, concat(pk, k), concat(pv, v),
   concat(prefix_mask, self_mask))` on rows with at least one visible key (0 on fully masked rows).
 
@@ -179,19 +191,33 @@ def split_attention(q: Array, pk: Array, pv: Array, prefix_mask: Array, k: Array
   for a batch-1 prefix (the sampler's shared document) outside fused kernels (`runs_fused`).
   """
   b, t, h, d = q.shape
-  hkv = k.shape[2]
+  hkv = pk.shape[2]
   g = h // hkv
   scale = 1.0 / math.sqrt(d)
   qg = q.reshape(b, t, hkv, g, d)
   pm = prefix_mask[:, None, None, None, :] if prefix_mask.ndim == 2 else prefix_mask[:, None, None, :, :]
   o1, m1, l1 = _partial_attention(qg, pk, pv, pm, scale)
-  o2, m2, l2 = _partial_attention(qg, k, v, self_mask[:, None, None, :, :], scale)
+  o2, m2, l2 = _partial_attention(qg, k, v, self_mask[:, None, None, :, :], scale, heads_first)
   m = jnp.maximum(m1, m2)  # [B, Hkv, G, T]
   a1, a2 = jnp.exp(m1 - m), jnp.exp(m2 - m)
   l = l1 * a1 + l2 * a2
   w1 = (a1 / jnp.maximum(l, 1e-30)).transpose(0, 3, 1, 2)[..., None]  # [B, T, Hkv, G, 1]
   w2 = (a2 / jnp.maximum(l, 1e-30)).transpose(0, 3, 1, 2)[..., None]
   out = o1 * w1 + o2 * w2  # [B, T, Hkv, G, D] f32
+  return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def heads_first_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Attention over keys in the heads-first layout of a per-layer decode cache, with no prefix.
+
+  q [B, T, H, D]; k, v [B, Hkv, S, D]; mask [B, T, S] bool. Returns [B, T, H, D] in q.dtype: the same
+  as `reference_attention` with the keys transposed to [B, S, Hkv, D], on rows with a visible key (0 on
+  fully masked rows, as `split_attention`)."""
+  b, t, h, d = q.shape
+  hkv = k.shape[1]
+  o, _, l = _partial_attention(q.reshape(b, t, hkv, h // hkv, d), k, v, mask[:, None, None, :, :],
+                               1.0 / math.sqrt(d), heads_first=True)
+  out = o / jnp.maximum(l, 1e-30).transpose(0, 3, 1, 2)[..., None]
   return out.reshape(b, t, h, d).astype(q.dtype)
 
 

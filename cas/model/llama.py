@@ -77,8 +77,9 @@ class Prefix(NamedTuple):
 
 class KVCache(NamedTuple):
   """Decode cache. k, v: [L, B, S, Hkv, D], or (a *per-layer* cache, `empty(per_layer=True)`) tuples of L
-  [B, S, Hkv, D] arrays: then the layers run unrolled and each reads its own array whole instead of a
-  dynamic slice of the stacked one (the Sampler's unrolled decode); segment_ids: [B, S] int32 (0 = empty slot);
+  heads-first [B, Hkv, S, D] arrays: then the layers run unrolled and each decode step reads its own
+  array whole and in place (the attention's dots batch over (B, Hkv)) instead of a dynamic slice of the
+  stacked cache transposed for its dots (the Sampler's split_cache); segment_ids: [B, S] int32 (0 = empty slot);
   index: [] int32, number of slots written so far (same for every row); positions: [B, S]
   int32, the position of the token in each slot (sliding-window layers measure distance in
   positions; None: slot order is used). ring: None, or a [] bool array marking a *ring* cache
@@ -94,12 +95,13 @@ class KVCache(NamedTuple):
 
   @classmethod
   def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype=jnp.bfloat16, per_layer: bool = False) -> "KVCache":
-    shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
     if per_layer:
+      shape = (batch, cfg.num_kv_heads, size, cfg.head_dim)
       k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
       v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
     else:
-      k, v = jnp.zeros((cfg.num_layers,) + shape, dtype), jnp.zeros((cfg.num_layers,) + shape, dtype)
+      shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+      k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
     return cls(k, v,
                jnp.zeros((batch, size), jnp.int32), jnp.zeros((), jnp.int32),
                jnp.zeros((batch, size), jnp.int32))
@@ -457,12 +459,15 @@ class Transformer(nnx.Module):
       k = apply_rope(k, positions, freq)
       if q_scale != 1.0:  # query_pre_attn_scalar: the attention functions scale by 1/sqrt(D)
         q = q * jnp.asarray(q_scale, q.dtype)
-      if own:
+      heads_first = False
+      if own:  # this layer's [B, Hkv, S, D] arrays: written in place, read whole
         ck, cv = own
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache.index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache.index, 0, 0))
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype).transpose(0, 2, 1, 3), (0, 0, cache.index, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype).transpose(0, 2, 1, 3), (0, 0, cache.index, 0))
         own = (ck, cv)
-        keys, vals = ck.astype(dt), cv.astype(dt)
+        heads_first = t == 1 and packed_fn is None  # a decode step; a prefill transposes once for its kernel
+        keys, vals = (ck, cv) if heads_first else (ck.transpose(0, 2, 1, 3), cv.transpose(0, 2, 1, 3))
+        keys, vals = keys.astype(dt), vals.astype(dt)
       elif ck_all is not None:
         ck_all = jax.lax.dynamic_update_slice(ck_all, k.astype(ck_all.dtype)[None], (li, 0, cache.index, 0, 0))
         cv_all = jax.lax.dynamic_update_slice(cv_all, v.astype(cv_all.dtype)[None], (li, 0, cache.index, 0, 0))
@@ -478,7 +483,15 @@ class Transformer(nnx.Module):
       elif shared:  # pk, pv [1, P, Hkv, D]: one pass over the prefix for all B rows
         pmk = jnp.where(w["sliding"], local_pm, pm) if sliding else pm  # [B or 1, T or 1, P] bool
         smk = jnp.where(w["sliding"], local_self_mask, self_mask) if sliding else self_mask  # [B, T, S]
-        a = attn_lib.split_attention(q, pk.astype(dt), pv.astype(dt), pmk, keys, vals, smk)
+        a = attn_lib.split_attention(q, pk.astype(dt), pv.astype(dt), pmk, keys, vals, smk, heads_first)
+      elif heads_first:  # a decode step on a per-layer cache: the own keys in their heads-first layout
+        smk = jnp.where(w["sliding"], local_self_mask, self_mask) if sliding else self_mask  # [B, T, S]
+        if pk is None:
+          a = attn_lib.heads_first_attention(q, keys, vals, smk)
+        else:  # a per-row prefix [B, P, Hkv, D] (or a batch-1 one copied per row), pm [B, T, P]
+          pmk = jnp.where(w["sliding"], local_pm, pm) if sliding else pm
+          pk_b, pv_b = jnp.broadcast_to(pk, (b,) + pk.shape[1:]), jnp.broadcast_to(pv, (b,) + pv.shape[1:])
+          a = attn_lib.split_attention(q, pk_b.astype(dt), pv_b.astype(dt), pmk, keys, vals, smk, True)
       else:
         if per_row:  # a shared prefix [1, P, Hkv, D] copied per row, one layer at a time
           pk = jnp.broadcast_to(pk, (b,) + pk.shape[1:])

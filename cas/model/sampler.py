@@ -212,9 +212,11 @@ class Sampler:
       variable CAS_PRESPLIT_LAYERS ("0" turns it off), else on (2026-12-06, one H100, Llama-3.2-1B
       shapes, 2,048 shared + 64 own tokens: +33% / +23% / +15% generated tokens/s at batch 64 / 128 /
       256 over unrolled without it, and a 6x shorter compile; BENCHMARKS.md).
-    split_cache: with presplit layers in effect, keep the decode KV cache as one array per layer
-      (`KVCache.empty(per_layer=True)`) so that a step reads each layer's keys whole instead of a
-      dynamic slice of the stacked [L, ...] cache (the profile's second suspect for the per-step copy).
+    split_cache: with presplit layers in effect, keep the decode KV cache as one heads-first
+      [B, Hkv, S, D] array per layer (`KVCache.empty(per_layer=True)`) so that a step reads each layer's
+      keys whole and in place, instead of a dynamic slice of the stacked [L, B, S, Hkv, D] cache that
+      the attention's dots (batched over B and Hkv) transpose first (the profile's second suspect for
+      the per-step copy, which grows with the batch).
       None: the environment variable CAS_SPLIT_CACHE=1, else off (not measured yet).
   """
 
@@ -614,9 +616,11 @@ class Sampler:
         # the prompt's KV into its row's ring: slots [i - tp, i) mod size; the row's other slots emptied
         rows = jnp.where(valid, sel, b)  # out of range: dropped
         cols = (i - tp + jnp.arange(tp)) % size
-        if per_layer:
-          ck = tuple(c.at[rows[:, None], cols[None, :]].set(n, mode="drop") for c, n in zip(cache.k, small.k))
-          cv = tuple(c.at[rows[:, None], cols[None, :]].set(n, mode="drop") for c, n in zip(cache.v, small.v))
+        if per_layer:  # [b, Hkv, size, D] per layer; the indexed slots come first: [r, tp, Hkv, D]
+          ck = tuple(c.at[rows[:, None], :, cols[None, :]].set(n.transpose(0, 2, 1, 3), mode="drop")
+                     for c, n in zip(cache.k, small.k))
+          cv = tuple(c.at[rows[:, None], :, cols[None, :]].set(n.transpose(0, 2, 1, 3), mode="drop")
+                     for c, n in zip(cache.v, small.v))
         else:
           ck = cache.k.at[:, rows[:, None], cols[None, :]].set(small.k, mode="drop")
           cv = cache.v.at[:, rows[:, None], cols[None, :]].set(small.v, mode="drop")

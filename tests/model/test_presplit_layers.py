@@ -40,12 +40,15 @@ def test_presplit_layers_and_split_cache_decode_the_same_tokens(name):
   pk = jnp.asarray(np.random.default_rng(0).normal(size=(cfg.num_layers, 1, 5, cfg.num_kv_heads, cfg.head_dim)),
                    jnp.float32)
   prefix = Prefix(pk, pk * 0.5, jnp.ones((1, 5), bool))
+  # a prefix per row (the decode's non-shared path), the second row's last two slots masked
+  pkr = jnp.concatenate([pk, pk[:, :, ::-1]], axis=1)
+  per_row = Prefix(pkr, pkr * 0.25, jnp.asarray([[True] * 5, [True, True, True, False, False]]))
   out = {}
   for split, per_layer in ((False, False), (True, False), (True, True)):
     s = Sampler(model, pad_id=0, presplit_layers=split, split_cache=per_layer)
     assert s.presplit_layers is split and s.split_cache is per_layer
     out[split, per_layer] = [s.generate(prompts, max_new_tokens=7, temperature=1.0, top_k_logprobs=3, seed=2,
-                                        prefix=p) for p in (None, prefix)]
+                                        prefix=p) for p in (None, prefix, per_row)]
   for variant in ((True, False), (True, True)):
     for ref, got in zip(out[False, False], out[variant]):
       _check_same(ref, got)
@@ -66,7 +69,7 @@ def test_per_layer_cache_of_the_wrong_depth_is_refused():
   cfg = ModelConfig.from_hf_dict(CONFIGS["llama"], source="llama")
   model = build_model(cfg, seed=3)
   cache = KVCache.empty(cfg, 1, 8, jnp.float32, per_layer=True)
-  assert isinstance(cache.k, tuple) and len(cache.k) == 3 and cache.k[0].shape == (1, 8, 1, 16)
+  assert isinstance(cache.k, tuple) and len(cache.k) == 3 and cache.k[0].shape == (1, 1, 8, 16)  # heads first
   with pytest.raises(ValueError, match="per-layer cache of 2 layers for 3"):
     model(jnp.asarray([[5, 9]]), jnp.arange(2)[None], cache=cache._replace(k=cache.k[:2], v=cache.v[:2]))
 
@@ -87,3 +90,22 @@ def test_split_layers_are_the_stacked_arrays_sliced_and_a_wrong_count_is_refused
   monkeypatch.setenv("CAS_SPLIT_CACHE", "1")
   assert Sampler(model, pad_id=0).presplit_layers is False
   assert Sampler(model, pad_id=0).split_cache is True
+
+
+def test_heads_first_attention_is_the_reference_on_transposed_keys():
+  """The per-layer cache's layout [B, Hkv, S, D]: the own-keys attention and the split form equal the
+  reference attention over the same keys in [B, S, Hkv, D] (grouped queries, a masked slot)."""
+  from cas.model import attention as A
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.normal(size=(2, 1, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 6, 2, 8)), jnp.float32) for _ in range(2))
+  mask = jnp.asarray(rng.random((2, 1, 6)) > 0.3).at[:, :, 0].set(True)
+  want = A.reference_attention(q, k, v, mask)
+  hf = lambda x: x.transpose(0, 2, 1, 3)
+  np.testing.assert_allclose(A.heads_first_attention(q, hf(k), hf(v), mask), want, atol=1e-5)
+  pk, pv = (jnp.asarray(rng.normal(size=(1, 3, 2, 8)), jnp.float32) for _ in range(2))
+  pm = jnp.ones((1, 3), bool)
+  full = A.reference_attention(q, jnp.concatenate([jnp.broadcast_to(pk, (2, 3, 2, 8)), k], 1),
+                               jnp.concatenate([jnp.broadcast_to(pv, (2, 3, 2, 8)), v], 1),
+                               jnp.concatenate([jnp.ones((2, 1, 3), bool), mask], -1))
+  np.testing.assert_allclose(A.split_attention(q, pk, pv, pm, hf(k), hf(v), mask, heads_first=True), full, atol=1e-5)
