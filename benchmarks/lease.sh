@@ -20,7 +20,9 @@
 #                  (HEAD32_VARIANTS=head32: the lever alone; its base ran 2026-12-06, quiet_h100_2026-12-06/head32_partial.tgz)
 #   seq            issue 20: sequential positions in training and at test time (CAS + isolated, both read
 #                  sequentially) on minutes and patients, seeds 0 and 1, spread questions; pair it with the base
-#                  runs of the silent study / head32's archive (`compose_report --archive=<base> --archive=<seq>`)
+#                  runs of the silent study / head32's archive (`compose_report --archive=<base> --archive=<seq>`);
+#                  only the oracle and the composed rows are evaluated (SEQ_METHODS=; HEAD32_METHODS= does the same for
+#                  head32, e.g. with HEAD32_VARIANTS=head32: its base's other rows are in the 2026-12-06 archive)
 #   compose_sal    issues 20 + 26: the salient init and the cosine lr decay against base on minutes and products
 #                  (documents longer than p = 256), seeds 0 and 1, questions spread over each document
 #                  (SAL_VARIANTS= / SAL_COLLECTIONS= pick fewer, e.g. base,salient on minutes)
@@ -122,11 +124,12 @@ if [ "$MODE" = start ]; then
             bash benchmarks/prose_sweep.sh start $R/prose_s$s
         done;;
       head32) run head32 $CS start $R/head32 --variants=${HEAD32_VARIANTS:-base,head32} --collections=patients,minutes --seeds=0,1 \
+                ${HEAD32_METHODS:+--methods=$HEAD32_METHODS} \
                 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
       compose_sal) run compose_sal $CS start $R/compose_sal --variants=${SAL_VARIANTS:-base,salient,cosine} --collections=${SAL_COLLECTIONS:-minutes,products} \
                 --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
       seq) run seq $CS start $R/seq --variants=${SEQ_VARIANTS:-seq} --collections=${SEQ_COLLECTIONS:-minutes,patients} \
-                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
+                --seeds=0,1 --methods=${SEQ_METHODS:-cartridge_oracle,cas_composed,isolated_composed} --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
       quiet) run quiet $CS start $R/quiet --variants=${QUIET_VARIANTS:-quiet} --collections=${QUIET_COLLECTIONS:-minutes,patients} \
                 --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
       silent) run silent $CS start $R/silent --variants=base,silent --collections=minutes,patients \
