@@ -74,6 +74,10 @@ VARIANTS = {
     # isolated, both evaluated sequentially (compose_report reads a run evaluated only in sequential
     # positions as its composed rows)
     "seq": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)"],
+    # a sharper teacher (issue 20: over 26 base runs a question survives 10 loaded cartridges in 64% of cases
+    # where its cartridge alone answers with p >= 0.95, in 41% where p < 0.5; benchmarks.confidence_survival):
+    # both trainings distil toward the teacher's top-k at temperature 0.5 (CAS + isolated, as base)
+    "sharp": ["--config.train.teacher_temperature=0.5"],
     # self-study levers (own self-study set per collection x seed; evaluated like base, CAS + isolated,
     # so cas - isolated can be read within the variant; report with compose_report --base=<variant>):
     # fact questions (the paper's `question` family, one conversation in four) beside the quotes: the
@@ -96,7 +100,7 @@ VARIANTS = {
     "mono": ["--stages=train_monolithic,indexes,evaluate"],
 }
 MEM = {"mono": 2.0}  # a job's share of GPU memory, in units of --mem
-FULL = ("head32", "cosine", "salient", "salhead", "seq")  # training levers that change the isolated baseline too: evaluated like base
+FULL = ("head32", "cosine", "salient", "salhead", "seq", "sharp")  # training levers that change the isolated baseline too: evaluated like base
 
 
 def synth_args(variant: str) -> list[str]:

@@ -86,6 +86,28 @@ def pack_rows(convs: Sequence[Conversation], seq_len: int, position_offset: int 
   return out
 
 
+def sharpen_topk(topk_logprobs: np.ndarray, temperature: float) -> np.ndarray:
+  """The teacher's stored top-k log-probs [..., K] (-1e9 = absent) at another temperature: each
+  position's entries divided by `temperature` and renormalised to the top-k mass they had, so a
+  temperature below 1 sharpens the distribution the student is distilled toward and keeps how much
+  of it the top-k hold (the loss uses that mass as stored). Absent entries stay absent; 1 returns the
+  input unchanged."""
+  if temperature == 1.0:
+    return topk_logprobs
+  lp = np.asarray(topk_logprobs, np.float64)
+  present = lp > -1e8
+  neg = np.where(present, lp, -np.inf)
+  with np.errstate(invalid="ignore", divide="ignore"):  # a position with no entry: -inf, then masked
+    top = np.max(neg, axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    mass = top + np.log(np.sum(np.exp(neg - top), axis=-1, keepdims=True))
+    s = neg / temperature
+    stop = top / temperature
+    norm = stop + np.log(np.sum(np.exp(s - stop), axis=-1, keepdims=True))
+    out = np.where(present, s - norm + mass, -1e9)
+  return out.astype(np.float32)
+
+
 POSITION_MODES = ("shared", "sequential")
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "topk_ids",
               "topk_logprobs", "slots", "own_slot", "n_loaded")

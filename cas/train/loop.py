@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -72,7 +73,7 @@ CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm",
             "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors", "loss_chunk",
             "max_conversations", "length_weighting", "p_hard", "k_curriculum_steps", "mixed_weight", "pack",
             "frozen_head", "lr_decay", "lr_min_ratio", "lr_decay_updates", "p_silent", "share_weight",
-            "share_stride")
+            "share_stride", "teacher_temperature")
 # max_conversations: train on each document's first n self-study conversations only (0 = all; a
 # curve of quality against self-study size from one synthesis)
 # length_weighting: a resident document gets rows in proportion to its length (length_weights), not one
@@ -97,10 +98,13 @@ CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm",
 # row's queries (every share_stride-th) give to its distractor cartridges (cas.train.step.cas_loss), so
 # cartridges learn keys that their own conversations find and others' do not (issue 20: the own
 # cartridge's signal is diluted when many are loaded); 0 = off
+# teacher_temperature: distil toward the teacher's top-k at this temperature (batch.sharpen_topk; 1 = as
+# stored): below 1 the targets are sharper (issue 20: a question survives composition more often the more
+# confidently its cartridge answers alone)
 DEFAULTS = {"train_distractors": True, "loss_chunk": AUTO_CHUNK, "max_conversations": 0,
             "length_weighting": False, "p_hard": 0.0, "k_curriculum_steps": 0, "mixed_weight": 1.0, "pack": False,
             "frozen_head": 0, "lr_decay": "constant", "lr_min_ratio": 0.1, "lr_decay_updates": 0, "p_silent": 0.0,
-            "share_weight": 0.0, "share_stride": 8}
+            "share_weight": 0.0, "share_stride": 8, "teacher_temperature": 1.0}
 
 
 def decay_horizon(c: Mapping, num_docs: int) -> int:
@@ -379,13 +383,22 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
     raise ValueError(f"{dataset_dir}: no self-study data for {len(unknown)} documents, e.g. {unknown[:3]}")
   merged: dict[str, list] = {}
 
-  def conversations(d: str):
+  def raw_conversations(d: str):
     """The conversations that train cartridge d (its own document's, or its sources' in order)."""
     if sources[d] == [d]:
       return convs.get(d)
     if d not in merged:
       merged[d] = [x for src in sources[d] for x in convs.get(src)]
     return merged[d]
+
+  conversations = raw_conversations
+  if c["teacher_temperature"] != 1.0:  # the teacher's targets at another temperature, per resident document
+    from cas.train.batch import sharpen_topk
+    tau = float(c["teacher_temperature"])
+
+    @functools.lru_cache(maxsize=2 * c["num_slots"])
+    def conversations(d: str):
+      return [dataclasses.replace(x, topk_logprobs=sharpen_topk(x.topk_logprobs, tau)) for x in raw_conversations(d)]
 
   is_writer = jax.process_index() == 0  # writes the store (multi-process: process 0 only)
   store_dir = os.path.join(workdir, "store")

@@ -255,3 +255,30 @@ def test_quiet_distractors_reach_the_loop_and_log_their_share(setup, tmp_path):
   shares = [r["distractor_share"] for r in logged if "distractor_share" in r]
   assert shares and all(0.0 <= s <= 1.0 for s in shares)
   assert not any("distractor_share" in r for r in read_metrics(str(tmp_path / "off" / "logs")))
+
+
+def test_teacher_temperature_reaches_the_loop_and_one_is_the_run_as_before(setup, tmp_path):
+  """train.teacher_temperature: the loop distils toward the sharpened top-k (the stored cartridges differ);
+  1.0 is the run as before, and a temperature <= 0 is refused naming the field."""
+  k = _stored_keys_of_runs(setup, tmp_path, {"off": {}, "one": {"teacher_temperature": 1.0},
+                                              "sharp": {"teacher_temperature": 0.5}})
+  assert k["off"].tobytes() == k["one"].tobytes()
+  assert not np.array_equal(k["sharp"], k["off"])
+  with pytest.raises(ValueError, match="teacher_temperature"):
+    _train(setup, str(tmp_path / "bad"), cfg={"teacher_temperature": 0.0})
+
+
+def test_sharpen_topk_keeps_the_top_k_mass_and_the_absent_entries():
+  from cas.train.batch import sharpen_topk
+  lp = np.log(np.asarray([[0.5, 0.3, 0.1, 1e-30], [0.2, 0.2, 0.1, 0.05]], np.float64))
+  lp[0, 3] = -1e9  # absent
+  out = sharpen_topk(lp.astype(np.float32), 0.5)
+  assert out[0, 3] == -1e9
+  for row_in, row_out in zip(lp, out):
+    present = row_in > -1e8
+    assert np.isclose(np.exp(row_out[present]).sum(), np.exp(row_in[present]).sum(), rtol=1e-5)
+  p = np.exp(out[0, :3]) / np.exp(out[0, :3]).sum()  # squares, renormalised: 0.25 / 0.09 / 0.01 over 0.35
+  np.testing.assert_allclose(p, np.asarray([0.25, 0.09, 0.01]) / 0.35, rtol=1e-5)
+  np.testing.assert_allclose(out[1, :2], out[1, 0])  # ties stay tied
+  assert sharpen_topk(lp, 1.0) is lp
+  assert np.all(sharpen_topk(np.full((2, 3), -1e9, np.float32), 0.5) == -1e9)  # a position with no target
