@@ -67,6 +67,8 @@ TOP_K_ENV = "CAS_TOP_K"  # default of Sampler(top_k_impl=None)
 TOP_K_IMPLS = ("lax", "blocked")
 PRESPLIT_ENV = "CAS_PRESPLIT_LAYERS"  # default of Sampler(presplit_layers=None)
 SPLIT_CACHE_ENV = "CAS_SPLIT_CACHE"  # default of Sampler(split_cache=None)
+RNG_ENV = "CAS_SAMPLER_RNG"  # default of Sampler(rng_impl=None)
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +220,11 @@ class Sampler:
       the attention's dots (batched over B and Hkv) transpose first (the profile's second suspect for
       the per-step copy, which grows with the batch).
       None: the environment variable CAS_SPLIT_CACHE=1, else off (not measured yet).
+    rng_impl: the PRNG of the sampled draws (`jax.random.key(seed, impl=...)`): "threefry2x32" (jax's
+      default), or "rbg" / "unsafe_rbg" (XLA's RngBitGenerator: a draw over a 128k vocabulary needs
+      one random number per entry and row, which threefry computes with 20 rounds of hashing). Another
+      PRNG gives other (equally distributed) draws for the same seed; greedy decoding is unchanged. None:
+      the environment variable CAS_SAMPLER_RNG, else "threefry2x32" (not measured yet).
   """
 
   def __init__(self, model: Transformer, *, pad_id: int,
@@ -226,7 +233,7 @@ class Sampler:
                new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS,
                cache_dtype: Any = None, prefix_multiple: int = 64, shared_prefix: str | None = None,
                top_k_impl: str | None = None, presplit_layers: bool | None = None,
-               split_cache: bool | None = None):
+               split_cache: bool | None = None, rng_impl: str | None = None):
     for name, b in (("prompt_buckets", prompt_buckets), ("batch_buckets", batch_buckets),
                     ("new_token_buckets", new_token_buckets)):
       if not b or list(b) != sorted(b) or b[0] < 1:
@@ -260,6 +267,11 @@ class Sampler:
     if split_cache is None:
       split_cache = os.environ.get(SPLIT_CACHE_ENV, "") not in ("", "0")
     self.split_cache = bool(split_cache)
+    if rng_impl is None:
+      rng_impl = os.environ.get(RNG_ENV) or "threefry2x32"
+    if rng_impl not in RNG_IMPLS:
+      raise ValueError(f"Sampler: rng_impl={rng_impl!r} (or ${RNG_ENV}); choose from {RNG_IMPLS}")
+    self.rng_impl = rng_impl
     self._graphdef, self._state = nnx.split(model)
     self._model = model
     self._programs: dict[tuple, Any] = {}
@@ -574,7 +586,7 @@ class Sampler:
       model = nnx.merge(graphdef, state)
       split, per_layer = self._decode_layers(model)
       prefix = None if pk is None else Prefix(pk, pv, pm, pp)
-      base_key = jax.random.key(seed)
+      base_key = jax.random.key(seed, impl=self.rng_impl)
 
       def choose(logits, pids, steps):
         """As in `generate`; the draw is keyed by (prompt index, its own step)."""
@@ -695,7 +707,7 @@ class Sampler:
         prefix = Prefix(jnp.broadcast_to(pk, shape), jnp.broadcast_to(pv, shape),
                         jnp.broadcast_to(pm, (b, pm.shape[1])),
                         None if pp is None else jnp.broadcast_to(pp, (b, pp.shape[1])))
-      base_key = jax.random.key(seed)
+      base_key = jax.random.key(seed, impl=self.rng_impl)
       row_keys = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(row_start + jnp.arange(b))
 
       def choose(logits: Array, step: Array):

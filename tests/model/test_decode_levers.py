@@ -1,8 +1,8 @@
-"""Sampler(presplit_layers=True): with unrolled layers the decode program slices each layer's weights once,
+"""The Sampler's decode levers. presplit_layers=True: with unrolled layers the decode program slices each layer's weights once,
 before its loop, and gives the same tokens and log-probs as slicing them in every step; with
-split_cache=True its KV cache is one array per layer, with the same result; both in the plain and the
+split_cache=True its KV cache is one heads-first array per layer, with the same result; both in the plain and the
 refilled-rows program, for a Llama and a Gemma 3 model (per-layer RoPE tables and sliding-window flags
-ride with the weights)."""
+ride with the weights). rng_impl: another PRNG for the draws."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -109,3 +109,36 @@ def test_heads_first_attention_is_the_reference_on_transposed_keys():
                                jnp.concatenate([jnp.broadcast_to(pv, (2, 3, 2, 8)), v], 1),
                                jnp.concatenate([jnp.ones((2, 1, 3), bool), mask], -1))
   np.testing.assert_allclose(A.split_attention(q, pk, pv, pm, hf(k), hf(v), mask, heads_first=True), full, atol=1e-5)
+
+
+def test_another_prng_draws_other_tokens_reproducibly_and_leaves_greedy_alone(monkeypatch):
+  """Sampler(rng_impl=...): rbg draws are reproducible per seed and differ from threefry's; greedy is the
+  same tokens whatever the PRNG; an unknown name is refused naming the choices."""
+  cfg = ModelConfig.from_hf_dict(CONFIGS["llama"], source="llama")
+  model = build_model(cfg, seed=3)
+  prompts = [[5, 9, 14, 3, 7, 8], [7, 2]]
+  kw = dict(max_new_tokens=12, temperature=1.5, top_k_logprobs=2, seed=7)
+  three = Sampler(model, pad_id=0).generate(prompts, **kw)
+  rbg = Sampler(model, pad_id=0, rng_impl="rbg")
+  a, b = rbg.generate(prompts, **kw), rbg.generate(prompts, **kw)
+  assert [g.tokens.tolist() for g in a] == [g.tokens.tolist() for g in b]
+  assert [g.tokens.tolist() for g in a] != [g.tokens.tolist() for g in three]
+  greedy = dict(max_new_tokens=6, temperature=0.0)
+  assert [g.tokens.tolist() for g in rbg.generate(prompts, **greedy)] == \
+      [g.tokens.tolist() for g in Sampler(model, pad_id=0).generate(prompts, **greedy)]
+  monkeypatch.setenv("CAS_SAMPLER_RNG", "unsafe_rbg")
+  assert Sampler(model, pad_id=0).rng_impl == "unsafe_rbg"
+  with pytest.raises(ValueError, match="rng_impl='philox'.*choose from"):
+    Sampler(model, pad_id=0, rng_impl="philox")
+
+
+def test_rbg_draws_follow_the_distribution():
+  """The rbg draw is the same categorical: over 4,000 rows its frequencies match softmax(logits)."""
+  import jax
+  from cas.model.sampler import _choose
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
+  base = jax.random.key(1, impl="rbg")
+  keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(4000))
+  tok = np.asarray(_choose(logits, keys, 1.0, 1.0, top_k=0, use_top_p=False)[0])
+  freq = np.bincount(tok, minlength=4) / 4000
+  np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
