@@ -465,7 +465,8 @@ class Transformer(nnx.Module):
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype).transpose(0, 2, 1, 3), (0, 0, cache.index, 0))
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype).transpose(0, 2, 1, 3), (0, 0, cache.index, 0))
         own = (ck, cv)
-        heads_first = t == 1 and packed_fn is None  # a decode step; a prefill transposes once for its kernel
+        # read in place unless a fused kernel (cuDNN prefill) takes this call: it gets them transposed, once
+        heads_first = packed_fn is None and not attn_lib.runs_fused(attn_fn, t, dt)
         keys, vals = (ck, cv) if heads_first else (ck.transpose(0, 2, 1, 3), cv.transpose(0, 2, 1, 3))
         keys, vals = keys.astype(dt), vals.astype(dt)
       elif ck_all is not None:
@@ -484,7 +485,7 @@ class Transformer(nnx.Module):
         pmk = jnp.where(w["sliding"], local_pm, pm) if sliding else pm  # [B or 1, T or 1, P] bool
         smk = jnp.where(w["sliding"], local_self_mask, self_mask) if sliding else self_mask  # [B, T, S]
         a = attn_lib.split_attention(q, pk.astype(dt), pv.astype(dt), pmk, keys, vals, smk, heads_first)
-      elif heads_first:  # a decode step on a per-layer cache: the own keys in their heads-first layout
+      elif heads_first:  # a call on a per-layer cache: the own keys in their heads-first layout
         smk = jnp.where(w["sliding"], local_self_mask, self_mask) if sliding else self_mask  # [B, T, S]
         if pk is None:
           a = attn_lib.heads_first_attention(q, keys, vals, smk)
