@@ -8,7 +8,10 @@ at least 0.95. Per bin: the share of those questions still answered right with n
 the answer's margin, survival rises with the standalone confidence; if joint training makes cartridges
 robust to each other, CAS's curve lies above isolated's at equal confidence.
 
-  python -m benchmarks.confidence_survival [--n=5,10] [--variant=base] [--archive=... (repeat)]
+  python -m benchmarks.confidence_survival [--n=5,10] [--variant=base] [--spread] [--archive=... (repeat)]
+
+--spread adds a second question: is any cartridge a louder distractor than the others (does loading document d
+lower the accuracy on the other documents' questions more than chance says)?
 
 Default archives: those of benchmarks.gain_vs_oracle (every study with CAS + isolated rows) and the base runs
 of 2026-12-06 (quiet_h100_2026-12-06/head32_partial.tgz); runs without both stores' rows are skipped.
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+
+import numpy as np
 
 from absl import app, flags
 
@@ -33,6 +38,8 @@ def _define_flags() -> None:
   flags.DEFINE_multi_string("archive", list(ARCHIVES) + [EXTRA], "compose_study.tgz files (repeat)")
   flags.DEFINE_list("n", ["5", "10"], "cartridges loaded")
   flags.DEFINE_string("variant", "base", "the study variant whose CAS and isolated rows are read")
+  flags.DEFINE_bool("spread", False, "also: per run, is any cartridge a louder distractor than the others "
+                    "(distractor_spread at the largest --n, against shuffled answers)")
 
 
 def confidence_bin(row: dict) -> str:
@@ -82,6 +89,40 @@ def survival(runs: list[tuple[str, dict]], n: int) -> dict[str, dict[str, list[i
   return out
 
 
+def distractor_spread(questions: list[dict], resamples: int = 200, seed: int = 0) -> tuple[float, float, float]:
+  """Are some cartridges louder distractors than others? Per document d: the accuracy of the questions on
+  other documents with d loaded minus without it; returns (the spread (sd) of that effect over the
+  documents, its mean and 95th percentile when the answers' correctness is shuffled over the questions,
+  i.e. when no cartridge is louder than another)."""
+  docs = sorted({q["doc_id"] for q in questions} | {d for q in questions for d in q["loaded"]})
+
+  def sd(correct) -> float:
+    eff = []
+    for d in docs:
+      inn = [c for q, c in zip(questions, correct) if q["doc_id"] != d and d in q["loaded"]]
+      out = [c for q, c in zip(questions, correct) if q["doc_id"] != d and d not in q["loaded"]]
+      if inn and out:
+        eff.append(np.mean(inn) - np.mean(out))
+    return float(np.std(eff)) if eff else float("nan")
+
+  correct = np.asarray([bool(q["correct"]) for q in questions])
+  rng = np.random.default_rng(seed)
+  null = [sd(rng.permutation(correct)) for _ in range(resamples)]
+  return sd(correct), float(np.mean(null)), float(np.percentile(null, 95))
+
+
+def spread_lines(runs: list[tuple[str, dict]], n: int) -> list[str]:
+  out = [f"| run | store | sd of the per-distractor effect at {n} loaded | shuffled: mean (95th pct) |", "|---|---|---|---|"]
+  for name, res in runs:
+    rows = {m["method"]: m.get("questions") or [] for m in res["methods"]}
+    for store in ("cas", "isolated"):
+      qs = rows.get(f"{store}_composed@{n}/shared")
+      if qs and all("loaded" in q for q in qs):
+        got, mean, p95 = distractor_spread(qs)
+        out.append(f"| {name} | {store} | {got:.3f}{' (above)' if got > p95 else ''} | {mean:.3f} ({p95:.3f}) |")
+  return out
+
+
 def lines(runs: list[tuple[str, dict]], ns: list[int]) -> list[str]:
   out = ["| n loaded | store | " + " | ".join(BINS) + " |", "|---|---|" + "---|" * len(BINS)]
   for n in ns:
@@ -101,6 +142,9 @@ def main(argv):
   runs = runs_of(list(_F.archive), _F.variant)
   print(f"{len(runs)} runs of variant {_F.variant!r}: {', '.join(name for name, _ in runs)}")
   print("\n".join(lines(runs, [int(x) for x in _F.n])))
+  if _F.spread:
+    print()
+    print("\n".join(spread_lines(runs, max(int(x) for x in _F.n))))
 
 
 if __name__ == "__main__":

@@ -50,3 +50,20 @@ def test_bins_by_the_standalone_confidence_and_counts_survivors_per_store(tmp_pa
 def test_a_row_without_option_scores_is_named():
   with pytest.raises(ValueError, match="'q1' has no option_scores"):
     cs.confidence_bin({"qid": "q1", "correct": True})
+
+
+def test_a_loud_distractor_stands_out_of_the_shuffled_spread():
+  """Questions on documents 1-5 fail exactly when document 0 is loaded: its effect makes the spread over
+  documents far above what shuffled answers give; with correctness independent of d it does not."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  qs = []
+  for i in range(200):
+    own = f"d{1 + i % 5}"
+    loaded = [own] + [f"d{j}" for j in rng.choice(6, 2, replace=False) if f"d{j}" != own]
+    qs.append({"doc_id": own, "loaded": loaded, "correct": "d0" not in loaded})
+  got, mean, p95 = cs.distractor_spread(qs, resamples=50)
+  assert got > p95 and got > 2 * mean
+  calm = [dict(q, correct=bool(rng.random() < 0.5)) for q in qs]
+  got, mean, p95 = cs.distractor_spread(calm, resamples=50)
+  assert got < 2 * mean
