@@ -281,7 +281,8 @@ def collection_section(results: dict, collection: str, base_variant: str = "base
   seeds = seeds_of(results, base_variant, collection)
   ns = loaded_ns(base)
   nmax = max(ns) if ns else 0
-  lines = [f"### {collection} (seeds {', '.join(map(str, seeds))}; {len(base.get('icl', []))} questions pooled)", ""]
+  pooled_n = max((len(v) for v in base.values()), default=0)  # (a run may evaluate only some methods)
+  lines = [f"### {collection} (seeds {', '.join(map(str, seeds))}; {pooled_n} questions pooled)", ""]
   if ns:  # a study of retrieval alone (issue 21's q21) has no composed rows
     lines += ["| n loaded | cas_composed | isolated_composed | icl_composed | cas - isolated (paired) | "
               "cas - icl_composed (paired) |", "|---|---|---|---|---|---|"]

@@ -353,6 +353,7 @@ def _jobs_can_import() -> str | None:
 
 
 def archive(root: str, out: str) -> str:
+  os.makedirs(out, exist_ok=True)  # $OUT may name a folder not made yet
   path = os.path.join(out, "compose_study.tgz")
   with tarfile.open(path, "w:gz") as tar:
     for n in sorted(os.listdir(root)):
