@@ -92,19 +92,10 @@ def test_pooled_lines_pair_within_each_collection_and_need_two_collections():
 
 
 def test_load_archives_later_runs_replace_earlier_and_say_so(tmp_path):
-  import io
-  import json
-  import tarfile
+  from tests.benchmarks._archives import write_archive
 
   def archive(name, runs):
-    path = tmp_path / name
-    with tarfile.open(path, "w:gz") as tar:
-      for run, res in runs.items():
-        data = json.dumps(res).encode()
-        info = tarfile.TarInfo(f"{run}/eval/results.json")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    return str(path)
+    return write_archive(tmp_path / name, runs)
 
   a = archive("a.tgz", {"base_minutes_s0": _run([True], [True]), "base_products_s1": _run([False], [False])})
   b = archive("b.tgz", {"base_products_s1": _run([True], [False])})

@@ -1,13 +1,11 @@
 """benchmarks/confidence_survival.py: questions binned by how confidently their store's cartridge answers
 alone, and the share still right with n loaded, per store; a run archived twice counts once."""
-import io
-import json
 import math
-import tarfile
 
 import pytest
 
 from benchmarks import confidence_survival as cs
+from tests.benchmarks._archives import write_archive as _archive
 
 
 def _q(qid, correct, p_top=None):
@@ -17,16 +15,6 @@ def _q(qid, correct, p_top=None):
   rest = (1 - p_top) / 3
   return {"qid": qid, "correct": correct, "prediction": "x",
           "option_scores": [math.log(p_top)] + [math.log(rest)] * 3}
-
-
-def _archive(path, runs):
-  with tarfile.open(path, "w:gz") as tar:
-    for run, res in runs.items():
-      data = json.dumps(res).encode()
-      info = tarfile.TarInfo(f"{run}/eval/results.json")
-      info.size = len(data)
-      tar.addfile(info, io.BytesIO(data))
-  return str(path)
 
 
 def test_bins_by_the_standalone_confidence_and_counts_survivors_per_store(tmp_path):
