@@ -45,6 +45,7 @@ flags.DEFINE_float("warmup_s", 30.0, "Load before the window (compilation), disc
 flags.DEFINE_integer("max_tokens", 32, "max_tokens of every request.")
 flags.DEFINE_integer("max_batch", 8, "The server's --max_batch.")
 flags.DEFINE_string("dtype", "float32", "The server's --dtype.")
+flags.DEFINE_list("serve_flags", [], "More flags for launch.serve, e.g. --serve_flags=--presplit,--split_cache")
 flags.DEFINE_float("request_timeout_s", 300.0, "Client timeout per request (a timeout counts as failed).")
 flags.DEFINE_float("startup_timeout_s", 600.0, "Seconds to wait for the server's /health.")
 flags.DEFINE_string("out", None, "Append JSON lines here.")
@@ -208,7 +209,7 @@ def main(argv):
   log_path = os.path.join(work, "server.log")
   cmd = [sys.executable, "-m", "launch.serve", f"--store=bench={store}", f"--model_path={model_path}",
          "--host=127.0.0.1", f"--port={port}", f"--max_batch={F.max_batch}", f"--dtype={F.dtype}",
-         "--retriever=none", f"--max_tokens={min(F.max_tokens, 256)}"]
+         "--retriever=none", f"--max_tokens={min(F.max_tokens, 256)}", *F.serve_flags]
   env = {**os.environ, "CAS_API_KEY": key}
   with open(log_path, "w") as log:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -225,7 +226,7 @@ def main(argv):
     stats = get_json(port, "/v1/cas/stats", key)
     rec = {"benchmark": "serve_load", "model": os.path.basename(model_path), "docs": F.docs, "p": F.p,
            "concurrency": F.concurrency, "max_batch": F.max_batch, "max_tokens": F.max_tokens,
-           "duration_s": F.duration_s, "warmup_s": F.warmup_s, "dtype": F.dtype,
+           "duration_s": F.duration_s, "warmup_s": F.warmup_s, "dtype": F.dtype, "serve_flags": list(F.serve_flags),
            "compiles_in_window": stats["traces"] - traces0, "server_batches": stats["batches"],
            "server_max_batch_size": stats["max_batch_size"], "command": " ".join(sys.argv),
            "date": time.strftime("%Y-%m-%d"), **summarize(res, wall)}

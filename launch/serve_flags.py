@@ -21,6 +21,11 @@ MAX_CONTEXT = flags.DEFINE_integer("max_context", None, "Longest context (cartri
                                    "reply); default the model's max_position_embeddings.")
 MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Reply length when a request names none.")
 TOP_K = flags.DEFINE_integer("top_k", 2, "Cartridges retrieved when a request names a collection but no top_k.")
+PRESPLIT = flags.DEFINE_bool("presplit", False, "Decode with the layers unrolled (on a GPU, or a model loaded with "
+                             "layer_loop unrolled) and each layer's weights sliced once at start-up instead of in "
+                             "every step; holds one more copy of the layer weights (not measured in the server yet).")
+SPLIT_CACHE = flags.DEFINE_bool("split_cache", False, "With --presplit: one heads-first KV array per layer, read in "
+                                "place by each step's attention (not measured in the server yet).")
 PROMPT_FORMAT = flags.DEFINE_enum(
     "prompt_format", "auto", ["auto", "chat", "completion"],
     "How messages become a prompt, as config.prompt_format in self-study and evaluation: chat (the chat "
@@ -93,7 +98,9 @@ def build_engine(extra_checks: dict | None = None):
   engine = Engine(lm.model, lm.tokenizer, colls, model_name=name, cache_size=CACHE_SIZE.value,
                   max_batch=MAX_BATCH.value, max_context=MAX_CONTEXT.value,
                   default_max_tokens=MAX_TOKENS.value, default_top_k=TOP_K.value,
-                  prompt_format=PROMPT_FORMAT.value)
+                  prompt_format=PROMPT_FORMAT.value, presplit=PRESPLIT.value, split_cache=SPLIT_CACHE.value)
+  if PRESPLIT.value and not engine.decoder.presplit:
+    logging.warning("--presplit has no effect here: the model's layers run in a scan (CPU, layer_loop auto)")
   logging.info("prompt format: %s (--prompt_format=%s)", engine.prompt_format, PROMPT_FORMAT.value)
   return engine.start()
 

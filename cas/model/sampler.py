@@ -153,6 +153,12 @@ def blocked_top_k(x: Array, k: int, block: int = 1024) -> tuple[Array, Array]:
   return vals, ids
 
 
+def decodes_unrolled(model: Transformer) -> bool:
+  """Whether a decoder runs `model`'s layers unrolled with presplit weights: its layer_loop is
+  "unrolled", or "auto" on a GPU (a scan is kept off a GPU, where compile time matters more)."""
+  return model.layer_loop == "unrolled" or (model.layer_loop == "auto" and jax.default_backend() == "gpu")
+
+
 def _choose(logits: Array, keys, temperature, top_p, *, top_k: int, use_top_p: bool,
             top_k_impl: str = "lax"):
   """logits [n, V] f32 -> token [n] i32, its logprob [n] f32 (temperature 1), top ids [n, k] i32,
@@ -676,10 +682,9 @@ class Sampler:
 
   def _decode_layers(self, model: Transformer) -> tuple[list | None, bool]:
     """(per-layer weights sliced once before the decode loop, or None; whether the cache is per layer):
-    `presplit_layers` where the decode runs unrolled ("unrolled", or "auto" on a GPU), and `split_cache`
-    with it. Called at trace time inside a program."""
-    unrolled = model.layer_loop == "unrolled" or (model.layer_loop == "auto" and jax.default_backend() == "gpu")
-    if not (self.presplit_layers and unrolled):
+    `presplit_layers` where the decode runs unrolled (`decodes_unrolled`), and `split_cache` with it.
+    Called at trace time inside a program."""
+    if not (self.presplit_layers and decodes_unrolled(model)):
       return None, False
     return model.split_layers(), self.split_cache
 

@@ -25,7 +25,7 @@ from absl import logging
 from flax import nnx
 
 from cas.model.llama import KVCache, Prefix, Transformer
-from cas.model.sampler import bucket_size, top_p_filter
+from cas.model.sampler import bucket_size, decodes_unrolled, top_p_filter
 
 Array = jax.Array
 
@@ -57,11 +57,18 @@ def _choose(logits: Array, temps: Array, top_ps: Array, seeds: Array, step: Arra
 
 
 class StepDecoder:
-  """Batched prefill + per-token decode steps for a frozen `Transformer` (see module docstring)."""
+  """Batched prefill + per-token decode steps for a frozen `Transformer` (see module docstring).
+
+  presplit: where the layers run unrolled (layer_loop "unrolled", or "auto" on a GPU), slice each layer's
+    weights out of the stacked arrays once, here, and give the steps those (the Sampler's presplit_layers,
+    +15-33% in its decode loop; here one more copy of the layer weights is held for the decoder's life).
+  split_cache: with presplit, one heads-first KV array per layer (`KVCache.empty(per_layer=True)`), read in
+    place by each step's attention. Both off by default: not measured in the server yet (BENCHMARKS.md).
+  """
 
   def __init__(self, model: Transformer, *, pad_id: int, prompt_buckets: Sequence[int],
                batch_buckets: Sequence[int], new_token_buckets: Sequence[int],
-               prefix_multiple: int = 64):
+               prefix_multiple: int = 64, presplit: bool = False, split_cache: bool = False):
     self.cfg = model.cfg
     self.dtype = model.dtype
     self.pad_id = int(pad_id)
@@ -72,8 +79,12 @@ class StepDecoder:
     self._graphdef, self._state = nnx.split(model)
     self.num_traces = 0  # traced (compiled) programs, prefill and step together
     graphdef, cfg = self._graphdef, self.cfg
+    self.presplit = bool(presplit) and decodes_unrolled(model)
+    self.split_cache = self.presplit and bool(split_cache)
+    self._split = model.split_layers() if self.presplit else None  # sliced once, outside any program
+    per_layer = self.split_cache
 
-    def prefill(state, tokens, lengths, offsets, pk, pv, pm, temps, top_ps, seeds, *, cache_size,
+    def prefill(state, split, tokens, lengths, offsets, pk, pv, pm, temps, top_ps, seeds, *, cache_size,
                 sampling):
       # tokens [B, Tp] i32; lengths, offsets [B] i32; pk, pv [L, B, Pp, Hkv, D] or None; pm [B, Pp].
       self.num_traces += 1
@@ -82,20 +93,20 @@ class StepDecoder:
       prefix = None if pk is None else Prefix(pk, pv, pm)
       seg = (jnp.arange(tp)[None, :] < lengths[:, None]).astype(jnp.int32)  # [B, Tp]
       positions = offsets[:, None] + jnp.arange(tp, dtype=jnp.int32)[None, :]  # [B, Tp]
-      cache = KVCache.empty(cfg, b, cache_size, model.dtype)
-      h, cache = model(tokens, positions, seg, prefix=prefix, cache=cache, return_hidden=True)
+      cache = KVCache.empty(cfg, b, cache_size, model.dtype, per_layer=per_layer)
+      h, cache = model(tokens, positions, seg, prefix=prefix, cache=cache, return_hidden=True, layer_params=split)
       last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
       logits = model.logits_from_hidden(last)[:, 0]  # [B, V] f32
       tok, lp = _choose(logits, temps, top_ps, seeds, jnp.int32(0), sampling)
       return tok, lp, cache
 
-    def step(state, tok, pos, pk, pv, pm, cache, temps, top_ps, seeds, step_idx, *, sampling):
+    def step(state, split, tok, pos, pk, pv, pm, cache, temps, top_ps, seeds, step_idx, *, sampling):
       # tok [B] i32 (sampled at step_idx - 1); pos [B] i32 its position; cache: KVCache.
       self.num_traces += 1
       model = nnx.merge(graphdef, state)
       prefix = None if pk is None else Prefix(pk, pv, pm)
       ones = jnp.ones((tok.shape[0], 1), jnp.int32)
-      logits, cache = model(tok[:, None], pos[:, None], ones, prefix=prefix, cache=cache)
+      logits, cache = model(tok[:, None], pos[:, None], ones, prefix=prefix, cache=cache, layer_params=split)
       tok, lp = _choose(logits[:, 0], temps, top_ps, seeds, step_idx, sampling)
       return tok, lp, cache
 
@@ -175,7 +186,7 @@ class StepDecoder:
     if top > self.cfg.max_position_embeddings:
       logging.warning("StepDecoder: positions up to %d exceed max_position_embeddings=%d", top,
                       self.cfg.max_position_embeddings)
-    tok, lp, cache = self._prefill(self._state, tokens, lengths_b, offsets, pk, pv, pm, temps, top_ps,
+    tok, lp, cache = self._prefill(self._state, self._split, tokens, lengths_b, offsets, pk, pv, pm, temps, top_ps,
                                    seeds, cache_size=tp + tn, sampling=sampling)
     steps = 0
     while True:
@@ -185,5 +196,5 @@ class StepDecoder:
       if done.all() or steps >= max_new:
         return steps
       pos = offsets + lengths_b + steps - 1  # [B] position of the token just sampled
-      tok, lp, cache = self._step(self._state, tok, pos, pk, pv, pm, cache, temps, top_ps, seeds,
+      tok, lp, cache = self._step(self._state, self._split, tok, pos, pk, pv, pm, cache, temps, top_ps, seeds,
                                   np.int32(steps), sampling=sampling)

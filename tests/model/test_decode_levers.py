@@ -142,3 +142,35 @@ def test_rbg_draws_follow_the_distribution():
   tok = np.asarray(_choose(logits, keys, 1.0, 1.0, top_k=0, use_top_p=False)[0])
   freq = np.bincount(tok, minlength=4) / 4000
   np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+def test_the_servers_step_decoder_takes_presplit_weights_and_the_split_cache():
+  """StepDecoder(presplit=True, split_cache=True) streams the same tokens and log-probs as without them, with
+  per-row cartridges, one shared cartridge and none, greedy and seeded sampling; off an unrolled model
+  (a scan) the flags are off."""
+  from cas.serve.decode import Row, StepDecoder
+  cfg = ModelConfig.from_hf_dict(CONFIGS["gemma3"], source="gemma3")
+  model = build_model(cfg, seed=4, layer_loop="unrolled")
+  rng = np.random.default_rng(2)
+  k1, k2 = (rng.normal(size=(cfg.num_layers, 5, cfg.num_kv_heads, cfg.head_dim)).astype(np.float32) for _ in range(2))
+  batches = {
+      "per_row": [Row([5, 9, 14, 3], 6, k1, k1 * 0.5, 5), Row([7, 2], 6, k2, k2 * 0.5, 5, 1.0, 1.0, 3)],
+      "shared": [Row([5, 9, 14, 3], 6, k1, k2, 5), Row([7, 2, 8], 6, k1, k2, 5, 0.8, 0.9, 4)],
+      "none": [Row([5, 9, 14, 3, 1, 2, 3, 4, 5], 7), Row([11], 7, temperature=1.0, seed=9)],
+  }
+  kw = dict(pad_id=0, prompt_buckets=(16,), batch_buckets=(2,), new_token_buckets=(8,), prefix_multiple=8)
+
+  def run(dec, rows):
+    got = []
+    dec.decode(rows, lambda step, t, lp: got.append((t.copy(), lp.copy())) or np.zeros(len(rows), bool))
+    return got
+
+  plain = StepDecoder(model, **kw)
+  fast = StepDecoder(model, presplit=True, split_cache=True, **kw)
+  assert fast.presplit and fast.split_cache and not plain.presplit
+  for name, rows in batches.items():
+    for (ta, la), (tb, lb) in zip(run(plain, rows), run(fast, rows)):
+      np.testing.assert_array_equal(ta, tb, err_msg=name)
+      np.testing.assert_allclose(la, lb, atol=1e-5, err_msg=name)
+  scan = StepDecoder(build_model(cfg, seed=4, layer_loop="scan"), presplit=True, split_cache=True, **kw)
+  assert not scan.presplit and not scan.split_cache
