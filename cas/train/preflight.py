@@ -117,16 +117,18 @@ def estimate_cartridge_bytes(model, spec, *, batch_size: int, seq_len: int, dtyp
 
 
 def estimate_synth_bytes(model, *, batch_size: int, prompt_tokens: int, new_tokens: int, top_k: int,
-                         dtype_bytes: int) -> dict[str, int]:
+                         dtype_bytes: int, presplit: bool = False) -> dict[str, int]:
   """Per-device byte estimate of self-study decoding (keys: model, kv_cache, step, total): the
   batch's KV cache of prompt_tokens + new_tokens slots per row (the sampler's buckets), one layer's
   prefill activations, the decode step's [B, V] float32 logits (three copies: logits, log-softmax,
-  the sampling scores) and the answer buffers with their top-k. A lower bound, as for training."""
+  the sampling scores) and the answer buffers with their top-k. presplit: the decode slices the layer
+  weights once per call (the Sampler's presplit_layers), which holds one more copy of them while it
+  runs (counted in "model"). A lower bound, as for training."""
   cfg = model.cfg
   b, tp, tn = batch_size, prompt_tokens, new_tokens
   kv = 2 * cfg.num_layers * b * (tp + tn) * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
   acts = b * tp * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * dtype_bytes
-  est = {"model": _param_bytes(model), "kv_cache": kv,
+  est = {"model": _param_bytes(model) + (_param_bytes(model.layers) if presplit else 0), "kv_cache": kv,
          "step": acts + 3 * b * cfg.vocab_size * 4 + b * tn * (2 + 2 * top_k) * 4}
   est["total"] = sum(est.values())
   return est

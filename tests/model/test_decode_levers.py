@@ -3,6 +3,7 @@ before its loop, and gives the same tokens and log-probs as slicing them in ever
 split_cache=True its KV cache is one heads-first array per layer, with the same result; both in the plain and the
 refilled-rows program, for a Llama and a Gemma 3 model (per-layer RoPE tables and sliding-window flags
 ride with the weights). rng_impl: another PRNG for the draws."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -174,3 +175,19 @@ def test_the_servers_step_decoder_takes_presplit_weights_and_the_split_cache():
       np.testing.assert_allclose(la, lb, atol=1e-5, err_msg=name)
   scan = StepDecoder(build_model(cfg, seed=4, layer_loop="scan"), presplit=True, split_cache=True, **kw)
   assert not scan.presplit and not scan.split_cache
+
+
+def test_the_self_study_preflight_counts_the_presplit_copy_of_the_layers():
+  """estimate_synth_bytes(presplit=True) adds exactly the layer weights' bytes (the copy the presplit decode
+  holds while it runs), and the launchers' check asks for it only where the decode runs unrolled."""
+  from flax import nnx
+  from cas.model.sampler import decodes_unrolled
+  from cas.train.preflight import estimate_synth_bytes
+  cfg = ModelConfig.from_hf_dict(CONFIGS["llama"], source="llama")
+  model = build_model(cfg, seed=3)
+  kw = dict(batch_size=4, prompt_tokens=32, new_tokens=16, top_k=4, dtype_bytes=4)
+  plain, split = estimate_synth_bytes(model, **kw), estimate_synth_bytes(model, presplit=True, **kw)
+  layers = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model.layers, nnx.Param)))
+  assert split["model"] - plain["model"] == layers > 0 and split["total"] - plain["total"] == layers
+  assert decodes_unrolled(build_model(cfg, seed=3, layer_loop="unrolled"))
+  assert not decodes_unrolled(build_model(cfg, seed=3, layer_loop="scan"))
