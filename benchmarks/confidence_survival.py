@@ -8,7 +8,7 @@ at least 0.95. Per bin: the share of those questions still answered right with n
 the answer's margin, survival rises with the standalone confidence; if joint training makes cartridges
 robust to each other, CAS's curve lies above isolated's at equal confidence.
 
-  python -m benchmarks.confidence_survival [--n=5,10] [--variant=base] [--spread] [--archive=... (repeat)]
+  python -m benchmarks.confidence_survival [--n=5,10] [--variant=base] [--by_collection] [--spread] [--archive=...]
 
 --spread adds a second question: is any cartridge a louder distractor than the others (does loading document d
 lower the accuracy on the other documents' questions more than chance says)?
@@ -38,6 +38,8 @@ def _define_flags() -> None:
   flags.DEFINE_multi_string("archive", list(ARCHIVES) + [EXTRA], "compose_study.tgz files (repeat)")
   flags.DEFINE_list("n", ["5", "10"], "cartridges loaded")
   flags.DEFINE_string("variant", "base", "the study variant whose CAS and isolated rows are read")
+  flags.DEFINE_bool("by_collection", False, "also the survival table of each collection on its own (pooling "
+                    "collections that differ in both confidence and survival could make a trend that none has)")
   flags.DEFINE_bool("spread", False, "also: per run, is any cartridge a louder distractor than the others "
                     "(distractor_spread at the largest --n, against shuffled answers)")
 
@@ -142,6 +144,11 @@ def main(argv):
   runs = runs_of(list(_F.archive), _F.variant)
   print(f"{len(runs)} runs of variant {_F.variant!r}: {', '.join(name for name, _ in runs)}")
   print("\n".join(lines(runs, [int(x) for x in _F.n])))
+  if _F.by_collection:
+    for coll in sorted({name.split(":")[1].split("_")[1] for name, _ in runs}):
+      sub = [(name, res) for name, res in runs if name.split(":")[1].split("_")[1] == coll]
+      print(f"\n{coll} ({len(sub)} runs)")
+      print("\n".join(lines(sub, [int(x) for x in _F.n])))
   if _F.spread:
     print()
     print("\n".join(spread_lines(runs, max(int(x) for x in _F.n))))
