@@ -122,13 +122,14 @@ def main(argv):
       raise SystemExit(f"--{name}: {bad} unknown; choose from {', '.join(choices)}")
   for name, mode, loop, tk, ps_flag, rng in [(n, m, ll, t, s, r) for n in F.attn for m in modes for ll in F.layer_loop
                                              for t in F.top_k_impl for s in F.presplit for r in F.rng]:
-    ps, sc = ps_flag != "false", ps_flag == "cache"
+    # presplit and its per-layer cache act on unrolled layers only (a scan reads the stacked arrays)
+    ps, sc = ps_flag != "false" and loop == "unrolled", ps_flag == "cache" and loop == "unrolled"
     rec = {"impl": "cas", "variant": f"sampler/{name}" + (f"/shared_{mode}" if mode else "")
            + ("" if loop == "scan" else f"/{loop}") + ("" if tk == "blocked" else f"/topk_{tk}")
-           + ("/presplit" if ps and loop == "unrolled" else "") + ("/split_cache" if sc and loop == "unrolled" else "")
+           + ("/presplit" if ps else "") + ("/split_cache" if sc else "")
            + ("" if rng == "threefry2x32" else f"/rng_{rng}"), "rng_impl": rng,
            "attn": name, "shared_prefix": mode, "layer_loop": loop, "top_k_impl": tk,
-           "presplit_layers": ps and loop == "unrolled", "split_cache": sc and loop == "unrolled",
+           "presplit_layers": ps, "split_cache": sc,
            "xla_flags": os.environ.get("XLA_FLAGS", "")}
     prev = attn_lib.install(name)
     model.layer_loop = loop  # a static attribute: the Sampler's graphdef (below) carries it into its programs

@@ -722,8 +722,8 @@ def memory_problems(config, pipeline: str, model, spec, *, num_docs: int, stages
 
   sc = config.get("synth")
   if "synth" in stages and sc is not None and longest_doc_tokens:
-    from cas.model.sampler import (DEFAULT_NEW_TOKEN_BUCKETS, DEFAULT_PROMPT_BUCKETS, PRESPLIT_ENV, bucket_size,
-                                   decodes_unrolled)
+    from cas.model.sampler import (DEFAULT_NEW_TOKEN_BUCKETS, DEFAULT_PROMPT_BUCKETS, bucket_size, decodes_unrolled,
+                                   presplit_default)
     longest = min(int(sc.max_chunk), int(longest_doc_tokens))  # the longest teacher chunk
     prompt = longest + int(sc.max_user_tokens) + SYNTH_PROMPT_OVERHEAD
     tp = bucket_size(prompt, tuple(prompt_buckets or DEFAULT_PROMPT_BUCKETS))
@@ -731,7 +731,7 @@ def memory_problems(config, pipeline: str, model, spec, *, num_docs: int, stages
     check("config.synth",
           preflight.estimate_synth_bytes(model, batch_size=int(sc.batch_size), prompt_tokens=tp, new_tokens=tn,
                                          top_k=int(sc.top_k), dtype_bytes=dtype_bytes,
-                                         presplit=decodes_unrolled(model) and os.environ.get(PRESPLIT_ENV, "1") != "0"),
+                                         presplit=decodes_unrolled(model) and presplit_default()),
           f"self-study with synth.batch_size={sc.batch_size} (prompts of up to {prompt} tokens: a chunk of "
           f"{longest} + instructions, {tp} slots; answers {tn} slots)",
           "Lower synth.batch_size, synth.max_chunk or synth.max_answer_tokens.")

@@ -370,7 +370,7 @@ class Transformer(nnx.Module):
       if cache.ring is not None:  # a ring cache's slots wrap: causal in positions, not slots
         q_idx, k_idx = positions, k_pos
     self_mask = segment_causal_mask(q_idx, k_idx, segment_ids, k_seg)  # [B, T, S]
-    local_self_mask = None
+    local_self_mask = local_pm = local_mask = None  # sliding-window layers' masks (set below when the model has them)
     if sliding:  # sliding-window layers: own keys less than `sliding_window` positions back
       kp = k_pos if k_pos is not None else jnp.broadcast_to(k_idx, (b, k_idx.shape[0]))
       near = (positions[:, :, None] - kp[:, None, :]) < cfg.sliding_window  # [B, T, S]
@@ -459,6 +459,7 @@ class Transformer(nnx.Module):
       k = apply_rope(k, positions, freq)
       if q_scale != 1.0:  # query_pre_attn_scalar: the attention functions scale by 1/sqrt(D)
         q = q * jnp.asarray(q_scale, q.dtype)
+      pick = lambda local, full: jnp.where(w["sliding"], local, full) if sliding else full  # this layer's mask
       heads_first = False
       if own:  # this layer's [B, Hkv, S, D] arrays: written in place, read whole
         ck, cv = own
@@ -481,18 +482,16 @@ class Transformer(nnx.Module):
         carry = carry[:4] + (carry[4] + part, carry[5] + count)
       if packed_fn is not None:
         a = packed_fn(q, pk.astype(dt), pv.astype(dt), keys, vals, segment_ids, plens)
-      elif shared:  # pk, pv [1, P, Hkv, D]: one pass over the prefix for all B rows
-        pmk = jnp.where(w["sliding"], local_pm, pm) if sliding else pm  # [B or 1, T or 1, P] bool
-        smk = jnp.where(w["sliding"], local_self_mask, self_mask) if sliding else self_mask  # [B, T, S]
-        a = attn_lib.split_attention(q, pk.astype(dt), pv.astype(dt), pmk, keys, vals, smk, heads_first)
-      elif heads_first:  # a call on a per-layer cache: the own keys in their heads-first layout
-        smk = jnp.where(w["sliding"], local_self_mask, self_mask) if sliding else self_mask  # [B, T, S]
+      elif shared or heads_first:  # the prefix and the own keys attended apart: a prefix shared by every row
+        # (pk, pv [1, P, Hkv, D]) in one pass for all B rows; a per-layer cache's own keys read in place
+        smk = pick(local_self_mask, self_mask)  # [B, T, S]
         if pk is None:
           a = attn_lib.heads_first_attention(q, keys, vals, smk)
-        else:  # a per-row prefix [B, P, Hkv, D] (or a batch-1 one copied per row), pm [B, T, P]
-          pmk = jnp.where(w["sliding"], local_pm, pm) if sliding else pm
-          pk_b, pv_b = jnp.broadcast_to(pk, (b,) + pk.shape[1:]), jnp.broadcast_to(pv, (b,) + pv.shape[1:])
-          a = attn_lib.split_attention(q, pk_b.astype(dt), pv_b.astype(dt), pmk, keys, vals, smk, True)
+        else:
+          if per_row:  # a batch-1 prefix that is not attended once: copied per row, as below
+            pk, pv = jnp.broadcast_to(pk, (b,) + pk.shape[1:]), jnp.broadcast_to(pv, (b,) + pv.shape[1:])
+          pmk = pick(local_pm, pm)  # [B or 1, T or 1, P] bool
+          a = attn_lib.split_attention(q, pk.astype(dt), pv.astype(dt), pmk, keys, vals, smk, heads_first)
       else:
         if per_row:  # a shared prefix [1, P, Hkv, D] copied per row, one layer at a time
           pk = jnp.broadcast_to(pk, (b,) + pk.shape[1:])
@@ -500,8 +499,7 @@ class Transformer(nnx.Module):
         if pk is not None:
           keys = jnp.concatenate([pk.astype(dt), keys], axis=1)
           vals = jnp.concatenate([pv.astype(dt), vals], axis=1)
-        m = jnp.where(w["sliding"], local_mask, mask) if sliding else mask  # [B, T, P + S]
-        a = attn_fn(q, keys, vals, m)
+        a = attn_fn(q, keys, vals, pick(local_mask, mask))  # mask [B, T, P + S]
       o = jnp.einsum("bthd,hde->bte", a, w["wo"].astype(dt))
       if g:
         o = rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps, g)

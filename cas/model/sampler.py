@@ -153,6 +153,11 @@ def blocked_top_k(x: Array, k: int, block: int = 1024) -> tuple[Array, Array]:
   return vals, ids
 
 
+def presplit_default() -> bool:
+  """Sampler(presplit_layers=None): the environment variable CAS_PRESPLIT_LAYERS ("0" turns it off), else on."""
+  return os.environ.get(PRESPLIT_ENV, "1") != "0"
+
+
 def decodes_unrolled(model: Transformer) -> bool:
   """Whether a decoder runs `model`'s layers unrolled with presplit weights: its layer_loop is
   "unrolled", or "auto" on a GPU (a scan is kept off a GPU, where compile time matters more)."""
@@ -268,7 +273,7 @@ class Sampler:
       raise ValueError(f"Sampler: top_k_impl={top_k_impl!r} (or ${TOP_K_ENV}); choose from {TOP_K_IMPLS}")
     self.top_k_impl = top_k_impl
     if presplit_layers is None:
-      presplit_layers = os.environ.get(PRESPLIT_ENV, "1") != "0"
+      presplit_layers = presplit_default()
     self.presplit_layers = bool(presplit_layers)
     if split_cache is None:
       split_cache = os.environ.get(SPLIT_CACHE_ENV, "") not in ("", "0")
