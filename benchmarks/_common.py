@@ -357,5 +357,41 @@ def summarize_trace(trace_dir: str, top: int = 25) -> dict[str, Any]:
           "by_kind": {k: v / total for k, v in by_kind.most_common()}}
 
 
+def xla_dump_flags(dump_dir: str, module_re: str = ".*") -> str:
+  """XLA_FLAGS words that make XLA write every compiled module's optimized HLO as text under dump_dir
+  (read by `hlo_fusions`). They must be in the environment before jax starts its backend."""
+  return f"--xla_dump_to={dump_dir} --xla_dump_hlo_as_text --xla_dump_hlo_module_re={module_re}"
+
+
+def hlo_fusions(dump_dir: str, names: list[str], max_lines: int = 40) -> dict[str, str]:
+  """What the named ops (a profile's kernel names, e.g. "input_reduce_fusion_23") compute: for each, its
+  defining line in the newest optimized-HLO dump under dump_dir that has it (`xla_dump_flags`), followed by
+  the body of the fused computation it calls, at most max_lines lines. Names not found are left out."""
+  import glob
+  import re
+  files = sorted(glob.glob(os.path.join(dump_dir, "**", "*after_optimizations.txt"), recursive=True),
+                 key=os.path.getmtime, reverse=True)
+  texts: dict[str, str] = {}
+  out: dict[str, str] = {}
+  for name in names:
+    pat = re.compile(r"^\s*(?:ROOT\s+)?%" + re.escape(name) + r" = .*$", re.M)
+    for f in files:
+      if f not in texts:
+        with open(f) as fh:
+          texts[f] = fh.read()
+      m = pat.search(texts[f])
+      if not m:
+        continue
+      lines = [m.group(0).strip()]
+      called = re.search(r"calls=%([\w.\-]+)", m.group(0))
+      if called:
+        body = re.search(r"^%" + re.escape(called.group(1)) + r" .*?\{\n(.*?)^\}", texts[f], re.M | re.S)
+        if body:
+          lines += [ln.strip() for ln in body.group(1).splitlines()]
+      out[name] = "\n".join(lines[:max_lines])
+      break
+  return out
+
+
 def fmt_rate(x: float | None) -> str:
   return "n/a" if x is None or not math.isfinite(x) else f"{x:,.0f}"

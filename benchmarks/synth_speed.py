@@ -63,11 +63,14 @@ flags.DEFINE_list("shared_prefix", ["once"], "with --shared_doc: Sampler shared_
 flags.DEFINE_string("profile_dir", None, "also trace one more call of each cas variant with jax.profiler here and "
                     "add its device time by op to the record (\"ops\": benchmarks._common.summarize_trace): where a "
                     "decode step's time goes (issue 22: 1B decode at 16% of the bandwidth bound on an H100)")
+flags.DEFINE_string("hlo_dir", None, "with --profile_dir: XLA writes every compiled program's optimized HLO here "
+                    "and each profiled record's \"ops\" gets \"hlo\": what its top fusions compute (their HLO, "
+                    "benchmarks._common.hlo_fusions), to tell which op a profile's fusion name is")
 flags.DEFINE_list("top_k_impl", ["blocked"], "the Sampler's top-k of the log-probs per step: lax (jax.lax.top_k), "
                   "blocked (block maxima first; the same result); each one listed is its own variant")
-flags.DEFINE_list("presplit", ["true"], "Sampler presplit_layers (unrolled layers: each layer's weights sliced once "
-                  "per call, before the decode loop; the Sampler's default): false, true, or cache (true and "
-                  "split_cache: one KV array per layer); each one listed is its own variant")
+flags.DEFINE_list("presplit", ["cache"], "Sampler presplit_layers (unrolled layers: each layer's weights sliced once "
+                  "per call, before the decode loop): false, true, or cache (true and split_cache: one KV array per "
+                  "layer; the Sampler's default); each one listed is its own variant")
 flags.DEFINE_list("rng", ["threefry2x32"], "the Sampler's PRNG of the draws (rng_impl): threefry2x32, rbg, "
                   "unsafe_rbg; each one listed is its own variant")
 flags.DEFINE_list("layer_loop", ["scan"], "the model's layer loop in decode: scan (one while loop over the "
@@ -85,6 +88,10 @@ def main(argv):
       F.prompt_len, F.shared_doc = 72, 64
       if F["shared_prefix"].present == 0:
         F.shared_prefix = ["broadcast", "once"]
+  if F.hlo_dir:  # before jax starts its backend, which reads XLA_FLAGS once
+    if not F.profile_dir:
+      raise SystemExit("--hlo_dir names the fusions of a profile: give --profile_dir too")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + C.xla_dump_flags(F.hlo_dir)).strip()
   cfg = C.model_config(F.model)
   if not 0 <= F.shared_doc < F.prompt_len:
     raise SystemExit(f"--shared_doc={F.shared_doc} must be in [0, --prompt_len={F.prompt_len})")
@@ -158,6 +165,8 @@ def main(argv):
           with jax.profiler.trace(d):
             gen(2)
           rec["ops"] = C.summarize_trace(d, top=20)
+          if F.hlo_dir and "top" in rec["ops"]:
+            rec["ops"]["hlo"] = C.hlo_fusions(F.hlo_dir, [n for n, _, _ in rec["ops"]["top"][:8]])
         except Exception as e:  # a failed trace must not lose the timing
           rec["ops"] = {"error": C.short_error(e)}
     except Exception as e:

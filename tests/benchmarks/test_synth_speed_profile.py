@@ -1,5 +1,6 @@
 """benchmarks/synth_speed.py --profile_dir (issue 22: where a decode step's time goes): after the timed
-call, one more call runs under jax.profiler and the record carries its time by op; the timing is kept."""
+call, one more call runs under jax.profiler and the record carries its time by op; the timing is kept.
+With --hlo_dir the record also says what its top ops compute (their optimized HLO from XLA's dump)."""
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ def test_profile_dir_adds_the_time_by_op_to_each_cas_record(tmp_path):
   out = tmp_path / "ss.jsonl"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-m", "benchmarks.synth_speed", "--smoke", "--torch=false", "--attn=reference",
-                      f"--profile_dir={tmp_path / 'prof'}", f"--out={out}"], cwd=ROOT, env=env,
+                      f"--profile_dir={tmp_path / 'prof'}", f"--hlo_dir={tmp_path / 'hlo'}", f"--out={out}"], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   recs = [json.loads(l) for l in out.read_text().splitlines()]
@@ -22,3 +23,16 @@ def test_profile_dir_adds_the_time_by_op_to_each_cas_record(tmp_path):
   assert "error" not in ops and ops["total_us"] > 0 and ops["top"]
   assert any(name.startswith("while") for name, _us, _share in ops["top"])  # the decode loop was traced
   assert abs(sum(ops["by_kind"].values()) - 1.0) < 1e-6
+  hlo = ops["hlo"]  # the top ops found in the dump, each its defining HLO line first
+  top = [name for name, _us, _share in ops["top"][:8]]
+  assert hlo and set(hlo) <= set(top)
+  for name, text in hlo.items():
+    assert text.startswith(f"%{name} = ") or text.startswith(f"ROOT %{name} = ")
+  assert any("op_name=" in text for text in hlo.values())  # the jax op each came from
+
+
+def test_hlo_dir_without_a_profile_is_refused(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "benchmarks.synth_speed", "--smoke", "--torch=false",
+                      f"--hlo_dir={tmp_path}"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and "--profile_dir" in r.stderr

@@ -86,11 +86,11 @@ def test_split_layers_are_the_stacked_arrays_sliced_and_a_wrong_count_is_refused
   with pytest.raises(ValueError, match="2 layer_params for 3 layers"):
     model(toks, jnp.arange(3)[None], layer_params=parts[:2])
   assert Sampler(model, pad_id=0).presplit_layers is True  # the default
-  assert Sampler(model, pad_id=0).split_cache is False
+  assert Sampler(model, pad_id=0).split_cache is True  # the default since 2026-12-06
   monkeypatch.setenv("CAS_PRESPLIT_LAYERS", "0")
-  monkeypatch.setenv("CAS_SPLIT_CACHE", "1")
+  monkeypatch.setenv("CAS_SPLIT_CACHE", "0")
   assert Sampler(model, pad_id=0).presplit_layers is False
-  assert Sampler(model, pad_id=0).split_cache is True
+  assert Sampler(model, pad_id=0).split_cache is False
 
 
 def test_heads_first_attention_is_the_reference_on_transposed_keys():
