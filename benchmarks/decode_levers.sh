@@ -30,6 +30,13 @@ for m in ${MODELS:-smollm2-135m llama-3.2-1b}; do for B in ${BATCH:-64}; do  # B
   [ "${PROFILE:-0}" = 1 ] && A+=(--profile_dir=/tmp/decode_profile --hlo_dir=/tmp/decode_hlo)  # PROFILE=1: device time by op per variant
   python3 -m benchmarks.synth_speed "${A[@]}" --torch=true 2>&1 | grep -a '"status"' | cut -c1-400
   [ "${GRAPHS_RUN:-1}" = 1 ] && XLA_FLAGS="$GRAPHS" python3 -m benchmarks.synth_speed "${A[@]}" --torch=false 2>&1 | grep -a '"status"' | cut -c1-400
+  # XLA_EXTRA="--xla_gpu_enable_triton_gemm=false;--other=1": one more run per ';'-separated flag set (the record's
+  # xla_flags names it), e.g. cuBLAS for every gemm instead of XLA's Triton gemm fusions (the profile's matmuls run
+  # at ~25% of the FLOP peak at batch 256, 2026-12-06)
+  IFS=';' read -ra XS <<< "${XLA_EXTRA:-}"
+  for x in "${XS[@]}"; do
+    XLA_FLAGS="$x" python3 -m benchmarks.synth_speed "${A[@]}" --torch=false 2>&1 | grep -a '"status"' | cut -c1-400
+  done
 done; done
 if [ "${SELFSTUDY:-1}" = 1 ]; then
   for m in ${SELF_MODELS:-default gemma3-270m}; do

@@ -88,6 +88,7 @@ def main(argv):
       F.prompt_len, F.shared_doc = 72, 64
       if F["shared_prefix"].present == 0:
         F.shared_prefix = ["broadcast", "once"]
+  user_xla_flags = os.environ.get("XLA_FLAGS", "")  # what the records name (not the dump flags below)
   if F.hlo_dir:  # before jax starts its backend, which reads XLA_FLAGS once
     if not F.profile_dir:
       raise SystemExit("--hlo_dir names the fusions of a profile: give --profile_dir too")
@@ -137,7 +138,7 @@ def main(argv):
            + ("" if rng == "threefry2x32" else f"/rng_{rng}"), "rng_impl": rng,
            "attn": name, "shared_prefix": mode, "layer_loop": loop, "top_k_impl": tk,
            "presplit_layers": ps, "split_cache": sc,
-           "xla_flags": os.environ.get("XLA_FLAGS", "")}
+           "xla_flags": user_xla_flags}
     prev = attn_lib.install(name)
     model.layer_loop = loop  # a static attribute: the Sampler's graphdef (below) carries it into its programs
     try:
