@@ -10,7 +10,8 @@
 # result) to run, each pair its own variant; PRESPLIT (default cache: the Sampler's default) = false,true,cache picks the
 # per-layer weights sliced once per call (true: Sampler presplit_layers; unrolled layers only; +15-33% at 1B, 2026-12-06)
 # and cache = that plus one KV array per layer (split_cache; +13-24% more, 2026-12-06); RNG=threefry2x32,rbg adds the
-# draws' PRNG (Sampler rng_impl; +-1.5%, not kept); GRAPHS_RUN=0 skips the command-buffer run (it lost 4-18%, 2026-12-06).
+# draws' PRNG (Sampler rng_impl; +-1.5%, not kept); ARGMAX=lax,blocked the token pick (Sampler argmax_impl: a plain
+# max over blocks before a short argmax, the same tokens); GRAPHS_RUN=0 skips the command-buffer run (it lost 4-18%, 2026-12-06).
 # Then here: the JSON lines in $OUT/decode_levers.jsonl (tokens_per_s per variant, layer_loop, xla_flags).
 # PROFILE=1: each cas variant also traces one more call; its record gets "ops", the device time by kernel and
 # XLA op (where a decode step's ~5.6 ms go at 1B on an H100, 2026-12-06, against ~0.9 ms for its bytes), and "ops"."hlo"
@@ -26,7 +27,7 @@ GRAPHS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN
 for m in ${MODELS:-smollm2-135m llama-3.2-1b}; do for B in ${BATCH:-64}; do  # BATCH="64 128 256": each in turn
   [ "${DECODE:-1}" = 1 ] || break 2  # DECODE=0: only the second part
   A=(--model=$m --batch=$B --prompt_len=2112 --shared_doc=2048 --new_tokens=${NEW:-256}
-     --attn=auto --layer_loop=${LOOPS:-scan,unrolled} --top_k_impl=${TOPK:-blocked} --presplit=${PRESPLIT:-cache} --rng=${RNG:-threefry2x32} --out=$OUT/decode_levers.jsonl)
+     --attn=auto --layer_loop=${LOOPS:-scan,unrolled} --top_k_impl=${TOPK:-blocked} --presplit=${PRESPLIT:-cache} --rng=${RNG:-threefry2x32} --argmax=${ARGMAX:-lax} --out=$OUT/decode_levers.jsonl)
   [ "${PROFILE:-0}" = 1 ] && A+=(--profile_dir=/tmp/decode_profile --hlo_dir=/tmp/decode_hlo)  # PROFILE=1: device time by op per variant
   python3 -m benchmarks.synth_speed "${A[@]}" --torch=true 2>&1 | grep -a '"status"' | cut -c1-400
   [ "${GRAPHS_RUN:-1}" = 1 ] && XLA_FLAGS="$GRAPHS" python3 -m benchmarks.synth_speed "${A[@]}" --torch=false 2>&1 | grep -a '"status"' | cut -c1-400

@@ -41,7 +41,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from cas.model import attention as attn_lib
-from cas.model.sampler import RNG_IMPLS, TOP_K_IMPLS, Sampler
+from cas.model.sampler import ARGMAX_IMPLS, RNG_IMPLS, TOP_K_IMPLS, Sampler
 
 F = flags.FLAGS
 flags.DEFINE_string("model", "llama-3.2-1b", "PRESETS name or tiny")
@@ -71,6 +71,9 @@ flags.DEFINE_list("top_k_impl", ["blocked"], "the Sampler's top-k of the log-pro
 flags.DEFINE_list("presplit", ["cache"], "Sampler presplit_layers (unrolled layers: each layer's weights sliced once "
                   "per call, before the decode loop): false, true, or cache (true and split_cache: one KV array per "
                   "layer; the Sampler's default); each one listed is its own variant")
+flags.DEFINE_list("argmax", ["lax"], "the Sampler's token pick from the noised logits (argmax_impl): lax "
+                  "(jnp.argmax), blocked (a plain max over blocks first; the same tokens); each one listed is its own "
+                  "variant")
 flags.DEFINE_list("rng", ["threefry2x32"], "the Sampler's PRNG of the draws (rng_impl): threefry2x32, rbg, "
                   "unsafe_rbg; each one listed is its own variant")
 flags.DEFINE_list("layer_loop", ["scan"], "the model's layer loop in decode: scan (one while loop over the "
@@ -124,18 +127,20 @@ def main(argv):
 
   cas_recs = []
   for name, choices in (("layer_loop", ("scan", "unrolled")), ("top_k_impl", TOP_K_IMPLS),
-                        ("presplit", ("false", "true", "cache")), ("rng", RNG_IMPLS)):
+                        ("presplit", ("false", "true", "cache")), ("rng", RNG_IMPLS), ("argmax", ARGMAX_IMPLS)):
     bad = sorted(set(F[name].value) - set(choices))
     if bad:
       raise SystemExit(f"--{name}: {bad} unknown; choose from {', '.join(choices)}")
-  for name, mode, loop, tk, ps_flag, rng in [(n, m, ll, t, s, r) for n in F.attn for m in modes for ll in F.layer_loop
-                                             for t in F.top_k_impl for s in F.presplit for r in F.rng]:
+  for name, mode, loop, tk, ps_flag, rng, am in [(n, m, ll, t, s, r, a) for n in F.attn for m in modes
+                                                 for ll in F.layer_loop for t in F.top_k_impl for s in F.presplit
+                                                 for r in F.rng for a in F.argmax]:
     # presplit and its per-layer cache act on unrolled layers only (a scan reads the stacked arrays)
     ps, sc = ps_flag != "false" and loop == "unrolled", ps_flag == "cache" and loop == "unrolled"
     rec = {"impl": "cas", "variant": f"sampler/{name}" + (f"/shared_{mode}" if mode else "")
            + ("" if loop == "scan" else f"/{loop}") + ("" if tk == "blocked" else f"/topk_{tk}")
            + ("/presplit" if ps else "") + ("/split_cache" if sc else "")
-           + ("" if rng == "threefry2x32" else f"/rng_{rng}"), "rng_impl": rng,
+           + ("" if rng == "threefry2x32" else f"/rng_{rng}") + ("" if am == "lax" else f"/argmax_{am}"),
+           "rng_impl": rng, "argmax_impl": am,
            "attn": name, "shared_prefix": mode, "layer_loop": loop, "top_k_impl": tk,
            "presplit_layers": ps, "split_cache": sc,
            "xla_flags": user_xla_flags}
@@ -143,7 +148,8 @@ def main(argv):
     model.layer_loop = loop  # a static attribute: the Sampler's graphdef (below) carries it into its programs
     try:
       sampler = Sampler(model, pad_id=0, cache_dtype=jnp.bfloat16, shared_prefix=mode, top_k_impl=tk,
-                        presplit_layers=ps, split_cache=sc, rng_impl=rng)
+                        presplit_layers=ps, split_cache=sc, rng_impl=rng,
+                        argmax_impl=am)
       call = sampler.generate_shared if mode else sampler.generate
       gen = lambda seed: call(prompts, max_new_tokens=F.new_tokens, temperature=1.0,
                               top_k_logprobs=F.top_k, seed=seed)

@@ -65,6 +65,8 @@ SHARED_PREFIX_MODES = ("once", "broadcast")
 SHARED_PREFIX_ENV = "CAS_SHARED_PREFIX"  # default of Sampler(shared_prefix=None)
 TOP_K_ENV = "CAS_TOP_K"  # default of Sampler(top_k_impl=None)
 TOP_K_IMPLS = ("lax", "blocked")
+ARGMAX_ENV = "CAS_ARGMAX"  # default of Sampler(argmax_impl=None)
+ARGMAX_IMPLS = ("lax", "blocked")
 PRESPLIT_ENV = "CAS_PRESPLIT_LAYERS"  # default of Sampler(presplit_layers=None)
 SPLIT_CACHE_ENV = "CAS_SPLIT_CACHE"  # default of Sampler(split_cache=None)
 RNG_ENV = "CAS_SAMPLER_RNG"  # default of Sampler(rng_impl=None)
@@ -153,6 +155,32 @@ def blocked_top_k(x: Array, k: int, block: int = 1024) -> tuple[Array, Array]:
   return vals, ids
 
 
+def blocked_argmax(x: Array, block: int = 1024) -> Array:
+  """`jnp.argmax(x, axis=-1)` of x [n, V], exactly (the first index of the maximum), as one plain max-reduction
+  over V and two argmaxes over short axes: the block maxima's (V / block entries) and the chosen block's (block
+  entries). The first block whose maximum is the row's maximum holds the row's first maximal entry. A long argmax
+  is a two-output (variadic) reduction, which a GPU runs slower than a plain one. Falls back to jnp.argmax where V
+  is within 4 blocks."""
+  n, v = x.shape
+  nb = -(-v // block)
+  if v <= 4 * block:
+    return jnp.argmax(x, axis=-1)
+  xb = jnp.pad(x, ((0, 0), (0, nb * block - v)), constant_values=-jnp.inf).reshape(n, nb, block)
+  b = jnp.argmax(jnp.max(xb, axis=-1), axis=-1)  # [n] the first block holding the maximum
+  cand = jnp.take_along_axis(xb, b[:, None, None], axis=1)[:, 0]  # [n, block]
+  return b * block + jnp.argmax(cand, axis=-1)
+
+
+def _draw(keys, scaled: Array, argmax_impl: str) -> Array:
+  """jax.vmap(jax.random.categorical)(keys, scaled): the Gumbel-max draw per row (the same noise, hence the same
+  tokens), its argmax in the chosen form."""
+  if argmax_impl == "lax":
+    return jax.vmap(jax.random.categorical)(keys, scaled)
+  v = scaled.shape[-1]
+  noise = jax.vmap(lambda k: jax.random.gumbel(k, (v,), scaled.dtype))(keys)
+  return blocked_argmax(noise + scaled)
+
+
 def presplit_default() -> bool:
   """Sampler(presplit_layers=None): the environment variable CAS_PRESPLIT_LAYERS ("0" turns it off), else on."""
   return os.environ.get(PRESPLIT_ENV, "1") != "0"
@@ -170,19 +198,20 @@ def decodes_unrolled(model: Transformer) -> bool:
 
 
 def _choose(logits: Array, keys, temperature, top_p, *, top_k: int, use_top_p: bool,
-            top_k_impl: str = "lax"):
+            top_k_impl: str = "lax", argmax_impl: str = "lax"):
   """logits [n, V] f32 -> token [n] i32, its logprob [n] f32 (temperature 1), top ids [n, k] i32,
   top log-probs [n, k] f32. keys: [n] PRNG keys of the draw, or None for greedy (argmax).
-  top_k_impl: "lax" (jax.lax.top_k) or "blocked" (`blocked_top_k`, the same result)."""
+  top_k_impl: "lax" (jax.lax.top_k) or "blocked" (`blocked_top_k`, the same result); argmax_impl: "lax"
+  (jnp.argmax) or "blocked" (`blocked_argmax`, the same tokens)."""
   n = logits.shape[0]
   lp = jax.nn.log_softmax(logits, axis=-1)  # [n, V] f32
   if keys is None:
-    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tok = (blocked_argmax(logits) if argmax_impl == "blocked" else jnp.argmax(logits, axis=-1)).astype(jnp.int32)
   else:
     scaled = logits / temperature
     if use_top_p:
       scaled = top_p_filter(scaled, top_p)
-    tok = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    tok = _draw(keys, scaled, argmax_impl).astype(jnp.int32)
   tok_lp = jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
   if top_k:
     top_lp, top_ids = (blocked_top_k if top_k_impl == "blocked" else jax.lax.top_k)(lp, top_k)
@@ -238,6 +267,10 @@ class Sampler:
       turns it off), else on (2026-12-06, one H100, Llama-3.2-1B shapes, 2,048 shared + 64 own tokens: +13% /
       +24% generated tokens/s at batch 64 / 256 over presplit alone, the same peak memory; the profile's
       per-step copy fell from 16-20% of device time to 1-3%; BENCHMARKS.md).
+    argmax_impl: how a step's token is picked from the (noised) logits: "lax" (jnp.argmax, one two-output
+      reduction over the vocabulary) or "blocked" (`blocked_argmax`: a plain max over blocks first; the same
+      tokens). None: the environment variable CAS_ARGMAX, else "lax" (not measured yet: the 2026-12-06 profile's
+      largest non-matmul op at batch 256 is a reduction over the vocabulary, 12% of device time).
     rng_impl: the PRNG of the sampled draws (`jax.random.key(seed, impl=...)`): "threefry2x32" (jax's
       default), or "rbg" / "unsafe_rbg" (XLA's RngBitGenerator: a draw over a 128k vocabulary needs
       one random number per entry and row, which threefry computes with 20 rounds of hashing). Another
@@ -253,7 +286,7 @@ class Sampler:
                new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS,
                cache_dtype: Any = None, prefix_multiple: int = 64, shared_prefix: str | None = None,
                top_k_impl: str | None = None, presplit_layers: bool | None = None,
-               split_cache: bool | None = None, rng_impl: str | None = None):
+               split_cache: bool | None = None, rng_impl: str | None = None, argmax_impl: str | None = None):
     for name, b in (("prompt_buckets", prompt_buckets), ("batch_buckets", batch_buckets),
                     ("new_token_buckets", new_token_buckets)):
       if not b or list(b) != sorted(b) or b[0] < 1:
@@ -287,6 +320,11 @@ class Sampler:
     if split_cache is None:
       split_cache = split_cache_default()
     self.split_cache = bool(split_cache)
+    if argmax_impl is None:
+      argmax_impl = os.environ.get(ARGMAX_ENV) or "lax"
+    if argmax_impl not in ARGMAX_IMPLS:
+      raise ValueError(f"Sampler: argmax_impl={argmax_impl!r} (or ${ARGMAX_ENV}); choose from {ARGMAX_IMPLS}")
+    self.argmax_impl = argmax_impl
     if rng_impl is None:
       rng_impl = os.environ.get(RNG_ENV) or "threefry2x32"
     if rng_impl not in RNG_IMPLS:
@@ -613,7 +651,7 @@ class Sampler:
         keys = None if greedy else jax.vmap(
             lambda p, s: jax.random.fold_in(jax.random.fold_in(base_key, p), s))(pids, steps)
         return _choose(logits, keys, temperature, top_p, top_k=top_k, use_top_p=use_top_p,
-                       top_k_impl=self.top_k_impl)
+                       top_k_impl=self.top_k_impl, argmax_impl=self.argmax_impl)
 
       def write(bufs, n_gen, stopped, pids, steps, vals, hit, act):
         """Record position `steps` of prompts `pids` for rows `act` (others are dropped)."""
@@ -733,7 +771,7 @@ class Sampler:
         """logits [B, V] f32 -> token [B] i32, its logprob [B] f32, top ids [B, k], top lp [B, k]."""
         keys = None if greedy else jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
         return _choose(logits, keys, temperature, top_p, top_k=top_k, use_top_p=use_top_p,
-                       top_k_impl=self.top_k_impl)
+                       top_k_impl=self.top_k_impl, argmax_impl=self.argmax_impl)
 
       def record(carry, step, logits):
         """Sample position `step` for rows still running; update done flags and buffers."""

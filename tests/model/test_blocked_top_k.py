@@ -1,12 +1,13 @@
 """blocked_top_k gives jax.lax.top_k's values and ids, ties included, and the Sampler's top-k log-probs
-do not depend on which form finds them."""
+do not depend on which form finds them; blocked_argmax gives jnp.argmax's index and the Sampler's tokens (greedy
+and seeded draws) do not depend on which form picks them."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cas.model import ModelConfig, build_model
-from cas.model.sampler import Sampler, blocked_top_k
+from cas.model.sampler import Sampler, _draw, blocked_argmax, blocked_top_k
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +69,44 @@ def test_an_unknown_top_k_form_is_refused(wide_vocab_model, monkeypatch):
   monkeypatch.setenv("CAS_TOP_K", "heap")
   with pytest.raises(ValueError, match=r"CAS_TOP_K"):
     Sampler(model, pad_id=0)
+
+
+@pytest.mark.parametrize("v,block", [(50_000, 1024), (10_001, 64), (4_000, 1024), (8_192, 128)])
+def test_blocked_argmax_equals_argmax_ties_and_masked_rows_included(v, block):
+  rng = np.random.default_rng(v)
+  x = rng.normal(size=(6, v)).astype(np.float32)
+  x[1] = rng.integers(0, 3, v)  # ties of the maximum in many blocks: the first one wins
+  x[2] = -np.inf  # nothing finite
+  x[3, :] = -np.inf
+  x[3, v - 1] = 0.0  # the maximum in the last (padded) block
+  x[4, 7] = x[4, v // 2] = 50.0  # a tie of two clear maxima in different blocks
+  got = np.asarray(blocked_argmax(jnp.asarray(x), block))
+  np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+  assert got[4] == 7 and got[3] == v - 1
+
+
+def test_the_blocked_draw_is_jaxs_categorical_draw():
+  keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(5), r))(jnp.arange(8))
+  logits = jax.random.normal(jax.random.key(1), (8, 30_000), jnp.float32) * 4
+  ref = jax.vmap(jax.random.categorical)(keys, logits)
+  np.testing.assert_array_equal(np.asarray(_draw(keys, logits, "blocked")), np.asarray(ref))
+  np.testing.assert_array_equal(np.asarray(_draw(keys, logits, "lax")), np.asarray(ref))
+
+
+def test_the_sampler_gives_the_same_tokens_with_either_argmax(wide_vocab_model, monkeypatch):
+  model = wide_vocab_model
+  prompts = [[5, 9, 14, 3], [7, 5_999, 2]]
+  for kw in (dict(temperature=1.0, seed=3), dict(temperature=0.7, top_p=0.9, seed=4), dict(temperature=0.0)):
+    a, b = (Sampler(model, pad_id=0, argmax_impl=impl).generate(prompts, max_new_tokens=6, top_k_logprobs=3, **kw)
+            for impl in ("lax", "blocked"))
+    for ga, gb in zip(a, b):
+      np.testing.assert_array_equal(ga.tokens, gb.tokens)
+      np.testing.assert_array_equal(ga.top_logprobs, gb.top_logprobs)
+  refill = [Sampler(model, pad_id=0, argmax_impl=impl).generate(prompts + [[11, 12]], max_new_tokens=5, temperature=1.0,
+                                                                 seed=2, slots=2) for impl in ("lax", "blocked")]
+  assert [g.tokens.tolist() for g in refill[0]] == [g.tokens.tolist() for g in refill[1]]  # refilled rows too
+  assert Sampler(model, pad_id=0).argmax_impl == "lax"  # the default until measured
+  monkeypatch.setenv("CAS_ARGMAX", "blocked")
+  assert Sampler(model, pad_id=0).argmax_impl == "blocked"
+  with pytest.raises(ValueError, match="argmax_impl='tree'"):
+    Sampler(model, pad_id=0, argmax_impl="tree")
