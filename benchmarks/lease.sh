@@ -26,7 +26,8 @@
 #   sharp          issue 20: a sharper teacher (train.teacher_temperature=0.5, CAS + isolated) on minutes and patients,
 #                  seeds 0 and 1, spread questions, only the oracle and the composed rows (SHARP_METHODS=); paired
 #                  with base as `seq` is (hypothesis: composed survival rises with the cartridge's standalone
-#                  confidence, benchmarks.confidence_survival)
+#                  confidence, benchmarks.confidence_survival). Ran 2026-12-06 on an H100 (9 min): lost (oracle
+#                  -2.1 / -5.0, pooled cas - iso at 10 from +4.6 to +1.0; RESULTS.md)
 #   compose_sal    issues 20 + 26: the salient init and the cosine lr decay against base on minutes and products
 #                  (documents longer than p = 256), seeds 0 and 1, questions spread over each document
 #                  (SAL_VARIANTS= / SAL_COLLECTIONS= pick fewer, e.g. base,salient on minutes)
@@ -57,7 +58,8 @@
 #                  seeds 0 and 1, p = 256, spread questions (~23 min on an H100 alone; LONG_STEPS= changes it)
 #   p512rest       issue 20: the p = 512 base runs that failed on 2026-12-05 (patients seeds 0 and 1, products
 #                  seed 0; OOM in the per-slot check, then a full disk; both fixed)
-#   mono512        issue 20 item 2: the monolithic baseline (one cartridge of N*(p-1)+1 tokens, the same KV as all N
+#   mono512        (seed 0 ran 2026-12-06 on an H100 in 7.3 min: MONO_SEEDS=1 for the second seed)
+#                  issue 20 item 2: the monolithic baseline (one cartridge of N*(p-1)+1 tokens, the same KV as all N
 #                  CAS cartridges) at p = 512 on all three collections, seeds 0 and 1, spread questions: the same
 #                  questions as the p512 / p512rest archives, so `compose_report --archive=<p512> --archive=<p512rest>
 #                  --archive=<mono512>` pairs it with CAS at all N loaded and with retrieval (~15 min on an H200;
