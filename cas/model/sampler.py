@@ -132,6 +132,13 @@ def top_p_filter(logits: Array, top_p: Array | float) -> Array:
   return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+def _blocks(x: Array, block: int) -> Array:
+  """x [n, V] -> [n, ceil(V / block), block], the last block padded with -inf (never a maximum)."""
+  n, v = x.shape
+  nb = -(-v // block)
+  return jnp.pad(x, ((0, 0), (0, nb * block - v)), constant_values=-jnp.inf).reshape(n, nb, block)
+
+
 def blocked_top_k(x: Array, k: int, block: int = 1024) -> tuple[Array, Array]:
   """`jax.lax.top_k(x, k)` over the last axis of x [n, V], exactly, without sorting V per row.
 
@@ -146,7 +153,7 @@ def blocked_top_k(x: Array, k: int, block: int = 1024) -> tuple[Array, Array]:
   nb = -(-v // block)
   if k == 0 or v <= 4 * block or k >= nb:
     return jax.lax.top_k(x, k)
-  xb = jnp.pad(x, ((0, 0), (0, nb * block - v)), constant_values=-jnp.inf).reshape(n, nb, block)
+  xb = _blocks(x, block)
   _, bidx = jax.lax.top_k(jnp.max(xb, axis=-1), k)  # [n, k] blocks holding the k largest
   bidx = jnp.sort(bidx, axis=-1)
   cand = jnp.take_along_axis(xb, bidx[:, :, None], axis=1).reshape(n, k * block)
@@ -161,11 +168,9 @@ def blocked_argmax(x: Array, block: int = 1024) -> Array:
   entries). The first block whose maximum is the row's maximum holds the row's first maximal entry. A long argmax
   is a two-output (variadic) reduction, which a GPU runs slower than a plain one. Falls back to jnp.argmax where V
   is within 4 blocks."""
-  n, v = x.shape
-  nb = -(-v // block)
-  if v <= 4 * block:
+  if x.shape[-1] <= 4 * block:
     return jnp.argmax(x, axis=-1)
-  xb = jnp.pad(x, ((0, 0), (0, nb * block - v)), constant_values=-jnp.inf).reshape(n, nb, block)
+  xb = _blocks(x, block)
   b = jnp.argmax(jnp.max(xb, axis=-1), axis=-1)  # [n] the first block holding the maximum
   cand = jnp.take_along_axis(xb, b[:, None, None], axis=1)[:, 0]  # [n, block]
   return b * block + jnp.argmax(cand, axis=-1)
