@@ -43,6 +43,8 @@ flags.DEFINE_integer("concurrency", 8, "Concurrent clients.")
 flags.DEFINE_float("duration_s", 30.0, "Measured window (seconds).")
 flags.DEFINE_float("warmup_s", 30.0, "Load before the window (compilation), discarded.")
 flags.DEFINE_integer("max_tokens", 32, "max_tokens of every request.")
+flags.DEFINE_float("temperature", 0.0, "temperature of every request (0: greedy).")
+flags.DEFINE_float("top_p", 1.0, "top_p of every request (below 1 the server sorts the vocabulary per step).")
 flags.DEFINE_integer("max_batch", 8, "The server's --max_batch.")
 flags.DEFINE_string("dtype", "float32", "The server's --dtype.")
 flags.DEFINE_list("serve_flags", [], "More flags for launch.serve, e.g. --serve_flags=--presplit,--split_cache")
@@ -138,7 +140,7 @@ class Load:
     rng = np.random.default_rng([self.seed, i, int(stop_at)])
     conn = None
     while time.time() < stop_at:
-      body = {"model": self.model, "temperature": 0.0, "max_tokens": F.max_tokens,
+      body = {"model": self.model, "temperature": F.temperature, "top_p": F.top_p, "max_tokens": F.max_tokens,
               "messages": [{"role": "user", "content": QUESTIONS[rng.integers(len(QUESTIONS))]}],
               "cartridges": [self.doc_ids[rng.integers(len(self.doc_ids))]]}
       t0 = time.time()
@@ -226,7 +228,7 @@ def main(argv):
     stats = get_json(port, "/v1/cas/stats", key)
     rec = {"benchmark": "serve_load", "model": os.path.basename(model_path), "docs": F.docs, "p": F.p,
            "concurrency": F.concurrency, "max_batch": F.max_batch, "max_tokens": F.max_tokens,
-           "duration_s": F.duration_s, "warmup_s": F.warmup_s, "dtype": F.dtype, "serve_flags": list(F.serve_flags),
+           "temperature": F.temperature, "top_p": F.top_p, "duration_s": F.duration_s, "warmup_s": F.warmup_s, "dtype": F.dtype, "serve_flags": list(F.serve_flags),
            "compiles_in_window": stats["traces"] - traces0, "server_batches": stats["batches"],
            "server_max_batch_size": stats["max_batch_size"], "command": " ".join(sys.argv),
            "date": time.strftime("%Y-%m-%d"), **summarize(res, wall)}

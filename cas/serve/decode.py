@@ -43,13 +43,17 @@ class Row:
   seed: int = 0
 
 
-def _choose(logits: Array, temps: Array, top_ps: Array, seeds: Array, step: Array, sampling: bool):
-  """logits [B, V] f32; temps, top_ps [B] f32; seeds [B] uint32 -> token [B] i32, logprob [B] f32."""
+def _choose(logits: Array, temps: Array, top_ps: Array, seeds: Array, step: Array, sampling: bool,
+            filtering: bool = True):
+  """logits [B, V] f32; temps, top_ps [B] f32; seeds [B] uint32 -> token [B] i32, logprob [B] f32.
+  filtering: apply each row's top-p (a sort of the vocabulary per row and step); False where every sampled row
+  has top_p = 1, which keeps every token (as the Sampler, which sorts only for top_p < 1)."""
   lp = jax.nn.log_softmax(logits, axis=-1)  # [B, V] f32
   tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if sampling:
     scaled = logits / jnp.maximum(temps, 1e-6)[:, None]
-    scaled = jax.vmap(lambda l, p: top_p_filter(l[None], p)[0])(scaled, top_ps)  # [B, V]
+    if filtering:
+      scaled = jax.vmap(lambda l, p: top_p_filter(l[None], p)[0])(scaled, top_ps)  # [B, V]
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds)
     drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     tok = jnp.where(temps > 0, drawn, tok)
@@ -85,7 +89,7 @@ class StepDecoder:
     per_layer = self.split_cache
 
     def prefill(state, split, tokens, lengths, offsets, pk, pv, pm, temps, top_ps, seeds, *, cache_size,
-                sampling):
+                sampling, filtering):
       # tokens [B, Tp] i32; lengths, offsets [B] i32; pk, pv [L, B, Pp, Hkv, D] or None; pm [B, Pp].
       self.num_traces += 1
       model = nnx.merge(graphdef, state)
@@ -97,21 +101,21 @@ class StepDecoder:
       h, cache = model(tokens, positions, seg, prefix=prefix, cache=cache, return_hidden=True, layer_params=split)
       last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
       logits = model.logits_from_hidden(last)[:, 0]  # [B, V] f32
-      tok, lp = _choose(logits, temps, top_ps, seeds, jnp.int32(0), sampling)
+      tok, lp = _choose(logits, temps, top_ps, seeds, jnp.int32(0), sampling, filtering)
       return tok, lp, cache
 
-    def step(state, split, tok, pos, pk, pv, pm, cache, temps, top_ps, seeds, step_idx, *, sampling):
+    def step(state, split, tok, pos, pk, pv, pm, cache, temps, top_ps, seeds, step_idx, *, sampling, filtering):
       # tok [B] i32 (sampled at step_idx - 1); pos [B] i32 its position; cache: KVCache.
       self.num_traces += 1
       model = nnx.merge(graphdef, state)
       prefix = None if pk is None else Prefix(pk, pv, pm)
       ones = jnp.ones((tok.shape[0], 1), jnp.int32)
       logits, cache = model(tok[:, None], pos[:, None], ones, prefix=prefix, cache=cache, layer_params=split)
-      tok, lp = _choose(logits[:, 0], temps, top_ps, seeds, step_idx, sampling)
+      tok, lp = _choose(logits[:, 0], temps, top_ps, seeds, step_idx, sampling, filtering)
       return tok, lp, cache
 
-    self._prefill = jax.jit(prefill, static_argnames=("cache_size", "sampling"))
-    self._step = jax.jit(step, static_argnames=("sampling",), donate_argnames=("cache",))
+    self._prefill = jax.jit(prefill, static_argnames=("cache_size", "sampling", "filtering"))
+    self._step = jax.jit(step, static_argnames=("sampling", "filtering"), donate_argnames=("cache",))
 
   @staticmethod
   def shared(rows: Sequence[Row]) -> bool:
@@ -181,13 +185,14 @@ class StepDecoder:
       offsets[i] = r.position_offset
       temps[i], top_ps[i], seeds[i] = r.temperature, r.top_p, np.uint32(r.seed % 2**32)
     sampling = bool((temps > 0).any())
+    filtering = bool(((temps > 0) & (top_ps < 1)).any())  # else no row needs the per-step sort of top-p
     pk, pv, pm = self._prefix(rows, b)
     top = int((offsets + lengths_b).max()) + max_new
     if top > self.cfg.max_position_embeddings:
       logging.warning("StepDecoder: positions up to %d exceed max_position_embeddings=%d", top,
                       self.cfg.max_position_embeddings)
     tok, lp, cache = self._prefill(self._state, self._split, tokens, lengths_b, offsets, pk, pv, pm, temps, top_ps,
-                                   seeds, cache_size=tp + tn, sampling=sampling)
+                                   seeds, cache_size=tp + tn, sampling=sampling, filtering=filtering)
     steps = 0
     while True:
       tok_np, lp_np = jax.device_get((tok, lp))
@@ -197,4 +202,4 @@ class StepDecoder:
         return steps
       pos = offsets + lengths_b + steps - 1  # [B] position of the token just sampled
       tok, lp, cache = self._step(self._state, self._split, tok, pos, pk, pv, pm, cache, temps, top_ps, seeds,
-                                  np.int32(steps), sampling=sampling)
+                                  np.int32(steps), sampling=sampling, filtering=filtering)

@@ -191,3 +191,33 @@ def test_the_self_study_preflight_counts_the_presplit_copy_of_the_layers():
   assert split["model"] - plain["model"] == layers > 0 and split["total"] - plain["total"] == layers
   assert decodes_unrolled(build_model(cfg, seed=3, layer_loop="unrolled"))
   assert not decodes_unrolled(build_model(cfg, seed=3, layer_loop="scan"))
+
+
+def test_the_servers_decoder_sorts_for_top_p_only_where_a_row_asks_for_it():
+  """StepDecoder: a sampled batch whose rows all have top_p = 1 skips the per-step sort of the vocabulary (a
+  program without the filter) and draws what the filter at top_p = 1 draws; a row with top_p < 1 keeps its
+  tokens within its nucleus, beside a top_p = 1 row."""
+  from cas.serve.decode import Row, StepDecoder, _choose
+  logits = jax.random.normal(jax.random.key(0), (8, 3_000), jnp.float32) * 3
+  temps, seeds = jnp.ones((8,)), jnp.arange(8, dtype=jnp.uint32)
+  for step in range(5):
+    a = _choose(logits, temps, jnp.ones((8,)), seeds, jnp.int32(step), True, filtering=True)
+    b = _choose(logits, temps, jnp.ones((8,)), seeds, jnp.int32(step), True, filtering=False)
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+  top_ps = jnp.asarray([0.3] + [1.0] * 7)
+  nucleus = np.argsort(-np.asarray(logits[0]))[:int(np.searchsorted(np.cumsum(np.sort(np.asarray(
+      jax.nn.softmax(logits[0])))[::-1]), 0.3)) + 1]
+  for step in range(20):
+    tok = int(_choose(logits, temps, top_ps, seeds, jnp.int32(step), True, filtering=True)[0][0])
+    assert tok in set(nucleus.tolist())
+
+  cfg = ModelConfig.from_hf_dict(CONFIGS["gemma3"], source="gemma3")
+  dec = StepDecoder(build_model(cfg, seed=4), pad_id=0, prompt_buckets=(16,), batch_buckets=(2,),
+                    new_token_buckets=(8,), prefix_multiple=8)
+  seen = []
+  for rows in ([Row([5, 9, 14], 4, temperature=1.0, seed=1), Row([7, 2], 4, temperature=0.7, seed=2)],
+               [Row([5, 9, 14], 4, temperature=1.0, top_p=0.5, seed=1), Row([7, 2], 4, temperature=0.7, seed=2)]):
+    before = dec.num_traces
+    dec.decode(rows, lambda step, t, lp: seen.append(t.copy()) or np.zeros(len(rows), bool))
+    assert dec.num_traces == before + 2  # a prefill and a step program of their own: with and without the filter
