@@ -64,7 +64,7 @@ DEFAULT_NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 SHARED_PREFIX_MODES = ("once", "broadcast")
 SHARED_PREFIX_ENV = "CAS_SHARED_PREFIX"  # default of Sampler(shared_prefix=None)
 TOP_K_ENV = "CAS_TOP_K"  # default of Sampler(top_k_impl=None)
-TOP_K_IMPLS = ("lax", "blocked")
+TOP_K_IMPLS = ("lax", "blocked", "fused")
 ARGMAX_ENV = "CAS_ARGMAX"  # default of Sampler(argmax_impl=None)
 ARGMAX_IMPLS = ("lax", "blocked")
 PRESPLIT_ENV = "CAS_PRESPLIT_LAYERS"  # default of Sampler(presplit_layers=None)
@@ -162,6 +162,33 @@ def blocked_top_k(x: Array, k: int, block: int = 1024) -> tuple[Array, Array]:
   return vals, ids
 
 
+def fused_top_k_logprobs(x: Array, k: int, block: int = 1024) -> tuple[Array, Array, Array]:
+  """The top-k log-probabilities of x [n, V] (log_softmax(x) then top-k) with one max pass over the vocabulary
+  shared by both: the block maxima give the row's maximum (for the log-sum-exp) and the candidate blocks (for
+  the top-k, taken over x itself, whose order log_softmax keeps). The [n, V] log-probabilities are never written.
+  Returns (values [n, k], ids [n, k], max [n, 1], lse [n, 1]) with log_softmax(x) = (x - max) - lse, each value
+  computed as log_softmax computes it: the same values; ids differ from the
+  log-probabilities' top-k only where two logits round to one log-probability (ties, taken there in logit order).
+  Falls back to log_softmax + `blocked_top_k` where blocking saves nothing."""
+  n, v = x.shape
+  nb = -(-v // block)
+  if k == 0 or v <= 4 * block or k >= nb:
+    m = jnp.max(x, axis=-1, keepdims=True)
+    lse = jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))
+    vals, ids = blocked_top_k((x - m) - lse, k, block)
+    return vals, ids, m, lse
+  xb = _blocks(x, block)
+  bmax = jnp.max(xb, axis=-1)  # [n, nb]
+  m = jnp.max(bmax, axis=-1, keepdims=True)  # [n, 1] the row's maximum
+  lse = jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))  # [n, 1]
+  _, bidx = jax.lax.top_k(bmax, k)
+  bidx = jnp.sort(bidx, axis=-1)
+  cand = jnp.take_along_axis(xb, bidx[:, :, None], axis=1).reshape(n, k * block)
+  vals, j = jax.lax.top_k(cand, k)
+  ids = jnp.take_along_axis(bidx, j // block, axis=1) * block + j % block
+  return (vals - m) - lse, ids, m, lse
+
+
 def blocked_argmax(x: Array, block: int = 1024) -> Array:
   """`jnp.argmax(x, axis=-1)` of x [n, V], exactly (the first index of the maximum), as one plain max-reduction
   over V and two argmaxes over short axes: the block maxima's (V / block entries) and the chosen block's (block
@@ -206,10 +233,15 @@ def _choose(logits: Array, keys, temperature, top_p, *, top_k: int, use_top_p: b
             top_k_impl: str = "lax", argmax_impl: str = "lax"):
   """logits [n, V] f32 -> token [n] i32, its logprob [n] f32 (temperature 1), top ids [n, k] i32,
   top log-probs [n, k] f32. keys: [n] PRNG keys of the draw, or None for greedy (argmax).
-  top_k_impl: "lax" (jax.lax.top_k) or "blocked" (`blocked_top_k`, the same result); argmax_impl: "lax"
+  top_k_impl: "lax" (jax.lax.top_k), "blocked" (`blocked_top_k`, the same result) or "fused"
+  (`fused_top_k_logprobs`: the same values, no [n, V] log-probs); argmax_impl: "lax"
   (jnp.argmax) or "blocked" (`blocked_argmax`, the same tokens)."""
   n = logits.shape[0]
-  lp = jax.nn.log_softmax(logits, axis=-1)  # [n, V] f32
+  fused = top_k_impl == "fused" and top_k > 0  # the log-probs of the top-k and of the token only, not [n, V]
+  if fused:
+    top_lp, top_ids, m, lse = fused_top_k_logprobs(logits, top_k)
+  else:
+    lp = jax.nn.log_softmax(logits, axis=-1)  # [n, V] f32
   if keys is None:
     tok = (blocked_argmax(logits) if argmax_impl == "blocked" else jnp.argmax(logits, axis=-1)).astype(jnp.int32)
   else:
@@ -217,6 +249,9 @@ def _choose(logits: Array, keys, temperature, top_p, *, top_k: int, use_top_p: b
     if use_top_p:
       scaled = top_p_filter(scaled, top_p)
     tok = _draw(keys, scaled, argmax_impl).astype(jnp.int32)
+  if fused:  # top_lp, top_ids came with m and lse
+    tok_lp = ((jnp.take_along_axis(logits, tok[:, None], axis=-1) - m) - lse)[:, 0]
+    return tok, tok_lp, top_ids.astype(jnp.int32), top_lp
   tok_lp = jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
   if top_k:
     top_lp, top_ids = (blocked_top_k if top_k_impl == "blocked" else jax.lax.top_k)(lp, top_k)
@@ -251,11 +286,13 @@ class Sampler:
     shared_prefix: how a prefix of batch 1 is attended: "once" (for the whole batch per layer
       and step) or "broadcast" (copied to every row, the earlier path; for before/after
       measurements). None: the environment variable CAS_SHARED_PREFIX, else "once".
-    top_k_impl: how the top-k log-probs of each step are found: "lax" (jax.lax.top_k) or
-      "blocked" (`blocked_top_k`: block maxima first, the same values and ids). None: the
-      environment variable CAS_TOP_K, else "blocked" (2026-12-06, one H100, Llama-3.2-1B shapes at
-      batch 64: lax.top_k's segmented radix sort of the 128k vocabulary took 16% of decode time, and
-      blocked decoded 16% faster; BENCHMARKS.md).
+    top_k_impl: how the top-k log-probs of each step are found: "lax" (jax.lax.top_k),
+      "blocked" (`blocked_top_k`: block maxima first, the same values and ids) or "fused"
+      (`fused_top_k_logprobs`: the block maxima also give the log-sum-exp's maximum, and the [B, V]
+      log-probs are never written; the same values, ids the same but where two log-probs tie by rounding;
+      not measured yet). None: the environment variable CAS_TOP_K, else "blocked" (2026-12-06, one H100,
+      Llama-3.2-1B shapes at batch 64: lax.top_k's segmented radix sort of the 128k vocabulary took 16% of
+      decode time, and blocked decoded 16% faster; BENCHMARKS.md).
     presplit_layers: decode with the layers unrolled and each layer's weights sliced out of the stacked
       arrays once per generate call, before the decode loop, instead of in every step
       (`Transformer.split_layers`; the same tokens; one more copy of the weights while it runs). It

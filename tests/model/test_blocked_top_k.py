@@ -110,3 +110,32 @@ def test_the_sampler_gives_the_same_tokens_with_either_argmax(wide_vocab_model, 
   assert Sampler(model, pad_id=0).argmax_impl == "blocked"
   with pytest.raises(ValueError, match="argmax_impl='tree'"):
     Sampler(model, pad_id=0, argmax_impl="tree")
+
+
+@pytest.mark.parametrize("v,k,block", [(50_000, 20, 1024), (10_001, 5, 64), (4_000, 20, 1024)])
+def test_fused_top_k_logprobs_equal_log_softmax_then_top_k(v, k, block):
+  """The fused form gives log_softmax's top-k values and ids (random logits: no ties by rounding), and its max and
+  log-sum-exp rebuild log_softmax exactly; below 4 blocks it falls back to the unfused form."""
+  from cas.model.sampler import fused_top_k_logprobs
+  x = jax.random.normal(jax.random.key(v), (5, v), jnp.float32) * 4
+  lp = jax.nn.log_softmax(x, axis=-1)
+  vals, ids, m, lse = fused_top_k_logprobs(x, k, block)
+  ref_vals, ref_ids = jax.lax.top_k(lp, k)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids))
+  np.testing.assert_allclose(np.asarray(vals), np.asarray(ref_vals), rtol=0, atol=2e-6)
+  np.testing.assert_allclose(np.asarray((x - m) - lse), np.asarray(lp), rtol=0, atol=2e-6)
+
+
+def test_the_sampler_gives_the_same_tokens_and_log_probs_with_the_fused_top_k(wide_vocab_model):
+  model = wide_vocab_model
+  prompts = [[5, 9, 14, 3], [7, 5_999, 2]]
+  for kw in (dict(temperature=1.0, seed=3), dict(temperature=0.0)):
+    a, b = (Sampler(model, pad_id=0, top_k_impl=impl).generate(prompts, max_new_tokens=6, top_k_logprobs=5, **kw)
+            for impl in ("blocked", "fused"))
+    for ga, gb in zip(a, b):
+      np.testing.assert_array_equal(ga.tokens, gb.tokens)
+      np.testing.assert_array_equal(ga.top_ids, gb.top_ids)
+      np.testing.assert_allclose(ga.top_logprobs, gb.top_logprobs, rtol=0, atol=2e-6)
+      np.testing.assert_allclose(ga.token_logprobs, gb.token_logprobs, rtol=0, atol=2e-6)
+  no_top = Sampler(model, pad_id=0, top_k_impl="fused").generate(prompts, max_new_tokens=3, top_k_logprobs=0)
+  assert no_top[0].top_ids.shape == (3, 0)  # k = 0: the unfused path, nothing to fuse
