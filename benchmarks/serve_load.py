@@ -228,7 +228,8 @@ def main(argv):
     stats = get_json(port, "/v1/cas/stats", key)
     rec = {"benchmark": "serve_load", "model": os.path.basename(model_path), "docs": F.docs, "p": F.p,
            "concurrency": F.concurrency, "max_batch": F.max_batch, "max_tokens": F.max_tokens,
-           "temperature": F.temperature, "top_p": F.top_p, "duration_s": F.duration_s, "warmup_s": F.warmup_s, "dtype": F.dtype, "serve_flags": list(F.serve_flags),
+           "temperature": F.temperature, "top_p": F.top_p, "duration_s": F.duration_s, "warmup_s": F.warmup_s,
+           "dtype": F.dtype, "serve_flags": list(F.serve_flags),
            "compiles_in_window": stats["traces"] - traces0, "server_batches": stats["batches"],
            "server_max_batch_size": stats["max_batch_size"], "command": " ".join(sys.argv),
            "date": time.strftime("%Y-%m-%d"), **summarize(res, wall)}

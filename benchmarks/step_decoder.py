@@ -27,8 +27,8 @@ F = flags.FLAGS
 
 
 def _define_flags() -> None:
-  flags.DEFINE_string("model", "default", "default (the embedded model, or --config-style path), a PRESETS name "
-                      "(random weights, bf16), or tiny")
+  flags.DEFINE_string("model", "default", "default (the embedded model, as fetched by launch.fetch_model), a "
+                      "PRESETS name (random weights, bf16), or tiny")
   flags.DEFINE_integer("batch", 8, "rows decoded together")
   flags.DEFINE_integer("prompt_len", 48, "prompt tokens per row")
   flags.DEFINE_integer("new_tokens", 32, "tokens decoded per row")
