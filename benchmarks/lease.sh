@@ -4,6 +4,7 @@
 # (SmolLM2 for every job; Gemma's six parts too for gemma_minutes):
 #   bash benchmarks/lease.sh start "prose_sal head32 gemma_minutes q21"   # any subset, in this order
 #   bash benchmarks/lease.sh status        # progress of every job (repeat: `sleep 500; ... status`)
+#   bash benchmarks/lease.sh then "seq" "mono512"   # start mono512 (as `start` would) as soon as seq has ended
 #   OUT=$OUT bash benchmarks/lease.sh collect   # each job's archive into $OUT/<job>/ (what has finished)
 #   OUT=$OUT MODELS=smollm2-135m bash benchmarks/lease.sh decode   # issue 22's decode levers, in the
 #       foreground and alone on the GPU (timings): run it before `start`, not beside the jobs
@@ -82,7 +83,7 @@
 #                  which lost with untrained cartridges and was never tried with trained ones; Q21_P=512 runs it at
 #                  the paper preset's p: at p = 256 patients lost to text RAG, -5.0, where its oracle was weakest)
 set -u
-MODE=${1:-status}; R=/root/lease
+MODE=${1:-status}; R=${LEASE_ROOT:-/root/lease}
 mkdir -p $R
 CS="python3 benchmarks/compose_study.py"
 # The jobs import ml_collections / bm25s from gpu_setup.sh's /tmp/site, which it puts on PYTHONPATH: a call that
@@ -186,6 +187,27 @@ if [ "$MODE" = start ]; then
   done
   [ -n "${DRY:-}" ] && exit 0
   sleep 10; ls $R; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
+elif [ "$MODE" = then ]; then
+  # bash benchmarks/lease.sh then "<running jobs>" "<jobs to start>": a detached watcher starts the second set (as
+  # `start` would, with this call's environment) once every run of the first set has ended, so the card does not
+  # idle until the next call notices (2026-12-06: sharp's runs ended ~100 s before the call that saw them)
+  setsid nohup bash "$0" _then "$2" "$3" > $R/then.log 2>&1 < /dev/null &
+  echo "then: '$3' starts when '$2' has ended (log: $R/then.log)"
+elif [ "$MODE" = _then ]; then
+  waited=0
+  while true; do
+    busy=0
+    for j in $2; do
+      python3 -c "import json, sys; s = json.load(open(sys.argv[1]))['state']; \
+sys.exit(1 if any(str(v).startswith(('running', 'waiting')) for v in s.values()) else 0)" $R/$j/status.json \
+        2> /dev/null || busy=1
+    done
+    [ $busy = 0 ] && break
+    if [ $waited -ge ${THEN_TIMEOUT_S:-3600} ]; then echo "then: '$2' still running after ${waited}s; '$3' not started"; exit 1; fi
+    sleep ${THEN_POLL_S:-15}; waited=$((waited + ${THEN_POLL_S:-15}))
+  done
+  echo "then: '$2' ended after ${waited}s; starting '$3'"
+  exec bash "$0" start "$3"
 elif [ "$MODE" = decode ]; then
   if pgrep -f "launch.[c]as" > /dev/null; then echo "decode: training jobs are running; timings would be shared"; exit 2; fi
   [ "${SELFSTUDY:-1}" = 1 ] && need_setup  # the self-study half runs launch.synthesize
