@@ -92,10 +92,10 @@ def main(argv):
       if F["shared_prefix"].present == 0:
         F.shared_prefix = ["broadcast", "once"]
   user_xla_flags = os.environ.get("XLA_FLAGS", "")  # what the records name (not the dump flags below)
-  if F.hlo_dir:  # before jax starts its backend, which reads XLA_FLAGS once
+  if F.hlo_dir:  # before jax starts its backend, which reads XLA_FLAGS once; only the Sampler programs (jit(run))
     if not F.profile_dir:
       raise SystemExit("--hlo_dir names the fusions of a profile: give --profile_dir too")
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + C.xla_dump_flags(F.hlo_dir)).strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + C.xla_dump_flags(F.hlo_dir, "jit_run")).strip()
   cfg = C.model_config(F.model)
   if not 0 <= F.shared_doc < F.prompt_len:
     raise SystemExit(f"--shared_doc={F.shared_doc} must be in [0, --prompt_len={F.prompt_len})")
