@@ -56,8 +56,7 @@ def parse_settings(items) -> list[tuple[float, float]]:
 def load(name: str):
   if name == "default":
     from cas.model.loader import load_model
-    lm = load_model()
-    return getattr(lm, "model", lm)
+    return load_model().model
   model = C.init_random_model(C.model_config(name), dtype=jnp.bfloat16 if name != "tiny" else jnp.float32,
                               seed=F.seed)
   if F.presplit:

@@ -154,7 +154,14 @@ def blocked_top_k(x: Array, k: int, block: int = 1024) -> tuple[Array, Array]:
   if k == 0 or v <= 4 * block or k >= nb:
     return jax.lax.top_k(x, k)
   xb = _blocks(x, block)
-  _, bidx = jax.lax.top_k(jnp.max(xb, axis=-1), k)  # [n, k] blocks holding the k largest
+  return _top_k_in_blocks(xb, jnp.max(xb, axis=-1), k)
+
+
+def _top_k_in_blocks(xb: Array, bmax: Array, k: int) -> tuple[Array, Array]:
+  """The k largest entries of xb [n, nb, block] and their flat ids, found in the k blocks with the largest
+  maxima bmax [n, nb] (`blocked_top_k`), the blocks taken in index order so ties keep lax.top_k's order."""
+  n, _, block = xb.shape
+  _, bidx = jax.lax.top_k(bmax, k)  # [n, k] blocks holding the k largest
   bidx = jnp.sort(bidx, axis=-1)
   cand = jnp.take_along_axis(xb, bidx[:, :, None], axis=1).reshape(n, k * block)
   vals, j = jax.lax.top_k(cand, k)
@@ -181,11 +188,7 @@ def fused_top_k_logprobs(x: Array, k: int, block: int = 1024) -> tuple[Array, Ar
   bmax = jnp.max(xb, axis=-1)  # [n, nb]
   m = jnp.max(bmax, axis=-1, keepdims=True)  # [n, 1] the row's maximum
   lse = jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))  # [n, 1]
-  _, bidx = jax.lax.top_k(bmax, k)
-  bidx = jnp.sort(bidx, axis=-1)
-  cand = jnp.take_along_axis(xb, bidx[:, :, None], axis=1).reshape(n, k * block)
-  vals, j = jax.lax.top_k(cand, k)
-  ids = jnp.take_along_axis(bidx, j // block, axis=1) * block + j % block
+  vals, ids = _top_k_in_blocks(xb, bmax, k)
   return (vals - m) - lse, ids, m, lse
 
 
