@@ -58,6 +58,9 @@ VARIANTS = {
     "curr": ["--config.train.k_curriculum_steps=300"],  # k grows from 2 to k_max over the first half
     "mixw2": ["--config.train.mixed_weight=2.0"],  # rows with distractors weigh twice
     "iso01": ["--config.train.p_isolated=0.1"],  # fewer rows with the own cartridge alone
+    # the same, with its own isolated baseline (for a run whose budget differs from base's, e.g. the `long`
+    # lease job at 2,000 steps: cas - isolated is then read within the variant, compose_report --base=iso01f)
+    "iso01f": ["--config.train.p_isolated=0.1"],
     "k20": ["--config.train.num_slots=20", "--config.train.k_max=20"],  # every document resident
     "lr2e2": ["--config.train.lr=2e-2"],
     # silent rows (issue 20: minutes' distractors push their own values at 1.6-2.9x chance): a quarter of
@@ -100,7 +103,7 @@ VARIANTS = {
     "mono": ["--stages=train_monolithic,indexes,evaluate"],
 }
 MEM = {"mono": 2.0}  # a job's share of GPU memory, in units of --mem
-FULL = ("head32", "cosine", "salient", "salhead", "seq", "sharp")  # training levers that change the isolated baseline too: evaluated like base
+FULL = ("head32", "cosine", "salient", "salhead", "seq", "sharp", "iso01f")  # training levers that change the isolated baseline too: evaluated like base
 
 
 def synth_args(variant: str) -> list[str]:

@@ -59,7 +59,9 @@
 #                  P512_MEM=0.065 fits those eight runs side by side on an H100)
 #   long           issue 20: the budget the issue's probe pointed to (3,000 steps with p_isolated 0.1 lifted
 #                  cas@10 by 11.6): base and iso01 (train.p_isolated=0.1) at 2,000 steps on patients and minutes,
-#                  seeds 0 and 1, p = 256, spread questions (~23 min on an H100 alone; LONG_STEPS= changes it)
+#                  seeds 0 and 1, p = 256, spread questions (~23 min on an H100 alone; LONG_STEPS= changes it;
+#                  LONG_VARIANTS=iso01f LONG_METHODS=cartridge_oracle,cas_composed,isolated_composed: the lever with
+#                  its own isolated baseline at the same steps, two thirds of the trainings)
 #   p512rest       issue 20: the p = 512 base runs that failed on 2026-12-05 (patients seeds 0 and 1, products
 #                  seed 0; OOM in the per-slot check, then a full disk; both fixed)
 #   mono512        (seed 0 ran 2026-12-06 on an H100 in 7.3 min: MONO_SEEDS=1 for the second seed)
@@ -151,8 +153,8 @@ if [ "$MODE" = start ]; then
                 --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
       p512) run p512 $CS start $R/p512 --variants=${P512_VARIANTS:-base} --collections=${P512_COLLECTIONS:-patients,products,minutes} --seeds=0,1 --p=512 \
                 --only=${P512_ONLY:-} --mem=$(f ${P512_MEM:-0.075}) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread";;
-      long) run long $CS start $R/long --variants=base,iso01 --collections=patients,minutes --seeds=0,1 \
-                --steps=${LONG_STEPS:-2000} --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) \
+      long) run long $CS start $R/long --variants=${LONG_VARIANTS:-base,iso01} --collections=patients,minutes --seeds=0,1 \
+                ${LONG_METHODS:+--methods=$LONG_METHODS} --steps=${LONG_STEPS:-2000} --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) \
                 "--extra=--config.eval.question_pick=spread";;
       p512rest) run p512rest $CS start $R/p512rest --variants=base --collections=patients,products --seeds=0,1 --p=512 \
                 --only=base:patients+products --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt) \
