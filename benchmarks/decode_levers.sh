@@ -6,12 +6,12 @@
 # with conditional nodes). The transformers baselines run once per shape, first (same call, same card).
 # Usage (device machine, after `. benchmarks/gpu_setup.sh`; random weights, no model files needed):
 #   OUT=... bash benchmarks/decode_levers.sh            # [MODELS="smollm2-135m llama-3.2-1b"] [BATCH="64 128 256"]
-# LOOPS= / TOPK= pick the layer loops (scan,unrolled) and top-k forms (lax,blocked: block maxima first, the same; fused: no [B, V] log-probs, the same
+# LOOPS= / TOPK= pick the layer loops (scan,unrolled) and top-k forms (lax,blocked: block maxima first, the same; fused: no [B, V] log-probs, the same, -0.4% at 128, 2026-12-06
 # result) to run, each pair its own variant; PRESPLIT (default cache: the Sampler's default) = false,true,cache picks the
 # per-layer weights sliced once per call (true: Sampler presplit_layers; unrolled layers only; +15-33% at 1B, 2026-12-06)
 # and cache = that plus one KV array per layer (split_cache; +13-24% more, 2026-12-06); RNG=threefry2x32,rbg adds the
 # draws' PRNG (Sampler rng_impl; +-1.5%, not kept); ARGMAX=lax,blocked the token pick (Sampler argmax_impl: a plain
-# max over blocks before a short argmax, the same tokens); GRAPHS_RUN=0 skips the command-buffer run (it lost 4-18%, 2026-12-06).
+# max over blocks before a short argmax, the same tokens; -1.4%, not kept); GRAPHS_RUN=0 skips the command-buffer run (it lost 4-18%, 2026-12-06).
 # Then here: the JSON lines in $OUT/decode_levers.jsonl (tokens_per_s per variant, layer_loop, xla_flags).
 # PROFILE=1: each cas variant also traces one more call; its record gets "ops", the device time by kernel and
 # XLA op (where a decode step's ~5.6 ms go at 1B on an H100, 2026-12-06, against ~0.9 ms for its bytes), and "ops"."hlo"

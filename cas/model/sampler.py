@@ -293,7 +293,8 @@ class Sampler:
       "blocked" (`blocked_top_k`: block maxima first, the same values and ids) or "fused"
       (`fused_top_k_logprobs`: the block maxima also give the log-sum-exp's maximum, and the [B, V]
       log-probs are never written; the same values, ids the same but where two log-probs tie by rounding;
-      not measured yet). None: the environment variable CAS_TOP_K, else "blocked" (2026-12-06, one H100,
+      2026-12-06, one H100, 1B shapes at batch 128: -0.4%, XLA already fuses the same reductions, so not the
+      default). None: the environment variable CAS_TOP_K, else "blocked" (2026-12-06, one H100,
       Llama-3.2-1B shapes at batch 64: lax.top_k's segmented radix sort of the 128k vocabulary took 16% of
       decode time, and blocked decoded 16% faster; BENCHMARKS.md).
     presplit_layers: decode with the layers unrolled and each layer's weights sliced out of the stacked
@@ -314,8 +315,8 @@ class Sampler:
       per-step copy fell from 16-20% of device time to 1-3%; BENCHMARKS.md).
     argmax_impl: how a step's token is picked from the (noised) logits: "lax" (jnp.argmax, one two-output
       reduction over the vocabulary) or "blocked" (`blocked_argmax`: a plain max over blocks first; the same
-      tokens). None: the environment variable CAS_ARGMAX, else "lax" (not measured yet: the 2026-12-06 profile's
-      largest non-matmul op at batch 256 is a reduction over the vocabulary, 12% of device time).
+      tokens). None: the environment variable CAS_ARGMAX, else "lax" (2026-12-06, one H100, 1B shapes at batch
+      128: blocked -1.4%, the profile's vocabulary reductions unchanged; BENCHMARKS.md).
     rng_impl: the PRNG of the sampled draws (`jax.random.key(seed, impl=...)`): "threefry2x32" (jax's
       default), or "rbg" / "unsafe_rbg" (XLA's RngBitGenerator: a draw over a 128k vocabulary needs
       one random number per entry and row, which threefry computes with 20 rounds of hashing). Another
