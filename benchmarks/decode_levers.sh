@@ -6,8 +6,8 @@
 # with conditional nodes). The transformers baselines run once per shape, first (same call, same card).
 # Usage (device machine, after `. benchmarks/gpu_setup.sh`; random weights, no model files needed):
 #   OUT=... bash benchmarks/decode_levers.sh            # [MODELS="smollm2-135m llama-3.2-1b"] [BATCH="64 128 256"]
-# LOOPS= / TOPK= pick the layer loops (scan,unrolled) and top-k forms (lax,blocked: block maxima first, the same; fused: no [B, V] log-probs, the same, -0.4% at 128, 2026-12-06
-# result) to run, each pair its own variant; PRESPLIT (default cache: the Sampler's default) = false,true,cache picks the
+# LOOPS= / TOPK= pick the layer loops (scan,unrolled) and top-k forms (lax,blocked: block maxima first, the same; fused: no [B, V] log-probs, the same
+# result; -0.4% at batch 128, 2026-12-06, not kept) to run, each pair its own variant; PRESPLIT (default cache: the Sampler's default) = false,true,cache picks the
 # per-layer weights sliced once per call (true: Sampler presplit_layers; unrolled layers only; +15-33% at 1B, 2026-12-06)
 # and cache = that plus one KV array per layer (split_cache; +13-24% more, 2026-12-06); RNG=threefry2x32,rbg adds the
 # draws' PRNG (Sampler rng_impl; +-1.5%, not kept); ARGMAX=lax,blocked the token pick (Sampler argmax_impl: a plain
