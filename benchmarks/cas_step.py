@@ -117,6 +117,10 @@ def timed(name: str, fn, args: tuple, emit: C.Emitter, base: dict, flops: dict |
     compiled = fn.lower(*args).compile()
     rec["compile_s"] = time.perf_counter() - t0
     rec.update(cost(compiled))
+    try:  # the program's transient buffers (XLA's memory analysis): what a remat policy trades for time
+      rec["temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:
+      pass
     cur = [args]
 
     def run():

@@ -6,6 +6,7 @@
 #   bash benchmarks/lease.sh status        # progress of every job (repeat: `sleep 500; ... status`)
 #   bash benchmarks/lease.sh then "seq" "mono512"   # start mono512 (as `start` would) as soon as seq has ended
 #   OUT=$OUT bash benchmarks/lease.sh collect   # each job's archive into $OUT/<job>/ (what has finished)
+#   OUT=$OUT bash benchmarks/lease.sh castep   # the study's CAS step under remat full / none / dots (alone, ~2 min)
 #   OUT=$OUT MODELS=smollm2-135m bash benchmarks/lease.sh decode   # issue 22's decode levers, in the
 #       foreground and alone on the GPU (timings): run it before `start`, not beside the jobs
 # Jobs (memory fractions of an H200 below; on a smaller card each is scaled up by 143 GB / its memory,
@@ -214,6 +215,17 @@ elif [ "$MODE" = decode ]; then
   if pgrep -f "launch.[c]as" > /dev/null; then echo "decode: training jobs are running; timings would be shared"; exit 2; fi
   [ "${SELFSTUDY:-1}" = 1 ] && need_setup  # the self-study half runs launch.synthesize
   bash benchmarks/decode_levers.sh
+elif [ "$MODE" = castep ]; then
+  # the CAS step of the composition study's shape (the default model's shape, random weights: p = 256, 10 slots,
+  # k_max = 10, batch 16 x 512) under each remat policy (REMATS=, default "full none dots"): the paper preset
+  # trains with remat full; a faster step makes every study cheaper, if its transient memory (temp_bytes) still
+  # lets four to eight trainings share the card. Alone on the GPU, like decode; JSON lines in $OUT/cas_step.jsonl
+  if pgrep -f "launch.[c]as" > /dev/null; then echo "castep: training jobs are running; timings would be shared"; exit 2; fi
+  for r in ${REMATS:-full none dots}; do
+    python3 -m benchmarks.cas_step --model=${CASTEP_MODEL:-smollm2-135m} --p=${CASTEP_P:-256} --slots=10 --k_max=10 \
+      --batch=16 --seq=512 --attn=auto --remat=$r --nobreakdown --nosingle_same_prefix --out=$OUT/cas_step.jsonl 2>&1 \
+      | grep -a '"status"' | cut -c1-300
+  done
 elif [ "$MODE" = status ]; then
   for f in $R/*/status.json; do [ -f "$f" ] && echo "== $f" && python3 -c "import json,sys; d=json.load(open('$f')); print(d['elapsed_s'], 's', {k: v for k, v in d['state'].items()})"; done
   for d in $R/prose_s*; do [ -d "$d" ] && echo "== $d" && for l in $d/*.log; do echo "$(basename $l): $(tr '\r' '\n' < $l | grep -a -E 'it/s|step|conv' | tail -n 1 | cut -c1-120)"; done; done
