@@ -377,10 +377,13 @@ def test_sharded_step_matches_unsharded(setup, loss_chunk):
   s1, m1 = step(st, frozen, ms, b)
   assert s1["k"].sharding.spec[0] == ("data", "fsdp") and len(s1["k"].sharding.device_set) == 8
   np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(m1["slot_grad_norm"]), np.asarray(m0["slot_grad_norm"]), rtol=1e-3)
+  # rtol 5e-3: this tiny model (weights x10, peaked attention) is that sensitive to f32 rounding. A 1e-7 relative
+  # change of the slots moves the unsharded grad norms by 1.05e-3; batch + tensor sharding sums in another order
+  # (1.1e-3 with flax 0.12.8 / jax 0.10.2, 2026-12-06). A wrong reduction would be off by far more.
+  np.testing.assert_allclose(np.asarray(m1["slot_grad_norm"]), np.asarray(m0["slot_grad_norm"]), rtol=5e-3)
   np.testing.assert_array_equal(np.asarray(s1["count"]), np.asarray(s0["count"]))
   mu0 = np.asarray(s0["mu_k"])
-  np.testing.assert_allclose(np.asarray(s1["mu_k"]), mu0, atol=1e-3 * np.abs(mu0).max())
+  np.testing.assert_allclose(np.asarray(s1["mu_k"]), mu0, atol=5e-3 * np.abs(mu0).max())  # (the same rounding)
   # Adam's first step is ~lr*sign(g): compare params where the gradient is not reduction noise
   for n in ("k", "v"):
     mu = np.abs(np.asarray(s0["mu_" + n]))
