@@ -7,6 +7,7 @@ Each test compares token lists exactly: tiny random Llama in fp32, and the defau
 """
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -188,6 +189,7 @@ def test_default_model_generate(tmp_path):
   tok = lm.tokenizer
   hf = transformers.AutoModelForCausalLM.from_pretrained(
       str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True).eval()
+  hf2 = copy.deepcopy(hf)  # a second, untouched base for the peft-made adapter below (one GGUF read: ~22 s each)
   sampler = Sampler(lm.model, pad_id=tok.pad_id)
   eos = tuple(tok.eos_ids)
   doc = ("The lighthouse keeper of Varnholm, Edda Lindqvist, logged every ship that passed the "
@@ -214,8 +216,6 @@ def test_default_model_generate(tmp_path):
   assert theirs == ours and ours != plain
 
   # an adapter made by peft from a prefill of the document, imported into cas
-  hf2 = transformers.AutoModelForCausalLM.from_pretrained(
-      str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True).eval()
   pm2 = peft.get_peft_model(hf2, peft.CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=len(ids),
                                                       num_frozen_tokens=1))
   with torch.no_grad():
