@@ -102,7 +102,7 @@ VARIANTS = {
     # process: it needs about twice a CAS run's memory (see MEM)
     "mono": ["--stages=train_monolithic,indexes,evaluate"],
 }
-MEM = {"mono": 2.0}  # a job's share of GPU memory, in units of --mem
+MEM = {"mono": 2.0, "k20": 1.3}  # a job's share of GPU memory, in units of --mem (k20: 20 slots, prefix 20 x p; preflight 7.1 vs 5.8 GB at p = 256)
 FULL = ("head32", "cosine", "salient", "salhead", "seq", "sharp", "iso01f")  # training levers that change the isolated baseline too: evaluated like base
 
 

@@ -33,6 +33,10 @@
 #   mixw2          issue 20: rows with distractors weigh twice in the loss (train.mixed_weight=2.0; CAS only) on
 #                  minutes and patients, seeds 0 and 1, spread questions, the oracle and cas_composed rows; paired
 #                  with base as `quiet` is (`compose_report --archive=<silent archive> --archive=<mixw2>`)
+#   lever          issue 20: any compose_study variants (LEVER_VARIANTS=, required) on minutes and patients
+#                  (LEVER_COLLECTIONS=), seeds 0 and 1, spread questions, paired with base as `quiet` is; e.g.
+#                  LEVER_VARIANTS=k20: every document resident, rows with up to 19 distractors, as eval's 20 loaded
+#                  (the issue's probe B = k_max = 20 lifted cas@10 from 39.2 to 46.7 on its collection A)
 #   compose_sal    issues 20 + 26: the salient init and the cosine lr decay against base on minutes and products
 #                  (documents longer than p = 256), seeds 0 and 1, questions spread over each document
 #                  (SAL_VARIANTS= / SAL_COLLECTIONS= pick fewer, e.g. base,salient on minutes)
@@ -106,7 +110,7 @@ if [ "$MODE" = start ]; then
   # Gemma 3 270M, CAS p = 256 about 11.4 GB; an H200 has 143 GB)
   # prose jobs grow their processes (no preallocated fraction): their share is what four trainings
   # took at most on an H100 (2026-12-05: 0.1225 of 80 GB each was too little for a parts1k training)
-  declare -A SHARE=([quiet]=0.25 [mixw2]=0.21 [seq]=0.21 [sharp]=0.21 [silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5 [long]=0.4 [p512rest]=0.25 [mono512]=0.5 [paper3]=0.9 [gemma_paper]=0.5)
+  declare -A SHARE=([quiet]=0.25 [mixw2]=0.21 [lever]=0.25 [seq]=0.21 [sharp]=0.21 [silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5 [long]=0.4 [p512rest]=0.25 [mono512]=0.5 [paper3]=0.9 [gemma_paper]=0.5)
   # (--disk_gb=5 on the p = 512 jobs of eight or six trainings: the auto reservation, 10 GB each, would hold back
   # some of them on the 64 GB disk; a finished p = 512 training keeps ~3 GB since 2026-12-05, and each training's
   # own preflight still refuses a disk that cannot hold it)
@@ -149,6 +153,9 @@ if [ "$MODE" = start ]; then
                 --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
       seq) run seq $CS start $R/seq --variants=${SEQ_VARIANTS:-seq} --collections=${SEQ_COLLECTIONS:-minutes,patients} \
                 --seeds=0,1 --methods=${SEQ_METHODS:-cartridge_oracle,cas_composed,isolated_composed} --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
+      lever) run lever $CS start $R/lever --variants=${LEVER_VARIANTS:?LEVER_VARIANTS= names the compose_study variants} \
+                --collections=${LEVER_COLLECTIONS:-minutes,patients} --seeds=0,1 ${LEVER_METHODS:+--methods=$LEVER_METHODS} \
+                --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
       mixw2) run mixw2 $CS start $R/mixw2 --variants=mixw2 --collections=${MIXW2_COLLECTIONS:-minutes,patients} --seeds=0,1 \
                 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
       quiet) run quiet $CS start $R/quiet --variants=${QUIET_VARIANTS:-quiet} --collections=${QUIET_COLLECTIONS:-minutes,patients} \
@@ -235,7 +242,7 @@ elif [ "$MODE" = status ]; then
   for l in $R/builtin6_*.start.log $R/gemma_paper.start.log; do [ -f "$l" ] && echo "$(basename $l): $(tr '\r' '\n' < $l | grep -a -E 'it/s|step|conv|Error' | tail -n 1 | cut -c1-120)"; done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 else
-  for j in sharp seq mixw2 quiet head32 compose_sal silent gemma q21 p512 long p512rest mono512 paper3; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
+  for j in sharp seq mixw2 lever quiet head32 compose_sal silent gemma q21 p512 long p512rest mono512 paper3; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
     [ -f $OUT/compose_study.tgz ] && mv $OUT/compose_study.tgz $OUT/$j/; done
   [ -d $R/gemma_paper ] && mkdir -p $OUT/gemma_paper && (cd $R && tar czf $OUT/gemma_paper/gemma_paper.tgz gemma_paper.start.log \
     gemma_paper/eval/results.json gemma_paper/eval/partial 2>/dev/null)
