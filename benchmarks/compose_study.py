@@ -102,8 +102,11 @@ VARIANTS = {
     # process: it needs about twice a CAS run's memory (see MEM)
     "mono": ["--stages=train_monolithic,indexes,evaluate"],
 }
-MEM = {"mono": 2.0, "k20": 1.3}  # a job's share of GPU memory, in units of --mem (k20: 20 slots, prefix 20 x p; preflight 7.1 vs 5.8 GB at p = 256)
-FULL = ("head32", "cosine", "salient", "salhead", "seq", "sharp", "iso01f")  # training levers that change the isolated baseline too: evaluated like base
+# a job's share of GPU memory, in units of --mem (k20: 20 slots and a prefix of 20 x p; the preflight says
+# 7.1 against 5.8 GB at p = 256)
+MEM = {"mono": 2.0, "k20": 1.3}
+# training levers that change the isolated baseline too (or its budget, iso01f): evaluated like base
+FULL = ("head32", "cosine", "salient", "salhead", "seq", "sharp", "iso01f")
 
 
 def synth_args(variant: str) -> list[str]:
