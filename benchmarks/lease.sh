@@ -66,7 +66,8 @@
 #                  cas@10 by 11.6): base and iso01 (train.p_isolated=0.1) at 2,000 steps on patients and minutes,
 #                  seeds 0 and 1, p = 256, spread questions (~23 min on an H100 alone; LONG_STEPS= changes it;
 #                  LONG_VARIANTS=iso01f LONG_METHODS=cartridge_oracle,cas_composed,isolated_composed: the lever with
-#                  its own isolated baseline at the same steps, two thirds of the trainings)
+#                  its own isolated baseline at the same steps, two thirds of the trainings; ran 2026-12-06 on an
+#                  H100 in 17.4 min: lost, pooled cas - iso at 10 +2.7 against base's +4.6, RESULTS.md)
 #   p512rest       issue 20: the p = 512 base runs that failed on 2026-12-05 (patients seeds 0 and 1, products
 #                  seed 0; OOM in the per-slot check, then a full disk; both fixed)
 #   mono512        (seed 0 ran 2026-12-06 on an H100 in 7.3 min: MONO_SEEDS=1 for the second seed)
