@@ -118,6 +118,7 @@ if [ "$MODE" = start ]; then
   # LEASE_EXTRA="--config.remat=none": more flags for every run of the compose-study jobs (their --extra), e.g. a
   # remat policy that `castep` measured faster (the same numbers up to rounding, so such runs still pair with
   # the archived base runs; say so beside the result)
+  SPREAD="--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}"  # every compose job's --extra (+ its own)
   # SHARES="gemma_minutes=0.2 p512rest=0.31" overrides jobs' shares (and with them their schedulers' --mem_total)
   declare -A SET=(); for kv in ${SHARES:-}; do SHARE[${kv%%=*}]=${kv#*=}; SET[${kv%%=*}]=1; done
   GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
@@ -146,37 +147,37 @@ if [ "$MODE" = start ]; then
         done;;
       head32) run head32 $CS start $R/head32 --variants=${HEAD32_VARIANTS:-base,head32} --collections=patients,minutes --seeds=0,1 \
                 ${HEAD32_METHODS:+--methods=$HEAD32_METHODS} \
-                --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
+                --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=$SPREAD";;
       compose_sal) run compose_sal $CS start $R/compose_sal --variants=${SAL_VARIANTS:-base,salient,cosine} --collections=${SAL_COLLECTIONS:-minutes,products} \
-                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
+                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=$SPREAD";;
       sharp) run sharp $CS start $R/sharp --variants=${SHARP_VARIANTS:-sharp} --collections=${SHARP_COLLECTIONS:-minutes,patients} \
                 --seeds=0,1 --methods=${SHARP_METHODS:-cartridge_oracle,cas_composed,isolated_composed} --mem=$(f 0.06) \
-                --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
+                --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=$SPREAD";;
       seq) run seq $CS start $R/seq --variants=${SEQ_VARIANTS:-seq} --collections=${SEQ_COLLECTIONS:-minutes,patients} \
-                --seeds=0,1 --methods=${SEQ_METHODS:-cartridge_oracle,cas_composed,isolated_composed} --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
+                --seeds=0,1 --methods=${SEQ_METHODS:-cartridge_oracle,cas_composed,isolated_composed} --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=$SPREAD";;
       lever) run lever $CS start $R/lever --variants=${LEVER_VARIANTS:?LEVER_VARIANTS= names the compose_study variants} \
                 --collections=${LEVER_COLLECTIONS:-minutes,patients} --seeds=0,1 ${LEVER_METHODS:+--methods=$LEVER_METHODS} \
-                --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
+                --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=$SPREAD";;
       mixw2) run mixw2 $CS start $R/mixw2 --variants=mixw2 --collections=${MIXW2_COLLECTIONS:-minutes,patients} --seeds=0,1 \
-                --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
+                --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=$SPREAD";;
       quiet) run quiet $CS start $R/quiet --variants=${QUIET_VARIANTS:-quiet} --collections=${QUIET_COLLECTIONS:-minutes,patients} \
-                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
+                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=$SPREAD";;
       silent) run silent $CS start $R/silent --variants=base,silent --collections=minutes,patients \
-                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
+                --seeds=0,1 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=$SPREAD";;
       p512) run p512 $CS start $R/p512 --variants=${P512_VARIANTS:-base} --collections=${P512_COLLECTIONS:-patients,products,minutes} --seeds=0,1 --p=512 \
-                --only=${P512_ONLY:-} --mem=$(f ${P512_MEM:-0.075}) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
+                --only=${P512_ONLY:-} --mem=$(f ${P512_MEM:-0.075}) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=$SPREAD";;
       long) run long $CS start $R/long --variants=${LONG_VARIANTS:-base,iso01} --collections=patients,minutes --seeds=0,1 \
                 ${LONG_METHODS:+--methods=$LONG_METHODS} --steps=${LONG_STEPS:-2000} --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) \
-                "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
+                "--extra=$SPREAD";;
       p512rest) run p512rest $CS start $R/p512rest --variants=base --collections=patients,products --seeds=0,1 --p=512 \
                 --only=base:patients+products --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt) \
-                "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
+                "--extra=$SPREAD";;
       mono512) run mono512 $CS start $R/mono512 --variants=mono --collections=${MONO_COLLECTIONS:-patients,products,minutes} \
                 --seeds=${MONO_SEEDS:-0,1} --mono_seeds=${MONO_SEEDS:-0,1} --p=512 --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt) --disk_gb=5 \
-                "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
+                "--extra=$SPREAD";;
       paper3) run paper3 $CS start $R/paper3 --variants=base,mono --collections=patients,products --seeds=0,1 \
                 --mono_seeds=0,1 --p=512 --steps=1000 --conv=${PAPER3_CONV:-128} --mem=$(f 0.075) --synth_mem=$(f 0.06) \
-                --mem_total=$(mt) --disk_gb=5 "--extra=--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
+                --mem_total=$(mt) --disk_gb=5 "--extra=$SPREAD";;
       gemma_paper) mkdir -p $R/gemma_paper; XLA_PYTHON_CLIENT_PREALLOCATE=false run gemma_paper python3 -m launch.cas \
                 --config=configs/cas.py:paper --config.model_path=gemma3-270m --config.synth.batch_size=${GP_BATCH:-256} \
                 --config.synth.shard_size=$((2 * ${GP_BATCH:-256})) --config.synth.refill=True --config.layer_loop=scan \
@@ -184,7 +185,7 @@ if [ "$MODE" = start ]; then
                 --stages=synth,train,indexes,evaluate --workdir=$R/gemma_paper;;
       gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=$(f 0.1) \
                 --mem_total=$(mt) --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
-                "--extra=--config.model_path=gemma3-270m --config.eval.num_loaded=(1,2,5,10) --config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
+                "--extra=--config.model_path=gemma3-270m --config.eval.num_loaded=(1,2,5,10) $SPREAD";;
       builtin6) for k in ${B6_KINDS:-patients products minutes}; do for s in 0 1; do mkdir -p $R/builtin6/${k}_s$s
                   XLA_PYTHON_CLIENT_PREALLOCATE=false run builtin6_${k}_s$s python3 -m launch.cas \
                     --config=configs/cas.py:paper --config.data.kind=$k --config.data.seed=$s --config.synth.seed=$s \
@@ -195,7 +196,7 @@ if [ "$MODE" = start ]; then
       q21) run q21 $CS start $R/q21 --variants=base --collections=patients,products,minutes --seeds=0,1 --p=${Q21_P:-256} \
                 --mem=$(f 0.05) --synth_mem=$(f 0.06) --mem_total=$(mt) \
                 --methods=no_context,icl,cartridge_oracle,cartridge_retrieved,cartridge_adaptive,rag_text,cartridge_gold_pair${Q21_METHODS:+,$Q21_METHODS} \
-                "--extra=--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8) --config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}";;
+                "--extra=--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8) $SPREAD";;
       *) echo "unknown job $j"; exit 2;;
     esac
   done
