@@ -169,7 +169,7 @@ def _top_k_in_blocks(xb: Array, bmax: Array, k: int) -> tuple[Array, Array]:
   return vals, ids
 
 
-def fused_top_k_logprobs(x: Array, k: int, block: int = 1024) -> tuple[Array, Array, Array]:
+def fused_top_k_logprobs(x: Array, k: int, block: int = 1024) -> tuple[Array, Array, Array, Array]:
   """The top-k log-probabilities of x [n, V] (log_softmax(x) then top-k) with one max pass over the vocabulary
   shared by both: the block maxima give the row's maximum (for the log-sum-exp) and the candidate blocks (for
   the top-k, taken over x itself, whose order log_softmax keeps). The [n, V] log-probabilities are never written.
@@ -179,15 +179,17 @@ def fused_top_k_logprobs(x: Array, k: int, block: int = 1024) -> tuple[Array, Ar
   Falls back to log_softmax + `blocked_top_k` where blocking saves nothing."""
   n, v = x.shape
   nb = -(-v // block)
-  if k == 0 or v <= 4 * block or k >= nb:
+  fused = not (k == 0 or v <= 4 * block or k >= nb)
+  if fused:
+    xb = _blocks(x, block)
+    bmax = jnp.max(xb, axis=-1)  # [n, nb]
+    m = jnp.max(bmax, axis=-1, keepdims=True)  # [n, 1] the row's maximum
+  else:
     m = jnp.max(x, axis=-1, keepdims=True)
-    lse = jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))
+  lse = jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))  # [n, 1]
+  if not fused:
     vals, ids = blocked_top_k((x - m) - lse, k, block)
     return vals, ids, m, lse
-  xb = _blocks(x, block)
-  bmax = jnp.max(xb, axis=-1)  # [n, nb]
-  m = jnp.max(bmax, axis=-1, keepdims=True)  # [n, 1] the row's maximum
-  lse = jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))  # [n, 1]
   vals, ids = _top_k_in_blocks(xb, bmax, k)
   return (vals - m) - lse, ids, m, lse
 
