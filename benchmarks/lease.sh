@@ -6,6 +6,8 @@
 #   bash benchmarks/lease.sh status        # progress of every job (repeat: `sleep 500; ... status`)
 #   bash benchmarks/lease.sh then "seq" "mono512"   # start mono512 (as `start` would) as soon as seq has ended
 #   OUT=$OUT bash benchmarks/lease.sh collect   # each job's archive into $OUT/<job>/ (what has finished)
+#       collect in every waiting call, not only the last (`sleep 500; ... status; OUT=$OUT ... collect`): a machine
+#       can be taken back mid-run, and what no call brought back is lost (2026-12-06: a whole k20/head32 study)
 #   OUT=$OUT bash benchmarks/lease.sh castep   # the study's CAS step under remat full / none / dots (alone, ~2 min)
 #   OUT=$OUT MODELS=smollm2-135m bash benchmarks/lease.sh decode   # issue 22's decode levers, in the
 #       foreground and alone on the GPU (timings): run it before `start`, not beside the jobs
@@ -155,7 +157,8 @@ if [ "$MODE" = start ]; then
                 --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=$SPREAD";;
       seq) run seq $CS start $R/seq --variants=${SEQ_VARIANTS:-seq} --collections=${SEQ_COLLECTIONS:-minutes,patients} \
                 --seeds=0,1 --methods=${SEQ_METHODS:-cartridge_oracle,cas_composed,isolated_composed} --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=$SPREAD";;
-      lever) run lever $CS start $R/lever --variants=${LEVER_VARIANTS:?LEVER_VARIANTS= names the compose_study variants} \
+      lever) : ${LEVER_VARIANTS:?LEVER_VARIANTS= names the compose_study variants}  # "k20 head32" or k20,head32
+             run lever $CS start $R/lever --variants=${LEVER_VARIANTS// /,} \
                 --collections=${LEVER_COLLECTIONS:-minutes,patients} --seeds=0,1 ${LEVER_METHODS:+--methods=$LEVER_METHODS} \
                 --mem=$(f 0.06) --synth_mem=$(f 0.06) --mem_total=$(mt) "--extra=$SPREAD";;
       mixw2) run mixw2 $CS start $R/mixw2 --variants=mixw2 --collections=${MIXW2_COLLECTIONS:-minutes,patients} --seeds=0,1 \

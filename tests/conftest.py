@@ -10,3 +10,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# One XLA compilation cache for the whole test session, shared by the xdist workers and the subprocesses
+# the tests start (they inherit the environment): many tests compile the same programs (a fresh Sampler or
+# step function re-lowers to the same HLO), and a cache hit skips XLA's compile. Keys are content hashes
+# (HLO, compile options, jax version), so a stale entry is never used for a changed program.
+# CAS_TEST_COMPILE_CACHE=0 turns it off; a path sets its directory.
+_cache = os.environ.get("CAS_TEST_COMPILE_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache",
+                                                               "xla"))
+if _cache != "0":
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(_cache))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
