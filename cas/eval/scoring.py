@@ -62,9 +62,12 @@ def _padded_prefix(pk, pv):
   return jnp.pad(pk, pad), jnp.pad(pv, pad), jnp.arange(pb) < p
 
 
-@functools.partial(jax.jit, static_argnames=("text_prefix",))
-def _score(model: Transformer, pk, pv, pmask, tokens, positions, segs, tmask, text_prefix=False):
+@functools.partial(jax.jit, static_argnames=("text_prefix", "span"))
+def _score(model: Transformer, pk, pv, pmask, tokens, positions, segs, tmask, start, text_prefix=False, span=None):
   """Sum of log p(target tokens) per row. tokens [B, T]; tmask [B, T] marks tokens to score.
+  start [] int32, span (static): every scored token lies in tokens[:, start + 1 : start + 1 + span], so only
+  the hidden states at start .. start + span - 1 go through the LM head and the log-softmax (the rows share
+  their prompt; the [B, T, V] logits of the prompt positions are never made). span None: every position.
   text_prefix: the prefix is text at positions 0..P-1 (ICL), which a sliding-window model
   windows like the prompt (`cas.model.llama.Prefix.positions`); else a cartridge."""
   prefix = None
@@ -74,10 +77,19 @@ def _score(model: Transformer, pk, pv, pmask, tokens, positions, segs, tmask, te
     prefix = Prefix(jnp.broadcast_to(pk[:, None], (pk.shape[0], b) + pk.shape[1:]).astype(model.dtype),
                     jnp.broadcast_to(pv[:, None], (pv.shape[0], b) + pv.shape[1:]).astype(model.dtype),
                     jnp.broadcast_to(pmask[None], (b, pmask.shape[0])), ppos)
-  logits, _ = model(tokens, positions, segs, prefix=prefix)
-  lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  tgt = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return (tgt * tmask[:, 1:]).sum(-1), tmask[:, 1:].sum(-1)
+  h, _ = model(tokens, positions, segs, prefix=prefix, return_hidden=True)
+  if span is None:
+    h, tgt_ids, m = h[:, :-1], tokens[:, 1:], tmask[:, 1:]
+  else:
+    h = jax.lax.dynamic_slice_in_dim(h, start, span, axis=1)
+    tgt_ids = jax.lax.dynamic_slice_in_dim(tokens, start + 1, span, axis=1)
+    m = jax.lax.dynamic_slice_in_dim(tmask, start + 1, span, axis=1)
+  lp = jax.nn.log_softmax(model.logits_from_hidden(h), axis=-1)
+  tgt = jnp.take_along_axis(lp, tgt_ids[..., None], axis=-1)[..., 0]
+  return (tgt * m).sum(-1), m.sum(-1)
+
+
+CONTINUATION_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def score_continuations(model: Transformer, prefix_kv, prompt_ids: Sequence[int],
@@ -95,6 +107,11 @@ def score_continuations(model: Transformer, prefix_kv, prompt_ids: Sequence[int]
   n = len(continuations)
   seqs = [list(prompt_ids) + list(c) for c in continuations]
   T = bucket(max(len(s) for s in seqs))
+  # the scored tokens are the continuations', in tokens[len(prompt) : T]: a window tokens[start + 1 : start + 1
+  # + span] that holds them all (moved left where it would pass T; the first token of a sequence has nothing
+  # before it and is never scored) is all that the LM head has to see
+  span = bucket(max(1, max(len(c) for c in continuations)), CONTINUATION_BUCKETS)
+  start = min(max(len(prompt_ids) - 1, 0), T - 1 - span)
   B = bucket(n, (1, 2, 4, 8, 16, 32, 64))
   tokens = np.zeros((B, T), np.int32)
   segs = np.zeros((B, T), np.int32)
@@ -109,8 +126,9 @@ def score_continuations(model: Transformer, prefix_kv, prompt_ids: Sequence[int]
   else:
     pk, pv, pm = _padded_prefix(*prefix_kv)
   s, c = _score(model, pk, pv, pm, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segs),
-                jnp.asarray(tmask), text_prefix=bool(text_prefix and pk is not None
-                                                     and model.cfg.has_sliding_window))
+                jnp.asarray(tmask), jnp.asarray(max(start, 0), jnp.int32),
+                text_prefix=bool(text_prefix and pk is not None and model.cfg.has_sliding_window),
+                span=span if start >= 0 else None)
   return np.asarray(s)[:n], np.asarray(c)[:n]
 
 

@@ -1,4 +1,5 @@
 """Evaluation engine: the prefix path equals putting the context in the prompt; answer checking."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -89,3 +90,39 @@ def test_the_distractor_share_of_composed_cartridges(ev):
                                               ev, progress=False)
   with pytest.raises(ValueError, match="2 distractor flags for 3 cartridges"):
     on.cartridges(carts, distractor=[True, False])
+
+
+def _reference_scores(model, prefix_kv, prompt, conts):
+  """Each continuation scored alone from the model's full logits (no buckets, no window)."""
+  from cas.model.llama import Prefix
+  out = []
+  for c in conts:
+    seq = jnp.asarray([list(prompt) + list(c)], jnp.int32)
+    p = 0 if prefix_kv is None else prefix_kv[0].shape[1]
+    pre = None if prefix_kv is None else Prefix(prefix_kv[0][:, None], prefix_kv[1][:, None], jnp.ones((1, p), bool))
+    logits, _ = model(seq, p + jnp.arange(seq.shape[1])[None], jnp.ones_like(seq), prefix=pre)
+    lp = np.asarray(jax.nn.log_softmax(logits[0, :-1], axis=-1))
+    first = max(len(prompt), 1)  # the sequence's first token has nothing before it
+    out.append(sum(lp[j - 1, int(seq[0, j])] for j in range(first, seq.shape[1])))
+  return np.asarray(out)
+
+
+@pytest.mark.parametrize("prompt_len,cont_lens", [
+    (20, (3, 9)),     # the window of 16 starts at the prompt's last token
+    (115, (9, 2)),    # the window would pass T = 128: it is moved left
+    (0, (5,)),        # no prompt: the first token is not scored
+    (3, (70,)),       # the continuation fills most of the row: every position
+])
+def test_scores_read_only_the_continuation_window(ev, prompt_len, cont_lens):
+  """score_continuations runs the LM head on a window that holds the continuations only: the same sums
+  as every position's logits, with and without a prefix."""
+  rng = np.random.default_rng(prompt_len)
+  prompt = [int(t) for t in rng.integers(3, 4000, prompt_len)]
+  conts = [[int(t) for t in rng.integers(3, 4000, n)] for n in cont_lens]
+  k = jnp.asarray(rng.normal(size=(TINY_SMOL_VOCAB.num_layers, 7, TINY_SMOL_VOCAB.num_kv_heads,
+                                   TINY_SMOL_VOCAB.head_dim)), jnp.float32)
+  for prefix in (None, (k, 0.5 * k)):
+    got, n = score_continuations(ev.model, prefix, prompt, conts)
+    want = _reference_scores(ev.model, prefix, prompt, conts)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(n, [c - (1 if prompt_len == 0 else 0) for c in cont_lens])
