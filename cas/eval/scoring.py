@@ -18,6 +18,7 @@ import numpy as np
 from cas.model.llama import KVCache, Prefix, Transformer
 
 LENGTH_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+CONTINUATION_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)  # the scored window's length (score_continuations)
 
 
 def bucket(n: int, buckets: Sequence[int] = LENGTH_BUCKETS) -> int:
@@ -87,9 +88,6 @@ def _score(model: Transformer, pk, pv, pmask, tokens, positions, segs, tmask, st
   lp = jax.nn.log_softmax(model.logits_from_hidden(h), axis=-1)
   tgt = jnp.take_along_axis(lp, tgt_ids[..., None], axis=-1)[..., 0]
   return (tgt * m).sum(-1), m.sum(-1)
-
-
-CONTINUATION_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def score_continuations(model: Transformer, prefix_kv, prompt_ids: Sequence[int],
