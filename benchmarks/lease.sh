@@ -3,11 +3,12 @@
 # jobs outlive it; the machine stays held while calls keep coming). After `. benchmarks/gpu_setup.sh`
 # (SmolLM2 for every job; Gemma's six parts too for gemma_minutes):
 #   bash benchmarks/lease.sh start "prose_sal head32 gemma_minutes q21"   # any subset, in this order
-#   bash benchmarks/lease.sh status        # progress of every job (repeat: `sleep 500; ... status`)
+#   bash benchmarks/lease.sh status        # progress of every job (repeat: `sleep 500; ... status`); with $OUT
+#                                          # set, as in a device call, it also collects (below; COLLECT=0: not)
 #   bash benchmarks/lease.sh then "seq" "mono512"   # start mono512 (as `start` would) as soon as seq has ended
 #   OUT=$OUT bash benchmarks/lease.sh collect   # each job's archive into $OUT/<job>/ (what has finished)
-#       collect in every waiting call, not only the last (`sleep 500; ... status; OUT=$OUT ... collect`): a machine
-#       can be taken back mid-run, and what no call brought back is lost (2026-12-06: a whole k20/head32 study)
+#       collect in every waiting call, not only the last (`status` does it when $OUT is set): a machine can be
+#       taken back mid-run, and what no call brought back is lost (2026-12-06: a whole k20/head32 study)
 #   OUT=$OUT bash benchmarks/lease.sh castep   # the study's CAS step under remat full / none / dots (alone, ~2 min)
 #   OUT=$OUT MODELS=smollm2-135m bash benchmarks/lease.sh decode   # issue 22's decode levers, in the
 #       foreground and alone on the GPU (timings): run it before `start`, not beside the jobs
@@ -246,6 +247,9 @@ elif [ "$MODE" = status ]; then
   for d in $R/prose_s*; do [ -d "$d" ] && echo "== $d" && for l in $d/*.log; do echo "$(basename $l): $(tr '\r' '\n' < $l | grep -a -E 'it/s|step|conv' | tail -n 1 | cut -c1-120)"; done; done
   for l in $R/builtin6_*.start.log $R/gemma_paper.start.log; do [ -f "$l" ] && echo "$(basename $l): $(tr '\r' '\n' < $l | grep -a -E 'it/s|step|conv|Error' | tail -n 1 | cut -c1-120)"; done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+  # with $OUT set (a device call), every status also collects what has finished: a machine taken back mid-run
+  # keeps what an earlier call brought back (2026-12-06: a k20/head32 study lost whole). COLLECT=0: status only
+  if [ -n "${OUT:-}" ] && [ "${COLLECT:-1}" = 1 ]; then bash "$0" collect > /dev/null 2>&1; echo "(collected into $OUT)"; fi
 else
   for j in sharp seq mixw2 lever quiet head32 compose_sal silent gemma q21 p512 long p512rest mono512 paper3; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
     [ -f $OUT/compose_study.tgz ] && mv $OUT/compose_study.tgz $OUT/$j/; done

@@ -50,3 +50,18 @@ def test_then_returns_at_once_and_its_watcher_logs_the_start(tmp_path):
       break
     time.sleep(0.5)
   assert "mono512: python3 benchmarks/compose_study.py start" in log.read_text()
+
+
+def test_status_with_out_set_also_collects(tmp_path):
+  """In a device call ($OUT set) every `status` brings back what has finished, so a machine taken back mid-run
+  keeps what earlier calls collected; COLLECT=0 prints the status only."""
+  root, out = tmp_path / "lease", tmp_path / "out"
+  out.mkdir()
+  _status(root, "lever", synth_minutes_s0="done 160s", k20_minutes_s0="running")
+  got, _ = _lease(root, "status", OUT=str(out)).communicate(timeout=120)
+  assert "k20_minutes_s0" in got and f"(collected into {out})" in got
+  assert (out / "lever").is_dir()  # the job's folder in $OUT, where its archive goes
+  other = tmp_path / "out2"
+  other.mkdir()
+  got, _ = _lease(root, "status", OUT=str(other), COLLECT="0").communicate(timeout=120)
+  assert "collected" not in got and not (other / "lever").exists()
