@@ -56,4 +56,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("model_path", "", "a local HF directory or GGUF (default: the embedded default model)")
   flags.DEFINE_integer("p", 512, "prefix slots (a cartridge of p tokens)")
   flags.DEFINE_list("prompt_lens", ["60", "200"], "prompt lengths in tokens")
-  app.run(lambda _: bench(flags.FLAGS.model_path, flags.FLAGS.p, [int(x) for x in flags.FLAGS.prompt_lens]) and None)
+
+  def main(_):
+    bench(flags.FLAGS.model_path, flags.FLAGS.p, [int(x) for x in flags.FLAGS.prompt_lens])
+
+  app.run(main)
