@@ -3,7 +3,7 @@
 Multiple-choice scoring runs the model over [prompt + option] rows after a prefix (a cartridge, or ICL's
 document KV) and needs the log-probabilities of the option tokens only. `score_continuations` runs the LM
 head and the log-softmax on a window that holds the options (`span`); before, on every position. This times
-`_score` both ways in one process, on the default model (or --model_path), a random p-slot prefix, 4 options of
+`_score` both ways in one process, on rows packed by `scoring.pack_rows` as evaluation packs them, on the default model (or --model_path), a random p-slot prefix, 4 options of
 3-8 tokens after prompts of --prompt_lens tokens, and checks that both give the same sums. Median of 5 calls
 after a compile call; prints one line per prompt length.
 
@@ -29,26 +29,23 @@ def bench(model_path: str, p: int, prompt_lens, repeats: int = 5):
   rows = []
   for n in prompt_lens:
     prompt = [int(t) for t in rng.integers(3, 4000, n)]
-    seqs = [prompt + [int(t) for t in rng.integers(3, 4000, c)] for c in (3, 5, 8, 6)]
-    t_len = scoring.bucket(max(map(len, seqs)))
-    tokens, segs, tmask = (np.zeros((4, t_len), d) for d in (np.int32, np.int32, np.float32))
-    for i, s in enumerate(seqs):
-      tokens[i, :len(s)], segs[i, :len(s)], tmask[i, n:len(s)] = s, 1, 1
-    pos = np.broadcast_to(p + np.arange(t_len, dtype=np.int32), (4, t_len))
-    args = (lm.model, pk, pv, pm, *map(jnp.asarray, (tokens, pos, segs, tmask)), jnp.asarray(n - 1, jnp.int32))
+    rows_in = scoring.pack_rows(prompt, [[int(t) for t in rng.integers(3, 4000, c)] for c in (3, 5, 8, 6)], p)
+    window, t_len = rows_in.pop("span"), int(rows_in["tokens"].shape[1])
+    args = (lm.model, pk, pv, pm)
     got = {}
-    for span in (None, 8):
-      out = jax.block_until_ready(scoring._score(*args, span=span))
+    for span in (None, window):
+      out = jax.block_until_ready(scoring._score(*args, **rows_in, span=span))
       ts = []
       for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(scoring._score(*args, span=span))
+        jax.block_until_ready(scoring._score(*args, **rows_in, span=span))
         ts.append(time.perf_counter() - t)
       got[span] = (float(np.median(ts)), np.asarray(out[0]))
-    np.testing.assert_allclose(got[None][1], got[8][1], rtol=1e-4)
-    rows.append(dict(prompt=n, T=t_len, every_s=got[None][0], window_s=got[8][0]))
+    np.testing.assert_allclose(got[None][1], got[window][1], rtol=1e-4)
+    rows.append(dict(prompt=n, T=t_len, window=window, every_s=got[None][0], window_s=got[window][0]))
     print(f"prompt {n} (row bucket {t_len}), 4 options, p = {p}, {jax.devices()[0].device_kind}: every position "
-          f"{got[None][0] * 1e3:.0f} ms, window of 8 {got[8][0] * 1e3:.0f} ms: {got[None][0] / got[8][0]:.2f}x")
+          f"{got[None][0] * 1e3:.0f} ms, window of {window} {got[window][0] * 1e3:.0f} ms: "
+          f"{got[None][0] / got[window][0]:.2f}x")
   return rows
 
 

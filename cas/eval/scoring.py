@@ -90,18 +90,9 @@ def _score(model: Transformer, pk, pv, pmask, tokens, positions, segs, tmask, st
   return (tgt * m).sum(-1), m.sum(-1)
 
 
-def score_continuations(model: Transformer, prefix_kv, prompt_ids: Sequence[int],
-                        continuations: Sequence[Sequence[int]], *, position_offset: int | None = None,
-                        text_prefix: bool = False):
-  """Log-likelihood of each continuation after [prefix KV] + prompt.
-
-  prefix_kv: None or (k, v) [L, P, Hkv, D]. Positions start at P (or `position_offset`).
-  text_prefix: prefix_kv is text (`context_kv`), not a cartridge; matters only for models with
-  sliding-window layers (Gemma 3), which then window it like ordinary context.
-  Returns (sum_logprob [N] f32, num_tokens [N]).
-  """
-  p = 0 if prefix_kv is None else int(prefix_kv[0].shape[1])
-  off = p if position_offset is None else position_offset
+def pack_rows(prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]], position_offset: int):
+  """[prompt + continuation] rows padded to buckets, as `_score` reads them: a dict of tokens, positions, segs,
+  tmask [B, T] (tmask marks the continuations' tokens), start [] int32 and span (static; None: every position)."""
   n = len(continuations)
   seqs = [list(prompt_ids) + list(c) for c in continuations]
   T = bucket(max(len(s) for s in seqs))
@@ -118,15 +109,31 @@ def score_continuations(model: Transformer, prefix_kv, prompt_ids: Sequence[int]
     tokens[i, :len(s)] = s
     segs[i, :len(s)] = 1
     tmask[i, len(prompt_ids):len(s)] = 1.0
-  positions = np.broadcast_to(off + np.arange(T, dtype=np.int32), (B, T))
+  positions = np.broadcast_to(position_offset + np.arange(T, dtype=np.int32), (B, T))
+  return dict(tokens=jnp.asarray(tokens), positions=jnp.asarray(positions), segs=jnp.asarray(segs),
+              tmask=jnp.asarray(tmask), start=jnp.asarray(max(start, 0), jnp.int32),
+              span=span if start >= 0 else None)
+
+
+def score_continuations(model: Transformer, prefix_kv, prompt_ids: Sequence[int],
+                        continuations: Sequence[Sequence[int]], *, position_offset: int | None = None,
+                        text_prefix: bool = False):
+  """Log-likelihood of each continuation after [prefix KV] + prompt.
+
+  prefix_kv: None or (k, v) [L, P, Hkv, D]. Positions start at P (or `position_offset`).
+  text_prefix: prefix_kv is text (`context_kv`), not a cartridge; matters only for models with
+  sliding-window layers (Gemma 3), which then window it like ordinary context.
+  Returns (sum_logprob [N] f32, num_tokens [N]).
+  """
+  p = 0 if prefix_kv is None else int(prefix_kv[0].shape[1])
+  rows = pack_rows(prompt_ids, continuations, p if position_offset is None else position_offset)
   if prefix_kv is None:
     pk = pv = pm = None
   else:
     pk, pv, pm = _padded_prefix(*prefix_kv)
-  s, c = _score(model, pk, pv, pm, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segs),
-                jnp.asarray(tmask), jnp.asarray(max(start, 0), jnp.int32),
-                text_prefix=bool(text_prefix and pk is not None and model.cfg.has_sliding_window),
-                span=span if start >= 0 else None)
+  s, c = _score(model, pk, pv, pm, **rows,
+                text_prefix=bool(text_prefix and pk is not None and model.cfg.has_sliding_window))
+  n = len(continuations)
   return np.asarray(s)[:n], np.asarray(c)[:n]
 
 
