@@ -101,8 +101,11 @@ def _guarded(main):
 
 def run(main) -> None:
   """`absl.app.run(main)` with `launch.flagparse.parse_flags` (command-line errors explained, status
-  2) and user errors reported as one `error:` block with their exit status (module docstring)."""
+  2) and user errors reported as one `error:` block with their exit status (module docstring). Before
+  it, jax's persistent compilation cache is pointed at $CAS_HOME/xla (cas/compile_cache.py)."""
   try:
+    from cas import compile_cache
+    compile_cache.enable()  # a persistent XLA compilation cache under $CAS_HOME (CAS_COMPILE_CACHE=0: off)
     app.run(_guarded(main), flags_parser=parse_flags)
   except Exception as e:  # noqa: BLE001 - raised outside main (e.g. the multi-host set-up after flag parsing)
     status = exit_status(e)

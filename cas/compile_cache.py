@@ -1,0 +1,84 @@
+"""A persistent XLA compilation cache for every launch, on disk under $CAS_HOME.
+
+Each launch is one process, and a process compiles its programs anew: every variant of a study
+(self-study, training, evaluation) pays the same compiles again. The default model's unrolled decode
+compiles in ~23 s on an H100 where a 512-conversation self-study then decodes for ~9 s (BENCHMARKS.md,
+"The `paper` preset's self-study on the default model"). With the cache, the second launch of the same
+program on the same jax, backend and device kind reads the executable from disk instead.
+
+Keys are jax's own (a hash of the program, its compile options, the jax/XLA version and the devices),
+so a changed program, another jax or another card never reads a stale entry; jax evicts the least
+recently used entries above the size cap.
+
+  CAS_COMPILE_CACHE=0                 off
+  CAS_COMPILE_CACHE=/path             the cache directory (default: $CAS_HOME/xla, i.e. ~/.cache/cas/xla)
+  CAS_COMPILE_CACHE_MAX_GB=8          the size cap (default 8 GB; jax's LRU eviction)
+  CAS_COMPILE_CACHE_MIN_SECS=1        programs that compiled faster than this are not written (default 1 s)
+
+A JAX_COMPILATION_CACHE_DIR already in the environment (jax's own variable) wins: cas leaves jax's
+settings as they are.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV = "CAS_COMPILE_CACHE"
+ENV_MAX_GB = "CAS_COMPILE_CACHE_MAX_GB"
+ENV_MIN_SECS = "CAS_COMPILE_CACHE_MIN_SECS"
+JAX_ENV = "JAX_COMPILATION_CACHE_DIR"
+DEFAULT_MAX_GB = 8.0
+DEFAULT_MIN_SECS = 1.0
+
+
+def cache_dir(environ=None) -> Path | None:
+  """The directory the launches' compilation cache uses, or None where it is off (CAS_COMPILE_CACHE=0)
+  or where jax's own JAX_COMPILATION_CACHE_DIR is set (then jax uses that one by itself)."""
+  env = os.environ if environ is None else environ
+  if env.get(JAX_ENV):
+    return None
+  value = env.get(ENV, "")
+  if value == "0":
+    return None
+  if value:
+    return Path(value).expanduser()
+  from cas.model.fetch import cas_home
+  home = Path(env["CAS_HOME"]).expanduser() if env.get("CAS_HOME") else cas_home()
+  return home / "xla"
+
+
+def _number(env, name: str, default: float) -> float:
+  raw = env.get(name, "")
+  if not raw:
+    return default
+  from cas.config_check import ConfigError
+  try:
+    value = float(raw)
+  except ValueError:
+    raise ConfigError(f"environment variable {name}={raw!r} is not a number") from None
+  if value < 0:
+    raise ConfigError(f"environment variable {name}={raw!r} must be >= 0")
+  return value
+
+
+def enable(environ=None) -> Path | None:
+  """Point jax's persistent compilation cache at `cache_dir()` (module docstring); returns the directory,
+  or None where it stays off. Call it before the first compile; it does not start a backend."""
+  env = os.environ if environ is None else environ
+  where = cache_dir(env)
+  if where is None:
+    return None
+  max_gb = _number(env, ENV_MAX_GB, DEFAULT_MAX_GB)
+  min_secs = _number(env, ENV_MIN_SECS, DEFAULT_MIN_SECS)
+  try:
+    where.mkdir(parents=True, exist_ok=True)
+  except OSError as e:  # a read-only home: run without the cache, as before
+    from absl import logging
+    logging.warning("compilation cache off: cannot create %s (%s); set %s to a writable directory or 0",
+                    where, e, ENV)
+    return None
+  import jax
+  jax.config.update("jax_compilation_cache_dir", str(where))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
+  jax.config.update("jax_compilation_cache_max_size", int(max_gb * 1e9))
+  return where
