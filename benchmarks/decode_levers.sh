@@ -9,7 +9,8 @@
 # LOOPS= / TOPK= pick the layer loops (scan,unrolled) and top-k forms (lax,blocked: block maxima first, the same; fused: no [B, V] log-probs, the same
 # result; -0.4% at batch 128, 2026-12-06, not kept) to run, each pair its own variant; PRESPLIT (default cache: the Sampler's default) = false,true,cache picks the
 # per-layer weights sliced once per call (true: Sampler presplit_layers; unrolled layers only; +15-33% at 1B, 2026-12-06)
-# and cache = that plus one KV array per layer (split_cache; +13-24% more, 2026-12-06); RNG=threefry2x32,rbg adds the
+# and cache = that plus one KV array per layer (split_cache; +13-24% more, 2026-12-06), merged = cache plus each layer's
+# q/k/v and gate/up weights joined into one matrix each (Sampler merge_projections; not measured yet); RNG=threefry2x32,rbg adds the
 # draws' PRNG (Sampler rng_impl; +-1.5%, not kept); ARGMAX=lax,blocked the token pick (Sampler argmax_impl: a plain
 # max over blocks before a short argmax, the same tokens; -1.4%, not kept); GRAPHS_RUN=0 skips the command-buffer run (it lost 4-18%, 2026-12-06).
 # Then here: the JSON lines in $OUT/decode_levers.jsonl (tokens_per_s per variant, layer_loop, xla_flags).

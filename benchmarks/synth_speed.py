@@ -69,8 +69,9 @@ flags.DEFINE_string("hlo_dir", None, "with --profile_dir: XLA writes every compi
 flags.DEFINE_list("top_k_impl", ["blocked"], "the Sampler's top-k of the log-probs per step: lax (jax.lax.top_k), "
                   "blocked (block maxima first; the same result); each one listed is its own variant")
 flags.DEFINE_list("presplit", ["cache"], "Sampler presplit_layers (unrolled layers: each layer's weights sliced once "
-                  "per call, before the decode loop): false, true, or cache (true and split_cache: one KV array per "
-                  "layer; the Sampler's default); each one listed is its own variant")
+                  "per call, before the decode loop): false, true, cache (true and split_cache: one KV array per "
+                  "layer; the Sampler's default) or merged (cache, and each layer's q/k/v and gate/up weights joined "
+                  "into one matrix each: Sampler merge_projections); each one listed is its own variant")
 flags.DEFINE_list("argmax", ["lax"], "the Sampler's token pick from the noised logits (argmax_impl): lax "
                   "(jnp.argmax), blocked (a plain max over blocks first; the same tokens); each one listed is its own "
                   "variant")
@@ -127,7 +128,7 @@ def main(argv):
 
   cas_recs = []
   for name, choices in (("layer_loop", ("scan", "unrolled")), ("top_k_impl", TOP_K_IMPLS),
-                        ("presplit", ("false", "true", "cache")), ("rng", RNG_IMPLS), ("argmax", ARGMAX_IMPLS)):
+                        ("presplit", ("false", "true", "cache", "merged")), ("rng", RNG_IMPLS), ("argmax", ARGMAX_IMPLS)):
     bad = sorted(set(F[name].value) - set(choices))
     if bad:
       raise SystemExit(f"--{name}: {bad} unknown; choose from {', '.join(choices)}")
@@ -135,20 +136,21 @@ def main(argv):
                                                  for ll in F.layer_loop for t in F.top_k_impl for s in F.presplit
                                                  for r in F.rng for a in F.argmax]:
     # presplit and its per-layer cache act on unrolled layers only (a scan reads the stacked arrays)
-    ps, sc = ps_flag != "false" and loop == "unrolled", ps_flag == "cache" and loop == "unrolled"
+    ps = ps_flag != "false" and loop == "unrolled"
+    sc, mg = ps and ps_flag in ("cache", "merged"), ps and ps_flag == "merged"
     rec = {"impl": "cas", "variant": f"sampler/{name}" + (f"/shared_{mode}" if mode else "")
            + ("" if loop == "scan" else f"/{loop}") + ("" if tk == "blocked" else f"/topk_{tk}")
-           + ("/presplit" if ps else "") + ("/split_cache" if sc else "")
+           + ("/presplit" if ps else "") + ("/split_cache" if sc else "") + ("/merged" if mg else "")
            + ("" if rng == "threefry2x32" else f"/rng_{rng}") + ("" if am == "lax" else f"/argmax_{am}"),
            "rng_impl": rng, "argmax_impl": am,
            "attn": name, "shared_prefix": mode, "layer_loop": loop, "top_k_impl": tk,
-           "presplit_layers": ps, "split_cache": sc,
+           "presplit_layers": ps, "split_cache": sc, "merge_projections": mg,
            "xla_flags": user_xla_flags}
     prev = attn_lib.install(name)
     model.layer_loop = loop  # a static attribute: the Sampler's graphdef (below) carries it into its programs
     try:
       sampler = Sampler(model, pad_id=0, cache_dtype=jnp.bfloat16, shared_prefix=mode, top_k_impl=tk,
-                        presplit_layers=ps, split_cache=sc, rng_impl=rng,
+                        presplit_layers=ps, split_cache=sc, merge_projections=mg, rng_impl=rng,
                         argmax_impl=am)
       call = sampler.generate_shared if mode else sampler.generate
       gen = lambda seed: call(prompts, max_new_tokens=F.new_tokens, temperature=1.0,

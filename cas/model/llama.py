@@ -320,10 +320,20 @@ class Transformer(nnx.Module):
       data["sliding"] = jnp.asarray(self.cfg.sliding_layers)  # [L] bool
     return data
 
-  def split_layers(self) -> list[dict[str, Array]]:
-    """Each layer's arrays on their own (slices of the stacked ones), for `__call__(layer_params=...)`."""
+  def split_layers(self, merge_projections: bool = False) -> list[dict[str, Array]]:
+    """Each layer's arrays on their own (slices of the stacked ones), for `__call__(layer_params=...)`.
+    merge_projections: also join each layer's q, k, v projections into one "wqkv" [E, H + 2 Hkv, D] and
+    its gate and up projections into one "w_gate_up" [E, 2 M], in the compute dtype (the parts are
+    dropped): a decode step then runs 4 matmuls per layer instead of 7, each over a wider weight (the
+    merged QKV / gate-up linears of vLLM). The same values: the outputs are split back at once."""
     data = self._layer_data(self.inv_freq[...])
-    return [jax.tree.map(lambda a, i=i: a[i], data) for i in range(self.cfg.num_layers)]
+    parts = [jax.tree.map(lambda a, i=i: a[i], data) for i in range(self.cfg.num_layers)]
+    if merge_projections:
+      dt = self.dtype
+      for w in parts:
+        w["wqkv"] = jnp.concatenate([w.pop("wq").astype(dt), w.pop("wk").astype(dt), w.pop("wv").astype(dt)], axis=1)
+        w["w_gate_up"] = jnp.concatenate([w.pop("w_gate").astype(dt), w.pop("w_up").astype(dt)], axis=1)
+    return parts
 
   # -- forward ----------------------------------------------------------------
   def __call__(self, tokens: Array, positions: Array, segment_ids: Array | None = None,
@@ -444,9 +454,14 @@ class Transformer(nnx.Module):
       own = xs[3:]  # a per-layer cache: this layer's (k, v) arrays, returned updated
       g = cfg.is_gemma
       h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps, g)
-      q = jnp.einsum("bte,ehd->bthd", h, w["wq"].astype(dt))
-      k = jnp.einsum("bte,ehd->bthd", h, w["wk"].astype(dt))
-      v = jnp.einsum("bte,ehd->bthd", h, w["wv"].astype(dt))
+      if "wqkv" in w:  # split_layers(merge_projections=True): one matmul, split at once
+        qkv = jnp.einsum("bte,ehd->bthd", h, w["wqkv"].astype(dt))
+        nh, nkv = cfg.num_heads, cfg.num_kv_heads
+        q, k, v = qkv[:, :, :nh], qkv[:, :, nh:nh + nkv], qkv[:, :, nh + nkv:]
+      else:
+        q = jnp.einsum("bte,ehd->bthd", h, w["wq"].astype(dt))
+        k = jnp.einsum("bte,ehd->bthd", h, w["wk"].astype(dt))
+        v = jnp.einsum("bte,ehd->bthd", h, w["wv"].astype(dt))
       if cfg.attention_bias:
         q = q + w["bq"].astype(dt)
         k = k + w["bk"].astype(dt)
@@ -505,8 +520,12 @@ class Transformer(nnx.Module):
         o = rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps, g)
       x = x + o
       h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps, g)
-      gate = jnp.einsum("bte,em->btm", h, w["w_gate"].astype(dt))
-      up = jnp.einsum("bte,em->btm", h, w["w_up"].astype(dt))
+      if "w_gate_up" in w:
+        gu = jnp.einsum("bte,em->btm", h, w["w_gate_up"].astype(dt))
+        gate, up = gu[..., :cfg.intermediate_size], gu[..., cfg.intermediate_size:]
+      else:
+        gate = jnp.einsum("bte,em->btm", h, w["w_gate"].astype(dt))
+        up = jnp.einsum("bte,em->btm", h, w["w_up"].astype(dt))
       act = jax.nn.gelu(gate, approximate=True) if g else jax.nn.silu(gate)  # Gemma: GELU-tanh
       o = jnp.einsum("btm,me->bte", act * up, w["w_down"].astype(dt))
       if g:

@@ -69,6 +69,7 @@ ARGMAX_ENV = "CAS_ARGMAX"  # default of Sampler(argmax_impl=None)
 ARGMAX_IMPLS = ("lax", "blocked")
 PRESPLIT_ENV = "CAS_PRESPLIT_LAYERS"  # default of Sampler(presplit_layers=None)
 SPLIT_CACHE_ENV = "CAS_SPLIT_CACHE"  # default of Sampler(split_cache=None)
+MERGE_PROJECTIONS_ENV = "CAS_MERGE_PROJECTIONS"  # default of Sampler(merge_projections=None)
 RNG_ENV = "CAS_SAMPLER_RNG"  # default of Sampler(rng_impl=None)
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
@@ -228,6 +229,11 @@ def split_cache_default() -> bool:
   return os.environ.get(SPLIT_CACHE_ENV, "1") != "0"
 
 
+def merge_projections_default() -> bool:
+  """Sampler(merge_projections=None): the environment variable CAS_MERGE_PROJECTIONS ("1" turns it on), else off."""
+  return os.environ.get(MERGE_PROJECTIONS_ENV, "0") not in ("", "0")
+
+
 def decodes_unrolled(model: Transformer) -> bool:
   """Whether a decoder runs `model`'s layers unrolled with presplit weights: its layer_loop is
   "unrolled", or "auto" on a GPU (a scan is kept off a GPU, where compile time matters more)."""
@@ -315,6 +321,11 @@ class Sampler:
       turns it off), else on (2026-12-06, one H100, Llama-3.2-1B shapes, 2,048 shared + 64 own tokens: +13% /
       +24% generated tokens/s at batch 64 / 256 over presplit alone, the same peak memory; the profile's
       per-step copy fell from 16-20% of device time to 1-3%; BENCHMARKS.md).
+    merge_projections: with presplit layers in effect, join each layer's q/k/v and gate/up weights into one
+      matrix each when they are sliced (`Transformer.split_layers(merge_projections=True)`): 4 matmuls per
+      layer and step instead of 7, each reading a wider weight (the decode's skinny gemms were 54% of its
+      device time at 1B and batch 128, 2026-12-06). The same tokens. None: the environment variable
+      CAS_MERGE_PROJECTIONS ("1" turns it on), else off until measured on a GPU.
     argmax_impl: how a step's token is picked from the (noised) logits: "lax" (jnp.argmax, one two-output
       reduction over the vocabulary) or "blocked" (`blocked_argmax`: a plain max over blocks first; the same
       tokens). None: the environment variable CAS_ARGMAX, else "lax" (2026-12-06, one H100, 1B shapes at batch
@@ -334,7 +345,8 @@ class Sampler:
                new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS,
                cache_dtype: Any = None, prefix_multiple: int = 64, shared_prefix: str | None = None,
                top_k_impl: str | None = None, presplit_layers: bool | None = None,
-               split_cache: bool | None = None, rng_impl: str | None = None, argmax_impl: str | None = None):
+               split_cache: bool | None = None, rng_impl: str | None = None, argmax_impl: str | None = None,
+               merge_projections: bool | None = None):
     for name, b in (("prompt_buckets", prompt_buckets), ("batch_buckets", batch_buckets),
                     ("new_token_buckets", new_token_buckets)):
       if not b or list(b) != sorted(b) or b[0] < 1:
@@ -368,6 +380,9 @@ class Sampler:
     if split_cache is None:
       split_cache = split_cache_default()
     self.split_cache = bool(split_cache)
+    if merge_projections is None:
+      merge_projections = merge_projections_default()
+    self.merge_projections = bool(merge_projections)
     if argmax_impl is None:
       argmax_impl = os.environ.get(ARGMAX_ENV) or "lax"
     if argmax_impl not in ARGMAX_IMPLS:
@@ -786,7 +801,7 @@ class Sampler:
     Called at trace time inside a program."""
     if not (self.presplit_layers and decodes_unrolled(model)):
       return None, False
-    return model.split_layers(), self.split_cache
+    return model.split_layers(merge_projections=self.merge_projections), self.split_cache
 
   def _build_program(self, b: int, tp: int, tn: int, top_k: int, greedy: bool, use_top_p: bool):
     """The jitted prefill + decode program for one bucket combination."""

@@ -2,7 +2,8 @@
 before its loop, and gives the same tokens and log-probs as slicing them in every step; with
 split_cache=True its KV cache is one heads-first array per layer, with the same result; both in the plain and the
 refilled-rows program, for a Llama and a Gemma 3 model (per-layer RoPE tables and sliding-window flags
-ride with the weights). rng_impl: another PRNG for the draws."""
+ride with the weights); merge_projections=True joins q/k/v and gate/up, with the same result. rng_impl: another
+PRNG for the draws."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,14 +46,44 @@ def test_presplit_layers_and_split_cache_decode_the_same_tokens(name):
   pkr = jnp.concatenate([pk, pk[:, :, ::-1]], axis=1)
   per_row = Prefix(pkr, pkr * 0.25, jnp.asarray([[True] * 5, [True, True, True, False, False]]))
   out = {}
-  for split, per_layer in ((False, False), (True, False), (True, True)):
-    s = Sampler(model, pad_id=0, presplit_layers=split, split_cache=per_layer)
-    assert s.presplit_layers is split and s.split_cache is per_layer
-    out[split, per_layer] = [s.generate(prompts, max_new_tokens=7, temperature=1.0, top_k_logprobs=3, seed=2,
-                                        prefix=p) for p in (None, prefix, per_row)]
-  for variant in ((True, False), (True, True)):
-    for ref, got in zip(out[False, False], out[variant]):
+  variants = ((False, False, False), (True, False, False), (True, True, False), (True, True, True))
+  for split, per_layer, merge in variants:  # merge: q/k/v and gate/up joined (merge_projections)
+    s = Sampler(model, pad_id=0, presplit_layers=split, split_cache=per_layer, merge_projections=merge)
+    assert s.presplit_layers is split and s.split_cache is per_layer and s.merge_projections is merge
+    out[split, per_layer, merge] = [s.generate(prompts, max_new_tokens=7, temperature=1.0, top_k_logprobs=3,
+                                               seed=2, prefix=p) for p in (None, prefix, per_row)]
+  for variant in variants[1:]:
+    for ref, got in zip(out[variants[0]], out[variant]):
       _check_same(ref, got)
+
+
+def test_merged_projections_are_the_parts_joined(monkeypatch):
+  """split_layers(merge_projections=True): wqkv is wq | wk | wv on the heads axis, w_gate_up is w_gate | w_up,
+  the parts are gone; a forward with them gives the logits of the stacked weights (biases and q/k norms
+  applied after the split: a Llama with attention_bias, a Gemma 3 with qk_norm)."""
+  for name, extra in (("llama", {"attention_bias": True}), ("gemma3", {})):
+    cfg = ModelConfig.from_hf_dict({**CONFIGS[name], **extra}, source=name)
+    model = build_model(cfg, seed=7, layer_loop="unrolled")
+    if extra:  # zero-initialized biases would not show a misplaced add
+      for b in ("bq", "bk", "bv"):
+        arr = getattr(model.layers, b)
+        arr[...] = jnp.asarray(np.random.default_rng(len(b) + ord(b[1])).normal(size=arr[...].shape), arr[...].dtype)
+    parts = model.split_layers(merge_projections=True)
+    H, K = cfg.num_heads, cfg.num_kv_heads
+    assert parts[1]["wqkv"].shape == (cfg.hidden_size, H + 2 * K, cfg.head_dim)
+    assert not {"wq", "wk", "wv", "w_gate", "w_up"} & set(parts[1])
+    np.testing.assert_array_equal(np.asarray(parts[2]["wqkv"][:, H:H + K]), np.asarray(model.layers.wk[...][2]))
+    np.testing.assert_array_equal(np.asarray(parts[0]["w_gate_up"][:, cfg.intermediate_size:]),
+                                  np.asarray(model.layers.w_up[...][0]))
+    toks = jnp.asarray([[5, 9, 14, 3, 7]])
+    pos = jnp.arange(5)[None]
+    want = model(toks, pos)[0]
+    got = model(toks, pos, layer_params=parts)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    assert np.abs(np.asarray(want)).max() > 1e-3
+  assert Sampler(model, pad_id=0).merge_projections is False  # off until measured on a GPU
+  monkeypatch.setenv("CAS_MERGE_PROJECTIONS", "1")
+  assert Sampler(model, pad_id=0).merge_projections is True
 
 
 def test_refilled_rows_with_presplit_layers_and_split_cache():
