@@ -12,7 +12,7 @@ recently used entries above the size cap.
 
   CAS_COMPILE_CACHE=0                 off
   CAS_COMPILE_CACHE=/path             the cache directory (default: $CAS_HOME/xla, i.e. ~/.cache/cas/xla)
-  CAS_COMPILE_CACHE_MAX_GB=8          the size cap (default 8 GB; jax's LRU eviction)
+  CAS_COMPILE_CACHE_MAX_GB=8          the size cap (default 8 GB; jax's LRU eviction, which needs `filelock`)
   CAS_COMPILE_CACHE_MIN_SECS=1        programs that compiled faster than this are not written (default 1 s)
 
 A JAX_COMPILATION_CACHE_DIR already in the environment (jax's own variable) wins: cas leaves jax's
@@ -77,8 +77,13 @@ def enable(environ=None) -> Path | None:
     logging.warning("compilation cache off: cannot create %s (%s); set %s to a writable directory or 0",
                     where, e, ENV)
     return None
+  import importlib.util
+
   import jax
   jax.config.update("jax_compilation_cache_dir", str(where))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
-  jax.config.update("jax_compilation_cache_max_size", int(max_gb * 1e9))
+  # jax's size cap needs the `filelock` package (transformers brings it); without it, no cap rather than a
+  # RuntimeError at the first compile
+  capped = importlib.util.find_spec("filelock") is not None
+  jax.config.update("jax_compilation_cache_max_size", int(max_gb * 1e9) if capped else -1)
   return where
