@@ -35,6 +35,8 @@ def _define_flags() -> None:
   flags.DEFINE_list("settings", ["0:1", "1:1", "1:0.9999"], "temperature:top_p pairs, each its own record")
   flags.DEFINE_bool("presplit", False, "StepDecoder(presplit=True): layer weights sliced once (unrolled layers)")
   flags.DEFINE_bool("split_cache", False, "StepDecoder(split_cache=True): one KV array per layer (with presplit)")
+  flags.DEFINE_bool("merge_projections", False, "StepDecoder(merge_projections=True): q/k/v and gate/up joined "
+                    "(with presplit)")
   flags.DEFINE_string("out", None, "append JSON lines here")
   flags.DEFINE_integer("seed", 0, "prompt and sampling seed")
 
@@ -74,7 +76,7 @@ def main(argv):
   model = load(F.model)
   dec = StepDecoder(model, pad_id=0, prompt_buckets=(F.prompt_len,), batch_buckets=(F.batch,),
                     new_token_buckets=(F.new_tokens,), prefix_multiple=64, presplit=F.presplit,
-                    split_cache=F.split_cache)
+                    split_cache=F.split_cache, merge_projections=F.merge_projections)
   rng = np.random.default_rng(F.seed)
   prompts = rng.integers(3, model.cfg.vocab_size, (F.batch, F.prompt_len)).tolist()
   never = lambda step, toks, lps: np.zeros(F.batch, bool)  # decode every new token
@@ -87,6 +89,7 @@ def main(argv):
     steps = dec.decode(rows, never)
     dt = time.perf_counter() - t0
     emit.emit({"temperature": temperature, "top_p": top_p, "presplit": dec.presplit, "split_cache": dec.split_cache,
+               "merge_projections": dec.merge_projections,
                "first_call_s": first, "time_s": dt, "steps": steps, "tokens_per_s": steps * F.batch / dt})
 
 

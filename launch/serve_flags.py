@@ -26,6 +26,9 @@ PRESPLIT = flags.DEFINE_bool("presplit", False, "Decode with the layers unrolled
                              "every step; holds one more copy of the layer weights (not measured in the server yet).")
 SPLIT_CACHE = flags.DEFINE_bool("split_cache", False, "With --presplit: one heads-first KV array per layer, read in "
                                 "place by each step's attention (not measured in the server yet).")
+MERGE_PROJECTIONS = flags.DEFINE_bool("merge_projections", False, "With --presplit: each layer's q/k/v and gate/up "
+                                      "weights joined into one matrix each, 4 matmuls per layer and step instead "
+                                      "of 7 (not measured on a GPU yet).")
 PROMPT_FORMAT = flags.DEFINE_enum(
     "prompt_format", "auto", ["auto", "chat", "completion"],
     "How messages become a prompt, as config.prompt_format in self-study and evaluation: chat (the chat "
@@ -98,7 +101,8 @@ def build_engine(extra_checks: dict | None = None):
   engine = Engine(lm.model, lm.tokenizer, colls, model_name=name, cache_size=CACHE_SIZE.value,
                   max_batch=MAX_BATCH.value, max_context=MAX_CONTEXT.value,
                   default_max_tokens=MAX_TOKENS.value, default_top_k=TOP_K.value,
-                  prompt_format=PROMPT_FORMAT.value, presplit=PRESPLIT.value, split_cache=SPLIT_CACHE.value)
+                  prompt_format=PROMPT_FORMAT.value, presplit=PRESPLIT.value, split_cache=SPLIT_CACHE.value,
+                  merge_projections=MERGE_PROJECTIONS.value)
   if PRESPLIT.value and not engine.decoder.presplit:
     logging.warning("--presplit has no effect here: the model's layers run in a scan (CPU, layer_loop auto)")
   logging.info("prompt format: %s (--prompt_format=%s)", engine.prompt_format, PROMPT_FORMAT.value)

@@ -68,11 +68,14 @@ class StepDecoder:
     +15-33% in its decode loop; here one more copy of the layer weights is held for the decoder's life).
   split_cache: with presplit, one heads-first KV array per layer (`KVCache.empty(per_layer=True)`), read in
     place by each step's attention. Both off by default: not measured in the server yet (BENCHMARKS.md).
+  merge_projections: with presplit, each layer's q/k/v and gate/up weights joined into one matrix each
+    (`Transformer.split_layers(merge_projections=True)`, the Sampler's lever of the same name); off by default.
   """
 
   def __init__(self, model: Transformer, *, pad_id: int, prompt_buckets: Sequence[int],
                batch_buckets: Sequence[int], new_token_buckets: Sequence[int],
-               prefix_multiple: int = 64, presplit: bool = False, split_cache: bool = False):
+               prefix_multiple: int = 64, presplit: bool = False, split_cache: bool = False,
+               merge_projections: bool = False):
     self.cfg = model.cfg
     self.dtype = model.dtype
     self.pad_id = int(pad_id)
@@ -85,7 +88,9 @@ class StepDecoder:
     graphdef, cfg = self._graphdef, self.cfg
     self.presplit = bool(presplit) and decodes_unrolled(model)
     self.split_cache = self.presplit and bool(split_cache)
-    self._split = model.split_layers() if self.presplit else None  # sliced once, outside any program
+    self.merge_projections = self.presplit and bool(merge_projections)
+    # sliced once, outside any program
+    self._split = model.split_layers(merge_projections=self.merge_projections) if self.presplit else None
     per_layer = self.split_cache
 
     def prefill(state, split, tokens, lengths, offsets, pk, pv, pm, temps, top_ps, seeds, *, cache_size,

@@ -254,7 +254,7 @@ class Engine:
       model's max_position_embeddings. default_max_tokens: reply length when a request names none.
     default_top_k: cartridges retrieved when a request names a collection but no top_k.
     batch_wait_s: how long the worker waits for more requests before starting a batch.
-    presplit / split_cache: the decoder's (`cas.serve.decode.StepDecoder`).
+    presplit / split_cache / merge_projections: the decoder's (`cas.serve.decode.StepDecoder`).
     prompt_format: "chat" | "completion" | "auto" (cas.model.tokenizer.PROMPT_FORMATS), resolved
       with `tokenizer.with_prompt_format` like config.prompt_format; `self.tok` is the resolved
       tokenizer and `self.prompt_format` the format used (module docstring).
@@ -264,7 +264,7 @@ class Engine:
                cache_size: int = 32, max_batch: int = 8, max_context: int | None = None,
                default_max_tokens: int = 256, default_top_k: int = 2, batch_wait_s: float = 0.01,
                prefix_multiple: int = 64, prompt_format: str = "auto", presplit: bool = False,
-               split_cache: bool = False):
+               split_cache: bool = False, merge_projections: bool = False):
     self.model = model
     self.tok = tokenizer.with_prompt_format(prompt_format)  # ValueError naming an unknown format
     self.prompt_format = self.tok.prompt_format
@@ -283,7 +283,8 @@ class Engine:
     self.decoder = StepDecoder(model, pad_id=tokenizer.pad_id, prompt_buckets=_buckets(self.max_context, 32),
                                batch_buckets=_buckets(self.max_batch, 1),
                                new_token_buckets=_buckets(self.max_context, 16),
-                               prefix_multiple=prefix_multiple, presplit=presplit, split_cache=split_cache)
+                               prefix_multiple=prefix_multiple, presplit=presplit, split_cache=split_cache,
+                               merge_projections=merge_projections)
     self._inv_freq = model.inv_freq[...]
     self._queue: pycollections.deque[Pending] = pycollections.deque()
     self._cond = threading.Condition()

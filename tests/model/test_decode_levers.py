@@ -199,13 +199,18 @@ def test_the_servers_step_decoder_takes_presplit_weights_and_the_split_cache():
 
   plain = StepDecoder(model, **kw)
   fast = StepDecoder(model, presplit=True, split_cache=True, **kw)
+  merged = StepDecoder(model, presplit=True, split_cache=True, merge_projections=True, **kw)
   assert fast.presplit and fast.split_cache and not plain.presplit
+  assert merged.merge_projections and not fast.merge_projections and "wqkv" in merged._split[0]
   for name, rows in batches.items():
-    for (ta, la), (tb, lb) in zip(run(plain, rows), run(fast, rows)):
-      np.testing.assert_array_equal(ta, tb, err_msg=name)
-      np.testing.assert_allclose(la, lb, atol=1e-5, err_msg=name)
-  scan = StepDecoder(build_model(cfg, seed=4, layer_loop="scan"), presplit=True, split_cache=True, **kw)
-  assert not scan.presplit and not scan.split_cache
+    ref = run(plain, rows)
+    for dec in (fast, merged):
+      for (ta, la), (tb, lb) in zip(ref, run(dec, rows)):
+        np.testing.assert_array_equal(ta, tb, err_msg=name)
+        np.testing.assert_allclose(la, lb, atol=1e-5, err_msg=name)
+  scan = StepDecoder(build_model(cfg, seed=4, layer_loop="scan"), presplit=True, split_cache=True,
+                     merge_projections=True, **kw)
+  assert not scan.presplit and not scan.split_cache and not scan.merge_projections
 
 
 def test_the_self_study_preflight_counts_the_presplit_copy_of_the_layers():
