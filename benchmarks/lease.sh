@@ -39,7 +39,9 @@
 #   lever          issue 20: any compose_study variants (LEVER_VARIANTS=, required) on minutes and patients
 #                  (LEVER_COLLECTIONS=), seeds 0 and 1, spread questions, paired with base as `quiet` is; e.g.
 #                  LEVER_VARIANTS=k20: every document resident, rows with up to 19 distractors, as eval's 20 loaded
-#                  (the issue's probe B = k_max = 20 lifted cas@10 from 39.2 to 46.7 on its collection A)
+#                  (the issue's probe B = k_max = 20 lifted cas@10 from 39.2 to 46.7 on its collection A).
+#                  LEVER_VARIANTS="k20 head32" ran 2026-12-06 on an H100 in 16.5 min: both lost (pooled cas - iso
+#                  at 10: k20 +4.8, head32 +1.7, base +4.6; RESULTS.md)
 #   compose_sal    issues 20 + 26: the salient init and the cosine lr decay against base on minutes and products
 #                  (documents longer than p = 256), seeds 0 and 1, questions spread over each document
 #                  (SAL_VARIANTS= / SAL_COLLECTIONS= pick fewer, e.g. base,salient on minutes)
