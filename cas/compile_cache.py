@@ -12,7 +12,7 @@ recently used entries above the size cap.
 
   CAS_COMPILE_CACHE=0                 off
   CAS_COMPILE_CACHE=/path             the cache directory (default: $CAS_HOME/xla, i.e. ~/.cache/cas/xla)
-  CAS_COMPILE_CACHE_MAX_GB=8          the size cap (default 8 GB; jax's LRU eviction, which needs `filelock`)
+  CAS_COMPILE_CACHE_MAX_GB=4          the size cap (default 4 GB; jax's LRU eviction, which needs `filelock`)
   CAS_COMPILE_CACHE_MIN_SECS=1        programs that compiled faster than this are not written (default 1 s)
 
 A JAX_COMPILATION_CACHE_DIR already in the environment (jax's own variable) wins: cas leaves jax's
@@ -27,7 +27,7 @@ ENV = "CAS_COMPILE_CACHE"
 ENV_MAX_GB = "CAS_COMPILE_CACHE_MAX_GB"
 ENV_MIN_SECS = "CAS_COMPILE_CACHE_MIN_SECS"
 JAX_ENV = "JAX_COMPILATION_CACHE_DIR"
-DEFAULT_MAX_GB = 8.0
+DEFAULT_MAX_GB = 4.0  # a study's programs are tens of MB each; the device machines have 64 GB of disk
 DEFAULT_MIN_SECS = 1.0
 
 
