@@ -397,14 +397,17 @@ def main(argv: list[str]) -> None:
     return
   deadline = time.time() + float(f["timeout"])
   status = {}
-  while time.time() < deadline:
-    time.sleep(10)
+  while True:  # read first, then wait: --timeout=0 reads once (lease.sh collect) without a sleep
     sp = os.path.join(root, "status.json")
     if os.path.exists(sp):
       status = json.load(open(sp))
       st = status["state"]
       if all(s.split()[0] in ("done", "failed", "skipped") for s in st.values()):
         break
+    left = deadline - time.time()
+    if left <= 0:
+      break
+    time.sleep(min(10.0, left))
   print(json.dumps(status, indent=1))
   sched = os.path.join(root, "scheduler.log")
   if os.path.exists(sched) and os.path.getsize(sched):

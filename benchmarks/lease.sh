@@ -253,7 +253,7 @@ elif [ "$MODE" = status ]; then
   # keeps what an earlier call brought back (2026-12-06: a k20/head32 study lost whole). COLLECT=0: status only
   if [ -n "${OUT:-}" ] && [ "${COLLECT:-1}" = 1 ]; then bash "$0" collect > /dev/null 2>&1; echo "(collected into $OUT)"; fi
 else
-  for j in sharp seq mixw2 lever quiet head32 compose_sal silent gemma q21 p512 long p512rest mono512 paper3; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=5 > /dev/null 2>&1; \
+  for j in sharp seq mixw2 lever quiet head32 compose_sal silent gemma q21 p512 long p512rest mono512 paper3; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=0 > /dev/null 2>&1; \
     [ -f $OUT/compose_study.tgz ] && mv $OUT/compose_study.tgz $OUT/$j/; done
   [ -d $R/gemma_paper ] && mkdir -p $OUT/gemma_paper && (cd $R && tar czf $OUT/gemma_paper/gemma_paper.tgz gemma_paper.start.log \
     gemma_paper/eval/results.json gemma_paper/eval/partial 2>/dev/null)
