@@ -484,7 +484,6 @@ class CasStages:
     n = len(self.units)
     p_total = self.spec.num_frozen + n * (self.spec.num_tokens - self.spec.num_frozen)
     bos = self.tok.bos_id
-    mono = self.config.cartridge.get("monolithic_init", "concat")
     ids = self._monolithic_init_ids()
     rule, fill = self.short_rule
     init = lambda: init_cartridge(self.model, ids, p_total, strategy=self.config.cartridge.init,
