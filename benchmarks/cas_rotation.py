@@ -87,7 +87,7 @@ def main(argv):
     dts = np.diff(times[w:])
     sps = 1.0 / np.mean(dts)
     rows.append((name, b, sps, sps * F.batch_size * F.seq_len, out["device_slot_bytes"]))
-  print(f"\n| setting | B | N | steps/s | tokens/s | device slot bytes |\n|---|---|---|---|---|---|")
+  print("\n| setting | B | N | steps/s | tokens/s | device slot bytes |\n|---|---|---|---|---|---|")
   for name, b, sps, tps, by in rows:
     print(f"| {name} | {b} | {F.num_docs} | {sps:.2f} | {tps:.0f} | {by / 2**20:.1f} MiB |")
   print(f"rotation overhead: {100 * (rows[0][2] / rows[1][2] - 1):.1f}% (R={F.rotate_every}, phi={F.evict_fraction}, "

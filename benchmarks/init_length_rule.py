@@ -61,7 +61,7 @@ def main(argv):
       raise app.UsageError(f"--file={spec}: no {sorted(missing)} rows (run init_oracle with --fill=repeat,salient)")
     by_kind.setdefault(kind, []).append((int(seed), rows, doc_tokens(kind, int(seed), _F.num_docs, tok.encode)))
 
-  print(f"| collection | seeds | questions | ratio | docs to salient | first tokens | salient | rule | rule - better fill (paired) |")
+  print("| collection | seeds | questions | ratio | docs to salient | first tokens | salient | rule | rule - better fill (paired) |")
   print("|---|---|---|---|---|---|---|---|---|")
   for kind, runs in sorted(by_kind.items()):
     first = [dict(r, qid=f"s{s}/{r['qid']}") for s, rows, _ in runs for r in rows["init_repeat"]]

@@ -1536,10 +1536,10 @@ def _product_descriptors(f: Facts) -> list[Descriptor]:
       ("release_season", frozenset({"release_date"}), (season, year),
        f"came on the market in the {season} of {year}"),
       ("price_band", frozenset({"price"}), plo,
-       f"sells for under a hundred dollars" if plo == 0 else
+       "sells for under a hundred dollars" if plo == 0 else
        f"sells for somewhere between {int(plo)} and {int(phi)} dollars"),
       ("weight_band", frozenset({"weight"}), wlo,
-       f"weighs less than a kilogram" if wlo == 0 else
+       "weighs less than a kilogram" if wlo == 0 else
        f"weighs between {_number_name(int(wlo))} and {_number_name(int(whi))} kilograms"),
       ("battery_band", frozenset({"battery_life"}), blo,
        f"runs for {int(blo)} to {int(bhi)} hours on one charge"),
