@@ -39,7 +39,7 @@ def main(argv):
   model = C.init_random_model(cfg, dtype=dtype, remat="none", seed=0)
   batch = {k: jnp.asarray(nb[k]) for k in C.BATCH_KEYS}
   batch["slots"] = jnp.zeros((F.batch, 1), jnp.int32)
-  print(f"| model | batch x seq | p | loss_chunk | XLA temp GiB | preflight step GiB | logits copy GiB |")
+  print("| model | batch x seq | p | loss_chunk | XLA temp GiB | preflight step GiB | logits copy GiB |")
   print("|---|---|---|---|---|---|---|")
   for lc in (int(x) for x in F.loss_chunk):
     trainable, frozen = C.cartridge_state(cfg, F.p, 0)
