@@ -16,12 +16,18 @@ recently used entries above the size cap.
   CAS_COMPILE_CACHE_MIN_SECS=1        programs that compiled faster than this are not written (default 1 s)
 
 A JAX_COMPILATION_CACHE_DIR already in the environment (jax's own variable) wins: cas leaves jax's
-settings as they are.
+settings as they are. `enable` hands its settings to jax through jax's own environment variables, which jax
+reads when it is imported (so a launcher's start-up, e.g. `--help`, does not import jax for it; processes the
+launch starts inherit them), and through jax.config where jax is imported already.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+
+from cas.fileio import cas_home
 
 ENV = "CAS_COMPILE_CACHE"
 ENV_MAX_GB = "CAS_COMPILE_CACHE_MAX_GB"
@@ -42,9 +48,7 @@ def cache_dir(environ=None) -> Path | None:
     return None
   if value:
     return Path(value).expanduser()
-  from cas.model.fetch import cas_home
-  home = Path(env["CAS_HOME"]).expanduser() if env.get("CAS_HOME") else cas_home()
-  return home / "xla"
+  return cas_home(env.get("CAS_HOME")) / "xla"
 
 
 def _number(env, name: str, default: float) -> float:
@@ -63,7 +67,9 @@ def _number(env, name: str, default: float) -> float:
 
 def enable(environ=None) -> Path | None:
   """Point jax's persistent compilation cache at `cache_dir()` (module docstring); returns the directory,
-  or None where it stays off. Call it before the first compile; it does not start a backend."""
+  or None where it stays off. Call it before the first compile; it neither imports jax nor starts a backend.
+  The settings go into `environ` (default os.environ) as jax's variables, and into jax.config if jax is
+  imported already."""
   env = os.environ if environ is None else environ
   where = cache_dir(env)
   if where is None:
@@ -77,13 +83,14 @@ def enable(environ=None) -> Path | None:
     logging.warning("compilation cache off: cannot create %s (%s); set %s to a writable directory or 0",
                     where, e, ENV)
     return None
-  import importlib.util
-
-  import jax
-  jax.config.update("jax_compilation_cache_dir", str(where))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
   # jax's size cap needs the `filelock` package (transformers brings it); without it, no cap rather than a
   # RuntimeError at the first compile
-  capped = importlib.util.find_spec("filelock") is not None
-  jax.config.update("jax_compilation_cache_max_size", int(max_gb * 1e9) if capped else -1)
+  max_size = int(max_gb * 1e9) if importlib.util.find_spec("filelock") is not None else -1
+  settings = {"jax_compilation_cache_dir": str(where), "jax_persistent_cache_min_compile_time_secs": min_secs,
+              "jax_compilation_cache_max_size": max_size}
+  env.update({name.upper(): str(value) for name, value in settings.items()})
+  jax = sys.modules.get("jax")
+  if jax is not None:  # imported already: it has read its environment
+    for name, value in settings.items():
+      jax.config.update(name, value)
   return where

@@ -1,12 +1,20 @@
 """Small file helpers shared by every on-disk format of cas (checkpoints, the cartridge store,
 self-study shards, collections, exported cartridges): sha256 of files, per-directory checksum
-manifests and their verification, and replacing a directory atomically."""
+manifests and their verification, replacing a directory atomically, and cas's cache directory."""
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
+from pathlib import Path
 from typing import Any, Mapping
+
+
+def cas_home(override: str | os.PathLike | None = None) -> Path:
+  """cas's cache directory (models, compiled programs): `override`, else $CAS_HOME, else ~/.cache/cas."""
+  if override:
+    return Path(override).expanduser()
+  return Path(os.environ.get("CAS_HOME") or Path.home() / ".cache" / "cas").expanduser()
 
 
 def sha256_file(path: str) -> str:

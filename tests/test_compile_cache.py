@@ -48,6 +48,27 @@ def _launch(env) -> dict:
   return dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("value", "hits")))
 
 
+def test_enable_before_jax_is_imported_hands_the_settings_over_through_the_environment(tmp_path):
+  """A launcher whose module does not import jax (launch.train, launch.serve) keeps a light start-up: enable()
+  does not import jax; jax, imported later, reads the cache settings from its environment variables."""
+  script = textwrap.dedent("""
+      import os, sys
+      from cas import compile_cache
+      print("dir", compile_cache.enable())
+      print("jax imported by enable", "jax" in sys.modules)
+      import jax
+      print("jax dir", jax.config.jax_compilation_cache_dir)
+      print("jax min", jax.config.jax_persistent_cache_min_compile_time_secs)
+  """)
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env.update(CAS_COMPILE_CACHE=str(tmp_path / "c"), CAS_COMPILE_CACHE_MIN_SECS="2.5", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  got = dict(line.rsplit(" ", 1) for line in out.stdout.splitlines())
+  assert got["dir"] == str(tmp_path / "c") and got["jax imported by enable"] == "False"
+  assert got["jax dir"] == str(tmp_path / "c") and float(got["jax min"]) == 2.5
+
+
 def test_a_second_launch_reads_the_first_launchs_compile(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the test session's own cache off
   env.update(CAS_HOME=str(tmp_path / "home"), CAS_COMPILE_CACHE_MIN_SECS="0", JAX_PLATFORMS="cpu")

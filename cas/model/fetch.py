@@ -28,6 +28,8 @@ from pathlib import Path
 
 from absl import logging
 
+from cas.fileio import cas_home  # noqa: F401 (cas's cache directory; re-exported here, its models under it)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
@@ -64,13 +66,6 @@ _CHUNK = 1 << 22
 
 class FetchError(RuntimeError):
   """The default model could not be fetched; the message says why and what to do."""
-
-
-def cas_home(override: str | os.PathLike | None = None) -> Path:
-  """cas's cache directory: `override`, else $CAS_HOME, else ~/.cache/cas."""
-  if override:
-    return Path(override).expanduser()
-  return Path(os.environ.get("CAS_HOME") or Path.home() / ".cache" / "cas").expanduser()
 
 
 def model_source(name: str) -> ModelSource:
