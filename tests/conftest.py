@@ -6,6 +6,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# tokenizers built from GGUF files (many of them written to tmp_path) are kept here, not in the user's $CAS_HOME
+os.environ.setdefault("CAS_TOKENIZER_CACHE", os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
+                                                                          ".pytest_cache", "tokenizers")))
 
 import jax  # noqa: E402
 

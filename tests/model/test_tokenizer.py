@@ -91,3 +91,51 @@ def test_bad_paths(tmp_path):
   os.makedirs(tmp_path / "empty")
   with pytest.raises(ModelLoadError, match="cannot build a tokenizer"):
     Tokenizer.from_path(str(tmp_path / "empty"))
+
+
+def _same_tokenizer(a: Tokenizer, b: Tokenizer, texts) -> None:
+  assert type(a.hf) is type(b.hf) and a.vocab_size == b.vocab_size
+  assert (a.eos_ids, a.bos_id, a.pad_id, a.chat_template) == (b.eos_ids, b.bos_id, b.pad_id, b.chat_template)
+  for text in texts:
+    assert a.encode(text) == b.encode(text), text
+    assert a.hf.convert_ids_to_tokens(a.encode(text)) == b.hf.convert_ids_to_tokens(b.encode(text))
+  assert a.apply_chat_template(MESSAGES) == b.apply_chat_template(MESSAGES)
+
+
+def test_gguf_tokenizer_is_kept_and_read_back(tmp_path, hf_tok, monkeypatch, caplog):
+  """A GGUF's tokenizer is built once and read back from $CAS_TOKENIZER_CACHE without parsing the file; a
+  changed file builds a new entry, a damaged entry is rebuilt, CAS_TOKENIZER_CACHE=0 keeps nothing."""
+  from cas.model import gguf_loader
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("CAS_TOKENIZER_CACHE", str(cache))
+  path = _tiny.write_gguf(str(tmp_path / "m.gguf"), _tiny.tiny_model("llama"), QType.F32, hf_tok)
+  texts = _tiny.TEXTS + ["  leading spaces 1 2  3", "tabs\t\t9\n\n\n", "<|im_start|>user\nhi<|im_end|>"]
+  built = Tokenizer.from_path(path)
+  (entry,) = list(cache.iterdir())
+  assert (entry / "cas_gguf.json").is_file() and (entry / "tokenizer.json").is_file()
+  real_open = gguf_loader.open_gguf
+
+  def refuse(p):
+    raise AssertionError(f"the cached tokenizer parsed {p}")
+  monkeypatch.setattr(gguf_loader, "open_gguf", refuse)
+  _same_tokenizer(built, Tokenizer.from_path(path), texts)  # read back, no parse
+  monkeypatch.setattr(gguf_loader, "open_gguf", real_open)
+  # the same path with other contents (a new modification time): a new entry, not the old one
+  st = os.stat(path)
+  os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+  _same_tokenizer(built, Tokenizer.from_path(path), texts)
+  assert len(list(cache.iterdir())) == 2
+  # a damaged entry: a warning naming it, the tokenizer built again and the entry repaired
+  (entry,) = [d for d in cache.iterdir() if d != entry]
+  (entry / "tokenizer.json").write_text("{not json")
+  with caplog.at_level("WARNING"):
+    _same_tokenizer(built, Tokenizer.from_path(path), texts)
+  assert "unusable" in caplog.text and str(entry) in caplog.text
+  monkeypatch.setattr(gguf_loader, "open_gguf", refuse)
+  _same_tokenizer(built, Tokenizer.from_path(path), texts)
+  monkeypatch.setattr(gguf_loader, "open_gguf", real_open)
+  # off: nothing kept
+  monkeypatch.setenv("CAS_TOKENIZER_CACHE", "0")
+  other = _tiny.write_gguf(str(tmp_path / "o.gguf"), _tiny.tiny_model("llama"), QType.F32, hf_tok)
+  _same_tokenizer(built, Tokenizer.from_path(other), texts)
+  assert len(list(cache.iterdir())) == 2
