@@ -7,6 +7,7 @@ answer stands after them are what training (or another init) must add.
   python -m benchmarks.answer_offsets --kind=patients \\
       --archive=benchmarks/results/p512rest_h200_2026-12-05/compose_study.tgz \\
       --init=0:benchmarks/results/init_split_cpu_2026-12-05/patients_p512_s0.json --init=1:... --edges=256,511,700
+  python -m benchmarks.answer_offsets --kind=patients --results=0:<workdir>/eval/results.json --results=1:...
 
 Rows: the archive's base runs' cartridge_oracle and ICL, and every init fill of the JSONs (init_oracle
 --out files, same collection and seed), pooled over the seeds; columns: answer-offset buckets, each with
@@ -26,6 +27,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("kind", "patients", "the built-in collection (data.kind)")
   flags.DEFINE_string("archive", None, "a compose_study.tgz (its base_<kind>_s<seed> runs)")
   flags.DEFINE_multi_string("init", [], "seed:path of an init_oracle --out JSON of the same collection")
+  flags.DEFINE_multi_string("results", [], "seed:path of a launch.cas eval/results.json of the same collection "
+                            "(e.g. a `builtin6` run): its cartridge_oracle, cartridge_init and icl rows")
   flags.DEFINE_list("edges", ["256", "511"], "bucket edges in tokens (the init window is p - 1)")
   flags.DEFINE_integer("num_docs", 20, "documents per collection")
 
@@ -53,6 +56,23 @@ def answer_offsets(kind: str, seed: int, num_docs: int, encode) -> dict[str, int
   return out
 
 
+def results_rows(specs: list[str]) -> dict[str, list[dict]]:
+  """Row name -> per-question rows (qids prefixed by the seed) of `launch.cas` eval/results.json files given as
+  "seed:path": their cartridge_oracle, cartridge_init and icl rows, pooled over the files."""
+  rows: dict[str, list[dict]] = {}
+  for spec in specs:
+    seed, sep, path = spec.partition(":")
+    if not sep or not seed.isdigit():
+      raise ValueError(f"--results={spec!r}: give seed:path, e.g. 0:runs/patients_s0/eval/results.json")
+    with open(path, encoding="utf-8") as f:
+      methods = json.load(f)["methods"]
+    for r in methods:
+      if r["method"] in ("cartridge_oracle", "cartridge_init", "icl"):
+        name = "icl" if r["method"] == "icl" else f"{r['method']} (launch.cas run)"
+        rows.setdefault(name, []).extend({**q, "qid": f"s{seed}/{q['qid']}"} for q in r.get("questions") or [])
+  return rows
+
+
 def main(argv):
   del argv
   from benchmarks import compose_report as cr
@@ -64,6 +84,8 @@ def main(argv):
     base = cr.pooled(cr.load_archive(_F.archive), "base", _F.kind)
     for m in ("cartridge_oracle", "icl"):
       rows[f"{m} (trained run)" if m != "icl" else "icl"] = base.get(m, [])
+  for name, qs in results_rows(_F.results).items():
+    rows.setdefault(name, []).extend(qs)
   for spec in _F.init:
     seed, path = spec.split(":", 1)
     for fill, qs in json.load(open(path)).items():

@@ -17,3 +17,20 @@ def test_answer_offsets_point_at_the_answer_in_the_document():
   ans = q.options[q.answer_index]
   assert tok.decode(tok.encode(docs[q.doc_id])[off[f"s0/{q.qid}"]:][:40]).lstrip().startswith(ans[:8])
   assert all(v >= 0 for v in off.values())
+
+
+def test_results_rows_pool_launch_cas_runs_by_seed(tmp_path):
+  import json
+
+  import pytest
+  for seed, correct in ((0, [True, False]), (1, [False, False])):
+    rows = [{"method": m, "questions": [{"qid": f"patient-0000{i}/age/mc", "correct": c} for i, c in enumerate(correct)]}
+            for m in ("icl", "cartridge_oracle", "cas_composed@5/shared")]
+    (tmp_path / f"r{seed}.json").write_text(json.dumps({"methods": rows}))
+  got = ao.results_rows([f"0:{tmp_path / 'r0.json'}", f"1:{tmp_path / 'r1.json'}"])
+  assert sorted(got) == ["cartridge_oracle (launch.cas run)", "icl"]
+  assert [(q["qid"], q["correct"]) for q in got["icl"]] == [
+      ("s0/patient-00000/age/mc", True), ("s0/patient-00001/age/mc", False),
+      ("s1/patient-00000/age/mc", False), ("s1/patient-00001/age/mc", False)]
+  with pytest.raises(ValueError, match="seed:path"):
+    ao.results_rows([str(tmp_path / "r0.json")])
