@@ -27,7 +27,10 @@
 #                  sequentially) on minutes and patients, seeds 0 and 1, spread questions; pair it with the base
 #                  runs of the silent study / head32's archive (`compose_report --archive=<base> --archive=<seq>`);
 #                  only the oracle and the composed rows are evaluated (SEQ_METHODS=; HEAD32_METHODS= does the same for
-#                  head32, e.g. with HEAD32_VARIANTS=head32: its base's other rows are in the 2026-12-06 archive)
+#                  head32, e.g. with HEAD32_VARIANTS=head32: its base's other rows are in the 2026-12-06 archive).
+#                  Ran 2026-12-06 on an H100 (17 min beside builtin6): composed@10 +4.2 for CAS and isolated alike,
+#                  the gap unchanged (+4.6; RESULTS.md "Sequential positions"). For a third collection:
+#                  SEQ_VARIANTS=base,seq SEQ_COLLECTIONS=products (products has no base run of this recipe)
 #   sharp          issue 20: a sharper teacher (train.teacher_temperature=0.5, CAS + isolated) on minutes and patients,
 #                  seeds 0 and 1, spread questions, only the oracle and the composed rows (SHARP_METHODS=); paired
 #                  with base as `seq` is (hypothesis: composed survival rises with the cartridge's standalone
@@ -60,7 +63,10 @@
 #                  documented choice for long running text), seeds 0 and 1, questions spread over each document
 #                  (CAS training only; processes without preallocation; B6_KINDS= / B6_CONV= pick fewer
 #                  collections / conversations per document: the preset's 512 make six self-study sets of
-#                  10,240 conversations, ~20 min on an H200 side by side by the p512 study's 64-conversation speed)
+#                  10,240 conversations, ~20 min on an H200 side by side by the p512 study's 64-conversation speed).
+#                  2026-12-06, H100, beside seq: patients at B6_CONV=256 took 15.4 min (self-study 553 s, training
+#                  350 s): oracle -11.2 under ICL (RESULTS.md); minutes' self-study (2,048-token chunks) ran at ~4
+#                  conversations/s beside seven processes and did not finish: run minutes alone or with B6_CONV=128
 #   p512           issue 20: the compose study's base (CAS + isolated + icl_composed) at p = 512 on all three
 #                  collections, seeds 0 and 1, questions spread over each document (on spread questions the
 #                  p = 256 oracle is 21-27 under ICL, and CAS beat isolated by +17 only where the oracle was strong;
