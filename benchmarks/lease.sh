@@ -66,7 +66,11 @@
 #                  10,240 conversations, ~20 min on an H200 side by side by the p512 study's 64-conversation speed).
 #                  2026-12-06, H100, beside seq: patients at B6_CONV=256 took 15.4 min (self-study 553 s, training
 #                  350 s): oracle -11.2 under ICL (RESULTS.md); minutes' self-study (2,048-token chunks) ran at ~4
-#                  conversations/s beside seven processes and did not finish: run minutes alone or with B6_CONV=128
+#                  conversations/s beside seven processes and did not finish: run minutes alone or with B6_CONV=128.
+#                  B6_EXTRA= adds flags to every run, B6_TAG= names its workdirs (<kind>_<tag>_s<seed>), e.g. the
+#                  patients oracle's missing facts after the init window (RESULTS.md) at equal KV: two parts of a
+#                  record, p = 256 each: B6_KINDS=patients B6_TAG=parts256 B6_EXTRA="--config.cartridge.max_doc_tokens=512
+#                  --config.cartridge.num_tokens=256"
 #   p512           issue 20: the compose study's base (CAS + isolated + icl_composed) at p = 512 on all three
 #                  collections, seeds 0 and 1, questions spread over each document (on spread questions the
 #                  p = 256 oracle is 21-27 under ICL, and CAS beat isolated by +17 only where the oracle was strong;
@@ -198,13 +202,14 @@ if [ "$MODE" = start ]; then
       gemma_minutes) run gemma $CS start $R/gemma --variants=base --collections=minutes --seeds=0,1 --mem=$(f 0.1) \
                 --mem_total=$(mt) --methods=no_context,icl,cartridge_oracle,cas_composed,isolated_composed,icl_composed \
                 "--extra=--config.model_path=gemma3-270m --config.eval.num_loaded=(1,2,5,10) $SPREAD";;
-      builtin6) for k in ${B6_KINDS:-patients products minutes}; do for s in 0 1; do mkdir -p $R/builtin6/${k}_s$s
-                  XLA_PYTHON_CLIENT_PREALLOCATE=false run builtin6_${k}_s$s python3 -m launch.cas \
+      builtin6) for k in ${B6_KINDS:-patients products minutes}; do for s in 0 1; do
+                  w=${k}${B6_TAG:+_$B6_TAG}_s$s; mkdir -p $R/builtin6/$w
+                  XLA_PYTHON_CLIENT_PREALLOCATE=false run builtin6_$w python3 -m launch.cas \
                     --config=configs/cas.py:paper --config.data.kind=$k --config.data.seed=$s --config.synth.seed=$s \
                     --config.train.seed=$s --config.eval.question_pick=spread \
                     --config.synth.conversations=${B6_CONV:-512} $([ $k = minutes ] && echo --config.cartridge.init_text=salient) --config.layer_loop=scan \
                     "--config.eval.methods=('no_context','icl','cartridge_oracle','cartridge_init')" \
-                    --stages=synth,train,indexes,evaluate --workdir=$R/builtin6/${k}_s$s; done; done;;
+                    ${B6_EXTRA:-} --stages=synth,train,indexes,evaluate --workdir=$R/builtin6/$w; done; done;;
       q21) run q21 $CS start $R/q21 --variants=base --collections=patients,products,minutes --seeds=0,1 --p=${Q21_P:-256} \
                 --mem=$(f 0.05) --synth_mem=$(f 0.06) --mem_total=$(mt) \
                 --methods=no_context,icl,cartridge_oracle,cartridge_retrieved,cartridge_adaptive,rag_text,cartridge_gold_pair${Q21_METHODS:+,$Q21_METHODS} \
