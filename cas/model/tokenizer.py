@@ -229,8 +229,9 @@ class _GGUFTokenizerCache:
   tokenizers and `VERSION` (bump it when `_byte_level_from_gguf` or the kept metadata change), so a replaced
   file or a new library builds afresh. An entry is written to a temporary folder and renamed into place (two
   processes may build the same one; the first rename wins). An unreadable or inconsistent entry is built
-  again, and a cache that cannot be written only logs a warning. `CAS_TOKENIZER_CACHE=0` turns it off, `=<dir>`
-  moves it. An entry is ~2 MB for SmolLM2, ~35 MB for Gemma 3; deleting the folder only costs a rebuild."""
+  again, and a cache that cannot be written only logs a warning. Writing an entry removes those whose file is gone
+  or has changed. `CAS_TOKENIZER_CACHE=0` turns it off, `=<dir>` moves it. An entry is ~2 MB for SmolLM2, ~35 MB
+  for Gemma 3; deleting the folder only costs a rebuild."""
 
   VERSION = 1
 
@@ -280,8 +281,10 @@ class _GGUFTokenizerCache:
       tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(d))
       try:
         hf.save_pretrained(tmp)
+        st = os.stat(path)
         with open(os.path.join(tmp, "cas_gguf.json"), "w", encoding="utf-8") as f:
-          json.dump({"source": os.path.abspath(path), "len": len(hf), "meta": dict(meta)}, f)
+          json.dump({"source": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                     "len": len(hf), "meta": dict(meta)}, f)
         if os.path.isdir(d):  # a damaged entry (load refused it) or one another process just wrote
           shutil.rmtree(d, ignore_errors=True)
         os.rename(tmp, d)
@@ -292,6 +295,30 @@ class _GGUFTokenizerCache:
         shutil.rmtree(tmp, ignore_errors=True)
     except Exception as e:
       logging.warning("%s: could not keep the tokenizer in %s (%s); it is rebuilt on the next load", path, d, e)
+    self._prune(os.path.dirname(d))
+
+  @staticmethod
+  def _prune(root: str) -> None:
+    """Removes the entries whose GGUF file is gone or has changed since (a deleted or replaced model, a test's
+    temporary file): only a new entry pays for the scan, and an entry in use is never one of them."""
+    import shutil
+    try:
+      names = os.listdir(root)
+    except OSError:
+      return
+    for name in names:
+      entry = os.path.join(root, name)
+      try:
+        with open(os.path.join(entry, "cas_gguf.json"), encoding="utf-8") as f:
+          kept = json.load(f)
+        st = os.stat(kept["source"])
+        stale = (st.st_size, st.st_mtime_ns) != (kept.get("size"), kept.get("mtime_ns"))
+      except FileNotFoundError:
+        stale = os.path.isdir(entry) and not name.startswith(".tmp-")  # its source is gone (or it has no json)
+      except Exception:  # unreadable: left for load() to report and rebuild
+        stale = False
+      if stale:
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 _gguf_tokenizer_cache = _GGUFTokenizerCache()

@@ -104,7 +104,8 @@ def _same_tokenizer(a: Tokenizer, b: Tokenizer, texts) -> None:
 
 def test_gguf_tokenizer_is_kept_and_read_back(tmp_path, hf_tok, monkeypatch, caplog):
   """A GGUF's tokenizer is built once and read back from $CAS_TOKENIZER_CACHE without parsing the file; a
-  changed file builds a new entry, a damaged entry is rebuilt, CAS_TOKENIZER_CACHE=0 keeps nothing."""
+  changed file builds a new entry (the stale one is removed), a damaged entry is rebuilt, a deleted file's entry
+  goes, CAS_TOKENIZER_CACHE=0 keeps nothing."""
   from cas.model import gguf_loader
   cache = tmp_path / "cache"
   monkeypatch.setenv("CAS_TOKENIZER_CACHE", str(cache))
@@ -120,13 +121,14 @@ def test_gguf_tokenizer_is_kept_and_read_back(tmp_path, hf_tok, monkeypatch, cap
   monkeypatch.setattr(gguf_loader, "open_gguf", refuse)
   _same_tokenizer(built, Tokenizer.from_path(path), texts)  # read back, no parse
   monkeypatch.setattr(gguf_loader, "open_gguf", real_open)
-  # the same path with other contents (a new modification time): a new entry, not the old one
+  # the same path with other contents (a new modification time): a new entry, and the stale one removed
   st = os.stat(path)
   os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
   _same_tokenizer(built, Tokenizer.from_path(path), texts)
-  assert len(list(cache.iterdir())) == 2
+  (new,) = list(cache.iterdir())
+  assert new != entry
+  entry = new
   # a damaged entry: a warning naming it, the tokenizer built again and the entry repaired
-  (entry,) = [d for d in cache.iterdir() if d != entry]
   (entry / "tokenizer.json").write_text("{not json")
   with caplog.at_level("WARNING"):
     _same_tokenizer(built, Tokenizer.from_path(path), texts)
@@ -134,8 +136,14 @@ def test_gguf_tokenizer_is_kept_and_read_back(tmp_path, hf_tok, monkeypatch, cap
   monkeypatch.setattr(gguf_loader, "open_gguf", refuse)
   _same_tokenizer(built, Tokenizer.from_path(path), texts)
   monkeypatch.setattr(gguf_loader, "open_gguf", real_open)
+  # a deleted file's entry goes when another is written
+  other = _tiny.write_gguf(str(tmp_path / "o.gguf"), _tiny.tiny_model("llama"), QType.F32, hf_tok)
+  os.remove(path)
+  _same_tokenizer(built, Tokenizer.from_path(other), texts)
+  (only,) = list(cache.iterdir())
+  assert only != entry and json.loads((only / "cas_gguf.json").read_text())["source"] == os.path.abspath(other)
   # off: nothing kept
   monkeypatch.setenv("CAS_TOKENIZER_CACHE", "0")
-  other = _tiny.write_gguf(str(tmp_path / "o.gguf"), _tiny.tiny_model("llama"), QType.F32, hf_tok)
-  _same_tokenizer(built, Tokenizer.from_path(other), texts)
-  assert len(list(cache.iterdir())) == 2
+  third = _tiny.write_gguf(str(tmp_path / "t.gguf"), _tiny.tiny_model("llama"), QType.F32, hf_tok)
+  _same_tokenizer(built, Tokenizer.from_path(third), texts)
+  assert list(cache.iterdir()) == [only]
