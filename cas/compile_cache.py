@@ -11,7 +11,7 @@ so a changed program, another jax or another card never reads a stale entry; jax
 recently used entries above the size cap.
 
   CAS_COMPILE_CACHE=0                 off
-  CAS_COMPILE_CACHE=/path             the cache directory (default: $CAS_HOME/xla, i.e. ~/.cache/cas/xla)
+  CAS_COMPILE_CACHE=/path             the cache directory (default, or "1": $CAS_HOME/xla, i.e. ~/.cache/cas/xla)
   CAS_COMPILE_CACHE_MAX_GB=4          the size cap (default 4 GB; jax's LRU eviction, which needs `filelock`)
   CAS_COMPILE_CACHE_MIN_SECS=1        programs that compiled faster than this are not written (default 1 s)
 
@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from cas.fileio import cas_home
+from cas.fileio import cache_subdir
 
 ENV = "CAS_COMPILE_CACHE"
 ENV_MAX_GB = "CAS_COMPILE_CACHE_MAX_GB"
@@ -43,12 +43,7 @@ def cache_dir(environ=None) -> Path | None:
   env = os.environ if environ is None else environ
   if env.get(JAX_ENV):
     return None
-  value = env.get(ENV, "")
-  if value == "0":
-    return None
-  if value:
-    return Path(value).expanduser()
-  return cas_home(env.get("CAS_HOME")) / "xla"
+  return cache_subdir(ENV, "xla", env)
 
 
 def _number(env, name: str, default: float) -> float:

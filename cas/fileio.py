@@ -17,6 +17,18 @@ def cas_home(override: str | os.PathLike | None = None) -> Path:
   return Path(os.environ.get("CAS_HOME") or Path.home() / ".cache" / "cas").expanduser()
 
 
+def cache_subdir(env_var: str, name: str, environ: Mapping[str, str] | None = None) -> Path | None:
+  """A cache folder of cas that an environment variable controls: `environ[env_var]` "0" -> None (off), a path ->
+  that folder, unset, empty or "1" -> `cas_home() / name` (the compilation cache, the tokenizer cache)."""
+  env = os.environ if environ is None else environ
+  value = env.get(env_var, "")
+  if value == "0":
+    return None
+  if value in ("", "1"):
+    return cas_home(env.get("CAS_HOME")) / name
+  return Path(value).expanduser()
+
+
 def sha256_file(path: str) -> str:
   """Hex sha256 of a file, read in 1 MiB blocks."""
   h = hashlib.sha256()

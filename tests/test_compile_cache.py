@@ -17,6 +17,7 @@ def test_cache_dir_rules(tmp_path):
   assert compile_cache.cache_dir({"CAS_HOME": str(tmp_path)}) == tmp_path / "xla"
   assert compile_cache.cache_dir({"CAS_COMPILE_CACHE": str(tmp_path / "c")}) == tmp_path / "c"
   assert compile_cache.cache_dir({"CAS_COMPILE_CACHE": "0", "CAS_HOME": str(tmp_path)}) is None
+  assert compile_cache.cache_dir({"CAS_COMPILE_CACHE": "1", "CAS_HOME": str(tmp_path)}) == tmp_path / "xla"
   # jax's own variable wins: cas leaves the cache to jax
   assert compile_cache.cache_dir({"JAX_COMPILATION_CACHE_DIR": "/x", "CAS_COMPILE_CACHE": str(tmp_path)}) is None
   assert compile_cache.enable({"CAS_COMPILE_CACHE": "0"}) is None

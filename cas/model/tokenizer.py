@@ -236,20 +236,19 @@ class _GGUFTokenizerCache:
   VERSION = 1
 
   def _dir(self, path: str):
-    where = os.environ.get("CAS_TOKENIZER_CACHE", "")
-    if where == "0":
+    from cas.fileio import cache_subdir
+    root = cache_subdir("CAS_TOKENIZER_CACHE", "tokenizers")
+    if root is None:
       return None
     import hashlib
     import tokenizers
     import transformers
-    from cas.fileio import cas_home
     try:
       st = os.stat(path)
     except OSError:
       return None  # the loader names the missing file
     ident = json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns, self.VERSION,
                         transformers.__version__, tokenizers.__version__])
-    root = where if where not in ("", "1") else os.path.join(cas_home(), "tokenizers")
     return os.path.join(root, hashlib.sha256(ident.encode()).hexdigest()[:24])
 
   def load(self, path: str):
