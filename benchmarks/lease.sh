@@ -30,7 +30,8 @@
 #                  head32, e.g. with HEAD32_VARIANTS=head32: its base's other rows are in the 2026-12-06 archive).
 #                  Ran 2026-12-06 on an H100 (17 min beside builtin6): composed@10 +4.2 for CAS and isolated alike,
 #                  the gap unchanged (+4.6; RESULTS.md "Sequential positions"). For a third collection:
-#                  SEQ_VARIANTS=base,seq SEQ_COLLECTIONS=products (products has no base run of this recipe)
+#                  SEQ_VARIANTS=base,seq SEQ_COLLECTIONS=products (products has no base run of this recipe); ran 2026-12-06
+#                  on an H100 alone in 7.3 min: seq - base CAS@10 +3.3, cas - iso +11.7 (RESULTS.md)
 #   sharp          issue 20: a sharper teacher (train.teacher_temperature=0.5, CAS + isolated) on minutes and patients,
 #                  seeds 0 and 1, spread questions, only the oracle and the composed rows (SHARP_METHODS=); paired
 #                  with base as `seq` is (hypothesis: composed survival rises with the cartridge's standalone
@@ -70,7 +71,7 @@
 #                  B6_EXTRA= adds flags to every run, B6_TAG= names its workdirs (<kind>_<tag>_s<seed>), e.g. the
 #                  patients oracle's missing facts after the init window (RESULTS.md) at equal KV: two parts of a
 #                  record, p = 256 each: B6_KINDS=patients B6_TAG=parts256 B6_EXTRA="--config.cartridge.max_doc_tokens=512
-#                  --config.cartridge.num_tokens=256"
+#                  --config.cartridge.num_tokens=256" (ran 2026-12-06, H100 alone, 6.7 min: lost, oracle 70.0 vs 80.0)
 #   p512           issue 20: the compose study's base (CAS + isolated + icl_composed) at p = 512 on all three
 #                  collections, seeds 0 and 1, questions spread over each document (on spread questions the
 #                  p = 256 oracle is 21-27 under ICL, and CAS beat isolated by +17 only where the oracle was strong;
@@ -269,7 +270,7 @@ else
   [ -d $R/gemma_paper ] && mkdir -p $OUT/gemma_paper && (cd $R && tar czf $OUT/gemma_paper/gemma_paper.tgz gemma_paper.start.log \
     gemma_paper/eval/results.json gemma_paper/eval/partial 2>/dev/null)
   [ -d $R/builtin6 ] && mkdir -p $OUT/builtin6 && (cd $R && tar czf $OUT/builtin6/builtin6.tgz builtin6_*.start.log \
-    builtin6/*/eval/results.json 2>/dev/null)
+    builtin6/*/eval/results.json builtin6/*/parts*/eval/results.json 2>/dev/null)
   for s in 0 1; do [ -d $R/prose_s$s ] && mkdir -p $OUT/prose_s$s && \
     (cd $R/prose_s$s && tar czf $OUT/prose_s$s/prose_sweep.tgz *.log */eval/results.json */parts*/eval/results.json 2>/dev/null); done
   ls -R $OUT | head -20
