@@ -9,7 +9,8 @@
 Cartridges ride in the request body next to the standard fields (the `openai` client's
 `extra_body`): {"cartridges": ["doc_3", ...]} (doc ids of "collection", or of the first served
 collection), or {"collection": "wiki", "top_k": 2} to let the collection's retriever pick them for
-the last user message; optional "position_mode": "shared" | "sequential". Responses carry a
+the last user message; optional "position_mode": "shared" | "sequential" (default: the mode the
+collection was trained in, cas.serve.cartridges.trained_position_mode). Responses carry a
 non-standard "cartridges" field (collection, doc_id, retrieval score) saying which were used
 (in the first chunk when streaming). A document whose store holds it in parts (a run with
 cartridge.max_doc_tokens, `<doc_id>#<i>`) is named by its doc id and loads all of its parts in

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import glob
+import json
 import os
 import re
 import threading
@@ -34,10 +35,35 @@ from typing import Sequence
 from absl import logging
 
 from cas.cartridge.cartridge import Cartridge, CartridgeSpec
+from cas.cartridge.compose import POSITION_MODES
 from cas.rotation.store import STORE_META, CartridgeStore, StoreError, read_store_meta
 
 RETRIEVER_KINDS = ("bm25", "hybrid", "dense")  # tried in this order when no index is named
 _PART_ID = re.compile(r"^(?P<doc>.+)#(?P<i>[0-9]+)$")  # cas.data.parts.unit_id: f"{doc_id}#{i}"
+
+
+def trained_position_mode(store_dir: str) -> str:
+  """How a store's cartridges were trained to be read beside others: the `position_mode` that the CAS
+  training recorded in its done-marker next to the store (<run>/cas/train_done.json for the store
+  <run>/cas/store, cas.train.loop), "shared" when there is none (a store written some other way, a run
+  from before 2026-12-06, a URL) or it names no known mode (with a warning)."""
+  from cas.train.loop import TRAIN_DONE
+  if "://" in store_dir:
+    return "shared"
+  path = os.path.join(os.path.dirname(os.path.normpath(store_dir)), TRAIN_DONE)
+  try:
+    with open(path) as f:
+      mode = json.load(f).get("position_mode", "shared")
+  except FileNotFoundError:
+    return "shared"
+  except (OSError, ValueError, AttributeError) as e:
+    logging.warning("%s: unreadable (%s); serving its cartridges with shared positions", path, e)
+    return "shared"
+  if mode not in POSITION_MODES:
+    logging.warning("%s: position_mode %r is not one of %s; serving with shared positions", path, mode,
+                    POSITION_MODES)
+    return "shared"
+  return mode
 
 
 class Collection:
@@ -47,8 +73,9 @@ class Collection:
   documents or None. The shared sink is read once and kept.
   """
 
-  def __init__(self, name: str, store: CartridgeStore, retriever=None):
+  def __init__(self, name: str, store: CartridgeStore, retriever=None, position_mode: str = "shared"):
     self.name, self.store, self.retriever = name, store, retriever
+    self.position_mode = position_mode  # how requests read its cartridges unless they name a mode
     self._frozen = None
     self._parts: dict[str, list[tuple[int, str]]] = {}  # doc_id -> [(i, "doc_id#i")], i ascending
     self._parts_of_ids: list[str] | None = None  # the store's doc_ids() that _parts was built from
@@ -79,8 +106,10 @@ class Collection:
         r = load_retriever(retriever)
       if r is not None:
         logging.info("collection %s: %s retriever over %d documents", name, r.kind, len(r.doc_ids))
-    logging.info("collection %s: store %s, %d documents, spec %s", name, store_dir, len(store), spec)
-    return cls(name, store, r)
+    mode = trained_position_mode(store_dir)
+    logging.info("collection %s: store %s, %d documents, spec %s, %s positions", name, store_dir, len(store),
+                 spec, mode)
+    return cls(name, store, r, position_mode=mode)
 
   def frozen(self):
     """The shared sink (frozen_k, frozen_v) [L, F, Hkv, D] f32, read once."""

@@ -20,9 +20,11 @@ their cartridges through the LRU device cache, composes each request's prefix an
 whole batch together with `StepDecoder`, emitting `Event`s per request as tokens arrive.
 
 Positions: the cartridges of a request (every part of every named document, in order) are composed
-with `cas.cartridge.compose` (shared sink once), `shared` mode by default (the prompt starts at P
-whatever the number of cartridges, as the CAS evaluation's cartridge_oracle / cartridge_retrieved),
-or `sequential` (each part counts as one cartridge of P - F positions). A request with no
+with `cas.cartridge.compose` (shared sink once) in the request's `position_mode`, by default the one the
+collection was trained in (`Collection.position_mode`: the CAS run's train.position_mode, "shared" for
+stores without that record): `shared` (the prompt starts at P whatever the number of cartridges, as the
+CAS evaluation's cartridge_oracle / cartridge_retrieved) or `sequential` (each part counts as one
+cartridge of P - F positions). A request with no
 cartridges is plain chat (no_context).
 Prompt format (`prompt_format`, resolved by `Tokenizer.with_prompt_format` as self-study and
 evaluation resolve config.prompt_format; "auto": chat when the model's files carry a chat template,
@@ -76,7 +78,7 @@ class ChatRequest:
 
   cartridges: doc ids (of `collection`, or of the first served collection); collection + top_k
   without cartridges: let the collection's retriever choose top_k cartridges for the last user
-  message. position_mode: "shared" | "sequential". temperature 0 = greedy.
+  message. position_mode: "shared" | "sequential" (None: the collection's, see above). temperature 0 = greedy.
   """
   messages: list[dict]
   model: str | None = None
@@ -371,9 +373,8 @@ class Engine:
         raise ServeError(f"messages[{i}].role {m['role']!r} is not supported (system, developer, user, "
                          "assistant)", param="messages")
       msgs.append({"role": role, "content": _text_of(m.get("content"), f"messages[{i}]")})
-    mode = req.position_mode or "shared"
-    if mode not in POSITION_MODES:
-      raise ServeError(f"position_mode {mode!r}; choose from {POSITION_MODES}", param="position_mode")
+    if req.position_mode is not None and req.position_mode not in POSITION_MODES:
+      raise ServeError(f"position_mode {req.position_mode!r}; choose from {POSITION_MODES}", param="position_mode")
     temperature = 1.0 if req.temperature is None else float(req.temperature)
     top_p = 1.0 if req.top_p is None else float(req.top_p)
     if not 0.0 <= temperature <= 2.0:
@@ -427,6 +428,8 @@ class Engine:
       units = [coll.units(d) for d in doc_ids]
     elif req.collection is not None:
       coll = self._collection(req.collection)
+    # unless the request names one: the mode the collection's cartridges were trained in (Collection.position_mode)
+    mode = req.position_mode or (coll.position_mode if coll is not None else "shared")
 
     try:
       prompt = self.tok.prompt_ids(msgs, add_generation_prompt=True)  # chat template or completion text

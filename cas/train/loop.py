@@ -167,7 +167,7 @@ def _read_done(workdir: str) -> dict | None:
 def _write_done(workdir: str, record: Mapping) -> None:
   """Write the done-marker atomically (temp file, fsync, rename): {"steps", "final_loss",
   "config_fingerprint", "model_fingerprint", "store_digest" (CartridgeStore.state_digest after the
-  final flush)} and, once a one-cartridge run exported its cartridge, "exported" (the store digest
+  final flush), "position_mode" (a CAS run's train.position_mode)} and, once a one-cartridge run exported its cartridge, "exported" (the store digest
   it was exported from). Process 0 only."""
   path = _done_path(workdir)
   tmp = os.path.join(workdir, f".{TRAIN_DONE}.tmp-{os.getpid()}")
@@ -554,7 +554,10 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
     if end == total:  # finished: only the last checkpoint and its store snapshot can be resumed from
       _drop_history(store if is_writer else None, manager)
     if end == total and is_writer:  # the final flush is in the store: a re-run has nothing to do
-      _write_done(workdir, {**expect, "steps": total, "final_loss": last, "store_digest": store.state_digest()})
+      # position_mode: how the cartridges were trained to be read beside others (the server's default for
+      # this store, cas.serve.cartridges.trained_position_mode)
+      _write_done(workdir, {**expect, "steps": total, "final_loss": last, "store_digest": store.state_digest(),
+                            "position_mode": c["position_mode"]})
     counts = mgr.counts(state)
   finally:
     # On an error the background writes still finish (they hold finite arrays evicted before

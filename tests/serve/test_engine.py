@@ -3,7 +3,6 @@ cartridge prefix, batching does not change results, LRU cache, streaming text, e
 from __future__ import annotations
 
 import queue
-import threading
 
 import jax.numpy as jnp
 import numpy as np
@@ -178,3 +177,36 @@ def test_requests_on_one_cartridge_share_its_prefix(engine):
   k = np.zeros((2, 4, 1, 8), np.float32)
   assert not StepDecoder.shared([Row([1], 1, k, k), Row([1], 1, k.copy(), k.copy())])  # equal, not the same
   assert not StepDecoder.shared([Row([1], 1), Row([1], 1)])  # no prefix at all
+
+
+def test_a_collection_is_read_in_the_position_mode_it_was_trained_in(world, tmp_path, caplog):
+  """A store whose CAS run trained with sequential positions (train_done.json next to it) is served with
+  sequential positions unless a request names a mode; a store without that record, or with a mode that
+  does not exist, is served with shared positions (and the bad record is named in a warning)."""
+  import json
+  import logging
+  from cas.serve import Collection, Engine
+  from cas.serve.cartridges import trained_position_mode
+  from cas.train.loop import TRAIN_DONE
+  from tests.serve.conftest import write_store
+  store_dir = str(tmp_path / "run" / "cas" / "store")
+  write_store(world.lm, store_dir, world.spec, [(d.doc_id, d.text) for d in world.docs[:2]])
+  done = tmp_path / "run" / "cas" / TRAIN_DONE
+  assert trained_position_mode(store_dir) == "shared"  # no record: a store written some other way
+  done.write_text(json.dumps({"steps": 3, "position_mode": "sequential"}))
+  coll = Collection.open("seq", store_dir, model_fingerprint=world.lm.fingerprint, retriever=None)
+  assert coll.position_mode == "sequential"
+  eng = Engine(world.lm.model, world.lm.tokenizer, [coll], model_name="tiny-smol", cache_size=2)
+  try:
+    ids = [d.doc_id for d in world.docs[:2]]
+    pr = eng.prepare(ChatRequest(messages=Q, cartridges=ids, max_tokens=4))
+    body = world.spec.num_tokens - world.spec.num_frozen
+    assert pr.position_mode == "sequential" and pr.position_offset == world.spec.num_frozen + 2 * body
+    pr = eng.prepare(ChatRequest(messages=Q, cartridges=ids, max_tokens=4, position_mode="shared"))
+    assert pr.position_mode == "shared" and pr.position_offset == world.spec.num_tokens
+  finally:
+    eng.close()
+  done.write_text(json.dumps({"position_mode": "diagonal"}))
+  with caplog.at_level(logging.WARNING):
+    assert trained_position_mode(store_dir) == "shared"
+  assert "diagonal" in caplog.text and TRAIN_DONE in caplog.text

@@ -1,5 +1,6 @@
 """CAS loop: B < N slots rotating through the store; every document trained and stored; memory
 proportional to B; exact resume after an interruption."""
+import json
 import numpy as np
 import pytest
 
@@ -136,6 +137,8 @@ def test_rerun_of_a_finished_run_rewrites_nothing(setup, tmp_path, caplog):
   from cas.train.loop import TRAIN_DONE
   first = _train(setup, str(tmp_path))
   assert (tmp_path / TRAIN_DONE).exists()
+  # the marker says how the cartridges were trained to be read beside others (the server's default)
+  assert json.loads((tmp_path / TRAIN_DONE).read_text())["position_mode"] == CFG["position_mode"]
   files, digest = _files(tmp_path), _digest(tmp_path)
   assert any(p.startswith("store/packs/") for p in files)
   with caplog.at_level(logging.INFO):
