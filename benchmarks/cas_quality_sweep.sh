@@ -12,7 +12,7 @@ MODE=${1:-start}; W=${2:-/root/sweep}
 # itself now is SYNTH=quote CONV=512 with variant p512_lr1e2.
 # DATA=minutes|products|prose picks another built-in collection (default patients); SEED sets data,
 # self-study and training seeds (two seeds per claim)
-COMMON=(--config=configs/cas.py:paper --config.synth.conversations=${CONV:-128} --config.layer_loop=scan
+COMMON=(--config=configs/cas.py:paper --config.synth.conversations=${CONV:-128} --config.layer_loop=scan --config.train.position_mode=shared
         --config.data.kind=${DATA:-patients} --config.data.seed=${SEED:-0} --config.synth.seed=${SEED:-0}
         --config.train.seed=${SEED:-0}
         --config.cartridge.num_tokens=128 --config.train.lr=2e-2

@@ -36,8 +36,11 @@ from cas.fileio import tree_bytes  # noqa: E402 (light: os/hashlib only)
 
 COLLECTIONS = ("patients", "products", "minutes")
 # The study's recipe (the `paper` preset at p = 256, 600 steps and 64 conversations per document: the
-# prose sweep found 64 = 256 conversations within noise, and p = 256 keeps twelve trainings in ~20 min)
+# prose sweep found 64 = 256 conversations within noise, and p = 256 keeps twelve trainings in ~20 min).
+# Shared positions in training (the preset trains sequentially since 2026-12-06): base stays the recipe of
+# every archived run, and the `seq` variant is the preset's mode
 RECIPE = ["--config=configs/cas.py:paper", "--config.layer_loop=scan", "--config.synth.conversations={conv}",
+          "--config.train.position_mode=shared",
           "--config.cartridge.num_tokens={p}", "--config.train.steps={steps}",
           "--config.eval.position_modes=('shared',)", "--config.eval.icl_composed_over_context=skip",
           "--config.eval.num_loaded=(1,2,5,10,20)", "--config.eval.retrieval_k=(1,2)",
