@@ -7,7 +7,6 @@ Each test compares token lists exactly: tiny random Llama in fp32, and the defau
 """
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from cas.cartridge.peft_io import (export_peft, generate_with_cartridge, import_
 from cas.model import Prefix  # noqa: E402
 from cas.model.sampler import Sampler  # noqa: E402
 from tests.cartridge.test_peft_io import TinyPair, trained_like  # noqa: E402
+from tests.hf_reference import hf_from_gguf  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_EOS, TINY_PAD = 2, 0
@@ -187,9 +187,8 @@ def test_default_model_generate(tmp_path):
   from cas.model.loader import load_model
   lm = load_model()
   tok = lm.tokenizer
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True).eval()
-  hf2 = copy.deepcopy(hf)  # a second, untouched base for the peft-made adapter below (one GGUF read: ~22 s each)
+  hf = hf_from_gguf(path)
+  hf2 = hf_from_gguf(path)  # a second, untouched base for the peft-made adapter below
   sampler = Sampler(lm.model, pad_id=tok.pad_id)
   eos = tuple(tok.eos_ids)
   doc = ("The lighthouse keeper of Varnholm, Edda Lindqvist, logged every ship that passed the "

@@ -188,8 +188,8 @@ def test_default_model_parity(tmp_path):
     pytest.skip(f"{path} is missing: run `python -m launch.fetch_model` to run this test")
   from cas.model.loader import load_model
   lm = load_model()
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True).eval()
+  from tests.hf_reference import hf_from_gguf
+  hf = hf_from_gguf(path)  # the GGUF read by transformers, kept after the suite's first read
   doc = ("The lighthouse keeper of Varnholm, Edda Lindqvist, logged every ship that passed the "
          "northern strait between 1921 and 1958, and her ledgers are kept in the town museum.")
   ids = [lm.tokenizer.bos_id] + lm.tokenizer.encode(doc)

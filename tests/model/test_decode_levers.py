@@ -50,11 +50,16 @@ def test_presplit_layers_and_split_cache_decode_the_same_tokens(name):
   for split, per_layer, merge in variants:  # merge: q/k/v and gate/up joined (merge_projections)
     s = Sampler(model, pad_id=0, presplit_layers=split, split_cache=per_layer, merge_projections=merge)
     assert s.presplit_layers is split and s.split_cache is per_layer and s.merge_projections is merge
+    # the reference and every lever together on all three prefixes; one lever at a time on the prefix per row
+    # (each generate compiles its own program: the CPU suite's time)
+    ends = variants[0], variants[-1]
     out[split, per_layer, merge] = [s.generate(prompts, max_new_tokens=7, temperature=1.0, top_k_logprobs=3,
-                                               seed=2, prefix=p) for p in (None, prefix, per_row)]
+                                               seed=2, prefix=p) if (split, per_layer, merge) in ends or p is per_row
+                                    else None for p in (None, prefix, per_row)]
   for variant in variants[1:]:
     for ref, got in zip(out[variants[0]], out[variant]):
-      _check_same(ref, got)
+      if got is not None:
+        _check_same(ref, got)
 
 
 def test_merged_projections_are_the_parts_joined(monkeypatch):
