@@ -98,7 +98,9 @@
 #                  and products (where icl_composed reaches 5-10 documents), seeds 0 and 1, spread questions.
 #                  Hypothesis: CAS composes about as the model reads the same documents as text, so with the
 #                  oracle of the longer budget cas@n reaches icl_composed@n (p = 512 study: -7.9 / -3.3 at 5).
-#                  ~20-25 min alone on an H200 (estimate from the p512 and budget studies)
+#                  ~20-25 min alone on an H200 (estimate from the p512 and budget studies). PAPER3_VARIANTS=base,seq:
+#                  the preset's sequential positions (since 2026-12-06, from the p = 256 studies) against shared
+#                  ones at its budget, CAS + isolated each; PAPER3_COLLECTIONS= picks others (minutes)
 #   gemma_paper    issue 24 item 3: the CAS `paper` preset with Gemma 3 270M (patients, seed 0, spread questions; CAS
 #                  only: no_context, icl, oracle, cas_composed), its self-study at batch GP_BATCH (default 256) with
 #                  refilled rows: at the preset's batch 64 it would take ~38 min (2026-12-05 rate), alone on an H200
@@ -192,7 +194,7 @@ if [ "$MODE" = start ]; then
       mono512) run mono512 $CS start $R/mono512 --variants=mono --collections=${MONO_COLLECTIONS:-patients,products,minutes} \
                 --seeds=${MONO_SEEDS:-0,1} --mono_seeds=${MONO_SEEDS:-0,1} --p=512 --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt) --disk_gb=5 \
                 "--extra=$SPREAD";;
-      paper3) run paper3 $CS start $R/paper3 --variants=base,mono --collections=patients,products --seeds=0,1 \
+      paper3) run paper3 $CS start $R/paper3 --variants=${PAPER3_VARIANTS:-base,mono} --collections=${PAPER3_COLLECTIONS:-patients,products} --seeds=0,1 \
                 --mono_seeds=0,1 --p=512 --steps=1000 --conv=${PAPER3_CONV:-128} --mem=$(f 0.075) --synth_mem=$(f 0.06) \
                 --mem_total=$(mt) --disk_gb=5 "--extra=$SPREAD";;
       gemma_paper) mkdir -p $R/gemma_paper; XLA_PYTHON_CLIENT_PREALLOCATE=false run gemma_paper python3 -m launch.cas \
