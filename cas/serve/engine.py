@@ -24,7 +24,8 @@ with `cas.cartridge.compose` (shared sink once) in the request's `position_mode`
 collection was trained in (`Collection.position_mode`: the CAS run's train.position_mode, "shared" for
 stores without that record): `shared` (the prompt starts at P whatever the number of cartridges, as the
 CAS evaluation's cartridge_oracle / cartridge_retrieved) or `sequential` (each part counts as one
-cartridge of P - F positions). A request with no
+cartridge of P - F positions; the cartridges a retriever picked are then loaded best last, nearest the
+question, and the response lists them in that order; named cartridges keep the request's order). A request with no
 cartridges is plain chat (no_context).
 Prompt format (`prompt_format`, resolved by `Tokenizer.with_prompt_format` as self-study and
 evaluation resolve config.prompt_format; "auto": chat when the model's files carry a chat template,
@@ -430,6 +431,11 @@ class Engine:
       coll = self._collection(req.collection)
     # unless the request names one: the mode the collection's cartridges were trained in (Collection.position_mode)
     mode = req.position_mode or (coll.position_mode if coll is not None else "shared")
+    if scores is not None and mode == "sequential":
+      # retrieved cartridges come best first; loaded best last: in sequential positions the cartridge nearest
+      # the question is read best (RESULTS.md, "Which slot is read best": +17 points at 10 loaded for
+      # cartridges trained alone, +1 to +6 for CAS ones)
+      doc_ids, scores, units = doc_ids[::-1], scores[::-1], units[::-1]
 
     try:
       prompt = self.tok.prompt_ids(msgs, add_generation_prompt=True)  # chat template or completion text

@@ -210,3 +210,16 @@ def test_a_collection_is_read_in_the_position_mode_it_was_trained_in(world, tmp_
   with caplog.at_level(logging.WARNING):
     assert trained_position_mode(store_dir) == "shared"
   assert "diagonal" in caplog.text and TRAIN_DONE in caplog.text
+
+
+def test_retrieved_cartridges_sit_best_last_in_sequential_positions(engine):
+  """A retriever's cartridges come best first; with sequential positions they are loaded best last (nearest
+  the question, where a cartridge is read best), with their scores; with shared positions the order stays."""
+  ask = [{"role": "user", "content": "When was the Pellworth orchard planted?"}]
+  shared = engine.prepare(ChatRequest(messages=ask, collection="tinyrun", top_k=3, position_mode="shared"))
+  seq = engine.prepare(ChatRequest(messages=ask, collection="tinyrun", top_k=3, position_mode="sequential"))
+  assert len(shared.doc_ids) == 3 and shared.scores == sorted(shared.scores, reverse=True)
+  assert seq.doc_ids == shared.doc_ids[::-1] and seq.scores == shared.scores[::-1]
+  assert seq.unit_ids() == shared.unit_ids()[::-1]
+  named = engine.prepare(ChatRequest(messages=ask, cartridges=shared.doc_ids, position_mode="sequential"))
+  assert named.doc_ids == shared.doc_ids  # cartridges named by the request keep its order
