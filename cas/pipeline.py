@@ -595,7 +595,8 @@ class CasStages:
                        model_fingerprint=self.lm.fingerprint, stores=stores, store_state=store_state,
                        indexes=self.indexes, retrieval=self.retrieval, num_loaded=num_loaded,
                        position_modes=position_modes, init_cart=self._init_cart,
-                       init_signature=json.dumps(self._init_rule(), sort_keys=True))
+                       init_signature=json.dumps(self._init_rule(), sort_keys=True),
+                       retrieved_mode=self.config.train.position_mode)
 
   def _init_cart(self, unit_id: str):
     """Unit `unit_id`'s cartridge as the CAS stage initializes it (eval method cartridge_init)."""

@@ -105,6 +105,9 @@ class EvalContext:
   # cartridge.init / init_text), and the signature of that init rule (None: not available)
   init_cart: Callable[[str], Any] | None = None
   init_signature: str = ""
+  # how the retrieved rows (cartridge_retrieved, cartridge_adaptive) read the CAS cartridges: as the server
+  # does, in the mode they were trained in (config.train.position_mode); sequential: best last
+  retrieved_mode: str = "shared"
 
   def __post_init__(self):
     self.doc_ids = [d.doc_id for d in self.docs]
@@ -130,6 +133,14 @@ class EvalContext:
     are not q's marked (Context.distractor: the eval's attention share, eval.attention_share)."""
     flags = [d not in q.doc_ids for d in ids for _ in self.parts_of[d]]
     return self.ev.cartridges(self.doc_carts(store_name, ids), mode=mode, distractor=flags)
+
+  def retrieved_load(self, ids: list[str]) -> tuple[list[str], list]:
+    """(documents in load order, extra deps) for retrieved documents `ids` (best first), as the server loads
+    them (cas.serve.engine): best last in sequential positions, where the cartridge nearest the question is
+    read best; the deps name the mode only when it is not shared, so shared rows keep their signature."""
+    if self.retrieved_mode == "sequential":
+      return list(ids)[::-1], ["sequential"]
+    return list(ids), []
 
   def have_store(self, store_name: str, method: str) -> bool:
     if store_name not in self.stores:
@@ -299,7 +310,8 @@ def monolithic(method: str, c: EvalContext) -> list[Job]:
 
 
 def cartridge_retrieved(method: str, c: EvalContext) -> list[Job]:
-  """@k: the CAS cartridges of the document index's top-k documents, shared positions, best first."""
+  """@k: the CAS cartridges of the document index's top-k documents, read as the server reads them
+  (EvalContext.retrieved_mode: shared positions, or sequential ones best last); notes list them best first."""
   if not c.have_store("cas", method):
     return []
   mk = c.method_kind
@@ -319,9 +331,10 @@ def cartridge_retrieved(method: str, c: EvalContext) -> list[Job]:
       ids = [d for d, _ in top]
       notes[q.qid] = {"retrieved": ids, "retrieval_scores": [float(s) for _, s in top],
                       "retrieval_hit": gold_hit(q, ids)}  # every gold document in the top k
-      return c.loaded_context("cas", q, ids, "shared")
-    jobs += c.job(f"cartridge_retrieved@{k}", ctx_for, ["cas", c.store_state["cas"], index.manifest()],
-                  {"base_method": method, "k": k, "num_loaded": k, "position_mode": "shared",
+      return c.loaded_context("cas", q, c.retrieved_load(ids)[0], c.retrieved_mode)
+    jobs += c.job(f"cartridge_retrieved@{k}", ctx_for,
+                  ["cas", c.store_state["cas"], index.manifest()] + c.retrieved_load([])[1],
+                  {"base_method": method, "k": k, "num_loaded": k, "position_mode": c.retrieved_mode,
                    "retrieval_index": f"{mk}-document"}, notes)
   return jobs
 
@@ -339,7 +352,7 @@ def adaptive_ids(top: list[tuple[str, float]], margin: float) -> list[str]:
 
 def cartridge_adaptive(method: str, c: EvalContext) -> list[Job]:
   """@2: the document index's top-1 cartridge, plus the second when the retriever is unsure
-  (relative score margin below config.eval.adaptive_margin); shared positions, best first.
+  (relative score margin below config.eval.adaptive_margin); read as cartridge_retrieved reads them.
   Measured offline on the composition studies first (RESULTS.md, issue 21): a second cartridge
   costs ~10 points when the first is right, so it is loaded only where the first is likely wrong."""
   if not c.have_store("cas", method):
@@ -356,9 +369,10 @@ def cartridge_adaptive(method: str, c: EvalContext) -> list[Job]:
     ids = adaptive_ids(top, margin)
     notes[q.qid] = {"retrieved": ids, "retrieval_scores": [float(s) for _, s in top[:len(ids)]],
                     "retrieval_hit": gold_hit(q, ids), "num_cartridges": len(ids)}
-    return c.ev.cartridges(c.doc_carts("cas", ids), mode="shared")
-  return c.job(f"cartridge_adaptive@{k}", ctx_for, ["cas", c.store_state["cas"], index.manifest(), margin],
-               {"base_method": method, "k": k, "num_loaded": k, "position_mode": "shared",
+    return c.ev.cartridges(c.doc_carts("cas", c.retrieved_load(ids)[0]), mode=c.retrieved_mode)
+  return c.job(f"cartridge_adaptive@{k}", ctx_for,
+               ["cas", c.store_state["cas"], index.manifest(), margin] + c.retrieved_load([])[1],
+               {"base_method": method, "k": k, "num_loaded": k, "position_mode": c.retrieved_mode,
                 "retrieval_index": f"{mk}-document", "adaptive_margin": margin}, notes)
 
 

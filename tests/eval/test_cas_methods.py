@@ -75,3 +75,23 @@ def test_unique_partial_names_and_partial_files(tmp_path):
   assert read_partial(path, "other", "icl") is None  # other inputs
   assert read_partial(path, "sig", "no_context") is None  # another method's file
   assert cas_methods.gold_hit(_questions()[1], ["d3", "d1"]) and not cas_methods.gold_hit(_questions()[1], ["d1"])
+
+
+@pytest.mark.parametrize("mode", ["shared", "sequential"])
+def test_retrieved_rows_read_the_cartridges_as_the_server_does(mode):
+  """cartridge_retrieved / cartridge_adaptive read the CAS cartridges in the mode they were trained in
+  (EvalContext.retrieved_mode, the pipeline's config.train.position_mode): sequential loads them best last,
+  and only then does the mode enter the row's signature (shared rows keep the signature they had)."""
+  from cas.retrieval import build_retriever
+  single, _ = _questions()
+  c = _ctx([single])
+  c.retrieved_mode = mode
+  c.stores, c.store_state = {"cas": "a store"}, {"cas": "digest"}  # only named here: no row is evaluated
+  c.indexes = {("bm25", "document"): build_retriever("bm25", c.docs)}
+  shared_deps = ["cas", "digest", c.indexes[("bm25", "document")].manifest()]
+  assert c.retrieved_load(["d3", "d1", "d4"])[0] == (["d4", "d1", "d3"] if mode == "sequential" else ["d3", "d1", "d4"])
+  jobs = method_jobs("cartridge_retrieved", c) + method_jobs("cartridge_adaptive", c)
+  assert [j.name for j in jobs] == ["cartridge_retrieved@1", "cartridge_retrieved@2", "cartridge_adaptive@2"]
+  for j in jobs:
+    assert j.extra["position_mode"] == mode
+    assert j.deps[:3] == shared_deps and (j.deps[-1] == "sequential") == (mode == "sequential")
