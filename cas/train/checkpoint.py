@@ -132,7 +132,20 @@ def _quarantine(manager: ocp.CheckpointManager, step: int) -> str:
   return dst
 
 
-def _restore_step(manager, step: int, abstract_state, expect_meta: dict | None):
+def config_changes(saved: dict | None, current: dict | None) -> str:
+  """' (train.<field>: <saved> -> <current>; ...)' for the fields of two config records (a checkpoint's
+  "config" metadata and this run's) that differ, '' when either is missing (checkpoints from before
+  2026-12-06) or none differs (then the documents, the cartridge spec or the init rule changed)."""
+  if not isinstance(saved, dict) or not isinstance(current, dict):
+    return ""
+  diff = [f"train.{k}: {saved.get(k, '(default)')!r} -> {current.get(k, '(default)')!r}"
+          for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+  if not diff:
+    return " (the training fields are the same: the documents, the cartridge spec or its init changed)"
+  return f" ({'; '.join(diff)})"
+
+
+def _restore_step(manager, step: int, abstract_state, expect_meta: dict | None, config: dict | None = None):
   where = os.path.join(str(manager.directory), str(step))
   verified = verify_step_dir(where)
   try:
@@ -144,8 +157,9 @@ def _restore_step(manager, step: int, abstract_state, expect_meta: dict | None):
     raise CheckpointCorruptError(f"{where}: checkpoint metadata is not a JSON object")
   for k, v in (expect_meta or {}).items():
     if meta.get(k) != v:
+      why = config_changes(meta.get("config"), config) if k == "config_fingerprint" else ""
       raise CheckpointError(
-          f"{where}: checkpoint was written with {k}={meta.get(k)!r}, this run has {k}={v!r}. "
+          f"{where}: checkpoint was written with {k}={meta.get(k)!r}, this run has {k}={v!r}{why}. "
           f"Use a fresh --workdir for a different config.")
   try:
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
@@ -162,11 +176,12 @@ def _restore_step(manager, step: int, abstract_state, expect_meta: dict | None):
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, *, expect_meta: dict | None = None,
-                   accept: Callable[[int], None] | None = None):
+                   accept: Callable[[int], None] | None = None, config: dict | None = None):
   """Restore the newest *good* checkpoint into `abstract_state` (from jax.eval_shape).
 
   Returns (step, state, meta) or None when there is no checkpoint. `expect_meta` keys must
-  match (else CheckpointError at once). `accept(step)` may raise CheckpointCorruptError to
+  match (else CheckpointError at once, naming the training fields that differ from the checkpoint's
+  "config" record when `config`, this run's record, is given). `accept(step)` may raise CheckpointCorruptError to
   reject a step for reasons outside the checkpoint (e.g. its paired store snapshot is damaged).
   Corrupt steps are moved aside with a warning and the previous one is tried; when every
   checkpoint is corrupt, CheckpointError lists them all.
@@ -174,7 +189,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, *, expec
   problems, bad_steps = [], []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      state, meta = _restore_step(manager, step, abstract_state, expect_meta)
+      state, meta = _restore_step(manager, step, abstract_state, expect_meta, config)
       if accept is not None:
         accept(step)
     except CheckpointCorruptError as e:

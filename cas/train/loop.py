@@ -240,12 +240,18 @@ def length_weights(lengths: Mapping[str, int], max_weight: int = MAX_LENGTH_WEIG
   return {d: int(min(max_weight, max(1, round(max(1, int(n)) / med)))) for d, n in lengths.items()}
 
 
+def _config_record(c: dict) -> dict:
+  """The training fields the run's identity depends on (not steps or logging), defaults left out: older runs
+  keep their id. Saved with each checkpoint so that a refused resume names the fields that differ."""
+  c = {**DEFAULTS, **c}  # a config written before an optional field existed has the default
+  return {k: c[k] for k in CAS_KEYS if k not in ("steps", "log_every", "ckpt_every", "keep_checkpoints",
+                                                  "loss_chunk")
+          and not (k in DEFAULTS and c[k] == DEFAULTS[k])}
+
+
 def _fingerprint(c: dict, spec: CartridgeSpec, doc_ids: Sequence[str],
                  sources: Mapping[str, Sequence[str]] | None = None, init: Mapping[str, Any] | None = None) -> str:
-  c = {**DEFAULTS, **c}  # a config written before an optional field existed has the default
-  keep = {k: c[k] for k in CAS_KEYS if k not in ("steps", "log_every", "ckpt_every", "keep_checkpoints",
-                                                  "loss_chunk")
-          and not (k in DEFAULTS and c[k] == DEFAULTS[k])}  # defaults left out: older runs keep their id
+  keep = _config_record(c)
   blob = json.dumps({"cfg": keep, "spec": dataclasses.asdict(spec),
                      "docs": hashlib.sha256("\n".join(doc_ids).encode()).hexdigest(),
                      **({"sources": {d: list(v) for d, v in sources.items()}} if sources else {}),
@@ -448,7 +454,9 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
       logging.info("store snapshot %d verified (%d documents, %d bytes%s)", step, info["docs"], info["bytes"],
                    ", sha256" if info["hashed"] else ", sizes only")
 
-    restored = ckpt.restore_latest(manager, mgr.abstract_state(), expect_meta=expect, accept=snapshot_ok)
+    record = json.loads(json.dumps(_config_record(c)))  # as the checkpoint's JSON metadata holds it
+    restored = ckpt.restore_latest(manager, mgr.abstract_state(), expect_meta=expect, accept=snapshot_ok,
+                                   config=record)
     # Restored at the last step with the final flush done (done-marker) and the store untouched
     # since: nothing to train, and the store is left exactly as it is (no rollback, no re-flush:
     # a re-flush writes new versions, so the store's state digest changes and every evaluation
@@ -544,7 +552,7 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
                                  "with NaN/inf: check the initialisation.", has_store=not single)
         if step % c["ckpt_every"] == 0 or step == total:
           mgr.flush(state, tag=step)
-          ckpt.save(manager, step, state, {**expect, "slots": mgr.table_to_json(),
+          ckpt.save(manager, step, state, {**expect, "config": record, "slots": mgr.table_to_json(),
                                            "sampler": sampler.state_dict()})
           last_ckpt = step
     writer.close()

@@ -92,9 +92,19 @@ def test_refuses_data_from_another_model_and_checkpoint_from_another_config(setu
                     init_fn=init, train_cfg=CFG)
   train_cartridge(model=m, model_fingerprint="tiny", dataset_dir=d, workdir=str(tmp_path),
                   init_fn=init, train_cfg={**CFG, "steps": 10})
-  with pytest.raises(CheckpointError, match="config_fingerprint"):
+  with pytest.raises(CheckpointError, match="config_fingerprint") as e:
     train_cartridge(model=m, model_fingerprint="tiny", dataset_dir=d, workdir=str(tmp_path),
                     init_fn=init, train_cfg={**CFG, "steps": 10, "lr": 1e-3})
+  assert f"train.lr: {CFG['lr']!r} -> 0.001" in str(e.value)  # the field that changed, named
+
+
+def test_config_changes_names_fields_and_says_when_none_differs():
+  from cas.train.checkpoint import config_changes
+  assert config_changes({"position_mode": "shared", "lr": 0.01}, {"position_mode": "sequential", "lr": 0.01}) == \
+      " (train.position_mode: 'shared' -> 'sequential')"
+  assert config_changes({"k_max": 4}, {}) == " (train.k_max: 4 -> '(default)')"
+  assert "documents, the cartridge spec" in config_changes({"lr": 0.01}, {"lr": 0.01})
+  assert config_changes(None, {"lr": 0.01}) == ""  # a checkpoint from before the record: no detail
 
 
 SCRIPT = textwrap.dedent("""
