@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import json
 import os
 import re
 import threading
@@ -45,23 +44,16 @@ _PART_ID = re.compile(r"^(?P<doc>.+)#(?P<i>[0-9]+)$")  # cas.data.parts.unit_id:
 def trained_position_mode(store_dir: str) -> str:
   """How a store's cartridges were trained to be read beside others: the `position_mode` that the CAS
   training recorded in its done-marker next to the store (<run>/cas/train_done.json for the store
-  <run>/cas/store, cas.train.loop), "shared" when there is none (a store written some other way, a run
-  from before 2026-12-06, a URL) or it names no known mode (with a warning)."""
-  from cas.train.loop import TRAIN_DONE
+  <run>/cas/store, cas.train.loop.read_done), "shared" when there is none (a store written some other way, a
+  run from before 2026-12-06, a URL, an unreadable marker) or it names no known mode (with a warning)."""
+  from cas.train.loop import TRAIN_DONE, read_done
   if "://" in store_dir:
     return "shared"
-  path = os.path.join(os.path.dirname(os.path.normpath(store_dir)), TRAIN_DONE)
-  try:
-    with open(path) as f:
-      mode = json.load(f).get("position_mode", "shared")
-  except FileNotFoundError:
-    return "shared"
-  except (OSError, ValueError, AttributeError) as e:
-    logging.warning("%s: unreadable (%s); serving its cartridges with shared positions", path, e)
-    return "shared"
+  run = os.path.dirname(os.path.normpath(store_dir))
+  mode = (read_done(run) or {}).get("position_mode", "shared")
   if mode not in POSITION_MODES:
-    logging.warning("%s: position_mode %r is not one of %s; serving with shared positions", path, mode,
-                    POSITION_MODES)
+    logging.warning("%s: position_mode %r is not one of %s; serving with shared positions",
+                    os.path.join(run, TRAIN_DONE), mode, POSITION_MODES)
     return "shared"
   return mode
 

@@ -151,7 +151,7 @@ def _done_path(workdir: str) -> str:
   return os.path.join(workdir, TRAIN_DONE)
 
 
-def _read_done(workdir: str) -> dict | None:
+def read_done(workdir: str) -> dict | None:
   """The done-marker of a finished run, or None (missing or unreadable: treated as not finished)."""
   try:
     with open(_done_path(workdir)) as f:
@@ -191,7 +191,7 @@ def _already_finished(workdir: str, store: CartridgeStore, expect: Mapping, step
   """The done-marker when the run in `workdir` finished `steps` steps *and* its final flush (the
   marker is written after it) and the store is still exactly as that flush left it; else None
   (no marker: e.g. killed between the last checkpoint and the end of the final flush)."""
-  done = _read_done(workdir)
+  done = read_done(workdir)
   if done is None:
     logging.info("%s: no done-marker; completing the final flush", workdir)
     return None
@@ -634,7 +634,7 @@ def export_one_cartridge(workdir: str, store_dir: str, doc_id: str, spec: Cartri
   if jax.process_index() == 0:
     with DirLock(workdir, what="training workdir"):
       _remove_stale_exports(path)
-      done = _read_done(workdir)
+      done = read_done(workdir)
       if _export_current(path, done, model_fingerprint, info):
         logging.info("%s: exported already from this run's final store state; kept as it is", path)
       else:
