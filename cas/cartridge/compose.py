@@ -19,6 +19,13 @@ from cas.cartridge.cartridge import Cartridge, CartridgeError, rerotate
 POSITION_MODES = ("shared", "sequential")
 
 
+def best_last(ranked: Sequence, mode: str) -> list:
+  """Retrieved items, best first, in the order to load them: best last (nearest the question) in sequential
+  positions, where the cartridge nearest the question is read best (RESULTS.md, "Which slot is read best");
+  unchanged in shared positions, where the order changes nothing. The server and the evaluation both load so."""
+  return list(ranked)[::-1] if mode == "sequential" else list(ranked)
+
+
 def compose(cartridges: Sequence[Cartridge], *, mode: str = "shared", inv_freq=None):
   """Returns (k, v [L, F + n*(P-F), Hkv, D] f32, question position offset)."""
   if mode not in POSITION_MODES:

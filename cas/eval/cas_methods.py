@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 from absl import logging
 
+from cas.cartridge.compose import best_last
 from cas.cartridge.io import META as CARTRIDGE_META, load_cartridge
 from cas.config_check import CAS_METHODS
 from cas.data.types import Document, Question
@@ -134,13 +135,11 @@ class EvalContext:
     flags = [d not in q.doc_ids for d in ids for _ in self.parts_of[d]]
     return self.ev.cartridges(self.doc_carts(store_name, ids), mode=mode, distractor=flags)
 
-  def retrieved_load(self, ids: list[str]) -> tuple[list[str], list]:
-    """(documents in load order, extra deps) for retrieved documents `ids` (best first), as the server loads
-    them (cas.serve.engine): best last in sequential positions, where the cartridge nearest the question is
-    read best; the deps name the mode only when it is not shared, so shared rows keep their signature."""
-    if self.retrieved_mode == "sequential":
-      return list(ids)[::-1], ["sequential"]
-    return list(ids), []
+  @property
+  def retrieved_deps(self) -> list[str]:
+    """What the retrieved rows depend on beyond the store and index: their mode, named only when it is not
+    shared, so rows of runs trained with shared positions keep their signature."""
+    return [] if self.retrieved_mode == "shared" else [self.retrieved_mode]
 
   def have_store(self, store_name: str, method: str) -> bool:
     if store_name not in self.stores:
@@ -331,9 +330,9 @@ def cartridge_retrieved(method: str, c: EvalContext) -> list[Job]:
       ids = [d for d, _ in top]
       notes[q.qid] = {"retrieved": ids, "retrieval_scores": [float(s) for _, s in top],
                       "retrieval_hit": gold_hit(q, ids)}  # every gold document in the top k
-      return c.loaded_context("cas", q, c.retrieved_load(ids)[0], c.retrieved_mode)
+      return c.loaded_context("cas", q, best_last(ids, c.retrieved_mode), c.retrieved_mode)
     jobs += c.job(f"cartridge_retrieved@{k}", ctx_for,
-                  ["cas", c.store_state["cas"], index.manifest()] + c.retrieved_load([])[1],
+                  ["cas", c.store_state["cas"], index.manifest()] + c.retrieved_deps,
                   {"base_method": method, "k": k, "num_loaded": k, "position_mode": c.retrieved_mode,
                    "retrieval_index": f"{mk}-document"}, notes)
   return jobs
@@ -369,9 +368,9 @@ def cartridge_adaptive(method: str, c: EvalContext) -> list[Job]:
     ids = adaptive_ids(top, margin)
     notes[q.qid] = {"retrieved": ids, "retrieval_scores": [float(s) for _, s in top[:len(ids)]],
                     "retrieval_hit": gold_hit(q, ids), "num_cartridges": len(ids)}
-    return c.ev.cartridges(c.doc_carts("cas", c.retrieved_load(ids)[0]), mode=c.retrieved_mode)
+    return c.ev.cartridges(c.doc_carts("cas", best_last(ids, c.retrieved_mode)), mode=c.retrieved_mode)
   return c.job(f"cartridge_adaptive@{k}", ctx_for,
-               ["cas", c.store_state["cas"], index.manifest(), margin] + c.retrieved_load([])[1],
+               ["cas", c.store_state["cas"], index.manifest(), margin] + c.retrieved_deps,
                {"base_method": method, "k": k, "num_loaded": k, "position_mode": c.retrieved_mode,
                 "retrieval_index": f"{mk}-document", "adaptive_margin": margin}, notes)
 

@@ -56,7 +56,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from absl import logging
 
-from cas.cartridge.compose import POSITION_MODES, compose
+from cas.cartridge.compose import POSITION_MODES, best_last, compose
 from cas.serve.cartridges import CartridgeCache, Collection
 from cas.serve.decode import Row, StepDecoder
 
@@ -431,11 +431,8 @@ class Engine:
       coll = self._collection(req.collection)
     # unless the request names one: the mode the collection's cartridges were trained in (Collection.position_mode)
     mode = req.position_mode or (coll.position_mode if coll is not None else "shared")
-    if scores is not None and mode == "sequential":
-      # retrieved cartridges come best first; loaded best last: in sequential positions the cartridge nearest
-      # the question is read best (RESULTS.md, "Which slot is read best": +17 points at 10 loaded for
-      # cartridges trained alone, +1 to +6 for CAS ones)
-      doc_ids, scores, units = doc_ids[::-1], scores[::-1], units[::-1]
+    if scores is not None:  # retrieved, best first: loaded as cas.cartridge.compose.best_last says
+      doc_ids, scores, units = (best_last(x, mode) for x in (doc_ids, scores, units))
 
     try:
       prompt = self.tok.prompt_ids(msgs, add_generation_prompt=True)  # chat template or completion text

@@ -89,7 +89,9 @@ def test_retrieved_rows_read_the_cartridges_as_the_server_does(mode):
   c.stores, c.store_state = {"cas": "a store"}, {"cas": "digest"}  # only named here: no row is evaluated
   c.indexes = {("bm25", "document"): build_retriever("bm25", c.docs)}
   shared_deps = ["cas", "digest", c.indexes[("bm25", "document")].manifest()]
-  assert c.retrieved_load(["d3", "d1", "d4"])[0] == (["d4", "d1", "d3"] if mode == "sequential" else ["d3", "d1", "d4"])
+  from cas.cartridge.compose import best_last  # the load order of cartridge_retrieved / _adaptive and the server
+  assert best_last(["d3", "d1", "d4"], c.retrieved_mode) == \
+      (["d4", "d1", "d3"] if mode == "sequential" else ["d3", "d1", "d4"])
   jobs = method_jobs("cartridge_retrieved", c) + method_jobs("cartridge_adaptive", c)
   assert [j.name for j in jobs] == ["cartridge_retrieved@1", "cartridge_retrieved@2", "cartridge_adaptive@2"]
   for j in jobs:
