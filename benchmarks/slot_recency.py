@@ -17,7 +17,7 @@ import numpy as np
 
 from absl import app, flags
 
-from benchmarks.compose_report import load_archives
+from benchmarks.compose_report import load_archives, pooled
 
 ARCHIVES = ("benchmarks/results/silent_h100_2026-12-05/compose_study_all.tgz",
             "benchmarks/results/seq_h100_2026-12-06/compose_study.tgz",
@@ -33,26 +33,18 @@ def _define_flags() -> None:
   flags.DEFINE_integer("resamples", 2000, "bootstrap resamples")
 
 
-def _rows(results: dict, key: tuple, method: str, n: int) -> dict[str, dict]:
-  """qid -> question record of `<method>@<n>/<any mode>` in the run `key`, {} when absent."""
-  for row in results.get(key, {}).get("methods", []):
-    if row["method"].startswith(f"{method}@{n}/"):
-      return {q["qid"]: q for q in row["questions"]}
-  return {}
-
-
 def halves(results: dict, variant: str, base: str, method: str, n: int) -> tuple[np.ndarray, np.ndarray]:
   """(nearer, farther): per question, variant correct - base correct (0 / +-1), by the own cartridge's slot."""
   near, far = [], []
-  for (v, c, s) in sorted(results):
-    if v != variant:
-      continue
-    a, b = _rows(results, (v, c, s), method, n), _rows(results, (base, c, s), method, n)
-    for qid, q in a.items():
+  row = f"{method}@{n}/shared"  # load_archives reads a sequential-only run's rows under this name (as_composed)
+  for c in sorted({c for (v, c, _) in results if v == variant}):
+    b = {q["qid"]: q for q in pooled(results, base, c).get(row, [])}  # qids prefixed by the seed
+    for q in pooled(results, variant, c).get(row, []):
+      qid = q["qid"]
       if qid not in b or q.get("doc_ids", [q["doc_id"]]) != [q["doc_id"]] or q["doc_id"] not in q.get("loaded", []):
         continue
       if q["loaded"] != b[qid]["loaded"]:
-        raise ValueError(f"{c} seed {s} {qid}: {variant} and {base} loaded other documents; not one study")
+        raise ValueError(f"{c} {qid}: {variant} and {base} loaded other documents; not one study")
       i = q["loaded"].index(q["doc_id"])
       (near if i >= n / 2 else far).append(float(q["correct"]) - float(b[qid]["correct"]))
   return np.asarray(near), np.asarray(far)
