@@ -51,6 +51,8 @@ BASE_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolat
 # content and two-document questions) is the same study with other questions:
 #   --extra="--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8)"
 LEVER_METHODS = ("cartridge_oracle", "cas_composed")
+# levers whose hypothesis is about the retrieved rows too
+LEVER_EXTRA_METHODS = {"seqlast": ("cartridge_retrieved", "cartridge_adaptive")}
 # --methods may also name these (cas.eval.cas_methods.METHODS): the two gold cartridges of a two-document
 # question (issue 21), BM25's top documents reordered by the cartridges' likelihood of the question
 KNOWN_METHODS = BASE_METHODS + ("cartridge_gold_pair", "cartridge_reranked")
@@ -80,6 +82,12 @@ VARIANTS = {
     # isolated, both evaluated sequentially (compose_report reads a run evaluated only in sequential
     # positions as its composed rows)
     "seq": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)"],
+    # seq with half the mixed rows loading their own cartridge last, next to the question (train.p_own_last;
+    # issue 20, 2026-12-07: at p = 512 the seq CAS cartridge read alone lost 4.6 points, the isolated one did
+    # not; alone, or retrieved first, a cartridge sits in the slot next to the question). CAS only, paired
+    # with seq (compose_report --base=seq); the retrieved rows too, which read best last
+    "seqlast": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
+                "--config.train.p_own_last=0.5"],
     # a sharper teacher (issue 20: over 26 base runs a question survives 10 loaded cartridges in 64% of cases
     # where its cartridge alone answers with p >= 0.95, in 41% where p < 0.5; benchmarks.confidence_survival):
     # both trainings distil toward the teacher's top-k at temperature 0.5 (CAS + isolated, as base)
@@ -214,7 +222,8 @@ def plan(root: str, f: dict) -> dict:
         data = [f"--config.data.kind={c}", f"--config.data.seed={s}", f"--config.synth.seed={s}",
                 f"--config.train.seed={s}"]
         full = v == "base" or bool(synth_args(v)) or v in FULL
-        methods = tuple(f["methods"].split(",")) if full else ("monolithic",) if v == "mono" else LEVER_METHODS
+        methods = (tuple(f["methods"].split(",")) if full else ("monolithic",) if v == "mono"
+                   else LEVER_METHODS + LEVER_EXTRA_METHODS.get(v, ()))
         own = f"{v}_{c}_s{s}" if synth_args(v) else f"{c}_s{s}"
         train.append({"name": f"{v}_{c}_s{s}", "synth": own, "mem": MEM.get(v, 1.0),
                       "args": _last_wins(recipe + data + VARIANTS[v]

@@ -439,6 +439,13 @@ def _check_train(config, pipeline: str, add: Callable) -> None:
                                  "cartridge, which needs k_max >= 2 and train_distractors=True "
                                  f"(k_max={cfg.get('k_max')}, train_distractors={cfg.get('train_distractors', True)})",
         TrainConfigError)
+  po = cfg.get("p_own_last", 0.0)
+  if isinstance(po, (int, float)) and po > 0 and (cfg.get("position_mode") != "sequential" or
+                                                  (_is_int(cfg.get("k_max")) and cfg.get("k_max") < 2)):
+    add("config.train.p_own_last", f"config.train.p_own_last={po} puts a row's own cartridge last among its "
+                                   "distractors, which changes nothing unless train.position_mode='sequential' and "
+                                   f"k_max >= 2 (position_mode={cfg.get('position_mode')!r}, k_max={cfg.get('k_max')})",
+        TrainConfigError)
   sw = cfg.get("share_weight", 0.0)
   if isinstance(sw, (int, float)) and sw > 0 and _is_int(cfg.get("k_max")) and cfg.get("k_max") < 2:
     add("config.train.share_weight", f"config.train.share_weight={sw} weighs the attention a row gives its "

@@ -455,7 +455,7 @@ class CasStages:
   def train_isolated(self):
     """Baseline: each cartridge trained alone (no distractors), same budget otherwise."""
     return self._train("isolated", k_max=1, p_isolated=1.0, p_hard=0.0, k_curriculum_steps=0, mixed_weight=1.0,
-                       p_silent=0.0, share_weight=0.0)
+                       p_silent=0.0, share_weight=0.0, p_own_last=0.0)
 
   def _monolithic_init_ids(self) -> list[int]:
     """The tokens the monolithic baseline's init reads (cartridge.monolithic_init; init_cartridge cuts them to

@@ -163,6 +163,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.share_stride = 8
   # distil toward the teacher's top-k at this temperature (1 = as stored; below 1: sharper targets)
   c.train.teacher_temperature = 1.0
+  # the fraction of rows with distractors that load their own cartridge last (in sequential positions: next to
+  # the question, as when it is read alone or retrieved first); 0 = a random slot (the paper's mixing)
+  c.train.p_own_last = 0.0
   # pack as many of a document's conversations into a row as fit in seq_len (k_max = 1 only: the
   # one-document quickstart, the monolithic baseline); False = one conversation per row
   c.train.pack = False

@@ -56,6 +56,20 @@ def test_silent_rows_need_distractors_that_train():
   assert "config.train.p_silent" in _where(check_config(c, "cas", devices=ONE, check_model=False))
 
 
+def test_own_last_rows_need_sequential_positions_and_distractors():
+  c = cas_config("quick")  # k_max = 2
+  c.train.p_own_last = 0.5
+  c.train.position_mode = "shared"
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "changes nothing unless train.position_mode='sequential'" in got["config.train.p_own_last"]
+  c.train.position_mode = "sequential"
+  assert check_config(c, "cas", devices=ONE, check_model=False) == []
+  c.train.k_max = 1
+  assert "config.train.p_own_last" in _where(check_config(c, "cas", devices=ONE, check_model=False))
+  c.train.k_max, c.train.p_own_last = 2, 2.0
+  assert "config.train.p_own_last" in _where(check_config(c, "cas", devices=ONE, check_model=False))
+
+
 def test_every_problem_is_reported_together_naming_its_field():
   c = cas_config("quick")
   c.train.k_max = 5  # > num_slots 2

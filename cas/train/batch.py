@@ -11,7 +11,7 @@ Distractor mixing (DESIGN §4)
 With probability `p_isolated` a row sees its own cartridge only. Otherwise it sees its own plus
 k ~ U{1, ..., k_max-1} distinct distractors drawn uniformly from the *other* resident slots
 (fewer when fewer are resident), in a random order (the own cartridge at a random position
-among the used entries). With k_max = 1 every row is isolated. Two options (off by default):
+among the used entries; with probability `p_own_last` the last). With k_max = 1 every row is isolated. Two options (off by default):
 a curriculum on k (`k_limit` < k_max early in training) and hard negatives (with probability
 `p_hard` the distractors are the resident documents most similar to the row's own).
 
@@ -128,7 +128,7 @@ def question_offset(n_loaded: int, *, p: int, num_frozen: int, position_mode: st
 
 def draw_slots(own_slot: int, resident_slots: Sequence[int], *, k_max: int, p_isolated: float,
                rng: np.random.Generator, k_limit: int | None = None, hard_slots: Sequence[int] = (),
-               p_hard: float = 0.0) -> np.ndarray:
+               p_hard: float = 0.0, p_own_last: float = 0.0) -> np.ndarray:
   """The slots one row sees: [k_max] int32, own slot included, used entries first, -1 after.
 
   Always consumes rng the same way for a given (own_slot, resident set, k_max) so that a batch
@@ -139,6 +139,10 @@ def draw_slots(own_slot: int, resident_slots: Sequence[int], *, k_max: int, p_is
   hard_slots, p_hard (hard negatives): with probability p_hard a mixed row's distractors are the
     first k of `hard_slots` (resident slots of the documents most similar to its own, most similar
     first; uniform draws fill up when fewer are resident). p_hard = 0 draws exactly as before.
+  p_own_last: with this probability a mixed row puts its own cartridge last among the used entries
+    (in sequential positions: next to the question, the distance it has when read alone and where the
+    server loads the best retrieved cartridge); the distractors keep their drawn order. p_own_last = 0
+    draws exactly as before.
   """
   own_slot = int(own_slot)
   others = np.asarray(sorted(set(int(s) for s in resident_slots) - {own_slot}), np.int32)
@@ -159,6 +163,8 @@ def draw_slots(own_slot: int, resident_slots: Sequence[int], *, k_max: int, p_is
     picked = rng.choice(others, size=k, replace=False)
   used = np.concatenate([[own_slot], picked]).astype(np.int32)
   out[:k + 1] = used[rng.permutation(k + 1)]
+  if p_own_last > 0 and rng.random() < p_own_last:
+    out[:k + 1] = np.concatenate([out[:k + 1][out[:k + 1] != own_slot], [own_slot]])
   return out
 
 
@@ -168,14 +174,15 @@ def build_cas_batch(samples: Sequence[tuple[Conversation | Sequence[Conversation
                     top_k: int, p: int, num_frozen: int = 1, position_mode: str = "shared",
                     batch_size: int | None = None, k_limit: int | None = None,
                     hard_slots: Sequence[Sequence[int]] | None = None, p_hard: float = 0.0,
-                    mixed_weight: float = 1.0, p_silent: float = 0.0) -> dict[str, np.ndarray]:
+                    mixed_weight: float = 1.0, p_silent: float = 0.0,
+                    p_own_last: float = 0.0) -> dict[str, np.ndarray]:
   """One CAS batch: row r = conversation samples[r][0] (truncated to seq_len), own slot samples[r][1].
   samples[r][0] may be a list of conversations of that document: packed into the row one after the
   other (each its own segment, all at the question offset; see `pack_rows`).
 
   p: cartridge length P (sink included); num_frozen: F. batch_size: pad to this many rows (padding
   rows: segment 0, loss_mask 0, slots all -1, own_slot -1); default len(samples).
-  k_limit, p_hard, hard_slots[r] (row r's most similar resident slots): see `draw_slots`.
+  k_limit, p_hard, hard_slots[r] (row r's most similar resident slots), p_own_last: see `draw_slots`.
   mixed_weight: the loss_mask of rows that load distractors (silent rows too) is scaled by it (the loss is a
     mask-weighted mean, so this weights mixed against isolated rows); 1.0 leaves it as is.
   p_silent: with this probability a row that loads distractors drops its own cartridge (a *silent*
@@ -206,13 +213,16 @@ def build_cas_batch(samples: Sequence[tuple[Conversation | Sequence[Conversation
   silent = np.zeros(bt, np.float32)
   if not 0.0 <= p_silent <= 1.0:
     raise ValueError(f"p_silent={p_silent} must be in [0, 1]")
+  if not 0.0 <= p_own_last <= 1.0:
+    raise ValueError(f"p_own_last={p_own_last} must be in [0, 1]")
   for r, (conv, own_slot) in enumerate(samples):
     if int(own_slot) not in resident:
       doc = (conv[0] if isinstance(conv, (list, tuple)) else conv).doc_id
       raise ValueError(f"build_cas_batch: sample {r} (doc {doc!r}) names slot {own_slot}, "
                        f"which is not among the resident slots {sorted(resident)}")
     slots[r] = draw_slots(own_slot, resident_slots, k_max=k_max, p_isolated=p_isolated, rng=rng, k_limit=k_limit,
-                          hard_slots=hard_slots[r] if hard_slots is not None else (), p_hard=p_hard)
+                          hard_slots=hard_slots[r] if hard_slots is not None else (), p_hard=p_hard,
+                          p_own_last=p_own_last)
     own[r] = int(own_slot)
     if p_silent > 0 and (slots[r] >= 0).sum() > 1 and rng.random() < p_silent:  # distractors only
       rest = [int(s) for s in slots[r] if s >= 0 and s != int(own_slot)]

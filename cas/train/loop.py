@@ -73,7 +73,7 @@ CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm",
             "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors", "loss_chunk",
             "max_conversations", "length_weighting", "p_hard", "k_curriculum_steps", "mixed_weight", "pack",
             "frozen_head", "lr_decay", "lr_min_ratio", "lr_decay_updates", "p_silent", "share_weight",
-            "share_stride", "teacher_temperature")
+            "share_stride", "teacher_temperature", "p_own_last")
 # max_conversations: train on each document's first n self-study conversations only (0 = all; a
 # curve of quality against self-study size from one synthesis)
 # length_weighting: a resident document gets rows in proportion to its length (length_weights), not one
@@ -101,10 +101,13 @@ CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm",
 # teacher_temperature: distil toward the teacher's top-k at this temperature (batch.sharpen_topk; 1 = as
 # stored): below 1 the targets are sharper (issue 20: a question survives composition more often the more
 # confidently its cartridge answers alone)
+# p_own_last: the fraction of mixed rows that load their own cartridge last (sequential positions: next to the
+# question, the distance it is read at alone and where the server puts the best retrieved cartridge; issue 20:
+# in sequential positions the CAS cartridge read alone lost 4.6 points at p = 512, the isolated one did not)
 DEFAULTS = {"train_distractors": True, "loss_chunk": AUTO_CHUNK, "max_conversations": 0,
             "length_weighting": False, "p_hard": 0.0, "k_curriculum_steps": 0, "mixed_weight": 1.0, "pack": False,
             "frozen_head": 0, "lr_decay": "constant", "lr_min_ratio": 0.1, "lr_decay_updates": 0, "p_silent": 0.0,
-            "share_weight": 0.0, "share_stride": 8, "teacher_temperature": 1.0}
+            "share_weight": 0.0, "share_stride": 8, "teacher_temperature": 1.0, "p_own_last": 0.0}
 
 
 def decay_horizon(c: Mapping, num_docs: int) -> int:
@@ -515,7 +518,8 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
                                    num_frozen=spec.num_frozen, position_mode=c["position_mode"],
                                    k_limit=k_limit(step, c["k_max"], c["k_curriculum_steps"]),
                                    p_hard=float(c["p_hard"]), mixed_weight=float(c["mixed_weight"]),
-                                   pack=bool(c["pack"]), p_silent=float(c["p_silent"]))
+                                   pack=bool(c["pack"]), p_silent=float(c["p_silent"]),
+                                   p_own_last=float(c["p_own_last"]))
         batch = {k: v for k, v in batch.items() if k not in ("n_loaded",)}
         if mesh is None:
           batch = {k: jnp.asarray(v) for k, v in batch.items()}

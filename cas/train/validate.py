@@ -24,7 +24,7 @@ _RULES: dict[str, tuple] = {
     "frozen_head": ("int", 0, None), "lr_decay": ("str", None, None), "lr_min_ratio": ("float", 0.0, 1.0),
     "lr_decay_updates": ("int", 0, None), "p_silent": ("float", 0.0, 1.0),
     "share_weight": ("float", 0.0, None), "share_stride": ("int", 1, None),
-    "teacher_temperature": ("float", 0.05, 10.0),
+    "teacher_temperature": ("float", 0.05, 10.0), "p_own_last": ("float", 0.0, 1.0),
 }
 LR_DECAYS = ("constant", "cosine")
 _POSITIVE = ("lr", "mixed_weight")  # must be > 0, not only >= 0

@@ -273,3 +273,25 @@ def test_silent_rows_drop_their_own_cartridge_and_p_silent_zero_draws_as_before(
   np.testing.assert_array_equal(weighted["loss_mask"], every["loss_mask"] * np.where(silent, 2.0, 1.0)[:, None])
   with pytest.raises(ValueError, match="p_silent"):
     build_cas_batch(convs, [3, 4, 5, 6], rng=np.random.default_rng(7), p_silent=1.5, **kw)
+
+
+def test_own_last_rows_put_the_own_cartridge_next_to_the_question_and_zero_draws_as_before():
+  """p_own_last: a mixed row loads its own cartridge last (sequential positions: the slot nearest the question,
+  the distance it has when read alone), its distractors as drawn; isolated rows stay as they are; 0 is the old draw."""
+  convs = [(_conv(f"d{i}", 5, 6, seed=i), s) for i, s in enumerate([3, 4, 5, 6] * 8)]
+  kw = dict(k_max=4, p_isolated=0.25, seq_len=24, top_k=4, p=8, num_frozen=1, position_mode="sequential")
+  base = build_cas_batch(convs, [3, 4, 5, 6], rng=np.random.default_rng(7), **kw)
+  zero = build_cas_batch(convs, [3, 4, 5, 6], rng=np.random.default_rng(7), p_own_last=0.0, **kw)
+  assert all(np.array_equal(base[k], zero[k]) for k in base)
+
+  def last_is_own(b):
+    return [int(b["slots"][r][b["n_loaded"][r] - 1]) == int(b["own_slot"][r]) for r in range(len(convs))]
+  mixed = base["n_loaded"] > 1
+  assert not all(np.asarray(last_is_own(base))[mixed])  # a random slot: not always last
+  every = build_cas_batch(convs, [3, 4, 5, 6], rng=np.random.default_rng(7), p_own_last=1.0, **kw)
+  assert all(last_is_own(every)) and (every["n_loaded"] > 1).any() and (every["n_loaded"] == 1).any()
+  for r in range(len(convs)):
+    used = [int(s) for s in every["slots"][r] if s >= 0]
+    assert list(every["slots"][r][:len(used)]) == used and len(set(used)) == len(used)  # used first, distinct
+  with pytest.raises(ValueError, match="p_own_last"):
+    build_cas_batch(convs, [3, 4, 5, 6], rng=np.random.default_rng(7), p_own_last=-0.1, **kw)

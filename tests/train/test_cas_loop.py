@@ -233,6 +233,14 @@ def test_silent_rows_reach_the_loop(setup, tmp_path):
   assert not np.array_equal(k["silent"], k["mixed"])
 
 
+def test_own_last_rows_reach_the_loop(setup, tmp_path):
+  """train.p_own_last in sequential positions: every mixed row loads its own cartridge last, so the same data
+  trains the cartridges differently than with the own cartridge in a random slot."""
+  seq = {"position_mode": "sequential", "p_isolated": 0.0}
+  k = _stored_keys_of_runs(setup, tmp_path, {"random": seq, "last": {**seq, "p_own_last": 1.0}})
+  assert not np.array_equal(k["random"], k["last"])
+
+
 def _stored_keys_of_runs(setup, tmp_path, configs: dict) -> dict:
   """Trains one run per named config (each finite) and returns each one's stored keys, all documents raveled."""
   from cas.rotation.store import CartridgeStore
