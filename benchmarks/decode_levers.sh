@@ -14,6 +14,7 @@
 # draws' PRNG (Sampler rng_impl; +-1.5%, not kept); ARGMAX=lax,blocked the token pick (Sampler argmax_impl: a plain
 # max over blocks before a short argmax, the same tokens; -1.4%, not kept); GRAPHS_RUN=0 skips the command-buffer run (it lost 4-18%, 2026-12-06).
 # Then here: the JSON lines in $OUT/decode_levers.jsonl (tokens_per_s per variant, layer_loop, xla_flags).
+# PREFIX_KERNEL=split,cudnn: the shared document attended by one fused cuDNN call per layer (opt-in, issue 22).
 # PROFILE=1: each cas variant also traces one more call; its record gets "ops", the device time by kernel and
 # XLA op (where a decode step's ~5.6 ms go at 1B on an H100, 2026-12-06, against ~0.9 ms for its bytes), and "ops"."hlo"
 # the optimized HLO of its top fusions (synth_speed --hlo_dir: which reduction a "input_reduce_fusion_23" is).
@@ -29,7 +30,7 @@ for m in ${MODELS:-smollm2-135m llama-3.2-1b}; do for B in ${BATCH:-64}; do  # B
   [ "${DECODE:-1}" = 1 ] || break 2  # DECODE=0: only the second part
   DOC=${DOC:-2048}  # DOC=4096: the issue's 4k-token document shared by every row (64 own tokens each)
   A=(--model=$m --batch=$B --prompt_len=$((DOC + 64)) --shared_doc=$DOC --new_tokens=${NEW:-256}
-     --attn=auto --layer_loop=${LOOPS:-scan,unrolled} --top_k_impl=${TOPK:-blocked} --presplit=${PRESPLIT:-cache} --rng=${RNG:-threefry2x32} --argmax=${ARGMAX:-lax} --out=$OUT/decode_levers.jsonl)
+     --attn=auto --layer_loop=${LOOPS:-scan,unrolled} --top_k_impl=${TOPK:-blocked} --presplit=${PRESPLIT:-cache} --rng=${RNG:-threefry2x32} --argmax=${ARGMAX:-lax} --prefix_kernel=${PREFIX_KERNEL:-split} --out=$OUT/decode_levers.jsonl)
   [ "${PROFILE:-0}" = 1 ] && A+=(--profile_dir=/tmp/decode_profile --hlo_dir=/tmp/decode_hlo)  # PROFILE=1: device time by op per variant
   python3 -m benchmarks.synth_speed "${A[@]}" --torch=true 2>&1 | grep -a '"status"' | cut -c1-400
   [ "${GRAPHS_RUN:-1}" = 1 ] && XLA_FLAGS="$GRAPHS" python3 -m benchmarks.synth_speed "${A[@]}" --torch=false 2>&1 | grep -a '"status"' | cut -c1-400

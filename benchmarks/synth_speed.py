@@ -72,6 +72,10 @@ flags.DEFINE_list("presplit", ["cache"], "Sampler presplit_layers (unrolled laye
                   "per call, before the decode loop): false, true, cache (true and split_cache: one KV array per "
                   "layer; the Sampler's default) or merged (cache, and each layer's q/k/v and gate/up weights joined "
                   "into one matrix each: Sampler merge_projections); each one listed is its own variant")
+flags.DEFINE_list("prefix_kernel", ["split"], "with --shared_doc: how a decode step attends the shared document: "
+                  "split (its f32 scores in memory, split_attention; the default) or cudnn (one fused cuDNN call "
+                  "for all rows: $CAS_SHARED_PREFIX_KERNEL=cudnn, attention.fused_shared_prefix_attention); each "
+                  "one listed is its own variant")
 flags.DEFINE_list("argmax", ["lax"], "the Sampler's token pick from the noised logits (argmax_impl): lax "
                   "(jnp.argmax), blocked (a plain max over blocks first; the same tokens); each one listed is its own "
                   "variant")
@@ -128,25 +132,31 @@ def main(argv):
 
   cas_recs = []
   for name, choices in (("layer_loop", ("scan", "unrolled")), ("top_k_impl", TOP_K_IMPLS),
-                        ("presplit", ("false", "true", "cache", "merged")), ("rng", RNG_IMPLS), ("argmax", ARGMAX_IMPLS)):
+                        ("presplit", ("false", "true", "cache", "merged")), ("rng", RNG_IMPLS), ("argmax", ARGMAX_IMPLS),
+                        ("prefix_kernel", ("split", "cudnn"))):
     bad = sorted(set(F[name].value) - set(choices))
     if bad:
       raise SystemExit(f"--{name}: {bad} unknown; choose from {', '.join(choices)}")
-  for name, mode, loop, tk, ps_flag, rng, am in [(n, m, ll, t, s, r, a) for n in F.attn for m in modes
-                                                 for ll in F.layer_loop for t in F.top_k_impl for s in F.presplit
-                                                 for r in F.rng for a in F.argmax]:
+  for name, mode, loop, tk, ps_flag, rng, am, pk_impl in [
+      (n, m, ll, t, s, r, a, k) for n in F.attn for m in modes for ll in F.layer_loop for t in F.top_k_impl
+      for s in F.presplit for r in F.rng for a in F.argmax for k in (F.prefix_kernel if m else ["split"])]:
     # presplit and its per-layer cache act on unrolled layers only (a scan reads the stacked arrays)
     ps = ps_flag != "false" and loop == "unrolled"
     sc, mg = ps and ps_flag in ("cache", "merged"), ps and ps_flag == "merged"
     rec = {"impl": "cas", "variant": f"sampler/{name}" + (f"/shared_{mode}" if mode else "")
            + ("" if loop == "scan" else f"/{loop}") + ("" if tk == "blocked" else f"/topk_{tk}")
            + ("/presplit" if ps else "") + ("/split_cache" if sc else "") + ("/merged" if mg else "")
-           + ("" if rng == "threefry2x32" else f"/rng_{rng}") + ("" if am == "lax" else f"/argmax_{am}"),
-           "rng_impl": rng, "argmax_impl": am,
+           + ("" if rng == "threefry2x32" else f"/rng_{rng}") + ("" if am == "lax" else f"/argmax_{am}")
+           + ("" if pk_impl == "split" else f"/prefix_{pk_impl}"),
+           "rng_impl": rng, "argmax_impl": am, "prefix_kernel": pk_impl,
            "attn": name, "shared_prefix": mode, "layer_loop": loop, "top_k_impl": tk,
            "presplit_layers": ps, "split_cache": sc, "merge_projections": mg,
            "xla_flags": user_xla_flags}
     prev = attn_lib.install(name)
+    prev_kernel = os.environ.pop(attn_lib.SHARED_PREFIX_KERNEL_ENV, None)
+    if pk_impl != "split":  # read at trace time: this variant's programs only
+      os.environ[attn_lib.SHARED_PREFIX_KERNEL_ENV] = pk_impl
+    rec["prefix_kernel_active"] = bool(mode) and attn_lib.shared_prefix_kernel_active(model.dtype)  # off CUDA: split
     model.layer_loop = loop  # a static attribute: the Sampler's graphdef (below) carries it into its programs
     try:
       sampler = Sampler(model, pad_id=0, cache_dtype=jnp.bfloat16, shared_prefix=mode, top_k_impl=tk,
@@ -183,6 +193,9 @@ def main(argv):
       logging.exception("cas sampler with %s attention failed", name)
     finally:
       attn_lib.restore(prev)
+      os.environ.pop(attn_lib.SHARED_PREFIX_KERNEL_ENV, None)
+      if prev_kernel is not None:
+        os.environ[attn_lib.SHARED_PREFIX_KERNEL_ENV] = prev_kernel
     cas_recs.append(emit.emit(rec))
 
   for r in cas_recs:

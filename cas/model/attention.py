@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 from typing import Callable, NamedTuple
 
 import jax
@@ -205,6 +206,84 @@ def split_attention(q: Array, pk: Array, pv: Array, prefix_mask: Array, k: Array
   w2 = (a2 / jnp.maximum(l, 1e-30)).transpose(0, 3, 1, 2)[..., None]
   out = o1 * w1 + o2 * w2  # [B, T, Hkv, G, D] f32
   return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+SHARED_PREFIX_KERNEL_ENV = "CAS_SHARED_PREFIX_KERNEL"  # "cudnn": opt-in, see shared_prefix_kernel_active
+
+
+def shared_prefix_kernel_active(dtype) -> bool:
+  """Whether a decode call attends a fully visible shared prefix with one fused cuDNN call
+  (`fused_shared_prefix_attention`): opt-in (`$CAS_SHARED_PREFIX_KERNEL=cudnn`), on CUDA, bf16/fp16.
+  Off, the prefix's scores are materialised as f32 [Hkv, P, B*G] per layer and step
+  (`split_attention`); the 2026-12-07 decode profile put that at ~30% of a 1B step at batch 256."""
+  if _SHARED_PREFIX_EVERYWHERE:
+    return True
+  return (os.environ.get(SHARED_PREFIX_KERNEL_ENV, "") == "cudnn" and _on_cuda()
+          and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+
+
+_SHARED_PREFIX_EVERYWHERE = False  # `shared_prefix_kernel_everywhere()`: tests and CPU checks
+
+
+@contextlib.contextmanager
+def shared_prefix_kernel_everywhere():
+  """Within the block (at trace time), every eligible decode call takes `fused_shared_prefix_attention`
+  with the plain-JAX block in place of cuDNN's, on any backend: CPU tests of its wiring and merge."""
+  global _SHARED_PREFIX_EVERYWHERE
+  old, _SHARED_PREFIX_EVERYWHERE = _SHARED_PREFIX_EVERYWHERE, True
+  try:
+    yield
+  finally:
+    _SHARED_PREFIX_EVERYWHERE = old
+
+
+def _reference_block(q: Array, k: Array, v: Array, scale: float) -> tuple[Array, Array]:
+  """A fully visible key block in plain JAX: (out [B, T, H, D] normalised, log-sum-exp [B, H, T]); the
+  cuDNN block's contract, for tests and CPU checks of `fused_shared_prefix_attention`."""
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  qg = q.reshape(b, t, hkv, h // hkv, d)
+  o, m, l = _partial_attention(qg, k, v, jnp.ones((1, 1, 1, 1, k.shape[1]), bool), scale)
+  out = (o / l.transpose(0, 3, 1, 2)[..., None]).reshape(b, t, h, d).astype(q.dtype)
+  lse = (m + jnp.log(l)).reshape(b, h, t)
+  return out, lse
+
+
+def _cudnn_block(q: Array, k: Array, v: Array, scale: float) -> tuple[Array, Array]:
+  out, lse, _ = _block_fwd(q, k, v, scale)
+  return out, lse
+
+
+def fused_shared_prefix_attention(q: Array, pk: Array, pv: Array, k: Array, v: Array, self_mask: Array,
+                                  heads_first: bool = False, block: Callable | None = None) -> Array:
+  """`split_attention` for a shared prefix that every query sees whole (pk, pv [1, P, Hkv, D], no mask):
+  all B*T queries against the prefix in one fused call (`block`, default cuDNN's forward: no [P, B*T]
+  scores in memory), the own keys as in `split_attention` (k, v [B, S, Hkv, D], or [B, Hkv, S, D] with
+  heads_first; self_mask [B, T, S]), merged by log-sum-exp. Returns [B, T, H, D] in q.dtype; rows with no
+  visible own key get the prefix's attention alone."""
+  b, t, h, d = q.shape
+  hkv = pk.shape[2]
+  g = h // hkv
+  scale = 1.0 / math.sqrt(d)
+  if block is None:
+    block = _reference_block if _SHARED_PREFIX_EVERYWHERE and not _on_cuda() else _cudnn_block
+  out1, lse1 = block(_fold_rows(q, b), pk, pv, scale)  # [1, B*T, H, D]; stats below
+  o1 = out1.reshape(b, t, h, d).astype(jnp.float32)
+  # the stats' layout: [1, H, B*T] (JAX's (B, N, T); taken when H == B*T too) or [1, B*T, H]
+  if lse1.shape[1:] == (h, b * t):
+    l1 = lse1.reshape(h, b, t).transpose(1, 0, 2)
+  else:
+    l1 = lse1.reshape(b, t, h).transpose(0, 2, 1)
+  l1 = l1.astype(jnp.float32)  # [B, H, T]
+  o2, m2, s2 = _partial_attention(q.reshape(b, t, hkv, g, d), k, v, self_mask[:, None, None, :, :], scale,
+                                  heads_first)  # [B, T, Hkv, G, D] f32 unnormalised; [B, Hkv, G, T]
+  seen = s2 > 0
+  l2 = jnp.where(seen, m2 + jnp.log(jnp.where(seen, s2, 1.0)), NEG_INF).reshape(b, h, t)
+  o2n = (o2 / jnp.where(seen, s2, 1.0).transpose(0, 3, 1, 2)[..., None]).reshape(b, t, h, d)
+  lse = jnp.logaddexp(l1, l2)
+  w1 = jnp.exp(l1 - lse).transpose(0, 2, 1)[..., None]  # [B, T, H, 1]
+  w2 = jnp.exp(l2 - lse).transpose(0, 2, 1)[..., None]
+  return (o1 * w1 + o2n * w2).astype(q.dtype)
 
 
 def heads_first_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:

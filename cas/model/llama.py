@@ -505,8 +505,12 @@ class Transformer(nnx.Module):
         else:
           if per_row:  # a batch-1 prefix that is not attended once: copied per row, as below
             pk, pv = jnp.broadcast_to(pk, (b,) + pk.shape[1:]), jnp.broadcast_to(pv, (b,) + pv.shape[1:])
-          pmk = pick(local_pm, pm)  # [B or 1, T or 1, P] bool
-          a = attn_lib.split_attention(q, pk.astype(dt), pv.astype(dt), pmk, keys, vals, smk, heads_first)
+          if (shared and prefix.mask is None and (not sliding or prefix.positions is None)
+              and attn_lib.shared_prefix_kernel_active(dt)):  # seen whole by every query: one fused call
+            a = attn_lib.fused_shared_prefix_attention(q, pk.astype(dt), pv.astype(dt), keys, vals, smk, heads_first)
+          else:
+            pmk = pick(local_pm, pm)  # [B or 1, T or 1, P] bool
+            a = attn_lib.split_attention(q, pk.astype(dt), pv.astype(dt), pmk, keys, vals, smk, heads_first)
       else:
         if per_row:  # a shared prefix [1, P, Hkv, D] copied per row, one layer at a time
           pk = jnp.broadcast_to(pk, (b,) + pk.shape[1:])

@@ -177,3 +177,54 @@ def test_shared_prefix_mode_validated(llama, monkeypatch):
   assert Sampler(llama, pad_id=0).shared_prefix == "broadcast"
   monkeypatch.delenv("CAS_SHARED_PREFIX")
   assert Sampler(llama, pad_id=0).shared_prefix == "once"
+
+
+@pytest.mark.parametrize("heads_first", [False, True])
+@pytest.mark.parametrize("b,t,h,hkv", [(3, 1, 4, 2), (4, 1, 4, 1), (2, 3, 4, 2)])  # (4, 1, 4): H == B*T
+def test_fused_shared_prefix_attention_equals_split_attention(heads_first, b, t, h, hkv):
+  """The fused form (every row's queries against the shared prefix in one block call, merged with the own
+  keys by log-sum-exp) equals split_attention with a fully visible prefix, also for a row that sees none of
+  its own keys; with the plain-JAX block that stands in for cuDNN's off a GPU."""
+  d, p, s = 8, 10, 6
+  rng = np.random.default_rng(b * 10 + t)
+  f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  q, pk, pv = f(b, t, h, d), f(1, p, hkv, d), f(1, p, hkv, d)
+  k, v = f(b, s, hkv, d), f(b, s, hkv, d)
+  self_mask = jnp.asarray(rng.random((b, t, s)) < 0.6).at[0].set(False)  # row 0: no own key visible
+  kk, vv = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) if heads_first else (k, v)
+  want = attn.split_attention(q, pk, pv, jnp.ones((1, p), bool), kk, vv, self_mask, heads_first)
+  got = attn.fused_shared_prefix_attention(q, pk, pv, kk, vv, self_mask, heads_first, block=attn._reference_block)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+  wrong = attn.fused_shared_prefix_attention(q, pk, pv, kk, vv, ~self_mask, heads_first, block=attn._reference_block)
+  assert not np.allclose(np.asarray(wrong), np.asarray(want), atol=1e-3)  # the own part counts
+
+
+def test_generate_shared_with_the_fused_prefix_kernel_equals_generate(llama):
+  """$CAS_SHARED_PREFIX_KERNEL's path (here forced, with the plain-JAX block): the sampler passes a shared
+  document that every query sees whole without a mask, the model attends it with one block call per layer,
+  and the greedy tokens and log-probs are generate's."""
+  prompts = _shared_prompts(llama, 5, 70)
+  ref = Sampler(llama, pad_id=0, prefix_multiple=16).generate(prompts, max_new_tokens=10, top_k_logprobs=3)
+  with attn.shared_prefix_kernel_everywhere():
+    s = Sampler(llama, pad_id=0, prefix_multiple=16)
+    got = s.generate_shared(prompts, max_new_tokens=10, min_shared=16, top_k_logprobs=3)
+  assert any(k[-1][-1] is True for k in s._programs)  # the unmasked prefix (the fused form) was compiled
+  for x, y in zip(ref, got):
+    np.testing.assert_array_equal(x.tokens, y.tokens)
+    np.testing.assert_array_equal(x.top_ids, y.top_ids)
+    np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=1e-4)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a CUDA GPU")
+@pytest.mark.parametrize("b", [4, 64])
+def test_cudnn_shared_prefix_block_matches_the_reference_on_gpu(b):
+  """cuDNN's block (all rows' queries folded into one sequence against the prefix, GQA) gives the plain-JAX
+  block's output and log-sum-exp in bf16, and the fused form split_attention's."""
+  h, hkv, d, p, s = 32, 8, 64, 2048, 96
+  rng = np.random.default_rng(b)
+  f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+  q, pk, pv, k, v = f(b, 1, h, d), f(1, p, hkv, d), f(1, p, hkv, d), f(b, hkv, s, d), f(b, hkv, s, d)
+  self_mask = jnp.ones((b, 1, s), bool)
+  want = attn.split_attention(q, pk, pv, jnp.ones((1, p), bool), k, v, self_mask, True).astype(jnp.float32)
+  got = attn.fused_shared_prefix_attention(q, pk, pv, k, v, self_mask, True).astype(jnp.float32)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-2, rtol=2e-2)
