@@ -208,11 +208,15 @@ def test_generate_shared_with_the_fused_prefix_kernel_equals_generate(llama):
   with attn.shared_prefix_kernel_everywhere():
     s = Sampler(llama, pad_id=0, prefix_multiple=16)
     got = s.generate_shared(prompts, max_new_tokens=10, min_shared=16, top_k_logprobs=3)
+    refilled = s.generate_shared(prompts, max_new_tokens=10, min_shared=16, top_k_logprobs=3, slots=2)  # ring cache
   assert any(k[-1][-1] is True for k in s._programs)  # the unmasked prefix (the fused form) was compiled
-  for x, y in zip(ref, got):
+  assert any(k[0] == "refill" and k[-1][-1] is True for k in s._programs)
+  for x, y, z in zip(ref, got, refilled):
     np.testing.assert_array_equal(x.tokens, y.tokens)
     np.testing.assert_array_equal(x.top_ids, y.top_ids)
     np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=1e-4)
+    np.testing.assert_array_equal(x.tokens, z.tokens)
+    np.testing.assert_allclose(x.token_logprobs, z.token_logprobs, atol=1e-4)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a CUDA GPU")
