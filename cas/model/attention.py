@@ -215,7 +215,7 @@ def shared_prefix_kernel_active(dtype) -> bool:
   """Whether a decode call attends a fully visible shared prefix with one fused cuDNN call
   (`fused_shared_prefix_attention`): opt-in (`$CAS_SHARED_PREFIX_KERNEL=cudnn`), on CUDA, bf16/fp16.
   Off, the prefix's scores are materialised as f32 [Hkv, P, B*G] per layer and step
-  (`split_attention`); the 2026-12-07 decode profile put that at ~30% of a 1B step at batch 256."""
+  (`split_attention`); the 2026-12-07 decode profile put that at ~27% of a 1B step at batch 256."""
   if _SHARED_PREFIX_EVERYWHERE:
     return True
   return (os.environ.get(SHARED_PREFIX_KERNEL_ENV, "") == "cudnn" and _on_cuda()

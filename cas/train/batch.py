@@ -11,9 +11,11 @@ Distractor mixing (DESIGN §4)
 With probability `p_isolated` a row sees its own cartridge only. Otherwise it sees its own plus
 k ~ U{1, ..., k_max-1} distinct distractors drawn uniformly from the *other* resident slots
 (fewer when fewer are resident), in a random order (the own cartridge at a random position
-among the used entries; with probability `p_own_last` the last). With k_max = 1 every row is isolated. Two options (off by default):
-a curriculum on k (`k_limit` < k_max early in training) and hard negatives (with probability
-`p_hard` the distractors are the resident documents most similar to the row's own).
+among the used entries). With k_max = 1 every row is isolated. Three options (off by default):
+a curriculum on k (`k_limit` < k_max early in training), hard negatives (with probability
+`p_hard` the distractors are the resident documents most similar to the row's own) and own-last
+rows (with probability `p_own_last` the own cartridge is the last entry: in sequential positions,
+next to the question).
 
 Positions (the frozen sink is F = num_frozen tokens, P = p tokens per cartridge sink included,
 so each cartridge contributes P-F trainable tokens; n = number of cartridges a row loads)
