@@ -11,9 +11,10 @@ from cas.data.types import Document
 from cas.model.llama import build_model
 from cas.model.sampler import Sampler
 from cas.synth.format import SynthDataError, SynthDataset, read_shard
-from cas.synth.selfstudy import (BOT_B_SYSTEM, TEMPLATE_PROMPTS, SynthConfig, synth_config_problems, synthesize,
+from cas.synth.selfstudy import (BOT_B_SYSTEM, SynthConfig, synth_config_problems, synthesize,
                                  template_message)
 from cas.testing import TINY_SMOL_VOCAB, real_tokenizer
+from tests.synth._teacher import teacher_logprobs
 
 TEXT = ("Patient Ana Ruiz, born March 3, 1961, was admitted on May 2, 2023 with pneumonia. "
         "Her attending physician was Dr. Omar Haddad. She takes metformin 500 mg twice daily. ") * 6
@@ -163,6 +164,7 @@ def test_quote_family_records_and_teacher(env, tmp_path):
   convs = SynthDataset(str(tmp_path)).load_all()
   assert {c.seed_family for c in convs} == {"quote", "question"}
   doc_ids = tok.encode(TEXT)
+  quotes = []
   for g, c in enumerate(convs):
     if c.seed_family != "quote":
       continue
@@ -173,10 +175,10 @@ def test_quote_family_records_and_teacher(env, tmp_path):
     assert msg == template_message("quote", template, chunk, sseed, title="t")
     b_prompt = tok.apply_chat_template([{"role": "system", "content": BOT_B_SYSTEM.format(chunk=chunk)},
                                         {"role": "user", "content": msg}], add_generation_prompt=True)
-    seq = np.asarray(b_prompt + list(c.answer_ids), np.int32)
-    logits, _ = model(jnp.asarray(seq[None]), jnp.arange(len(seq))[None])
-    lp = jax.nn.log_softmax(logits[0, len(b_prompt) - 1:len(seq) - 1], axis=-1)
-    np.testing.assert_allclose(np.take_along_axis(np.asarray(lp), c.topk_ids, -1), c.topk_logprobs, atol=2e-4)
+    quotes.append((b_prompt, c))
+  assert quotes
+  for lp, (_, c) in zip(teacher_logprobs(model, [(p, c.answer_ids) for p, c in quotes]), quotes):
+    np.testing.assert_allclose(np.take_along_axis(lp, c.topk_ids, -1), c.topk_logprobs, atol=2e-4)
 
 
 def test_unknown_family_is_refused():
@@ -196,13 +198,10 @@ def test_whole_document_chunks_share_one_prefill(env, tmp_path):
   convs = SynthDataset(str(tmp_path)).load_all()
   doc_ids = tok.encode(TEXT)
   assert {c.chunk for c in convs} == {(0, len(doc_ids))} and {c.seed_family for c in convs} == {"quote", "question"}
-  for c in convs:
-    b_prompt = tok.apply_chat_template([{"role": "system", "content": BOT_B_SYSTEM.format(chunk=tok.decode(doc_ids))},
-                                        {"role": "user", "content": _user_message(tok, c.prompt_ids)}],
-                                       add_generation_prompt=True)
-    seq = np.asarray(b_prompt + list(c.answer_ids), np.int32)
-    logits, _ = model(jnp.asarray(seq[None]), jnp.arange(len(seq))[None])
-    lp = np.asarray(jax.nn.log_softmax(logits[0, len(b_prompt) - 1:len(seq) - 1], axis=-1))
+  prompts = [tok.apply_chat_template([{"role": "system", "content": BOT_B_SYSTEM.format(chunk=tok.decode(doc_ids))},
+                                      {"role": "user", "content": _user_message(tok, c.prompt_ids)}],
+                                     add_generation_prompt=True) for c in convs]
+  for lp, c in zip(teacher_logprobs(model, [(p, c.answer_ids) for p, c in zip(prompts, convs)]), convs):
     np.testing.assert_allclose(np.take_along_axis(lp, c.topk_ids, -1), c.topk_logprobs, atol=2e-4)
   assert any(k[-1] is not None for k in env[2]._programs)  # a shared-prefix program ran
 

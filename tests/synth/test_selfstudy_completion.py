@@ -2,8 +2,6 @@
 "{chunk}\n\nQuestion: {message}\nAnswer:", its answer cut at the end of its first line, the student's
 sequence is "Question: {message}\nAnswer:" + the answer with no chat token, the manifest records
 the format and a resume in another format is refused."""
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,6 +13,7 @@ from cas.synth.selfstudy import (TEMPLATE_PROMPTS, DocTokens, SynthConfig, _plan
                                  template_message)
 from cas.testing import TINY_SMOL_VOCAB, real_tokenizer
 from tests.model._line import line_model
+from tests.synth._teacher import teacher_logprobs
 
 TEXT = ("Patient Ana Ruiz, born March 3, 1961, was admitted on May 2, 2023 with pneumonia. "
         "Her attending physician was Dr. Omar Haddad. She takes metformin 500 mg twice daily. ") * 6
@@ -27,13 +26,6 @@ def _run(tok, model, d, cfg=CFG):
                     cfg=cfg, model_fingerprint="tiny", model_source="tiny")
 
 
-def _teacher_logprobs(model, prompt, answer):
-  """[Ta, V] f32 log-probs of bot B over its answer positions, recomputed from the full prompt."""
-  seq = np.asarray(list(prompt) + list(answer), np.int32)
-  logits, _ = model(jnp.asarray(seq[None]), jnp.arange(len(seq))[None])
-  return np.asarray(jax.nn.log_softmax(logits[0, len(prompt) - 1:len(seq) - 1], axis=-1))
-
-
 def test_records_in_completion_format(tmp_path):
   tok = real_tokenizer().with_prompt_format("completion")
   model = build_model(TINY_SMOL_VOCAB, seed=0)
@@ -42,6 +34,7 @@ def test_records_in_completion_format(tmp_path):
   convs = SynthDataset(str(tmp_path)).load_all()
   assert {c.seed_family for c in convs} == {"quote", "question"}
   doc_ids, special = tok.encode(TEXT), tok._special_ids()
+  checks = []
   for g, c in enumerate(convs):
     prompt = tok.decode(list(c.prompt_ids), skip_special_tokens=False)
     assert prompt.startswith("Question: ") and prompt.endswith("\nAnswer:")
@@ -55,7 +48,8 @@ def test_records_in_completion_format(tmp_path):
       assert msg and "\n" not in msg
     b_prompt = tok.prompt_ids([{"role": "system", "content": chunk}, {"role": "user", "content": msg}])
     assert tok.decode(b_prompt) == f"{chunk.strip()}\n\n{prompt}"  # the student's prompt after the chunk
-    lp = _teacher_logprobs(model, b_prompt, c.answer_ids)
+    checks.append((b_prompt, c))
+  for lp, (_, c) in zip(teacher_logprobs(model, [(p, c.answer_ids) for p, c in checks]), checks):
     np.testing.assert_allclose(np.take_along_axis(lp, c.topk_ids, -1), c.topk_logprobs, atol=2e-4)
   with pytest.raises(SynthDataError, match="prompt format 'completion'.*'chat'"):
     _run(real_tokenizer(), model, str(tmp_path))  # resuming in chat format
