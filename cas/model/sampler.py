@@ -361,7 +361,6 @@ class Sampler:
     self.batch_buckets = tuple(int(b) for b in batch_buckets)
     self.new_token_buckets = tuple(int(b) for b in new_token_buckets)
     self.cache_dtype = cache_dtype if cache_dtype is not None else model.dtype
-    self.compute_dtype = model.dtype
     if prefix_multiple < 1:
       raise ValueError(f"Sampler: prefix_multiple must be >= 1, got {prefix_multiple}")
     self.prefix_multiple = int(prefix_multiple)
@@ -644,7 +643,7 @@ class Sampler:
       pm = jnp.pad(pm, ((0, pad_b), (0, pad_p)))
       if pp is not None:
         pp = jnp.pad(pp, ((0, pad_b), (0, pad_p)))
-    if (pk.shape[1] == 1 and pp is None and attn_lib.shared_prefix_kernel_active(self.compute_dtype)
+    if (pk.shape[1] == 1 and pp is None and attn_lib.shared_prefix_kernel_active(self._model.dtype)
         and bool(np.asarray(pm).all())):
       pm = None  # a shared prefix every query sees whole: the model attends it with one fused call per layer
     return pk, pv, pm, pp, (pk.shape[1] == 1, pk.shape[2], str(pk.dtype), pp is not None, pm is None)
