@@ -107,6 +107,12 @@
 #                  compose_report --archive=<paper3> --archive=<seqlast> --base=seq. Hypothesis: recovers the 4.6
 #                  points seq's CAS cartridge lost read alone and keeps its composed gain. SEQLAST_VARIANTS=seq,seqlast
 #                  adds seq itself (e.g. for seed 1, which paper3 did not finish); ~10 min alone on an H100 (estimate)
+#   late           issues 26 + 20: self-study walks every sentence and quotes those after the first_tokens init's
+#                  window three times per pass (variant late3, synth.late_weight=3) at the paper3 budget, shared
+#                  positions, CAS + isolated, patients and products, seed 0 (LATE_SEEDS=, LATE_VARIANTS=walk,late3
+#                  adds the unweighted walk); pair with paper3's base runs: compose_report --archive=<paper3>
+#                  --archive=<late> --base=base. Hypothesis: the oracle's misses in the documents' last sections
+#                  (patients' new medication 22 vs ICL's 38 of 40) shrink, the early facts, held by the init, stay
 #   gemma_paper    issue 24 item 3: the CAS `paper` preset with Gemma 3 270M (patients, seed 0, spread questions; CAS
 #                  only: no_context, icl, oracle, cas_composed), its self-study at batch GP_BATCH (default 256) with
 #                  refilled rows: at the preset's batch 64 it would take ~38 min (2026-12-05 rate), alone on an H200
@@ -135,7 +141,7 @@ if [ "$MODE" = start ]; then
   # Gemma 3 270M, CAS p = 256 about 11.4 GB; an H200 has 143 GB)
   # prose jobs grow their processes (no preallocated fraction): their share is what four trainings
   # took at most on an H100 (2026-12-05: 0.1225 of 80 GB each was too little for a parts1k training)
-  declare -A SHARE=([quiet]=0.25 [mixw2]=0.21 [lever]=0.25 [seq]=0.21 [sharp]=0.21 [silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5 [long]=0.4 [p512rest]=0.25 [mono512]=0.5 [paper3]=0.9 [seqlast]=0.5 [gemma_paper]=0.5)
+  declare -A SHARE=([quiet]=0.25 [mixw2]=0.21 [lever]=0.25 [seq]=0.21 [sharp]=0.21 [silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5 [long]=0.4 [p512rest]=0.25 [mono512]=0.5 [paper3]=0.9 [seqlast]=0.5 [late]=0.5 [gemma_paper]=0.5)
   # (--disk_gb=5 on the p = 512 jobs of eight or six trainings: the auto reservation, 10 GB each, would hold back
   # some of them on the 64 GB disk; a finished p = 512 training keeps ~3 GB since 2026-12-05, and each training's
   # own preflight still refuses a disk that cannot hold it)
@@ -208,6 +214,9 @@ if [ "$MODE" = start ]; then
       seqlast) run seqlast $CS start $R/seqlast --variants=${SEQLAST_VARIANTS:-seqlast} --collections=${SEQLAST_COLLECTIONS:-patients,products} \
                 --seeds=${SEQLAST_SEEDS:-0} --p=512 --steps=1000 --conv=128 --mem=$(f 0.075) --synth_mem=$(f 0.06) \
                 --mem_total=$(mt) --disk_gb=5 "--extra=$SPREAD";;
+      late) run late $CS start $R/late --variants=${LATE_VARIANTS:-late3} --collections=${LATE_COLLECTIONS:-patients,products} \
+                --seeds=${LATE_SEEDS:-0} --p=512 --steps=1000 --conv=128 --mem=$(f 0.075) --synth_mem=$(f 0.06) \
+                --mem_total=$(mt) --disk_gb=5 "--extra=$SPREAD";;
       gemma_paper) mkdir -p $R/gemma_paper; XLA_PYTHON_CLIENT_PREALLOCATE=false run gemma_paper python3 -m launch.cas \
                 --config=configs/cas.py:paper --config.model_path=gemma3-270m --config.synth.batch_size=${GP_BATCH:-256} \
                 --config.synth.shard_size=$((2 * ${GP_BATCH:-256})) --config.synth.refill=True --config.layer_loop=scan \
@@ -278,7 +287,7 @@ elif [ "$MODE" = status ]; then
   # keeps what an earlier call brought back (2026-12-06: a k20/head32 study lost whole). COLLECT=0: status only
   if [ -n "${OUT:-}" ] && [ "${COLLECT:-1}" = 1 ]; then bash "$0" collect > /dev/null 2>&1; echo "(collected into $OUT)"; fi
 else
-  for j in sharp seq mixw2 lever quiet head32 compose_sal silent gemma q21 p512 long p512rest mono512 paper3 seqlast; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=0 > /dev/null 2>&1; \
+  for j in sharp seq mixw2 lever quiet head32 compose_sal silent gemma q21 p512 long p512rest mono512 paper3 seqlast late; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=0 > /dev/null 2>&1; \
     [ -f $OUT/compose_study.tgz ] && mv $OUT/compose_study.tgz $OUT/$j/; done
   [ -d $R/gemma_paper ] && mkdir -p $OUT/gemma_paper && (cd $R && tar czf $OUT/gemma_paper/gemma_paper.tgz gemma_paper.start.log \
     gemma_paper/eval/results.json gemma_paper/eval/partial 2>/dev/null)

@@ -414,6 +414,13 @@ def _check_synth(config, add: Callable) -> None:
     return
   for field, msg in synth_section_problems(sc):
     add(f"config.synth.{field}", msg, SynthDataError)
+  lw, cc = sc.get("late_weight", 1), config.get("cartridge") or {}
+  init, init_text = _get(cc, "init", "first_tokens"), _get(cc, "init_text", "document")
+  if _is_int(lw) and lw > 1 and (init, init_text) != ("first_tokens", "document"):
+    add("config.synth.late_weight", f"synth.late_weight={lw} weighs the sentences after the first_tokens init's "
+                                    f"window (the document's first p - num_frozen tokens); with cartridge.init="
+                                    f"{init!r}, init_text={init_text!r} the init holds other text: use "
+                                    "late_weight=1, or init='first_tokens' with init_text='document'", SynthDataError)
 
 
 def _train_keys(pipeline: str):

@@ -42,6 +42,7 @@ how many it left out), and a retrieval counts as a hit only when every gold docu
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -393,6 +394,8 @@ class CasStages:
     t = time.time()
     sc = self.config.synth
     scfg = SynthConfig.from_config(sc)
+    if scfg.late_weight > 1:  # the first_tokens init holds the first p - num_frozen tokens (cas.config_check)
+      scfg = dataclasses.replace(scfg, late_from=self.spec.num_tokens - self.spec.num_frozen)
     m = synthesize(self.synth_dir, documents=self.units, tokenizer=self.tok, sampler=self.sampler,
                    cfg=scfg, model_fingerprint=self.lm.fingerprint, model_source=self.lm.source,
                    manifest_extra={PARTS_KEY: self.max_doc_tokens} if self.max_doc_tokens else None)

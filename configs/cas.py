@@ -88,6 +88,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.synth.families = ("structuring", "summarization", "question", "use_case", "creative")
   # "random" chunks/passages, or "walk": every sentence of a document in turn (cas.synth.selfstudy)
   c.synth.coverage = "random"
+  # walk only: sentences after the first_tokens init's window (the document's first p - num_frozen tokens)
+  # are quoted this many times per pass; 1 = every sentence once (RESULTS.md, "Late facts")
+  c.synth.late_weight = 1
 
   c.cartridge = ml_collections.ConfigDict()
   c.cartridge.num_tokens = 64

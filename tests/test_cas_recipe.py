@@ -53,3 +53,14 @@ def test_hard_negatives_and_curriculum_train(tmp_path, lm):
     train_cas(model=lm.model, model_fingerprint=lm.fingerprint, dataset_dir=os.path.join(workdir, "synth"),
               workdir=str(tmp_path / "x"), doc_ids=ids, spec=spec, frozen=st._sink(), init_fn=st._init_fn(),
               cfg={**base, "k_curriculum_steps": -1})
+
+
+def test_late_weight_walks_from_the_end_of_the_init_window(tmp_path, lm):
+  """synth.late_weight > 1 reaches self-study with late_from = p - num_frozen (the first_tokens init's
+  window), and the manifest records both (a self-study made without them is another dataset)."""
+  c = _config()
+  c.synth.coverage, c.synth.late_weight = "walk", 3
+  st = CasStages(c, str(tmp_path / "w"), lm=lm)
+  m = st.synth()
+  assert m["config"]["late_weight"] == 3
+  assert m["config"]["late_from"] == c.cartridge.num_tokens - c.cartridge.num_frozen > 0

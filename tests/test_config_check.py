@@ -70,6 +70,21 @@ def test_own_last_rows_need_sequential_positions_and_distractors():
   assert "config.train.p_own_last" in _where(check_config(c, "cas", devices=ONE, check_model=False))
 
 
+def test_late_weight_needs_a_walk_and_the_first_tokens_window():
+  c = cas_config("quick")
+  c.synth.late_weight = 3
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "coverage='walk'" in got["config.synth.late_weight"]  # the default coverage is random
+  c.synth.coverage = "walk"
+  assert check_config(c, "cas", devices=ONE, check_model=False) == []
+  c.cartridge.init_text = "salient"
+  assert "init_text='salient'" in _where(check_config(c, "cas", devices=ONE, check_model=False))[
+      "config.synth.late_weight"]
+  c.cartridge.init_text, c.synth.late_weight = "document", 0
+  assert "positive integer" in _where(check_config(c, "cas", devices=ONE, check_model=False))[
+      "config.synth.late_weight"]
+
+
 def test_every_problem_is_reported_together_naming_its_field():
   c = cas_config("quick")
   c.train.k_max = 5  # > num_slots 2

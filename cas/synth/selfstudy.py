@@ -116,6 +116,12 @@ class SynthConfig:
   # permutation of the document's sentences, and its chunk contains that sentence, so every
   # sentence is covered once per pass (n conversations >= n sentences quote each at least once)
   coverage: str = "random"
+  # walk only: a sentence that starts at or after token `late_from` of its document is quoted `late_weight`
+  # times per pass instead of once. The pipeline sets late_from = p - num_frozen when synth.late_weight > 1:
+  # the first_tokens init already holds the document's first p - num_frozen tokens, and the facts after
+  # them are the ones the trained cartridge misses (RESULTS.md, "Late facts")
+  late_weight: int = 1
+  late_from: int = 0
   # True: each shard is one call whose `batch_size` decode rows are refilled from the shard's
   # waiting conversations as they finish (`Sampler.generate(slots=...)`) instead of batches that
   # decode until their longest answer ends; needs shard_size > batch_size
@@ -129,7 +135,7 @@ class SynthConfig:
                 max_answer_tokens=sc.max_answer_tokens, temperature_a=sc.temperature_a,
                 temperature_b=sc.temperature_b, top_k=sc.top_k, seed=sc.seed,
                 families=tuple(sc.get("families", SEED_FAMILIES)), coverage=sc.get("coverage", "random"),
-                refill=bool(sc.get("refill", False)))
+                refill=bool(sc.get("refill", False)), late_weight=sc.get("late_weight", 1))
 
   @classmethod
   def from_config(cls, sc) -> "SynthConfig":
@@ -145,7 +151,7 @@ class SynthConfig:
 
   def manifest_fields(self) -> dict:
     d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-    for k, default in (("coverage", "random"), ("refill", False)):
+    for k, default in (("coverage", "random"), ("refill", False), ("late_weight", 1), ("late_from", 0)):
       if d[k] == default:
         del d[k]  # datasets written before the field existed keep resuming
     return d
@@ -169,7 +175,7 @@ def synth_section_problems(sc) -> list[tuple[str, str]]:
   kw = SynthConfig.config_kwargs(sc)
   out = family_problems(kw["families"], kw["coverage"])
   if out:  # the sizes are checked all the same
-    kw.update(families=SEED_FAMILIES, coverage="random")
+    kw.update(families=SEED_FAMILIES, coverage="random", late_weight=1)
   return out + synth_config_problems(SynthConfig(**kw))
 
 
@@ -244,15 +250,18 @@ def _plan(cfg: SynthConfig, g: int, doc_len: int, sentences: Sequence[tuple[int,
   None).
 
   Walk: conversation j of its document takes sentence order[j % n] of the pass j // n (order: a
-  permutation of the n sentences drawn per pass), and a chunk of a random allowed size that holds
-  it (a few tokens of margin each side)."""
+  permutation of the n sentences drawn per pass; with late_weight w > 1 a sentence from token
+  late_from on counts w times among the n), and a chunk of a random allowed size that holds it (a
+  few tokens of margin each side)."""
   rng = np.random.default_rng([cfg.seed, g])
   focus = None
   if cfg.coverage == "walk" and sentences:
     d, j = divmod(g, cfg.conversations_per_doc)
-    n = len(sentences)
+    slots = [i for i, (a, _, _) in enumerate(sentences)
+             for _ in range(cfg.late_weight if cfg.late_weight > 1 and a >= cfg.late_from else 1)]
+    n = len(slots)
     order = np.random.default_rng([cfg.seed, d, j // n, 7]).permutation(n)
-    a, b, focus = sentences[int(order[j % n])]
+    a, b, focus = sentences[slots[int(order[j % n])]]
     size = int(rng.integers(min(cfg.min_chunk, doc_len), min(cfg.max_chunk, doc_len) + 1))
     lo = max(0, min(b + 4, doc_len) - size)
     hi = max(lo, min(max(0, a - 4), doc_len - size))
@@ -413,6 +422,12 @@ def synth_config_problems(cfg: SynthConfig) -> list[tuple[str, str]]:
     v = getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       out.append((CONFIG_FIELD.get(name, name), f"synth config {name}={v!r} must be a positive integer"))
+  if isinstance(cfg.late_weight, bool) or not isinstance(cfg.late_weight, int) or cfg.late_weight < 1:
+    out.append(("late_weight", f"synth.late_weight={cfg.late_weight!r} must be a positive integer (1 = every "
+                               f"sentence once per pass)"))
+  elif cfg.late_weight > 1 and cfg.coverage != "walk":
+    out.append(("late_weight", f"synth.late_weight={cfg.late_weight} weighs the sentences of a walk; it needs "
+                               f"synth.coverage='walk' (got {cfg.coverage!r})"))
   for name in ("temperature_a", "temperature_b"):
     v = getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):

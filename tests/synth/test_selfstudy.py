@@ -241,6 +241,38 @@ def test_walk_coverage_quotes_every_sentence_once_per_pass(env, tmp_path):
   assert "coverage" not in CFG.manifest_fields()  # old datasets keep resuming
 
 
+def test_late_sentences_are_quoted_late_weight_times_per_pass(env):
+  """synth.late_weight: in a walk, a sentence that starts at or after token late_from (the first_tokens
+  init's window) is quoted w times per pass, every other sentence once; w = 1 walks exactly as
+  before; a weight without a walk, or not a positive integer, is refused."""
+  from cas.synth.selfstudy import DocTokens, _plan, synth_config_problems
+  tok, _, _ = env
+  words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()
+  sentences = [f"Fact {w} of the ledger is number {i * 7 + 3}." for i, w in enumerate(words)]
+  docs = DocTokens([Document("d0", "t", " ".join(sentences))], tok)
+  sents, ids = docs.sentences(0), docs.ids(0)
+  late_from = sents[6][0]  # sentences 6..9 lie after the window
+  n, w = len(sents), 3
+  per_pass = n + (w - 1) * 4
+  base = SynthConfig(**{**CFG.__dict__, "min_chunk": 20, "max_chunk": 30, "families": ("quote",),
+                        "coverage": "walk", "conversations_per_doc": 2 * per_pass})
+  late = SynthConfig(**{**base.__dict__, "late_weight": w, "late_from": late_from})
+  focus = lambda cfg, g: _plan(cfg, g, len(ids), sents)[4]
+  for p in range(2):
+    counts = np.bincount([sentences.index(focus(late, g)) for g in range(p * per_pass, (p + 1) * per_pass)],
+                         minlength=n)
+    assert counts.tolist() == [1] * 6 + [w] * 4, counts
+  # weight 1 (whatever late_from says) draws the walk of a config without the fields
+  one = SynthConfig(**{**base.__dict__, "late_from": late_from})
+  assert [focus(one, g) for g in range(2 * n)] == [focus(base, g) for g in range(2 * n)]
+  assert late.manifest_fields()["late_weight"] == w and late.manifest_fields()["late_from"] == late_from
+  assert "late_weight" not in base.manifest_fields()  # old datasets keep resuming
+  got = dict(synth_config_problems(SynthConfig(**{**base.__dict__, "coverage": "random", "late_weight": 2})))
+  assert "coverage='walk'" in got["late_weight"]
+  assert "positive integer" in dict(synth_config_problems(SynthConfig(**{**base.__dict__, "late_weight": 0})))[
+      "late_weight"]
+
+
 def test_refilled_rows_write_the_same_conversations(env, tmp_path):
   """synth.refill: a shard is one call whose batch_size rows are refilled as answers end; with
   both bots greedy the conversations are those of batches decoded to their longest answer, and
