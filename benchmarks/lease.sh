@@ -110,7 +110,8 @@
 #   late           issues 26 + 20: self-study walks every sentence and quotes those after the first_tokens init's
 #                  window three times per pass (variant late3, synth.late_weight=3) at the paper3 budget, shared
 #                  positions, CAS + isolated, patients and products, seed 0 (LATE_SEEDS=, LATE_VARIANTS=walk,late3
-#                  adds the unweighted walk); pair with paper3's base runs: compose_report --archive=<paper3>
+#                  adds the unweighted walk; LATE_METHODS=no_context,icl,cartridge_oracle,cas_composed: CAS only, no
+#                  isolated training); pair with paper3's base runs: compose_report --archive=<paper3>
 #                  --archive=<late> --base=base. Hypothesis: the oracle's misses in the documents' last sections
 #                  (patients' new medication 22 vs ICL's 38 of 40) shrink, the early facts, held by the init, stay
 #   gemma_paper    issue 24 item 3: the CAS `paper` preset with Gemma 3 270M (patients, seed 0, spread questions; CAS
@@ -216,7 +217,7 @@ if [ "$MODE" = start ]; then
                 --mem_total=$(mt) --disk_gb=5 "--extra=$SPREAD";;
       late) run late $CS start $R/late --variants=${LATE_VARIANTS:-late3} --collections=${LATE_COLLECTIONS:-patients,products} \
                 --seeds=${LATE_SEEDS:-0} --p=512 --steps=1000 --conv=128 --mem=$(f 0.075) --synth_mem=$(f 0.06) \
-                --mem_total=$(mt) --disk_gb=5 "--extra=$SPREAD";;
+                ${LATE_METHODS:+--methods=$LATE_METHODS} --mem_total=$(mt) --disk_gb=5 "--extra=$SPREAD";;
       gemma_paper) mkdir -p $R/gemma_paper; XLA_PYTHON_CLIENT_PREALLOCATE=false run gemma_paper python3 -m launch.cas \
                 --config=configs/cas.py:paper --config.model_path=gemma3-270m --config.synth.batch_size=${GP_BATCH:-256} \
                 --config.synth.shard_size=$((2 * ${GP_BATCH:-256})) --config.synth.refill=True --config.layer_loop=scan \
