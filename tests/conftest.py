@@ -1,4 +1,7 @@
-"""Test set-up: 8 fake CPU devices (multi-device code is tested on them), CPU only, fp32 matmuls."""
+"""Test set-up: 8 fake CPU devices (multi-device code is tested on them), CPU only, fp32 matmuls.
+
+The GPU tests (`*_on_gpu`) skip on the CPU; on a GPU machine run them with JAX_PLATFORMS=cuda set, e.g.
+`JAX_PLATFORMS=cuda python3 -m pytest -q tests/model/test_shared_prefix.py -k on_gpu` (without it they skip there too)."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
