@@ -494,8 +494,15 @@ def _synthesize(out_dir: str, *, documents, tokenizer, sampler, cfg: SynthConfig
     old = read_manifest(out_dir)
     for k in ("model_fingerprint", "config", "doc_ids", *manifest_extra):
       if old.get(k) != header[k]:
+        was, now = old.get(k), header[k]
+        if k == "config" and isinstance(was, dict):  # name the fields that differ, not the whole config
+          diff = sorted(set(was) | set(now), key=str)
+          was, now = ({f: c.get(f) for f in diff if was.get(f) != now.get(f)} for c in (was, now))
+        hint = (" (synth.late_weight > 1 walks from token p - num_frozen, so its self-study belongs to one p: "
+                "keep the cartridge's num_tokens, or use another workdir)"
+                if k == "config" and "late_from" in was else "")
         raise SynthDataError(f"{out_dir}: existing dataset has a different {k} "
-                             f"({old.get(k)!r:.200} vs {header[k]!r:.200}); use another directory")
+                             f"({was!r:.200} vs {now!r:.200}){hint}; use another directory")
     if old.get("prompt_format", "chat") != fmt:
       raise SynthDataError(f"{out_dir}: existing dataset was written in prompt format "
                            f"{old.get('prompt_format', 'chat')!r}, this run asks for {fmt!r} "

@@ -78,8 +78,13 @@ def test_resume_generates_only_missing_shards(env, tmp_path):
 
 def test_refuses_a_dataset_made_with_other_settings(env, tmp_path):
   _run(env, str(tmp_path), stop_after_shards=1)
-  with pytest.raises(SynthDataError, match="different config"):
-    _run(env, str(tmp_path), cfg=SynthConfig(**{**CFG.__dict__, "top_k": 7}))
+  with pytest.raises(SynthDataError, match=r"different config \(\{'top_k': %d\} vs \{'top_k': 7\}\)" % CFG.top_k):
+    _run(env, str(tmp_path), cfg=SynthConfig(**{**CFG.__dict__, "top_k": 7}))  # names only what differs
+  walk = {**CFG.__dict__, "coverage": "walk", "late_weight": 3, "families": ("quote",)}
+  walk.pop("late_from")
+  _run(env, str(tmp_path / "late"), cfg=SynthConfig(**walk, late_from=63), stop_after_shards=1)
+  with pytest.raises(SynthDataError, match=r"\{'late_from': 63\} vs \{'late_from': 31\}.*belongs to one p"):
+    _run(env, str(tmp_path / "late"), cfg=SynthConfig(**walk, late_from=31))  # another p's late sentences
   with pytest.raises(SynthDataError, match="duplicate document id"):
     tok, model, sampler = env
     synthesize(str(tmp_path / "x"), documents=[Document("d", "t", TEXT), Document("d", "t", TEXT)],
