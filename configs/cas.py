@@ -89,7 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # "random" chunks/passages, or "walk": every sentence of a document in turn (cas.synth.selfstudy)
   c.synth.coverage = "random"
   # walk only: sentences after the first_tokens init's window (the document's first p - num_frozen tokens)
-  # are quoted this many times per pass; 1 = every sentence once (RESULTS.md, "Late facts")
+  # are quoted this many times per pass; 1 = every sentence once (RESULTS.md, "No init holds the late facts")
   c.synth.late_weight = 1
 
   c.cartridge = ml_collections.ConfigDict()

@@ -119,7 +119,7 @@ class SynthConfig:
   # walk only: a sentence that starts at or after token `late_from` of its document is quoted `late_weight`
   # times per pass instead of once. The pipeline sets late_from = p - num_frozen when synth.late_weight > 1:
   # the first_tokens init already holds the document's first p - num_frozen tokens, and the facts after
-  # them are the ones the trained cartridge misses (RESULTS.md, "Late facts")
+  # them are the ones the trained cartridge misses (RESULTS.md, "No init holds the late facts")
   late_weight: int = 1
   late_from: int = 0
   # True: each shard is one call whose `batch_size` decode rows are refilled from the shard's
@@ -494,13 +494,13 @@ def _synthesize(out_dir: str, *, documents, tokenizer, sampler, cfg: SynthConfig
     old = read_manifest(out_dir)
     for k in ("model_fingerprint", "config", "doc_ids", *manifest_extra):
       if old.get(k) != header[k]:
-        was, now = old.get(k), header[k]
+        was, now, hint = old.get(k), header[k], ""
         if k == "config" and isinstance(was, dict):  # name the fields that differ, not the whole config
-          diff = sorted(set(was) | set(now), key=str)
-          was, now = ({f: c.get(f) for f in diff if was.get(f) != now.get(f)} for c in (was, now))
-        hint = (" (synth.late_weight > 1 walks from token p - num_frozen, so its self-study belongs to one p: "
-                "keep the cartridge's num_tokens, or use another workdir)"
-                if k == "config" and "late_from" in was else "")
+          fields = [f for f in sorted(set(was) | set(now), key=str) if was.get(f) != now.get(f)]
+          was, now = {f: was.get(f) for f in fields}, {f: now.get(f) for f in fields}
+          if "late_from" in fields:
+            hint = (" (synth.late_weight > 1 walks from token p - num_frozen, so its self-study belongs to one p: "
+                    "keep the cartridge's num_tokens, or use another workdir)")
         raise SynthDataError(f"{out_dir}: existing dataset has a different {k} "
                              f"({was!r:.200} vs {now!r:.200}){hint}; use another directory")
     if old.get("prompt_format", "chat") != fmt:
