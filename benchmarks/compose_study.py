@@ -99,8 +99,8 @@ VARIANTS = {
     # (issue 20 interference analysis: minutes' distractors push their own values at 1.6-2.9x chance)
     "qmix": ["--config.synth.families=('quote','quote','quote','question')"],
     # late facts (issues 26 + 20, 2026-12-07: in paper3's base runs at p = 512 the oracle's losses against ICL
-    # sit in the documents' last sections, past the first_tokens init's window: patients' new medication 22
-    # vs 38 of 40, products' warranty 26 vs 36): self-study walks every sentence, and those after the first
+    # sit in the documents' last sections, past the first_tokens init's window: patients' new medication 11
+    # vs 19 of 20, products' warranty 14 vs 18): self-study walks every sentence, and those after the first
     # p - 1 tokens three times per pass (synth.late_weight); `walk` is the same walk unweighted (the control)
     "walk": ["--config.synth.coverage=walk"],
     "late3": ["--config.synth.coverage=walk", "--config.synth.late_weight=3"],

@@ -113,7 +113,7 @@
 #                  adds the unweighted walk; LATE_METHODS=no_context,icl,cartridge_oracle,cas_composed: CAS only, no
 #                  isolated training); pair with paper3's base runs: compose_report --archive=<paper3>
 #                  --archive=<late> --base=base. Hypothesis: the oracle's misses in the documents' last sections
-#                  (patients' new medication 22 vs ICL's 38 of 40) shrink, the early facts, held by the init, stay
+#                  (patients' new medication 11 vs ICL's 19 of 20) shrink, the early facts, held by the init, stay
 #   gemma_paper    issue 24 item 3: the CAS `paper` preset with Gemma 3 270M (patients, seed 0, spread questions; CAS
 #                  only: no_context, icl, oracle, cas_composed), its self-study at batch GP_BATCH (default 256) with
 #                  refilled rows: at the preset's batch 64 it would take ~38 min (2026-12-05 rate), alone on an H200
