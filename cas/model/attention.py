@@ -268,22 +268,18 @@ def fused_shared_prefix_attention(q: Array, pk: Array, pv: Array, k: Array, v: A
   if block is None:
     block = _reference_block if _SHARED_PREFIX_EVERYWHERE and not _on_cuda() else _cudnn_block
   out1, lse1 = block(_fold_rows(q, b), pk, pv, scale)  # [1, B*T, H, D]; stats below
-  o1 = out1.reshape(b, t, h, d).astype(jnp.float32)
-  # the stats' layout: [1, H, B*T] (JAX's (B, N, T); taken when H == B*T too) or [1, B*T, H]
+  # the stats' layout: [1, H, B*T] (JAX's (B, N, T); taken when H == B*T too) or [1, B*T, H]; both
+  # log-sum-exps go to `_merge` as [B, T, H], the layout it reads whatever H and T are
   if lse1.shape[1:] == (h, b * t):
-    l1 = lse1.reshape(h, b, t).transpose(1, 0, 2)
+    l1 = lse1.reshape(h, b, t).transpose(1, 2, 0)
   else:
-    l1 = lse1.reshape(b, t, h).transpose(0, 2, 1)
-  l1 = l1.astype(jnp.float32)  # [B, H, T]
+    l1 = lse1.reshape(b, t, h)
   o2, m2, s2 = _partial_attention(q.reshape(b, t, hkv, g, d), k, v, self_mask[:, None, None, :, :], scale,
                                   heads_first)  # [B, T, Hkv, G, D] f32 unnormalised; [B, Hkv, G, T]
   seen = s2 > 0
-  l2 = jnp.where(seen, m2 + jnp.log(jnp.where(seen, s2, 1.0)), NEG_INF).reshape(b, h, t)
+  l2 = jnp.where(seen, m2 + jnp.log(jnp.where(seen, s2, 1.0)), NEG_INF).reshape(b, h, t).transpose(0, 2, 1)
   o2n = (o2 / jnp.where(seen, s2, 1.0).transpose(0, 3, 1, 2)[..., None]).reshape(b, t, h, d)
-  lse = jnp.logaddexp(l1, l2)
-  w1 = jnp.exp(l1 - lse).transpose(0, 2, 1)[..., None]  # [B, T, H, 1]
-  w2 = jnp.exp(l2 - lse).transpose(0, 2, 1)[..., None]
-  return (o1 * w1 + o2n * w2).astype(q.dtype)
+  return _merge(out1.reshape(b, t, h, d), l1.astype(jnp.float32), o2n, l2, q.dtype)[0]
 
 
 def heads_first_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
