@@ -267,17 +267,12 @@ def fused_shared_prefix_attention(q: Array, pk: Array, pv: Array, k: Array, v: A
   scale = 1.0 / math.sqrt(d)
   if block is None:
     block = _reference_block if _SHARED_PREFIX_EVERYWHERE and not _on_cuda() else _cudnn_block
-  out1, lse1 = block(_fold_rows(q, b), pk, pv, scale)  # [1, B*T, H, D]; stats below
-  # the stats' layout: [1, H, B*T] (JAX's (B, N, T); taken when H == B*T too) or [1, B*T, H]; both
-  # log-sum-exps go to `_merge` as [B, T, H], the layout it reads whatever H and T are
-  if lse1.shape[1:] == (h, b * t):
-    l1 = lse1.reshape(h, b, t).transpose(1, 2, 0)
-  else:
-    l1 = lse1.reshape(b, t, h)
+  out1, lse1 = block(_fold_rows(q, b), pk, pv, scale)  # [1, B*T, H, D]; log-sum-exp [1, H, B*T]
+  l1 = _unfold_lse(lse1, b, h)  # [B, H, T], the layout `_merge` reads
   o2, m2, s2 = _partial_attention(q.reshape(b, t, hkv, g, d), k, v, self_mask[:, None, None, :, :], scale,
                                   heads_first)  # [B, T, Hkv, G, D] f32 unnormalised; [B, Hkv, G, T]
   seen = s2 > 0
-  l2 = jnp.where(seen, m2 + jnp.log(jnp.where(seen, s2, 1.0)), NEG_INF).reshape(b, h, t).transpose(0, 2, 1)
+  l2 = jnp.where(seen, m2 + jnp.log(jnp.where(seen, s2, 1.0)), NEG_INF).reshape(b, h, t)
   o2n = (o2 / jnp.where(seen, s2, 1.0).transpose(0, 3, 1, 2)[..., None]).reshape(b, t, h, d)
   return _merge(out1.reshape(b, t, h, d), l1.astype(jnp.float32), o2n, l2, q.dtype)[0]
 
@@ -448,12 +443,12 @@ def _block_bwd(q, k, v, scale, res, lse, out, g, **kw):
 
 
 def _merge(o1, l1, o2, l2, dtype):
-  """Merge two normalised block outputs [B, T, H, D] by their log-sum-exps [B, H, T] (or [B, T, H])."""
+  """Merge two normalised block outputs [B, T, H, D] by their log-sum-exps, always [B, H, T] (JAX's
+  cuDNN statistics layout; no guess from the shapes, which cannot tell the two apart when T == H).
+  Returns (out [B, T, H, D] in dtype, merged log-sum-exp [B, H, T])."""
   l = jnp.logaddexp(l1, l2)
-  w1, w2 = jnp.exp(l1 - l), jnp.exp(l2 - l)
-  if l.shape[1] != o1.shape[1]:  # [B, H, T] -> [B, T, H]
-    w1, w2 = w1.transpose(0, 2, 1), w2.transpose(0, 2, 1)
-  out = o1.astype(jnp.float32) * w1[..., None] + o2.astype(jnp.float32) * w2[..., None]
+  w1, w2 = (jnp.exp(x - l).transpose(0, 2, 1)[..., None] for x in (l1, l2))  # [B, T, H, 1]
+  out = o1.astype(jnp.float32) * w1 + o2.astype(jnp.float32) * w2
   return out.astype(dtype), l
 
 
@@ -463,20 +458,19 @@ def _fold_rows(x: Array, b: int) -> Array:
 
 
 def _fold_lse(l: Array, b: int, h: int) -> Array:
-  """Log-sum-exp [B, H, T] (or [B, T, H]) -> the folded call's [1, H, B*T] (or [1, B*T, H])."""
+  """Log-sum-exp [B, H, T] -> the folded call's [1, H, B*T] (JAX's cuDNN statistics are [B, N, T])."""
   if not b:
     return l
-  if l.shape[1] == h:
-    return l.transpose(1, 0, 2).reshape(1, h, -1)
-  return l.reshape(1, -1, h)
+  assert l.shape[:2] == (b, h), (l.shape, b, h)
+  return l.transpose(1, 0, 2).reshape(1, h, -1)
 
 
 def _unfold_lse(l: Array, b: int, h: int) -> Array:
+  """The folded call's log-sum-exp [1, H, B*T] -> [B, H, T]."""
   if not b:
     return l
-  if l.shape[1] == h:
-    return l.reshape(h, b, -1).transpose(1, 0, 2)
-  return l.reshape(b, -1, h)
+  assert l.shape[:2] == (1, h), (l.shape, b, h)
+  return l.reshape(h, b, -1).transpose(1, 0, 2)
 
 
 # -- the self block as packed segments (cuDNN's ragged layout) --------------------------------------

@@ -180,7 +180,7 @@ def test_shared_prefix_mode_validated(llama, monkeypatch):
 
 
 @pytest.mark.parametrize("heads_first", [False, True])
-@pytest.mark.parametrize("b,t,h,hkv", [(3, 1, 4, 2), (4, 1, 4, 1), (2, 3, 4, 2)])  # (4, 1, 4): H == B*T
+@pytest.mark.parametrize("b,t,h,hkv", [(3, 1, 4, 2), (4, 1, 4, 1), (2, 3, 4, 2), (2, 4, 4, 2)])  # H == B*T; T == H
 def test_fused_shared_prefix_attention_equals_split_attention(heads_first, b, t, h, hkv):
   """The fused form (every row's queries against the shared prefix in one block call, merged with the own
   keys by log-sum-exp) equals split_attention with a fully visible prefix, also for a row that sees none of
@@ -197,6 +197,25 @@ def test_fused_shared_prefix_attention_equals_split_attention(heads_first, b, t,
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
   wrong = attn.fused_shared_prefix_attention(q, pk, pv, kk, vv, ~self_mask, heads_first, block=attn._reference_block)
   assert not np.allclose(np.asarray(wrong), np.asarray(want), atol=1e-3)  # the own part counts
+
+
+@pytest.mark.parametrize("t,h", [(3, 4), (4, 4)])
+def test_merge_reads_heads_first_statistics_also_when_t_equals_h(t, h):
+  """Two blocks' normalised outputs merged by their log-sum-exps [B, H, T] equal attention over both key
+  sets at once; with T == H a layout guessed from the shapes would weight each query by another
+  head's statistics."""
+  b, d = 2, 8
+  rng = np.random.default_rng(t)
+  f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  q, k1, v1, k2, v2 = f(b, t, h, d), f(b, 5, h, d), f(b, 5, h, d), f(b, 7, h, d), f(b, 7, h, d)
+  def block(k, v):  # normalised output [B, T, H, D] and log-sum-exp [B, H, T]
+    s = jnp.einsum("bthd,bshd->bhts", q, k)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, -1), v), jax.nn.logsumexp(s, -1)
+  (o1, l1), (o2, l2) = block(k1, v1), block(k2, v2)
+  want, want_l = block(jnp.concatenate([k1, k2], 1), jnp.concatenate([v1, v2], 1))
+  got, got_l = attn._merge(o1, l1, o2, l2, jnp.float32)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got_l), np.asarray(want_l), atol=1e-5)
 
 
 def test_generate_shared_with_the_fused_prefix_kernel_equals_generate(llama):
