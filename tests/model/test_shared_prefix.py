@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from cas.model import attention as attn
 from cas.model.llama import KVCache, Prefix
