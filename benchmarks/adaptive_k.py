@@ -60,7 +60,7 @@ def per_question(res, collection, seed, question_refs=("title",), pair_share=0.0
   hits = index.search_docs_batch([qs[q].question for q in qids], 2)
   rows, mismatch = [], 0
   for q, h in zip(qids, hits):
-    (d1, s1), (_d2, s2) = h[0], h[1]
+    (d1, s1), s2 = h[0], h[1][1]
     if r1[q].get("loaded") and r1[q]["loaded"][0] != d1:
       mismatch += 1
     margin = (s1 - s2) / s1 if s1 > 0 else 0.0

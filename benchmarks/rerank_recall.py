@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 from absl import app, flags
 
 from cas.cartridge.cartridge import init_cartridge

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cas.cartridge.cartridge import CartridgeError
-from cas.pipeline import CasStages, run_cas_pipeline, run_dir_for
+from cas.pipeline import CasStages, run_dir_for
 from cas.data.types import Collection, Document, Question
 from cas.pipeline import evaluate_workdir
 from cas.testing import tiny_cas_config, tiny_smol_lm

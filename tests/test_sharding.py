@@ -58,7 +58,7 @@ def _params_by_name(model) -> dict[str, nnx.Param]:
   return out
 
 
-def _spec_tree_by_name(tree) -> dict[str, PartitionSpec]:
+def _spec_tree_by_name(tree) -> dict[str, P]:
   leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return {"/".join(str(getattr(k, "key", k)) for k in path): v.get_value().spec
           for path, v in leaves}

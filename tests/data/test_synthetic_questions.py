@@ -8,7 +8,7 @@ import ml_collections
 import pytest
 
 from cas.data import sources, synthetic
-from cas.data.types import CollectionError, load_collection
+from cas.data.types import load_collection
 from cas.retrieval import build_retriever, recall_at_k
 
 N = 20
