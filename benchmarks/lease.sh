@@ -109,7 +109,9 @@
 #                  adds seq itself (e.g. for seed 1, which paper3 did not finish); ~10 min alone on an H100 (estimate)
 #   late           issues 26 + 20: self-study walks every sentence and quotes those after the first_tokens init's
 #                  window three times per pass (variant late3, synth.late_weight=3) at the paper3 budget, shared
-#                  positions, CAS + isolated, patients and products, seed 0 (LATE_SEEDS=, LATE_VARIANTS=walk,late3
+#                  positions, CAS + isolated, patients, seed 0 (products' documents end before token 511: late3 is
+#                  the unweighted walk there; minutes: LATE_COLLECTIONS=minutes LATE_VARIANTS=base,late3, no paper3
+#                  base run to pair with; RESULTS.md "How often the plan quotes the late facts") (LATE_SEEDS=, LATE_VARIANTS=walk,late3
 #                  adds the unweighted walk; LATE_METHODS=no_context,icl,cartridge_oracle,cas_composed: CAS only, no
 #                  isolated training); pair with paper3's base runs: compose_report --archive=<paper3>
 #                  --archive=<late> --base=base. Hypothesis: the oracle's misses in the documents' last sections
@@ -215,7 +217,7 @@ if [ "$MODE" = start ]; then
       seqlast) run seqlast $CS start $R/seqlast --variants=${SEQLAST_VARIANTS:-seqlast} --collections=${SEQLAST_COLLECTIONS:-patients,products} \
                 --seeds=${SEQLAST_SEEDS:-0} --p=512 --steps=1000 --conv=128 --mem=$(f 0.075) --synth_mem=$(f 0.06) \
                 --mem_total=$(mt) --disk_gb=5 "--extra=$SPREAD";;
-      late) run late $CS start $R/late --variants=${LATE_VARIANTS:-late3} --collections=${LATE_COLLECTIONS:-patients,products} \
+      late) run late $CS start $R/late --variants=${LATE_VARIANTS:-late3} --collections=${LATE_COLLECTIONS:-patients} \
                 --seeds=${LATE_SEEDS:-0} --p=512 --steps=1000 --conv=128 --mem=$(f 0.075) --synth_mem=$(f 0.06) \
                 ${LATE_METHODS:+--methods=$LATE_METHODS} --mem_total=$(mt) --disk_gb=5 "--extra=$SPREAD";;
       gemma_paper) mkdir -p $R/gemma_paper; XLA_PYTHON_CLIENT_PREALLOCATE=false run gemma_paper python3 -m launch.cas \

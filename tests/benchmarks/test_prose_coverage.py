@@ -28,3 +28,22 @@ def test_teacher_counts_are_bounded_by_the_quotes():
   rows = fact_rows(0, 1024, 2, 2, lm.tokenizer, Sampler(lm.model, pad_id=lm.tokenizer.pad_id))
   assert rows and all(0 <= r["written"] <= r["focus"] for r in rows)
   assert any(r["focus"] > 0 for r in rows)
+
+
+def test_built_in_facts_split_at_the_init_window_and_late_weight_quotes_the_late_ones_more():
+  """The built-in collections' facts (their questions' fields) are found with the token where their
+  sentence starts: the patients' discharge medication lies after the first 511 tokens, every product fact
+  before them. The random plan's quote messages are matched to the facts' sentences; the walk with
+  late_weight 3 quotes the late facts more often than the walk without it, and the early ones less."""
+  tok = real_tokenizer()
+  rand = fact_rows(0, 0, 32, 2, tok, kind="patients", coverage="random", late_from=511)
+  assert len(rand) == 24 and all(0 <= r["focus"] <= r["seen"] <= 32 for r in rand)
+  assert sum(r["focus"] for r in rand) > 0
+  late = {r["field"] for r in rand if r["start"] >= 511}
+  assert "new_medication" in late and "date_of_birth" not in late
+  assert all(r["start"] < 511 for r in fact_rows(0, 0, 4, 2, tok, kind="products", coverage="random"))
+  mean = lambda rows, is_late: (sum(r["focus"] for r in rows if (r["start"] >= 511) == is_late)
+                                / sum((r["start"] >= 511) == is_late for r in rows))
+  w1 = fact_rows(0, 0, 64, 2, tok, kind="patients", coverage="walk", late_from=511)
+  w3 = fact_rows(0, 0, 64, 2, tok, kind="patients", coverage="walk", late_weight=3, late_from=511)
+  assert mean(w3, True) > 1.3 * mean(w1, True) and mean(w3, False) < mean(w1, False)
