@@ -116,6 +116,13 @@
 #                  isolated training); pair with paper3's base runs: compose_report --archive=<paper3>
 #                  --archive=<late> --base=base. Hypothesis: the oracle's misses in the documents' last sections
 #                  (patients' new medication 11 vs ICL's 19 of 20) shrink, the early facts, held by the init, stay
+#   parts          issues 26 + 20: minutes' meetings cut into parts of at most 1,024 tokens, one p = 512 cartridge each
+#                  (variant parts1k, cartridge.max_doc_tokens=1024; 128 conversations per part, so more self-study in all
+#                  than base's 128 per meeting), against base at the same budget (paper3's: 1,000 steps), CAS + isolated,
+#                  seed 0 (PARTS_SEEDS=0,1). Hypothesis: minutes' facts after token 511 (40-48% vs ICL's 83-87, almost
+#                  never quoted: RESULTS.md "How often the plan quotes the late facts") rise, since each part starts in
+#                  its own init; compose_report --archive=<parts> --base=base (cas_composed@n counts meetings: a
+#                  meeting loads all of its parts)
 #   gemma_paper    issue 24 item 3: the CAS `paper` preset with Gemma 3 270M (patients, seed 0, spread questions; CAS
 #                  only: no_context, icl, oracle, cas_composed), its self-study at batch GP_BATCH (default 256) with
 #                  refilled rows: at the preset's batch 64 it would take ~38 min (2026-12-05 rate), alone on an H200
@@ -144,7 +151,7 @@ if [ "$MODE" = start ]; then
   # Gemma 3 270M, CAS p = 256 about 11.4 GB; an H200 has 143 GB)
   # prose jobs grow their processes (no preallocated fraction): their share is what four trainings
   # took at most on an H100 (2026-12-05: 0.1225 of 80 GB each was too little for a parts1k training)
-  declare -A SHARE=([quiet]=0.25 [mixw2]=0.21 [lever]=0.25 [seq]=0.21 [sharp]=0.21 [silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5 [long]=0.4 [p512rest]=0.25 [mono512]=0.5 [paper3]=0.9 [seqlast]=0.5 [late]=0.5 [gemma_paper]=0.5)
+  declare -A SHARE=([quiet]=0.25 [mixw2]=0.21 [lever]=0.25 [seq]=0.21 [sharp]=0.21 [silent]=0.25 [builtin6]=0.3 [prose_s2k]=0.35 [prose_cos]=0.35 [prose_sal]=0.35 [head32]=0.21 [compose_sal]=0.25 [gemma_minutes]=0.30 [q21]=0.15 [p512]=0.5 [long]=0.4 [p512rest]=0.25 [mono512]=0.5 [paper3]=0.9 [seqlast]=0.5 [late]=0.5 [parts]=0.5 [gemma_paper]=0.5)
   # (--disk_gb=5 on the p = 512 jobs of eight or six trainings: the auto reservation, 10 GB each, would hold back
   # some of them on the 64 GB disk; a finished p = 512 training keeps ~3 GB since 2026-12-05, and each training's
   # own preflight still refuses a disk that cannot hold it)
@@ -220,6 +227,10 @@ if [ "$MODE" = start ]; then
       late) run late $CS start $R/late --variants=${LATE_VARIANTS:-late3} --collections=${LATE_COLLECTIONS:-patients} \
                 --seeds=${LATE_SEEDS:-0} --p=512 --steps=1000 --conv=128 --mem=$(f 0.075) --synth_mem=$(f 0.06) \
                 ${LATE_METHODS:+--methods=$LATE_METHODS} --mem_total=$(mt) --disk_gb=5 "--extra=$SPREAD";;
+      parts) run parts $CS start $R/parts --variants=${PARTS_VARIANTS:-base,parts1k} --collections=${PARTS_COLLECTIONS:-minutes} \
+                --seeds=${PARTS_SEEDS:-0} --p=512 --steps=1000 --conv=128 --mem=$(f 0.075) --synth_mem=$(f 0.06) \
+                --methods=${PARTS_METHODS:-no_context,icl,cartridge_oracle,cas_composed,isolated_composed} \
+                --mem_total=$(mt) --disk_gb=5 "--extra=$SPREAD";;
       gemma_paper) mkdir -p $R/gemma_paper; XLA_PYTHON_CLIENT_PREALLOCATE=false run gemma_paper python3 -m launch.cas \
                 --config=configs/cas.py:paper --config.model_path=gemma3-270m --config.synth.batch_size=${GP_BATCH:-256} \
                 --config.synth.shard_size=$((2 * ${GP_BATCH:-256})) --config.synth.refill=True --config.layer_loop=scan \
@@ -290,7 +301,7 @@ elif [ "$MODE" = status ]; then
   # keeps what an earlier call brought back (2026-12-06: a k20/head32 study lost whole). COLLECT=0: status only
   if [ -n "${OUT:-}" ] && [ "${COLLECT:-1}" = 1 ]; then bash "$0" collect > /dev/null 2>&1; echo "(collected into $OUT)"; fi
 else
-  for j in sharp seq mixw2 lever quiet head32 compose_sal silent gemma q21 p512 long p512rest mono512 paper3 seqlast late; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=0 > /dev/null 2>&1; \
+  for j in sharp seq mixw2 lever quiet head32 compose_sal silent gemma q21 p512 long p512rest mono512 paper3 seqlast late parts; do [ -d $R/$j ] && mkdir -p $OUT/$j && $CS wait $R/$j --timeout=0 > /dev/null 2>&1; \
     [ -f $OUT/compose_study.tgz ] && mv $OUT/compose_study.tgz $OUT/$j/; done
   [ -d $R/gemma_paper ] && mkdir -p $OUT/gemma_paper && (cd $R && tar czf $OUT/gemma_paper/gemma_paper.tgz gemma_paper.start.log \
     gemma_paper/eval/results.json gemma_paper/eval/partial 2>/dev/null)

@@ -154,3 +154,34 @@ def test_a_failed_job_says_why_and_a_python_without_the_packages_is_refused(tmp_
   with pytest.raises(SystemExit, match="cannot import what the jobs need"):
     cs.main(["compose_study.py", "start", str(tmp_path / "study"), "--variants=base"])
   assert not (tmp_path / "study").exists()
+
+
+def test_the_parts_lever_gets_its_own_self_study_copied_and_archived_from_its_parts_directory(tmp_path):
+  """parts1k (documents over 1,024 tokens cut into parts) makes its own self-study (per part), trains and
+  evaluates like base; a training run gets the synth job's collection and parts1024/ directory, and the
+  archive takes its results from parts1024/eval as <run>/eval/results.json (what compose_report reads)."""
+  import tarfile
+  p = cs.plan(str(tmp_path), cs._flags(["--variants=base,parts1k", "--collections=minutes", "--seeds=0"]))
+  synth = {j["name"]: j for j in p["synth"]}
+  assert set(synth) == {"minutes_s0", "parts1k_minutes_s0"}
+  assert "--config.cartridge.max_doc_tokens=1024" in synth["parts1k_minutes_s0"]["args"]
+  assert not any("max_doc_tokens" in a for a in synth["minutes_s0"]["args"])
+  train = {j["name"]: j for j in p["train"]}
+  assert train["parts1k_minutes_s0"]["synth"] == "parts1k_minutes_s0"
+  assert any("isolated_composed" in a for a in train["parts1k_minutes_s0"]["args"])
+  src, wd = tmp_path / "synth_parts1k_minutes_s0", tmp_path / "parts1k_minutes_s0"
+  for f in ("collection/docs.jsonl", "parts1024/synth/manifest.json"):
+    (src / f).parent.mkdir(parents=True, exist_ok=True)
+    (src / f).write_text(f)
+  wd.mkdir()
+  cs.copy_self_study(str(src), str(wd))
+  assert (wd / "parts1024/synth/manifest.json").read_text() == "parts1024/synth/manifest.json"
+  assert (wd / "collection/docs.jsonl").exists() and not (wd / "synth").exists()
+  (wd / "parts1024/eval").mkdir()
+  (wd / "parts1024/eval/results.json").write_text('{"methods": []}')
+  base = tmp_path / "base_minutes_s0" / "eval"
+  base.mkdir(parents=True)
+  (base / "results.json").write_text('{"methods": [1]}')
+  with tarfile.open(cs.archive(str(tmp_path), str(tmp_path / "out"))) as t:
+    assert t.extractfile("parts1k_minutes_s0/eval/results.json").read() == b'{"methods": []}'
+    assert t.extractfile("base_minutes_s0/eval/results.json").read() == b'{"methods": [1]}'
