@@ -175,6 +175,23 @@ def position_table(rows: list[dict], per_q: dict, late_from: int) -> str:
   return "\n".join(lines)
 
 
+def position_methods_table(rows: list[dict], per_q: dict, late_from: int, methods: list[str]) -> str:
+  """Each method's accuracy on the facts before / after token `late_from` (e.g. composed rows: which facts
+  survive composition)."""
+  late = {f"{r['doc_id']}/{r['field']}": r["start"] >= late_from for r in rows}
+  lines = [f"| method | facts before {late_from}: accuracy (questions) | after: accuracy (questions) |", "|---|---|---|"]
+  for m in methods:
+    if m not in per_q:
+      raise SystemExit(f"prose_coverage: no method {m!r} in the results; they have {', '.join(sorted(per_q))}")
+    acc = {False: [], True: []}
+    for key, xs in per_q[m].items():
+      if key in late:
+        acc[late[key]] += xs
+    cell = lambda x: f"{100.0 * sum(x) / len(x):.1f} ({len(x)})" if x else "-"
+    lines.append(f"| {m} | {cell(acc[False])} | {cell(acc[True])} |")
+  return "\n".join(lines)
+
+
 def teacher_table(rows: list[dict], per_q: dict) -> str:
   """Accuracy by whether the teacher's quoting answers carried the fact's value at all."""
   lines = ["| teacher answers that carry the value | facts | questions | oracle | ICL |", "|---|---|---|---|---|"]
@@ -208,6 +225,8 @@ def main(argv):
   print(table(rows, per_q))
   if FLAGS.late_from:
     print(position_table(rows, per_q, FLAGS.late_from))
+    if FLAGS.split_methods:
+      print(position_methods_table(rows, per_q, FLAGS.late_from, FLAGS.split_methods))
   if FLAGS.teacher:
     print(teacher_table(rows, per_q))
   if FLAGS.json_out:
@@ -227,6 +246,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("json_out", None, "also write the per-fact rows here")
   flags.DEFINE_string("kind", "prose", "the collection: prose, or a built-in kind (patients, products, minutes; "
                       "their facts are the questions' fields)")
+  flags.DEFINE_list("split_methods", [], "with --late_from: these methods' accuracy on the facts before / after it "
+                    "(e.g. cartridge_oracle,cas_composed@10/shared,isolated_composed@10/shared)")
   flags.DEFINE_enum("coverage", "walk", ["walk", "random"], "the run's synth.coverage (the paper preset's: random)")
   flags.DEFINE_integer("late_weight", 1, "the run's synth.late_weight (walk only)")
   flags.DEFINE_integer("late_from", 0, "the end of the first_tokens init's window, p - num_frozen (511 at the "

@@ -47,3 +47,15 @@ def test_built_in_facts_split_at_the_init_window_and_late_weight_quotes_the_late
   w1 = fact_rows(0, 0, 64, 2, tok, kind="patients", coverage="walk", late_from=511)
   w3 = fact_rows(0, 0, 64, 2, tok, kind="patients", coverage="walk", late_weight=3, late_from=511)
   assert mean(w3, True) > 1.3 * mean(w1, True) and mean(w3, False) < mean(w1, False)
+
+
+def test_methods_split_at_the_init_window():
+  """Each method's accuracy on the facts before / after late_from, from its per-question results."""
+  import pytest
+  from benchmarks.prose_coverage import position_methods_table
+  rows = [{"doc_id": "d", "field": "a", "start": 10}, {"doc_id": "d", "field": "b", "start": 600}]
+  per_q = {"icl": {"d/a": [True, True], "d/b": [True, False]}, "cas_composed@10/shared": {"d/a": [False], "d/b": [True]}}
+  out = position_methods_table(rows, per_q, 511, ["icl", "cas_composed@10/shared"])
+  assert "| icl | 100.0 (2) | 50.0 (2) |" in out and "| cas_composed@10/shared | 0.0 (1) | 100.0 (1) |" in out
+  with pytest.raises(SystemExit, match="no method 'monolithic'"):
+    position_methods_table(rows, per_q, 511, ["monolithic"])
