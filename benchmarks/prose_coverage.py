@@ -23,7 +23,7 @@ base run (random coverage, 128 conversations per document):
       --results=base_patients_s0/eval/results.json --seed=0
 
 The collection, the parts and the plan are rebuilt from the run's settings (the `paper` preset's
-chunk sizes, walk coverage, the quote family); the tokenizer is the default model's.
+chunk sizes, the quote family, --coverage and --late_weight as given); the tokenizer is the default model's.
 """
 from __future__ import annotations
 
