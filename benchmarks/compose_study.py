@@ -109,8 +109,10 @@ VARIANTS = {
     # documents over 1,024 tokens cut into parts, one cartridge each (cartridge.max_doc_tokens; issue 26's best
     # lever on real prose, +10.3): minutes' facts after token 511 are quoted 0.13-0.29 times per fact at 64
     # conversations and read at 40-48% against ICL's 83-87; every part starts in its own first_tokens init.
-    # Its own self-study per part (CAS + isolated, as base); the other collections' documents are shorter
-    "parts1k": ["--config.cartridge.max_doc_tokens=1024"],
+    # Its own self-study per part, 64 conversations each (the prose recipe's; minutes' 20 meetings make 66 parts
+    # at seed 0, so 1.65x base's 128 per meeting in all); CAS + isolated, as base. The other collections'
+    # documents are shorter than 1,024 tokens
+    "parts1k": ["--config.cartridge.max_doc_tokens=1024", "--config.synth.conversations=64"],
     # the cartridge's first 32 trainable tokens keep their first_tokens init (the document's title and
     # opening line), so a loaded cartridge stays addressable by its header; CAS + isolated, as base
     "head32": ["--config.train.frozen_head=32"],

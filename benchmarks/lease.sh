@@ -117,8 +117,8 @@
 #                  --archive=<late> --base=base. Hypothesis: the oracle's misses in the documents' last sections
 #                  (patients' new medication 11 vs ICL's 19 of 20) shrink, the early facts, held by the init, stay
 #   parts          issues 26 + 20: minutes' meetings cut into parts of at most 1,024 tokens, one p = 512 cartridge each
-#                  (variant parts1k, cartridge.max_doc_tokens=1024; 128 conversations per part, so more self-study in all
-#                  than base's 128 per meeting), against base at the same budget (paper3's: 1,000 steps), CAS + isolated,
+#                  (variant parts1k, cartridge.max_doc_tokens=1024; 64 conversations per part: 66 parts at seed 0, 1.65x
+#                  base's 128 per meeting in all), against base at paper3's budget (1,000 steps), CAS + isolated,
 #                  seed 0 (PARTS_SEEDS=0,1). Hypothesis: minutes' facts after token 511 (40-48% vs ICL's 83-87, almost
 #                  never quoted: RESULTS.md "How often the plan quotes the late facts") rise, since each part starts in
 #                  its own init; compose_report --archive=<parts> --base=base (cas_composed@n counts meetings: a

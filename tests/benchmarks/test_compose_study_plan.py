@@ -165,6 +165,7 @@ def test_the_parts_lever_gets_its_own_self_study_copied_and_archived_from_its_pa
   synth = {j["name"]: j for j in p["synth"]}
   assert set(synth) == {"minutes_s0", "parts1k_minutes_s0"}
   assert "--config.cartridge.max_doc_tokens=1024" in synth["parts1k_minutes_s0"]["args"]
+  assert "--config.synth.conversations=64" in synth["parts1k_minutes_s0"]["args"]  # the variant's, not --conv
   assert not any("max_doc_tokens" in a for a in synth["minutes_s0"]["args"])
   train = {j["name"]: j for j in p["train"]}
   assert train["parts1k_minutes_s0"]["synth"] == "parts1k_minutes_s0"
