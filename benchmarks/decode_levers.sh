@@ -30,7 +30,7 @@ for m in ${MODELS:-smollm2-135m llama-3.2-1b}; do for B in ${BATCH:-64}; do  # B
   [ "${DECODE:-1}" = 1 ] || break 2  # DECODE=0: only the second part
   DOC=${DOC:-2048}  # DOC=4096: the 4k-token document shared by every row (64 own tokens each)
   A=(--model=$m --batch=$B --prompt_len=$((DOC + 64)) --shared_doc=$DOC --new_tokens=${NEW:-256}
-     --attn=auto --layer_loop=${LOOPS:-scan,unrolled} --top_k_impl=${TOPK:-blocked} --presplit=${PRESPLIT:-cache} --rng=${RNG:-threefry2x32} --argmax=${ARGMAX:-lax} --prefix_kernel=${PREFIX_KERNEL:-split} --out=$OUT/decode_levers.jsonl)
+     --attn=auto --layer_loop=${LOOPS:-scan,unrolled} --top_k_impl=${TOPK:-blocked} --presplit=${PRESPLIT:-cache} --rng=${RNG:-threefry2x32} --argmax=${ARGMAX:-lax} --prefix_kernel=${PREFIX_KERNEL:-cudnn} --out=$OUT/decode_levers.jsonl)
   [ "${PROFILE:-0}" = 1 ] && A+=(--profile_dir=/tmp/decode_profile --hlo_dir=/tmp/decode_hlo)  # PROFILE=1: device time by op per variant
   python3 -m benchmarks.synth_speed "${A[@]}" --torch=true 2>&1 | grep -a '"status"' | cut -c1-400
   [ "${GRAPHS_RUN:-1}" = 1 ] && XLA_FLAGS="$GRAPHS" python3 -m benchmarks.synth_speed "${A[@]}" --torch=false 2>&1 | grep -a '"status"' | cut -c1-400

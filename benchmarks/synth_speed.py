@@ -154,8 +154,7 @@ def main(argv):
            "xla_flags": user_xla_flags}
     prev = attn_lib.install(name)
     prev_kernel = os.environ.pop(attn_lib.SHARED_PREFIX_KERNEL_ENV, None)
-    if pk_impl != "split":  # read at trace time: this variant's programs only
-      os.environ[attn_lib.SHARED_PREFIX_KERNEL_ENV] = pk_impl
+    os.environ[attn_lib.SHARED_PREFIX_KERNEL_ENV] = pk_impl  # read at trace time: this variant's programs only
     rec["prefix_kernel_active"] = bool(mode) and attn_lib.shared_prefix_kernel_active(model.dtype)  # off CUDA: split
     model.layer_loop = loop  # a static attribute: the Sampler's graphdef (below) carries it into its programs
     try:

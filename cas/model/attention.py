@@ -208,18 +208,26 @@ def split_attention(q: Array, pk: Array, pv: Array, prefix_mask: Array, k: Array
   return out.reshape(b, t, h, d).astype(q.dtype)
 
 
-SHARED_PREFIX_KERNEL_ENV = "CAS_SHARED_PREFIX_KERNEL"  # "cudnn": opt-in, see shared_prefix_kernel_active
+SHARED_PREFIX_KERNEL_ENV = "CAS_SHARED_PREFIX_KERNEL"  # "cudnn" / "split"; unset: see shared_prefix_kernel_active
+SHARED_PREFIX_KERNELS = ("cudnn", "split")
 
 
 def shared_prefix_kernel_active(dtype) -> bool:
   """Whether a decode call attends a fully visible shared prefix with one fused cuDNN call
-  (`fused_shared_prefix_attention`): opt-in (`$CAS_SHARED_PREFIX_KERNEL=cudnn`), on CUDA, bf16/fp16.
-  Off, the prefix's scores are materialised as f32 [Hkv, P, B*G] per layer and step
-  (`split_attention`); the 2026-12-07 decode profile put that at ~27% of a 1B step at batch 256."""
+  (`fused_shared_prefix_attention`) instead of materialising its scores as f32 [Hkv, P, B*G] per layer
+  and step (`split_attention`). On CUDA in bf16/fp16 only. `$CAS_SHARED_PREFIX_KERNEL=cudnn` turns it on,
+  `=split` off; unset, it is on when the process sees one device (measured 2026-12-07 on an H100, Llama-3.2-1B
+  shapes, 2,048 shared tokens: +12% tokens/s at batch 64, +32% at 256; BENCHMARKS.md) and off with several,
+  where the folded rows would cross the batch's sharding (not measured)."""
   if _SHARED_PREFIX_EVERYWHERE:
     return True
-  return (os.environ.get(SHARED_PREFIX_KERNEL_ENV, "") == "cudnn" and _on_cuda()
-          and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+  choice = os.environ.get(SHARED_PREFIX_KERNEL_ENV, "")
+  if choice and choice not in SHARED_PREFIX_KERNELS:
+    raise ValueError(f"${SHARED_PREFIX_KERNEL_ENV}={choice!r}: use one of {', '.join(SHARED_PREFIX_KERNELS)} "
+                     f"(or leave it unset: cudnn on one CUDA device)")
+  if not (_on_cuda() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
+    return False
+  return choice == "cudnn" or (not choice and jax.device_count() == 1)
 
 
 _SHARED_PREFIX_EVERYWHERE = False  # `shared_prefix_kernel_everywhere()`: tests and CPU checks

@@ -250,3 +250,16 @@ def test_cudnn_shared_prefix_block_matches_the_reference_on_gpu(b):
   want = attn.split_attention(q, pk, pv, jnp.ones((1, p), bool), k, v, self_mask, True).astype(jnp.float32)
   got = attn.fused_shared_prefix_attention(q, pk, pv, k, v, self_mask, True).astype(jnp.float32)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-2, rtol=2e-2)
+
+
+def test_shared_prefix_kernel_choice_is_validated(monkeypatch):
+  """$CAS_SHARED_PREFIX_KERNEL takes cudnn or split; anything else is an error naming both. Off CUDA (and in
+  fp32) the fused kernel never runs, whatever is asked."""
+  for v in ("cudnn", "split", ""):
+    monkeypatch.setenv(attn.SHARED_PREFIX_KERNEL_ENV, v)
+    assert attn.shared_prefix_kernel_active(jnp.float32) is False
+    assert attn.shared_prefix_kernel_active(jnp.bfloat16) == (attn._on_cuda() and (
+        v == "cudnn" or (v == "" and jax.device_count() == 1)))
+  monkeypatch.setenv(attn.SHARED_PREFIX_KERNEL_ENV, "flash")
+  with pytest.raises(ValueError, match="'flash': use one of cudnn, split"):
+    attn.shared_prefix_kernel_active(jnp.bfloat16)
