@@ -14,7 +14,8 @@
 # draws' PRNG (Sampler rng_impl; +-1.5%, not kept); ARGMAX=lax,blocked the token pick (Sampler argmax_impl: a plain
 # max over blocks before a short argmax, the same tokens; -1.4%, not kept); GRAPHS_RUN=0 skips the command-buffer run (it lost 4-18%, 2026-12-06).
 # Then here: the JSON lines in $OUT/decode_levers.jsonl (tokens_per_s per variant, layer_loop, xla_flags).
-# PREFIX_KERNEL=split,cudnn: the shared document attended by one fused cuDNN call per layer (opt-in, issue 22).
+# PREFIX_KERNEL=split,cudnn: the shared document attended by one fused cuDNN call per layer (cudnn: the default on one
+# CUDA device since 2026-12-07) against its f32 scores (split).
 # PROFILE=1: each cas variant also traces one more call; its record gets "ops", the device time by kernel and
 # XLA op (where a decode step's ~5.6 ms go at 1B on an H100, 2026-12-06, against ~0.9 ms for its bytes), and "ops"."hlo"
 # the optimized HLO of its top fusions (synth_speed --hlo_dir: which reduction a "input_reduce_fusion_23" is).

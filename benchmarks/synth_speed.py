@@ -72,10 +72,10 @@ flags.DEFINE_list("presplit", ["cache"], "Sampler presplit_layers (unrolled laye
                   "per call, before the decode loop): false, true, cache (true and split_cache: one KV array per "
                   "layer; the Sampler's default) or merged (cache, and each layer's q/k/v and gate/up weights joined "
                   "into one matrix each: Sampler merge_projections); each one listed is its own variant")
-flags.DEFINE_list("prefix_kernel", ["split"], "with --shared_doc: how a decode step attends the shared document: "
-                  "split (its f32 scores in memory, split_attention; the default) or cudnn (one fused cuDNN call "
-                  "for all rows: $CAS_SHARED_PREFIX_KERNEL=cudnn, attention.fused_shared_prefix_attention); each "
-                  "one listed is its own variant")
+flags.DEFINE_list("prefix_kernel", ["cudnn"], "with --shared_doc: how a decode step attends the shared document: "
+                  "cudnn (one fused cuDNN call for all rows, attention.fused_shared_prefix_attention; the default on "
+                  "one CUDA device since 2026-12-07) or split (its f32 scores in memory, split_attention), set as "
+                  "$CAS_SHARED_PREFIX_KERNEL for the variant; each one listed is its own variant")
 flags.DEFINE_list("argmax", ["lax"], "the Sampler's token pick from the noised logits (argmax_impl): lax "
                   "(jnp.argmax), blocked (a plain max over blocks first; the same tokens); each one listed is its own "
                   "variant")
