@@ -32,7 +32,8 @@ def parse_run(spec: str) -> tuple[str, int, str, str]:
 
 def split_pairs(rows: list[dict], results: dict, a: str, b: str, late_from: int) -> dict[bool, tuple[list, list]]:
   """{late?: (a's scores, b's scores)} over the questions both methods answered, paired by qid."""
-  late = {f"{r['doc_id']}/{r['field']}": r["start"] >= late_from for r in rows}
+  from benchmarks.prose_coverage import late_by_fact
+  late = late_by_fact(rows, late_from)
   by = {m["method"]: {q["qid"]: float(q["correct"]) for q in m["questions"]} for m in results["methods"]}
   for m in (a, b):
     if m not in by:

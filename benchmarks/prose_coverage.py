@@ -175,10 +175,16 @@ def position_table(rows: list[dict], per_q: dict, late_from: int) -> str:
   return "\n".join(lines)
 
 
+def late_by_fact(rows: list[dict], late_from: int) -> dict[str, bool]:
+  """"doc_id/field" -> whether the fact's sentence starts at or after token `late_from` (the keys that
+  `per_question` and the results' qids use)."""
+  return {f"{r['doc_id']}/{r['field']}": r["start"] >= late_from for r in rows}
+
+
 def position_methods_table(rows: list[dict], per_q: dict, late_from: int, methods: list[str]) -> str:
   """Each method's accuracy on the facts before / after token `late_from` (e.g. composed rows: which facts
   survive composition)."""
-  late = {f"{r['doc_id']}/{r['field']}": r["start"] >= late_from for r in rows}
+  late = late_by_fact(rows, late_from)
   lines = [f"| method | facts before {late_from}: accuracy (questions) | after: accuracy (questions) |", "|---|---|---|"]
   for m in methods:
     if m not in per_q:
