@@ -217,8 +217,10 @@ def shared_prefix_kernel_active(dtype) -> bool:
   (`fused_shared_prefix_attention`) instead of materialising its scores as f32 [Hkv, P, B*G] per layer
   and step (`split_attention`). On CUDA in bf16/fp16 only. `$CAS_SHARED_PREFIX_KERNEL=cudnn` turns it on,
   `=split` off; unset, it is on when the process sees one device (measured 2026-12-07 on an H100, Llama-3.2-1B
-  shapes, 2,048 shared tokens: +12% tokens/s at batch 64, +32% at 256; BENCHMARKS.md) and off with several,
-  where the folded rows would cross the batch's sharding (not measured)."""
+  shapes, 2,048 shared tokens: +12% / +22% / +33% tokens/s at batch 64 / 128 / 256; BENCHMARKS.md), with one
+  device or several: under data parallelism each device folds its own rows (`fused_shared_prefix_attention`;
+  equal to the one-device form on 8 CPU devices, tests/model/test_attention_sharded.py; its multi-GPU timing is
+  not measured)."""
   if _SHARED_PREFIX_EVERYWHERE:
     return True
   choice = os.environ.get(SHARED_PREFIX_KERNEL_ENV, "")
@@ -227,7 +229,7 @@ def shared_prefix_kernel_active(dtype) -> bool:
                      f"(or leave it unset: cudnn on one CUDA device)")
   if not (_on_cuda() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
     return False
-  return choice == "cudnn" or (not choice and jax.device_count() == 1)
+  return choice != "split"
 
 
 _SHARED_PREFIX_EVERYWHERE = False  # `shared_prefix_kernel_everywhere()`: tests and CPU checks
@@ -268,13 +270,38 @@ def fused_shared_prefix_attention(q: Array, pk: Array, pv: Array, k: Array, v: A
   all B*T queries against the prefix in one fused call (`block`, default cuDNN's forward: no [P, B*T]
   scores in memory), the own keys as in `split_attention` (k, v [B, S, Hkv, D], or [B, Hkv, S, D] with
   heads_first; self_mask [B, T, S]), merged by log-sum-exp. Returns [B, T, H, D] in q.dtype; rows with no
-  visible own key get the prefix's attention alone."""
+  visible own key get the prefix's attention alone.
+
+  Under data parallelism (q's rows split over the mesh's batch axes, `batch_split`) each device folds only
+  its own rows against the replicated prefix (`jax.shard_map`): folding all B rows into one sequence would
+  cross the batch's sharding, which cuDNN's call refuses ("same sharding"). A batch that does not divide by
+  the batch shards takes `split_attention` (the partitioner's form), with a logged warning."""
+  if block is None:
+    block = _reference_block if _SHARED_PREFIX_EVERYWHERE and not _on_cuda() else _cudnn_block
+  split = batch_split(q)
+  if split is None:
+    return _fused_local(q, pk, pv, k, v, self_mask, heads_first, block)
+  if q.shape[0] % split.size:
+    logging.log_first_n(logging.WARNING, "fused shared-prefix attention: batch %d is not divisible by the %d "
+                        "batch shards of the mesh; split_attention instead", 1, q.shape[0], split.size)
+    return split_attention(q, pk, pv, jnp.ones((1, pk.shape[1]), bool), k, v, self_mask, heads_first)
+  rows, whole = jax.sharding.PartitionSpec(split.axes), jax.sharding.PartitionSpec()
+
+  def per_device(q, pk, pv, k, v, self_mask):  # this device's B/n rows; the whole shared prefix
+    pk, pv = (jax.lax.pcast(a, split.axes, to="varying") for a in (pk, pv))
+    return _fused_local(q, pk, pv, k, v, self_mask, heads_first, block)
+
+  return jax.shard_map(per_device, mesh=split.mesh, in_specs=(rows, whole, whole, rows, rows, rows),
+                       out_specs=rows)(q, pk, pv, k, v, self_mask)
+
+
+def _fused_local(q: Array, pk: Array, pv: Array, k: Array, v: Array, self_mask: Array, heads_first: bool,
+                 block: Callable) -> Array:
+  """`fused_shared_prefix_attention` on one device's rows."""
   b, t, h, d = q.shape
   hkv = pk.shape[2]
   g = h // hkv
   scale = 1.0 / math.sqrt(d)
-  if block is None:
-    block = _reference_block if _SHARED_PREFIX_EVERYWHERE and not _on_cuda() else _cudnn_block
   out1, lse1 = block(_fold_rows(q, b), pk, pv, scale)  # [1, B*T, H, D]; log-sum-exp [1, H, B*T]
   l1 = _unfold_lse(lse1, b, h)  # [B, H, T], the layout `_merge` reads
   o2, m2, s2 = _partial_attention(q.reshape(b, t, hkv, g, d), k, v, self_mask[:, None, None, :, :], scale,

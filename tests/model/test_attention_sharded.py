@@ -182,3 +182,42 @@ def test_model_cartridge_loss_sharded_equals_one_device():
   for n in ("k", "v"):
     assert float(jnp.abs(want_g[n]).max()) > 0
     np.testing.assert_allclose(np.asarray(got_g[n]), np.asarray(want_g[n]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_fused_shared_prefix_attention_splits_its_rows_over_the_mesh(heads_first):
+  """The fused shared-prefix form (every row's queries folded into one sequence against the shared document)
+  under data parallelism: each device folds only its own rows (a shard_map; folding all rows would cross the
+  batch's sharding, which cuDNN refuses) and gets the one-device values and gradients (queries, the prefix
+  summed over devices, own keys); with the plain-JAX block that stands in for cuDNN's off a GPU. A batch that
+  does not divide by the shards takes split_attention, the same values."""
+  rng = np.random.default_rng(5)
+  n = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  s_len = 7
+  q, pk, pv = n(B, 1, H, D), n(1, PL, HKV, D), n(1, PL, HKV, D)
+  k, v = n(B, s_len, HKV, D), n(B, s_len, HKV, D)
+  if heads_first:
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  mask = jnp.asarray(rng.random((B, 1, s_len)) < 0.7).at[1].set(False)  # row 1 sees no own key
+  w = n(B, 1, H, D)
+
+  def loss(q, pk, pv, k, v, mask):
+    out = attn_lib.fused_shared_prefix_attention(q, pk, pv, k, v, mask, heads_first, block=attn_lib._reference_block)
+    return jnp.sum(out * w)
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+  one = grad(q, pk, pv, k, v, mask)
+  mesh = make_mesh({"data": 4, "fsdp": 2})
+  placed = _place(mesh, (q, pk, pv, k, v, mask))
+  assert attn_lib.batch_split(placed[0]) is not None
+  assert _has_shard_map(lambda *a: loss(*a), *placed)  # the rows are split, not gathered
+  (gv, gg), (wv, wg) = grad(*placed), one
+  np.testing.assert_allclose(float(gv), float(wv), rtol=1e-5)
+  for name, a, b in zip(("q", "pk", "pv", "k"), gg, wg):
+    assert float(jnp.abs(b).max()) > 0, name
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4, err_msg=name)
+  want = attn_lib.split_attention(q, pk, pv, jnp.ones((1, PL), bool), k, v, mask, heads_first)
+  rows6 = [a[:6] if a.shape[0] == B else a for a in (q, pk, pv, k, v, mask)]  # 6 rows over 8 shards
+  six = [jax.device_put(a, NamedSharding(make_mesh({"data": 8}), P())) for a in rows6]
+  got6 = jax.jit(lambda *a: attn_lib.fused_shared_prefix_attention(*a, heads_first, block=attn_lib._reference_block))(*six)
+  np.testing.assert_allclose(np.asarray(got6), np.asarray(want[:6]), atol=2e-5)

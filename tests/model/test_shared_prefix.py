@@ -258,8 +258,7 @@ def test_shared_prefix_kernel_choice_is_validated(monkeypatch):
   for v in ("cudnn", "split", ""):
     monkeypatch.setenv(attn.SHARED_PREFIX_KERNEL_ENV, v)
     assert attn.shared_prefix_kernel_active(jnp.float32) is False
-    assert attn.shared_prefix_kernel_active(jnp.bfloat16) == (attn._on_cuda() and (
-        v == "cudnn" or (v == "" and jax.device_count() == 1)))
+    assert attn.shared_prefix_kernel_active(jnp.bfloat16) == (attn._on_cuda() and v != "split")
   monkeypatch.setenv(attn.SHARED_PREFIX_KERNEL_ENV, "flash")
   with pytest.raises(ValueError, match="'flash': use one of cudnn, split"):
     attn.shared_prefix_kernel_active(jnp.bfloat16)
