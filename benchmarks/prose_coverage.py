@@ -59,7 +59,7 @@ def _quotes_sentence(message: str, sentence: str) -> bool:
 
 def fact_rows(seed: int, max_doc_tokens: int, conversations: int, num_docs: int, tokenizer,
               sampler=None, kind: str = "prose", coverage: str = "walk", late_weight: int = 1,
-              late_from: int = 0) -> list[dict]:
+              late_from: int = 0, init_text: str = "", init_budget: int = 511) -> list[dict]:
   """One row per planted fact: doc, field, unit, the unit's sentences and the focus/seen counts, and
   `start` (the token where the fact's sentence starts in its unit: `late` when at or after `late_from`,
   the end of the first_tokens init's window); with a `sampler`, also `written`: how many of the focus
@@ -69,7 +69,10 @@ def fact_rows(seed: int, max_doc_tokens: int, conversations: int, num_docs: int,
   kind: "prose" or a built-in collection (patients, products, minutes: its facts are the questions'
   fields). coverage "walk" counts the conversations whose walk sentence holds the value (with
   `late_weight`/`late_from` as `synth.late_weight` sets them); "random" (the `paper` preset's) those whose
-  quote message asks about a sentence that holds it (the chunk and template as the run draws them)."""
+  quote message asks about a sentence that holds it (the chunk and template as the run draws them).
+  init_text ("document" / "salient", cartridge.init_text): also `in_init`, whether the fact's value is in the
+  text the unit's init reads (`cas.cartridge.salient.init_ids` with `init_budget` = p - num_frozen tokens and the
+  collection's IDF, as the pipeline computes it)."""
   from cas.data.parts import document_units
   from cas.synth.selfstudy import TEMPLATE_PROMPTS, DocTokens, SynthConfig, _plan, generate_shard, template_message
   from configs.cas import get_config
@@ -88,6 +91,12 @@ def fact_rows(seed: int, max_doc_tokens: int, conversations: int, num_docs: int,
   units, _ = (document_units(docs, max_doc_tokens, tokenizer.encode) if max_doc_tokens > 0
               else (docs, {d.doc_id: [d.doc_id] for d in docs}))
   dt = DocTokens(units, tokenizer)
+  init_of = None
+  if init_text:
+    from cas.cartridge.salient import idf_table, init_ids
+    idf = idf_table(u.text for u in units) if init_text == "salient" else None
+    init_of = lambda u: tokenizer.decode(init_ids(u.text, u.title, init_budget, tokenizer.encode, mode=init_text,
+                                                  idf=idf)[:init_budget])
   rows = []
   for ui, u in enumerate(units):
     parent = u.meta.get("parent", u.doc_id)
@@ -95,6 +104,7 @@ def fact_rows(seed: int, max_doc_tokens: int, conversations: int, num_docs: int,
     if not facts:
       continue
     ids, sents = dt.ids(ui), dt.sentences(ui)
+    init = init_of(u) if init_of is not None else None
     plans = [_plan(cfg, ui * conversations + j, len(ids), sents if coverage == "walk" else None)
              for j in range(conversations)]
     messages = ([template_message(fam, text, tokenizer.decode(ids[s:e]), sseed, title=u.title)
@@ -123,6 +133,8 @@ def fact_rows(seed: int, max_doc_tokens: int, conversations: int, num_docs: int,
              "start": fs[0][0]}
       if written is not None:
         row["written"] = sum(written)
+      if init is not None:
+        row["in_init"] = value in init
       rows.append(row)
   return rows
 
@@ -158,13 +170,24 @@ def table(rows: list[dict], per_q: dict) -> str:
   return "\n".join(lines)
 
 
-def position_table(rows: list[dict], per_q: dict, late_from: int) -> str:
-  """Facts before / after the first_tokens init's window (token `late_from`): how often the plan quotes
-  them, and the oracle's and ICL's accuracy on them."""
+def position_split(late_from: int) -> list[tuple[str, object]]:
+  """(name, row -> bool): facts before / after the first_tokens init's window (token `late_from`)."""
+  return [(f"in the init window (sentence starts before token {late_from})", lambda r: r["start"] < late_from),
+          (f"after it (from token {late_from})", lambda r: r["start"] >= late_from)]
+
+
+def init_split(init_text: str) -> list[tuple[str, object]]:
+  """(name, row -> bool): facts whose value the init's text holds / does not (fact_rows(init_text=...))."""
+  return [(f"in the {init_text} init's text", lambda r: r["in_init"]),
+          ("not in it", lambda r: not r["in_init"])]
+
+
+def position_table(rows: list[dict], per_q: dict, late_from: int, split=None) -> str:
+  """Facts before / after the first_tokens init's window (token `late_from`; or the groups of `split`,
+  e.g. `init_split`): how often the plan quotes them, and the oracle's and ICL's accuracy on them."""
   lines = ["| facts | count | quotes per fact (mean) | quoted 0-1 times | questions | oracle | ICL | gap |",
            "|---|---|---|---|---|---|---|---|"]
-  for name, pick in ((f"in the init window (sentence starts before token {late_from})", lambda r: r["start"] < late_from),
-                     (f"after it (from token {late_from})", lambda r: r["start"] >= late_from)):
+  for name, pick in split or position_split(late_from):
     sel = [r for r in rows if pick(r)]
     o = [x for r in sel for x in per_q.get("cartridge_oracle", {}).get(f"{r['doc_id']}/{r['field']}", [])]
     i = [x for r in sel for x in per_q.get("icl", {}).get(f"{r['doc_id']}/{r['field']}", [])]
@@ -181,11 +204,17 @@ def late_by_fact(rows: list[dict], late_from: int) -> dict[str, bool]:
   return {f"{r['doc_id']}/{r['field']}": r["start"] >= late_from for r in rows}
 
 
-def position_methods_table(rows: list[dict], per_q: dict, late_from: int, methods: list[str]) -> str:
+def position_methods_table(rows: list[dict], per_q: dict, late_from: int, methods: list[str],
+                           split=None) -> str:
   """Each method's accuracy on the facts before / after token `late_from` (e.g. composed rows: which facts
-  survive composition)."""
-  late = late_by_fact(rows, late_from)
-  lines = [f"| method | facts before {late_from}: accuracy (questions) | after: accuracy (questions) |", "|---|---|---|"]
+  survive composition); with `split` (two groups, e.g. `init_split`) on its first / second group."""
+  if split is None:
+    late = late_by_fact(rows, late_from)
+    head = f"| method | facts before {late_from}: accuracy (questions) | after: accuracy (questions) |"
+  else:
+    late = {f"{r['doc_id']}/{r['field']}": not split[0][1](r) for r in rows}
+    head = f"| method | facts {split[0][0]}: accuracy (questions) | {split[1][0]}: accuracy (questions) |"
+  lines = [head, "|---|---|---|"]
   for m in methods:
     if m not in per_q:
       raise SystemExit(f"prose_coverage: no method {m!r} in the results; they have {', '.join(sorted(per_q))}")
@@ -222,7 +251,7 @@ def main(argv):
     sampler = Sampler(lm.model, pad_id=lm.tokenizer.pad_id)
   rows = fact_rows(FLAGS.seed, FLAGS.max_doc_tokens, FLAGS.conversations, FLAGS.num_docs, lm.tokenizer, sampler,
                    kind=FLAGS.kind, coverage=FLAGS.coverage, late_weight=FLAGS.late_weight,
-                   late_from=FLAGS.late_from)
+                   late_from=FLAGS.late_from, init_text=FLAGS.init_text, init_budget=FLAGS.init_budget)
   per_q = per_question(FLAGS.archive, FLAGS.results)
   missed = [r for r in rows if r["focus"] == 0]
   print(f"{len(rows)} facts; quoted by 0 / 1 / 2+ of {FLAGS.conversations} conversations: "
@@ -233,6 +262,11 @@ def main(argv):
     print(position_table(rows, per_q, FLAGS.late_from))
     if FLAGS.split_methods:
       print(position_methods_table(rows, per_q, FLAGS.late_from, FLAGS.split_methods))
+  if FLAGS.init_text:
+    split = init_split(FLAGS.init_text)
+    print(position_table(rows, per_q, 0, split))
+    if FLAGS.split_methods:
+      print(position_methods_table(rows, per_q, 0, FLAGS.split_methods, split))
   if FLAGS.teacher:
     print(teacher_table(rows, per_q))
   if FLAGS.json_out:
@@ -258,6 +292,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer("late_weight", 1, "the run's synth.late_weight (walk only)")
   flags.DEFINE_integer("late_from", 0, "the end of the first_tokens init's window, p - num_frozen (511 at the "
                        "paper preset's p = 512): splits the facts before / after it; with --late_weight, the walk's")
+  flags.DEFINE_enum("init_text", "", ["", "document", "salient"], "the run's cartridge.init_text: also split the "
+                    "facts by whether the init's text holds them (what the cartridge starts from)")
+  flags.DEFINE_integer("init_budget", 511, "with --init_text: the init's tokens, p - num_frozen")
   flags.DEFINE_bool("teacher", False, "also regenerate every conversation that quotes a fact (the default "
                     "model, greedy teacher as in the run) and count the answers that carry the fact's value")
 

@@ -59,3 +59,26 @@ def test_methods_split_at_the_init_window():
   assert "| icl | 100.0 (2) | 50.0 (2) |" in out and "| cas_composed@10/shared | 0.0 (1) | 100.0 (1) |" in out
   with pytest.raises(SystemExit, match="no method 'monolithic'"):
     position_methods_table(rows, per_q, 511, ["monolithic"])
+
+
+def test_facts_split_by_whether_the_init_text_holds_them():
+  """init_text="document": a fact is in the init exactly when its sentence starts inside the first_tokens
+  window (up to the one sentence that straddles it); "salient": the summary holds late facts too (the
+  patients' late sections), and the tables split by it."""
+  from benchmarks.prose_coverage import init_split, position_methods_table, position_table
+  tok = real_tokenizer()
+  doc = fact_rows(0, 0, 8, 3, tok, kind="patients", coverage="random", late_from=511, init_text="document")
+  assert all(r["in_init"] for r in doc if r["start"] < 400)
+  assert not any(r["in_init"] for r in doc if r["start"] >= 511)
+  sal = fact_rows(0, 0, 8, 3, tok, kind="patients", coverage="random", late_from=511, init_text="salient")
+  assert any(r["in_init"] for r in sal if r["start"] >= 511)  # a late fact read by the salient summary
+  assert not all(r["in_init"] for r in sal)  # and the summary cannot hold every fact of a 2x-p record
+  rows = [{"doc_id": "d", "field": "a", "start": 10, "focus": 1, "in_init": True},
+          {"doc_id": "d", "field": "b", "start": 20, "focus": 3, "in_init": False}]
+  per_q = {"cartridge_oracle": {"d/a": [True], "d/b": [False]}, "icl": {"d/a": [True], "d/b": [True]}}
+  split = init_split("salient")
+  out = position_table(rows, per_q, 0, split)
+  assert "| in the salient init's text | 1 | 1.00 | 1 | 1 | 100.0 | 100.0 | +0.0 |" in out
+  assert "| not in it | 1 | 3.00 | 0 | 1 | 0.0 | 100.0 | -100.0 |" in out
+  out = position_methods_table(rows, per_q, 0, ["cartridge_oracle"], split)
+  assert "| cartridge_oracle | 100.0 (1) | 0.0 (1) |" in out
