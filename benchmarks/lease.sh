@@ -115,14 +115,19 @@
 #                  adds the unweighted walk; LATE_METHODS=no_context,icl,cartridge_oracle,cas_composed: CAS only, no
 #                  isolated training); pair with paper3's base runs: compose_report --archive=<paper3>
 #                  --archive=<late> --base=base. Hypothesis: the oracle's misses in the documents' last sections
-#                  (patients' new medication 11 vs ICL's 19 of 20) shrink, the early facts, held by the init, stay
+#                  (patients' new medication 11 vs ICL's 19 of 20) shrink, the early facts, held by the init, stay.
+#                  Ran 2026-12-07 on an H100 beside `parts` (12.4 min): lost, late facts 50.0 -> 52.5 (RESULTS.md)
 #   parts          issues 26 + 20: minutes' meetings cut into parts of at most 1,024 tokens, one p = 512 cartridge each
 #                  (variant parts1k, cartridge.max_doc_tokens=1024; 64 conversations per part: 66 parts at seed 0, 1.65x
 #                  base's 128 per meeting in all), against base at paper3's budget (1,000 steps), CAS + isolated,
 #                  seed 0 (PARTS_SEEDS=0,1). Hypothesis: minutes' facts after token 511 (40-48% vs ICL's 83-87, almost
 #                  never quoted: RESULTS.md "How often the plan quotes the late facts") rise, since each part starts in
 #                  its own init; compose_report --archive=<parts> --base=base (cas_composed@n counts meetings: a
-#                  meeting loads all of its parts)
+#                  meeting loads all of its parts). Ran 2026-12-07 on an H100 (15 min, SHARES="late=0.17 parts=0.37"):
+#                  oracle +11.7 at 3.3x the KV, late facts 38.3 -> 56.7 (RESULTS.md). Next (the finding that the
+#                  trained oracle knows what its init read): PARTS_VARIANTS=parts1k,parts1k_sal PARTS_SEEDS=0,1 and
+#                  compose_report --archive=<parts> --base=parts1k (prediction: 257 of minutes' 259 part facts are in
+#                  the parts' salient inits, against 142 in their first tokens: the oracle toward ICL's 92.5)
 #   gemma_paper    issue 24 item 3: the CAS `paper` preset with Gemma 3 270M (patients, seed 0, spread questions; CAS
 #                  only: no_context, icl, oracle, cas_composed), its self-study at batch GP_BATCH (default 256) with
 #                  refilled rows: at the preset's batch 64 it would take ~38 min (2026-12-05 rate), alone on an H200

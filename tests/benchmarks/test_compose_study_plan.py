@@ -186,3 +186,17 @@ def test_the_parts_lever_gets_its_own_self_study_copied_and_archived_from_its_pa
   with tarfile.open(cs.archive(str(tmp_path), str(tmp_path / "out"))) as t:
     assert t.extractfile("parts1k_minutes_s0/eval/results.json").read() == b'{"methods": []}'
     assert t.extractfile("base_minutes_s0/eval/results.json").read() == b'{"methods": [1]}'
+
+
+def test_variants_with_the_same_self_study_share_one_synth_job(tmp_path):
+  """parts1k_sal (parts1k with salient inits) trains on parts1k's self-study: one synth job per collection and
+  seed for both, and a variant alone still gets its own."""
+  p = cs.plan(str(tmp_path), cs._flags(["--variants=base,parts1k,parts1k_sal", "--collections=minutes", "--seeds=0"]))
+  assert [s["name"] for s in p["synth"]] == ["minutes_s0", "parts1k_minutes_s0"]
+  train = {t["name"]: t for t in p["train"]}
+  assert train["parts1k_sal_minutes_s0"]["synth"] == "parts1k_minutes_s0"
+  assert "--config.cartridge.init_text=salient" in train["parts1k_sal_minutes_s0"]["args"]
+  assert "--config.cartridge.init_text=salient" not in train["parts1k_minutes_s0"]["args"]
+  alone = cs.plan(str(tmp_path), cs._flags(["--variants=parts1k_sal", "--collections=minutes", "--seeds=0"]))
+  assert [s["name"] for s in alone["synth"]] == ["parts1k_sal_minutes_s0"]
+  assert alone["train"][0]["synth"] == "parts1k_sal_minutes_s0"
