@@ -276,8 +276,10 @@ def fused_shared_prefix_attention(q: Array, pk: Array, pv: Array, k: Array, v: A
   its own rows against the replicated prefix (`jax.shard_map`): folding all B rows into one sequence would
   cross the batch's sharding, which cuDNN's call refuses ("same sharding"). A batch that does not divide by
   the batch shards takes `split_attention` (the partitioner's form), with a logged warning."""
-  if block is None:
-    block = _reference_block if _SHARED_PREFIX_EVERYWHERE and not _on_cuda() else _cudnn_block
+  if block is None:  # cuDNN's where it runs (CUDA, bf16/fp16); else (only under shared_prefix_kernel_everywhere,
+    # e.g. an fp32 test model on a GPU) the plain-JAX block
+    half = jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16)
+    block = _cudnn_block if _on_cuda() and half else _reference_block
   split = batch_split(q)
   if split is None:
     return _fused_local(q, pk, pv, k, v, self_mask, heads_first, block)
