@@ -216,7 +216,7 @@ def shared_prefix_kernel_active(dtype) -> bool:
   """Whether a decode call attends a fully visible shared prefix with one fused cuDNN call
   (`fused_shared_prefix_attention`) instead of materialising its scores as f32 [Hkv, P, B*G] per layer
   and step (`split_attention`). On CUDA in bf16/fp16 only. `$CAS_SHARED_PREFIX_KERNEL=cudnn` turns it on,
-  `=split` off; unset, it is on when the process sees one device (measured 2026-12-07 on an H100, Llama-3.2-1B
+  `=split` off; unset, it is on (measured 2026-12-07 on an H100, Llama-3.2-1B
   shapes, 2,048 shared tokens: +12% / +22% / +33% tokens/s at batch 64 / 128 / 256; BENCHMARKS.md), with one
   device or several: under data parallelism each device folds its own rows (`fused_shared_prefix_attention`;
   equal to the one-device form on 8 CPU devices, tests/model/test_attention_sharded.py; its multi-GPU timing is
@@ -226,7 +226,7 @@ def shared_prefix_kernel_active(dtype) -> bool:
   choice = os.environ.get(SHARED_PREFIX_KERNEL_ENV, "")
   if choice and choice not in SHARED_PREFIX_KERNELS:
     raise ValueError(f"${SHARED_PREFIX_KERNEL_ENV}={choice!r}: use one of {', '.join(SHARED_PREFIX_KERNELS)} "
-                     f"(or leave it unset: cudnn on one CUDA device)")
+                     f"(or leave it unset: cudnn on CUDA)")
   if not (_on_cuda() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
     return False
   return choice != "split"
