@@ -180,7 +180,8 @@ if [ "$MODE" = start ]; then
   # H200 share, 0.9 x 1.79 on an H100, refused a job that fit)
   if [ "$NJOBS" != 1 ] && python3 -c "import sys; sys.exit(0 if $total > 0.97 else 1)"; then
     echo "start: these jobs need $(python3 -c "print(round($total, 2))") of this card's memory (${GPU_MIB} MiB; shares x $SCALE):" \
-         "$(for j in ${2:-prose_sal head32}; do echo -n "$j $(python3 -c "print(round(${SHARE[$j]:-0} * $SCALE, 2))") "; done)- start fewer (their sum <= 0.97)"
+         "$(for j in ${2:-prose_sal head32}; do echo -n "$j $(python3 -c "print(round(${SHARE[$j]:-0} * $SCALE, 2))") "; done)- start fewer (their sum <= 0.97)" \
+         "or shrink them in proportion: SHARES=\"$(for j in ${2:-prose_sal head32}; do echo -n "$j=$(python3 -c "print(f'{${SHARE[$j]:-0} * 0.95 / $total:.3f}')") "; done | sed 's/ $//')\""
     exit 2
   fi
   for j in ${2:-prose_sal head32}; do

@@ -65,3 +65,17 @@ def test_status_with_out_set_also_collects(tmp_path):
   other.mkdir()
   got, _ = _lease(root, "status", OUT=str(other), COLLECT="0").communicate(timeout=120)
   assert "collected" not in got and not (other / "lever").exists()
+
+
+def test_a_set_of_jobs_too_large_for_the_card_is_refused_with_shares_that_fit(tmp_path):
+  """`start` refuses jobs whose shares sum over 0.97 of the card and names SHARES in proportion that fit; those
+  start (DRY: their commands are printed, each scheduler's --mem_total is its share)."""
+  import re
+  p = _lease(tmp_path, "start", "late parts")
+  out, _ = p.communicate(timeout=60)
+  assert p.returncode == 2 and "start fewer" in out, out
+  shares = re.search(r'SHARES="([^"]+)"', out).group(1)
+  assert dict(kv.split("=") for kv in shares.split()) == {"late": "0.475", "parts": "0.475"}
+  p = _lease(tmp_path, "start", "late parts", SHARES=shares)
+  out, _ = p.communicate(timeout=60)
+  assert p.returncode == 0 and out.count("--mem_total=0.475") == 2, out
