@@ -115,7 +115,7 @@ VARIANTS = {
     "parts1k": ["--config.cartridge.max_doc_tokens=1024", "--config.synth.conversations=64"],
     # parts1k with each part's init reading its most salient sentences (2026-12-07: the trained oracle answers
     # like ICL the facts its init's text holds, 94.8 vs 98.6 pooled, and about half-way the others; on minutes
-    # the parts' salient inits hold 257 of 259 part facts, their first tokens 142). The same self-study as parts1k
+    # the parts' salient inits hold 218 of 220 facts, their first tokens 112). The same self-study as parts1k
     "parts1k_sal": ["--config.cartridge.max_doc_tokens=1024", "--config.synth.conversations=64",
                     "--config.cartridge.init_text=salient"],
     # the cartridge's first 32 trainable tokens keep their first_tokens init (the document's title and

@@ -136,7 +136,28 @@ def fact_rows(seed: int, max_doc_tokens: int, conversations: int, num_docs: int,
       if init is not None:
         row["in_init"] = value in init
       rows.append(row)
-  return rows
+  return merge_units(rows)
+
+
+def merge_units(rows: list[dict]) -> list[dict]:
+  """One row per fact: a built-in fact whose value stands in two parts of its document (a name, a date) has a
+  row per part; they become one (counts summed, `start` the earliest, `in_init` if any part's init holds it,
+  `unit` the first), so each question counts once."""
+  out: dict = {}
+  for r in rows:
+    key = (r["doc_id"], r["field"])
+    if key not in out:
+      out[key] = dict(r)
+      continue
+    m = out[key]
+    for k in ("focus", "seen", "written"):
+      if k in r:
+        m[k] += r[k]
+    m["share"] = m["share"] + r["share"]
+    m["start"] = min(m["start"], r["start"])
+    if "in_init" in r:
+      m["in_init"] = m["in_init"] or r["in_init"]
+  return list(out.values())
 
 
 def per_question(archive: str, member: str) -> dict[str, dict[str, list[bool]]]:

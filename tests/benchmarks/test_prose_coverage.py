@@ -82,3 +82,19 @@ def test_facts_split_by_whether_the_init_text_holds_them():
   assert "| not in it | 1 | 3.00 | 0 | 1 | 0.0 | 100.0 | -100.0 |" in out
   out = position_methods_table(rows, per_q, 0, ["cartridge_oracle"], split)
   assert "| cartridge_oracle | 100.0 (1) | 0.0 (1) |" in out
+
+
+def test_a_fact_in_two_parts_counts_once():
+  """Parts of one document that both hold a fact's value give one row: quotes summed, the earliest start,
+  in the init if either part's init holds it."""
+  from benchmarks.prose_coverage import merge_units
+  rows = [{"doc_id": "d", "field": "a", "unit": "d#1", "focus": 2, "seen": 5, "share": 0.1, "start": 700,
+           "in_init": False},
+          {"doc_id": "d", "field": "a", "unit": "d#2", "focus": 1, "seen": 3, "share": 0.05, "start": 40,
+           "in_init": True},
+          {"doc_id": "d", "field": "b", "unit": "d#2", "focus": 0, "seen": 1, "share": 0.0, "start": 9,
+           "in_init": False}]
+  out = {r["field"]: r for r in merge_units(rows)}
+  assert len(out) == 2 and out["a"]["unit"] == "d#1"
+  assert (out["a"]["focus"], out["a"]["seen"], out["a"]["start"], out["a"]["in_init"]) == (3, 8, 40, True)
+  assert out["b"] == rows[2]
