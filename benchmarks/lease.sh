@@ -127,7 +127,8 @@
 #                  oracle +11.7 at 3.3x the KV, late facts 38.3 -> 56.7 (RESULTS.md). Next (the finding that the
 #                  trained oracle knows what its init read): PARTS_VARIANTS=parts1k,parts1k_sal PARTS_SEEDS=0,1 and
 #                  compose_report --archive=<parts> --base=parts1k (prediction: 218 of minutes' 220 facts are in
-#                  the parts' salient inits, against 112 in their first tokens: the oracle toward ICL's 92.5)
+#                  the parts' salient inits, against 112 in their first tokens: the oracle toward ICL's 92.5; untrained
+#                  on the CPU, the salient parts are already at 90.0 vs ICL 92.5 over seeds 0 and 1, RESULTS.md)
 #   gemma_paper    issue 24 item 3: the CAS `paper` preset with Gemma 3 270M (patients, seed 0, spread questions; CAS
 #                  only: no_context, icl, oracle, cas_composed), its self-study at batch GP_BATCH (default 256) with
 #                  refilled rows: at the preset's batch 64 it would take ~38 min (2026-12-05 rate), alone on an H200
