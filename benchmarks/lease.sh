@@ -125,7 +125,8 @@
 #                  its own init; compose_report --archive=<parts> --base=base (cas_composed@n counts meetings: a
 #                  meeting loads all of its parts). Ran 2026-12-07 on an H100 (15 min, SHARES="late=0.17 parts=0.37"):
 #                  oracle +11.7 at 3.3x the KV, late facts 38.3 -> 56.7 (RESULTS.md). Next (the finding that the
-#                  trained oracle knows what its init read): PARTS_VARIANTS=parts1k,parts1k_sal PARTS_SEEDS=0,1 and
+#                  trained oracle knows what its init read): PARTS_VARIANTS=parts1k,parts1k_sal PARTS_SEEDS=0,1
+#                  PARTS_METHODS=no_context,icl,cartridge_oracle,cartridge_init,cas_composed,isolated_composed and
 #                  compose_report --archive=<parts> --base=parts1k (prediction: 218 of minutes' 220 facts are in
 #                  the parts' salient inits, against 112 in their first tokens: the oracle toward ICL's 92.5; untrained
 #                  on the CPU, the salient parts are already at 90.0 vs ICL 92.5 over seeds 0 and 1, RESULTS.md)
