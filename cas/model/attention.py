@@ -272,29 +272,20 @@ def fused_shared_prefix_attention(q: Array, pk: Array, pv: Array, k: Array, v: A
   heads_first; self_mask [B, T, S]), merged by log-sum-exp. Returns [B, T, H, D] in q.dtype; rows with no
   visible own key get the prefix's attention alone.
 
-  Under data parallelism (q's rows split over the mesh's batch axes, `batch_split`) each device folds only
-  its own rows against the replicated prefix (`jax.shard_map`): folding all B rows into one sequence would
+  Under data parallelism (q's rows split over the mesh's batch axes) each device folds only its own rows
+  against the replicated prefix (`data_parallel`, a shard_map): folding all B rows into one sequence would
   cross the batch's sharding, which cuDNN's call refuses ("same sharding"). A batch that does not divide by
   the batch shards takes `split_attention` (the partitioner's form), with a logged warning."""
   if block is None:  # cuDNN's where it runs (CUDA, bf16/fp16); else (only under shared_prefix_kernel_everywhere,
     # e.g. an fp32 test model on a GPU) the plain-JAX block
     half = jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16)
     block = _cudnn_block if _on_cuda() and half else _reference_block
-  split = batch_split(q)
-  if split is None:
-    return _fused_local(q, pk, pv, k, v, self_mask, heads_first, block)
-  if q.shape[0] % split.size:
-    logging.log_first_n(logging.WARNING, "fused shared-prefix attention: batch %d is not divisible by the %d "
-                        "batch shards of the mesh; split_attention instead", 1, q.shape[0], split.size)
-    return split_attention(q, pk, pv, jnp.ones((1, pk.shape[1]), bool), k, v, self_mask, heads_first)
-  rows, whole = jax.sharding.PartitionSpec(split.axes), jax.sharding.PartitionSpec()
-
-  def per_device(q, pk, pv, k, v, self_mask):  # this device's B/n rows; the whole shared prefix
-    pk, pv = (jax.lax.pcast(a, split.axes, to="varying") for a in (pk, pv))
-    return _fused_local(q, pk, pv, k, v, self_mask, heads_first, block)
-
-  return jax.shard_map(per_device, mesh=split.mesh, in_specs=(rows, whole, whole, rows, rows, rows),
-                       out_specs=rows)(q, pk, pv, k, v, self_mask)
+  # `data_parallel` splits the rows (self_mask in segment_ids' place: [B, ...] like them) and replicates the prefix
+  out = data_parallel(lambda q, pk, pv, k, v, m, *_: _fused_local(q, pk, pv, k, v, m, heads_first, block),
+                      q, pk, pv, k, v, self_mask)
+  if out is None:  # a batch the shards do not divide (logged there)
+    out = split_attention(q, pk, pv, jnp.ones((1, pk.shape[1]), bool), k, v, self_mask, heads_first)
+  return out
 
 
 def _fused_local(q: Array, pk: Array, pv: Array, k: Array, v: Array, self_mask: Array, heads_first: bool,
