@@ -230,6 +230,9 @@ def plan(root: str, f: dict) -> dict:
   synth_mem = {"mem": float(f["synth_mem"]) / float(f["mem"])} if f.get("synth_mem") else {}  # x --mem
   recipe = [r.format(**f) for r in RECIPE] + f["extra"].split()
   synth, train = [], []
+  variants = f["variants"].split(",")
+  owner = {(v, c): synth_owner(v, [x for x in variants if c in only.get(x, cols)])  # whose self-study v trains on
+           for v in variants for c in only.get(v, cols)}
   for c in cols:
     for s in seeds:
       data = [f"--config.data.kind={c}", f"--config.data.seed={s}", f"--config.synth.seed={s}",
@@ -238,8 +241,7 @@ def plan(root: str, f: dict) -> dict:
              for v in f["variants"].split(",")):
         synth.append({"name": f"{c}_s{s}", "args": _last_wins(recipe + data + ["--stages=synth"]), **synth_mem})
       for v in f["variants"].split(","):
-        owner = synth_owner(v, [x for x in f["variants"].split(",") if c in only.get(x, cols)])
-        if synth_args(v) and c in only.get(v, cols) and owner == v:
+        if synth_args(v) and c in only.get(v, cols) and owner[v, c] == v:
           synth.append({"name": f"{v}_{c}_s{s}",
                         "args": _last_wins(recipe + data + synth_args(v) + ["--stages=synth"]), **synth_mem})
   for v in f["variants"].split(","):
@@ -252,8 +254,7 @@ def plan(root: str, f: dict) -> dict:
         full = v == "base" or bool(synth_args(v)) or v in FULL
         methods = (tuple(f["methods"].split(",")) if full else ("monolithic",) if v == "mono"
                    else LEVER_METHODS + LEVER_EXTRA_METHODS.get(v, ()))
-        owner = synth_owner(v, [x for x in f["variants"].split(",") if c in only.get(x, cols)])
-        own = f"{owner}_{c}_s{s}" if synth_args(v) else f"{c}_s{s}"
+        own = f"{owner[v, c]}_{c}_s{s}" if synth_args(v) else f"{c}_s{s}"
         train.append({"name": f"{v}_{c}_s{s}", "synth": own, "mem": MEM.get(v, 1.0),
                       "args": _last_wins(recipe + data + VARIANTS[v]
                                          + [f"--config.eval.methods={methods!r}".replace(" ", "")])})

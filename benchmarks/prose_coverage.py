@@ -71,8 +71,8 @@ def fact_rows(seed: int, max_doc_tokens: int, conversations: int, num_docs: int,
   `late_weight`/`late_from` as `synth.late_weight` sets them); "random" (the `paper` preset's) those whose
   quote message asks about a sentence that holds it (the chunk and template as the run draws them).
   init_text ("document" / "salient", cartridge.init_text): also `in_init`, whether the fact's value is in the
-  text the unit's init reads (`cas.cartridge.salient.init_ids` with `init_budget` = p - num_frozen tokens and the
-  collection's IDF, as the pipeline computes it)."""
+  text the unit's init reads (`cas.cartridge.salient.unit_init_ids` with `init_budget` = p - num_frozen tokens, as
+  the pipeline computes it)."""
   from cas.data.parts import document_units
   from cas.synth.selfstudy import TEMPLATE_PROMPTS, DocTokens, SynthConfig, _plan, generate_shard, template_message
   from configs.cas import get_config
@@ -93,10 +93,9 @@ def fact_rows(seed: int, max_doc_tokens: int, conversations: int, num_docs: int,
   dt = DocTokens(units, tokenizer)
   init_of = None
   if init_text:
-    from cas.cartridge.salient import idf_table, init_ids
-    idf = idf_table(u.text for u in units) if init_text == "salient" else None
-    init_of = lambda u: tokenizer.decode(init_ids(u.text, u.title, init_budget, tokenizer.encode, mode=init_text,
-                                                  idf=idf)[:init_budget])
+    from cas.cartridge.salient import unit_init_ids
+    ids_of = unit_init_ids(units, init_budget, tokenizer.encode, mode=init_text)
+    init_of = lambda u: tokenizer.decode(ids_of(u)[:init_budget])
   rows = []
   for ui, u in enumerate(units):
     parent = u.meta.get("parent", u.doc_id)
@@ -150,10 +149,9 @@ def merge_units(rows: list[dict]) -> list[dict]:
       out[key] = dict(r)
       continue
     m = out[key]
-    for k in ("focus", "seen", "written"):
+    for k in ("focus", "seen", "share", "written"):
       if k in r:
         m[k] += r[k]
-    m["share"] = m["share"] + r["share"]
     m["start"] = min(m["start"], r["start"])
     if "in_init" in r:
       m["in_init"] = m["in_init"] or r["in_init"]

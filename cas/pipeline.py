@@ -369,11 +369,9 @@ class CasStages:
     """unit -> the token ids its cartridge's init reads (cartridge.init_text / salient_lead / init_header)."""
     r = self._init_rule()
     if r["text"] == "salient" or r["header"]:  # cas.cartridge.salient: the most salient sentences / the title line
-      from cas.cartridge.salient import idf_table, init_ids
-      idf = idf_table(u.text for u in self.units) if r["text"] == "salient" else None
-      budget = self.spec.num_tokens - self.spec.num_frozen
-      return lambda u: init_ids(u.text, u.title, budget, self.tok.encode, mode=r["text"], idf=idf, lead=r["lead"],
-                                header=r["header"])
+      from cas.cartridge.salient import unit_init_ids
+      return unit_init_ids(self.units, self.spec.num_tokens - self.spec.num_frozen, self.tok.encode, mode=r["text"],
+                           lead=r["lead"], header=r["header"])
     return self._ids
 
   def _init_fn(self):

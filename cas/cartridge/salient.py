@@ -148,6 +148,14 @@ def init_ids(text: str, title: str, budget: int, encode: Callable[[str], Sequenc
   return head + list(encode(text))
 
 
+def unit_init_ids(units, budget: int, encode: Callable[[str], Sequence[int]], *, mode: str = "document",
+                  lead: float = 0.0, header: bool = False) -> Callable[[object], list[int]]:
+  """unit -> the token ids its cartridge's init reads (`init_ids`), with the IDF of `units` (the collection's
+  documents or parts) for a salient summary: the one rule of the pipeline and of the benchmarks that rebuild it."""
+  idf = idf_table(u.text for u in units) if mode == "salient" else None
+  return lambda u: init_ids(u.text, u.title, budget, encode, mode=mode, idf=idf, lead=lead, header=header)
+
+
 def sentence_surprisal(model, bos_id: int, window: int = 1024) -> Callable[[list[list[int]]], list[float]]:
   """A `scores` function for salient_ids (init_ids(mode="surprisal"); benchmarks/init_oracle.py only: it
   lost to mean IDF on products, RESULTS.md): each sentence's mean
