@@ -105,6 +105,11 @@ def _on_cuda() -> bool:
     return jax.default_backend() == "gpu"
 
 
+def _cudnn_runs(dtype) -> bool:
+  """Whether cuDNN's flash attention runs for inputs of `dtype` here: CUDA, bf16 or fp16."""
+  return _on_cuda() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
 def pad_for_cudnn(q: Array, k: Array, v: Array, mask: Array, multiple: int = 2
                   ) -> tuple[Array, Array, Array, Array, int]:
   """Pad T and S up to a multiple of `multiple` (cuDNN's bias backward needs even lengths).
@@ -130,7 +135,7 @@ def cudnn_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
   Falls back to `reference_attention` off CUDA or for float32 inputs (cuDNN needs bf16/fp16).
   """
-  if not _on_cuda() or q.dtype not in (jnp.bfloat16, jnp.float16):
+  if not _cudnn_runs(q.dtype):
     logging.log_first_n(logging.WARNING, "cudnn attention: %s on %s; using the reference attention",
                         1, q.dtype, jax.default_backend())
     return reference_attention(q, k, v, mask)
@@ -227,7 +232,7 @@ def shared_prefix_kernel_active(dtype) -> bool:
   if choice and choice not in SHARED_PREFIX_KERNELS:
     raise ValueError(f"${SHARED_PREFIX_KERNEL_ENV}={choice!r}: use one of {', '.join(SHARED_PREFIX_KERNELS)} "
                      f"(or leave it unset: cudnn on CUDA)")
-  if not (_on_cuda() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
+  if not _cudnn_runs(dtype):
     return False
   return choice != "split"
 
@@ -278,8 +283,7 @@ def fused_shared_prefix_attention(q: Array, pk: Array, pv: Array, k: Array, v: A
   the batch shards takes `split_attention` (the partitioner's form), with a logged warning."""
   if block is None:  # cuDNN's where it runs (CUDA, bf16/fp16); else (only under shared_prefix_kernel_everywhere,
     # e.g. an fp32 test model on a GPU) the plain-JAX block
-    half = jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16)
-    block = _cudnn_block if _on_cuda() and half else _reference_block
+    block = _cudnn_block if _cudnn_runs(q.dtype) else _reference_block
   # `data_parallel` splits the rows (self_mask in segment_ids' place: [B, ...] like them) and replicates the prefix
   out = data_parallel(lambda q, pk, pv, k, v, m, *_: _fused_local(q, pk, pv, k, v, m, heads_first, block),
                       q, pk, pv, k, v, self_mask)
@@ -341,11 +345,10 @@ def runs_fused(fn: AttentionFn, t: int, dtype) -> bool:
   `dtype` on this backend (`cudnn_attention`: CUDA and bf16/fp16; `auto_attention`: the same with
   t > 1). The model keeps such calls on their kernel rather than taking the shared-prefix form
   (`split_attention` with a batch-1 prefix), whose scores are f32 in HBM."""
-  half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
   if fn is cudnn_attention:
-    return half and _on_cuda()
+    return _cudnn_runs(dtype)
   if fn is auto_attention:
-    return t > 1 and half and _on_cuda()
+    return t > 1 and _cudnn_runs(dtype)
   return False
 
 
@@ -354,7 +357,7 @@ def auto_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   query: prefill and training), else the reference (CPU, float32, single-token decode steps).
   Measured on an H100 (BENCHMARKS.md, issue 7): the Llama-3.2-1B distillation step at p = 2048 ran
   4.2x faster with cuDNN than with the reference attention in the same run."""
-  if q.shape[1] > 1 and q.dtype in (jnp.bfloat16, jnp.float16) and _on_cuda():
+  if q.shape[1] > 1 and _cudnn_runs(q.dtype):
     return cudnn_attention(q, k, v, mask)
   return reference_attention(q, k, v, mask)
 
@@ -665,7 +668,7 @@ def prefix_packed_active(dtype) -> bool:
   test forces the form with `prefix_packed_everywhere()`."""
   if _PREFIX_PACKED_EVERYWHERE:
     return True
-  return _on_cuda() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  return _cudnn_runs(dtype)
 
 
 @contextlib.contextmanager
@@ -777,7 +780,7 @@ def cudnn_prefix_packed_attention(q: Array, pk: Array, pv: Array, k: Array, v: A
   """
   if self_block not in ("ragged", "bias"):
     raise ValueError(f"self_block={self_block!r}; choose ragged or bias")
-  cudnn = _on_cuda() and jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16)
+  cudnn = _cudnn_runs(q.dtype)
   if cudnn:
     body = functools.partial(_cudnn_prefix_packed_one_device, self_block=self_block,
                              max_segments=max_segments)
