@@ -36,7 +36,7 @@ _FILL = flags.DEFINE_list("fill", ["repeat", "exact"], "init(s): repeat | exact 
                          "| key_norm (cartridge.init=key_norm: the lowest-norm keys of the whole document) "
                          "| salient (cartridge.init_text=salient: the most salient sentences that fit) | salient_leadNN "
                          "(the same with NN% of the budget kept for the opening sentences: cartridge.salient_lead) "
-                         "| salient_sentence (pieces not cut after a title or abbreviation: 'Attending physician: "
+                         "| salient_num (a number of any length counts as a word in the IDF) | salient_sentence (pieces not cut after a title or abbreviation: 'Attending physician: "
                          "Dr. Ravi Subramanian.' stays one) | salient_clause (pieces cut again at commas and colons)")
 _MDT = flags.DEFINE_integer("max_doc_tokens", 0, "cartridge.max_doc_tokens: documents over it are cut into parts "
                             "(cas.data.parts), one cartridge each, and the oracle loads all of its document's parts "
@@ -69,6 +69,11 @@ def _sep(fill: str) -> str:
 def _split(fill: str) -> str:
   """salient_sentence / salient_clause: cas.cartridge.salient.sentences(split=...) (salient: "period")."""
   return {"salient_sentence": "sentence", "salient_clause": "clause"}.get(fill, "period")
+
+
+def _numbers(fill: str) -> bool:
+  """salient_num: a number of any length counts as a word in the salience's IDF (cas.cartridge.salient.words)."""
+  return fill == "salient_num"
 
 
 def _lead(fill: str) -> float:
@@ -137,13 +142,15 @@ def main(argv):
     for u in units:
       parts_of.setdefault(u.meta.get("parent", u.doc_id), []).append(u)
     idf = idf_table(u.text for u in units)
+    idf_num = idf_table((u.text for u in units), numbers=True)
     for fill in _FILL.value:
       if fill not in ("repeat", "key_norm", "surprisal") and not fill.startswith("salient"):
         raise app.UsageError(f"--fill={fill} with --max_doc_tokens: use repeat, key_norm, surprisal or salient[_leadNN]")
       mode = "salient" if fill.startswith("salient") else fill if fill == "surprisal" else "document"
-      ucarts = {u.doc_id: init_cartridge(model, init_ids(u.text, u.title, _P.value - 1, tok.encode, mode=mode, idf=idf,
-                                                         lead=_lead(fill), header=_HEADER.value, scores=surprisal,
-                                                         sep=_sep(fill), split=_split(fill)),
+      ucarts = {u.doc_id: init_cartridge(model, init_ids(u.text, u.title, _P.value - 1, tok.encode, mode=mode,
+                                                         idf=idf_num if _numbers(fill) else idf, lead=_lead(fill),
+                                                         header=_HEADER.value, scores=surprisal, sep=_sep(fill),
+                                                         split=_split(fill), numbers=_numbers(fill)),
                                          _P.value, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",
                                          strategy="key_norm" if fill == "key_norm" else "first_tokens") for u in units}
       carts = {d: ev.cartridges([ucarts[u.doc_id] for u in us], mode="shared") for d, us in parts_of.items()}
@@ -155,6 +162,7 @@ def main(argv):
                                     mode="shared"), q) for q in qs]
         print(f"init_{fill}{suffix}@{n} done ({time.time() - t0:.0f}s)", flush=True)
   whole_idf = idf_table(doc.text for doc in docs.values())
+  whole_idf_num = idf_table((doc.text for doc in docs.values()), numbers=True)
   for fill in _FILL.value if _MDT.value == 0 else ():
     carts, inits = {}, {}
     for d, t in ids.items():
@@ -167,8 +175,8 @@ def main(argv):
         if fill.startswith("salient") or fill == "surprisal" or _HEADER.value:  # cas.cartridge.salient
           t = init_ids(docs[d].text, docs[d].title, _P.value - 1, tok.encode,
                        mode="salient" if fill.startswith("salient") else fill if fill == "surprisal" else "document",
-                       idf=whole_idf, lead=_lead(fill), header=_HEADER.value, scores=surprisal, sep=_sep(fill),
-                       split=_split(fill))
+                       idf=whole_idf_num if _numbers(fill) else whole_idf, lead=_lead(fill), header=_HEADER.value,
+                       scores=surprisal, sep=_sep(fill), split=_split(fill), numbers=_numbers(fill))
         p = _P.value if fill in ("repeat", "key_norm", "surprisal") or fill.startswith("salient") or len(t) + 1 >= _P.value \
             else len(t) + 1  # + BOS sink
         c = init_cartridge(model, t, p, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",

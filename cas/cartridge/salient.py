@@ -19,16 +19,24 @@ import numpy as np
 INIT_TEXTS = ("document", "salient")  # cartridge.init_text (init_ids also takes "surprisal", benchmarks only)
 HEADER = "# {title}\n"  # cartridge.init_header: the line ICL shows above a document (cas.eval.methods)
 _WORD = re.compile(r"[^\W_]{3,}")  # words of 3+ letters or digits (any script)
+# numbers=True: a number of any length is one word too ("13.2", "4252", "2024-03-15", "7:30"), so a sentence that
+# states a value in a template shared by every document ("Hemoglobin was 13.2 g/dL.") scores by its value
+_WORD_NUM = re.compile(r"\d+(?:[.,:/-]\d+)*|[^\W_]{3,}")
+
+
+def words(text: str, numbers: bool = False) -> list[str]:
+  """`text`'s words (lower case) as the IDF counts them: 3+ letters or digits; with `numbers`, any number."""
+  return [w.lower() for w in (_WORD_NUM if numbers else _WORD).findall(text)]
 _LINES = re.compile(r"\n+")
 _STOP = re.compile(r"(?<=[.!?;])\s+")  # after sentence punctuation
 
 
-def idf_table(texts: Iterable[str]) -> dict[str, float]:
-  """word (lower case) -> log(number of texts / texts that hold it)."""
+def idf_table(texts: Iterable[str], numbers: bool = False) -> dict[str, float]:
+  """word (lower case, `words`) -> log(number of texts / texts that hold it)."""
   texts = list(texts)
   df: dict[str, int] = {}
   for t in texts:
-    for w in {w.lower() for w in _WORD.findall(t)}:
+    for w in set(words(t, numbers)):
       df[w] = df.get(w, 0) + 1
   return {w: math.log(len(texts) / n) for w, n in df.items()}
 
@@ -79,13 +87,14 @@ def sentences(text: str, split: str = "period") -> list[str]:
 
 def salient_ids(text: str, budget: int, idf: Mapping[str, float], encode: Callable[[str], Sequence[int]],
                 lead: float = 0.0, scores: Callable[[list[list[int]]], Sequence[float]] | None = None,
-                sep: str = " ", split: str = "period") -> list[int]:
+                sep: str = " ", split: str = "period", numbers: bool = False) -> list[int]:
   """Token ids of `text` cut to at most `budget` tokens: the whole text if it fits, else its sentences of
   highest mean IDF (ties: the earlier sentence) that fit, greedily, joined in document order. `lead` in
   [0, 1): that share of the budget goes first to the text's opening sentences, in a row (the part a
   first_tokens init would hold), the rest to the most salient of the others. `scores`: another salience
   (one value per sentence's tokens, higher first) instead of mean IDF; `sep`: what joins two kept sentences
-  that were not next to each other in the text; `split`: the pieces (`sentences`)."""
+  that were not next to each other in the text; `split`: the pieces (`sentences`); `numbers`: a number of any
+  length counts as a word (`words`; `idf` must be built the same way)."""
   if not 0.0 <= lead < 1.0:
     raise ValueError(f"salient lead={lead}: a share of the budget in [0, 1)")
   ids = list(encode(text))
@@ -103,7 +112,7 @@ def salient_ids(text: str, budget: int, idf: Mapping[str, float], encode: Callab
   if scores is not None:  # another salience: e.g. the model's surprisal per sentence (sentence_surprisal)
     score = [float(x) for x in scores(pieces)]
   else:
-    score = [float(np.mean([idf.get(w.lower(), 0.0) for w in _WORD.findall(s)] or [0.0])) for s in sents]
+    score = [float(np.mean([idf.get(w, 0.0) for w in words(s, numbers)] or [0.0])) for s in sents]
   for i in sorted(range(len(keep), len(sents)), key=lambda i: (-score[i], i)):
     if used + cost[i] <= budget:
       keep.append(i)
@@ -129,7 +138,7 @@ def header_ids(title: str, text: str, encode: Callable[[str], Sequence[int]]) ->
 def init_ids(text: str, title: str, budget: int, encode: Callable[[str], Sequence[int]], *, mode: str = "document",
              idf: Mapping[str, float] | None = None, lead: float = 0.0, header: bool = False,
              scores: Callable[[list[list[int]]], Sequence[float]] | None = None, sep: str = " ",
-             split: str = "period") -> list[int]:
+             split: str = "period", numbers: bool = False) -> list[int]:
   """The token ids a cartridge's init reads (cartridge.init_text = `mode`, salient_lead = `lead`,
   init_header = `header`): the title line when `header`, then the text ("document": all of it, the
   init cuts it to p; "salient": its most salient sentences that fit in what the header left of `budget`;
@@ -142,7 +151,8 @@ def init_ids(text: str, title: str, budget: int, encode: Callable[[str], Sequenc
     if mode == "surprisal" and scores is None:
       raise ValueError("cartridge.init_text='surprisal' needs the model's sentence scores (sentence_surprisal)")
     return head + salient_ids(text, max(budget - len(head), 1), idf or {}, encode, lead=lead,
-                              scores=scores if mode == "surprisal" else None, sep=sep, split=split)
+                              scores=scores if mode == "surprisal" else None, sep=sep, split=split,
+                              numbers=numbers)
   if mode != "document":
     raise ValueError(f"cartridge.init_text={mode!r}: choose from {INIT_TEXTS}")
   return head + list(encode(text))

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from cas.cartridge.salient import idf_table, salient_ids, sentences
+from cas.cartridge.salient import idf_table, salient_ids, sentences, words
 from cas.testing import real_tokenizer
 
 FILLER = "The old town had a market and a church and a river that ran past the mill. "
@@ -13,6 +13,20 @@ def test_idf_counts_the_texts_that_hold_a_word():
   idf = idf_table(["the cat sat", "the dog sat", "the cat ran"])
   assert idf["the"] == 0.0 and math.isclose(idf["cat"], math.log(3 / 2)) and math.isclose(idf["dog"], math.log(3))
   assert "a" not in idf_table(["a b c"])  # words of fewer than 3 characters are not counted
+
+
+def test_numbers_count_as_words_so_a_template_sentence_scores_by_its_value():
+  assert words("Hemoglobin was 13.2 g/dL on 2024-03-15.") == ["hemoglobin", "was", "2024"]  # 3+ characters
+  assert words("Hemoglobin was 13.2 g/dL on 2024-03-15.", numbers=True) == ["hemoglobin", "was", "13.2", "2024-03-15"]
+  tok = real_tokenizer()
+  template = "Hemoglobin was {} g/dL at the last visit."
+  seen = "The patient was seen at the clinic today."  # in every text, as the template's words are
+  docs = [FILLER + seen + " " + template.format(v) for v in ("13.2", "11.8", "9.4")]
+  budget = len(tok.encode(" " + template.format("13.2"))) + 1  # room for one of the two short sentences
+  plain = tok.decode(salient_ids(docs[0], budget, idf_table(docs), tok.encode))
+  num = tok.decode(salient_ids(docs[0], budget, idf_table(docs, numbers=True), tok.encode, numbers=True))
+  assert plain.strip() == seen  # mean IDF: every word is in every text, so the earliest sentence that fits
+  assert "13.2" in num  # its value is in no other text
 
 
 def test_salient_ids_keep_the_rare_sentence_wherever_it_stands_in_document_order():
