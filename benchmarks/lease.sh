@@ -106,7 +106,10 @@
 #                  (SEQLAST_SEEDS=0,1), patients and products; pair with paper3's seq runs (2026-12-07 archive):
 #                  compose_report --archive=<paper3> --archive=<seqlast> --base=seq. Hypothesis: recovers the 4.6
 #                  points seq's CAS cartridge lost read alone and keeps its composed gain. SEQLAST_VARIANTS=seq,seqlast
-#                  adds seq itself (e.g. for seed 1, which paper3 did not finish); ~10 min alone on an H100 (estimate)
+#                  adds seq itself (e.g. for seed 1, which paper3 did not finish). Ran 2026-12-07 on an H100 with
+#                  SEQLAST_COLLECTIONS=patients: 5.4 min alone (one training alone runs at ~11 steps/s; its first try ran
+#                  out of memory at the 0.13 share and was resumed at 0.26 by the scheduler); oracle +2.5 over seq,
+#                  within noise, composed gain kept (RESULTS.md "Sequential positions")
 #   late           issues 26 + 20: self-study walks every sentence and quotes those after the first_tokens init's
 #                  window three times per pass (variant late3, synth.late_weight=3) at the paper3 budget, shared
 #                  positions, CAS + isolated, patients, seed 0 (products' documents end before token 511: late3 is
