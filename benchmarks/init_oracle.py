@@ -36,7 +36,8 @@ _FILL = flags.DEFINE_list("fill", ["repeat", "exact"], "init(s): repeat | exact 
                          "| key_norm (cartridge.init=key_norm: the lowest-norm keys of the whole document) "
                          "| salient (cartridge.init_text=salient: the most salient sentences that fit) | salient_leadNN "
                          "(the same with NN% of the budget kept for the opening sentences: cartridge.salient_lead) "
-                         "| salient_num (a number of any length counts as a word in the IDF) | salient_sentence (pieces not cut after a title or abbreviation: 'Attending physician: "
+                         "| salient_num (a number of any length counts as a word in the IDF) "
+                         "| salient_sentence (pieces not cut after a title or abbreviation: 'Attending physician: "
                          "Dr. Ravi Subramanian.' stays one) | salient_clause (pieces cut again at commas and colons)")
 _MDT = flags.DEFINE_integer("max_doc_tokens", 0, "cartridge.max_doc_tokens: documents over it are cut into parts "
                             "(cas.data.parts), one cartridge each, and the oracle loads all of its document's parts "

@@ -23,12 +23,13 @@ _WORD = re.compile(r"[^\W_]{3,}")  # words of 3+ letters or digits (any script)
 # states a value in a template shared by every document ("Hemoglobin was 13.2 g/dL.") scores by its value
 _WORD_NUM = re.compile(r"\d+(?:[.,:/-]\d+)*|[^\W_]{3,}")
 
+_LINES = re.compile(r"\n+")
+_STOP = re.compile(r"(?<=[.!?;])\s+")  # after sentence punctuation
+
 
 def words(text: str, numbers: bool = False) -> list[str]:
   """`text`'s words (lower case) as the IDF counts them: 3+ letters or digits; with `numbers`, any number."""
   return [w.lower() for w in (_WORD_NUM if numbers else _WORD).findall(text)]
-_LINES = re.compile(r"\n+")
-_STOP = re.compile(r"(?<=[.!?;])\s+")  # after sentence punctuation
 
 
 def idf_table(texts: Iterable[str], numbers: bool = False) -> dict[str, float]:
