@@ -22,7 +22,6 @@ _WORD = re.compile(r"[^\W_]{3,}")  # words of 3+ letters or digits (any script)
 # numbers=True: a number of any length is one word too ("13.2", "4252", "2024-03-15", "7:30"), so a sentence that
 # states a value in a template shared by every document ("Hemoglobin was 13.2 g/dL.") scores by its value
 _WORD_NUM = re.compile(r"\d+(?:[.,:/-]\d+)*|[^\W_]{3,}")
-
 _LINES = re.compile(r"\n+")
 _STOP = re.compile(r"(?<=[.!?;])\s+")  # after sentence punctuation
 
