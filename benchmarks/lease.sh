@@ -108,7 +108,8 @@
 #                  points seq's CAS cartridge lost read alone and keeps its composed gain. SEQLAST_VARIANTS=seq,seqlast
 #                  adds seq itself (e.g. for seed 1, which paper3 did not finish). Ran 2026-12-07 on an H100 with
 #                  SEQLAST_COLLECTIONS=patients: 5.4 min alone (one training alone runs at ~11 steps/s; its first try ran
-#                  out of memory at the 0.13 share and was resumed at 0.26 by the scheduler); oracle +2.5 over seq,
+#                  out of memory at the 0.13 share and was resumed at 0.26 by the scheduler; since then the p = 512 jobs
+#                  paper3, seqlast, late and parts give each run 0.1 of an H200, 14 GB); oracle +2.5 over seq,
 #                  within noise, composed gain kept (RESULTS.md "Sequential positions")
 #   late           issues 26 + 20: self-study walks every sentence and quotes those after the first_tokens init's
 #                  window three times per pass (variant late3, synth.late_weight=3) at the paper3 budget, shared
@@ -230,16 +231,16 @@ if [ "$MODE" = start ]; then
                 --seeds=${MONO_SEEDS:-0,1} --mono_seeds=${MONO_SEEDS:-0,1} --p=512 --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt) --disk_gb=5 \
                 "--extra=$SPREAD";;
       paper3) run paper3 $CS start $R/paper3 --variants=${PAPER3_VARIANTS:-base,mono} --collections=${PAPER3_COLLECTIONS:-patients,products} --seeds=${PAPER3_SEEDS:-0,1} \
-                --mono_seeds=0,1 --p=512 --steps=1000 --conv=${PAPER3_CONV:-128} --mem=$(f 0.075) --synth_mem=$(f 0.06) \
+                --mono_seeds=0,1 --p=512 --steps=1000 --conv=${PAPER3_CONV:-128} --mem=$(f 0.1) --synth_mem=$(f 0.06) \
                 --mem_total=$(mt) --disk_gb=5 "--extra=$SPREAD";;
       seqlast) run seqlast $CS start $R/seqlast --variants=${SEQLAST_VARIANTS:-seqlast} --collections=${SEQLAST_COLLECTIONS:-patients,products} \
-                --seeds=${SEQLAST_SEEDS:-0} --p=512 --steps=1000 --conv=128 --mem=$(f 0.075) --synth_mem=$(f 0.06) \
+                --seeds=${SEQLAST_SEEDS:-0} --p=512 --steps=1000 --conv=128 --mem=$(f 0.1) --synth_mem=$(f 0.06) \
                 --mem_total=$(mt) --disk_gb=5 "--extra=$SPREAD";;
       late) run late $CS start $R/late --variants=${LATE_VARIANTS:-late3} --collections=${LATE_COLLECTIONS:-patients} \
-                --seeds=${LATE_SEEDS:-0} --p=512 --steps=1000 --conv=128 --mem=$(f 0.075) --synth_mem=$(f 0.06) \
+                --seeds=${LATE_SEEDS:-0} --p=512 --steps=1000 --conv=128 --mem=$(f 0.1) --synth_mem=$(f 0.06) \
                 ${LATE_METHODS:+--methods=$LATE_METHODS} --mem_total=$(mt) --disk_gb=5 "--extra=$SPREAD";;
       parts) run parts $CS start $R/parts --variants=${PARTS_VARIANTS:-base,parts1k} --collections=${PARTS_COLLECTIONS:-minutes} \
-                --seeds=${PARTS_SEEDS:-0} --p=512 --steps=1000 --conv=128 --mem=$(f 0.075) --synth_mem=$(f 0.06) \
+                --seeds=${PARTS_SEEDS:-0} --p=512 --steps=1000 --conv=128 --mem=$(f 0.1) --synth_mem=$(f 0.06) \
                 --methods=${PARTS_METHODS:-no_context,icl,cartridge_oracle,cas_composed,isolated_composed} \
                 --mem_total=$(mt) --disk_gb=5 "--extra=$SPREAD";;
       gemma_paper) mkdir -p $R/gemma_paper; XLA_PYTHON_CLIENT_PREALLOCATE=false run gemma_paper python3 -m launch.cas \
