@@ -16,6 +16,15 @@ TINY = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_la
                    num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0)
 
 
+def skip_module_without_devices(n: int = 8) -> None:
+  """At a test module's top level: skip the whole module unless `n` devices are there (the CPU test run forces 8
+  with XLA_FLAGS, tests/conftest.py; one GPU has 1)."""
+  if jax.device_count() < n:
+    import pytest
+    pytest.skip(f"needs {n} devices (XLA_FLAGS=--xla_force_host_platform_device_count={n}), "
+                f"have {jax.device_count()}", allow_module_level=True)
+
+
 def tiny_model(seed: int = 0, cfg: ModelConfig = TINY, scale: float = 10.0):
   """Random tiny model; weights scaled up (std 0.02*scale) so that context visibly matters."""
   from flax import nnx

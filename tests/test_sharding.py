@@ -13,10 +13,9 @@ from jax.sharding import PartitionSpec as P
 
 from cas import sharding as S
 from cas.model import ModelConfig, Prefix, build_model
+from cas.testing import skip_module_without_devices
 
-if jax.device_count() < 8:
-  pytest.skip(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), "
-              f"have {jax.device_count()}", allow_module_level=True)
+skip_module_without_devices(8)  # the meshes below have 8 devices
 
 # Every parameter kind: attention bias (Qwen2) and q/k norm (Qwen3), untied lm_head.
 CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,

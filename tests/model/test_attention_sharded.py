@@ -11,12 +11,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cas.model import attention as attn_lib
 from cas.sharding import make_mesh, named_sharding, shard_model
-from cas.testing import TINY, tiny_model
+from cas.testing import TINY, skip_module_without_devices, tiny_model
 from cas.train.step import cartridge_loss
 
-if jax.device_count() < 8:  # e.g. one GPU: the meshes below have 8 devices (the CPU run forces 8)
-  pytest.skip(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), "
-              f"have {jax.device_count()}", allow_module_level=True)
+skip_module_without_devices(8)  # the meshes below have 8 devices
 
 B, T, H, HKV, D, PL = 8, 12, 4, 2, 8, 6
 

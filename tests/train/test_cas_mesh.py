@@ -15,12 +15,10 @@ from cas.metrics import read_metrics
 from cas.rotation.store import CartridgeStore
 from cas.sharding import make_mesh
 from cas.synth.format import Conversation
-from cas.testing import TINY, tiny_model, write_dataset
+from cas.testing import TINY, skip_module_without_devices, tiny_model, write_dataset
 from cas.train.loop import train_cas
 
-if jax.device_count() < 8:
-  pytest.skip(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), "
-              f"have {jax.device_count()}", allow_module_level=True)
+skip_module_without_devices(8)  # the meshes below have 8 devices
 
 N, PER_DOC, P_TOK = 12, 3, 6
 # B=8 slots divide data*fsdp on both meshes (4 and 8); N=12 > B so documents rotate (steps 2,4,6,8).
