@@ -16,6 +16,7 @@ CPU, the runs in bf16 on a GPU: a difference of a question or two can be numeric
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 
 from absl import app, flags
@@ -42,6 +43,16 @@ def load_inits(path: str) -> dict[str, dict[str, bool]]:
   with open(path) as f:
     data = json.load(f)
   return {name: {q["qid"]: bool(q["correct"]) for q in rows} for name, rows in data.items()}
+
+
+def init_rows(paths: list[str]) -> dict[str, dict[str, bool]]:
+  """The --init files' rows: "untrained <fill>", with the file's name in brackets when there are several (two
+  files of the same fills, e.g. parts of 1,024 and 2,048 tokens, would otherwise share their rows' names)."""
+  rows: dict[str, dict[str, bool]] = {}
+  for path in paths:
+    tag = f" [{os.path.splitext(os.path.basename(path))[0]}]" if len(paths) > 1 else ""
+    rows.update({f"untrained {k}{tag}": v for k, v in load_inits(path).items()})
+  return rows
 
 
 def table(rows: dict[str, dict[str, bool]], icl: str, against: str | None) -> str:
@@ -83,8 +94,7 @@ def main(argv):
         rows[f"{name}:{m}"] = methods[m]
     if icl is None and "icl" in methods and "icl" in FLAGS.methods:
       icl = f"{name}:icl"
-  for path in FLAGS.init:
-    rows.update({f"untrained {k}": v for k, v in load_inits(path).items()})
+  rows.update(init_rows(FLAGS.init))
   print(table(rows, FLAGS.icl or icl or "", FLAGS.against))
 
 

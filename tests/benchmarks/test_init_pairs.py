@@ -27,10 +27,14 @@ def test_inits_pair_with_the_runs_rows_on_its_questions(tmp_path):
   (tmp_path / "i.json").write_text(json.dumps({"init_salient": [
       {"qid": q, "correct": True} for q in qids] + [{"qid": "other/f/mc", "correct": False}]}))
   rows = {f"parts_s0:{m}": v for m, v in methods.items()}
-  rows.update({f"untrained {k}": v for k, v in init_pairs.load_inits(str(tmp_path / "i.json")).items()})
+  rows.update(init_pairs.init_rows([str(tmp_path / "i.json")]))
   out = init_pairs.table(rows, "parts_s0:icl", "parts_s0:cartridge_oracle")
   assert "| parts_s0:cartridge_oracle | 50.0 (15-85) | -50.0 (" in out
   assert "| untrained init_salient | 100.0 (51-100) | +0.0 (+0.0 to +0.0) | +50.0 (" in out  # the extra qid is left out
+  (tmp_path / "j.json").write_text(json.dumps({"init_salient": [{"qid": q, "correct": False} for q in qids]}))
+  both = init_pairs.init_rows([str(tmp_path / "i.json"), str(tmp_path / "j.json")])  # same fill, two files: two rows
+  assert sorted(both) == ["untrained init_salient [i]", "untrained init_salient [j]"]
+  assert not any(both["untrained init_salient [j]"].values())
   rows["untrained init_salient"] = {qids[0]: True}
   with pytest.raises(SystemExit, match="no answer for 3 of the 4 questions"):
     init_pairs.table(rows, "parts_s0:icl", None)
