@@ -142,14 +142,13 @@ def main(argv):
     parts_of: dict[str, list] = {}
     for u in units:
       parts_of.setdefault(u.meta.get("parent", u.doc_id), []).append(u)
-    idf = idf_table(u.text for u in units)
-    idf_num = idf_table((u.text for u in units), numbers=True)
     for fill in _FILL.value:
       if fill not in ("repeat", "key_norm", "surprisal") and not fill.startswith("salient"):
         raise app.UsageError(f"--fill={fill} with --max_doc_tokens: use repeat, key_norm, surprisal or salient[_leadNN]")
       mode = "salient" if fill.startswith("salient") else fill if fill == "surprisal" else "document"
+      idf = idf_table((u.text for u in units), numbers=_numbers(fill))  # the salience's IDF, words as `fill` counts them
       ucarts = {u.doc_id: init_cartridge(model, init_ids(u.text, u.title, _P.value - 1, tok.encode, mode=mode,
-                                                         idf=idf_num if _numbers(fill) else idf, lead=_lead(fill),
+                                                         idf=idf, lead=_lead(fill),
                                                          header=_HEADER.value, scores=surprisal, sep=_sep(fill),
                                                          split=_split(fill), numbers=_numbers(fill)),
                                          _P.value, num_frozen=1, sink_ids=[tok.bos_id], short_fill="repeat",
@@ -162,10 +161,9 @@ def main(argv):
             ev.answer(ev.cartridges([ucarts[u.doc_id] for d in _loaded(q, n, list(parts_of)) for u in parts_of[d]],
                                     mode="shared"), q) for q in qs]
         print(f"init_{fill}{suffix}@{n} done ({time.time() - t0:.0f}s)", flush=True)
-  whole_idf = idf_table(doc.text for doc in docs.values())
-  whole_idf_num = idf_table((doc.text for doc in docs.values()), numbers=True)
   for fill in _FILL.value if _MDT.value == 0 else ():
     carts, inits = {}, {}
+    whole_idf = idf_table((doc.text for doc in docs.values()), numbers=_numbers(fill))
     for d, t in ids.items():
       if fill == "framed":  # the ICL system message holding the document (sink = its first token)
         doc = docs[d]
@@ -176,7 +174,7 @@ def main(argv):
         if fill.startswith("salient") or fill == "surprisal" or _HEADER.value:  # cas.cartridge.salient
           t = init_ids(docs[d].text, docs[d].title, _P.value - 1, tok.encode,
                        mode="salient" if fill.startswith("salient") else fill if fill == "surprisal" else "document",
-                       idf=whole_idf_num if _numbers(fill) else whole_idf, lead=_lead(fill), header=_HEADER.value,
+                       idf=whole_idf, lead=_lead(fill), header=_HEADER.value,
                        scores=surprisal, sep=_sep(fill), split=_split(fill), numbers=_numbers(fill))
         p = _P.value if fill in ("repeat", "key_norm", "surprisal") or fill.startswith("salient") or len(t) + 1 >= _P.value \
             else len(t) + 1  # + BOS sink
