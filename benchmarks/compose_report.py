@@ -413,6 +413,39 @@ def pooled_lines(sections: dict[str, dict]) -> list[str]:
   return lines + [""]
 
 
+def pooled_lever_lines(results: dict, sections: dict[str, dict], base_variant: str) -> list[str]:
+  """Each lever minus base pooled over the collections where both ran (questions paired within their collection,
+  over the lever's seeds), and the lever's CAS minus base's isolated baseline: a lever judged on one collection at a
+  time has intervals too wide to decide it."""
+  levers = sorted({v for (v, c, _s) in results if c in sections and v not in (base_variant, "mono")})
+  out = []
+  for v in levers:
+    cols = sorted({c for (w, c, _s) in results if w == v and c in sections})
+    if len(cols) < 2:
+      continue
+    rows = {c: pooled(results, v, c) for c in cols}
+    ns = sorted(set.intersection(*(set(sections[c]["ns"]) for c in cols)))
+    if not out:
+      out = ["### Levers pooled over collections (questions paired within their collection)", "",
+             "| lever | collections | questions | oracle | " + " | ".join(f"cas@{n}" for n in ns) + " |",
+             "|---|---|---|---|" + "---|" * len(ns)]
+
+    def both(key_lever: str, key_base: str) -> tuple[list[dict], list[dict]]:
+      a, b = [], []
+      for c in cols:
+        a += tagged(c, rows[c].get(key_lever))
+        b += tagged(c, sections[c]["base"].get(key_base))
+      return a, b
+
+    a, b = both("cartridge_oracle", "cartridge_oracle")
+    nq = len(paired_by_qid(a, b)[0]) if a and b else 0
+    cells = [dcell(diff(*both(f"cas_composed@{n}/shared", f"cas_composed@{n}/shared"))) for n in ns]
+    out.append(f"| {v} - {base_variant} | {', '.join(cols)} | {nq} | {dcell(diff(a, b))} | " + " | ".join(cells) + " |")
+    cells = [dcell(diff(*both(f"cas_composed@{n}/shared", f"isolated_composed@{n}/shared"))) for n in ns]
+    out.append(f"| {v} cas - {base_variant} isolated | {', '.join(cols)} | {nq} | - | " + " | ".join(cells) + " |")
+  return out + [""] if out else []
+
+
 def retention_lines(sections: dict[str, dict], num_resamples: int = 2000, seed: int = 0) -> list[str]:
   """How much of its above-chance accuracy each method keeps with n loaded, relative to 1 loaded:
   (acc@n - chance) / (acc@1 - chance), chance = 1 / the options of a question; for the text (icl_composed)
@@ -538,7 +571,8 @@ def report(results: dict, plots_dir: str | None = None, base_variant: str = "bas
       if p:
         out.append(f"\n![{c}: retrieval]({p})")
     out.append("")
-  return "\n".join(out + pooled_lines(sections) + retention_lines(sections) + rag_claim_lines(sections))
+  return "\n".join(out + pooled_lines(sections) + pooled_lever_lines(results, sections, base_variant)
+                   + retention_lines(sections) + rag_claim_lines(sections))
 
 
 AGAINST_METHODS = ("cartridge_oracle",) + tuple(f"cas_composed@{n}/shared" for n in (1, 2, 5, 10, 20)) + tuple(

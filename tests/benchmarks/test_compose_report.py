@@ -91,6 +91,26 @@ def test_pooled_lines_pair_within_each_collection_and_need_two_collections():
   assert cr.pooled_lines({"patients": sections["patients"]}) == []
 
 
+def test_pooled_lever_lines_pair_a_lever_over_the_collections_it_ran_on():
+  """A lever on two collections gets one pooled row (its questions kept apart per collection) against base's CAS
+  and one against base's isolated baseline; a lever on one collection gets none."""
+  results = {("base", "patients", 0): _run([True, False], [False, False]),
+             ("base", "minutes", 0): _run([True, False], [True, False]),
+             ("seqlast", "patients", 0): _run([True, True], [True, True]),
+             ("seqlast", "minutes", 0): _run([True, True], [True, True]),
+             ("k20", "patients", 0): _run([False, False], [False, False])}
+  for r in results.values():  # the oracle is cas@1: here the same as cas@2
+    r["methods"].append({"method": "cartridge_oracle", "questions": r["methods"][0]["questions"]})
+  sections = {c: cr.collection_section(results, c)[1] for c in ("patients", "minutes")}
+  lines = cr.pooled_lever_lines(results, sections, "base")
+  rows = [l.split(" | ") for l in lines if l.startswith("| seqlast")]
+  assert len(rows) == 2 and not any(l.startswith("| k20") for l in lines)
+  assert rows[0][1] == "minutes, patients" and rows[0][2] == "4"
+  assert rows[0][3].startswith("+50.0") and rows[0][4].startswith("+50.0")  # two of four questions flipped
+  assert rows[1][4].startswith("+75.0")  # against isolated: three of four
+  assert cr.pooled_lever_lines(results, {"patients": sections["patients"]}, "base") == []
+
+
 def test_load_archives_later_runs_replace_earlier_and_say_so(tmp_path):
   from tests.benchmarks._archives import write_archive
 
