@@ -110,7 +110,10 @@
 #                  SEQLAST_COLLECTIONS=patients: 5.4 min alone (one training alone runs at ~11 steps/s; its first try ran
 #                  out of memory at the 0.13 share and was resumed at 0.26 by the scheduler; since then the p = 512 jobs
 #                  paper3, seqlast, late and parts give each run 0.1 of an H200, 14 GB); oracle +2.5 over seq,
-#                  within noise, composed gain kept (RESULTS.md "Sequential positions")
+#                  within noise, composed gain kept (RESULTS.md "Sequential positions"). 2026-12-07 (twenty-fourth
+#                  session), SEQLAST_VARIANTS=seq,seqlast SEQLAST_SEEDS=1 SEQLAST_COLLECTIONS=patients,minutes: 13.1 min
+#                  alone on an H100 (six trainings); seqlast lost (oracle +0.0 over seq pooled), seq's pooled
+#                  cas - iso at 10 +10.4. Left for two seeds everywhere: products s1, minutes s0 (seq only)
 #   late           issues 26 + 20: self-study walks every sentence and quotes those after the first_tokens init's
 #                  window three times per pass (variant late3, synth.late_weight=3) at the paper3 budget, shared
 #                  positions, CAS + isolated, patients, seed 0 (products' documents end before token 511: late3 is

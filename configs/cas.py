@@ -260,9 +260,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # trained so is served so (cas.serve.cartridges.trained_position_mode). Over patients, products and
     # minutes, two seeds each, p = 256: cas_composed@10 +3.9 (+0.7 to +6.8) over shared positions, oracle
     # -1.5 (-3.3 to +0.4), cas - isolated @10 +6.9 (RESULTS.md, "Sequential positions"). At this preset's
-    # p = 512 and 1,000 steps (seed 0, patients + products): cas - isolated @10 +10.4, but the cartridge read alone
-    # -4.6 against shared positions (train.p_own_last is the lever for that, not yet run). The evaluation reports
-    # both modes (eval.position_modes).
+    # p = 512, 1,000 steps and 128 conversations (patients s0 + s1, products s0, minutes s1; 480 questions): cas -
+    # isolated @10 +10.4 (+6.5 to +14.8), but the CAS cartridge read alone -4.2 under the isolated one; train.p_own_last
+    # = 0.5 did not bring it back (+0.0 pooled, RESULTS.md "Sequential positions"). The evaluation reports both modes
+    # (eval.position_modes).
     c.train.position_mode = "sequential"
     c.train.log_every = 50
     c.train.ckpt_every = 200
