@@ -418,13 +418,15 @@ def pooled_lever_lines(results: dict, sections: dict[str, dict], base_variant: s
   over the lever's seeds), and the lever's CAS minus base's isolated baseline: a lever judged on one collection at a
   time has intervals too wide to decide it."""
   levers = sorted({v for (v, c, _s) in results if c in sections and v not in (base_variant, "mono")})
+  ns = sorted(set().union(*(set(d["ns"]) for d in sections.values()))) if sections else []  # one header for all
   out = []
   for v in levers:
     cols = sorted({c for (w, c, _s) in results if w == v and c in sections})
     if len(cols) < 2:
       continue
     rows = {c: pooled(results, v, c) for c in cols}
-    ns = sorted(set.intersection(*(set(sections[c]["ns"]) for c in cols)))
+    # an n that one of the lever's collections lacks gets "-", not a cell pooled over fewer collections
+    common = set.intersection(*(set(sections[c]["ns"]) for c in cols))
     if not out:
       out = ["### Levers pooled over collections (questions paired within their collection)", "",
              "| lever | collections | questions | oracle | " + " | ".join(f"cas@{n}" for n in ns) + " |",
@@ -439,9 +441,11 @@ def pooled_lever_lines(results: dict, sections: dict[str, dict], base_variant: s
 
     a, b = both("cartridge_oracle", "cartridge_oracle")
     nq = len(paired_by_qid(a, b)[0]) if a and b else 0
-    cells = [dcell(diff(*both(f"cas_composed@{n}/shared", f"cas_composed@{n}/shared"))) for n in ns]
+    cells = [dcell(diff(*both(f"cas_composed@{n}/shared", f"cas_composed@{n}/shared")) if n in common else None)
+             for n in ns]
     out.append(f"| {v} - {base_variant} | {', '.join(cols)} | {nq} | {dcell(diff(a, b))} | " + " | ".join(cells) + " |")
-    cells = [dcell(diff(*both(f"cas_composed@{n}/shared", f"isolated_composed@{n}/shared"))) for n in ns]
+    cells = [dcell(diff(*both(f"cas_composed@{n}/shared", f"isolated_composed@{n}/shared")) if n in common else None)
+             for n in ns]
     out.append(f"| {v} cas - {base_variant} isolated | {', '.join(cols)} | {nq} | - | " + " | ".join(cells) + " |")
   return out + [""] if out else []
 

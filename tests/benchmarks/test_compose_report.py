@@ -109,6 +109,16 @@ def test_pooled_lever_lines_pair_a_lever_over_the_collections_it_ran_on():
   assert rows[0][3].startswith("+50.0") and rows[0][4].startswith("+50.0")  # two of four questions flipped
   assert rows[1][4].startswith("+75.0")  # against isolated: three of four
   assert cr.pooled_lever_lines(results, {"patients": sections["patients"]}, "base") == []
+  # one collection also evaluated @5: the header has the column, the lever's pooled cell is "-" (not minutes alone)
+  for v in ("base", "seqlast"):
+    extra = [dict(m, method=m["method"].replace("@2/", "@5/")) for m in results[(v, "minutes", 0)]["methods"]
+             if m["method"].endswith("@2/shared")]
+    results[(v, "minutes", 0)]["methods"] += extra
+  sections = {c: cr.collection_section(results, c)[1] for c in ("patients", "minutes")}
+  lines = cr.pooled_lever_lines(results, sections, "base")
+  assert "cas@5" in lines[2]
+  row = next(l for l in lines if l.startswith("| seqlast - base")).split(" | ")
+  assert row[4].startswith("+50.0") and row[5] == "- |"
 
 
 def test_load_archives_later_runs_replace_earlier_and_say_so(tmp_path):
