@@ -12,6 +12,8 @@ answer stands after them are what training (or another init) must add.
 Rows: the archive's base runs' cartridge_oracle and ICL, and every init fill of the JSONs (init_oracle
 --out files, same collection and seed), pooled over the seeds; columns: answer-offset buckets, each with
 its accuracy (Wilson 95% interval) and questions (the trained runs ask a spread subset of the inits' questions).
+Inits of one seed with the same fills (e.g. two p) take a label each: `--init=0:p512_s0.json#p512
+--init=0:p768_s0.json#p768`.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ def _define_flags() -> None:
   """Defined only when run as a script: tests import this module beside others that define --kind."""
   flags.DEFINE_string("kind", "patients", "the built-in collection (data.kind)")
   flags.DEFINE_string("archive", None, "a compose_study.tgz (its base_<kind>_s<seed> runs)")
-  flags.DEFINE_multi_string("init", [], "seed:path of an init_oracle --out JSON of the same collection")
+  flags.DEFINE_multi_string("init", [], "seed:path (or seed:path#label) of an init_oracle --out JSON of the same "
+                            "collection; files of one label (or none) pool over their seeds")
   flags.DEFINE_multi_string("results", [], "seed:path of a launch.cas eval/results.json of the same collection "
                             "(e.g. a `builtin6` run): its cartridge_oracle, cartridge_init and icl rows")
   flags.DEFINE_list("edges", ["256", "511"], "bucket edges in tokens (the init window is p - 1)")
@@ -73,6 +76,34 @@ def results_rows(specs: list[str]) -> dict[str, list[dict]]:
   return rows
 
 
+def init_rows(specs: list[str]) -> dict[str, list[dict]]:
+  """Row name -> per-question rows of init_oracle --out files given as "seed:path" or "seed:path#label": each fill's
+  rows pooled over the files (one per seed), named "<fill> (untrained)", or "<fill> <label> (untrained)" with a label
+  (two inits of one seed with the same fill names, e.g. p = 512 and p = 768, need one each: two files answering the
+  same question in one row is an error, never a row that counts a question twice)."""
+  rows: dict[str, list[dict]] = {}
+  for spec in specs:
+    seed, sep, rest = spec.partition(":")
+    if not sep or not seed.isdigit():
+      raise SystemExit(f"--init={spec!r}: give seed:path or seed:path#label")
+    path, _, label = rest.partition("#")
+    with open(path, encoding="utf-8") as f:
+      fills = json.load(f)
+    for fill, qs in fills.items():
+      if "@" in fill:  # the oracle rows, not the composed ones
+        continue
+      name = f"{fill} {label} (untrained)" if label else f"{fill} (untrained)"
+      row = rows.setdefault(name, [])
+      new = [{**q, "qid": f"s{seed}/{q['qid']}"} for q in qs]
+      have = {q["qid"] for q in row}
+      dup = next((q["qid"] for q in new if q["qid"] in have), None)
+      if dup is not None:
+        raise SystemExit(f"--init={spec!r}: the row {name!r} already answers {dup} from another file (two inits of "
+                         f"seed {seed} with the fill {fill!r}): label each, e.g. {seed}:{path}#p768")
+      row.extend(new)
+  return rows
+
+
 def main(argv):
   del argv
   from benchmarks import compose_report as cr
@@ -86,11 +117,8 @@ def main(argv):
       rows[f"{m} (trained run)" if m != "icl" else "icl"] = base.get(m, [])
   for name, qs in results_rows(_F.results).items():
     rows.setdefault(name, []).extend(qs)
-  for spec in _F.init:
-    seed, path = spec.split(":", 1)
-    for fill, qs in json.load(open(path)).items():
-      if "@" not in fill:  # the oracle rows, not the composed ones
-        rows.setdefault(f"{fill} (untrained)", []).extend({**q, "qid": f"s{seed}/{q['qid']}"} for q in qs)
+  for name, qs in init_rows(_F.init).items():
+    rows.setdefault(name, []).extend(qs)
   seeds = sorted({r["qid"].split("/")[0][1:] for qs in rows.values() for r in qs})
   tok = load_model().tokenizer
   off = {}

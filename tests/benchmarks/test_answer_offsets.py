@@ -34,3 +34,27 @@ def test_results_rows_pool_launch_cas_runs_by_seed(tmp_path):
       ("s1/patient-00000/age/mc", False), ("s1/patient-00001/age/mc", False)]
   with pytest.raises(ValueError, match="seed:path"):
     ao.results_rows([str(tmp_path / "r0.json")])
+
+
+def test_init_rows_pool_seeds_and_refuse_two_inits_of_one_seed_without_labels(tmp_path):
+  """Two p of one seed (same fill names) once merged into one row that counted each question twice; now they need
+  a label each, and files of one label pool over their seeds."""
+  import json
+
+  import pytest
+
+  def write(name, correct):
+    qs = [{"qid": f"patient-0000{i}/age/mc", "correct": c} for i, c in enumerate(correct)]
+    (tmp_path / name).write_text(json.dumps({"init_repeat": qs, "init_repeat@5/shared": qs}))
+    return str(tmp_path / name)
+
+  a0, a1, b0 = write("p512_s0.json", [True, False]), write("p512_s1.json", [True, True]), write("p768_s0.json", [False, False])
+  got = ao.init_rows([f"0:{a0}", f"1:{a1}"])
+  assert list(got) == ["init_repeat (untrained)"] and len(got["init_repeat (untrained)"]) == 4
+  with pytest.raises(SystemExit, match="already answers s0/patient-00000/age/mc"):
+    ao.init_rows([f"0:{a0}", f"0:{b0}"])
+  got = ao.init_rows([f"0:{a0}#p512", f"0:{b0}#p768"])
+  assert sorted(got) == ["init_repeat p512 (untrained)", "init_repeat p768 (untrained)"]
+  assert [q["correct"] for q in got["init_repeat p768 (untrained)"]] == [False, False]
+  with pytest.raises(SystemExit, match="seed:path"):
+    ao.init_rows([a0])
