@@ -16,6 +16,7 @@ CPU-sized: the default model, multiple-choice questions only.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -24,7 +25,7 @@ from absl import app, flags
 from cas.cartridge.cartridge import init_cartridge
 from cas.cartridge.salient import idf_table, init_ids, sentence_surprisal
 from cas.data.prose import generate_prose_collection
-from cas.eval.methods import ICL_SYSTEM, Evaluator
+from cas.eval.methods import ICL_SYSTEM, Evaluator, question_text
 from cas.model.loader import load_model
 
 _N = flags.DEFINE_integer("num_docs", 20, "prose documents (data.num_docs)")
@@ -60,6 +61,33 @@ _KTEMP = flags.DEFINE_list("key_temp", ["1"], "without --max_doc_tokens: attenti
                             "over the loaded cartridges, as APE's temperature for parallel-encoded contexts); a row "
                             "per --composed x --composed_modes x T")
 _ICL = flags.DEFINE_bool("icl", True, "also evaluate ICL (the slow part on a CPU: ~1 h for 78 questions)")
+_PROMPT = flags.DEFINE_list("prompt", ["template"], "without --max_doc_tokens: what follows the cartridge, a row each: "
+                            "template (the chat template on the question alone, as the pipeline: SmolLM2's adds its "
+                            "default system turn) | bare (the template's user turn and generation prompt only, no "
+                            "system turn; with --fill=framed the question continues the framed system message, as "
+                            "ICL's does after its prefix); rows of bare end in /bare")
+
+
+def bare_prompt_ids(tok, messages: list[dict]) -> list[int]:
+  """The chat rendering of `messages` without any system turn: [system, *messages] minus the lone system turn's
+  rendering (ChatML, Llama 3); a template that folds the system message into the user turn cannot drop it."""
+  system = [{"role": "system", "content": "SYSTEM-SENTINEL"}]
+  sys_only = tok.hf.apply_chat_template(system, tokenize=False, add_generation_prompt=False)
+  full = tok.hf.apply_chat_template(system + messages, tokenize=False, add_generation_prompt=True)
+  if "SYSTEM-SENTINEL" not in sys_only or not full.startswith(sys_only) or "SYSTEM-SENTINEL" in full[len(sys_only):]:
+    raise app.UsageError("--prompt=bare: this model's chat template does not render the system message as its own "
+                         "turn (e.g. Gemma folds it into the user turn), so there is no system turn to leave out")
+  return tok.encode(full[len(sys_only):])
+
+
+class _PromptEvaluator(Evaluator):
+  """The Evaluator with `bare` prompts after a cartridge (--prompt=bare) when set."""
+  bare = False
+
+  def _prompt_ids(self, ctx, q):
+    if self.bare and ctx.system is None:
+      return bare_prompt_ids(self.tok, [{"role": "user", "content": question_text(q, False)}])
+    return super()._prompt_ids(ctx, q)
 
 
 def _sep(fill: str) -> str:
@@ -120,7 +148,10 @@ def main(argv):
     raise app.UsageError(f"--key_temp={','.join(_KTEMP.value)}: give numbers > 0")
   lm = load_model()
   model, tok = lm.model, lm.tokenizer
-  ev = Evaluator(model, tok)
+  bad = sorted(set(_PROMPT.value) - {"template", "bare"})
+  if bad or not _PROMPT.value or ("bare" in _PROMPT.value and _MDT.value > 0):
+    raise app.UsageError(f"--prompt={','.join(_PROMPT.value)}: use template and/or bare (bare without --max_doc_tokens)")
+  ev = _PromptEvaluator(model, tok)
   if _KIND.value == "prose":
     coll = generate_prose_collection(_N.value, _SEED.value)
   else:
@@ -164,11 +195,13 @@ def main(argv):
   for fill in _FILL.value if _MDT.value == 0 else ():
     carts, inits = {}, {}
     whole_idf = idf_table((doc.text for doc in docs.values()), numbers=_numbers(fill))
+    framed_system = {}
     for d, t in ids.items():
       if fill == "framed":  # the ICL system message holding the document (sink = its first token)
         doc = docs[d]
         body = f"# {doc.title}\n{doc.text}" if doc.title else doc.text
-        f_ids = tok.system_prefix_ids(tok.document_context(ICL_SYSTEM.format(documents=body), body))[:_P.value]
+        framed_system[d] = tok.document_context(ICL_SYSTEM.format(documents=body), body)
+        f_ids = tok.system_prefix_ids(framed_system[d])[:_P.value]
         c = init_cartridge(model, f_ids, len(f_ids), num_frozen=1)
       else:
         if fill.startswith("salient") or fill == "surprisal" or _HEADER.value:  # cas.cartridge.salient
@@ -182,8 +215,14 @@ def main(argv):
                            strategy="key_norm" if fill == "key_norm" else "first_tokens")
       inits[d] = c
       carts[d] = ev.cartridge(*c.full_kv())
-    rows[f"init_{fill}{suffix}"] = [ev.answer(carts[q.doc_id], q) for q in qs]
-    print(f"init_{fill}{suffix} done ({time.time() - t0:.0f}s)", flush=True)
+    for pmode in _PROMPT.value:
+      ev.bare = pmode == "bare"
+      tag = "/bare" if ev.bare else ""
+      ctx = {d: dataclasses.replace(c, system=framed_system[d]) if ev.bare and d in framed_system else c
+             for d, c in carts.items()}  # framed + bare: the question continues the framed system message
+      rows[f"init_{fill}{suffix}{tag}"] = [ev.answer(ctx[q.doc_id], q) for q in qs]
+      print(f"init_{fill}{suffix}{tag} done ({time.time() - t0:.0f}s)", flush=True)
+    ev.bare = False
     for n in _COMPOSED.value:  # the question's document + n - 1 others (the same per question in every mode)
       for mode in _CMODES.value:
         for temp in temps:
