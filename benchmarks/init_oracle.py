@@ -64,20 +64,9 @@ _ICL = flags.DEFINE_bool("icl", True, "also evaluate ICL (the slow part on a CPU
 _PROMPT = flags.DEFINE_list("prompt", ["template"], "without --max_doc_tokens: what follows the cartridge, a row each: "
                             "template (the chat template on the question alone, as the pipeline: SmolLM2's adds its "
                             "default system turn) | bare (the template's user turn and generation prompt only, no "
-                            "system turn; with --fill=framed the question continues the framed system message, as "
-                            "ICL's does after its prefix); rows of bare end in /bare")
-
-
-def bare_prompt_ids(tok, messages: list[dict]) -> list[int]:
-  """The chat rendering of `messages` without any system turn: [system, *messages] minus the lone system turn's
-  rendering (ChatML, Llama 3); a template that folds the system message into the user turn cannot drop it."""
-  system = [{"role": "system", "content": "SYSTEM-SENTINEL"}]
-  sys_only = tok.hf.apply_chat_template(system, tokenize=False, add_generation_prompt=False)
-  full = tok.hf.apply_chat_template(system + messages, tokenize=False, add_generation_prompt=True)
-  if "SYSTEM-SENTINEL" not in sys_only or not full.startswith(sys_only) or "SYSTEM-SENTINEL" in full[len(sys_only):]:
-    raise app.UsageError("--prompt=bare: this model's chat template does not render the system message as its own "
-                         "turn (e.g. Gemma folds it into the user turn), so there is no system turn to leave out")
-  return tok.encode(full[len(sys_only):])
+                            "system turn: Tokenizer.prompt_ids_without_system; with --fill=framed the question continues "
+                            "the framed system message, as ICL's does after its prefix, exact when p holds the whole "
+                            "framed prefix); rows of bare end in /bare")
 
 
 class _PromptEvaluator(Evaluator):
@@ -86,7 +75,10 @@ class _PromptEvaluator(Evaluator):
 
   def _prompt_ids(self, ctx, q):
     if self.bare and ctx.system is None:
-      return bare_prompt_ids(self.tok, [{"role": "user", "content": question_text(q, False)}])
+      try:
+        return self.tok.prompt_ids_without_system([{"role": "user", "content": question_text(q, False)}])
+      except ValueError as e:
+        raise app.UsageError(f"--prompt=bare: {e}") from None
     return super()._prompt_ids(ctx, q)
 
 
@@ -146,11 +138,11 @@ def main(argv):
     raise app.UsageError(f"--key_temp={','.join(_KTEMP.value)}: give numbers > 0") from None
   if not temps or min(temps) <= 0:
     raise app.UsageError(f"--key_temp={','.join(_KTEMP.value)}: give numbers > 0")
-  lm = load_model()
-  model, tok = lm.model, lm.tokenizer
   bad = sorted(set(_PROMPT.value) - {"template", "bare"})
   if bad or not _PROMPT.value or ("bare" in _PROMPT.value and _MDT.value > 0):
     raise app.UsageError(f"--prompt={','.join(_PROMPT.value)}: use template and/or bare (bare without --max_doc_tokens)")
+  lm = load_model()
+  model, tok = lm.model, lm.tokenizer
   ev = _PromptEvaluator(model, tok)
   if _KIND.value == "prose":
     coll = generate_prose_collection(_N.value, _SEED.value)
