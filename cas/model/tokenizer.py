@@ -121,7 +121,6 @@ GEMMA_CHAT_TEMPLATE = (
     "{%- endif -%}")
 GEMMA_TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 _REPLY_SENTINEL = "cas-reply-sentinel-7f3a"
-_SYSTEM_SENTINEL = "SYSTEM-SENTINEL-7f3a"  # a system message no template rewrites
 PROMPT_FORMATS = ("chat", "completion", "auto")
 # completion format: the pieces around a system message (document), question and answer
 COMPLETION_SYSTEM = "{system}\n\n"
@@ -649,10 +648,10 @@ class Tokenizer:
     (SmolLM2's "You are a helpful AI assistant named SmolLM..."): [system, *messages] rendered, minus the lone
     system turn's rendering. A template that folds the system message into the user turn (Gemma) has no turn
     to leave out: ValueError."""
-    system = [{"role": "system", "content": _SYSTEM_SENTINEL}]
+    system = [{"role": "system", "content": _REPLY_SENTINEL}]  # a text no template rewrites
     sys_only = self.hf.apply_chat_template(system, tokenize=False, add_generation_prompt=False)
     full = self.hf.apply_chat_template(system + messages, tokenize=False, add_generation_prompt=True)
-    if _SYSTEM_SENTINEL not in sys_only or not full.startswith(sys_only) or _SYSTEM_SENTINEL in full[len(sys_only):]:
+    if _REPLY_SENTINEL not in sys_only or not full.startswith(sys_only) or _REPLY_SENTINEL in full[len(sys_only):]:
       raise ValueError(f"{self.source}: the chat template does not render the system message as its own turn "
                        "(e.g. Gemma folds it into the user turn), so there is no system turn to leave out")
     return self.encode(full[len(sys_only):])
