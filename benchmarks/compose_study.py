@@ -52,7 +52,9 @@ BASE_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolat
 #   --extra="--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8)"
 LEVER_METHODS = ("cartridge_oracle", "cas_composed")
 # levers whose hypothesis is about the retrieved rows too
-LEVER_EXTRA_METHODS = {"seqlast": ("cartridge_retrieved", "cartridge_adaptive")}
+LEVER_EXTRA_METHODS = {"seqlast": ("cartridge_retrieved", "cartridge_adaptive"), "seqbare": ("no_context",)}
+# levers with their own self-study that still run CAS only (a self-study lever is otherwise a whole table)
+CAS_ONLY = ("seqbare",)
 # --methods may also name these (cas.eval.cas_methods.METHODS): the two gold cartridges of a two-document
 # question (issue 21), BM25's top documents reordered by the cartridges' likelihood of the question
 KNOWN_METHODS = BASE_METHODS + ("cartridge_gold_pair", "cartridge_reranked")
@@ -88,6 +90,13 @@ VARIANTS = {
     # with seq (compose_report --base=seq); the retrieved rows too, which read best last
     "seqlast": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
                 "--config.train.p_own_last=0.5"],
+    # seq with the question asked without the chat template's default system turn (prompt_format=bare: SmolLM2's
+    # "You are a helpful AI assistant named SmolLM..." sits between the cartridge and the question otherwise) in
+    # self-study's student prompts, training and evaluation alike (issue 26, 2026-12-08: untrained, leaving it
+    # out gained +4.1 at p = 512 on patients). Its own self-study (the student prompts change; the conversations
+    # are drawn with the same seeds); CAS only, paired with seq (compose_report --base=seq)
+    "seqbare": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
+                "--config.prompt_format=bare"],
     # a sharper teacher (issue 20: over 26 base runs a question survives 10 loaded cartridges in 64% of cases
     # where its cartridge alone answers with p >= 0.95, in 41% where p < 0.5; benchmarks.confidence_survival):
     # both trainings distil toward the teacher's top-k at temperature 0.5 (CAS + isolated, as base)
@@ -142,8 +151,9 @@ FULL = ("head32", "cosine", "salient", "salhead", "seq", "sharp", "iso01f")
 
 def synth_args(variant: str) -> list[str]:
   """The variant's self-study flags: a variant with any gets its own self-study set (documents cut into
-  parts have their own self-study, per part)."""
-  return [a for a in VARIANTS[variant] if a.startswith(("--config.synth.", "--config.cartridge.max_doc_tokens="))]
+  parts have their own self-study, per part; another prompt format writes other student prompts)."""
+  return [a for a in VARIANTS[variant]
+          if a.startswith(("--config.synth.", "--config.cartridge.max_doc_tokens=", "--config.prompt_format="))]
 
 
 def synth_owner(variant: str, variants: list[str]) -> str:
@@ -251,7 +261,7 @@ def plan(root: str, f: dict) -> dict:
       for c in only.get(v, cols):
         data = [f"--config.data.kind={c}", f"--config.data.seed={s}", f"--config.synth.seed={s}",
                 f"--config.train.seed={s}"]
-        full = v == "base" or bool(synth_args(v)) or v in FULL
+        full = v == "base" or (bool(synth_args(v)) and v not in CAS_ONLY) or v in FULL
         methods = (tuple(f["methods"].split(",")) if full else ("monolithic",) if v == "mono"
                    else LEVER_METHODS + LEVER_EXTRA_METHODS.get(v, ()))
         own = f"{owner[v, c]}_{c}_s{s}" if synth_args(v) else f"{c}_s{s}"

@@ -114,6 +114,9 @@
 #                  session), SEQLAST_VARIANTS=seq,seqlast SEQLAST_SEEDS=1 SEQLAST_COLLECTIONS=patients,minutes: 13.1 min
 #                  alone on an H100 (six trainings); seqlast lost (oracle +0.0 over seq pooled), seq's pooled
 #                  cas - iso at 10 +10.4. Left for two seeds everywhere: products s1, minutes s0 (seq only)
+#                  PAPER3_VARIANTS=seq,seqbare PAPER3_COLLECTIONS=minutes,patients PAPER3_ONLY=seq:minutes PAPER3_SEEDS=0:
+#                  issue 26's bare question form (prompt_format=bare, variant seqbare) on both, seq's minutes s0 beside it
+#                  (patients' seq s0 is in the paper3_seq archive)
 #   late           issues 26 + 20: self-study walks every sentence and quotes those after the first_tokens init's
 #                  window three times per pass (variant late3, synth.late_weight=3) at the paper3 budget, shared
 #                  positions, CAS + isolated, patients, seed 0 (products' documents end before token 511: late3 is
@@ -234,6 +237,7 @@ if [ "$MODE" = start ]; then
                 --seeds=${MONO_SEEDS:-0,1} --mono_seeds=${MONO_SEEDS:-0,1} --p=512 --mem=$(f 0.075) --synth_mem=$(f 0.06) --mem_total=$(mt) --disk_gb=5 \
                 "--extra=$SPREAD";;
       paper3) run paper3 $CS start $R/paper3 --variants=${PAPER3_VARIANTS:-base,mono} --collections=${PAPER3_COLLECTIONS:-patients,products} --seeds=${PAPER3_SEEDS:-0,1} \
+                --only=${PAPER3_ONLY:-} \
                 --mono_seeds=0,1 --p=512 --steps=1000 --conv=${PAPER3_CONV:-128} --mem=$(f 0.1) --synth_mem=$(f 0.06) \
                 --mem_total=$(mt) --disk_gb=5 "--extra=$SPREAD";;
       seqlast) run seqlast $CS start $R/seqlast --variants=${SEQLAST_VARIANTS:-seqlast} --collections=${SEQLAST_COLLECTIONS:-patients,products} \

@@ -46,7 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.layer_loop = "auto"  # auto | scan | unrolled: auto unrolls training forwards on a GPU (faster)
   # prompts of self-study and evaluation: "chat" (the chat template), "completion" (a base model:
   # "{document}\n\nQuestion: {q}\nAnswer:", answers one line) or "auto" (chat when the model's files
-  # carry a chat template, else completion: the Gemma 3 270M base GGUF; cas.model.tokenizer)
+  # carry a chat template, else completion: the Gemma 3 270M base GGUF; cas.model.tokenizer), or "bare":
+  # the chat template without the default system turn it inserts between a cartridge and the question
+  # (SmolLM2's "You are a helpful AI assistant named SmolLM..."); serve such cartridges with the same format
   c.prompt_format = "auto"
 
   c.data = ml_collections.ConfigDict()

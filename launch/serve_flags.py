@@ -30,12 +30,14 @@ MERGE_PROJECTIONS = flags.DEFINE_bool("merge_projections", False, "With --prespl
                                       "weights joined into one matrix each, 4 matmuls per layer and step instead "
                                       "of 7 (not measured on a GPU yet).")
 PROMPT_FORMAT = flags.DEFINE_enum(
-    "prompt_format", "auto", ["auto", "chat", "completion"],
+    "prompt_format", "auto", ["auto", "chat", "bare", "completion"],
     "How messages become a prompt, as config.prompt_format in self-study and evaluation: chat (the chat "
-    "template), completion (a base model: the messages flattened by the evaluation's formatter into "
+    "template), bare (the chat template without the default system turn it adds to a conversation with no "
+    "system message), completion (a base model: the messages flattened by the evaluation's formatter into "
     "'[BOS]{system}\\n\\nQuestion: {user}\\nAnswer: {assistant}\\n...Question: {user}\\nAnswer:', a "
-    "system message only first; the reply is the first non-empty line the model writes), or auto (chat when "
-    "the model's files carry a chat template, else completion).")
+    "system message only first; the reply is the first non-empty line the model writes), or auto (the format "
+    "the served cartridges were trained with, as their training recorded it; else chat when the model's files "
+    "carry a chat template, else completion).")
 RETRIEVER = flags.DEFINE_enum("retriever", "auto", ["auto", "none"], "Use the document index saved next "
                               "to each store (auto) or none.")
 
@@ -87,6 +89,7 @@ def build_engine(extra_checks: dict | None = None):
   from cas.config_check import raise_problems
   from cas.model.loader import load_model
   from cas.serve import Engine, open_collections
+  from cas.serve.cartridges import serving_prompt_format
 
   raise_problems(flag_problems(extra_checks), what="the command line")
 
@@ -101,7 +104,7 @@ def build_engine(extra_checks: dict | None = None):
   engine = Engine(lm.model, lm.tokenizer, colls, model_name=name, cache_size=CACHE_SIZE.value,
                   max_batch=MAX_BATCH.value, max_context=MAX_CONTEXT.value,
                   default_max_tokens=MAX_TOKENS.value, default_top_k=TOP_K.value,
-                  prompt_format=PROMPT_FORMAT.value, presplit=PRESPLIT.value, split_cache=SPLIT_CACHE.value,
+                  prompt_format=serving_prompt_format(PROMPT_FORMAT.value, colls), presplit=PRESPLIT.value, split_cache=SPLIT_CACHE.value,
                   merge_projections=MERGE_PROJECTIONS.value)
   if PRESPLIT.value and not engine.decoder.presplit:
     logging.warning("--presplit has no effect here: the model's layers run in a scan (CPU, layer_loop auto)")

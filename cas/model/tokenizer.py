@@ -24,6 +24,11 @@ when the vocabulary has its turn tokens; `<end_of_turn>` then ends generations.
 
 Prompt formats (`Tokenizer.prompt_format`; the pipelines' `config.prompt_format`):
   chat        the chat template (instruction-tuned models; the default of a bare Tokenizer).
+  bare        the chat template, but a conversation without a system message gets none: SmolLM2's
+              template would insert its default turn ("You are a helpful AI assistant named
+              SmolLM...") between a cartridge and the question (RESULTS.md "The window and what
+              follows the cartridge"). Conversations with a system message render as in chat.
+              Only for templates that render the system message as its own turn (not Gemma's).
   completion  plain text for a *base* model, which does not follow chat turns (Gemma 3 270M
               copies the start of the user turn): a system message gives the document alone,
               a user message is a question line, the answer is one line:
@@ -121,7 +126,7 @@ GEMMA_CHAT_TEMPLATE = (
     "{%- endif -%}")
 GEMMA_TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 _REPLY_SENTINEL = "cas-reply-sentinel-7f3a"
-PROMPT_FORMATS = ("chat", "completion", "auto")
+PROMPT_FORMATS = ("chat", "bare", "completion", "auto")
 # completion format: the pieces around a system message (document), question and answer
 COMPLETION_SYSTEM = "{system}\n\n"
 COMPLETION_USER = "Question: {content}\n"
@@ -337,7 +342,7 @@ class LineStop:
 class Tokenizer:
   """A transformers fast tokenizer plus the ids cas needs (bos, pad, every end-of-generation id)."""
 
-  prompt_format: str = "chat"  # "chat" | "completion" (resolved; see the module doc)
+  prompt_format: str = "chat"  # "chat" | "bare" | "completion" (resolved; see the module doc)
 
   def __init__(self, hf, *, source: str = "tokenizer", extra_eos_ids: Sequence[int] = (),
                supplied_chat_template: bool = False):
@@ -481,12 +486,15 @@ class Tokenizer:
 
   # -- prompt format -----------------------------------------------------------------------
   def resolve_prompt_format(self, fmt: str) -> str:
-    """"chat" or "completion" for `fmt` in PROMPT_FORMATS ("auto": chat when the model's files
-    carry a chat template, else completion)."""
+    """"chat", "bare" or "completion" for `fmt` in PROMPT_FORMATS ("auto": chat when the model's files
+    carry a chat template, else completion). "bare" needs a template that renders a system message as
+    its own turn (else there is no turn to leave out): ValueError naming the template's kind."""
     if fmt not in PROMPT_FORMATS:
       raise ValueError(f"prompt_format={fmt!r}: choose from {PROMPT_FORMATS}")
     if fmt == "auto":
       return "chat" if self.has_own_chat_template else "completion"
+    if fmt == "bare":
+      self._system_turn_text()  # ValueError where the template has no system turn of its own
     return fmt
 
   def with_prompt_format(self, fmt: str) -> "Tokenizer":
@@ -596,11 +604,13 @@ class Tokenizer:
     return ids + self.encode(self._completion_text(msgs, add_generation_prompt))
 
   def prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of `messages` in this tokenizer's prompt format: `apply_chat_template` (chat),
-    or the completion form (module doc). The one function self-study and evaluation build their
+    """Token ids of `messages` in this tokenizer's prompt format: `apply_chat_template` (chat; bare
+    without a default system turn), or the completion form (module doc). The one function self-study and evaluation build their
     prompts with."""
     if self.prompt_format == "completion":
       return self._completion_ids(messages, add_generation_prompt)
+    if self.prompt_format == "bare" and not (messages and messages[0]["role"] == "system"):
+      return self.prompt_ids_without_system(messages, add_generation_prompt)
     return self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
   # -- text <-> ids ------------------------------------------------------------------------
@@ -643,17 +653,33 @@ class Tokenizer:
       raise ModelLoadError(f"{self.source}: the chat template drops the user's message")
     return text[:at]
 
-  def prompt_ids_without_system(self, messages: list[dict]) -> list[int]:
+  def _system_turn_text(self) -> str:
+    """The rendering of a lone system message holding the sentinel (a text no template rewrites), checked
+    to be its own turn: [system, *messages] renders as it followed by the messages' own turns."""
+    if not self.hf.chat_template:
+      raise ValueError(f"{self.source}: prompt format 'bare' needs a chat template (this tokenizer has none)")
+    system = [{"role": "system", "content": _REPLY_SENTINEL}]
+    sys_only = self.hf.apply_chat_template(system, tokenize=False, add_generation_prompt=False)
+    probe = self.hf.apply_chat_template(system + [{"role": "user", "content": "q"}], tokenize=False,
+                                        add_generation_prompt=False)
+    if _REPLY_SENTINEL not in sys_only or not probe.startswith(sys_only) or _REPLY_SENTINEL in probe[len(sys_only):]:
+      raise ValueError(f"{self.source}: the chat template does not render the system message as its own turn "
+                       "(e.g. Gemma folds it into the user turn), so there is no system turn to leave out "
+                       "(prompt format 'bare'); use 'chat'")
+    return sys_only
+
+  def prompt_ids_without_system(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """`prompt_ids(messages)` with no system turn at all, where the template would insert its default one
     (SmolLM2's "You are a helpful AI assistant named SmolLM..."): [system, *messages] rendered, minus the lone
-    system turn's rendering. A template that folds the system message into the user turn (Gemma) has no turn
-    to leave out: ValueError."""
-    system = [{"role": "system", "content": _REPLY_SENTINEL}]  # a text no template rewrites
-    sys_only = self.hf.apply_chat_template(system, tokenize=False, add_generation_prompt=False)
-    full = self.hf.apply_chat_template(system + messages, tokenize=False, add_generation_prompt=True)
-    if _REPLY_SENTINEL not in sys_only or not full.startswith(sys_only) or _REPLY_SENTINEL in full[len(sys_only):]:
-      raise ValueError(f"{self.source}: the chat template does not render the system message as its own turn "
-                       "(e.g. Gemma folds it into the user turn), so there is no system turn to leave out")
+    system turn's rendering (the "bare" prompt format). A template that folds the system message into the
+    user turn (Gemma) has no turn to leave out: ValueError."""
+    sys_only = self._system_turn_text()
+    system = [{"role": "system", "content": _REPLY_SENTINEL}]
+    full = self.hf.apply_chat_template(system + list(messages), tokenize=False,
+                                       add_generation_prompt=add_generation_prompt)
+    if not full.startswith(sys_only):
+      raise ValueError(f"{self.source}: the chat template renders a conversation's system turn differently "
+                       "from the system message alone; cannot leave it out")
     return self.encode(full[len(sys_only):])
 
   def system_prefix_ids(self, system: str) -> list[int]:

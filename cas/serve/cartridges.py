@@ -58,6 +58,38 @@ def trained_position_mode(store_dir: str) -> str:
   return mode
 
 
+def trained_prompt_format(store_dir: str) -> str | None:
+  """The prompt format a store's cartridges were trained with (the student prompts of their self-study:
+  "chat", "bare" or "completion"), as the CAS training recorded it in its done-marker next to the store;
+  None where nothing says (a URL, no marker, a run from before 2026-12-08): the server's --prompt_format
+  then decides alone."""
+  from cas.train.loop import read_done
+  if "://" in store_dir:
+    return None
+  fmt = (read_done(os.path.dirname(os.path.normpath(store_dir))) or {}).get("prompt_format")
+  return fmt if isinstance(fmt, str) else None
+
+
+def serving_prompt_format(asked: str, collections: Sequence["Collection"]) -> str:
+  """The prompt format to serve with: `asked` (--prompt_format) unless it is "auto" and the collections'
+  cartridges were all trained with one recorded format, which then wins (cartridges trained without the
+  template's default system turn are read without it). Recorded formats that disagree with each other or
+  with an explicit `asked` are logged as warnings (a cartridge then reads a form it was not trained with)."""
+  recorded = {c.name: c.prompt_format for c in collections if c.prompt_format}
+  kinds = set(recorded.values())
+  if len(kinds) > 1:
+    logging.warning("collections were trained with different prompt formats %s; serving with --prompt_format=%s",
+                    recorded, asked)
+    return asked
+  if kinds and asked == "auto":
+    (fmt,) = kinds
+    logging.info("prompt format %s: what the collections' cartridges were trained with", fmt)
+    return fmt
+  if kinds and asked not in kinds:
+    logging.warning("--prompt_format=%s, but the cartridges were trained with %s %s", asked, kinds.pop(), recorded)
+  return asked
+
+
 class Collection:
   """A read-only cartridge store and its (optional) document retriever.
 
@@ -65,8 +97,10 @@ class Collection:
   documents or None. The shared sink is read once and kept.
   """
 
-  def __init__(self, name: str, store: CartridgeStore, retriever=None, position_mode: str = "shared"):
+  def __init__(self, name: str, store: CartridgeStore, retriever=None, position_mode: str = "shared",
+               prompt_format: str | None = None):
     self.name, self.store, self.retriever = name, store, retriever
+    self.prompt_format = prompt_format  # the format its cartridges were trained with, None = not recorded
     self.position_mode = position_mode  # how requests read its cartridges unless they name a mode
     self._frozen = None
     self._parts: dict[str, list[tuple[int, str]]] = {}  # doc_id -> [(i, "doc_id#i")], i ascending
@@ -101,7 +135,7 @@ class Collection:
     mode = trained_position_mode(store_dir)
     logging.info("collection %s: store %s, %d documents, spec %s, %s positions", name, store_dir, len(store),
                  spec, mode)
-    return cls(name, store, r, position_mode=mode)
+    return cls(name, store, r, position_mode=mode, prompt_format=trained_prompt_format(store_dir))
 
   def frozen(self):
     """The shared sink (frozen_k, frozen_v) [L, F, Hkv, D] f32, read once."""

@@ -437,7 +437,7 @@ class Engine:
     try:
       prompt = self.tok.prompt_ids(msgs, add_generation_prompt=True)  # chat template or completion text
     except Exception as e:  # a template that rejects this conversation (e.g. role order)
-      what = "the chat template rejects" if self.prompt_format == "chat" else "completion format cannot flatten"
+      what = "the chat template rejects" if self.prompt_format != "completion" else "completion format cannot flatten"
       raise ServeError(f"{what} these messages: {e}", param="messages") from e
     offset = 0
     n_carts = sum(len(us) for us in units)  # cartridges loaded: every part counts

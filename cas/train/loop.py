@@ -170,7 +170,7 @@ def read_done(workdir: str) -> dict | None:
 def _write_done(workdir: str, record: Mapping) -> None:
   """Write the done-marker atomically (temp file, fsync, rename): {"steps", "final_loss",
   "config_fingerprint", "model_fingerprint", "store_digest" (CartridgeStore.state_digest after the
-  final flush), "position_mode" (a CAS run's train.position_mode)} and, once a one-cartridge run
+  final flush), "position_mode" (a CAS run's train.position_mode), "prompt_format" (its self-study's)} and, once a one-cartridge run
   exported its cartridge, "exported" (the store digest it was exported from). Process 0 only."""
   path = _done_path(workdir)
   tmp = os.path.join(workdir, f".{TRAIN_DONE}.tmp-{os.getpid()}")
@@ -566,10 +566,12 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
     if end == total:  # finished: only the last checkpoint and its store snapshot can be resumed from
       _drop_history(store if is_writer else None, manager)
     if end == total and is_writer:  # the final flush is in the store: a re-run has nothing to do
-      # position_mode: how the cartridges were trained to be read beside others (the server's default for
-      # this store, cas.serve.cartridges.trained_position_mode)
+      # position_mode: how the cartridges were trained to be read beside others; prompt_format: the form of
+      # the question after them, as self-study wrote the student prompts (chat, bare, completion); the
+      # server's defaults for this store (cas.serve.cartridges.trained_position_mode / trained_prompt_format)
       _write_done(workdir, {**expect, "steps": total, "final_loss": last, "store_digest": store.state_digest(),
-                            "position_mode": c["position_mode"]})
+                            "position_mode": c["position_mode"],
+                            "prompt_format": ds.manifest.get("prompt_format", "chat")})
     counts = mgr.counts(state)
   finally:
     # On an error the background writes still finish (they hold finite arrays evicted before

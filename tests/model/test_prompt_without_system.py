@@ -25,3 +25,28 @@ def test_a_template_that_folds_the_system_message_into_the_user_turn_is_refused(
   tok = Tokenizer.from_gguf(str(path))
   with pytest.raises(ValueError, match="does not render the system message as its own turn"):
     tok.prompt_ids_without_system([{"role": "user", "content": "Who?"}])
+
+
+def test_the_bare_prompt_format_leaves_out_only_the_default_system_turn():
+  """prompt_format "bare": a conversation without a system message renders without the template's default
+  turn (with or without the generation prompt); one with a system message renders as in chat format."""
+  chat = load_model().tokenizer
+  bare = chat.with_prompt_format("bare")
+  assert bare.prompt_format == "bare" and chat.prompt_format == "chat"
+  q = [{"role": "user", "content": "Which medication was started?"}]
+  assert bare.prompt_ids(q) == chat.prompt_ids_without_system(q) != chat.prompt_ids(q)
+  no_gen = bare.decode(bare.prompt_ids(q, add_generation_prompt=False), skip_special_tokens=False)
+  assert no_gen == "<|im_start|>user\nWhich medication was started?<|im_end|>\n"
+  doc = [{"role": "system", "content": "Record of Ana Ruiz."}] + q  # ICL: the document's own system turn
+  assert bare.prompt_ids(doc) == chat.prompt_ids(doc)
+  assert bare.system_prefix_ids("Record of Ana Ruiz.") == chat.system_prefix_ids("Record of Ana Ruiz.")
+  assert bare.ids_after_system_prefix("Record of Ana Ruiz.", q) == chat.ids_after_system_prefix("Record of Ana Ruiz.", q)
+
+
+def test_bare_is_refused_where_the_template_has_no_system_turn_of_its_own():
+  path = fetch.named_model_path("gemma3-270m")
+  if not path.is_file():
+    pytest.skip(f"{path} not fetched (python -m launch.fetch_model --model=gemma3-270m)")
+  tok = Tokenizer.from_gguf(str(path))
+  with pytest.raises(ValueError, match="no system turn to leave out.*'bare'"):
+    tok.with_prompt_format("bare")

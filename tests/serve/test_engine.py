@@ -212,6 +212,36 @@ def test_a_collection_is_read_in_the_position_mode_it_was_trained_in(world, tmp_
   assert "diagonal" in caplog.text and TRAIN_DONE in caplog.text
 
 
+def test_a_collection_is_served_in_the_prompt_format_it_was_trained_with(world, tmp_path, caplog):
+  """A store whose training recorded prompt_format "bare" (its self-study's student prompts had no default
+  system turn) is served bare under --prompt_format=auto: the request's prompt is the user turn without
+  SmolLM2's default system turn; an explicit other format wins with a warning; no record decides nothing."""
+  import json
+  import logging
+  from cas.serve import Collection, Engine
+  from cas.serve.cartridges import serving_prompt_format, trained_prompt_format
+  from cas.train.loop import TRAIN_DONE
+  from tests.serve.conftest import write_store
+  store_dir = str(tmp_path / "run" / "cas" / "store")
+  write_store(world.lm, store_dir, world.spec, [(d.doc_id, d.text) for d in world.docs[:1]])
+  assert trained_prompt_format(store_dir) is None  # no marker: the flag decides
+  (tmp_path / "run" / "cas" / TRAIN_DONE).write_text(json.dumps({"steps": 3, "prompt_format": "bare"}))
+  coll = Collection.open("bare", store_dir, model_fingerprint=world.lm.fingerprint, retriever=None)
+  assert coll.prompt_format == "bare"
+  fmt = serving_prompt_format("auto", [coll])
+  assert fmt == "bare"
+  with caplog.at_level(logging.WARNING):
+    assert serving_prompt_format("chat", [coll]) == "chat"
+  assert "trained with bare" in caplog.text
+  eng = Engine(world.lm.model, world.lm.tokenizer, [coll], model_name="tiny-smol", cache_size=2, prompt_format=fmt)
+  try:
+    pr = eng.prepare(ChatRequest(messages=Q, cartridges=[world.docs[0].doc_id], max_tokens=4))
+    text = world.lm.tokenizer.decode(list(pr.prompt), skip_special_tokens=False)
+    assert text == f"<|im_start|>user\n{Q[0]['content']}<|im_end|>\n<|im_start|>assistant\n"
+  finally:
+    eng.close()
+
+
 def test_retrieved_cartridges_sit_best_last_in_sequential_positions(engine):
   """A retriever's cartridges come best first; with sequential positions they are loaded best last (nearest
   the question, where a cartridge is read best), with their scores; with shared positions the order stays."""

@@ -137,8 +137,10 @@ def test_rerun_of_a_finished_run_rewrites_nothing(setup, tmp_path, caplog):
   from cas.train.loop import TRAIN_DONE
   first = _train(setup, str(tmp_path))
   assert (tmp_path / TRAIN_DONE).exists()
-  # the marker says how the cartridges were trained to be read beside others (the server's default)
-  assert json.loads((tmp_path / TRAIN_DONE).read_text())["position_mode"] == CFG["position_mode"]
+  # the marker says how the cartridges were trained to be read beside others and the question's prompt
+  # format (the server's defaults); this self-study recorded none: chat
+  done = json.loads((tmp_path / TRAIN_DONE).read_text())
+  assert done["position_mode"] == CFG["position_mode"] and done["prompt_format"] == "chat"
   files, digest = _files(tmp_path), _digest(tmp_path)
   assert any(p.startswith("store/packs/") for p in files)
   with caplog.at_level(logging.INFO):
