@@ -25,7 +25,7 @@ from absl import app, flags
 from cas.cartridge.cartridge import init_cartridge
 from cas.cartridge.salient import idf_table, init_ids, sentence_surprisal
 from cas.data.prose import generate_prose_collection
-from cas.eval.methods import ICL_SYSTEM, Evaluator, question_text
+from cas.eval.methods import ICL_SYSTEM, Evaluator
 from cas.model.loader import load_model
 
 _N = flags.DEFINE_integer("num_docs", 20, "prose documents (data.num_docs)")
@@ -64,22 +64,9 @@ _ICL = flags.DEFINE_bool("icl", True, "also evaluate ICL (the slow part on a CPU
 _PROMPT = flags.DEFINE_list("prompt", ["template"], "without --max_doc_tokens: what follows the cartridge, a row each: "
                             "template (the chat template on the question alone, as the pipeline: SmolLM2's adds its "
                             "default system turn) | bare (the template's user turn and generation prompt only, no "
-                            "system turn: Tokenizer.prompt_ids_without_system; with --fill=framed the question continues "
+                            "system turn: the pipeline's prompt_format=bare; with --fill=framed the question continues "
                             "the framed system message, as ICL's does after its prefix, exact when p holds the whole "
                             "framed prefix); rows of bare end in /bare")
-
-
-class _PromptEvaluator(Evaluator):
-  """The Evaluator with `bare` prompts after a cartridge (--prompt=bare) when set."""
-  bare = False
-
-  def _prompt_ids(self, ctx, q):
-    if self.bare and ctx.system is None:
-      try:
-        return self.tok.prompt_ids_without_system([{"role": "user", "content": question_text(q, False)}])
-      except ValueError as e:
-        raise app.UsageError(f"--prompt=bare: {e}") from None
-    return super()._prompt_ids(ctx, q)
 
 
 def _sep(fill: str) -> str:
@@ -143,7 +130,11 @@ def main(argv):
     raise app.UsageError(f"--prompt={','.join(_PROMPT.value)}: use template and/or bare (bare without --max_doc_tokens)")
   lm = load_model()
   model, tok = lm.model, lm.tokenizer
-  ev = _PromptEvaluator(model, tok)
+  ev = Evaluator(model, tok)
+  try:  # --prompt=bare: the question without the template's default system turn (prompt_format "bare")
+    evs = {"template": ev, "bare": Evaluator(model, tok.with_prompt_format("bare")) if "bare" in _PROMPT.value else None}
+  except ValueError as e:
+    raise app.UsageError(f"--prompt=bare: {e}") from None
   if _KIND.value == "prose":
     coll = generate_prose_collection(_N.value, _SEED.value)
   else:
@@ -208,13 +199,12 @@ def main(argv):
       inits[d] = c
       carts[d] = ev.cartridge(*c.full_kv())
     for pmode in _PROMPT.value:
-      ev.bare = pmode == "bare"
-      tag = "/bare" if ev.bare else ""
-      ctx = {d: dataclasses.replace(c, system=framed_system[d]) if ev.bare and d in framed_system else c
+      bare = pmode == "bare"
+      tag = "/bare" if bare else ""
+      ctx = {d: dataclasses.replace(c, system=framed_system[d]) if bare and d in framed_system else c
              for d, c in carts.items()}  # framed + bare: the question continues the framed system message
-      rows[f"init_{fill}{suffix}{tag}"] = [ev.answer(ctx[q.doc_id], q) for q in qs]
+      rows[f"init_{fill}{suffix}{tag}"] = [evs[pmode].answer(ctx[q.doc_id], q) for q in qs]
       print(f"init_{fill}{suffix}{tag} done ({time.time() - t0:.0f}s)", flush=True)
-    ev.bare = False
     for n in _COMPOSED.value:  # the question's document + n - 1 others (the same per question in every mode)
       for mode in _CMODES.value:
         for temp in temps:
