@@ -29,7 +29,9 @@ question, and the response lists them in that order; named cartridges keep the r
 cartridges is plain chat (no_context).
 Prompt format (`prompt_format`, resolved by `Tokenizer.with_prompt_format` as self-study and
 evaluation resolve config.prompt_format; "auto": chat when the model's files carry a chat template,
-else completion): chat applies the chat template to the messages. Completion (a base model) flattens
+else completion; launch.serve resolves auto to the format the collections' training recorded, e.g.
+"bare": the chat template without the default system turn it inserts when the messages have no system
+message): chat applies the chat template to the messages. Completion (a base model) flattens
 them with `Tokenizer.prompt_ids`, the evaluation's formatter:
     [BOS]{system}\n\nQuestion: {user}\nAnswer: {assistant}\n...Question: {last user}\nAnswer:
 (a system/developer message only as the first message, it becomes the text before the first
@@ -258,7 +260,7 @@ class Engine:
     default_top_k: cartridges retrieved when a request names a collection but no top_k.
     batch_wait_s: how long the worker waits for more requests before starting a batch.
     presplit / split_cache / merge_projections: the decoder's (`cas.serve.decode.StepDecoder`).
-    prompt_format: "chat" | "completion" | "auto" (cas.model.tokenizer.PROMPT_FORMATS), resolved
+    prompt_format: "chat" | "bare" | "completion" | "auto" (cas.model.tokenizer.PROMPT_FORMATS), resolved
       with `tokenizer.with_prompt_format` like config.prompt_format; `self.tok` is the resolved
       tokenizer and `self.prompt_format` the format used (module docstring).
   """
