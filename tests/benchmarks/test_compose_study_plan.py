@@ -200,3 +200,20 @@ def test_variants_with_the_same_self_study_share_one_synth_job(tmp_path):
   alone = cs.plan(str(tmp_path), cs._flags(["--variants=parts1k_sal", "--collections=minutes", "--seeds=0"]))
   assert [s["name"] for s in alone["synth"]] == ["parts1k_sal_minutes_s0"]
   assert alone["train"][0]["synth"] == "parts1k_sal_minutes_s0"
+
+
+def test_the_bare_lever_writes_its_own_self_study_in_the_bare_format_and_trains_cas_only(tmp_path):
+  """seqbare (issue 26): the student prompts change with the prompt format, so it gets its own self-study set
+  made with --config.prompt_format=bare (the training runs in the same format); CAS only, its no_context too."""
+  p = cs.plan(str(tmp_path), cs._flags(["--variants=seq,seqbare", "--collections=minutes,patients", "--seeds=0",
+                                        "--only=seq:minutes"]))
+  synth = {j["name"]: j for j in p["synth"]}
+  assert set(synth) == {"minutes_s0", "seqbare_minutes_s0", "seqbare_patients_s0"}
+  assert "--config.prompt_format=bare" in synth["seqbare_patients_s0"]["args"]
+  assert not any(a.startswith("--config.prompt_format") for a in synth["minutes_s0"]["args"])
+  train = {j["name"]: j for j in p["train"]}
+  assert set(train) == {"seq_minutes_s0", "seqbare_minutes_s0", "seqbare_patients_s0"}
+  bare = train["seqbare_patients_s0"]
+  assert bare["synth"] == "seqbare_patients_s0" and "--config.prompt_format=bare" in bare["args"]
+  assert "--config.train.position_mode=sequential" in bare["args"]
+  assert "--config.eval.methods=('cartridge_oracle','cas_composed','no_context')" in bare["args"]
