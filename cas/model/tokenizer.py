@@ -658,6 +658,12 @@ class Tokenizer:
     to be its own turn: [system, *messages] renders as it followed by the messages' own turns."""
     if not self.hf.chat_template:
       raise ValueError(f"{self.source}: prompt format 'bare' needs a chat template (this tokenizer has none)")
+    key = ("system_turn_text", self.hf.chat_template)  # read once per template (every bare prompt asks)
+    if key not in self._vocab_cache:
+      self._vocab_cache[key] = self._render_system_turn()
+    return self._vocab_cache[key]
+
+  def _render_system_turn(self) -> str:
     system = [{"role": "system", "content": _REPLY_SENTINEL}]
     sys_only = self.hf.apply_chat_template(system, tokenize=False, add_generation_prompt=False)
     probe = self.hf.apply_chat_template(system + [{"role": "user", "content": "q"}], tokenize=False,
