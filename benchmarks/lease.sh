@@ -117,6 +117,9 @@
 #                  PAPER3_VARIANTS=seq,seqbare PAPER3_COLLECTIONS=minutes,patients PAPER3_ONLY=seq:minutes PAPER3_SEEDS=0:
 #                  issue 26's bare question form (prompt_format=bare, variant seqbare) on both, seq's minutes s0 beside it
 #                  (patients' seq s0 is in the paper3_seq archive)
+#                  Ran 2026-12-07 (twenty-fifth session) as PAPER3_VARIANTS=seqbare PAPER3_COLLECTIONS=patients PAPER3_SEEDS=0
+#                  with SEQLAST_VARIANTS=seqbare SEQLAST_SEEDS=1 SEQLAST_COLLECTIONS=minutes, SHARES="paper3=0.15 seqlast=0.15":
+#                  8 min on an H200; the oracle +1.7 over seq pooled, within noise (RESULTS.md "The bare question form")
 #   late           issues 26 + 20: self-study walks every sentence and quotes those after the first_tokens init's
 #                  window three times per pass (variant late3, synth.late_weight=3) at the paper3 budget, shared
 #                  positions, CAS + isolated, patients, seed 0 (products' documents end before token 511: late3 is

@@ -48,7 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # "{document}\n\nQuestion: {q}\nAnswer:", answers one line) or "auto" (chat when the model's files
   # carry a chat template, else completion: the Gemma 3 270M base GGUF; cas.model.tokenizer), or "bare":
   # the chat template without the default system turn it inserts between a cartridge and the question
-  # (SmolLM2's "You are a helpful AI assistant named SmolLM..."); serve such cartridges with the same format
+  # (SmolLM2's "You are a helpful AI assistant named SmolLM..."); launch.serve follows what training recorded.
+  # Trained at the paper recipe it gained +1.7 (-1.2 to +4.6) on the oracle, within noise (RESULTS.md "The bare
+  # question form, trained"), so no preset sets it
   c.prompt_format = "auto"
 
   c.data = ml_collections.ConfigDict()
