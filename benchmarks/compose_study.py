@@ -92,9 +92,10 @@ VARIANTS = {
                 "--config.train.p_own_last=0.5"],
     # seq with the question asked without the chat template's default system turn (prompt_format=bare: SmolLM2's
     # "You are a helpful AI assistant named SmolLM..." sits between the cartridge and the question otherwise) in
-    # self-study's student prompts, training and evaluation alike (issue 26, 2026-12-08: untrained, leaving it
+    # self-study's student prompts, training and evaluation alike (issue 26, 2026-12-07: untrained, leaving it
     # out gained +4.1 at p = 512 on patients). Its own self-study (the student prompts change; the conversations
-    # are drawn with the same seeds); CAS only, paired with seq (compose_report --base=seq)
+    # are drawn with the same seeds); CAS only, paired with seq (compose_report --base=seq). Trained (2026-12-07,
+    # patients s0 + minutes s1): oracle +1.7 (-1.2 to +4.6) over seq, within noise
     "seqbare": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
                 "--config.prompt_format=bare"],
     # a sharper teacher (issue 20: over 26 base runs a question survives 10 loaded cartridges in 64% of cases

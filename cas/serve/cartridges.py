@@ -61,7 +61,7 @@ def trained_position_mode(store_dir: str) -> str:
 def trained_prompt_format(store_dir: str) -> str | None:
   """The prompt format a store's cartridges were trained with (the student prompts of their self-study:
   "chat", "bare" or "completion"), as the CAS training recorded it in its done-marker next to the store;
-  None where nothing says (a URL, no marker, a run from before 2026-12-08): the server's --prompt_format
+  None where nothing says (a URL, no marker, a run from before 2026-12-07): the server's --prompt_format
   then decides alone."""
   from cas.train.loop import read_done
   if "://" in store_dir:
