@@ -199,8 +199,12 @@ class CasStages:
                       remat=config.get("remat", "none"),
                       layer_loop=config.get("layer_loop", "auto"))
     self.lm = lm
-    # the prompt format of self-study and evaluation (config.prompt_format; cas.model.tokenizer)
-    self.tok = self.lm.tokenizer.with_prompt_format(config.get("prompt_format", "auto"))
+    # the prompt format of self-study and evaluation (config.prompt_format; cas.model.tokenizer); "bare" needs a
+    # template that renders a system message as its own turn, known once the tokenizer is loaded
+    try:
+      self.tok = self.lm.tokenizer.with_prompt_format(config.get("prompt_format", "auto"))
+    except ValueError as e:
+      config_check.raise_problems([config_check.Problem("config.prompt_format", str(e))])
     self.model = self.lm.model
     self.sampler = Sampler(self.model, pad_id=self.tok.pad_id,
                            prompt_buckets=(64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192))
