@@ -132,7 +132,8 @@ def main(argv):
   model, tok = lm.model, lm.tokenizer
   ev = Evaluator(model, tok)
   try:  # --prompt=bare: the question without the template's default system turn (prompt_format "bare")
-    evs = {"template": ev, "bare": Evaluator(model, tok.with_prompt_format("bare")) if "bare" in _PROMPT.value else None}
+    evs = {"template": ev,
+           "bare": Evaluator(model, tok.with_prompt_format("bare")) if "bare" in _PROMPT.value else None}
   except ValueError as e:
     raise app.UsageError(f"--prompt=bare: {e}") from None
   if _KIND.value == "prose":

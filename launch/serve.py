@@ -19,9 +19,10 @@ evaluation loads it (a part id, "doc_3#2", names one part).
 
 --prompt_format (default auto, as config.prompt_format: the format the served cartridges' training
 recorded (train_done.json: chat, bare or completion), else chat when the model's files carry a chat
-template, else completion; bare: the chat template without its default system turn) serves base models without one: in completion format the chat messages
-are flattened by the evaluation's formatter into "{system}\n\nQuestion: {user}\nAnswer:" text
-(earlier turns as Question:/Answer: lines) and the reply is the first non-empty line written
+template, else completion; bare: the chat template without its default system turn) serves base
+models without one: in completion format the chat messages are flattened by the evaluation's
+formatter into "{system}\n\nQuestion: {user}\nAnswer:" text (earlier turns as Question:/Answer:
+lines) and the reply is the first non-empty line written
 (cas/serve/engine.py).
 
 Beyond loopback (e.g. --host=0.0.0.0) the server needs an API key: set CAS_API_KEY (preferred: a

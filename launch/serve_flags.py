@@ -104,7 +104,8 @@ def build_engine(extra_checks: dict | None = None):
   engine = Engine(lm.model, lm.tokenizer, colls, model_name=name, cache_size=CACHE_SIZE.value,
                   max_batch=MAX_BATCH.value, max_context=MAX_CONTEXT.value,
                   default_max_tokens=MAX_TOKENS.value, default_top_k=TOP_K.value,
-                  prompt_format=serving_prompt_format(PROMPT_FORMAT.value, colls), presplit=PRESPLIT.value, split_cache=SPLIT_CACHE.value,
+                  prompt_format=serving_prompt_format(PROMPT_FORMAT.value, colls), presplit=PRESPLIT.value,
+                  split_cache=SPLIT_CACHE.value,
                   merge_projections=MERGE_PROJECTIONS.value)
   if PRESPLIT.value and not engine.decoder.presplit:
     logging.warning("--presplit has no effect here: the model's layers run in a scan (CPU, layer_loop auto)")

@@ -605,8 +605,8 @@ class Tokenizer:
 
   def prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of `messages` in this tokenizer's prompt format: `apply_chat_template` (chat; bare
-    without a default system turn), or the completion form (module doc). The one function self-study and evaluation build their
-    prompts with."""
+    without a default system turn), or the completion form (module doc). The one function self-study
+    and evaluation build their prompts with."""
     if self.prompt_format == "completion":
       return self._completion_ids(messages, add_generation_prompt)
     if self.prompt_format == "bare" and not (messages and messages[0]["role"] == "system"):
