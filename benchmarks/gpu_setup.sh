@@ -17,11 +17,11 @@ export PYTHONPATH=/tmp/site:$PWD
 export CAS_HOME=/root/cache/cas
 export PYTHONUNBUFFERED=1
 mkdir -p $CAS_HOME/models
-# Models travel in parts, one or two per call (a call carries 64 MiB with the tracked tree, ~18 MB in
-# December 2026): SmolLM2 as `.model_0/part00`, `.model_1/part01`, `.model_2/part02` (`split -n 3 -d -a 2 <gguf>
-# /tmp/smolpart`), Gemma 3 270M (issue 24's second model, 253 MB) as `.gem0/part` .. `.gem5/part`
-# (`split -n 6 -d -a 1 <gguf>`). Each call stores what it carries in /root/cache; a model is joined
-# once its parts give the right sha256 (the count of parts is not fixed).
+# Models travel in parts, one per call (a call carries 64 MiB with the tracked tree, 30.6 MB on 2026-12-07, so
+# `.whl` + a third of SmolLM2 no longer fit): SmolLM2 as `.model_0/part00` .. `.model_3/part03` (`split -n 4 -d -a 2
+# <gguf> /tmp/smolpart`, four calls, `.whl` with the first), Gemma 3 270M (issue 24's second model, 253 MB) as
+# `.gem0/part` .. `.gem7/part` (`split -n 8 -d -a 1 <gguf>`, eight calls). Each call stores what it carries in
+# /root/cache; a model is joined once its parts give the right sha256 (the count of parts is not fixed).
 join_model() {  # join_model <dest> <sha256> <parts...>
   local dest=$1 sha=$2; shift 2
   [ -f "$dest" ] && { echo "$(basename $dest) ok"; return; }
