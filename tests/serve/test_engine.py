@@ -233,6 +233,14 @@ def test_a_collection_is_served_in_the_prompt_format_it_was_trained_with(world, 
   with caplog.at_level(logging.WARNING):
     assert serving_prompt_format("chat", [coll]) == "chat"
   assert "trained with bare" in caplog.text
+  other_dir = str(tmp_path / "other" / "cas" / "store")  # a second store trained in chat format
+  write_store(world.lm, other_dir, world.spec, [(d.doc_id, d.text) for d in world.docs[:1]])
+  (tmp_path / "other" / "cas" / TRAIN_DONE).write_text(json.dumps({"steps": 3, "prompt_format": "chat"}))
+  other = Collection.open("chat", other_dir, model_fingerprint=world.lm.fingerprint, retriever=None)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):  # formats that disagree: the flag decides, with a warning naming both
+    assert serving_prompt_format("auto", [coll, other]) == "auto"
+  assert "different prompt formats" in caplog.text and "'bare'" in caplog.text and "'chat'" in caplog.text
   eng = Engine(world.lm.model, world.lm.tokenizer, [coll], model_name="tiny-smol", cache_size=2, prompt_format=fmt)
   try:
     pr = eng.prepare(ChatRequest(messages=Q, cartridges=[world.docs[0].doc_id], max_tokens=4))
