@@ -4,12 +4,22 @@ benchmarks.init_oracle --prompt=bare, RESULTS.md "The window and what follows th
 import pytest
 
 from cas.model import fetch
-from cas.model.loader import load_model
 from cas.model.tokenizer import Tokenizer
+from cas.testing import real_tokenizer
+
+
+_GEMMA = {}
+
+
+def _gemma(path):
+  """Gemma's tokenizer, read once for this module's tests."""
+  if "tok" not in _GEMMA:
+    _GEMMA["tok"] = Tokenizer.from_gguf(str(path))
+  return _GEMMA["tok"]
 
 
 def test_the_prompt_without_system_is_the_template_without_its_system_turn():
-  tok = load_model().tokenizer
+  tok = real_tokenizer()
   msgs = [{"role": "user", "content": "Which medication was started?"}]
   full = tok.decode(tok.prompt_ids(msgs), skip_special_tokens=False)
   bare = tok.decode(tok.prompt_ids_without_system(msgs), skip_special_tokens=False)
@@ -22,7 +32,7 @@ def test_a_template_that_folds_the_system_message_into_the_user_turn_is_refused(
   path = fetch.named_model_path("gemma3-270m")
   if not path.is_file():
     pytest.skip(f"{path} not fetched (python -m launch.fetch_model --model=gemma3-270m)")
-  tok = Tokenizer.from_gguf(str(path))
+  tok = _gemma(path)
   with pytest.raises(ValueError, match="does not render the system message as its own turn"):
     tok.prompt_ids_without_system([{"role": "user", "content": "Who?"}])
 
@@ -30,7 +40,7 @@ def test_a_template_that_folds_the_system_message_into_the_user_turn_is_refused(
 def test_the_bare_prompt_format_leaves_out_only_the_default_system_turn():
   """prompt_format "bare": a conversation without a system message renders without the template's default
   turn (with or without the generation prompt); one with a system message renders as in chat format."""
-  chat = load_model().tokenizer
+  chat = real_tokenizer()
   bare = chat.with_prompt_format("bare")
   assert bare.prompt_format == "bare" and chat.prompt_format == "chat"
   q = [{"role": "user", "content": "Which medication was started?"}]
@@ -47,6 +57,6 @@ def test_bare_is_refused_where_the_template_has_no_system_turn_of_its_own():
   path = fetch.named_model_path("gemma3-270m")
   if not path.is_file():
     pytest.skip(f"{path} not fetched (python -m launch.fetch_model --model=gemma3-270m)")
-  tok = Tokenizer.from_gguf(str(path))
+  tok = _gemma(path)
   with pytest.raises(ValueError, match="no system turn to leave out.*'bare'"):
     tok.with_prompt_format("bare")
