@@ -494,7 +494,7 @@ class Tokenizer:
     if fmt == "auto":
       return "chat" if self.has_own_chat_template else "completion"
     if fmt == "bare":
-      self._system_turn_text()  # ValueError where the template has no system turn of its own
+      self._check_system_turn()  # ValueError where the template has no system turn of its own
     return fmt
 
   def with_prompt_format(self, fmt: str) -> "Tokenizer":
@@ -653,17 +653,16 @@ class Tokenizer:
       raise ModelLoadError(f"{self.source}: the chat template drops the user's message")
     return text[:at]
 
-  def _system_turn_text(self) -> str:
-    """The rendering of a lone system message holding the sentinel (a text no template rewrites), checked
-    to be its own turn: [system, *messages] renders as it followed by the messages' own turns."""
+  def _check_system_turn(self) -> None:
+    """That the chat template renders a system message as its own turn: [system, *messages] renders as the lone
+    system message followed by the messages' own turns (checked with the sentinel, a text no template rewrites;
+    once per template). ValueError otherwise (Gemma folds it into the user turn): prompt format 'bare' has no
+    turn to leave out there."""
     if not self.hf.chat_template:
       raise ValueError(f"{self.source}: prompt format 'bare' needs a chat template (this tokenizer has none)")
-    key = ("system_turn_text", self.hf.chat_template)  # read once per template (every bare prompt asks)
-    if key not in self._vocab_cache:
-      self._vocab_cache[key] = self._render_system_turn()
-    return self._vocab_cache[key]
-
-  def _render_system_turn(self) -> str:
+    key = ("system_turn_checked", self.hf.chat_template)  # every bare prompt asks
+    if key in self._vocab_cache:
+      return
     system = [{"role": "system", "content": _REPLY_SENTINEL}]
     sys_only = self.hf.apply_chat_template(system, tokenize=False, add_generation_prompt=False)
     probe = self.hf.apply_chat_template(system + [{"role": "user", "content": "q"}], tokenize=False,
@@ -672,21 +671,15 @@ class Tokenizer:
       raise ValueError(f"{self.source}: the chat template does not render the system message as its own turn "
                        "(e.g. Gemma folds it into the user turn), so there is no system turn to leave out "
                        "(prompt format 'bare'); use 'chat'")
-    return sys_only
+    self._vocab_cache[key] = True
 
   def prompt_ids_without_system(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """`prompt_ids(messages)` with no system turn at all, where the template would insert its default one
-    (SmolLM2's "You are a helpful AI assistant named SmolLM..."): [system, *messages] rendered, minus the lone
-    system turn's rendering (the "bare" prompt format). A template that folds the system message into the
-    user turn (Gemma) has no turn to leave out: ValueError."""
-    sys_only = self._system_turn_text()
-    system = [{"role": "system", "content": _REPLY_SENTINEL}]
-    full = self.hf.apply_chat_template(system + list(messages), tokenize=False,
-                                       add_generation_prompt=add_generation_prompt)
-    if not full.startswith(sys_only):
-      raise ValueError(f"{self.source}: the chat template renders a conversation's system turn differently "
-                       "from the system message alone; cannot leave it out")
-    return self.encode(full[len(sys_only):])
+    (SmolLM2's "You are a helpful AI assistant named SmolLM..."): what follows a system turn of its own
+    (`ids_after_system_prefix` of the sentinel), the "bare" prompt format. A template that folds the system
+    message into the user turn (Gemma) has no turn to leave out: ValueError."""
+    self._check_system_turn()
+    return self.ids_after_system_prefix(_REPLY_SENTINEL, messages, add_generation_prompt)
 
   def system_prefix_ids(self, system: str) -> list[int]:
     """Token ids that every conversation opening with system message `system` starts with, for
