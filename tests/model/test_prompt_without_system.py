@@ -11,8 +11,12 @@ from cas.testing import real_tokenizer
 _GEMMA = {}
 
 
-def _gemma(path):
-  """Gemma's tokenizer, read once for this module's tests."""
+def _gemma():
+  """Gemma's tokenizer (its template folds a system message into the user turn), read once for this module's
+  tests; skips when the model is not fetched."""
+  path = fetch.named_model_path("gemma3-270m")
+  if not path.is_file():
+    pytest.skip(f"{path} not fetched (python -m launch.fetch_model --model=gemma3-270m)")
   if "tok" not in _GEMMA:
     _GEMMA["tok"] = Tokenizer.from_gguf(str(path))
   return _GEMMA["tok"]
@@ -29,10 +33,7 @@ def test_the_prompt_without_system_is_the_template_without_its_system_turn():
 
 
 def test_a_template_that_folds_the_system_message_into_the_user_turn_is_refused():
-  path = fetch.named_model_path("gemma3-270m")
-  if not path.is_file():
-    pytest.skip(f"{path} not fetched (python -m launch.fetch_model --model=gemma3-270m)")
-  tok = _gemma(path)
+  tok = _gemma()
   with pytest.raises(ValueError, match="does not render the system message as its own turn"):
     tok.prompt_ids_without_system([{"role": "user", "content": "Who?"}])
 
@@ -50,13 +51,11 @@ def test_the_bare_prompt_format_leaves_out_only_the_default_system_turn():
   doc = [{"role": "system", "content": "Record of Ana Ruiz."}] + q  # ICL: the document's own system turn
   assert bare.prompt_ids(doc) == chat.prompt_ids(doc)
   assert bare.system_prefix_ids("Record of Ana Ruiz.") == chat.system_prefix_ids("Record of Ana Ruiz.")
-  assert bare.ids_after_system_prefix("Record of Ana Ruiz.", q) == chat.ids_after_system_prefix("Record of Ana Ruiz.", q)
+  rec = "Record of Ana Ruiz."
+  assert bare.ids_after_system_prefix(rec, q) == chat.ids_after_system_prefix(rec, q)
 
 
 def test_bare_is_refused_where_the_template_has_no_system_turn_of_its_own():
-  path = fetch.named_model_path("gemma3-270m")
-  if not path.is_file():
-    pytest.skip(f"{path} not fetched (python -m launch.fetch_model --model=gemma3-270m)")
-  tok = _gemma(path)
+  tok = _gemma()
   with pytest.raises(ValueError, match="no system turn to leave out.*'bare'"):
     tok.with_prompt_format("bare")
