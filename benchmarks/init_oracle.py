@@ -127,7 +127,8 @@ def main(argv):
     raise app.UsageError(f"--key_temp={','.join(_KTEMP.value)}: give numbers > 0")
   bad = sorted(set(_PROMPT.value) - {"template", "bare"})
   if bad or not _PROMPT.value or ("bare" in _PROMPT.value and _MDT.value > 0):
-    raise app.UsageError(f"--prompt={','.join(_PROMPT.value)}: use template and/or bare (bare without --max_doc_tokens)")
+    raise app.UsageError(f"--prompt={','.join(_PROMPT.value)}: use template and/or bare "
+                         "(bare without --max_doc_tokens)")
   lm = load_model()
   model, tok = lm.model, lm.tokenizer
   ev = Evaluator(model, tok)

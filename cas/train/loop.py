@@ -171,7 +171,8 @@ def _write_done(workdir: str, record: Mapping) -> None:
   """Write the done-marker atomically (temp file, fsync, rename): {"steps", "final_loss",
   "config_fingerprint", "model_fingerprint", "store_digest" (CartridgeStore.state_digest after the
   final flush), "position_mode" (a CAS run's train.position_mode), "prompt_format" (its self-study's)}
-  and, once a one-cartridge run exported its cartridge, "exported" (the store digest it was exported from). Process 0 only."""
+  and, once a one-cartridge run exported its cartridge, "exported" (the store digest it was exported from).
+  Process 0 only."""
   path = _done_path(workdir)
   tmp = os.path.join(workdir, f".{TRAIN_DONE}.tmp-{os.getpid()}")
   with open(tmp, "w") as f:

@@ -48,7 +48,8 @@ def test_init_rows_pool_seeds_and_refuse_two_inits_of_one_seed_without_labels(tm
     (tmp_path / name).write_text(json.dumps({"init_repeat": qs, "init_repeat@5/shared": qs}))
     return str(tmp_path / name)
 
-  a0, a1, b0 = write("p512_s0.json", [True, False]), write("p512_s1.json", [True, True]), write("p768_s0.json", [False, False])
+  a0, a1 = write("p512_s0.json", [True, False]), write("p512_s1.json", [True, True])
+  b0 = write("p768_s0.json", [False, False])
   got = ao.init_rows([f"0:{a0}", f"1:{a1}"])
   assert list(got) == ["init_repeat (untrained)"] and len(got["init_repeat (untrained)"]) == 4
   with pytest.raises(SystemExit, match="already answers s0/patient-00000/age/mc"):
