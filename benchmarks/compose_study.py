@@ -52,9 +52,10 @@ BASE_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolat
 #   --extra="--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8)"
 LEVER_METHODS = ("cartridge_oracle", "cas_composed")
 # levers whose hypothesis is about the retrieved rows too
-LEVER_EXTRA_METHODS = {"seqlast": ("cartridge_retrieved", "cartridge_adaptive"), "seqbare": ("no_context",)}
+LEVER_EXTRA_METHODS = {"seqlast": ("cartridge_retrieved", "cartridge_adaptive"), "seqbare": ("no_context",),
+                       "seq768b": ("no_context",)}
 # levers with their own self-study that still run CAS only (a self-study lever is otherwise a whole table)
-CAS_ONLY = ("seqbare",)
+CAS_ONLY = ("seqbare", "seq768b")
 # --methods may also name these (cas.eval.cas_methods.METHODS): the two gold cartridges of a two-document
 # question (issue 21), BM25's top documents reordered by the cartridges' likelihood of the question
 KNOWN_METHODS = BASE_METHODS + ("cartridge_gold_pair", "cartridge_reranked")
@@ -98,6 +99,14 @@ VARIANTS = {
     # patients s0 + minutes s1): oracle +1.7 (-1.2 to +4.6) over seq, within noise
     "seqbare": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
                 "--config.prompt_format=bare"],
+    # the window (issue 26, 2026-12-07: patients' records are ~900 tokens; untrained first_tokens inits read the facts
+    # after token 511 at 24% against ICL's 70%, and p = 768 gained +5.2 over p = 512 with the template, +6.1 without
+    # the default turn, -3.2 from ICL at seed 0): seq at p = 768 (0.8x a record's KV), CAS only, paired with seq
+    # (compose_report --base=seq); seq768b the same without the turn (its own bare self-study, as seqbare's)
+    "seq768": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
+               "--config.cartridge.num_tokens=768"],
+    "seq768b": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
+                "--config.prompt_format=bare", "--config.cartridge.num_tokens=768"],
     # a sharper teacher (issue 20: over 26 base runs a question survives 10 loaded cartridges in 64% of cases
     # where its cartridge alone answers with p >= 0.95, in 41% where p < 0.5; benchmarks.confidence_survival):
     # both trainings distil toward the teacher's top-k at temperature 0.5 (CAS + isolated, as base)
@@ -145,7 +154,7 @@ VARIANTS = {
 }
 # a job's share of GPU memory, in units of --mem (k20: 20 slots and a prefix of 20 x p; the preflight says
 # 7.1 against 5.8 GB at p = 256)
-MEM = {"mono": 2.0, "k20": 1.3}
+MEM = {"mono": 2.0, "k20": 1.3, "seq768": 1.5, "seq768b": 1.5}
 # training levers that change the isolated baseline too (or its budget, iso01f): evaluated like base
 FULL = ("head32", "cosine", "salient", "salhead", "seq", "sharp", "iso01f")
 

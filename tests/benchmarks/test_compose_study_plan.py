@@ -217,3 +217,21 @@ def test_the_bare_lever_writes_its_own_self_study_in_the_bare_format_and_trains_
   assert bare["synth"] == "seqbare_patients_s0" and "--config.prompt_format=bare" in bare["args"]
   assert "--config.train.position_mode=sequential" in bare["args"]
   assert "--config.eval.methods=('cartridge_oracle','cas_composed','no_context')" in bare["args"]
+
+
+def test_seq768_plans_train_at_p768_on_their_own_or_the_base_self_study(tmp_path):
+  """seq768 (issue 26, the window) trains on the base self-study at p = 768 (the variant's flag replaces the
+  recipe's num_tokens instead of following it); seq768b on its own bare self-study; both CAS only and given
+  1.5x a p = 512 run's memory."""
+  p = cs.plan(str(tmp_path), cs._flags(["--variants=seq768,seq768b", "--collections=patients", "--seeds=0,1",
+                                        "--p=512"]))
+  assert {j["name"] for j in p["synth"]} == {"patients_s0", "patients_s1", "seq768b_patients_s0",
+                                              "seq768b_patients_s1"}
+  train = {j["name"]: j for j in p["train"]}
+  for v in ("seq768", "seq768b"):
+    args = train[f"{v}_patients_s1"]["args"]
+    assert [a for a in args if a.startswith("--config.cartridge.num_tokens=")] == ["--config.cartridge.num_tokens=768"]
+    assert train[f"{v}_patients_s1"]["mem"] == 1.5
+    assert not any("isolated" in a for a in args if a.startswith("--config.eval.methods="))
+  assert train["seq768_patients_s0"]["synth"] == "patients_s0"
+  assert train["seq768b_patients_s0"]["synth"] == "seq768b_patients_s0"
