@@ -52,8 +52,8 @@ BASE_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolat
 #   --extra="--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8)"
 LEVER_METHODS = ("cartridge_oracle", "cas_composed")
 # levers whose hypothesis is about the retrieved rows too
-LEVER_EXTRA_METHODS = {"seqlast": ("cartridge_retrieved", "cartridge_adaptive"), "seqbare": ("no_context",),
-                       "seq768b": ("no_context",)}
+LEVER_EXTRA_METHODS = {"seqlast": ("cartridge_retrieved", "cartridge_adaptive"), "seqbare": ("no_context", "cartridge_init"),
+                       "seq768": ("cartridge_init",), "seq768b": ("no_context", "cartridge_init")}
 # levers with their own self-study that still run CAS only (a self-study lever is otherwise a whole table)
 CAS_ONLY = ("seqbare", "seq768b")
 # --methods may also name these (cas.eval.cas_methods.METHODS): the two gold cartridges of a two-document
