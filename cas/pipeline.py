@@ -342,6 +342,10 @@ class CasStages:
                    "their cartridges start from all of their tokens, then %r (cartridge.short_fill)", len(short),
                    len(self.units), self.spec.num_tokens - self.spec.num_frozen, min(short, key=lengths.get),
                    min(lengths[d] for d in short), fill)
+    if len(short) == len(self.units):
+      logging.warning("every one of the %d cartridge units (at most %d tokens) fits cartridge.num_tokens = %d: the "
+                      "cartridges are no smaller than their documents' KV (no compression); a smaller p compresses",
+                      len(self.units), max(lengths.values()), self.spec.num_tokens)
     return short
 
   def _sink(self):

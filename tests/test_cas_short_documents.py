@@ -193,3 +193,25 @@ def test_monolithic_init_units_starts_every_document(collection_dir, lm, tmp_pat
   assert CasStages(_config(collection_dir, init_text="salient"), str(tmp_path / "s"), lm=lm)._monolithic_init_rule() \
       is None  # concat does not read the init text
   assert units._monolithic_init_rule() == {"monolithic_init": "units"}
+
+
+def test_a_collection_that_fits_the_cartridge_is_told_it_is_not_compressed(tmp_path, lm, caplog, collection_dir):
+  """When every document fits p (products' ~480-token sheets at p = 512), the cartridges are no smaller than the
+  documents' KV: the pre-flight check says so (a warning naming p and the longest unit); a collection with one
+  document longer than p gets no such warning."""
+  import logging
+  docs = [Document(doc_id=f"d{i}", title=f"d{i}", text=_text(20, i)) for i in range(2)]
+  qs = [Question(qid=f"d{i}/q", doc_id=f"d{i}", kind="mc", question="What?", options=["river", "lamp"],
+                 answer_index=0) for i in range(2)]
+  path = str(tmp_path / "small")
+  Collection(name="small", documents=docs, questions=qs).save(path)
+  c = _config(path, p=64)
+  c.data.num_docs = 2
+  with caplog.at_level(logging.WARNING):
+    CasStages(c, str(tmp_path / "w"), lm=lm)
+  said = [r.getMessage() for r in caplog.records if "no compression" in r.getMessage()]
+  assert len(said) == 1 and "cartridge.num_tokens = 64" in said[0] and "every one of the 2" in said[0]
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    CasStages(_config(collection_dir), str(tmp_path / "w2"), lm=lm)
+  assert not [r for r in caplog.records if "no compression" in r.getMessage()]
