@@ -120,6 +120,11 @@
 #                  Ran 2026-12-07 (twenty-fifth session) as PAPER3_VARIANTS=seqbare PAPER3_COLLECTIONS=patients PAPER3_SEEDS=0
 #                  with SEQLAST_VARIANTS=seqbare SEQLAST_SEEDS=1 SEQLAST_COLLECTIONS=minutes, SHARES="paper3=0.15 seqlast=0.15":
 #                  8 min on an H200; the oracle +1.7 over seq pooled, within noise (RESULTS.md "The bare question form")
+#                  Next (twenty-sixth session, not yet run: no device): SEQLAST_VARIANTS=seqbare SEQLAST_COLLECTIONS=products
+#                  SEQLAST_SEEDS=0,1 (products' untrained bare init is -1.2 from ICL pooled, the template's -5.8, and the
+#                  trained seq oracle sits at the template init) and PAPER3_VARIANTS=seq768b PAPER3_COLLECTIONS=patients
+#                  PAPER3_SEEDS=0,1 (the window: patients' untrained p = 768 bare init is -3.2 from ICL at seed 0); both
+#                  score their untrained init too (cartridge_init). Plan in the twenty-sixth closing note, checked with DRY=1
 #   late           issues 26 + 20: self-study walks every sentence and quotes those after the first_tokens init's
 #                  window three times per pass (variant late3, synth.late_weight=3) at the paper3 budget, shared
 #                  positions, CAS + isolated, patients, seed 0 (products' documents end before token 511: late3 is
