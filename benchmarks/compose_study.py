@@ -52,13 +52,15 @@ BASE_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolat
 #   --extra="--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8)"
 LEVER_METHODS = ("cartridge_oracle", "cas_composed")
 # levers whose hypothesis is about the retrieved rows too
-LEVER_EXTRA_METHODS = {"seqlast": ("cartridge_retrieved", "cartridge_adaptive"), "seqbare": ("no_context", "cartridge_init"),
+LEVER_EXTRA_METHODS = {"seqlast": ("cartridge_retrieved", "cartridge_adaptive"),
+                       "seqbare": ("no_context", "cartridge_init", "init_composed"),
                        "seq768": ("cartridge_init",), "seq768b": ("no_context", "cartridge_init")}
 # levers with their own self-study that still run CAS only (a self-study lever is otherwise a whole table)
 CAS_ONLY = ("seqbare", "seq768b")
 # --methods may also name these (cas.eval.cas_methods.METHODS): the two gold cartridges of a two-document
-# question (issue 21), BM25's top documents reordered by the cartridges' likelihood of the question
-KNOWN_METHODS = BASE_METHODS + ("cartridge_gold_pair", "cartridge_reranked")
+# question (issue 21), BM25's top documents reordered by the cartridges' likelihood of the question, the
+# untrained cartridges alone and composed (the no-training baseline)
+KNOWN_METHODS = BASE_METHODS + ("cartridge_gold_pair", "cartridge_reranked", "cartridge_init", "init_composed")
 VARIANTS = {
     "base": [],
     "hard": ["--config.train.p_hard=0.5"],  # half the distractors are the BM25 nearest documents

@@ -32,7 +32,9 @@ cartridge_retrieved@k (the CAS cartridges of the top-k documents of the document
 question, loaded together, shared positions, best first), rag_text@k (the top-k passages of the
 chunk index in the system message, like icl), cartridge_gold_pair/<mode> (two-document questions
 only: the gold documents' CAS cartridges loaded together), cartridge_init (the own cartridge as
-initialized, before any training: what training added is cartridge_oracle - cartridge_init).
+initialized, before any training: what training added is cartridge_oracle - cartridge_init),
+init_composed@n (those untrained cartridges loaded as cas_composed@n loads, the same draws: the
+no-training baseline of composition).
 
 Two-document questions (config.data.pair_share; Question.doc_ids, the gold documents): "own
 document" above means every gold document. icl reads both (icl_composed with the two gold

@@ -274,8 +274,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.num_loaded = (1, 5, 10, 20)
     # cartridge_adaptive: on questions by content and two-document questions it beat cartridge_retrieved@1 by
     # +1.4 (+0.2 to +2.5) at 1.17-1.29 cartridges a question (three collections x two seeds, one H100, 2026-12-06)
-    c.eval.methods = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed",
-                      "icl_composed", "monolithic", "cartridge_retrieved", "cartridge_adaptive", "rag_text")
+    # cartridge_init / init_composed: the untrained cartridges alone and composed on the same draws, the
+    # no-training baseline (RESULTS.md, 2026-12-07: on products at p = 512 the sheets fit the cartridge, and
+    # the untrained inits without the default turn read within 1.2 of ICL and compose like the text)
+    c.eval.methods = ("no_context", "icl", "cartridge_oracle", "cartridge_init", "cas_composed", "isolated_composed",
+                      "init_composed", "icl_composed", "monolithic", "cartridge_retrieved", "cartridge_adaptive",
+                      "rag_text")
     c.eval.position_modes = ("shared", "sequential")
     c.eval.max_questions_per_doc = 6
     c.eval.kinds = ("mc",)  # option scoring only: 20+ methods x 120 questions stay in minutes

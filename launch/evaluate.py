@@ -2,7 +2,8 @@
 
 CAS configs (configs/cas.py; config.pipeline = "cas") run every method of config.eval.methods
 (no_context, icl, cartridge_oracle, cas_composed@n, isolated_composed@n, icl_composed@n, monolithic,
-cartridge_retrieved@k, rag_text@k, cartridge_gold_pair/<mode> on two-document questions) and write <workdir>/eval/results.json, results.md (method table
+cartridge_retrieved@k, rag_text@k, cartridge_gold_pair/<mode> on two-document questions, cartridge_init and
+init_composed@n: the untrained cartridges alone and composed) and write <workdir>/eval/results.json, results.md (method table
 + retrieval recall@k) and PNG plots (accuracy vs prompt tokens / KV bytes, accuracy vs number of
 loaded cartridges, recall@k), with a progress bar per method. Killed, the same command resumes:
 finished methods are read back from <workdir>/eval/partial/.

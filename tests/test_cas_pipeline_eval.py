@@ -269,7 +269,7 @@ def test_cartridge_init_is_the_untrained_cartridge(run, tmp_path):
   # Another workdir whose store holds changed ("trained") cartridges: the oracle moves, the init row does not.
   w2 = str(tmp_path / "trained")
   st2 = _stages(w2)
-  st2.config.eval.methods = ("cartridge_oracle", "cartridge_init")
+  st2.config.eval.methods = ("cartridge_oracle", "cartridge_init", "cas_composed", "init_composed")
   store_init_cartridges(st2, w2)
   from cas.rotation.store import CartridgeStore
   with CartridgeStore(os.path.join(w2, "cas", "store"), spec=st2.spec, model_fingerprint=st2.lm.fingerprint) as store:
@@ -283,3 +283,15 @@ def test_cartridge_init_is_the_untrained_cartridge(run, tmp_path):
                         rows2["cartridge_oracle"]["questions"]):
     np.testing.assert_allclose(qi["option_scores"], q0["option_scores"], rtol=0, atol=1e-6)
     assert np.max(np.abs(np.subtract(qo["option_scores"], qi["option_scores"]))) > 1e-4
+  # init_composed@n: the untrained cartridges loaded as cas_composed@n loads them (the same draws). On the trained
+  # store it is what cas_composed@n was on the store of inits; @1 is cartridge_init; cas_composed@2 moved.
+  for n in (1, 2):
+    init_n, cas_n, first = (rows2[f"init_composed@{n}/shared"]["questions"], rows2[f"cas_composed@{n}/shared"]["questions"],
+                            rows[f"cas_composed@{n}/shared"]["questions"])
+    assert rows2[f"init_composed@{n}/shared"]["base_method"] == "init_composed"
+    for qi, qc, q0 in zip(init_n, cas_n, first):
+      assert qi["loaded"] == qc["loaded"] == q0["loaded"] and len(qi["loaded"]) == n
+      np.testing.assert_allclose(qi["option_scores"], q0["option_scores"], rtol=0, atol=1e-6)
+    assert max(np.max(np.abs(np.subtract(qc["option_scores"], qi["option_scores"]))) for qi, qc in zip(init_n, cas_n)) > 1e-4
+  for qi, q1 in zip(rows2["cartridge_init"]["questions"], rows2["init_composed@1/shared"]["questions"]):
+    np.testing.assert_allclose(q1["option_scores"], qi["option_scores"], rtol=0, atol=1e-6)

@@ -42,6 +42,7 @@ def test_the_prose_preset_is_paper_with_the_measured_prose_recipe():
   assert (prose.data.kind, prose.cartridge.max_doc_tokens, prose.cartridge.init_text, prose.synth.coverage) == \
          ("prose", 1024, "salient", "walk")
   assert "cartridge_init" in prose.eval.methods and paper.cartridge.init_text == "document"
+  assert {"cartridge_init", "init_composed"} <= set(paper.eval.methods)  # the no-training baseline
   assert (prose.cartridge.num_tokens, prose.train.steps, prose.train.lr) == (paper.cartridge.num_tokens, 1000, 1e-2)
 
 

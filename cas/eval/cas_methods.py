@@ -120,8 +120,9 @@ class EvalContext:
   def cart(self, store_name: str, doc_id: str):
     """The cartridge of unit `doc_id` in store `store_name` (exported once per evaluation)."""
     key = (store_name, doc_id)
-    if key not in self.carts:
-      self.carts[key] = self.stores[store_name].export_cartridge(doc_id)
+    if key not in self.carts:  # "init": the unit's cartridge as the CAS stage initializes it (no store)
+      self.carts[key] = (self.init_cart(doc_id) if store_name == "init"
+                         else self.stores[store_name].export_cartridge(doc_id))
     return self.carts[key]
 
   def doc_carts(self, store_name: str, ids) -> list:
@@ -245,11 +246,19 @@ def cartridge_gold_pair(method: str, c: EvalContext) -> list[Job]:
 
 
 def composed(method: str, c: EvalContext) -> list[Job]:
-  """cas_composed / isolated_composed @n/<mode>: the question's gold documents + n - len(gold)
-  others (EvalContext.loaded), as cartridges of the CAS / isolated store, in each position mode."""
-  store_name = "cas" if method == "cas_composed" else "isolated"
-  if not c.have_store(store_name, method):
+  """cas_composed / isolated_composed / init_composed @n/<mode>: the question's gold documents + n - len(gold)
+  others (EvalContext.loaded), as cartridges of the CAS / isolated store, or untrained as the CAS stage
+  initializes them (init_composed: the no-training baseline on the same draws), in each position mode."""
+  store_name = {"cas_composed": "cas", "isolated_composed": "isolated", "init_composed": "init"}[method]
+  if store_name == "init":
+    if c.init_cart is None:
+      logging.warning("skipping %s: this evaluation cannot build the untrained cartridges", method)
+      return []
+    deps = ["init", c.init_signature]
+  elif not c.have_store(store_name, method):
     return []
+  else:
+    deps = [store_name, c.store_state[store_name]]
   jobs = []
   for n in c.num_loaded:
     for mode in c.position_modes:
@@ -260,7 +269,7 @@ def composed(method: str, c: EvalContext) -> list[Job]:
         notes[q.qid] = {"loaded": ids}
         return c.loaded_context(s, q, ids, mode)
       name = f"{method}@{n}/{mode}"
-      jobs += c.job(name, ctx_for, [store_name, c.store_state[store_name]],
+      jobs += c.job(name, ctx_for, deps,
                     {"num_loaded": n, "position_mode": mode, "base_method": method}, notes, c.fitting(name, n))
   return jobs
 
@@ -456,6 +465,7 @@ METHODS: dict[str, Callable[[str, EvalContext], list[Job]]] = {
     "cartridge_reranked": cartridge_reranked,
     "cartridge_adaptive": cartridge_adaptive,
     "cartridge_init": cartridge_init,
+    "init_composed": composed,
 }
 
 

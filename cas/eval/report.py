@@ -24,7 +24,7 @@ from cas.eval.stats import DOCS_KINDS, REFERS_KINDS, kind_breakdown, row_interva
 # Methods drawn as horizontal reference lines in the num-loaded plot: (name, line style).
 REFERENCE_LINES = (("cartridge_oracle", "-"), ("no_context", ":"), ("icl", "--"), ("monolithic", "-."))
 # Methods drawn as lines over num_loaded in the num-loaded plot.
-LOADED_METHODS = ("cas_composed", "isolated_composed", "icl_composed", "cartridge_retrieved")
+LOADED_METHODS = ("cas_composed", "isolated_composed", "icl_composed", "init_composed", "cartridge_retrieved")
 
 
 def recall_markdown(retrieval: dict | None) -> str:

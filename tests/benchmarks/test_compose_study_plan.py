@@ -216,7 +216,7 @@ def test_the_bare_lever_writes_its_own_self_study_in_the_bare_format_and_trains_
   bare = train["seqbare_patients_s0"]
   assert bare["synth"] == "seqbare_patients_s0" and "--config.prompt_format=bare" in bare["args"]
   assert "--config.train.position_mode=sequential" in bare["args"]
-  assert "--config.eval.methods=('cartridge_oracle','cas_composed','no_context','cartridge_init')" in bare["args"]
+  assert "--config.eval.methods=('cartridge_oracle','cas_composed','no_context','cartridge_init','init_composed')" in bare["args"]
 
 
 def test_seq768_plans_train_at_p768_on_their_own_or_the_base_self_study(tmp_path):
@@ -235,3 +235,14 @@ def test_seq768_plans_train_at_p768_on_their_own_or_the_base_self_study(tmp_path
     assert not any("isolated" in a for a in args if a.startswith("--config.eval.methods="))
   assert train["seq768_patients_s0"]["synth"] == "patients_s0"
   assert train["seq768b_patients_s0"]["synth"] == "seq768b_patients_s0"
+
+
+def test_every_method_the_study_names_is_one_the_pipeline_knows():
+  """--methods (e.g. lease.sh's PARTS_METHODS with cartridge_init, refused before 2026-12-07) and the levers'
+  extra methods are methods of cas.config_check.CAS_METHODS, and --methods accepts the no-training rows."""
+  from cas.config_check import CAS_METHODS
+  assert set(cs.KNOWN_METHODS) <= set(CAS_METHODS)
+  assert all(set(m) <= set(cs.KNOWN_METHODS) for m in cs.LEVER_EXTRA_METHODS.values())
+  f = cs._flags(["--variants=parts1k_sal", "--methods=no_context,icl,cartridge_oracle,cartridge_init,cas_composed,"
+                 "isolated_composed,init_composed"])
+  assert "cartridge_init" in f["methods"] and "init_composed" in f["methods"]
