@@ -51,10 +51,11 @@ BASE_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolat
 # content and two-document questions) is the same study with other questions:
 #   --extra="--config.data.question_refs=title,content --config.data.pair_share=0.25 --config.eval.retrieval_k=(1,2,4,8)"
 LEVER_METHODS = ("cartridge_oracle", "cas_composed")
-# levers whose hypothesis is about the retrieved rows too
+# the extra rows of CAS-only levers: the retrieved rows (seqlast's hypothesis is about them too); ICL and the
+# untrained cartridges alone and composed (the bare form and the p = 768 window pair trained against untrained)
 LEVER_EXTRA_METHODS = {"seqlast": ("cartridge_retrieved", "cartridge_adaptive"),
-                       "seqbare": ("no_context", "cartridge_init", "init_composed"),
-                       "seq768": ("cartridge_init",), "seq768b": ("no_context", "cartridge_init")}
+                       "seqbare": ("icl", "no_context", "cartridge_init", "init_composed"),
+                       "seq768": ("cartridge_init",), "seq768b": ("icl", "no_context", "cartridge_init")}
 # levers with their own self-study that still run CAS only (a self-study lever is otherwise a whole table)
 CAS_ONLY = ("seqbare", "seq768b")
 # --methods may also name these (cas.eval.cas_methods.METHODS): the two gold cartridges of a two-document

@@ -216,7 +216,8 @@ def test_the_bare_lever_writes_its_own_self_study_in_the_bare_format_and_trains_
   bare = train["seqbare_patients_s0"]
   assert bare["synth"] == "seqbare_patients_s0" and "--config.prompt_format=bare" in bare["args"]
   assert "--config.train.position_mode=sequential" in bare["args"]
-  assert "--config.eval.methods=('cartridge_oracle','cas_composed','no_context','cartridge_init','init_composed')" in bare["args"]
+  assert "--config.eval.methods=('cartridge_oracle','cas_composed','icl','no_context','cartridge_init','init_composed')" \
+      in bare["args"]
 
 
 def test_seq768_plans_train_at_p768_on_their_own_or_the_base_self_study(tmp_path):
