@@ -219,7 +219,7 @@ def cartridge_init(method: str, c: EvalContext) -> list[Job]:
   if c.init_cart is None:
     logging.warning("skipping %s: this evaluation cannot build the untrained cartridges", method)
     return []
-  ctx_for = per_gold_documents(lambda ids: c.ev.cartridges([c.init_cart(u) for d in ids for u in c.parts_of[d]]))
+  ctx_for = per_gold_documents(lambda ids: c.ev.cartridges(c.doc_carts("init", ids)))  # built once, as init_composed's
   return c.job(method, ctx_for, ["init", c.init_signature])
 
 
