@@ -343,7 +343,26 @@ def collection_section(results: dict, collection: str, base_variant: str = "base
       lines.append(f"| {v} | | {cell(rows.get('cartridge_oracle'))} | " + " | ".join(cells) + " |")
     for v in levers:  # does the lever change how often a loaded distractor's value is chosen?
       lines += interference_lines(results, collection, v)
+  lines += training_added_lines(results, collection, [base_variant] + levers, ns)
   return "\n".join(lines), {"base": base, "ns": ns}
+
+
+def training_added_lines(results: dict, collection: str, variants: list[str], ns: list[int]) -> list[str]:
+  """What training added over the untrained cartridges (eval methods cartridge_init and init_composed@n: the
+  inits alone and loaded on cas_composed's draws), per variant that scored them: trained minus untrained, paired."""
+  have = [v for v in variants if "cartridge_init" in pooled(results, v, collection)]
+  if not have:
+    return []
+  lines = ["", "| trained CAS minus its untrained cartridges (paired) | seeds | alone | "
+           + " | ".join(f"@{n}" for n in ns) + " |", "|---|---|---|" + "---|" * len(ns)]
+  for v in have:
+    rows = pooled(results, v, collection)
+    cells = [dcell(diff(rows.get(f"cas_composed@{n}/shared"), rows.get(f"init_composed@{n}/shared"))) for n in ns]
+    lines.append(f"| {v} | {','.join(map(str, seeds_of(results, v, collection)))} | "
+                 f"{dcell(diff(rows.get('cartridge_oracle'), rows.get('cartridge_init')))} | " + " | ".join(cells) + " |")
+    cells = [cell(rows.get(f"init_composed@{n}/shared")) for n in ns]
+    lines.append(f"| {v}, untrained | | {cell(rows.get('cartridge_init'))} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def plot(collection: str, base: dict, ns: list[int], path: str) -> str:

@@ -235,3 +235,23 @@ def test_a_run_evaluated_only_in_sequential_positions_is_read_as_the_composed_ro
   assert [q["correct"] for q in rows["cas_composed@2/shared"]] == [True, False]
   both = {"methods": _run([True], [True])["methods"] + seq["methods"]}
   assert cr.as_composed(both) is both
+
+
+def test_training_added_lines_pair_each_variant_with_its_own_untrained_cartridges():
+  """A run that scored cartridge_init and init_composed@n gets trained minus untrained, paired per question, alone
+  and at each n (its sequential rows read as the composed ones); a variant without them gets no row."""
+  def rows(method, correct):
+    return {"method": method, "questions": [{"qid": f"d{i}/f/mc", "correct": c} for i, c in enumerate(correct)]}
+  bare = cr.as_composed({"methods": [rows("cartridge_oracle", [True, True]), rows("cartridge_init", [True, False]),
+                                     rows("cas_composed@2/sequential", [True, False]),
+                                     rows("init_composed@2/sequential", [False, False])]})
+  seq = {"methods": [rows("cartridge_oracle", [True, False])]}
+  results = {("seqbare", "products", 0): bare, ("seq", "products", 0): seq}
+  lines = cr.training_added_lines(results, "products", ["seq", "seqbare"], [2])
+  trained = next(l for l in lines if l.startswith("| seqbare | 0 |"))
+  assert trained.split(" | ")[2].startswith("+50.0") and trained.split(" | ")[3].startswith("+50.0")
+  untrained = next(l for l in lines if l.startswith("| seqbare, untrained |"))
+  cells = [x.strip() for x in untrained.split("|")[1:-1]]
+  assert cells[1] == "" and cells[2].startswith("50.0") and cells[3].startswith("0.0")
+  assert not any(l.startswith("| seq |") for l in lines)
+  assert cr.training_added_lines({("seq", "products", 0): seq}, "products", ["seq"], [2]) == []
