@@ -336,11 +336,8 @@ def collection_section(results: dict, collection: str, base_variant: str = "base
               "|---|---|---|" + "---|" * len(ns)]
     for v in levers:
       rows = pooled(results, v, collection)
-      cells = [dcell(diff(rows.get(f"cas_composed@{n}/shared"), base.get(f"cas_composed@{n}/shared"))) for n in ns]
-      lines.append(f"| {v} - {base_variant} | {','.join(map(str, seeds_of(results, v, collection)))} | "
-                   f"{dcell(diff(rows.get('cartridge_oracle'), base.get('cartridge_oracle')))} | " + " | ".join(cells) + " |")
-      cells = [cell(rows.get(f"cas_composed@{n}/shared")) for n in ns]
-      lines.append(f"| {v} | | {cell(rows.get('cartridge_oracle'))} | " + " | ".join(cells) + " |")
+      lines += pair_rows(f"{v} - {base_variant}", v, seeds_of(results, v, collection), ns,
+                         (rows, "cartridge_oracle", "cas_composed"), (base, "cartridge_oracle", "cas_composed"), shown=0)
     for v in levers:  # does the lever change how often a loaded distractor's value is chosen?
       lines += interference_lines(results, collection, v)
   lines += training_added_lines(results, collection, [base_variant] + levers, ns)
@@ -357,12 +354,21 @@ def training_added_lines(results: dict, collection: str, variants: list[str], ns
            + " | ".join(f"@{n}" for n in ns) + " |", "|---|---|---|" + "---|" * len(ns)]
   for v in have:
     rows = pooled(results, v, collection)
-    cells = [dcell(diff(rows.get(f"cas_composed@{n}/shared"), rows.get(f"init_composed@{n}/shared"))) for n in ns]
-    lines.append(f"| {v} | {','.join(map(str, seeds_of(results, v, collection)))} | "
-                 f"{dcell(diff(rows.get('cartridge_oracle'), rows.get('cartridge_init')))} | " + " | ".join(cells) + " |")
-    cells = [cell(rows.get(f"init_composed@{n}/shared")) for n in ns]
-    lines.append(f"| {v}, untrained | | {cell(rows.get('cartridge_init'))} | " + " | ".join(cells) + " |")
+    lines += pair_rows(v, f"{v}, untrained", seeds_of(results, v, collection), ns,
+                       (rows, "cartridge_oracle", "cas_composed"), (rows, "cartridge_init", "init_composed"), shown=1)
   return lines
+
+
+def pair_rows(diff_label: str, shown_label: str, seeds: list[int], ns: list[int], a: tuple, b: tuple,
+              shown: int) -> list[str]:
+  """Two table rows: a minus b, paired (read alone, then at each n loaded), and the accuracies of one side
+  (shown: 0 for a, 1 for b). a, b: (pooled rows, the alone method, the composed method read as <method>@n/shared)."""
+  alone = dcell(diff(a[0].get(a[1]), b[0].get(b[1])))
+  cells = [dcell(diff(a[0].get(f"{a[2]}@{n}/shared"), b[0].get(f"{b[2]}@{n}/shared"))) for n in ns]
+  rows, alone_m, comp = (a, b)[shown]
+  values = [cell(rows.get(f"{comp}@{n}/shared")) for n in ns]
+  return [f"| {diff_label} | {','.join(map(str, seeds))} | {alone} | " + " | ".join(cells) + " |",
+          f"| {shown_label} | | {cell(rows.get(alone_m))} | " + " | ".join(values) + " |"]
 
 
 def plot(collection: str, base: dict, ns: list[int], path: str) -> str:
