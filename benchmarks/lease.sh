@@ -186,7 +186,8 @@ if [ "$MODE" = start ]; then
   SPREAD="--config.eval.question_pick=spread${LEASE_EXTRA:+ $LEASE_EXTRA}"  # every compose job's --extra (+ its own)
   # SHARES="gemma_minutes=0.2 p512rest=0.31" overrides jobs' shares (and with them their schedulers' --mem_total)
   declare -A SET=(); for kv in ${SHARES:-}; do SHARE[${kv%%=*}]=${kv#*=}; SET[${kv%%=*}]=1; done
-  GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+  # CARD_MIB=81559 DRY=1 ...: check a plan against an H100 from a machine without one
+  GPU_MIB=${CARD_MIB:-$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)}
   SCALE=$(python3 -c "print(max(1.0, 143000 / float('${GPU_MIB:-143000}' or 143000)))")
   f() { python3 -c "print(f'{$1 * $SCALE:.3f}')"; }
   # mt: a compose job's total share (its scheduler's --mem_total), or 0.95 of the card when it is the only job
