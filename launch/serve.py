@@ -18,8 +18,8 @@ request names a document by its doc id and gets all of its parts' cartridges in 
 evaluation loads it (a part id, "doc_3#2", names one part).
 
 --prompt_format (default auto, as config.prompt_format: the format the served cartridges' training
-recorded (train_done.json: chat, bare or completion), else chat when the model's files carry a chat
-template, else completion; bare: the chat template without its default system turn) serves base
+recorded (train_done.json: chat, bare or completion; collections whose records differ are each served in
+their own), else chat when the model's files carry a chat template, else completion; bare: the chat template without its default system turn) serves base
 models without one: in completion format the chat messages are flattened by the evaluation's
 formatter into "{system}\n\nQuestion: {user}\nAnswer:" text (earlier turns as Question:/Answer:
 lines) and the reply is the first non-empty line written

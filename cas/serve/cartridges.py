@@ -73,13 +73,18 @@ def trained_prompt_format(store_dir: str) -> str | None:
 def serving_prompt_format(asked: str, collections: Sequence["Collection"]) -> str:
   """The prompt format to serve with: `asked` (--prompt_format) unless it is "auto" and the collections'
   cartridges were all trained with one recorded format, which then wins (cartridges trained without the
-  template's default system turn are read without it). Recorded formats that disagree with each other or
-  with an explicit `asked` are logged as warnings (a cartridge then reads a form it was not trained with)."""
+  template's default system turn are read without it). Recorded formats that disagree with each other
+  under "auto" stay "auto": the Engine then serves each collection in its own (`Engine.tokenizer_for`). An
+  explicit `asked` that differs from a recorded format is logged as a warning (a cartridge then reads a form
+  it was not trained with)."""
   recorded = {c.name: c.prompt_format for c in collections if c.prompt_format}
   kinds = set(recorded.values())
   if len(kinds) > 1:
-    logging.warning("collections were trained with different prompt formats %s; serving with --prompt_format=%s",
-                    recorded, asked)
+    if asked == "auto":
+      logging.info("collections were trained with different prompt formats %s; each is served in its own", recorded)
+    else:
+      logging.warning("collections were trained with different prompt formats %s; serving all with "
+                      "--prompt_format=%s", recorded, asked)
     return asked
   if kinds and asked == "auto":
     (fmt,) = kinds

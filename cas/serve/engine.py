@@ -31,7 +31,9 @@ Prompt format (`prompt_format`, resolved by `Tokenizer.with_prompt_format` as se
 evaluation resolve config.prompt_format; "auto": chat when the model's files carry a chat template,
 else completion; launch.serve resolves auto to the format the collections' training recorded, e.g.
 "bare": the chat template without the default system turn it inserts when the messages have no system
-message): chat applies the chat template to the messages. Completion (a base model) flattens
+message; left "auto", as launch.serve leaves it when the collections' records disagree, a request on a
+collection is served in the format its cartridges were trained with (`Collection.prompt_format`), and
+one without cartridges, or on a collection without a record, in the resolved "auto"): chat applies the chat template to the messages. Completion (a base model) flattens
 them with `Tokenizer.prompt_ids`, the evaluation's formatter:
     [BOS]{system}\n\nQuestion: {user}\nAnswer: {assistant}\n...Question: {last user}\nAnswer:
 (a system/developer message only as the first message, it becomes the text before the first
@@ -112,6 +114,7 @@ class Prepared:
   seed: int
   stop: tuple[str, ...]
   units: list[list[str]] | None = None  # the cartridge ids of each doc_ids entry (its parts); None: itself
+  tokenizer: Any = None  # the request's prompt format (Engine.tokenizer_for); None: the engine's own
 
   def unit_ids(self) -> list[str]:
     """Every cartridge to load, in order (each document's parts in part order)."""
@@ -262,7 +265,8 @@ class Engine:
     presplit / split_cache / merge_projections: the decoder's (`cas.serve.decode.StepDecoder`).
     prompt_format: "chat" | "bare" | "completion" | "auto" (cas.model.tokenizer.PROMPT_FORMATS), resolved
       with `tokenizer.with_prompt_format` like config.prompt_format; `self.tok` is the resolved
-      tokenizer and `self.prompt_format` the format used (module docstring).
+      tokenizer and `self.prompt_format` the format used (module docstring); "auto" also serves each
+      collection with a recorded training format in that format (`tokenizer_for`).
   """
 
   def __init__(self, model, tokenizer, collections: Sequence[Collection] = (), *, model_name: str,
@@ -273,11 +277,13 @@ class Engine:
     self.model = model
     self.tok = tokenizer.with_prompt_format(prompt_format)  # ValueError naming an unknown format
     self.prompt_format = self.tok.prompt_format
-    self._newline_ids = frozenset(self.tok.newline_ids) if self.prompt_format == "completion" else None
     self.model_name = model_name
     self.collections = {c.name: c for c in collections}
     if len(self.collections) != len(collections):
       raise ValueError(f"collection names must be unique, got {[c.name for c in collections]}")
+    # "auto": each collection in the format its cartridges were trained with, where its training recorded one
+    self._toks = {c.name: tokenizer.with_prompt_format(c.prompt_format) for c in collections
+                  if prompt_format == "auto" and c.prompt_format and c.prompt_format != self.prompt_format}
     self.default_collection = collections[0] if collections else None
     self.max_context = int(max_context or model.cfg.max_position_embeddings)
     self.max_batch = int(max_batch)
@@ -346,7 +352,14 @@ class Engine:
       return {"model": self.model_name, "batches": self.num_batches, "requests": self.num_requests,
               "max_batch_size": max(sizes, default=0), "recent_batches": [list(b) for b in self.batch_log][-16:],
               "queued": self.queued(), "cache": self.cache.stats(), "traces": self.decoder.num_traces,
-              "collections": sorted(self.collections), "prompt_format": self.prompt_format}
+              "collections": sorted(self.collections), "prompt_format": self.prompt_format,
+              **({"collection_prompt_formats": {n: t.prompt_format for n, t in sorted(self._toks.items())}}
+                 if self._toks else {})}
+
+  def tokenizer_for(self, coll: Collection | None):
+    """The tokenizer (prompt format) a request on `coll` is served with: the collection's recorded training
+    format when the engine's is "auto" and the two differ, else the engine's own (`self.tok`)."""
+    return self.tok if coll is None else self._toks.get(coll.name, self.tok)
 
   # ----------------------------------------------------------------------------- requests
   def _collection(self, name: str | None) -> Collection:
@@ -436,10 +449,11 @@ class Engine:
     if scores is not None:  # retrieved, best first: loaded as cas.cartridge.compose.best_last says
       doc_ids, scores, units = (best_last(x, mode) for x in (doc_ids, scores, units))
 
+    tok = self.tokenizer_for(coll)
     try:
-      prompt = self.tok.prompt_ids(msgs, add_generation_prompt=True)  # chat template or completion text
+      prompt = tok.prompt_ids(msgs, add_generation_prompt=True)  # chat template or completion text
     except Exception as e:  # a template that rejects this conversation (e.g. role order)
-      what = "the chat template rejects" if self.prompt_format != "completion" else "completion format cannot flatten"
+      what = "the chat template rejects" if tok.prompt_format != "completion" else "completion format cannot flatten"
       raise ServeError(f"{what} these messages: {e}", param="messages") from e
     offset = 0
     n_carts = sum(len(us) for us in units)  # cartridges loaded: every part counts
@@ -464,11 +478,13 @@ class Engine:
                          code="context_length_exceeded", param="max_tokens")
     seed = int(req.seed) if req.seed is not None else int(np.random.default_rng().integers(2**31))
     return Prepared(f"chatcmpl-{uuid.uuid4().hex[:24]}", prompt, coll, doc_ids, scores, mode, offset,
-                    int(max_tokens), temperature, top_p, seed, stop, units or None)
+                    int(max_tokens), temperature, top_p, seed, stop, units or None, tok)
 
   def submit(self, prepared: Prepared, emit: Callable[[Event], None]) -> Pending:
     """Queue a prepared request; `emit(event)` is called from the worker thread."""
-    p = Pending(prepared, emit, self.tok, self.tok.stop_ids, self._newline_ids)
+    tok = prepared.tokenizer or self.tok
+    newline_ids = frozenset(tok.newline_ids) if tok.prompt_format == "completion" else None
+    p = Pending(prepared, emit, tok, tok.stop_ids, newline_ids)
     with self._cond:
       if self._stop or self._thread is None:
         raise ServeError("the engine is not running", status=503, type="server_error")

@@ -238,14 +238,38 @@ def test_a_collection_is_served_in_the_prompt_format_it_was_trained_with(world, 
   (tmp_path / "other" / "cas" / TRAIN_DONE).write_text(json.dumps({"steps": 3, "prompt_format": "chat"}))
   other = Collection.open("chat", other_dir, model_fingerprint=world.lm.fingerprint, retriever=None)
   caplog.clear()
-  with caplog.at_level(logging.WARNING):  # formats that disagree: the flag decides, with a warning naming both
-    assert serving_prompt_format("auto", [coll, other]) == "auto"
+  with caplog.at_level(logging.WARNING):  # an explicit flag against formats that disagree: a warning naming both
+    assert serving_prompt_format("chat", [coll, other]) == "chat"
   assert "different prompt formats" in caplog.text and "'bare'" in caplog.text and "'chat'" in caplog.text
+  assert serving_prompt_format("auto", [coll, other]) == "auto"  # the engine serves each in its own
+  bare_text = f"<|im_start|>user\n{Q[0]['content']}<|im_end|>\n<|im_start|>assistant\n"
   eng = Engine(world.lm.model, world.lm.tokenizer, [coll], model_name="tiny-smol", cache_size=2, prompt_format=fmt)
   try:
     pr = eng.prepare(ChatRequest(messages=Q, cartridges=[world.docs[0].doc_id], max_tokens=4))
     text = world.lm.tokenizer.decode(list(pr.prompt), skip_special_tokens=False)
-    assert text == f"<|im_start|>user\n{Q[0]['content']}<|im_end|>\n<|im_start|>assistant\n"
+    assert text == bare_text
+  finally:
+    eng.close()
+  # two collections trained in different formats under "auto": each request reads its own collection's
+  # format, plain chat the model's default (the chat template with its default system turn), and the
+  # request decodes to the end with the tokenizer it was prepared with
+  eng = Engine(world.lm.model, world.lm.tokenizer, [coll, other], model_name="tiny-smol", cache_size=2,
+               prompt_format=serving_prompt_format("auto", [coll, other]))
+  try:
+    texts = {}
+    for name in ("bare", "chat", None):
+      req = ChatRequest(messages=Q, collection=name, cartridges=[world.docs[0].doc_id] if name else None,
+                        max_tokens=3, temperature=0.0)
+      pr = eng.prepare(req)
+      texts[name] = world.lm.tokenizer.decode(list(pr.prompt), skip_special_tokens=False)
+    assert texts["bare"] == bare_text
+    assert texts["chat"] == texts[None] != bare_text and "<|im_start|>system" in texts["chat"]
+    assert eng.stats()["collection_prompt_formats"] == {"bare": "bare"}
+    eng.start()
+    done = [e for e in eng.events(eng.prepare(ChatRequest(messages=Q, collection="bare",
+                                                          cartridges=[world.docs[0].doc_id], max_tokens=3,
+                                                          temperature=0.0))) if e.kind == "done"]
+    assert len(done) == 1
   finally:
     eng.close()
 
