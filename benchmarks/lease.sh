@@ -5,7 +5,8 @@
 #   bash benchmarks/lease.sh start "prose_sal head32 gemma_minutes q21"   # any subset, in this order
 #   bash benchmarks/lease.sh status        # progress of every job (repeat: `sleep 500; ... status`); with $OUT
 #                                          # set, as in a device call, it also collects (below; COLLECT=0: not)
-#   bash benchmarks/lease.sh then "seq" "mono512"   # start mono512 (as `start` would) as soon as seq has ended
+#   bash benchmarks/lease.sh then "seq" "mono512"   # start mono512 (as `start` would) as soon as seq has ended;
+#                                          # source gpu_setup.sh in that call too (its jobs need the same environment)
 #   OUT=$OUT bash benchmarks/lease.sh collect   # each job's archive into $OUT/<job>/ (what has finished)
 #       collect in every waiting call, not only the last (`status` does it when $OUT is set): a machine can be
 #       taken back mid-run, and what no call brought back is lost (2026-12-06: a whole k20/head32 study)
@@ -288,6 +289,9 @@ elif [ "$MODE" = then ]; then
   # bash benchmarks/lease.sh then "<running jobs>" "<jobs to start>": a detached watcher starts the second set (as
   # `start` would, with this call's environment) once every run of the first set has ended, so the card does not
   # idle until the next call notices (2026-12-06: sharp's runs ended ~100 s before the call that saw them)
+  # (checked now, not when the watcher starts them: 2026-12-07 a `then` from a call without gpu_setup.sh waited
+  # 12 minutes and then could not start parts1k_sal)
+  need_setup
   setsid nohup bash "$0" _then "$2" "$3" > $R/then.log 2>&1 < /dev/null &
   echo "then: '$3' starts when '$2' has ended (log: $R/then.log)"
 elif [ "$MODE" = _then ]; then
