@@ -341,6 +341,7 @@ def collection_section(results: dict, collection: str, base_variant: str = "base
     for v in levers:  # does the lever change how often a loaded distractor's value is chosen?
       lines += interference_lines(results, collection, v)
   lines += training_added_lines(results, collection, [base_variant] + levers, ns)
+  lines += blend_lines(results, collection, [base_variant] + levers, ns)
   return "\n".join(lines), {"base": base, "ns": ns}
 
 
@@ -356,6 +357,29 @@ def training_added_lines(results: dict, collection: str, variants: list[str], ns
     rows = pooled(results, v, collection)
     lines += pair_rows(v, f"{v}, untrained", seeds_of(results, v, collection), ns,
                        (rows, "cartridge_oracle", "cas_composed"), (rows, "cartridge_init", "init_composed"), shown=1)
+  return lines
+
+
+def blend_lines(results: dict, collection: str, variants: list[str], ns: list[int]) -> list[str]:
+  """The trained cartridges blended with their inits (eval methods cartridge_blend<a> and blend<a>_composed@n), per
+  variant and alpha: the blend's accuracy, and the blend minus the untrained inits and minus the trained cartridges
+  (paired, on the same draws)."""
+  lines = []
+  for v in variants:
+    rows = pooled(results, v, collection)
+    alphas = sorted({m[len("cartridge_blend"):] for m in rows if m.startswith("cartridge_blend")}, key=float)
+    if not alphas:
+      continue
+    if not lines:
+      lines = ["", "| blend: alpha x trained + (1 - alpha) x init (paired) | seeds | alone | "
+               + " | ".join(f"@{n}" for n in ns) + " |", "|---|---|---|" + "---|" * len(ns)]
+    seeds = seeds_of(results, v, collection)
+    for a in alphas:
+      blended = (rows, f"cartridge_blend{a}", f"blend{a}_composed")
+      lines += pair_rows(f"{v}, alpha {a} - untrained", f"{v}, alpha {a}", seeds, ns, blended,
+                         (rows, "cartridge_init", "init_composed"), shown=0)[::-1]
+      lines += pair_rows(f"{v}, alpha {a} - trained", "", seeds, ns, blended,
+                         (rows, "cartridge_oracle", "cas_composed"), shown=0)[:1]
   return lines
 
 

@@ -55,13 +55,18 @@ LEVER_METHODS = ("cartridge_oracle", "cas_composed")
 # untrained cartridges alone and composed (the bare form and the p = 768 window pair trained against untrained)
 LEVER_EXTRA_METHODS = {"seqlast": ("cartridge_retrieved", "cartridge_adaptive"),
                        "seqbare": ("icl", "no_context", "cartridge_init", "init_composed"),
-                       "seq768": ("cartridge_init",), "seq768b": ("icl", "no_context", "cartridge_init")}
+                       "seq768": ("cartridge_init",), "seq768b": ("icl", "no_context", "cartridge_init"),
+                       "seqblend": ("icl", "no_context", "cartridge_init", "init_composed", "cartridge_blend",
+                                    "blend_composed"),
+                       "blend768": ("icl", "no_context", "cartridge_init", "init_composed", "cartridge_blend",
+                                    "blend_composed")}
 # levers with their own self-study that still run CAS only (a self-study lever is otherwise a whole table)
-CAS_ONLY = ("seqbare", "seq768b")
+CAS_ONLY = ("seqbare", "seq768b", "seqblend", "blend768")
 # --methods may also name these (cas.eval.cas_methods.METHODS): the two gold cartridges of a two-document
 # question (issue 21), BM25's top documents reordered by the cartridges' likelihood of the question, the
 # untrained cartridges alone and composed (the no-training baseline)
-KNOWN_METHODS = BASE_METHODS + ("cartridge_gold_pair", "cartridge_reranked", "cartridge_init", "init_composed")
+KNOWN_METHODS = BASE_METHODS + ("cartridge_gold_pair", "cartridge_reranked", "cartridge_init", "init_composed",
+                                 "cartridge_blend", "blend_composed")
 VARIANTS = {
     "base": [],
     "hard": ["--config.train.p_hard=0.5"],  # half the distractors are the BM25 nearest documents
@@ -110,6 +115,16 @@ VARIANTS = {
                "--config.cartridge.num_tokens=768"],
     "seq768b": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
                 "--config.prompt_format=bare", "--config.cartridge.num_tokens=768"],
+    # the trained cartridges blended with their untrained inits, alpha x trained + (1 - alpha) x init, evaluated at
+    # three alphas in the same run (issues 20 + 26, 2026-12-07: where the init holds the whole document, seqbare on
+    # products and seq768b on patients trained the oracle 5.0 / 7.9 under its init, and products' CAS gained +11.2 at
+    # 10 loaded over the inits): seqbare / seq768b's training, CAS only, with the blend rows
+    # (compose_report --base=seqblend / --base=blend768)
+    "seqblend": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
+                 "--config.prompt_format=bare", "--config.eval.blend_alphas=(0.25,0.5,0.75)"],
+    "blend768": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
+                 "--config.prompt_format=bare", "--config.cartridge.num_tokens=768",
+                 "--config.eval.blend_alphas=(0.25,0.5,0.75)"],
     # a sharper teacher (issue 20: over 26 base runs a question survives 10 loaded cartridges in 64% of cases
     # where its cartridge alone answers with p >= 0.95, in 41% where p < 0.5; benchmarks.confidence_survival):
     # both trainings distil toward the teacher's top-k at temperature 0.5 (CAS + isolated, as base)
@@ -157,7 +172,7 @@ VARIANTS = {
 }
 # a job's share of GPU memory, in units of --mem (k20: 20 slots and a prefix of 20 x p; the preflight says
 # 7.1 against 5.8 GB at p = 256)
-MEM = {"mono": 2.0, "k20": 1.3, "seq768": 1.5, "seq768b": 1.5}
+MEM = {"mono": 2.0, "k20": 1.3, "seq768": 1.5, "seq768b": 1.5, "blend768": 1.5}
 # training levers that change the isolated baseline too (or its budget, iso01f): evaluated like base
 FULL = ("head32", "cosine", "salient", "salhead", "seq", "sharp", "iso01f")
 

@@ -50,8 +50,8 @@ TRAIN_STAGES = ("train", "train_isolated", "train_monolithic")
 MONOLITHIC_INITS = ("concat", "units")
 CAS_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolated_composed", "icl_composed",
                "monolithic", "cartridge_retrieved", "rag_text", "cartridge_gold_pair", "cartridge_reranked",
-               "cartridge_adaptive", "cartridge_init", "init_composed")
-COMPOSED_METHODS = ("cas_composed", "isolated_composed", "icl_composed", "init_composed")
+               "cartridge_adaptive", "cartridge_init", "init_composed", "cartridge_blend", "blend_composed")
+COMPOSED_METHODS = ("cas_composed", "isolated_composed", "icl_composed", "init_composed", "blend_composed")
 RETRIEVAL_METHODS = ("cartridge_retrieved", "rag_text", "cartridge_reranked", "cartridge_adaptive")
 EVAL_KINDS = ("mc", "short")
 QUESTION_PICKS = ("first", "spread")  # config.eval.question_pick (cas.pipeline.CasStages.questions)
@@ -601,10 +601,17 @@ def _check_eval(config, pipeline: str, add: Callable, stages: Sequence[str]) -> 
   modes = _tuple(_get(ec, "position_modes", ("shared",)))
   if any(m not in POSITION_MODES for m in modes):
     add("config.eval.position_modes", f"config.eval.position_modes={modes!r}: each must be one of {POSITION_MODES}")
-  elif not modes and any(m in ("cas_composed", "isolated_composed", "init_composed", "cartridge_gold_pair")
-                         for m in methods):
+  elif not modes and any(m in ("cas_composed", "isolated_composed", "init_composed", "blend_composed",
+                                "cartridge_gold_pair") for m in methods):
     add("config.eval.position_modes", f"empty, but cas_composed / isolated_composed / init_composed / "
-                                      f"cartridge_gold_pair need at least one of {POSITION_MODES}")
+                                      f"blend_composed / cartridge_gold_pair need at least one of {POSITION_MODES}")
+  alphas = _tuple(_get(ec, "blend_alphas", (0.5,)))
+  if any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1 for a in alphas):
+    add("config.eval.blend_alphas", f"config.eval.blend_alphas={alphas!r}: each must be a number in [0, 1] (the "
+                                    "trained cartridge's weight in cartridge_blend / blend_composed)")
+  elif not alphas and any(m in ("cartridge_blend", "blend_composed") for m in methods):
+    add("config.eval.blend_alphas", "empty, but config.eval.methods has cartridge_blend / blend_composed; "
+                                    "e.g. --config.eval.blend_alphas=(0.25,0.5,0.75)")
   rk = _tuple(_get(ec, "retrieval_k", (1, 2, 4)))
   m = _get(ec, "rerank_candidates", 4)
   if not _is_int(m) or m < 1:

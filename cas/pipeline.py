@@ -34,7 +34,9 @@ chunk index in the system message, like icl), cartridge_gold_pair/<mode> (two-do
 only: the gold documents' CAS cartridges loaded together), cartridge_init (the own cartridge as
 initialized, before any training: what training added is cartridge_oracle - cartridge_init),
 init_composed@n (those untrained cartridges loaded as cas_composed@n loads, the same draws: the
-no-training baseline of composition).
+no-training baseline of composition), cartridge_blend<a> / blend<a>_composed@n (each CAS cartridge
+blended with its init, a * trained + (1 - a) * init, for each a of eval.blend_alphas: alone, and loaded
+on cas_composed@n's draws).
 
 Two-document questions (config.data.pair_share; Question.doc_ids, the gold documents): "own
 document" above means every gold document. icl reads both (icl_composed with the two gold

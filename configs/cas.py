@@ -220,6 +220,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # cartridge_reranked@k (add it to eval.methods): the index's top-m documents reranked by the model's
   # likelihood of the question after each one's cartridge (cas.eval.rerank); m = rerank_candidates
   c.eval.rerank_candidates = 4
+  # cartridge_blend / blend_composed (add them to eval.methods): each CAS cartridge blended with its untrained init,
+  # alpha * trained + (1 - alpha) * init (cas.cartridge.compose.blend), one row per alpha here (RESULTS.md,
+  # 2026-12-07: where the init holds the whole document, training costs the cartridge read alone ~5 points
+  # under its init and gains ~11 at 10 loaded)
+  c.eval.blend_alphas = (0.5,)
   # cartridge_adaptive@2 (add it to eval.methods): BM25's top-1 cartridge, and the second only when
   # the relative margin (s1 - s2) / s1 is below this (tuned on minutes seed 0 of the composition
   # studies, held-out seed 1: +1.7 over @1 at 1.07 cartridges; on questions by content, three collections

@@ -269,7 +269,9 @@ def test_cartridge_init_is_the_untrained_cartridge(run, tmp_path):
   # Another workdir whose store holds changed ("trained") cartridges: the oracle moves, the init row does not.
   w2 = str(tmp_path / "trained")
   st2 = _stages(w2)
-  st2.config.eval.methods = ("cartridge_oracle", "cartridge_init", "cas_composed", "init_composed")
+  st2.config.eval.methods = ("cartridge_oracle", "cartridge_init", "cas_composed", "init_composed", "cartridge_blend",
+                             "blend_composed")
+  st2.config.eval.blend_alphas = (0.0, 0.5, 1.0, 0.5)  # a repeat is evaluated once
   store_init_cartridges(st2, w2)
   from cas.rotation.store import CartridgeStore
   with CartridgeStore(os.path.join(w2, "cas", "store"), spec=st2.spec, model_fingerprint=st2.lm.fingerprint) as store:
@@ -295,3 +297,19 @@ def test_cartridge_init_is_the_untrained_cartridge(run, tmp_path):
     assert max(np.max(np.abs(np.subtract(qc["option_scores"], qi["option_scores"]))) for qi, qc in zip(init_n, cas_n)) > 1e-4
   for qi, q1 in zip(rows2["cartridge_init"]["questions"], rows2["init_composed@1/shared"]["questions"]):
     np.testing.assert_allclose(q1["option_scores"], qi["option_scores"], rtol=0, atol=1e-6)
+  # cartridge_blend<a> / blend<a>_composed@n: a * trained + (1 - a) * init, one row per alpha, on cas_composed's
+  # draws; a = 0 reads as the init rows, a = 1 as the trained ones, 0.5 as neither
+  assert sorted(k for k in rows2 if "blend" in k) == sorted(
+      [f"cartridge_blend{a}" for a in ("0", "0.5", "1")]
+      + [f"blend{a}_composed@{n}/shared" for a in ("0", "0.5", "1") for n in (1, 2)])
+  assert rows2["cartridge_blend0.5"]["blend_alpha"] == 0.5 and rows2["cartridge_blend0.5"]["base_method"] == "cartridge_blend"
+  def scores(name):
+    return [q["option_scores"] for q in rows2[name]["questions"]]
+  for blended, same in (("cartridge_blend0", "cartridge_init"), ("cartridge_blend1", "cartridge_oracle"),
+                        ("blend0_composed@2/shared", "init_composed@2/shared"),
+                        ("blend1_composed@2/shared", "cas_composed@2/shared")):
+    np.testing.assert_allclose(scores(blended), scores(same), rtol=0, atol=1e-5)
+  assert [q["loaded"] for q in rows2["blend0.5_composed@2/shared"]["questions"]] == [
+      q["loaded"] for q in rows2["cas_composed@2/shared"]["questions"]]
+  for other in ("cartridge_init", "cartridge_oracle"):
+    assert np.max(np.abs(np.subtract(scores("cartridge_blend0.5"), scores(other)))) > 1e-4

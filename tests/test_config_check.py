@@ -312,3 +312,17 @@ def test_adaptive_margin_is_checked():
   c.eval.adaptive_margin = 1.5
   got = _where(check_config(c, "cas", devices=ONE, check_model=False))
   assert "adaptive_margin=1.5 must be a number in [0, 1]" in got["config.eval.adaptive_margin"]
+
+
+def test_blend_alphas_are_checked():
+  """cartridge_blend / blend_composed weigh the trained cartridge by each eval.blend_alphas entry: each must be in
+  [0, 1], and the methods need at least one."""
+  c = cas_config("quick")
+  c.eval.methods = ("cartridge_oracle", "cartridge_blend", "blend_composed")
+  assert check_config(c, "cas", devices=ONE, check_model=False) == []
+  c.eval.blend_alphas = (0.5, 1.5)
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "blend_alphas=(0.5, 1.5): each must be a number in [0, 1]" in got["config.eval.blend_alphas"]
+  c.eval.blend_alphas = ()
+  got = _where(check_config(c, "cas", devices=ONE, check_model=False))
+  assert "empty, but config.eval.methods has cartridge_blend" in got["config.eval.blend_alphas"]

@@ -48,3 +48,19 @@ def compose(cartridges: Sequence[Cartridge], *, mode: str = "shared", inv_freq=N
     vs.append(c.v[...])
   offset = spec.num_tokens if mode == "shared" else f + n * body
   return jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1), offset
+
+
+def blend(trained: Cartridge, init: Cartridge, alpha: float) -> Cartridge:
+  """`alpha * trained + (1 - alpha) * init` on the trainable keys and values (the sink is the trained one's; both
+  share it): a point between a trained cartridge and the init it was trained from, as weight-space ensembling of a
+  fine-tuned model with its start (WiSE-FT). alpha = 1 is the trained cartridge, 0 its init. The two must have one
+  spec and one sink (the trained cartridge started from that init), else CartridgeError."""
+  alpha = float(alpha)
+  if not 0.0 <= alpha <= 1.0:
+    raise CartridgeError(f"blend: alpha must be in [0, 1] (the trained cartridge's weight), got {alpha}")
+  if trained.spec != init.spec:
+    raise CartridgeError(f"blend: a trained cartridge of spec {trained.spec} and an init of spec {init.spec}")
+  if not bool(jnp.array_equal(trained.frozen_k[...], init.frozen_k[...])):
+    raise CartridgeError("blend: the trained cartridge and the init have different sinks (not trained from it)")
+  mix = lambda a, b: alpha * a[...] + (1.0 - alpha) * b[...]  # noqa: E731
+  return Cartridge(trained.frozen_k[...], trained.frozen_v[...], mix(trained.k, init.k), mix(trained.v, init.v))

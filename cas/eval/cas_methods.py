@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 from absl import logging
 
-from cas.cartridge.compose import best_last
+from cas.cartridge.compose import best_last, blend
 from cas.cartridge.io import META as CARTRIDGE_META, load_cartridge
 from cas.config_check import CAS_METHODS
 from cas.data.types import Document, Question
@@ -121,9 +121,18 @@ class EvalContext:
     """The cartridge of unit `doc_id` in store `store_name` (exported once per evaluation)."""
     key = (store_name, doc_id)
     if key not in self.carts:  # "init": the unit's cartridge as the CAS stage initializes it (no store)
-      self.carts[key] = (self.init_cart(doc_id) if store_name == "init"
-                         else self.stores[store_name].export_cartridge(doc_id))
+      if store_name.startswith("blend:"):  # "blend:<alpha>": alpha * the CAS cartridge + (1 - alpha) * its init
+        self.carts[key] = blend(self.cart("cas", doc_id), self.cart("init", doc_id), float(store_name[6:]))
+      else:
+        self.carts[key] = (self.init_cart(doc_id) if store_name == "init"
+                           else self.stores[store_name].export_cartridge(doc_id))
     return self.carts[key]
+
+  @property
+  def blend_alphas(self) -> list[float]:
+    """config.eval.blend_alphas without repeats: the trained cartridge's weights cartridge_blend and
+    blend_composed evaluate."""
+    return list(dict.fromkeys(float(a) for a in self.ec.get("blend_alphas", (0.5,))))
 
   def doc_carts(self, store_name: str, ids) -> list:
     """The cartridges of documents `ids`, in order, each with all of its parts in order
@@ -223,6 +232,35 @@ def cartridge_init(method: str, c: EvalContext) -> list[Job]:
   return c.job(method, ctx_for, ["init", c.init_signature])
 
 
+def blend_name(method: str, alpha: float) -> str:
+  """The row of a blend method at one alpha: cartridge_blend0.5, blend0.5_composed (then @n/<mode>)."""
+  return f"cartridge_blend{alpha:g}" if method == "cartridge_blend" else f"blend{alpha:g}_composed"
+
+
+def blend_deps(c: EvalContext, alpha: float) -> list[str]:
+  return ["cas", c.store_state["cas"], "init", c.init_signature, f"alpha={alpha:g}"]
+
+
+def can_blend(method: str, c: EvalContext) -> bool:
+  if c.init_cart is None:
+    logging.warning("skipping %s: this evaluation cannot build the untrained cartridges", method)
+    return False
+  return c.have_store("cas", method)
+
+
+def cartridge_blend(method: str, c: EvalContext) -> list[Job]:
+  """The gold documents' CAS cartridges blended with their untrained inits (cas.cartridge.compose.blend), one row
+  per config.eval.blend_alphas entry (cartridge_blend<alpha>): between cartridge_init (alpha 0) and
+  cartridge_oracle (alpha 1)."""
+  if not can_blend(method, c):
+    return []
+  jobs = []
+  for a in c.blend_alphas:
+    ctx_for = per_gold_documents(lambda ids, a=a: c.ev.cartridges(c.doc_carts(f"blend:{a:g}", ids)))
+    jobs += c.job(blend_name(method, a), ctx_for, blend_deps(c, a), {"base_method": method, "blend_alpha": a})
+  return jobs
+
+
 def cartridge_gold_pair(method: str, c: EvalContext) -> list[Job]:
   """Two-document questions only (not defined for the others): both gold documents' CAS
   cartridges (all their parts) loaded together, in each position mode."""
@@ -248,30 +286,43 @@ def cartridge_gold_pair(method: str, c: EvalContext) -> list[Job]:
 def composed(method: str, c: EvalContext) -> list[Job]:
   """cas_composed / isolated_composed / init_composed @n/<mode>: the question's gold documents + n - len(gold)
   others (EvalContext.loaded), as cartridges of the CAS / isolated store, or untrained as the CAS stage
-  initializes them (init_composed: the no-training baseline on the same draws), in each position mode."""
-  store_name = {"cas_composed": "cas", "isolated_composed": "isolated", "init_composed": "init"}[method]
+  initializes them (init_composed: the no-training baseline on the same draws), in each position mode;
+  blend_composed: the CAS cartridges blended with their inits, per config.eval.blend_alphas
+  (blend<alpha>_composed@n/<mode>, the same draws)."""
+  if method == "blend_composed":
+    if not can_blend(method, c):
+      return []
+    stores = [(f"blend:{a:g}", blend_name(method, a), blend_deps(c, a), {"blend_alpha": a}) for a in c.blend_alphas]
+  else:
+    store_name = {"cas_composed": "cas", "isolated_composed": "isolated", "init_composed": "init"}[method]
+    deps = composed_deps(method, store_name, c)
+    stores = [] if deps is None else [(store_name, method, deps, {})]
+  jobs = []
+  for store_name, row, deps, extra in stores:
+    for n in c.num_loaded:
+      for mode in c.position_modes:
+        notes = {}
+
+        def ctx_for(q, n=n, mode=mode, s=store_name, notes=notes):
+          ids = c.loaded(q, n)
+          notes[q.qid] = {"loaded": ids}
+          return c.loaded_context(s, q, ids, mode)
+        name = f"{row}@{n}/{mode}"
+        jobs += c.job(name, ctx_for, deps, {"num_loaded": n, "position_mode": mode, "base_method": method, **extra},
+                      notes, c.fitting(name, n))
+  return jobs
+
+
+def composed_deps(method: str, store_name: str, c: EvalContext) -> list[str] | None:
+  """What a composed row of `store_name` depends on; None (logged) when that store cannot be read."""
   if store_name == "init":
     if c.init_cart is None:
       logging.warning("skipping %s: this evaluation cannot build the untrained cartridges", method)
-      return []
-    deps = ["init", c.init_signature]
-  elif not c.have_store(store_name, method):
-    return []
-  else:
-    deps = [store_name, c.store_state[store_name]]
-  jobs = []
-  for n in c.num_loaded:
-    for mode in c.position_modes:
-      notes = {}
-
-      def ctx_for(q, n=n, mode=mode, s=store_name, notes=notes):
-        ids = c.loaded(q, n)
-        notes[q.qid] = {"loaded": ids}
-        return c.loaded_context(s, q, ids, mode)
-      name = f"{method}@{n}/{mode}"
-      jobs += c.job(name, ctx_for, deps,
-                    {"num_loaded": n, "position_mode": mode, "base_method": method}, notes, c.fitting(name, n))
-  return jobs
+      return None
+    return ["init", c.init_signature]
+  if not c.have_store(store_name, method):
+    return None
+  return [store_name, c.store_state[store_name]]
 
 
 def icl_composed(method: str, c: EvalContext) -> list[Job]:
@@ -466,6 +517,8 @@ METHODS: dict[str, Callable[[str, EvalContext], list[Job]]] = {
     "cartridge_adaptive": cartridge_adaptive,
     "cartridge_init": cartridge_init,
     "init_composed": composed,
+    "cartridge_blend": cartridge_blend,
+    "blend_composed": composed,
 }
 
 

@@ -255,3 +255,28 @@ def test_training_added_lines_pair_each_variant_with_its_own_untrained_cartridge
   assert cells[1] == "" and cells[2].startswith("50.0") and cells[3].startswith("0.0")
   assert not any(l.startswith("| seq |") for l in lines)
   assert cr.training_added_lines({("seq", "products", 0): seq}, "products", ["seq"], [2]) == []
+
+
+def test_blend_lines_show_each_alpha_against_the_init_and_the_trained_cartridges():
+  """A run that scored cartridge_blend<a> and blend<a>_composed@n gets, per alpha (numeric order), the blend's
+  accuracy, then blend minus the untrained inits and minus the trained cartridges, paired; no blend rows, no table."""
+  def rows(method, correct):
+    return {"method": method, "questions": [{"qid": f"d{i}/f/mc", "correct": c} for i, c in enumerate(correct)]}
+  run = cr.as_composed({"methods": [
+      rows("cartridge_oracle", [True, False]), rows("cartridge_init", [True, True]),
+      rows("cas_composed@2/sequential", [True, True]), rows("init_composed@2/sequential", [False, False]),
+      rows("cartridge_blend0.5", [True, True]), rows("blend0.5_composed@2/sequential", [True, False]),
+      rows("cartridge_blend0.25", [True, True]), rows("blend0.25_composed@2/sequential", [False, False])]})
+  results = {("seqblend", "products", 0): run}
+  lines = cr.blend_lines(results, "products", ["seqblend"], [2])
+  labels = [l.split(" | ")[0].lstrip("| ") for l in lines if l.startswith("| seqblend")]
+  assert labels == ["seqblend, alpha 0.25", "seqblend, alpha 0.25 - untrained", "seqblend, alpha 0.25 - trained",
+                    "seqblend, alpha 0.5", "seqblend, alpha 0.5 - untrained", "seqblend, alpha 0.5 - trained"]
+  acc = next(l for l in lines if l.startswith("| seqblend, alpha 0.5 |"))
+  assert [x.strip() for x in acc.split("|")[1:-1]][2:] == ["100.0 (34-100)", "50.0 (9-91)"]
+  untrained = next(l for l in lines if l.startswith("| seqblend, alpha 0.5 - untrained |"))
+  trained = next(l for l in lines if l.startswith("| seqblend, alpha 0.5 - trained |"))
+  assert untrained.split(" | ")[2].startswith("+0.0") and untrained.split(" | ")[3].startswith("+50.0")
+  assert trained.split(" | ")[2].startswith("+50.0") and trained.split(" | ")[3].startswith("-50.0")
+  assert cr.blend_lines({("seq", "products", 0): {"methods": [rows("cartridge_oracle", [True])]}}, "products",
+                        ["seq"], [2]) == []

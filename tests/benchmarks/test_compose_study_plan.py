@@ -247,3 +247,20 @@ def test_every_method_the_study_names_is_one_the_pipeline_knows():
   f = cs._flags(["--variants=parts1k_sal", "--methods=no_context,icl,cartridge_oracle,cartridge_init,cas_composed,"
                  "isolated_composed,init_composed"])
   assert "cartridge_init" in f["methods"] and "init_composed" in f["methods"]
+
+
+def test_the_blend_levers_train_as_the_bare_ones_and_score_three_blends(tmp_path):
+  """seqblend / blend768 (the trained cartridges blended with their inits): seqbare's / seq768b's training, CAS
+  only, with the blend rows at three alphas beside the untrained and trained ones; both share seqbare's bare
+  self-study when it runs (p is not a self-study flag), and blend768 gets seq768b's memory."""
+  p = cs.plan(str(tmp_path), cs._flags(["--variants=seqbare,seqblend,blend768", "--collections=products",
+                                        "--seeds=0", "--p=512"]))
+  assert {j["name"] for j in p["synth"]} == {"seqbare_products_s0"}
+  train = {j["name"]: j for j in p["train"]}
+  blend = train["seqblend_products_s0"]
+  assert blend["synth"] == train["blend768_products_s0"]["synth"] == "seqbare_products_s0"
+  assert "--config.eval.blend_alphas=(0.25,0.5,0.75)" in blend["args"] and "--config.prompt_format=bare" in blend["args"]
+  methods = next(a for a in blend["args"] if a.startswith("--config.eval.methods="))
+  assert "'cartridge_blend','blend_composed'" in methods and "isolated" not in methods
+  assert train["blend768_products_s0"]["mem"] == 1.5
+  assert "--config.cartridge.num_tokens=768" in train["blend768_products_s0"]["args"]

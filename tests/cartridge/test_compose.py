@@ -30,3 +30,26 @@ def test_shared_and_sequential_composition():
     compose([ca, init_cartridge(m, a, 6, sink_ids=[1])])
   with pytest.raises(CartridgeError, match="position mode"):
     compose([ca], mode="interleaved")
+
+
+def test_blend_is_the_weighted_mean_of_a_trained_cartridge_and_its_init():
+  """blend(trained, init, a) = a * trained + (1 - a) * init on the trainable keys and values, the sink kept; a = 1
+  is the trained cartridge and 0 the init; an alpha outside [0, 1], another spec or another sink is refused."""
+  from cas.cartridge.cartridge import Cartridge
+  from cas.cartridge.compose import blend
+  m = tiny_model()
+  rng = np.random.default_rng(1)
+  init = init_cartridge(m, list(rng.integers(2, 128, 9)), 8, sink_ids=[1])
+  trained = Cartridge(init.frozen_k[...], init.frozen_v[...], init.k[...] + 1.0, init.v[...] * 2.0)
+  mid = blend(trained, init, 0.25)
+  np.testing.assert_allclose(mid.k[...], init.k[...] + 0.25, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(mid.v[...], init.v[...] * 1.25, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(mid.frozen_k[...], init.frozen_k[...])
+  np.testing.assert_array_equal(blend(trained, init, 1.0).k[...], trained.k[...])
+  np.testing.assert_array_equal(blend(trained, init, 0.0).v[...], init.v[...])
+  with pytest.raises(CartridgeError, match="alpha must be in"):
+    blend(trained, init, 1.5)
+  with pytest.raises(CartridgeError, match="spec"):
+    blend(trained, init_cartridge(m, list(rng.integers(2, 128, 9)), 6, sink_ids=[1]), 0.5)
+  with pytest.raises(CartridgeError, match="different sinks"):
+    blend(trained, init_cartridge(m, list(rng.integers(2, 128, 9)), 8, sink_ids=[2]), 0.5)
