@@ -59,9 +59,11 @@ LEVER_EXTRA_METHODS = {"seqlast": ("cartridge_retrieved", "cartridge_adaptive"),
                        "seqblend": ("icl", "no_context", "cartridge_init", "init_composed", "cartridge_blend",
                                     "blend_composed"),
                        "blend768": ("icl", "no_context", "cartridge_init", "init_composed", "cartridge_blend",
+                                    "blend_composed"),
+                       "blend300": ("icl", "no_context", "cartridge_init", "init_composed", "cartridge_blend",
                                     "blend_composed")}
 # levers with their own self-study that still run CAS only (a self-study lever is otherwise a whole table)
-CAS_ONLY = ("seqbare", "seq768b", "seqblend", "blend768")
+CAS_ONLY = ("seqbare", "seq768b", "seqblend", "blend768", "blend300")
 # --methods may also name these (cas.eval.cas_methods.METHODS): the two gold cartridges of a two-document
 # question (issue 21), BM25's top documents reordered by the cartridges' likelihood of the question, the
 # untrained cartridges alone and composed (the no-training baseline)
@@ -125,6 +127,12 @@ VARIANTS = {
     "blend768": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
                  "--config.prompt_format=bare", "--config.cartridge.num_tokens=768",
                  "--config.eval.blend_alphas=(0.25,0.5,0.75)"],
+    # seqblend after 300 steps instead of the recipe's 1,000 (the variant's flag replaces --steps): does a shorter
+    # training keep more of the init read alone, and how much of the composition does it already buy? The same
+    # self-study (compose_report --base=seqblend pairs it)
+    "blend300": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
+                 "--config.prompt_format=bare", "--config.eval.blend_alphas=(0.25,0.5,0.75)",
+                 "--config.train.steps=300"],
     # a sharper teacher (issue 20: over 26 base runs a question survives 10 loaded cartridges in 64% of cases
     # where its cartridge alone answers with p >= 0.95, in 41% where p < 0.5; benchmarks.confidence_survival):
     # both trainings distil toward the teacher's top-k at temperature 0.5 (CAS + isolated, as base)

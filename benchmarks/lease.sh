@@ -130,9 +130,10 @@
 #                  training pulls the oracle under its untrained init (-5.0 / -7.9) and buys composition (+11.2 at 10
 #                  loaded on products; RESULTS.md "Training on a complete init"). Next: the blend of the two, at three
 #                  alphas in one run (variants seqblend / blend768): SHARES="paper3=0.3 seqlast=0.2" PAPER3_VARIANTS=blend768
-#                  PAPER3_COLLECTIONS=patients PAPER3_SEEDS=0,1 SEQLAST_VARIANTS=seqblend SEQLAST_SEEDS=0,1
-#                  SEQLAST_COLLECTIONS=products (fits an H100: CARD_MIB=81559 DRY=1 ... says so); the same trainings as
-#                  seqbare / seq768b, so compose_report --base=seqblend also pairs them with the archived runs
+#                  PAPER3_COLLECTIONS=patients PAPER3_SEEDS=0,1 SEQLAST_VARIANTS=seqblend,blend300 SEQLAST_SEEDS=0,1
+#                  SEQLAST_COLLECTIONS=products (fits an H100: CARD_MIB=81559 DRY=1 ... says so; blend300 is seqblend
+#                  after 300 steps, on the same self-study); the same trainings as seqbare / seq768b, so
+#                  compose_report --base=seqblend also pairs them with the archived runs
 #   late           issues 26 + 20: self-study walks every sentence and quotes those after the first_tokens init's
 #                  window three times per pass (variant late3, synth.late_weight=3) at the paper3 budget, shared
 #                  positions, CAS + isolated, patients, seed 0 (products' documents end before token 511: late3 is

@@ -264,3 +264,7 @@ def test_the_blend_levers_train_as_the_bare_ones_and_score_three_blends(tmp_path
   assert "'cartridge_blend','blend_composed'" in methods and "isolated" not in methods
   assert train["blend768_products_s0"]["mem"] == 1.5
   assert "--config.cartridge.num_tokens=768" in train["blend768_products_s0"]["args"]
+  short = cs.plan(str(tmp_path), cs._flags(["--variants=seqblend,blend300", "--collections=products", "--seeds=0",
+                                            "--steps=1000"]))["train"]
+  steps = {j["name"]: [a for a in j["args"] if a.startswith("--config.train.steps=")] for j in short}
+  assert steps == {"seqblend_products_s0": ["--config.train.steps=1000"], "blend300_products_s0": ["--config.train.steps=300"]}
