@@ -251,7 +251,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
         top_p=body.top_p, seed=body.seed, stop=body.stop)
     prepared = await run_in_threadpool(engine.prepare, req)  # may read a store index or retrieve
     if limits.max_prompt_tokens is not None and len(prepared.prompt) > limits.max_prompt_tokens:
-      raise ServeError(f"the prompt is {len(prepared.prompt)} tokens ({(prepared.tokenizer or engine.tok).prompt_format} format applied), "
+      fmt = (prepared.tokenizer or engine.tok).prompt_format  # the request's collection's (Engine.tokenizer_for)
+      raise ServeError(f"the prompt is {len(prepared.prompt)} tokens ({fmt} format applied), "
                        f"beyond this server's limit of {limits.max_prompt_tokens} prompt tokens "
                        f"({LIMIT_FLAGS['max_prompt_tokens']}); shorten the messages",
                        code="prompt_too_long", param="messages")
