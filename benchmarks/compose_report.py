@@ -395,14 +395,24 @@ def pair_rows(diff_label: str, shown_label: str, seeds: list[int], ns: list[int]
           f"| {shown_label} | | {cell(rows.get(alone_m))} | " + " | ".join(values) + " |"]
 
 
+def plot_series(base: dict) -> list[tuple[str, str, str]]:
+  """The composed curves a plot draws, as (label, row name with {n}, color): CAS, isolated and the text, then the
+  untrained inits (init_composed) and each blend's alpha in numeric order (blend<a>_composed) where the run has them."""
+  lines = [("cas_composed", "cas_composed@{n}/shared", "C0"),
+           ("isolated_composed", "isolated_composed@{n}/shared", "C1"),
+           ("icl_composed", "icl_composed@{n}", "C2"),
+           ("untrained inits (init_composed)", "init_composed@{n}/shared", "C3")]
+  alphas = sorted({m.group(1) for m in (re.match(r"^blend([0-9.]+)_composed@", k) for k in base) if m}, key=float)
+  lines += [(f"blend, alpha {a}", f"blend{a}_composed@{{n}}/shared", f"C{4 + i}") for i, a in enumerate(alphas)]
+  return [x for x in lines if any(k.startswith(x[1].split("{n}")[0]) for k in base)]
+
+
 def plot(collection: str, base: dict, ns: list[int], path: str) -> str:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
-  for label, key, color in (("cas_composed", "cas_composed@{n}/shared", "C0"),
-                            ("isolated_composed", "isolated_composed@{n}/shared", "C1"),
-                            ("icl_composed", "icl_composed@{n}", "C2")):
+  for label, key, color in plot_series(base):
     pts = [(n, *acc(base[key.format(n=n)])[:3]) for n in ns if base.get(key.format(n=n))]
     if pts:
       x, y, lo, hi = zip(*pts)

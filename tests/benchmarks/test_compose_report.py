@@ -280,3 +280,17 @@ def test_blend_lines_show_each_alpha_against_the_init_and_the_trained_cartridges
   assert trained.split(" | ")[2].startswith("+50.0") and trained.split(" | ")[3].startswith("-50.0")
   assert cr.blend_lines({("seq", "products", 0): {"methods": [rows("cartridge_oracle", [True])]}}, "products",
                         ["seq"], [2]) == []
+
+
+def test_the_plot_draws_the_untrained_inits_and_each_blend_where_the_run_has_them(tmp_path):
+  """plot_series: CAS, isolated and icl_composed where present, then init_composed and the blends in numeric alpha
+  order; a run without them draws none of them; the plot is written."""
+  q = [{"qid": "d0/f/mc", "correct": True}]
+  base = {"cas_composed@2/shared": q, "init_composed@2/shared": q, "blend0.5_composed@2/shared": q,
+          "blend0.25_composed@2/shared": q, "icl_composed@2": q}
+  labels = [x[0] for x in cr.plot_series(base)]
+  assert labels == ["cas_composed", "icl_composed", "untrained inits (init_composed)", "blend, alpha 0.25",
+                    "blend, alpha 0.5"]
+  assert [x[0] for x in cr.plot_series({"cas_composed@2/shared": q})] == ["cas_composed"]
+  path = cr.plot("products", base, [2], str(tmp_path / "p.png"))
+  assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
