@@ -32,7 +32,7 @@ import re
 import tarfile
 from collections import defaultdict
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from cas.eval.stats import paired_by_qid, paired_difference, question_kind, wilson_interval
 
@@ -63,20 +63,27 @@ def load_archive(path: str) -> dict[tuple[str, str, int], dict]:
   if not os.path.isfile(path):
     raise ValueError(f"archive {path!r} not found (the compose_study.tgz that `lease.sh collect` or "
                      "`compose_study.py wait` with OUT set writes)")
-  out = {}
+  out, partial = {}, defaultdict(list)
   try:
     with tarfile.open(path) as tar:
       for m in tar.getmembers():
+        g = RUN.match(m.name.split("/")[0])
+        if not g:
+          continue
+        key = (g["variant"], g["collection"], int(g["seed"]))
         if m.name.endswith("/eval/results.json"):
-          run = m.name.split("/")[0]
-          g = RUN.match(run)
-          if g:
-            out[(g["variant"], g["collection"], int(g["seed"]))] = as_composed(
-                json.load(io.TextIOWrapper(tar.extractfile(m))))
+          out[key] = as_composed(json.load(io.TextIOWrapper(tar.extractfile(m))))
+        elif "/eval/partial/" in m.name and m.name.endswith(".json"):  # a run stopped in its evaluation
+          partial[key].append(json.load(io.TextIOWrapper(tar.extractfile(m)))["row"])
   except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as e:
     why = (str(e).splitlines() or [""])[0]
     raise ValueError(f"archive {path!r} cannot be read ({type(e).__name__}: {why}): not a .tgz, or a partial "
                      "copy") from e
+  for key, rows in partial.items():
+    if key not in out:
+      logging.warning("%s: run %s_%s_s%d stopped in its evaluation; reading the %d rows it finished (%s)", path,
+                      *key, len(rows), ", ".join(sorted(r["method"] for r in rows)))
+      out[key] = as_composed({"methods": sorted(rows, key=lambda r: r["method"]), "partial": True})
   return out
 
 

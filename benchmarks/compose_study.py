@@ -462,11 +462,21 @@ def archive(root: str, out: str) -> str:
         tar.add(full, arcname=n)
       if not os.path.isdir(full):
         continue
-      # a run whose documents were cut into parts keeps its results in parts<M>/eval (one per run)
-      for sub in [""] + sorted(d for d in os.listdir(full) if d.startswith("parts")):
-        res = os.path.join(full, sub, "eval", "results.json")
-        if os.path.exists(res):
-          tar.add(res, arcname=f"{n}/eval/results.json")
+      # a run whose documents were cut into parts keeps its results in parts<M>/eval (one per run); a run still
+      # evaluating (or stopped in its evaluation, e.g. when the device time ran out) brings back the rows it
+      # finished, eval/partial/<row>.json, which compose_report reads as its results (2026-12-08: a lease lost
+      # its blend rows with only cartridge_oracle finished, and the device refuses the rows' '@' file names)
+      subs = [""] + sorted(d for d in os.listdir(full) if d.startswith("parts"))
+      done = next((r for r in (os.path.join(full, sub, "eval", "results.json") for sub in subs) if os.path.exists(r)),
+                  None)
+      if done:
+        tar.add(done, arcname=f"{n}/eval/results.json")
+        continue
+      for sub in subs:
+        part = os.path.join(full, sub, "eval", "partial")
+        if os.path.isdir(part):
+          for f in sorted(x for x in os.listdir(part) if x.endswith(".json")):
+            tar.add(os.path.join(part, f), arcname=f"{n}/eval/partial/{f}")
           break
   return path
 

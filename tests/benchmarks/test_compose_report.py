@@ -294,3 +294,27 @@ def test_the_plot_draws_the_untrained_inits_and_each_blend_where_the_run_has_the
   assert [x[0] for x in cr.plot_series({"cas_composed@2/shared": q})] == ["cas_composed"]
   path = cr.plot("products", base, [2], str(tmp_path / "p.png"))
   assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_stopped_in_its_evaluation_is_read_from_the_rows_it_finished(tmp_path):
+  """compose_study.archive takes a run without eval/results.json as its eval/partial/<row>.json files, and
+  compose_report reads those rows as the run's results (sequential rows as composed ones); a finished run keeps
+  its results.json only."""
+  import json
+  from benchmarks import compose_study as cs
+  q = [{"qid": "d0/f/mc", "correct": True}]
+  run = tmp_path / "seqblend_products_s0" / "eval" / "partial"
+  run.mkdir(parents=True)
+  for name in ("cartridge_oracle", "cas_composed@10/sequential"):
+    (run / (name.replace("/", "-") + ".json")).write_text(
+        json.dumps({"method": name, "signature": "x", "row": {"method": name, "questions": q}}))
+  done = tmp_path / "seqbare_products_s0" / "eval"
+  (done / "partial").mkdir(parents=True)
+  (done / "results.json").write_text(json.dumps({"methods": [{"method": "icl", "questions": q}]}))
+  (done / "partial" / "icl.json").write_text("{}")
+  path = cs.archive(str(tmp_path), str(tmp_path / "out"))
+  got = cr.load_archive(path)
+  assert [r["method"] for r in got[("seqblend", "products", 0)]["methods"]] == ["cartridge_oracle",
+                                                                                "cas_composed@10/shared"]
+  assert got[("seqblend", "products", 0)]["partial"] is True
+  assert [r["method"] for r in got[("seqbare", "products", 0)]["methods"]] == ["icl"]
