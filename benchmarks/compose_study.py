@@ -56,12 +56,13 @@ LEVER_METHODS = ("cartridge_oracle", "cas_composed")
 LEVER_EXTRA_METHODS = {"seqlast": ("cartridge_retrieved", "cartridge_adaptive"),
                        "seqbare": ("icl", "no_context", "cartridge_init", "init_composed"),
                        "seq768": ("cartridge_init",), "seq768b": ("icl", "no_context", "cartridge_init"),
-                       "seqblend": ("icl", "no_context", "cartridge_init", "init_composed", "cartridge_blend",
+                       "seqblend": ("cartridge_init", "cartridge_blend", "icl", "no_context", "init_composed",
                                     "blend_composed"),
-                       "blend768": ("icl", "no_context", "cartridge_init", "init_composed", "cartridge_blend",
+                       "blend768": ("cartridge_init", "cartridge_blend", "icl", "no_context", "init_composed",
                                     "blend_composed"),
-                       "blend300": ("icl", "no_context", "cartridge_init", "init_composed", "cartridge_blend",
+                       "blend300": ("cartridge_init", "cartridge_blend", "icl", "no_context", "init_composed",
                                     "blend_composed")}
+# (the blend levers list the rows read alone first: a run stopped in its evaluation keeps the rows it finished)
 # levers with their own self-study that still run CAS only (a self-study lever is otherwise a whole table)
 CAS_ONLY = ("seqbare", "seq768b", "seqblend", "blend768", "blend300")
 # --methods may also name these (cas.eval.cas_methods.METHODS): the two gold cartridges of a two-document

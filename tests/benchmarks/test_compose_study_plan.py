@@ -261,7 +261,8 @@ def test_the_blend_levers_train_as_the_bare_ones_and_score_three_blends(tmp_path
   assert blend["synth"] == train["blend768_products_s0"]["synth"] == "seqbare_products_s0"
   assert "--config.eval.blend_alphas=(0.25,0.5,0.75)" in blend["args"] and "--config.prompt_format=bare" in blend["args"]
   methods = next(a for a in blend["args"] if a.startswith("--config.eval.methods="))
-  assert "'cartridge_blend','blend_composed'" in methods and "isolated" not in methods
+  assert "'cartridge_oracle','cas_composed','cartridge_init','cartridge_blend'" in methods
+  assert methods.endswith("'init_composed','blend_composed')") and "isolated" not in methods
   assert train["blend768_products_s0"]["mem"] == 1.5
   assert "--config.cartridge.num_tokens=768" in train["blend768_products_s0"]["args"]
   short = cs.plan(str(tmp_path), cs._flags(["--variants=seqblend,blend300", "--collections=products", "--seeds=0",
