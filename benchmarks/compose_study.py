@@ -61,10 +61,12 @@ LEVER_EXTRA_METHODS = {"seqlast": ("cartridge_retrieved", "cartridge_adaptive"),
                        "blend768": ("cartridge_init", "cartridge_blend", "icl", "no_context", "init_composed",
                                     "blend_composed"),
                        "blend300": ("cartridge_init", "cartridge_blend", "icl", "no_context", "init_composed",
-                                    "blend_composed")}
+                                    "blend_composed"),
+                       "anch3": ("cartridge_init", "icl", "no_context", "init_composed"),
+                       "anch30": ("cartridge_init", "icl", "no_context", "init_composed")}
 # (the blend levers list the rows read alone first: a run stopped in its evaluation keeps the rows it finished)
 # levers with their own self-study that still run CAS only (a self-study lever is otherwise a whole table)
-CAS_ONLY = ("seqbare", "seq768b", "seqblend", "blend768", "blend300")
+CAS_ONLY = ("seqbare", "seq768b", "seqblend", "blend768", "blend300", "anch3", "anch30")
 # --methods may also name these (cas.eval.cas_methods.METHODS): the two gold cartridges of a two-document
 # question (issue 21), BM25's top documents reordered by the cartridges' likelihood of the question, the
 # untrained cartridges alone and composed (the no-training baseline)
@@ -134,6 +136,14 @@ VARIANTS = {
     "blend300": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
                  "--config.prompt_format=bare", "--config.eval.blend_alphas=(0.25,0.5,0.75)",
                  "--config.train.steps=300"],
+    # seqbare's training with each update pulling the cartridge toward its init (train.anchor_weight: lr x w x
+    # (cartridge - init), decoupled; the training-side form of the blend): does the cartridge keep the init's
+    # specific values read alone (2026-12-07: patients' HbA1c blurred by training) and still compose? w = 3 lets an
+    # entry drift about 1/3 from its init before the pull matches an Adam step of lr, w = 30 about 1/30
+    "anch3": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
+              "--config.prompt_format=bare", "--config.train.anchor_weight=3.0"],
+    "anch30": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
+               "--config.prompt_format=bare", "--config.train.anchor_weight=30.0"],
     # a sharper teacher (issue 20: over 26 base runs a question survives 10 loaded cartridges in 64% of cases
     # where its cartridge alone answers with p >= 0.95, in 41% where p < 0.5; benchmarks.confidence_survival):
     # both trainings distil toward the teacher's top-k at temperature 0.5 (CAS + isolated, as base)

@@ -133,7 +133,8 @@
 #                  PAPER3_COLLECTIONS=patients PAPER3_SEEDS=0,1 SEQLAST_VARIANTS=seqblend,blend300 SEQLAST_SEEDS=0,1
 #                  SEQLAST_COLLECTIONS=products (fits an H100: CARD_MIB=81559 DRY=1 ... says so; blend300 is seqblend
 #                  after 300 steps, on the same self-study); the same trainings as seqbare / seq768b, so
-#                  compose_report --base=seqblend also pairs them with the archived runs
+#                  compose_report --base=seqblend also pairs them with the archived runs. The anchor (train.anchor_weight,
+#                  variants anch3 / anch30, on seqblend's self-study) can join seqlast: SEQLAST_VARIANTS=seqblend,anch3,anch30
 #   late           issues 26 + 20: self-study walks every sentence and quotes those after the first_tokens init's
 #                  window three times per pass (variant late3, synth.late_weight=3) at the paper3 budget, shared
 #                  positions, CAS + isolated, patients, seed 0 (products' documents end before token 511: late3 is

@@ -772,7 +772,8 @@ def memory_problems(config, pipeline: str, model, spec, *, num_docs: int, stages
             preflight.estimate_cas_bytes(model, spec, num_slots=tc.num_slots, batch_size=tc.batch_size,
                                          seq_len=tc.seq_len, k_max=k, mesh=mesh, dtype_bytes=dtype_bytes,
                                          loss_chunk=chunk,
-                                         share_stride=preflight.share_stride_of(tc) if name == "cas" else 0),
+                                         share_stride=preflight.share_stride_of(tc) if name == "cas" else 0,
+                                         anchors=float(tc.get("anchor_weight", 0.0)) > 0),
             f"CAS training ({name}) with num_slots={tc.num_slots} (p={spec.num_tokens}, k_max={k}, "
             f"batch_size={tc.batch_size}, seq_len={tc.seq_len})",
             "Lower train.num_slots (B), train.batch_size, train.seq_len or train.k_max, or spread the "

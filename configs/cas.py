@@ -168,6 +168,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # queries (every share_stride-th position) give to its distractor cartridges; 0 = off
   c.train.share_weight = 0.0
   c.train.share_stride = 8
+  # each update also pulls a cartridge toward its init by anchor_weight x lr x (cartridge - init), decoupled
+  # (cas.train.step.slot_adam_update): the training-side form of the eval's blend (RESULTS.md, 2026-12-07:
+  # training blurred values the init held exactly, e.g. patients' HbA1c); 0 = off
+  c.train.anchor_weight = 0.0
   # distil toward the teacher's top-k at this temperature (1 = as stored; below 1: sharper targets)
   c.train.teacher_temperature = 1.0
   # the fraction of rows with distractors that load their own cartridge last (in sequential positions: next to

@@ -73,7 +73,7 @@ CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm",
             "top_k", "log_every", "ckpt_every", "keep_checkpoints", "train_distractors", "loss_chunk",
             "max_conversations", "length_weighting", "p_hard", "k_curriculum_steps", "mixed_weight", "pack",
             "frozen_head", "lr_decay", "lr_min_ratio", "lr_decay_updates", "p_silent", "share_weight",
-            "share_stride", "teacher_temperature", "p_own_last")
+            "share_stride", "teacher_temperature", "p_own_last", "anchor_weight")
 # max_conversations: train on each document's first n self-study conversations only (0 = all; a
 # curve of quality against self-study size from one synthesis)
 # length_weighting: a resident document gets rows in proportion to its length (length_weights), not one
@@ -104,10 +104,16 @@ CAS_KEYS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "clip_norm",
 # p_own_last: the fraction of mixed rows that load their own cartridge last (sequential positions: next to the
 # question, the distance it is read at alone and where the server puts the best retrieved cartridge; issue 20:
 # in sequential positions the CAS cartridge read alone lost 4.6 points at p = 512, the isolated one did not)
+# anchor_weight: each update also pulls a cartridge toward its init by anchor_weight x (cartridge - init), scaled
+# by the step's lr (decoupled, as AdamW's weight decay pulls toward 0; cas.train.step.slot_adam_update): the
+# training-side form of the eval's blend (issues 20 + 26, 2026-12-07: training left the init's short specific
+# values, e.g. patients' HbA1c, blurred); the inits are recomputed with init_fn when a document is admitted
+# to a slot; 0 = off
 DEFAULTS = {"train_distractors": True, "loss_chunk": AUTO_CHUNK, "max_conversations": 0,
             "length_weighting": False, "p_hard": 0.0, "k_curriculum_steps": 0, "mixed_weight": 1.0, "pack": False,
             "frozen_head": 0, "lr_decay": "constant", "lr_min_ratio": 0.1, "lr_decay_updates": 0, "p_silent": 0.0,
-            "share_weight": 0.0, "share_stride": 8, "teacher_temperature": 1.0, "p_own_last": 0.0}
+            "share_weight": 0.0, "share_stride": 8, "teacher_temperature": 1.0, "p_own_last": 0.0,
+            "anchor_weight": 0.0}
 
 
 def decay_horizon(c: Mapping, num_docs: int) -> int:
@@ -263,6 +269,22 @@ def _fingerprint(c: dict, spec: CartridgeSpec, doc_ids: Sequence[str],
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def slot_anchors(table: Sequence[str | None], init_fn: Callable[[str], dict], like: Mapping[str, jax.Array],
+                 anchors: dict | None = None, old_table: Sequence[str | None] | None = None) -> dict:
+  """The init of every slot's document, {"k", "v"} [B, L, P-F, Hkv, D] f32 laid out as `like`'s arrays (the slot
+  state's k / v): `anchors` with the slots whose document changed since `old_table` recomputed with init_fn,
+  or (anchors None) every slot; an empty slot holds zeros (it gets no update)."""
+  if anchors is None:
+    anchors = {n: jnp.zeros(like[n].shape, jnp.float32) for n in ("k", "v")}
+    old_table = [None] * len(table)
+  for s, d in enumerate(table):
+    if d is None or d == old_table[s]:
+      continue
+    init = init_fn(d)
+    anchors = {n: anchors[n].at[s].set(jnp.asarray(init[n], jnp.float32)) for n in ("k", "v")}
+  return {n: jax.device_put(anchors[n], like[n].sharding) for n in ("k", "v")}
+
+
 def check_mesh(mesh: Mesh, num_slots: int) -> None:
   """Refuse a slot count the mesh cannot split evenly.
 
@@ -351,7 +373,7 @@ def train_cas(*, model, model_fingerprint: str, dataset_dir: str, workdir: str, 
       preflight.estimate_cas_bytes(model, spec, num_slots=c["num_slots"], batch_size=c["batch_size"],
                                    seq_len=c["seq_len"], k_max=c["k_max"], mesh=mesh,
                                    dtype_bytes=jnp.dtype(dtype).itemsize, loss_chunk=c["loss_chunk"],
-                                   share_stride=preflight.share_stride_of(c)),
+                                   share_stride=preflight.share_stride_of(c), anchors=c["anchor_weight"] > 0),
       what=(f"single-cartridge training (p={spec.num_tokens}, batch_size={c['batch_size']}, seq_len={c['seq_len']})"
             if single else
             f"CAS training with num_slots={c['num_slots']} (p={spec.num_tokens}, k_max={c['k_max']}, "
@@ -499,7 +521,15 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
                                   train_distractors=c["train_distractors"], loss_chunk=c["loss_chunk"],
                                   frozen_head=c["frozen_head"], decay_updates=horizon,
                                   lr_min_ratio=float(c["lr_min_ratio"]), share_weight=float(c["share_weight"]),
-                                  share_stride=int(c["share_stride"]))
+                                  share_stride=int(c["share_stride"]), anchor_weight=float(c["anchor_weight"]))
+    anchor = float(c["anchor_weight"]) > 0
+    if anchor and jax.process_count() > 1:
+      raise ValueError("train.anchor_weight > 0 runs in one process only (its slot inits are set eagerly); "
+                       "set it to 0 for a multi-process run")
+    anchors = slot_anchors(mgr.table, init_fn, state) if anchor else None
+    if anchor:
+      logging.info("anchor: each update pulls a cartridge toward its init by %.3g x lr x (cartridge - init)",
+                   c["anchor_weight"])
     if horizon:
       logging.info("lr decay %s: lr %.3g -> %.3g over each cartridge's first %d updates", c["lr_decay"], c["lr"],
                    c["lr"] * c["lr_min_ratio"], horizon)
@@ -526,7 +556,8 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
           batch = {k: jnp.asarray(v) for k, v in batch.items()}
         else:  # rows split over (data, fsdp); every process built the same host batch
           batch = tree_to_global(batch, cas_batch_shardings(mesh, batch))
-        state, m = step_fn(state, frozen_dev, model, batch)
+        state, m = step_fn(state, frozen_dev, model, batch, anchors) if anchor else step_fn(state, frozen_dev, model,
+                                                                                            batch)
         params_ok = np.asarray(fetch(m["slot_params_finite"]))  # [B] bool, computed in the step
         if not bool(m["finite"]) or not params_ok.all():
           writer.close()
@@ -547,6 +578,8 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
         bar.set_postfix(loss=f"{last:.4f}")
         if policy.due(step) and step != total:
           state, plan = mgr.rotate_with_policy(state, policy)
+          if anchor:  # the admitted documents' inits
+            anchors = slot_anchors(mgr.table, init_fn, state, anchors, table)
           admitted_ok = slot_finite(state, ARRAY_NAMES)  # init_fn may hand in NaN for a new document
           if not admitted_ok.all():
             writer.close()

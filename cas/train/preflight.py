@@ -74,8 +74,10 @@ def _step_bytes(cfg, *, batch_rows: int, seq_len: int, prefix_len: int, dtype_by
 
 
 def estimate_cas_bytes(model, spec, *, num_slots: int, batch_size: int, seq_len: int, k_max: int,
-                       mesh=None, dtype_bytes: int = 4, loss_chunk: int = 0, share_stride: int = 0) -> dict[str, int]:
+                       mesh=None, dtype_bytes: int = 4, loss_chunk: int = 0, share_stride: int = 0,
+                       anchors: bool = False) -> dict[str, int]:
   """Per-device byte estimate of CAS training (keys: model, slots, gradients, step, total).
+  anchors (train.anchor_weight > 0): the slots also hold each cartridge's init, k and v.
   share_stride > 0 (train.share_weight on): the step also holds one layer's distractor-share scores,
   probabilities and their gradient, f32 [rows, heads, seq_len / stride, prefix] (cas.model.llama.prefix_share)."""
   per_slot = int(np.prod(spec.trainable_shape)) * 4  # [L, P-F, Hkv, D] f32
@@ -87,7 +89,7 @@ def estimate_cas_bytes(model, spec, *, num_slots: int, batch_size: int, seq_len:
   prefix = spec.num_frozen + k_max * (spec.num_tokens - spec.num_frozen)
   est = {
       "model": _param_bytes(model) // model_ways,
-      "slots": (num_slots * (6 * per_slot + 4)) // slot_ways,
+      "slots": (num_slots * ((8 if anchors else 6) * per_slot + 4)) // slot_ways,
       "gradients": (num_slots * 2 * per_slot) // slot_ways,
       "step": _step_bytes(model.cfg, batch_rows=rows, seq_len=seq_len, prefix_len=prefix,
                           dtype_bytes=dtype_bytes, loss_chunk=loss_chunk),

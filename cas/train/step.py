@@ -225,10 +225,14 @@ def lr_decay_factor(count: jax.Array, decay_updates: int, lr_min_ratio: float) -
 
 def slot_adam_update(state: dict, grads: dict, touched: jax.Array, *, lr: float, warmup_steps: int,
                      clip_norm: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                     decay_updates: int = 0, lr_min_ratio: float = 0.1) -> tuple[dict, dict]:
+                     decay_updates: int = 0, lr_min_ratio: float = 0.1, anchors: dict | None = None,
+                     anchor_weight: float = 0.0) -> tuple[dict, dict]:
   """Per-slot clipped Adam with per-slot warmup, decay and bias correction (see module doc).
 
   state: slot state (STATE_KEYS); grads {"k","v"} [B, L, Pt, Hkv, D] f32; touched [B] bool.
+  anchors {"k","v"} (as state's k, v) with anchor_weight > 0: each update also moves the slot toward its
+  anchor by lr_t * anchor_weight * (param - anchor), decoupled from the gradient as AdamW's weight decay is
+  (there toward 0; here toward the cartridge's init).
   Returns (new state, stats {"slot_grad_norm" [B] f32 (before clipping), "updated" [B] bool,
   "params_finite" [B] bool (the slot's k, v and moments after the update are all finite)}).
   """
@@ -254,6 +258,8 @@ def slot_adam_update(state: dict, grads: dict, touched: jax.Array, *, lr: float,
     mu = b1 * state["mu_" + name] + (1.0 - b1) * g
     nu = b2 * state["nu_" + name] + (1.0 - b2) * (g * g)
     step = (mu / bc1.reshape(bshape)) / (jnp.sqrt(nu / bc2.reshape(bshape)) + eps)
+    if anchors is not None and anchor_weight > 0:
+      step = step + anchor_weight * (state[name] - anchors[name])
     upd = state[name] - lr_t.reshape(bshape) * step
     m = ok.reshape(bshape)
     new[name] = jnp.where(m, upd, state[name])
@@ -293,8 +299,11 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
                         train_distractors: bool = True, donate: bool = True,
                         loss_chunk: int = LOSS_CHUNK_TOKENS, frozen_head: int = 0,
                         decay_updates: int = 0, lr_min_ratio: float = 0.1, share_weight: float = 0.0,
-                        share_stride: int = 8) -> Callable:
-  """Returns step(state, frozen, model, batch) -> (state, metrics); `state` is donated.
+                        share_stride: int = 8, anchor_weight: float = 0.0) -> Callable:
+  """Returns step(state, frozen, model, batch[, anchors]) -> (state, metrics); `state` is donated.
+  anchor_weight, anchors: each slot's update also pulls it toward its anchor, {"k","v"} laid out as the
+  state's k / v (the cartridges' inits: train.anchor_weight), by lr * anchor_weight * (param - anchor)
+  (`slot_adam_update`); with anchor_weight > 0 the step needs `anchors` (0 = off).
   loss_chunk: tokens per chunk of the fused LM head + loss (0 = full logits; `head_loss`).
   frozen_head: the first F of each slot's Pt trainable tokens get no update (their gradient is zeroed
   before clipping and Adam, so params and moments stay exactly as they are): a cartridge keeps the
@@ -330,11 +339,15 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
     raise ValueError(f"decay_updates={decay_updates} must be >= 0 and lr_min_ratio={lr_min_ratio} in [0, 1]")
   if share_weight < 0 or share_stride < 1:
     raise ValueError(f"share_weight={share_weight} must be >= 0 and share_stride={share_stride} >= 1")
+  if anchor_weight < 0:
+    raise ValueError(f"anchor_weight={anchor_weight} must be >= 0")
 
-  def step(state, frozen, model, batch):
+  def step(state, frozen, model, batch, anchors=None):
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
       raise ValueError(f"CAS step: slot state lacks {missing} (expected keys {STATE_KEYS})")
+    if anchor_weight > 0 and anchors is None:
+      raise ValueError("CAS step: anchor_weight > 0 needs `anchors` {k, v}, each slot's init (as the state's k / v)")
     if "slots" not in batch or (not train_distractors and "own_slot" not in batch):
       raise ValueError("CAS step: batch needs `slots` [Bt, k_max] (and `own_slot` [Bt] when "
                        "train_distractors=False); build it with cas.train.batch.build_cas_batch")
@@ -362,7 +375,8 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
       touched = touched_slots(batch["own_slot"][:, None], num_slots)
     new_state, stats = slot_adam_update(state, grads, touched, lr=lr, warmup_steps=warmup_steps,
                                         clip_norm=clip_norm, b1=b1, b2=b2, eps=eps,
-                                        decay_updates=decay_updates, lr_min_ratio=lr_min_ratio)
+                                        decay_updates=decay_updates, lr_min_ratio=lr_min_ratio,
+                                        anchors=anchors, anchor_weight=anchor_weight)
     gnorm = jnp.sqrt(jnp.sum(stats["slot_grad_norm"] ** 2))
     metrics = {"loss": val, "tokens": n, "grad_norm": gnorm,
                "finite": jnp.isfinite(val) & jnp.isfinite(gnorm),
@@ -378,16 +392,17 @@ def make_cas_train_step(*, lr: float, warmup_steps: int, clip_norm: float, b1: f
   cache: dict = {}
   replicated = NamedSharding(mesh, PartitionSpec())
 
-  def sharded_step(state, frozen, model, batch):
+  def sharded_step(state, frozen, model, batch, anchors=None):
     sig = (tuple((k, tuple(x.shape)) for k, x in sorted(state.items())),
-           tuple((k, tuple(x.shape)) for k, x in sorted(batch.items())))
+           tuple((k, tuple(x.shape)) for k, x in sorted(batch.items())), anchors is None)
     fn = cache.get(sig)
     if fn is None:
       s_sh = cas_state_shardings(mesh, state)
       b_sh = cas_batch_shardings(mesh, batch)
-      fn = jax.jit(step, donate_argnums=donate_argnums, in_shardings=(s_sh, None, None, b_sh),
+      a_sh = None if anchors is None else cas_state_shardings(mesh, anchors)
+      fn = jax.jit(step, donate_argnums=donate_argnums, in_shardings=(s_sh, None, None, b_sh, a_sh),
                    out_shardings=(s_sh, replicated))
       cache[sig] = fn
-    return fn(state, frozen, model, batch)
+    return fn(state, frozen, model, batch, anchors)
 
   return sharded_step

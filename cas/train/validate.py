@@ -25,6 +25,7 @@ _RULES: dict[str, tuple] = {
     "lr_decay_updates": ("int", 0, None), "p_silent": ("float", 0.0, 1.0),
     "share_weight": ("float", 0.0, None), "share_stride": ("int", 1, None),
     "teacher_temperature": ("float", 0.05, 10.0), "p_own_last": ("float", 0.0, 1.0),
+    "anchor_weight": ("float", 0.0, None),
 }
 LR_DECAYS = ("constant", "cosine")
 _POSITIVE = ("lr", "mixed_weight")  # must be > 0, not only >= 0

@@ -269,3 +269,18 @@ def test_the_blend_levers_train_as_the_bare_ones_and_score_three_blends(tmp_path
                                             "--steps=1000"]))["train"]
   steps = {j["name"]: [a for a in j["args"] if a.startswith("--config.train.steps=")] for j in short}
   assert steps == {"seqblend_products_s0": ["--config.train.steps=1000"], "blend300_products_s0": ["--config.train.steps=300"]}
+
+
+def test_the_anchor_levers_train_as_seqbare_with_the_pull_toward_the_init(tmp_path):
+  """anch3 / anch30 (train.anchor_weight 3 and 30): seqbare's recipe on its bare self-study, CAS only, with the
+  untrained rows beside the trained ones."""
+  p = cs.plan(str(tmp_path), cs._flags(["--variants=seqblend,anch3,anch30", "--collections=products", "--seeds=0",
+                                        "--p=512"]))
+  assert {j["name"] for j in p["synth"]} == {"seqblend_products_s0"}
+  train = {j["name"]: j for j in p["train"]}
+  for v, w in (("anch3", "3.0"), ("anch30", "30.0")):
+    args = train[f"{v}_products_s0"]["args"]
+    assert train[f"{v}_products_s0"]["synth"] == "seqblend_products_s0"
+    assert f"--config.train.anchor_weight={w}" in args and "--config.prompt_format=bare" in args
+    methods = next(a for a in args if a.startswith("--config.eval.methods="))
+    assert "cartridge_init" in methods and "isolated" not in methods

@@ -455,3 +455,66 @@ def test_silent_rows_sharded_step_matches_unsharded(setup):
   np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(m1["slot_grad_norm"]), np.asarray(m0["slot_grad_norm"]), rtol=1e-3)
   np.testing.assert_array_equal(np.asarray(s1["count"]), np.asarray(s0["count"]))
+
+
+def test_anchor_pulls_each_updated_slot_toward_its_anchor_decoupled_from_the_gradient():
+  """anchor_weight w: a touched slot's update is the Adam step plus lr * w * (param - anchor); an untouched slot
+  keeps every bit; w = 0 or no anchors is the plain update; the step refuses w > 0 without anchors."""
+  rng = np.random.default_rng(5)
+  shape = (3, 2, 3, 1, 4)
+  st = {n: rng.standard_normal(shape).astype(np.float32) for n in ("k", "v")}
+  st.update({n: np.zeros(shape, np.float32) for n in ("mu_k", "mu_v", "nu_k", "nu_v")})
+  st["count"] = np.array([3, 3, 3], np.int32)
+  g = {n: rng.standard_normal(shape).astype(np.float32) for n in ("k", "v")}
+  anchors = {n: rng.standard_normal(shape).astype(np.float32) for n in ("k", "v")}
+  args = ({k: jnp.asarray(v) for k, v in st.items()}, {k: jnp.asarray(v) for k, v in g.items()},
+          jnp.asarray([True, True, False]))
+  lr, w = 0.05, 4.0
+  plain, _ = slot_adam_update(*args, lr=lr, warmup_steps=0, clip_norm=0.0)
+  pulled, _ = slot_adam_update(*args, lr=lr, warmup_steps=0, clip_norm=0.0,
+                               anchors={k: jnp.asarray(v) for k, v in anchors.items()}, anchor_weight=w)
+  for n in ("k", "v"):
+    want = np.asarray(plain[n][:2]) - lr * w * (st[n][:2] - anchors[n][:2])
+    np.testing.assert_allclose(np.asarray(pulled[n][:2]), want, rtol=1e-5, atol=1e-6)
+    assert np.asarray(pulled[n][2]).tobytes() == st[n][2].tobytes()
+    np.testing.assert_array_equal(np.asarray(pulled["mu_" + n]), np.asarray(plain["mu_" + n]))
+  off, _ = slot_adam_update(*args, lr=lr, warmup_steps=0, clip_norm=0.0, anchors=anchors, anchor_weight=0.0)
+  np.testing.assert_array_equal(np.asarray(off["k"]), np.asarray(plain["k"]))
+  with pytest.raises(ValueError, match="anchor_weight=-1"):
+    make_cas_train_step(lr=1e-2, warmup_steps=0, clip_norm=1.0, anchor_weight=-1.0)
+  # the preflight counts the anchors: two more slot-sized arrays (k, v) per slot
+  from cas.cartridge.cartridge import CartridgeSpec
+  from cas.train.preflight import estimate_cas_bytes
+  spec = CartridgeSpec.for_model(TINY, P, F)
+  kw = dict(num_slots=4, batch_size=2, seq_len=T, k_max=2)
+  grow = estimate_cas_bytes(tiny_model(), spec, anchors=True, **kw)["slots"] - estimate_cas_bytes(
+      tiny_model(), spec, **kw)["slots"]
+  assert grow == 4 * 2 * int(np.prod(spec.trainable_shape)) * 4
+
+
+def test_anchored_step_needs_anchors_and_runs_sharded_as_unsharded(setup):
+  """The CAS step with anchor_weight > 0: refused without anchors; with them (each slot's init) the sharded step
+  over 8 devices gives the unsharded one's slots, and the pull keeps the slots nearer their anchors than w = 0."""
+  m, docs, convs, frozen, slot_k, slot_v = setup
+  sk = np.concatenate([slot_k, slot_k[::-1] * 0.9])  # 8 slots
+  sv = np.concatenate([slot_v, slot_v[::-1] * 1.1])
+  samples = [(convs[i % 4], (3 * i) % 8) for i in range(8)]
+  b = build_cas_batch(samples, list(range(8)), k_max=3, p_isolated=0.25,
+                      rng=np.random.default_rng(3), seq_len=T, top_k=K, p=P, num_frozen=F)
+  anchors = {"k": jnp.asarray(sk) + 0.5, "v": jnp.asarray(sv) - 0.5}
+  kw = dict(lr=1e-2, warmup_steps=0, clip_norm=1.0, position_mode="sequential", loss_chunk=0)
+  with pytest.raises(ValueError, match="needs `anchors`"):
+    make_cas_train_step(anchor_weight=2.0, **kw)(_state(sk, sv), frozen, m, _jnp(b))
+  s0, _ = make_cas_train_step(**kw)(_state(sk, sv), frozen, m, _jnp(b))
+  s2, _ = make_cas_train_step(anchor_weight=2.0, **kw)(_state(sk, sv), frozen, m, _jnp(b), anchors)
+  dist = lambda s: float(np.abs(np.asarray(s["k"]) - np.asarray(anchors["k"])).sum())  # noqa: E731
+  assert dist(s2) < dist(s0)
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  ms = shard_model(tiny_model(), mesh)
+  st = _state(sk, sv)
+  st = jax.device_put(st, cas_state_shardings(mesh, st))
+  s1, _ = make_cas_train_step(mesh=mesh, anchor_weight=2.0, **kw)(st, frozen, ms, b, anchors)
+  for n in ("k", "v"):  # as test_sharded_step_matches_unsharded: where the gradient is not reduction noise
+    big = np.abs(np.asarray(s2["mu_" + n])) / 0.1 > 1e-6
+    assert big.mean() > 0.1
+    np.testing.assert_allclose(np.asarray(s1[n])[big], np.asarray(s2[n])[big], rtol=0, atol=1e-5)
