@@ -556,8 +556,7 @@ def _train_cas(*, model, model_fingerprint, dataset_dir, workdir, doc_ids, spec,
           batch = {k: jnp.asarray(v) for k, v in batch.items()}
         else:  # rows split over (data, fsdp); every process built the same host batch
           batch = tree_to_global(batch, cas_batch_shardings(mesh, batch))
-        state, m = step_fn(state, frozen_dev, model, batch, anchors) if anchor else step_fn(state, frozen_dev, model,
-                                                                                            batch)
+        state, m = step_fn(state, frozen_dev, model, batch, *((anchors,) if anchor else ()))
         params_ok = np.asarray(fetch(m["slot_params_finite"]))  # [B] bool, computed in the step
         if not bool(m["finite"]) or not params_ok.all():
           writer.close()
