@@ -351,17 +351,23 @@ def test_frozen_head_keeps_each_cartridges_first_tokens_exactly(setup):
     make_cas_train_step(lr=1e-2, warmup_steps=0, clip_norm=0.0, frozen_head=P - F)(_state(slot_k, slot_v), frozen, m, b)
 
 
+def _eight_slots(setup):
+  """(model, sink, slot k, slot v [8 slots], a batch of 8 rows over them, k_max 3): the sharded tests' state."""
+  m, docs, convs, frozen, slot_k, slot_v = setup
+  sk = np.concatenate([slot_k, slot_k[::-1] * 0.9])
+  sv = np.concatenate([slot_v, slot_v[::-1] * 1.1])
+  samples = [(convs[i % 4], (3 * i) % 8) for i in range(8)]
+  b = build_cas_batch(samples, list(range(8)), k_max=3, p_isolated=0.25,
+                      rng=np.random.default_rng(3), seq_len=T, top_k=K, p=P, num_frozen=F)
+  return m, frozen, sk, sv, b
+
+
 @pytest.mark.parametrize("loss_chunk", [0, 16])
 def test_sharded_step_matches_unsharded(setup, loss_chunk):
   """State [8 slots] sharded over an 8-device (data 2, fsdp 2, tensor 2) mesh: same loss/state.
   loss_chunk 16 runs the fused LM head + loss (2 tokens per row per chunk, vocab sharded on
   `tensor`); 0 the full-logits form."""
-  m, docs, convs, frozen, slot_k, slot_v = setup
-  sk = np.concatenate([slot_k, slot_k[::-1] * 0.9])  # 8 slots
-  sv = np.concatenate([slot_v, slot_v[::-1] * 1.1])
-  samples = [(convs[i % 4], (3 * i) % 8) for i in range(8)]
-  b = build_cas_batch(samples, list(range(8)), k_max=3, p_isolated=0.25,
-                      rng=np.random.default_rng(3), seq_len=T, top_k=K, p=P, num_frozen=F)
+  m, frozen, sk, sv, b = _eight_slots(setup)
   kw = dict(lr=1e-2, warmup_steps=2, clip_norm=1.0, position_mode="sequential", loss_chunk=loss_chunk)
   s0, m0 = make_cas_train_step(**kw)(_state(sk, sv), frozen, m, _jnp(b))
   if loss_chunk:  # the fused form agrees with the full-logits form on one device
@@ -495,12 +501,7 @@ def test_anchor_pulls_each_updated_slot_toward_its_anchor_decoupled_from_the_gra
 def test_anchored_step_needs_anchors_and_runs_sharded_as_unsharded(setup):
   """The CAS step with anchor_weight > 0: refused without anchors; with them (each slot's init) the sharded step
   over 8 devices gives the unsharded one's slots, and the pull keeps the slots nearer their anchors than w = 0."""
-  m, docs, convs, frozen, slot_k, slot_v = setup
-  sk = np.concatenate([slot_k, slot_k[::-1] * 0.9])  # 8 slots
-  sv = np.concatenate([slot_v, slot_v[::-1] * 1.1])
-  samples = [(convs[i % 4], (3 * i) % 8) for i in range(8)]
-  b = build_cas_batch(samples, list(range(8)), k_max=3, p_isolated=0.25,
-                      rng=np.random.default_rng(3), seq_len=T, top_k=K, p=P, num_frozen=F)
+  m, frozen, sk, sv, b = _eight_slots(setup)
   anchors = {"k": jnp.asarray(sk) + 0.5, "v": jnp.asarray(sv) - 0.5}
   kw = dict(lr=1e-2, warmup_steps=0, clip_norm=1.0, position_mode="sequential", loss_chunk=0)
   with pytest.raises(ValueError, match="needs `anchors`"):
