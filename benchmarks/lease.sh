@@ -135,6 +135,7 @@
 #                  after 300 steps, on the same self-study); the same trainings as seqbare / seq768b, so
 #                  compose_report --base=seqblend also pairs them with the archived runs. The anchor (train.anchor_weight,
 #                  variants anch3 / anch30, on seqblend's self-study) can join seqlast: SEQLAST_VARIANTS=seqblend,anch3,anch30
+#                  with SHARES="paper3=0.3 seqlast=0.25" (fits an H100; six products trainings, two at a time)
 #   late           issues 26 + 20: self-study walks every sentence and quotes those after the first_tokens init's
 #                  window three times per pass (variant late3, synth.late_weight=3) at the paper3 budget, shared
 #                  positions, CAS + isolated, patients, seed 0 (products' documents end before token 511: late3 is
