@@ -52,6 +52,8 @@ CAS_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolate
                "monolithic", "cartridge_retrieved", "rag_text", "cartridge_gold_pair", "cartridge_reranked",
                "cartridge_adaptive", "cartridge_init", "init_composed", "cartridge_blend", "blend_composed")
 COMPOSED_METHODS = ("cas_composed", "isolated_composed", "icl_composed", "init_composed", "blend_composed")
+# the methods that load cartridges once per eval.position_modes entry (icl_composed reads text)
+CARTRIDGE_MODE_METHODS = tuple(m for m in COMPOSED_METHODS if m != "icl_composed") + ("cartridge_gold_pair",)
 RETRIEVAL_METHODS = ("cartridge_retrieved", "rag_text", "cartridge_reranked", "cartridge_adaptive")
 EVAL_KINDS = ("mc", "short")
 QUESTION_PICKS = ("first", "spread")  # config.eval.question_pick (cas.pipeline.CasStages.questions)
@@ -601,10 +603,9 @@ def _check_eval(config, pipeline: str, add: Callable, stages: Sequence[str]) -> 
   modes = _tuple(_get(ec, "position_modes", ("shared",)))
   if any(m not in POSITION_MODES for m in modes):
     add("config.eval.position_modes", f"config.eval.position_modes={modes!r}: each must be one of {POSITION_MODES}")
-  elif not modes and any(m in ("cas_composed", "isolated_composed", "init_composed", "blend_composed",
-                                "cartridge_gold_pair") for m in methods):
-    add("config.eval.position_modes", f"empty, but cas_composed / isolated_composed / init_composed / "
-                                      f"blend_composed / cartridge_gold_pair need at least one of {POSITION_MODES}")
+  elif not modes and any(m in CARTRIDGE_MODE_METHODS for m in methods):
+    add("config.eval.position_modes", f"empty, but {' / '.join(CARTRIDGE_MODE_METHODS)} need at least one of "
+                                      f"{POSITION_MODES}")
   alphas = _tuple(_get(ec, "blend_alphas", (0.5,)))
   if any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1 for a in alphas):
     add("config.eval.blend_alphas", f"config.eval.blend_alphas={alphas!r}: each must be a number in [0, 1] (the "

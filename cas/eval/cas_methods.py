@@ -151,6 +151,12 @@ class EvalContext:
     shared, so rows of runs trained with shared positions keep their signature."""
     return [] if self.retrieved_mode == "shared" else [self.retrieved_mode]
 
+  def have_init(self, method: str) -> bool:
+    """Whether this evaluation can build the untrained cartridges (init_cart); logged when not."""
+    if self.init_cart is None:
+      logging.warning("skipping %s: this evaluation cannot build the untrained cartridges", method)
+    return self.init_cart is not None
+
   def have_store(self, store_name: str, method: str) -> bool:
     if store_name not in self.stores:
       logging.warning("skipping %s: no %s store", method, store_name)
@@ -225,8 +231,7 @@ def cartridge_init(method: str, c: EvalContext) -> list[Job]:
   """The gold documents' cartridges as initialized, before any training (cartridge.init /
   init_text, the same rule the CAS stage starts from): beside cartridge_oracle it shows what
   training added to the init."""
-  if c.init_cart is None:
-    logging.warning("skipping %s: this evaluation cannot build the untrained cartridges", method)
+  if not c.have_init(method):
     return []
   ctx_for = per_gold_documents(lambda ids: c.ev.cartridges(c.doc_carts("init", ids)))  # built once, as init_composed's
   return c.job(method, ctx_for, ["init", c.init_signature])
@@ -242,10 +247,7 @@ def blend_deps(c: EvalContext, alpha: float) -> list[str]:
 
 
 def can_blend(method: str, c: EvalContext) -> bool:
-  if c.init_cart is None:
-    logging.warning("skipping %s: this evaluation cannot build the untrained cartridges", method)
-    return False
-  return c.have_store("cas", method)
+  return c.have_init(method) and c.have_store("cas", method)
 
 
 def cartridge_blend(method: str, c: EvalContext) -> list[Job]:
@@ -316,10 +318,7 @@ def composed(method: str, c: EvalContext) -> list[Job]:
 def composed_deps(method: str, store_name: str, c: EvalContext) -> list[str] | None:
   """What a composed row of `store_name` depends on; None (logged) when that store cannot be read."""
   if store_name == "init":
-    if c.init_cart is None:
-      logging.warning("skipping %s: this evaluation cannot build the untrained cartridges", method)
-      return None
-    return ["init", c.init_signature]
+    return ["init", c.init_signature] if c.have_init(method) else None
   if not c.have_store(store_name, method):
     return None
   return [store_name, c.store_state[store_name]]
