@@ -33,7 +33,8 @@ else completion; launch.serve resolves auto to the format the collections' train
 "bare": the chat template without the default system turn it inserts when the messages have no system
 message; left "auto", as launch.serve leaves it when the collections' records disagree, a request on a
 collection is served in the format its cartridges were trained with (`Collection.prompt_format`), and
-one without cartridges, or on a collection without a record, in the resolved "auto"): chat applies the chat template to the messages. Completion (a base model) flattens
+one without cartridges, or on a collection without a record, in the resolved "auto"): chat applies the
+chat template to the messages. Completion (a base model) flattens
 them with `Tokenizer.prompt_ids`, the evaluation's formatter:
     [BOS]{system}\n\nQuestion: {user}\nAnswer: {assistant}\n...Question: {last user}\nAnswer:
 (a system/developer message only as the first message, it becomes the text before the first
@@ -284,6 +285,9 @@ class Engine:
     # "auto": each collection in the format its cartridges were trained with, where its training recorded one
     self._toks = {c.name: tokenizer.with_prompt_format(c.prompt_format) for c in collections
                   if prompt_format == "auto" and c.prompt_format and c.prompt_format != self.prompt_format}
+    # a completion-format tokenizer's line-break ids (the reply ends at its first line), once per tokenizer
+    self._newline_ids = {id(t): frozenset(t.newline_ids) for t in (self.tok, *self._toks.values())
+                         if t.prompt_format == "completion"}
     self.default_collection = collections[0] if collections else None
     self.max_context = int(max_context or model.cfg.max_position_embeddings)
     self.max_batch = int(max_batch)
@@ -483,8 +487,7 @@ class Engine:
   def submit(self, prepared: Prepared, emit: Callable[[Event], None]) -> Pending:
     """Queue a prepared request; `emit(event)` is called from the worker thread."""
     tok = prepared.tokenizer or self.tok
-    newline_ids = frozenset(tok.newline_ids) if tok.prompt_format == "completion" else None
-    p = Pending(prepared, emit, tok, tok.stop_ids, newline_ids)
+    p = Pending(prepared, emit, tok, tok.stop_ids, self._newline_ids.get(id(tok)))
     with self._cond:
       if self._stop or self._thread is None:
         raise ServeError("the engine is not running", status=503, type="server_error")
