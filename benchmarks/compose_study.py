@@ -53,18 +53,14 @@ BASE_METHODS = ("no_context", "icl", "cartridge_oracle", "cas_composed", "isolat
 LEVER_METHODS = ("cartridge_oracle", "cas_composed")
 # the extra rows of CAS-only levers: the retrieved rows (seqlast's hypothesis is about them too); ICL and the
 # untrained cartridges alone and composed (the bare form and the p = 768 window pair trained against untrained)
+# (the blend levers list the rows read alone first: a run stopped in its evaluation keeps the rows it finished)
+_BLEND_ROWS = ("cartridge_init", "cartridge_blend", "icl", "no_context", "init_composed", "blend_composed")
+_ANCHOR_ROWS = ("cartridge_init", "icl", "no_context", "init_composed")
 LEVER_EXTRA_METHODS = {"seqlast": ("cartridge_retrieved", "cartridge_adaptive"),
                        "seqbare": ("icl", "no_context", "cartridge_init", "init_composed"),
                        "seq768": ("cartridge_init",), "seq768b": ("icl", "no_context", "cartridge_init"),
-                       "seqblend": ("cartridge_init", "cartridge_blend", "icl", "no_context", "init_composed",
-                                    "blend_composed"),
-                       "blend768": ("cartridge_init", "cartridge_blend", "icl", "no_context", "init_composed",
-                                    "blend_composed"),
-                       "blend300": ("cartridge_init", "cartridge_blend", "icl", "no_context", "init_composed",
-                                    "blend_composed"),
-                       "anch3": ("cartridge_init", "icl", "no_context", "init_composed"),
-                       "anch30": ("cartridge_init", "icl", "no_context", "init_composed")}
-# (the blend levers list the rows read alone first: a run stopped in its evaluation keeps the rows it finished)
+                       "seqblend": _BLEND_ROWS, "blend768": _BLEND_ROWS, "blend300": _BLEND_ROWS,
+                       "anch3": _ANCHOR_ROWS, "anch30": _ANCHOR_ROWS}
 # levers with their own self-study that still run CAS only (a self-study lever is otherwise a whole table)
 CAS_ONLY = ("seqbare", "seq768b", "seqblend", "blend768", "blend300", "anch3", "anch30")
 # --methods may also name these (cas.eval.cas_methods.METHODS): the two gold cartridges of a two-document
@@ -72,6 +68,11 @@ CAS_ONLY = ("seqbare", "seq768b", "seqblend", "blend768", "blend300", "anch3", "
 # untrained cartridges alone and composed (the no-training baseline)
 KNOWN_METHODS = BASE_METHODS + ("cartridge_gold_pair", "cartridge_reranked", "cartridge_init", "init_composed",
                                  "cartridge_blend", "blend_composed")
+# sequential positions in training and reading (the `seq` lever), and the same without the chat template's
+# default system turn (`seqbare`), which the later levers build on; the blend levers' alphas
+SEQ = ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)"]
+BARE = SEQ + ["--config.prompt_format=bare"]
+BLENDS = "--config.eval.blend_alphas=(0.25,0.5,0.75)"
 VARIANTS = {
     "base": [],
     "hard": ["--config.train.p_hard=0.5"],  # half the distractors are the BM25 nearest documents
@@ -97,53 +98,42 @@ VARIANTS = {
     # one is its document's; as text (icl_composed, which composes better) each gets its own range. CAS +
     # isolated, both evaluated sequentially (compose_report reads a run evaluated only in sequential
     # positions as its composed rows)
-    "seq": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)"],
+    "seq": SEQ,
     # seq with half the mixed rows loading their own cartridge last, next to the question (train.p_own_last;
     # issue 20, 2026-12-07: at p = 512 the seq CAS cartridge read alone lost 4.6 points, the isolated one did
     # not; alone, or retrieved first, a cartridge sits in the slot next to the question). CAS only, paired
     # with seq (compose_report --base=seq); the retrieved rows too, which read best last
-    "seqlast": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
-                "--config.train.p_own_last=0.5"],
+    "seqlast": SEQ + ["--config.train.p_own_last=0.5"],
     # seq with the question asked without the chat template's default system turn (prompt_format=bare: SmolLM2's
     # "You are a helpful AI assistant named SmolLM..." sits between the cartridge and the question otherwise) in
     # self-study's student prompts, training and evaluation alike (issue 26, 2026-12-07: untrained, leaving it
     # out gained +4.1 at p = 512 on patients). Its own self-study (the student prompts change; the conversations
     # are drawn with the same seeds); CAS only, paired with seq (compose_report --base=seq). Trained (2026-12-07,
     # patients s0 + minutes s1): oracle +1.7 (-1.2 to +4.6) over seq, within noise
-    "seqbare": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
-                "--config.prompt_format=bare"],
+    "seqbare": BARE,
     # the window (issue 26, 2026-12-07: patients' records are ~900 tokens; untrained first_tokens inits read the facts
     # after token 511 at 24% against ICL's 70%, and p = 768 gained +5.2 over p = 512 with the template, +6.1 without
     # the default turn, -3.2 from ICL at seed 0): seq at p = 768 (0.8x a record's KV), CAS only, paired with seq
     # (compose_report --base=seq); seq768b the same without the turn (its own bare self-study, as seqbare's)
-    "seq768": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
-               "--config.cartridge.num_tokens=768"],
-    "seq768b": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
-                "--config.prompt_format=bare", "--config.cartridge.num_tokens=768"],
+    "seq768": SEQ + ["--config.cartridge.num_tokens=768"],
+    "seq768b": BARE + ["--config.cartridge.num_tokens=768"],
     # the trained cartridges blended with their untrained inits, alpha x trained + (1 - alpha) x init, evaluated at
     # three alphas in the same run (issues 20 + 26, 2026-12-07: where the init holds the whole document, seqbare on
     # products and seq768b on patients trained the oracle 5.0 / 7.9 under its init, and products' CAS gained +11.2 at
     # 10 loaded over the inits): seqbare / seq768b's training, CAS only, with the blend rows
     # (compose_report --base=seqblend / --base=blend768)
-    "seqblend": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
-                 "--config.prompt_format=bare", "--config.eval.blend_alphas=(0.25,0.5,0.75)"],
-    "blend768": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
-                 "--config.prompt_format=bare", "--config.cartridge.num_tokens=768",
-                 "--config.eval.blend_alphas=(0.25,0.5,0.75)"],
+    "seqblend": BARE + [BLENDS],
+    "blend768": BARE + ["--config.cartridge.num_tokens=768", BLENDS],
     # seqblend after 300 steps instead of the recipe's 1,000 (the variant's flag replaces --steps): does a shorter
     # training keep more of the init read alone, and how much of the composition does it already buy? The same
     # self-study (compose_report --base=seqblend pairs it)
-    "blend300": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
-                 "--config.prompt_format=bare", "--config.eval.blend_alphas=(0.25,0.5,0.75)",
-                 "--config.train.steps=300"],
+    "blend300": BARE + [BLENDS, "--config.train.steps=300"],
     # seqbare's training with each update pulling the cartridge toward its init (train.anchor_weight: lr x w x
     # (cartridge - init), decoupled; the training-side form of the blend): does the cartridge keep the init's
     # specific values read alone (2026-12-07: patients' HbA1c blurred by training) and still compose? w = 3 lets an
     # entry drift about 1/3 from its init before the pull matches an Adam step of lr, w = 30 about 1/30
-    "anch3": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
-              "--config.prompt_format=bare", "--config.train.anchor_weight=3.0"],
-    "anch30": ["--config.train.position_mode=sequential", "--config.eval.position_modes=('sequential',)",
-               "--config.prompt_format=bare", "--config.train.anchor_weight=30.0"],
+    "anch3": BARE + ["--config.train.anchor_weight=3.0"],
+    "anch30": BARE + ["--config.train.anchor_weight=30.0"],
     # a sharper teacher (issue 20: over 26 base runs a question survives 10 loaded cartridges in 64% of cases
     # where its cartridge alone answers with p >= 0.95, in 41% where p < 0.5; benchmarks.confidence_survival):
     # both trainings distil toward the teacher's top-k at temperature 0.5 (CAS + isolated, as base)
